@@ -1,0 +1,122 @@
+"""
+The KV cache: what a softmax attention layer remembers of the text it has read.
+
+One cache object serves one layer (or one group of layers that share K/V) for B
+sequences. `update(k, v)` stores the keys/values of the T newest tokens and returns
+what the new queries attend over, with the mask that says which query sees which key.
+Every other cache (quantized, evicting, ...) implements the same two methods,
+`update` and `size_bits`, so the model never needs to know which one it talks to.
+
+Keys are cached *after* RoPE rotation, each at the absolute position of its token in
+the text. RoPE makes q_i . k_j depend only on i - j, so a key rotated once stays right
+whatever is later dropped from the cache, and a decode step rotates one query and one
+key instead of re-rotating the whole history (the tutorial's way, O(history) per step).
+
+Which keys a query at position p may see is one rule, `visible()`:
+  kpos <= p  and  (p - kpos < recent  or  kpos < sink)       (recent = 0: no bound)
+`recent` is the layer's local window or sample.py's --kv_window, whichever binds, and
+`sink` the --kv_sink first tokens (StreamingLLM). The same rule builds the training
+mask, so chunked, token-by-token and full-sequence feeding all compute the same thing.
+"""
+
+import torch
+
+
+def visible(qpos, kpos, recent=0, sink=0):
+    """Bool mask (..., T, S): may the query at qpos[t] attend to the key at kpos[..., s]?"""
+    d = qpos.view(-1, 1) - kpos.unsqueeze(-2)  # (..., T, S) distance in the text
+    ok = d >= 0
+    if recent > 0:
+        near = d < recent
+        if sink > 0:
+            near = near | (kpos.unsqueeze(-2) < sink)
+        ok = ok & near
+    return ok
+
+
+class KVCache:
+    """Full-precision keys and values, written in place into buffers allocated once.
+
+    recent = 0 keeps everything (the tutorial's unbounded cache); its buffer is sized by
+    `capacity` and doubles only if a caller feeds more than it announced. recent = N keeps
+    the first `sink` tokens and a ring of the last N: capacity sink + N, nothing moves.
+    """
+
+    def __init__(self, batch_size, n_kv_head, head_dim, recent=0, sink=0, capacity=256,
+                 dtype=torch.float32, device="cpu"):
+        self.recent, self.sink = recent, (sink if recent > 0 else 0)
+        cap = self.sink + recent if recent > 0 else max(int(capacity), 1)
+        self.k = torch.zeros(batch_size, n_kv_head, cap, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(cap, dtype=torch.long, device=device)  # absolute position of each slot
+        self.n = 0     # slots in use
+        self.seen = 0  # tokens fed so far = absolute position of the next token
+
+    @property
+    def capacity(self):
+        return self.k.size(2)
+
+    def _slots(self, p):
+        """Slot of each absolute position p (a tensor): sinks first, then a ring."""
+        if self.recent == 0:
+            return p
+        return torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.recent)
+
+    def _write(self, k, v, p):
+        s = self._slots(p)
+        self.k.index_copy_(2, s, k)
+        self.v.index_copy_(2, s, v)
+        self.pos.index_copy_(0, s, p)
+
+    def update(self, k, v):
+        """Store k, v (B, nkv, T, hs) of the next T tokens; return (keys, values, mask) to
+        attend over: keys/values (B, nkv, S, hs) and a mask: None (all visible), "causal"
+        (square lower-triangular, SDPA's is_causal fast path) or a bool tensor (T, S)."""
+        T = k.size(2)
+        p0 = self.seen
+        qpos = torch.arange(p0, p0 + T, device=self.pos.device)
+        self.seen += T
+        if self.recent == 0 and self.n + T > self.capacity:
+            self._grow(self.n + T)
+        if self.n + T <= self.capacity or T == 1:
+            # fits, or a single token that takes the slot of the one key it can no longer see
+            fresh = self.n == 0
+            self._write(k, v, qpos)
+            self.n = min(self.n + T, self.capacity)
+            if T == 1:
+                mask = None  # the cache holds exactly what one new query may see
+            elif fresh and (self.recent == 0 or self.recent >= T):
+                mask = "causal"
+            else:
+                mask = visible(qpos, self.pos[:self.n], self.recent, self.sink)
+            return self.k[:, :, :self.n], self.v[:, :, :self.n], mask
+        # a chunk larger than the free space: the queries need keys the chunk overwrites,
+        # so attend over old + new, then keep only what the policy keeps
+        keys = torch.cat([self.k[:, :, :self.n], k], dim=2)
+        vals = torch.cat([self.v[:, :, :self.n], v], dim=2)
+        kpos = torch.cat([self.pos[:self.n], qpos])
+        keep = (qpos < self.sink) | (qpos >= self.seen - self.recent)
+        self._write(k[:, :, keep], v[:, :, keep], qpos[keep])
+        self.n = self.capacity
+        return keys, vals, visible(qpos, kpos, self.recent, self.sink)
+
+    def _grow(self, need):
+        cap = max(need, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.size(0), old.size(1), cap, old.size(3))
+            new[:, :, :self.n] = old[:, :, :self.n]
+            setattr(self, name, new)
+        pos = self.pos.new_zeros(cap)
+        pos[:self.n] = self.pos[:self.n]
+        self.pos = pos
+
+    def tokens(self):
+        """How many tokens of the text this cache holds (per sequence)."""
+        return self.n
+
+    def size_bits(self):
+        """Bits of key/value payload held: B x nkv x tokens x hs x 2 tensors x dtype bits.
+        (Slot positions are bookkeeping shared by the batch and derivable; not counted.)"""
+        B, H, _, D = self.k.shape
+        return 2 * B * H * self.n * D * self.k.element_size() * 8
