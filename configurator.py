@@ -1,0 +1,102 @@
+"""
+Command-line configuration, nanoGPT style: a script's plain globals (ints, floats, bools, strings)
+are its settings. Arguments are read in order: a path is a config file of Python assignments,
+`--name=value` overrides one global. Mistakes are reported as one line, not a traceback.
+
+    python train.py config/train_shakespeare_char.py --max_iters=100 --learning_rate=3e-4
+    python train.py --help              # the script's docstring and every setting
+    python gen_sample_data.py --block_size=32 --reset_prob=0.5
+
+A script uses it as
+    config = configure(globals(), sys.argv[1:])   # right after its settings
+"""
+import ast
+import difflib
+import os
+import sys
+import types
+
+from utils import UserError
+
+PLAIN_TYPES = (int, float, bool, str)
+
+
+def _suggest(name, known):
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    if close:
+        return "did you mean " + " or ".join(f"--{k}" for k in close) + "?"
+    return "--help lists the settings"
+
+
+def _coerce(where, value, default):
+    """Check value against the type of default; an int is fine where a float is expected."""
+    expected = type(default)
+    if type(value) is expected:
+        return value
+    if expected is float and type(value) is int:
+        return float(value)
+    raise UserError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _parse(name, text, default):
+    """The value of --name=text, typed like default."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        value = text  # a bare word such as shakespeare_char
+    if isinstance(default, str) and not isinstance(value, str):
+        value = text  # --global_layers=0 or 0,5 means the text itself, not a number or a tuple
+    if isinstance(default, bool) and text in ("true", "false"):
+        value = text == "true"
+    return _coerce(f"--{name}", value, default)
+
+
+def _run_config_file(path, g, known):
+    """Exec a config file with the current settings visible; return the settings it changed."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found")
+    scope = {k: g[k] for k in known}
+    try:
+        with open(path) as f:
+            exec(compile(f.read(), path, "exec"), scope)
+    except Exception as e:  # a config file is user input: any failure in it is a user error
+        detail = " ".join(str(e).split())
+        raise UserError(f"config file {path}: {type(e).__name__}: {detail}") from None
+    updates = {}
+    for name, value in scope.items():
+        if name.startswith("_") or isinstance(value, types.ModuleType):
+            continue  # builtins, private helpers, imports
+        if name not in known:
+            suggestion = _suggest(name, known)
+            raise UserError(f"config file {path}: unknown setting '{name}'; {suggestion}")
+        value = _coerce(f"config file {path}: {name}", value, g[name])
+        if value != g[name]:
+            updates[name] = value
+    return updates
+
+
+def configure(g, argv=None):
+    """Apply config files and --name=value overrides from argv (default sys.argv[1:]) to the
+    globals dict g in place; return the settings {name: value}, the snapshot checkpoints save."""
+    argv = sys.argv[1:] if argv is None else argv
+    known = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)]
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print((g.get("__doc__") or "").strip() + "\n\nsettings (override with --name=value):")
+            for k in known:
+                print(f"  --{k}={g[k]!r}")
+            sys.exit(0)
+        name, eq, text = arg[2:].partition("=")  # first "=" only: values may hold "="
+        if arg.startswith("--") and eq and name:
+            if name not in known:
+                raise UserError(f"unknown setting --{name}; {_suggest(name, known)}")
+            updates = {name: _parse(name, text, g[name])}
+        elif arg.startswith("-") or ("=" in arg and not os.path.exists(arg)):
+            raise UserError(f"bad argument '{arg}': expected --name=value or a config file path")
+        else:
+            updates = _run_config_file(arg, g, known)
+            print(f"Overriding config with {arg}:")
+        for name, value in updates.items():
+            print(f"Overriding: {name} = {value}")
+            g[name] = value
+    return {k: g[k] for k in known}
