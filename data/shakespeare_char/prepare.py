@@ -1,0 +1,26 @@
+"""
+Tiny-shakespeare as raw bytes: writes train.txt (first 90%) and val.txt (last 10%) next to this
+file. Downloads input.txt from the char-rnn repository unless it is here or --input gives a copy.
+
+    python data/shakespeare_char/prepare.py
+    python data/shakespeare_char/prepare.py --input=../shared/data/shakespeare_char/input.txt
+"""
+import os
+import sys
+
+# utils and configurator live in the repo root, two levels up
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from configurator import configure
+from utils import prepare, run_main
+
+input = ""  # path of a local copy of the text, used instead of downloading it
+url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def main():
+    configure(globals(), sys.argv[1:])
+    prepare(os.path.dirname(os.path.abspath(__file__)), input_path=input or None, url=url)
+
+
+if __name__ == "__main__":
+    run_main(main)

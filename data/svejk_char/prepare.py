@@ -1,0 +1,25 @@
+"""
+The Good Soldier Svejk as raw bytes: writes train.txt (first 90%) and val.txt (last 10%) next to
+this file. There is no download source, so give a plain-text copy of the novel once with --input.
+
+    python data/svejk_char/prepare.py --input=../shared/data/svejk_char/input.txt
+    python data/svejk_char/prepare.py          # re-split an input.txt already copied here
+"""
+import os
+import sys
+
+# utils and configurator live in the repo root, two levels up
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+from configurator import configure
+from utils import prepare, run_main
+
+input = ""  # path of a plain-text copy of the novel, copied here as input.txt
+
+
+def main():
+    configure(globals(), sys.argv[1:])
+    prepare(os.path.dirname(os.path.abspath(__file__)), input_path=input or None)
+
+
+if __name__ == "__main__":
+    run_main(main)
