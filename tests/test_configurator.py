@@ -1,0 +1,106 @@
+"""
+configurator: typed overrides, config files, and one-line errors for every mistake.
+
+    python -m pytest -q tests/test_configurator.py
+"""
+import pytest
+
+from conftest import assert_user_error, run_script
+from configurator import configure
+from utils import UserError
+
+
+def settings():
+    # a stand-in for a script's globals(): plain settings plus things that are not settings
+    return {"__doc__": "test script", "_private": 1, "pytest": pytest,
+            "max_iters": 100, "learning_rate": 1e-3, "compile": True, "out_dir": "out",
+            "global_layers": "", "dtype": "auto"}
+
+
+def test_each_type_and_snapshot(capsys):
+    g = settings()
+    config = configure(g, ["--max_iters=7", "--learning_rate=3e-4", "--compile=False",
+                           "--out_dir=out-x", "--dtype='float16'"])
+    assert config == {"max_iters": 7, "learning_rate": 3e-4, "compile": False,
+                      "out_dir": "out-x", "global_layers": "", "dtype": "float16"}
+    assert g["max_iters"] == 7 and g["out_dir"] == "out-x"  # updated in place
+    assert "Overriding: max_iters = 7" in capsys.readouterr().out
+
+
+def test_int_for_float_and_lowercase_bools():
+    g = settings()
+    configure(g, ["--learning_rate=1", "--compile=false"])
+    assert g["learning_rate"] == 1.0 and type(g["learning_rate"]) is float
+    assert g["compile"] is False
+    configure(g, ["--compile=true"])
+    assert g["compile"] is True
+
+
+def test_str_keeps_raw_text():
+    g = settings()
+    configure(g, ["--global_layers=0"])
+    assert g["global_layers"] == "0"
+    configure(g, ["--global_layers=0,5"])
+    assert g["global_layers"] == "0,5"
+    configure(g, ["--out_dir=a=b=c"])  # only the first "=" separates name and value
+    assert g["out_dir"] == "a=b=c"
+
+
+def test_config_file_in_order(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("import math\nmax_iters = 50\nlearning_rate = max_iters // 10\n_tmp = 3\n")
+    g = settings()
+    configure(g, [str(path), "--max_iters=9"])
+    assert g["max_iters"] == 9 and g["learning_rate"] == 5.0
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--lerning_rate=1"], ["unknown setting --lerning_rate", "did you mean --learning_rate?"]),
+    (["--zzz=1"], ["unknown setting --zzz", "--help"]),
+    (["--learning_rate=abc"], ["--learning_rate: expected float, got str 'abc'"]),
+    (["--max_iters=1.5"], ["--max_iters: expected int, got float 1.5"]),
+    (["--compile=1"], ["--compile: expected bool, got int 1"]),
+    (["--max_iters"], ["bad argument '--max_iters'", "--name=value"]),
+    (["-max_iters=3"], ["bad argument '-max_iters=3'"]),
+    (["max_iters=3"], ["bad argument 'max_iters=3'"]),
+    (["no/such/config.py"], ["config file no/such/config.py not found"]),
+])
+def test_errors_are_one_line(argv, fragments):
+    with pytest.raises(UserError) as info:
+        configure(settings(), argv)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+@pytest.mark.parametrize("body, fragments", [
+    ("lerning_rate = 0.1\n", ["unknown setting 'lerning_rate'", "--learning_rate"]),
+    ("max_iters = 'many'\n", ["max_iters: expected int, got str 'many'"]),
+    ("max_iters = = 3\n", ["SyntaxError"]),
+    ("max_iters = undefined_name\n", ["NameError"]),
+])
+def test_config_file_errors_name_the_file(tmp_path, body, fragments):
+    path = tmp_path / "cfg.py"
+    path.write_text(body)
+    with pytest.raises(UserError) as info:
+        configure(settings(), [str(path)])
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_help_lists_settings(capsys):
+    with pytest.raises(SystemExit) as info:
+        configure(settings(), ["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "test script" in out and "--max_iters=100" in out and "_private" not in out
+
+
+def test_script_reports_one_line_without_traceback():
+    proc = run_script("gen_sample_data.py", "--blok_size=3")
+    assert_user_error(proc, "did you mean --block_size")
+    assert proc.returncode == 2
+    assert_user_error(run_script("gen_sample_data.py", "--block_size=big"), "expected int")

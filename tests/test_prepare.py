@@ -1,0 +1,75 @@
+"""
+Dataset preparation: a 90/10 split by bytes, clear errors when there is nothing to split,
+and on-demand preparation by utils.dataset_paths.
+
+    python -m pytest -q tests/test_prepare.py
+"""
+import os
+import shutil
+
+import pytest
+
+from conftest import REPO_ROOT, SHARED_DATA, assert_user_error, run_script, tiny_corpus
+from utils import UserError, dataset_paths, prepare
+
+
+def copy_scripts(root):
+    """A copy of what the svejk prepare script needs, so tests never write into the repo's data/."""
+    for name in ("utils.py", "configurator.py", "data/svejk_char/prepare.py"):
+        os.makedirs(os.path.dirname(root / name), exist_ok=True)
+        shutil.copy(os.path.join(REPO_ROOT, name), root / name)
+
+
+def test_split_is_90_10_by_bytes(tmp_path):
+    source = tmp_path / "corpus.txt"
+    source.write_bytes(tiny_corpus(12_345) + "ě".encode())  # the split counts bytes, not characters
+    data = source.read_bytes()
+    out = tmp_path / "ds"
+    prepare(str(out), input_path=str(source))
+    train, val = (out / "train.txt").read_bytes(), (out / "val.txt").read_bytes()
+    assert len(train) == int(len(data) * 0.9) and train + val == data
+    assert (out / "input.txt").read_bytes() == data
+    prepare(str(out), input_path=str(out / "input.txt"))  # --input may name input.txt itself
+    assert (out / "train.txt").read_bytes() == train
+
+
+def test_prepare_script_with_input(tmp_path):
+    copy_scripts(tmp_path)
+    source = tmp_path / "novel.txt"
+    source.write_bytes(tiny_corpus(1000))
+    script = str(tmp_path / "data/svejk_char/prepare.py")
+    proc = run_script(script, f"--input={source}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "train.txt has 900 bytes, val.txt has 100 bytes" in proc.stdout
+    assert (tmp_path / "data/svejk_char/val.txt").read_bytes() == tiny_corpus(1000)[900:]
+
+
+def test_svejk_without_input_is_a_clear_error(tmp_path):
+    copy_scripts(tmp_path)
+    proc = run_script("data/svejk_char/prepare.py", cwd=tmp_path)
+    assert_user_error(proc, "input.txt not found", "python data/svejk_char/prepare.py --input=")
+    # a wrong --input fails before touching anything, so the real script can be run
+    proc = run_script("data/svejk_char/prepare.py", f"--input={tmp_path / 'missing.txt'}")
+    assert_user_error(proc, "missing.txt: no such file")
+
+
+def test_failed_download_suggests_input(tmp_path):
+    with pytest.raises(UserError, match="could not download .* --input="):
+        prepare(str(tmp_path), url="http://127.0.0.1:9/input.txt")  # nothing listens on port 9
+
+
+def test_dataset_paths_prepares_or_explains(tmp_path):
+    (tmp_path / "input.txt").write_bytes(tiny_corpus(1000))
+    train, val = dataset_paths(str(tmp_path))  # only input.txt there: split on demand
+    assert os.path.getsize(train) == 900 and os.path.getsize(val) == 100
+    with pytest.raises(UserError, match="input.txt"):
+        dataset_paths(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="unknown dataset; known: .*shakespeare_char"):
+        dataset_paths("no_such_dataset")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="no ../shared/data on this machine")
+def test_real_shakespeare_split(tmp_path):
+    prepare(str(tmp_path), input_path=os.path.join(SHARED_DATA, "shakespeare_char", "input.txt"))
+    assert os.path.getsize(tmp_path / "train.txt") == 1_003_854  # of 1,115,394 bytes
+    assert os.path.getsize(tmp_path / "val.txt") == 111_540
