@@ -74,18 +74,24 @@ class KVCache:
         (square lower-triangular, SDPA's is_causal fast path) or a bool tensor (T, S)."""
         T = k.size(2)
         p0 = self.seen
-        qpos = torch.arange(p0, p0 + T, device=self.pos.device)
         self.seen += T
         if self.recent == 0 and self.n + T > self.capacity:
             self._grow(self.n + T)
-        if self.n + T <= self.capacity or T == 1:
-            # fits, or a single token that takes the slot of the one key it can no longer see
+        if T == 1:
+            # the decode step: the new token takes a free slot, or the slot of the one key
+            # it can no longer see; then the cache holds exactly what its query may see
+            s = p0 if self.recent == 0 or p0 < self.sink else self.sink + (p0 - self.sink) % self.recent
+            self.k[:, :, s] = k[:, :, 0]
+            self.v[:, :, s] = v[:, :, 0]
+            self.pos[s] = p0
+            self.n = min(self.n + 1, self.capacity)
+            return self.k[:, :, :self.n], self.v[:, :, :self.n], None
+        qpos = torch.arange(p0, p0 + T, device=self.pos.device)
+        if self.n + T <= self.capacity:
             fresh = self.n == 0
             self._write(k, v, qpos)
-            self.n = min(self.n + T, self.capacity)
-            if T == 1:
-                mask = None  # the cache holds exactly what one new query may see
-            elif fresh and (self.recent == 0 or self.recent >= T):
+            self.n += T
+            if fresh and (self.recent == 0 or self.recent >= T):
                 mask = "causal"
             else:
                 mask = visible(qpos, self.pos[:self.n], self.recent, self.sink)

@@ -203,21 +203,20 @@ def _user_attention(fn):
 
 # -----------------------------------------------------------------------------
 # RoPE. The frequencies are rotary_embedding_torch's (kept as attn.rotary_emb.freqs,
-# as in the tutorial's checkpoints); the rotation pairs neighbouring channels
-# (2i, 2i+1), as that package does, with angles computed once per forward.
+# as in the tutorial's checkpoints) and so is the rotation: channels (2i, 2i+1) form a
+# pair turned by the angle pos * freqs[i]. A pair is a complex number, so the turn is
+# one complex multiplication by e^(i angle), the cheapest form for the decode step.
 
-def rope_tables(freqs, pos):
-    """cos, sin (T, hs) for absolute positions pos (T,)."""
-    ang = pos.to(freqs.dtype)[:, None] * freqs[None, :]  # (T, hs/2)
-    ang = ang.repeat_interleave(2, dim=-1)
-    return ang.cos(), ang.sin()
+def rope_table(freqs, pos):
+    """e^(i pos*freqs): complex (T, hs/2) for absolute positions pos (T,)."""
+    ang = pos.to(freqs.dtype)[:, None] * freqs[None, :]
+    return torch.polar(torch.ones_like(ang), ang)
 
 
-def apply_rope(x, cos, sin):
-    """Rotate x (B, h, T, hs) channel pairs by the angles of their positions."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    rot = torch.stack((-x2, x1), dim=-1).flatten(-2)
-    return (x * cos + rot * sin).to(x.dtype)
+def apply_rope(x, rot):
+    """Rotate x (B, h, T, hs) by the table rot (T, hs/2) of its positions."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -241,20 +240,21 @@ class CausalSelfAttention(nn.Module):
         self.attend = resolve_attention(config.kind(layer_idx))
 
     def forward(self, x, rope, cache=None, shared=None):
-        """x (B, T, C); rope = (cos, sin, pos); cache: this layer's KVCache or None;
-        shared: the (k, v, mask) of the group's first layer. Returns y and (k, v, mask)."""
+        """x (B, T, C); rope = (rotation table or None, positions); cache: this layer's
+        KVCache or None; shared: the (k, v, mask) of the group's first layer.
+        Returns y and (k, v, mask) for the other layers of the group."""
         B, T, C = x.size()
-        qkv = self.c_attn(x)
-        q = qkv[..., :C].view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        cos, sin, pos = rope
-        if cos is not None:
-            q = apply_rope(q, cos, sin)
+        rot, pos = rope
+        nq = self.n_head if shared is not None else self.n_head + self.n_kv_head
+        qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
+        qk = qkv[:, :nq]
+        if rot is not None:
+            qk = apply_rope(qk, rot)  # q and k, each once, at its own position
+        q = qk[:, :self.n_head]
         if shared is not None:
             k, v, mask = shared
         else:
-            k, v = qkv[..., C:].view(B, T, 2 * self.n_kv_head, self.head_dim).transpose(1, 2).chunk(2, dim=1)
-            if cos is not None:
-                k = apply_rope(k, cos, sin)  # (B, nkv, T, hs), rotated once, at its position
+            k, v = qk[:, self.n_head:], qkv[:, nq:]  # (B, nkv, T, hs)
             if cache is not None:
                 k, v, mask = cache.update(k, v)
             elif self.window == 0 or self.window >= T:
@@ -333,6 +333,7 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self._rope_cache = None  # (key, table): see _rope
         self.transformer.wte.weight = self.lm_head.weight  # tied
         self.apply(self._init_weights)
         for pn, p in self.named_parameters():
@@ -384,21 +385,36 @@ class GPT(nn.Module):
             return_states = False
         if states is None and return_states:
             states = self.new_states(B, capacity=T)
+        rot = None
         if pos is None:
             start = states[0].seen if states is not None else 0
             pos = torch.arange(start, start + T, device=idx.device)
-        cos = sin = None
-        if self.config.rope:
-            cos, sin = rope_tables(self.transformer.h[0].attn.rotary_emb.freqs, pos)
+            if self.config.rope:
+                rot = self._rope(start, T)
+        elif self.config.rope:
+            rot = self._rope(0, T, pos)
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         shared = None
         for i, block in enumerate(self.transformer.h):
             leader = i % self.config.kv_share == 0
-            x, kv = block(x, (cos, sin, pos), states[i] if states is not None else None,
+            x, kv = block(x, (rot, pos), states[i] if states is not None else None,
                           None if leader else shared)
             shared = kv
         x = self.transformer.ln_f(x)
         return self.lm_head(x), states
+
+    def _rope(self, start, T, pos=None):
+        """Rotation table for positions start..start+T-1 (or explicit pos), sliced from a
+        table that grows by doubling; recomputed when the frequencies change (load_state_dict)."""
+        freqs = self.transformer.h[0].attn.rotary_emb.freqs
+        if pos is not None:
+            return rope_table(freqs, pos)
+        key = (freqs.data_ptr(), freqs._version, freqs.device)
+        table = self._rope_cache
+        if table is None or table[0] != key or table[1].size(0) < start + T:
+            n = max(start + T, 2 * table[1].size(0) if table is not None and table[0] == key else 1024)
+            table = self._rope_cache = (key, rope_table(freqs, torch.arange(n, device=freqs.device)))
+        return table[1][start:start + T]
 
     loss = staticmethod(loss_fn)
 

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from checkpoint import convert_state_dict, load_model, read_checkpoint
 from kvcache import KVCache, visible
 from model import GPT, GPTConfig, naive_attention, softmax_attention, expand_kv
-from tutorial_reference import reference_logits
+from tutorial_reference import TutorialReference, reference_logits
 from utils import UserError
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -59,6 +59,15 @@ def test_matches_tutorial_forward_past_training_length():
     torch.testing.assert_close(ours, ref, **TOL)
     full, _ = m(idx)
     torch.testing.assert_close(full, reference_logits(sd, 3, 4, idx), **TOL)
+
+
+def test_rope_matches_rotary_embedding_torch():
+    from rotary_embedding_torch import RotaryEmbedding
+    from model import apply_rope, rope_table
+    r = RotaryEmbedding(dim=16)
+    x = torch.randn(2, 3, 10, 16)
+    ours = apply_rope(x, rope_table(r.freqs, torch.arange(5, 15)))
+    torch.testing.assert_close(ours, r.rotate_queries_or_keys(x, offset=5), atol=1e-6, rtol=1e-6)
 
 
 def test_naive_equals_softmax_and_gqa_equals_repeated_heads():
@@ -126,12 +135,11 @@ def test_kv_share_equals_layers_fed_the_same_kv():
     h = ref.transformer.h[0].attn.register_forward_hook(grab)
     idx = text()
     x = ref.transformer.wte(idx)
-    rope = (None, None, None)
-    from model import rope_tables
+    from model import rope_table
     pos = torch.arange(40)
-    cos, sin = rope_tables(ref.transformer.h[0].attn.rotary_emb.freqs, pos)
-    x, kv0 = ref.transformer.h[0](x, (cos, sin, pos))
-    x, _ = ref.transformer.h[1](x, (cos, sin, pos), shared=kv0)
+    rot = rope_table(ref.transformer.h[0].attn.rotary_emb.freqs, pos)
+    x, kv0 = ref.transformer.h[0](x, (rot, pos))
+    x, _ = ref.transformer.h[1](x, (rot, pos), shared=kv0)
     expected = ref.lm_head(ref.transformer.ln_f(x))
     h.remove()
     torch.testing.assert_close(m(idx)[0], expected, **TOL)
@@ -170,6 +178,18 @@ def test_bounded_cache_equals_forward_over_kept_tokens(window, sink, step):
         keep = [p for p in range(t + 1) if p < sink or t - p < window]
         ref, _ = m(idx[:, keep], pos=torch.tensor(keep))
         torch.testing.assert_close(ours[:, t], ref[:, -1], **TOL)
+
+
+def test_bounded_decode_matches_tutorial_with_cut_history():
+    # the tutorial's fix of exercise 1: keep the last N unrotated keys, re-rotate them at
+    # 0..N-1 every step. RoPE only sees distances, so our rotated ring buffer must agree.
+    m = tiny(n_layer=3)
+    idx = text(T=50)
+    ref = TutorialReference(m.state_dict(), 3, 4, kv_window=9)
+    expected = torch.cat([ref(idx[:, :6])] + [ref(idx[:, t:t + 1]) for t in range(6, 50)], dim=1)
+    states = m.new_states(2, kv_window=9)
+    ours = [m(idx[:, :6], states)[0]] + [m(idx[:, t:t + 1], states)[0] for t in range(6, 50)]
+    torch.testing.assert_close(torch.cat(ours, dim=1), expected, **TOL)
 
 
 def test_bounded_cache_is_full_forward_while_it_fits():
