@@ -10,6 +10,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# tiny models run fastest on one thread, and the test machines have two cores
+torch.set_num_threads(1)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")  # real corpora, on some machines
