@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from rotary_embedding_torch import RotaryEmbedding
 
+from attention_linear import LinearAttention
 from kvcache import KVCache, visible
 from rope import apply_rope, rope_table
 from utils import UserError
@@ -283,8 +284,8 @@ class Block(nn.Module):
         return x, kv
 
 
-# attention kinds that need a layer class of their own (linear attention adds itself here)
-ATTENTION_LAYERS = {}
+# attention kinds that need a layer class of their own; the others are functions above
+ATTENTION_LAYERS = {"linear": LinearAttention}
 
 
 def loss_fn(logits, targets):

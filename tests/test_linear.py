@@ -1,0 +1,75 @@
+"""Linear attention: recurrent == parallel == chunked, in layers and in whole models."""
+
+import pytest
+import torch
+
+from attention_linear import linear_chunked, linear_parallel, linear_recurrent, phi
+from model import GPT, GPTConfig
+from utils import UserError
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("nkv,T,chunk", [(4, 37, 8), (2, 64, 16), (1, 5, 64)])
+def test_three_forms_agree(nkv, T, chunk):
+    B, nh, hs = 2, 4, 8
+    q, k, v = phi(rand(B, nh, T, hs, seed=0)), phi(rand(B, nkv, T, hs, seed=1)), rand(B, nkv, T, hs, seed=2)
+    S0, z0 = phi(rand(B, nkv, hs, hs, seed=3)), phi(rand(B, nkv, hs, seed=4))  # a state carried in
+    num_p, den_p = linear_parallel(q, k, v, S0, z0)
+    num_c, den_c, S, z = linear_chunked(q, k, v, S0, z0, chunk=chunk)
+    S_r, z_r = S0.clone(), z0.clone()
+    num_r, den_r = linear_recurrent(q, k, v, S_r, z_r)
+    scale = num_p.abs().max()
+    torch.testing.assert_close(num_c / scale, num_p / scale, **TOL)
+    torch.testing.assert_close(num_r / scale, num_p / scale, **TOL)
+    torch.testing.assert_close(den_c / den_p.max(), den_p / den_p.max(), **TOL)
+    torch.testing.assert_close(den_r / den_p.max(), den_p / den_p.max(), **TOL)
+    torch.testing.assert_close(S_r, S, **TOL)
+    torch.testing.assert_close(z_r, z, **TOL)
+
+
+MODELS = [
+    dict(attention="linear"),
+    dict(attention="linear", rope=False),
+    dict(attention="linear", n_kv_head=2),
+    dict(attention="linear", n_kv_head=1, linear_norm="denominator"),
+    dict(attention="linear", linear_layers="1", n_layer=3),  # hybrid: linear beside softmax
+    dict(attention="linear", linear_layers="0,2", n_layer=3, window=6, global_layers="2"),
+]
+
+
+@pytest.mark.parametrize("kw", MODELS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_model_decoding_equals_full_forward(kw):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**dict(dict(n_layer=2, n_head=4, n_embd=32), **kw))).eval()
+    idx = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(1))
+    full, _ = m(idx)  # training's chunked form
+    for step in (1, 29):
+        states = m.new_states(2)
+        out = []
+        for a in range(0, 150, step):
+            logits, states = m(idx[:, a:a + step], states)
+            out.append(logits)
+        torch.testing.assert_close(torch.cat(out, dim=1), full, **TOL)
+
+
+def test_linear_state_size_is_constant_in_history():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, attention="linear")).eval()
+    sizes = []
+    for T in (100, 10_000):
+        states = m.new_states(1)
+        _, states = m(torch.randint(0, 256, (1, T)), states)
+        sizes.append(GPT.states_bits(states)[0])
+    assert sizes[0] == sizes[1] == 2 * (8 * 8 + 8) * 4 * 32  # layers x (S + z) x heads x fp32
+
+
+def test_linear_bad_input():
+    for kw, words in [(dict(linear_layers="5"), "out of range"), (dict(linear_norm="softmax"), "unknown linear_norm"),
+                      (dict(attention="softmax", linear_layers="0"), "needs --attention=linear")]:
+        with pytest.raises(UserError, match=words):
+            GPT(GPTConfig(**dict(dict(n_layer=2, n_head=4, n_embd=32, attention="linear"), **kw)))
