@@ -101,6 +101,12 @@ class LinearState:
         self.z = torch.zeros(batch_size, n_kv_head, head_dim, dtype=dtype, device=device)
         self.seen = 0
 
+    def restart(self, rows):
+        """Forget the history of rows (B,) that jumped to another place in the text."""
+        keep = (~rows).to(self.S.dtype).to(self.S.device)
+        self.S = self.S * keep[:, None, None, None]
+        self.z = self.z * keep[:, None, None]
+
     def tokens(self):
         return self.seen  # the history it summarises, whatever its length
 
@@ -137,7 +143,8 @@ class LinearAttention(nn.Module):
         elif T == 1:
             num, den = linear_recurrent(q, k, v, cache.S, cache.z)
         else:
-            num, den, cache.S, cache.z = linear_chunked(q, k, v, cache.S, cache.z, chunk=self.chunk)
+            num, den, S, z = linear_chunked(q, k, v, cache.S, cache.z, chunk=self.chunk)
+            cache.S, cache.z = S.detach(), z.detach()  # XL training: no gradient into the past
         if cache is not None:
             cache.seen += T
         if self.norm == "denominator":

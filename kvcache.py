@@ -126,3 +126,56 @@ class KVCache:
         (Slot positions are bookkeeping shared by the batch and derivable; not counted.)"""
         B, H, _, D = self.k.shape
         return 2 * B * H * self.n * D * self.k.element_size() * 8
+
+
+class XLMemory:
+    """TransformerXL-style memory for training: the keys/values of the previous steps'
+    batches (the same loader rows, which continue the same text), detached so that no
+    gradient flows into them, at most `mem_len` tokens.
+
+    Each step the batch is placed right after the memory: memory at positions
+    0..m-1, batch at m..m+T-1 (so `seen` = m). Stored keys are rotated, so keeping the
+    last mem_len of them re-bases their positions with one rotation by -(m + T - mem_len):
+    positions stay small however long training runs (float32 angles would lose precision
+    at millions of tokens). Rows that the loader restarted lose their memory
+    (`restart(rows)`), so no row attends to another stretch of text."""
+
+    def __init__(self, batch_size, n_kv_head, head_dim, mem_len, window=0, rope_fn=None,
+                 dtype=torch.float32, device="cpu", **unused):
+        self.mem_len, self.window, self.rope_fn = mem_len, window, rope_fn
+        self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
+        self.v = self.k
+        self.valid = torch.ones(batch_size, 0, dtype=torch.bool, device=device)  # (B, m) per slot
+
+    @property
+    def seen(self):
+        return self.k.size(2)
+
+    def restart(self, rows):
+        """rows: bool (B,), True where the loader jumped to another place in the text."""
+        self.valid = self.valid & ~rows.to(self.valid.device)[:, None]
+
+    def update(self, k, v):
+        m, T = self.k.size(2), k.size(2)
+        keys, vals = (torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)) if m else (k, v)
+        pos = torch.arange(m + T, device=k.device)
+        mask = visible(pos[m:], pos, self.window)  # (T, m + T)
+        ok = torch.cat([self.valid, self.valid.new_ones(self.valid.size(0), T)], dim=1)  # (B, m + T)
+        if m > 0:
+            mask = mask & ok[:, None, None, :]  # (B, 1, T, m + T): no memory of another text
+        elif self.window == 0 or self.window >= T:
+            mask = "causal"
+        # keep the newest mem_len tokens, detached, re-based to positions 0..kept-1
+        keep = min(self.mem_len, m + T)
+        shift = m + T - keep
+        new_k, new_v = keys[:, :, shift:].detach(), vals[:, :, shift:].detach()
+        if shift and self.rope_fn is not None:
+            new_k = self.rope_fn(new_k, -shift)
+        self.k, self.v, self.valid = new_k, new_v, ok[:, shift:]
+        return keys, vals, mask
+
+    def tokens(self):
+        return self.k.size(2)
+
+    def size_bits(self):
+        return 2 * self.k.numel() * self.k.element_size() * 8

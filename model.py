@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from rotary_embedding_torch import RotaryEmbedding
 
 from attention_linear import LinearAttention
-from kvcache import KVCache, visible
+from kvcache import KVCache, XLMemory, visible
 from rope import apply_rope, rope_table
 from utils import UserError
 
@@ -357,6 +357,24 @@ class GPT(nn.Module):
                 states.append(KVCache(n_kv_head=c.kv_heads, head_dim=c.head_dim, **kw))
         return states
 
+    def new_xl_states(self, batch_size, mem_len):
+        """TransformerXL training memory: the detached K/V of the last mem_len tokens of
+        each row (linear layers carry their fixed-size state instead)."""
+        c = self.config
+        p = next(self.parameters())
+        freqs = self.transformer.h[0].attn.rotary_emb.freqs
+        shift = lambda k, d: apply_rope(k, rope_table(freqs, torch.tensor([d], device=k.device)))
+        states = []
+        for i, block in enumerate(self.transformer.h):
+            if i % c.kv_share:
+                states.append(states[-1])
+            elif hasattr(block.attn, "new_state"):
+                states.append(block.attn.new_state(batch_size=batch_size, dtype=p.dtype, device=p.device))
+            else:
+                states.append(XLMemory(batch_size, c.kv_heads, c.head_dim, mem_len, window=block.attn.window,
+                                       rope_fn=shift if c.rope else None, dtype=p.dtype, device=p.device))
+        return states
+
     def forward(self, idx, states=None, return_states=True, pos=None):
         """idx (B, T) bytes -> logits (B, T, 256) and the states to continue from.
         states=None starts a new text at position 0; return_states=False (training)
@@ -371,7 +389,8 @@ class GPT(nn.Module):
             states = self.new_states(B, capacity=T)
         rot = None
         if pos is None:
-            start = states[0].seen if states is not None else 0
+            # the text position of this chunk; XL memory places it right after the memory
+            start = min(s.seen for s in states) if states is not None else 0
             pos = torch.arange(start, start + T, device=idx.device)
             if self.config.rope:
                 rot = self._rope(start, T)
