@@ -65,8 +65,8 @@ def test_memory_keeps_only_mem_len_and_restarted_rows_see_none():
     assert not torch.allclose(logits[0], alone[0], atol=1e-3)  # the others use theirs
     # with memory cut to the last 12 tokens, rows 0 and 2 equal a forward over those tokens
     text = torch.cat(batches, dim=1)
-    ref, _ = m(text[:, 12:], return_states=False)
-    torch.testing.assert_close(logits[[0, 2]], ref[[0, 2], 4:], **TOL)
+    ref, _ = m(text[:, 4:], return_states=False)  # memory = bytes 4..15, batch = 16..23
+    torch.testing.assert_close(logits[[0, 2]], ref[[0, 2], -8:], **TOL)
 
 
 def test_long_training_keeps_positions_small():
