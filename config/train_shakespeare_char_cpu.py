@@ -1,0 +1,26 @@
+# A small recipe for a laptop CPU: a 4-layer, 4-head, 128-wide model on tiny-shakespeare.
+#   python train.py config/train_shakespeare_char_cpu.py
+#   python sample.py --out_dir=out-shakespeare-char-cpu
+
+out_dir = "out-shakespeare-char-cpu"
+eval_interval = 250
+eval_iters = 20  # a rougher but much cheaper estimate
+log_interval = 50
+
+dataset = "shakespeare_char"
+batch_size = 12
+block_size = 64
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0  # too small to overfit in this many iterations
+
+learning_rate = 1e-3
+max_iters = 2000
+lr_decay_iters = 2000
+min_lr = 1e-4
+beta2 = 0.99
+warmup_iters = 100
+
+device = "cpu"  # the figures in the README were measured on a CPU; --device= picks another

@@ -1,0 +1,101 @@
+"""
+sample.py: streams text from a checkpoint, reports speed and KV cache size, decodes UTF-8
+across token boundaries, and fails with one line for each user mistake.
+
+    python -m pytest -q tests/test_sample.py
+"""
+import contextlib
+import io
+import os
+import runpy
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+import model as model_module
+from checkpoint import save_checkpoint
+from conftest import REPO_ROOT, assert_user_error, run_script
+from model import GPT, MODEL_ARG_KEYS, GPTConfig
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    """A folder holding ckpt.pt of a tiny untrained model, as train.py writes it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    d = tmp_path_factory.mktemp("out")
+    save_checkpoint(str(d / "ckpt.pt"), model, optimizer, args, {"n_layer": 2}, 10, 5.0)
+    return d
+
+
+def sample(*args):
+    """Run sample.py in this process; returns (exit code, stdout, stderr)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with mock.patch.object(sys, "argv", ["sample.py", "--device=cpu", *map(str, args)]), \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            runpy.run_path(os.path.join(REPO_ROOT, "sample.py"), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_samples_from_a_checkpoint(out_dir, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes("Dobrý den, ".encode() + b"\xff")  # UTF-8, then a byte that is not
+    proc = run_script("sample.py", f"--out_dir={out_dir}", "--device=cpu", f"--start=FILE:{prompt}",
+                      "--num_samples=2", "--max_new_tokens=40", "--seed=3")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("Dobrý den, \\xff") == 2  # each sample starts with its prompt
+    assert "---------------" in proc.stdout
+    assert "tokens/s" in proc.stderr
+    # float32 K and V, 2 layers x 32 channels each: 2 * 2 * 32 * 32 bits per cached token
+    assert "4,096 bits per token" in proc.stderr
+
+
+def test_streams_whole_characters(out_dir, monkeypatch):
+    """Bytes are printed as they come, but never half a character; bad bytes are escaped."""
+    payload = "é€".encode() + b"\xff" + "ž".encode()[:1]  # ends inside a character
+    seen = []  # what had been printed when each token was produced
+
+    def fake_stream(self, idx, max_new_tokens, stats=None, **kw):
+        for b in payload:
+            seen.append(sys.stdout.getvalue())
+            yield torch.tensor([[b]])
+        stats.update(kv_bits_peak=123, kv_bits_per_token=4.5)
+
+    monkeypatch.setattr(model_module.GPT, "generate_stream", fake_stream)
+    code, out, err = sample(f"--out_dir={out_dir}", f"--max_new_tokens={len(payload)}")
+    assert code == 0, err
+    assert out.endswith("\n####é€\\xff\\xc5\n")  # after the "Overriding: ..." lines
+    assert seen[1].endswith("\n####") and seen[2].endswith("\n####é")  # é waited for its second byte
+    assert "KV cache peak 123 bits" in err
+
+
+@pytest.mark.parametrize("case", ["no out_dir", "no checkpoint", "no prompt file", "empty prompt",
+                                  "empty prompt file"])
+def test_user_errors_are_one_line(out_dir, tmp_path, case):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    args, fragments = {
+        "no out_dir": ([f"--out_dir={tmp_path / 'nope'}"], ["nope", "does not exist", "python train.py"]),
+        "no checkpoint": ([f"--out_dir={out_dir}", "--checkpoint_name=last"], ["last.pt", "python train.py"]),
+        "no prompt file": ([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'missing.txt'}"], ["missing.txt"]),
+        "empty prompt": ([f"--out_dir={out_dir}", "--start="], ["empty"]),
+        "empty prompt file": ([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'empty.txt'}"], ["empty"]),
+    }[case]
+    code, out, err = sample(*args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_user_error_as_a_process(out_dir):
+    proc = run_script("sample.py", f"--out_dir={out_dir}", "--checkpoint_name=last.pt")
+    assert_user_error(proc, "last.pt")

@@ -1,0 +1,192 @@
+"""
+train.py end to end on tiny models (CPU): checkpoints and TensorBoard events, both resume
+intents, eval-only runs that write nothing, one-line errors, and interrupted saves.
+The first run is a real subprocess; the others run train.py inside the test process
+(runpy), which saves importing torch again each time.
+
+    python -m pytest -q tests/test_train.py
+"""
+import contextlib
+import io
+import os
+import runpy
+import shutil
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+from checkpoint import read_checkpoint, save_checkpoint
+from conftest import REPO_ROOT, assert_user_error, run_script, tiny_corpus
+from model import GPT, MODEL_ARG_KEYS, GPTConfig
+
+TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=2", "--eval_interval=4", "--log_interval=2",
+        "--warmup_iters=2", "--lr_decay_iters=20", "--reset_prob=0.3", "--dropout=0.0"]
+N = 6  # iterations of the shared run
+
+
+def train(data_dir, out_dir, *args):
+    """Run train.py in this process; returns what it printed."""
+    argv = ["train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out_dir}", *args]
+    printed = io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only wait for each other on a busy machine
+    try:
+        with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(printed):
+            runpy.run_path(os.path.join(REPO_ROOT, "train.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    data = tiny_corpus()
+    n = int(len(data) * 0.9)
+    (d / "train.txt").write_bytes(data[:n])
+    (d / "val.txt").write_bytes(data[n:])
+    return d
+
+
+@pytest.fixture(scope="module")
+def base_run(data_dir, tmp_path_factory):
+    """One fresh run of N iterations; tests copy its out_dir before changing anything."""
+    out = tmp_path_factory.mktemp("base") / "out"
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out}", f"--max_iters={N}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
+def copy_of(base_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(base_run[0], out)
+    return out
+
+
+def snapshot(folder):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_fresh_run_writes_checkpoints_and_tensorboard(base_run):
+    out, printed = base_run
+    ckpt = read_checkpoint(str(out / "ckpt.pt"))  # weights_only: plain values only
+    last = read_checkpoint(str(out / "last.pt"))
+    for key in ("model", "optimizer", "model_args", "config", "iter_num", "best_val_loss",
+                "scaler", "rng", "loader"):
+        assert key in last, key
+    assert set(last["model_args"]) == set(MODEL_ARG_KEYS)
+    assert last["config"]["n_embd"] == 32 and last["config"]["max_iters"] == N
+    # exactly N optimizer steps, evaluations at 0, every eval_interval and at the end
+    assert last["iter_num"] == N
+    assert all(s["step"] == N for s in last["optimizer"]["state"].values())
+    evals = [line.split(":")[0] for line in printed.splitlines() if "train loss" in line]
+    assert evals == ["iter 0", "iter 4", "iter 6"]
+    assert ckpt["best_val_loss"] == last["best_val_loss"] < 6.0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out)).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "lr", "train/instant_loss", "tokens_per_s"} <= tags
+    assert [e.step for e in events.Scalars("val/loss")] == [0, 4, 6]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_resume_continue_is_bit_exact(data_dir, tmp_path, dropout):
+    """N iterations, then a resume up to N+M, equals N+M iterations in one go. (All in this
+    process: another thread count would change float rounding.) Dropout > 0 also needs the
+    global RNG restored."""
+    split = tmp_path / "split"
+    train(data_dir, split, f"--max_iters={N}", f"--dropout={dropout}")
+    printed = train(data_dir, split, f"--max_iters={N + 3}", "--init_from=resume",
+                 "--resume_checkpoint_name=last", f"--dropout={dropout}")
+    assert "chose 'continue'" in printed
+    whole = tmp_path / "whole"
+    train(data_dir, whole, f"--max_iters={N + 3}", f"--dropout={dropout}")
+
+    a, b = read_checkpoint(str(split / "last.pt")), read_checkpoint(str(whole / "last.pt"))
+    assert a["iter_num"] == b["iter_num"] == N + 3
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, state in b["optimizer"]["state"].items():
+        assert torch.equal(a["optimizer"]["state"][i]["exp_avg_sq"], state["exp_avg_sq"])
+    assert torch.equal(a["loader"]["pos"], b["loader"]["pos"])
+
+
+def test_resume_finetune_runs_exactly_k_more_iterations(data_dir, base_run, tmp_path):
+    out = copy_of(base_run, tmp_path)
+    printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last.pt",
+                 "--block_size=64", "--max_iters=3", "--n_layer=3")
+    assert "chose 'finetune'" in printed
+    assert "n_layer=2 from the checkpoint" in printed  # the architecture is the checkpoint's
+    last = read_checkpoint(str(out / "last.pt"))
+    assert last["iter_num"] == N + 3
+    assert last["model_args"]["n_layer"] == 2 and last["config"]["block_size"] == 64
+    # the optimizer state was kept (same shapes): its step count goes on from the checkpoint
+    assert all(s["step"] == N + 3 for s in last["optimizer"]["state"].values())
+    # a fresh schedule: evaluated at its start, then at its end
+    evals = [line.split(":")[0] for line in printed.splitlines() if "train loss" in line]
+    assert evals == [f"iter {N}", f"iter {N + 3}"]
+
+
+def test_resume_from_the_tutorials_layout(data_dir, tmp_path):
+    """A checkpoint with only model, optimizer, model_args and config (no iteration,
+    RNG or data position) is trained further as a finished run."""
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    args = {"n_layer": 2, "n_head": 2, "n_embd": 32, "bias": False, "dropout": 0.0}
+    (tmp_path / "out").mkdir()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": args,
+                "config": {"max_iters": 50, "block_size": 32}}, tmp_path / "out" / "ckpt.pt")
+    printed = train(data_dir, tmp_path / "out", "--init_from=resume", "--max_iters=3", "--block_size=64")
+    assert "chose 'finetune'" in printed
+    assert read_checkpoint(str(tmp_path / "out" / "last.pt"))["iter_num"] == 53
+
+
+def test_eval_only_and_zero_iterations_write_nothing(data_dir, base_run, tmp_path):
+    out = copy_of(base_run, tmp_path)
+    before = snapshot(out)
+    printed = train(data_dir, out, "--init_from=resume", "--max_iters=0", "--eval_interval=1")
+    assert f"iter {N}: train loss" in printed and "val loss" in printed
+    printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last", "--eval_only=True")
+    assert "val loss" in printed
+    assert snapshot(out) == before
+    fresh = tmp_path / "fresh"
+    train(data_dir, fresh, "--eval_only=True")
+    assert not fresh.exists()
+
+
+def test_user_errors_are_one_line(data_dir, tmp_path):
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--init_from=resume")
+    assert_user_error(proc, "ckpt.pt")
+    proc = run_script("train.py", "--resume_mode=later", f"--dataset={data_dir}")
+    assert_user_error(proc, "resume_mode")
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False))
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, None, args, {}, 1, 2.0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def dies_half_way(obj, f, *a, **kw):
+        if isinstance(f, (str, os.PathLike)):
+            f = open(f, "wb")
+        f.write(b"PK\x03\x04 half of a checkpoint")
+        f.flush()
+        raise OSError("disk full (simulated)")
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model, None, args, {}, 2, 1.0)
+    monkeypatch.undo()
+    ckpt = read_checkpoint(path)
+    assert ckpt["iter_num"] == 1
+    for k, v in saved.items():
+        assert torch.equal(ckpt["model"][k], v), k

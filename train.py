@@ -1,0 +1,375 @@
+"""
+Train a byte-level GPT (RoPE, no learned position embedding) on a text corpus.
+
+GPU recipe (the tutorial's, about 3 minutes on one A100):
+    python train.py config/train_shakespeare_char.py
+CPU recipe (a few minutes on a laptop):
+    python train.py config/train_shakespeare_char_cpu.py
+Every global below can be overridden with --name=value, after the config files:
+    python train.py config/train_shakespeare_char.py --batch_size=32 --compile=True
+
+Resuming from a checkpoint (--init_from=resume) has two intents:
+  (a) continue an interrupted run on its original schedule, up to max_iters in all
+      (iteration count, LR schedule, best val loss, optimizer, scaler, RNG and data
+      position are restored; no second warm-up):
+    python train.py config/train_shakespeare_char.py --init_from=resume --resume_checkpoint_name=last
+  (b) train a checkpoint for max_iters MORE iterations, e.g. with a longer context
+      (fresh warm-up and cosine schedule; iteration count and best val loss continue):
+    python train.py config/train_shakespeare_char.py --init_from=resume --block_size=1024 --max_iters=200
+  resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b);
+  --resume_mode=continue or --resume_mode=finetune forces one.
+Only compute the val loss of a checkpoint (writes nothing; --eval_only=True does the same):
+    python train.py config/train_shakespeare_char.py --init_from=resume --max_iters=0 --eval_interval=1
+Watch the curves:
+    tensorboard --logdir=out-shakespeare-char
+"""
+import math
+import os
+import sys
+import time
+
+import torch
+
+from checkpoint import checkpoint_path, load_model, save_checkpoint
+from configurator import configure
+from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
+from utils import (ByteLoader, UserError, autocast_ctx, dataset_paths, fixed_batches,
+                   pick_device, pick_dtype, run_main)
+
+# -----------------------------------------------------------------------------
+# default config: the tutorial's GPU recipe for tiny-shakespeare
+# I/O
+out_dir = "out"  # checkpoints (ckpt.pt = best val loss, last.pt = latest) and TensorBoard events
+eval_interval = 250  # evaluate train/val loss every this many iterations
+eval_iters = 200  # batches per loss estimate (a fixed set, so evaluations are comparable)
+log_interval = 10  # print, log to TensorBoard and write last.pt every this many iterations
+last_save_budget = 0.1  # last.pt is skipped at a log step if writing it would take more than this fraction of the time
+eval_only = False  # evaluate once and exit, writing nothing
+always_save_checkpoint = False  # write ckpt.pt at every evaluation, not only when val loss improves
+init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/resume_checkpoint_name)
+resume_checkpoint_name = "ckpt"  # 'ckpt', 'ckpt.pt', 'last' or 'last.pt'
+resume_mode = "auto"  # 'continue' | 'finetune' | 'auto' (see the docstring)
+tensorboard = True  # write TensorBoard scalars into out_dir
+# data
+dataset = "shakespeare_char"  # data/<dataset>/train.txt and val.txt, or a folder path holding them
+gradient_accumulation_steps = 1  # micro-batches per optimizer step
+batch_size = 64  # rows per micro-batch
+block_size = 256  # bytes per row (the training context length)
+reset_prob = 0.1  # probability that a row jumps to a random place in the text at each step
+# model (architecture keys n_layer, n_head, n_embd, bias come from the checkpoint on resume)
+n_layer = 6  # transformer blocks
+n_head = 6  # attention heads per block
+n_embd = 384  # model width
+dropout = 0.2  # dropout probability (0.0 for bit-exact resume tests)
+bias = False  # biases in Linear and LayerNorm layers
+attention = "softmax"  # attention kind (see model.py)
+n_kv_head = 0  # K/V heads for grouped-query attention (0 = n_head)
+window = 0  # local attention window in bytes (0 = unbounded)
+global_layers = ""  # comma-separated layers that keep global attention when window > 0
+kv_share = 1  # neighbouring layers sharing one K/V cache
+rope = True  # rotary position embedding on q and k
+linear_layers = ""  # comma-separated layers using linear attention
+linear_norm = "layernorm"  # output normalisation of linear attention
+# AdamW optimizer
+learning_rate = 1e-3  # peak learning rate
+max_iters = 5000  # total iterations (on resume: see resume_mode)
+weight_decay = 1e-1  # applied to 2-D weights only
+beta1 = 0.9  # AdamW beta1
+beta2 = 0.99  # AdamW beta2
+grad_clip = 1.0  # clip gradient norm to this value (0.0 = no clipping)
+# learning rate schedule: linear warm-up, then cosine decay to min_lr
+decay_lr = True  # False keeps learning_rate after the warm-up
+warmup_iters = 100  # warm-up iterations
+lr_decay_iters = 5000  # iteration at which min_lr is reached
+min_lr = 1e-4  # final learning rate
+# system
+device = ""  # 'cpu', 'cuda', 'cuda:1', 'mps'; '' = the best available
+dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = bfloat16 where supported, float16 on older GPUs, float32 on CPU/MPS
+compile = False  # torch.compile the model
+seed = 1337  # seed of the model init, dropout and data order
+# -----------------------------------------------------------------------------
+
+def main():
+    model_defaults = {k: globals()[k] for k in MODEL_ARG_KEYS}
+    config = configure(globals(), sys.argv[1:])
+    check_settings()
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
+          f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})")
+    device_type = dev.split(":")[0]
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    ctx = autocast_ctx(dev, dt)
+    train_path, val_path = dataset_paths(dataset)
+
+    # model, optimizer and the iteration range of this run
+    ckpt = None
+    if init_from == "scratch":
+        model_args = {k: config[k] for k in MODEL_ARG_KEYS}
+        model = GPT(GPTConfig(**model_args)).to(dev)
+        mode, start_iter, end_iter, origin = "scratch", 0, max_iters, 0
+        best_val_loss = float("inf")
+    else:
+        ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name)
+        # the non-architecture model keys given on the command line or in a config file
+        overrides = {k: config[k] for k in MODEL_ARG_KEYS
+                     if k not in ARCH_KEYS and config[k] != model_defaults[k]}
+        model, ckpt = load_model(ckpt_path, dev, overrides)
+        model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+        for k in ARCH_KEYS:
+            if config[k] != model_args[k]:
+                print(f"note: {k}={model_args[k]!r} from the checkpoint (the config says {config[k]!r})")
+        start_iter = ckpt.get("iter_num")
+        if start_iter is None:  # a checkpoint without it (the tutorial's own) counts as a finished run
+            start_iter = int(ckpt.get("config", {}).get("max_iters", 0))
+            print(f"note: the checkpoint does not say its iteration; taking its max_iters, {start_iter}")
+        mode = pick_resume_mode(start_iter)
+        if mode == "continue":  # the original schedule, counted from iteration 0
+            end_iter, origin = max(max_iters, start_iter), 0
+        else:  # max_iters more iterations, schedule counted from here
+            end_iter, origin = start_iter + max_iters, start_iter
+        best_val_loss = ckpt.get("best_val_loss", float("inf"))
+        print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
+    config.update(model_args)  # the checkpoint's config records the model actually trained
+    n_params = model.get_num_params()
+    print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
+
+    tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+    writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
+    if writes:
+        print(f"training iterations {start_iter}..{end_iter - 1}, {tokens_per_iter:,} tokens per iteration")
+        optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+        scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
+        loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=seed, device=dev)
+        if ckpt is not None:
+            restore_training_state(ckpt, mode, optimizer, scaler, loader)
+    del ckpt  # free its memory before training
+    if compile:
+        print("compiling the model...")
+        model = torch.compile(model)
+    eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed, device=dev)
+                 for split, path in (("train", train_path), ("val", val_path))}
+    tb = TensorBoard(out_dir if (writes and tensorboard) else None, purge_step=start_iter)
+
+    def save(name):
+        t0 = time.time()
+        os.makedirs(out_dir, exist_ok=True)
+        save_checkpoint(os.path.join(out_dir, name), model, optimizer, model_args, config,
+                        iter_num, best_val_loss, scaler=scaler,
+                        extra={"rng": rng_state(), "loader": loader.state_dict()})
+        return time.time() - t0
+
+    def evaluate():
+        nonlocal best_val_loss
+        t0 = time.time()
+        losses = estimate_loss(model, eval_sets, ctx)
+        line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        tb.add_scalar("train/loss", losses["train"], iter_num)
+        tb.add_scalar("val/loss", losses["val"], iter_num)
+        if iter_num > start_iter and (improved or always_save_checkpoint):
+            line += f", ckpt.pt written in {save('ckpt.pt') * 1000:.0f}ms"
+        print(line, flush=True)
+        return time.time() - t0
+
+    iter_num = start_iter
+    if eval_only or (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
+        evaluate()
+    if not writes:
+        return
+
+    model.train()
+    t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded
+    save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
+    while iter_num < end_iter:
+        lr = get_lr(iter_num - origin)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(gradient_accumulation_steps):
+            x, y, _restarted = loader.next()
+            with ctx:
+                logits, _ = model(x, return_states=False)
+                loss = loss_fn(logits, y) / gradient_accumulation_steps
+            scaler.scale(loss).backward()
+        if grad_clip > 0.0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        steps_since_mark += 1
+
+        if (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
+            t_mark += evaluate()
+        if iter_num % log_interval == 0:
+            lossf = loss.item() * gradient_accumulation_steps  # waits for the GPU
+            elapsed = time.time() - t_mark
+            ms_per_iter = 1000 * elapsed / steps_since_mark
+            tokens_per_s = tokens_per_iter * steps_since_mark / elapsed
+            line = (f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, "
+                    f"{ms_per_iter:.1f}ms/iter, {tokens_per_s:,.0f} tokens/s")
+            # last.pt at every log step, unless writing it would take more than
+            # last_save_budget of the time (a large model, a slow disk)
+            if time.time() - last_save_end >= save_dt * (1 / last_save_budget - 1):
+                save_dt = save("last.pt")
+                last_save_end, last_saved_iter = time.time(), iter_num
+                line += f", last.pt written in {save_dt * 1000:.0f}ms"
+                if not throttle_noted and save_dt > last_save_budget * elapsed:
+                    throttle_noted = True
+                    print(f"note: writing last.pt takes {save_dt * 1000:.0f}ms; it is written at most "
+                          f"every {save_dt / last_save_budget:.2f}s (last_save_budget={last_save_budget})")
+            print(line, flush=True)
+            tb.add_scalar("train/instant_loss", lossf, iter_num)
+            tb.add_scalar("lr", lr, iter_num)
+            tb.add_scalar("tokens_per_s", tokens_per_s, iter_num)
+            t_mark, steps_since_mark = time.time(), 0
+
+    if iter_num > start_iter and last_saved_iter != iter_num:
+        save("last.pt")  # always, so that a resume continues exactly from here
+    tb.close()
+
+
+def check_settings():
+    """Reject values that would fail later with a less clear message."""
+    if init_from not in ("scratch", "resume"):
+        raise UserError(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
+    if resume_mode not in ("auto", "continue", "finetune"):
+        raise UserError(f"--resume_mode must be 'auto', 'continue' or 'finetune', got {resume_mode!r}")
+    for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size",
+                 "gradient_accumulation_steps"):
+        if globals()[name] < 1:
+            raise UserError(f"--{name} must be at least 1, got {globals()[name]}")
+    if max_iters < 0:
+        raise UserError(f"--max_iters must be 0 or more, got {max_iters}")
+    if not 0.0 < last_save_budget <= 1.0:
+        raise UserError(f"--last_save_budget must be in (0, 1], got {last_save_budget}")
+
+
+def rng_state():
+    """The global RNG states (dropout), for an exact resume."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def pick_resume_mode(ckpt_iter):
+    if resume_mode == "continue":
+        print(f"resume_mode=continue: training up to iteration {max_iters} on the original schedule")
+    elif resume_mode == "finetune":
+        print(f"resume_mode=finetune: {max_iters} more iterations with a fresh LR schedule")
+    elif max_iters > ckpt_iter:
+        print(f"resume_mode=auto chose 'continue': max_iters={max_iters} is beyond the checkpoint's "
+              f"iteration {ckpt_iter}, so the original schedule goes on up to iteration {max_iters}")
+        return "continue"
+    elif max_iters == 0:
+        print("resume_mode=auto: max_iters=0, so the checkpoint is only evaluated")
+        return "finetune"
+    else:
+        print(f"resume_mode=auto chose 'finetune': max_iters={max_iters} is not beyond the checkpoint's "
+              f"iteration {ckpt_iter}, so {max_iters} more iterations run with a fresh warm-up and LR schedule")
+        return "finetune"
+    return resume_mode
+
+
+def restore_training_state(ckpt, mode, optimizer, scaler, loader):
+    """Optimizer and scaler state for both modes; RNG and data position for 'continue'."""
+    if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
+        # the moments come from the checkpoint, the hyperparameters from this run's config
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, s in zip(optimizer.param_groups, settings):
+            group.update(s)
+    else:
+        print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if mode != "continue":
+        return
+    rng = ckpt.get("rng") or {}
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    saved = ckpt.get("config", {})
+    same_shape = (saved.get("batch_size"), saved.get("block_size")) == (batch_size, block_size)
+    if ckpt.get("loader") and same_shape:
+        loader.load_state_dict(ckpt["loader"])
+    else:
+        print("note: data position not restored (batch_size or block_size changed)")
+
+
+def optimizer_state_fits(optimizer, state):
+    """True if a saved AdamW state matches this optimizer's groups and parameter shapes."""
+    groups = optimizer.param_groups
+    saved = state.get("param_groups", [])
+    if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
+        return False
+    for s, g in zip(saved, groups):
+        for idx, p in zip(s["params"], g["params"]):
+            moments = state["state"].get(idx, {})
+            if "exp_avg" in moments and moments["exp_avg"].shape != p.shape:
+                return False
+    return True
+
+
+def get_lr(it):
+    """Learning rate at iteration `it` of the schedule: linear warm-up, then cosine to min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if not decay_lr:
+        return learning_rate
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model, eval_sets, ctx):
+    """Mean loss over each split's fixed batches; shows progress when it takes a while."""
+    model.eval()
+    tty = sys.stderr.isatty()  # a terminal gets one updated line, a log file a line every 10 s
+    out, t0, shown = {}, time.time(), 0.0
+    for split, batches in eval_sets.items():
+        losses = torch.zeros(len(batches))
+        for i, (x, y, _restarted) in enumerate(batches):
+            with ctx:
+                logits, _ = model(x, return_states=False)
+                losses[i] = loss_fn(logits, y).item()
+            now = time.time()
+            if now - t0 > 3.0 and now - shown > (0.5 if tty else 10.0):
+                progress = f"evaluating: {split} batch {i + 1}/{len(batches)}"
+                print("\r" + progress if tty else progress, end="" if tty else "\n", file=sys.stderr, flush=True)
+                shown = now
+        out[split] = losses.mean().item()
+    if shown and tty:
+        print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
+    model.train()
+    return out
+
+
+class TensorBoard:
+    """A SummaryWriter made on first use (so a run that writes nothing leaves no file), or nothing."""
+
+    def __init__(self, log_dir, purge_step):
+        self.log_dir, self.purge_step, self.writer = log_dir, purge_step, None
+
+    def add_scalar(self, tag, value, step):
+        if self.log_dir is None:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
+            # purge_step hides events a previous run logged past this point
+            self.writer = SummaryWriter(self.log_dir, purge_step=self.purge_step or None)
+        self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+if __name__ == "__main__":
+    run_main(main)
