@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from checkpoint import checkpoint_path, load_model, save_checkpoint
+from checkpoint import checkpoint_path, load_model, save_checkpoint, unwrap
 from configurator import configure
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from utils import (ByteLoader, UserError, autocast_ctx, dataset_paths, fixed_batches,
@@ -56,6 +56,7 @@ gradient_accumulation_steps = 1  # micro-batches per optimizer step
 batch_size = 64  # rows per micro-batch
 block_size = 256  # bytes per row (the training context length)
 reset_prob = 0.1  # probability that a row jumps to a random place in the text at each step
+xl_mem = 0  # TransformerXL memory: attend to the last xl_mem tokens of earlier batches of the same row (0 = off)
 # model (architecture keys n_layer, n_head, n_embd, bias come from the checkpoint on resume)
 n_layer = 6  # transformer blocks
 n_head = 6  # attention heads per block
@@ -164,8 +165,11 @@ def main():
     def evaluate():
         nonlocal best_val_loss
         t0 = time.time()
-        losses = estimate_loss(model, eval_sets, ctx)
+        losses = estimate_loss(model, eval_sets, ctx, xl_mem)
         line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+        if "val_mem" in losses:
+            line += f", val loss with memory {losses['val_mem']:.4f}"
+            tb.add_scalar("val/loss_mem", losses["val_mem"], iter_num)
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         tb.add_scalar("train/loss", losses["train"], iter_num)
@@ -182,6 +186,8 @@ def main():
         return
 
     model.train()
+    # XL memory: each layer's detached K/V of the rows' previous batches (see kvcache.XLMemory)
+    memory = unwrap(model).new_xl_states(batch_size, xl_mem) if xl_mem else None
     t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded
     save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
     while iter_num < end_iter:
@@ -189,9 +195,11 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         for _ in range(gradient_accumulation_steps):
-            x, y, _restarted = loader.next()
+            x, y, restarted = loader.next()
             with ctx:
-                logits, _ = model(x, return_states=False)
+                if memory is not None:
+                    restart_rows(memory, restarted)
+                logits, _ = model(x, memory, return_states=memory is not None)
                 loss = loss_fn(logits, y) / gradient_accumulation_steps
             scaler.scale(loss).backward()
         if grad_clip > 0.0:
@@ -243,10 +251,18 @@ def check_settings():
                  "gradient_accumulation_steps"):
         if globals()[name] < 1:
             raise UserError(f"--{name} must be at least 1, got {globals()[name]}")
+    if xl_mem < 0:
+        raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
     if max_iters < 0:
         raise UserError(f"--max_iters must be 0 or more, got {max_iters}")
     if not 0.0 < last_save_budget <= 1.0:
         raise UserError(f"--last_save_budget must be in (0, 1], got {last_save_budget}")
+
+
+def restart_rows(memory, restarted):
+    """Rows the loader moved to another place in the text forget their memory."""
+    for state in {id(s): s for s in memory}.values():
+        state.restart(restarted)
 
 
 def rng_state():
@@ -328,23 +344,29 @@ def get_lr(it):
 
 
 @torch.no_grad()
-def estimate_loss(model, eval_sets, ctx):
-    """Mean loss over each split's fixed batches; shows progress when it takes a while."""
+def estimate_loss(model, eval_sets, ctx, mem_len=0):
+    """Mean loss over each split's fixed batches; with mem_len, also the val loss with XL
+    memory carried over the consecutive val batches ("val_mem"). Shows progress when slow."""
     model.eval()
     tty = sys.stderr.isatty()  # a terminal gets one updated line, a log file a line every 10 s
     out, t0, shown = {}, time.time(), 0.0
-    for split, batches in eval_sets.items():
+    runs = [(split, split, 0) for split in eval_sets] + ([("val_mem", "val", mem_len)] if mem_len else [])
+    for name, split, mem in runs:
+        batches = eval_sets[split]
+        memory = unwrap(model).new_xl_states(batches[0][0].size(0), mem) if mem else None
         losses = torch.zeros(len(batches))
-        for i, (x, y, _restarted) in enumerate(batches):
+        for i, (x, y, restarted) in enumerate(batches):
             with ctx:
-                logits, _ = model(x, return_states=False)
+                if memory is not None:
+                    restart_rows(memory, restarted)
+                logits, _ = model(x, memory, return_states=memory is not None)
                 losses[i] = loss_fn(logits, y).item()
             now = time.time()
             if now - t0 > 3.0 and now - shown > (0.5 if tty else 10.0):
-                progress = f"evaluating: {split} batch {i + 1}/{len(batches)}"
+                progress = f"evaluating: {name} batch {i + 1}/{len(batches)}"
                 print("\r" + progress if tty else progress, end="" if tty else "\n", file=sys.stderr, flush=True)
                 shown = now
-        out[split] = losses.mean().item()
+        out[name] = losses.mean().item()
     if shown and tty:
         print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
     model.train()
