@@ -128,6 +128,59 @@ class KVCache:
         return 2 * B * H * self.n * D * self.k.element_size() * 8
 
 
+def keep_recent(k, v, pos, kv_window, kv_sink=0):
+    """The bounded-history rule as a plain function (what TrimCache calls; exercise 1):
+    k, v (B, nkv, S, hs) and their text positions pos (S,), oldest first, newest last.
+    Keep the last kv_window tokens and the first kv_sink of the text; return (k, v, pos)."""
+    keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sink)
+    return k[:, :, keep], v[:, :, keep], pos[keep]
+
+
+class TrimCache:
+    """A bounded cache written the simple way: append by concatenation, then ask a
+    function (keep_recent, or a user's "module:function" with its signature) which tokens
+    stay. Slower than KVCache's ring buffer; sample.py --kv_trim=... selects it."""
+
+    def __init__(self, batch_size, n_kv_head, head_dim, recent=0, sink=0, trim_fn=keep_recent,
+                 dtype=torch.float32, device="cpu", **unused):
+        self.recent, self.sink, self.trim_fn = recent, sink, trim_fn
+        self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
+        self.v = self.k
+        self.pos = torch.zeros(0, dtype=torch.long, device=device)
+        self.seen = 0
+
+    def update(self, k, v):
+        T = k.size(2)
+        qpos = torch.arange(self.seen, self.seen + T, device=self.pos.device)
+        self.seen += T
+        keys, vals, kpos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.pos, qpos])
+        if self.recent:
+            self.k, self.v, self.pos = self.trim_fn(keys, vals, kpos, self.recent, self.sink)
+        else:
+            self.k, self.v, self.pos = keys, vals, kpos
+        if T == 1:  # the decode step attends over exactly what is kept
+            return self.k, self.v, None
+        return keys, vals, visible(qpos, kpos, self.recent, self.sink)
+
+    def tokens(self):
+        return self.k.size(2)
+
+    def size_bits(self):
+        return 2 * self.k.numel() * self.k.element_size() * 8
+
+
+def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+    """One TransformerXL memory step as a plain function (what XLMemory calls; exercise 2).
+    mem_k, mem_v (B, nkv, m, hs): K/V kept from earlier batches; mem_ok (B, m): False where
+    the row has since restarted; k, v (B, nkv, T, hs): this batch. Returns
+    keys, values (B, nkv, m+T, hs) to attend over, key_ok (B, m+T), and the new memory:
+    the last min(mem_len, m+T) of them, detached (no gradient into the past), with its ok."""
+    keys, vals = torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2)
+    key_ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], dim=1)
+    cut = keys.size(2) - min(mem_len, keys.size(2))
+    return keys, vals, key_ok, keys[:, :, cut:].detach(), vals[:, :, cut:].detach(), key_ok[:, cut:]
+
+
 class XLMemory:
     """TransformerXL-style memory for training: the keys/values of the previous steps'
     batches (the same loader rows, which continue the same text), detached so that no
@@ -141,8 +194,8 @@ class XLMemory:
     (`restart(rows)`), so no row attends to another stretch of text."""
 
     def __init__(self, batch_size, n_kv_head, head_dim, mem_len, window=0, rope_fn=None,
-                 dtype=torch.float32, device="cpu", **unused):
-        self.mem_len, self.window, self.rope_fn = mem_len, window, rope_fn
+                 step_fn=xl_step, dtype=torch.float32, device="cpu", **unused):
+        self.mem_len, self.window, self.rope_fn, self.step_fn = mem_len, window, rope_fn, step_fn
         self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
         self.v = self.k
         self.valid = torch.ones(batch_size, 0, dtype=torch.bool, device=device)  # (B, m) per slot
@@ -157,21 +210,19 @@ class XLMemory:
 
     def update(self, k, v):
         m, T = self.k.size(2), k.size(2)
-        keys, vals = (torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)) if m else (k, v)
+        if m == 0:  # nothing to remember yet (and the batch may be in another dtype)
+            self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
+        keys, vals, key_ok, new_k, new_v, self.valid = self.step_fn(self.k, self.v, self.valid, k, v, self.mem_len)
         pos = torch.arange(m + T, device=k.device)
         mask = visible(pos[m:], pos, self.window)  # (T, m + T)
-        ok = torch.cat([self.valid, self.valid.new_ones(self.valid.size(0), T)], dim=1)  # (B, m + T)
         if m > 0:
-            mask = mask & ok[:, None, None, :]  # (B, 1, T, m + T): no memory of another text
+            mask = mask & key_ok[:, None, None, :]  # (B, 1, T, m + T): no memory of another text
         elif self.window == 0 or self.window >= T:
             mask = "causal"
-        # keep the newest mem_len tokens, detached, re-based to positions 0..kept-1
-        keep = min(self.mem_len, m + T)
-        shift = m + T - keep
-        new_k, new_v = keys[:, :, shift:].detach(), vals[:, :, shift:].detach()
+        shift = m + T - new_k.size(2)  # re-base the kept keys to positions 0..kept-1
         if shift and self.rope_fn is not None:
             new_k = self.rope_fn(new_k, -shift)
-        self.k, self.v, self.valid = new_k, new_v, ok[:, shift:]
+        self.k, self.v = new_k, new_v
         return keys, vals, mask
 
     def tokens(self):

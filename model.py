@@ -11,7 +11,6 @@ config, attention kinds, attention layer, MLP, Block, GPT.
 Importing this module has no side effects.
 """
 
-import importlib
 import math
 from dataclasses import dataclass, fields
 
@@ -21,9 +20,9 @@ from torch.nn import functional as F
 from rotary_embedding_torch import RotaryEmbedding
 
 from attention_linear import LinearAttention
-from kvcache import KVCache, XLMemory, visible
+from kvcache import KVCache, XLMemory, visible, xl_step
 from rope import apply_rope, rope_table
-from utils import UserError
+from utils import UserError, import_function
 
 
 @dataclass
@@ -185,12 +184,7 @@ def resolve_attention(name):
     if ":" not in name:
         raise UserError(f"unknown attention {name!r}: choose one of {sorted(ATTENTION) + ['linear']} "
                         "or give your own as package.module:function")
-    mod_name, fn_name = name.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"attention {name!r} does not import: {e}") from None
-    return _user_attention(fn)
+    return _user_attention(import_function(name, "attention"))
 
 
 def _user_attention(fn):
@@ -357,9 +351,10 @@ class GPT(nn.Module):
                 states.append(KVCache(n_kv_head=c.kv_heads, head_dim=c.head_dim, **kw))
         return states
 
-    def new_xl_states(self, batch_size, mem_len):
+    def new_xl_states(self, batch_size, mem_len, step_fn=None):
         """TransformerXL training memory: the detached K/V of the last mem_len tokens of
-        each row (linear layers carry their fixed-size state instead)."""
+        each row (linear layers carry their fixed-size state instead). step_fn replaces
+        kvcache.xl_step (same signature), e.g. a student's version from exercises/."""
         c = self.config
         p = next(self.parameters())
         freqs = self.transformer.h[0].attn.rotary_emb.freqs
@@ -372,7 +367,8 @@ class GPT(nn.Module):
                 states.append(block.attn.new_state(batch_size=batch_size, dtype=p.dtype, device=p.device))
             else:
                 states.append(XLMemory(batch_size, c.kv_heads, c.head_dim, mem_len, window=block.attn.window,
-                                       rope_fn=shift if c.rope else None, dtype=p.dtype, device=p.device))
+                                       rope_fn=shift if c.rope else None, step_fn=step_fn or xl_step,
+                                       dtype=p.dtype, device=p.device))
         return states
 
     def forward(self, idx, states=None, return_states=True, pos=None):

@@ -17,7 +17,8 @@ import torch
 
 from checkpoint import checkpoint_path, load_model
 from configurator import configure
-from utils import UserError, autocast_ctx, pick_device, pick_dtype, run_main
+from kvcache import TrimCache
+from utils import UserError, autocast_ctx, import_function, pick_device, pick_dtype, run_main
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote
@@ -32,6 +33,7 @@ device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
 kv_window = 0  # keep only the last kv_window positions in the KV cache (0 = unbounded)
 kv_sink = 0  # with kv_window: also keep the first kv_sink positions
+kv_trim = ""  # "package.module:function" choosing the kept tokens instead of the ring buffer (exercise 1)
 # -----------------------------------------------------------------------------
 
 
@@ -55,8 +57,17 @@ def main():
     dt = pick_dtype(dev, dtype)
     print(f"device {dev}, dtype {dt}, checkpoint {path}", file=sys.stderr)
     torch.manual_seed(seed)
-    model, _ckpt = load_model(path, dev)
+    model, ckpt = load_model(path, dev)
     model.eval()
+    window = kv_window
+    xl = ckpt.get("config", {}).get("xl_mem", 0)
+    if window == 0 and xl:
+        window = xl  # a model trained with XL memory saw at most that much history
+        print(f"kv_window={window}: the xl_mem this model was trained with (--kv_window= to change)", file=sys.stderr)
+    make_cache = None
+    if kv_trim:
+        trim_fn = import_function(kv_trim, "kv_trim")
+        make_cache = lambda layer, **kw: TrimCache(trim_fn=trim_fn, **kw)
     ctx = autocast_ctx(dev, dt)
     idx = torch.tensor([list(prompt)], dtype=torch.long, device=dev)  # (1, T)
 
@@ -70,7 +81,8 @@ def main():
         t0 = time.time()
         with torch.no_grad(), ctx:
             for token in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                               kv_window=kv_window, kv_sink=kv_sink, stats=stats):
+                                               kv_window=window, kv_sink=kv_sink, make_cache=make_cache,
+                                               stats=stats):
                 write(decoder.decode(bytes([int(token[0, 0])])))  # int() waits for the token
         seconds += time.time() - t0
         write(decoder.decode(b"", final=True) + "\n")

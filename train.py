@@ -34,7 +34,7 @@ from checkpoint import checkpoint_path, load_model, save_checkpoint, unwrap
 from configurator import configure
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from utils import (ByteLoader, UserError, autocast_ctx, dataset_paths, fixed_batches,
-                   pick_device, pick_dtype, run_main)
+                   import_function, pick_device, pick_dtype, run_main)
 
 # -----------------------------------------------------------------------------
 # default config: the tutorial's GPU recipe for tiny-shakespeare
@@ -57,6 +57,7 @@ batch_size = 64  # rows per micro-batch
 block_size = 256  # bytes per row (the training context length)
 reset_prob = 0.1  # probability that a row jumps to a random place in the text at each step
 xl_mem = 0  # TransformerXL memory: attend to the last xl_mem tokens of earlier batches of the same row (0 = off)
+xl_update = ""  # "package.module:function" replacing kvcache.xl_step, the XL memory step (exercise 2)
 # model (architecture keys n_layer, n_head, n_embd, bias come from the checkpoint on resume)
 n_layer = 6  # transformer blocks
 n_head = 6  # attention heads per block
@@ -94,6 +95,7 @@ def main():
     model_defaults = {k: globals()[k] for k in MODEL_ARG_KEYS}
     config = configure(globals(), sys.argv[1:])
     check_settings()
+    xl_fn = import_function(xl_update, "xl_update") if xl_update else None
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
@@ -165,7 +167,7 @@ def main():
     def evaluate():
         nonlocal best_val_loss
         t0 = time.time()
-        losses = estimate_loss(model, eval_sets, ctx, xl_mem)
+        losses = estimate_loss(model, eval_sets, ctx, xl_mem, xl_fn)
         line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         if "val_mem" in losses:
             line += f", val loss with memory {losses['val_mem']:.4f}"
@@ -187,7 +189,7 @@ def main():
 
     model.train()
     # XL memory: each layer's detached K/V of the rows' previous batches (see kvcache.XLMemory)
-    memory = unwrap(model).new_xl_states(batch_size, xl_mem) if xl_mem else None
+    memory = unwrap(model).new_xl_states(batch_size, xl_mem, xl_fn) if xl_mem else None
     t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded
     save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
     while iter_num < end_iter:
@@ -344,7 +346,7 @@ def get_lr(it):
 
 
 @torch.no_grad()
-def estimate_loss(model, eval_sets, ctx, mem_len=0):
+def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None):
     """Mean loss over each split's fixed batches; with mem_len, also the val loss with XL
     memory carried over the consecutive val batches ("val_mem"). Shows progress when slow."""
     model.eval()
@@ -353,7 +355,7 @@ def estimate_loss(model, eval_sets, ctx, mem_len=0):
     runs = [(split, split, 0) for split in eval_sets] + ([("val_mem", "val", mem_len)] if mem_len else [])
     for name, split, mem in runs:
         batches = eval_sets[split]
-        memory = unwrap(model).new_xl_states(batches[0][0].size(0), mem) if mem else None
+        memory = unwrap(model).new_xl_states(batches[0][0].size(0), mem, xl_fn) if mem else None
         losses = torch.zeros(len(batches))
         for i, (x, y, restarted) in enumerate(batches):
             with ctx:

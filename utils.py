@@ -35,6 +35,21 @@ def run_main(fn):
         sys.exit(130)  # the user knows they pressed Ctrl-C; no traceback needed
 
 
+def import_function(spec, option):
+    """The function named by "package.module:function" (a user's plug-in), or a UserError."""
+    import importlib
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name:
+        raise UserError(f"--{option}={spec!r}: expected package.module:function")
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"--{option}={spec!r} does not import: {e}") from None
+    if not callable(fn):
+        raise UserError(f"--{option}={spec!r} is not a function")
+    return fn
+
+
 # -----------------------------------------------------------------------------
 # tokens are raw UTF-8 bytes: the vocabulary is always 256
 

@@ -358,3 +358,14 @@ def test_convert_kv_share_averages_group():
     torch.testing.assert_close(sd[key.format(0)][32:], (w[key.format(0)][32:] + w[key.format(1)][32:]) / 2)
     assert sd[key.format(1)].shape == (32, 32) and notes
     GPT(new).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("step", [1, 7])
+def test_trim_cache_with_keep_recent_equals_ring_buffer(step):
+    from kvcache import TrimCache
+    m = tiny(n_layer=2)
+    idx = text(T=40)
+    ring, _ = feed(m, idx, step, kv_window=6, kv_sink=2)
+    trim, states = feed(m, idx, step, kv_window=6, kv_sink=2, make_cache=lambda i, **kw: TrimCache(**kw))
+    torch.testing.assert_close(trim, ring, **TOL)
+    assert states[0].tokens() == 8 and states[0].size_bits() == 2 * 2 * 4 * 8 * 8 * 32
