@@ -243,6 +243,11 @@ def dataset_paths(dataset):
     if os.path.isfile(os.path.join(data_dir, "input.txt")):
         prepare(data_dir)
         return train, val
+    local = os.path.join(REPO_DIR, "..", "shared", "data", os.path.basename(data_dir), "input.txt")
+    if not is_dir_path and os.path.isfile(local):  # an offline machine's local copy of the corpus
+        print(f"preparing {dataset} from the local copy {os.path.relpath(local)}")
+        prepare(data_dir, input_path=local)
+        return train, val
     if not is_dir_path and not os.path.isdir(data_dir):
         known = sorted(d for d in os.listdir(os.path.join(REPO_DIR, "data"))
                        if os.path.isfile(os.path.join(REPO_DIR, "data", d, "prepare.py")))
