@@ -93,6 +93,16 @@ def linear_recurrent(q, k, v, S, z):
     return torch.cat(nums, dim=2), torch.cat(dens, dim=2)
 
 
+def linear_attention(q, k, v, mask, dropout_p=0.0):
+    """Linear attention under model.py's user-attention contract, the parallel form with any
+    mask: --attention=attention_linear:linear_attention (the reference of exercise 3).
+    q (B, nh, T, hs), k and v (B, nh, S, hs) with RoPE applied, mask bool broadcastable to
+    (B, nh, T, S). It runs over the ordinary KV cache; with the causal mask it computes what
+    attention="linear" (linear_norm="layernorm") computes. No attention dropout, as there."""
+    att = (phi(q.float()) @ phi(k.float()).transpose(-2, -1)) * mask  # (B, nh, T, S), >= 0
+    return F.layer_norm(att @ v.float(), (q.size(-1),)).to(q.dtype)
+
+
 class LinearState:
     """The fixed-size memory of one linear attention layer: S and z per K/V head."""
 

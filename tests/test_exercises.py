@@ -1,0 +1,156 @@
+"""exercises/check.py, checked itself: every check passes on the project's references,
+reports "not implemented yet" on the untouched stubs, and the right check fails on a
+deliberately wrong implementation of each exercise (written here, into tmp modules)."""
+
+import importlib
+import sys
+import textwrap
+
+import pytest
+
+from conftest import run_script
+from exercises import check
+
+WRONG = {}  # exercise name -> {what is wrong: (source of a module, title of the check that must fail)}
+
+WRONG["kv_window"] = {
+    "forgets the sinks": ("""
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            keep = pos >= pos[-1] - kv_window + 1
+            return k[:, :, keep], v[:, :, keep], pos[keep]
+        """, "keeps the kv_sink first tokens of the text"),
+    "keeps the oldest": ("""
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            return k[:, :, :kv_window + kv_sink], v[:, :, :kv_window + kv_sink], pos[:kv_window + kv_sink]
+        """, "keeps the kv_window newest tokens"),
+    "one too many": ("""
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            keep = (pos >= pos[-1] - kv_window) | (pos < kv_sink)
+            return k[:, :, keep], v[:, :, keep], pos[keep]
+        """, "drops everything else (at most kv_window + kv_sink tokens)"),
+    "positions not trimmed with k and v": ("""
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sink)
+            return k[:, :, keep], v[:, :, keep], pos[-int(keep.sum()):]
+        """, "k and v rows stay with their positions, oldest first"),
+}
+
+WRONG["xl_memory"] = {
+    "does not detach": ("""
+        import torch
+        def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+            keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
+            ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], 1)
+            return keys, vals, ok, keys[:, :, -mem_len:], vals[:, :, -mem_len:], ok[:, -mem_len:]
+        """, "memory detached, this step's keys keep their gradient"),
+    "keeps too much": ("""
+        import torch
+        def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+            keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
+            ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], 1)
+            return keys, vals, ok, keys.detach(), vals.detach(), ok
+        """, "keeps the newest min(mem_len, m + T) tokens as memory"),
+    "forgets the restarts": ("""
+        import torch
+        def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+            keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
+            ok = torch.ones(k.size(0), keys.size(2), dtype=torch.bool)
+            return keys, vals, ok, keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]
+        """, "attends over memory then this step, with key_ok"),
+}
+
+LINEAR_OK = """
+    import torch
+    import torch.nn.functional as F
+    def attention(q, k, v, mask, dropout_p):
+        att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask
+        return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator
+    def recurrent_step(q, k, v, S, z):
+        nums, dens = [], []
+        for t in range(q.size(2)):
+            S += k[:, :, t, :, None] * v[:, :, t, None, :]
+            z += k[:, :, t]
+            nums.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], S))
+            dens.append((q[:, :, t] * z).sum(-1, keepdim=True))
+        return torch.stack(nums, 2), torch.stack(dens, 2)
+    """
+
+WRONG["linear_attention"] = {
+    "leaks the future": (LINEAR_OK.replace("* mask", ""), "attention: causal, no output sees a later token"),
+    "makes its own triangle": (LINEAR_OK.replace("* mask", "* torch.ones(q.size(2), k.size(2)).tril(k.size(2) - q.size(2))"),
+                               "attention: follows any mask (windows, sinks, T < S)"),
+    "keeps the softmax": (LINEAR_OK.replace("att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask",
+                                            "att = (q @ k.transpose(-2, -1)).masked_fill(~mask, -1e9).softmax(-1)"),
+                          "attention: phi(q) phi(k)^T v, masked, normalised"),
+    "state not updated in place": (LINEAR_OK.replace("S += ", "S = S + ").replace("z += ", "z = z + "),
+                                   "recurrent_step: updates S and z in place"),
+    "reads out before adding the token": (LINEAR_OK.replace(
+        "            S += k[:, :, t, :, None] * v[:, :, t, None, :]\n            z += k[:, :, t]\n", "").replace(
+        "        return torch.stack", "            S += k[:, :, t, :, None] * v[:, :, t, None, :]\n"
+        "            z += k[:, :, t]\n        return torch.stack"), "recurrent_step: recurrent equals parallel"),
+}
+
+
+def write_module(tmp_path, monkeypatch, name, source):
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    sys.modules.pop(name, None)
+    return name
+
+
+def statuses(exercise, **kw):
+    printed = []
+    results = check.run_exercise(check.EXERCISES[exercise], out=printed.append, **kw)
+    return {title: status for title, status, _ in results}, "\n".join(printed)
+
+
+@pytest.mark.parametrize("exercise", list(check.EXERCISES))
+def test_every_check_passes_on_the_reference(exercise):
+    got, printed = statuses(exercise, reference=True)
+    assert set(got.values()) == {"PASS"}, printed
+
+
+@pytest.mark.parametrize("exercise,wrong", [(e, w) for e in WRONG for w in WRONG[e]])
+def test_the_right_check_fails_on_a_wrong_implementation(exercise, wrong, tmp_path, monkeypatch):
+    source, title = WRONG[exercise][wrong]
+    name = write_module(tmp_path, monkeypatch, f"wrong_{exercise}", source)
+    got, printed = statuses(exercise, module=name, skip_slow=True)
+    assert title in got, sorted(got)
+    assert got[title] == "FAIL", printed
+    assert "Traceback" not in printed
+
+
+def test_another_correct_linear_attention_passes_the_fast_checks(tmp_path, monkeypatch):
+    name = write_module(tmp_path, monkeypatch, "linear_denominator", LINEAR_OK)
+    got, printed = statuses("linear_attention", module=name, skip_slow=True)
+    assert set(got.values()) == {"PASS"}, printed
+    assert "normalised by the denominator" in printed
+
+
+def test_code_that_crashes_is_one_line_with_its_place(tmp_path, monkeypatch):
+    name = write_module(tmp_path, monkeypatch, "crashing", """
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            return k[:, :, pos > "oops"], v, pos
+        """)
+    got, printed = statuses("kv_window", module=name, skip_slow=True)
+    assert set(got.values()) <= {"FAIL", "SKIP"}
+    assert "your code raised TypeError" in printed and "crashing.py:3" in printed
+
+
+def test_untouched_stubs_report_not_implemented():
+    proc = run_script("-m", "exercises.check", "all")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    lines = [l.strip() for l in proc.stdout.splitlines() if l.startswith("  ") and not l.startswith("  ->")]
+    assert lines and all(l.startswith("TODO") and l.endswith("not implemented yet") for l in lines), proc.stdout
+    assert "0 passed, 0 failed" in proc.stdout.splitlines()[-1]
+
+
+def test_command_line_names_and_errors():
+    proc = run_script("-m", "exercises.check", "nope")
+    assert proc.returncode == 2 and "unknown exercise" in proc.stderr
+    proc = run_script("-m", "exercises.check", "2")  # an assignment's number
+    assert proc.returncode == 1 and "xl_memory" in proc.stdout and "kv_window" not in proc.stdout
+    proc = run_script("-m", "exercises.check", "all", "--module=exercises.kv_window")
+    assert proc.returncode == 2 and "--module checks one exercise" in proc.stderr
