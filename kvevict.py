@@ -1,0 +1,136 @@
+"""
+KV-cache eviction: hold at most kv_budget tokens per layer and KV head, drop the rest.
+
+    window  recency only, the StreamingLLM baseline (arXiv 2309.17453): the kv_sink first
+            tokens and the newest kv_budget - kv_sink
+    h2o     Heavy-Hitter Oracle (arXiv 2306.14048): the kv_sink first tokens, the kv_recent
+            newest, and as many more as fit, those with the largest cumulative attention
+            probability (summed over every query so far, over the query heads of a GQA group
+            and over the layers of a kv_share group). Each KV head chooses its own tokens.
+
+H2O reads the attention probabilities: the model sees `needs_scores` and computes that
+layer's attention the naive way, handing the probabilities (B, nh, T, S) to observe().
+
+Eviction happens lazily, at the start of the next update, once every layer that shares the
+cache has reported its scores: between steps the cache holds kv_budget tokens, and a step
+attends over those and its T new tokens (chunk = 1 is the paper's decode loop; larger chunks
+evict once per chunk). Keys are cached after RoPE at their own positions, so a kept key is
+still rotated by its true distance to every later query.
+
+With quantization (kv_quant) the kept tokens are stored as codes. Keys are then quantized
+per token, like values: a KIVI key group spans G tokens, and single evictions would leave
+holes in groups whose scales are still held, so nothing would be saved. The full-precision
+residual (the kv_quant_residual newest tokens) is never evicted, so that every head holds
+the same number of codes and the same residual; it counts in the budget. size_bits() counts
+the keys and values held (codes, scales, zero points, residual); the per-head positions and
+scores are bookkeeping, like the plain cache's positions, and are not counted.
+"""
+
+import torch
+
+from kvquant import FullPrecision, QuantKVCache, flat_index
+
+POLICIES = ("window", "h2o")
+
+
+class EvictKVCache(QuantKVCache):
+    """A (possibly quantized) cache that keeps `budget` tokens per KV head (see the module
+    docstring). keep_recent/keep_sink: tokens eviction never drops. recent/sink: the history
+    bound of kvcache.visible() (a local layer's window, or --kv_window/--kv_sink).
+
+    The quantized part is a set of slots in no particular order, each with its position and
+    score per head: a token leaving the residual takes the slot of one just evicted, so a
+    decode step writes one row per head instead of moving the whole cache."""
+
+    def __init__(self, policy, budget, batch_size, n_kv_head, head_dim, keep_recent=0, keep_sink=0,
+                 key_fmt=None, val_fmt=None, residual=0, recent=0, sink=0, dtype=torch.float32,
+                 device="cpu"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown eviction policy {policy!r}")
+        key_fmt = key_fmt or FullPrecision()
+        val_fmt = val_fmt or FullPrecision()
+        if key_fmt.tokens_per_group != 1 or val_fmt.tokens_per_group != 1:
+            raise ValueError("eviction needs per-token formats (keys are not grouped per channel)")
+        if isinstance(key_fmt, FullPrecision):
+            residual = 0  # nothing to keep apart
+        super().__init__(key_fmt, val_fmt, batch_size, n_kv_head, head_dim, residual, recent, sink,
+                         dtype, device)
+        self.policy, self.budget = policy, budget
+        self.keep_recent, self.keep_sink = keep_recent, keep_sink
+        self.needs_scores = policy == "h2o"
+        self.pos_q = torch.zeros(batch_size, n_kv_head, 0, dtype=torch.long, device=device)  # per head
+        self.score_q = torch.zeros(batch_size, n_kv_head, 0, device=device)  # attention received
+        self.score_f = self.score_q.clone()
+        self.holes = None  # (B, nkv, e): slots evicted, to be refilled in this update
+
+    def _appended(self, T):
+        B, H, _ = self.score_f.shape
+        self.score_f = torch.cat([self.score_f, self.score_f.new_zeros(B, H, T)], dim=-1)
+
+    def observe(self, att):
+        """Add the attention probabilities att (B, nh, T, S) over the keys the last update
+        returned to each key's score, summing the query heads of each KV head."""
+        B, H, nq = self.score_q.shape
+        s = att.float().view(B, H, -1, att.size(-2), att.size(-1)).sum(dim=(2, 3))
+        self.score_q += s[..., :nq]
+        self.score_f += s[..., nq:]
+
+    def _forget(self, T):
+        if self.recent > 0:  # the residual: the same tokens for every head
+            keep_f = self._alive(self.pos_f)
+            if not bool(keep_f.all()):
+                self.kf, self.vf, self.pos_f = self.kf[:, :, keep_f], self.vf[:, :, keep_f], self.pos_f[keep_f]
+                self.score_f = self.score_f[..., keep_f]
+        nq = self.pos_q.size(-1)
+        if nq == 0:
+            return
+        n_keep = self.budget - self.pos_f.numel()  # the residual is always kept
+        alive = None
+        if self.recent > 0:
+            alive = self._alive(self.pos_q)
+            n_keep = min(n_keep, int(alive.sum(-1).min()))
+        if n_keep >= nq:
+            return
+        gone = self.evicted(alive, nq - n_keep)
+        if nq - n_keep <= self.pos_f.numel() + T - self.residual:
+            self.holes = gone  # as many tokens leave the residual in this update: they move in
+            return
+        keep = torch.ones_like(self.pos_q, dtype=torch.bool).scatter_(-1, gone, False)
+        idx = keep.nonzero()[:, 2].view(*keep.shape[:2], n_keep)  # (B, nkv, n_keep), in slot order
+        flat = flat_index(idx, nq)
+        self.kq, self.vq = self.key_fmt.gather(self.kq, flat), self.val_fmt.gather(self.vq, flat)
+        self.pos_q, self.score_q = self.pos_q.gather(-1, idx), self.score_q.gather(-1, idx)
+
+    def evicted(self, alive, e):
+        """Slots (B, nkv, e) of the quantized part to evict: tokens out of sight (alive False;
+        None = all in sight) first, then the lowest ranked, never the kv_sink first or the
+        kv_recent newest."""
+        p = self.pos_q
+        protect = (p < self.keep_sink) | (p >= self.seen - self.keep_recent)
+        rank = self.score_q if self.policy == "h2o" else p.float()
+        rank = torch.where(protect, float("inf"), rank)
+        if alive is not None:
+            rank = rank.masked_fill(~alive, float("-inf"))
+        return rank.topk(e, dim=-1, largest=False, sorted=False).indices
+
+    def _store(self, kq, vq, m):
+        pos = self.pos_f[:m].expand(*self.pos_q.shape[:2], -1)
+        score, self.score_f = self.score_f[..., :m], self.score_f[..., m:]
+        e = 0
+        if self.holes is not None:  # reuse the evicted slots
+            e = self.holes.size(-1)
+            flat = flat_index(self.holes, self.pos_q.size(-1))
+            self.key_fmt.overwrite(self.kq, flat, [t[:, :, :e] for t in kq])
+            self.val_fmt.overwrite(self.vq, flat, [t[:, :, :e] for t in vq])
+            self.pos_q.view(-1).index_copy_(0, flat, pos[..., :e].reshape(-1))
+            self.score_q.view(-1).index_copy_(0, flat, score[..., :e].reshape(-1))
+            self.holes = None
+        if m > e:
+            rest = lambda payload: tuple(t[:, :, e:] for t in payload)
+            if self.kq is None:
+                self.kq, self.vq = rest(kq), rest(vq)
+            else:
+                self.kq = tuple(torch.cat(pair, dim=2) for pair in zip(self.kq, rest(kq)))
+                self.vq = tuple(torch.cat(pair, dim=2) for pair in zip(self.vq, rest(vq)))
+            self.pos_q = torch.cat([self.pos_q, pos[..., e:]], dim=-1)
+            self.score_q = torch.cat([self.score_q, score[..., e:]], dim=-1)

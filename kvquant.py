@@ -1,0 +1,442 @@
+"""
+KV-cache quantization: keys and values kept as integer or float8 codes, not as floats.
+
+    from kvpolicy import make_cache_factory
+    make_cache = make_cache_factory(kv_quant="int4", kv_quant_group=32, kv_quant_residual=32)
+    states = model.new_states(batch_size, make_cache=make_cache)
+
+Formats (kv_quant), all with float16 scales and zero points:
+  int8       per token: one scale per token and head (absmax / 127), int8 codes
+  fp8_e4m3   per token: one scale per token and head (absmax / 448), torch.float8_e4m3fn codes
+  fp8_e5m2   per token: one scale per token and head (absmax / 57344), torch.float8_e5m2 codes
+  int4, int2 groups of G = kv_quant_group values, each with a scale and a zero point (its
+             minimum): x ~ code * scale + zero, codes 0..2^bits-1 packed 2 (int4) or 4 (int2)
+             to a byte. As in KIVI (arXiv 2402.02750) keys are grouped per channel (one group
+             = one channel over G consecutive tokens: key outliers live in a few channels) and
+             values per token (one group = G consecutive channels of one token).
+  package.module:function   your own per-token quantizer (below)
+
+int8 and fp8 are per token: with 127 levels (or 3 mantissa bits) one scale per token is fine
+enough even with outlier channels, and a per-token format can quantize each token as soon as
+it arrives and lets eviction drop single tokens. Below 8 bits the grouping matters: a key
+outlier channel would flatten every other channel of its token group, so keys go per channel.
+Errors: |x - x_hat| <= scale / 2 for the integer formats (scales are rounded up and zero
+points down to float16, so nothing is clipped); half an ulp for fp8 (2^-4 of |x| for e4m3,
+2^-3 for e5m2, plus half a subnormal step).
+
+The newest kv_quant_residual tokens stay in full precision (a key group per channel needs G
+tokens before it can be quantized; the newest tokens also matter most). Per-token formats
+quantize a token as soon as it leaves the residual; int4/int2 quantize G tokens at a time once
+R + G are waiting. size_bits() counts every stored tensor at its dtype's width: codes, scales,
+zero points and the full-precision residual. Tensors are sized exactly (grown by concatenation,
+or rows overwritten in place), so the bits counted are the bits held; dequantized keys and
+values exist only for the step that asks for them. Positions are bookkeeping, not counted.
+
+Your own quantizer, --kv_quant=package.module:function:
+    def function(x):                # x (..., n): rows = one token of one head, n = head_dim
+        ...
+        return (codes, scale), dequantize   # stored tensors, each (..., m_i), and the inverse
+    def dequantize(codes, scale):   # the same tensors (rows may be concatenated or dropped)
+        return ...                  # (..., n) floats
+Every tensor you return is stored and counted at its dtype's width, so float32 "codes" cost
+32 bits each: store int8/uint8/float8 tensors. Rows are quantized independently (a row's
+slice of each tensor must hold all there is to know about that row), so the cache may
+concatenate rows from several calls, or drop rows, before it calls dequantize.
+"""
+
+import importlib
+
+import torch
+
+from kvcache import visible
+from utils import UserError
+
+SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
+FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
+FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")
+
+
+# -----------------------------------------------------------------------------
+# packing: 8 // bits codes per byte, in planes: a row of n codes is cut into 8 // bits
+# pieces of m = n * bits // 8, and byte j holds code j of every piece, the first piece in the
+# lowest bits. Unpacking a piece is then one shift and one mask, written straight into its
+# slice of the output (interleaving codes inside a byte would need an extra copy).
+
+def pack(codes, bits):
+    """uint8 codes (..., n), each < 2**bits -> uint8 (..., n * bits // 8)."""
+    planes = codes.unflatten(-1, (8 // bits, -1))
+    out = planes[..., 0, :].clone()
+    for i in range(1, 8 // bits):  # 1 or 3 shifts of the whole tensor, not a loop over values
+        out |= planes[..., i, :] << (bits * i)
+    return out
+
+
+def plane(packed, bits, i):
+    """Piece i of every row: uint8 (..., m) codes."""
+    if i == 0:
+        return packed & (2 ** bits - 1)
+    if (i + 1) * bits == 8:
+        return packed >> (8 - bits)  # the top bits need no mask
+    return (packed >> (bits * i)) & (2 ** bits - 1)
+
+
+def unpack(packed, bits):
+    """The inverse of pack: uint8 (..., m) -> uint8 codes (..., m * 8 // bits)."""
+    return torch.cat([plane(packed, bits, i) for i in range(8 // bits)], dim=-1)
+
+
+def unpack_into(packed, bits, out):
+    """unpack(packed, bits), converted to out's dtype, written into out (..., n)."""
+    m = packed.size(-1)
+    for i in range(8 // bits):  # 2 or 4 passes over the whole cache, not a loop over tokens
+        out[..., i * m:(i + 1) * m] = plane(packed, bits, i).to(out.dtype)  # (converted first: faster)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# float16 rounding that never shrinks a range: a scale rounded up and a zero point rounded
+# down keep every value inside [zero, zero + qmax * scale], so no code is ever clipped
+
+def _fp16_up(x):
+    # round to nearest is off by at most 2^-11 relative in fp16's normal range (x >= 2^-14)
+    return (x * (1 + 2 ** -10)).to(SCALE_DTYPE)
+
+
+def _fp16_down(x):
+    # the same margin, plus one subnormal step for values near 0
+    return (x - x.abs() * 2 ** -10 - 2 ** -24).to(SCALE_DTYPE)
+
+
+def affine_quantize(x, dim, bits):
+    """Asymmetric quantization of the groups that run along `dim` of x: uint8 codes (shape of
+    x), scale and zero (float16, size 1 along dim). x ~ code * scale + zero, error <= scale / 2."""
+    x = x.float()
+    lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
+    zero = _fp16_down(lo)
+    z = zero.float()
+    scale = _fp16_up(((hi - z) / (2 ** bits - 1)).clamp_(min=2 ** -14))  # smallest normal fp16
+    codes = ((x - z) / scale.float()).round_().clamp_(0, 2 ** bits - 1)
+    return codes.to(torch.uint8), scale, zero
+
+
+# -----------------------------------------------------------------------------
+# formats. A format turns x (B, nkv, S, hs) into a tuple of stored tensors (its "payload")
+# whose dim 2 runs over tokens (or over groups of tokens), and writes the dequantized values
+# back into a float tensor it is given (the cache's output, so nothing is copied twice).
+
+class TokenFormat:
+    """Base of the per-token formats: every row (one token of one head) stands alone, so rows
+    can be concatenated, selected, gathered or overwritten per head freely."""
+    tokens_per_group = 1
+
+    def select(self, payload, keep):
+        """Keep the tokens where keep (S,) is True."""
+        return tuple(t[:, :, keep] for t in payload)
+
+    def gather(self, payload, flat):
+        """Per-head selection: flat (B * nkv * S',) indexes the rows of every tensor viewed as
+        (B * nkv * S, width); see flat_index."""
+        return tuple(_rows(t).index_select(0, flat).view(t.size(0), t.size(1), -1, t.size(-1)).view(t.dtype)
+                     for t in payload)
+
+    def overwrite(self, payload, flat, new):
+        """Per-head slot reuse: write the rows of `new` over the rows flat of payload."""
+        for t, n in zip(payload, new):
+            _rows(t).index_copy_(0, flat, _rows(n.contiguous()))
+
+
+def _rows(t):
+    # (B, nkv, S, w) -> (B * nkv * S, w); float8 through a uint8 view (few float8 kernels)
+    return (t.view(torch.uint8) if t.dtype in FP8.values() else t).flatten(0, 2)
+
+
+class FullPrecision(TokenFormat):
+    """No quantization: the payload is the tensor itself (eviction without quantization)."""
+    name = "none"
+
+    def quantize(self, x):
+        return (x.contiguous(),)
+
+    def dequantize(self, payload, out):
+        return out.copy_(payload[0])
+
+
+class Int8Format(TokenFormat):
+    """Symmetric int8 per token: one scale = absmax / 127 per row."""
+    name = "int8"
+
+    def quantize(self, x):
+        scale = _fp16_up((x.float().abs().amax(-1, keepdim=True) / 127).clamp(min=2 ** -14))
+        codes = torch.round(x.float() / scale.float()).clamp_(-127, 127)
+        return codes.to(torch.int8), scale
+
+    def dequantize(self, payload, out):
+        codes, scale = payload
+        return out.copy_(codes).mul_(scale.to(out.dtype))
+
+
+class Fp8Format(TokenFormat):
+    """A float8 code per value, scaled per row so the row's absmax lands on the largest code."""
+
+    def __init__(self, name):
+        self.name, self.code_dtype = name, FP8[name]
+        self.fmax = torch.finfo(self.code_dtype).max
+
+    def quantize(self, x):
+        scale = _fp16_up((x.float().abs().amax(-1, keepdim=True) / self.fmax).clamp(min=2 ** -14))
+        return (x.float() / scale.float()).clamp_(-self.fmax, self.fmax).to(self.code_dtype), scale
+
+    def dequantize(self, payload, out):
+        codes, scale = payload
+        return out.copy_(codes).mul_(scale.to(out.dtype))
+
+
+class GroupFormat(TokenFormat):
+    """int4/int2 per token: groups of `group` consecutive channels. Payload: packed codes
+    (B, nkv, S, hs * bits / 8), scale and zero (B, nkv, S, hs / G)."""
+
+    def __init__(self, bits, group):
+        self.name, self.bits, self.group = f"int{bits}", bits, group
+
+    def quantize(self, x):
+        g = x.unflatten(-1, (-1, self.group))  # (..., hs / G, G)
+        codes, scale, zero = affine_quantize(g, -1, self.bits)
+        return pack(codes.flatten(-2), self.bits), scale.squeeze(-1), zero.squeeze(-1)
+
+    def dequantize(self, payload, out):
+        packed, scale, zero = payload
+        unpack_into(packed, self.bits, out)
+        g = out.unflatten(-1, (scale.size(-1), -1))  # (..., hs / G, G)
+        g.mul_(scale.to(out.dtype).unsqueeze(-1)).add_(zero.to(out.dtype).unsqueeze(-1))
+        return out
+
+
+class ChannelFormat:
+    """int4/int2 keys per channel (KIVI): one group = one channel over `group` consecutive
+    tokens. Payload: packed codes (B, nkv, S, hs * bits / 8), scale and zero (B, nkv, S / G, hs)."""
+
+    def __init__(self, bits, group):
+        self.name, self.bits, self.group = f"int{bits}", bits, group
+        self.tokens_per_group = group
+
+    def quantize(self, x):
+        g = x.unflatten(2, (-1, self.group))  # (B, nkv, S / G, G, hs)
+        codes, scale, zero = affine_quantize(g, 3, self.bits)
+        return pack(codes.flatten(2, 3), self.bits), scale.squeeze(3), zero.squeeze(3)
+
+    def dequantize(self, payload, out):
+        packed, scale, zero = payload
+        unpack_into(packed, self.bits, out)
+        g = out.unflatten(2, (scale.size(2), -1))  # (B, nkv, S / G, G, hs)
+        g.mul_(scale.to(out.dtype).unsqueeze(3)).add_(zero.to(out.dtype).unsqueeze(3))
+        return out
+
+    def select(self, payload, keep):
+        """keep (S,) is constant within each group of tokens (whole groups go or stay)."""
+        packed, scale, zero = payload
+        g = keep.view(-1, self.group)[:, 0]
+        return packed[:, :, keep], scale[:, :, g], zero[:, :, g]
+
+
+class UserFormat(TokenFormat):
+    """A user's function(x) -> (tensors, dequantize); see the module docstring."""
+
+    def __init__(self, name, fn):
+        self.name, self.fn, self.inverse = name, fn, None
+
+    def quantize(self, x):
+        payload, inverse = self.fn(x)
+        self.inverse = inverse
+        return tuple(payload)
+
+    def dequantize(self, payload, out):
+        return out.copy_(self.inverse(*payload))
+
+    def check(self, head_dim):
+        """Call the function once on a small input; any broken promise is one UserError."""
+        what = f"kv_quant={self.name}"
+        x = torch.randn(1, 2, 3, head_dim, generator=torch.Generator().manual_seed(0))
+        contract = (f"{what} must return (tensors, dequantize) with every tensor shaped (..., m) "
+                    f"like x (..., {head_dim}); see kvquant.py's docstring")
+        try:
+            out = self.fn(x)
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise UserError(contract)
+            payload, inverse = tuple(out[0]) if isinstance(out[0], (tuple, list)) else None, out[1]
+            if not payload or not callable(inverse) or \
+                    not all(torch.is_tensor(t) and t.shape[:3] == x.shape[:3] for t in payload):
+                raise UserError(contract)
+            back = inverse(*payload)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{what} failed on a test input: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        if not torch.is_tensor(back) or back.shape != x.shape:
+            raise UserError(f"{what}: dequantize must return a tensor shaped like x {tuple(x.shape)}, "
+                            f"got {getattr(back, 'shape', type(back).__name__)}")
+
+
+def resolve_quant(name):
+    """Check a kv_quant name; returns the user's function for "package.module:function"."""
+    if name == "none" or name in FORMATS:
+        return None
+    if ":" not in name:
+        raise UserError(f"unknown kv_quant {name!r}: choose none, {', '.join(FORMATS)} "
+                        "or give your own as package.module:function")
+    mod_name, fn_name = name.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"kv_quant {name!r} does not import: {e}") from None
+    if not callable(fn):
+        raise UserError(f"kv_quant {name!r} is not a function")
+    return fn
+
+
+def make_formats(name, group, head_dim, channel_keys):
+    """(key format, value format) for kv_quant `name` and this head dimension. channel_keys:
+    int4/int2 keys grouped per channel (KIVI); False groups them per token like values."""
+    if name in FP8:
+        return Fp8Format(name), Fp8Format(name)
+    if name == "int8":
+        return Int8Format(), Int8Format()
+    if name in ("int4", "int2"):
+        bits = INT_BITS[name]
+        if head_dim % group:
+            raise UserError(f"kv_quant_group={group} does not divide the head dimension {head_dim}; "
+                            f"pick a divisor of {head_dim}")
+        if head_dim * bits % 8:
+            raise UserError(f"kv_quant={name} packs {8 // bits} codes per byte: the head dimension {head_dim} "
+                            f"must be a multiple of {8 // bits}")
+        keys = ChannelFormat(bits, group) if channel_keys else GroupFormat(bits, group)
+        return keys, GroupFormat(bits, group)
+    fmt = UserFormat(name, resolve_quant(name))
+    fmt.check(head_dim)
+    return fmt, fmt
+
+
+def flat_index(idx, S):
+    """Per-head indices idx (B, nkv, n) into a length-S axis -> rows of a (B * nkv * S, w) view."""
+    B, H, _ = idx.shape
+    base = torch.arange(B * H, device=idx.device).view(B, H, 1) * S
+    return (idx + base).flatten()
+
+
+def payload_bits(payload):
+    """Bits held by a tuple of tensors: numel x the width of each one's dtype."""
+    return sum(t.numel() * t.element_size() * 8 for t in payload)
+
+
+# -----------------------------------------------------------------------------
+
+class QuantKVCache:
+    """A KV cache holding old tokens as codes and the newest `residual` in full precision.
+
+    The same interface as kvcache.KVCache: update(k, v) -> (keys, values, mask), size_bits(),
+    tokens(), seen. Held: a quantized part (payload tuples kq, vq; positions pos_q) and the
+    full-precision residual (kf, vf; positions pos_f), the newest tokens. recent/sink is the
+    history bound of kvcache.visible(): keys no later query can see are dropped (a key group
+    of G tokens once all of its tokens are out of sight).
+
+    An update appends the new tokens, quantizes what left the residual, then returns the
+    dequantized keys and values: a step's queries see exactly what is stored after it, the
+    newest `residual` tokens (the step's own included) in full precision.
+    """
+    needs_scores = False
+
+    def __init__(self, key_fmt, val_fmt, batch_size, n_kv_head, head_dim, residual=32, recent=0,
+                 sink=0, dtype=torch.float32, device="cpu"):
+        self.key_fmt, self.val_fmt = key_fmt, val_fmt
+        self.residual = residual
+        self.recent, self.sink = recent, (sink if recent > 0 else 0)
+        self.kf = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
+        self.vf = self.kf.clone()
+        self.pos_f = torch.zeros(0, dtype=torch.long, device=device)
+        self.kq = self.vq = None  # payloads, once something is quantized
+        self.pos_q = self.pos_f.clone()  # (S,); an evicting cache keeps (B, nkv, S)
+        self.group = max(key_fmt.tokens_per_group, val_fmt.tokens_per_group)
+        self.seen = 0
+
+    def _alive(self, p):
+        """Can a query at position self.seen or later still see the key at position p?"""
+        return (p < self.sink) | (p > self.seen - self.recent)
+
+    def _forget(self, T):
+        """Before T new tokens arrive: drop what no query from self.seen on can see."""
+        if self.recent == 0:
+            return
+        keep_f = self._alive(self.pos_f)
+        if not bool(keep_f.all()):
+            self.kf, self.vf, self.pos_f = self.kf[:, :, keep_f], self.vf[:, :, keep_f], self.pos_f[keep_f]
+        if self.kq is not None:
+            g = self.group
+            keep = self._alive(self.pos_q).view(-1, g).any(-1).repeat_interleave(g)  # whole groups
+            if not bool(keep.all()):
+                self.kq = self.key_fmt.select(self.kq, keep)
+                self.vq = self.val_fmt.select(self.vq, keep)
+                self.pos_q = self.pos_q[keep]
+
+    def _appended(self, T):
+        """Hook: T new tokens were appended to the residual."""
+
+    def update(self, k, v):
+        """Store k, v (B, nkv, T, hs) of the next T tokens; return the keys and values of every
+        token held, dequantized, and the mask (None, "causal" or bool (..., T, S))."""
+        T = k.size(2)
+        qpos = torch.arange(self.seen, self.seen + T, device=self.pos_f.device)
+        self._forget(T)
+        self.seen += T
+        # inference only: stored tensors carry no autograd history
+        self.kf = torch.cat([self.kf, k.detach().to(self.kf.dtype)], dim=2)
+        self.vf = torch.cat([self.vf, v.detach().to(self.vf.dtype)], dim=2)
+        self.pos_f = torch.cat([self.pos_f, qpos])
+        self._appended(T)
+        m = (self.kf.size(2) - self.residual) // self.group * self.group
+        if m > 0:  # these left the residual: to codes
+            self._store(self.key_fmt.quantize(self.kf[:, :, :m]), self.val_fmt.quantize(self.vf[:, :, :m]), m)
+            self.kf, self.vf, self.pos_f = self.kf[:, :, m:], self.vf[:, :, m:], self.pos_f[m:]
+        keys, vals, kpos = self._assemble()
+        if kpos.size(-1) == T and T > 1 and (self.recent == 0 or self.recent >= T):
+            mask = "causal"
+        elif T == 1 and self.recent == 0:
+            mask = None  # one query sees every key held
+        else:
+            mask = visible(qpos, kpos, self.recent, self.sink)
+        return keys, vals, mask
+
+    def _store(self, kq, vq, m):
+        """Add the codes of the m oldest residual tokens to the quantized part."""
+        if self.kq is None:
+            self.kq, self.vq = kq, vq
+        else:
+            self.kq = tuple(torch.cat(pair, dim=2) for pair in zip(self.kq, kq))
+            self.vq = tuple(torch.cat(pair, dim=2) for pair in zip(self.vq, vq))
+        self.pos_q = torch.cat([self.pos_q, self.pos_f[:m].expand(*self.pos_q.shape[:-1], -1)], dim=-1)
+
+    def _assemble(self):
+        """Keys, values (B, nkv, S, hs) of everything held and their positions."""
+        if self.kq is None:
+            return self.kf, self.vf, self.pos_f
+        nq = self.pos_q.size(-1)
+        B, H, _, D = self.kf.shape
+        out = []
+        for fmt, payload, full in ((self.key_fmt, self.kq, self.kf), (self.val_fmt, self.vq, self.vf)):
+            x = full.new_empty(B, H, nq + full.size(2), D)
+            fmt.dequantize(payload, x[:, :, :nq])
+            x[:, :, nq:] = full
+            out.append(x)
+        pq = self.pos_q
+        return out[0], out[1], torch.cat([pq, self.pos_f.expand(*pq.shape[:-1], -1)], dim=-1)
+
+    def tokens(self):
+        """How many tokens of the text this cache holds (per sequence and head)."""
+        return self.pos_q.size(-1) + self.pos_f.numel()
+
+    def size_bits(self):
+        """Bits held: codes, scales and zero points of the quantized part, plus the residual."""
+        return payload_bits(self.stored_tensors())
+
+    def stored_tensors(self):
+        """Every tensor holding key/value data (for audits: see tests/test_kvquant.py)."""
+        return [self.kf, self.vf] + list(self.kq or ()) + list(self.vq or ())

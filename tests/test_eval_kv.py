@@ -1,0 +1,194 @@
+"""eval_kv.py against references: the plain forward's loss, KL 0 when nothing is lost, the
+sweep's files (the PNG opens), and one clear line for every kind of bad input."""
+
+import csv
+import importlib
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import eval_kv
+from checkpoint import save_checkpoint
+from conftest import assert_user_error, run_script
+from kvcache import KVCache
+from kvpolicy import make_cache_factory
+from model import GPT, GPTConfig
+from utils import run_main
+
+ARGS = dict(n_layer=2, n_head=2, n_embd=32, bias=False, dropout=0.0)
+
+
+def tiny_model(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**dict(ARGS, **kw))).eval()
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path, tiny_data_dir):
+    """A checkpoint trained for a few steps on the tiny corpus (so attention is not uniform)."""
+    model = tiny_model()
+    data = torch.frombuffer(bytearray((tiny_data_dir / "train.txt").read_bytes()), dtype=torch.uint8).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(30):
+        starts = torch.randint(0, len(data) - 33, (8,), generator=g)
+        batch = torch.stack([data[s:s + 33] for s in starts])
+        loss = model.loss(model(batch[:, :-1], return_states=False)[0], batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    out = tmp_path / "out"
+    out.mkdir()
+    config = dict(dataset=str(tiny_data_dir), block_size=32)
+    save_checkpoint(str(out / "ckpt.pt"), model, None, ARGS, config, 30, loss.item())
+    return out
+
+
+def streams(tiny_data_dir, n=2, L=96):
+    return eval_kv.load_streams(str(tiny_data_dir / "val.txt"), n, L)
+
+
+def run(model, x, y, settings, chunk=16, **kw):
+    return eval_kv.evaluate(model, x, y, settings, chunk, block=16, **kw)
+
+
+def test_plain_cache_reproduces_the_forward_loss_with_kl_zero(tiny_data_dir):
+    m = tiny_model()
+    x, y = streams(tiny_data_dir)
+    loss = F.cross_entropy(m(x)[0].flatten(0, 1), y.flatten()).item() / math.log(2)
+    plain = lambda i, **kw: KVCache(**kw)  # the plain cache through the factory hook: KL computed
+    for chunk in (1, 16, 96):
+        none, hooked = run(m, x, y, [("none", None), ("hooked", plain)], chunk)
+        assert none["bpb"] == none["bpb_ref"] and none["kl_bits"] == 0.0
+        assert abs(none["bpb"] - loss) < 1e-5
+        assert abs(hooked["bpb"] - loss) < 1e-5 and hooked["kl_bits"] < 1e-6  # float rounding only
+        assert none["ratio_16bit"] == 2.0  # the plain cache holds float32
+        assert none["kv_bits_per_token"] == 2 * 2 * 2 * 32 * 16  # layers, k and v, heads, head dim, fp32
+    buckets = [k for k in none if k.startswith("bpb[")]
+    assert buckets == ["bpb[0,16)", "bpb[16,32)", "bpb[32,64)", "bpb[64,96)"]
+
+
+def test_plain_pass_in_segments_equals_one_pass(tiny_data_dir, monkeypatch):
+    m = tiny_model(attention="naive")  # not fused: the plain pass reads REF_CHUNK bytes at a time
+    x, y = streams(tiny_data_dir)
+    whole = run(m, x, y, [("none", None)], 16)[0]
+    monkeypatch.setattr(eval_kv, "REF_CHUNK", 24)  # 32-byte segments (a multiple of the chunk)
+    parts = run(m, x, y, [("none", None), ("int8", make_cache_factory(kv_quant="int8"))], 16)
+    assert abs(parts[0]["bpb"] - whole["bpb"]) < 1e-5 and parts[1]["kl_bits"] > 0
+
+
+@pytest.mark.parametrize("options", [
+    dict(kv_evict="h2o", kv_budget=500, kv_recent=8, kv_sink=4),
+    dict(kv_evict="window", kv_budget=96, kv_sink=4),
+    dict(kv_quant="int4", kv_quant_group=16, kv_quant_residual=200),  # everything stays in the residual
+])
+def test_lossless_settings_equal_the_plain_cache(tiny_data_dir, options):
+    m = tiny_model(n_kv_head=1)
+    x, y = streams(tiny_data_dir)
+    _, r = run(m, x, y, [("none", None), ("lossless", make_cache_factory(**options))], 1)
+    assert abs(r["bpb"] - r["bpb_ref"]) < 1e-5 and r["kl_bits"] < 1e-6  # float32 rounding only
+
+
+def test_compression_costs_bits_and_saves_memory(tiny_data_dir):
+    m = tiny_model()
+    x, y = streams(tiny_data_dir)
+    settings = [("none", None), ("int2", make_cache_factory(kv_quant="int2", kv_quant_group=16, kv_quant_residual=0)),
+                ("h2o", make_cache_factory(kv_evict="h2o", kv_budget=24, kv_recent=8, kv_sink=4))]
+    none, int2, h2o = run(m, x, y, settings, 1)
+    assert int2["kl_bits"] > 1e-7 and h2o["kl_bits"] > 1e-7  # (a random model is nearly uniform)
+    # int2, groups of 16: 2 bits + 2 x 16 / 16 per value, against 16 bits
+    assert int2["kv_bits_per_cached_token"] == 2 * 2 * 2 * 16 * 4
+    # its peak comes just before the last key group fills (15 float32 keys in the residual)
+    assert int2["ratio_16bit"] == int2["kv_bits_peak"] / (none["kv_bits_peak"] / 2) < 0.6
+    assert h2o["kv_bits_peak"] == 2 * 2 * 2 * 2 * 16 * 32 * 25  # B, layers, k/v, heads, hs, fp32, budget + 1
+    assert h2o["kv_bits_per_token"] < none["kv_bits_per_token"] / 2
+    assert 1 in eval_kv.frontier([none, int2, h2o])  # fewer bits than none, better than... whatever is below it
+
+
+def test_buckets_and_frontier():
+    assert eval_kv.buckets(64, 4096) == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024),
+                                         (1024, 2048), (2048, 4096)]
+    assert eval_kv.buckets(64, 100) == [(0, 64), (64, 100)]
+    pts = [dict(kv_bits_per_token=b, bpb=l) for b, l in [(16, 2.0), (8, 2.1), (8, 2.05), (4, 2.3), (6, 2.4), (2, 3.0)]]
+    assert eval_kv.frontier(pts) == {0, 2, 3, 5}
+    assert eval_kv.budget_tokens(0.25, 4096) == 1024 and eval_kv.budget_tokens(300.0, 4096) == 300
+
+
+def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
+    proc = run_script("eval_kv.py", f"--out_dir={ckpt_dir}", "--sweep=quick", "--n_streams=2",
+                      "--stream_len=160", "--kv_quant_group=16", "--device=cpu")
+    assert proc.returncode == 0, proc.stderr
+    prefix = ckpt_dir / "eval_kv_quick"
+    with open(f"{prefix}.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and rows[0]["setting"] == "none" and float(rows[0]["kl_bits"]) == 0.0
+    assert any(r["setting"] == "int4/g16/r20 + h2o 40 (recent 20, sink 4)" for r in rows)
+    md = (ckpt_dir / "eval_kv_quick.md").read_text()
+    assert "| setting | KV bits/token" in md and "Within 1% of the plain cache" in md
+    import matplotlib.image
+    img = matplotlib.image.imread(f"{prefix}.png")
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert list(prefix.glob("events.out.tfevents.*"))  # TensorBoard scalars
+    assert "bits/byte" in proc.stdout
+
+
+def main_error(monkeypatch, capsys, *argv):
+    """Run eval_kv.main in-process (a fresh module: it keeps its settings in globals)."""
+    mod = importlib.reload(eval_kv)
+    monkeypatch.setattr("sys.argv", ["eval_kv.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as e:
+        run_main(mod.main)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--kv_quant=int3"], "unknown kv_quant"),
+    (["--kv_evict=h2o", "--kv_budget=8", "--kv_recent=8", "--kv_sink=4"], "smaller than kv_sink + kv_recent"),
+    (["--kv_quant=int4", "--kv_quant_group=12"], "does not divide the head dimension 16"),
+    (["--kv_evict=h2o", "--kv_budget=10.5"], "whole tokens"),
+    (["--sweep=huge"], "unknown sweep"),
+    (["--sweep=quick", "--kv_quant=int8"], "runs its own grid"),
+    (["--stream_len=1000000"], "lower --stream_len"),
+    (["--dataset=/nonexistent/data"], "no train.txt and val.txt"),
+    (["--checkpoint_name=nope"], "not found"),
+])
+def test_bad_input_is_one_clear_line(ckpt_dir, monkeypatch, capsys, args, words):
+    line = main_error(monkeypatch, capsys, f"--out_dir={ckpt_dir}", "--device=cpu", *args)
+    assert words in line, line
+
+
+def test_checkpoint_without_val_data(ckpt_dir, tmp_path, monkeypatch, capsys):
+    ckpt = torch.load(ckpt_dir / "ckpt.pt", weights_only=True)
+    ckpt["config"] = {"block_size": 32}
+    torch.save(ckpt, ckpt_dir / "nodata.pt")
+    line = main_error(monkeypatch, capsys, f"--out_dir={ckpt_dir}", "--checkpoint_name=nodata")
+    assert "does not say which dataset" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = main_error(monkeypatch, capsys, f"--out_dir={ckpt_dir}", f"--dataset={empty}")
+    assert "no train.txt and val.txt" in line
+
+
+def test_missing_checkpoint_from_the_command_line(tmp_path):
+    proc = run_script("eval_kv.py", f"--out_dir={tmp_path}/nowhere", "--kv_quant=int8")
+    assert_user_error(proc, "not found")
+
+
+def test_xl_mem_of_the_checkpoint_bounds_the_history(ckpt_dir, monkeypatch, capsys):
+    ckpt = torch.load(ckpt_dir / "ckpt.pt", weights_only=True)
+    ckpt["config"]["xl_mem"] = 24
+    torch.save(ckpt, ckpt_dir / "xl.pt")
+    mod = importlib.reload(eval_kv)
+    monkeypatch.setattr("sys.argv", ["eval_kv.py", f"--out_dir={ckpt_dir}", "--checkpoint_name=xl",
+                                     "--stream_len=64", "--n_streams=1", "--kv_quant=int8"])
+    mod.main()
+    out = capsys.readouterr()
+    assert "history bound 24" in out.err
+    # the plain cache ends each chunk holding its last 24 tokens: per token 2 layers x k/v x
+    # 2 heads x 16 channels x 32 bits, over the 64 tokens of the stream
+    assert f"| none | {2 * 2 * 2 * 16 * 32 * 24 / 64:,.0f} |" in out.out

@@ -1,0 +1,143 @@
+"""kvevict.py against references: a brute-force reading of the eviction rule in plain Python,
+forwards over exactly the kept tokens (RoPE distances survive eviction), the plain cache when
+nothing has to go, and the model's own bounded cache for the StreamingLLM window."""
+
+import pytest
+import torch
+
+from kvevict import EvictKVCache
+from kvpolicy import make_cache_factory
+from kvquant import make_formats
+from model import GPT, GPTConfig
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    args = dict(n_layer=2, n_head=4, n_embd=32, bias=False)
+    args.update(kw)
+    return GPT(GPTConfig(**args)).eval()
+
+
+def text(B=2, T=40, seed=1):
+    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def brute_force(held, budget, keep_recent, keep_sink, seen, policy):
+    """The rule, read literally: held = {position: score} of one head. Keep the sinks and
+    the keep_recent newest, then the best of the rest (highest score; for window, newest)."""
+    must = {p for p in held if p < keep_sink or p >= seen - keep_recent}
+    rest = sorted((p for p in held if p not in must),
+                  key=lambda p: held[p] if policy == "h2o" else p, reverse=True)
+    return must | set(rest[:max(budget - len(must), 0)])
+
+
+@pytest.mark.parametrize("policy", ["h2o", "window"])
+@pytest.mark.parametrize("quant,step,n_head,n_kv", [
+    ("none", 1, 4, 4), ("none", 3, 4, 2), ("int8", 1, 4, 2), ("int4", 2, 2, 1)])
+def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, step, n_head, n_kv):
+    B, D, budget, recent, sink = 2, 8, 12, 3, 2
+    residual = 4 if quant != "none" else 0
+    fmts = make_formats(quant, 4, D, channel_keys=False) if quant != "none" else (None, None)
+    cache = EvictKVCache(policy, budget, B, n_kv, D, keep_recent=recent, keep_sink=sink,
+                         key_fmt=fmts[0], val_fmt=fmts[1], residual=residual)
+    g = torch.Generator().manual_seed(0)
+    ref = [[{} for _ in range(n_kv)] for _ in range(B)]  # per row and KV head: position -> score
+    for t0 in range(0, 60, step):
+        # each key carries its position in channel 0, so the keys returned say what is held
+        k = torch.zeros(B, n_kv, step, D)
+        k[..., 0] = torch.arange(t0, t0 + step, dtype=torch.float)
+        keys, vals, mask = cache.update(k, torch.randn(B, n_kv, step, D, generator=g))
+        for b in range(B):
+            for h in range(n_kv):
+                held = ref[b][h]
+                if len(held) > budget:
+                    keep = brute_force(held, budget, max(recent, residual), sink, t0, policy)
+                    ref[b][h] = held = {p: held[p] for p in keep}
+                held.update({p: 0.0 for p in range(t0, t0 + step)})
+                got = keys[b, h, :, 0].round().long().tolist()
+                assert sorted(got) == sorted(held), (t0, b, h)
+                if t0 >= budget + step:
+                    assert len(got) == budget + step  # exactly the budget, plus this step's tokens
+        kpos = keys[..., 0].round().long()  # (B, nkv, S)
+        qpos = torch.arange(t0, t0 + step)
+        seen_by = (kpos.unsqueeze(-2) <= qpos.view(-1, 1)).repeat_interleave(n_head // n_kv, dim=1)
+        att = torch.rand(B, n_head, step, keys.size(2), generator=g) * seen_by
+        att = att / att.sum(-1, keepdim=True)  # attention probabilities over the keys returned
+        if cache.needs_scores:
+            cache.observe(att)
+        group = att.view(B, n_kv, n_head // n_kv, step, -1).sum(dim=(2, 3))  # GQA: sum the group
+        for b in range(B):
+            for h in range(n_kv):
+                for s, p in enumerate(keys[b, h, :, 0].round().long().tolist()):
+                    ref[b][h][p] += group[b, h, s].item()
+    assert cache.tokens() == budget + step
+
+
+def feed(model, idx, step, make_cache, **state_kw):
+    states = model.new_states(idx.size(0), make_cache=make_cache, **state_kw)
+    out = []
+    for a in range(0, idx.size(1), step):
+        logits, states = model(idx[:, a:a + step], states)
+        out.append(logits)
+    return torch.cat(out, dim=1), states
+
+
+COMBOS = [dict(), dict(n_kv_head=2), dict(n_kv_head=1, kv_share=2), dict(window=5, global_layers="1")]
+
+
+@pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "mha")
+@pytest.mark.parametrize("policy", ["h2o", "window"])
+def test_budget_larger_than_the_text_equals_the_plain_cache(kw, policy):
+    m = tiny(**kw)
+    idx = text(T=30)
+    full, _ = m(idx)
+    mk = make_cache_factory(kv_evict=policy, kv_budget=100, kv_recent=4, kv_sink=2)
+    for step in (1, 7):
+        ours, states = feed(m, idx, step, mk)
+        torch.testing.assert_close(ours, full, **TOL)
+    if kw.get("window"):
+        assert states[0].tokens() <= 5 + 6  # a local layer never holds more than its window
+
+
+def test_kept_keys_keep_their_distances():
+    # one layer, one KV head, one row: one kept set, so the last query must see exactly what
+    # a stateless forward over the kept tokens, at their own positions, computes
+    m = tiny(n_layer=1, n_kv_head=1)
+    idx = text(B=1, T=50)
+    mk = make_cache_factory(kv_evict="h2o", kv_budget=12, kv_recent=3, kv_sink=2)
+    states = m.new_states(1, make_cache=mk)
+    for t in range(50):
+        logits, states = m(idx[:, t:t + 1], states)
+        c = states[0]
+        keep = sorted(c.pos_q[0, 0].tolist() + c.pos_f.tolist())
+        ref, _ = m(idx[:, keep], pos=torch.tensor(keep))
+        torch.testing.assert_close(logits[:, -1], ref[:, -1], **TOL)
+    assert len(keep) == 13 and keep[:2] == [0, 1] and keep[-4:] == [46, 47, 48, 49]
+    assert keep != [0, 1] + list(range(39, 50))  # not merely a window
+
+
+@pytest.mark.parametrize("sink", [0, 3])
+def test_window_policy_is_the_bounded_cache(sink):
+    # window eviction keeps `budget` tokens between decode steps; the step's query sees those
+    # and itself: the model's own ring buffer with kv_window = budget + 1 - sink
+    m = tiny(n_kv_head=2)
+    idx = text(T=45)
+    budget = 10
+    ours, _ = feed(m, idx, 1, make_cache_factory(kv_evict="window", kv_budget=budget, kv_sink=sink))
+    ring, _ = feed(m, idx, 1, None, kv_window=budget + 1 - sink, kv_sink=sink)
+    torch.testing.assert_close(ours, ring, **TOL)
+
+
+def test_quantized_eviction_holds_codes_per_head():
+    m = tiny(n_kv_head=2)
+    mk = make_cache_factory(kv_quant="int4", kv_quant_group=4, kv_quant_residual=4, kv_evict="h2o",
+                            kv_budget=16, kv_recent=4, kv_sink=1)
+    _, states = feed(m, text(T=60), 1, mk)
+    c = states[0]
+    assert c.tokens() == 17 and c.kq[0].dtype == torch.uint8 and c.kq[0].shape == (2, 2, 13, 4)
+    assert c.pos_f.tolist() == [56, 57, 58, 59]
+    assert (c.pos_q == 0).any(-1).all()  # every head kept its sink
+    bits = 2 * 2 * 2 * (13 * (8 * 4 + 2 * 16 * 2) + 4 * 8 * 32)  # k and v; B x nkv; codes+scales+zeros; residual
+    assert c.size_bits() == bits

@@ -1,0 +1,225 @@
+"""kvquant.py and kvpolicy.py against references: hand-packed bytes, stated error bounds,
+hand-computed bit counts, an audit of every tensor a cache holds, and keys/values a cache
+returns against the same tokens quantized one by one."""
+
+import pytest
+import torch
+
+from kvpolicy import make_cache_factory
+from kvquant import (FORMATS, ChannelFormat, GroupFormat, QuantKVCache, make_formats, pack,
+                     payload_bits, unpack)
+from utils import UserError
+
+B, H, D = 2, 3, 16
+
+
+def rand(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    x[..., 3] *= 20  # an outlier channel, as keys have
+    return x
+
+
+def test_pack_by_hand_and_round_trip():
+    codes = torch.tensor([[1, 2, 3, 4]], dtype=torch.uint8)
+    # planes [1, 2] and [3, 4]: byte j = code j | code j+2 << 4
+    assert pack(codes, 4).tolist() == [[1 | 3 << 4, 2 | 4 << 4]]
+    assert pack(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[1 | 2 << 2 | 3 << 4]]
+    for bits in (4, 2):
+        c = torch.randint(0, 2 ** bits, (5, 7, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+        p = pack(c, bits)
+        assert p.dtype == torch.uint8 and p.shape == (5, 7, 32 * bits // 8)
+        assert torch.equal(unpack(p, bits), c)
+
+
+def dequant(fmt, payload, like):
+    return fmt.dequantize(payload, torch.empty_like(like))
+
+
+def same(a, b):
+    # bit equality, float8 included (torch.equal has no float8 kernel)
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_error_within_bounds_and_exactly_reproducible(name):
+    x = rand(B, H, 64, D)
+    keys, values = make_formats(name, 8, D, channel_keys=True)
+    for fmt in (keys, values):
+        payload = fmt.quantize(x)
+        y = dequant(fmt, payload, x)
+        err = (x - y).abs()
+        if name == "int8":
+            bound = payload[1].float() / 2  # half a step of the row's scale
+        elif name.startswith("fp8"):
+            rel, sub = (2 ** -4, 2 ** -10) if name == "fp8_e4m3" else (2 ** -3, 2 ** -17)
+            bound = rel * x.abs() + sub * payload[1].float()  # half an ulp, or half a subnormal step
+        elif isinstance(fmt, ChannelFormat):
+            bound = (payload[1].float() / 2).repeat_interleave(8, dim=2)  # per channel, 8 tokens a group
+        else:
+            bound = (payload[1].float() / 2).repeat_interleave(8, dim=-1)  # per token, 8 channels a group
+        assert (err <= bound * (1 + 1e-5) + 1e-7).all(), (name, (err - bound).max())
+        assert err.max() > 0  # it did quantize
+        again = fmt.quantize(x.clone())
+        assert all(same(a, b) for a, b in zip(payload, again))
+        assert torch.equal(dequant(fmt, again, x), y)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_fast_dequantize_equals_plain_formula(bits):
+    x = rand(B, H, 16, D, seed=1)
+    for fmt, axis in ((GroupFormat(bits, 8), -1), (ChannelFormat(bits, 4), 2)):
+        packed, scale, zero = fmt.quantize(x)
+        reps = 8 if axis == -1 else 4
+        ref = unpack(packed, bits).float() * scale.float().repeat_interleave(reps, axis) \
+            + zero.float().repeat_interleave(reps, axis)
+        torch.testing.assert_close(dequant(fmt, (packed, scale, zero), x), ref, atol=1e-6, rtol=0)
+
+
+def cache_for(name, residual, group=8, recent=0, sink=0):
+    mk = make_cache_factory(kv_quant=name, kv_quant_group=group, kv_quant_residual=residual)
+    return mk(0, batch_size=B, n_kv_head=H, head_dim=D, recent=recent, sink=sink)
+
+
+def feed(cache, n, step, seed=0):
+    k, v = rand(B, H, n, D, seed=seed), rand(B, H, n, D, seed=seed + 1)
+    out = None
+    for a in range(0, n, step):
+        out = cache.update(k[:, :, a:a + step], v[:, :, a:a + step])
+    return k, v, out
+
+
+def expected_bits(name, n, residual, group=8):
+    """By hand: codes + scales + zero points of the quantized tokens, fp32 for the rest."""
+    per_token = name in ("int8", "fp8_e4m3", "fp8_e5m2")
+    nq = max(n - residual, 0) if per_token else max(n - residual, 0) // group * group
+    rows = B * H
+    if per_token:
+        k_bits = v_bits = nq * rows * (D * 8 + 16)
+    else:
+        bits = 4 if name == "int4" else 2
+        v_bits = nq * rows * (D * bits + 2 * 16 * D // group)  # values: groups of 8 channels
+        k_bits = nq * rows * D * bits + (nq // group) * rows * D * 2 * 16  # keys: per channel, 8 tokens
+    return k_bits + v_bits + 2 * (n - nq) * rows * D * 32
+
+
+def audit(cache):
+    """Bits of every tensor the cache object holds, except int64 positions and eviction
+    scores: what is really stored, whatever size_bits() claims."""
+    total = 0
+    for name, value in vars(cache).items():
+        for t in (value if isinstance(value, tuple) else (value,)):
+            if torch.is_tensor(t) and t.dtype != torch.int64 and not name.startswith("score"):
+                total += t.numel() * t.element_size() * 8
+    return total
+
+
+@pytest.mark.parametrize("name", FORMATS)
+@pytest.mark.parametrize("residual", [0, 5, 32])
+def test_size_bits_exact_and_really_stored(name, residual):
+    cache = cache_for(name, residual)
+    n = 53
+    feed(cache, n, 7)
+    assert cache.tokens() == n
+    assert cache.size_bits() == expected_bits(name, n, residual)
+    assert audit(cache) == cache.size_bits()
+    code_dtype = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+    if cache.kq is not None:
+        for payload in (cache.kq, cache.vq):
+            codes, scales = payload[0], payload[1:]
+            assert codes.dtype == code_dtype.get(name, torch.uint8)
+            nq = codes.size(2)
+            assert codes.numel() == B * H * nq * D * {"int4": 4, "int2": 2}.get(name, 8) // 8
+            assert all(s.dtype == torch.float16 for s in scales)
+    assert cache.kf.dtype == torch.float32 and cache.kf.size(2) == n - (cache.kq[0].size(2) if cache.kq else 0)
+
+
+class FloatCopyCache(QuantKVCache):
+    """A known failure: codes counted, but a full-precision copy kept for attention."""
+
+    def update(self, k, v):
+        keys, vals, mask = super().update(k, v)
+        self.k_float, self.v_float = keys, vals
+        return keys, vals, mask
+
+
+def test_audit_catches_fake_quantization():
+    fmts = make_formats("int2", 8, D, channel_keys=True)
+    fake = FloatCopyCache(*fmts, batch_size=B, n_kv_head=H, head_dim=D, residual=0)
+    feed(fake, 40, 8)
+    assert audit(fake) == fake.size_bits() + 2 * 40 * B * H * D * 32  # 6x what it claims
+    # float32 "codes" from a user's quantizer are stored, and counted, as 32 bits each
+    cache = cache_for("tutorial_user_quantizer:fake_quantize", residual=0)
+    feed(cache, 40, 8)
+    assert cache.size_bits() == audit(cache) == 2 * 40 * B * H * D * 32
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8_e5m2", "int4", "int2", "tutorial_user_quantizer:quantize"])
+@pytest.mark.parametrize("step", [1, 6])
+def test_cache_returns_each_token_quantized_once(name, step):
+    """The keys/values an update returns are the newest tokens exactly and every older one as
+    its own quantize-dequantize (per token; keys of int4/int2 in groups of 8 tokens)."""
+    residual, n = 5, 45
+    cache = cache_for(name, residual)
+    k, v, (keys, vals, mask) = feed(cache, n, step)
+    nq = cache.kq[0].size(2)
+    assert keys.shape == (B, H, n, D) and torch.equal(keys[:, :, nq:], k[:, :, nq:])
+    assert torch.equal(vals[:, :, nq:], v[:, :, nq:])
+    kf, vf = make_formats(name, 8, D, channel_keys=True)
+    ref_k = torch.cat([dequant(kf, kf.quantize(k[:, :, a:a + kf.tokens_per_group]), k[:, :, :kf.tokens_per_group])
+                       for a in range(0, nq, kf.tokens_per_group)], dim=2)
+    ref_v = torch.cat([dequant(vf, vf.quantize(v[:, :, a:a + 1]), v[:, :, :1]) for a in range(nq)], dim=2)
+    assert torch.equal(keys[:, :, :nq], ref_k) and torch.equal(vals[:, :, :nq], ref_v)
+    if step == 1:
+        assert mask is None
+
+
+def test_history_bound_drops_whole_groups():
+    cache = cache_for("int4", residual=4, group=8, recent=20, sink=1)
+    _, _, (keys, _, mask) = feed(cache, 60, 1)
+    # query 59 sees 0 (the sink) and 40..59; key groups of 8 go once all of their tokens are
+    # out of sight (32..39 went), and the one holding the sink stays
+    assert cache.pos_q.tolist() == list(range(0, 8)) + list(range(40, 56))
+    assert cache.pos_f.tolist() == list(range(56, 60))
+    assert mask.shape == (1, keys.size(2)) and mask.sum() == 21
+
+
+def test_user_quantizer_plugs_in():
+    cache = cache_for("tutorial_user_quantizer:quantize", residual=2)
+    k, _, (keys, _, _) = feed(cache, 12, 3)
+    assert cache.kq[0].dtype == torch.int8 and cache.kq[1].dtype == torch.float16
+    assert cache.size_bits() == 2 * B * H * (10 * (D * 8 + 16) + 2 * D * 32)
+    assert (keys - k).abs().max() < 0.5
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(kv_quant="int3"), "unknown kv_quant"),
+    (dict(kv_quant="nosuchpkg.mod:fn"), "does not import"),
+    (dict(kv_quant="int4", kv_quant_group=0), "kv_quant_group"),
+    (dict(kv_quant_residual=-1), "kv_quant_residual"),
+    (dict(kv_evict="lru"), "unknown kv_evict"),
+    (dict(kv_evict="h2o"), "needs a budget"),
+    (dict(kv_evict="h2o", kv_budget=10, kv_recent=8, kv_sink=4), "smaller than kv_sink \\+ kv_recent"),
+    (dict(kv_evict="h2o", kv_budget=20, kv_recent=8, kv_sink=4, kv_quant="int8"), "kv_quant_residual"),
+    (dict(kv_budget=100), "kv_evict"),
+])
+def test_bad_options_are_one_line_errors(kw, words):
+    with pytest.raises(UserError, match=words):
+        make_cache_factory(**kw)
+
+
+@pytest.mark.parametrize("name,head_dim,words", [
+    ("int4", 16, "does not divide the head dimension 16"),  # group 32 > 16
+    ("int2", 6, "multiple of 4"),
+    ("tutorial_user_quantizer:not_a_pair", 16, "must return"),
+])
+def test_model_dependent_errors_come_from_the_first_cache(name, head_dim, words):
+    mk = make_cache_factory(kv_quant=name, kv_quant_group=32 if head_dim == 16 else 2)
+    with pytest.raises(UserError, match=words):
+        mk(0, batch_size=1, n_kv_head=1, head_dim=head_dim)
+
+
+def test_payload_bits_counts_dtype_width():
+    t = (torch.zeros(3, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.float16),
+         torch.zeros(5, dtype=torch.float8_e4m3fn))
+    assert payload_bits(t) == 12 * 8 + 2 * 16 + 5 * 8
