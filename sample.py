@@ -5,6 +5,7 @@ Sample text from a trained model, streaming it as it is generated.
     python sample.py --out_dir=out-shakespeare-char --checkpoint_name=last --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --max_new_tokens=2000
     python sample.py --out_dir=out-shakespeare-char --kv_window=256 --kv_sink=4
+    python sample.py --out_dir=out-shakespeare-char --kv_quant=int4 --kv_evict=h2o --kv_budget=256 --kv_recent=64
 
 The speed (tokens/s) and the size of the KV cache (in bits) are reported on stderr.
 """
@@ -18,6 +19,7 @@ import torch
 from checkpoint import checkpoint_path, load_model
 from configurator import configure
 from kvcache import TrimCache
+from kvpolicy import make_cache_factory
 from utils import UserError, autocast_ctx, import_function, pick_device, pick_dtype, run_main
 
 # -----------------------------------------------------------------------------
@@ -34,6 +36,12 @@ dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
 kv_window = 0  # keep only the last kv_window positions in the KV cache (0 = unbounded)
 kv_sink = 0  # with kv_window: also keep the first kv_sink positions
 kv_trim = ""  # "package.module:function" choosing the kept tokens instead of the ring buffer (exercise 1)
+kv_quant = "none"  # KV cache storage: none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
+kv_quant_group = 32  # int4/int2: values per group sharing one scale and zero point
+kv_quant_residual = 32  # int4/int2: newest tokens kept in full precision
+kv_evict = "none"  # none, window (recency), h2o (cumulative attention score), or package.module:function
+kv_budget = 0  # with kv_evict: tokens kept per layer (and KV head)
+kv_recent = 0  # with kv_evict=h2o: newest tokens always kept
 # -----------------------------------------------------------------------------
 
 
@@ -64,8 +72,11 @@ def main():
     if window == 0 and xl:
         window = xl  # a model trained with XL memory saw at most that much history
         print(f"kv_window={window}: the xl_mem this model was trained with (--kv_window= to change)", file=sys.stderr)
-    make_cache = None
+    make_cache = make_cache_factory(kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
+                                    kv_budget, kv_recent, kv_sink)
     if kv_trim:
+        if make_cache is not None:
+            raise UserError("--kv_trim replaces the cache; it does not combine with --kv_quant or --kv_evict")
         trim_fn = import_function(kv_trim, "kv_trim")
         make_cache = lambda layer, **kw: TrimCache(trim_fn=trim_fn, **kw)
     ctx = autocast_ctx(dev, dt)
