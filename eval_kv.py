@@ -56,7 +56,7 @@ kv_window = -1  # history bound of both caches (-1 = the checkpoint's xl_mem if 
 kv_quant = "none"  # none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
 kv_quant_group = 32  # int4/int2: values per group with one scale and zero point
 kv_quant_residual = 32  # newest tokens kept in full precision
-kv_evict = "none"  # none, window (StreamingLLM) or h2o (Heavy-Hitter Oracle)
+kv_evict = "none"  # none, window (StreamingLLM), h2o (Heavy-Hitter Oracle), or package.module:function
 kv_budget = 0.0  # with kv_evict: tokens kept per layer, or a fraction of stream_len if below 1
 kv_recent = 0  # newest tokens h2o always keeps
 kv_sink = 0  # first tokens eviction (and the kv_window bound) always keeps

@@ -7,6 +7,7 @@ KV-cache eviction: hold at most kv_budget tokens per layer and KV head, drop the
             newest, and as many more as fit, those with the largest cumulative attention
             probability (summed over every query so far, over the query heads of a GQA group
             and over the layers of a kv_share group). Each KV head chooses its own tokens.
+    package.module:function   your own rule in H2O's place (below)
 
 H2O reads the attention probabilities: the model sees `needs_scores` and computes that
 layer's attention the naive way, handing the probabilities (B, nh, T, S) to observe().
@@ -24,13 +25,41 @@ residual (the kv_quant_residual newest tokens) is never evicted, so that every h
 the same number of codes and the same residual; it counts in the budget. size_bits() counts
 the keys and values held (codes, scales, zero points, residual); the per-head positions and
 scores are bookkeeping, like the plain cache's positions, and are not counted.
+
+Your own rule, --kv_evict=package.module:function (h2o_priority below is H2O's):
+    def function(scores, pos, seen, kv_sink, kv_recent):
+        # scores (B, nkv, n): cumulative attention each cached token received; pos (B, nkv, n):
+        # its position in the text; seen: tokens fed so far; kv_sink, kv_recent: the options
+        return priority             # (B, nkv, n) floats: each head keeps its highest, up to the budget
+The cache still drops tokens no later query can see (a --kv_window bound) first, and never
+drops the full-precision residual of a quantized cache; everything else is the rule's choice.
 """
 
 import torch
 
 from kvquant import FullPrecision, QuantKVCache, flat_index
+from utils import UserError, import_function
 
 POLICIES = ("window", "h2o")
+
+
+def h2o_priority(scores, pos, seen, kv_sink, kv_recent):
+    """H2O's choice as a plain function (what --kv_evict=h2o uses; the reference of exercise 4):
+    the kv_sink first and the kv_recent newest tokens come first, then the most attended."""
+    protect = (pos < kv_sink) | (pos >= seen - kv_recent)
+    return torch.where(protect, float("inf"), scores)
+
+
+def resolve_evict(name):
+    """The rule for kv_evict `name`: None for "none"/"window", h2o_priority, or a user's function."""
+    if name == "h2o":
+        return h2o_priority
+    if name in ("none", "window"):
+        return None
+    if ":" not in name:
+        raise UserError(f"unknown kv_evict {name!r}: choose none, {', '.join(POLICIES)} "
+                        "or give your own rule as package.module:function")
+    return import_function(name, "kv_evict")
 
 
 class EvictKVCache(QuantKVCache):
@@ -45,8 +74,10 @@ class EvictKVCache(QuantKVCache):
     def __init__(self, policy, budget, batch_size, n_kv_head, head_dim, keep_recent=0, keep_sink=0,
                  key_fmt=None, val_fmt=None, residual=0, recent=0, sink=0, dtype=torch.float32,
                  device="cpu"):
-        if policy not in POLICIES:
+        # policy: "window", "h2o" or a rule function(scores, pos, seen, kv_sink, kv_recent)
+        if not callable(policy) and policy not in POLICIES:
             raise ValueError(f"unknown eviction policy {policy!r}")
+        self.rule = policy if callable(policy) else resolve_evict(policy)  # None: recency only
         key_fmt = key_fmt or FullPrecision()
         val_fmt = val_fmt or FullPrecision()
         if key_fmt.tokens_per_group != 1 or val_fmt.tokens_per_group != 1:
@@ -57,7 +88,7 @@ class EvictKVCache(QuantKVCache):
                          dtype, device)
         self.policy, self.budget = policy, budget
         self.keep_recent, self.keep_sink = keep_recent, keep_sink
-        self.needs_scores = policy == "h2o"
+        self.needs_scores = self.rule is not None
         self.pos_q = torch.zeros(batch_size, n_kv_head, 0, dtype=torch.long, device=device)  # per head
         self.score_q = torch.zeros(batch_size, n_kv_head, 0, device=device)  # attention received
         self.score_f = self.score_q.clone()
@@ -103,12 +134,17 @@ class EvictKVCache(QuantKVCache):
 
     def evicted(self, alive, e):
         """Slots (B, nkv, e) of the quantized part to evict: tokens out of sight (alive False;
-        None = all in sight) first, then the lowest ranked, never the kv_sink first or the
-        kv_recent newest."""
+        None = all in sight) first, then the lowest ranked: by age (window, never the kv_sink
+        first or the kv_recent newest) or by the rule's priority (h2o_priority, or a user's)."""
         p = self.pos_q
-        protect = (p < self.keep_sink) | (p >= self.seen - self.keep_recent)
-        rank = self.score_q if self.policy == "h2o" else p.float()
-        rank = torch.where(protect, float("inf"), rank)
+        if self.rule is None:  # window: recency only
+            rank = torch.where((p < self.keep_sink) | (p >= self.seen - self.keep_recent), float("inf"), p.float())
+        else:  # copies: a rule that writes into its inputs must not change the scores kept
+            rank = self.rule(self.score_q.clone(), p.clone(), self.seen, self.keep_sink, self.keep_recent)
+            if not (torch.is_tensor(rank) and rank.shape == p.shape and rank.is_floating_point()):
+                raise UserError(f"kv_evict rule {getattr(self.rule, '__name__', self.rule)} must return float "
+                                f"priorities shaped like scores {tuple(p.shape)}, got "
+                                f"{getattr(rank, 'dtype', type(rank).__name__)} {tuple(getattr(rank, 'shape', ()))}")
         if alive is not None:
             rank = rank.masked_fill(~alive, float("-inf"))
         return rank.topk(e, dim=-1, largest=False, sorted=False).indices

@@ -9,14 +9,14 @@ Options (the same names as the scripts' globals):
   kv_quant           "none" | "int8" | "fp8_e4m3" | "fp8_e5m2" | "int4" | "int2" | "package.module:function"
   kv_quant_group     values per int4/int2 group (keys: tokens per channel group; values: channels)
   kv_quant_residual  newest tokens kept in full precision
-  kv_evict           "none" | "window" (StreamingLLM) | "h2o" (Heavy-Hitter Oracle)
+  kv_evict           "none" | "window" (StreamingLLM) | "h2o" (Heavy-Hitter Oracle) | "package.module:function"
   kv_budget          tokens kept per layer and KV head between steps (with kv_evict)
   kv_recent          newest tokens h2o always keeps
   kv_sink            first tokens eviction always keeps
 See kvquant.py and kvevict.py for what each does and how they compose.
 """
 
-from kvevict import POLICIES, EvictKVCache
+from kvevict import POLICIES, EvictKVCache, resolve_evict
 from kvquant import FORMATS, QuantKVCache, make_formats, resolve_quant
 from utils import UserError
 
@@ -25,8 +25,7 @@ def check_options(kv_quant="none", kv_quant_group=32, kv_quant_residual=32, kv_e
                   kv_budget=0, kv_recent=0, kv_sink=0):
     """Raise one UserError for any option or combination that makes no sense."""
     resolve_quant(kv_quant)
-    if kv_evict not in ("none",) + POLICIES:
-        raise UserError(f"unknown kv_evict {kv_evict!r}: choose none, {', '.join(POLICIES)}")
+    resolve_evict(kv_evict)
     for name, value, low in (("kv_quant_group", kv_quant_group, 1), ("kv_quant_residual", kv_quant_residual, 0),
                              ("kv_budget", kv_budget, 0), ("kv_recent", kv_recent, 0), ("kv_sink", kv_sink, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -68,7 +67,8 @@ def make_cache_factory(kv_quant="none", kv_quant_group=32, kv_quant_residual=32,
             fmts = make_formats(kv_quant, kv_quant_group, head_dim, channel_keys=kv_evict == "none")
         if kv_evict == "none":
             return QuantKVCache(*fmts, residual=kv_quant_residual, **kw)
-        return EvictKVCache(kv_evict, kv_budget, keep_recent=kv_recent, keep_sink=kv_sink,
+        policy = resolve_evict(kv_evict) or kv_evict  # h2o and a user's rule are functions
+        return EvictKVCache(policy, kv_budget, keep_recent=kv_recent, keep_sink=kv_sink,
                             key_fmt=fmts[0], val_fmt=fmts[1], residual=kv_quant_residual, **kw)
 
     make_cache.describe = describe(kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
@@ -84,7 +84,7 @@ def describe(kv_quant="none", kv_quant_group=32, kv_quant_residual=32, kv_evict=
         grouped = kv_quant in ("int4", "int2")
         parts.append(kv_quant + (f"/g{kv_quant_group}" if grouped else "") + f"/r{kv_quant_residual}")
     if kv_evict != "none":
-        extra = [f"recent {kv_recent}"] if kv_evict == "h2o" and kv_recent else []
+        extra = [f"recent {kv_recent}"] if kv_evict != "window" and kv_recent else []
         extra += [f"sink {kv_sink}"] if kv_sink else []
         parts.append(f"{kv_evict} {kv_budget}" + (f" ({', '.join(extra)})" if extra else ""))
     return " + ".join(parts) or "none"

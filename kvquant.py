@@ -176,6 +176,16 @@ class Int8Format(TokenFormat):
         return out.copy_(codes).mul_(scale.to(out.dtype))
 
 
+def int8_quantize(x):
+    """int8 under the user-quantizer contract (--kv_quant=kvquant:int8_quantize stores what
+    --kv_quant=int8 stores; the reference of exercise 4): int8 codes, a float16 scale per row."""
+    return Int8Format().quantize(x), int8_dequantize
+
+
+def int8_dequantize(codes, scale):
+    return codes.float() * scale.float()
+
+
 class Fp8Format(TokenFormat):
     """A float8 code per value, scaled per row so the row's absmax lands on the largest code."""
 

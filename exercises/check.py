@@ -148,7 +148,7 @@ TRAIN_BLOCK = 32  # the context length of the small trained model
 def trained_model():
     """A 2-layer model trained for 200 steps on 32-byte blocks (about 3 s): enough to read
     play_text well inside its training length, and to fall apart far beyond it."""
-    model = tiny_model(n_embd=64)
+    model = tiny_model(n_embd=64, n_head=2)  # heads of 32, like the CPU recipe's
     train_tiny(model, play_text(), TRAIN_BLOCK, 200)
     return model
 
@@ -475,8 +475,6 @@ def check_xl_training(impl, ctx):
 # Exercise 3: linear attention, attention(q, k, v, mask, dropout_p) and
 # recurrent_step(q, k, v, S, z)
 
-NORMS = ("layernorm", "denominator")
-
 
 def linear_references(q, k, v, mask):
     """What a correct attention() returns, for each normalisation."""
@@ -528,7 +526,7 @@ def check_linear_formula(impl, ctx):
                f"(relative error {errs['layernorm']:.2g} vs layer_norm, {errs['denominator']:.2g} vs the "
                "denominator); phi(x) = elu(x) + 1, no softmax, no 1/sqrt(hs)")
         expect(ctx.setdefault("norm", best) == best, "the normalisation changed between calls")
-    return f"normalised by the {ctx['norm']}"
+    return "normalised by " + {"layernorm": "layer_norm", "denominator": "the denominator"}[ctx["norm"]]
 
 
 def check_linear_causal(impl, ctx):
@@ -675,6 +673,250 @@ def check_recurrent_matches_attention(impl, ctx):
 
 
 # -----------------------------------------------------------------------------
+# Exercise 4a: quantization, quantize(x) -> ((tensors...), dequantize)
+
+def quant_rows(seed=0, n=64):
+    """(2, 3, 40, n) rows like real keys and values: magnitudes from 0.01 to 100 (a quantizer
+    that ignores its scale fails), and one outlier channel 8x the others."""
+    x = randn(2, 3, 40, n, seed=seed)
+    x[..., 3] *= 8
+    return x * 10 ** (4 * torch.rand(2, 3, 40, 1, generator=torch.Generator().manual_seed(seed + 1)) - 2)
+
+
+def call_quantize(impl, x):
+    out = impl.quantize(x)
+    expect(isinstance(out, (tuple, list)) and len(out) == 2,
+           f"quantize must return (payload, dequantize), got {type(out).__name__}")
+    payload, inverse = out
+    expect(isinstance(payload, (tuple, list)) and len(payload) > 0 and all(torch.is_tensor(t) for t in payload),
+           "the payload must be a tuple of tensors, e.g. (codes, scale)")
+    expect(callable(inverse), "the second thing returned must be the dequantize function")
+    for i, t in enumerate(payload):
+        expect(tuple(t.shape[:-1]) == tuple(x.shape[:-1]), f"payload tensor {i} has shape {tuple(t.shape)}: every "
+               f"tensor must keep x's leading dimensions {tuple(x.shape[:-1])} and add one of its own (..., m)")
+    return tuple(payload), inverse
+
+
+def dequant(inverse, payload, like):
+    y = inverse(*payload)
+    expect(torch.is_tensor(y) and tuple(y.shape) == tuple(like.shape),
+           f"dequantize must return a tensor shaped like x {tuple(like.shape)}, got {tuple(getattr(y, 'shape', ()))}")
+    expect(y.is_floating_point(), f"dequantize must return floats, got {y.dtype}")
+    return y.float()
+
+
+def bits_per_value(payload, x):
+    return sum(t.numel() * t.element_size() * 8 for t in payload) / x.numel()
+
+
+def error_bound(bits):
+    """The mean relative RMS error of a row allowed at `bits` per value: 0.1 at 8.25 bits (int8
+    gets 0.01, fp8 e5m2 0.04), 0.5 at 6, 0.75 from 5 bits down (int2 in groups of 32: 0.49).
+    Returning zeros scores 1."""
+    return min(0.75, 2.0 ** (5 - min(bits, 8.25)))
+
+
+def check_quant_contract(impl, ctx):
+    for n in (64, 32, 16):
+        x = randn(2, 3, 5, n, seed=n)
+        payload, inverse = call_quantize(impl, x)
+        dequant(inverse, payload, x)
+
+
+def check_quant_bits(impl, ctx):
+    x = quant_rows()
+    payload, _ = call_quantize(impl, x)
+    bits = bits_per_value(payload, x)
+    widths = ", ".join(f"{t.dtype} {tuple(t.shape[-1:])}" for t in payload)
+    expect(bits <= 9.0, f"{bits:.2f} bits per value ({widths}): store codes as int8/uint8/float8, at most "
+           "9 bits per value with the scales (8-bit codes and one float16 scale per 64 values is 8.25)")
+    ctx["bits"] = bits
+    return f"{bits:.2f} bits per value ({widths}; float32 is 32)"
+
+
+def check_quant_error(impl, ctx):
+    x = quant_rows()
+    payload, inverse = call_quantize(impl, x)
+    y = dequant(inverse, payload, x)
+    bits = bits_per_value(payload, x)
+    rel = ((y - x).pow(2).mean(-1) / x.pow(2).mean(-1)).sqrt()  # per row
+    worst, mean = rel.max().item(), rel.mean().item()
+    bound = error_bound(bits)
+    expect(mean == mean and mean <= bound,
+           f"relative RMS error {mean:.3g} on average (allowed {bound:.3g} at {bits:.2f} bits per value): rows "
+           "range from 0.01 to 100 in size; does every row use its own scale, and does dequantize multiply by it?")
+    expect(worst < 1.0, f"a row comes back with a relative error of {worst:.3g}, worse than zeros: small rows "
+           "need small scales (clamp the scale only to keep it from being 0)")
+    return f"relative RMS error {mean:.2g} on average, {worst:.2g} in the worst row (allowed {bound:.2g})"
+
+
+def check_quant_rows(impl, ctx):
+    x1, x2 = quant_rows(seed=3), quant_rows(seed=5)[:, :, :7]
+    p1, inv1 = call_quantize(impl, x1)
+    p2, inv2 = call_quantize(impl, x2)
+    y1, y2 = dequant(inv1, p1, x1), dequant(inv2, p2, x2)
+    # what the cache does: rows of two calls joined, some dropped, read back by the last inverse
+    both = tuple(torch.cat([a, b], 2) for a, b in zip(p1, p2))
+    keep = torch.arange(x1.size(2) + x2.size(2)) % 3 != 1
+    try:
+        got = dequant(inv2, tuple(t[:, :, keep] for t in both), torch.cat([x1, x2], 2)[:, :, keep])
+    except (NotImplementedError, Failed):
+        raise
+    except Exception as e:
+        raise Failed(f"dequantize failed on the rows of two calls joined ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:100]}): it may use nothing but its arguments") from None
+    expect(torch.allclose(got, torch.cat([y1, y2], 2)[:, :, keep], rtol=1e-3, atol=1e-6),
+           "rows changed when payloads of two calls were joined and some rows dropped: each row's "
+           "codes and scale must stand alone, and dequantize may use nothing but its arguments")
+    alone = dequant(*reversed(call_quantize(impl, x1[:, :, 5:6])), x1[:, :, 5:6])
+    expect(torch.allclose(alone, y1[:, :, 5:6], rtol=1e-3, atol=1e-6),
+           "a row quantized alone comes back different than among others: no statistics over the "
+           "whole tensor (the cache quantizes a few tokens at a time)")
+
+
+def check_quant_model(impl, ctx):
+    from kvpolicy import make_cache_factory
+    model = trained_model()
+    x, y = held_out(TRAIN_BLOCK, rows=16)
+    make_cache = make_cache_factory(kv_quant=impl.spec("quantize"), kv_quant_residual=0)
+    with torch.no_grad():
+        plain, plain_states = model(x)
+        yours, states = model(x, model.new_states(x.size(0), make_cache=make_cache))
+    base, loss = token_losses(plain, y).mean().item(), token_losses(yours, y).mean().item()
+    bits = GPT.states_bits(states)[0] / (x.numel())
+    full = GPT.states_bits(plain_states)[0] / (x.numel())
+    expect(loss <= base + 0.1, f"loss {loss:.3f} with your cache against {base:.3f} with the plain cache "
+           f"({bits:.0f} KV bits per token): the error costs too much")
+    return f"loss {base:.3f} -> {loss:.3f} with KV bits per token {full:.0f} -> {bits:.0f}"
+
+
+# -----------------------------------------------------------------------------
+# Exercise 4b: eviction, priority(scores, pos, seen, kv_sink, kv_recent) -> (B, nkv, n)
+
+def evict_inputs(n=24, seen=60, seed=0):
+    """Cached tokens of 2 x 3 heads in shuffled slots: positions 0..3, a sample of the middle
+    and the newest; scores with zeros, ties and one heavy hitter per head."""
+    g = torch.Generator().manual_seed(seed)
+    pos = []
+    for _ in range(6):
+        middle = (torch.randperm(seen - 14, generator=g)[:n - 14] + 4).tolist()
+        p = torch.tensor(list(range(4)) + middle + list(range(seen - 10, seen)))
+        pos.append(p[torch.randperm(n, generator=g)])
+    pos = torch.stack(pos).view(2, 3, n)
+    scores = torch.rand(2, 3, n, generator=g) * (seen - pos)  # older tokens have collected more
+    scores[..., ::5] = 0.0
+    scores[..., 1::7] = scores[..., 2::7][..., :scores[..., 1::7].size(-1)]  # ties
+    return scores, pos, seen
+
+
+def call_priority(impl, scores, pos, seen, sink, recent):
+    s, p = scores.clone(), pos.clone()
+    rank = impl.priority(s, p, seen, sink, recent)
+    expect(torch.is_tensor(rank) and tuple(rank.shape) == tuple(scores.shape),
+           f"priority must return a tensor shaped like scores {tuple(scores.shape)}, "
+           f"got {tuple(getattr(rank, 'shape', ())) or type(rank).__name__}")
+    expect(rank.is_floating_point(), f"priorities must be floats (float('inf') for the protected), got {rank.dtype}")
+    expect(torch.equal(s, scores) and torch.equal(p, pos), "priority changed its inputs: work on a copy "
+           "(torch.where(...) makes one); the cache keeps adding to these scores")
+    expect(not bool(rank.isnan().any()), "some priorities are nan")
+    return rank
+
+
+EVICT_CASES = [(4, 10), (2, 4), (0, 6), (3, 0)]  # (kv_sink, kv_recent)
+
+
+def protected_above_rest(rank, must):
+    """Is every protected token ranked above every other one, in every head?"""
+    low = torch.where(must, rank, float("inf")).amin(-1)
+    high = torch.where(must, float("-inf"), rank).amax(-1)
+    return bool((low > high).all()) if bool(must.any()) else True
+
+
+def check_evict_shapes(impl, ctx):
+    scores, pos, seen = evict_inputs()
+    call_priority(impl, scores, pos, seen, 4, 10)
+
+
+def check_evict_sinks(impl, ctx):
+    scores, pos, seen = evict_inputs()
+    for sink, recent in EVICT_CASES:
+        rank = call_priority(impl, scores, pos, seen, sink, recent)
+        sinks = pos < sink
+        may_go = ~sinks & (pos < seen - recent)
+        expect(protected_above_rest(torch.where(sinks | may_go, rank, float("-inf")), sinks),
+               f"kv_sink={sink}: a token at a position < {sink} is ranked below a token that may go: "
+               "the sinks must always stay (give them float('inf'))")
+
+
+def check_evict_recent(impl, ctx):
+    scores, pos, seen = evict_inputs()
+    for sink, recent in EVICT_CASES:
+        rank = call_priority(impl, scores, pos, seen, sink, recent)
+        new = pos >= seen - recent
+        may_go = (pos >= sink) & ~new
+        expect(protected_above_rest(torch.where(new | may_go, rank, float("-inf")), new),
+               f"kv_recent={recent}, seen={seen}: a token at a position >= {seen - recent} is ranked below "
+               "a token that may go: the kv_recent newest must always stay")
+
+
+def check_evict_scores(impl, ctx):
+    scores, pos, seen = evict_inputs()
+    for sink, recent in EVICT_CASES:
+        rank = call_priority(impl, scores, pos, seen, sink, recent)
+        free = (pos >= sink) & (pos < seen - recent)
+        s = scores.clone()
+        heavy = torch.where(free, s, float("-inf")).argmax(-1, keepdim=True)  # the most attended
+        s.scatter_(-1, heavy, 1e6)  # make it a clear heavy hitter
+        rank = call_priority(impl, s, pos, seen, sink, recent)
+        top = rank.gather(-1, heavy)
+        unused = free & (s == 0)
+        expect(bool((torch.where(unused, rank, float("-inf")) < top).all()),
+               f"kv_sink={sink}, kv_recent={recent}: a token nobody attended to is ranked above the token "
+               "with by far the largest attention: rank by the scores (higher = keep)")
+
+
+def check_evict_model(impl, ctx):
+    from kvpolicy import make_cache_factory
+    budget, sink, recent = 10, 2, 3
+    model = tiny_model(n_kv_head=2, n_layer=3, kv_share=1).eval()
+    idx = random_text(2, 40)
+    make_cache = make_cache_factory(kv_evict=impl.spec("priority"), kv_budget=budget, kv_sink=sink, kv_recent=recent)
+    states = model.new_states(2, make_cache=make_cache)
+    with torch.no_grad():
+        for t in range(idx.size(1)):
+            logits, states = model(idx[:, t:t + 1], states)
+            for layer, cache in enumerate(states):
+                held = cache.pos_q  # (B, nkv, n): what each head holds (eviction runs before a step's token is added)
+                expect(held.size(-1) <= budget + 1, f"step {t}: layer {layer} holds {held.size(-1)} tokens, "
+                       f"budget {budget} plus this step's")
+                need = set(range(min(sink, t + 1))) | set(range(max(t + 1 - recent, 0), t + 1))
+                for head in held.reshape(-1, held.size(-1)):
+                    missing = need - set(head.tolist())
+                    expect(not missing, f"step {t}: layer {layer} dropped {sorted(missing)}; the sinks and the "
+                           f"{recent} newest must stay (kv_sink={sink}, kv_recent={recent})")
+    return f"40 decode steps, budget {budget}, sinks and newest always held"
+
+
+def check_evict_eval(impl, ctx):
+    from kvpolicy import make_cache_factory
+    model = trained_model()
+    x, y = held_out(TRAIN_BLOCK, rows=32)
+    budget, sink, recent = 12, 2, 4
+    losses = {}
+    with torch.no_grad():
+        for name, options in (("plain", None), ("window", dict(kv_evict="window")),
+                              ("yours", dict(kv_evict=impl.spec("priority"), kv_recent=recent))):
+            make_cache = make_cache_factory(kv_budget=budget, kv_sink=sink, **options) if options else None
+            logits, _ = feed(model, x, 1, make_cache=make_cache)
+            losses[name] = token_losses(logits, y)[budget:].mean().item()
+    expect(losses["yours"] <= losses["window"] + 0.05,
+           f"loss {losses['yours']:.3f} with your rule, {losses['window']:.3f} keeping the newest "
+           f"{budget - sink} (plain cache {losses['plain']:.3f}): your choice of tokens costs more than recency")
+    return (f"budget {budget} of {TRAIN_BLOCK}: loss {losses['plain']:.3f} plain, {losses['window']:.3f} recency only, "
+            f"{losses['yours']:.3f} yours")
+
+
+# -----------------------------------------------------------------------------
 # the exercises, their stubs and references
 
 @dataclass
@@ -730,6 +972,22 @@ EXERCISES = {e.name: e for e in [
         Check("tiny model: same logits and gradients as --attention=linear", check_linear_model, ("attention",), slow=True),
         Check("short training with your attention", check_linear_training, ("attention",), slow=True),
     ]),
+    Exercise("kv_quant", 4, "KV quantization", ("quantize",), {"quantize": "kvquant:int8_quantize"}, [
+        Check("returns (tensors shaped (..., m), dequantize); dequantize gives x's shape",
+              check_quant_contract, ("quantize",)),
+        Check("bits per value, scales included (at most 9)", check_quant_bits, ("quantize",)),
+        Check("error bound for its bits, rows of any size", check_quant_error, ("quantize",)),
+        Check("rows stand alone (joined, dropped, quantized one by one)", check_quant_rows, ("quantize",)),
+        Check("trained model with your --kv_quant cache", check_quant_model, ("quantize",), slow=True),
+    ]),
+    Exercise("kv_evict", 4, "KV eviction", ("priority",), {"priority": "kvevict:h2o_priority"}, [
+        Check("returns float priorities shaped like scores, inputs untouched", check_evict_shapes, ("priority",)),
+        Check("the kv_sink first tokens always stay", check_evict_sinks, ("priority",)),
+        Check("the kv_recent newest tokens always stay", check_evict_recent, ("priority",)),
+        Check("heavy hitters stay, unattended tokens go first", check_evict_scores, ("priority",)),
+        Check("tiny model: --kv_evict keeps the budget, sinks and newest", check_evict_model, ("priority",), slow=True),
+        Check("trained model decoding with a budget of 12 tokens", check_evict_eval, ("priority",), slow=True),
+    ]),
 ]}
 # one cheap call per function: a stub that still raises NotImplementedError skips its
 # checks at once (the slow ones would train a model first)
@@ -738,6 +996,8 @@ PROBES = {
     "xl_step": lambda impl: impl.xl_step(*xl_inputs(2, 3), 4),
     "attention": lambda impl: impl.attention(*qkv(T=2, S=2), causal(2, 2), 0.0),
     "recurrent_step": lambda impl: impl.recurrent_step(*recurrent_inputs(T=2)),
+    "quantize": lambda impl: impl.quantize(randn(1, 1, 2, 16)),
+    "priority": lambda impl: impl.priority(*evict_inputs(), 4, 10),
 }
 ALIASES = {"1": ["kv_window"], "2": ["xl_memory"], "3": ["linear_attention"], "4": ["kv_quant", "kv_evict"]}
 
@@ -862,6 +1122,8 @@ def main(argv=None):
         parser.error(f"unknown exercise {args.name!r}: choose all, {', '.join(EXERCISES)} or 1..4")
     if args.module and len(names) != 1:
         parser.error("--module checks one exercise: name it")
+    if args.module and args.reference:
+        parser.error("--reference checks the project's code; --module checks yours: pick one")
     torch.set_num_threads(1)  # tiny models: more threads only wait for each other
     ok = run(names, args.module, args.reference)
     return 0 if ok else 1

@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from conftest import run_script
 from exercises import check
@@ -90,6 +91,51 @@ WRONG["linear_attention"] = {
         "            z += k[:, :, t]\n        return torch.stack"), "recurrent_step: recurrent equals parallel"),
 }
 
+INT8_OK = """
+    import torch
+    def quantize(x):
+        scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
+        return (torch.round(x / scale).to(torch.int8), scale.half()), dequantize
+    def dequantize(codes, scale):
+        return codes.float() * scale.float()
+    """
+
+WRONG["kv_quant"] = {
+    "ignores its scale": (INT8_OK.replace("codes.float() * scale.float()", "codes.float() / 127"),
+                          "error bound for its bits, rows of any size"),
+    "float32 codes": (INT8_OK.replace("torch.round(x / scale).to(torch.int8)", "torch.round(x / scale)"),
+                      "bits per value, scales included (at most 9)"),
+    "one scale for the whole tensor": (INT8_OK.replace("x.abs().amax(-1, keepdim=True)",
+                                                       "x.abs().amax().expand(*x.shape[:-1], 1)"),
+                                       "rows stand alone (joined, dropped, quantized one by one)"),
+    "dequantize remembers the last input": ("""
+        import torch
+        def quantize(x):
+            scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
+            codes = torch.round(x / scale).to(torch.int8)
+            return (codes, scale.half()), lambda codes, s: codes.float() * scale
+        """, "rows stand alone (joined, dropped, quantized one by one)"),
+}
+
+H2O_OK = """
+    import torch
+    def priority(scores, pos, seen, kv_sink, kv_recent):
+        keep = (pos < kv_sink) | (pos >= seen - kv_recent)
+        return torch.where(keep, float("inf"), scores / (seen - pos))   # attention per query, not in total
+    """
+
+WRONG["kv_evict"] = {
+    "drops the sinks": (H2O_OK.replace("(pos < kv_sink) | ", ""), "the kv_sink first tokens always stay"),
+    "forgets the newest": (H2O_OK.replace(" | (pos >= seen - kv_recent)", ""), "the kv_recent newest tokens always stay"),
+    "keeps the least attended": (H2O_OK.replace("scores / (seen - pos)", "-scores"),
+                                 "heavy hitters stay, unattended tokens go first"),
+    "writes into the scores": ("""
+        def priority(scores, pos, seen, kv_sink, kv_recent):
+            scores[(pos < kv_sink) | (pos >= seen - kv_recent)] = float("inf")
+            return scores
+        """, "returns float priorities shaped like scores, inputs untouched"),
+}
+
 
 def write_module(tmp_path, monkeypatch, name, source):
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
@@ -121,11 +167,44 @@ def test_the_right_check_fails_on_a_wrong_implementation(exercise, wrong, tmp_pa
     assert "Traceback" not in printed
 
 
-def test_another_correct_linear_attention_passes_the_fast_checks(tmp_path, monkeypatch):
-    name = write_module(tmp_path, monkeypatch, "linear_denominator", LINEAR_OK)
-    got, printed = statuses("linear_attention", module=name, skip_slow=True)
+@pytest.mark.parametrize("exercise,source", [("linear_attention", LINEAR_OK), ("kv_quant", INT8_OK),
+                                             ("kv_evict", H2O_OK)])
+def test_other_correct_solutions_pass(exercise, source, tmp_path, monkeypatch):
+    name = write_module(tmp_path, monkeypatch, f"ok_{exercise}", source)
+    got, printed = statuses(exercise, module=name, skip_slow=exercise == "linear_attention")
     assert set(got.values()) == {"PASS"}, printed
-    assert "normalised by the denominator" in printed
+    if exercise == "linear_attention":
+        assert "normalised by the denominator" in printed
+
+
+def test_plugged_in_references_equal_the_built_in_policies():
+    from kvpolicy import make_cache_factory
+    model = check.tiny_model(n_kv_head=2).eval()
+    idx = check.random_text(2, 30)
+    pairs = [(dict(kv_quant="int8", kv_quant_residual=4), dict(kv_quant="kvquant:int8_quantize", kv_quant_residual=4)),
+             (dict(kv_evict="h2o", kv_budget=9, kv_sink=2, kv_recent=3),
+              dict(kv_evict="kvevict:h2o_priority", kv_budget=9, kv_sink=2, kv_recent=3))]
+    with torch.no_grad():
+        for built_in, plugged in pairs:
+            a, _ = check.feed(model, idx, 1, make_cache=make_cache_factory(**built_in))
+            b, _ = check.feed(model, idx, 1, make_cache=make_cache_factory(**plugged))
+            assert torch.equal(a, b), (built_in, plugged)
+
+
+def test_eviction_rule_errors_are_one_line(tmp_path, monkeypatch):
+    from kvpolicy import make_cache_factory
+    from utils import UserError
+    with pytest.raises(UserError, match="unknown kv_evict"):
+        make_cache_factory(kv_evict="lru", kv_budget=8)
+    with pytest.raises(UserError, match="does not import"):
+        make_cache_factory(kv_evict="no_such_module:rule", kv_budget=8)
+    name = write_module(tmp_path, monkeypatch, "summing_rule", """
+        def rule(scores, pos, seen, kv_sink, kv_recent):
+            return scores.sum(-1)
+        """)
+    bad = make_cache_factory(kv_evict=f"{name}:rule", kv_budget=4)
+    with pytest.raises(UserError, match="must return float priorities shaped like scores"):
+        check.feed(check.tiny_model().eval(), check.random_text(1, 10), 1, make_cache=bad)
 
 
 def test_code_that_crashes_is_one_line_with_its_place(tmp_path, monkeypatch):
