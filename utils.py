@@ -31,6 +31,10 @@ def run_main(fn):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except NotImplementedError as e:  # a plugged-in exercise stub the student has not written yet
+        print(f"error: not implemented yet: {e} (python -m exercises.check all shows what is missing)",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)  # the user knows they pressed Ctrl-C; no traceback needed
 
