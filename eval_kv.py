@@ -238,7 +238,9 @@ def markdown(results, title):
         lines.append(f"| {r['setting']} | {r['kv_bits_per_token']:,.0f} | {r['kv_bits_per_cached_token']:,.0f} | "
                      f"{r['ratio_16bit']:.3f} | {r['bpb']:.4f} | {r['delta_pct']:+.2f}% | {r['kl_bits']:.5f} | "
                      f"{'*' if i in front else ''} |")
-    close = [r["setting"] for r in results if r["delta_pct"] <= 1.0]
+    # within 1% either way: a setting that lowers bits per byte by more has changed the model
+    # (e.g. cut a history it cannot use), it has not kept it
+    close = [r["setting"] for r in results if abs(r["delta_pct"]) <= 1.0]
     lines += ["", f"Within 1% of the plain cache's {results[0]['bpb_ref']:.4f} bits per byte: "
               + (", ".join(close) if close else "none") + ".", ""]
     cols = [k for k in results[0] if k.startswith("bpb[")]
