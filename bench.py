@@ -22,9 +22,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
 
+from bench_train import bench_train  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig, MODEL_ARG_KEYS  # noqa: E402
-from utils import UserError, autocast_ctx, pick_device, pick_dtype, run_main  # noqa: E402
+from utils import UserError, autocast_ctx, compile_or_eager, pick_device, pick_dtype, run_main  # noqa: E402
 
 
 def train_defaults():
@@ -45,7 +46,9 @@ globals().update(train_defaults())
 what = "all"  # "train", "generate" or "all"
 bench_kv_window = 256  # the bounded cache of the generation rows
 bench_lengths = "256,1024,4096"  # new tokens per generation row
-bench_iters = 30  # timed training iterations (after warm-up)
+bench_iters = 30  # timed training iterations (after warm-up), per repeat
+bench_repeats = 3  # timed runs per training row; the fastest is reported
+bench_ablation = False  # training: one row per change between the plain loop and train.py's
 baseline = False  # also time the tutorial's concatenate-and-re-rotate decoding (slow)
 threads = 0  # torch threads on CPU; 0 = torch's default
 # -----------------------------------------------------------------------------
@@ -60,8 +63,9 @@ def rss_mb():
         return 0.0
 
 
-def time_generation(model, n_new, kv_window, device):
-    """Wall time of each new token (list of seconds since start) and the stats."""
+def time_generation(model, n_new, kv_window, device, decode=None):
+    """Wall time of each new token (list of seconds since start) and the stats.
+    decode: what runs the decode steps (default: the model, eager)."""
     prompt = torch.full((1, 4), ord("#"), dtype=torch.long, device=device)
     stats, stamps = {}, []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -69,7 +73,7 @@ def time_generation(model, n_new, kv_window, device):
     sync()
     t0 = time.perf_counter()
     for _ in model.generate_stream(prompt, n_new, temperature=1.0, top_k=200, kv_window=kv_window,
-                                   stats=stats, generator=g):
+                                   stats=stats, generator=g, decode=decode):
         sync()
         stamps.append(time.perf_counter() - t0)
     return stamps, stats
@@ -113,6 +117,23 @@ def bench_generate(model, device):
             t = time_baseline(model, n, bench_kv_window)
             print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={bench_kv_window}: "
                   f"{n} tokens in {t:.2f} s; ours is {t / stamps[-1]:.1f}x faster")
+    if compile:
+        compare_compiled_decode(model, device, max(lengths))
+
+
+def compare_compiled_decode(model, device, n):
+    """The decode step torch.compile'd vs eager, unbounded cache. (The cache's positions are
+    Python ints that change every token, so the compiled step is re-specialised per token
+    until torch._dynamo's recompile limit, then runs eager: expect no gain.)"""
+    prompt = torch.full((1, 4), ord("#"), dtype=torch.long, device=device)
+    t0 = time.perf_counter()
+    compiled = compile_or_eager(model, lambda c: list(model.generate_stream(prompt, 16, decode=c)))
+    print(f"\ncompiling the decode step took {time.perf_counter() - t0:.1f} s")
+    time_generation(model, 64, 0, device, decode=compiled)  # any remaining warm-up
+    eager, _ = time_generation(model, n, 0, device)
+    fast, _ = time_generation(model, n, 0, device, decode=compiled)
+    print(f"decode step compiled: {n / fast[-1]:,.0f} tokens/s for {n} new tokens, eager "
+          f"{n / eager[-1]:,.0f} tokens/s ({eager[-1] / fast[-1]:.2f}x)")
 
 
 def main():
@@ -128,7 +149,6 @@ def main():
     print(f"device {dev}, dtype {dt}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
     if what in ("train", "all"):
-        from bench_train import bench_train
         bench_train(globals(), args, dev, dt)
     if what in ("generate", "all"):
         model = GPT(GPTConfig(**dict(args, dropout=0.0))).to(dev).eval()

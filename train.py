@@ -20,6 +20,10 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
   --resume_mode=continue or --resume_mode=finetune forces one.
 Only compute the val loss of a checkpoint (writes nothing; --eval_only=True does the same):
     python train.py config/train_shakespeare_char.py --init_from=resume --max_iters=0 --eval_interval=1
+Several GPUs (DistributedDataParallel; gloo instead of nccl on CPUs), and several nodes:
+    torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
+    (the same on the second node with --node_rank=1)
 Watch the curves:
     tensorboard --logdir=out-shakespeare-char
 """
@@ -27,14 +31,18 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
+from inspect import signature
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import checkpoint_path, load_model, save_checkpoint, unwrap
 from configurator import configure
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
-from utils import (ByteLoader, UserError, autocast_ctx, dataset_paths, fixed_batches,
-                   import_function, pick_device, pick_dtype, run_main)
+from utils import (ByteLoader, UserError, autocast_ctx, compile_or_eager, dataset_paths,
+                   fixed_batches, import_function, pick_device, pick_dtype, run_main)
 
 # -----------------------------------------------------------------------------
 # default config: the tutorial's GPU recipe for tiny-shakespeare
@@ -52,7 +60,7 @@ resume_mode = "auto"  # 'continue' | 'finetune' | 'auto' (see the docstring)
 tensorboard = True  # write TensorBoard scalars into out_dir
 # data
 dataset = "shakespeare_char"  # data/<dataset>/train.txt and val.txt, or a folder path holding them
-gradient_accumulation_steps = 1  # micro-batches per optimizer step
+gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all DDP ranks together
 batch_size = 64  # rows per micro-batch
 block_size = 256  # bytes per row (the training context length)
 reset_prob = 0.1  # probability that a row jumps to a random place in the text at each step
@@ -87,21 +95,51 @@ min_lr = 1e-4  # final learning rate
 # system
 device = ""  # 'cpu', 'cuda', 'cuda:1', 'mps'; '' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = bfloat16 where supported, float16 on older GPUs, float32 on CPU/MPS
-compile = False  # torch.compile the model
+compile = False  # torch.compile the model (eager, with a warning, where it fails; see README for where it pays)
+threads = 0  # torch's CPU threads (0 = its default, one per core); 1 is fastest for small models on a busy machine
+backend = ""  # torch.distributed backend under torchrun: 'nccl' or 'gloo'; '' = nccl on CUDA, gloo on CPU
 seed = 1337  # seed of the model init, dropout and data order
 # -----------------------------------------------------------------------------
 
 def main():
+    try:
+        train()
+        if dist.is_initialized():
+            dist.barrier()  # no rank leaves while rank 0 still writes a checkpoint
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train():
     model_defaults = {k: globals()[k] for k in MODEL_ARG_KEYS}
+    # under torchrun (RANK, LOCAL_RANK and WORLD_SIZE set): one process per GPU, or per CPU share
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    master = rank == 0  # rank 0 alone prints, logs to TensorBoard and writes checkpoints
+    if not master:
+        sys.stdout = open(os.devnull, "w")
     config = configure(globals(), sys.argv[1:])
-    check_settings()
+    check_settings(world_size)
+    micro_steps = gradient_accumulation_steps // world_size  # this rank's share
     xl_fn = import_function(xl_update, "xl_update") if xl_update else None
     dev = pick_device(device)
+    if ddp:
+        if dev.startswith("cuda"):
+            dev = f"cuda:{local_rank}"  # the GPU of this process
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend or ("nccl" if dev.startswith("cuda") else "gloo"))
+        print(f"DDP: {world_size} processes, backend {dist.get_backend()}, "
+              f"{micro_steps} micro-steps each per iteration")
     dt = pick_dtype(dev, dtype)
-    print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
-          f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})")
+    if threads:
+        torch.set_num_threads(threads)
     device_type = dev.split(":")[0]
-    torch.manual_seed(seed)
+    print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
+          f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})"
+          + (f", {torch.get_num_threads()} threads" if device_type == "cpu" else ""))
+    torch.manual_seed(seed + rank)  # rank's own dropout; DDP gives every rank rank 0's initial weights
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     ctx = autocast_ctx(dev, dt)
@@ -141,22 +179,34 @@ def main():
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
+    # each rank reads its own rows. A resume restores rank 0's rows (the checkpoint holds its
+    # loader); the other ranks start new rows, seeded by the iteration so none replays its first batches
+    rank_seed = seed + rank + (world_size * start_iter if rank > 0 else 0)
     if writes:
         print(f"training iterations {start_iter}..{end_iter - 1}, {tokens_per_iter:,} tokens per iteration")
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
-        loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=seed, device=dev)
+        loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)
         if ckpt is not None:
-            restore_training_state(ckpt, mode, optimizer, scaler, loader)
+            restore_training_state(ckpt, mode, optimizer, scaler, loader if master else None)
+            if not master:
+                torch.manual_seed(rank_seed)
     del ckpt  # free its memory before training
     if compile:
-        print("compiling the model...")
-        model = torch.compile(model)
-    eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed, device=dev)
+        print("compiling the model (the first call of each kind of step takes a while)...")
+        model = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx))
+    if ddp:
+        # the only buffers are constant rotary tables: no need to send them at every forward
+        # (the keyword was renamed in torch 2.13)
+        keyword = "forward_sync_buffers" if "forward_sync_buffers" in signature(DDP).parameters else "broadcast_buffers"
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **{keyword: False})
+    eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed + rank, device=dev)
                  for split, path in (("train", train_path), ("val", val_path))}
-    tb = TensorBoard(out_dir if (writes and tensorboard) else None, purge_step=start_iter)
+    tb = TensorBoard(out_dir if (writes and tensorboard and master) else None, purge_step=start_iter)
 
     def save(name):
+        if not master:
+            return 0.0
         t0 = time.time()
         os.makedirs(out_dir, exist_ok=True)
         save_checkpoint(os.path.join(out_dir, name), model, optimizer, model_args, config,
@@ -167,7 +217,11 @@ def main():
     def evaluate():
         nonlocal best_val_loss
         t0 = time.time()
-        losses = estimate_loss(model, eval_sets, ctx, xl_mem, xl_fn)
+        losses = estimate_loss(model, eval_sets, ctx, xl_mem, xl_fn, quiet=not master)
+        if ddp:  # each rank evaluated its own batches: average them
+            mean = torch.tensor(list(losses.values()), device=dev)
+            dist.all_reduce(mean)
+            losses = dict(zip(losses, (mean / world_size).tolist()))
         line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         if "val_mem" in losses:
             line += f", val loss with memory {losses['val_mem']:.4f}"
@@ -196,14 +250,18 @@ def main():
         lr = get_lr(iter_num - origin)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(gradient_accumulation_steps):
+        batch_loss = torch.zeros((), device=dev)  # this rank's mean over its micro-steps
+        for micro in range(micro_steps):
             x, y, restarted = loader.next()
-            with ctx:
-                if memory is not None:
-                    restart_rows(memory, restarted)
-                logits, _ = model(x, memory, return_states=memory is not None)
-                loss = loss_fn(logits, y) / gradient_accumulation_steps
-            scaler.scale(loss).backward()
+            # DDP all-reduces the gradients in the backward of the last micro-step only
+            with model.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():
+                with ctx:
+                    if memory is not None:
+                        restart_rows(memory, restarted)
+                    logits, _ = model(x, memory, return_states=memory is not None)
+                    loss = loss_fn(logits, y) / micro_steps
+                scaler.scale(loss).backward()
+            batch_loss += loss.detach()
         if grad_clip > 0.0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -216,7 +274,10 @@ def main():
         if (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
             t_mark += evaluate()
         if iter_num % log_interval == 0:
-            lossf = loss.item() * gradient_accumulation_steps  # waits for the GPU
+            if ddp:  # the loss of the whole batch, all ranks' micro-steps
+                dist.all_reduce(batch_loss)
+                batch_loss /= world_size
+            lossf = batch_loss.item()  # waits for the GPU
             elapsed = time.time() - t_mark
             ms_per_iter = 1000 * elapsed / steps_since_mark
             tokens_per_s = tokens_per_iter * steps_since_mark / elapsed
@@ -243,7 +304,7 @@ def main():
     tb.close()
 
 
-def check_settings():
+def check_settings(world_size=1):
     """Reject values that would fail later with a less clear message."""
     if init_from not in ("scratch", "resume"):
         raise UserError(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
@@ -253,12 +314,31 @@ def check_settings():
                  "gradient_accumulation_steps"):
         if globals()[name] < 1:
             raise UserError(f"--{name} must be at least 1, got {globals()[name]}")
+    if gradient_accumulation_steps % world_size:
+        raise UserError(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
+                        f"{world_size} DDP processes, which share the micro-steps equally (e.g. "
+                        f"--gradient_accumulation_steps={world_size * gradient_accumulation_steps})")
+    if backend not in ("", "nccl", "gloo", "mpi", "ucc"):
+        raise UserError(f"--backend={backend}: use nccl (GPUs), gloo (CPUs) or '' (picks one)")
+    if threads < 0:
+        raise UserError(f"--threads must be 0 (torch's default) or a number of threads, got {threads}")
     if xl_mem < 0:
         raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
     if max_iters < 0:
         raise UserError(f"--max_iters must be 0 or more, got {max_iters}")
     if not 0.0 < last_save_budget <= 1.0:
         raise UserError(f"--last_save_budget must be in (0, 1], got {last_save_budget}")
+
+
+def compile_probe(model, dev, ctx):
+    """One forward and backward of a dummy batch, so that torch.compile compiles (or fails) now."""
+    try:
+        with ctx:
+            logits, _ = model(torch.zeros(batch_size, block_size, dtype=torch.long, device=dev),
+                              return_states=False)
+        logits.float().mean().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def restart_rows(memory, restarted):
@@ -293,7 +373,8 @@ def pick_resume_mode(ckpt_iter):
 
 
 def restore_training_state(ckpt, mode, optimizer, scaler, loader):
-    """Optimizer and scaler state for both modes; RNG and data position for 'continue'."""
+    """Optimizer and scaler state for both modes; RNG and data position for 'continue'
+    (loader None: a DDP rank > 0, which keeps its own RNG and rows)."""
     if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
         # the moments come from the checkpoint, the hyperparameters from this run's config
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -304,7 +385,7 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader):
         print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if mode != "continue":
+    if mode != "continue" or loader is None:
         return
     rng = ckpt.get("rng") or {}
     if "cpu" in rng:
@@ -346,9 +427,10 @@ def get_lr(it):
 
 
 @torch.no_grad()
-def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None):
+def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None, quiet=False):
     """Mean loss over each split's fixed batches; with mem_len, also the val loss with XL
-    memory carried over the consecutive val batches ("val_mem"). Shows progress when slow."""
+    memory carried over the consecutive val batches ("val_mem"). Shows progress when slow
+    (unless quiet)."""
     model.eval()
     tty = sys.stderr.isatty()  # a terminal gets one updated line, a log file a line every 10 s
     out, t0, shown = {}, time.time(), 0.0
@@ -364,7 +446,7 @@ def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None):
                 logits, _ = model(x, memory, return_states=memory is not None)
                 losses[i] = loss_fn(logits, y).item()
             now = time.time()
-            if now - t0 > 3.0 and now - shown > (0.5 if tty else 10.0):
+            if not quiet and now - t0 > 3.0 and now - shown > (0.5 if tty else 10.0):
                 progress = f"evaluating: {name} batch {i + 1}/{len(batches)}"
                 print("\r" + progress if tty else progress, end="" if tty else "\n", file=sys.stderr, flush=True)
                 shown = now

@@ -115,6 +115,29 @@ def autocast_ctx(device, dtype):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
+def compile_or_eager(fn, probe):
+    """torch.compile(fn), tried once by probe(compiled): compilation is lazy, so this is
+    where it would fail (no C++ compiler, an unsupported platform or Python). On failure,
+    fn itself and one warning line on stderr. The global RNG is left as the probe found it."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        compiled = torch.compile(fn)
+        probe(compiled)
+    except Exception as e:  # any failure inside the compiler stack means: run eager
+        import torch._dynamo as dynamo
+        dynamo.reset()  # forget what was half-compiled
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: torch.compile failed, running eager ({type(e).__name__}: {first})",
+              file=sys.stderr, flush=True)
+        compiled = fn
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return compiled
+
+
 # -----------------------------------------------------------------------------
 # data
 
