@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
 
-from bench_train import bench_train  # noqa: E402
+from bench_train import bench_train, rss_mb  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig, MODEL_ARG_KEYS  # noqa: E402
 from utils import UserError, autocast_ctx, compile_or_eager, pick_device, pick_dtype, run_main  # noqa: E402
@@ -52,15 +52,6 @@ bench_ablation = False  # training: one row per change between the plain loop an
 baseline = False  # also time the tutorial's concatenate-and-re-rotate decoding (slow)
 threads = 0  # torch threads on CPU; 0 = torch's default
 # -----------------------------------------------------------------------------
-
-
-def rss_mb():
-    """Resident memory of this process now (MB), Linux; 0 elsewhere."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return 0.0
 
 
 def time_generation(model, n_new, kv_window, device, decode=None):

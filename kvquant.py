@@ -44,12 +44,10 @@ slice of each tensor must hold all there is to know about that row), so the cach
 concatenate rows from several calls, or drop rows, before it calls dequantize.
 """
 
-import importlib
-
 import torch
 
 from kvcache import visible
-from utils import UserError
+from utils import UserError, import_function
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -294,14 +292,7 @@ def resolve_quant(name):
     if ":" not in name:
         raise UserError(f"unknown kv_quant {name!r}: choose none, {', '.join(FORMATS)} "
                         "or give your own as package.module:function")
-    mod_name, fn_name = name.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"kv_quant {name!r} does not import: {e}") from None
-    if not callable(fn):
-        raise UserError(f"kv_quant {name!r} is not a function")
-    return fn
+    return import_function(name, "kv_quant")
 
 
 def make_formats(name, group, head_dim, channel_keys):
