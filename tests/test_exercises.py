@@ -1,6 +1,6 @@
-"""exercises/check.py, checked itself: every check passes on the project's references,
-reports "not implemented yet" on the untouched stubs, and the right check fails on a
-deliberately wrong implementation of each exercise (written here, into tmp modules)."""
+"""exercises/check.py and its checks_*.py, checked themselves: every check passes on the
+project's references, reports "not implemented yet" on the untouched stubs, and the right check
+fails on a deliberately wrong implementation of each exercise (written here, into tmp modules)."""
 
 import importlib
 import sys
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from exercises import check
+from exercises import check, checks_common
 
 WRONG = {}  # exercise name -> {what is wrong: (source of a module, title of the check that must fail)}
 
@@ -179,15 +179,15 @@ def test_other_correct_solutions_pass(exercise, source, tmp_path, monkeypatch):
 
 def test_plugged_in_references_equal_the_built_in_policies():
     from kvpolicy import make_cache_factory
-    model = check.tiny_model(n_kv_head=2).eval()
-    idx = check.random_text(2, 30)
+    model = checks_common.tiny_model(n_kv_head=2).eval()
+    idx = checks_common.random_text(2, 30)
     pairs = [(dict(kv_quant="int8", kv_quant_residual=4), dict(kv_quant="kvquant:int8_quantize", kv_quant_residual=4)),
              (dict(kv_evict="h2o", kv_budget=9, kv_sink=2, kv_recent=3),
               dict(kv_evict="kvevict:h2o_priority", kv_budget=9, kv_sink=2, kv_recent=3))]
     with torch.no_grad():
         for built_in, plugged in pairs:
-            a, _ = check.feed(model, idx, 1, make_cache=make_cache_factory(**built_in))
-            b, _ = check.feed(model, idx, 1, make_cache=make_cache_factory(**plugged))
+            a, _ = checks_common.feed(model, idx, 1, make_cache=make_cache_factory(**built_in))
+            b, _ = checks_common.feed(model, idx, 1, make_cache=make_cache_factory(**plugged))
             assert torch.equal(a, b), (built_in, plugged)
 
 
@@ -204,7 +204,7 @@ def test_eviction_rule_errors_are_one_line(tmp_path, monkeypatch):
         """)
     bad = make_cache_factory(kv_evict=f"{name}:rule", kv_budget=4)
     with pytest.raises(UserError, match="must return float priorities shaped like scores"):
-        check.feed(check.tiny_model().eval(), check.random_text(1, 10), 1, make_cache=bad)
+        checks_common.feed(checks_common.tiny_model().eval(), checks_common.random_text(1, 10), 1, make_cache=bad)
 
 
 def test_code_that_crashes_is_one_line_with_its_place(tmp_path, monkeypatch):

@@ -1,0 +1,209 @@
+"""
+Checks of exercise 3, linear attention: attention(q, k, v, mask, dropout_p) and
+recurrent_step(q, k, v, S, z), like attention_linear.linear_attention and linear_recurrent.
+"""
+
+import torch
+from torch.nn import functional as F
+
+import attention_linear
+import kvcache
+from exercises.checks_common import (TRAIN_BLOCK, expect, expect_close, feed, max_err, play_text, randn,
+                                     random_text, tiny_model, train_tiny)
+from model import loss_fn
+
+
+def linear_references(q, k, v, mask):
+    """What a correct attention() returns, for each normalisation."""
+    qf, kf = attention_linear.phi(q.float()), attention_linear.phi(k.float())
+    att = (qf @ kf.transpose(-2, -1)) * mask
+    num, den = att @ v.float(), att.sum(-1, keepdim=True)
+    return {"layernorm": F.layer_norm(num, (q.size(-1),)), "denominator": num / (den + attention_linear.EPS)}
+
+
+def qkv(B=2, nh=2, T=6, S=6, hs=8, seed=0):
+    return randn(B, nh, T, hs, seed=seed), randn(B, nh, S, hs, seed=seed + 1), randn(B, nh, S, hs, seed=seed + 2)
+
+
+def causal(T, S):
+    return torch.ones(T, S, dtype=torch.bool).tril(S - T)
+
+
+def window_mask(B, T, S):
+    """(B, 1, T, S): causal, a local window of 3 plus one sink, and row 1 forbidden key 1."""
+    m = kvcache.visible(torch.arange(S - T, S), torch.arange(S), recent=3, sink=1)
+    m = m.expand(B, 1, T, S).clone()
+    m[1, :, :, 1] = False
+    return m
+
+
+def call_attention(impl, q, k, v, mask):
+    y = impl.attention(q, k, v, mask, 0.0)
+    expect(torch.is_tensor(y), f"attention must return a tensor, got {type(y).__name__}")
+    expect(tuple(y.shape) == tuple(q.shape), f"y has shape {tuple(y.shape)}, expected q's {tuple(q.shape)} (B, nh, T, hs)")
+    return y
+
+
+def check_linear_shapes(impl, ctx):
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (t.to(dtype) for t in qkv(T=3, S=7))
+        y = call_attention(impl, q, k, v, causal(3, 7))
+        expect(y.dtype == dtype, f"y came back as {y.dtype} for {dtype} inputs: cast the result to q.dtype")
+        expect(bool(torch.isfinite(y).all()), "y holds inf or nan")
+
+
+def check_linear_formula(impl, ctx):
+    for T, S, mask in ((6, 6, causal(6, 6)), (3, 9, causal(3, 9)), (4, 9, window_mask(2, 4, 9))):
+        q, k, v = qkv(T=T, S=S)
+        y = call_attention(impl, q, k, v, mask)
+        refs = linear_references(q, k, v, mask)
+        errs = {name: max_err(y, r) for name, r in refs.items()}
+        best = min(errs, key=errs.get)
+        expect(errs[best] < 1e-3, f"T={T}, S={S}: y is not (phi(q) phi(k)^T * mask) v normalised "
+               f"(relative error {errs['layernorm']:.2g} vs layer_norm, {errs['denominator']:.2g} vs the "
+               "denominator); phi(x) = elu(x) + 1, no softmax, no 1/sqrt(hs)")
+        expect(ctx.setdefault("norm", best) == best, "the normalisation changed between calls")
+    return "normalised by " + {"layernorm": "layer_norm", "denominator": "the denominator"}[ctx["norm"]]
+
+
+def check_linear_causal(impl, ctx):
+    q, k, v = qkv(T=7, S=7)
+    y = call_attention(impl, q, k, v, causal(7, 7))
+    for t in range(6):
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, t + 1:] += randn(*k2[:, :, t + 1:].shape, seed=t + 10) * 3
+        v2[:, :, t + 1:] += randn(*v2[:, :, t + 1:].shape, seed=t + 20) * 3
+        y2 = call_attention(impl, q, k2, v2, causal(7, 7))
+        expect(torch.allclose(y2[:, :, :t + 1], y[:, :, :t + 1], atol=1e-5),
+               f"the output at position {t} changed when only later keys/values changed: "
+               "the future leaks in; zero the weights where the mask is False")
+
+
+def check_linear_mask(impl, ctx):
+    B, T, S = 2, 4, 9
+    q, k, v = qkv(B=B, T=T, S=S)
+    mask = window_mask(B, T, S)
+    y = call_attention(impl, q, k, v, mask)
+    for b in range(B):
+        for t in range(T):
+            hidden = ~mask[b, 0, t]
+            k2, v2 = k.clone(), v.clone()
+            k2[b, :, hidden] += 3.0
+            v2[b, :, hidden] -= 3.0
+            y2 = call_attention(impl, q, k2, v2, mask)
+            expect(torch.allclose(y2[b, :, t], y[b, :, t], atol=1e-5),
+                   f"row {b}, query {t}: the output depends on keys the mask hides (a window, a sink, "
+                   "another text): use the mask you are given, not your own triangle")
+
+
+def user_model(impl, **kw):
+    return tiny_model(attention=impl.spec("attention"), **kw)
+
+
+def check_linear_cached(impl, ctx):
+    model = user_model(impl, n_kv_head=2).eval()
+    idx = random_text(2, 40)
+    with torch.no_grad():
+        full, _ = model(idx)
+        for step in (1, 6):
+            cached, _ = feed(model, idx, step)
+            expect_close(cached, full, f"logits fed {step} byte(s) at a time over the KV cache",
+                         "with a cache, T < S: the mask is not square (see the mask's last T rows)")
+    return "fed 1 and 6 bytes at a time"
+
+
+def check_linear_model(impl, ctx):
+    norm = ctx.get("norm", "layernorm")
+    yours = user_model(impl).eval()
+    ref = tiny_model(attention="linear", linear_norm=norm).eval()
+    ref.load_state_dict(yours.state_dict())
+    idx = random_text(2, 50)
+    with torch.no_grad():
+        expect_close(yours(idx)[0], ref(idx)[0], "the logits",
+                     f"the model with your attention should equal --attention=linear --linear_norm={norm}")
+    # one training step: the gradients must agree too
+    grads = []
+    for m in (yours, ref):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        logits, _ = m(idx[:, :-1], return_states=False)
+        loss_fn(logits, idx[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    for name, g in grads[1].items():
+        expect(name in grads[0], f"no gradient reaches {name}: is the graph cut (.detach(), .item(), numpy)?")
+        expect_close(grads[0][name], g, f"the gradient of {name}", "the backward pass differs from the reference's")
+    return f"--linear_norm={norm}"
+
+
+def check_linear_training(impl, ctx):
+    model = user_model(impl, n_embd=64)
+    loss = train_tiny(model, play_text(), TRAIN_BLOCK, 200)
+    # byte frequencies alone give 3.18; layer_norm gets to about 2.6, the denominator to 1.2
+    # and softmax to 1.0 in 200 steps; far lower means the model reads the answer
+    expect(loss == loss and loss < 2.9, f"training loss {loss:.2f} after 200 steps, hardly better than byte "
+           "frequencies (3.18): is the gradient flowing, the output normalised?")
+    expect(loss > 0.4, f"training loss {loss:.2f} after 200 steps is too good to be true: does a position see "
+           "the byte it must predict?")
+    return f"loss {loss:.2f} after 200 steps on 32-byte blocks (3.18 from byte frequencies, softmax about 1.0)"
+
+
+def recurrent_inputs(B=2, h=3, T=9, hs=4, seed=0):
+    phi = attention_linear.phi
+    q, k, v = phi(randn(B, h, T, hs, seed=seed)), phi(randn(B, h, T, hs, seed=seed + 1)), randn(B, h, T, hs, seed=seed + 2)
+    S0, z0 = phi(randn(B, h, hs, hs, seed=seed + 3)), phi(randn(B, h, hs, seed=seed + 4))
+    return q, k, v, S0, z0
+
+
+def call_recurrent(impl, q, k, v, S, z):
+    out = impl.recurrent_step(q, k, v, S, z)
+    expect(isinstance(out, (tuple, list)) and len(out) == 2, "recurrent_step must return (num, den)")
+    num, den = out
+    B, h, T, hs = q.shape
+    expect(torch.is_tensor(num) and tuple(num.shape) == (B, h, T, hs),
+           f"num must be (B, h, T, hs) = {(B, h, T, hs)}, got {tuple(getattr(num, 'shape', ()))}")
+    expect(torch.is_tensor(den) and tuple(den.shape) == (B, h, T, 1),
+           f"den must be (B, h, T, 1) = {(B, h, T, 1)}, got {tuple(getattr(den, 'shape', ()))}")
+    return num, den
+
+
+def check_recurrent_shapes(impl, ctx):
+    q, k, v, S0, z0 = recurrent_inputs()
+    S, z = S0.clone(), z0.clone()
+    call_recurrent(impl, q, k, v, S, z)
+    expect(S.shape == S0.shape and z.shape == z0.shape, "S and z must keep their shapes: the state has a fixed size")
+
+
+def check_recurrent_state(impl, ctx):
+    q, k, v, S0, z0 = recurrent_inputs()
+    S, z = S0.clone(), z0.clone()
+    call_recurrent(impl, q, k, v, S, z)
+    expect(not torch.equal(S, S0), "S did not change: update it in place (S += ...), the caller keeps only S and z")
+    expect_close(S, S0 + k.transpose(-2, -1) @ v, "S after T tokens", "S += phi(k_t) v_t^T (outer product) per token")
+    expect_close(z, z0 + k.sum(2), "z after T tokens", "z += phi(k_t) per token")
+
+
+def check_recurrent_parallel(impl, ctx):
+    q, k, v, S0, z0 = recurrent_inputs(T=13)
+    num, den = call_recurrent(impl, q, k, v, S0.clone(), z0.clone())
+    ref_num, ref_den = attention_linear.linear_parallel(q, k, v, S0, z0)
+    expect_close(num, ref_num, "num", "num_t = q_t^T S_t, with token t already added to S")
+    expect_close(den, ref_den, "den", "den_t = q_t . z_t, with token t already added to z")
+    # fed in pieces, the state carries everything
+    S, z = S0.clone(), z0.clone()
+    parts = [call_recurrent(impl, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], S, z) for a, b in ((0, 5), (5, 6), (6, 13))]
+    expect_close(torch.cat([p[0] for p in parts], 2), ref_num, "num fed 5 + 1 + 7 tokens",
+                 "the state must carry the history between calls")
+    return "in one call and in pieces"
+
+
+def check_recurrent_matches_attention(impl, ctx):
+    q, k, v = qkv(T=8, S=8)
+    y = call_attention(impl, q, k, v, causal(8, 8))
+    phi = attention_linear.phi
+    B, h, _, hs = q.shape
+    S, z = torch.zeros(B, h, hs, hs), torch.zeros(B, h, hs)
+    num, den = call_recurrent(impl, phi(q), phi(k), v, S, z)
+    fixed = {"layernorm": F.layer_norm(num, (hs,)), "denominator": num / (den + attention_linear.EPS)}
+    errs = {name: max_err(y, r) for name, r in fixed.items()}
+    expect(min(errs.values()) < 1e-3, "your attention() and your recurrent_step() disagree on the same "
+           f"text (relative error {min(errs.values()):.2g}): the fixed-size state must give the same outputs")

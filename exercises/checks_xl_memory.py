@@ -1,0 +1,179 @@
+"""
+Checks of exercise 2, TransformerXL memory: xl_step(mem_k, mem_v, mem_ok, k, v, mem_len),
+like kvcache.xl_step.
+"""
+
+import torch
+
+import kvcache
+from exercises.checks_common import Failed, expect, expect_close, randn, random_text, repeating_text, tiny_model
+from model import GPT, GPTConfig, loss_fn
+
+
+def xl_inputs(m, T, B=2, H=2, hs=4, seed=0):
+    mem_k, mem_v = randn(B, H, m, hs, seed=seed), randn(B, H, m, hs, seed=seed + 1)
+    mem_ok = torch.ones(B, m, dtype=torch.bool)
+    if m:
+        mem_ok[1, :m // 2 + 1] = False  # row 1 restarted: part of its memory is another text
+    k = randn(B, H, T, hs, seed=seed + 2).requires_grad_()
+    v = randn(B, H, T, hs, seed=seed + 3).requires_grad_()
+    return mem_k, mem_v, mem_ok, k, v
+
+
+def call_xl(impl, m, T, mem_len, seed=0):
+    args = xl_inputs(m, T, seed=seed)
+    out = impl.xl_step(*args, mem_len)
+    expect(isinstance(out, (tuple, list)) and len(out) == 6,
+           "xl_step must return six things: keys, vals, key_ok, new_k, new_v, new_ok")
+    expect(all(torch.is_tensor(t) for t in out), "xl_step must return six tensors")
+    return args, out
+
+
+XL_CASES = [(0, 4, 6), (5, 4, 6), (5, 4, 20), (6, 8, 3), (3, 3, 6)]  # (m, T, mem_len)
+
+
+def check_xl_shapes(impl, ctx):
+    for m, T, mem_len in XL_CASES:
+        (mk, _, _, k, _), (keys, vals, ok, nk, nv, nok) = call_xl(impl, m, T, mem_len)
+        B, H, _, hs = k.shape
+        n = min(mem_len, m + T)
+        for name, t, want in (("keys", keys, (B, H, m + T, hs)), ("vals", vals, (B, H, m + T, hs)),
+                              ("key_ok", ok, (B, m + T)), ("new_k", nk, (B, H, n, hs)),
+                              ("new_v", nv, (B, H, n, hs)), ("new_ok", nok, (B, n))):
+            expect(tuple(t.shape) == want, f"m={m}, T={T}, mem_len={mem_len}: {name} has shape "
+                   f"{tuple(t.shape)}, expected {want}")
+        expect(ok.dtype == torch.bool and nok.dtype == torch.bool, "key_ok and new_ok must be bool tensors")
+        expect(keys.dtype == k.dtype and nk.dtype == k.dtype, "keys and new_k must keep the dtype of k")
+
+
+def check_xl_attend(impl, ctx):
+    for m, T, mem_len in XL_CASES:
+        (mk, mv, mok, k, v), (keys, vals, ok, _, _, _) = call_xl(impl, m, T, mem_len)
+        expect_close(keys, torch.cat([mk, k], 2), f"m={m}, T={T}: keys",
+                     "attend over the memory first, then this step's keys (torch.cat on dim 2)", tol=0)
+        expect_close(vals, torch.cat([mv, v], 2), f"m={m}, T={T}: vals", "memory first, then this step's values", tol=0)
+        want = torch.cat([mok, torch.ones(k.size(0), T, dtype=torch.bool)], 1)
+        expect(torch.equal(ok, want), f"m={m}, T={T}: key_ok must be mem_ok followed by True for this "
+               "step's tokens (a restarted row must not see its old memory)")
+
+
+def check_xl_keep(impl, ctx):
+    for m, T, mem_len in XL_CASES:
+        (mk, mv, mok, k, v), (keys, vals, ok, nk, nv, nok) = call_xl(impl, m, T, mem_len)
+        n = min(mem_len, m + T)
+        expect(nk.size(2) <= mem_len, f"m={m}, T={T}: the memory keeps {nk.size(2)} tokens, more than mem_len={mem_len}")
+        expect(nk.size(2) == n, f"m={m}, T={T}, mem_len={mem_len}: the memory keeps {nk.size(2)} tokens, "
+               f"expected {n} (the newest min(mem_len, m + T))")
+        all_k, all_v = torch.cat([mk, k], 2).detach(), torch.cat([mv, v], 2).detach()
+        expect_close(nk, all_k[:, :, -n:], f"m={m}, T={T}, mem_len={mem_len}: new_k",
+                     "keep the newest tokens (the end of keys), oldest first", tol=0)
+        expect_close(nv, all_v[:, :, -n:], f"m={m}, T={T}, mem_len={mem_len}: new_v", "keep the newest values", tol=0)
+        expect(torch.equal(nok, ok[:, -n:]), f"m={m}, T={T}: new_ok must be key_ok of the tokens kept")
+
+
+def check_xl_detach(impl, ctx):
+    (_, _, _, k, v), (keys, vals, _, nk, nv, _) = call_xl(impl, 5, 4, 6)
+    expect(not nk.requires_grad and not nv.requires_grad,
+           "new_k/new_v still require grad: .detach() them, or the next step's backward runs into this step")
+    expect(keys.requires_grad and vals.requires_grad,
+           "keys/vals carry no gradient: detach only the memory you keep, not what this step attends over")
+    (keys.sum() + vals.sum()).backward()
+    expect(k.grad is not None and torch.equal(k.grad, torch.ones_like(k)) and torch.equal(v.grad, torch.ones_like(v)),
+           "the gradient of keys/vals does not reach k and v one to one: use k and v themselves in the concatenation")
+
+
+def xl_batches(B=3, T=8, n=3):
+    """n consecutive batches; row 1 restarts at the second one."""
+    idx = random_text(B, n * T, seed=5)
+    restarts = [torch.ones(B, dtype=torch.bool)] + [torch.zeros(B, dtype=torch.bool) for _ in range(n - 1)]
+    restarts[1] = torch.tensor([False, True, False])
+    return [(idx[:, i * T:(i + 1) * T], restarts[i]) for i in range(n)]
+
+
+def xl_forward(model, step_fn, batches, mem_len):
+    """Logits of consecutive batches with an XL memory, as train.py computes them."""
+    memory = model.new_xl_states(batches[0][0].size(0), mem_len, step_fn)
+    out = []
+    for x, restarted in batches:
+        for s in {id(s): s for s in memory}.values():
+            s.restart(restarted)
+        logits, _ = model(x, memory)
+        out.append(logits)
+    return out, memory
+
+
+def xl_config():
+    return dict(n_layer=3, n_kv_head=2, window=6, global_layers="0,2")
+
+
+def check_xl_model(impl, ctx):
+    model = tiny_model(**xl_config()).eval()
+    batches = xl_batches()
+    with torch.no_grad():
+        ref, _ = xl_forward(model, kvcache.xl_step, batches, 12)
+        yours, memory = xl_forward(model, impl.xl_step, batches, 12)
+    for i, (a, b) in enumerate(zip(yours, ref)):
+        expect_close(a, b, f"logits of batch {i + 1}", "compare keys/key_ok and the memory kept with kvcache.xl_step")
+    expect(max(s.tokens() for s in memory) <= 12, "the memory grew beyond mem_len=12")
+    return "3 batches, a row restarting, GQA, local windows"
+
+
+def xl_step_grads(model, step_fn, batches, mem_len):
+    model.train()
+    memory = model.new_xl_states(batches[0][0].size(0), mem_len, step_fn)
+    for i, (x, restarted) in enumerate(batches):
+        logits, _ = model(x, memory)
+    y = torch.roll(batches[-1][0], -1, dims=1)
+    model.zero_grad(set_to_none=True)
+    loss_fn(logits, y).backward()  # the last batch only: gradient must stop at its start
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def check_xl_grads(impl, ctx):
+    model = tiny_model(**xl_config())
+    batches = xl_batches()
+    ref = xl_step_grads(model, kvcache.xl_step, batches, 12)
+    try:
+        yours = xl_step_grads(model, impl.xl_step, batches, 12)
+    except NotImplementedError:
+        raise
+    except RuntimeError as e:
+        raise Failed(f"backward failed ({str(e).splitlines()[0][:80]}...): detach the memory you keep") from None
+    for name, g in ref.items():
+        expect(name in yours, f"no gradient for {name}")
+        expect_close(yours[name], g, f"the gradient of {name}",
+                     "gradient flows into earlier batches through the memory: detach new_k and new_v")
+
+
+def check_xl_training(impl, ctx):
+    # one layer learns to copy from one block back within a hundred steps or so
+    block, mem, batch, iters = 16, 16, 16, 250
+    text = repeating_text(800, block)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, bias=False))
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    n_train = 700 * block  # the last 100 blocks are held out
+    starts = torch.randint(0, n_train // 2, (batch, 1), generator=torch.Generator().manual_seed(1))
+    memory = model.new_xl_states(batch, mem, impl.xl_step)
+    model.train()
+    for it in range(iters):
+        rows = (starts + it * block + torch.arange(block + 1)) % (n_train - 1)  # each row reads on
+        logits, _ = model(text[rows[:, :-1]], memory)
+        loss = loss_fn(logits, text[rows[:, 1:]])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    # held-out text, 8 consecutive blocks per row, memory carried along
+    model.eval()
+    memory = model.new_xl_states(4, mem, impl.xl_step)
+    losses = []
+    with torch.no_grad():
+        for i in range(8):
+            rows = n_train + torch.arange(4)[:, None] * 20 * block + i * block + torch.arange(block + 1)
+            logits, _ = model(text[rows[:, :-1]], memory)
+            if i > 0:  # the first block has no memory yet
+                losses.append(loss_fn(logits, text[rows[:, 1:]]).item())
+    val = sum(losses) / len(losses)
+    expect(val < 2.0, f"held-out loss with memory {val:.2f} after {iters} steps; a model that cannot see the "
+           "previous block gets about 2.77 (16 letters): is the memory passed on, the right tokens kept?")
+    return f"held-out loss {val:.2f} with memory after {iters} steps (about 2.77 without)"
