@@ -167,8 +167,8 @@ def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False):
     nh, T, S = q.size(1), q.size(2), k.size(2)
     k, v = expand_kv(k, nh), expand_kv(v, nh)
     att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
-    m = _mask_for_heads(materialize_mask(mask, T, S, q.device), nh)
-    att = att.masked_fill(~m, float("-inf"))
+    if mask is not None:  # None (the decode step): every key is visible, nothing to fill
+        att = att.masked_fill(~_mask_for_heads(materialize_mask(mask, T, S, q.device), nh), float("-inf"))
     att = torch.softmax(att.float(), dim=-1).to(q.dtype)
     y = F.dropout(att, dropout_p) @ v if dropout_p > 0 else att @ v
     return (y, att) if need_weights else y
