@@ -8,20 +8,9 @@ import torch
 from kvevict import EvictKVCache
 from kvpolicy import make_cache_factory
 from kvquant import make_formats
-from model import GPT, GPTConfig
+from test_model import text, tiny
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    args = dict(n_layer=2, n_head=4, n_embd=32, bias=False)
-    args.update(kw)
-    return GPT(GPTConfig(**args)).eval()
-
-
-def text(B=2, T=40, seed=1):
-    return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def brute_force(held, budget, keep_recent, keep_sink, seen, policy):

@@ -1,32 +1,21 @@
 """train.py --xl_mem: on a corpus where each block repeats the previous one (with a few
 changes), only a model that sees the previous batch through its memory can predict."""
 
-import random
 import re
 
 import pytest
 
 from conftest import assert_user_error, run_script
+from exercises.checks_common import repeating_text
 from test_train import train
 
 BLOCK = 32
 
 
-def repeating_corpus(n_blocks=3000, seed=0):
-    rng = random.Random(seed)
-    letters = "abcdefghijklmnop"
-    block = [rng.choice(letters) for _ in range(BLOCK)]
-    out = []
-    for _ in range(n_blocks):
-        block = [rng.choice(letters) if rng.random() < 0.1 else c for c in block]
-        out.append("".join(block))
-    return "".join(out).encode()
-
-
 @pytest.fixture(scope="module")
 def repeat_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("repeat")
-    data = repeating_corpus()
+    data = bytes(repeating_text(3000, BLOCK).tolist())
     n = int(len(data) * 0.9)
     (d / "train.txt").write_bytes(data[:n])
     (d / "val.txt").write_bytes(data[n:])
