@@ -134,13 +134,13 @@ def main():
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
-    dt = pick_dtype(dev, dtype)
+    dt, dt_train = pick_dtype(dev, dtype), pick_dtype(dev, dtype, training=True)
     torch.manual_seed(seed)
     args = {k: globals()[k] for k in MODEL_ARG_KEYS}
-    print(f"device {dev}, dtype {dt}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"device {dev}, dtype {dt_train} (training), {dt} (generation), torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
     if what in ("train", "all"):
-        bench_train(globals(), args, dev, dt)
+        bench_train(globals(), args, dev, dt_train)
     if what in ("generate", "all"):
         model = GPT(GPTConfig(**dict(args, dropout=0.0))).to(dev).eval()
         with autocast_ctx(dev, dt):

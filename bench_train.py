@@ -13,7 +13,8 @@ the fastest run is kept (on a shared machine the slow runs are those other work 
                      defaults, zero_grad; float32 (no TF32); one micro-step per iteration; torch's default
                      number of threads (the other rows use --threads where given)
   train.py loop      what train.py runs: return_states=False (no cache), the configured AdamW
-                     (fused), autocast, gradient clipping, gradient accumulation,
+                     (fused), autocast in train.py's dtype (bfloat16 on GPUs and on CPUs with
+                     bf16 instructions), gradient clipping, gradient accumulation,
                      set_to_none zero_grad, no host sync inside the step
   + compile          the same with torch.compile (--compile=True)
 --bench_ablation=True adds one row per change between the two, to see which of them pays.
@@ -165,7 +166,9 @@ def bench_train(g, args, dev, dt):
         rows += [("+ return_states=False (no KV cache)", train_py_step, dict(optimizer="default", clip=False),
                   "float32", threads),
                  ("+ fused AdamW", train_py_step, dict(optimizer="fused", clip=False), "float32", threads),
-                 ("+ clipping, as configured (= train.py loop)", train_py_step, {}, dt, threads)]
+                 ("+ clipping, as configured", train_py_step, {}, "float32", threads)]
+        if dt != "float32":
+            rows.append((f"+ {dt} autocast (= train.py loop)", train_py_step, {}, dt, threads))
     else:
         rows.append(("train.py loop", train_py_step, {}, dt, threads))
     if g["compile"]:

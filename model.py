@@ -141,6 +141,11 @@ def _mask_for_heads(mask, n_head):
 
 def softmax_attention(q, k, v, mask=None, dropout_p=0.0):
     """The reference: PyTorch's fused scaled_dot_product_attention."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # the CPU flash-attention kernel's backward is ~5x slower in bfloat16 than in float32
+        # (torch 2.13, measured): under CPU autocast, attend in float32
+        with torch.autocast("cpu", enabled=False):
+            return softmax_attention(q.float(), k.float(), v.float(), mask, dropout_p).to(q.dtype)
     nh = q.size(1)
     kw = {}
     if k.size(1) != nh:

@@ -94,7 +94,7 @@ lr_decay_iters = 5000  # iteration at which min_lr is reached
 min_lr = 1e-4  # final learning rate
 # system
 device = ""  # 'cpu', 'cuda', 'cuda:1', 'mps'; '' = the best available
-dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = bfloat16 where supported, float16 on older GPUs, float32 on CPU/MPS
+dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = bfloat16 where supported (GPUs, CPUs with bf16 instructions), float16 on older GPUs, float32 elsewhere
 compile = False  # torch.compile the model (eager, with a warning, where it fails; see README for where it pays)
 threads = 0  # torch's CPU threads (0 = its default, one per core); 1 is fastest for small models on a busy machine
 backend = ""  # torch.distributed backend under torchrun: 'nccl' or 'gloo'; '' = nccl on CUDA, gloo on CPU
@@ -132,7 +132,7 @@ def train():
         dist.init_process_group(backend=backend or ("nccl" if dev.startswith("cuda") else "gloo"))
         print(f"DDP: {world_size} processes, backend {dist.get_backend()}, "
               f"{micro_steps} micro-steps each per iteration")
-    dt = pick_dtype(dev, dtype)
+    dt = pick_dtype(dev, dtype, training=True)
     if threads:
         torch.set_num_threads(threads)
     device_type = dev.split(":")[0]

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import utils
 from checkpoint import load_model, read_checkpoint, save_checkpoint
 from conftest import REPO_ROOT
-from model import GPT, MODEL_ARG_KEYS, GPTConfig
+from model import GPT, MODEL_ARG_KEYS, GPTConfig, softmax_attention
 from test_train import TINY, data_dir, train  # noqa: F401 (data_dir is a fixture)
 from utils import ByteLoader
 
@@ -170,3 +170,57 @@ def test_training_forward_lets_sdpa_use_its_fast_kernels(monkeypatch, window):
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, window=window, dropout=0.1))
     model(torch.zeros(2, 32, dtype=torch.long), return_states=False)
     assert calls == [(True, True)] * 2
+
+
+# -- bfloat16 autocast on the CPU ----------------------------------------------------------
+
+def test_pick_dtype_bfloat16_for_cpu_training_only_where_native(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(utils, "cpu_has_bf16", lambda: native)
+        assert utils.pick_dtype("cpu", "auto", training=True) == ("bfloat16" if native else "float32")
+        assert utils.pick_dtype("cpu", "") == "float32"  # inference: exact float32
+        assert utils.pick_dtype("mps", "auto", training=True) == "float32"
+    assert utils.pick_dtype("cpu", "bfloat16") == "bfloat16"
+    with pytest.raises(utils.UserError, match="float16 is for GPUs"):
+        utils.pick_dtype("cpu", "float16")
+
+
+def test_cpu_autocast_computes_matmuls_in_bf16_and_attention_in_float32(monkeypatch):
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False, dropout=0.0))
+    idx = torch.randint(0, 256, (2, 16))
+    with utils.autocast_ctx("cpu", "bfloat16"):
+        logits, _ = model(idx, return_states=False)
+    assert logits.dtype == torch.bfloat16  # the matmuls ran in bfloat16
+    assert seen == [(torch.float32,) * 3 + (False,)] * 2
+    # the attention itself: float32 on the bfloat16 values, rounded back
+    q, k, v = torch.randn(3, 2, 2, 16, 8).bfloat16()
+    with utils.autocast_ctx("cpu", "bfloat16"):
+        got = softmax_attention(q, k, v, "causal")
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, sdpa(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
+    with utils.autocast_ctx("cpu", "float32"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_bf16_training_on_cpu_follows_the_float32_run(data_dir, tmp_path):
+    """Same seed, same rows: the bfloat16 run's losses stay close to the float32 run's, and
+    its checkpoint holds float32 weights like any other."""
+    def losses(out):
+        return [float(m) for m in re.findall(r"iter \d+: loss ([\d.]+)", out)]
+    ref = train(data_dir, tmp_path / "fp32", "--max_iters=8")
+    out = train(data_dir, tmp_path / "bf16", "--max_iters=8", "--dtype=bfloat16")
+    assert "dtype bfloat16 (given)" in out
+    a, b = losses(ref), losses(out)
+    assert len(a) == len(b) >= 4 and a != b
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
+    sd = read_checkpoint(tmp_path / "bf16" / "ckpt.pt")["model"]
+    assert all(t.dtype == torch.float32 for t in sd.values())

@@ -369,3 +369,17 @@ def test_trim_cache_with_keep_recent_equals_ring_buffer(step):
     trim, states = feed(m, idx, step, kv_window=6, kv_sink=2, make_cache=lambda i, **kw: TrimCache(**kw))
     torch.testing.assert_close(trim, ring, **TOL)
     assert states[0].tokens() == 8 and states[0].size_bits() == 2 * 2 * 4 * 8 * 8 * 32
+
+
+def test_rope_compiled_form_equals_the_complex_form(monkeypatch):
+    """apply_rope writes the turn with cos/sin under torch.compile: the same numbers."""
+    import rope
+    from rotary_embedding_torch import RotaryEmbedding
+    table = rope.rope_table(RotaryEmbedding(dim=16).freqs, torch.arange(3, 13))
+    x = torch.randn(2, 3, 10, 16)
+    eager, eager16 = rope.apply_rope(x, table), rope.apply_rope(x.bfloat16(), table)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(rope.apply_rope(x, table), eager, atol=1e-6, rtol=0)
+    got16 = rope.apply_rope(x.bfloat16(), table)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16, eager16)

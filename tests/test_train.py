@@ -21,7 +21,7 @@ from checkpoint import read_checkpoint, save_checkpoint
 from conftest import REPO_ROOT, assert_user_error, run_script, tiny_corpus
 from model import GPT, MODEL_ARG_KEYS, GPTConfig
 
-TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+TINY = ["--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
         "--batch_size=4", "--eval_iters=2", "--eval_interval=4", "--log_interval=2",
         "--warmup_iters=2", "--lr_decay_iters=20", "--reset_prob=0.3", "--dropout=0.0"]
 N = 6  # iterations of the shared run
