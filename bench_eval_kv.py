@@ -15,13 +15,10 @@ tells what the code does when it has the cores (with --threads=1, what one core 
 Speed does not depend on the weights, so random ones do.
 """
 import os
+import sys
+import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see eval_kv.py
-
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 from checkpoint import checkpoint_path, load_model
 from configurator import configure

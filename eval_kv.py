@@ -25,16 +25,11 @@ the frontier marked) into out_dir, and the same scalars to TensorBoard (out_dir/
 kv_window/kv_sink bound the history of both caches (a model trained with XL memory sees no
 more); the compression options apply to the compressed cache only.
 """
+import csv
+import math
 import os
-
-# idle CPU threads sleep instead of spinning: on a machine shared with other work, spinning
-# threads waiting for a descheduled sibling make torch many times slower (set before torch loads)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import csv  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import sys
+import time
 
 import numpy as np
 import torch
