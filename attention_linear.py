@@ -146,22 +146,24 @@ class LinearAttention(nn.Module):
         qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
         nq = self.n_head + self.n_kv_head
         qk = apply_rope(qkv[:, :nq], rot) if rot is not None else qkv[:, :nq]
-        qk = phi(qk.float())
-        q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, nq:].float()
-        if cache is None:
-            num, den, _, _ = linear_chunked(q, k, v, chunk=self.chunk)
-        elif T == 1:
-            num, den = linear_recurrent(q, k, v, cache.S, cache.z)
-        else:
-            num, den, S, z = linear_chunked(q, k, v, cache.S, cache.z, chunk=self.chunk)
-            cache.S, cache.z = S.detach(), z.detach()  # XL training: no gradient into the past
-        if cache is not None:
-            cache.seen += T
-        if self.norm == "denominator":
-            y = num / (den + EPS)
-        elif self.norm == "layernorm":
-            y = F.layer_norm(num, (self.head_dim,))
-        else:
-            y = num
+        # the sums over the whole history are float32 by design: no autocast in here
+        with torch.autocast(x.device.type, enabled=False):
+            qk = phi(qk.float())
+            q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, nq:].float()
+            if cache is None:
+                num, den, _, _ = linear_chunked(q, k, v, chunk=self.chunk)
+            elif T == 1:
+                num, den = linear_recurrent(q, k, v, cache.S, cache.z)
+            else:
+                num, den, S, z = linear_chunked(q, k, v, cache.S, cache.z, chunk=self.chunk)
+                cache.S, cache.z = S.detach(), z.detach()  # XL training: no gradient into the past
+            if cache is not None:
+                cache.seen += T
+            if self.norm == "denominator":
+                y = num / (den + EPS)
+            elif self.norm == "layernorm":
+                y = F.layer_norm(num, (self.head_dim,))
+            else:
+                y = num
         y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y)), None

@@ -73,3 +73,25 @@ def test_linear_bad_input():
                       (dict(attention="softmax", linear_layers="0"), "needs --attention=linear")]:
         with pytest.raises(UserError, match=words):
             GPT(GPTConfig(**dict(dict(n_layer=2, n_head=4, n_embd=32, attention="linear"), **kw)))
+
+
+def test_linear_sums_stay_float32_under_bf16_autocast(monkeypatch):
+    """Autocast would run the state's matmuls and cumulative sums in bfloat16; they must not."""
+    import attention_linear
+    import utils
+    seen = []
+    chunked = attention_linear.linear_chunked
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+        return chunked(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(attention_linear, "linear_chunked", spy)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, attention="linear", bias=False, dropout=0.0))
+    idx = torch.randint(0, 256, (2, 40))
+    with utils.autocast_ctx("cpu", "bfloat16"):
+        logits, _ = model(idx, return_states=False)
+    assert seen == [(torch.float32,) * 3 + (False,)]
+    ref, _ = model(idx, return_states=False)  # float32 throughout
+    torch.testing.assert_close(logits.float(), ref, atol=0.1, rtol=0.05)
