@@ -64,8 +64,8 @@ class KVCache:
 
     def _write(self, k, v, p):
         s = self._slots(p)
-        self.k.index_copy_(2, s, k)
-        self.v.index_copy_(2, s, v)
+        self.k.index_copy_(2, s, k.to(self.k.dtype))
+        self.v.index_copy_(2, s, v.to(self.v.dtype))
         self.pos.index_copy_(0, s, p)
 
     def update(self, k, v):

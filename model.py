@@ -239,7 +239,8 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v = qk[:, self.n_head:], qkv[:, nq:]  # (B, nkv, T, hs)
             if cache is not None:
-                k, v, mask = cache.update(k, v)
+                with torch.autocast(x.device.type, enabled=False):  # quantization, eviction: full precision
+                    k, v, mask = cache.update(k, v)
             elif self.window == 0 or self.window >= T:
                 mask = "causal"
             else:
@@ -247,7 +248,8 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if cache is not None and getattr(cache, "needs_scores", False):
             y, att = naive_attention(q, k, v, mask, p, need_weights=True)
-            cache.observe(att)
+            with torch.autocast(x.device.type, enabled=False):
+                cache.observe(att)
         else:
             y = self.attend(q, k, v, mask, p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
@@ -335,9 +337,13 @@ class GPT(nn.Module):
     def new_states(self, batch_size, kv_window=0, kv_sink=0, capacity=256, make_cache=None):
         """One cache per layer (the same object for the layers of a kv_share group).
         kv_window/kv_sink bound the history (0 = unbounded); a local layer never holds
-        more than its window. make_cache(layer_idx, **kw) may supply other cache classes."""
+        more than its window. make_cache(layer_idx, **kw) may supply other cache classes.
+        Under autocast the caches hold K/V in the autocast dtype, the dtype they come in."""
         c = self.config
         p = next(self.parameters())
+        kv_dtype = p.dtype
+        if torch.is_autocast_enabled(p.device.type):
+            kv_dtype = torch.get_autocast_dtype(p.device.type)
         states = []
         for i, block in enumerate(self.transformer.h):
             if i % c.kv_share:
@@ -347,9 +353,9 @@ class GPT(nn.Module):
             if c.is_local(i) and (kv_window == 0 or kv_window >= c.window):
                 recent, sink = c.window, 0
             kw = dict(batch_size=batch_size, recent=recent, sink=sink, capacity=capacity,
-                      dtype=p.dtype, device=p.device)
+                      dtype=kv_dtype, device=p.device)
             if hasattr(block.attn, "new_state"):
-                states.append(block.attn.new_state(**kw))
+                states.append(block.attn.new_state(**dict(kw, dtype=p.dtype)))  # linear: a float32 sum
             elif make_cache is not None:
                 states.append(make_cache(i, n_kv_head=c.kv_heads, head_dim=c.head_dim, **kw))
             else:

@@ -1,7 +1,8 @@
 """
 train.py under torchrun (2 CPU processes, gloo), gradient accumulation and torch.compile'd
 models. The torchrun runs are real subprocesses; the references they are compared with run
-train.py in this process, with a stand-in loader that serves the same rows.
+train.py in this process, with a stand-in loader that serves the same rows. Also bfloat16
+autocast on the CPU: training against float32, generation with every cache policy.
 
     python -m pytest -q tests/test_ddp.py
 """
@@ -224,3 +225,27 @@ def test_bf16_training_on_cpu_follows_the_float32_run(data_dir, tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
     sd = read_checkpoint(tmp_path / "bf16" / "ckpt.pt")["model"]
     assert all(t.dtype == torch.float32 for t in sd.values())
+
+
+@pytest.mark.parametrize("options", [dict(), dict(kv_quant="int8"), dict(kv_quant="int4", kv_quant_group=8),
+                                     dict(kv_evict="h2o", kv_budget=24, kv_recent=8, kv_sink=2),
+                                     dict(kv_quant="fp8_e4m3", kv_evict="window", kv_budget=24, kv_sink=2)])
+def test_generation_under_cpu_autocast_caches_bf16(options):
+    """sample.py --dtype=bfloat16: the caches hold the K/V in bfloat16, every policy runs, and
+    with the plain cache, decoding token by token gives the full forward's logits."""
+    from kvpolicy import make_cache_factory
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False, dropout=0.0)).eval()
+    idx = torch.randint(0, 256, (1, 40))
+    mk = make_cache_factory(**dict(options, kv_quant_residual=4) if "kv_quant" in options else options)
+    with torch.no_grad(), utils.autocast_ctx("cpu", "bfloat16"):
+        states = model.new_states(1, capacity=40, make_cache=mk)
+        logits, states = model(idx[:, :20], states)  # prefill
+        steps = [model(idx[:, t:t + 1], states)[0] for t in range(20, 40)]
+        full, _ = model(idx, model.new_states(1, capacity=40))
+    if not options:
+        assert states[0].k.dtype == torch.bfloat16
+        torch.testing.assert_close(torch.cat([logits] + steps, 1), full, atol=0.05, rtol=0.05)
+    else:
+        assert torch.isfinite(torch.cat(steps, 1).float()).all()
+        assert 0 < states[0].size_bits() < states[0].tokens() * 2 * 32 * 32  # below a float32 cache
