@@ -137,8 +137,8 @@ def main():
     dt, dt_train = pick_dtype(dev, dtype), pick_dtype(dev, dtype, training=True)
     torch.manual_seed(seed)
     args = {k: globals()[k] for k in MODEL_ARG_KEYS}
-    print(f"device {dev}, dtype {dt_train} (training), {dt} (generation), torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
+    print(f"device {dev}, dtype {dt_train} (training), {dt} (generation), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
     if what in ("train", "all"):
         bench_train(globals(), args, dev, dt_train)
     if what in ("generate", "all"):
