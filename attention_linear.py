@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from rotary_embedding_torch import RotaryEmbedding
 
 from rope import apply_rope
+from utils import no_autocast
 
 EPS = 1e-6
 
@@ -147,7 +148,7 @@ class LinearAttention(nn.Module):
         nq = self.n_head + self.n_kv_head
         qk = apply_rope(qkv[:, :nq], rot) if rot is not None else qkv[:, :nq]
         # the sums over the whole history are float32 by design: no autocast in here
-        with torch.autocast(x.device.type, enabled=False):
+        with no_autocast(x.device.type):
             qk = phi(qk.float())
             q, k, v = qk[:, :self.n_head], qk[:, self.n_head:], qkv[:, nq:].float()
             if cache is None:

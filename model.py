@@ -22,7 +22,7 @@ from rotary_embedding_torch import RotaryEmbedding
 from attention_linear import LinearAttention
 from kvcache import KVCache, XLMemory, visible, xl_step
 from rope import apply_rope, rope_table
-from utils import UserError, import_function
+from utils import UserError, import_function, no_autocast
 
 
 @dataclass
@@ -144,7 +144,7 @@ def softmax_attention(q, k, v, mask=None, dropout_p=0.0):
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # the CPU flash-attention kernel's backward is ~5x slower in bfloat16 than in float32
         # (torch 2.13, measured): under CPU autocast, attend in float32
-        with torch.autocast("cpu", enabled=False):
+        with no_autocast("cpu"):
             return softmax_attention(q.float(), k.float(), v.float(), mask, dropout_p).to(q.dtype)
     nh = q.size(1)
     kw = {}
@@ -239,7 +239,7 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v = qk[:, self.n_head:], qkv[:, nq:]  # (B, nkv, T, hs)
             if cache is not None:
-                with torch.autocast(x.device.type, enabled=False):  # quantization, eviction: full precision
+                with no_autocast(x.device.type):  # quantization, eviction: full precision
                     k, v, mask = cache.update(k, v)
             elif self.window == 0 or self.window >= T:
                 mask = "causal"
@@ -248,7 +248,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if cache is not None and getattr(cache, "needs_scores", False):
             y, att = naive_attention(q, k, v, mask, p, need_weights=True)
-            with torch.autocast(x.device.type, enabled=False):
+            with no_autocast(x.device.type):
                 cache.observe(att)
         else:
             y = self.attend(q, k, v, mask, p)

@@ -125,6 +125,14 @@ def autocast_ctx(device, dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=getattr(torch, dtype))
 
 
+def no_autocast(device_type):
+    """A context that turns autocast off for code meant to run at full precision (a no-op,
+    and nearly free, when autocast is off: this sits on the decode step)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
+
+
 def compile_or_eager(fn, probe):
     """torch.compile(fn), tried once by probe(compiled): compilation is lazy, so this is
     where it would fail (no C++ compiler, an unsupported platform or Python). On failure,
