@@ -89,7 +89,12 @@ class KVCache:
         qpos = torch.arange(p0, p0 + T, device=self.pos.device)
         if self.n + T <= self.capacity:
             fresh = self.n == 0
-            self._write(k, v, qpos)
+            if self.recent == 0:  # slot = position: a slice copy, several times faster than index_copy_
+                self.k[:, :, p0:p0 + T] = k
+                self.v[:, :, p0:p0 + T] = v
+                self.pos[p0:p0 + T] = qpos
+            else:
+                self._write(k, v, qpos)
             self.n += T
             if fresh and (self.recent == 0 or self.recent >= T):
                 mask = "causal"
