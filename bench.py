@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tes
 from bench_train import bench_train, rss_mb  # noqa: E402
 from configurator import configure  # noqa: E402
 from model import GPT, GPTConfig, MODEL_ARG_KEYS  # noqa: E402
-from utils import UserError, autocast_ctx, compile_or_eager, pick_device, pick_dtype, run_main  # noqa: E402
+from utils import (UserError, autocast_ctx, compile_or_eager, keep_freed_memory, pick_device, pick_dtype,  # noqa: E402
+                   run_main)
 
 
 def train_defaults():
@@ -134,6 +135,8 @@ def main():
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
+    if dev == "cpu":
+        keep_freed_memory()  # as train.py does
     dt, dt_train = pick_dtype(dev, dtype), pick_dtype(dev, dtype, training=True)
     torch.manual_seed(seed)
     args = {k: globals()[k] for k in MODEL_ARG_KEYS}

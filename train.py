@@ -42,7 +42,7 @@ from checkpoint import checkpoint_path, load_model, save_checkpoint, unwrap
 from configurator import configure
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from utils import (ByteLoader, UserError, autocast_ctx, compile_or_eager, dataset_paths,
-                   fixed_batches, import_function, pick_device, pick_dtype, run_main)
+                   fixed_batches, import_function, keep_freed_memory, pick_device, pick_dtype, run_main)
 
 # -----------------------------------------------------------------------------
 # default config: the tutorial's GPU recipe for tiny-shakespeare
@@ -136,6 +136,8 @@ def train():
     if threads:
         torch.set_num_threads(threads)
     device_type = dev.split(":")[0]
+    if device_type == "cpu":
+        keep_freed_memory()  # a CPU step's big activations reuse memory instead of page-faulting (utils)
     print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
           f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})"
           + (f", {torch.get_num_threads()} threads" if device_type == "cpu" else ""))

@@ -4,6 +4,8 @@ sweep's files (the PNG opens), and one clear line for every kind of bad input.""
 import csv
 import importlib
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch.nn import functional as F
 
 import eval_kv
 from checkpoint import save_checkpoint
-from conftest import assert_user_error, run_script
+from conftest import REPO_ROOT, assert_user_error, run_script
 from kvcache import KVCache
 from kvpolicy import make_cache_factory
 from model import GPT, GPTConfig
@@ -192,3 +194,23 @@ def test_xl_mem_of_the_checkpoint_bounds_the_history(ckpt_dir, monkeypatch, caps
     # the plain cache ends each chunk holding its last 24 tokens: per token 2 layers x k/v x
     # 2 heads x 16 channels x 32 bits, over the 64 tokens of the stream
     assert f"| none | {2 * 2 * 2 * 16 * 32 * 24 / 64:,.0f} |" in out.out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_keep_freed_memory_reuses_big_blocks():
+    """After keep_freed_memory() the pages of a freed 64 MB tensor serve the next one (after a
+    few rounds, while the heap settles): no new pages touched. Without it (the reference)
+    glibc maps every such block afresh, 16k page faults each time."""
+    code = ("import resource, sys, torch\n"
+            "from utils import keep_freed_memory\n"
+            "if sys.argv[1] == 'keep': keep_freed_memory()\n"
+            "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(8):\n"
+            "    f0 = faults(); torch.ones(2 ** 24).sum(); print(faults() - f0)\n")
+    counts = {}
+    for mode in ("keep", "default"):
+        proc = subprocess.run([sys.executable, "-c", code, mode], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        counts[mode] = [int(n) for n in proc.stdout.split()]
+    assert min(counts["default"]) > 10_000, counts  # the case keep_freed_memory is for
+    assert max(counts["keep"][-3:]) < 1_000, counts
