@@ -57,12 +57,16 @@ class KVCache:
         return self.k.size(2)
 
     def _slots(self, p):
-        """Slot of each absolute position p (a tensor): sinks first, then a ring."""
-        if self.recent == 0:
-            return p
+        """Slot of each absolute position p (a tensor) of a bounded cache: sinks first, then a ring."""
         return torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.recent)
 
     def _write(self, k, v, p):
+        if self.recent == 0:  # unbounded: slot = position, so a slice copy (faster than index_copy_)
+            end = self.n + k.size(2)
+            self.k[:, :, self.n:end] = k
+            self.v[:, :, self.n:end] = v
+            self.pos[self.n:end] = p
+            return
         s = self._slots(p)
         self.k.index_copy_(2, s, k.to(self.k.dtype))
         self.v.index_copy_(2, s, v.to(self.v.dtype))
@@ -89,12 +93,7 @@ class KVCache:
         qpos = torch.arange(p0, p0 + T, device=self.pos.device)
         if self.n + T <= self.capacity:
             fresh = self.n == 0
-            if self.recent == 0:  # slot = position: a slice copy, several times faster than index_copy_
-                self.k[:, :, p0:p0 + T] = k
-                self.v[:, :, p0:p0 + T] = v
-                self.pos[p0:p0 + T] = qpos
-            else:
-                self._write(k, v, qpos)
+            self._write(k, v, qpos)
             self.n += T
             if fresh and (self.recent == 0 or self.recent >= T):
                 mask = "causal"
