@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from rotary_embedding_torch import RotaryEmbedding
 
+from kv.cache import Cache
 from rope import apply_rope
 from utils import no_autocast
 
@@ -104,10 +105,11 @@ def linear_attention(q, k, v, mask, dropout_p=0.0):
     return F.layer_norm(att @ v.float(), (q.size(-1),)).to(q.dtype)
 
 
-class LinearState:
-    """The fixed-size memory of one linear attention layer: S and z per K/V head."""
+class LinearState(Cache):
+    """The fixed-size memory of one linear attention layer: S and z per K/V head (the layer
+    reads and writes them itself: a state, not a list of keys, so update() is not used)."""
 
-    def __init__(self, batch_size, n_kv_head, head_dim, dtype=torch.float32, device="cpu", **unused):
+    def __init__(self, batch_size, n_kv_head, head_dim, dtype=torch.float32, device="cpu"):
         self.S = torch.zeros(batch_size, n_kv_head, head_dim, head_dim, dtype=dtype, device=device)
         self.z = torch.zeros(batch_size, n_kv_head, head_dim, dtype=dtype, device=device)
         self.seen = 0
@@ -138,12 +140,9 @@ class LinearAttention(nn.Module):
         self.norm = config.linear_norm
         self.chunk = 64  # training's chunk length: memory T * chunk instead of T^2
 
-    def new_state(self, batch_size, dtype, device, **unused):
-        return LinearState(batch_size, self.n_kv_head, self.head_dim, dtype=dtype, device=device)
-
-    def forward(self, x, rope, cache=None, shared=None):
+    def forward(self, x, pos, rot, cache=None, shared=None):
+        """x (B, T, C), rot the RoPE table of its positions (or None); cache: a LinearState."""
         B, T, C = x.size()
-        rot, _ = rope
         qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
         nq = self.n_head + self.n_kv_head
         qk = apply_rope(qkv[:, :nq], rot) if rot is not None else qkv[:, :nq]

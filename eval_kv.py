@@ -4,7 +4,7 @@ same model with a plain full-precision cache, on long contiguous stretches of th
 
     python eval_kv.py --out_dir=out-shakespeare-char-cpu                      # the plain cache
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=int4 --kv_quant_group=32
-    python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_evict=h2o --kv_budget=0.25 --kv_recent=512 --kv_sink=4 --chunk=1
+    python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_evict=h2o --kv_budget=1024 --kv_recent=512 --kv_sink=4 --chunk=1
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=mypkg.quant:quantize   # your own
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=quick       # a couple of minutes
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=full        # every format and policy
@@ -38,8 +38,9 @@ from torch.nn import functional as F
 
 from checkpoint import checkpoint_path, load_model
 from configurator import configure
-from kvpolicy import check_options, describe, make_cache_factory
-from utils import UserError, dataset_paths, keep_freed_memory, pick_device, run_main
+from kv.policy import KVOptions, unique
+from loader import dataset_paths
+from utils import UserError, keep_freed_memory, pick_device, run_main
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote; sweep results are written here too
@@ -48,14 +49,10 @@ dataset = ""  # '' = the checkpoint's dataset; or a name under data/, or a folde
 n_streams = 4  # contiguous stretches of the val split, evaluated side by side
 stream_len = 4096  # bytes per stream
 chunk = 0  # bytes per forward (0 = the checkpoint's block_size; 1 = exact decode)
-kv_window = -1  # history bound of both caches (-1 = the checkpoint's xl_mem if > 0, else 0 = unbounded)
-kv_quant = "none"  # none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
-kv_quant_group = 32  # int4/int2: values per group with one scale and zero point
-kv_quant_residual = 32  # newest tokens kept in full precision
-kv_evict = "none"  # none, window (StreamingLLM), h2o (Heavy-Hitter Oracle), or package.module:function
-kv_budget = 0.0  # with kv_evict: tokens kept per layer, or a fraction of stream_len if below 1
-kv_recent = 0  # newest tokens h2o always keeps
-kv_sink = 0  # first tokens eviction (and the kv_window bound) always keeps
+# KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
+# kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py; kv_window
+# and kv_sink bound the history of the plain cache too, the others apply to the compressed one
+globals().update(KVOptions().settings())
 sweep = ""  # '' = the one setting above; 'quick' or 'full' = a named grid, written into out_dir
 device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
 threads = 0  # CPU threads for torch (0 = torch's default; 1 is faster on a machine busy with other work)
@@ -65,18 +62,10 @@ tensorboard = True  # sweeps: write the scalars to TensorBoard too
 REF_CHUNK = 512  # bytes per forward of the plain cache's pass (unless the attention is fused)
 
 
-def budget_tokens(budget, L):
-    """kv_budget as tokens: a value in (0, 1) is that fraction of the stream."""
-    if 0 < budget < 1:
-        return max(1, round(budget * L))
-    if budget != int(budget) or budget < 0:
-        raise UserError(f"kv_budget={budget}: give whole tokens (e.g. 512) or a fraction of the stream in (0, 1)")
-    return int(budget)
-
-
 def sweep_settings(kind, L, group, residual):
-    """The named grids: a list of factory options (dicts). h2o keeps half its budget as its
-    recent window (the paper's split); with quantization the residual fits in that half."""
+    """The named grids: a list of KVOptions fields (dicts), budgets as fractions of the stream
+    length L. h2o keeps half its budget as its recent window (the paper's split); with
+    quantization the residual fits in that half."""
     quant = lambda f: dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=residual)
 
     def evict(policy, frac, sink, fmt="none"):
@@ -117,11 +106,11 @@ def buckets(block, L):
     return list(zip(edges[:-1], edges[1:]))
 
 
-def cache_bits(states, B):
+def cache_bits(caches, B):
     """Bits held by all caches (a shared cache once), and the bits one token costs in all of them."""
-    uniq = list({id(s): s for s in states}.values())
-    per_token = sum(s.size_bits() / (B * s.tokens()) for s in uniq if s.tokens())
-    return sum(s.size_bits() for s in uniq), per_token
+    uniq = unique(caches)
+    per_token = sum(c.size_bits() / (B * c.tokens()) for c in uniq if c.tokens())
+    return sum(c.size_bits() for c in uniq), per_token
 
 
 class Progress:
@@ -150,16 +139,16 @@ class Progress:
 
 
 @torch.no_grad()
-def evaluate(model, x, y, settings, chunk, kv_window=0, kv_sink=0, block=256, progress=None):
-    """Feed x (B, L) chunk bytes at a time through the plain cache and, in lockstep, through
-    each setting's cache; settings: list of (name, make_cache), make_cache=None meaning the
-    plain cache itself (computed once). Returns one dict of results per setting."""
+def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None):
+    """Feed x (B, L) chunk bytes at a time through the reference cache (KVOptions) and, in
+    lockstep, through each setting's cache (a list of KVOptions; one that compresses nothing
+    is the reference itself, computed once). Returns one dict of results per setting."""
     B, L = x.shape
-    ref_states = [None] * B  # the plain cache of each stream, alive while the stream is read
+    ref_states = [None] * B  # the reference cache of each stream, alive while the stream is read
     runs = []
-    for name, mk in settings:
-        states = None if mk is None else model.new_states(B, kv_window, kv_sink, capacity=L, make_cache=mk)
-        runs.append(dict(name=name, states=states, nll=torch.zeros(B, L), kl=torch.zeros(B, L),
+    for kv in settings:
+        states = kv.make_caches(model, B, capacity=L) if kv.compressed or kv.kv_trim else None
+        runs.append(dict(name=kv.describe(), states=states, nll=torch.zeros(B, L), kl=torch.zeros(B, L),
                          peak=0, per_cached=0.0, seconds=0.0))
     ref = dict(nll=torch.zeros(B, L), peak=0, per_cached=0.0, seconds=0.0)
     dev = next(model.parameters()).device
@@ -176,7 +165,7 @@ def evaluate(model, x, y, settings, chunk, kv_window=0, kv_sink=0, block=256, pr
             lps, bits = [], []
             for b in range(B):
                 if a == 0:
-                    ref_states[b] = model.new_states(1, kv_window, kv_sink, capacity=L)
+                    ref_states[b] = reference.make_caches(model, 1, capacity=L)
                 logits, ref_states[b] = model(x[b:b + 1, a:a + ref_step].to(dev), ref_states[b])
                 lps.append(F.log_softmax(logits.float(), dim=-1))
                 bits.append(cache_bits(ref_states[b], 1))
@@ -312,18 +301,16 @@ def main():
         if value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}")
     path = checkpoint_path(out_dir, checkpoint_name)
+    kv = KVOptions.from_settings(globals()).check()
     if sweep:
-        if kv_quant != "none" or kv_evict != "none" or kv_budget or kv_recent:
+        if kv.compressed or kv_budget or kv_recent or kv_trim:
             raise UserError(f"--sweep={sweep} runs its own grid of kv_quant/kv_evict settings; drop them "
                             "(kv_quant_group and kv_quant_residual do apply to the grid)")
-        settings = sweep_settings(sweep, stream_len, kv_quant_group, kv_quant_residual)
+        grid = [dict(s, kv_window=kv_window, kv_sink=s.get("kv_sink", kv_sink))
+                for s in sweep_settings(sweep, stream_len, kv_quant_group, kv_quant_residual)]
+        settings = [KVOptions(**s).check() for s in grid]
     else:
-        one = dict(kv_quant=kv_quant, kv_quant_group=kv_quant_group, kv_quant_residual=kv_quant_residual,
-                   kv_evict=kv_evict, kv_budget=budget_tokens(kv_budget, stream_len), kv_recent=kv_recent,
-                   kv_sink=kv_sink)
-        settings = [dict()] + ([one] if make_cache_factory(**one) is not None else [])
-    for s in settings:
-        check_options(**s)
+        settings = [KVOptions(kv_window=kv_window, kv_sink=kv_sink)] + ([kv] if kv.compressed or kv_trim else [])
     if threads < 0:
         raise UserError(f"--threads must be 0 (torch's default) or more, got {threads}")
     if threads:
@@ -338,16 +325,18 @@ def main():
     _, val_path = dataset_paths(name)
     block = int(config.get("block_size", 0) or 256)
     step = chunk or block
-    window = kv_window if kv_window >= 0 else max(int(config.get("xl_mem", 0) or 0), 0)
+    say = lambda line: print(line, file=sys.stderr)
+    settings = [s.for_checkpoint(config, say=lambda line: None) for s in settings]
+    reference = KVOptions(kv_window=kv_window, kv_sink=kv_sink).for_checkpoint(config, say)
+    window = reference.kv_window
     x, y = load_streams(val_path, n_streams, stream_len)
-    named = [(describe(**s), make_cache_factory(**s)) for s in settings]
     # a dry run of every setting on 2 bytes: an error that depends on the model (or sits in a
     # user's plug-in) shows in seconds, not after the long run
-    evaluate(model, x[:1, :2], y[:1, :2], named, 1, window, kv_sink, block)
+    evaluate(model, x[:1, :2], y[:1, :2], settings, 1, reference, block)
     print(f"{path}: {n_streams} streams x {stream_len:,} bytes of {val_path}, chunk {step}, "
           f"block {block}, history bound {window or 'none'}, device {dev}", file=sys.stderr)
     progress = Progress(len(range(0, stream_len, step)), sweep or "eval_kv")
-    results = evaluate(model, x, y, named, step, window, kv_sink, block, progress)
+    results = evaluate(model, x, y, settings, step, reference, block, progress)
     title = (f"{os.path.basename(os.path.normpath(out_dir))}/{os.path.basename(path)}: "
              f"{n_streams} x {stream_len} bytes, chunk {step}")
     if sweep:

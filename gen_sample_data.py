@@ -10,7 +10,8 @@ that each row continues the text of the previous batch, and where a row restarts
 import sys
 
 from configurator import configure
-from utils import ByteLoader, UserError, dataset_paths, decode, run_main
+from loader import ByteLoader, dataset_paths, decode
+from utils import UserError, run_main
 
 dataset = "shakespeare_char"  # a name under data/, or a directory holding train.txt and val.txt
 split = "train"  # train or val

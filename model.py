@@ -1,12 +1,14 @@
 """
 A byte-level GPT with RoPE and pluggable attention, in one file read leaves-first:
-config, attention kinds, attention layer, MLP, Block, GPT.
+config, attention layer, MLP, Block, GPT. The attention kinds are in attention.py, the KV
+caches in kv/, generation in generate.py.
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128))
-    logits, states = model(idx)            # idx (B, T) bytes; states = one KV cache per layer
-    logits, states = model(more, states)   # continue the same text
-    out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=200)
+    logits, _ = model(idx)                  # idx (B, T) bytes: training, no cache kept
+    caches = KVOptions().make_caches(model, batch_size=B)     # from kv.policy
+    logits, caches = model(idx, caches)     # the caches remember the text
+    logits, caches = model(more, caches)    # and the next call continues it
 
 Importing this module has no side effects.
 """
@@ -19,10 +21,11 @@ import torch.nn as nn
 from torch.nn import functional as F
 from rotary_embedding_torch import RotaryEmbedding
 
+from attention import KINDS, resolve_attention
 from attention_linear import LinearAttention
-from kvcache import KVCache, XLMemory, visible, xl_step
+from kv.cache import attention_mask
 from rope import apply_rope, rope_table
-from utils import UserError, import_function, no_autocast
+from utils import UserError
 
 
 @dataclass
@@ -111,98 +114,6 @@ def check_config(c):
 
 
 # -----------------------------------------------------------------------------
-# Attention kinds. Each takes q (B, nh, T, hs), k and v (B, nkv, S, hs) and a mask
-# (None: every key visible; "causal": square lower-triangular; or bool (..., T, S),
-# True = may attend) and returns y (B, nh, T, hs).
-
-_SDPA_GQA = None
-
-
-def _sdpa_has_gqa():
-    global _SDPA_GQA
-    if _SDPA_GQA is None:
-        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-        _SDPA_GQA = (major, minor) >= (2, 5)
-    return _SDPA_GQA
-
-
-def expand_kv(k, n_head):
-    """Repeat each K/V head for the query heads of its group: (B, nkv, S, hs) -> (B, nh, S, hs)."""
-    g = n_head // k.size(1)
-    return k if g == 1 else k.repeat_interleave(g, dim=1)
-
-
-def _mask_for_heads(mask, n_head):
-    # a per-KV-head mask (B, nkv, T, S) must line up with the query heads of each group
-    if torch.is_tensor(mask) and mask.dim() == 4 and 1 < mask.size(1) < n_head:
-        return mask.repeat_interleave(n_head // mask.size(1), dim=1)
-    return mask
-
-
-def softmax_attention(q, k, v, mask=None, dropout_p=0.0):
-    """The reference: PyTorch's fused scaled_dot_product_attention."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        # the CPU flash-attention kernel's backward is ~5x slower in bfloat16 than in float32
-        # (torch 2.13, measured): under CPU autocast, attend in float32
-        with no_autocast("cpu"):
-            return softmax_attention(q.float(), k.float(), v.float(), mask, dropout_p).to(q.dtype)
-    nh = q.size(1)
-    kw = {}
-    if k.size(1) != nh:
-        if _sdpa_has_gqa():
-            kw["enable_gqa"] = True
-        else:
-            k, v = expand_kv(k, nh), expand_kv(v, nh)
-    if isinstance(mask, str):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, **kw)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_mask_for_heads(mask, nh), dropout_p=dropout_p, **kw)
-
-
-def materialize_mask(mask, T, S, device):
-    """Any mask form as a bool tensor (..., T, S)."""
-    if mask is None:
-        return torch.ones(T, S, dtype=torch.bool, device=device)
-    if isinstance(mask, str):
-        return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
-    return mask
-
-
-def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False):
-    """softmax(q k^T / sqrt(hs)) v written out, so the probabilities can be handed back."""
-    nh, T, S = q.size(1), q.size(2), k.size(2)
-    k, v = expand_kv(k, nh), expand_kv(v, nh)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
-    if mask is not None:  # None (the decode step): every key is visible, nothing to fill
-        att = att.masked_fill(~_mask_for_heads(materialize_mask(mask, T, S, q.device), nh), float("-inf"))
-    att = torch.softmax(att.float(), dim=-1).to(q.dtype)
-    y = F.dropout(att, dropout_p) @ v if dropout_p > 0 else att @ v
-    return (y, att) if need_weights else y
-
-
-ATTENTION = {"softmax": softmax_attention, "naive": naive_attention}
-
-
-def resolve_attention(name):
-    """The attention function for a kind name or a user's "package.module:function"."""
-    if name in ATTENTION or name == "linear":
-        return ATTENTION.get(name)
-    if ":" not in name:
-        raise UserError(f"unknown attention {name!r}: choose one of {sorted(ATTENTION) + ['linear']} "
-                        "or give your own as package.module:function")
-    return _user_attention(import_function(name, "attention"))
-
-
-def _user_attention(fn):
-    # a user's function gets the simplest contract: as many K/V heads as query heads
-    # and a materialized bool mask (B|1, nh|1, T, S)
-    def attend(q, k, v, mask=None, dropout_p=0.0):
-        nh, T, S = q.size(1), q.size(2), k.size(2)
-        m = _mask_for_heads(materialize_mask(mask, T, S, q.device), nh)
-        return fn(q, expand_kv(k, nh), expand_kv(v, nh), m, dropout_p)
-    return attend
-
-
-# -----------------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
     """Softmax-family attention. The first layer of a kv_share group projects K/V and
@@ -222,36 +133,23 @@ class CausalSelfAttention(nn.Module):
         self.window = config.window if config.is_local(layer_idx) else 0
         self.attend = resolve_attention(config.kind(layer_idx))
 
-    def forward(self, x, rope, cache=None, shared=None):
-        """x (B, T, C); rope = (rotation table or None, positions); cache: this layer's
-        KVCache or None; shared: the (k, v, mask) of the group's first layer.
+    def forward(self, x, pos, rot, cache=None, shared=None):
+        """x (B, T, C) at text positions pos (T,), rot their RoPE table (or None); cache: this
+        layer's cache or None (training); shared: the (k, v, mask) of the group's first layer.
         Returns y and (k, v, mask) for the other layers of the group."""
         B, T, C = x.size()
-        rot, pos = rope
         nq = self.n_head if shared is not None else self.n_head + self.n_kv_head
         qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
-        qk = qkv[:, :nq]
-        if rot is not None:
-            qk = apply_rope(qk, rot)  # q and k, each once, at its own position
+        qk = qkv[:, :nq] if rot is None else apply_rope(qkv[:, :nq], rot)  # q and k, each at its position
         q = qk[:, :self.n_head]
         if shared is not None:
             k, v, mask = shared
-        else:
-            k, v = qk[:, self.n_head:], qkv[:, nq:]  # (B, nkv, T, hs)
-            if cache is not None:
-                with no_autocast(x.device.type):  # quantization, eviction: full precision
-                    k, v, mask = cache.update(k, v)
-            elif self.window == 0 or self.window >= T:
-                mask = "causal"
-            else:
-                mask = visible(pos, pos, self.window)
+        elif cache is not None:
+            k, v, mask = cache.update(qk[:, self.n_head:], qkv[:, nq:])  # (B, nkv, S, hs) to attend over
+        else:  # training: the text of this call is all there is
+            k, v, mask = qk[:, self.n_head:], qkv[:, nq:], attention_mask(pos, pos, self.window)
         p = self.dropout if self.training else 0.0
-        if cache is not None and getattr(cache, "needs_scores", False):
-            y, att = naive_attention(q, k, v, mask, p, need_weights=True)
-            with no_autocast(x.device.type):
-                cache.observe(att)
-        else:
-            y = self.attend(q, k, v, mask, p)
+        y = self.attend(q, k, v, mask, p) if cache is None else cache.attend(self.attend, q, k, v, mask, p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.c_proj(y)), (k, v, mask)
 
@@ -278,31 +176,20 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, cache=None, shared=None):
-        y, kv = self.attn(self.ln_1(x), rope, cache, shared)
+    def forward(self, x, pos, rot, cache=None, shared=None):
+        y, kv = self.attn(self.ln_1(x), pos, rot, cache, shared)
         x = x + y
         x = x + self.mlp(self.ln_2(x))
         return x, kv
 
 
-# attention kinds that need a layer class of their own; the others are functions above
+# attention kinds that need a layer class of their own; the others are functions in attention.py
 ATTENTION_LAYERS = {"linear": LinearAttention}
 
 
 def loss_fn(logits, targets):
     """Mean next-byte cross entropy in nats; targets of -1 are ignored."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Pick the next byte from logits (B, V): greedy when temperature == 0."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        v, _ = torch.topk(logits, min(int(top_k), logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 
 class GPT(nn.Module):
@@ -334,84 +221,24 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def new_states(self, batch_size, kv_window=0, kv_sink=0, capacity=256, make_cache=None):
-        """One cache per layer (the same object for the layers of a kv_share group).
-        kv_window/kv_sink bound the history (0 = unbounded); a local layer never holds
-        more than its window. make_cache(layer_idx, **kw) may supply other cache classes.
-        Under autocast the caches hold K/V in the autocast dtype, the dtype they come in."""
-        c = self.config
-        p = next(self.parameters())
-        kv_dtype = p.dtype
-        if torch.is_autocast_enabled(p.device.type):
-            kv_dtype = torch.get_autocast_dtype(p.device.type)
-        states = []
-        for i, block in enumerate(self.transformer.h):
-            if i % c.kv_share:
-                states.append(states[-1])
-                continue
-            recent, sink = kv_window, kv_sink
-            if c.is_local(i) and (kv_window == 0 or kv_window >= c.window):
-                recent, sink = c.window, 0
-            kw = dict(batch_size=batch_size, recent=recent, sink=sink, capacity=capacity,
-                      dtype=kv_dtype, device=p.device)
-            if hasattr(block.attn, "new_state"):
-                states.append(block.attn.new_state(**dict(kw, dtype=p.dtype)))  # linear: a float32 sum
-            elif make_cache is not None:
-                states.append(make_cache(i, n_kv_head=c.kv_heads, head_dim=c.head_dim, **kw))
-            else:
-                states.append(KVCache(n_kv_head=c.kv_heads, head_dim=c.head_dim, **kw))
-        return states
+    def forward(self, idx, caches=None):
+        """idx (B, T) bytes -> logits (B, T, 256), and the caches given (one per layer, from
+        kv.policy.KVOptions.make_caches or kv.xl.make_xl_memory), now holding this text too.
+        caches=None (training) keeps nothing: the call sees only its own T bytes."""
+        T = idx.size(1)
+        start = min(c.seen for c in caches) if caches is not None else 0  # XL: right after the memory
+        pos = torch.arange(start, start + T, device=idx.device)
+        rot = self._rope(start, T) if self.config.rope else None
+        return self._blocks(idx, pos, rot, caches), caches
 
-    def new_xl_states(self, batch_size, mem_len, step_fn=None):
-        """TransformerXL training memory: the detached K/V of the last mem_len tokens of
-        each row (linear layers carry their fixed-size state instead). step_fn replaces
-        kvcache.xl_step (same signature), e.g. a student's version from exercises/."""
-        c = self.config
-        p = next(self.parameters())
-        freqs = self.transformer.h[0].attn.rotary_emb.freqs
-        shift = lambda k, d: apply_rope(k, rope_table(freqs, torch.tensor([d], device=k.device)))
-        states = []
-        for i, block in enumerate(self.transformer.h):
-            if i % c.kv_share:
-                states.append(states[-1])
-            elif hasattr(block.attn, "new_state"):
-                states.append(block.attn.new_state(batch_size=batch_size, dtype=p.dtype, device=p.device))
-            else:
-                states.append(XLMemory(batch_size, c.kv_heads, c.head_dim, mem_len, window=block.attn.window,
-                                       rope_fn=shift if c.rope else None, step_fn=step_fn or xl_step,
-                                       dtype=p.dtype, device=p.device))
-        return states
-
-    def forward(self, idx, states=None, return_states=True, pos=None):
-        """idx (B, T) bytes -> logits (B, T, 256) and the states to continue from.
-        states=None starts a new text at position 0; return_states=False (training)
-        keeps no cache. pos (T,), increasing, places a stateless forward at explicit
-        absolute positions (to check what a bounded cache should compute)."""
-        B, T = idx.size()
-        if pos is not None:
-            if states is not None:
-                raise ValueError("pos= is for a stateless forward; a cache knows its own positions")
-            return_states = False
-        if states is None and return_states:
-            states = self.new_states(B, capacity=T)
-        rot = None
-        if pos is None:
-            # the text position of this chunk; XL memory places it right after the memory
-            start = min(s.seen for s in states) if states is not None else 0
-            pos = torch.arange(start, start + T, device=idx.device)
-            if self.config.rope:
-                rot = self._rope(start, T)
-        elif self.config.rope:
-            rot = self._rope(0, T, pos)
+    def _blocks(self, idx, pos, rot, caches):
+        """The logits of idx at text positions pos (T,), rotated by rot (see forward)."""
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)
         shared = None
         for i, block in enumerate(self.transformer.h):
             leader = i % self.config.kv_share == 0
-            x, kv = block(x, (rot, pos), states[i] if states is not None else None,
-                          None if leader else shared)
-            shared = kv
-        x = self.transformer.ln_f(x)
-        return self.lm_head(x), states
+            x, shared = block(x, pos, rot, caches[i] if caches is not None else None, None if leader else shared)
+        return self.lm_head(self.transformer.ln_f(x))
 
     def _rope(self, start, T, pos=None):
         """Rotation table for positions start..start+T-1 (or explicit pos), sliced from a
@@ -437,39 +264,3 @@ class GPT(nn.Module):
         # one fused kernel for all parameters: faster than the per-tensor loop (about 4x on a CPU)
         extra = dict(fused=True) if device_type in ("cuda", "cpu") else dict()
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-
-    @staticmethod
-    def states_bits(states):
-        """Bits held by all caches (each shared cache counted once), and tokens held."""
-        uniq = list({id(s): s for s in states}.values())
-        return sum(s.size_bits() for s in uniq), max(s.tokens() for s in uniq)
-
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, kv_window=0,
-                        kv_sink=0, make_cache=None, stats=None, generator=None, decode=None):
-        """Prefill the prompt idx (B, T) in one pass, then one decode step per token.
-        Yields each new token (B, 1). If given, `stats` is filled with the peak KV bits
-        and the bits per cached token (per sequence) when the generator finishes.
-        decode: what runs the decode steps instead of the model itself (e.g. torch.compile(model))."""
-        B, T = idx.size()
-        decode = self if decode is None else decode
-        states = self.new_states(B, kv_window, kv_sink, capacity=T + max_new_tokens, make_cache=make_cache)
-        logits, states = self(idx, states)  # prefill
-        peak, peak_tokens = self.states_bits(states)
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, generator)
-            yield nxt
-            if i + 1 < max_new_tokens:
-                logits, states = decode(nxt, states)  # decode step
-                bits, held = self.states_bits(states)
-                if bits > peak:
-                    peak, peak_tokens = bits, held
-        if stats is not None:
-            stats["kv_bits_peak"] = peak
-            stats["kv_bits_per_token"] = peak / max(B * peak_tokens, 1)
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, **kw):
-        """Complete idx (B, T) with max_new_tokens bytes; returns (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, **kw))
-        return torch.cat([idx] + new, dim=1)

@@ -18,9 +18,9 @@ import torch
 
 from checkpoint import checkpoint_path, load_model
 from configurator import configure
-from kvcache import TrimCache
-from kvpolicy import make_cache_factory
-from utils import UserError, autocast_ctx, import_function, pick_device, pick_dtype, run_main
+from generate import generate_stream
+from kv.policy import KVOptions
+from utils import UserError, autocast_ctx, pick_device, pick_dtype, run_main
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote
@@ -33,15 +33,9 @@ top_k = 200  # sample among the k most likely bytes only (0 = all)
 seed = 1337  # random seed
 device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
-kv_window = 0  # keep only the last kv_window positions in the KV cache (0 = unbounded)
-kv_sink = 0  # with kv_window: also keep the first kv_sink positions
-kv_trim = ""  # "package.module:function" choosing the kept tokens instead of the ring buffer (exercise 1)
-kv_quant = "none"  # KV cache storage: none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
-kv_quant_group = 32  # int4/int2: values per group sharing one scale and zero point
-kv_quant_residual = 32  # int4/int2: newest tokens kept in full precision
-kv_evict = "none"  # none, window (recency), h2o (cumulative attention score), or package.module:function
-kv_budget = 0  # with kv_evict: tokens kept per layer (and KV head)
-kv_recent = 0  # with kv_evict=h2o: newest tokens always kept
+# KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
+# kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py
+globals().update(KVOptions().settings())
 # -----------------------------------------------------------------------------
 
 
@@ -58,8 +52,9 @@ def main():
         raise UserError(f"{path} not found: train.py writes ckpt.pt and last.pt into --out_dir, e.g. "
                         f"python train.py config/train_shakespeare_char.py --out_dir={out_dir}")
     prompt = read_prompt(start)
-    if max_new_tokens < 0 or num_samples < 1 or kv_window < 0 or kv_sink < 0:
-        raise UserError("--max_new_tokens, --kv_window and --kv_sink must be 0 or more, --num_samples at least 1")
+    if max_new_tokens < 0 or num_samples < 1:
+        raise UserError("--max_new_tokens must be 0 or more, --num_samples at least 1")
+    kv = KVOptions.from_settings(globals()).check()
 
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -67,18 +62,7 @@ def main():
     torch.manual_seed(seed)
     model, ckpt = load_model(path, dev)
     model.eval()
-    window = kv_window
-    xl = ckpt.get("config", {}).get("xl_mem", 0)
-    if window == 0 and xl:
-        window = xl  # a model trained with XL memory saw at most that much history
-        print(f"kv_window={window}: the xl_mem this model was trained with (--kv_window= to change)", file=sys.stderr)
-    make_cache = make_cache_factory(kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
-                                    kv_budget, kv_recent, kv_sink)
-    if kv_trim:
-        if make_cache is not None:
-            raise UserError("--kv_trim replaces the cache; it does not combine with --kv_quant or --kv_evict")
-        trim_fn = import_function(kv_trim, "kv_trim")
-        make_cache = lambda layer, **kw: TrimCache(trim_fn=trim_fn, **kw)
+    kv = kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: print(line, file=sys.stderr))
     ctx = autocast_ctx(dev, dt)
     idx = torch.tensor([list(prompt)], dtype=torch.long, device=dev)  # (1, T)
 
@@ -91,9 +75,8 @@ def main():
         stats = {}
         t0 = time.time()
         with torch.no_grad(), ctx:
-            for token in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                               kv_window=window, kv_sink=kv_sink, make_cache=make_cache,
-                                               stats=stats):
+            for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                         kv=kv, stats=stats):
                 write(decoder.decode(bytes([int(token[0, 0])])))  # int() waits for the token
         seconds += time.time() - t0
         write(decoder.decode(b"", final=True) + "\n")

@@ -40,9 +40,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import checkpoint_path, load_model, save_checkpoint, unwrap
 from configurator import configure
+from kv.xl import make_xl_memory
+from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
-from utils import (ByteLoader, UserError, autocast_ctx, compile_or_eager, dataset_paths,
-                   fixed_batches, import_function, keep_freed_memory, pick_device, pick_dtype, run_main)
+from utils import (UserError, autocast_ctx, compile_or_eager, import_function, keep_freed_memory, pick_device,
+                   pick_dtype, run_main)
 
 # -----------------------------------------------------------------------------
 # default config: the tutorial's GPU recipe for tiny-shakespeare
@@ -65,7 +67,7 @@ batch_size = 64  # rows per micro-batch
 block_size = 256  # bytes per row (the training context length)
 reset_prob = 0.1  # probability that a row jumps to a random place in the text at each step
 xl_mem = 0  # TransformerXL memory: attend to the last xl_mem tokens of earlier batches of the same row (0 = off)
-xl_update = ""  # "package.module:function" replacing kvcache.xl_step, the XL memory step (exercise 2)
+xl_update = ""  # "package.module:function" replacing kv.xl.xl_step, the XL memory step (exercise 2)
 # model (architecture keys n_layer, n_head, n_embd, bias come from the checkpoint on resume)
 n_layer = 6  # transformer blocks
 n_head = 6  # attention heads per block
@@ -244,8 +246,8 @@ def train():
         return
 
     model.train()
-    # XL memory: each layer's detached K/V of the rows' previous batches (see kvcache.XLMemory)
-    memory = unwrap(model).new_xl_states(batch_size, xl_mem, xl_fn) if xl_mem else None
+    # XL memory: each layer's detached K/V of the rows' previous batches (see kv/xl.py)
+    memory = make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn) if xl_mem else None
     t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded
     save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
     while iter_num < end_iter:
@@ -260,7 +262,7 @@ def train():
                 with ctx:
                     if memory is not None:
                         restart_rows(memory, restarted)
-                    logits, _ = model(x, memory, return_states=memory is not None)
+                    logits, _ = model(x, memory)
                     loss = loss_fn(logits, y) / micro_steps
                 scaler.scale(loss).backward()
             batch_loss += loss.detach()
@@ -336,8 +338,7 @@ def compile_probe(model, dev, ctx):
     """One forward and backward of a dummy batch, so that torch.compile compiles (or fails) now."""
     try:
         with ctx:
-            logits, _ = model(torch.zeros(batch_size, block_size, dtype=torch.long, device=dev),
-                              return_states=False)
+            logits, _ = model(torch.zeros(batch_size, block_size, dtype=torch.long, device=dev))
         logits.float().mean().backward()
     finally:
         model.zero_grad(set_to_none=True)
@@ -439,13 +440,13 @@ def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None, quiet=False):
     runs = [(split, split, 0) for split in eval_sets] + ([("val_mem", "val", mem_len)] if mem_len else [])
     for name, split, mem in runs:
         batches = eval_sets[split]
-        memory = unwrap(model).new_xl_states(batches[0][0].size(0), mem, xl_fn) if mem else None
+        memory = make_xl_memory(unwrap(model), batches[0][0].size(0), mem, xl_fn) if mem else None
         losses = torch.zeros(len(batches))
         for i, (x, y, restarted) in enumerate(batches):
             with ctx:
                 if memory is not None:
                     restart_rows(memory, restarted)
-                logits, _ = model(x, memory, return_states=memory is not None)
+                logits, _ = model(x, memory)
                 losses[i] = loss_fn(logits, y).item()
             now = time.time()
             if not quiet and now - t0 > 3.0 and now - shown > (0.5 if tty else 10.0):

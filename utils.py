@@ -1,25 +1,16 @@
 """
-Small helpers shared by the scripts: errors for bad user input, bytes <-> tokens, device and
-dtype choice, the byte data loader, dataset preparation and atomic checkpoint writes.
+Small helpers shared by the scripts: errors for bad user input, plug-in imports, device and
+dtype choice, glibc's memory setting, the compile fallback and atomic checkpoint writes.
 
-    python -c "import utils; print(utils.encode('hé'), utils.decode(utils.encode('hé')))"
     python -c "import utils; print(utils.pick_device('auto'), utils.pick_dtype('auto', 'auto'))"
-    python -c "import utils; print(utils.dataset_paths('shakespeare_char'))"
 """
 import ctypes
 import os
 import re
-import shutil
 import sys
-import urllib.request
 from contextlib import nullcontext
 
-import numpy as np
 import torch
-
-REPO_DIR = os.path.dirname(os.path.abspath(__file__))
-MARK = b"####"  # shown where the text jumps: a row restarted, or the text wrapped around
-
 
 class UserError(Exception):
     """A mistake in the user's input. The message is one line: what is wrong, what to do."""
@@ -56,20 +47,6 @@ def import_function(spec, option):
 
 
 # -----------------------------------------------------------------------------
-# tokens are raw UTF-8 bytes: the vocabulary is always 256
-
-def encode(s):
-    """str -> LongTensor (T,) of its UTF-8 bytes."""
-    return torch.from_numpy(np.frombuffer(s.encode("utf-8"), dtype=np.uint8).astype(np.int64))
-
-
-def decode(ids):
-    """Byte ids -> str. A model can emit invalid UTF-8 (or we cut a character in two), so bad
-    bytes are shown as backslash escapes instead of raising."""
-    if torch.is_tensor(ids):
-        ids = ids.tolist()
-    return bytes(ids).decode("utf-8", errors="backslashreplace")
-
 
 # -----------------------------------------------------------------------------
 # device and precision, decided once at start-up
@@ -173,155 +150,6 @@ def compile_or_eager(fn, probe):
             torch.cuda.set_rng_state_all(cuda_rng)
     return compiled
 
-
-# -----------------------------------------------------------------------------
-# data
-
-class ByteLoader:
-    """Batches (x, y, restarted) of bytes from one split, x and y LongTensors (B, T).
-
-    Row r of each batch continues the text exactly where row r of the previous batch stopped,
-    so a model can carry state (an XL memory) from batch to batch. The text is read as if laid
-    out "####" + text + "####" + text: a row runs across the end of the text into a marked
-    restart of it. With probability reset_prob, when it would run past that layout's end, and
-    on the first call, a row jumps to a random offset; `restarted` says which rows jumped, and a
-    jumped row's first 4 bytes are "####" so the model also sees that the text is not continuous.
-    """
-
-    def __init__(self, path, block_size, batch_size, reset_prob=0.1, seed=1337, device="cpu"):
-        if not os.path.isfile(path) or os.path.getsize(path) == 0:
-            raise UserError(f"data file {path} is missing or empty; run the dataset's prepare.py")
-        if block_size < 1 or batch_size < 1 or not 0.0 <= reset_prob <= 1.0:
-            raise UserError(f"need block_size >= 1, batch_size >= 1 and 0 <= reset_prob <= 1; got "
-                            f"{block_size}, {batch_size}, {reset_prob}")
-        self.text = np.memmap(path, dtype=np.uint8, mode="r")  # bytes stay on disk until read
-        self.period = len(MARK) + len(self.text)  # the layout is this period repeated twice
-        if block_size + 1 > self.period:
-            raise UserError(f"block_size={block_size} is longer than {path} "
-                            f"({len(self.text)} bytes); use a smaller --block_size")
-        self.block_size, self.batch_size, self.reset_prob = block_size, batch_size, reset_prob
-        self.device = device
-        self.gen = torch.Generator().manual_seed(seed)  # own RNG: same batches whatever else runs
-        self.pos = torch.full((batch_size,), -1, dtype=torch.long)  # -1: the row has not started
-        self.offsets = np.arange(block_size + 1)
-
-    def next(self):
-        B, T, P = self.batch_size, self.block_size, self.period
-        # draw both every call, so the generator advances the same way whatever happens
-        jump = torch.rand(B, generator=self.gen) < self.reset_prob
-        fresh = torch.randint(0, P, (B,), generator=self.gen)
-        restarted = jump | (self.pos < 0) | (self.pos + T + 1 > 2 * P)
-        self.pos = torch.where(restarted, fresh, self.pos)
-        # one gather for the whole batch: index into the text, with -4..-1 standing for "####"
-        idx = (self.pos.numpy()[:, None] + self.offsets) % P - len(MARK)  # (B, T+1)
-        chunk = self.text[np.maximum(idx, 0)]
-        chunk[idx < 0] = MARK[0]
-        chunk[restarted.numpy(), :len(MARK)] = MARK[0]
-        self.pos += T
-        chunk = torch.from_numpy(chunk)  # uint8: 8x less to copy to the GPU than int64
-        if self.device.startswith("cuda"):
-            chunk = chunk.pin_memory().to(self.device, non_blocking=True)
-            restarted = restarted.pin_memory().to(self.device, non_blocking=True)
-        else:
-            chunk, restarted = chunk.to(self.device), restarted.to(self.device)
-        x = chunk[:, :-1].long().contiguous()
-        y = chunk[:, 1:].long().contiguous()
-        return x, y, restarted
-
-    def state_dict(self):
-        return {"pos": self.pos.clone(), "rng": self.gen.get_state()}
-
-    def load_state_dict(self, state):
-        # a checkpoint may have been loaded onto the GPU; the loader's state lives on the CPU.
-        # A changed batch_size keeps the rows both runs have; new rows start fresh.
-        pos = state["pos"].cpu()
-        n = min(len(pos), self.batch_size)
-        self.pos = torch.full((self.batch_size,), -1, dtype=torch.long)
-        self.pos[:n] = pos[:n]
-        self.gen.set_state(state["rng"].cpu())
-
-
-def fixed_batches(path, block_size, batch_size, n_batches, seed, device="cpu"):
-    """The same n_batches batches every call (for the val loss). Each row continues the text from
-    one batch to the next (only the first batch restarts), so an XL memory can be carried along."""
-    loader = ByteLoader(path, block_size, batch_size, reset_prob=0.0, seed=seed, device=device)
-    return [loader.next() for _ in range(n_batches)]
-
-
-def _prepare_command(data_dir):
-    """The exact command a user should type to prepare data_dir."""
-    script = os.path.relpath(os.path.join(data_dir, "prepare.py"))
-    shared = os.path.join(REPO_DIR, "..", "shared", "data", os.path.basename(data_dir), "input.txt")
-    path = os.path.relpath(shared) if os.path.isfile(shared) else "PATH"
-    return f"python {script} --input={path}"
-
-
-def _write(path, data):
-    # write then rename, so an interrupted run never leaves a half file that looks prepared
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
-
-
-def prepare(data_dir, input_path=None, url=None):
-    """Split data_dir/input.txt into train.txt (first 90% of the bytes) and val.txt (the rest).
-    input_path is copied to input.txt first; url is downloaded when there is no input.txt."""
-    os.makedirs(data_dir, exist_ok=True)
-    target = os.path.join(data_dir, "input.txt")
-    if input_path:
-        if not os.path.isfile(input_path):
-            raise UserError(f"--input={input_path}: no such file")
-        if not (os.path.exists(target) and os.path.samefile(input_path, target)):
-            shutil.copyfile(input_path, target)
-    elif not os.path.exists(target):
-        if not url:
-            raise UserError(f"{os.path.relpath(target)} not found and there is no download source;"
-                            f" give a plain-text copy of the corpus: {_prepare_command(data_dir)}")
-        print(f"downloading {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                _write(target, response.read())
-        except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
-            raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); "
-                            f"give a local copy instead: {_prepare_command(data_dir)}") from None
-    with open(target, "rb") as f:
-        data = f.read()
-    if not data:
-        raise UserError(f"{os.path.relpath(target)} is empty")
-    n = int(len(data) * 0.9)
-    _write(os.path.join(data_dir, "train.txt"), data[:n])
-    _write(os.path.join(data_dir, "val.txt"), data[n:])
-    print(f"{os.path.relpath(data_dir)}: train.txt has {n:,} bytes, "
-          f"val.txt has {len(data) - n:,} bytes")
-
-
-def dataset_paths(dataset):
-    """(train_path, val_path) of a dataset: a name under data/, or a directory path. Prepares it
-    when only input.txt is there; otherwise says which command prepares it."""
-    is_dir_path = os.sep in dataset or "/" in dataset
-    data_dir = dataset if is_dir_path else os.path.join(REPO_DIR, "data", dataset)
-    train, val = os.path.join(data_dir, "train.txt"), os.path.join(data_dir, "val.txt")
-    if os.path.isfile(train) and os.path.isfile(val):
-        return train, val
-    if os.path.isfile(os.path.join(data_dir, "input.txt")):
-        prepare(data_dir)
-        return train, val
-    local = os.path.join(REPO_DIR, "..", "shared", "data", os.path.basename(data_dir), "input.txt")
-    if not is_dir_path and os.path.isfile(local):  # an offline machine's local copy of the corpus
-        print(f"preparing {dataset} from the local copy {os.path.relpath(local)}")
-        prepare(data_dir, input_path=local)
-        return train, val
-    if not is_dir_path and not os.path.isdir(data_dir):
-        known = sorted(d for d in os.listdir(os.path.join(REPO_DIR, "data"))
-                       if os.path.isfile(os.path.join(REPO_DIR, "data", d, "prepare.py")))
-        raise UserError(f"--dataset={dataset}: unknown dataset; known: {', '.join(known)}")
-    if not os.path.isfile(os.path.join(data_dir, "prepare.py")):
-        raise UserError(f"no train.txt and val.txt in {data_dir}; "
-                        f"put the corpus there as input.txt (it is split on first use)")
-    hint = _prepare_command(data_dir)
-    if dataset == "shakespeare_char":
-        hint += f" (or download it: python {os.path.relpath(os.path.join(data_dir, 'prepare.py'))})"
-    raise UserError(f"dataset {dataset} is not prepared; run {hint}")
 
 
 def atomic_torch_save(obj, path):

@@ -76,7 +76,7 @@ class Exercise:
 
 
 EXERCISES = {e.name: e for e in [
-    Exercise("kv_window", 1, "bounded history", ("keep_recent",), {"keep_recent": "kvcache:keep_recent"}, [
+    Exercise("kv_window", 1, "bounded history", ("keep_recent",), {"keep_recent": "kv.cache:keep_recent"}, [
         Check("returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes", check_trim_shapes, ("keep_recent",)),
         Check("keeps the kv_window newest tokens", check_trim_recent, ("keep_recent",)),
         Check("keeps the kv_sink first tokens of the text", check_trim_sinks, ("keep_recent",)),
@@ -85,7 +85,7 @@ EXERCISES = {e.name: e for e in [
         Check("tiny model: --kv_trim equals the ring-buffer cache", check_trim_model, ("keep_recent",), slow=True),
         Check("trained model sampled 10x past its training length", check_trim_long_text, ("keep_recent",), slow=True),
     ]),
-    Exercise("xl_memory", 2, "TransformerXL memory", ("xl_step",), {"xl_step": "kvcache:xl_step"}, [
+    Exercise("xl_memory", 2, "TransformerXL memory", ("xl_step",), {"xl_step": "kv.xl:xl_step"}, [
         Check("returns six tensors of the right shapes and dtypes", check_xl_shapes, ("xl_step",)),
         Check("attends over memory then this step, with key_ok", check_xl_attend, ("xl_step",)),
         Check("keeps the newest min(mem_len, m + T) tokens as memory", check_xl_keep, ("xl_step",)),
@@ -110,7 +110,7 @@ EXERCISES = {e.name: e for e in [
         Check("tiny model: same logits and gradients as --attention=linear", check_linear_model, ("attention",), slow=True),
         Check("short training with your attention", check_linear_training, ("attention",), slow=True),
     ]),
-    Exercise("kv_quant", 4, "KV quantization", ("quantize",), {"quantize": "kvquant:int8_quantize"}, [
+    Exercise("kv_quant", 4, "KV quantization", ("quantize",), {"quantize": "kv.quant:int8_quantize"}, [
         Check("returns (tensors shaped (..., m), dequantize); dequantize gives x's shape",
               check_quant_contract, ("quantize",)),
         Check("bits per value, scales included (at most 9)", check_quant_bits, ("quantize",)),
@@ -118,7 +118,7 @@ EXERCISES = {e.name: e for e in [
         Check("rows stand alone (joined, dropped, quantized one by one)", check_quant_rows, ("quantize",)),
         Check("trained model with your --kv_quant cache", check_quant_model, ("quantize",), slow=True),
     ]),
-    Exercise("kv_evict", 4, "KV eviction", ("priority",), {"priority": "kvevict:h2o_priority"}, [
+    Exercise("kv_evict", 4, "KV eviction", ("priority",), {"priority": "kv.evict:h2o_priority"}, [
         Check("returns float priorities shaped like scores, inputs untouched", check_evict_shapes, ("priority",)),
         Check("the kv_sink first tokens always stay", check_evict_sinks, ("priority",)),
         Check("the kv_recent newest tokens always stay", check_evict_recent, ("priority",)),

@@ -10,6 +10,7 @@ import random
 import torch
 from torch.nn import functional as F
 
+from kv.policy import KVOptions
 from model import GPT, GPTConfig, loss_fn
 
 
@@ -51,14 +52,15 @@ def random_text(B, T, seed=1):
     return torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-def feed(model, idx, step, **state_kw):
-    """Logits of idx fed `step` tokens at a time through one set of caches, and the caches."""
-    states = model.new_states(idx.size(0), **state_kw)
+def feed(model, idx, step, kv=None):
+    """Logits of idx fed `step` tokens at a time through the caches of kv (KVOptions; default
+    plain and unbounded), and the caches."""
+    caches = (kv or KVOptions(kv_window=0)).make_caches(model, idx.size(0), capacity=idx.size(1))
     out = []
     for a in range(0, idx.size(1), step):
-        logits, states = model(idx[:, a:a + step], states)
+        logits, caches = model(idx[:, a:a + step], caches)
         out.append(logits)
-    return torch.cat(out, dim=1), states
+    return torch.cat(out, dim=1), caches
 
 
 # -----------------------------------------------------------------------------
@@ -108,7 +110,7 @@ def train_tiny(model, text, block, iters, batch=16, lr=3e-3, seed=1):
             group["lr"] = lr * min(1.0, (it + 1) / 20)  # a short warm-up
         rows = torch.randint(0, high, (batch, 1), generator=g) + torch.arange(block + 1)
         x, y = text[rows[:, :-1]], text[rows[:, 1:]]
-        logits, _ = model(x, return_states=False)
+        logits, _ = model(x)
         loss = loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

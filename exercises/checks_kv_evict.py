@@ -1,10 +1,11 @@
 """
 Checks of exercise 4b, KV eviction: priority(scores, pos, seen, kv_sink, kv_recent) -> (B, nkv, n),
-like kvevict.h2o_priority.
+like kv.evict.h2o_priority.
 """
 
 import torch
 
+from kv.policy import KVOptions
 from exercises.checks_common import (TRAIN_BLOCK, expect, feed, held_out, random_text, tiny_model,
                                      token_losses, trained_model)
 
@@ -92,17 +93,16 @@ def check_evict_scores(impl, ctx):
 
 
 def check_evict_model(impl, ctx):
-    from kvpolicy import make_cache_factory
     budget, sink, recent = 10, 2, 3
     model = tiny_model(n_kv_head=2, n_layer=3, kv_share=1).eval()
     idx = random_text(2, 40)
-    make_cache = make_cache_factory(kv_evict=impl.spec("priority"), kv_budget=budget, kv_sink=sink, kv_recent=recent)
-    states = model.new_states(2, make_cache=make_cache)
+    kv = KVOptions(kv_evict=impl.spec("priority"), kv_budget=budget, kv_sink=sink, kv_recent=recent)
+    states = kv.make_caches(model, 2)
     with torch.no_grad():
         for t in range(idx.size(1)):
             logits, states = model(idx[:, t:t + 1], states)
             for layer, cache in enumerate(states):
-                held = cache.pos_q  # (B, nkv, n): what each head holds (eviction runs before a step's token is added)
+                held = cache.pos_codes  # (B, nkv, n): what each head holds (eviction runs before a step's token is added)
                 expect(held.size(-1) <= budget + 1, f"step {t}: layer {layer} holds {held.size(-1)} tokens, "
                        f"budget {budget} plus this step's")
                 need = set(range(min(sink, t + 1))) | set(range(max(t + 1 - recent, 0), t + 1))
@@ -114,7 +114,6 @@ def check_evict_model(impl, ctx):
 
 
 def check_evict_eval(impl, ctx):
-    from kvpolicy import make_cache_factory
     model = trained_model()
     x, y = held_out(TRAIN_BLOCK, rows=32)
     budget, sink, recent = 12, 2, 4
@@ -122,8 +121,8 @@ def check_evict_eval(impl, ctx):
     with torch.no_grad():
         for name, options in (("plain", None), ("window", dict(kv_evict="window")),
                               ("yours", dict(kv_evict=impl.spec("priority"), kv_recent=recent))):
-            make_cache = make_cache_factory(kv_budget=budget, kv_sink=sink, **options) if options else None
-            logits, _ = feed(model, x, 1, make_cache=make_cache)
+            kv = KVOptions(kv_window=0, kv_budget=budget, kv_sink=sink, **options) if options else None
+            logits, _ = feed(model, x, 1, kv)
             losses[name] = token_losses(logits, y)[budget:].mean().item()
     expect(losses["yours"] <= losses["window"] + 0.05,
            f"loss {losses['yours']:.3f} with your rule, {losses['window']:.3f} keeping the newest "

@@ -1,12 +1,12 @@
 """
 Checks of exercise 4a, KV quantization: quantize(x) -> ((tensors...), dequantize),
-like kvquant.int8_quantize.
+like kv.quant.int8_quantize.
 """
 
 import torch
 
-from exercises.checks_common import Failed, TRAIN_BLOCK, expect, held_out, randn, token_losses, trained_model
-from model import GPT
+from exercises.checks_common import Failed, TRAIN_BLOCK, expect, feed, held_out, randn, token_losses, trained_model
+from kv.policy import KVOptions, held_bits
 
 
 def quant_rows(seed=0, n=64):
@@ -109,16 +109,15 @@ def check_quant_rows(impl, ctx):
 
 
 def check_quant_model(impl, ctx):
-    from kvpolicy import make_cache_factory
     model = trained_model()
     x, y = held_out(TRAIN_BLOCK, rows=16)
-    make_cache = make_cache_factory(kv_quant=impl.spec("quantize"), kv_quant_residual=0)
+    kv = KVOptions(kv_quant=impl.spec("quantize"), kv_quant_residual=0)
     with torch.no_grad():
-        plain, plain_states = model(x)
-        yours, states = model(x, model.new_states(x.size(0), make_cache=make_cache))
+        plain, plain_states = feed(model, x, x.size(1))
+        yours, states = feed(model, x, x.size(1), kv)
     base, loss = token_losses(plain, y).mean().item(), token_losses(yours, y).mean().item()
-    bits = GPT.states_bits(states)[0] / (x.numel())
-    full = GPT.states_bits(plain_states)[0] / (x.numel())
+    bits = held_bits(states)[0] / (x.numel())
+    full = held_bits(plain_states)[0] / (x.numel())
     expect(loss <= base + 0.1, f"loss {loss:.3f} with your cache against {base:.3f} with the plain cache "
            f"({bits:.0f} KV bits per token): the error costs too much")
     return f"loss {base:.3f} -> {loss:.3f} with KV bits per token {full:.0f} -> {bits:.0f}"

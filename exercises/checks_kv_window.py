@@ -1,11 +1,13 @@
 """
 Checks of exercise 1, bounded history: keep_recent(k, v, pos, kv_window, kv_sink),
-like kvcache.keep_recent.
+like kv.cache.keep_recent.
 """
+
+from dataclasses import replace
 
 import torch
 
-import kvcache
+from kv.policy import KVOptions
 from exercises.checks_common import (TRAIN_BLOCK, expect, expect_close, feed, held_out, random_text,
                                      tiny_model, token_losses, trained_model)
 
@@ -106,13 +108,13 @@ def check_trim_rows(impl, ctx):
 def check_trim_model(impl, ctx):
     model = tiny_model(n_kv_head=2).eval()
     idx = random_text(2, 60)
-    trim = lambda layer, **kw: kvcache.TrimCache(trim_fn=impl.keep_recent, **kw)
+    ring_kv = KVOptions(kv_window=8, kv_sink=3)
     with torch.no_grad():
         for step in (1, 7):
-            ring, _ = feed(model, idx, step, kv_window=8, kv_sink=3)
-            yours, states = feed(model, idx, step, kv_window=8, kv_sink=3, make_cache=trim)
+            ring, _ = feed(model, idx, step, ring_kv)
+            yours, states = feed(model, idx, step, replace(ring_kv, kv_trim=impl.spec("keep_recent")))
             expect_close(yours, ring, f"logits fed {step} byte(s) at a time",
-                         "compare with kvcache.KVCache(recent=8, sink=3), the ring buffer")
+                         "compare with kv.cache.KVCache(window=8, sink=3), the ring buffer")
             expect(states[0].tokens() <= 11, f"the cache holds {states[0].tokens()} tokens, at most 8 + 3 allowed")
     return "fed 1 and 7 bytes at a time"
 
@@ -121,10 +123,9 @@ def check_trim_long_text(impl, ctx):
     model = trained_model()
     L = TRAIN_BLOCK
     x, y = held_out(10 * L)
-    trim = lambda layer, **kw: kvcache.TrimCache(trim_fn=impl.keep_recent, **kw)
     with torch.no_grad():
         full, _ = feed(model, x, 8)
-        yours, _ = feed(model, x, 8, kv_window=L, kv_sink=4, make_cache=trim)
+        yours, _ = feed(model, x, 8, KVOptions(kv_window=L, kv_sink=4, kv_trim=impl.spec("keep_recent")))
     inside = token_losses(full, y)[L // 2:L].mean().item()
     far_full = token_losses(full, y)[4 * L:].mean().item()
     far_yours = token_losses(yours, y)[4 * L:].mean().item()

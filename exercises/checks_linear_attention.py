@@ -7,7 +7,7 @@ import torch
 from torch.nn import functional as F
 
 import attention_linear
-import kvcache
+from kv.cache import visible
 from exercises.checks_common import (TRAIN_BLOCK, expect, expect_close, feed, max_err, play_text, randn,
                                      random_text, tiny_model, train_tiny)
 from model import loss_fn
@@ -31,7 +31,7 @@ def causal(T, S):
 
 def window_mask(B, T, S):
     """(B, 1, T, S): causal, a local window of 3 plus one sink, and row 1 forbidden key 1."""
-    m = kvcache.visible(torch.arange(S - T, S), torch.arange(S), recent=3, sink=1)
+    m = visible(torch.arange(S - T, S), torch.arange(S), window=3, sink=1)
     m = m.expand(B, 1, T, S).clone()
     m[1, :, :, 1] = False
     return m
@@ -126,7 +126,7 @@ def check_linear_model(impl, ctx):
     for m in (yours, ref):
         m.train()
         m.zero_grad(set_to_none=True)
-        logits, _ = m(idx[:, :-1], return_states=False)
+        logits, _ = m(idx[:, :-1])
         loss_fn(logits, idx[:, 1:]).backward()
         grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     for name, g in grads[1].items():

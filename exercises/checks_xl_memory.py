@@ -1,11 +1,11 @@
 """
 Checks of exercise 2, TransformerXL memory: xl_step(mem_k, mem_v, mem_ok, k, v, mem_len),
-like kvcache.xl_step.
+like kv.xl.xl_step.
 """
 
 import torch
 
-import kvcache
+from kv.xl import make_xl_memory, xl_step
 from exercises.checks_common import Failed, expect, expect_close, randn, random_text, repeating_text, tiny_model
 from model import GPT, GPTConfig, loss_fn
 
@@ -92,7 +92,7 @@ def xl_batches(B=3, T=8, n=3):
 
 def xl_forward(model, step_fn, batches, mem_len):
     """Logits of consecutive batches with an XL memory, as train.py computes them."""
-    memory = model.new_xl_states(batches[0][0].size(0), mem_len, step_fn)
+    memory = make_xl_memory(model, batches[0][0].size(0), mem_len, step_fn)
     out = []
     for x, restarted in batches:
         for s in {id(s): s for s in memory}.values():
@@ -110,17 +110,17 @@ def check_xl_model(impl, ctx):
     model = tiny_model(**xl_config()).eval()
     batches = xl_batches()
     with torch.no_grad():
-        ref, _ = xl_forward(model, kvcache.xl_step, batches, 12)
+        ref, _ = xl_forward(model, xl_step, batches, 12)
         yours, memory = xl_forward(model, impl.xl_step, batches, 12)
     for i, (a, b) in enumerate(zip(yours, ref)):
-        expect_close(a, b, f"logits of batch {i + 1}", "compare keys/key_ok and the memory kept with kvcache.xl_step")
+        expect_close(a, b, f"logits of batch {i + 1}", "compare keys/key_ok and the memory kept with kv.xl.xl_step")
     expect(max(s.tokens() for s in memory) <= 12, "the memory grew beyond mem_len=12")
     return "3 batches, a row restarting, GQA, local windows"
 
 
 def xl_step_grads(model, step_fn, batches, mem_len):
     model.train()
-    memory = model.new_xl_states(batches[0][0].size(0), mem_len, step_fn)
+    memory = make_xl_memory(model, batches[0][0].size(0), mem_len, step_fn)
     for i, (x, restarted) in enumerate(batches):
         logits, _ = model(x, memory)
     y = torch.roll(batches[-1][0], -1, dims=1)
@@ -132,7 +132,7 @@ def xl_step_grads(model, step_fn, batches, mem_len):
 def check_xl_grads(impl, ctx):
     model = tiny_model(**xl_config())
     batches = xl_batches()
-    ref = xl_step_grads(model, kvcache.xl_step, batches, 12)
+    ref = xl_step_grads(model, xl_step, batches, 12)
     try:
         yours = xl_step_grads(model, impl.xl_step, batches, 12)
     except NotImplementedError:
@@ -154,7 +154,7 @@ def check_xl_training(impl, ctx):
     opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
     n_train = 700 * block  # the last 100 blocks are held out
     starts = torch.randint(0, n_train // 2, (batch, 1), generator=torch.Generator().manual_seed(1))
-    memory = model.new_xl_states(batch, mem, impl.xl_step)
+    memory = make_xl_memory(model, batch, mem, impl.xl_step)
     model.train()
     for it in range(iters):
         rows = (starts + it * block + torch.arange(block + 1)) % (n_train - 1)  # each row reads on
@@ -165,7 +165,7 @@ def check_xl_training(impl, ctx):
         opt.step()
     # held-out text, 8 consecutive blocks per row, memory carried along
     model.eval()
-    memory = model.new_xl_states(4, mem, impl.xl_step)
+    memory = make_xl_memory(model, 4, mem, impl.xl_step)
     losses = []
     with torch.no_grad():
         for i in range(8):

@@ -4,7 +4,7 @@ Assignment 4b: evict tokens from the KV cache by the attention they receive.
 Most cached tokens get almost no attention. Heavy-Hitter Oracle (H2O, arXiv 2306.14048) keeps
 a fixed budget of tokens per head: the first few (attention sinks), the most recent ones, and
 the "heavy hitters", the tokens with the largest attention summed over every query so far.
-The cache (kvevict.EvictKVCache) computes the attention the naive way to read those sums; you
+The cache (kv.evict.EvictKVCache) computes the attention the naive way to read those sums; you
 decide which tokens are worth keeping.
 
 Try it (the cache keeps kv_budget tokens per layer and head, here a quarter of the 256 the
@@ -33,6 +33,6 @@ def priority(scores, pos, seen, kv_sink, kv_recent):
 
     Hints: torch.where(mask, float("inf"), scores). Old tokens have had more queries to collect
     attention from than new ones: try dividing by their age (seen - pos) and compare with
-    eval_kv.py. kvevict.h2o_priority is the project's version.
+    eval_kv.py. kv.evict.h2o_priority is the project's version.
     """
     raise NotImplementedError("assignment 4 (KV eviction): implement priority in exercises/kv_evict.py")

@@ -35,7 +35,7 @@ def quantize(x):
     Hints: symmetric int8: scale = row absmax / 127, codes = round(x / scale); keep the scale
     from being 0; x / scale then torch.round, clamp to [-127, 127], .to(torch.int8). Below 8
     bits: uint8 codes in [0, 2^b - 1] with a per-group zero point, packed with shifts (<<, |).
-    The checker reports your bits per value and error; kvquant.py holds the project's formats.
+    The checker reports your bits per value and error; kv/quant.py holds the project's formats.
     """
     raise NotImplementedError("assignment 4 (KV quantization): implement quantize in exercises/kv_quant.py")
 

@@ -6,7 +6,7 @@ query. Sampled longer, it meets distances it never learned and the text falls ap
 here: keep only the newest kv_window tokens in the cache (plus the first kv_sink tokens of
 the text, which attention likes to park on: see StreamingLLM, arXiv 2309.17453).
 
-Try it (the cache calls your function after every step, see kvcache.TrimCache):
+Try it (the cache calls your function after every step, see kv.cache.TrimCache):
     python sample.py --out_dir=out-shakespeare-char --max_new_tokens=2000 \
         --kv_trim=exercises.kv_window:keep_recent --kv_window=256 --kv_sink=4
 Check it:

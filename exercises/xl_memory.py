@@ -7,7 +7,7 @@ and values it computed for the same row at the previous steps: the model learns 
 context than one block, while gradients still stop at the block boundary (truncated
 backpropagation through time). The memory must stay bounded: at most mem_len tokens.
 
-Try it (every softmax layer calls your function once per step, see kvcache.XLMemory):
+Try it (every softmax layer calls your function once per step, see kv.xl.XLMemory):
     python train.py config/train_shakespeare_char_cpu.py --xl_mem=64 --xl_update=exercises.xl_memory:xl_step
 Check it:
     python -m exercises.check xl_memory
@@ -35,6 +35,6 @@ def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
     Hints: torch.cat along the token axis (dim 2 for K/V, dim 1 for the flags); slice the last
     mem_len; `.detach()`. Without detach the next step's backward runs into this step's graph:
     PyTorch fails ("backward through the graph a second time") or gradients leak into the past.
-    The positions (RoPE) and the mask are the cache's business (kvcache.XLMemory).
+    The positions (RoPE) and the mask are the cache's business (kv.xl.XLMemory).
     """
     raise NotImplementedError("assignment 2 (TransformerXL): implement xl_step in exercises/xl_memory.py")

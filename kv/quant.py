@@ -1,9 +1,8 @@
 """
 KV-cache quantization: keys and values kept as integer or float8 codes, not as floats.
 
-    from kvpolicy import make_cache_factory
-    make_cache = make_cache_factory(kv_quant="int4", kv_quant_group=32, kv_quant_residual=32)
-    states = model.new_states(batch_size, make_cache=make_cache)
+    from kv.policy import KVOptions
+    caches = KVOptions(kv_quant="int4", kv_quant_group=32, kv_quant_residual=32).make_caches(model, batch_size)
 
 Formats (kv_quant), all with float16 scales and zero points:
   int8       per token: one scale per token and head (absmax / 127), int8 codes
@@ -46,8 +45,8 @@ concatenate rows from several calls, or drop rows, before it calls dequantize.
 
 import torch
 
-from kvcache import visible
-from utils import UserError, import_function
+from kv.cache import Cache, attention_mask
+from utils import UserError, import_function, no_autocast
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -175,7 +174,7 @@ class Int8Format(TokenFormat):
 
 
 def int8_quantize(x):
-    """int8 under the user-quantizer contract (--kv_quant=kvquant:int8_quantize stores what
+    """int8 under the user-quantizer contract (--kv_quant=kv.quant:int8_quantize stores what
     --kv_quant=int8 stores; the reference of exercise 4): int8 codes, a float16 scale per row."""
     return Int8Format().quantize(x), int8_dequantize
 
@@ -266,7 +265,7 @@ class UserFormat(TokenFormat):
         what = f"kv_quant={self.name}"
         x = torch.randn(1, 2, 3, head_dim, generator=torch.Generator().manual_seed(0))
         contract = (f"{what} must return (tensors, dequantize) with every tensor shaped (..., m) "
-                    f"like x (..., {head_dim}); see kvquant.py's docstring")
+                    f"like x (..., {head_dim}); see kv/quant.py's docstring")
         try:
             out = self.fn(x)
             if not (isinstance(out, (tuple, list)) and len(out) == 2):
@@ -331,52 +330,53 @@ def payload_bits(payload):
 
 # -----------------------------------------------------------------------------
 
-class QuantKVCache:
+class QuantKVCache(Cache):
     """A KV cache holding old tokens as codes and the newest `residual` in full precision.
 
-    The same interface as kvcache.KVCache: update(k, v) -> (keys, values, mask), size_bits(),
-    tokens(), seen. Held: a quantized part (payload tuples kq, vq; positions pos_q) and the
-    full-precision residual (kf, vf; positions pos_f), the newest tokens. recent/sink is the
-    history bound of kvcache.visible(): keys no later query can see are dropped (a key group
+    The protocol of kv.cache.Cache. Held: a quantized part (payload tuples k_codes, v_codes; positions pos_codes) and the
+    full-precision residual (k_full, v_full; positions pos_full), the newest tokens. window/sink is the
+    history bound of kv.cache.visible(): keys no later query can see are dropped (a key group
     of G tokens once all of its tokens are out of sight).
 
     An update appends the new tokens, quantizes what left the residual, then returns the
     dequantized keys and values: a step's queries see exactly what is stored after it, the
     newest `residual` tokens (the step's own included) in full precision.
     """
-    needs_scores = False
-
-    def __init__(self, key_fmt, val_fmt, batch_size, n_kv_head, head_dim, residual=32, recent=0,
+    def __init__(self, key_fmt, val_fmt, batch_size, n_kv_head, head_dim, residual=32, window=0,
                  sink=0, dtype=torch.float32, device="cpu"):
         self.key_fmt, self.val_fmt = key_fmt, val_fmt
         self.residual = residual
-        self.recent, self.sink = recent, (sink if recent > 0 else 0)
-        self.kf = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
-        self.vf = self.kf.clone()
-        self.pos_f = torch.zeros(0, dtype=torch.long, device=device)
-        self.kq = self.vq = None  # payloads, once something is quantized
-        self.pos_q = self.pos_f.clone()  # (S,); an evicting cache keeps (B, nkv, S)
+        self.window, self.sink = window, (sink if window > 0 else 0)
+        self.k_full = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
+        self.v_full = self.k_full.clone()
+        self.pos_full = torch.zeros(0, dtype=torch.long, device=device)
+        self.k_codes = self.v_codes = None  # payloads, once something is quantized
+        self.pos_codes = self.pos_full.clone()  # (S,); an evicting cache keeps (B, nkv, S)
         self.group = max(key_fmt.tokens_per_group, val_fmt.tokens_per_group)
         self.seen = 0
 
     def _alive(self, p):
         """Can a query at position self.seen or later still see the key at position p?"""
-        return (p < self.sink) | (p > self.seen - self.recent)
+        return (p < self.sink) | (p > self.seen - self.window)
 
     def _forget(self, T):
         """Before T new tokens arrive: drop what no query from self.seen on can see."""
-        if self.recent == 0:
+        if self.window == 0:
             return
-        keep_f = self._alive(self.pos_f)
-        if not bool(keep_f.all()):
-            self.kf, self.vf, self.pos_f = self.kf[:, :, keep_f], self.vf[:, :, keep_f], self.pos_f[keep_f]
-        if self.kq is not None:
+        keep_full = self._alive(self.pos_full)
+        if not bool(keep_full.all()):
+            self._keep_full(keep_full)
+        if self.k_codes is not None:
             g = self.group
-            keep = self._alive(self.pos_q).view(-1, g).any(-1).repeat_interleave(g)  # whole groups
+            keep = self._alive(self.pos_codes).view(-1, g).any(-1).repeat_interleave(g)  # whole groups
             if not bool(keep.all()):
-                self.kq = self.key_fmt.select(self.kq, keep)
-                self.vq = self.val_fmt.select(self.vq, keep)
-                self.pos_q = self.pos_q[keep]
+                self.k_codes = self.key_fmt.select(self.k_codes, keep)
+                self.v_codes = self.val_fmt.select(self.v_codes, keep)
+                self.pos_codes = self.pos_codes[keep]
+
+    def _keep_full(self, keep):
+        """Keep the residual tokens where keep (S,) is True."""
+        self.k_full, self.v_full, self.pos_full = self.k_full[:, :, keep], self.v_full[:, :, keep], self.pos_full[keep]
 
     def _appended(self, T):
         """Hook: T new tokens were appended to the residual."""
@@ -384,55 +384,53 @@ class QuantKVCache:
     def update(self, k, v):
         """Store k, v (B, nkv, T, hs) of the next T tokens; return the keys and values of every
         token held, dequantized, and the mask (None, "causal" or bool (..., T, S))."""
+        with no_autocast(k.device.type):  # quantization is done in full precision
+            return self._update(k, v)
+
+    def _update(self, k, v):
         T = k.size(2)
-        qpos = torch.arange(self.seen, self.seen + T, device=self.pos_f.device)
+        qpos = torch.arange(self.seen, self.seen + T, device=self.pos_full.device)
         self._forget(T)
         self.seen += T
         # inference only: stored tensors carry no autograd history
-        self.kf = torch.cat([self.kf, k.detach().to(self.kf.dtype)], dim=2)
-        self.vf = torch.cat([self.vf, v.detach().to(self.vf.dtype)], dim=2)
-        self.pos_f = torch.cat([self.pos_f, qpos])
+        self.k_full = torch.cat([self.k_full, k.detach().to(self.k_full.dtype)], dim=2)
+        self.v_full = torch.cat([self.v_full, v.detach().to(self.v_full.dtype)], dim=2)
+        self.pos_full = torch.cat([self.pos_full, qpos])
         self._appended(T)
-        m = (self.kf.size(2) - self.residual) // self.group * self.group
+        m = (self.k_full.size(2) - self.residual) // self.group * self.group
         if m > 0:  # these left the residual: to codes
-            self._store(self.key_fmt.quantize(self.kf[:, :, :m]), self.val_fmt.quantize(self.vf[:, :, :m]), m)
-            self.kf, self.vf, self.pos_f = self.kf[:, :, m:], self.vf[:, :, m:], self.pos_f[m:]
+            self._store(self.key_fmt.quantize(self.k_full[:, :, :m]), self.val_fmt.quantize(self.v_full[:, :, :m]), m)
+            self.k_full, self.v_full, self.pos_full = self.k_full[:, :, m:], self.v_full[:, :, m:], self.pos_full[m:]
         keys, vals, kpos = self._assemble()
-        if kpos.size(-1) == T and T > 1 and (self.recent == 0 or self.recent >= T):
-            mask = "causal"
-        elif T == 1 and self.recent == 0:
-            mask = None  # one query sees every key held
-        else:
-            mask = visible(qpos, kpos, self.recent, self.sink)
-        return keys, vals, mask
+        return keys, vals, attention_mask(qpos, kpos, self.window, self.sink)
 
-    def _store(self, kq, vq, m):
+    def _store(self, k_codes, v_codes, m):
         """Add the codes of the m oldest residual tokens to the quantized part."""
-        if self.kq is None:
-            self.kq, self.vq = kq, vq
+        if self.k_codes is None:
+            self.k_codes, self.v_codes = k_codes, v_codes
         else:
-            self.kq = tuple(torch.cat(pair, dim=2) for pair in zip(self.kq, kq))
-            self.vq = tuple(torch.cat(pair, dim=2) for pair in zip(self.vq, vq))
-        self.pos_q = torch.cat([self.pos_q, self.pos_f[:m].expand(*self.pos_q.shape[:-1], -1)], dim=-1)
+            self.k_codes = tuple(torch.cat(pair, dim=2) for pair in zip(self.k_codes, k_codes))
+            self.v_codes = tuple(torch.cat(pair, dim=2) for pair in zip(self.v_codes, v_codes))
+        self.pos_codes = torch.cat([self.pos_codes, self.pos_full[:m].expand(*self.pos_codes.shape[:-1], -1)], dim=-1)
 
     def _assemble(self):
         """Keys, values (B, nkv, S, hs) of everything held and their positions."""
-        if self.kq is None:
-            return self.kf, self.vf, self.pos_f
-        nq = self.pos_q.size(-1)
-        B, H, _, D = self.kf.shape
+        if self.k_codes is None:
+            return self.k_full, self.v_full, self.pos_full
+        n_codes = self.pos_codes.size(-1)
+        B, H, _, D = self.k_full.shape
         out = []
-        for fmt, payload, full in ((self.key_fmt, self.kq, self.kf), (self.val_fmt, self.vq, self.vf)):
-            x = full.new_empty(B, H, nq + full.size(2), D)
-            fmt.dequantize(payload, x[:, :, :nq])
-            x[:, :, nq:] = full
+        for fmt, payload, full in ((self.key_fmt, self.k_codes, self.k_full), (self.val_fmt, self.v_codes, self.v_full)):
+            x = full.new_empty(B, H, n_codes + full.size(2), D)
+            fmt.dequantize(payload, x[:, :, :n_codes])
+            x[:, :, n_codes:] = full
             out.append(x)
-        pq = self.pos_q
-        return out[0], out[1], torch.cat([pq, self.pos_f.expand(*pq.shape[:-1], -1)], dim=-1)
+        pq = self.pos_codes
+        return out[0], out[1], torch.cat([pq, self.pos_full.expand(*pq.shape[:-1], -1)], dim=-1)
 
     def tokens(self):
         """How many tokens of the text this cache holds (per sequence and head)."""
-        return self.pos_q.size(-1) + self.pos_f.numel()
+        return self.pos_codes.size(-1) + self.pos_full.numel()
 
     def size_bits(self):
         """Bits held: codes, scales and zero points of the quantized part, plus the residual."""
@@ -440,4 +438,4 @@ class QuantKVCache:
 
     def stored_tensors(self):
         """Every tensor holding key/value data (for audits: see tests/test_kvquant.py)."""
-        return [self.kf, self.vf] + list(self.kq or ()) + list(self.vq or ())
+        return [self.k_full, self.v_full] + list(self.k_codes or ()) + list(self.v_codes or ())

@@ -9,8 +9,8 @@ KV-cache eviction: hold at most kv_budget tokens per layer and KV head, drop the
             and over the layers of a kv_share group). Each KV head chooses its own tokens.
     package.module:function   your own rule in H2O's place (below)
 
-H2O reads the attention probabilities: the model sees `needs_scores` and computes that
-layer's attention the naive way, handing the probabilities (B, nh, T, S) to observe().
+H2O reads the attention probabilities: the cache's attend() computes the layer's attention
+the naive way (attention.naive_attention) and adds the probabilities to each key's score.
 
 Eviction happens lazily, at the start of the next update, once every layer that shares the
 cache has reported its scores: between steps the cache holds kv_budget tokens, and a step
@@ -37,8 +37,9 @@ drops the full-precision residual of a quantized cache; everything else is the r
 
 import torch
 
-from kvquant import FullPrecision, QuantKVCache, flat_index
-from utils import UserError, import_function
+from attention import naive_attention
+from kv.quant import FullPrecision, QuantKVCache, flat_index
+from utils import UserError, import_function, no_autocast
 
 POLICIES = ("window", "h2o")
 
@@ -64,15 +65,15 @@ def resolve_evict(name):
 
 class EvictKVCache(QuantKVCache):
     """A (possibly quantized) cache that keeps `budget` tokens per KV head (see the module
-    docstring). keep_recent/keep_sink: tokens eviction never drops. recent/sink: the history
-    bound of kvcache.visible() (a local layer's window, or --kv_window/--kv_sink).
+    docstring). keep_recent/keep_sink: tokens eviction never drops. window/sink: the history
+    bound of kv.cache.visible() (a local layer's window, or --kv_window/--kv_sink).
 
     The quantized part is a set of slots in no particular order, each with its position and
     score per head: a token leaving the residual takes the slot of one just evicted, so a
     decode step writes one row per head instead of moving the whole cache."""
 
     def __init__(self, policy, budget, batch_size, n_kv_head, head_dim, keep_recent=0, keep_sink=0,
-                 key_fmt=None, val_fmt=None, residual=0, recent=0, sink=0, dtype=torch.float32,
+                 key_fmt=None, val_fmt=None, residual=0, window=0, sink=0, dtype=torch.float32,
                  device="cpu"):
         # policy: "window", "h2o" or a rule function(scores, pos, seen, kv_sink, kv_recent)
         if not callable(policy) and policy not in POLICIES:
@@ -84,63 +85,71 @@ class EvictKVCache(QuantKVCache):
             raise ValueError("eviction needs per-token formats (keys are not grouped per channel)")
         if isinstance(key_fmt, FullPrecision):
             residual = 0  # nothing to keep apart
-        super().__init__(key_fmt, val_fmt, batch_size, n_kv_head, head_dim, residual, recent, sink,
+        super().__init__(key_fmt, val_fmt, batch_size, n_kv_head, head_dim, residual, window, sink,
                          dtype, device)
         self.policy, self.budget = policy, budget
         self.keep_recent, self.keep_sink = keep_recent, keep_sink
-        self.needs_scores = self.rule is not None
-        self.pos_q = torch.zeros(batch_size, n_kv_head, 0, dtype=torch.long, device=device)  # per head
-        self.score_q = torch.zeros(batch_size, n_kv_head, 0, device=device)  # attention received
-        self.score_f = self.score_q.clone()
+        self.pos_codes = torch.zeros(batch_size, n_kv_head, 0, dtype=torch.long, device=device)  # per head
+        self.score_codes = torch.zeros(batch_size, n_kv_head, 0, device=device)  # attention received
+        self.score_full = self.score_codes.clone()
         self.holes = None  # (B, nkv, e): slots evicted, to be refilled in this update
 
     def _appended(self, T):
-        B, H, _ = self.score_f.shape
-        self.score_f = torch.cat([self.score_f, self.score_f.new_zeros(B, H, T)], dim=-1)
+        B, H, _ = self.score_full.shape
+        self.score_full = torch.cat([self.score_full, self.score_full.new_zeros(B, H, T)], dim=-1)
+
+    def attend(self, fn, q, k, v, mask, dropout_p=0.0):
+        """With a rule that ranks by score: attention written out, its probabilities observed."""
+        if self.rule is None:
+            return fn(q, k, v, mask, dropout_p)
+        y, att = naive_attention(q, k, v, mask, dropout_p, need_weights=True)
+        with no_autocast(q.device.type):
+            self.observe(att)
+        return y
 
     def observe(self, att):
         """Add the attention probabilities att (B, nh, T, S) over the keys the last update
         returned to each key's score, summing the query heads of each KV head."""
-        B, H, nq = self.score_q.shape
+        B, H, n_codes = self.score_codes.shape
         s = att.float().view(B, H, -1, att.size(-2), att.size(-1)).sum(dim=(2, 3))
-        self.score_q += s[..., :nq]
-        self.score_f += s[..., nq:]
+        self.score_codes += s[..., :n_codes]
+        self.score_full += s[..., n_codes:]
 
     def _forget(self, T):
-        if self.recent > 0:  # the residual: the same tokens for every head
-            keep_f = self._alive(self.pos_f)
-            if not bool(keep_f.all()):
-                self.kf, self.vf, self.pos_f = self.kf[:, :, keep_f], self.vf[:, :, keep_f], self.pos_f[keep_f]
-                self.score_f = self.score_f[..., keep_f]
-        nq = self.pos_q.size(-1)
-        if nq == 0:
+        if self.window > 0:  # the residual: the same tokens for every head
+            keep_full = self._alive(self.pos_full)
+            if not bool(keep_full.all()):
+                self._keep_full(keep_full)
+                self.score_full = self.score_full[..., keep_full]
+        n_codes = self.pos_codes.size(-1)
+        if n_codes == 0:
             return
-        n_keep = self.budget - self.pos_f.numel()  # the residual is always kept
+        n_keep = self.budget - self.pos_full.numel()  # the residual is always kept
         alive = None
-        if self.recent > 0:
-            alive = self._alive(self.pos_q)
+        if self.window > 0:
+            alive = self._alive(self.pos_codes)
             n_keep = min(n_keep, int(alive.sum(-1).min()))
-        if n_keep >= nq:
+        if n_keep >= n_codes:
             return
-        gone = self.evicted(alive, nq - n_keep)
-        if nq - n_keep <= self.pos_f.numel() + T - self.residual:
+        gone = self.evicted(alive, n_codes - n_keep)
+        if n_codes - n_keep <= self.pos_full.numel() + T - self.residual:
             self.holes = gone  # as many tokens leave the residual in this update: they move in
             return
-        keep = torch.ones_like(self.pos_q, dtype=torch.bool).scatter_(-1, gone, False)
+        keep = torch.ones_like(self.pos_codes, dtype=torch.bool).scatter_(-1, gone, False)
         idx = keep.nonzero()[:, 2].view(*keep.shape[:2], n_keep)  # (B, nkv, n_keep), in slot order
-        flat = flat_index(idx, nq)
-        self.kq, self.vq = self.key_fmt.gather(self.kq, flat), self.val_fmt.gather(self.vq, flat)
-        self.pos_q, self.score_q = self.pos_q.gather(-1, idx), self.score_q.gather(-1, idx)
+        flat = flat_index(idx, n_codes)
+        self.k_codes, self.v_codes = self.key_fmt.gather(self.k_codes, flat), self.val_fmt.gather(self.v_codes, flat)
+        self.pos_codes, self.score_codes = self.pos_codes.gather(-1, idx), self.score_codes.gather(-1, idx)
 
     def evicted(self, alive, e):
         """Slots (B, nkv, e) of the quantized part to evict: tokens out of sight (alive False;
         None = all in sight) first, then the lowest ranked: by age (window, never the kv_sink
         first or the kv_recent newest) or by the rule's priority (h2o_priority, or a user's)."""
-        p = self.pos_q
+        p = self.pos_codes
         if self.rule is None:  # window: recency only
             rank = torch.where((p < self.keep_sink) | (p >= self.seen - self.keep_recent), float("inf"), p.float())
         else:  # copies: a rule that writes into its inputs must not change the scores kept
-            rank = self.rule(self.score_q.clone(), p.clone(), self.seen, self.keep_sink, self.keep_recent)
+            rank = self.rule(self.score_codes.clone(), p.clone(), self.seen, self.keep_sink, self.keep_recent)
             if not (torch.is_tensor(rank) and rank.shape == p.shape and rank.is_floating_point()):
                 raise UserError(f"kv_evict rule {getattr(self.rule, '__name__', self.rule)} must return float "
                                 f"priorities shaped like scores {tuple(p.shape)}, got "
@@ -149,24 +158,24 @@ class EvictKVCache(QuantKVCache):
             rank = rank.masked_fill(~alive, float("-inf"))
         return rank.topk(e, dim=-1, largest=False, sorted=False).indices
 
-    def _store(self, kq, vq, m):
-        pos = self.pos_f[:m].expand(*self.pos_q.shape[:2], -1)
-        score, self.score_f = self.score_f[..., :m], self.score_f[..., m:]
+    def _store(self, k_codes, v_codes, m):
+        pos = self.pos_full[:m].expand(*self.pos_codes.shape[:2], -1)
+        score, self.score_full = self.score_full[..., :m], self.score_full[..., m:]
         e = 0
         if self.holes is not None:  # reuse the evicted slots
             e = self.holes.size(-1)
-            flat = flat_index(self.holes, self.pos_q.size(-1))
-            self.key_fmt.overwrite(self.kq, flat, [t[:, :, :e] for t in kq])
-            self.val_fmt.overwrite(self.vq, flat, [t[:, :, :e] for t in vq])
-            self.pos_q.view(-1).index_copy_(0, flat, pos[..., :e].reshape(-1))
-            self.score_q.view(-1).index_copy_(0, flat, score[..., :e].reshape(-1))
+            flat = flat_index(self.holes, self.pos_codes.size(-1))
+            self.key_fmt.overwrite(self.k_codes, flat, [t[:, :, :e] for t in k_codes])
+            self.val_fmt.overwrite(self.v_codes, flat, [t[:, :, :e] for t in v_codes])
+            self.pos_codes.view(-1).index_copy_(0, flat, pos[..., :e].reshape(-1))
+            self.score_codes.view(-1).index_copy_(0, flat, score[..., :e].reshape(-1))
             self.holes = None
         if m > e:
             rest = lambda payload: tuple(t[:, :, e:] for t in payload)
-            if self.kq is None:
-                self.kq, self.vq = rest(kq), rest(vq)
+            if self.k_codes is None:
+                self.k_codes, self.v_codes = rest(k_codes), rest(v_codes)
             else:
-                self.kq = tuple(torch.cat(pair, dim=2) for pair in zip(self.kq, rest(kq)))
-                self.vq = tuple(torch.cat(pair, dim=2) for pair in zip(self.vq, rest(vq)))
-            self.pos_q = torch.cat([self.pos_q, pos[..., e:]], dim=-1)
-            self.score_q = torch.cat([self.score_q, score[..., e:]], dim=-1)
+                self.k_codes = tuple(torch.cat(pair, dim=2) for pair in zip(self.k_codes, rest(k_codes)))
+                self.v_codes = tuple(torch.cat(pair, dim=2) for pair in zip(self.v_codes, rest(v_codes)))
+            self.pos_codes = torch.cat([self.pos_codes, pos[..., e:]], dim=-1)
+            self.score_codes = torch.cat([self.score_codes, score[..., e:]], dim=-1)

@@ -1,0 +1,94 @@
+"""
+Attention kinds: one function each, picked by name from ATTENTION.
+
+Each takes q (B, nh, T, hs), k and v (B, nkv, S, hs), a mask and the dropout probability,
+and returns y (B, nh, T, hs). The mask is None (every key visible), "causal" (square
+lower-triangular) or bool (..., T, S), True = may attend: kv.cache.attention_mask makes it.
+
+    softmax   PyTorch's fused scaled_dot_product_attention: the reference, and the fastest
+    naive     softmax(q k^T / sqrt(hs)) v written out (it can hand back the probabilities)
+    linear    a layer of its own (attention_linear.LinearAttention), not a function here
+    package.module:function   your own, called with K/V repeated to nh heads and a bool mask
+
+Adding a kind: write the function, add it to ATTENTION.
+"""
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from utils import UserError, import_function, no_autocast
+
+
+def expand_kv(k, n_head):
+    """Repeat each K/V head for the query heads of its group: (B, nkv, S, hs) -> (B, nh, S, hs)."""
+    g = n_head // k.size(1)
+    return k if g == 1 else k.repeat_interleave(g, dim=1)
+
+
+def _mask_for_heads(mask, n_head):
+    # a per-KV-head mask (B, nkv, T, S) must line up with the query heads of each group
+    if torch.is_tensor(mask) and mask.dim() == 4 and 1 < mask.size(1) < n_head:
+        return mask.repeat_interleave(n_head // mask.size(1), dim=1)
+    return mask
+
+
+def materialize_mask(mask, T, S, device):
+    """Any mask form as a bool tensor (..., T, S)."""
+    if mask is None:
+        return torch.ones(T, S, dtype=torch.bool, device=device)
+    if isinstance(mask, str):
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
+    return mask
+
+
+def softmax_attention(q, k, v, mask=None, dropout_p=0.0):
+    """The reference: PyTorch's fused scaled_dot_product_attention."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # the CPU flash-attention kernel's backward is much slower in bfloat16 than in float32
+        # (RESULTS.md): under CPU autocast, attend in float32
+        with no_autocast("cpu"):
+            return softmax_attention(q.float(), k.float(), v.float(), mask, dropout_p).to(q.dtype)
+    gqa = k.size(1) != q.size(1)
+    if isinstance(mask, str):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_mask_for_heads(mask, q.size(1)),
+                                          dropout_p=dropout_p, enable_gqa=gqa)
+
+
+def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False):
+    """softmax(q k^T / sqrt(hs)) v written out, so the probabilities can be handed back."""
+    nh, T, S = q.size(1), q.size(2), k.size(2)
+    k, v = expand_kv(k, nh), expand_kv(v, nh)
+    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
+    if mask is not None:  # None (the decode step): every key is visible, nothing to fill
+        att = att.masked_fill(~_mask_for_heads(materialize_mask(mask, T, S, q.device), nh), float("-inf"))
+    att = torch.softmax(att.float(), dim=-1).to(q.dtype)
+    y = F.dropout(att, dropout_p) @ v if dropout_p > 0 else att @ v
+    return (y, att) if need_weights else y
+
+
+ATTENTION = {"softmax": softmax_attention, "naive": naive_attention}
+KINDS = sorted(ATTENTION) + ["linear"]
+
+
+def resolve_attention(name):
+    """The attention function for a kind name or a user's "package.module:function"
+    (None for "linear", whose layer is a class of its own)."""
+    if name in ATTENTION or name == "linear":
+        return ATTENTION.get(name)
+    if ":" not in name:
+        raise UserError(f"unknown attention {name!r}: choose one of {KINDS} "
+                        "or give your own as package.module:function")
+    return _user_attention(import_function(name, "attention"))
+
+
+def _user_attention(fn):
+    # a user's function gets the simplest contract: as many K/V heads as query heads
+    # and a materialized bool mask (B|1, nh|1, T, S)
+    def attend(q, k, v, mask=None, dropout_p=0.0):
+        nh, T, S = q.size(1), q.size(2), k.size(2)
+        m = _mask_for_heads(materialize_mask(mask, T, S, q.device), nh)
+        return fn(q, expand_kv(k, nh), expand_kv(v, nh), m, dropout_p)
+    return attend

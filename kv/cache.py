@@ -1,0 +1,202 @@
+"""
+The KV cache: what a softmax attention layer remembers of the text it has read.
+
+One cache object serves one layer (or one kv_share group of layers) for B sequences, and
+every cache kind (plain, ring buffer, quantized, evicting, XL memory, linear state) speaks
+the same protocol, `Cache`, so an attention layer never needs to know which one it has:
+
+    k, v, mask = cache.update(k, v)                  # store the T newest tokens' K/V
+    y = cache.attend(attend_fn, q, k, v, mask, p)    # attend over what update returned
+    cache.size_bits(), cache.tokens(), cache.seen    # what is held, and how far the text got
+
+`update` returns the keys and values (B, nkv, S, hs) the new queries attend over and a mask
+in the cheapest form the attention functions take: None (every key visible), "causal" (square
+lower-triangular, SDPA's fast path) or bool (..., T, S), True = may attend. `attend` runs the
+layer's attention function; a cache that needs the attention probabilities (eviction by
+score) overrides it, so the layer never has to ask.
+
+Keys are cached *after* RoPE rotation, each at the absolute position of its token in the
+text. RoPE makes q_i . k_j depend only on i - j, so a key rotated once stays right whatever
+is later dropped from the cache, and a decode step rotates one query and one key instead of
+re-rotating the whole history (the tutorial's way, O(history) per step).
+
+Which keys a query at position p may see is one rule, `visible()`:
+  kpos <= p  and  (p - kpos < window  or  kpos < sink)       (window = 0: no bound)
+A window of N is N tokens, the query's own included. `window` is the layer's local window or
+the scripts' --kv_window, whichever binds, and `sink` the --kv_sink first tokens
+(StreamingLLM). The same rule builds the training mask (`attention_mask`), so chunked,
+token-by-token and full-sequence feeding all compute the same thing.
+"""
+
+import torch
+
+
+def visible(qpos, kpos, window=0, sink=0):
+    """Bool mask (..., T, S): may the query at qpos[t] attend to the key at kpos[..., s]?"""
+    d = qpos.view(-1, 1) - kpos.unsqueeze(-2)  # (..., T, S) distance in the text
+    ok = d >= 0
+    if window > 0:
+        near = d < window
+        if sink > 0:
+            near = near | (kpos.unsqueeze(-2) < sink)
+        ok = ok & near
+    return ok
+
+
+def attention_mask(qpos, kpos, window=0, sink=0, held_in_sight=False):
+    """visible() in its cheapest form: "causal" when the keys are the queries themselves and
+    the window covers them all; None for one query over keys it all sees (window 0, or a
+    cache that holds only keys in sight: held_in_sight); else the bool tensor."""
+    T, S = qpos.numel(), kpos.size(-1)
+    if T == 1 and (window == 0 or held_in_sight):
+        return None
+    if S == T and T > 1 and (window == 0 or window >= T):
+        return "causal"
+    return visible(qpos, kpos, window, sink)
+
+
+class Cache:
+    """The protocol every cache follows (see the module docstring)."""
+    seen = 0  # tokens fed so far = the absolute position of the next token
+
+    def update(self, k, v):
+        """Store k, v (B, nkv, T, hs) of the next T tokens; return (keys, values, mask)."""
+        raise NotImplementedError
+
+    def attend(self, fn, q, k, v, mask, dropout_p=0.0):
+        """Run the layer's attention function over what update returned."""
+        return fn(q, k, v, mask, dropout_p)
+
+    def tokens(self):
+        """How many tokens of the text this cache holds (per sequence)."""
+        raise NotImplementedError
+
+    def size_bits(self):
+        """Bits of key/value data held (positions are bookkeeping, not counted)."""
+        raise NotImplementedError
+
+
+class KVCache(Cache):
+    """Full-precision keys and values, written in place into buffers allocated once.
+
+    window = 0 keeps everything (the tutorial's unbounded cache); its buffer is sized by
+    `capacity` and doubles only if a caller feeds more than it announced. window = N keeps
+    the first `sink` tokens and a ring of the last N: capacity sink + N, nothing moves.
+    """
+
+    def __init__(self, batch_size, n_kv_head, head_dim, window=0, sink=0, capacity=256,
+                 dtype=torch.float32, device="cpu"):
+        self.window, self.sink = window, (sink if window > 0 else 0)
+        cap = self.sink + window if window > 0 else max(int(capacity), 1)
+        self.k = torch.zeros(batch_size, n_kv_head, cap, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.pos = torch.zeros(cap, dtype=torch.long, device=device)  # absolute position of each slot
+        self.n = 0  # slots in use
+        self.seen = 0
+
+    @property
+    def capacity(self):
+        return self.k.size(2)
+
+    def _write(self, k, v, p):
+        if self.window == 0:  # unbounded: slot = position, so a slice copy (faster than index_copy_)
+            end = self.n + k.size(2)
+            self.k[:, :, self.n:end] = k
+            self.v[:, :, self.n:end] = v
+            self.pos[self.n:end] = p
+            return
+        s = torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.window)  # sinks, then a ring
+        self.k.index_copy_(2, s, k.to(self.k.dtype))
+        self.v.index_copy_(2, s, v.to(self.v.dtype))
+        self.pos.index_copy_(0, s, p)
+
+    def update(self, k, v):
+        T = k.size(2)
+        p0 = self.seen
+        self.seen += T
+        if self.window == 0 and self.n + T > self.capacity:
+            self._grow(self.n + T)
+        if T == 1:
+            # the decode step: the new token takes a free slot, or the slot of the one key
+            # it can no longer see; then the cache holds exactly what its query may see
+            s = p0 if self.window == 0 or p0 < self.sink else self.sink + (p0 - self.sink) % self.window
+            self.k[:, :, s] = k[:, :, 0]
+            self.v[:, :, s] = v[:, :, 0]
+            self.pos[s] = p0
+            self.n = min(self.n + 1, self.capacity)
+            return self.k[:, :, :self.n], self.v[:, :, :self.n], None
+        qpos = torch.arange(p0, p0 + T, device=self.pos.device)
+        if self.n + T <= self.capacity:
+            self._write(k, v, qpos)
+            self.n += T
+            kpos = self.pos[:self.n]
+            return self.k[:, :, :self.n], self.v[:, :, :self.n], attention_mask(qpos, kpos, self.window, self.sink)
+        # a chunk larger than the free space: the queries need keys the chunk overwrites,
+        # so attend over old + new, then keep only what the window keeps
+        keys = torch.cat([self.k[:, :, :self.n], k], dim=2)
+        vals = torch.cat([self.v[:, :, :self.n], v], dim=2)
+        kpos = torch.cat([self.pos[:self.n], qpos])
+        keep = (qpos < self.sink) | (qpos >= self.seen - self.window)
+        self._write(k[:, :, keep], v[:, :, keep], qpos[keep])
+        self.n = self.capacity
+        return keys, vals, attention_mask(qpos, kpos, self.window, self.sink)
+
+    def _grow(self, need):
+        cap = max(need, 2 * self.capacity)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.size(0), old.size(1), cap, old.size(3))
+            new[:, :, :self.n] = old[:, :, :self.n]
+            setattr(self, name, new)
+        pos = self.pos.new_zeros(cap)
+        pos[:self.n] = self.pos[:self.n]
+        self.pos = pos
+
+    def tokens(self):
+        return self.n
+
+    def size_bits(self):
+        """B x nkv x tokens x hs x 2 tensors x dtype bits."""
+        B, H, _, D = self.k.shape
+        return 2 * B * H * self.n * D * self.k.element_size() * 8
+
+
+def keep_recent(k, v, pos, kv_window, kv_sink=0):
+    """The bounded-history rule as a plain function (what TrimCache calls; exercise 1):
+    k, v (B, nkv, S, hs) and their text positions pos (S,), oldest first, newest last.
+    Keep the last kv_window tokens and the first kv_sink of the text; return (k, v, pos)."""
+    keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sink)
+    return k[:, :, keep], v[:, :, keep], pos[keep]
+
+
+class TrimCache(Cache):
+    """A bounded cache written the simple way: append by concatenation, then ask a
+    function (keep_recent, or a user's "module:function" with its signature) which tokens
+    stay. Slower than KVCache's ring buffer; --kv_trim=... selects it."""
+
+    def __init__(self, batch_size, n_kv_head, head_dim, window=0, sink=0, trim_fn=keep_recent,
+                 dtype=torch.float32, device="cpu"):
+        self.window, self.sink, self.trim_fn = window, sink, trim_fn
+        self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
+        self.v = self.k
+        self.pos = torch.zeros(0, dtype=torch.long, device=device)
+        self.seen = 0
+
+    def update(self, k, v):
+        T = k.size(2)
+        qpos = torch.arange(self.seen, self.seen + T, device=self.pos.device)
+        self.seen += T
+        keys, vals, kpos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.pos, qpos])
+        if self.window:
+            self.k, self.v, self.pos = self.trim_fn(keys, vals, kpos, self.window, self.sink)
+        else:
+            self.k, self.v, self.pos = keys, vals, kpos
+        if T == 1:  # the decode step attends over exactly what is kept
+            return self.k, self.v, None
+        return keys, vals, attention_mask(qpos, kpos, self.window, self.sink)
+
+    def tokens(self):
+        return self.k.size(2)
+
+    def size_bits(self):
+        return 2 * self.k.numel() * self.k.element_size() * 8

@@ -1,0 +1,151 @@
+"""
+KVOptions: every kv_* option of sample.py, eval_kv.py and bench.py in one object, which
+checks them and builds the caches of a model. The one route from a script's globals to a cache:
+
+    from kv.policy import KVOptions
+    kv = KVOptions.from_settings(globals())           # the script's kv_* globals
+    caches = kv.make_caches(model, batch_size=1, capacity=T)
+    logits, caches = model(idx, caches)
+
+The fields, with their defaults, are the scripts' settings (same names, units and defaults
+everywhere); the comment beside each is its --help line.
+"""
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+
+from attention_linear import LinearState
+from kv.cache import KVCache, TrimCache
+from kv.evict import POLICIES, EvictKVCache, resolve_evict
+from kv.quant import FORMATS, QuantKVCache, make_formats, resolve_quant
+from utils import UserError, import_function
+
+
+@dataclass(frozen=True)
+class KVOptions:
+    kv_window: int = -1  # a query sees the newest kv_window tokens, itself included (0 = all; -1 = the checkpoint's xl_mem if it has one, else all)
+    kv_sink: int = 0  # with kv_window or kv_evict: the first kv_sink tokens of the text stay too
+    kv_trim: str = ""  # "package.module:function" choosing the tokens kv_window keeps, instead of the ring buffer (exercise 1)
+    kv_quant: str = "none"  # storage of K/V: none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
+    kv_quant_group: int = 32  # int4/int2: values per group sharing one scale and zero point
+    kv_quant_residual: int = 32  # newest tokens kept in full precision by a quantized cache
+    kv_evict: str = "none"  # none, window (recency), h2o (attention score), or package.module:function
+    kv_budget: int = 0  # with kv_evict: tokens kept per layer and KV head
+    kv_recent: int = 0  # with kv_evict=h2o: newest tokens always kept
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The options from a dict holding (at least) every field, e.g. a script's globals()."""
+        return cls(**{f.name: settings[f.name] for f in fields(cls)})
+
+    def settings(self):
+        return asdict(self)
+
+    def for_checkpoint(self, config, say=print):
+        """kv_window=-1 resolved for a checkpoint's saved config: a model trained with XL
+        memory saw at most xl_mem tokens of history, others had no bound."""
+        if self.kv_window != -1:
+            return self
+        xl = int(config.get("xl_mem", 0) or 0)
+        if xl:
+            say(f"kv_window={xl}: the xl_mem this model was trained with (--kv_window=0 for no bound)")
+        return replace(self, kv_window=xl)
+
+    def check(self):
+        """Raise one UserError for any option or combination that makes no sense."""
+        resolve_quant(self.kv_quant)
+        resolve_evict(self.kv_evict)
+        for name, low in (("kv_window", -1), ("kv_sink", 0), ("kv_quant_group", 1), ("kv_quant_residual", 0),
+                          ("kv_budget", 0), ("kv_recent", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.kv_trim and (self.kv_quant != "none" or self.kv_evict != "none"):
+            raise UserError("--kv_trim replaces the cache; it does not combine with --kv_quant or --kv_evict")
+        if self.kv_evict == "none":
+            if self.kv_budget or self.kv_recent:
+                raise UserError("kv_budget and kv_recent apply to eviction: add --kv_evict=h2o or --kv_evict=window")
+            return self
+        if self.kv_budget < 1:
+            raise UserError(f"kv_evict={self.kv_evict} needs a budget: --kv_budget=N tokens kept per layer")
+        if self.kv_budget < self.kv_sink + self.kv_recent:
+            raise UserError(f"kv_budget={self.kv_budget} is smaller than kv_sink + kv_recent = "
+                            f"{self.kv_sink + self.kv_recent}, the tokens eviction always keeps; "
+                            "raise kv_budget or lower them")
+        residual = self.kv_quant_residual if self.kv_quant != "none" else 0
+        if self.kv_budget < self.kv_sink + max(self.kv_recent, residual):
+            raise UserError(f"kv_budget={self.kv_budget} cannot hold kv_sink={self.kv_sink} plus the "
+                            f"kv_quant_residual={residual} full-precision tokens eviction keeps; "
+                            "raise kv_budget or lower kv_quant_residual")
+        return self
+
+    @property
+    def compressed(self):
+        return self.kv_quant != "none" or self.kv_evict != "none"
+
+    def describe(self):
+        """A short name for the cache setting, e.g. 'int4/g32/r32 + h2o 512 (recent 256, sink 4)'."""
+        parts = []
+        if self.kv_quant != "none":
+            grouped = self.kv_quant in ("int4", "int2")
+            parts.append(self.kv_quant + (f"/g{self.kv_quant_group}" if grouped else "") + f"/r{self.kv_quant_residual}")
+        if self.kv_evict != "none":
+            extra = [f"recent {self.kv_recent}"] if self.kv_evict != "window" and self.kv_recent else []
+            extra += [f"sink {self.kv_sink}"] if self.kv_sink else []
+            parts.append(f"{self.kv_evict} {self.kv_budget}" + (f" ({', '.join(extra)})" if extra else ""))
+        return " + ".join(parts) or "none"
+
+    def make_caches(self, model, batch_size, capacity=256, dtype=None):
+        """One cache per layer, the same object for the layers of a kv_share group. A local
+        layer never holds more than its window; a linear layer holds its fixed-size state.
+        dtype: of the cached K/V; default the dtype they come in (autocast's, or the model's)."""
+        c = model.config
+        p = next(model.parameters())
+        dtype = dtype or cache_dtype(p)
+        caches = []
+        for i in range(c.n_layer):
+            if i % c.kv_share:
+                caches.append(caches[-1])
+            elif c.kind(i) == "linear":  # its sums stay in the model's dtype (float32 by design)
+                caches.append(LinearState(batch_size, c.kv_heads, c.head_dim, dtype=p.dtype, device=p.device))
+            else:
+                window, sink = max(self.kv_window, 0), self.kv_sink
+                if c.is_local(i) and (window == 0 or window >= c.window):
+                    window, sink = c.window, 0
+                caches.append(self._cache(batch_size, c.kv_heads, c.head_dim, window, sink, capacity, dtype, p.device))
+        return caches
+
+    def _cache(self, batch_size, n_kv_head, head_dim, window, sink, capacity, dtype, device):
+        kw = dict(batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim, window=window, sink=sink,
+                  dtype=dtype, device=device)
+        if self.kv_trim:
+            return TrimCache(trim_fn=import_function(self.kv_trim, "kv_trim"), **kw)
+        if not self.compressed:
+            return KVCache(capacity=capacity, **kw)
+        fmts = (None, None)
+        if self.kv_quant != "none":
+            fmts = make_formats(self.kv_quant, self.kv_quant_group, head_dim, channel_keys=self.kv_evict == "none")
+        if self.kv_evict == "none":
+            return QuantKVCache(*fmts, residual=self.kv_quant_residual, **kw)
+        policy = resolve_evict(self.kv_evict) or self.kv_evict  # h2o and a user's rule are functions
+        return EvictKVCache(policy, self.kv_budget, keep_recent=self.kv_recent, keep_sink=self.kv_sink,
+                            key_fmt=fmts[0], val_fmt=fmts[1], residual=self.kv_quant_residual, **kw)
+
+
+def cache_dtype(param):
+    """Caches hold K/V in the dtype they arrive in: autocast's when it is on, else the model's."""
+    if torch.is_autocast_enabled(param.device.type):
+        return torch.get_autocast_dtype(param.device.type)
+    return param.dtype
+
+
+def unique(caches):
+    """Each cache once (the layers of a kv_share group share one)."""
+    return list({id(c): c for c in caches}.values())
+
+
+def held_bits(caches):
+    """Bits held by all caches, and the most tokens any one holds (per sequence)."""
+    u = unique(caches)
+    return sum(c.size_bits() for c in u), max(c.tokens() for c in u)

@@ -1,0 +1,96 @@
+"""
+TransformerXL memory for training: each layer attends to the detached keys and values of
+the previous batches of the same loader rows (which continue the same text).
+
+    from kv.xl import make_xl_memory
+    memory = make_xl_memory(model, batch_size, mem_len=256)
+    logits, memory = model(x, memory)    # each step; memory.restart(rows) where rows jumped
+"""
+
+import torch
+
+from attention_linear import LinearState
+from kv.cache import Cache, attention_mask, visible
+from rope import apply_rope, rope_table
+
+
+def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+    """One TransformerXL memory step as a plain function (what XLMemory calls; exercise 2).
+    mem_k, mem_v (B, nkv, m, hs): K/V kept from earlier batches; mem_ok (B, m): False where
+    the row has since restarted; k, v (B, nkv, T, hs): this batch. Returns
+    keys, values (B, nkv, m+T, hs) to attend over, key_ok (B, m+T), and the new memory:
+    the last min(mem_len, m+T) of them, detached (no gradient into the past), with its ok."""
+    keys, vals = torch.cat([mem_k, k], dim=2), torch.cat([mem_v, v], dim=2)
+    key_ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], dim=1)
+    cut = keys.size(2) - min(mem_len, keys.size(2))
+    return keys, vals, key_ok, keys[:, :, cut:].detach(), vals[:, :, cut:].detach(), key_ok[:, cut:]
+
+
+class XLMemory(Cache):
+    """TransformerXL-style memory for training: the keys/values of the previous steps'
+    batches (the same loader rows, which continue the same text), detached so that no
+    gradient flows into them, at most `mem_len` tokens.
+
+    Each step the batch is placed right after the memory: memory at positions
+    0..m-1, batch at m..m+T-1 (so `seen` = m). Stored keys are rotated, so keeping the
+    last mem_len of them re-bases their positions with one rotation by -(m + T - mem_len):
+    positions stay small however long training runs (float32 angles would lose precision
+    at millions of tokens). Rows that the loader restarted lose their memory
+    (`restart(rows)`), so no row attends to another stretch of text."""
+
+    def __init__(self, batch_size, n_kv_head, head_dim, mem_len, window=0, rope_fn=None,
+                 step_fn=xl_step, dtype=torch.float32, device="cpu"):
+        self.mem_len, self.window, self.rope_fn, self.step_fn = mem_len, window, rope_fn, step_fn
+        self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
+        self.v = self.k
+        self.valid = torch.ones(batch_size, 0, dtype=torch.bool, device=device)  # (B, m) per slot
+
+    @property
+    def seen(self):
+        return self.k.size(2)
+
+    def restart(self, rows):
+        """rows: bool (B,), True where the loader jumped to another place in the text."""
+        self.valid = self.valid & ~rows.to(self.valid.device)[:, None]
+
+    def update(self, k, v):
+        m, T = self.k.size(2), k.size(2)
+        if m == 0:  # nothing to remember yet (and the batch may be in another dtype)
+            self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
+        keys, vals, key_ok, new_k, new_v, self.valid = self.step_fn(self.k, self.v, self.valid, k, v, self.mem_len)
+        pos = torch.arange(m + T, device=k.device)
+        if m > 0:  # (B, 1, T, m + T): no memory of another text
+            mask = visible(pos[m:], pos, self.window) & key_ok[:, None, None, :]
+        else:
+            mask = attention_mask(pos, pos, self.window)
+        shift = m + T - new_k.size(2)  # re-base the kept keys to positions 0..kept-1
+        if shift and self.rope_fn is not None:
+            new_k = self.rope_fn(new_k, -shift)
+        self.k, self.v = new_k, new_v
+        return keys, vals, mask
+
+    def tokens(self):
+        return self.k.size(2)
+
+    def size_bits(self):
+        return 2 * self.k.numel() * self.k.element_size() * 8
+
+
+def make_xl_memory(model, batch_size, mem_len, step_fn=None):
+    """One XLMemory per softmax layer (one per kv_share group), the fixed-size state for
+    linear layers. step_fn replaces xl_step (same signature), e.g. a student's version."""
+    c = model.config
+    p = next(model.parameters())
+    freqs = model.transformer.h[0].attn.rotary_emb.freqs
+    shift = lambda k, d: apply_rope(k, rope_table(freqs, torch.tensor([d], device=k.device)))
+    memory = []
+    for i, block in enumerate(model.transformer.h):
+        if i % c.kv_share:
+            memory.append(memory[-1])
+        elif c.kind(i) == "linear":
+            memory.append(LinearState(batch_size, c.kv_heads, c.head_dim, dtype=p.dtype, device=p.device))
+        else:
+            memory.append(XLMemory(batch_size, c.kv_heads, c.head_dim, mem_len, window=block.attn.window,
+                                   rope_fn=shift if c.rope else None, step_fn=step_fn or xl_step,
+                                   dtype=p.dtype, device=p.device))
+    return memory
