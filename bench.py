@@ -1,153 +1,318 @@
 """
-Benchmarks on the current device, printed as markdown tables. Takes the same config files
-and --name=value overrides as train.py (a model is built from them with random weights).
+Benchmarks on the current device, printed as markdown tables: training steps, generation
+(prefill + decode steps) and eval_kv's passes. Takes train.py's config files and --name=value
+overrides; a model with random weights is built from them (speed does not depend on weights).
 
-    python bench.py config/train_shakespeare_char_cpu.py                 # training + generation
+    python bench.py config/train_shakespeare_char_cpu.py                       # all three
+    python bench.py config/train_shakespeare_char_cpu.py --what=train --compile=True --bench_ablation=True
     python bench.py config/train_shakespeare_char_cpu.py --what=generate --baseline=True
+    python bench.py config/train_shakespeare_char_cpu.py --what=eval_kv --stream_len=1024
     python bench.py config/train_shakespeare_char.py --device=cuda --compile=True
 
-Generation: tokens/s for 256, 1024 and 4096 new tokens with the cache unbounded and
-bounded (--bench_kv_window), the KV bits held, time per token early vs late in a long
-sample (a bounded cache must not slow down), and process memory. --baseline=True also
-times the tutorial's way (concatenate the cache, re-rotate every cached key each step).
-Training: ms/iter, tokens/s, MFU against the device's peak where known, peak memory.
+train     ms/iter, tokens/s, MFU (where the device's peak is known) and memory of train.py's own
+          step (train.train_step), next to the plain eager loop a tutorial writes; rows timed in
+          turn, bench_repeats runs of bench_iters iterations, the fastest run kept.
+generate  tokens/s for bench_lengths new tokens with the cache unbounded and bounded to
+          kv_window (256 when not given), the KV bits held, time per token early vs late in
+          a long sample (a bounded cache must not slow down), process memory; --baseline=True
+          also times the tutorial's way (concatenate the cache, re-rotate every key each step).
+eval_kv   bytes/s of eval_kv.evaluate on n_streams x stream_len random bytes: the plain cache
+          at chunk = block_size, int4 and int4 + h2o at chunk = 1.
+The other kv_* options (kv_quant, kv_evict, ...) apply to the generation rows.
 """
-
-import ast
 import os
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+import train
+from configurator import PLAIN_TYPES, configure
+from eval_kv import evaluate
+from generate import generate_stream
+from kv.policy import KVOptions
+from loader import ByteLoader, dataset_paths
+from model import GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
+from utils import UserError, autocast_ctx, compile_or_eager, keep_freed_memory, pick_device, pick_dtype, run_main
 
-from bench_train import bench_train, rss_mb  # noqa: E402
-from configurator import configure  # noqa: E402
-from model import GPT, GPTConfig, MODEL_ARG_KEYS  # noqa: E402
-from utils import (UserError, autocast_ctx, compile_or_eager, keep_freed_memory, pick_device, pick_dtype,  # noqa: E402
-                   run_main)
+TRAIN_SETTINGS = [k for k, v in vars(train).items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)]
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before --threads applies
 
-
-def train_defaults():
-    """train.py's settings (its top-level literal assignments), so config files apply here too."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-    out = {}
-    for node in ast.parse(open(path).read()).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                out[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass
-    return out
-
-
-globals().update(train_defaults())
+# train.py's settings (config files apply here as there), then bench.py's own
+globals().update({k: getattr(train, k) for k in TRAIN_SETTINGS})
 # -----------------------------------------------------------------------------
-what = "all"  # "train", "generate" or "all"
-bench_kv_window = 256  # the bounded cache of the generation rows
-bench_lengths = "256,1024,4096"  # new tokens per generation row
-bench_iters = 30  # timed training iterations (after warm-up), per repeat
-bench_repeats = 3  # timed runs per training row; the fastest is reported
-bench_ablation = False  # training: one row per change between the plain loop and train.py's
-baseline = False  # also time the tutorial's concatenate-and-re-rotate decoding (slow)
-threads = 0  # torch threads on CPU; 0 = torch's default
+what = "all"  # "train", "generate", "eval_kv" or "all"
+bench_lengths = "256,1024,4096"  # generate: new tokens per row
+bench_iters = 30  # train: timed iterations per run
+bench_repeats = 3  # train: timed runs per row (the fastest is reported); eval_kv: evaluations (the median)
+bench_ablation = False  # train: one row per change between the plain loop and train.py's step
+baseline = False  # generate: also time the tutorial's concatenate-and-re-rotate decoding (slow)
+n_streams = 4  # eval_kv: streams side by side
+stream_len = 4096  # eval_kv: bytes per stream
+# KV cache: kv_window, kv_sink, kv_trim, kv_quant, ... as in sample.py (KVOptions in kv/policy.py)
+globals().update(KVOptions().settings())
 # -----------------------------------------------------------------------------
 
+# dense peak FLOP/s from the vendors' data sheets: (bfloat16/float16 tensor cores, TF32), the
+# first name found in torch.cuda.get_device_name(); float32 runs use TF32 (train.py turns it on)
+PEAK_FLOPS = [("H200", 989e12, 495e12), ("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 495e12),
+              ("A100", 312e12, 156e12), ("L40S", 362e12, 183e12), ("L4", 121e12, 60e12),
+              ("A10", 125e12, 62.5e12), ("V100", 125e12, 15.7e12)]
 
-def time_generation(model, n_new, kv_window, device, decode=None):
-    """Wall time of each new token (list of seconds since start) and the stats.
-    decode: what runs the decode steps (default: the model, eager)."""
-    prompt = torch.full((1, 4), ord("#"), dtype=torch.long, device=device)
+
+def peak_flops(device, dtype):
+    """The device's dense peak FLOP/s for dtype, or None where unknown (CPUs, other GPUs)."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, half, tf32 in PEAK_FLOPS:
+        if key in name:
+            return tf32 if dtype == "float32" else half
+    return None
+
+
+def flops_per_token(model, block):
+    """PaLM's estimate (appendix B): 6 FLOPs per parameter per token for the forward and
+    backward matmuls, plus the attention scores 12 * n_layer * n_embd * T."""
+    c = model.config
+    return 6 * model.get_num_params() + 12 * c.n_layer * c.n_embd * block
+
+
+def rss_mb():
+    """Resident memory of this process now (MB), Linux; 0 elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
+class RandomBytes:
+    """Stand-in for ByteLoader when the dataset is not prepared: random bytes, same shapes."""
+
+    def __init__(self, device):
+        self.shape, self.device = (batch_size, block_size), device
+
+    def next(self):
+        x = torch.randint(0, 256, self.shape, device=self.device)
+        return x, torch.roll(x, -1, 1), torch.zeros(self.shape[0], dtype=torch.bool, device=self.device)
+
+
+def make_loader(dev):
+    try:
+        train_path, _ = dataset_paths(dataset)
+    except UserError as e:
+        print(f"note: random bytes instead of the dataset ({e})")
+        return RandomBytes(dev)
+    return ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=seed, device=dev)
+
+
+# -----------------------------------------------------------------------------
+# train
+
+def plain_step(model, dev, dt):
+    """The loop a tutorial writes: float32, torch's AdamW defaults, no clipping."""
+    loader, optimizer = make_loader(dev), torch.optim.AdamW(model.parameters(), lr=learning_rate)
+
+    def step():
+        x, y, _ = loader.next()
+        logits, _ = model(x)
+        loss = loss_fn(logits, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+    return step, batch_size
+
+
+def train_py_step(model, dev, dt, compiled=False):
+    """train.train_step itself, with train.py's optimizer, scaler, autocast and XL memory."""
+    from kv.xl import make_xl_memory
+    device_type = dev.split(":")[0]
+    loader = make_loader(dev)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+    scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
+    ctx = autocast_ctx(dev, dt)
+    memory = make_xl_memory(model, batch_size, xl_mem) if xl_mem else None
+    fast = compile_or_eager(model, lambda m: train.compile_probe(m, dev, ctx)) if compiled else model
+    step = lambda: train.train_step(fast, optimizer, scaler, loader, ctx, gradient_accumulation_steps, memory)
+    return step, gradient_accumulation_steps * batch_size
+
+
+def bench_train(args, dev, dt):
+    threads = torch.get_num_threads()
+    rows = [("plain eager loop", plain_step, {}, "float32", TORCH_DEFAULT_THREADS)]
+    if bench_ablation and threads != TORCH_DEFAULT_THREADS:
+        rows.append((f"+ --threads={threads}", plain_step, {}, "float32", threads))
+    if bench_ablation and dt != "float32":
+        rows.append(("train.py step, float32", train_py_step, {}, "float32", threads))
+    rows.append(("train.py step", train_py_step, {}, dt, threads))
+    if compile:
+        rows.append(("train.py step + compile", train_py_step, {"compiled": True}, dt, threads))
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.startswith("cuda") else (lambda: None)
+    # build and warm up every row (its memory is measured here), then time them in turn, so
+    # that a burst of other work on a shared machine slows every row, not just one
+    runs = []
+    for name, make, kw, row_dt, row_threads in rows:
+        torch.set_num_threads(row_threads)
+        torch.manual_seed(seed)
+        before = rss_mb()
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(dev)
+        model = GPT(GPTConfig(**args)).to(dev)
+        t0 = time.perf_counter()
+        step, rows_per_iter = make(model, dev, row_dt, **kw)
+        for _ in range(5):
+            step()
+        sync()
+        if kw.get("compiled"):
+            print(f"{name}: compiling and 5 warm-up steps took {time.perf_counter() - t0:.1f} s")
+        mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.startswith("cuda") else rss_mb() - before
+        runs.append(dict(name=name, dtype=row_dt, threads=row_threads, step=step, best=float("inf"), mem=mem,
+                         tokens=rows_per_iter * block_size, fpt=flops_per_token(model, block_size)))
+    for _ in range(bench_repeats):
+        for run in runs:
+            torch.set_num_threads(run["threads"])
+            t0 = time.perf_counter()
+            for _ in range(bench_iters):
+                loss = run["step"]()
+            float(loss.detach())
+            sync()
+            run["best"] = min(run["best"], (time.perf_counter() - t0) / bench_iters)
+    torch.set_num_threads(threads)
+    cpu = not dev.startswith("cuda")
+    print(f"\ntraining: batch {batch_size} x block {block_size}, gradient_accumulation_steps="
+          f"{gradient_accumulation_steps}; best of {bench_repeats} x {bench_iters} iterations")
+    print(f"\n| loop | dtype |{' threads |' if cpu else ''} ms/iter | tokens/s | vs plain | TFLOP/s | MFU | "
+          f"{'RSS growth MB' if cpu else 'peak CUDA memory MB'} |")
+    print("|---|---|" + ("---|" if cpu else "") + "---|---|---|---|---|---|")
+    base = runs[0]["tokens"] / runs[0]["best"]
+    for run in runs:
+        tps = run["tokens"] / run["best"]
+        peak = peak_flops(dev, run["dtype"])
+        mfu = f"{tps * run['fpt'] / peak:.1%}" if peak else "n/a"
+        th = f" {run['threads']} |" if cpu else ""
+        print(f"| {run['name']} | {run['dtype']} |{th} {run['best'] * 1e3:.1f} | {tps:,.0f} | {tps / base:.2f}x "
+              f"| {tps * run['fpt'] / 1e12:.3g} | {mfu} | {run['mem']:,.0f} |")
+
+
+# -----------------------------------------------------------------------------
+# generate
+
+def time_generation(model, n_new, kv, device, decode=None, batch=1):
+    """Seconds since the start at each new token, and the KV stats."""
+    prompt = torch.full((batch, 4), ord("#"), dtype=torch.long, device=device)
     stats, stamps = {}, []
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     g = torch.Generator(device=device).manual_seed(0)
     sync()
     t0 = time.perf_counter()
-    for _ in model.generate_stream(prompt, n_new, temperature=1.0, top_k=200, kv_window=kv_window,
-                                   stats=stats, generator=g, decode=decode):
+    for _ in generate_stream(model, prompt, n_new, temperature=1.0, top_k=200, kv=kv, stats=stats,
+                             generator=g, decode=decode):
         sync()
         stamps.append(time.perf_counter() - t0)
     return stamps, stats
 
 
-def time_baseline(model, n_new, kv_window):
+def time_baseline(model, n_new, window):
     """The tutorial's decoding: cut history by concatenation, re-rotate all keys each step."""
-    from tutorial_reference import TutorialReference
+    from tests.tutorial_reference import TutorialReference
     c = model.config
-    ref = TutorialReference(model.state_dict(), c.n_layer, c.n_head, kv_window=kv_window)
-    x = torch.full((1, 4), ord("#"), dtype=torch.long)
+    ref = TutorialReference(model.state_dict(), c.n_layer, c.n_head, kv_window=window)
     t0 = time.perf_counter()
-    logits = ref(x)
+    logits = ref(torch.full((1, 4), ord("#"), dtype=torch.long))
     for _ in range(n_new - 1):
-        probs = torch.softmax(logits[:, -1] / 1.0, dim=-1)
-        logits = ref(torch.multinomial(probs, 1))
+        logits = ref(torch.multinomial(torch.softmax(logits[:, -1], dim=-1), 1))
     return time.perf_counter() - t0
 
 
-def bench_generate(model, device):
-    rows = []
+def bench_generate(model, device, kv):
+    window = kv.kv_window if kv.kv_window > 0 else 256
     lengths = [int(s) for s in bench_lengths.split(",")]
-    for kv_window in (0, bench_kv_window):
+    print(f"\ngeneration: KV cache {kv.describe()}, batch 1")
+    print("\n| new tokens | kv_window | tokens/s | KV bits (peak) | KV bits/token | RSS growth MB |")
+    print("|---|---|---|---|---|---|")
+    for w in (0, window):
         for n in lengths:
             before = rss_mb()
-            stamps, stats = time_generation(model, n, kv_window, device)
-            rows.append((n, kv_window or "unbounded", n / stamps[-1], stats["kv_bits_peak"],
-                         stats["kv_bits_per_token"], rss_mb() - before))
-    print("\n| new tokens | cache | tokens/s | KV bits (peak) | KV bits/token | RSS growth MB |")
-    print("|---|---|---|---|---|---|")
-    for n, cache, tps, peak, per, mem in rows:
-        print(f"| {n} | {cache} | {tps:,.0f} | {peak:,} | {per:,.0f} | {mem:+.1f} |")
+            stamps, stats = time_generation(model, n, replace(kv, kv_window=w), device)
+            print(f"| {n} | {w or 'unbounded'} | {n / stamps[-1]:,.0f} | {stats['kv_bits_peak']:,} | "
+                  f"{stats['kv_bits_per_token']:,.0f} | {rss_mb() - before:+.1f} |")
     n = max(lengths)
     if n >= 2048:
-        stamps, _ = time_generation(model, n, bench_kv_window, device)
+        stamps, _ = time_generation(model, n, replace(kv, kv_window=window), device)
         early = (stamps[1280] - stamps[256]) / 1024
         late = (stamps[-1] - stamps[-1025]) / 1024
-        print(f"\nkv_window={bench_kv_window}, {n} tokens in {stamps[-1]:.2f} s: {early * 1e3:.3f} ms/token over "
+        print(f"\nkv_window={window}, {n} tokens in {stamps[-1]:.2f} s: {early * 1e3:.3f} ms/token over "
               f"tokens 256..1280, {late * 1e3:.3f} ms/token over the last 1024 ({late / early - 1:+.0%})")
         if baseline:
-            t = time_baseline(model, n, bench_kv_window)
-            print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={bench_kv_window}: "
+            t = time_baseline(model, n, window)
+            print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={window}: "
                   f"{n} tokens in {t:.2f} s; ours is {t / stamps[-1]:.1f}x faster")
-    if compile:
-        compare_compiled_decode(model, device, max(lengths))
 
 
-def compare_compiled_decode(model, device, n):
-    """The decode step torch.compile'd vs eager, unbounded cache. (The cache's positions are
-    Python ints that change every token, so the compiled step is re-specialised per token
-    until torch._dynamo's recompile limit, then runs eager: expect no gain.)"""
-    prompt = torch.full((1, 4), ord("#"), dtype=torch.long, device=device)
-    t0 = time.perf_counter()
-    compiled = compile_or_eager(model, lambda c: list(model.generate_stream(prompt, 16, decode=c)))
-    print(f"\ncompiling the decode step took {time.perf_counter() - t0:.1f} s")
-    time_generation(model, 64, 0, device, decode=compiled)  # any remaining warm-up
-    eager, _ = time_generation(model, n, 0, device)
-    fast, _ = time_generation(model, n, 0, device, decode=compiled)
-    print(f"decode step compiled: {n / fast[-1]:,.0f} tokens/s for {n} new tokens, eager "
-          f"{n / eager[-1]:,.0f} tokens/s ({eager[-1] / fast[-1]:.2f}x)")
+# -----------------------------------------------------------------------------
+# eval_kv
+
+EVAL_CASES = [("plain cache", 0, KVOptions(kv_window=0)),  # (name, chunk (0 = block_size), cache)
+              ("int4", 1, KVOptions(kv_window=0, kv_quant="int4")),
+              ("int4 + h2o", 1, None)]  # budget: a quarter of the stream, half of it recent
+
+
+def bench_eval_kv(model):
+    data = torch.randint(0, 256, (n_streams, stream_len + 1), generator=torch.Generator().manual_seed(0))
+    x, y = data[:, :-1], data[:, 1:]
+    b = max(1, stream_len // 4)
+    plain = KVOptions(kv_window=0)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\neval_kv: {n_streams} x {stream_len} bytes, {torch.get_num_threads()} threads, load average "
+          f"{load:.2f} before; bytes/s over the whole evaluation (the plain pass and the compressed one), "
+          f"the median of {bench_repeats} after a first one (shown apart)")
+    print("\n| case | chunk | bytes/s | first evaluation | bytes per CPU-second |")
+    print("|---|---:|---:|---:|---:|")
+    for name, chunk, kv in EVAL_CASES:
+        kv = kv or KVOptions(kv_window=0, kv_quant="int4", kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4)
+        step = chunk or block_size
+
+        def timed():
+            t0, c0 = time.perf_counter(), time.process_time()
+            evaluate(model, x, y, [kv], step, plain, block_size)
+            return time.perf_counter() - t0, time.process_time() - c0
+
+        evaluate(model, x[:1, :2], y[:1, :2], [kv], 1, plain, block_size)  # eval_kv's dry run
+        first = timed()
+        runs = [timed() for _ in range(bench_repeats)] if first[0] < 10 else [first]
+        wall, cpu = sorted(runs)[len(runs) // 2]  # the median by wall time, and its CPU time
+        nbytes = x.numel()
+        print(f"| {name} | {step} | {nbytes / wall:,.0f} | {nbytes / first[0]:,.0f} | {nbytes / cpu:,.0f} |", flush=True)
 
 
 def main():
     configure(globals(), sys.argv[1:])
-    if what not in ("train", "generate", "all"):
-        raise UserError(f"--what={what}: choose train, generate or all")
+    for k in TRAIN_SETTINGS:  # train.train_step and its helpers read train.py's globals
+        setattr(train, k, globals()[k])
+    if what not in ("train", "generate", "eval_kv", "all"):
+        raise UserError(f"--what={what}: choose train, generate, eval_kv or all")
+    kv = KVOptions.from_settings(globals()).check()
     if threads:
         torch.set_num_threads(threads)
     dev = pick_device(device)
     if dev == "cpu":
-        keep_freed_memory()  # as train.py does
+        keep_freed_memory()  # as train.py and eval_kv.py do
     dt, dt_train = pick_dtype(dev, dtype), pick_dtype(dev, dtype, training=True)
     torch.manual_seed(seed)
     args = {k: globals()[k] for k in MODEL_ARG_KEYS}
-    print(f"device {dev}, dtype {dt_train} (training), {dt} (generation), torch {torch.__version__}, "
+    print(f"device {dev}, dtype {dt_train} (training), {dt} (generation, eval_kv), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
     if what in ("train", "all"):
-        bench_train(globals(), args, dev, dt_train)
+        bench_train(args, dev, dt_train)
+    model = GPT(GPTConfig(**dict(args, dropout=0.0))).to(dev).eval()
     if what in ("generate", "all"):
-        model = GPT(GPTConfig(**dict(args, dropout=0.0))).to(dev).eval()
         with autocast_ctx(dev, dt):
-            bench_generate(model, dev)
+            bench_generate(model, dev, kv)
+    if what in ("eval_kv", "all"):
+        bench_eval_kv(model)
 
 
 if __name__ == "__main__":

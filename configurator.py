@@ -13,6 +13,7 @@ A script uses it as
 import ast
 import difflib
 import os
+import re
 import sys
 import types
 
@@ -75,6 +76,47 @@ def _run_config_file(path, g, known):
     return updates
 
 
+_SETTING = re.compile(r"^\s*(\w+)\s*(?::\s*\w+\s*)?=\s*.+?\s+#\s*(.+)$")
+_HEADER = re.compile(r"^#\s*(\w[^-].*)$")
+# where settings that a script takes over from elsewhere are described
+_SHARED = [os.path.join(os.path.dirname(os.path.abspath(__file__)), p) for p in ("kv/policy.py", "train.py")]
+
+
+def _described(path):
+    """(header, name, description) for each `name = value  # description` line of a file, in
+    order; header is the last comment line standing alone above it ('' before any)."""
+    out, header = [], ""
+    if not path or not os.path.isfile(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            m = _SETTING.match(line)
+            if m:
+                out.append((header, m.group(1), m.group(2).strip()))
+            elif _HEADER.match(line.strip()):
+                header = _HEADER.match(line.strip()).group(1).strip()
+    return out
+
+
+def print_help(g, known):
+    """The script's docstring, then every setting with its default and description, grouped
+    under the comment headers of the script (or of the file that defines it)."""
+    print((g.get("__doc__") or "").strip() + "\n\nsettings (override with --name=value, or in a config file):")
+    own = [e for e in _described(g.get("__file__")) if e[1] in known]
+    order = [name for _, name, _ in own]
+    notes = {name: (header, text) for header, name, text in own}
+    for path in _SHARED:
+        for header, name, text in _described(path):
+            notes.setdefault(name, ("KV cache (kv/policy.py)" if name.startswith("kv_") else "", text))
+    shown = None
+    for name in order + [k for k in known if k not in order]:
+        header, text = notes.get(name, ("", ""))
+        if header != shown:
+            print(f"\n  {header}:" if header else "")
+            shown = header
+        print(f"  --{name}={g[name]!r}" + (f"  {text}" if text else ""))
+
+
 def configure(g, argv=None):
     """Apply config files and --name=value overrides from argv (default sys.argv[1:]) to the
     globals dict g in place; return the settings {name: value}, the snapshot checkpoints save."""
@@ -82,9 +124,7 @@ def configure(g, argv=None):
     known = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)]
     for arg in argv:
         if arg in ("-h", "--help"):
-            print((g.get("__doc__") or "").strip() + "\n\nsettings (override with --name=value):")
-            for k in known:
-                print(f"  --{k}={g[k]!r}")
+            print_help(g, known)
             sys.exit(0)
         name, eq, text = arg[2:].partition("=")  # first "=" only: values may hold "="
         if arg.startswith("--") and eq and name:

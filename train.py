@@ -254,24 +254,7 @@ def train():
         lr = get_lr(iter_num - origin)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch_loss = torch.zeros((), device=dev)  # this rank's mean over its micro-steps
-        for micro in range(micro_steps):
-            x, y, restarted = loader.next()
-            # DDP all-reduces the gradients in the backward of the last micro-step only
-            with model.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():
-                with ctx:
-                    if memory is not None:
-                        restart_rows(memory, restarted)
-                    logits, _ = model(x, memory)
-                    loss = loss_fn(logits, y) / micro_steps
-                scaler.scale(loss).backward()
-            batch_loss += loss.detach()
-        if grad_clip > 0.0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        batch_loss = train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory, ddp)
         iter_num += 1
         steps_since_mark += 1
 
@@ -306,6 +289,30 @@ def train():
     if iter_num > start_iter and last_saved_iter != iter_num:
         save("last.pt")  # always, so that a resume continues exactly from here
     tb.close()
+
+
+def train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory=None, ddp=False):
+    """One optimizer step over micro_steps micro-batches of loader; returns this rank's mean
+    loss as a tensor (reading it would wait for the GPU). memory: the XL memory, or None."""
+    batch_loss = 0.0
+    for micro in range(micro_steps):
+        x, y, restarted = loader.next()
+        # DDP all-reduces the gradients in the backward of the last micro-step only
+        with model.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():
+            with ctx:
+                if memory is not None:
+                    restart_rows(memory, restarted)
+                logits, _ = model(x, memory)
+                loss = loss_fn(logits, y) / micro_steps
+            scaler.scale(loss).backward()
+        batch_loss = batch_loss + loss.detach()
+    if grad_clip > 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return batch_loss
 
 
 def check_settings(world_size=1):
