@@ -149,3 +149,52 @@ def save_checkpoint(path, model, optimizer, model_args, config, iter_num, best_v
     }
     ckpt.update(extra or {})
     atomic_torch_save(ckpt, path)
+
+
+def rng_state():
+    """The global RNG states (dropout), for an exact resume."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape):
+    """Optimizer and scaler state for both modes; RNG and data position for 'continue'
+    (loader None: a DDP rank > 0, which keeps its own RNG and rows). shape: this run's
+    (batch_size, block_size); the data position is restored only if they are the checkpoint's."""
+    if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
+        # the moments come from the checkpoint, the hyperparameters from this run's config
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, s in zip(optimizer.param_groups, settings):
+            group.update(s)
+    else:
+        print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
+    if scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if mode != "continue" or loader is None:
+        return
+    rng = ckpt.get("rng") or {}
+    if "cpu" in rng:
+        torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    saved = ckpt.get("config", {})
+    same_shape = (saved.get("batch_size"), saved.get("block_size")) == tuple(shape)
+    if ckpt.get("loader") and same_shape:
+        loader.load_state_dict(ckpt["loader"])
+    else:
+        print("note: data position not restored (batch_size or block_size changed)")
+
+
+def optimizer_state_fits(optimizer, state):
+    """True if a saved AdamW state matches this optimizer's groups and parameter shapes."""
+    groups = optimizer.param_groups
+    saved = state.get("param_groups", [])
+    if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
+        return False
+    for s, g in zip(saved, groups):
+        for idx, p in zip(s["params"], g["params"]):
+            moments = state["state"].get(idx, {})
+            if "exp_avg" in moments and moments["exp_avg"].shape != p.shape:
+                return False
+    return True

@@ -122,8 +122,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.owns_kv = layer_idx % config.kv_share == 0
-        kv_dim = 2 * self.n_kv_head * self.head_dim if self.owns_kv else 0
+        owns_kv = layer_idx % config.kv_share == 0
+        kv_dim = 2 * self.n_kv_head * self.head_dim if owns_kv else 0
         # c_attn stacks q (n_head heads), then k and v (n_kv_head heads each)
         self.c_attn = nn.Linear(config.n_embd, config.n_embd + kv_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)

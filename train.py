@@ -32,18 +32,17 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from inspect import signature
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import checkpoint_path, load_model, save_checkpoint, unwrap
+from checkpoint import checkpoint_path, load_model, restore_training_state, rng_state, save_checkpoint, unwrap
 from configurator import configure
 from kv.xl import make_xl_memory
 from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
-from utils import (UserError, autocast_ctx, compile_or_eager, import_function, keep_freed_memory, pick_device,
+from utils import (TensorBoard, UserError, autocast_ctx, compile_or_eager, import_function, keep_freed_memory, pick_device,
                    pick_dtype, run_main)
 
 # -----------------------------------------------------------------------------
@@ -192,7 +191,8 @@ def train():
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)
         if ckpt is not None:
-            restore_training_state(ckpt, mode, optimizer, scaler, loader if master else None)
+            restore_training_state(ckpt, mode, optimizer, scaler, loader if master else None,
+                                   (batch_size, block_size))
             if not master:
                 torch.manual_seed(rank_seed)
     del ckpt  # free its memory before training
@@ -201,9 +201,7 @@ def train():
         model = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx))
     if ddp:
         # the only buffers are constant rotary tables: no need to send them at every forward
-        # (the keyword was renamed in torch 2.13)
-        keyword = "forward_sync_buffers" if "forward_sync_buffers" in signature(DDP).parameters else "broadcast_buffers"
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **{keyword: False})
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
     eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed + rank, device=dev)
                  for split, path in (("train", train_path), ("val", val_path))}
     tb = TensorBoard(out_dir if (writes and tensorboard and master) else None, purge_step=start_iter)
@@ -357,12 +355,6 @@ def restart_rows(memory, restarted):
         state.restart(restarted)
 
 
-def rng_state():
-    """The global RNG states (dropout), for an exact resume."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
 def pick_resume_mode(ckpt_iter):
     if resume_mode == "continue":
         print(f"resume_mode=continue: training up to iteration {max_iters} on the original schedule")
@@ -380,48 +372,6 @@ def pick_resume_mode(ckpt_iter):
               f"iteration {ckpt_iter}, so {max_iters} more iterations run with a fresh warm-up and LR schedule")
         return "finetune"
     return resume_mode
-
-
-def restore_training_state(ckpt, mode, optimizer, scaler, loader):
-    """Optimizer and scaler state for both modes; RNG and data position for 'continue'
-    (loader None: a DDP rank > 0, which keeps its own RNG and rows)."""
-    if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
-        # the moments come from the checkpoint, the hyperparameters from this run's config
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, s in zip(optimizer.param_groups, settings):
-            group.update(s)
-    else:
-        print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if mode != "continue" or loader is None:
-        return
-    rng = ckpt.get("rng") or {}
-    if "cpu" in rng:
-        torch.set_rng_state(rng["cpu"])
-    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    saved = ckpt.get("config", {})
-    same_shape = (saved.get("batch_size"), saved.get("block_size")) == (batch_size, block_size)
-    if ckpt.get("loader") and same_shape:
-        loader.load_state_dict(ckpt["loader"])
-    else:
-        print("note: data position not restored (batch_size or block_size changed)")
-
-
-def optimizer_state_fits(optimizer, state):
-    """True if a saved AdamW state matches this optimizer's groups and parameter shapes."""
-    groups = optimizer.param_groups
-    saved = state.get("param_groups", [])
-    if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
-        return False
-    for s, g in zip(saved, groups):
-        for idx, p in zip(s["params"], g["params"]):
-            moments = state["state"].get(idx, {})
-            if "exp_avg" in moments and moments["exp_avg"].shape != p.shape:
-                return False
-    return True
 
 
 def get_lr(it):
@@ -465,26 +415,6 @@ def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None, quiet=False):
         print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
     model.train()
     return out
-
-
-class TensorBoard:
-    """A SummaryWriter made on first use (so a run that writes nothing leaves no file), or nothing."""
-
-    def __init__(self, log_dir, purge_step):
-        self.log_dir, self.purge_step, self.writer = log_dir, purge_step, None
-
-    def add_scalar(self, tag, value, step):
-        if self.log_dir is None:
-            return
-        if self.writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
-            # purge_step hides events a previous run logged past this point
-            self.writer = SummaryWriter(self.log_dir, purge_step=self.purge_step or None)
-        self.writer.add_scalar(tag, value, step)
-
-    def close(self):
-        if self.writer is not None:
-            self.writer.close()
 
 
 if __name__ == "__main__":

@@ -160,3 +160,23 @@ def atomic_torch_save(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+class TensorBoard:
+    """A SummaryWriter made on first use (so a run that writes nothing leaves no file), or nothing."""
+
+    def __init__(self, log_dir, purge_step):
+        self.log_dir, self.purge_step, self.writer = log_dir, purge_step, None
+
+    def add_scalar(self, tag, value, step):
+        if self.log_dir is None:
+            return
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
+            # purge_step hides events a previous run logged past this point
+            self.writer = SummaryWriter(self.log_dir, purge_step=self.purge_step or None)
+        self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
