@@ -1,13 +1,21 @@
 """
 Shared test helpers. Tests run on the CPU in seconds, on small text written into tmp_path.
 
-    python -m pytest -q tests
+    python -m pytest -q tests                   # everything
+    python -m pytest -q -m "not slow" tests     # without torchrun and the longer training runs
+
+Test modules import what they need from here (`from conftest import tiny, text, feed`);
+no test module imports another.
 """
+import contextlib
 import functools
+import io
 import os
 import random
+import runpy
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -19,10 +27,54 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")  # real corpora, on some machines
 sys.path.insert(0, REPO_ROOT)  # so tests can import the repo's modules
 
+from kv.policy import KVOptions  # noqa: E402 (needs the repo on sys.path)
+from model import GPT, GPTConfig  # noqa: E402
+
+TOL = dict(atol=1e-5, rtol=1e-5)  # float32 rounding: the same computation in another order
+
 WORDS = ("the a king queen sword night day love death crown heart blood friend lord lady "
          "speaks holds sees keeps gives takes fair dark noble gentle old young and but with "
          "of to in upon my thy his her our what why when where thou thee good ill").split()
 
+
+# -- models and their inputs ------------------------------------------------------------------
+
+def tiny(**kw):
+    """A small untrained model in eval mode, the same weights every call: 2 layers, 4 heads of
+    8 channels, no biases; kw overrides GPTConfig fields."""
+    torch.manual_seed(0)
+    args = dict(n_layer=2, n_head=4, n_embd=32, bias=False)
+    args.update(kw)
+    return GPT(GPTConfig(**args)).eval()
+
+
+def text(B=2, T=40, seed=1):
+    """Random bytes (B, T), the same for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (B, T), generator=g)
+
+
+def feed(model, idx, step, kv=None, capacity=4):
+    """Logits of idx fed `step` tokens at a time through one set of caches made by kv
+    (KVOptions; default the plain unbounded cache, its buffer made small so it has to grow).
+    Returns (logits (B, T, V), caches)."""
+    kv = kv or KVOptions(kv_window=0)
+    caches = kv.make_caches(model, idx.size(0), capacity=capacity)
+    out = []
+    for a in range(0, idx.size(1), step):
+        logits, caches = model(idx[:, a:a + step], caches)
+        out.append(logits)
+    return torch.cat(out, dim=1), caches
+
+
+def forward_at(model, idx, pos):
+    """A cacheless forward of idx (B, T) with its tokens at the text positions pos (T,): the
+    reference for a cache that keeps only some tokens (each at its own position)."""
+    rot = model._rope(0, idx.size(1), pos) if model.config.rope else None
+    return model._blocks(idx, pos, rot, None)
+
+
+# -- text on disk ------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def tiny_corpus(n_bytes=200_000, seed=0):
@@ -39,15 +91,48 @@ def tiny_corpus(n_bytes=200_000, seed=0):
     return "".join(parts)[:n_bytes].encode("ascii")
 
 
+def write_splits(folder, data):
+    """train.txt (the first 90% of data) and val.txt (the rest) in folder, as prepare.py splits."""
+    n = int(len(data) * 0.9)
+    (folder / "train.txt").write_bytes(data[:n])
+    (folder / "val.txt").write_bytes(data[n:])
+    return folder
+
+
 @pytest.fixture
 def tiny_data_dir(tmp_path):
     """A dataset directory (pass it as --dataset=...) with input.txt, train.txt and val.txt."""
-    data = tiny_corpus()
-    n = int(len(data) * 0.9)
-    (tmp_path / "input.txt").write_bytes(data)
-    (tmp_path / "train.txt").write_bytes(data[:n])
-    (tmp_path / "val.txt").write_bytes(data[n:])
-    return tmp_path
+    (tmp_path / "input.txt").write_bytes(tiny_corpus())
+    return write_splits(tmp_path, tiny_corpus())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Like tiny_data_dir (train.txt and val.txt only), shared by the tests of a module."""
+    return write_splits(tmp_path_factory.mktemp("data"), tiny_corpus())
+
+
+# -- the scripts -------------------------------------------------------------------------------
+
+# train.py settings of a tiny run on the CPU, a few seconds per handful of iterations
+TINY = ["--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+        "--batch_size=4", "--eval_iters=2", "--eval_interval=4", "--log_interval=2",
+        "--warmup_iters=2", "--lr_decay_iters=20", "--reset_prob=0.3", "--dropout=0.0"]
+
+
+def train(data_dir, out_dir, *args):
+    """Run train.py with TINY settings in this process (no new interpreter to start, and the
+    loader can be monkeypatched); returns what it printed."""
+    argv = ["train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out_dir}", *args]
+    printed = io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: more threads only wait for each other on a busy machine
+    try:
+        with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(printed):
+            runpy.run_path(os.path.join(REPO_ROOT, "train.py"), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    return printed.getvalue()
 
 
 def run_script(script, *args, timeout=120, cwd=REPO_ROOT):

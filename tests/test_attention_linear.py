@@ -1,13 +1,12 @@
-"""Linear attention: recurrent == parallel == chunked, in layers and in whole models."""
+"""attention_linear.py: recurrent == parallel == chunked, in layers and in whole models."""
 
 import pytest
 import torch
 
 from attention_linear import linear_chunked, linear_parallel, linear_recurrent, phi
-from model import GPT, GPTConfig
+from conftest import TOL, feed, tiny
+from kv.policy import KVOptions, held_bits
 from utils import UserError
-
-TOL = dict(atol=1e-5, rtol=1e-5)
 
 
 def rand(*shape, seed):
@@ -44,27 +43,20 @@ MODELS = [
 
 @pytest.mark.parametrize("kw", MODELS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_model_decoding_equals_full_forward(kw):
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(**dict(dict(n_layer=2, n_head=4, n_embd=32), **kw))).eval()
+    m = tiny(bias=True, **kw)
     idx = torch.randint(0, 256, (2, 150), generator=torch.Generator().manual_seed(1))
     full, _ = m(idx)  # training's chunked form
     for step in (1, 29):
-        states = m.new_states(2)
-        out = []
-        for a in range(0, 150, step):
-            logits, states = m(idx[:, a:a + step], states)
-            out.append(logits)
-        torch.testing.assert_close(torch.cat(out, dim=1), full, **TOL)
+        torch.testing.assert_close(feed(m, idx, step)[0], full, **TOL)
 
 
 def test_linear_state_size_is_constant_in_history():
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, attention="linear")).eval()
+    m = tiny(bias=True, attention="linear")
     sizes = []
     for T in (100, 10_000):
-        states = m.new_states(1)
-        _, states = m(torch.randint(0, 256, (1, T)), states)
-        sizes.append(GPT.states_bits(states)[0])
+        caches = KVOptions(kv_window=0).make_caches(m, 1)
+        _, caches = m(torch.randint(0, 256, (1, T)), caches)
+        sizes.append(held_bits(caches)[0])
     assert sizes[0] == sizes[1] == 2 * (8 * 8 + 8) * 4 * 32  # layers x (S + z) x heads x fp32
 
 
@@ -72,7 +64,7 @@ def test_linear_bad_input():
     for kw, words in [(dict(linear_layers="5"), "out of range"), (dict(linear_norm="softmax"), "unknown linear_norm"),
                       (dict(attention="softmax", linear_layers="0"), "needs --attention=linear")]:
         with pytest.raises(UserError, match=words):
-            GPT(GPTConfig(**dict(dict(n_layer=2, n_head=4, n_embd=32, attention="linear"), **kw)))
+            tiny(**dict(dict(attention="linear"), **kw))
 
 
 def test_linear_sums_stay_float32_under_bf16_autocast(monkeypatch):
@@ -87,11 +79,10 @@ def test_linear_sums_stay_float32_under_bf16_autocast(monkeypatch):
         return chunked(q, k, v, *a, **kw)
 
     monkeypatch.setattr(attention_linear, "linear_chunked", spy)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, attention="linear", bias=False, dropout=0.0))
+    model = tiny(n_layer=1, n_head=2, attention="linear").train()
     idx = torch.randint(0, 256, (2, 40))
     with utils.autocast_ctx("cpu", "bfloat16"):
-        logits, _ = model(idx, return_states=False)
+        logits, _ = model(idx)
     assert seen == [(torch.float32,) * 3 + (False,)]
-    ref, _ = model(idx, return_states=False)  # float32 throughout
+    ref, _ = model(idx)  # float32 throughout
     torch.testing.assert_close(logits.float(), ref, atol=0.1, rtol=0.05)

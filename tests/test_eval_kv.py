@@ -4,8 +4,6 @@ sweep's files (the PNG opens), and one clear line for every kind of bad input.""
 import csv
 import importlib
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,18 +11,16 @@ from torch.nn import functional as F
 
 import eval_kv
 from checkpoint import save_checkpoint
-from conftest import REPO_ROOT, assert_user_error, run_script
-from kvcache import KVCache
-from kvpolicy import make_cache_factory
-from model import GPT, GPTConfig
+from conftest import assert_user_error, run_script, tiny
+from kv.policy import KVOptions
 from utils import run_main
 
 ARGS = dict(n_layer=2, n_head=2, n_embd=32, bias=False, dropout=0.0)
+PLAIN = KVOptions(kv_window=0)  # the reference: the plain, unbounded cache
 
 
 def tiny_model(**kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**dict(ARGS, **kw))).eval()
+    return tiny(**dict(ARGS, **kw))
 
 
 @pytest.fixture
@@ -38,7 +34,7 @@ def ckpt_dir(tmp_path, tiny_data_dir):
     for _ in range(30):
         starts = torch.randint(0, len(data) - 33, (8,), generator=g)
         batch = torch.stack([data[s:s + 33] for s in starts])
-        loss = model.loss(model(batch[:, :-1], return_states=False)[0], batch[:, 1:])
+        loss = model.loss(model(batch[:, :-1])[0], batch[:, 1:])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -53,17 +49,20 @@ def streams(tiny_data_dir, n=2, L=96):
     return eval_kv.load_streams(str(tiny_data_dir / "val.txt"), n, L)
 
 
-def run(model, x, y, settings, chunk=16, **kw):
-    return eval_kv.evaluate(model, x, y, settings, chunk, block=16, **kw)
+def run(model, x, y, settings, chunk=16):
+    """eval_kv.evaluate of settings (dicts of KVOptions fields) against the plain cache."""
+    return eval_kv.evaluate(model, x, y, [KVOptions(**s).check() for s in settings], chunk, PLAIN, block=16)
 
 
 def test_plain_cache_reproduces_the_forward_loss_with_kl_zero(tiny_data_dir):
     m = tiny_model()
     x, y = streams(tiny_data_dir)
     loss = F.cross_entropy(m(x)[0].flatten(0, 1), y.flatten()).item() / math.log(2)
-    plain = lambda i, **kw: KVCache(**kw)  # the plain cache through the factory hook: KL computed
+    # the plain cache again, through kv_trim (whose cache keeps everything when kv_window=0):
+    # a cache of its own, so it is fed in lockstep and its KL computed
+    trim = dict(kv_window=0, kv_trim="kv.cache:keep_recent")
     for chunk in (1, 16, 96):
-        none, hooked = run(m, x, y, [("none", None), ("hooked", plain)], chunk)
+        none, hooked = run(m, x, y, [dict(kv_window=0), trim], chunk)
         assert none["bpb"] == none["bpb_ref"] and none["kl_bits"] == 0.0
         assert abs(none["bpb"] - loss) < 1e-5
         assert abs(hooked["bpb"] - loss) < 1e-5 and hooked["kl_bits"] < 1e-6  # float rounding only
@@ -76,9 +75,9 @@ def test_plain_cache_reproduces_the_forward_loss_with_kl_zero(tiny_data_dir):
 def test_plain_pass_in_segments_equals_one_pass(tiny_data_dir, monkeypatch):
     m = tiny_model(attention="naive")  # not fused: the plain pass reads REF_CHUNK bytes at a time
     x, y = streams(tiny_data_dir)
-    whole = run(m, x, y, [("none", None)], 16)[0]
+    whole = run(m, x, y, [dict()], 16)[0]
     monkeypatch.setattr(eval_kv, "REF_CHUNK", 24)  # 32-byte segments (a multiple of the chunk)
-    parts = run(m, x, y, [("none", None), ("int8", make_cache_factory(kv_quant="int8"))], 16)
+    parts = run(m, x, y, [dict(), dict(kv_quant="int8")], 16)
     assert abs(parts[0]["bpb"] - whole["bpb"]) < 1e-5 and parts[1]["kl_bits"] > 0
 
 
@@ -90,15 +89,15 @@ def test_plain_pass_in_segments_equals_one_pass(tiny_data_dir, monkeypatch):
 def test_lossless_settings_equal_the_plain_cache(tiny_data_dir, options):
     m = tiny_model(n_kv_head=1)
     x, y = streams(tiny_data_dir)
-    _, r = run(m, x, y, [("none", None), ("lossless", make_cache_factory(**options))], 1)
+    _, r = run(m, x, y, [dict(), options], 1)
     assert abs(r["bpb"] - r["bpb_ref"]) < 1e-5 and r["kl_bits"] < 1e-6  # float32 rounding only
 
 
 def test_compression_costs_bits_and_saves_memory(tiny_data_dir):
     m = tiny_model()
     x, y = streams(tiny_data_dir)
-    settings = [("none", None), ("int2", make_cache_factory(kv_quant="int2", kv_quant_group=16, kv_quant_residual=0)),
-                ("h2o", make_cache_factory(kv_evict="h2o", kv_budget=24, kv_recent=8, kv_sink=4))]
+    settings = [dict(), dict(kv_quant="int2", kv_quant_group=16, kv_quant_residual=0),
+                dict(kv_evict="h2o", kv_budget=24, kv_recent=8, kv_sink=4)]
     none, int2, h2o = run(m, x, y, settings, 1)
     assert int2["kl_bits"] > 1e-7 and h2o["kl_bits"] > 1e-7  # (a random model is nearly uniform)
     # int2, groups of 16: 2 bits + 2 x 16 / 16 per value, against 16 bits
@@ -116,7 +115,10 @@ def test_buckets_and_frontier():
     assert eval_kv.buckets(64, 100) == [(0, 64), (64, 100)]
     pts = [dict(kv_bits_per_token=b, bpb=l) for b, l in [(16, 2.0), (8, 2.1), (8, 2.05), (4, 2.3), (6, 2.4), (2, 3.0)]]
     assert eval_kv.frontier(pts) == {0, 2, 3, 5}
-    assert eval_kv.budget_tokens(0.25, 4096) == 1024 and eval_kv.budget_tokens(300.0, 4096) == 300
+    # the grids give eviction budgets as fractions of the stream; h2o keeps half of it recent
+    h2o = [s for s in eval_kv.sweep_settings("quick", 4096, 32, 32) if s.get("kv_evict") == "h2o"]
+    assert [(s["kv_budget"], s["kv_recent"], s.get("kv_quant_residual")) for s in h2o] == [(1024, 512, None),
+                                                                                        (1024, 512, 32)]
 
 
 def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
@@ -152,7 +154,7 @@ def main_error(monkeypatch, capsys, *argv):
     (["--kv_quant=int3"], "unknown kv_quant"),
     (["--kv_evict=h2o", "--kv_budget=8", "--kv_recent=8", "--kv_sink=4"], "smaller than kv_sink + kv_recent"),
     (["--kv_quant=int4", "--kv_quant_group=12"], "does not divide the head dimension 16"),
-    (["--kv_evict=h2o", "--kv_budget=10.5"], "whole tokens"),
+    (["--kv_evict=h2o", "--kv_budget=10.5"], "--kv_budget: expected int"),  # whole tokens
     (["--sweep=huge"], "unknown sweep"),
     (["--sweep=quick", "--kv_quant=int8"], "runs its own grid"),
     (["--stream_len=1000000"], "lower --stream_len"),
@@ -194,23 +196,3 @@ def test_xl_mem_of_the_checkpoint_bounds_the_history(ckpt_dir, monkeypatch, caps
     # the plain cache ends each chunk holding its last 24 tokens: per token 2 layers x k/v x
     # 2 heads x 16 channels x 32 bits, over the 64 tokens of the stream
     assert f"| none | {2 * 2 * 2 * 16 * 32 * 24 / 64:,.0f} |" in out.out
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
-def test_keep_freed_memory_reuses_big_blocks():
-    """After keep_freed_memory() the pages of a freed 64 MB tensor serve the next one (after a
-    few rounds, while the heap settles): no new pages touched. Without it (the reference)
-    glibc maps every such block afresh, 16k page faults each time."""
-    code = ("import resource, sys, torch\n"
-            "from utils import keep_freed_memory\n"
-            "if sys.argv[1] == 'keep': keep_freed_memory()\n"
-            "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for _ in range(8):\n"
-            "    f0 = faults(); torch.ones(2 ** 24).sum(); print(faults() - f0)\n")
-    counts = {}
-    for mode in ("keep", "default"):
-        proc = subprocess.run([sys.executable, "-c", code, mode], cwd=REPO_ROOT, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        counts[mode] = [int(n) for n in proc.stdout.split()]
-    assert min(counts["default"]) > 10_000, counts  # the case keep_freed_memory is for
-    assert max(counts["keep"][-3:]) < 1_000, counts

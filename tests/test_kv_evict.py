@@ -1,16 +1,14 @@
-"""kvevict.py against references: a brute-force reading of the eviction rule in plain Python,
+"""kv/evict.py against references: a brute-force reading of the eviction rule in plain Python,
 forwards over exactly the kept tokens (RoPE distances survive eviction), the plain cache when
 nothing has to go, and the model's own bounded cache for the StreamingLLM window."""
 
 import pytest
 import torch
 
-from kvevict import EvictKVCache
-from kvpolicy import make_cache_factory
-from kvquant import make_formats
-from test_model import text, tiny
-
-TOL = dict(atol=1e-5, rtol=1e-5)
+from conftest import TOL, feed, forward_at, text, tiny
+from kv.evict import EvictKVCache
+from kv.policy import KVOptions
+from kv.quant import make_formats
 
 
 def brute_force(held, budget, keep_recent, keep_sink, seen, policy):
@@ -54,23 +52,13 @@ def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, ste
         seen_by = (kpos.unsqueeze(-2) <= qpos.view(-1, 1)).repeat_interleave(n_head // n_kv, dim=1)
         att = torch.rand(B, n_head, step, keys.size(2), generator=g) * seen_by
         att = att / att.sum(-1, keepdim=True)  # attention probabilities over the keys returned
-        if cache.needs_scores:
-            cache.observe(att)
+        cache.observe(att)  # as attend() does for h2o (window ranks by position only)
         group = att.view(B, n_kv, n_head // n_kv, step, -1).sum(dim=(2, 3))  # GQA: sum the group
         for b in range(B):
             for h in range(n_kv):
                 for s, p in enumerate(keys[b, h, :, 0].round().long().tolist()):
                     ref[b][h][p] += group[b, h, s].item()
     assert cache.tokens() == budget + step
-
-
-def feed(model, idx, step, make_cache, **state_kw):
-    states = model.new_states(idx.size(0), make_cache=make_cache, **state_kw)
-    out = []
-    for a in range(0, idx.size(1), step):
-        logits, states = model(idx[:, a:a + step], states)
-        out.append(logits)
-    return torch.cat(out, dim=1), states
 
 
 COMBOS = [dict(), dict(n_kv_head=2), dict(n_kv_head=1, kv_share=2), dict(window=5, global_layers="1")]
@@ -82,12 +70,13 @@ def test_budget_larger_than_the_text_equals_the_plain_cache(kw, policy):
     m = tiny(**kw)
     idx = text(T=30)
     full, _ = m(idx)
-    mk = make_cache_factory(kv_evict=policy, kv_budget=100, kv_recent=4, kv_sink=2)
+    kv = KVOptions(kv_evict=policy, kv_budget=100, kv_recent=4, kv_sink=2).check()
     for step in (1, 7):
-        ours, states = feed(m, idx, step, mk)
+        ours, caches = feed(m, idx, step, kv)
+        assert isinstance(caches[-1], EvictKVCache)
         torch.testing.assert_close(ours, full, **TOL)
     if kw.get("window"):
-        assert states[0].tokens() <= 5 + 6  # a local layer never holds more than its window
+        assert caches[0].tokens() <= 5 + 6  # a local layer never holds more than its window
 
 
 def test_kept_keys_keep_their_distances():
@@ -95,13 +84,12 @@ def test_kept_keys_keep_their_distances():
     # a stateless forward over the kept tokens, at their own positions, computes
     m = tiny(n_layer=1, n_kv_head=1)
     idx = text(B=1, T=50)
-    mk = make_cache_factory(kv_evict="h2o", kv_budget=12, kv_recent=3, kv_sink=2)
-    states = m.new_states(1, make_cache=mk)
+    caches = KVOptions(kv_evict="h2o", kv_budget=12, kv_recent=3, kv_sink=2).check().make_caches(m, 1)
     for t in range(50):
-        logits, states = m(idx[:, t:t + 1], states)
-        c = states[0]
-        keep = sorted(c.pos_q[0, 0].tolist() + c.pos_f.tolist())
-        ref, _ = m(idx[:, keep], pos=torch.tensor(keep))
+        logits, caches = m(idx[:, t:t + 1], caches)
+        c = caches[0]
+        keep = sorted(c.pos_codes[0, 0].tolist() + c.pos_full.tolist())
+        ref = forward_at(m, idx[:, keep], torch.tensor(keep))
         torch.testing.assert_close(logits[:, -1], ref[:, -1], **TOL)
     assert len(keep) == 13 and keep[:2] == [0, 1] and keep[-4:] == [46, 47, 48, 49]
     assert keep != [0, 1] + list(range(39, 50))  # not merely a window
@@ -114,19 +102,19 @@ def test_window_policy_is_the_bounded_cache(sink):
     m = tiny(n_kv_head=2)
     idx = text(T=45)
     budget = 10
-    ours, _ = feed(m, idx, 1, make_cache_factory(kv_evict="window", kv_budget=budget, kv_sink=sink))
-    ring, _ = feed(m, idx, 1, None, kv_window=budget + 1 - sink, kv_sink=sink)
+    ours, _ = feed(m, idx, 1, KVOptions(kv_evict="window", kv_budget=budget, kv_sink=sink).check())
+    ring, _ = feed(m, idx, 1, KVOptions(kv_window=budget + 1 - sink, kv_sink=sink))
     torch.testing.assert_close(ours, ring, **TOL)
 
 
 def test_quantized_eviction_holds_codes_per_head():
     m = tiny(n_kv_head=2)
-    mk = make_cache_factory(kv_quant="int4", kv_quant_group=4, kv_quant_residual=4, kv_evict="h2o",
-                            kv_budget=16, kv_recent=4, kv_sink=1)
-    _, states = feed(m, text(T=60), 1, mk)
-    c = states[0]
-    assert c.tokens() == 17 and c.kq[0].dtype == torch.uint8 and c.kq[0].shape == (2, 2, 13, 4)
-    assert c.pos_f.tolist() == [56, 57, 58, 59]
-    assert (c.pos_q == 0).any(-1).all()  # every head kept its sink
+    kv = KVOptions(kv_quant="int4", kv_quant_group=4, kv_quant_residual=4, kv_evict="h2o",
+                   kv_budget=16, kv_recent=4, kv_sink=1).check()
+    _, caches = feed(m, text(T=60), 1, kv)
+    c = caches[0]
+    assert c.tokens() == 17 and c.k_codes[0].dtype == torch.uint8 and c.k_codes[0].shape == (2, 2, 13, 4)
+    assert c.pos_full.tolist() == [56, 57, 58, 59]
+    assert (c.pos_codes == 0).any(-1).all()  # every head kept its sink
     bits = 2 * 2 * 2 * (13 * (8 * 4 + 2 * 16 * 2) + 4 * 8 * 32)  # k and v; B x nkv; codes+scales+zeros; residual
     assert c.size_bits() == bits

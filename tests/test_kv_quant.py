@@ -1,13 +1,14 @@
-"""kvquant.py and kvpolicy.py against references: hand-packed bytes, stated error bounds,
+"""kv/quant.py (through kv/policy.py's KVOptions) against references: hand-packed bytes, stated error bounds,
 hand-computed bit counts, an audit of every tensor a cache holds, and keys/values a cache
 returns against the same tokens quantized one by one."""
 
 import pytest
 import torch
 
-from kvpolicy import make_cache_factory
-from kvquant import (FORMATS, ChannelFormat, GroupFormat, QuantKVCache, make_formats, pack,
-                     payload_bits, unpack)
+from conftest import tiny
+from kv.policy import KVOptions
+from kv.quant import (FORMATS, ChannelFormat, GroupFormat, QuantKVCache, make_formats, pack,
+                      payload_bits, unpack)
 from utils import UserError
 
 B, H, D = 2, 3, 16
@@ -76,12 +77,17 @@ def test_fast_dequantize_equals_plain_formula(bits):
         torch.testing.assert_close(dequant(fmt, (packed, scale, zero), x), ref, atol=1e-6, rtol=0)
 
 
-def cache_for(name, residual, group=8, recent=0, sink=0):
-    mk = make_cache_factory(kv_quant=name, kv_quant_group=group, kv_quant_residual=residual)
-    return mk(0, batch_size=B, n_kv_head=H, head_dim=D, recent=recent, sink=sink)
+def cache_for(name, residual, group=8, window=0, sink=0):
+    """The cache KVOptions makes for a one-layer model with H heads of D channels."""
+    kv = KVOptions(kv_window=window, kv_sink=sink, kv_quant=name, kv_quant_group=group,
+                   kv_quant_residual=residual).check()
+    cache = kv.make_caches(tiny(n_layer=1, n_head=H, n_embd=H * D), B)[0]
+    assert isinstance(cache, QuantKVCache)
+    return cache
 
 
-def feed(cache, n, step, seed=0):
+def fill(cache, n, step, seed=0):
+    """Feed n random tokens of K/V into cache, step at a time; returns k, v and the last update's result."""
     k, v = rand(B, H, n, D, seed=seed), rand(B, H, n, D, seed=seed + 1)
     out = None
     for a in range(0, n, step):
@@ -119,19 +125,19 @@ def audit(cache):
 def test_size_bits_exact_and_really_stored(name, residual):
     cache = cache_for(name, residual)
     n = 53
-    feed(cache, n, 7)
+    fill(cache, n, 7)
     assert cache.tokens() == n
     assert cache.size_bits() == expected_bits(name, n, residual)
     assert audit(cache) == cache.size_bits()
     code_dtype = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-    if cache.kq is not None:
-        for payload in (cache.kq, cache.vq):
+    if cache.k_codes is not None:
+        for payload in (cache.k_codes, cache.v_codes):
             codes, scales = payload[0], payload[1:]
             assert codes.dtype == code_dtype.get(name, torch.uint8)
             nq = codes.size(2)
             assert codes.numel() == B * H * nq * D * {"int4": 4, "int2": 2}.get(name, 8) // 8
             assert all(s.dtype == torch.float16 for s in scales)
-    assert cache.kf.dtype == torch.float32 and cache.kf.size(2) == n - (cache.kq[0].size(2) if cache.kq else 0)
+    assert cache.k_full.dtype == torch.float32 and cache.k_full.size(2) == n - (cache.k_codes[0].size(2) if cache.k_codes else 0)
 
 
 class FloatCopyCache(QuantKVCache):
@@ -146,11 +152,11 @@ class FloatCopyCache(QuantKVCache):
 def test_audit_catches_fake_quantization():
     fmts = make_formats("int2", 8, D, channel_keys=True)
     fake = FloatCopyCache(*fmts, batch_size=B, n_kv_head=H, head_dim=D, residual=0)
-    feed(fake, 40, 8)
+    fill(fake, 40, 8)
     assert audit(fake) == fake.size_bits() + 2 * 40 * B * H * D * 32  # 6x what it claims
     # float32 "codes" from a user's quantizer are stored, and counted, as 32 bits each
     cache = cache_for("tutorial_user_quantizer:fake_quantize", residual=0)
-    feed(cache, 40, 8)
+    fill(cache, 40, 8)
     assert cache.size_bits() == audit(cache) == 2 * 40 * B * H * D * 32
 
 
@@ -161,51 +167,35 @@ def test_cache_returns_each_token_quantized_once(name, step):
     its own quantize-dequantize (per token; keys of int4/int2 in groups of 8 tokens)."""
     residual, n = 5, 45
     cache = cache_for(name, residual)
-    k, v, (keys, vals, mask) = feed(cache, n, step)
-    nq = cache.kq[0].size(2)
+    k, v, (keys, vals, mask) = fill(cache, n, step)
+    nq = cache.k_codes[0].size(2)
     assert keys.shape == (B, H, n, D) and torch.equal(keys[:, :, nq:], k[:, :, nq:])
     assert torch.equal(vals[:, :, nq:], v[:, :, nq:])
-    kf, vf = make_formats(name, 8, D, channel_keys=True)
-    ref_k = torch.cat([dequant(kf, kf.quantize(k[:, :, a:a + kf.tokens_per_group]), k[:, :, :kf.tokens_per_group])
-                       for a in range(0, nq, kf.tokens_per_group)], dim=2)
-    ref_v = torch.cat([dequant(vf, vf.quantize(v[:, :, a:a + 1]), v[:, :, :1]) for a in range(nq)], dim=2)
+    key_fmt, val_fmt = make_formats(name, 8, D, channel_keys=True)
+    g = key_fmt.tokens_per_group
+    ref_k = torch.cat([dequant(key_fmt, key_fmt.quantize(k[:, :, a:a + g]), k[:, :, :g]) for a in range(0, nq, g)], dim=2)
+    ref_v = torch.cat([dequant(val_fmt, val_fmt.quantize(v[:, :, a:a + 1]), v[:, :, :1]) for a in range(nq)], dim=2)
     assert torch.equal(keys[:, :, :nq], ref_k) and torch.equal(vals[:, :, :nq], ref_v)
     if step == 1:
         assert mask is None
 
 
 def test_history_bound_drops_whole_groups():
-    cache = cache_for("int4", residual=4, group=8, recent=20, sink=1)
-    _, _, (keys, _, mask) = feed(cache, 60, 1)
+    cache = cache_for("int4", residual=4, group=8, window=20, sink=1)
+    _, _, (keys, _, mask) = fill(cache, 60, 1)
     # query 59 sees 0 (the sink) and 40..59; key groups of 8 go once all of their tokens are
     # out of sight (32..39 went), and the one holding the sink stays
-    assert cache.pos_q.tolist() == list(range(0, 8)) + list(range(40, 56))
-    assert cache.pos_f.tolist() == list(range(56, 60))
+    assert cache.pos_codes.tolist() == list(range(0, 8)) + list(range(40, 56))
+    assert cache.pos_full.tolist() == list(range(56, 60))
     assert mask.shape == (1, keys.size(2)) and mask.sum() == 21
 
 
 def test_user_quantizer_plugs_in():
     cache = cache_for("tutorial_user_quantizer:quantize", residual=2)
-    k, _, (keys, _, _) = feed(cache, 12, 3)
-    assert cache.kq[0].dtype == torch.int8 and cache.kq[1].dtype == torch.float16
+    k, _, (keys, _, _) = fill(cache, 12, 3)
+    assert cache.k_codes[0].dtype == torch.int8 and cache.k_codes[1].dtype == torch.float16
     assert cache.size_bits() == 2 * B * H * (10 * (D * 8 + 16) + 2 * D * 32)
     assert (keys - k).abs().max() < 0.5
-
-
-@pytest.mark.parametrize("kw,words", [
-    (dict(kv_quant="int3"), "unknown kv_quant"),
-    (dict(kv_quant="nosuchpkg.mod:fn"), "does not import"),
-    (dict(kv_quant="int4", kv_quant_group=0), "kv_quant_group"),
-    (dict(kv_quant_residual=-1), "kv_quant_residual"),
-    (dict(kv_evict="lru"), "unknown kv_evict"),
-    (dict(kv_evict="h2o"), "needs a budget"),
-    (dict(kv_evict="h2o", kv_budget=10, kv_recent=8, kv_sink=4), "smaller than kv_sink \\+ kv_recent"),
-    (dict(kv_evict="h2o", kv_budget=20, kv_recent=8, kv_sink=4, kv_quant="int8"), "kv_quant_residual"),
-    (dict(kv_budget=100), "kv_evict"),
-])
-def test_bad_options_are_one_line_errors(kw, words):
-    with pytest.raises(UserError, match=words):
-        make_cache_factory(**kw)
 
 
 @pytest.mark.parametrize("name,head_dim,words", [
@@ -213,10 +203,10 @@ def test_bad_options_are_one_line_errors(kw, words):
     ("int2", 6, "multiple of 4"),
     ("tutorial_user_quantizer:not_a_pair", 16, "must return"),
 ])
-def test_model_dependent_errors_come_from_the_first_cache(name, head_dim, words):
-    mk = make_cache_factory(kv_quant=name, kv_quant_group=32 if head_dim == 16 else 2)
+def test_model_dependent_errors_come_from_make_caches(name, head_dim, words):
+    kv = KVOptions(kv_quant=name, kv_quant_group=32 if head_dim == 16 else 2).check()  # fine on their own
     with pytest.raises(UserError, match=words):
-        mk(0, batch_size=1, n_kv_head=1, head_dim=head_dim)
+        kv.make_caches(tiny(n_layer=1, n_head=1, n_embd=head_dim), 1)
 
 
 def test_payload_bits_counts_dtype_width():

@@ -1,17 +1,13 @@
-"""TransformerXL memory at the model level: a step with memory is a forward over
+"""kv/xl.py: TransformerXL memory at the model level: a step with memory is a forward over
 [memory, batch] with the memory detached; restarted rows see no memory."""
 
 import pytest
 import torch
 
-from model import GPT, GPTConfig
+from conftest import tiny
+from kv.xl import make_xl_memory
 
-TOL = dict(atol=1e-5, rtol=1e-4)
-
-
-def tiny(**kw):
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**dict(dict(n_layer=2, n_head=4, n_embd=32, bias=False), **kw)))
+TOL = dict(atol=1e-5, rtol=1e-4)  # gradients summed over more terms than the logits
 
 
 def detach_prefix_hooks(model, n):
@@ -25,19 +21,19 @@ def detach_prefix_hooks(model, n):
                                 dict(attention="linear", linear_layers="0")],
                          ids=["mha", "gqa+share", "window", "hybrid-linear"])
 def test_xl_step_equals_forward_over_memory_and_batch_with_memory_detached(kw):
-    m = tiny(**kw)
+    m = tiny(**kw).train()  # as train.py runs it (no dropout: the same numbers)
     g = torch.Generator().manual_seed(1)
     A, B = torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 256, (2, 16), generator=g)
     targets = torch.randint(0, 256, (2, 16), generator=g)
-    states = m.new_xl_states(2, mem_len=16)
-    m(A, states)  # step 1 fills the memory
-    logits, _ = m(B, states)  # step 2 attends over [memory of A, B]
+    memory = make_xl_memory(m, 2, mem_len=16)
+    m(A, memory)  # step 1 fills the memory
+    logits, _ = m(B, memory)  # step 2 attends over [memory of A, B]
     m.zero_grad()
     m.loss(logits, targets).backward()
     xl_grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
     hooks = detach_prefix_hooks(m, 16)
-    ref_logits, _ = m(torch.cat([A, B], dim=1), return_states=False)
+    ref_logits, _ = m(torch.cat([A, B], dim=1))
     for h in hooks:
         h.remove()
     torch.testing.assert_close(logits, ref_logits[:, 16:], **TOL)
@@ -49,29 +45,29 @@ def test_xl_step_equals_forward_over_memory_and_batch_with_memory_detached(kw):
 
 
 def test_memory_keeps_only_mem_len_and_restarted_rows_see_none():
-    m = tiny(n_layer=1).eval()  # one layer: a memory key depends only on its token and position
+    m = tiny(n_layer=1)  # one layer: a memory key depends only on its token and position
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, 256, (3, 8), generator=g) for _ in range(3)]
-    states = m.new_xl_states(3, mem_len=12)
-    m(batches[0], states)
-    m(batches[1], states)
-    assert states[0].tokens() == 12
+    memory = make_xl_memory(m, 3, mem_len=12)
+    m(batches[0], memory)
+    m(batches[1], memory)
+    assert memory[0].tokens() == 12
     restarted = torch.tensor([False, True, False])
-    for s in states:
+    for s in memory:
         s.restart(restarted)
-    logits, _ = m(batches[2], states)
-    alone, _ = m(batches[2], return_states=False)
+    logits, _ = m(batches[2], memory)
+    alone, _ = m(batches[2])
     torch.testing.assert_close(logits[1], alone[1], **TOL)  # the restarted row: no memory
     assert not torch.allclose(logits[0], alone[0], atol=1e-3)  # the others use theirs
     # with memory cut to the last 12 tokens, rows 0 and 2 equal a forward over those tokens
     text = torch.cat(batches, dim=1)
-    ref, _ = m(text[:, 4:], return_states=False)  # memory = bytes 4..15, batch = 16..23
+    ref, _ = m(text[:, 4:])  # memory = bytes 4..15, batch = 16..23
     torch.testing.assert_close(logits[[0, 2]], ref[[0, 2], -8:], **TOL)
 
 
 def test_long_training_keeps_positions_small():
-    m = tiny().eval()
-    states = m.new_xl_states(1, mem_len=8)
+    m = tiny()
+    memory = make_xl_memory(m, 1, mem_len=8)
     for _ in range(50):
-        m(torch.randint(0, 256, (1, 8)), states)
-    assert states[0].seen == 8
+        m(torch.randint(0, 256, (1, 8)), memory)
+    assert memory[0].seen == 8

@@ -1,5 +1,5 @@
 """
-ByteLoader and fixed_batches: rows continue the text, restarts are marked and reported,
+loader.py's ByteLoader and fixed_batches: rows continue the text, restarts are marked and reported,
 and the same seed (or a saved state) gives the same batches.
 
     python -m pytest -q tests/test_loader.py
@@ -9,7 +9,8 @@ import io
 import pytest
 import torch
 
-from utils import ByteLoader, UserError, decode, encode, fixed_batches
+from loader import ByteLoader, decode, encode, fixed_batches
+from utils import UserError
 
 
 def layout(path):

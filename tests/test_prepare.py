@@ -1,6 +1,6 @@
 """
 Dataset preparation: a 90/10 split by bytes, clear errors when there is nothing to split,
-and on-demand preparation by utils.dataset_paths.
+and on-demand preparation by loader.dataset_paths.
 
     python -m pytest -q tests/test_prepare.py
 """
@@ -10,12 +10,13 @@ import shutil
 import pytest
 
 from conftest import REPO_ROOT, SHARED_DATA, assert_user_error, run_script, tiny_corpus
-from utils import UserError, dataset_paths, prepare
+from loader import dataset_paths, prepare
+from utils import UserError
 
 
 def copy_scripts(root):
     """A copy of what the svejk prepare script needs, so tests never write into the repo's data/."""
-    for name in ("utils.py", "configurator.py", "data/svejk_char/prepare.py"):
+    for name in ("utils.py", "loader.py", "configurator.py", "data/svejk_char/prepare.py"):
         os.makedirs(os.path.dirname(root / name), exist_ok=True)
         shutil.copy(os.path.join(REPO_ROOT, name), root / name)
 

@@ -14,7 +14,7 @@ from unittest import mock
 import pytest
 import torch
 
-import model as model_module
+import generate
 from checkpoint import save_checkpoint
 from conftest import REPO_ROOT, assert_user_error, run_script
 from model import GPT, MODEL_ARG_KEYS, GPTConfig
@@ -63,13 +63,13 @@ def test_streams_whole_characters(out_dir, monkeypatch):
     payload = "é€".encode() + b"\xff" + "ž".encode()[:1]  # ends inside a character
     seen = []  # what had been printed when each token was produced
 
-    def fake_stream(self, idx, max_new_tokens, stats=None, **kw):
+    def fake_stream(model, idx, max_new_tokens, stats=None, **kw):
         for b in payload:
             seen.append(sys.stdout.getvalue())
             yield torch.tensor([[b]])
         stats.update(kv_bits_peak=123, kv_bits_per_token=4.5)
 
-    monkeypatch.setattr(model_module.GPT, "generate_stream", fake_stream)
+    monkeypatch.setattr(generate, "generate_stream", fake_stream)
     code, out, err = sample(f"--out_dir={out_dir}", f"--max_new_tokens={len(payload)}")
     assert code == 0, err
     assert out.endswith("\n####é€\\xff\\xc5\n")  # after the "Overriding: ..." lines

@@ -1,54 +1,22 @@
 """
 train.py end to end on tiny models (CPU): checkpoints and TensorBoard events, both resume
-intents, eval-only runs that write nothing, one-line errors, and interrupted saves.
-The first run is a real subprocess; the others run train.py inside the test process
-(runpy), which saves importing torch again each time.
+intents, eval-only runs that write nothing, one-line errors, and bfloat16 autocast against
+float32. The first run is a real subprocess; the others run train.py inside the test
+process (conftest.train), which saves importing torch again each time.
 
     python -m pytest -q tests/test_train.py
 """
-import contextlib
-import io
-import os
-import runpy
+import re
 import shutil
-import sys
-from unittest import mock
 
 import pytest
 import torch
 
-from checkpoint import read_checkpoint, save_checkpoint
-from conftest import REPO_ROOT, assert_user_error, run_script, tiny_corpus
+from checkpoint import read_checkpoint
+from conftest import TINY, assert_user_error, run_script, train
 from model import GPT, MODEL_ARG_KEYS, GPTConfig
 
-TINY = ["--device=cpu", "--dtype=float32", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
-        "--batch_size=4", "--eval_iters=2", "--eval_interval=4", "--log_interval=2",
-        "--warmup_iters=2", "--lr_decay_iters=20", "--reset_prob=0.3", "--dropout=0.0"]
 N = 6  # iterations of the shared run
-
-
-def train(data_dir, out_dir, *args):
-    """Run train.py in this process; returns what it printed."""
-    argv = ["train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out_dir}", *args]
-    printed = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: more threads only wait for each other on a busy machine
-    try:
-        with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(printed):
-            runpy.run_path(os.path.join(REPO_ROOT, "train.py"), run_name="__main__")
-    finally:
-        torch.set_num_threads(threads)
-    return printed.getvalue()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    data = tiny_corpus()
-    n = int(len(data) * 0.9)
-    (d / "train.txt").write_bytes(data[:n])
-    (d / "val.txt").write_bytes(data[n:])
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -165,28 +133,16 @@ def test_user_errors_are_one_line(data_dir, tmp_path):
     assert_user_error(proc, "resume_mode")
 
 
-def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False))
-    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
-    path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, model, None, args, {}, 1, 2.0)
-    saved = {k: v.clone() for k, v in model.state_dict().items()}
-
-    def dies_half_way(obj, f, *a, **kw):
-        if isinstance(f, (str, os.PathLike)):
-            f = open(f, "wb")
-        f.write(b"PK\x03\x04 half of a checkpoint")
-        f.flush()
-        raise OSError("disk full (simulated)")
-
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-    monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(OSError):
-        save_checkpoint(path, model, None, args, {}, 2, 1.0)
-    monkeypatch.undo()
-    ckpt = read_checkpoint(path)
-    assert ckpt["iter_num"] == 1
-    for k, v in saved.items():
-        assert torch.equal(ckpt["model"][k], v), k
+def test_bf16_training_on_cpu_follows_the_float32_run(data_dir, tmp_path):
+    """Same seed, same rows: the bfloat16 run's losses stay close to the float32 run's, and
+    its checkpoint holds float32 weights like any other."""
+    def losses(out):
+        return [float(m) for m in re.findall(r"iter \d+: loss ([\d.]+)", out)]
+    ref = train(data_dir, tmp_path / "fp32", "--max_iters=8")
+    out = train(data_dir, tmp_path / "bf16", "--max_iters=8", "--dtype=bfloat16")
+    assert "dtype bfloat16 (given)" in out
+    a, b = losses(ref), losses(out)
+    assert len(a) == len(b) >= 4 and a != b
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
+    sd = read_checkpoint(tmp_path / "bf16" / "ckpt.pt")["model"]
+    assert all(t.dtype == torch.float32 for t in sd.values())

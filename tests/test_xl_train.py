@@ -5,27 +5,22 @@ import re
 
 import pytest
 
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_script, train, write_splits
 from exercises.checks_common import repeating_text
-from test_train import train
 
 BLOCK = 32
 
 
 @pytest.fixture(scope="module")
 def repeat_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("repeat")
-    data = bytes(repeating_text(3000, BLOCK).tolist())
-    n = int(len(data) * 0.9)
-    (d / "train.txt").write_bytes(data[:n])
-    (d / "val.txt").write_bytes(data[n:])
-    return d
+    return write_splits(tmp_path_factory.mktemp("repeat"), bytes(repeating_text(3000, BLOCK).tolist()))
 
 
 def final(pattern, printed):
     return float(re.findall(pattern, printed)[-1])
 
 
+@pytest.mark.slow
 def test_memory_learns_what_no_single_batch_shows(repeat_dir, tmp_path):
     common = [f"--block_size={BLOCK}", "--batch_size=16", "--reset_prob=0.0", "--max_iters=300",
               "--eval_interval=300", "--eval_iters=16", "--learning_rate=2e-3", "--warmup_iters=20",

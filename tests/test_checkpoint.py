@@ -1,0 +1,154 @@
+"""checkpoint.py: the tutorial's layout loads and computes what the hand-set model computes,
+compiled and DDP-wrapped models save plain weights, conversions (MHA -> GQA, kv_share) are
+the means they promise, interrupted saves keep the previous file, and bad or malicious
+files are refused with one clear error."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from checkpoint import convert_state_dict, load_model, read_checkpoint, save_checkpoint
+from conftest import TOL, feed, text, tiny
+from model import GPT, MODEL_ARG_KEYS, GPTConfig
+from tutorial_reference import reference_logits
+from utils import UserError
+
+
+def save_tutorial_layout(path, model, **extra):
+    ckpt = {"model": {"_orig_mod." + k: v for k, v in model.state_dict().items()},
+            "optimizer": {"state": {}, "param_groups": []},
+            "model_args": {"n_layer": 2, "n_head": 4, "n_embd": 32, "bias": False, "dropout": 0.0},
+            "config": {"batch_size": 4, "dataset": "shakespeare_char"}}
+    ckpt.update(extra)
+    torch.save(ckpt, path)
+
+
+def test_tutorial_layout_checkpoint_loads_and_matches_hand_set_model(tmp_path):
+    torch.manual_seed(3)
+    hand = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, bias=False)).eval()
+    with torch.no_grad():
+        for p in hand.parameters():
+            p.copy_(torch.randn_like(p) * 0.05) if p.requires_grad else None
+    save_tutorial_layout(tmp_path / "ckpt.pt", hand)
+    model, ckpt = load_model(str(tmp_path / "ckpt.pt"))
+    idx = text(T=70)
+    torch.testing.assert_close(model.eval()(idx)[0], hand(idx)[0], **TOL)
+    torch.testing.assert_close(feed(model, idx, 1)[0],
+                               reference_logits(hand.state_dict(), 2, 4, idx), **TOL)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's first import, inside torch
+def test_compiled_and_ddp_wrapped_checkpoint_loads_into_a_plain_model(tmp_path):
+    """torch.compile is lazy: the wrapper exists (and must be unwrapped) even if never run."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False))
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(torch.compile(model))
+        for name, m in (("compiled", torch.compile(model)), ("ddp", wrapped)):
+            save_checkpoint(str(tmp_path / f"{name}.pt"), m, None, args, {}, 1, 2.0)
+            loaded, ckpt = load_model(str(tmp_path / f"{name}.pt"))
+            assert set(ckpt["model"]) == set(model.state_dict()), name
+            for k, v in model.state_dict().items():
+                assert torch.equal(loaded.state_dict()[k], v), (name, k)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False))
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, None, args, {}, 1, 2.0)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def dies_half_way(obj, f, *a, **kw):
+        if isinstance(f, (str, os.PathLike)):
+            f = open(f, "wb")
+        f.write(b"PK\x03\x04 half of a checkpoint")
+        f.flush()
+        raise OSError("disk full (simulated)")
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model, None, args, {}, 2, 1.0)
+    monkeypatch.undo()
+    ckpt = read_checkpoint(path)
+    assert ckpt["iter_num"] == 1
+    for k, v in saved.items():
+        assert torch.equal(ckpt["model"][k], v), k
+
+
+def test_bad_checkpoints_give_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_checkpoint(str(tmp_path / "nope.pt"))
+    good = tmp_path / "good.pt"
+    save_tutorial_layout(good, tiny())
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="trunc.pt"):
+        read_checkpoint(str(tmp_path / "trunc.pt"))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UserError, match="junk.pt"):
+        read_checkpoint(str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        read_checkpoint(str(tmp_path / "foreign.pt"))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > pwned.txt",))
+
+
+def test_pickle_with_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": {}, "model_args": {}, "x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="refused"):
+        read_checkpoint(str(tmp_path / "evil.pt"))
+    assert not (tmp_path / "pwned.txt").exists()
+
+
+def test_convert_mha_to_gqa_mean_pools_and_trains(tmp_path):
+    src = tiny()
+    save_tutorial_layout(tmp_path / "ckpt.pt", src)
+    model, ckpt = load_model(str(tmp_path / "ckpt.pt"), overrides={"n_kv_head": 2})
+    assert ckpt["conversions"]
+    for i in range(2):
+        w_old = src.state_dict()[f"transformer.h.{i}.attn.c_attn.weight"]
+        w_new = model.state_dict()[f"transformer.h.{i}.attn.c_attn.weight"]
+        assert w_new.shape == (32 + 2 * 2 * 8, 32)
+        torch.testing.assert_close(w_new[:32], w_old[:32])
+        k_old = w_old[32:64].view(4, 8, 32)
+        v_old = w_old[64:].view(4, 8, 32)
+        torch.testing.assert_close(w_new[32:48].view(2, 8, 32), (k_old[0::2] + k_old[1::2]) / 2)
+        torch.testing.assert_close(w_new[48:].view(2, 8, 32), (v_old[0::2] + v_old[1::2]) / 2)
+    # the converted model trains: a few steps on one batch lower its loss
+    model.train()
+    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    idx = text(B=4, T=33)
+    losses = []
+    for _ in range(20):
+        logits, _ = model(idx[:, :-1])
+        loss = model.loss(logits, idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_convert_kv_share_averages_group():
+    src = tiny(n_layer=4)
+    old, new = src.config, GPTConfig(n_layer=4, n_head=4, n_embd=32, bias=False, kv_share=2)
+    sd, notes = convert_state_dict(dict(src.state_dict()), old, new)
+    w = src.state_dict()
+    key = "transformer.h.{}.attn.c_attn.weight"
+    torch.testing.assert_close(sd[key.format(0)][32:], (w[key.format(0)][32:] + w[key.format(1)][32:]) / 2)
+    assert sd[key.format(1)].shape == (32, 32) and notes
+    GPT(new).load_state_dict(sd)

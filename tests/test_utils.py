@@ -1,0 +1,58 @@
+"""utils.py: the dtype chosen for each device, torch.compile's fallback to eager, and glibc's
+setting that keeps freed memory for the next big tensor."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import utils
+from conftest import REPO_ROOT, tiny
+
+
+def test_pick_dtype_bfloat16_for_cpu_training_only_where_native(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(utils, "cpu_has_bf16", lambda: native)
+        assert utils.pick_dtype("cpu", "auto", training=True) == ("bfloat16" if native else "float32")
+        assert utils.pick_dtype("cpu", "") == "float32"  # inference: exact float32
+        assert utils.pick_dtype("mps", "auto", training=True) == "float32"
+    assert utils.pick_dtype("cpu", "bfloat16") == "bfloat16"
+    with pytest.raises(utils.UserError, match="float16 is for GPUs"):
+        utils.pick_dtype("cpu", "float16")
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("Compiler: cc not found\nmore details")
+        return run
+
+    model = tiny(n_layer=1, n_head=2, n_embd=16, dropout=0.1).train()
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rng = torch.get_rng_state()
+    got = utils.compile_or_eager(model, lambda m: m(torch.zeros(1, 4, dtype=torch.long)))
+    assert got is model
+    assert torch.equal(torch.get_rng_state(), rng)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: torch.compile failed") and "cc not found" in err[0]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_keep_freed_memory_reuses_big_blocks():
+    """After keep_freed_memory() the pages of a freed 64 MB tensor serve the next one (after a
+    few rounds, while the heap settles): no new pages touched. Without it (the reference)
+    glibc maps every such block afresh, 16k page faults each time."""
+    code = ("import resource, sys, torch\n"
+            "from utils import keep_freed_memory\n"
+            "if sys.argv[1] == 'keep': keep_freed_memory()\n"
+            "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(8):\n"
+            "    f0 = faults(); torch.ones(2 ** 24).sum(); print(faults() - f0)\n")
+    counts = {}
+    for mode in ("keep", "default"):
+        proc = subprocess.run([sys.executable, "-c", code, mode], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        counts[mode] = [int(n) for n in proc.stdout.split()]
+    assert min(counts["default"]) > 10_000, counts  # the case keep_freed_memory is for
+    assert max(counts["keep"][-3:]) < 1_000, counts
