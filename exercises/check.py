@@ -30,7 +30,7 @@ if ROOT not in sys.path:  # `python exercises/check.py` works too
 # the checks, one module per exercise (after the path is set)
 from exercises import (checks_common, checks_kv_evict, checks_kv_quant, checks_kv_window,  # noqa: E402
                        checks_linear_attention, checks_xl_memory)
-from exercises.checks_common import Failed, randn  # noqa: E402
+from exercises.checks_common import Failed, randn, see  # noqa: E402
 from exercises.checks_kv_evict import (check_evict_eval, check_evict_model, check_evict_recent,  # noqa: E402
                                        check_evict_scores, check_evict_shapes, check_evict_sinks, evict_inputs)
 from exercises.checks_kv_quant import (check_quant_bits, check_quant_contract, check_quant_error,  # noqa: E402
@@ -63,6 +63,7 @@ class Check:
     fn: object
     uses: tuple  # the functions of the module it calls
     slow: bool = False  # skipped when a check of the same functions failed before it
+    rule: tuple = None  # (assignment, rule number) in exercises/README.md, named by a failure
 
 
 @dataclass
@@ -77,22 +78,29 @@ class Exercise:
 
 EXERCISES = {e.name: e for e in [
     Exercise("kv_window", 1, "bounded history", ("keep_recent",), {"keep_recent": "kv.cache:keep_recent"}, [
-        Check("returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes", check_trim_shapes, ("keep_recent",)),
-        Check("keeps the kv_window newest tokens", check_trim_recent, ("keep_recent",)),
-        Check("keeps the kv_sink first tokens of the text", check_trim_sinks, ("keep_recent",)),
-        Check("drops everything else (at most kv_window + kv_sink tokens)", check_trim_budget, ("keep_recent",)),
-        Check("k and v rows stay with their positions, oldest first", check_trim_rows, ("keep_recent",)),
-        Check("tiny model: --kv_trim equals the ring-buffer cache", check_trim_model, ("keep_recent",), slow=True),
-        Check("trained model sampled 10x past its training length", check_trim_long_text, ("keep_recent",), slow=True),
+        Check("returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes", check_trim_shapes,
+              ("keep_recent",), rule=(1, 1)),
+        Check("keeps the kv_window newest tokens", check_trim_recent, ("keep_recent",), rule=(1, 2)),
+        Check("keeps the kv_sink first tokens of the text", check_trim_sinks, ("keep_recent",), rule=(1, 3)),
+        Check("drops everything else (at most kv_window + kv_sink tokens)", check_trim_budget, ("keep_recent",),
+              rule=(1, 4)),
+        Check("k and v rows stay with their positions, oldest first", check_trim_rows, ("keep_recent",), rule=(1, 5)),
+        Check("tiny model: --kv_trim equals the ring-buffer cache", check_trim_model, ("keep_recent",), slow=True,
+              rule=(1, 6)),
+        Check("trained model sampled 10x past its training length", check_trim_long_text, ("keep_recent",),
+              slow=True, rule=(1, 6)),
     ]),
     Exercise("xl_memory", 2, "TransformerXL memory", ("xl_step",), {"xl_step": "kv.xl:xl_step"}, [
-        Check("returns six tensors of the right shapes and dtypes", check_xl_shapes, ("xl_step",)),
-        Check("attends over memory then this step, with key_ok", check_xl_attend, ("xl_step",)),
-        Check("keeps the newest min(mem_len, m + T) tokens as memory", check_xl_keep, ("xl_step",)),
-        Check("memory detached, this step's keys keep their gradient", check_xl_detach, ("xl_step",)),
-        Check("tiny model: --xl_update equals the reference memory", check_xl_model, ("xl_step",), slow=True),
-        Check("one training step: gradients equal the reference's", check_xl_grads, ("xl_step",), slow=True),
-        Check("short training on text that repeats block to block", check_xl_training, ("xl_step",), slow=True),
+        Check("returns six tensors of the right shapes and dtypes", check_xl_shapes, ("xl_step",), rule=(2, 1)),
+        Check("attends over memory then this step, with key_ok", check_xl_attend, ("xl_step",), rule=(2, 2)),
+        Check("keeps the newest min(mem_len, m + T) tokens as memory", check_xl_keep, ("xl_step",), rule=(2, 3)),
+        Check("memory detached, this step's keys keep their gradient", check_xl_detach, ("xl_step",), rule=(2, 4)),
+        Check("tiny model: --xl_update equals the reference memory", check_xl_model, ("xl_step",), slow=True,
+              rule=(2, 5)),
+        Check("one training step: gradients equal the reference's", check_xl_grads, ("xl_step",), slow=True,
+              rule=(2, 4)),
+        Check("short training on text that repeats block to block", check_xl_training, ("xl_step",), slow=True,
+              rule=(2, 5)),
     ]),
     Exercise("linear_attention", 3, "linear attention", ("attention", "recurrent_step"),
              {"attention": "attention_linear:linear_attention",
@@ -211,6 +219,8 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
             except Exception as e:
                 first = " ".join(str(e).split())[:160]
                 status, msg = "FAIL", f"your code raised {type(e).__name__}: {first} (at {where_it_broke(e)})"
+        if status == "FAIL" and check.rule and "README.md" not in msg:
+            msg += "; " + see(*check.rule)
         if status in ("FAIL", "SKIP"):
             failed.update(check.uses)
         took = time.time() - t0

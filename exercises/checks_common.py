@@ -18,6 +18,11 @@ class Failed(Exception):
     """A check's verdict: what went wrong and what to look at."""
 
 
+def see(assignment, rule):
+    """Where exercises/README.md states the rule a failure breaks (its "Assignment N, rules" list)."""
+    return f"see exercises/README.md, 'Assignment {assignment}, rule {rule}'"
+
+
 def expect(ok, message):
     if not ok:
         raise Failed(message)

@@ -8,12 +8,13 @@ from dataclasses import replace
 import torch
 
 from kv.policy import KVOptions
-from exercises.checks_common import (TRAIN_BLOCK, expect, expect_close, feed, held_out, random_text,
-                                     tiny_model, token_losses, trained_model)
+from exercises.checks_common import (TRAIN_BLOCK, Failed, expect, expect_close, feed, held_out, random_text,
+                                     see, tiny_model, token_losses, trained_model)
 
 
 # (positions held before the trim, kv_window, kv_sink): a first trim, sinks, holes left by
-# an earlier trim, a short history that must stay whole, a window of one, a long prefill
+# an earlier trim, a short history that must stay whole, a window of one, a long prefill,
+# and a cache whose first entries are not sinks (sinks are positions, not places in the cache)
 TRIM_CASES = [
     (list(range(20)), 5, 0),
     (list(range(20)), 5, 3),
@@ -21,11 +22,13 @@ TRIM_CASES = [
     (list(range(4)), 8, 2),
     (list(range(12)), 1, 0),
     (list(range(30)), 8, 4),
+    (list(range(10, 30)), 5, 3),
 ]
 
 
 def trim_inputs(pos, dtype=torch.float32):
-    """k, v whose every row says which position and (batch, head) it belongs to."""
+    """k, v whose every row says which position and (batch, head) it belongs to: k[0, 0, :, 0]
+    is the position itself, v is -k."""
     p = torch.tensor(pos)
     B, H, hs = 2, 3, 4
     tag = torch.arange(B).view(B, 1, 1, 1) * 0.25 + torch.arange(H).view(1, H, 1, 1) * 0.0625
@@ -47,20 +50,40 @@ def call_trim(impl, pos, window, sink, dtype=torch.float32):
     return (k, v, p), out
 
 
+def tokens_in(rows, sign=1):
+    """The positions of the tokens whose rows a k (sign 1) or v (sign -1) holds, see trim_inputs."""
+    expect(rows.dim() == 4, f"k and v must stay (B, nkv, kept, hs), got {tuple(rows.shape)}")
+    return [int(x) for x in (sign * rows[0, 0, :, 0].float()).round().tolist()]
+
+
 def kept_positions(out):
-    return [int(x) for x in out[2].tolist()]
+    """The tokens kept, read from the rows of k (what attention sees); check_trim_rows checks
+    that v and pos agree."""
+    return tokens_in(out[0])
 
 
 def check_trim_shapes(impl, ctx):
     for dtype in (torch.float32, torch.float16):
-        (k, v, p), (k2, v2, p2) = call_trim(impl, list(range(20)), 5, 3, dtype=dtype)
-        n = p2.numel()
-        expect(p2.dim() == 1 and p2.dtype == torch.long, f"pos must stay a 1-D long tensor, got {p2.dtype} {tuple(p2.shape)}")
+        pos = list(range(20))
+        (k, v, p), (k2, v2, p2) = call_trim(impl, pos, 5, 3, dtype=dtype)
+        expect(p2.dim() == 1 and p2.dtype == torch.long,
+               f"pos came back as {p2.dtype} {tuple(p2.shape)}: return pos[keep], a 1-D long tensor")
+        B, H, _, hs = k.shape
         for name, got in (("k", k2), ("v", v2)):
-            want = (k.size(0), k.size(1), n, k.size(3))
-            expect(tuple(got.shape) == want, f"{name} has shape {tuple(got.shape)}, expected {want} "
-                   "(B, nkv, kept, hs): select along dim 2, the token axis")
-            expect(got.dtype == dtype, f"{name} came back as {got.dtype}, given {dtype}: keep the dtype")
+            expect(got.dim() == 4 and (got.size(0), got.size(1), got.size(3)) == (B, H, hs),
+                   f"{name} has shape {tuple(got.shape)}, expected (B, nkv, kept, hs) = ({B}, {H}, kept, {hs}): "
+                   f"select tokens along dim 2, the token axis ({name}[:, :, keep])")
+            expect(got.dtype == dtype, f"{name} came back as {got.dtype}, given {dtype}: keep the dtype (no .float())")
+        n = k2.size(2)
+        expect(v2.size(2) == n, f"k keeps {n} tokens and v {v2.size(2)}: select the same tokens from both")
+        if p2.numel() != n:
+            if p2.numel() == len(pos):
+                raise Failed(f"pos still holds all {len(pos)} positions while k and v keep {n} tokens: "
+                             "trim pos with the same mask as k and v (pos[keep])")
+            if n == len(pos):
+                raise Failed(f"k and v still hold all {n} tokens while pos keeps {p2.numel()}: select the "
+                             "same tokens from k and v (k[:, :, keep])")
+            raise Failed(f"pos has {p2.numel()} entries but k and v hold {n} tokens: one mask for all three")
 
 
 def check_trim_recent(impl, ctx):
@@ -69,8 +92,14 @@ def check_trim_recent(impl, ctx):
         kept = kept_positions(out)
         newest = pos[-window:]
         missing = [p for p in newest if p not in kept]
-        expect(not missing, f"pos={short(pos)}, kv_window={window}: the newest {len(newest)} must stay, "
-               f"{short(missing)} went missing (kept {short(kept)})")
+        where = f"pos={short(pos)}, kv_window={window}"
+        if missing and kept and set(kept) <= set(pos[:len(kept)]):
+            raise Failed(f"{where}: kept the oldest tokens {short(kept)}; the newest are at the end of pos "
+                         "(pos[-kv_window:])")
+        expect(pos[-1] not in missing, f"{where}: the newest token (position {pos[-1]}, the one this step "
+               f"added, pos[-1]) went missing (kept {short(kept)}): the kv_window newest include it")
+        expect(not missing, f"{where}: the newest {len(newest)} must stay, {short(missing)} went missing "
+               f"(kept {short(kept)})")
 
 
 def check_trim_sinks(impl, ctx):
@@ -79,30 +108,52 @@ def check_trim_sinks(impl, ctx):
         kept = kept_positions(out)
         missing = [p for p in pos if p < sink and p not in kept]
         expect(not missing, f"pos={short(pos)}, kv_sink={sink}: positions < {sink} must stay, "
-               f"{short(missing)} went missing; the sinks are positions in the text (pos < kv_sink)")
+               f"{short(missing)} went missing; the sinks are the tokens at text positions < kv_sink (pos < kv_sink)")
 
 
 def check_trim_budget(impl, ctx):
     for pos, window, sink in TRIM_CASES:
         _, out = call_trim(impl, pos, window, sink)
         kept, want = kept_positions(out), expected_kept(pos, window, sink)
-        extra = [p for p in kept if p not in want]
-        expect(not extra and len(kept) <= window + sink,
-               f"pos={short(pos)}, kv_window={window}, kv_sink={sink}: keeps {len(kept)} tokens, "
-               f"expected {short(want)}; {short(extra)} should have gone")
+        extra = sorted(set(kept) - set(want))
+        where = f"pos={short(pos)}, kv_window={window}, kv_sink={sink}"
+        if not extra:
+            continue
+        if sink in extra:
+            which = f"0..{sink - 1}" if sink else "none when kv_sink=0"
+            raise Failed(f"{where}: position {sink} was kept as a sink; the sinks are the positions < kv_sink "
+                         f"({which}), not <=; {see(1, 3)}")
+        if len(pos) > window and pos[-window - 1] in extra:
+            raise Failed(f"{where}: one token too many: position {pos[-window - 1]} is the {window + 1}th "
+                         f"newest; the kv_window newest are the last kv_window entries (pos >= pos[-1] - kv_window + 1); {see(1, 2)}")
+        if set(extra) <= set(pos[:sink]):
+            raise Failed(f"{where}: kept the first kv_sink entries of the cache {short(extra)}, whose positions "
+                         f"are not < kv_sink: the sinks are chosen by position (pos < kv_sink), not by place; {see(1, 3)}")
+        raise Failed(f"{where}: keeps {len(set(kept))} tokens, expected {short(want)}; {short(extra)} should "
+                     "have gone")
 
 
 def check_trim_rows(impl, ctx):
     for pos, window, sink in TRIM_CASES:
         (k, v, p), (k2, v2, p2) = call_trim(impl, pos, window, sink)
         kept = kept_positions((k2, v2, p2))
-        expect(kept == sorted(kept) and len(set(kept)) == len(kept),
-               f"positions must stay in order, oldest first, each once; got {short(kept)}")
-        where = [pos.index(x) for x in kept if x in pos]
-        expect(len(where) == len(kept), f"returned positions {short(kept)} that were not in pos")
+        twice = sorted({x for x in kept if kept.count(x) > 1})
+        expect(not twice, f"pos={short(pos)}, kv_window={window}, kv_sink={sink}: token(s) {short(twice)} "
+               "appear twice: a token that is both a sink and one of the newest is kept once; select with "
+               "one boolean mask, (pos < kv_sink) | (newest), rather than joining two slices")
+        if kept != sorted(kept):
+            expect(kept != sorted(kept, reverse=True), f"the tokens come back newest first {short(kept)}: keep "
+                   "the cache's order, oldest first")
+            raise Failed(f"the tokens come back out of order {short(kept)}: keep the cache's order, oldest first")
+        expect(not torch.equal(v2, k2), "v came back equal to k: return the kept rows of v, not of k")
+        expect(tokens_in(v2, -1) == kept, f"v holds the tokens at {short(tokens_in(v2, -1))}, k those at "
+               f"{short(kept)}: select the same tokens from k and v")
+        expect(p2.tolist() == kept, f"pos says {short(p2.tolist())} but k and v hold the tokens at positions "
+               f"{short(kept)}: select pos with the same mask as k and v")
+        where = [pos.index(x) for x in kept]
         expect(torch.equal(k2, k[:, :, where]) and torch.equal(v2, v[:, :, where]),
-               "the rows of k and v do not belong to the returned positions: select the same "
-               "tokens from k, v and pos (one mask for all three)")
+               "the rows of another batch row or head do not belong to the tokens kept: select along dim 2 "
+               "only, the same tokens for every row and head")
 
 
 def check_trim_model(impl, ctx):

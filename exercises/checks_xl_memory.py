@@ -10,18 +10,18 @@ from exercises.checks_common import Failed, expect, expect_close, randn, random_
 from model import GPT, GPTConfig, loss_fn
 
 
-def xl_inputs(m, T, B=2, H=2, hs=4, seed=0):
-    mem_k, mem_v = randn(B, H, m, hs, seed=seed), randn(B, H, m, hs, seed=seed + 1)
+def xl_inputs(m, T, B=2, H=2, hs=4, seed=0, dtype=torch.float32):
+    mem_k, mem_v = randn(B, H, m, hs, seed=seed, dtype=dtype), randn(B, H, m, hs, seed=seed + 1, dtype=dtype)
     mem_ok = torch.ones(B, m, dtype=torch.bool)
     if m:
         mem_ok[1, :m // 2 + 1] = False  # row 1 restarted: part of its memory is another text
-    k = randn(B, H, T, hs, seed=seed + 2).requires_grad_()
-    v = randn(B, H, T, hs, seed=seed + 3).requires_grad_()
+    k = randn(B, H, T, hs, seed=seed + 2, dtype=dtype).requires_grad_()
+    v = randn(B, H, T, hs, seed=seed + 3, dtype=dtype).requires_grad_()
     return mem_k, mem_v, mem_ok, k, v
 
 
-def call_xl(impl, m, T, mem_len, seed=0):
-    args = xl_inputs(m, T, seed=seed)
+def call_xl(impl, m, T, mem_len, seed=0, dtype=torch.float32):
+    args = xl_inputs(m, T, seed=seed, dtype=dtype)
     out = impl.xl_step(*args, mem_len)
     expect(isinstance(out, (tuple, list)) and len(out) == 6,
            "xl_step must return six things: keys, vals, key_ok, new_k, new_v, new_ok")
@@ -33,50 +33,83 @@ XL_CASES = [(0, 4, 6), (5, 4, 6), (5, 4, 20), (6, 8, 3), (3, 3, 6)]  # (m, T, me
 
 
 def check_xl_shapes(impl, ctx):
-    for m, T, mem_len in XL_CASES:
-        (mk, _, _, k, _), (keys, vals, ok, nk, nv, nok) = call_xl(impl, m, T, mem_len)
+    # the number of tokens is judged by the next checks; here the axes and dtypes
+    for (m, T, mem_len), dtype in [(c, torch.float32) for c in XL_CASES] + [((5, 4, 6), torch.bfloat16)]:
+        (mk, _, _, k, _), (keys, vals, ok, nk, nv, nok) = call_xl(impl, m, T, mem_len, dtype=dtype)
         B, H, _, hs = k.shape
-        n = min(mem_len, m + T)
-        for name, t, want in (("keys", keys, (B, H, m + T, hs)), ("vals", vals, (B, H, m + T, hs)),
-                              ("key_ok", ok, (B, m + T)), ("new_k", nk, (B, H, n, hs)),
-                              ("new_v", nv, (B, H, n, hs)), ("new_ok", nok, (B, n))):
-            expect(tuple(t.shape) == want, f"m={m}, T={T}, mem_len={mem_len}: {name} has shape "
-                   f"{tuple(t.shape)}, expected {want}")
-        expect(ok.dtype == torch.bool and nok.dtype == torch.bool, "key_ok and new_ok must be bool tensors")
-        expect(keys.dtype == k.dtype and nk.dtype == k.dtype, "keys and new_k must keep the dtype of k")
+        where = f"m={m}, T={T}, mem_len={mem_len}"
+        for name, t in (("keys", keys), ("vals", vals), ("new_k", nk), ("new_v", nv)):
+            expect(t.dim() == 4 and (t.size(0), t.size(1), t.size(3)) == (B, H, hs),
+                   f"{where}: {name} has shape {tuple(t.shape)}, expected (B, nkv, tokens, hs) = ({B}, {H}, "
+                   f"tokens, {hs}): join along dim 2, the token axis")
+        for name, t, like in (("key_ok", ok, keys), ("new_ok", nok, nk)):
+            expect(t.dim() == 2 and t.size(0) == B, f"{where}: {name} has shape {tuple(t.shape)}, expected "
+                   f"(B, tokens) = ({B}, tokens)")
+            expect(t.dtype == torch.bool, f"{name} must be a bool tensor, got {t.dtype}")
+        expect(keys.size(2) == vals.size(2) == ok.size(1), f"{where}: keys, vals and key_ok hold "
+               f"{keys.size(2)}, {vals.size(2)} and {ok.size(1)} tokens: the same tokens in all three")
+        expect(nk.size(2) == nv.size(2) == nok.size(1), f"{where}: new_k, new_v and new_ok hold "
+               f"{nk.size(2)}, {nv.size(2)} and {nok.size(1)} tokens: the same tokens in all three")
+        for name, t in (("keys", keys), ("vals", vals), ("new_k", nk), ("new_v", nv)):
+            expect(t.dtype == dtype, f"{name} came back as {t.dtype} for {dtype} k and v: keep k's dtype "
+                   "(under autocast, training hands xl_step bfloat16 keys and values)")
 
 
 def check_xl_attend(impl, ctx):
     for m, T, mem_len in XL_CASES:
         (mk, mv, mok, k, v), (keys, vals, ok, _, _, _) = call_xl(impl, m, T, mem_len)
-        expect_close(keys, torch.cat([mk, k], 2), f"m={m}, T={T}: keys",
+        where = f"m={m}, T={T}"
+        expect(keys.size(2) == m + T, f"{where}: keys hold {keys.size(2)} tokens, expected m + T = {m + T}: "
+               "this step attends over all of the memory and all of its own tokens")
+        if m and torch.equal(keys.detach(), torch.cat([k, mk], 2).detach()):
+            raise Failed(f"{where}: keys hold this step's tokens first, then the memory: the memory comes "
+                         "first (it is older), torch.cat([mem_k, k], 2)")
+        expect_close(keys, torch.cat([mk, k], 2), f"{where}: keys",
                      "attend over the memory first, then this step's keys (torch.cat on dim 2)", tol=0)
-        expect_close(vals, torch.cat([mv, v], 2), f"m={m}, T={T}: vals", "memory first, then this step's values", tol=0)
+        expect_close(vals, torch.cat([mv, v], 2), f"{where}: vals", "memory first, then this step's values", tol=0)
         want = torch.cat([mok, torch.ones(k.size(0), T, dtype=torch.bool)], 1)
-        expect(torch.equal(ok, want), f"m={m}, T={T}: key_ok must be mem_ok followed by True for this "
-               "step's tokens (a restarted row must not see its old memory)")
+        if torch.equal(ok, want):
+            continue
+        expect(not bool(ok.all()), f"{where}: key_ok is all True, but row 1 restarted (mem_ok False): a "
+               "restarted row must not see its old memory, key_ok = mem_ok followed by True for this step")
+        expect(not (m and torch.equal(ok, torch.cat([want[:, m:], mok], 1))), f"{where}: key_ok puts this "
+               "step's True first; it follows the order of keys: mem_ok first, then True for this step")
+        raise Failed(f"{where}: key_ok must be mem_ok followed by True for this step's tokens "
+                     "(a restarted row must not see its old memory)")
 
 
 def check_xl_keep(impl, ctx):
     for m, T, mem_len in XL_CASES:
         (mk, mv, mok, k, v), (keys, vals, ok, nk, nv, nok) = call_xl(impl, m, T, mem_len)
         n = min(mem_len, m + T)
-        expect(nk.size(2) <= mem_len, f"m={m}, T={T}: the memory keeps {nk.size(2)} tokens, more than mem_len={mem_len}")
-        expect(nk.size(2) == n, f"m={m}, T={T}, mem_len={mem_len}: the memory keeps {nk.size(2)} tokens, "
-               f"expected {n} (the newest min(mem_len, m + T))")
+        where = f"m={m}, T={T}, mem_len={mem_len}"
+        expect(nk.size(2) <= mem_len, f"{where}: the memory keeps {nk.size(2)} tokens, more than mem_len: "
+               "keep the newest min(mem_len, m + T) (keys[:, :, -mem_len:])")
         all_k, all_v = torch.cat([mk, k], 2).detach(), torch.cat([mv, v], 2).detach()
-        expect_close(nk, all_k[:, :, -n:], f"m={m}, T={T}, mem_len={mem_len}: new_k",
+        if nk.size(2) == min(n, T) < n and torch.equal(nk.detach(), all_k[:, :, m + T - nk.size(2):]):
+            raise Failed(f"{where}: the memory keeps only this step's {nk.size(2)} tokens: when T < mem_len "
+                         "it carries older memory too; keep the newest min(mem_len, m + T) of keys, not of k")
+        expect(nk.size(2) == n, f"{where}: the memory keeps {nk.size(2)} tokens, expected {n} "
+               "(the newest min(mem_len, m + T))")
+        expect(not (n < m + T and torch.equal(nk.detach(), all_k[:, :, :n])), f"{where}: the memory keeps the "
+               f"oldest {n} tokens; keep the newest, the end of keys (keys[:, :, -mem_len:])")
+        expect_close(nk, all_k[:, :, -n:], f"{where}: new_k",
                      "keep the newest tokens (the end of keys), oldest first", tol=0)
-        expect_close(nv, all_v[:, :, -n:], f"m={m}, T={T}, mem_len={mem_len}: new_v", "keep the newest values", tol=0)
-        expect(torch.equal(nok, ok[:, -n:]), f"m={m}, T={T}: new_ok must be key_ok of the tokens kept")
+        expect_close(nv, all_v[:, :, -n:], f"{where}: new_v", "keep the newest values", tol=0)
+        if not torch.equal(nok, ok[:, -n:]):
+            expect(not (bool(nok.all()) and not bool(ok[:, -n:].all())), f"{where}: new_ok is all True, but "
+                   "some kept tokens belong to a restarted row: new_ok is key_ok of the tokens kept (key_ok[:, -n:])")
+            raise Failed(f"{where}: new_ok must be key_ok of the tokens kept, the same slice as new_k")
 
 
 def check_xl_detach(impl, ctx):
     (_, _, _, k, v), (keys, vals, _, nk, nv, _) = call_xl(impl, 5, 4, 6)
-    expect(not nk.requires_grad and not nv.requires_grad,
-           "new_k/new_v still require grad: .detach() them, or the next step's backward runs into this step")
-    expect(keys.requires_grad and vals.requires_grad,
-           "keys/vals carry no gradient: detach only the memory you keep, not what this step attends over")
+    for name, t in (("new_k", nk), ("new_v", nv)):
+        expect(not t.requires_grad, f"{name} still requires grad: .detach() it, or the next step's backward "
+               "runs into this step's graph")
+    for name, t in (("keys", keys), ("vals", vals)):
+        expect(t.requires_grad, f"{name} carry no gradient: detach only the memory you keep, not what this step "
+               "attends over (no .detach() on k or v, no torch.no_grad around the join)")
     (keys.sum() + vals.sum()).backward()
     expect(k.grad is not None and torch.equal(k.grad, torch.ones_like(k)) and torch.equal(v.grad, torch.ones_like(v)),
            "the gradient of keys/vals does not reach k and v one to one: use k and v themselves in the concatenation")

@@ -27,6 +27,7 @@ def keep_recent(k, v, pos, kv_window, kv_sink=0):
 
     Return (k, v, pos) of the kept tokens, in the same order (oldest first), with the same
     dtypes: at most kv_window + kv_sink of them, and all of them when S <= kv_window.
+    The rules the checker applies: exercises/README.md, "Assignment 1, rules".
 
     Hints: the newest position is pos[-1]; a boolean mask over the S axis selects the same
     tokens in k, v and pos (k[:, :, keep]).

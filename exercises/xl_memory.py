@@ -31,6 +31,8 @@ def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
       new_k, new_v (B, nkv, min(mem_len, m + T), hs): the memory for the next step, the newest
                    tokens of keys/vals, cut off from the autograd graph;
       new_ok       (B, min(mem_len, m + T)) bool: key_ok of the tokens kept.
+    keys, vals, new_k and new_v keep k's dtype (training under autocast hands you bfloat16).
+    The rules the checker applies: exercises/README.md, "Assignment 2, rules".
 
     Hints: torch.cat along the token axis (dim 2 for K/V, dim 1 for the flags); slice the last
     mem_len; `.detach()`. Without detach the next step's backward runs into this step's graph:
