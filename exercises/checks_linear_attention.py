@@ -8,8 +8,8 @@ from torch.nn import functional as F
 
 import attention_linear
 from kv.cache import visible
-from exercises.checks_common import (TRAIN_BLOCK, expect, expect_close, feed, max_err, play_text, randn,
-                                     random_text, tiny_model, train_tiny)
+from exercises.checks_common import (TRAIN_BLOCK, Failed, expect, expect_close, feed, max_err, play_text,
+                                     randn, random_text, see, tiny_model, train_tiny)
 from model import loss_fn
 
 
@@ -49,19 +49,49 @@ def check_linear_shapes(impl, ctx):
         q, k, v = (t.to(dtype) for t in qkv(T=3, S=7))
         y = call_attention(impl, q, k, v, causal(3, 7))
         expect(y.dtype == dtype, f"y came back as {y.dtype} for {dtype} inputs: cast the result to q.dtype")
-        expect(bool(torch.isfinite(y).all()), "y holds inf or nan")
+        expect(bool(torch.isfinite(y).all()), "y holds inf or nan: without a softmax a weight of -inf is not 0, "
+               "multiply the weights by the mask instead (att * mask); and keep a denominator from being 0 (+ eps)")
+
+
+def mistakes(q, k, v, mask):
+    """What attention() returns with the usual mistakes: (outputs, what is wrong, rule)."""
+    phi, hs, T, S = attention_linear.phi, q.size(-1), q.size(-2), k.size(-2)
+    w = phi(q) @ phi(k).transpose(-2, -1)
+
+    def normalised(att):
+        num = att @ v
+        return [F.layer_norm(num, (hs,)), num / (att.sum(-1, keepdim=True) + attention_linear.EPS)]
+    soft = (q @ k.transpose(-2, -1)).masked_fill(~mask, float("-inf"))
+    return [
+        ([(soft / hs ** 0.5).softmax(-1) @ v, soft.softmax(-1) @ v], "y looks like softmax attention: linear "
+         "attention has no softmax, its weights are phi(q) . phi(k) with phi(x) = elu(x) + 1", 2),
+        (normalised((F.elu(q) @ F.elu(k).transpose(-2, -1)) * mask), "phi misses its + 1: phi(x) = elu(x) + 1 "
+         "(elu alone goes negative)", 2),
+        (normalised(w * mask / hs ** 0.5), "the weights carry a 1/sqrt(hs) scale: linear attention has none "
+         "(layer_norm hides it on large outputs, not on small ones)", 2),
+        ([(w * mask) @ v], "y is not normalised: F.layer_norm(num, (hs,)), or num / (den + eps)", 3),
+        (normalised(w), "y ignores the mask: multiply the weights by it (att * mask)", 4),
+        (normalised(w * causal(T, S)), "y follows a causal triangle of its own, not the mask it is given (which "
+         "may also hide a window's old keys, or another text's)", 4),
+    ]
 
 
 def check_linear_formula(impl, ctx):
-    for T, S, mask in ((6, 6, causal(6, 6)), (3, 9, causal(3, 9)), (4, 9, window_mask(2, 4, 9))):
+    cases = [(6, 6, causal(6, 6), 1.0), (3, 9, causal(3, 9), 1.0), (4, 9, window_mask(2, 4, 9), 1.0),
+             (6, 6, causal(6, 6), 1e-3)]  # small values: layer_norm's eps shows a leftover scale
+    for T, S, mask, size in cases:
         q, k, v = qkv(T=T, S=S)
+        v = v * size
         y = call_attention(impl, q, k, v, mask)
         refs = linear_references(q, k, v, mask)
         errs = {name: max_err(y, r) for name, r in refs.items()}
         best = min(errs, key=errs.get)
-        expect(errs[best] < 1e-3, f"T={T}, S={S}: y is not (phi(q) phi(k)^T * mask) v normalised "
-               f"(relative error {errs['layernorm']:.2g} vs layer_norm, {errs['denominator']:.2g} vs the "
-               "denominator); phi(x) = elu(x) + 1, no softmax, no 1/sqrt(hs)")
+        if errs[best] >= 1e-3:
+            for outputs, wrong, rule in mistakes(q, k, v, mask):
+                expect(min(max_err(y, o) for o in outputs) >= 1e-3, f"T={T}, S={S}: {wrong}; {see(3, rule)}")
+            raise Failed(f"T={T}, S={S}, values of size {size:g}: y is not (phi(q) phi(k)^T * mask) v normalised "
+                         f"(relative error {errs['layernorm']:.2g} vs layer_norm, {errs['denominator']:.2g} vs the "
+                         "denominator); phi(x) = elu(x) + 1, no softmax, no 1/sqrt(hs)")
         expect(ctx.setdefault("norm", best) == best, "the normalisation changed between calls")
     return "normalised by " + {"layernorm": "layer_norm", "denominator": "the denominator"}[ctx["norm"]]
 
@@ -94,6 +124,27 @@ def check_linear_mask(impl, ctx):
             expect(torch.allclose(y2[b, :, t], y[b, :, t], atol=1e-5),
                    f"row {b}, query {t}: the output depends on keys the mask hides (a window, a sink, "
                    "another text): use the mask you are given, not your own triangle")
+
+
+def check_linear_grads(impl, ctx):
+    q, k, v = qkv(T=4, S=9)
+    mask = window_mask(2, 4, 9)
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    theirs = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = call_attention(impl, *mine, mask)
+    expect(y.requires_grad, "y carries no gradient: no torch.no_grad, .detach() or .item() in attention()")
+    refs = linear_references(*theirs, mask)
+    norm = ctx.get("norm") or min(refs, key=lambda n: max_err(y, refs[n]))
+    w = randn(*y.shape, seed=9)
+    (y.float() * w).sum().backward()
+    (refs[norm] * w).sum().backward()
+    for name, a, b in zip("qkv", mine, theirs):
+        expect(a.grad is not None and bool(a.grad.abs().sum() > 0), f"no gradient reaches {name}: is it "
+               "detached (.detach(), .data, torch.no_grad around its use)?")
+        expect_close(a.grad, b.grad, f"the gradient with respect to {name}",
+                     "the backward pass differs from the formula's: no in-place change of an input, "
+                     "nothing computed outside autograd", tol=1e-3)
+    return "q, k and v"
 
 
 def user_model(impl, **kw):
@@ -178,14 +229,31 @@ def check_recurrent_state(impl, ctx):
     S, z = S0.clone(), z0.clone()
     call_recurrent(impl, q, k, v, S, z)
     expect(not torch.equal(S, S0), "S did not change: update it in place (S += ...), the caller keeps only S and z")
-    expect_close(S, S0 + k.transpose(-2, -1) @ v, "S after T tokens", "S += phi(k_t) v_t^T (outer product) per token")
-    expect_close(z, z0 + k.sum(2), "z after T tokens", "z += phi(k_t) per token")
+    want = S0 + k.transpose(-2, -1) @ v
+    if max_err(S, want) > 1e-4:
+        phi = attention_linear.phi
+        for other, wrong in ((S0 + v.transpose(-2, -1) @ k, "S holds v k^T: the outer product takes k first, "
+                              "S[d, e] += phi(k)_d v_e (k[..., :, None] * v[..., None, :])"),
+                             (S0 + phi(k).transpose(-2, -1) @ v, "q and k come already through phi: do not "
+                              "apply phi again"),
+                             (k.transpose(-2, -1) @ v, "S must start from the S it is given (the history), "
+                              "not from zero")):
+            expect(max_err(S, other) > 1e-4, wrong)
+    expect_close(S, want, "S after T tokens", "S += phi(k_t) v_t^T (outer product) per token")
+    expect(not torch.equal(z, z0), "z did not change: z += phi(k_t) for each token, in place")
+    expect_close(z, z0 + k.sum(2), "z after T tokens", "z += phi(k_t) per token, from the z it is given")
 
 
 def check_recurrent_parallel(impl, ctx):
     q, k, v, S0, z0 = recurrent_inputs(T=13)
     num, den = call_recurrent(impl, q, k, v, S0.clone(), z0.clone())
     ref_num, ref_den = attention_linear.linear_parallel(q, k, v, S0, z0)
+    qk = (q * k).sum(-1, keepdim=True)  # what token t adds to its own read-out
+    expect(max_err(num, ref_num - qk * v) > 1e-4 or max_err(den, ref_den - qk) > 1e-4,
+           "num and den are read out before token t is added: add it to S and z first, then read out with q_t")
+    for normed in (F.layer_norm(ref_num, (q.size(-1),)), ref_num / (ref_den + attention_linear.EPS)):
+        expect(max_err(num, normed) > 1e-4, "num comes back normalised: return the raw num_t = q_t^T S_t (and "
+               "den_t = q_t . z_t); the caller normalises")
     expect_close(num, ref_num, "num", "num_t = q_t^T S_t, with token t already added to S")
     expect_close(den, ref_den, "den", "den_t = q_t . z_t, with token t already added to z")
     # fed in pieces, the state carries everything

@@ -37,6 +37,8 @@ def attention(q, k, v, mask, dropout_p):
 
     Hints: no softmax and no 1/sqrt(hs) scale; zero the masked weights (multiply by the mask)
     rather than setting them to -inf; compute in float32 (q.float()) and cast back at the end.
+    The gradient must reach q, k and v. The rules the checker applies: exercises/README.md,
+    "Assignment 3, rules".
     """
     raise NotImplementedError("assignment 3 (linear attention): implement attention in exercises/linear_attention.py")
 
