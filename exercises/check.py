@@ -33,8 +33,8 @@ from exercises import (checks_common, checks_kv_evict, checks_kv_quant, checks_k
 from exercises.checks_common import Failed, randn, see  # noqa: E402
 from exercises.checks_kv_evict import (check_evict_eval, check_evict_model, check_evict_recent,  # noqa: E402
                                        check_evict_scores, check_evict_shapes, check_evict_sinks, evict_inputs)
-from exercises.checks_kv_quant import (check_quant_bits, check_quant_contract, check_quant_error,  # noqa: E402
-                                       check_quant_model, check_quant_rows)
+from exercises.checks_kv_quant import (check_quant_bias, check_quant_bits, check_quant_contract,  # noqa: E402
+                                       check_quant_error, check_quant_levels, check_quant_model, check_quant_rows)
 from exercises.checks_kv_window import (check_trim_budget, check_trim_long_text, check_trim_model,  # noqa: E402
                                         check_trim_recent, check_trim_rows, check_trim_shapes, check_trim_sinks,
                                         trim_inputs)
@@ -127,11 +127,17 @@ EXERCISES = {e.name: e for e in [
     ]),
     Exercise("kv_quant", 4, "KV quantization", ("quantize",), {"quantize": "kv.quant:int8_quantize"}, [
         Check("returns (tensors shaped (..., m), dequantize); dequantize gives x's shape",
-              check_quant_contract, ("quantize",)),
-        Check("bits per value, scales included (at most 9)", check_quant_bits, ("quantize",)),
-        Check("error bound for its bits, rows of any size", check_quant_error, ("quantize",)),
-        Check("rows stand alone (joined, dropped, quantized one by one)", check_quant_rows, ("quantize",)),
-        Check("trained model with your --kv_quant cache", check_quant_model, ("quantize",), slow=True),
+              check_quant_contract, ("quantize",), rule=("4a", 1)),
+        Check("bits per value, scales included (at most 9)", check_quant_bits, ("quantize",), rule=("4a", 2)),
+        Check("the codes' levels are used (a ramp from -1 to 1)", check_quant_levels, ("quantize",), rule=("4a", 3)),
+        Check("rounds to nearest: errors unbiased, not following x", check_quant_bias, ("quantize",),
+              rule=("4a", 4)),
+        Check("error near a plain quantizer of its format, on average and in the worst row", check_quant_error,
+              ("quantize",), rule=("4a", 5)),
+        Check("rows stand alone (joined, dropped, quantized one by one)", check_quant_rows, ("quantize",),
+              rule=("4a", 6)),
+        Check("trained model with your --kv_quant cache", check_quant_model, ("quantize",), slow=True,
+              rule=("4a", 7)),
     ]),
     Exercise("kv_evict", 4, "KV eviction", ("priority",), {"priority": "kv.evict:h2o_priority"}, [
         Check("returns float priorities shaped like scores, inputs untouched", check_evict_shapes, ("priority",)),

@@ -20,7 +20,8 @@ def quantize(x):
     """Quantize rows independently.
 
     x   (..., n) float: every row is the key (or the value) of one token in one head; n is the
-        head dimension (16 to 128). The leading dimensions are (B, nkv, tokens).
+        head dimension (16 to 128: a group size must divide it). The leading dimensions are
+        (B, nkv, tokens). Rows come in any size (0.01 to 100 and more), zeros included.
 
     Return (payload, dequantize):
       payload     a tuple of tensors, each shaped (..., m) with x's leading dimensions, e.g.
@@ -36,6 +37,10 @@ def quantize(x):
     from being 0; x / scale then torch.round, clamp to [-127, 127], .to(torch.int8). Below 8
     bits: uint8 codes in [0, 2^b - 1] with a per-group zero point, packed with shifts (<<, |).
     The checker reports your bits per value and error; kv/quant.py holds the project's formats.
+
+    Limits: at most 9 bits per value at head dimension 64, scales and zero points included;
+    round to nearest; an error close to what a plain quantizer of your format gets, in every
+    row. All of them: exercises/README.md, "Assignment 4a, rules".
     """
     raise NotImplementedError("assignment 4 (KV quantization): implement quantize in exercises/kv_quant.py")
 
