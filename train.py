@@ -31,19 +31,21 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import outdir
 from checkpoint import checkpoint_path, load_model, restore_training_state, rng_state, save_checkpoint, unwrap
 from configurator import configure
+from kv.qat import make_qat_caches
 from kv.xl import make_xl_memory
 from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
-from utils import (TensorBoard, UserError, autocast_ctx, compile_or_eager, import_function, keep_freed_memory, pick_device,
-                   pick_dtype, run_main)
+from utils import (TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager, import_function, keep_freed_memory, pick_device,
+                   clock, has_module, pick_dtype, run_main, use_threads)
 
 # -----------------------------------------------------------------------------
 # default config: the tutorial's GPU recipe for tiny-shakespeare
@@ -56,6 +58,7 @@ last_save_budget = 0.1  # last.pt is skipped at a log step if writing it would t
 eval_only = False  # evaluate once and exit, writing nothing
 always_save_checkpoint = False  # write ckpt.pt at every evaluation, not only when val loss improves
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/resume_checkpoint_name)
+overwrite = False  # let a run from scratch replace the checkpoints already in out_dir (otherwise it is refused)
 resume_checkpoint_name = "ckpt"  # 'ckpt', 'ckpt.pt', 'last' or 'last.pt'
 resume_mode = "auto"  # 'continue' | 'finetune' | 'auto' (see the docstring)
 tensorboard = True  # write TensorBoard scalars into out_dir
@@ -67,6 +70,9 @@ block_size = 256  # bytes per row (the training context length)
 reset_prob = 0.1  # probability that a row jumps to a random place in the text at each step
 xl_mem = 0  # TransformerXL memory: attend to the last xl_mem tokens of earlier batches of the same row (0 = off)
 xl_update = ""  # "package.module:function" replacing kv.xl.xl_step, the XL memory step (exercise 2)
+kv_quant = "none"  # quantization-aware training: K/V pass through this cache format (int8, int4, int2, ...; see kv/qat.py)
+kv_quant_group = 32  # with kv_quant int4/int2: values per group, as the inference option
+kv_quant_keys = "channel"  # int4/int2 keys per 'channel' (the quantized cache's layout) or per 'token' (the evicting cache's)
 # model (architecture keys n_layer, n_head, n_embd, bias come from the checkpoint on resume)
 n_layer = 6  # transformer blocks
 n_head = 6  # attention heads per block
@@ -97,32 +103,37 @@ min_lr = 1e-4  # final learning rate
 device = ""  # 'cpu', 'cuda', 'cuda:1', 'mps'; '' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = bfloat16 where supported (GPUs, CPUs with bf16 instructions), float16 on older GPUs, float32 elsewhere
 compile = False  # torch.compile the model (eager, with a warning, where it fails; see README for where it pays)
-threads = 0  # torch's CPU threads (0 = its default, one per core); 1 is fastest for small models on a busy machine
+threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 backend = ""  # torch.distributed backend under torchrun: 'nccl' or 'gloo'; '' = nccl on CUDA, gloo on CPU
 seed = 1337  # seed of the model init, dropout and data order
 # -----------------------------------------------------------------------------
 
 def main():
+    held = ExitStack()  # out_dir's lock (outdir.claim), released however training ends
     try:
-        train()
+        train(held)
         if dist.is_initialized():
             dist.barrier()  # no rank leaves while rank 0 still writes a checkpoint
     finally:
+        held.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def train():
+def train(held):
     model_defaults = {k: globals()[k] for k in MODEL_ARG_KEYS}
     # under torchrun (RANK, LOCAL_RANK and WORLD_SIZE set): one process per GPU, or per CPU share
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     master = rank == 0  # rank 0 alone prints, logs to TensorBoard and writes checkpoints
+    t_begin = time.time()
     if not master:
         sys.stdout = open(os.devnull, "w")
     config = configure(globals(), sys.argv[1:])
     check_settings(world_size)
+    if master and not eval_only and max_iters > 0:  # a run that trains: out_dir must be usable, and its own
+        held.enter_context(outdir.claim(out_dir, fresh=init_from == "scratch", overwrite=overwrite))
     micro_steps = gradient_accumulation_steps // world_size  # this rank's share
     xl_fn = import_function(xl_update, "xl_update") if xl_update else None
     dev = pick_device(device)
@@ -134,14 +145,13 @@ def train():
         print(f"DDP: {world_size} processes, backend {dist.get_backend()}, "
               f"{micro_steps} micro-steps each per iteration")
     dt = pick_dtype(dev, dtype, training=True)
-    if threads:
-        torch.set_num_threads(threads)
+    thread_words = use_threads(threads)  # also on a GPU: the data loading runs on the CPU
     device_type = dev.split(":")[0]
     if device_type == "cpu":
         keep_freed_memory()  # a CPU step's big activations reuse memory instead of page-faulting (utils)
     print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
           f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})"
-          + (f", {torch.get_num_threads()} threads" if device_type == "cpu" else ""))
+          + (f", {thread_words}" if device_type == "cpu" else ""))
     torch.manual_seed(seed + rank)  # rank's own dropout; DDP gives every rank rank 0's initial weights
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
@@ -182,6 +192,15 @@ def train():
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
+    if writes and master:
+        outdir.check_space(out_dir, model)
+    if xl_fn is not None and xl_mem:  # the user's XL step, tried on 2 bytes now, not after the first evaluation
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 2, dtype=torch.long, device=dev), make_xl_memory(model, 1, xl_mem, xl_fn))
+        model.train()
+    if writes and device_type == "cpu" and n_params > 5e6:  # e.g. `python train.py`, the GPU recipe
+        print(f"note: a {n_params / 1e6:.1f}M-parameter model trains for hours on a CPU; the CPU recipe "
+              "trains in minutes: python train.py config/train_shakespeare_char_cpu.py")
     # each rank reads its own rows. A resume restores rank 0's rows (the checkpoint holds its
     # loader); the other ranks start new rows, seeded by the iteration so none replays its first batches
     rank_seed = seed + rank + (world_size * start_iter if rank > 0 else 0)
@@ -204,7 +223,8 @@ def train():
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
     eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed + rank, device=dev)
                  for split, path in (("train", train_path), ("val", val_path))}
-    tb = TensorBoard(out_dir if (writes and tensorboard and master) else None, purge_step=start_iter)
+    use_tb = writes and tensorboard and master and has_module("tensorboard", "no TensorBoard scalars are written")
+    tb = TensorBoard(out_dir if use_tb else None, purge_step=start_iter)
 
     def save(name):
         if not master:
@@ -217,7 +237,7 @@ def train():
         return time.time() - t0
 
     def evaluate():
-        nonlocal best_val_loss
+        nonlocal best_val_loss, best_iter
         t0 = time.time()
         losses = estimate_loss(model, eval_sets, ctx, xl_mem, xl_fn, quiet=not master)
         if ddp:  # each rank evaluated its own batches: average them
@@ -230,6 +250,7 @@ def train():
             tb.add_scalar("val/loss_mem", losses["val_mem"], iter_num)
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
+        best_iter = iter_num if improved else best_iter
         tb.add_scalar("train/loss", losses["train"], iter_num)
         tb.add_scalar("val/loss", losses["val"], iter_num)
         if iter_num > start_iter and (improved or always_save_checkpoint):
@@ -237,7 +258,7 @@ def train():
         print(line, flush=True)
         return time.time() - t0
 
-    iter_num = start_iter
+    iter_num, best_iter = start_iter, None
     if eval_only or (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
         evaluate()
     if not writes:
@@ -246,7 +267,10 @@ def train():
     model.train()
     # XL memory: each layer's detached K/V of the rows' previous batches (see kv/xl.py)
     memory = make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn) if xl_mem else None
+    # or quantization-aware training: stateless caches that fake-quantize K/V (kv/qat.py)
+    memory = memory or make_qat_caches(unwrap(model), kv_quant, kv_quant_group, kv_quant_keys == "channel")
     t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded
+    t_loop = t_mark  # for the ETA, evaluations and checkpoint writes included
     save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
     while iter_num < end_iter:
         lr = get_lr(iter_num - origin)
@@ -266,8 +290,10 @@ def train():
             elapsed = time.time() - t_mark
             ms_per_iter = 1000 * elapsed / steps_since_mark
             tokens_per_s = tokens_per_iter * steps_since_mark / elapsed
+            eta = (time.time() - t_loop) / (iter_num - start_iter) * (end_iter - iter_num)
             line = (f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, "
-                    f"{ms_per_iter:.1f}ms/iter, {tokens_per_s:,.0f} tokens/s")
+                    f"{ms_per_iter:.1f}ms/iter, {tokens_per_s:,.0f} tokens/s, "
+                    f"{100 * (iter_num - origin) / (end_iter - origin):.0f}% done, ETA {clock(eta)}")
             # last.pt at every log step, unless writing it would take more than
             # last_save_budget of the time (a large model, a slow disk)
             if time.time() - last_save_end >= save_dt * (1 / last_save_budget - 1):
@@ -287,6 +313,13 @@ def train():
     if iter_num > start_iter and last_saved_iter != iter_num:
         save("last.pt")  # always, so that a resume continues exactly from here
     tb.close()
+    best = f"at iteration {best_iter}" if best_iter is not None else "from before this run (not improved)"
+    print(f"done: {iter_num - start_iter} iterations in {clock(time.time() - t_begin)}; best val loss "
+          f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in
+          (("ckpt.pt", "best val loss"), ("last.pt", "latest")) if os.path.isfile(os.path.join(out_dir, n))))
+    # sample.py's default cache is unbounded: past block_size bytes the model sees more history
+    # than it was trained on and drifts into noise (a model trained with XL memory keeps xl_mem)
+    print(f"next: python sample.py --out_dir={out_dir}" + ("" if xl_mem else f" --kv_window={block_size}"))
 
 
 def train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory=None, ddp=False):
@@ -330,13 +363,20 @@ def check_settings(world_size=1):
     if backend not in ("", "nccl", "gloo", "mpi", "ucc"):
         raise UserError(f"--backend={backend}: use nccl (GPUs), gloo (CPUs) or '' (picks one)")
     if threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or a number of threads, got {threads}")
+        raise UserError(f"--threads must be 0 (chosen automatically) or a number of threads, got {threads}")
     if xl_mem < 0:
         raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
+    if xl_mem and kv_quant != "none":
+        raise UserError("--kv_quant (quantization-aware training) does not combine with --xl_mem; drop one")
+    if kv_quant_keys not in ("channel", "token"):
+        raise UserError(f"--kv_quant_keys must be 'channel' or 'token', got {kv_quant_keys!r}")
     if max_iters < 0:
         raise UserError(f"--max_iters must be 0 or more, got {max_iters}")
     if not 0.0 < last_save_budget <= 1.0:
         raise UserError(f"--last_save_budget must be in (0, 1], got {last_save_budget}")
+    check_range(globals(), "learning_rate min_lr weight_decay grad_clip warmup_iters lr_decay_iters", 0)
+    check_range(globals(), "beta1 beta2 dropout", 0, 1, high_open=True)
+    check_range(globals(), "reset_prob", 0, 1)
 
 
 def compile_probe(model, dev, ctx):
@@ -356,6 +396,9 @@ def restart_rows(memory, restarted):
 
 
 def pick_resume_mode(ckpt_iter):
+    if eval_only:
+        print("eval_only: the checkpoint is evaluated once; nothing is trained or written")
+        return "finetune"
     if resume_mode == "continue":
         print(f"resume_mode=continue: training up to iteration {max_iters} on the original schedule")
     elif resume_mode == "finetune":
