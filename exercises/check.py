@@ -31,8 +31,9 @@ if ROOT not in sys.path:  # `python exercises/check.py` works too
 from exercises import (checks_common, checks_kv_evict, checks_kv_quant, checks_kv_window,  # noqa: E402
                        checks_linear_attention, checks_xl_memory)
 from exercises.checks_common import Failed, randn, see  # noqa: E402
-from exercises.checks_kv_evict import (check_evict_eval, check_evict_model, check_evict_recent,  # noqa: E402
-                                       check_evict_scores, check_evict_shapes, check_evict_sinks, evict_inputs)
+from exercises.checks_kv_evict import (check_evict_heads, check_evict_model, check_evict_only,  # noqa: E402
+                                       check_evict_recall, check_evict_recent, check_evict_scores,
+                                       check_evict_shapes, check_evict_sinks, check_evict_ties, evict_inputs)
 from exercises.checks_kv_quant import (check_quant_bias, check_quant_bits, check_quant_contract,  # noqa: E402
                                        check_quant_error, check_quant_levels, check_quant_model, check_quant_rows)
 from exercises.checks_kv_window import (check_trim_budget, check_trim_long_text, check_trim_model,  # noqa: E402
@@ -140,12 +141,19 @@ EXERCISES = {e.name: e for e in [
               rule=("4a", 7)),
     ]),
     Exercise("kv_evict", 4, "KV eviction", ("priority",), {"priority": "kv.evict:h2o_priority"}, [
-        Check("returns float priorities shaped like scores, inputs untouched", check_evict_shapes, ("priority",)),
-        Check("the kv_sink first tokens always stay", check_evict_sinks, ("priority",)),
-        Check("the kv_recent newest tokens always stay", check_evict_recent, ("priority",)),
-        Check("heavy hitters stay, unattended tokens go first", check_evict_scores, ("priority",)),
-        Check("tiny model: --kv_evict keeps the budget, sinks and newest", check_evict_model, ("priority",), slow=True),
-        Check("trained model decoding with a budget of 12 tokens", check_evict_eval, ("priority",), slow=True),
+        Check("returns float priorities shaped like scores, inputs untouched", check_evict_shapes, ("priority",),
+              rule=("4b", 1)),
+        Check("the kv_sink first tokens always stay", check_evict_sinks, ("priority",), rule=("4b", 2)),
+        Check("the kv_recent newest tokens always stay", check_evict_recent, ("priority",), rule=("4b", 3)),
+        Check("no other token is protected", check_evict_only, ("priority",), rule=("4b", 4)),
+        Check("heavy hitters stay, unattended tokens go first", check_evict_scores, ("priority",), rule=("4b", 5)),
+        Check("every head ranked by its own scores alone", check_evict_heads, ("priority",), rule=("4b", 6)),
+        Check("at equal scores, a newer token is not ranked below an older one", check_evict_ties, ("priority",),
+              rule=("4b", 7)),
+        Check("tiny model: --kv_evict keeps the budget, sinks and newest", check_evict_model, ("priority",),
+              slow=True, rule=("4b", 8)),
+        Check("trained model keeps the byte its text recalls (budget 10)", check_evict_recall, ("priority",),
+              slow=True, rule=("4b", 8)),
     ]),
 ]}
 # one cheap call per function: a stub that still raises NotImplementedError skips its

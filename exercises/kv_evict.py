@@ -29,7 +29,9 @@ def priority(scores, pos, seen, kv_sink, kv_recent):
 
     Return (B, nkv, n) float priorities: the kv_sink first and kv_recent newest tokens above
     every other (float("inf") does it), the others ranked by how much they are used. Do not
-    modify the inputs.
+    modify the inputs. Each head on its own: slot j of two heads holds different tokens. At
+    equal scores, never rank an older token above a newer one (equal ranks, or the newer
+    first, are fine). The rules the checker applies: exercises/README.md, "Assignment 4b, rules".
 
     Hints: torch.where(mask, float("inf"), scores). Old tokens have had more queries to collect
     attention from than new ones: try dividing by their age (seen - pos) and compare with
