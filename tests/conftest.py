@@ -150,3 +150,28 @@ def assert_user_error(proc, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def exercise_checks(tmp_path, monkeypatch):
+    """exercise_checks(exercise, source, slow=False): the checks of exercises/check.py run on a
+    solution written from source (indented text is fine); returns ([(check title, status,
+    message)], the printed report). slow=False skips the checks that train or run a model."""
+    import importlib
+    import textwrap
+    from exercises import check
+    monkeypatch.syspath_prepend(str(tmp_path))
+    count = iter(range(10 ** 6))
+
+    def run(exercise, source, slow=False):
+        name = f"solution_{exercise}_{next(count)}"
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+        importlib.invalidate_caches()
+        printed = []
+        try:
+            results = check.run_exercise(check.EXERCISES[exercise], module=name, out=printed.append,
+                                         skip_slow=not slow)
+        finally:
+            sys.modules.pop(name, None)
+        return results, "\n".join(printed)
+    return run

@@ -1,0 +1,108 @@
+"""
+The checks of assignment 4b (kv_evict), checked themselves: each wrong eviction rule below, a
+mistake students make, fails first at the check it breaks with a message that names the
+mistake and its rule in exercises/README.md; each correct alternative (plain H2O, scores per
+query, other tie rules, finite priorities) passes, the trained-model checks included.
+"""
+
+import pytest
+
+# what is wrong: (exercise, source, the first check that fails, words its message must hold[, slow])
+WRONG = {}
+OK = {}  # a correct alternative: (exercise, source)
+
+H2O_OK = """
+    import torch
+    def priority(scores, pos, seen, kv_sink, kv_recent):
+        keep = (pos < kv_sink) | (pos >= seen - kv_recent)
+        return torch.where(keep, float("inf"), scores / (seen - pos))   # attention per query, not in total
+    """
+
+
+def evict(old, new, title, words, slow=False):
+    assert old in H2O_OK
+    return ("kv_evict", H2O_OK.replace(old, new), title, words, slow)
+
+
+SINKS = "the kv_sink first tokens always stay"
+RECENT = "the kv_recent newest tokens always stay"
+ONLY = "no other token is protected"
+HEAVY = "heavy hitters stay, unattended tokens go first"
+HEADS = "every head ranked by its own scores alone"
+TIES = "at equal scores, a newer token is not ranked below an older one"
+SHAPES = "returns float priorities shaped like scores, inputs untouched"
+
+WRONG.update({
+    "drops the sinks": evict("(pos < kv_sink) | ", "", SINKS, "the sinks must always stay"),
+    "forgets the newest": evict(" | (pos >= seen - kv_recent)", "", RECENT, "the kv_recent newest must always stay"),
+    "sinks by place in the cache": evict("keep = (pos < kv_sink)", "keep = torch.zeros_like(pos, dtype=torch.bool)\n"
+                                         "        keep[..., :kv_sink] = True\n        keep = keep", SINKS,
+                                         "no particular order"),
+    "newest by place in the cache": evict(" | (pos >= seen - kv_recent)", "\n        keep[..., pos.size(-1) - "
+                                          "kv_recent:] = True", RECENT, "no particular order"),
+    "one newest token too many": evict("pos >= seen - kv_recent", "pos >= seen - kv_recent - 1", ONLY,
+                                       "one too many"),
+    "sinks up to kv_sink included": evict("pos < kv_sink", "pos <= kv_sink", ONLY, "protected with the sinks"),
+    "keeps the least attended": evict("scores / (seen - pos)", "-scores", HEAVY, "rank by the scores"),
+    "recency only": evict("scores / (seen - pos)", "pos.float()", HEAVY, "not by position"),
+    "protected sent first": evict('float("inf")', 'float("-inf")', SINKS, "the sinks must always stay"),
+    "writes into the scores": ("kv_evict", """
+        def priority(scores, pos, seen, kv_sink, kv_recent):
+            scores[(pos < kv_sink) | (pos >= seen - kv_recent)] = float("inf")
+            return scores
+        """, SHAPES, "changed its inputs", False),
+    "integer ranks": evict('return torch.where(keep, float("inf"), scores / (seen - pos))',
+                           'return torch.where(keep, float("inf"), scores).argsort(-1).argsort(-1)', SHAPES,
+                           "must be floats"),
+    "indices of the tokens to keep": evict('return torch.where(keep, float("inf"), scores / (seen - pos))',
+                                           'return torch.where(keep, float("inf"), scores).topk(4, -1).indices'
+                                           '.float()', SHAPES, "not the indices"),
+    "scores of the heads added slot by slot": evict("scores / (seen - pos)",
+                                                    "scores.sum(1, keepdim=True).expand_as(scores)", HEADS,
+                                                    "the other heads of its row"),
+    "scores of the batch rows added": evict("scores / (seen - pos)", "scores.sum(0, keepdim=True).expand_as(scores)",
+                                            HEADS, "the other batch rows"),
+    "older first at equal scores": evict("scores / (seen - pos)", "scores + 1e-3 * (seen - pos)", TIES,
+                                         "an older token"),
+    "divided by the position, not the age": evict("scores / (seen - pos)", "scores / (pos + 1)", TIES,
+                                                  "an older token"),
+    "age outweighs attention": evict("scores / (seen - pos)", "scores / (seen - pos) ** 4",
+                                     "trained model keeps the byte its text recalls (budget 10)",
+                                     "keeping only the newest", True),
+})
+
+OK.update({
+    "scores per query (divided by the age)": ("kv_evict", H2O_OK),
+    "plain H2O with masked_fill": ("kv_evict", """
+        def priority(scores, pos, seen, kv_sink, kv_recent):
+            return scores.masked_fill((pos < kv_sink) | (pos >= seen - kv_recent), float("inf"))
+        """),
+    "ties go to the newer": ("kv_evict", """
+        import torch
+        def priority(scores, pos, seen, kv_sink, kv_recent):
+            rank = scores + 1e-6 * pos.float() / seen
+            return torch.where((pos < kv_sink) | (pos >= seen - kv_recent), float("inf"), rank)
+        """),
+    "finite priorities, normalised": ("kv_evict", """
+        def priority(scores, pos, seen, kv_sink, kv_recent):
+            protect = ((pos < kv_sink) | (pos >= seen - kv_recent)).float()
+            return scores / scores.amax().clamp(min=1e-9) + 10.0 * protect
+        """),
+})
+
+
+@pytest.mark.parametrize("what", list(WRONG))
+def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
+    exercise, source, title, words, *slow = WRONG[what]
+    results, printed = exercise_checks(exercise, source, slow=bool(slow and slow[0]))
+    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+    assert failed and failed[0][0] == title, printed
+    assert words in failed[0][1] and "see exercises/README.md, 'Assignment" in failed[0][1], printed
+    assert "Traceback" not in printed
+
+
+@pytest.mark.parametrize("what", list(OK))
+def test_a_correct_alternative_passes(what, exercise_checks):
+    exercise, source = OK[what]
+    results, printed = exercise_checks(exercise, source, slow=True)
+    assert {status for _, status, _ in results} == {"PASS"}, printed

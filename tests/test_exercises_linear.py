@@ -1,0 +1,140 @@
+"""
+The checks of assignment 3 (linear_attention), checked themselves: each wrong solution below,
+a mistake students make, fails first at the check it breaks with a message that names the
+mistake and its rule in exercises/README.md; each correct alternative passes.
+"""
+
+import pytest
+
+# what is wrong: (exercise, source, the first check that fails, words its message must hold)
+WRONG = {}
+OK = {}  # a correct alternative: (exercise, source)
+
+LINEAR_OK = """
+    import torch
+    import torch.nn.functional as F
+    def attention(q, k, v, mask, dropout_p):
+        att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask
+        return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator
+    def recurrent_step(q, k, v, S, z):
+        nums, dens = [], []
+        for t in range(q.size(2)):
+            S += k[:, :, t, :, None] * v[:, :, t, None, :]
+            z += k[:, :, t]
+            nums.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], S))
+            dens.append((q[:, :, t] * z).sum(-1, keepdim=True))
+        return torch.stack(nums, 2), torch.stack(dens, 2)
+    """
+LAYERNORM_OK = LINEAR_OK.replace("return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator",
+                                 "return F.layer_norm(att @ v, (q.size(-1),))")
+
+
+def linear(old, new, title, words, base=LINEAR_OK):
+    assert old in base
+    return ("linear_attention", base.replace(old, new), title, words)
+
+
+FORMULA = "attention: phi(q) phi(k)^T v, masked, normalised"
+STATE = "recurrent_step: updates S and z in place"
+PARALLEL = "recurrent_step: recurrent equals parallel"
+
+WRONG.update({
+    "ignores the mask": linear("* mask", "", FORMULA, "y ignores the mask"),
+    "makes its own triangle": linear("* mask", "* torch.ones(q.size(2), k.size(2), dtype=torch.bool)"
+                                     ".tril(k.size(2) - q.size(2))", FORMULA, "a causal triangle of its own"),
+    "keeps the softmax": linear("att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask",
+                                "att = (q @ k.transpose(-2, -1) / q.size(-1) ** 0.5).masked_fill(~mask, -1e9).softmax(-1)",
+                                FORMULA, "looks like softmax attention"),
+    "phi without its + 1": linear("(F.elu(q) + 1) @ (F.elu(k) + 1)", "F.elu(q) @ F.elu(k)", FORMULA,
+                                  "phi misses its + 1"),
+    "a leftover 1/sqrt(hs) scale": linear("* mask\n", "* mask / q.size(-1) ** 0.5\n", FORMULA,
+                                          "1/sqrt(hs) scale", base=LAYERNORM_OK),
+    "not normalised": linear("(att @ v) / (att.sum(-1, keepdim=True) + 1e-6)", "att @ v", FORMULA,
+                             "y is not normalised"),
+    "masked with -inf": linear("att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask",
+                               "att = ((F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1)).masked_fill(~mask, "
+                               "float('-inf'))", "attention: y shaped like q, in q's dtype, finite",
+                               "a weight of -inf is not 0"),
+    "float32 out for bfloat16 in": linear("att = (F.elu(q) + 1)", "q, k, v = q.float(), k.float(), v.float()\n"
+                                          "        att = (F.elu(q) + 1)", "attention: y shaped like q, in q's dtype, "
+                                          "finite", "cast the result to q.dtype"),
+    "detached keys": linear("(F.elu(k) + 1)", "(F.elu(k.detach()) + 1)", "attention: gradients reach q, k and v "
+                            "as the formula's do", "no gradient reaches k"),
+    "state not updated in place": linear("S += ", "S = S + ", STATE, "update it in place"),
+    "z not updated": linear("            z += k[:, :, t]\n", "", STATE, "z did not change"),
+    "outer product transposed": linear("k[:, :, t, :, None] * v[:, :, t, None, :]",
+                                       "v[:, :, t, :, None] * k[:, :, t, None, :]", STATE, "S holds v k^T"),
+    "phi applied twice": linear("S += k[:, :, t, :, None]", "S += (F.elu(k[:, :, t]) + 1)[..., None]", STATE,
+                                "already through phi"),
+    "state restarted from zero": linear("        nums, dens = [], []\n", "        nums, dens = [], []\n"
+                                        "        S.zero_()\n", STATE, "not from zero"),
+    "reads out before adding the token": linear(
+        "            S += k[:, :, t, :, None] * v[:, :, t, None, :]\n            z += k[:, :, t]\n"
+        "            nums.append(torch.einsum(\"bhd,bhde->bhe\", q[:, :, t], S))\n"
+        "            dens.append((q[:, :, t] * z).sum(-1, keepdim=True))\n",
+        "            nums.append(torch.einsum(\"bhd,bhde->bhe\", q[:, :, t], S))\n"
+        "            dens.append((q[:, :, t] * z).sum(-1, keepdim=True))\n"
+        "            S += k[:, :, t, :, None] * v[:, :, t, None, :]\n            z += k[:, :, t]\n",
+        PARALLEL, "read out before token t is added"),
+    "normalised read-out": linear("nums.append(torch.einsum(\"bhd,bhde->bhe\", q[:, :, t], S))",
+                                  "nums.append(F.layer_norm(torch.einsum(\"bhd,bhde->bhe\", q[:, :, t], S), "
+                                  "(q.size(-1),)))", PARALLEL, "num comes back normalised"),
+    "den without keepdim": linear("(q[:, :, t] * z).sum(-1, keepdim=True)", "(q[:, :, t] * z).sum(-1)",
+                                  "recurrent_step: num/den shapes, fixed-size state", "den must be (B, h, T, 1)"),
+})
+
+OK.update({
+    "denominator, token by token": ("linear_attention", LINEAR_OK),
+    "layer_norm, einsum, state from cumulative sums": ("linear_attention", """
+        import torch
+        import torch.nn.functional as F
+        def attention(q, k, v, mask, dropout_p):
+            qf, kf = F.elu(q.float()) + 1, F.elu(k.float()) + 1
+            att = torch.einsum("bhtd,bhsd->bhts", qf, kf) * mask
+            return F.layer_norm(torch.einsum("bhts,bhsd->bhtd", att, v.float()), (q.size(-1),)).to(q.dtype)
+        def recurrent_step(q, k, v, S, z):
+            Ss = S[:, :, None] + torch.cumsum(k[..., :, None] * v[..., None, :], dim=2)   # (B, h, T, hs, hs)
+            zs = z[:, :, None] + torch.cumsum(k, dim=2)
+            num = torch.einsum("bhtd,bhtde->bhte", q, Ss)
+            den = (q * zs).sum(-1, keepdim=True)
+            S.copy_(Ss[:, :, -1])
+            z.copy_(zs[:, :, -1])
+            return num, den
+        """),
+    "layer_norm by hand, masked_fill with 0": ("linear_attention", """
+        import torch
+        import torch.nn.functional as F
+        def phi(x):
+            return torch.where(x > 0, x + 1, torch.exp(x))
+        def attention(q, k, v, mask, dropout_p):
+            att = (phi(q.float()) @ phi(k.float()).transpose(-2, -1)).masked_fill(~mask, 0.0)
+            y = att @ v.float()
+            mu, var = y.mean(-1, keepdim=True), y.var(-1, unbiased=False, keepdim=True)
+            return ((y - mu) / torch.sqrt(var + 1e-5)).type_as(q)
+        def recurrent_step(q, k, v, S, z):
+            nums, dens = [], []
+            for t in range(q.shape[2]):
+                S.add_(torch.einsum("bhd,bhe->bhde", k[:, :, t], v[:, :, t]))
+                z.add_(k[:, :, t])
+                nums.append((q[:, :, t, :, None] * S).sum(-2))
+                dens.append(torch.einsum("bhd,bhd->bh", q[:, :, t], z)[..., None])
+            return torch.stack(nums, dim=2), torch.stack(dens, dim=2)
+        """),
+})
+
+
+@pytest.mark.parametrize("what", list(WRONG))
+def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
+    exercise, source, title, words, *slow = WRONG[what]
+    results, printed = exercise_checks(exercise, source, slow=bool(slow and slow[0]))
+    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+    assert failed and failed[0][0] == title, printed
+    assert words in failed[0][1] and "see exercises/README.md, 'Assignment" in failed[0][1], printed
+    assert "Traceback" not in printed
+
+
+@pytest.mark.parametrize("what", list(OK))
+def test_a_correct_alternative_passes(what, exercise_checks):
+    exercise, source = OK[what]
+    results, printed = exercise_checks(exercise, source, slow=False)
+    assert {status for _, status, _ in results} == {"PASS"}, printed

@@ -1,0 +1,170 @@
+"""
+The checks of assignment 4a (kv_quant), checked themselves: each wrong quantizer below, a
+mistake students make, fails first at the check it breaks with a message that names the
+mistake and its rule in exercises/README.md; each correct alternative (symmetric or
+asymmetric, per row or per group, int8, float8 or packed int4) passes.
+"""
+
+import pytest
+
+# what is wrong: (exercise, source, the first check that fails, words its message must hold)
+WRONG = {}
+OK = {}  # a correct alternative: (exercise, source)
+
+INT8_OK = """
+    import torch
+    def quantize(x):
+        scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
+        return (torch.round(x / scale).to(torch.int8), scale.half()), dequantize
+    def dequantize(codes, scale):
+        return codes.float() * scale.float()
+    """
+ASYM8_OK = """
+    import torch
+    def quantize(x):
+        lo, hi = x.aminmax(dim=-1, keepdim=True)
+        scale = ((hi - lo) / 255).clamp(min=1e-8)
+        codes = torch.round((x - lo) / scale).clamp(0, 255).to(torch.uint8)
+        return (codes, scale.half(), lo.half()), dequantize
+    def dequantize(codes, scale, zero):
+        return codes.float() * scale.float() + zero.float()
+    """
+INT4_OK = """
+    import torch
+    def quantize(x):
+        g = x.unflatten(-1, (-1, min(32, x.size(-1))))   # groups of 32 channels (16 for heads of 16)
+        lo, hi = g.aminmax(dim=-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        codes = torch.round((g - lo) / scale).clamp(0, 15).to(torch.uint8).flatten(-2)
+        low, high = codes.unflatten(-1, (2, -1)).unbind(-2)
+        return (low | (high << 4), scale.squeeze(-1).half(), lo.squeeze(-1).half()), dequantize
+    def dequantize(packed, scale, zero):
+        codes = torch.cat([packed & 15, packed >> 4], -1).float().unflatten(-1, (scale.size(-1), -1))
+        return (codes * scale.float()[..., None] + zero.float()[..., None]).flatten(-2)
+    """
+
+
+def quant(old, new, title, words, base=INT8_OK):
+    assert old in base
+    return ("kv_quant", base.replace(old, new), title, words)
+
+
+LEVELS = "the codes' levels are used (a ramp from -1 to 1)"
+BIAS = "rounds to nearest: errors unbiased, not following x"
+ERROR = "error near a plain quantizer of its format, on average and in the worst row"
+ROWS = "rows stand alone (joined, dropped, quantized one by one)"
+
+WRONG.update({
+    "ignores its scale": quant("codes.float() * scale.float()", "codes.float() / 127", BIAS,
+                               "times a factor"),
+    "float32 codes": quant("torch.round(x / scale).to(torch.int8)", "torch.round(x / scale)",
+                           "bits per value, scales included (at most 9)", "store codes as int8"),
+    "one scale for the whole tensor": quant("x.abs().amax(-1, keepdim=True)", "x.abs().amax().expand(*x.shape[:-1], 1)",
+                                            BIAS, "its own scale"),
+    "dequantize remembers the last input": ("kv_quant", """
+        import torch
+        def quantize(x):
+            scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
+            codes = torch.round(x / scale).to(torch.int8)
+            return (codes, scale.half()), lambda codes, s: codes.float() * scale
+        """, ROWS, "may use nothing but its arguments"),
+    "codes floored": quant("torch.round(x / scale)", "torch.floor(x / scale)", BIAS, "too low"),
+    "codes truncated": quant("torch.round(x / scale).to(torch.int8)", "(x / scale).to(torch.int8)", BIAS,
+                             ".to(torch.int8) truncates"),
+    "zero point one step off": quant("codes.float() * scale.float() + zero.float()",
+                                     "(codes.float() + 1) * scale.float() + zero.float()", BIAS, "zero point",
+                                     base=ASYM8_OK),
+    "offset +128 undone as -127": ("kv_quant", """
+        import torch
+        def quantize(x):
+            scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
+            return ((torch.round(x / scale) + 128).to(torch.uint8), scale.half()), dequantize
+        def dequantize(codes, scale):
+            return (codes.float() - 127) * scale.float()
+        """, BIAS, "too high"),
+    "4 bits' worth of levels in 8-bit codes": quant("/ 127", "/ 15", LEVELS, "bits' worth"),
+    "4-bit codes left unpacked": quant("g.aminmax", "g.aminmax", LEVELS, "pack two per byte",
+                                       base=INT4_OK.replace("low | (high << 4)", "codes").replace(
+                                           "torch.cat([packed & 15, packed >> 4], -1)", "packed")),
+    "scale clamped far too high": quant("clamp(min=1e-8)", "clamp(min=1e-2)", ERROR, "among the smallest"),
+    "codes overflow int8": quant("(x.abs().amax(-1, keepdim=True) / 127)", "(x.abs().amax(-1, keepdim=True) / 128)",
+                                 LEVELS, "wrap around"),
+    "float8 without a scale": ("kv_quant", """
+        import torch
+        def quantize(x):
+            return (x.to(torch.float8_e4m3fn),), lambda codes: codes.float()
+        """, BIAS, "saturates"),
+    "int4 codes floored": quant("torch.round((g - lo) / scale)", "torch.floor((g - lo) / scale)", BIAS,
+                                "too low", base=INT4_OK),
+    "float8 scale of 0 for a row of zeros": ("kv_quant", """
+        import torch
+        def quantize(x):
+            scale = x.abs().amax(-1, keepdim=True) / 448
+            return ((x / scale).to(torch.float8_e4m3fn), scale.half()), dequantize
+        def dequantize(codes, scale):
+            return codes.float() * scale.float()
+        """, "returns (tensors shaped (..., m), dequantize); dequantize gives x's shape", "a row of zeros"),
+})
+
+OK.update({
+    "int8, symmetric per row": ("kv_quant", INT8_OK),
+    "int8, asymmetric per row": ("kv_quant", ASYM8_OK),
+    "int4 in groups of 32, packed": ("kv_quant", INT4_OK),
+    "int8, groups of 32 channels": ("kv_quant", """
+        import torch
+        def quantize(x):
+            g = x.unflatten(-1, (-1, min(32, x.size(-1))))
+            scale = (g.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
+            codes = torch.round(g / scale).clamp(-127, 127).to(torch.int8).flatten(-2)
+            return (codes, scale.squeeze(-1).half()), dequantize
+        def dequantize(codes, scale):
+            return (codes.float().unflatten(-1, (scale.size(-1), -1)) * scale.float()[..., None]).flatten(-2)
+        """),
+    "float8 e4m3 with a bfloat16 scale": ("kv_quant", """
+        import torch
+        def quantize(x):
+            scale = (x.abs().amax(-1, keepdim=True).float() / 448).clamp(min=1e-6).to(torch.bfloat16)
+            return ((x / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn), scale), dequantize
+        def dequantize(codes, scale):
+            return codes.float() * scale.float()
+        """),
+    "float8 e5m2, scale kept above float16's smallest normal": ("kv_quant", """
+        import torch
+        def quantize(x):
+            scale = (x.abs().amax(-1, keepdim=True) / 57344).clamp(min=2 ** -14).half()
+            return ((x / scale.float()).to(torch.float8_e5m2), scale), dequantize
+        def dequantize(codes, scale):
+            return codes.float() * scale.float()
+        """),
+    "int2 in groups of 16, four codes per byte": ("kv_quant", """
+        import torch
+        def quantize(x):
+            g = x.unflatten(-1, (-1, 16))
+            lo, hi = g.aminmax(dim=-1, keepdim=True)
+            scale = ((hi - lo) / 3).clamp(min=1e-8)
+            c = torch.round((g - lo) / scale).clamp(0, 3).to(torch.uint8).flatten(-2).unflatten(-1, (4, -1))
+            packed = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)
+            return (packed, scale.squeeze(-1).half(), lo.squeeze(-1).half()), dequantize
+        def dequantize(packed, scale, zero):
+            codes = torch.cat([(packed >> s) & 3 for s in (0, 2, 4, 6)], -1).float()
+            g = codes.unflatten(-1, (scale.size(-1), -1))
+            return (g * scale.float()[..., None] + zero.float()[..., None]).flatten(-2)
+        """),
+})
+
+
+@pytest.mark.parametrize("what", list(WRONG))
+def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
+    exercise, source, title, words, *slow = WRONG[what]
+    results, printed = exercise_checks(exercise, source, slow=bool(slow and slow[0]))
+    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+    assert failed and failed[0][0] == title, printed
+    assert words in failed[0][1] and "see exercises/README.md, 'Assignment" in failed[0][1], printed
+    assert "Traceback" not in printed
+
+
+@pytest.mark.parametrize("what", list(OK))
+def test_a_correct_alternative_passes(what, exercise_checks):
+    exercise, source = OK[what]
+    results, printed = exercise_checks(exercise, source, slow=True)
+    assert {status for _, status, _ in results} == {"PASS"}, printed

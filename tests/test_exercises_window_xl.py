@@ -1,0 +1,214 @@
+"""
+The checks of assignments 1 and 2 (kv_window, xl_memory), checked themselves: each wrong
+solution below, a mistake students make, fails first at the check it breaks with a message
+that names the mistake and its rule in exercises/README.md; each correct alternative passes.
+"""
+
+import pytest
+
+# what is wrong: (exercise, source, the first check that fails, words its message must hold)
+WRONG = {}
+OK = {}  # a correct alternative: (exercise, source)
+
+# -- assignment 1: keep_recent ----------------------------------------------------------------
+
+TRIM_OK = """
+    def keep_recent(k, v, pos, kv_window, kv_sink=0):
+        keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sink)
+        return k[:, :, keep], v[:, :, keep], pos[keep]
+    """
+
+
+def trim(old, new, title, words):
+    assert old in TRIM_OK
+    return ("kv_window", TRIM_OK.replace(old, new), title, words)
+
+
+WRONG.update({
+    "forgets the sinks": trim(" | (pos < kv_sink)", "", "keeps the kv_sink first tokens of the text",
+                              "text positions < kv_sink"),
+    "keeps the oldest": ("kv_window", """
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            return k[:, :, :kv_window + kv_sink], v[:, :, :kv_window + kv_sink], pos[:kv_window + kv_sink]
+        """, "keeps the kv_window newest tokens", "kept the oldest tokens"),
+    "drops this step's token": ("kv_window", """
+        import torch
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            keep = torch.zeros_like(pos, dtype=torch.bool)
+            keep[-kv_window - 1:-1] = True
+            keep |= pos < kv_sink
+            return k[:, :, keep], v[:, :, keep], pos[keep]
+        """, "keeps the kv_window newest tokens", "the newest token"),
+    "one too many at the window's edge": trim("pos[-1] - kv_window + 1", "pos[-1] - kv_window",
+                                              "drops everything else (at most kv_window + kv_sink tokens)",
+                                              "one token too many"),
+    "sinks up to kv_sink included": trim("pos < kv_sink", "pos <= kv_sink",
+                                         "drops everything else (at most kv_window + kv_sink tokens)",
+                                         "(none when kv_sink=0), not <="),
+    "sinks by place in the cache": ("kv_window", """
+        import torch
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            keep = pos >= pos[-1] - kv_window + 1
+            keep[:kv_sink] = True
+            return k[:, :, keep], v[:, :, keep], pos[keep]
+        """, "drops everything else (at most kv_window + kv_sink tokens)", "chosen by position"),
+    "positions left untrimmed": trim("pos[keep]", "pos", "returns k, v (B, nkv, kept, hs) and pos (kept,) "
+                                     "in the given dtypes", "trim pos with the same mask"),
+    "positions cut from the end": trim("pos[keep]", "pos[-int(keep.sum()):]",
+                                       "k and v rows stay with their positions, oldest first",
+                                       "select pos with the same mask"),
+    "returns k twice": trim("v[:, :, keep]", "k[:, :, keep]", "k and v rows stay with their positions, oldest first",
+                            "v came back equal to k"),
+    "joins two slices": ("kv_window", """
+        import torch
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            s = pos < kv_sink
+            return (torch.cat([k[:, :, s], k[:, :, -kv_window:]], 2), torch.cat([v[:, :, s], v[:, :, -kv_window:]], 2),
+                    torch.cat([pos[s], pos[-kv_window:]]))
+        """, "k and v rows stay with their positions, oldest first", "appear twice"),
+    "newest first": trim("return k[:, :, keep], v[:, :, keep], pos[keep]",
+                         "return k[:, :, keep].flip(2), v[:, :, keep].flip(2), pos[keep].flip(0)",
+                         "k and v rows stay with their positions, oldest first", "newest first"),
+    "casts to float32": trim("k[:, :, keep], v[:, :, keep]", "k[:, :, keep].float(), v[:, :, keep].float()",
+                             "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes", "keep the dtype"),
+    "positions as int32": trim("pos[keep]", "pos[keep].int()", "returns k, v (B, nkv, kept, hs) and pos (kept,) "
+                               "in the given dtypes", "a 1-D long tensor"),
+    "selects along the last axis": trim("k[:, :, keep], v[:, :, keep]", "k[..., keep], v[..., keep]",
+                                        "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes",
+                                        "your code raised IndexError"),
+})
+
+OK.update({
+    "positions after the window's start": ("kv_window", TRIM_OK.replace("pos >= pos[-1] - kv_window + 1",
+                                                                        "pos > pos[-1] - kv_window")),
+    "places in the cache for the window": ("kv_window", """
+        import torch
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            keep = (torch.arange(pos.numel()) >= pos.numel() - kv_window) | (pos < kv_sink)
+            return k[:, :, keep], v[:, :, keep], pos[keep]
+        """),
+    "index_select, nothing to do when short": ("kv_window", """
+        import torch
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            if pos.numel() <= kv_window:
+                return k, v, pos
+            idx = torch.nonzero((pos < kv_sink) | (pos > pos[-1] - kv_window)).squeeze(1)
+            return k.index_select(2, idx), v.index_select(2, idx), pos.index_select(0, idx)
+        """),
+})
+
+# -- assignment 2: xl_step --------------------------------------------------------------------
+
+XL_OK = """
+    import torch
+    def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+        keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
+        ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], 1)
+        return keys, vals, ok, keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]
+    """
+
+
+def xl(old, new, title, words):
+    assert old in XL_OK
+    return ("xl_memory", XL_OK.replace(old, new), title, words)
+
+
+WRONG.update({
+    "memory not detached": xl("keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach()",
+                              "keys[:, :, -mem_len:], vals[:, :, -mem_len:]",
+                              "memory detached, this step's keys keep their gradient", "new_k still requires grad"),
+    "values not detached": xl("vals[:, :, -mem_len:].detach()", "vals[:, :, -mem_len:].clone()",
+                              "memory detached, this step's keys keep their gradient", "new_v still requires grad"),
+    "this step's keys detached": xl("torch.cat([mem_k, k], 2)", "torch.cat([mem_k, k.detach()], 2)",
+                                    "memory detached, this step's keys keep their gradient",
+                                    "keys carry no gradient"),
+    "all under no_grad": ("xl_memory", """
+        import torch
+        @torch.no_grad()
+        def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+            keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
+            ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], 1)
+            return keys, vals, ok, keys[:, :, -mem_len:], vals[:, :, -mem_len:], ok[:, -mem_len:]
+        """, "memory detached, this step's keys keep their gradient", "no torch.no_grad"),
+    "keeps everything": xl("keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]",
+                           "keys.detach(), vals.detach(), ok",
+                           "keeps the newest min(mem_len, m + T) tokens as memory", "more than mem_len"),
+    "keeps the oldest": xl("keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]",
+                           "keys[:, :, :mem_len].detach(), vals[:, :, :mem_len].detach(), ok[:, :mem_len]",
+                           "keeps the newest min(mem_len, m + T) tokens as memory", "keeps the oldest"),
+    "memory from this step only": xl(
+        "keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]",
+        "k[:, :, -mem_len:].detach(), v[:, :, -mem_len:].detach(), ok[:, -min(mem_len, k.size(2)):]",
+        "keeps the newest min(mem_len, m + T) tokens as memory", "only this step's"),
+    "new_ok from the front": xl("ok[:, -mem_len:]", "ok[:, :min(mem_len, ok.size(1))]",
+                                "keeps the newest min(mem_len, m + T) tokens as memory", "new_ok must be key_ok"),
+    "new_ok forgets the restarts": xl("ok[:, -mem_len:]", "torch.ones_like(ok[:, -mem_len:])",
+                                      "keeps the newest min(mem_len, m + T) tokens as memory", "new_ok is all True"),
+    "forgets the restarts": xl("torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], 1)",
+                               "torch.ones(k.size(0), mem_ok.size(1) + k.size(2), dtype=torch.bool)",
+                               "attends over memory then this step, with key_ok", "key_ok is all True"),
+    "this step first": xl("torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)",
+                          "torch.cat([k, mem_k], 2), torch.cat([v, mem_v], 2)",
+                          "attends over memory then this step, with key_ok", "the memory comes first"),
+    "key_ok with this step first": xl("torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], 1)",
+                                      "torch.cat([mem_ok.new_ones(mem_ok.size(0), k.size(2)), mem_ok], 1)",
+                                      "attends over memory then this step, with key_ok", "mem_ok first"),
+    "memory in float32": xl("return keys, vals, ok, keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach()",
+                            "return keys, vals, ok, keys[:, :, -mem_len:].detach().float(), "
+                            "vals[:, :, -mem_len:].detach().float()",
+                            "returns six tensors of the right shapes and dtypes", "keep k's dtype"),
+    "joins along the heads": xl("torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)",
+                                "torch.cat([mem_k, k], 1), torch.cat([mem_v, v], 1)",
+                                "returns six tensors of the right shapes and dtypes", "your code raised RuntimeError"),
+})
+
+OK.update({
+    "narrow and clone": ("xl_memory", """
+        import torch
+        def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+            keys, vals = torch.cat((mem_k, k), dim=2), torch.cat((mem_v, v), dim=2)
+            key_ok = torch.cat((mem_ok, torch.ones(k.shape[0], k.shape[2], dtype=torch.bool)), dim=1)
+            n = min(mem_len, keys.shape[2])
+            start = keys.shape[2] - n
+            return (keys, vals, key_ok, keys.narrow(2, start, n).detach().clone(),
+                    vals.narrow(2, start, n).detach().clone(), key_ok.narrow(1, start, n).clone())
+        """),
+    "memory joined from detached copies": ("xl_memory", """
+        import torch
+        def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+            key_ok = torch.cat([mem_ok, mem_ok.new_ones(k.size(0), k.size(2))], 1)
+            new_k = torch.cat([mem_k, k.detach()], 2)[:, :, -mem_len:]
+            new_v = torch.cat([mem_v, v.detach()], 2)[:, :, -mem_len:]
+            return torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2), key_ok, new_k, new_v, key_ok[:, -mem_len:]
+        """),
+    "first step apart": ("xl_memory", """
+        import torch
+        def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+            T = k.size(2)
+            if mem_k.size(2) == 0:
+                ok = torch.ones(k.size(0), T, dtype=torch.bool, device=k.device)
+                keys, vals = k, v
+            else:
+                keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
+                ok = torch.cat([mem_ok, torch.ones(k.size(0), T, dtype=torch.bool, device=k.device)], 1)
+            cut = max(0, keys.size(2) - mem_len)
+            return keys, vals, ok, keys[:, :, cut:].detach(), vals[:, :, cut:].detach(), ok[:, cut:]
+        """),
+})
+
+
+@pytest.mark.parametrize("what", list(WRONG))
+def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
+    exercise, source, title, words, *slow = WRONG[what]
+    results, printed = exercise_checks(exercise, source, slow=bool(slow and slow[0]))
+    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+    assert failed and failed[0][0] == title, printed
+    assert words in failed[0][1] and "see exercises/README.md, 'Assignment" in failed[0][1], printed
+    assert "Traceback" not in printed
+
+
+@pytest.mark.parametrize("what", list(OK))
+def test_a_correct_alternative_passes(what, exercise_checks):
+    exercise, source = OK[what]
+    results, printed = exercise_checks(exercise, source, slow=True)
+    assert {status for _, status, _ in results} == {"PASS"}, printed
