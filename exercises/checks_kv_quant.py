@@ -223,7 +223,8 @@ def check_quant_error(impl, ctx):
     expect(mean <= bound_mean, f"relative RMS error {mean:.2g} on average ({plain}; allowed {bound_mean:.2g}): "
            "rows range from 0.01 to 100 in size: a scale per row (or group) from its absmax, all levels used, "
            "rounding to nearest")
-    return f"relative RMS error {mean:.2g} on average, {worst:.2g} in the worst row ({desc}; allowed {bound_mean:.2g})"
+    return (f"relative RMS error {mean:.2g} on average, {worst:.2g} in the worst row ({desc}; allowed "
+            f"{bound_mean:.2g} and {bound_worst:.2g})")
 
 
 def check_quant_rows(impl, ctx):

@@ -125,10 +125,12 @@ def check_trim_budget(impl, ctx):
                          f"({which}), not <=; {see(1, 3)}")
         if len(pos) > window and pos[-window - 1] in extra:
             raise Failed(f"{where}: one token too many: position {pos[-window - 1]} is the {window + 1}th "
-                         f"newest; the kv_window newest are the last kv_window entries (pos >= pos[-1] - kv_window + 1); {see(1, 2)}")
+                         "newest; the kv_window newest are the last kv_window entries "
+                         f"(pos >= pos[-1] - kv_window + 1); {see(1, 2)}")
         if set(extra) <= set(pos[:sink]):
             raise Failed(f"{where}: kept the first kv_sink entries of the cache {short(extra)}, whose positions "
-                         f"are not < kv_sink: the sinks are chosen by position (pos < kv_sink), not by place; {see(1, 3)}")
+                         "are not < kv_sink: the sinks are chosen by position (pos < kv_sink), not by place; "
+                         f"{see(1, 3)}")
         raise Failed(f"{where}: keeps {len(set(kept))} tokens, expected {short(want)}; {short(extra)} should "
                      "have gone")
 

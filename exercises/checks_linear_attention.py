@@ -40,7 +40,8 @@ def window_mask(B, T, S):
 def call_attention(impl, q, k, v, mask):
     y = impl.attention(q, k, v, mask, 0.0)
     expect(torch.is_tensor(y), f"attention must return a tensor, got {type(y).__name__}")
-    expect(tuple(y.shape) == tuple(q.shape), f"y has shape {tuple(y.shape)}, expected q's {tuple(q.shape)} (B, nh, T, hs)")
+    expect(tuple(y.shape) == tuple(q.shape),
+           f"y has shape {tuple(y.shape)}, expected q's {tuple(q.shape)} (B, nh, T, hs)")
     return y
 
 
@@ -182,7 +183,9 @@ def check_linear_model(impl, ctx):
         grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
     for name, g in grads[1].items():
         expect(name in grads[0], f"no gradient reaches {name}: is the graph cut (.detach(), .item(), numpy)?")
-        expect_close(grads[0][name], g, f"the gradient of {name}", "the backward pass differs from the reference's")
+        expect_close(grads[0][name], g, f"the gradient of {name}", "the backward pass differs from the "
+                     "reference's: is q, k or v detached inside attention(), or scaled by a constant the formula "
+                     "does not have (1/sqrt(hs))?")
     return f"--linear_norm={norm}"
 
 

@@ -43,7 +43,8 @@ WRONG.update({
     "makes its own triangle": linear("* mask", "* torch.ones(q.size(2), k.size(2), dtype=torch.bool)"
                                      ".tril(k.size(2) - q.size(2))", FORMULA, "a causal triangle of its own"),
     "keeps the softmax": linear("att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask",
-                                "att = (q @ k.transpose(-2, -1) / q.size(-1) ** 0.5).masked_fill(~mask, -1e9).softmax(-1)",
+                                "att = (q @ k.transpose(-2, -1) / q.size(-1) ** 0.5)"
+                                ".masked_fill(~mask, -1e9).softmax(-1)",
                                 FORMULA, "looks like softmax attention"),
     "phi without its + 1": linear("(F.elu(q) + 1) @ (F.elu(k) + 1)", "F.elu(q) @ F.elu(k)", FORMULA,
                                   "phi misses its + 1"),
