@@ -34,7 +34,8 @@ from generate import generate_stream
 from kv.policy import KVOptions
 from loader import ByteLoader, dataset_paths
 from model import GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
-from utils import UserError, autocast_ctx, compile_or_eager, keep_freed_memory, pick_device, pick_dtype, run_main
+from utils import (UserError, autocast_ctx, compile_or_eager, keep_freed_memory, pick_device, pick_dtype, run_main,
+                   use_threads)
 
 TRAIN_SETTINGS = [k for k, v in vars(train).items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)]
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before --threads applies
@@ -266,7 +267,8 @@ def bench_eval_kv(model):
     b = max(1, stream_len // 4)
     plain = KVOptions(kv_window=0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\neval_kv: {n_streams} x {stream_len} bytes, {torch.get_num_threads()} threads, load average "
+    n = torch.get_num_threads()
+    print(f"\neval_kv: {n_streams} x {stream_len} bytes, {n} thread{'s' if n != 1 else ''}, load average "
           f"{load:.2f} before; bytes/s over the whole evaluation (the plain pass and the compressed one), "
           f"the median of {bench_repeats} after a first one (shown apart)")
     print("\n| case | chunk | bytes/s | first evaluation | bytes per CPU-second |")
@@ -295,8 +297,7 @@ def main():
     if what not in ("train", "generate", "eval_kv", "all"):
         raise UserError(f"--what={what}: choose train, generate, eval_kv or all")
     kv = KVOptions.from_settings(globals()).check()
-    if threads:
-        torch.set_num_threads(threads)
+    thread_words = use_threads(threads)
     dev = pick_device(device)
     if dev == "cpu":
         keep_freed_memory()  # as train.py and eval_kv.py do
@@ -304,7 +305,7 @@ def main():
     torch.manual_seed(seed)
     args = {k: globals()[k] for k in MODEL_ARG_KEYS}
     print(f"device {dev}, dtype {dt_train} (training), {dt} (generation, eval_kv), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
+          f"{thread_words}; model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
     if what in ("train", "all"):
         bench_train(args, dev, dt_train)
     model = GPT(GPTConfig(**dict(args, dropout=0.0))).to(dev).eval()

@@ -79,22 +79,25 @@ def _run_config_file(path, g, known):
 _SETTING = re.compile(r"^\s*(\w+)\s*(?::\s*\w+\s*)?=\s*.+?\s+#\s*(.+)$")
 _HEADER = re.compile(r"^#\s*(\w[^-].*)$")
 # where settings that a script takes over from elsewhere are described
-_SHARED = [os.path.join(os.path.dirname(os.path.abspath(__file__)), p) for p in ("kv/policy.py", "train.py")]
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_SHARED = ("kv/policy.py", "train.py")
 
 
 def _described(path):
     """(header, name, description) for each `name = value  # description` line of a file, in
-    order; header is the last comment line standing alone above it ('' before any)."""
-    out, header = [], ""
+    order; header is the last comment line standing alone right above a setting ('' before
+    any), so the end of a comment about other code heads no group."""
+    out, header, previous = [], "", ""
     if not path or not os.path.isfile(path):
         return out
     with open(path) as f:
         for line in f:
             m = _SETTING.match(line)
             if m:
+                above = _HEADER.match(previous.strip())
+                header = above.group(1).strip() if above else header
                 out.append((header, m.group(1), m.group(2).strip()))
-            elif _HEADER.match(line.strip()):
-                header = _HEADER.match(line.strip()).group(1).strip()
+            previous = line
     return out
 
 
@@ -105,9 +108,10 @@ def print_help(g, known):
     own = [e for e in _described(g.get("__file__")) if e[1] in known]
     order = [name for _, name, _ in own]
     notes = {name: (header, text) for header, name, text in own}
-    for path in _SHARED:
-        for header, name, text in _described(path):
-            notes.setdefault(name, ("KV cache (kv/policy.py)" if name.startswith("kv_") else "", text))
+    for where in _SHARED:  # settings a script takes over keep the groups of their own file
+        for header, name, text in _described(os.path.join(_HERE, where)):
+            group = "KV cache" if where.startswith("kv/") else header
+            notes.setdefault(name, (f"{group} ({where})" if group else where, text))
     shown = None
     for name in order + [k for k in known if k not in order]:
         header, text = notes.get(name, ("", ""))
@@ -121,7 +125,8 @@ def configure(g, argv=None):
     """Apply config files and --name=value overrides from argv (default sys.argv[1:]) to the
     globals dict g in place; return the settings {name: value}, the snapshot checkpoints save."""
     argv = sys.argv[1:] if argv is None else argv
-    known = [k for k, v in g.items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)]
+    # settings: the plain public globals; a name in capitals is a constant
+    known = [k for k, v in g.items() if not k.startswith("_") and not k.isupper() and isinstance(v, PLAIN_TYPES)]
     for arg in argv:
         if arg in ("-h", "--help"):
             print_help(g, known)

@@ -22,25 +22,47 @@ def main():
     target = os.path.join(out_dir, "ckpt.pt")
     if os.path.exists(target) and not force:
         raise UserError(f"{target} exists; pass --force=True to replace it")
+    try:
+        import gdown
+    except ImportError:
+        raise UserError("gdown is not installed: pip install -r requirements.txt (or pip install gdown)") from None
+    made_dir = not os.path.isdir(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    import gdown
     tmp = target + ".tmp"
     try:
         got = gdown.download(id=drive_id, output=tmp, quiet=False)
     except Exception as e:  # gdown raises many kinds of errors for network trouble
-        got, detail = None, f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        got, detail = None, error_detail(e)
     else:
         detail = "gdown returned nothing"
     if not got or not os.path.isfile(tmp):
-        raise UserError(f"could not download the checkpoint ({detail}); check the network, "
-                        f"or copy ckpt.pt into {out_dir}/ by hand")
+        clean_up(tmp, made_dir)
+        raise UserError(f"could not download the checkpoint from Google Drive ({detail}); check the network, "
+                        f"or copy the tutorial's ckpt.pt into {out_dir}/ by hand")
     try:
         read_checkpoint(tmp)  # refuse a broken or foreign file before it replaces anything
     except UserError:
-        os.remove(tmp)
+        clean_up(tmp, made_dir)
         raise
     os.replace(tmp, target)
     print(f"saved {target}; try: python sample.py --out_dir={out_dir}")
+
+
+def error_detail(e):
+    """The error's type and the message of its root cause, whole: a network error wraps the
+    one that says what happened (a name that does not resolve, a refused connection)."""
+    root = e
+    while (root.__cause__ or root.__context__) is not None:
+        root = root.__cause__ or root.__context__
+    return f"{type(e).__name__}: {' '.join(str(root).split()) or type(root).__name__}"
+
+
+def clean_up(tmp, made_dir):
+    """Remove a partial download, and out_dir if this run made it and it is empty."""
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    if made_dir and not os.listdir(out_dir):
+        os.rmdir(out_dir)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 
 from configurator import configure
 from loader import ByteLoader, dataset_paths, decode
-from utils import UserError, run_main
+from utils import UserError, run_main, use_threads
 
 dataset = "shakespeare_char"  # a name under data/, or a directory holding train.txt and val.txt
 split = "train"  # train or val
@@ -19,11 +19,13 @@ block_size = 64  # bytes per row and batch
 batch_size = 1  # rows per batch
 reset_prob = 0.3  # chance that a row jumps to a random offset at each batch
 n_batches = 20  # how many consecutive batches to print
-seed = 1337
+seed = 1337  # seed of the loader's row starts and jumps
+threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 
 
 def main():
     configure(globals(), sys.argv[1:])
+    use_threads(threads)
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
     train_path, val_path = dataset_paths(dataset)

@@ -14,6 +14,10 @@ import torch
 from utils import UserError
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+DATA_DIR = os.path.join(REPO_DIR, "data")  # the named datasets, one folder each
+SHARED_DATA = os.path.join(REPO_DIR, "..", "shared", "data")  # an offline machine's copies of the corpora
+# where a named dataset's input.txt is downloaded from, when it is not here
+SOURCES = {"shakespeare_char": "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"}
 MARK = b"####"  # shown where the text jumps: a row restarted, or the text wrapped around
 
 # tokens are raw UTF-8 bytes: the vocabulary is always 256
@@ -108,7 +112,7 @@ def fixed_batches(path, block_size, batch_size, n_batches, seed, device="cpu"):
 def _prepare_command(data_dir):
     """The exact command a user should type to prepare data_dir."""
     script = os.path.relpath(os.path.join(data_dir, "prepare.py"))
-    shared = os.path.join(REPO_DIR, "..", "shared", "data", os.path.basename(data_dir), "input.txt")
+    shared = os.path.join(SHARED_DATA, os.path.basename(data_dir), "input.txt")
     path = os.path.relpath(shared) if os.path.isfile(shared) else "PATH"
     return f"python {script} --input={path}"
 
@@ -139,8 +143,9 @@ def prepare(data_dir, input_path=None, url=None):
             with urllib.request.urlopen(url, timeout=30) as response:
                 _write(target, response.read())
         except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
-            raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); "
-                            f"give a local copy instead: {_prepare_command(data_dir)}") from None
+            raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); either fetch it by hand "
+                            f"into {os.path.relpath(target)}, or give a local copy: {_prepare_command(data_dir)}"
+                            ) from None
     with open(target, "rb") as f:
         data = f.read()
     if not data:
@@ -154,28 +159,29 @@ def prepare(data_dir, input_path=None, url=None):
 
 def dataset_paths(dataset):
     """(train_path, val_path) of a dataset: a name under data/, or a directory path. Prepares it
-    when only input.txt is there; otherwise says which command prepares it."""
+    on first use from its input.txt, an offline copy in ../shared/data, or its download source;
+    otherwise says which command prepares it."""
     is_dir_path = os.sep in dataset or "/" in dataset
-    data_dir = dataset if is_dir_path else os.path.join(REPO_DIR, "data", dataset)
+    data_dir = dataset if is_dir_path else os.path.join(DATA_DIR, dataset)
     train, val = os.path.join(data_dir, "train.txt"), os.path.join(data_dir, "val.txt")
     if os.path.isfile(train) and os.path.isfile(val):
         return train, val
     if os.path.isfile(os.path.join(data_dir, "input.txt")):
         prepare(data_dir)
         return train, val
-    local = os.path.join(REPO_DIR, "..", "shared", "data", os.path.basename(data_dir), "input.txt")
+    local = os.path.join(SHARED_DATA, os.path.basename(data_dir), "input.txt")
     if not is_dir_path and os.path.isfile(local):  # an offline machine's local copy of the corpus
         print(f"preparing {dataset} from the local copy {os.path.relpath(local)}")
         prepare(data_dir, input_path=local)
         return train, val
+    if not is_dir_path and dataset in SOURCES:
+        print(f"preparing {dataset} (first use)")
+        prepare(data_dir, url=SOURCES[dataset])
+        return train, val
     if not is_dir_path and not os.path.isdir(data_dir):
-        known = sorted(d for d in os.listdir(os.path.join(REPO_DIR, "data"))
-                       if os.path.isfile(os.path.join(REPO_DIR, "data", d, "prepare.py")))
+        known = sorted(d for d in os.listdir(DATA_DIR) if os.path.isfile(os.path.join(DATA_DIR, d, "prepare.py")))
         raise UserError(f"--dataset={dataset}: unknown dataset; known: {', '.join(known)}")
     if not os.path.isfile(os.path.join(data_dir, "prepare.py")):
         raise UserError(f"no train.txt and val.txt in {data_dir}; "
                         f"put the corpus there as input.txt (it is split on first use)")
-    hint = _prepare_command(data_dir)
-    if dataset == "shakespeare_char":
-        hint += f" (or download it: python {os.path.relpath(os.path.join(data_dir, 'prepare.py'))})"
-    raise UserError(f"dataset {dataset} is not prepared; run {hint}")
+    raise UserError(f"dataset {dataset} is not prepared; run {_prepare_command(data_dir)}")

@@ -1,6 +1,7 @@
 """
 Sample text from a trained model, streaming it as it is generated.
 
+    python sample.py --out_dir=out-shakespeare-char-cpu --kv_window=64   # the CPU recipe: its 64-byte context
     python sample.py --out_dir=out-shakespeare-char
     python sample.py --out_dir=out-shakespeare-char --checkpoint_name=last --num_samples=3
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --max_new_tokens=2000
@@ -20,7 +21,7 @@ from checkpoint import checkpoint_path, load_model
 from configurator import configure
 from generate import generate_stream
 from kv.policy import KVOptions
-from utils import UserError, autocast_ctx, pick_device, pick_dtype, run_main
+from utils import UserError, autocast_ctx, pick_device, pick_dtype, run_main, use_threads
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote
@@ -33,6 +34,7 @@ top_k = 200  # sample among the k most likely bytes only (0 = all)
 seed = 1337  # random seed
 device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
+threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 # KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
 # kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py
 globals().update(KVOptions().settings())
@@ -58,7 +60,9 @@ def main():
 
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    print(f"device {dev}, dtype {dt}, checkpoint {path}", file=sys.stderr)
+    thread_words = use_threads(threads)
+    print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
+          file=sys.stderr)
     torch.manual_seed(seed)
     model, ckpt = load_model(path, dev)
     model.eval()

@@ -1,8 +1,9 @@
 """
-Small helpers shared by the scripts: errors for bad user input, plug-in imports, device and
-dtype choice, glibc's memory setting, the compile fallback and atomic checkpoint writes.
+Small helpers shared by the scripts: errors for bad user input, plug-in imports, device,
+dtype and CPU thread choice, glibc's memory setting, the compile fallback and atomic
+checkpoint writes.
 
-    python -c "import utils; print(utils.pick_device('auto'), utils.pick_dtype('auto', 'auto'))"
+    python -c "import utils; print(utils.pick_device('auto'), utils.pick_dtype('auto', 'auto'), utils.pick_threads())"
 """
 import ctypes
 import os
@@ -109,6 +110,49 @@ def no_autocast(device_type):
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
+
+
+def pick_threads(requested=0):
+    """(threads, reason) for torch's CPU work: requested > 0 (--threads=N) wins, then
+    OMP_NUM_THREADS, else the CPUs this process may use minus the load already on them, at
+    least 1. torch's default (one per core) assumes idle cores: on a busy machine its
+    threads wait for each other at every operation, many times slower than fewer threads."""
+    if requested < 0:
+        raise UserError(f"--threads must be 0 (chosen automatically) or a number of threads, got {requested}")
+    if requested > 0:
+        return requested, f"--threads={requested}"
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), f"OMP_NUM_THREADS={env}"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # runnable processes, last minute
+    n = min(cpus, max(1, cpus - round(load)))
+    return n, f"auto: {cpus} CPU{'s' if cpus != 1 else ''}, load {load:.1f}"
+
+
+def use_threads(requested=0):
+    """Set torch's CPU threads by pick_threads; returns the words for the device line,
+    e.g. "1 thread (auto: 2 CPUs, load 1.6)"."""
+    n, reason = pick_threads(requested)
+    torch.set_num_threads(n)
+    return f"{n} thread{'s' if n != 1 else ''} ({reason})"
+
+
+def has_module(name, without):
+    """Whether the optional package `name` is installed; if not, one note line on stderr
+    saying what is skipped (`without`), at start-up rather than as a traceback at the end."""
+    import importlib.util
+    if importlib.util.find_spec(name) is not None:
+        return True
+    print(f"note: {name} is not installed, so {without} (pip install -r requirements.txt installs it)",
+          file=sys.stderr, flush=True)
+    return False
+
+
+def clock(seconds):
+    """A duration as m:ss, or h:mm:ss from an hour on."""
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def keep_freed_memory():

@@ -20,8 +20,11 @@ from unittest import mock
 import pytest
 import torch
 
-# tiny models run fastest on one thread, and the test machines have two cores
+# tiny models run fastest on one thread, and the test machines have two cores; the scripts
+# run in this process choose their threads by OMP_NUM_THREADS (utils.pick_threads), not by
+# the machine's load, so a result never depends on how busy the machine was
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")  # real corpora, on some machines

@@ -11,11 +11,11 @@ import sys
 # utils and configurator live in the repo root, two levels up
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from configurator import configure
-from loader import prepare
+from loader import SOURCES, prepare
 from utils import run_main
 
 input = ""  # path of a local copy of the text, used instead of downloading it
-url = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+url = SOURCES["shakespeare_char"]  # where input.txt is downloaded from (char-rnn's tiny-shakespeare)
 
 
 def main():
