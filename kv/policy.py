@@ -29,6 +29,7 @@ class KVOptions:
     kv_trim: str = ""  # "package.module:function" choosing the tokens kv_window keeps, instead of the ring buffer (exercise 1)
     kv_quant: str = "none"  # storage of K/V: none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
     kv_quant_group: int = 32  # int4/int2: values per group sharing one scale and zero point
+    kv_quant_keys: str = "channel"  # int4/int2 keys grouped per 'channel' over kv_quant_group tokens (KIVI), or per 'token' like values (eviction always uses 'token')
     kv_quant_residual: int = 32  # newest tokens kept in full precision by a quantized cache
     kv_evict: str = "none"  # none, window (recency), h2o (attention score), or package.module:function
     kv_budget: int = 0  # with kv_evict: tokens kept per layer and KV head
@@ -61,6 +62,8 @@ class KVOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise UserError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.kv_quant_keys not in ("channel", "token"):
+            raise UserError(f"kv_quant_keys must be 'channel' or 'token', got {self.kv_quant_keys!r}")
         if self.kv_trim and (self.kv_quant != "none" or self.kv_evict != "none"):
             raise UserError("--kv_trim replaces the cache; it does not combine with --kv_quant or --kv_evict")
         if self.kv_evict == "none":
@@ -81,6 +84,11 @@ class KVOptions:
         return self
 
     @property
+    def channel_keys(self):
+        """int4/int2 keys per channel (KIVI): without eviction, unless kv_quant_keys='token'."""
+        return self.kv_evict == "none" and self.kv_quant_keys == "channel"
+
+    @property
     def compressed(self):
         return self.kv_quant != "none" or self.kv_evict != "none"
 
@@ -89,7 +97,8 @@ class KVOptions:
         parts = []
         if self.kv_quant != "none":
             grouped = self.kv_quant in ("int4", "int2")
-            parts.append(self.kv_quant + (f"/g{self.kv_quant_group}" if grouped else "") + f"/r{self.kv_quant_residual}")
+            parts.append(self.kv_quant + (f"/g{self.kv_quant_group}" if grouped else "") + f"/r{self.kv_quant_residual}"
+                         + ("/token-keys" if grouped and not self.channel_keys and self.kv_evict == "none" else ""))
         if self.kv_evict != "none":
             extra = [f"recent {self.kv_recent}"] if self.kv_evict != "window" and self.kv_recent else []
             extra += [f"sink {self.kv_sink}"] if self.kv_sink else []
@@ -125,7 +134,7 @@ class KVOptions:
             return KVCache(capacity=capacity, **kw)
         fmts = (None, None)
         if self.kv_quant != "none":
-            fmts = make_formats(self.kv_quant, self.kv_quant_group, head_dim, channel_keys=self.kv_evict == "none")
+            fmts = make_formats(self.kv_quant, self.kv_quant_group, head_dim, channel_keys=self.channel_keys)
         if self.kv_evict == "none":
             return QuantKVCache(*fmts, residual=self.kv_quant_residual, **kw)
         policy = resolve_evict(self.kv_evict) or self.kv_evict  # h2o and a user's rule are functions

@@ -67,15 +67,16 @@ def test_straight_through_gradient():
     assert torch.equal(k.grad, w) and torch.equal(v.grad, w)
 
 
-def test_model_forward_through_qat_equals_the_inference_cache():
+@pytest.mark.parametrize("keys", ["channel", "token"])
+def test_model_forward_through_qat_equals_the_inference_cache(keys):
     """A whole model: the training forward with int4 QAT caches gives the logits of the
-    inference cache (int4, residual 0) fed the same bytes in one chunk."""
+    inference cache (int4, residual 0, the same key layout) fed the same bytes in one chunk."""
     model = tiny(n_kv_head=2)
     x = text(T=32)
+    kv = KVOptions(kv_window=0, kv_quant="int4", kv_quant_group=8, kv_quant_residual=0, kv_quant_keys=keys)
     with torch.no_grad():
-        trained, _ = model(x, make_qat_caches(model, "int4", 8))
-        caches = KVOptions(kv_window=0, kv_quant="int4", kv_quant_group=8, kv_quant_residual=0).make_caches(model, 2, 32)
-        served, _ = model(x, caches)
+        trained, _ = model(x, make_qat_caches(model, "int4", 8, channel_keys=keys == "channel"))
+        served, _ = model(x, kv.make_caches(model, 2, 32))
     assert torch.equal(trained, served)
 
 

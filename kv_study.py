@@ -1,0 +1,362 @@
+"""
+The KV study: how small, in bits, can the KV cache get, training-free and with a few gradient
+steps? From one base checkpoint it fine-tunes trained reductions (each K iterations of
+train.py's resume), evaluates each under a grid of training-free cache settings with
+eval_kv's ruler, and writes one frontier, every row against the plain multi-head base at its
+natural context (a 16-bit sliding window of its block_size).
+
+    python train.py config/train_shakespeare_char_cpu_long.py --threads=1      # the base, ~15 min
+    python kv_study.py --base=out-shakespeare-char-cpu-long --quick=True          # ~10 min on a CPU
+    python kv_study.py --base=out-shakespeare-char-cpu-long                        # the full study
+    python kv_study.py --base=out-shakespeare-char-cpu --what=context              # assignment 1
+    tensorboard --logdir=out-shakespeare-char-cpu-long/kv_study
+
+Writes into `out` (default <base dir>/kv_study, or kv_study_quick): one folder per variant
+(its fine-tuned last.pt, train.log, results.json), frontier.csv, frontier.md (the table, and
+the largest reduction within 1% and within 3% with the commands that reproduce it),
+frontier.png (bits per byte against log peak KV bits, a colour per variant, the frontier, the
+baseline), TensorBoard scalars in frontier/. Rerunning skips the variants already finished
+(last.pt and results.json there); delete a variant's folder to redo it.
+
+Variants (--variants=a,b,...): base (no fine-tune), base_ft (K more iterations, unchanged: the
+control), gqa/mqa (K/V heads mean-pooled), local (window block/4 in layers 0-1, kv_share=2),
+qat_int4, qat_int2 (quantization-aware training, kv/qat.py), mqa_share_int2 (MQA + kv_share=2
++ int2 QAT) and mqa_share_int2_local (the same with every layer's window at block/4).
+Grid: plain, int8, int4, int2 (residual 0: every token at its format; int4/int2 keys per
+token) at windows of block, block/2, block/4, block/8, and KIVI's per-channel keys (see
+grid()). Eviction (h2o) reads a chunk with more than its budget in sight, so its rows run
+only at --evict_chunk (1 = exact decode; 0 = no h2o rows).
+
+--what=context answers assignment 1: bits per byte on positions [block, 4 block) of a base
+trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+import eval_kv
+from checkpoint import checkpoint_path, load_model, saved_dataset_paths
+from configurator import configure
+from kv.policy import KVOptions
+from kv.report import frontier
+from loader import dataset_paths
+from utils import UserError, has_module, keep_freed_memory, run_main, use_threads
+
+# -----------------------------------------------------------------------------
+base = "out-shakespeare-char-cpu-long"  # the base checkpoint: a .pt file, or an out_dir holding ckpt.pt
+out = ""  # the study's folder ('' = kv_study or kv_study_quick beside the base checkpoint)
+what = "frontier"  # 'frontier' (the KV study) or 'context' (assignment 1: fine-tuning at 4x the block)
+quick = False  # a small study: fewer variants and settings, K=50, 2 streams x 1024 bytes
+variants = ""  # comma-separated variants ('' = all; quick: base,mqa,qat_int2,mqa_share_int2)
+iters = 200  # K: fine-tuning iterations per variant (quick: 50)
+learning_rate = 1e-3  # peak learning rate of the fine-tunes (warm-up K/10, cosine to min_lr)
+min_lr = 1e-4  # final learning rate of the fine-tunes
+kv_quant_group = 32  # int4/int2: values per group, at training (QAT) and evaluation alike
+n_streams = 4  # val streams evaluated side by side (quick: 2)
+stream_len = 4096  # bytes per stream (quick: 1024)
+chunk = 0  # bytes per forward in the evaluation (0 = the block_size)
+evict_chunk = 0  # chunk of the h2o rows (1 = exact decode, slow; 0 = no eviction rows)
+dtype = "bfloat16"  # storage of what caches keep in full precision (eval_kv's --dtype)
+context_iters = "0,25,50,100,200,400"  # what=context: fine-tuning iterations at 4x the block
+context_streams = 64  # what=context: val streams of 4 x block bytes
+train_args = ""  # more train.py arguments for every fine-tune, space-separated (e.g. "--batch_size=8")
+threads = 1  # CPU threads of every step (0 = automatic)
+tensorboard = True  # TensorBoard scalars of the frontier (and of each fine-tune)
+# -----------------------------------------------------------------------------
+
+QUICK = dict(iters=50, n_streams=2, stream_len=1024, variants="base,mqa,qat_int2,mqa_share_int2")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def variant_args(name, block, n_layer):
+    """train.py arguments of each trained reduction (None: the base itself, not fine-tuned)."""
+    w = block // 4
+    half = ",".join(str(i) for i in range(n_layer // 2, n_layer))  # the upper half stays global
+    table = {
+        "base": None,
+        "base_ft": [],
+        "gqa": ["--n_kv_head=2"],
+        "mqa": ["--n_kv_head=1"],
+        "local": [f"--window={w}", f"--global_layers={half}", "--kv_share=2"],
+        "qat_int4": ["--kv_quant=int4"],
+        "qat_int2": ["--kv_quant=int2"],
+        "mqa_share_int2": ["--n_kv_head=1", "--kv_share=2", "--kv_quant=int2"],
+        "mqa_share_int2_local": ["--n_kv_head=1", "--kv_share=2", "--kv_quant=int2", f"--window={w}"],
+    }
+    if name not in table:
+        raise UserError(f"unknown variant {name!r}: choose from {', '.join(table)}")
+    args = table[name]
+    qat = [f"--kv_quant_group={kv_quant_group}", "--kv_quant_keys=token"] if "int" in name else []
+    return None if args is None else args + qat
+
+
+def grid(block, fast):
+    """The training-free settings (KVOptions) of each variant: quantization with no
+    full-precision residual (every token at its format as soon as it arrives; int4/int2 keys
+    per token, as QAT trains them), at the natural window and at smaller ones; and KIVI's
+    per-channel keys (which wait for a group of kv_quant_group tokens) at the natural window."""
+    q = lambda f, w, keys="token": KVOptions(kv_window=w, kv_quant=f, kv_quant_group=kv_quant_group,
+                                             kv_quant_residual=0, kv_quant_keys=keys)
+    windows = (block, block // 4) if fast else (block, block // 2, block // 4, block // 8)
+    formats = ("none", "int4", "int2") if fast else ("none", "int8", "int4", "int2")
+    rows = [q(f, w) if f != "none" else KVOptions(kv_window=w) for w in windows for f in formats if w > 0]
+    return rows + ([] if fast else [q("int4", block, "channel"), q("int2", block, "channel")])
+
+
+def evict_grid(block):
+    """h2o at a budget of block/4 (half of it the recent window), plain and int4 (per-token keys)."""
+    b = max(block // 4, 8)
+    return [KVOptions(kv_window=block, kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4),
+            KVOptions(kv_window=block, kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4, kv_quant="int4",
+                      kv_quant_group=kv_quant_group, kv_quant_residual=0)]
+
+
+# -- fine-tunes ------------------------------------------------------------------------------
+
+def fine_tune(base_path, folder, args, k, config, block=None):
+    """train.py --init_from=resume from a copy of the base in `folder`, k more iterations with
+    args; returns the command. Its output goes to folder/train.log."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copyfile(base_path, os.path.join(folder, "ckpt.pt"))
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--init_from=resume", f"--out_dir={folder}",
+           "--resume_mode=finetune", f"--max_iters={k}", f"--learning_rate={learning_rate}", f"--min_lr={min_lr}",
+           f"--warmup_iters={max(k // 10, 1)}", f"--lr_decay_iters={k}", f"--eval_interval={max(k, 1)}",
+           "--eval_iters=10", f"--log_interval={max(min(k // 4, 50), 1)}", f"--dataset={config['dataset']}",
+           f"--batch_size={config['batch_size']}", f"--block_size={block or config['block_size']}",
+           f"--device={config.get('device') or 'cpu'}", f"--threads={threads}", f"--tensorboard={tensorboard}",
+           *args, *train_args.split()]
+    t0 = time.time()
+    with open(os.path.join(folder, "train.log"), "w") as log:
+        proc = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}); see {folder}/train.log")
+    print(f"  fine-tuned {k} iterations in {time.time() - t0:.0f}s", file=sys.stderr)
+    return "python " + " ".join(c.replace(HERE + os.sep, "") for c in cmd[1:])
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+def load_val(config, base_path, n, L):
+    name = config.get("dataset", "")
+    _, val = saved_dataset_paths(name, base_path) if name else dataset_paths("shakespeare_char")
+    return eval_kv.load_streams(val, n, L)
+
+
+def evaluate_variant(path, x, y, settings, step, block, label):
+    """eval_kv.evaluate of one checkpoint under settings (each bounded by the natural window
+    where it sets none), against its own natural reference."""
+    model, ckpt = load_model(path, "cpu")
+    model.eval()
+    ref = eval_kv.reference_options(ckpt.get("config") or {}, "natural", say=lambda s: None)
+    progress = eval_kv.Progress(len(range(0, x.size(1), step)), f"  {label}")
+    settings = [ref] + [s for s in settings if s != ref]
+    rows = eval_kv.evaluate(model, x, y, settings, step, ref, block, progress, eval_kv.DTYPES[dtype])
+    for r, kv in zip(rows, settings):
+        r.update(kv.settings())  # the fields, for the command that reproduces the row
+    return rows
+
+
+def study():
+    base_path = base if base.endswith(".pt") else checkpoint_path(base, "ckpt")
+    folder = out or os.path.join(os.path.dirname(base_path), "kv_study_quick" if quick else "kv_study")
+    _, ckpt = load_model(base_path, "cpu")
+    config = ckpt.get("config") or {}
+    block, n_layer = int(config["block_size"]), int(config["n_layer"])
+    names = [v for v in variants.split(",") if v]
+    todo = [(v, variant_args(v, block, n_layer)) for v in names]
+    x, y = load_val(config, base_path, n_streams, stream_len)
+    step = chunk or block
+    settings = grid(block, quick)
+    os.makedirs(folder, exist_ok=True)
+    eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --chunk={step} --dtype={dtype} "
+                f"--baseline={base_path}")
+    rows, t0 = [], time.time()
+    for n, (name, args) in enumerate(todo):
+        vdir = os.path.join(folder, name)
+        done = os.path.join(vdir, "results.json")
+        if os.path.exists(done) and (args is None or os.path.exists(os.path.join(vdir, "last.pt"))):
+            print(f"[{n + 1}/{len(todo)}] {name}: finished before, skipped", file=sys.stderr)
+            with open(done) as f:
+                rows += json.load(f)
+            continue
+        print(f"[{n + 1}/{len(todo)}] {name}" + (f": fine-tuning {iters} iterations" if args is not None else ""),
+              file=sys.stderr)
+        train_cmd = fine_tune(base_path, vdir, args, iters, config) if args is not None else ""
+        ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
+        found = evaluate_variant(ckpt_path, x, y, settings, step, block, name)
+        if evict_chunk:
+            found += evaluate_variant(ckpt_path, x, y, evict_grid(block), evict_chunk, block, name + " h2o")[1:]
+        for r in found:
+            r.update(variant=name, train_command=train_cmd, checkpoint=ckpt_path)
+        os.makedirs(vdir, exist_ok=True)
+        with open(done + ".tmp", "w") as f:
+            json.dump(found, f, indent=1)
+        os.replace(done + ".tmp", done)  # atomic: a killed study leaves no half-written results
+        rows += found
+        left = (time.time() - t0) / (n + 1) * (len(todo) - n - 1)
+        print(f"  {name} done; elapsed {time.time() - t0:.0f}s, ETA {left // 60:.0f}:{left % 60:02.0f}", file=sys.stderr)
+    base_rows = [r for r in rows if r["variant"] == "base" and "(reference)" in r["setting"]]
+    if base_rows:  # every row against the plain multi-head base at its natural context
+        b = base_rows[0]
+        eval_kv.rebase(rows, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    for r in rows:
+        r["eval_command"] = eval_command(r, eval_cmd)
+    title = f"{os.path.basename(os.path.dirname(os.path.abspath(base_path)))}: {n_streams} x {stream_len} bytes, chunk {step}"
+    md = write_frontier(rows, os.path.join(folder, "frontier"), title)
+    print(md)
+    print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
+
+
+def eval_command(r, common):
+    """The eval_kv.py command that reproduces row r (parsed back from its setting's fields)."""
+    kv = {k: r[k] for k in r if k.startswith("kv_") and k in KVOptions().settings()}
+    flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")
+    d = os.path.dirname(r["checkpoint"])
+    return f"python eval_kv.py --out_dir={d} --checkpoint_name={os.path.basename(r['checkpoint'])} {flags} {common}"
+
+
+def write_frontier(rows, prefix, title):
+    """prefix.csv, .md (the table and the answer), .png, and TensorBoard scalars."""
+    import csv
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    md = markdown(rows, title)
+    with open(prefix + ".md", "w") as f:
+        f.write(md)
+    if has_module("matplotlib", "no frontier.png is drawn"):
+        plot(rows, prefix + ".png", title)
+    if tensorboard and has_module("tensorboard", "no TensorBoard scalars are written"):
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(prefix) as tb:
+            for r in rows:
+                tb.add_scalar(f"kv_study/{r['variant']}/bpb_vs_log2_peak_bits", r["bpb"],
+                              round(1000 * torch.log2(torch.tensor(float(r["kv_bits_peak"]))).item()))
+            tb.add_text("kv_study/table", md)
+    return md
+
+
+def best_within(rows, pct):
+    ok = [r for r in rows if r["delta_pct"] <= pct]
+    return max(ok, key=lambda r: r["x_smaller"]) if ok else None
+
+
+def markdown(rows, title):
+    front = frontier(rows)
+    b = rows[0]
+    lines = [f"### {title}", "", "| variant | setting | peak KV bits/stream | x smaller | bits/byte | vs baseline | frontier |",
+             "|---|---|---:|---:|---:|---:|:---:|"]
+    for i, r in sorted(enumerate(rows), key=lambda t: -t[1]["kv_bits_peak"]):
+        lines.append(f"| {r['variant']} | {r['setting']} | {r['kv_bits_peak']:,} | {r['x_smaller']:.1f} | "
+                     f"{r['bpb']:.4f} | {r['delta_pct']:+.2f}% | {'*' if i in front else ''} |")
+    lines += ["", f"Baseline: {b['baseline']}: {b['bpb_base']:.4f} bits per byte, {b['kv_bits_peak_base']:,} peak KV "
+              "bits per stream (x smaller = its peak / the row's; peak = the most a token-by-token decoder holds)."]
+    for pct in (1, 3):
+        r = best_within(rows, pct)
+        if r is None:
+            lines += ["", f"Within {pct}%: no row."]
+            continue
+        lines += ["", f"**Largest reduction within {pct}%: {r['x_smaller']:.1f}x** ({r['variant']}, {r['setting']}: "
+                  f"{r['bpb']:.4f} bits per byte, {r['delta_pct']:+.2f}%). Commands:", "",
+                  *(["    " + r["train_command"]] if r["train_command"] else []), "    " + r["eval_command"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 6))
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    cmap = plt.get_cmap("tab10")
+    for c, name in enumerate(names):
+        rs = [r for r in rows if r["variant"] == name]
+        ax.scatter([r["kv_bits_peak"] for r in rs], [r["bpb"] for r in rs], color=cmap(c % 10), label=name, zorder=2)
+    front = sorted(frontier(rows), key=lambda i: rows[i]["kv_bits_peak"])
+    ax.plot([rows[i]["kv_bits_peak"] for i in front], [rows[i]["bpb"] for i in front], "-", color="black",
+            lw=1, label="frontier", zorder=1)
+    b = rows[0]
+    ax.scatter([b["kv_bits_peak_base"]], [b["bpb_base"]], marker="*", s=200, color="black", label="baseline", zorder=3)
+    for pct in (1, 3):
+        ax.axhline(b["bpb_base"] * (1 + pct / 100), color="gray", ls=":", lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("peak KV bits per stream (log scale)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- assignment 1: how many steps does a model need to use a longer context? -------------------
+
+def context():
+    base_path = base if base.endswith(".pt") else checkpoint_path(base, "ckpt")
+    folder = out or os.path.join(os.path.dirname(base_path), "kv_study_context")
+    _, ckpt = load_model(base_path, "cpu")
+    config = ckpt.get("config") or {}
+    block = int(config["block_size"])
+    L = 4 * block
+    x, y = load_val(config, base_path, context_streams, L)
+    unbounded = KVOptions(kv_window=0)
+    rows = []
+    for k in [int(s) for s in context_iters.split(",") if s]:
+        vdir = os.path.join(folder, f"iters_{k}")
+        done = os.path.join(vdir, "results.json")
+        if not os.path.exists(done):
+            print(f"{k} iterations at block {L}", file=sys.stderr)
+            path = base_path
+            if k:
+                fine_tune(base_path, vdir, [], k, config, block=L)
+                path = os.path.join(vdir, "last.pt")
+            model, _ = load_model(path, "cpu")
+            model.eval()
+            [r] = eval_kv.evaluate(model, x, y, [unbounded], L, unbounded, block, None, eval_kv.DTYPES[dtype])
+            nll = {k2: v for k2, v in r.items() if k2.startswith("bpb[")}
+            far = [(lo, hi) for lo, hi in eval_kv.buckets(block, L) if lo >= block]
+            r = dict(iters=k, bpb_near=nll[f"bpb[0,{block})"],
+                     bpb_far=sum((hi - lo) * nll[f"bpb[{lo},{hi})"] for lo, hi in far) / (L - block), bpb_all=r["bpb"])
+            os.makedirs(vdir, exist_ok=True)
+            with open(done, "w") as f:
+                json.dump(r, f)
+        with open(done) as f:
+            rows.append(json.load(f))
+    lines = [f"### Fine-tuning at {L} bytes from {base_path} (block {block}): {context_streams} val streams of {L} bytes",
+             "", f"| iterations at block {L} | bits/byte [0, {block}) | bits/byte [{block}, {L}) | all |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['iters']} | {r['bpb_near']:.4f} | {r['bpb_far']:.4f} | {r['bpb_all']:.4f} |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, "context.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
+def main():
+    configure(globals(), sys.argv[1:])
+    given = {a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+    if quick:  # the quick study's values, except those given on the command line
+        globals().update({k: v for k, v in QUICK.items() if k not in given})
+    if not variants:
+        globals()["variants"] = "base,base_ft,gqa,mqa,local,qat_int4,qat_int2,mqa_share_int2,mqa_share_int2_local"
+    if what not in ("frontier", "context"):
+        raise UserError(f"--what={what!r}: choose frontier or context")
+    for name, value, low in (("iters", iters, 1), ("n_streams", n_streams, 1), ("stream_len", stream_len, 1),
+                             ("chunk", chunk, 0), ("evict_chunk", evict_chunk, 0)):
+        if value < low:
+            raise UserError(f"--{name} must be at least {low}, got {value}")
+    if dtype not in eval_kv.DTYPES:
+        raise UserError(f"--dtype={dtype!r}: choose {', '.join(eval_kv.DTYPES)}")
+    keep_freed_memory()
+    use_threads(threads)
+    study() if what == "frontier" else context()
+
+
+if __name__ == "__main__":
+    run_main(main)

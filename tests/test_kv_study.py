@@ -1,0 +1,76 @@
+"""
+kv_study.py end to end on a tiny base checkpoint: the fine-tunes, the evaluation grid, the
+frontier files (CSV, markdown, PNG), rows against the base's natural reference, resuming
+(finished variants are skipped), and assignment 1's context table.
+
+    python -m pytest -q tests/test_kv_study.py
+"""
+import contextlib
+import csv
+import io
+import os
+import runpy
+import sys
+from unittest import mock
+
+import pytest
+
+from conftest import REPO_ROOT, train
+
+TINY_BASE = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--max_iters=3", "--batch_size=2"]
+SMALL = ["--iters=2", "--n_streams=1", "--stream_len=64", "--kv_quant_group=8", "--threads=1",
+         "--tensorboard=False", "--context_streams=2"]
+
+
+def study(*args):
+    """Run kv_study.py in this process; returns what it printed (stdout and stderr)."""
+    printed = io.StringIO()
+    with mock.patch.object(sys, "argv", ["kv_study.py", *args]), contextlib.redirect_stdout(printed), \
+            contextlib.redirect_stderr(printed):
+        runpy.run_path(os.path.join(REPO_ROOT, "kv_study.py"), run_name="__main__")
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def base_ckpt(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    train(data_dir, out, *TINY_BASE)
+    return out / "ckpt.pt"
+
+
+@pytest.mark.slow  # two fine-tunes in subprocesses
+def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
+    folder = tmp_path / "study"
+    printed = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa,qat_int2", *SMALL)
+    for name in ("frontier.csv", "frontier.md", "frontier.png", "mqa/last.pt", "qat_int2/results.json"):
+        assert (folder / name).exists(), name
+    with open(folder / "frontier.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["variant"] for r in rows} == {"base", "mqa", "qat_int2"}
+    ref = [r for r in rows if r["variant"] == "base" and "(reference)" in r["setting"]]
+    assert len(ref) == 1 and float(ref[0]["delta_pct"]) == 0.0 and float(ref[0]["x_smaller"]) == 1.0
+    # every row against the base's reference: the base's peak over the row's
+    peak = float(ref[0]["kv_bits_peak"])
+    assert all(abs(float(r["x_smaller"]) - peak / float(r["kv_bits_peak"])) < 1e-9 for r in rows)
+    assert "Largest reduction within 3%" in printed and "python eval_kv.py" in printed
+    assert "mqa_share" not in printed  # only the variants asked for
+
+    stamp = {p: os.stat(folder / p).st_mtime_ns for p in ("mqa/last.pt", "qat_int2/results.json")}
+    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa,qat_int2", *SMALL)
+    assert again.count("finished before, skipped") == 3
+    assert stamp == {p: os.stat(folder / p).st_mtime_ns for p in stamp}
+    with open(folder / "frontier.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+@pytest.mark.slow  # a fine-tune in a subprocess
+def test_context_table(base_ckpt, tmp_path):
+    printed = study(f"--base={base_ckpt}", f"--out={tmp_path}", "--what=context", "--context_iters=0,2", *SMALL)
+    assert "| 0 |" in printed and "| 2 |" in printed and "[16, 64)" in printed
+    assert (tmp_path / "iters_2" / "last.pt").exists() and (tmp_path / "context.md").exists()
+
+
+def test_unknown_variant_is_one_error(base_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        study(f"--base={base_ckpt}", f"--out={tmp_path}", "--variants=base,nope", *SMALL)
+    assert e.value.code == 2
