@@ -82,6 +82,8 @@ class KVCache(Cache):
     window = 0 keeps everything (the tutorial's unbounded cache); its buffer is sized by
     `capacity` and doubles only if a caller feeds more than it announced. window = N keeps
     the first `sink` tokens and a ring of the last N: capacity sink + N, nothing moves.
+    dtype is the width K/V are stored at (and counted at by size_bits); update() hands them
+    back in the dtype they came in, so a 16-bit cache can serve a float32 model.
     """
 
     def __init__(self, batch_size, n_kv_head, head_dim, window=0, sink=0, capacity=256,
@@ -111,7 +113,10 @@ class KVCache(Cache):
         self.pos.index_copy_(0, s, p)
 
     def update(self, k, v):
-        T = k.size(2)
+        T, out = k.size(2), k.dtype
+        # stored at the cache's dtype and read back in the compute dtype: every query sees
+        # the stored values, its own chunk's keys included, whatever the chunk size
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         p0 = self.seen
         self.seen += T
         if self.window == 0 and self.n + T > self.capacity:
@@ -124,17 +129,18 @@ class KVCache(Cache):
             self.v[:, :, s] = v[:, :, 0]
             self.pos[s] = p0
             self.n = min(self.n + 1, self.capacity)
-            return self.k[:, :, :self.n], self.v[:, :, :self.n], None
+            return self.k[:, :, :self.n].to(out), self.v[:, :, :self.n].to(out), None
         qpos = torch.arange(p0, p0 + T, device=self.pos.device)
         if self.n + T <= self.capacity:
             self._write(k, v, qpos)
             self.n += T
             kpos = self.pos[:self.n]
-            return self.k[:, :, :self.n], self.v[:, :, :self.n], attention_mask(qpos, kpos, self.window, self.sink)
+            mask = attention_mask(qpos, kpos, self.window, self.sink)
+            return self.k[:, :, :self.n].to(out), self.v[:, :, :self.n].to(out), mask
         # a chunk larger than the free space: the queries need keys the chunk overwrites,
         # so attend over old + new, then keep only what the window keeps
-        keys = torch.cat([self.k[:, :, :self.n], k], dim=2)
-        vals = torch.cat([self.v[:, :, :self.n], v], dim=2)
+        keys = torch.cat([self.k[:, :, :self.n], k], dim=2).to(out)
+        vals = torch.cat([self.v[:, :, :self.n], v], dim=2).to(out)
         kpos = torch.cat([self.pos[:self.n], qpos])
         keep = (qpos < self.sink) | (qpos >= self.seen - self.window)
         self._write(k[:, :, keep], v[:, :, keep], qpos[keep])
@@ -183,17 +189,18 @@ class TrimCache(Cache):
         self.seen = 0
 
     def update(self, k, v):
-        T = k.size(2)
+        T, out = k.size(2), k.dtype
         qpos = torch.arange(self.seen, self.seen + T, device=self.pos.device)
         self.seen += T
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # stored at the cache's dtype, as KVCache
         keys, vals, kpos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.pos, qpos])
         if self.window:
             self.k, self.v, self.pos = self.trim_fn(keys, vals, kpos, self.window, self.sink)
         else:
             self.k, self.v, self.pos = keys, vals, kpos
         if T == 1:  # the decode step attends over exactly what is kept
-            return self.k, self.v, None
-        return keys, vals, attention_mask(qpos, kpos, self.window, self.sink)
+            return self.k.to(out), self.v.to(out), None
+        return keys.to(out), vals.to(out), attention_mask(qpos, kpos, self.window, self.sink)
 
     def tokens(self):
         return self.k.size(2)

@@ -401,7 +401,7 @@ class QuantKVCache(Cache):
         if m > 0:  # these left the residual: to codes
             self._store(self.key_fmt.quantize(self.k_full[:, :, :m]), self.val_fmt.quantize(self.v_full[:, :, :m]), m)
             self.k_full, self.v_full, self.pos_full = self.k_full[:, :, m:], self.v_full[:, :, m:], self.pos_full[m:]
-        keys, vals, kpos = self._assemble()
+        keys, vals, kpos = self._assemble(k.dtype)
         return keys, vals, attention_mask(qpos, kpos, self.window, self.sink)
 
     def _store(self, k_codes, v_codes, m):
@@ -413,15 +413,16 @@ class QuantKVCache(Cache):
             self.v_codes = tuple(torch.cat(pair, dim=2) for pair in zip(self.v_codes, v_codes))
         self.pos_codes = torch.cat([self.pos_codes, self.pos_full[:m].expand(*self.pos_codes.shape[:-1], -1)], dim=-1)
 
-    def _assemble(self):
-        """Keys, values (B, nkv, S, hs) of everything held and their positions."""
+    def _assemble(self, dtype):
+        """Keys, values (B, nkv, S, hs) of everything held, in `dtype` (the compute dtype: the
+        residual may be stored narrower), and their positions."""
         if self.k_codes is None:
-            return self.k_full, self.v_full, self.pos_full
+            return self.k_full.to(dtype), self.v_full.to(dtype), self.pos_full
         n_codes = self.pos_codes.size(-1)
         B, H, _, D = self.k_full.shape
         out = []
         for fmt, payload, full in ((self.key_fmt, self.k_codes, self.k_full), (self.val_fmt, self.v_codes, self.v_full)):
-            x = full.new_empty(B, H, n_codes + full.size(2), D)
+            x = full.new_empty(B, H, n_codes + full.size(2), D, dtype=dtype)
             fmt.dequantize(payload, x[:, :, :n_codes])
             x[:, :, n_codes:] = full
             out.append(x)
