@@ -2,7 +2,8 @@
 KV-cache eviction: hold at most kv_budget tokens per layer and KV head, drop the rest.
 
     window  recency only, the StreamingLLM baseline (arXiv 2309.17453): the kv_sink first
-            tokens and the newest kv_budget - kv_sink
+            tokens and the newest kv_budget - kv_sink (what --kv_window=kv_budget - kv_sink
+            with the same --kv_sink holds)
     h2o     Heavy-Hitter Oracle (arXiv 2306.14048): the kv_sink first tokens, the kv_recent
             newest, and as many more as fit, those with the largest cumulative attention
             probability (summed over every query so far, over the query heads of a GQA group
@@ -12,24 +13,30 @@ KV-cache eviction: hold at most kv_budget tokens per layer and KV head, drop the
 H2O reads the attention probabilities: the cache's attend() computes the layer's attention
 the naive way (attention.naive_attention) and adds the probabilities to each key's score.
 
-Eviction happens lazily, at the start of the next update, once every layer that shares the
-cache has reported its scores: between steps the cache holds kv_budget tokens, and a step
-attends over those and its T new tokens (chunk = 1 is the paper's decode loop; larger chunks
-evict once per chunk). Keys are cached after RoPE at their own positions, so a kept key is
-still rotated by its true distance to every later query.
+A budget of N tokens counts as a window of N does (kv.cache): N tokens held, the newest
+included. Eviction happens lazily, at the start of the next update, once every layer that
+shares the cache has reported its scores: it leaves kv_budget - 1 tokens, so a decode step
+attends over kv_budget, its own token included (chunk = 1 is the paper's decode loop; a
+chunk of T tokens attends over kv_budget - 1 + T and evicts once per chunk). kv_recent
+counts the same way: the kv_recent newest tokens, the step's own included. Keys are cached
+after RoPE at their own positions, so a kept key is still rotated by its true distance to
+every later query.
 
 With quantization (kv_quant) the kept tokens are stored as codes. Keys are then quantized
 per token, like values: a KIVI key group spans G tokens, and single evictions would leave
 holes in groups whose scales are still held, so nothing would be saved. The full-precision
 residual (the kv_quant_residual newest tokens) is never evicted, so that every head holds
-the same number of codes and the same residual; it counts in the budget. size_bits() counts
+the same number of codes and the same residual; it counts in the budget, and so does the
+token that leaves it at a step (kv_budget >= kv_sink + kv_quant_residual + 1). size_bits() counts
 the keys and values held (codes, scales, zero points, residual); the per-head positions and
 scores are bookkeeping, like the plain cache's positions, and are not counted.
 
 Your own rule, --kv_evict=package.module:function (h2o_priority below is H2O's):
     def function(scores, pos, seen, kv_sink, kv_recent):
         # scores (B, nkv, n): cumulative attention each cached token received; pos (B, nkv, n):
-        # its position in the text; seen: tokens fed so far; kv_sink, kv_recent: the options
+        # its position in the text; seen: tokens read once the step's (first) new token is in:
+        # that token, at seen - 1, is not among those ranked and always stays; kv_sink,
+        # kv_recent: the options (positions < kv_sink and >= seen - kv_recent stay)
         return priority             # (B, nkv, n) floats: each head keeps its highest, up to the budget
 The cache still drops tokens no later query can see (a --kv_window bound) first, and never
 drops the full-precision residual of a quantized cache; everything else is the rule's choice.
@@ -124,7 +131,8 @@ class EvictKVCache(QuantKVCache):
         n_codes = self.pos_codes.size(-1)
         if n_codes == 0:
             return
-        n_keep = self.budget - self.pos_full.numel()  # the residual is always kept
+        # the residual is always kept, and the step's first token will need a place
+        n_keep = self.budget - 1 - self.pos_full.numel()
         alive = None
         if self.window > 0:
             alive = self._alive(self.pos_codes)
@@ -146,10 +154,11 @@ class EvictKVCache(QuantKVCache):
         None = all in sight) first, then the lowest ranked: by age (window, never the kv_sink
         first or the kv_recent newest) or by the rule's priority (h2o_priority, or a user's)."""
         p = self.pos_codes
+        now = self.seen + 1  # counting the step's first token, which stays: kv_recent includes it
         if self.rule is None:  # window: recency only
-            rank = torch.where((p < self.keep_sink) | (p >= self.seen - self.keep_recent), float("inf"), p.float())
+            rank = torch.where((p < self.keep_sink) | (p >= now - self.keep_recent), float("inf"), p.float())
         else:  # copies: a rule that writes into its inputs must not change the scores kept
-            rank = self.rule(self.score_codes.clone(), p.clone(), self.seen, self.keep_sink, self.keep_recent)
+            rank = self.rule(self.score_codes.clone(), p.clone(), now, self.keep_sink, self.keep_recent)
             if not (torch.is_tensor(rank) and rank.shape == p.shape and rank.is_floating_point()):
                 raise UserError(f"kv_evict rule {getattr(self.rule, '__name__', self.rule)} must return float "
                                 f"priorities shaped like scores {tuple(p.shape)}, got "

@@ -25,15 +25,15 @@ from utils import UserError, import_function
 @dataclass(frozen=True)
 class KVOptions:
     kv_window: int = -1  # a query sees the newest kv_window tokens, itself included (0 = all; -1 = the checkpoint's xl_mem if it has one, else all)
-    kv_sink: int = 0  # with kv_window or kv_evict: the first kv_sink tokens of the text stay too
+    kv_sink: int = 0  # the first kv_sink tokens of the text stay too: on top of kv_window, inside kv_budget
     kv_trim: str = ""  # "package.module:function" choosing the tokens kv_window keeps, instead of the ring buffer (exercise 1)
     kv_quant: str = "none"  # storage of K/V: none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
     kv_quant_group: int = 32  # int4/int2: values per group sharing one scale and zero point
     kv_quant_keys: str = "channel"  # int4/int2 keys grouped per 'channel' over kv_quant_group tokens (KIVI), or per 'token' like values (eviction always uses 'token')
-    kv_quant_residual: int = 32  # newest tokens kept in full precision by a quantized cache
+    kv_quant_residual: int = 32  # newest tokens kept in full precision by a quantized cache (the current one included)
     kv_evict: str = "none"  # none, window (recency), h2o (attention score), or package.module:function
-    kv_budget: int = 0  # with kv_evict: tokens kept per layer and KV head
-    kv_recent: int = 0  # with kv_evict=h2o: newest tokens always kept
+    kv_budget: int = 0  # with kv_evict: tokens held per layer and KV head, kv_sink and the current token included
+    kv_recent: int = 0  # with kv_evict=h2o: newest tokens always kept (the current one included)
 
     @classmethod
     def from_settings(cls, settings):
@@ -66,22 +66,53 @@ class KVOptions:
             raise UserError(f"kv_quant_keys must be 'channel' or 'token', got {self.kv_quant_keys!r}")
         if self.kv_trim and (self.kv_quant != "none" or self.kv_evict != "none"):
             raise UserError("--kv_trim replaces the cache; it does not combine with --kv_quant or --kv_evict")
+        residual, group = (self.kv_quant_residual, self.key_group()) if self.kv_quant != "none" else (0, 0)
+        # a residual that fills the window leaves nothing to quantize: the row would say int4
+        # and hold full precision
+        if group and 0 < self.kv_window < residual + group:
+            what = f"a key group of kv_quant_group={group} tokens" if group > 1 else "the token that leaves it"
+            raise UserError(f"kv_quant_residual={residual} plus {what} does not fit in kv_window="
+                            f"{self.kv_window}: nothing would be quantized; lower kv_quant_residual to at most "
+                            f"{max(self.kv_window - group, 0)}" + (" or kv_quant_group" if group > 1 else "")
+                            + ", or raise kv_window")
         if self.kv_evict == "none":
             if self.kv_budget or self.kv_recent:
                 raise UserError("kv_budget and kv_recent apply to eviction: add --kv_evict=h2o or --kv_evict=window")
             return self
         if self.kv_budget < 1:
             raise UserError(f"kv_evict={self.kv_evict} needs a budget: --kv_budget=N tokens kept per layer")
-        if self.kv_budget < self.kv_sink + self.kv_recent:
+        if self.kv_budget < self.kv_sink + max(self.kv_recent, 1):
             raise UserError(f"kv_budget={self.kv_budget} is smaller than kv_sink + kv_recent = "
-                            f"{self.kv_sink + self.kv_recent}, the tokens eviction always keeps; "
-                            "raise kv_budget or lower them")
-        residual = self.kv_quant_residual if self.kv_quant != "none" else 0
-        if self.kv_budget < self.kv_sink + max(self.kv_recent, residual):
+                            f"{self.kv_sink + max(self.kv_recent, 1)}, the tokens eviction always keeps "
+                            "(kv_recent counts the current token, so at least 1); raise kv_budget or lower them")
+        if residual and self.kv_budget < self.kv_sink + residual + 1:
             raise UserError(f"kv_budget={self.kv_budget} cannot hold kv_sink={self.kv_sink} plus the "
-                            f"kv_quant_residual={residual} full-precision tokens eviction keeps; "
-                            "raise kv_budget or lower kv_quant_residual")
+                            f"kv_quant_residual={residual} full-precision tokens and the one leaving them at "
+                            f"each step ({self.kv_sink + residual + 1} in all); raise kv_budget or lower kv_quant_residual")
         return self
+
+    def key_group(self):
+        """Tokens a quantized cache waits for before it can quantize keys: kv_quant_group for
+        int4/int2 keys grouped per channel (no eviction), else 1."""
+        grouped = self.kv_quant in ("int4", "int2") and self.channel_keys
+        return self.kv_quant_group if grouped else 1
+
+    def local_residual(self, config):
+        """(residual, note): the kv_quant_residual the local layers of a model (GPTConfig
+        `config`, window config.window) can hold and still quantize, and a line saying so when
+        that is less than asked (note None otherwise)."""
+        r, w, g = self.kv_quant_residual, config.window, self.key_group()
+        local = any(config.is_local(i) for i in range(config.n_layer))
+        bound = 0 < self.kv_window < w  # a tighter kv_window binds instead (and check() vetted it)
+        if self.kv_quant == "none" or not local or bound or r + g <= w:
+            return r, None
+        fit = max(w - g, 0)
+        note = (f"note: the model's local layers (window {w}) keep kv_quant_residual={fit}, not {r}, "
+                "so that something is quantized")
+        if g > w:
+            note = (f"note: a key group of kv_quant_group={g} tokens does not fit in the model's local "
+                    f"window {w}: its local layers quantize nothing; lower kv_quant_group")
+        return fit, note
 
     @property
     def channel_keys(self):
@@ -119,13 +150,15 @@ class KVOptions:
             elif c.kind(i) == "linear":  # its sums stay in the model's dtype (float32 by design)
                 caches.append(LinearState(batch_size, c.kv_heads, c.head_dim, dtype=p.dtype, device=p.device))
             else:
-                window, sink = max(self.kv_window, 0), self.kv_sink
+                window, sink, residual = max(self.kv_window, 0), self.kv_sink, self.kv_quant_residual
                 if c.is_local(i) and (window == 0 or window >= c.window):
                     window, sink = c.window, 0
-                caches.append(self._cache(batch_size, c.kv_heads, c.head_dim, window, sink, capacity, dtype, p.device))
+                    residual = self.local_residual(c)[0]  # (eval_kv prints its note)
+                caches.append(self._cache(batch_size, c.kv_heads, c.head_dim, window, sink, capacity, dtype,
+                                          p.device, residual))
         return caches
 
-    def _cache(self, batch_size, n_kv_head, head_dim, window, sink, capacity, dtype, device):
+    def _cache(self, batch_size, n_kv_head, head_dim, window, sink, capacity, dtype, device, residual):
         kw = dict(batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim, window=window, sink=sink,
                   dtype=dtype, device=device)
         if self.kv_trim:
@@ -136,10 +169,10 @@ class KVOptions:
         if self.kv_quant != "none":
             fmts = make_formats(self.kv_quant, self.kv_quant_group, head_dim, channel_keys=self.channel_keys)
         if self.kv_evict == "none":
-            return QuantKVCache(*fmts, residual=self.kv_quant_residual, **kw)
+            return QuantKVCache(*fmts, residual=residual, **kw)
         policy = resolve_evict(self.kv_evict) or self.kv_evict  # h2o and a user's rule are functions
         return EvictKVCache(policy, self.kv_budget, keep_recent=self.kv_recent, keep_sink=self.kv_sink,
-                            key_fmt=fmts[0], val_fmt=fmts[1], residual=self.kv_quant_residual, **kw)
+                            key_fmt=fmts[0], val_fmt=fmts[1], residual=residual, **kw)
 
 
 def cache_dtype(param):

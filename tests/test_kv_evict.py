@@ -39,14 +39,18 @@ def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, ste
         for b in range(B):
             for h in range(n_kv):
                 held = ref[b][h]
-                if len(held) > budget:
-                    keep = brute_force(held, budget, max(recent, residual), sink, t0, policy)
+                # before a step the cache evicts to budget - 1 (the step's first token makes
+                # the budget), counting that token as seen: kv_recent includes it, and the
+                # residual (never evicted) covers the residual + 1 newest with it
+                if len(held) > budget - 1:
+                    keep = brute_force(held, budget - 1, max(recent, residual + 1 if residual else 0),
+                                       sink, t0 + 1, policy)
                     ref[b][h] = held = {p: held[p] for p in keep}
                 held.update({p: 0.0 for p in range(t0, t0 + step)})
                 got = keys[b, h, :, 0].round().long().tolist()
                 assert sorted(got) == sorted(held), (t0, b, h)
                 if t0 >= budget + step:
-                    assert len(got) == budget + step  # exactly the budget, plus this step's tokens
+                    assert len(got) == budget - 1 + step  # the budget with the step's first token, and the rest
         kpos = keys[..., 0].round().long()  # (B, nkv, S)
         qpos = torch.arange(t0, t0 + step)
         seen_by = (kpos.unsqueeze(-2) <= qpos.view(-1, 1)).repeat_interleave(n_head // n_kv, dim=1)
@@ -58,7 +62,7 @@ def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, ste
             for h in range(n_kv):
                 for s, p in enumerate(keys[b, h, :, 0].round().long().tolist()):
                     ref[b][h][p] += group[b, h, s].item()
-    assert cache.tokens() == budget + step
+    assert cache.tokens() == budget - 1 + step
 
 
 COMBOS = [dict(), dict(n_kv_head=2), dict(n_kv_head=1, kv_share=2), dict(window=5, global_layers="1")]
@@ -91,20 +95,21 @@ def test_kept_keys_keep_their_distances():
         keep = sorted(c.pos_codes[0, 0].tolist() + c.pos_full.tolist())
         ref = forward_at(m, idx[:, keep], torch.tensor(keep))
         torch.testing.assert_close(logits[:, -1], ref[:, -1], **TOL)
-    assert len(keep) == 13 and keep[:2] == [0, 1] and keep[-4:] == [46, 47, 48, 49]
-    assert keep != [0, 1] + list(range(39, 50))  # not merely a window
+    assert len(keep) == 12 and keep[:2] == [0, 1] and keep[-3:] == [47, 48, 49]  # budget 12, the newest included
+    assert keep != [0, 1] + list(range(40, 50))  # not merely a window
 
 
 @pytest.mark.parametrize("sink", [0, 3])
 def test_window_policy_is_the_bounded_cache(sink):
-    # window eviction keeps `budget` tokens between decode steps; the step's query sees those
-    # and itself: the model's own ring buffer with kv_window = budget + 1 - sink
+    # a budget of N is a window of N: a decode step sees N tokens, itself included; the sinks
+    # count in the budget and come on top of kv_window
     m = tiny(n_kv_head=2)
     idx = text(T=45)
     budget = 10
-    ours, _ = feed(m, idx, 1, KVOptions(kv_evict="window", kv_budget=budget, kv_sink=sink).check())
-    ring, _ = feed(m, idx, 1, KVOptions(kv_window=budget + 1 - sink, kv_sink=sink))
+    ours, caches = feed(m, idx, 1, KVOptions(kv_evict="window", kv_budget=budget, kv_sink=sink).check())
+    ring, _ = feed(m, idx, 1, KVOptions(kv_window=budget - sink, kv_sink=sink))
     torch.testing.assert_close(ours, ring, **TOL)
+    assert caches[0].tokens() == budget
 
 
 def test_quantized_eviction_holds_codes_per_head():
@@ -113,8 +118,8 @@ def test_quantized_eviction_holds_codes_per_head():
                    kv_budget=16, kv_recent=4, kv_sink=1).check()
     _, caches = feed(m, text(T=60), 1, kv)
     c = caches[0]
-    assert c.tokens() == 17 and c.k_codes[0].dtype == torch.uint8 and c.k_codes[0].shape == (2, 2, 13, 4)
+    assert c.tokens() == 16 and c.k_codes[0].dtype == torch.uint8 and c.k_codes[0].shape == (2, 2, 12, 4)
     assert c.pos_full.tolist() == [56, 57, 58, 59]
     assert (c.pos_codes == 0).any(-1).all()  # every head kept its sink
-    bits = 2 * 2 * 2 * (13 * (8 * 4 + 2 * 16 * 2) + 4 * 8 * 32)  # k and v; B x nkv; codes+scales+zeros; residual
+    bits = 2 * 2 * 2 * (12 * (8 * 4 + 2 * 16 * 2) + 4 * 8 * 32)  # k and v; B x nkv; codes+scales+zeros; residual
     assert c.size_bits() == bits
