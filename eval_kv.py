@@ -1,36 +1,46 @@
 """
-The ruler for KV-cache compression: what a cache policy costs in bits per byte, next to the
-same model with a plain full-precision cache, on long contiguous stretches of the val split.
+The ruler for KV-cache compression: what a cache setting costs in bits per byte and what it
+saves in KV bits, next to the same model at the context it was trained for, on long
+contiguous stretches of the val split.
 
-    python eval_kv.py --out_dir=out-shakespeare-char-cpu                      # the plain cache
+    python eval_kv.py --out_dir=out-shakespeare-char-cpu                      # the reference alone
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=int4 --kv_quant_group=32
-    python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_evict=h2o --kv_budget=1024 --kv_recent=512 --kv_sink=4 --chunk=1
+    python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_evict=h2o --kv_budget=32 --kv_recent=16 --kv_sink=4 --chunk=1
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=mypkg.quant:quantize   # your own
-    python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=quick       # a couple of minutes
+    python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=quick       # a few minutes
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=full        # every format and policy
+    python eval_kv.py --out_dir=out-gqa --sweep=quick --baseline=out-shakespeare-char-cpu   # two models, one axis
     tensorboard --logdir=out-shakespeare-char-cpu
+
+The reference (--reference=natural) is the checkpoint at its natural context: a plain sliding
+window of its xl_mem tokens if it was trained with XL memory, else of its block_size, the
+most history it ever saw (read far past that a model is lost, not compressed);
+--reference=unbounded is a plain cache of the whole stream (bounded by kv_window/kv_sink if
+given). Every setting keeps the reference's history bound unless it sets its own kv_window.
+What caches keep in full precision (a plain cache, a quantization residual) is stored at
+--dtype, 16-bit by default as on a GPU.
 
 n_streams streams of stream_len bytes, at evenly spaced fixed offsets of the val split, are
 fed side by side, chunk bytes per forward (chunk=1 is exact decode: every byte is one step;
 the default, the checkpoint's block_size, is much faster but quantizes and evicts once per
-chunk). The plain cache's results do not depend on the chunk (up to float rounding), so its
-pass reads one stream at a time, each in one forward (512 bytes at a time if the attention
-is not the fused "softmax" kind); every compressed cache runs at `chunk`. Reported: bits
-per byte overall and per position bucket [0, block), [block, 2 block), [2 block, 4 block),
-...; the mean KL(plain || compressed) of the next-byte distributions, in bits; KV bits per
-token of the stream (peak KV bits / stream tokens, the x of the frontier), KV bits per
-cached token (at the end of the stream, summed over layers), peak KV bits, and the ratio
-of the peak to the peak of a 16-bit plain cache.
+chunk). The reference's results do not depend on the chunk (up to float rounding), so its
+pass reads one stream at a time in pieces (ReferencePass). Reported per setting: peak KV bits
+per stream, the most a token-by-token decoder holds at once (keys and values of every layer
+at their stored width), whatever the chunk (decoder_peak); bits per token (peak / tokens of
+the stream, the x of the frontier); x smaller (the baseline's peak / the row's); bits per
+byte, overall and per position bucket [0, block), [block, 2 block), [2 block, 4 block), ...;
+its change against the baseline; the mean KL(reference || setting) of the next-byte
+distributions, in bits. The baseline is this checkpoint's reference, or with --baseline=CKPT
+another checkpoint's natural reference on the same bytes (e.g. a plain multi-head model, so
+that different architectures land on one axis).
 A sweep writes eval_kv_<sweep>.csv, .md and .png (bits per byte against KV bits per token,
 the frontier marked) into out_dir, and the same scalars to TensorBoard (out_dir/eval_kv_<sweep>).
-kv_window/kv_sink bound the history of both caches (a model trained with XL memory sees no
-more); the compression options apply to the compressed cache only.
 """
-import csv
 import math
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -38,9 +48,13 @@ from torch.nn import functional as F
 
 from checkpoint import checkpoint_path, load_model
 from configurator import configure
+from attention import naive_attention
+from attention_linear import LinearState
+from kv.cache import Cache
 from kv.policy import KVOptions, unique
+from kv.report import frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_paths
-from utils import UserError, keep_freed_memory, pick_device, run_main
+from utils import UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote; sweep results are written here too
@@ -49,37 +63,49 @@ dataset = ""  # '' = the checkpoint's dataset; or a name under data/, or a folde
 n_streams = 4  # contiguous stretches of the val split, evaluated side by side
 stream_len = 4096  # bytes per stream
 chunk = 0  # bytes per forward (0 = the checkpoint's block_size; 1 = exact decode)
+reference = "natural"  # 'natural': a plain sliding window of the checkpoint's xl_mem, else block_size; 'unbounded': a plain cache of the whole stream
+baseline = ""  # what ratios and changes are against: '' = this checkpoint's reference; or another checkpoint (.pt file or out_dir) at its natural context
+dtype = "bfloat16"  # storage of what caches keep in full precision (plain cache, quantization residual): bfloat16, float16 or float32
 # KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
-# kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py; kv_window
-# and kv_sink bound the history of the plain cache too, the others apply to the compressed one
+# kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py, except
+# kv_window=-1: the reference's history bound (with --reference=unbounded, kv_window and
+# kv_sink bound the reference too)
 globals().update(KVOptions().settings())
 sweep = ""  # '' = the one setting above; 'quick' or 'full' = a named grid, written into out_dir
 device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
-threads = 0  # CPU threads for torch (0 = torch's default; 1 is faster on a machine busy with other work)
+threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 tensorboard = True  # sweeps: write the scalars to TensorBoard too
 # -----------------------------------------------------------------------------
 
-REF_CHUNK = 512  # bytes per forward of the plain cache's pass (unless the attention is fused)
+REF_CHUNK = 512  # bytes per forward of an unbounded reference's pass (unless the attention is fused)
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def sweep_settings(kind, L, group, residual):
-    """The named grids: a list of KVOptions fields (dicts), budgets as fractions of the stream
-    length L. h2o keeps half its budget as its recent window (the paper's split); with
-    quantization the residual fits in that half."""
-    quant = lambda f: dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=residual)
+def sweep_settings(kind, span, group, residual, bounded=False):
+    """The named grids: a list of KVOptions fields (dicts). Budgets are fractions of `span`,
+    the history the reference keeps (its window, or the whole stream); h2o keeps half its
+    budget as its recent window (the paper's split). A residual is lowered where it would
+    leave nothing to quantize (KVOptions.check): below the span less a key group, and with
+    eviction inside the recent half. bounded: the reference has a window, and the grid shows
+    the plain unbounded cache too (the same model read past its training context)."""
+    def quant(f, r=residual):
+        g = group if f in ("int4", "int2") else 1
+        return dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=max(min(r, span - g), 0))
 
     def evict(policy, frac, sink, fmt="none"):
-        b = max(1, round(frac * L))
+        b = max(round(frac * span), 2 * sink + 2)  # room for the sinks and a recent half
         s = dict(kv_evict=policy, kv_budget=b, kv_sink=sink, kv_recent=b // 2 if policy == "h2o" else 0)
         if fmt != "none":
-            s.update(quant(fmt), kv_quant_residual=min(residual, b // 2))
+            s.update(quant(fmt, min(residual, b // 2 - 1)))
         return s
 
+    head = [dict()] + ([dict(kv_window=0)] if bounded else [])
     if kind == "quick":
-        return [dict(), quant("int8"), quant("int4"), quant("int2"), evict("window", 0.25, 4),
-                evict("h2o", 0.25, 4), evict("h2o", 0.25, 4, "int4")]
+        return head + [quant("int8"), quant("int4"), quant("int2"), evict("window", 0.25, 4),
+                       evict("h2o", 0.25, 4), evict("h2o", 0.25, 4, "int4")]
     if kind == "full":
-        grid = [dict()] + [quant(f) for f in ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")]
+        grid = head + [quant(f) for f in ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")]
+        grid += [quant(f, residual // 4) for f in ("int4", "int2")]
         grid += [evict(p, frac, s) for p in ("window", "h2o") for frac in (0.5, 0.25, 0.125) for s in (0, 4)]
         grid += [evict("h2o", 0.25, 4, f) for f in ("int8", "fp8_e4m3", "int4", "int2")]
         grid += [evict("h2o", frac, 4, "int4") for frac in (0.5, 0.125)] + [evict("window", 0.25, 4, "int4")]
@@ -104,13 +130,6 @@ def buckets(block, L):
         edges.append(min(e, L))
         e *= 2
     return list(zip(edges[:-1], edges[1:]))
-
-
-def cache_bits(caches, B):
-    """Bits held by all caches (a shared cache once), and the bits one token costs in all of them."""
-    uniq = unique(caches)
-    per_token = sum(c.size_bits() / (B * c.tokens()) for c in uniq if c.tokens())
-    return sum(c.size_bits() for c in uniq), per_token
 
 
 class Progress:
@@ -138,160 +157,174 @@ class Progress:
         print(("\r" if self.tty else "") + line.ljust(78), end=end, file=sys.stderr, flush=True)
 
 
+def label(kv, reference=None):
+    """A row's name: what the cache does (KVOptions.describe) and the history it may keep."""
+    what = kv.describe() if kv.compressed else (f"trim {kv.kv_trim}" if kv.kv_trim else "plain")
+    sink = f" + sink {kv.kv_sink}" if kv.kv_sink and kv.kv_evict == "none" else ""  # (eviction names its own)
+    bound = f"window {kv.kv_window}{sink}" if kv.kv_window > 0 else "unbounded"
+    return f"{what}, {bound}" + (" (reference)" if kv == reference else "")
+
+
 @torch.no_grad()
-def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None):
+def decoder_peak(model, kv, L, dtype=torch.bfloat16):
+    """Peak KV bits per stream of a token-by-token decoder with kv's caches (KVOptions) over L
+    tokens. What a cache holds depends on its rules and on how many tokens it has read, not
+    on their values, so zeros stand in for the model's keys and values (and their uniform
+    attention for H2O's scores), one token at a time, whatever chunk the model was fed in;
+    layers whose caches are built alike hold alike, so one cache stands in for each kind."""
+    c = model.config
+    p = next(model.parameters())
+    caches = kv.make_caches(model, 1, capacity=L, dtype=dtype)
+    kinds = {}  # (attention kind, local?) -> the caches of those layers (one per kv_share group)
+    for i in range(0, c.n_layer, c.kv_share):
+        kinds.setdefault((c.kind(i), c.is_local(i)), []).append(caches[i])
+    fixed = sum(len(g) * g[0].size_bits() for g in kinds.values() if isinstance(g[0], LinearState))
+    stand_ins = [(g[0], len(g)) for g in kinds.values() if not isinstance(g[0], LinearState)]
+    z = torch.zeros(1, c.kv_heads, 1, c.head_dim, dtype=p.dtype, device=p.device)  # (B, nkv, T, hs)
+    q = torch.zeros(1, c.n_head, 1, c.head_dim, dtype=p.dtype, device=p.device)  # (B, nh, T, hs)
+    peak = fixed
+    for _ in range(horizon(kv, c, L)):
+        for cache, _ in stand_ins:
+            k, v, mask = cache.update(z, z)
+            if type(cache).attend is not Cache.attend:  # a cache that reads the attention (H2O)
+                cache.attend(naive_attention, q, k, v, mask)
+        peak = max(peak, fixed + sum(n * cache.size_bits() for cache, n in stand_ins))
+    return peak
+
+
+def horizon(kv, config, L):
+    """Tokens after which the held bits of kv's caches only repeat: a bounded cache (a window
+    or a budget in every softmax layer) has gone through every state it will be in after its
+    first kv_sink + window + kv_budget + kv_quant_residual + key group tokens (its residual
+    and key groups cycle from there); twice that, with a margin. L if unbounded."""
+    windows = [kv.kv_window if kv.kv_window > 0 else (config.window if config.is_local(i) else 0)
+               for i in range(config.n_layer) if config.kind(i) != "linear"]
+    if kv.kv_trim or (kv.kv_evict == "none" and not all(windows)):
+        return L
+    quant = (kv.kv_quant_residual + kv.key_group()) if kv.kv_quant != "none" else 0
+    span = kv.kv_sink + max(windows, default=0) + kv.kv_budget + quant
+    return min(L, 2 * span + 64)
+
+
+class ReferencePass:
+    """The reference cache's pass over x, y (B, L), one stream at a time (as fast as all side
+    by side, 1/B of the memory), in pieces: about its window when it has one (each piece then
+    attends over at most window + piece keys: O(L x window), not O(L^2)); a whole stream when
+    it is unbounded and the attention is the fused "softmax" kind (no L x L matrix in memory);
+    else REF_CHUNK bytes. logprobs(a, b) hands out the log-probabilities (B, b - a, V) of
+    bytes a..b-1, computing pieces as needed and forgetting those before a."""
+
+    def __init__(self, model, x, y, kv, dtype=torch.bfloat16):
+        self.model, self.x, self.y, self.kv, self.dtype = model, x, y, kv, dtype
+        B, L = x.shape
+        w = max(kv.kv_window, 0)
+        self.piece = min(L, max(w, 64) if w else (L if model.config.attention == "softmax" else REF_CHUNK))
+        self.states = [None] * B  # each stream's caches, alive while the stream is read
+        self.nll = torch.zeros(B, L)
+        self.lp, self.start, self.end, self.seconds = None, 0, 0, 0.0
+
+    def logprobs(self, a, b):
+        B, L = self.x.shape
+        dev = next(self.model.parameters()).device
+        while self.end < b:
+            t0 = time.perf_counter()
+            s, e = self.end, min(self.end + self.piece, L)
+            lps = []
+            for i in range(B):
+                if self.states[i] is None:
+                    self.states[i] = self.kv.make_caches(self.model, 1, capacity=L, dtype=self.dtype)
+                logits, self.states[i] = self.model(self.x[i:i + 1, s:e].to(dev), self.states[i])
+                lps.append(F.log_softmax(logits.float(), dim=-1))
+                if e == L:
+                    self.states[i] = None  # read to the end: its memory serves the next stream
+            lp = torch.cat(lps)  # (B, e - s, V)
+            self.nll[:, s:e] = -lp.gather(-1, self.y[:, s:e].to(dev).unsqueeze(-1)).squeeze(-1).cpu()
+            if self.lp is not None:
+                lp = torch.cat([self.lp[:, a - self.start:], lp], dim=1)
+                s = a
+            self.lp, self.start, self.end = lp, s, e
+            self.seconds += time.perf_counter() - t0
+        return self.lp[:, a - self.start:b - self.start]
+
+
+@torch.no_grad()
+def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, dtype=torch.bfloat16):
     """Feed x (B, L) chunk bytes at a time through the reference cache (KVOptions) and, in
-    lockstep, through each setting's cache (a list of KVOptions; one that compresses nothing
-    is the reference itself, computed once). Returns one dict of results per setting."""
+    lockstep, through each setting's cache (a list of KVOptions; a setting equal to the
+    reference is the reference itself, computed once); full precision is stored at dtype.
+    Returns one dict of results per setting (see the module docstring), against the
+    reference as the baseline (rebase() puts them against another)."""
     B, L = x.shape
-    ref_states = [None] * B  # the reference cache of each stream, alive while the stream is read
-    runs = []
-    for kv in settings:
-        states = kv.make_caches(model, B, capacity=L) if kv.compressed or kv.kv_trim else None
-        runs.append(dict(name=kv.describe(), states=states, nll=torch.zeros(B, L), kl=torch.zeros(B, L),
-                         peak=0, per_cached=0.0, seconds=0.0))
-    ref = dict(nll=torch.zeros(B, L), peak=0, per_cached=0.0, seconds=0.0)
     dev = next(model.parameters()).device
-    # the plain cache's results do not depend on how the text is fed (up to float rounding):
-    # with fused attention (no T x S matrix in memory) it reads a whole stream per forward,
-    # otherwise REF_CHUNK bytes at a time; both are faster than small chunks. One stream at a
-    # time: the same speed as all side by side, 1/B of the memory (and of the fresh pages
-    # the first pass page-faults in)
-    ref_step = L if model.config.attention == "softmax" else min(L, chunk * -(-REF_CHUNK // chunk))
+    ref = ReferencePass(model, x, y, reference, dtype)
+    runs = [dict(kv=kv, states=None if kv == reference else kv.make_caches(model, B, capacity=L, dtype=dtype),
+                 nll=torch.zeros(B, L), kl=torch.zeros(B, L), seconds=0.0) for kv in settings]
     for a in range(0, L, chunk):
         xa, ya = x[:, a:a + chunk].to(dev), y[:, a:a + chunk].to(dev)
-        if a % ref_step == 0:
-            t0 = time.perf_counter()
-            lps, bits = [], []
-            for b in range(B):
-                if a == 0:
-                    ref_states[b] = reference.make_caches(model, 1, capacity=L)
-                logits, ref_states[b] = model(x[b:b + 1, a:a + ref_step].to(dev), ref_states[b])
-                lps.append(F.log_softmax(logits.float(), dim=-1))
-                bits.append(cache_bits(ref_states[b], 1))
-                if a + ref_step >= L:
-                    ref_states[b] = None  # read to the end: its memory serves the next stream
-            ref_lp, seg = torch.cat(lps), a
-            yr = y[:, a:a + ref_step].to(dev)
-            ref["nll"][:, a:a + ref_step] = -ref_lp.gather(-1, yr.unsqueeze(-1)).squeeze(-1).cpu()
-            ref["seconds"] += time.perf_counter() - t0
-            ref["peak"] = max(ref["peak"], sum(total for total, _ in bits))
-            ref["per_cached"] = bits[0][1]
-        lp_ref = ref_lp[:, a - seg:a - seg + chunk]
+        lp_ref = ref.logprobs(a, a + xa.size(1))
         for run in runs:
             if run["states"] is None:
-                continue  # the plain cache: filled in from the reference below
+                continue  # the reference: filled in below
             t0 = time.perf_counter()
-            logits, run["states"] = model(xa, run["states"])
+            logits, run["states"] = model(xa, run["states"])  # a decode step at chunk = 1
             lp = F.log_softmax(logits.float(), dim=-1)
             run["nll"][:, a:a + chunk] = -lp.gather(-1, ya.unsqueeze(-1)).squeeze(-1).cpu()
             run["kl"][:, a:a + chunk] = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp(min=0).cpu()
             run["seconds"] += time.perf_counter() - t0
-            _track(run, run["states"], B)
         if progress is not None:
             progress.step(f"{min(a + chunk, L)}/{L} bytes")
-    bits16 = ref["peak"] * 16 / (8 * next(model.parameters()).element_size())
+    peaks = {}
+    for kv in [reference] + list(settings):
+        if kv not in peaks:
+            peaks[kv] = decoder_peak(model, kv, L, dtype)
     ln2 = math.log(2)
-    bpb_ref = ref["nll"].mean().item() / ln2
+    bpb_ref = ref.nll.mean().item() / ln2
     results = []
     for run in runs:
+        kv = run["kv"]
         if run["states"] is None:
-            run.update(nll=ref["nll"], peak=ref["peak"], per_cached=ref["per_cached"], seconds=ref["seconds"])
-        bpb = run["nll"].mean().item() / ln2
-        r = dict(setting=run["name"], bpb=bpb, bpb_ref=bpb_ref, delta_pct=100 * (bpb / bpb_ref - 1),
-                 kl_bits=run["kl"].mean().item() / ln2, kv_bits_per_token=run["peak"] / (B * L),
-                 kv_bits_per_cached_token=run["per_cached"], kv_bits_peak=run["peak"],
-                 ratio_16bit=run["peak"] / bits16, bytes_per_s=B * L / max(run["seconds"], 1e-9))
+            run.update(nll=ref.nll, seconds=ref.seconds)
+        r = dict(setting=label(kv, reference), kv_bits_peak=peaks[kv], kv_bits_per_token=peaks[kv] / L,
+                 x_smaller=None, bpb=run["nll"].mean().item() / ln2, delta_pct=None,
+                 kl_bits=run["kl"].mean().item() / ln2)
         for lo, hi in buckets(block, L):
             r[f"bpb[{lo},{hi})"] = run["nll"][:, lo:hi].mean().item() / ln2
+        r.update(bpb_ref=bpb_ref, kv_bits_peak_ref=peaks[reference], bytes_per_s=B * L / max(run["seconds"], 1e-9))
         results.append(r)
+    return rebase(results, label(reference), peaks[reference], bpb_ref)
+
+
+def rebase(results, name, peak, bpb):
+    """Put each row against a baseline (its name, peak KV bits per stream and bits per byte):
+    x_smaller = the baseline's peak / the row's, delta_pct = the change in bits per byte."""
+    for r in results:
+        r.update(x_smaller=peak / r["kv_bits_peak"], delta_pct=100 * (r["bpb"] / bpb - 1),
+                 baseline=name, bpb_base=bpb, kv_bits_peak_base=peak)
     return results
 
 
-def _track(run, states, B):
-    bits, per_token = cache_bits(states, B)
-    run["peak"] = max(run["peak"], bits)
-    run["per_cached"] = per_token  # at the end of the stream
+def reference_options(config, how, kv_window=-1, kv_sink=0, say=print):
+    """The reference cache for a checkpoint's saved config: 'natural' = a plain sliding window
+    of the most history it was trained with (xl_mem, else block_size); 'unbounded' = a plain
+    cache bounded only by kv_window/kv_sink (-1: an XL model's xl_mem, else no bound)."""
+    if how == "unbounded":
+        return KVOptions(kv_window=kv_window, kv_sink=kv_sink).for_checkpoint(config, say)
+    if how != "natural":
+        raise UserError(f"--reference={how!r}: choose natural or unbounded")
+    n = int(config.get("xl_mem", 0) or 0) or int(config.get("block_size", 0) or 0)
+    if not n:
+        raise UserError("the checkpoint does not record its block_size (or xl_mem), so its natural context "
+                        "is unknown: pass --reference=unbounded")
+    return KVOptions(kv_window=n)
 
 
-def frontier(results):
-    """Indices of the settings no other beats on both KV bits per token and bits per byte."""
-    order = sorted(range(len(results)), key=lambda i: (results[i]["kv_bits_per_token"], results[i]["bpb"]))
-    best, keep = float("inf"), []
-    for i in order:
-        if results[i]["bpb"] < best:
-            best = results[i]["bpb"]
-            keep.append(i)
-    return set(keep)
-
-
-def markdown(results, title):
-    """The results as markdown: the frontier table, the settings within 1%, the buckets."""
-    front = frontier(results)
-    lines = [f"### {title}", "", "| setting | KV bits/token | bits/cached token | peak vs 16-bit cache | "
-             "bits/byte | vs plain | KL (bits) | frontier |", "|---|---:|---:|---:|---:|---:|---:|:---:|"]
-    for i, r in enumerate(results):
-        lines.append(f"| {r['setting']} | {r['kv_bits_per_token']:,.0f} | {r['kv_bits_per_cached_token']:,.0f} | "
-                     f"{r['ratio_16bit']:.3f} | {r['bpb']:.4f} | {r['delta_pct']:+.2f}% | {r['kl_bits']:.5f} | "
-                     f"{'*' if i in front else ''} |")
-    # within 1% either way: a setting that lowers bits per byte by more has changed the model
-    # (e.g. cut a history it cannot use), it has not kept it
-    close = [r["setting"] for r in results if abs(r["delta_pct"]) <= 1.0]
-    lines += ["", f"Within 1% of the plain cache's {results[0]['bpb_ref']:.4f} bits per byte: "
-              + (", ".join(close) if close else "none") + ".", ""]
-    cols = [k for k in results[0] if k.startswith("bpb[")]
-    lines += ["| setting | " + " | ".join(c[3:] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
-    lines += [f"| {r['setting']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for r in results]
-    return "\n".join(lines) + "\n"
-
-
-def plot(results, path, title):
-    """bits per byte against KV bits per token (log scale), the frontier joined in red."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    xs = [r["kv_bits_per_token"] for r in results]
-    ys = [r["bpb"] for r in results]
-    ax.scatter(xs, ys, color="tab:blue", zorder=2)
-    for r, x_, y_ in zip(results, xs, ys):
-        ax.annotate(r["setting"], (x_, y_), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    front = sorted(frontier(results), key=lambda i: xs[i])
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="tab:red", label="frontier", zorder=3)
-    ax.axhline(results[0]["bpb_ref"], color="gray", ls="--", lw=1, label="plain cache")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("KV bits per token of the stream (peak KV bits / tokens)")
-    ax.set_ylabel("bits per byte")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(results, prefix, title, use_tb):
-    """prefix.csv, prefix.md, prefix.png and TensorBoard scalars in the folder prefix/."""
-    with open(prefix + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(results[0]))
-        w.writeheader()
-        w.writerows(results)
-    md = markdown(results, title)
-    with open(prefix + ".md", "w") as f:
-        f.write(md)
-    plot(results, prefix + ".png", title)
-    if use_tb:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
-        except ImportError:
-            print("note: tensorboard is not installed; no TensorBoard scalars written", file=sys.stderr)
-            return md
-        with SummaryWriter(prefix) as tb:
-            for i, r in enumerate(results):  # step = the setting's row in the table
-                for k in ("bpb", "kl_bits", "kv_bits_per_token", "ratio_16bit", "delta_pct"):
-                    tb.add_scalar(f"eval_kv/{k}", r[k], i)
-                tb.add_scalar("eval_kv/bpb_vs_kv_bits_per_token", r["bpb"], round(r["kv_bits_per_token"]))
-            tb.add_text("eval_kv/table", md)
-    return md
+def load_baseline(where, dev, say):
+    """--baseline: a checkpoint (a .pt file, or an out_dir holding ckpt.pt), its model and its
+    natural reference."""
+    path = where if where.endswith(".pt") else checkpoint_path(where, "ckpt")
+    model, ckpt = load_model(path, dev)
+    model.eval()
+    return path, model, reference_options(ckpt.get("config") or {}, "natural", say=say)
 
 
 def main():
@@ -300,21 +333,19 @@ def main():
     for name, value, low in (("n_streams", n_streams, 1), ("stream_len", stream_len, 1), ("chunk", chunk, 0)):
         if value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype={dtype!r}: choose {', '.join(DTYPES)}")
+    if reference not in ("natural", "unbounded"):
+        raise UserError(f"--reference={reference!r}: choose natural or unbounded")
     path = checkpoint_path(out_dir, checkpoint_name)
     kv = KVOptions.from_settings(globals()).check()
-    if sweep:
-        if kv.compressed or kv_budget or kv_recent or kv_trim:
-            raise UserError(f"--sweep={sweep} runs its own grid of kv_quant/kv_evict settings; drop them "
-                            "(kv_quant_group and kv_quant_residual do apply to the grid)")
-        grid = [dict(s, kv_window=kv_window, kv_sink=s.get("kv_sink", kv_sink))
-                for s in sweep_settings(sweep, stream_len, kv_quant_group, kv_quant_residual)]
-        settings = [KVOptions(**s).check() for s in grid]
-    else:
-        settings = [KVOptions(kv_window=kv_window, kv_sink=kv_sink)] + ([kv] if kv.compressed or kv_trim else [])
-    if threads < 0:
-        raise UserError(f"--threads must be 0 (torch's default) or more, got {threads}")
-    if threads:
-        torch.set_num_threads(threads)
+    if sweep and (kv.compressed or kv_budget or kv_recent or kv_trim):
+        raise UserError(f"--sweep={sweep} runs its own grid of kv_quant/kv_evict settings; drop them "
+                        "(kv_quant_group and kv_quant_residual do apply to the grid)")
+    # optional packages are looked for now, not when the long run's results are written
+    png = bool(sweep) and has_module("matplotlib", "the sweep writes no .png")
+    use_tb = bool(sweep) and tensorboard and has_module("tensorboard", "no TensorBoard scalars are written")
+    thread_words = use_threads(threads)
     dev = pick_device(device)
     model, ckpt = load_model(path, dev)
     model.eval()
@@ -326,23 +357,45 @@ def main():
     block = int(config.get("block_size", 0) or 256)
     step = chunk or block
     say = lambda line: print(line, file=sys.stderr)
-    settings = [s.for_checkpoint(config, say=lambda line: None) for s in settings]
-    reference = KVOptions(kv_window=kv_window, kv_sink=kv_sink).for_checkpoint(config, say)
-    window = reference.kv_window
+    ref_kv = reference_options(config, reference, kv_window, kv_sink, say)
+    window = ref_kv.kv_window
+    bound = lambda s: (replace(s, kv_window=window) if s.kv_window == -1 else s).check()  # -1: the reference's
+    if sweep:
+        grid = sweep_settings(sweep, window or stream_len, kv_quant_group, kv_quant_residual, bounded=window > 0)
+        settings = [bound(KVOptions(**dict(dict(kv_window=kv_window, kv_sink=kv_sink), **s))) for s in grid]
+        lowered = sorted({s.kv_quant_residual for s in settings if s.kv_quant != "none"} - {kv_quant_residual})
+        if lowered:
+            say(f"note: the grid lowers kv_quant_residual={kv_quant_residual} to {', '.join(map(str, lowered))} "
+                "where it would leave nothing to quantize (each row's /r says which)")
+    else:
+        settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
+    for note in dict.fromkeys(s.local_residual(model.config)[1] for s in settings):
+        if note:
+            say(note)
+    dt = DTYPES[dtype]
     x, y = load_streams(val_path, n_streams, stream_len)
     # a dry run of every setting on 2 bytes: an error that depends on the model (or sits in a
     # user's plug-in) shows in seconds, not after the long run
-    evaluate(model, x[:1, :2], y[:1, :2], settings, 1, reference, block)
-    print(f"{path}: {n_streams} streams x {stream_len:,} bytes of {val_path}, chunk {step}, "
-          f"block {block}, history bound {window or 'none'}, device {dev}", file=sys.stderr)
-    progress = Progress(len(range(0, stream_len, step)), sweep or "eval_kv")
-    results = evaluate(model, x, y, settings, step, reference, block, progress)
+    evaluate(model, x[:1, :2], y[:1, :2], settings, 1, ref_kv, block, dtype=dt)
+    base = load_baseline(baseline, dev, say) if baseline else None
+    if base:
+        evaluate(base[1], x[:1, :2], y[:1, :2], [base[2]], 1, base[2], block, dtype=dt)
+    print(f"{path}: {n_streams} streams x {stream_len:,} bytes of {val_path}, chunk {step}, block {block}, "
+          f"reference {label(ref_kv)} (history bound {window or 'none'}), full precision stored at {dtype}, "
+          f"device {dev}" + (f", {thread_words}" if dev == "cpu" else ""), file=sys.stderr)
+    progress = Progress(len(range(0, stream_len, step)) * (2 if base else 1), sweep or "eval_kv")
+    results = evaluate(model, x, y, settings, step, ref_kv, block, progress, dt)
+    if base:
+        base_path, base_model, base_kv = base
+        [b] = evaluate(base_model, x, y, [base_kv], step, base_kv, block, progress, dt)
+        rebase(results, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
     title = (f"{os.path.basename(os.path.normpath(out_dir))}/{os.path.basename(path)}: "
-             f"{n_streams} x {stream_len} bytes, chunk {step}")
+             f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}")
     if sweep:
         prefix = os.path.join(out_dir, f"eval_kv_{sweep}")
-        print(write_outputs(results, prefix, title, tensorboard))
-        print(f"wrote {prefix}.csv, {prefix}.md, {prefix}.png" + (f" and TensorBoard scalars in {prefix}/" if tensorboard else ""))
+        print(write_outputs(results, prefix, title, use_tb, png))
+        print(f"wrote {prefix}.csv, {prefix}.md" + (f", {prefix}.png" if png else "")
+              + (f" and TensorBoard scalars in {prefix}/" if use_tb else ""))
     else:
         print(markdown(results, title))
         for r in results:

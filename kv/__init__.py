@@ -6,4 +6,5 @@ The KV-cache family: what attention layers remember of the text, and how it is c
   evict.py   eviction to a token budget: recency (window) or attention score (h2o)
   xl.py      TransformerXL memory for training
   policy.py  KVOptions: every kv_* option of the scripts, and the caches they make
+  report.py  eval_kv's tables, CSV, frontier plot and TensorBoard scalars
 """

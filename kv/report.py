@@ -1,0 +1,97 @@
+"""
+The ruler's outputs: eval_kv's results (one dict per cache setting, see eval_kv.evaluate) as a
+markdown table, a CSV file, a PNG of the frontier and TensorBoard scalars.
+
+    from kv.report import frontier, markdown, write_outputs
+    print(markdown(results, "my run"))
+    write_outputs(results, "out/eval_kv_quick", "my run", use_tb=True)   # .csv, .md, .png, TensorBoard
+"""
+
+import csv
+
+
+def frontier(results):
+    """Indices of the settings no other beats on both KV bits per token and bits per byte."""
+    order = sorted(range(len(results)), key=lambda i: (results[i]["kv_bits_per_token"], results[i]["bpb"]))
+    best, keep = float("inf"), []
+    for i in order:
+        if results[i]["bpb"] < best:
+            best = results[i]["bpb"]
+            keep.append(i)
+    return set(keep)
+
+
+def markdown(results, title):
+    """The results as markdown: the table with the frontier marked, the baseline, the
+    settings within 1% of it, and bits per byte by position bucket."""
+    front = frontier(results)
+    base = results[0]
+    lines = [f"### {title}", "",
+             "| setting | peak KV bits/stream | bits/token | x smaller | bits/byte | vs baseline | KL (bits) | frontier |",
+             "|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for i, r in enumerate(results):
+        lines.append(f"| {r['setting']} | {r['kv_bits_peak']:,} | {r['kv_bits_per_token']:,.2f} | "
+                     f"{r['x_smaller']:.2f} | {r['bpb']:.4f} | {r['delta_pct']:+.2f}% | {r['kl_bits']:.5f} | "
+                     f"{'*' if i in front else ''} |")
+    lines += ["", f"Baseline: {base['baseline']}, {base['bpb_base']:.4f} bits per byte, "
+              f"{base['kv_bits_peak_base']:,} peak KV bits per stream. Peak KV bits: the most a token-by-token "
+              "decoder holds at once (every layer's keys and values), whatever the chunk; bits/token = peak / "
+              "tokens of the stream; x smaller = the baseline's peak / the row's; KL from this checkpoint's "
+              "reference."]
+    # within 1% either way: a setting that lowers bits per byte by more has changed the model
+    # (e.g. cut a history it cannot use), it has not kept it
+    close = [f"`{r['setting']}`" for r in results if abs(r["delta_pct"]) <= 1.0]  # quoted: a setting may be `none`
+    lines += ["", f"Within 1% of the baseline's {base['bpb_base']:.4f} bits per byte: "
+              + (", ".join(close) if close else "no setting") + ".", ""]
+    cols = [k for k in results[0] if k.startswith("bpb[")]
+    lines += ["| setting | " + " | ".join(c[3:] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    lines += [f"| {r['setting']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results, path, title):
+    """bits per byte against KV bits per token (log scale), the frontier joined in red and
+    labelled (every setting is in the .md table; labels on all points would overlap)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xs = [r["kv_bits_per_token"] for r in results]
+    ys = [r["bpb"] for r in results]
+    ax.scatter(xs, ys, color="tab:blue", zorder=2, label="other settings")
+    front = sorted(frontier(results), key=lambda i: xs[i])
+    for n, i in enumerate(front):  # neighbours' labels alternate below and above the line
+        ax.annotate(results[i]["setting"], (xs[i], ys[i]), fontsize=7, textcoords="offset points",
+                    xytext=(5, -11 if n % 2 else 5))
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="tab:red", label="frontier", zorder=3)
+    ax.axhline(results[0]["bpb_base"], color="gray", ls="--", lw=1, label=f"baseline: {results[0]['baseline']}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV bits per token of the stream (a decoder's peak KV bits / tokens)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(results, prefix, title, use_tb, png=True):
+    """prefix.csv, prefix.md, prefix.png (with png) and TensorBoard scalars in the folder prefix/."""
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(results[0]))
+        w.writeheader()
+        w.writerows(results)
+    md = markdown(results, title)
+    with open(prefix + ".md", "w") as f:
+        f.write(md)
+    if png:
+        plot(results, prefix + ".png", title)
+    if use_tb:
+        from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
+        with SummaryWriter(prefix) as tb:
+            for i, r in enumerate(results):  # step = the setting's row in the table
+                for k in ("bpb", "kl_bits", "kv_bits_per_token", "x_smaller", "delta_pct"):
+                    tb.add_scalar(f"eval_kv/{k}", r[k], i)
+                tb.add_scalar("eval_kv/bpb_vs_kv_bits_per_token", r["bpb"], round(r["kv_bits_per_token"]))
+            tb.add_text("eval_kv/table", md)
+    return md
