@@ -81,14 +81,18 @@ def resolve_attention(name):
     if ":" not in name:
         raise UserError(f"unknown attention {name!r}: choose one of {KINDS} "
                         "or give your own as package.module:function")
-    return _user_attention(import_function(name, "attention"))
+    return _user_attention(import_function(name, "attention"), name)
 
 
-def _user_attention(fn):
+def _user_attention(fn, name):
     # a user's function gets the simplest contract: as many K/V heads as query heads
     # and a materialized bool mask (B|1, nh|1, T, S)
     def attend(q, k, v, mask=None, dropout_p=0.0):
         nh, T, S = q.size(1), q.size(2), k.size(2)
         m = _mask_for_heads(materialize_mask(mask, T, S, q.device), nh)
-        return fn(q, expand_kv(k, nh), expand_kv(v, nh), m, dropout_p)
+        y = fn(q, expand_kv(k, nh), expand_kv(v, nh), m, dropout_p)
+        if not torch.is_tensor(y) or y.shape != q.shape:  # said here, not as a shape error deep in the model
+            raise UserError(f"--attention={name} returned {tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}"
+                            f"; it must return a tensor shaped like q, {tuple(q.shape)} (B, nh, T, hs)")
+        return y
     return attend

@@ -3,8 +3,14 @@ Checkpoint I/O in the tutorial's format, and conversions between attention layou
 
 A checkpoint is a torch.save'd dict: "model" (state dict), "optimizer", "model_args",
 "config", plus what a resume needs ("iter_num", "best_val_loss", "scaler", "rng",
-"loader"). It holds only tensors, dicts, lists and plain values, so it is read with
-torch.load(weights_only=True): a downloaded file cannot run code.
+"loader"), and "crc32", a checksum of each of these. Reading one is safe with any file:
+  - it is data, never code: torch.load(weights_only=True) builds only tensors, dicts, lists
+    and plain values, and a plug-in its model_args name (attention="package.module:function")
+    is imported only if the user gives the same name on the command line;
+  - its sizes are checked against its tensors before a model is built, so a small file
+    cannot make us allocate a big model;
+  - damage is found: the checksums are verified on every read (a checkpoint without them,
+    e.g. the tutorial's own, loads with a note), and each failure is one line naming the file.
 
     from checkpoint import load_model
     model, ckpt = load_model("out-shakespeare-char/ckpt.pt", "cpu")
@@ -12,10 +18,14 @@ torch.load(weights_only=True): a downloaded file cannot run code.
 
 import os
 import pickle
-import zipfile
+import re
+import sys
+import zlib
+from dataclasses import fields
 
 import torch
 
+from loader import DATA_DIR, dataset_paths
 from model import ARCH_KEYS, GPT, MODEL_ARG_KEYS, GPTConfig
 from utils import UserError, atomic_torch_save
 
@@ -25,22 +35,138 @@ def checkpoint_path(out_dir, name):
     return os.path.join(out_dir, name if name.endswith(".pt") else name + ".pt")
 
 
-def read_checkpoint(path, device="cpu"):
-    """The checkpoint dict at path, or one clear UserError that names the file."""
+_NOTED = set()  # files already reported as having no checksum
+
+
+def read_checkpoint(path):
+    """The checkpoint dict at path (tensors on the CPU), its layout and checksums checked;
+    or one clear UserError that names the file."""
+    path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder, not a checkpoint file")
         raise UserError(f"checkpoint {path} not found: train one with `python train.py config/...` "
                         f"(out_dir={os.path.dirname(path) or '.'}) or download the pretrained one (see README)")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a plain checkpoint and was refused (weights_only load: {first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is corrupt or truncated ({first[:160]}); use another checkpoint or retrain") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or "model_args" not in ckpt:
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the file asked to import
+        if code:
+            raise UserError(f"{path} was refused: it asks to load {code.group(1)}, which is code, not data "
+                            "(a checkpoint holds tensors and plain values only); nothing in it was run") from None
+        why = str(e).partition("WeightsUnpickler error:")[2] or str(e)  # past torch's generic preamble
+        raise UserError(f"{path} is corrupt or not a checkpoint ({_first_line(why)}); "
+                        "use another checkpoint or retrain") from None
+    except Exception as e:  # whatever a damaged file makes the reader raise (KeyError, IndexError, ...)
+        raise UserError(f"{path} is corrupt or truncated ({_first_line(e)}); use another checkpoint or retrain") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
+            not isinstance(ckpt.get("model_args"), dict):
         raise UserError(f"{path} is not a checkpoint of this project (expected a dict with 'model' and 'model_args')")
+    for key, kinds in (("config", dict), ("optimizer", dict), ("iter_num", int), ("best_val_loss", (int, float)),
+                       ("crc32", dict)):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], kinds):
+            raise UserError(f"{path} is corrupt: its {key!r} is a {type(ckpt[key]).__name__}")
+    bad = [k for k, v in ckpt["model"].items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if bad:
+        raise UserError(f"{path} is corrupt: model entry {bad[0]!r} is not a named tensor")
+    sums = ckpt.pop("crc32", None)
+    if sums is None:
+        if path not in _NOTED:  # the tutorial's checkpoints, and ours from before checksums
+            _NOTED.add(path)
+            print(f"note: {path} has no checksum (written by another program or an older version); "
+                  "it is loaded without a check for damage", file=sys.stderr)
+    else:
+        wrong = sorted(set(sums) ^ set(ckpt)) or [k for k in sorted(ckpt) if sums[k] != checksum(ckpt[k])]
+        if wrong:
+            raise UserError(f"{path} is corrupt: checksum mismatch in {', '.join(map(str, wrong))} (the file changed "
+                            "after it was written); use another checkpoint (e.g. last.pt or ckpt.pt) or retrain")
     return ckpt
+
+
+def _first_line(e):
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def checksum(value):
+    """CRC-32 of a checkpoint entry, as 8 hex digits: tensors by dtype, shape and bytes,
+    containers item by item, plain values by repr. It finds accidental damage (a disk, a
+    copy); it is no defence against a forger, who can recompute it."""
+    return f"{_crc(value, 0):08x}"
+
+
+def _crc(value, crc):
+    if torch.is_tensor(value):
+        t = value.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f"{t.dtype}{tuple(value.shape)}".encode(), crc)
+        return zlib.crc32(t.view(torch.uint8).numpy(), crc)
+    if isinstance(value, dict):
+        for k in sorted(value, key=repr):
+            crc = _crc(value[k], zlib.crc32(repr(k).encode(), crc))
+        return crc
+    if isinstance(value, (list, tuple)):
+        crc = zlib.crc32(f"[{len(value)}".encode(), crc)
+        for v in value:
+            crc = _crc(v, crc)
+        return crc
+    return zlib.crc32(repr(value).encode(), crc)
+
+
+def _saved_config(saved, sd, path):
+    """The GPTConfig of a checkpoint's model_args, checked against its state dict sd before
+    anything is allocated: value types, then width and depth (so a 400 KB file cannot ask
+    for a 26 GB model), then every tensor shape, read off a model built on the meta device."""
+    kinds = {f.name: type(f.default) for f in fields(GPTConfig)}
+    for k, v in saved.items():
+        if type(v) is not kinds[k] and not (kinds[k] is float and type(v) is int):
+            raise UserError(f"{path} is corrupt: model_args {k}={v!r} should be of type {kinds[k].__name__}")
+    config = GPTConfig(**saved)
+    emb = sd.get("transformer.wte.weight", sd.get("lm_head.weight"))
+    layers = {k.split(".")[2] for k in sd if k.startswith("transformer.h.")}
+    if emb is None or emb.dim() != 2 or emb.size(1) != config.n_embd or len(layers) != config.n_layer:
+        width = emb.size(-1) if emb is not None and emb.dim() else "none"
+        raise UserError(f"{path}: model_args n_layer={config.n_layer}, n_embd={config.n_embd} do not fit its "
+                        f"weights ({len(layers)} layers, width {width}); the file is corrupt")
+    # a plug-in's name does not change any shape: build with softmax, importing nothing
+    plain = GPTConfig(**dict(saved, attention="softmax")) if ":" in config.attention else config
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in GPT(plain).state_dict().items()}
+    except UserError as e:
+        raise UserError(f"{path}: its model_args describe no model this code can build ({e})") from None
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or [k for k in sorted(got) if got[k] != expected[k]]
+        k = diff[0]
+        raise UserError(f"{path}: weights do not fit model_args {saved} ({k}: {got.get(k, 'missing')} in the "
+                        f"file, {expected.get(k, 'none')} expected); the file is corrupt or its settings changed")
+    return config
+
+
+def _check_plugins(args, overrides, path):
+    """A plug-in name in a checkpoint is data: it is imported only if the user gave the same."""
+    for k, v in args.items():
+        if isinstance(v, str) and ":" in v and (overrides or {}).get(k) != v:
+            raise UserError(f"{path} names the plug-in {k}={v!r}; code named by a checkpoint is not "
+                            f"imported unless you ask: add --{k}={v} if you trust that module "
+                            + ("(or --attention=softmax for the plain attention)" if k == "attention" else ""))
+
+def saved_dataset_paths(name, path):
+    """loader.dataset_paths for the dataset named by the config of the checkpoint at path:
+    data, not the user's word, so a folder path is only read (never prepared, nothing is
+    written there); a name must be a dataset under the project's data/ folder."""
+    data = os.path.realpath(DATA_DIR)
+    if not isinstance(name, str) or not name:
+        raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset=NAME (or a folder)")
+    if os.sep in name or "/" in name:
+        train, val = os.path.join(name, "train.txt"), os.path.join(name, "val.txt")
+        if not (os.path.isfile(train) and os.path.isfile(val)):
+            raise UserError(f"{path} was trained on {name}, which holds no train.txt and val.txt; a folder named by "
+                            "a checkpoint is only read: pass --dataset=NAME or --dataset=FOLDER to name one yourself")
+        return train, val
+    if not os.path.realpath(os.path.join(data, name)).startswith(data + os.sep):
+        raise UserError(f"{path} names the dataset {name!r}, which is not a folder under data/; pass --dataset=NAME")
+    return dataset_paths(name)
 
 
 def _strip_prefixes(state_dict):
@@ -100,19 +226,18 @@ def load_model(path, device="cpu", overrides=None):
     """Build the model a checkpoint describes and load its weights strictly.
 
     overrides: model args to change (attention kind, n_kv_head, window, ...); the
-    architecture keys n_layer, n_head, n_embd, bias always come from the checkpoint.
+    architecture keys n_layer, n_head, n_embd, bias always come from the checkpoint. A
+    plug-in the checkpoint names runs only if overrides names it too (_check_plugins).
     A smaller n_kv_head or another kv_share converts the weights (see convert_state_dict).
     Returns (model, checkpoint dict); checkpoint["conversions"] lists what was converted."""
-    ckpt = read_checkpoint(path, device)
-    saved = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_ARG_KEYS}
-    try:
-        old = GPTConfig(**saved)
-        args = dict(saved)
-        args.update({k: v for k, v in (overrides or {}).items() if k in MODEL_ARG_KEYS and k not in ARCH_KEYS})
-        new = GPTConfig(**args)
-    except TypeError as e:
-        raise UserError(f"{path}: unusable model_args ({e})") from None
+    ckpt = read_checkpoint(path)
     sd = _strip_prefixes(ckpt["model"])
+    saved = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_ARG_KEYS}
+    old = _saved_config(saved, sd, path)
+    args = dict(saved)
+    args.update({k: v for k, v in (overrides or {}).items() if k in MODEL_ARG_KEYS and k not in ARCH_KEYS})
+    _check_plugins(args, overrides, path)
+    new = GPTConfig(**args)
     sd, notes = convert_state_dict(sd, old, new)
     model = GPT(new)
     try:
@@ -148,7 +273,13 @@ def save_checkpoint(path, model, optimizer, model_args, config, iter_num, best_v
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
     }
     ckpt.update(extra or {})
-    atomic_torch_save(ckpt, path)
+    ckpt["crc32"] = {k: checksum(v) for k, v in ckpt.items()}  # read_checkpoint verifies them
+    try:
+        atomic_torch_save(ckpt, path)
+    except OSError as e:  # a full disk, a folder gone read-only: the previous file is intact
+        kept = f"the previous {os.path.basename(path)} is intact; " if os.path.exists(path) else ""
+        raise UserError(f"could not write {path} ({e.strerror or e}); {kept}free some space or use another "
+                        "--out_dir, then continue with --init_from=resume --resume_checkpoint_name=last") from None
 
 
 def rng_state():

@@ -5,7 +5,6 @@ The data: bytes as tokens, the byte loader that training reads, and dataset prep
     python -c "import loader; print(loader.dataset_paths('shakespeare_char'))"
 """
 import os
-import shutil
 import urllib.request
 
 import numpy as np
@@ -118,38 +117,63 @@ def _prepare_command(data_dir):
 
 
 def _write(path, data):
-    # write then rename, so an interrupted run never leaves a half file that looks prepared
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
+    # write then rename, so an interrupted run never leaves a half file that looks prepared;
+    # the temporary file is this process's own, and a failed write removes it
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _corpus(data, where):
+    """data, if it splits into a non-empty train.txt and val.txt; else one UserError."""
+    if not data:
+        raise UserError(f"{where} is empty: give a plain-text copy of the corpus")
+    if int(len(data) * 0.9) in (0, len(data)):
+        raise UserError(f"{where} has {len(data)} bytes, too few to split into train.txt and val.txt")
+    return data
+
+
+def _read(path, where):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"{where}: cannot read it ({e.strerror or e})") from None
 
 
 def prepare(data_dir, input_path=None, url=None):
     """Split data_dir/input.txt into train.txt (first 90% of the bytes) and val.txt (the rest).
-    input_path is copied to input.txt first; url is downloaded when there is no input.txt."""
+    input_path is copied to input.txt first; url is downloaded when there is no input.txt.
+    Every input is checked before it replaces a file: a bad one leaves data_dir as it was."""
     os.makedirs(data_dir, exist_ok=True)
     target = os.path.join(data_dir, "input.txt")
     if input_path:
         if not os.path.isfile(input_path):
             raise UserError(f"--input={input_path}: no such file")
+        data = _corpus(_read(input_path, f"--input={input_path}"), f"--input={input_path}")
         if not (os.path.exists(target) and os.path.samefile(input_path, target)):
-            shutil.copyfile(input_path, target)
-    elif not os.path.exists(target):
+            _write(target, data)
+    elif os.path.exists(target):
+        data = _corpus(_read(target, os.path.relpath(target)), os.path.relpath(target))
+    else:
         if not url:
             raise UserError(f"{os.path.relpath(target)} not found and there is no download source;"
                             f" give a plain-text copy of the corpus: {_prepare_command(data_dir)}")
         print(f"downloading {url}")
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
-                _write(target, response.read())
+                data = response.read()
         except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
             raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); either fetch it by hand "
                             f"into {os.path.relpath(target)}, or give a local copy: {_prepare_command(data_dir)}"
                             ) from None
-    with open(target, "rb") as f:
-        data = f.read()
-    if not data:
-        raise UserError(f"{os.path.relpath(target)} is empty")
+        _write(target, _corpus(data, f"the download from {url}"))
     n = int(len(data) * 0.9)
     _write(os.path.join(data_dir, "train.txt"), data[:n])
     _write(os.path.join(data_dir, "val.txt"), data[n:])

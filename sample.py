@@ -21,7 +21,7 @@ from checkpoint import checkpoint_path, load_model
 from configurator import configure
 from generate import generate_stream
 from kv.policy import KVOptions
-from utils import UserError, autocast_ctx, pick_device, pick_dtype, run_main, use_threads
+from utils import UserError, autocast_ctx, check_range, pick_device, pick_dtype, run_main, use_threads
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote
@@ -34,6 +34,7 @@ top_k = 200  # sample among the k most likely bytes only (0 = all)
 seed = 1337  # random seed
 device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
+attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 # KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
 # kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py
@@ -50,12 +51,13 @@ def main():
                         f"(python train.py config/train_shakespeare_char.py --out_dir={out_dir}) "
                         f"or pass --out_dir=<the folder train.py wrote>")
     path = checkpoint_path(out_dir, checkpoint_name)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # a folder of that name: read_checkpoint says so
         raise UserError(f"{path} not found: train.py writes ckpt.pt and last.pt into --out_dir, e.g. "
                         f"python train.py config/train_shakespeare_char.py --out_dir={out_dir}")
     prompt = read_prompt(start)
     if max_new_tokens < 0 or num_samples < 1:
         raise UserError("--max_new_tokens must be 0 or more, --num_samples at least 1")
+    check_range(globals(), "temperature top_k", 0)
     kv = KVOptions.from_settings(globals()).check()
 
     dev = pick_device(device)
@@ -64,7 +66,7 @@ def main():
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           file=sys.stderr)
     torch.manual_seed(seed)
-    model, ckpt = load_model(path, dev)
+    model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
     kv = kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: print(line, file=sys.stderr))
     ctx = autocast_ctx(dev, dt)
@@ -110,11 +112,23 @@ def read_prompt(text):
     return text.encode("utf-8")
 
 
+_line_open = False  # whether the text on stdout lacks its final newline (private: not a setting)
+
+
 def write(text):
     """Print at once: the text appears as it is generated."""
+    global _line_open
     sys.stdout.write(text)
     sys.stdout.flush()
+    if text:
+        _line_open = not text.endswith("\n")
+
+
+def end_line():
+    """Before an error: end the line of text, so that the error does not stick to it."""
+    if _line_open:
+        write("\n")
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, before_error=end_line)

@@ -6,6 +6,7 @@ checkpoint writes.
     python -c "import utils; print(utils.pick_device('auto'), utils.pick_dtype('auto', 'auto'), utils.pick_threads())"
 """
 import ctypes
+import math
 import os
 import re
 import sys
@@ -14,37 +15,109 @@ from contextlib import nullcontext
 import torch
 
 class UserError(Exception):
-    """A mistake in the user's input. The message is one line: what is wrong, what to do."""
+    """A mistake in the user's input. The message is one line: what is wrong, what to do.
+    details: lines shown under it (the frames of a user's plug-in that failed)."""
+
+    def __init__(self, message, details=()):
+        super().__init__(message)
+        self.details = list(details)
 
 
-def run_main(fn):
-    """Run a script's main: a UserError becomes one line on stderr and exit code 2."""
+def run_main(fn, before_error=None):
+    """Run a script's main: a UserError becomes one line on stderr and exit code 2; so does
+    an exception raised in a user's plug-in, with the frames of the plug-in's own file under
+    it. before_error(): called first (sample.py ends its line of text there)."""
     try:
         return fn()
-    except UserError as e:
+    except (UserError, NotImplementedError, KeyboardInterrupt, Exception) as e:
+        if before_error is not None:
+            before_error()
+        if isinstance(e, KeyboardInterrupt):
+            sys.exit(130)  # the user knows they pressed Ctrl-C; no traceback needed
+        if isinstance(e, NotImplementedError):  # a plugged-in exercise stub the student has not written yet
+            e = UserError(f"not implemented yet: {e} (python -m exercises.check all shows what is missing)")
+        elif not isinstance(e, UserError):
+            e = plugin_error(e)
+            if e is None:
+                raise  # a bug of ours: the whole traceback helps fix it
         print(f"error: {e}", file=sys.stderr, flush=True)
+        for line in getattr(e, "details", ()):
+            print(line, file=sys.stderr, flush=True)
         sys.exit(2)
-    except NotImplementedError as e:  # a plugged-in exercise stub the student has not written yet
-        print(f"error: not implemented yet: {e} (python -m exercises.check all shows what is missing)",
-              file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)  # the user knows they pressed Ctrl-C; no traceback needed
+
+
+def check_range(settings, names, low, high=None, high_open=False):
+    """One UserError for the first of the space-separated names whose value in settings is
+    not a finite number >= low and <= high (< high if high_open; no bound if high is None)."""
+    for name in names.split():
+        v = settings[name]
+        if not (math.isfinite(v) and v >= low and (high is None or (v < high if high_open else v <= high))):
+            where = f"at least {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
+            raise UserError(f"--{name} must be {where}, got {v}")
+
+
+_PLUGINS = {}  # the file of each user's plug-in module imported -> (setting, "package.module:function")
 
 
 def import_function(spec, option):
-    """The function named by "package.module:function" (a user's plug-in), or a UserError."""
+    """The function named by "package.module:function" (a user's plug-in), or a UserError;
+    if the module fails to import, the error says why and shows the lines of its file."""
     import importlib
     mod_name, _, fn_name = spec.partition(":")
     if not mod_name or not fn_name:
         raise UserError(f"--{option}={spec!r}: expected package.module:function")
     try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"--{option}={spec!r} does not import: {e}") from None
+        module = importlib.import_module(mod_name)
+    except Exception as e:  # a plug-in is user code: any failure in it is the user's to fix
+        if isinstance(e, ModuleNotFoundError) and e.name and (mod_name + ".").startswith(e.name + "."):
+            raise UserError(f"--{option}={spec}: no module named {e.name!r} (check the spelling; "
+                            "the module must be importable from the folder you run in)") from None
+        raise UserError(f"--{option}={spec} failed to import: {_one_line(e)}",
+                        _frames_in(e, _module_file(mod_name))) from None
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise UserError(f"--{option}={spec}: module {mod_name} has no {fn_name!r}")
     if not callable(fn):
         raise UserError(f"--{option}={spec!r} is not a function")
+    if getattr(module, "__file__", None):
+        _PLUGINS[os.path.abspath(module.__file__)] = (option, spec)
     return fn
+
+
+def plugin_error(e):
+    """A UserError for exception e if it passed through a user's plug-in (which setting,
+    which plug-in, and the plug-in's own frames), else None."""
+    import traceback
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) in _PLUGINS]
+    if not frames:
+        return None
+    option, spec = _PLUGINS[os.path.abspath(frames[-1].filename)]
+    return UserError(f"--{option}={spec} failed: {_one_line(e)}", _frames_in(e, frames[-1].filename))
+
+
+def _one_line(e):
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def _module_file(mod_name):
+    import importlib.util
+    try:
+        spec = importlib.util.find_spec(mod_name)
+    except Exception:  # its package failed to import too
+        return None
+    return spec.origin if spec is not None else None
+
+
+def _frames_in(e, path):
+    """The traceback lines of exception e that lie in the file path (a syntax error: its line)."""
+    import traceback
+    if path is None:
+        return []
+    path = os.path.abspath(path)
+    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == path:
+        return [f'  File "{e.filename}", line {e.lineno}', f"    {(e.text or '').strip()}"]
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
+    return "".join(traceback.format_list(frames)).rstrip("\n").splitlines()
 
 
 # -----------------------------------------------------------------------------
@@ -197,13 +270,36 @@ def compile_or_eager(fn, probe):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save that never leaves a truncated file: a crash mid-write keeps the old checkpoint."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save that never leaves a truncated file: the data goes to a temporary file named
+    after this process (two processes never share one), which replaces path only once it is
+    complete and on disk. On any failure (a full disk, kill -9) path is left as it was; the
+    temporary file is removed here, or by the next training run after a kill."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path))
+
+
+def fsync_dir(folder):
+    """Make a rename in folder survive a power cut (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 class TensorBoard:

@@ -75,7 +75,7 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
         for p in model.parameters():
             p.add_(1.0)
     monkeypatch.setattr(torch, "save", dies_half_way)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write .* the previous ckpt.pt is intact"):
         save_checkpoint(path, model, None, args, {}, 2, 1.0)
     monkeypatch.undo()
     ckpt = read_checkpoint(path)

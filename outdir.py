@@ -1,0 +1,154 @@
+"""
+The out_dir of a training run: checked before any work (a folder we can write, with room
+for the checkpoints), held by one run at a time (out_dir/train.lock), never silently taken
+from an earlier run, and cleared of the temporary files an interrupted run left.
+
+    python -c "import outdir; lock = outdir.claim('out-test', fresh=True, overwrite=False); lock.release()"
+"""
+import errno
+import os
+import re
+import shutil
+import socket
+from contextlib import suppress
+
+from utils import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: msvcrt's byte-range locks end with the process too
+    fcntl = None
+    import msvcrt
+
+LOCK_NAME = "train.lock"
+CHECKPOINTS = ("ckpt.pt", "last.pt")
+TEMP = re.compile(r".+\.pt(\.\d+)?\.tmp")  # what utils.atomic_torch_save writes before its rename
+
+
+def claim(out_dir, fresh, overwrite):
+    """Make out_dir ready for a training run and take its lock; returns the Lock (release it,
+    or use it as a context manager). fresh: a run from scratch, which refuses to replace an
+    earlier run's checkpoints unless overwrite."""
+    make_folder(out_dir)
+    try:
+        lock = Lock(out_dir)
+    except OSError as e:  # a read-only folder, a full disk
+        raise UserError(f"cannot write in --out_dir={out_dir} ({e.strerror or e}); use another --out_dir") from None
+    try:
+        earlier = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
+        if fresh and earlier and not overwrite:
+            raise UserError(f"--out_dir={out_dir} already holds {' and '.join(earlier)} of an earlier run, which a "
+                            "fresh run (init_from=scratch) would replace: use another --out_dir, --init_from=resume "
+                            "to continue that run, or --overwrite=True to replace it")
+        left = sorted(n for n in os.listdir(out_dir) if TEMP.fullmatch(n))
+        for name in left + (earlier if fresh else []):
+            os.remove(os.path.join(out_dir, name))
+        if left:
+            print(f"note: removed {', '.join(left)} from {out_dir}, left by an interrupted run")
+        if fresh and earlier:
+            print(f"note: --overwrite=True: removed {' and '.join(earlier)} of the earlier run in {out_dir}")
+    except OSError as e:
+        lock.release()
+        raise UserError(f"cannot write in --out_dir={out_dir} ({e.strerror or e}); use another --out_dir") from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def make_folder(out_dir):
+    """Create out_dir if needed; one UserError if it cannot hold files."""
+    if not out_dir or not out_dir.strip():
+        raise UserError("--out_dir is empty: name the folder for the checkpoints, e.g. --out_dir=out")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is a file, not a folder; use another --out_dir")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"--out_dir={out_dir} lies under {parent}, which is a file; use another --out_dir")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out_dir={out_dir} cannot be created ({e.strerror or e}); use another --out_dir") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UserError(f"--out_dir={out_dir} is not writable; use another --out_dir")
+
+
+def check_space(out_dir, model):
+    """One UserError if out_dir's disk cannot take this model's checkpoints: weights and the
+    two AdamW moments, for each checkpoint not there yet, and at least once (a new file is
+    written beside the one it replaces)."""
+    per_file = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 20
+    missing = sum(not os.path.exists(os.path.join(out_dir, n)) for n in CHECKPOINTS)
+    need, free = per_file * max(1, missing), shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"--out_dir={out_dir} has {free / 2 ** 20:,.1f} MiB free; this model's checkpoints need "
+                        f"about {need / 2 ** 20:,.1f} MiB: free some space or use another --out_dir")
+
+
+class Lock:
+    """out_dir/train.lock: the holder's pid and host inside, and an OS lock on the file
+    that ends with the process (kill -9 included), so a dead run's lock is taken over."""
+
+    def __init__(self, out_dir):
+        self.path, self.fd = os.path.join(out_dir, LOCK_NAME), None
+        for _ in range(100):  # the holder may remove the file between our open and our lock
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _lock(fd)
+            except OSError as e:
+                holder = _read(fd) or "a process"
+                os.close(fd)
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK, errno.EDEADLK):
+                    raise
+                raise UserError(f"another training run ({holder}) is writing into {out_dir}: wait for it to end, "
+                                f"stop it, or use another --out_dir (the lock is {self.path})") from None
+            try:
+                same = fcntl is None or os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                break
+            os.close(fd)
+        else:
+            raise UserError(f"could not take the lock {self.path}; is another run starting there?")
+        previous = _read(self.fd)
+        if previous:
+            print(f"note: took over {self.path} from a run that has ended ({previous})")
+        os.ftruncate(self.fd, 0)
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        os.write(self.fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        os.fsync(self.fd)
+
+    def release(self):
+        if self.fd is None:
+            return
+        if fcntl is not None:
+            with suppress(FileNotFoundError):
+                os.remove(self.path)  # while still locked: a run that opened it meanwhile sees it gone
+        os.close(self.fd)
+        if fcntl is None:
+            with suppress(OSError):
+                os.remove(self.path)
+        self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _lock(fd):
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    else:  # a byte far past the text, so that others can still read who holds the lock
+        os.lseek(fd, 2 ** 20, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+
+
+def _read(fd):
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 200).decode(errors="replace").strip()
