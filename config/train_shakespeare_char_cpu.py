@@ -1,6 +1,6 @@
 # A small recipe for a laptop CPU: a 4-layer, 4-head, 128-wide model on tiny-shakespeare.
 #   python train.py config/train_shakespeare_char_cpu.py
-#   python sample.py --out_dir=out-shakespeare-char-cpu
+#   python sample.py --out_dir=out-shakespeare-char-cpu --kv_window=64   # the 64-byte context it was trained on
 
 out_dir = "out-shakespeare-char-cpu"
 eval_interval = 500
