@@ -438,5 +438,5 @@ class QuantKVCache(Cache):
         return payload_bits(self.stored_tensors())
 
     def stored_tensors(self):
-        """Every tensor holding key/value data (for audits: see tests/test_kvquant.py)."""
+        """Every tensor holding key/value data (for audits: see tests/test_kv_quant.py)."""
         return [self.k_full, self.v_full] + list(self.k_codes or ()) + list(self.v_codes or ())
