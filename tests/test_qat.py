@@ -96,3 +96,17 @@ def test_qat_with_xl_mem_is_one_error(data_dir, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "xl_mem" in err[0]
+
+
+def test_token_keys_quantize_every_token_at_once():
+    """kv_quant_keys=token (what QAT with --kv_quant_keys=token trains for): with residual 0 every
+    token is stored as codes as soon as it arrives; bits by hand: per token and head, 2 x hs
+    codes of 2 bits plus a float16 scale and zero per group of G values, for keys and values."""
+    model = tiny(n_kv_head=2)  # head_dim 8
+    kv = KVOptions(kv_window=0, kv_quant="int2", kv_quant_group=4, kv_quant_residual=0, kv_quant_keys="token")
+    assert "token-keys" in kv.describe() and kv.check().key_group() == 1
+    caches = kv.make_caches(model, 1, 8)
+    with torch.no_grad():
+        model(text(B=1, T=5), caches)
+    per_token_head = 2 * (8 * 2 + 2 * 16 * (8 // 4))  # keys and values
+    assert caches[0].size_bits() == 5 * 2 * per_token_head and caches[0].k_full.size(2) == 0
