@@ -147,9 +147,10 @@ def _check_plugins(args, overrides, path):
     """A plug-in name in a checkpoint is data: it is imported only if the user gave the same."""
     for k, v in args.items():
         if isinstance(v, str) and ":" in v and (overrides or {}).get(k) != v:
+            plain = " (or --attention=softmax for the plain attention)" if k == "attention" else ""
             raise UserError(f"{path} names the plug-in {k}={v!r}; code named by a checkpoint is not "
-                            f"imported unless you ask: add --{k}={v} if you trust that module "
-                            + ("(or --attention=softmax for the plain attention)" if k == "attention" else ""))
+                            f"imported unless you ask: add --{k}={v} if you trust that module{plain}")
+
 
 def saved_dataset_paths(name, path):
     """loader.dataset_paths for the dataset named by the config of the checkpoint at path:

@@ -29,6 +29,9 @@ def claim(out_dir, fresh, overwrite):
     """Make out_dir ready for a training run and take its lock; returns the Lock (release it,
     or use it as a context manager). fresh: a run from scratch, which refuses to replace an
     earlier run's checkpoints unless overwrite."""
+    if not fresh and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir={out_dir} is not a folder, so there is no run in it to resume "
+                        "(--init_from=resume reads its ckpt.pt or last.pt); check the path")
     make_folder(out_dir)
     try:
         lock = Lock(out_dir)

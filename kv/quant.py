@@ -46,7 +46,7 @@ concatenate rows from several calls, or drop rows, before it calls dequantize.
 import torch
 
 from kv.cache import Cache, attention_mask
-from utils import UserError, import_function, no_autocast
+from utils import UserError, import_function, no_autocast, plugin_error
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -277,8 +277,10 @@ class UserFormat(TokenFormat):
             back = inverse(*payload)
         except UserError:
             raise
-        except Exception as e:
-            raise UserError(f"{what} failed on a test input: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
+        except Exception as e:  # with the plug-in's own lines under the message (utils.plugin_error)
+            frames = getattr(plugin_error(e), "details", [])
+            raise UserError(f"{what} failed on a test input: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
+                            frames) from None
         if not torch.is_tensor(back) or back.shape != x.shape:
             raise UserError(f"{what}: dequantize must return a tensor shaped like x {tuple(x.shape)}, "
                             f"got {getattr(back, 'shape', type(back).__name__)}")

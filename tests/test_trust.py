@@ -185,6 +185,7 @@ BAD_INPUTS = [
     (T + ["--out_dir={good}"], "already holds ckpt.pt and last.pt"),
     # bad checkpoints: one line naming the file (items 3-6, 12)
     (R + ["--resume_checkpoint_name=nope"], "nope.pt not found"),
+    (T + ["--init_from=resume", "--out_dir={root}/no_run"], "there is no run in it to resume"),
     (R + ["--resume_checkpoint_name=corrupt"], "corrupt.pt is corrupt"),
     (R + ["--resume_checkpoint_name=plugin"], "names the plug-in attention="),
     (R + ["--resume_checkpoint_name=bomb"], "model_args n_layer=8, n_embd=8192 do not fit its weights"),
@@ -490,6 +491,14 @@ def test_kv_evict_plugin_that_raises(world):
     code, out, err = run(*fill(S, world), f"--kv_evict={name}:rule", "--kv_budget=2", "--max_new_tokens=8")
     assert code == 2
     assert plugin_failure(err, name)[0].startswith(f"error: --kv_evict={name}:rule failed: KeyError")
+
+
+def test_kv_quant_plugin_that_raises_on_its_test_input(world):
+    name = plugin_module(world["root"] / "plugins", "def quantize(x):\n    return x.foo()\n")
+    code, out, err = run(*fill(S, world), f"--kv_quant={name}:quantize")
+    assert code == 2
+    assert plugin_failure(err, name)[0].startswith(f"error: kv_quant={name}:quantize failed on a test input: "
+                                                   "AttributeError")
 
 
 # -- item 12: sample.py's error comes on its own line ----------------------------------------
