@@ -5,7 +5,7 @@ train.py's resume), evaluates each under a grid of training-free cache settings 
 eval_kv's ruler, and writes one frontier, every row against the plain multi-head base at its
 natural context (a 16-bit sliding window of its block_size).
 
-    python train.py config/train_shakespeare_char_cpu_long.py --threads=1      # the base, ~15 min
+    python train.py config/train_shakespeare_char_cpu_long.py --threads=1      # the base, ~8 min idle
     python kv_study.py --base=out-shakespeare-char-cpu-long --quick=True          # ~10 min on a CPU
     python kv_study.py --base=out-shakespeare-char-cpu-long                        # the full study
     python kv_study.py --base=out-shakespeare-char-cpu --what=context              # assignment 1
@@ -28,7 +28,8 @@ grid()). Eviction (h2o) reads a chunk with more than its budget in sight, so its
 only at --evict_chunk (1 = exact decode; 0 = no h2o rows).
 
 --what=context answers assignment 1: bits per byte on positions [block, 4 block) of a base
-trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block.
+trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block (an unbounded
+cache), next to the base reading the same bytes with a sliding window of its block.
 """
 import json
 import os
@@ -215,6 +216,8 @@ def study():
 def eval_command(r, common):
     """The eval_kv.py command that reproduces row r (parsed back from its setting's fields)."""
     kv = {k: r[k] for k in r if k.startswith("kv_") and k in KVOptions().settings()}
+    if kv.get("kv_quant") not in ("int4", "int2"):
+        kv.pop("kv_quant_keys", None)  # (applies to int4/int2 only)
     flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")
     d = os.path.dirname(r["checkpoint"])
     return f"python eval_kv.py --out_dir={d} --checkpoint_name={os.path.basename(r['checkpoint'])} {flags} {common}"
@@ -306,8 +309,18 @@ def context():
     block = int(config["block_size"])
     L = 4 * block
     x, y = load_val(config, base_path, context_streams, L)
-    unbounded = KVOptions(kv_window=0)
-    rows = []
+    far = [(lo, hi) for lo, hi in eval_kv.buckets(block, L) if lo >= block]
+
+    def measure(path, kv, name):
+        """Bits per byte of the checkpoint at path with caches kv: near [0, block), far [block, L), all."""
+        model, _ = load_model(path, "cpu")
+        model.eval()
+        [r] = eval_kv.evaluate(model, x, y, [kv], L, kv, block, None, eval_kv.DTYPES[dtype])
+        return dict(iters=name, bpb_near=r[f"bpb[0,{block})"], bpb_all=r["bpb"],
+                    bpb_far=sum((hi - lo) * r[f"bpb[{lo},{hi})"] for lo, hi in far) / (L - block))
+
+    # the comparison: the base reading the same bytes at its natural context (a sliding window)
+    rows = [measure(base_path, KVOptions(kv_window=block), f"0, window {block}")]
     for k in [int(s) for s in context_iters.split(",") if s]:
         vdir = os.path.join(folder, f"iters_{k}")
         done = os.path.join(vdir, "results.json")
@@ -317,13 +330,7 @@ def context():
             if k:
                 fine_tune(base_path, vdir, [], k, config, block=L)
                 path = os.path.join(vdir, "last.pt")
-            model, _ = load_model(path, "cpu")
-            model.eval()
-            [r] = eval_kv.evaluate(model, x, y, [unbounded], L, unbounded, block, None, eval_kv.DTYPES[dtype])
-            nll = {k2: v for k2, v in r.items() if k2.startswith("bpb[")}
-            far = [(lo, hi) for lo, hi in eval_kv.buckets(block, L) if lo >= block]
-            r = dict(iters=k, bpb_near=nll[f"bpb[0,{block})"],
-                     bpb_far=sum((hi - lo) * nll[f"bpb[{lo},{hi})"] for lo, hi in far) / (L - block), bpb_all=r["bpb"])
+            r = measure(path, KVOptions(kv_window=0), k)
             os.makedirs(vdir, exist_ok=True)
             with open(done, "w") as f:
                 json.dump(r, f)

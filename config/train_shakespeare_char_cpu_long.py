@@ -1,7 +1,9 @@
 # The long-context CPU recipe: the CPU recipe's model (4 layers x 4 heads x 128) with a
-# 256-byte context, a model that uses its context (the default base of kv_study.py).
+# 256-byte context (the default base of kv_study.py). About 220 ms per iteration at
+# --threads=1 on a lightly loaded 2-core CPU, so 2000 iterations take 7-8 minutes there
+# (much longer on a busy machine: see RESULTS.md, "The KV study").
 #   python train.py config/train_shakespeare_char_cpu_long.py --threads=1
-#   python kv_study.py --base=out-shakespeare-char-cpu-long/ckpt.pt
+#   python kv_study.py --base=out-shakespeare-char-cpu-long
 
 out_dir = "out-shakespeare-char-cpu-long"
 eval_interval = 500
