@@ -9,7 +9,7 @@ contiguous stretches of the val split.
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=mypkg.quant:quantize   # your own
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=quick       # a few minutes
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=full        # every format and policy
-    python eval_kv.py --out_dir=out-gqa --sweep=quick --baseline=out-shakespeare-char-cpu   # two models, one axis
+    python eval_kv.py --out_dir=out-mqa --sweep=quick --baseline=out-shakespeare-char-cpu   # another model, same axis
     tensorboard --logdir=out-shakespeare-char-cpu
 
 The reference (--reference=natural) is the checkpoint at its natural context: a plain sliding
@@ -46,12 +46,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from checkpoint import checkpoint_path, load_model, saved_dataset_paths
-from configurator import configure
 from attention import naive_attention
 from attention_linear import LinearState
+from checkpoint import checkpoint_path, load_model
+from configurator import configure
 from kv.cache import Cache
-from kv.policy import KVOptions, unique
+from kv.policy import KVOptions
 from kv.report import frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_paths
 from utils import UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
@@ -73,7 +73,6 @@ dtype = "bfloat16"  # storage of what caches keep in full precision (plain cache
 globals().update(KVOptions().settings())
 sweep = ""  # '' = the one setting above; 'quick' or 'full' = a named grid, written into out_dir
 device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
-attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 tensorboard = True  # sweeps: write the scalars to TensorBoard too
 # -----------------------------------------------------------------------------
@@ -87,11 +86,13 @@ def sweep_settings(kind, span, group, residual, bounded=False):
     the history the reference keeps (its window, or the whole stream); h2o keeps half its
     budget as its recent window (the paper's split). A residual is lowered where it would
     leave nothing to quantize (KVOptions.check): below the span less a key group, and with
-    eviction inside the recent half. bounded: the reference has a window, and the grid shows
-    the plain unbounded cache too (the same model read past its training context)."""
-    def quant(f, r=residual):
-        g = group if f in ("int4", "int2") else 1
-        return dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=max(min(r, span - g), 0))
+    eviction inside the recent half; int4 with per-token keys and a quarter of the residual
+    shows what quantization saves in a short window. bounded: the reference has a window,
+    and the grid shows the plain unbounded cache too (the model read past its context)."""
+    def quant(f, r=residual, keys="channel"):
+        g = group if f in ("int4", "int2") and keys == "channel" else 1
+        s = dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=max(min(r, span - g), 0))
+        return s if keys == "channel" else dict(s, kv_quant_keys=keys)
 
     def evict(policy, frac, sink, fmt="none"):
         b = max(round(frac * span), 2 * sink + 2)  # room for the sinks and a recent half
@@ -102,11 +103,11 @@ def sweep_settings(kind, span, group, residual, bounded=False):
 
     head = [dict()] + ([dict(kv_window=0)] if bounded else [])
     if kind == "quick":
-        return head + [quant("int8"), quant("int4"), quant("int2"), evict("window", 0.25, 4),
-                       evict("h2o", 0.25, 4), evict("h2o", 0.25, 4, "int4")]
+        return head + [quant("int8"), quant("int4"), quant("int2"), quant("int4", residual // 4, "token"),
+                       evict("window", 0.25, 4), evict("h2o", 0.25, 4), evict("h2o", 0.25, 4, "int4")]
     if kind == "full":
         grid = head + [quant(f) for f in ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")]
-        grid += [quant(f, residual // 4) for f in ("int4", "int2")]
+        grid += [quant(f, residual // 4, keys) for f in ("int4", "int2") for keys in ("channel", "token")]
         grid += [evict(p, frac, s) for p in ("window", "h2o") for frac in (0.5, 0.25, 0.125) for s in (0, 4)]
         grid += [evict("h2o", 0.25, 4, f) for f in ("int8", "fp8_e4m3", "int4", "int2")]
         grid += [evict("h2o", frac, 4, "int4") for frac in (0.5, 0.125)] + [evict("window", 0.25, 4, "int4")]
@@ -175,42 +176,55 @@ def decoder_peak(model, kv, L, dtype=torch.bfloat16):
     layers whose caches are built alike hold alike, so one cache stands in for each kind."""
     c = model.config
     p = next(model.parameters())
+    dtype = dtype or p.dtype
     caches = kv.make_caches(model, 1, capacity=L, dtype=dtype)
     kinds = {}  # (attention kind, local?) -> the caches of those layers (one per kv_share group)
     for i in range(0, c.n_layer, c.kv_share):
         kinds.setdefault((c.kind(i), c.is_local(i)), []).append(caches[i])
     fixed = sum(len(g) * g[0].size_bits() for g in kinds.values() if isinstance(g[0], LinearState))
     stand_ins = [(g[0], len(g)) for g in kinds.values() if not isinstance(g[0], LinearState)]
-    z = torch.zeros(1, c.kv_heads, 1, c.head_dim, dtype=p.dtype, device=p.device)  # (B, nkv, T, hs)
-    q = torch.zeros(1, c.n_head, 1, c.head_dim, dtype=p.dtype, device=p.device)  # (B, nh, T, hs)
+    held = lambda: fixed + sum(n * cache.size_bits() for cache, n in stand_ins)
+    # zeros in the storage dtype: nothing to convert when the caches hand them back
+    zeros = lambda T: torch.zeros(1, c.kv_heads, T, c.head_dim, dtype=dtype, device=p.device)  # (B, nkv, T, hs)
+    q = torch.zeros(1, c.n_head, 1, c.head_dim, dtype=dtype, device=p.device)  # (B, nh, T, hs)
+    start, stop = horizon(kv, c, L)
     peak = fixed
-    for _ in range(horizon(kv, c, L)):
+    if start:  # a cache that only grows: one chunk leaves it as `start` decode steps would
         for cache, _ in stand_ins:
-            k, v, mask = cache.update(z, z)
+            cache.update(zeros(start), zeros(start))
+        peak = held()
+    for _ in range(start, stop):
+        for cache, _ in stand_ins:
+            k, v, mask = cache.update(zeros(1), zeros(1))
             if type(cache).attend is not Cache.attend:  # a cache that reads the attention (H2O)
                 cache.attend(naive_attention, q, k, v, mask)
-        peak = max(peak, fixed + sum(n * cache.size_bits() for cache, n in stand_ins))
+        peak = max(peak, held())
     return peak
 
 
 def horizon(kv, config, L):
-    """Tokens after which the held bits of kv's caches only repeat: a bounded cache (a window
-    or a budget in every softmax layer) has gone through every state it will be in after its
-    first kv_sink + window + kv_budget + kv_quant_residual + key group tokens (its residual
-    and key groups cycle from there); twice that, with a margin. L if unbounded."""
+    """(start, stop): the tokens over which decoder_peak must follow kv's caches one at a
+    time. A bounded cache (a window or a budget in every softmax layer) has gone through every
+    state it will be in after kv_sink + window + kv_budget + kv_quant_residual + key group
+    tokens (its residual and key groups cycle from there): twice that, with a margin, from 0.
+    An unbounded one (no window anywhere) only grows, by a key group at a time, so its peak is
+    among the last 2 (kv_quant_residual + key group) + 64 tokens. A mix, or kv_trim: all L."""
     windows = [kv.kv_window if kv.kv_window > 0 else (config.window if config.is_local(i) else 0)
                for i in range(config.n_layer) if config.kind(i) != "linear"]
-    if kv.kv_trim or (kv.kv_evict == "none" and not all(windows)):
-        return L
     quant = (kv.kv_quant_residual + kv.key_group()) if kv.kv_quant != "none" else 0
-    span = kv.kv_sink + max(windows, default=0) + kv.kv_budget + quant
-    return min(L, 2 * span + 64)
+    if kv.kv_trim:
+        return 0, L
+    if kv.kv_evict != "none" or all(windows):
+        return 0, min(L, 2 * (kv.kv_sink + max(windows, default=0) + kv.kv_budget + quant) + 64)
+    if not any(windows):
+        return max(L - 2 * quant - 64, 0), L
+    return 0, L
 
 
 class ReferencePass:
     """The reference cache's pass over x, y (B, L), one stream at a time (as fast as all side
-    by side, 1/B of the memory), in pieces: about its window when it has one (each piece then
-    attends over at most window + piece keys: O(L x window), not O(L^2)); a whole stream when
+    by side, 1/B of the memory), in pieces: two windows when it has one (at least 256 bytes;
+    a piece attends over at most three windows: O(L x window), not O(L^2)); a whole stream when
     it is unbounded and the attention is the fused "softmax" kind (no L x L matrix in memory);
     else REF_CHUNK bytes. logprobs(a, b) hands out the log-probabilities (B, b - a, V) of
     bytes a..b-1, computing pieces as needed and forgetting those before a."""
@@ -219,7 +233,7 @@ class ReferencePass:
         self.model, self.x, self.y, self.kv, self.dtype = model, x, y, kv, dtype
         B, L = x.shape
         w = max(kv.kv_window, 0)
-        self.piece = min(L, max(w, 64) if w else (L if model.config.attention == "softmax" else REF_CHUNK))
+        self.piece = min(L, max(2 * w, 256) if w else (L if model.config.attention == "softmax" else REF_CHUNK))
         self.states = [None] * B  # each stream's caches, alive while the stream is read
         self.nll = torch.zeros(B, L)
         self.lp, self.start, self.end, self.seconds = None, 0, 0, 0.0
@@ -348,13 +362,13 @@ def main():
     use_tb = bool(sweep) and tensorboard and has_module("tensorboard", "no TensorBoard scalars are written")
     thread_words = use_threads(threads)
     dev = pick_device(device)
-    model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
+    model, ckpt = load_model(path, dev)
     model.eval()
     config = ckpt.get("config") or {}
     name = dataset or config.get("dataset", "")
     if not name:
         raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset=NAME (or a folder with val.txt)")
-    _, val_path = dataset_paths(name) if dataset else saved_dataset_paths(name, path)  # the checkpoint's: read only
+    _, val_path = dataset_paths(name)
     block = int(config.get("block_size", 0) or 256)
     step = chunk or block
     say = lambda line: print(line, file=sys.stderr)
@@ -364,10 +378,11 @@ def main():
     if sweep:
         grid = sweep_settings(sweep, window or stream_len, kv_quant_group, kv_quant_residual, bounded=window > 0)
         settings = [bound(KVOptions(**dict(dict(kv_window=kv_window, kv_sink=kv_sink), **s))) for s in grid]
-        lowered = sorted({s.kv_quant_residual for s in settings if s.kv_quant != "none"} - {kv_quant_residual})
+        lowered = {s.kv_quant_residual for s in settings if s.kv_quant != "none"}
+        lowered -= {kv_quant_residual, kv_quant_residual // 4}  # (a quarter: the grid's own rows)
         if lowered:
-            say(f"note: the grid lowers kv_quant_residual={kv_quant_residual} to {', '.join(map(str, lowered))} "
-                "where it would leave nothing to quantize (each row's /r says which)")
+            say(f"note: the grid lowers kv_quant_residual={kv_quant_residual} to "
+                f"{', '.join(map(str, sorted(lowered)))} where it must fit the window or an eviction's recent half (each row's /r says which)")
     else:
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
     for note in dict.fromkeys(s.local_residual(model.config)[1] for s in settings):

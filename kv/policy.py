@@ -88,7 +88,8 @@ class KVOptions:
         if residual and self.kv_budget < self.kv_sink + residual + 1:
             raise UserError(f"kv_budget={self.kv_budget} cannot hold kv_sink={self.kv_sink} plus the "
                             f"kv_quant_residual={residual} full-precision tokens and the one leaving them at "
-                            f"each step ({self.kv_sink + residual + 1} in all); raise kv_budget or lower kv_quant_residual")
+                            f"each step ({self.kv_sink + residual + 1} in all); raise kv_budget or lower "
+                            "kv_quant_residual")
         return self
 
     def key_group(self):

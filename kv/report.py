@@ -8,6 +8,7 @@ markdown table, a CSV file, a PNG of the frontier and TensorBoard scalars.
 """
 
 import csv
+import os
 
 
 def frontier(results):
@@ -27,7 +28,8 @@ def markdown(results, title):
     front = frontier(results)
     base = results[0]
     lines = [f"### {title}", "",
-             "| setting | peak KV bits/stream | bits/token | x smaller | bits/byte | vs baseline | KL (bits) | frontier |",
+             "| setting | peak KV bits/stream | bits/token | x smaller | bits/byte | vs baseline | KL (bits) "
+             "| frontier |",
              "|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for i, r in enumerate(results):
         lines.append(f"| {r['setting']} | {r['kv_bits_peak']:,} | {r['kv_bits_per_token']:,.2f} | "
@@ -50,26 +52,40 @@ def markdown(results, title):
 
 
 def plot(results, path, title):
-    """bits per byte against KV bits per token (log scale), the frontier joined in red and
-    labelled (every setting is in the .md table; labels on all points would overlap)."""
+    """bits per byte against KV bits per token (log scale): the frontier joined in red, each of
+    its points named in the legend (every setting is in the .md table); a point far above
+    the rest is drawn at the top edge with its value, so it does not squash the others."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 5.5))
     xs = [r["kv_bits_per_token"] for r in results]
     ys = [r["bpb"] for r in results]
-    ax.scatter(xs, ys, color="tab:blue", zorder=2, label="other settings")
     front = sorted(frontier(results), key=lambda i: xs[i])
-    for n, i in enumerate(front):  # neighbours' labels alternate below and above the line
-        ax.annotate(results[i]["setting"], (xs[i], ys[i]), fontsize=7, textcoords="offset points",
-                    xytext=(5, -11 if n % 2 else 5))
-    ax.plot([xs[i] for i in front], [ys[i] for i in front], "o-", color="tab:red", label="frontier", zorder=3)
-    ax.axhline(results[0]["bpb_base"], color="gray", ls="--", lw=1, label=f"baseline: {results[0]['baseline']}")
+    names = [results[i]["setting"] for i in front]
+    shared = os.path.commonprefix([n[::-1] for n in names])[::-1]  # e.g. ", window 64" on every one
+    shared = shared[shared.find(", "):] if ", " in shared and len(names) > 1 else ""
+    base = results[0]["bpb_base"]
+    top = max(max(ys[i] for i in front), base) + 0.25 * (max(max(ys[i] for i in front), base) - min(ys) + 0.1)
+    others = [i for i in range(len(results)) if i not in front]
+    ax.scatter([xs[i] for i in others], [min(ys[i], top) for i in others], color="tab:gray", zorder=2,
+               label="other settings")
+    for i in others:
+        if ys[i] > top:
+            ax.annotate(f"{results[i]['setting']}: {ys[i]:.2f} \u2191", (xs[i], top), fontsize=7, ha="right",
+                        textcoords="offset points", xytext=(-4, -10))
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:red", zorder=3)
+    for n, i in enumerate(front):
+        ax.scatter([xs[i]], [ys[i]], marker="os^vDP*Xph"[n % 10], s=50, zorder=4,
+                   label=names[n][:len(names[n]) - len(shared)] + f" ({xs[i]:,.2f}, {ys[i]:.4f})")
+    ax.axhline(base, color="gray", ls="--", lw=1, label=f"baseline: {results[0]['baseline']}")
+    ax.set_ylim(min(ys) - 0.05 * (top - min(ys) + 0.1), top + 0.02)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV bits per token of the stream (a decoder's peak KV bits / tokens)")
     ax.set_ylabel("bits per byte")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    ax.set_title(title + "\nthe frontier in red" + (f", every one of its settings with {shared[2:]}" if shared else ""),
+                 fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

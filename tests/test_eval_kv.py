@@ -140,8 +140,8 @@ def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
     with open(f"{prefix}.csv") as f:
         rows = list(csv.DictReader(f))
     # the reference (the checkpoint's block_size of 32 as a sliding window), the plain cache
-    # read past it, and the grid's 6 settings, budgets scaled to the window
-    assert len(rows) == 8 and rows[0]["setting"] == "plain, window 32 (reference)" and float(rows[0]["kl_bits"]) == 0.0
+    # read past it, and the grid's 7 settings, budgets scaled to the window
+    assert len(rows) == 9 and rows[0]["setting"] == "plain, window 32 (reference)" and float(rows[0]["kl_bits"]) == 0.0
     assert rows[1]["setting"] == "plain, unbounded"
     assert any(r["setting"] == "int4/g16/r4 + h2o 10 (recent 5, sink 4), window 32" for r in rows)
     md = (ckpt_dir / "eval_kv_quick.md").read_text()

@@ -59,14 +59,19 @@ def decoded_peak(model, kv, x, dtype=torch.bfloat16):
 
 @pytest.mark.parametrize("arch", MODELS, ids=list(MODELS))
 def test_peak_is_what_a_decoder_holds(arch):
-    # 160 bytes: past the horizon after which decoder_peak stops for a bounded cache
+    # 130 bytes: past the horizon after which decoder_peak stops for a bounded cache
     m = tiny(**MODELS[arch])
-    x, _ = streams(B=1, L=160)
+    x, _ = streams(B=1, L=130)
     for name, kv in zip(POLICIES, settings()):
-        assert eval_kv.horizon(kv, m.config, 160) < 160 or name == "plain"
-        assert eval_kv.decoder_peak(m, kv, 160) == decoded_peak(m, kv, x), name
-    unbounded = KVOptions(kv_window=0, kv_quant="int4", kv_quant_group=4, kv_quant_residual=4).check()
-    assert eval_kv.decoder_peak(m, unbounded, 40) == decoded_peak(m, unbounded, x[:, :40])
+        start, stop = eval_kv.horizon(kv, m.config, 130)
+        assert start == 0 and stop < 130, name
+        assert eval_kv.decoder_peak(m, kv, 130) == decoded_peak(m, kv, x), name
+    for unbounded in (KVOptions(kv_window=0), KVOptions(kv_window=0, kv_quant="int4", kv_quant_group=4,
+                                                         kv_quant_residual=4).check()):
+        # only growing: one chunk, then the last tokens one at a time (a local window: all of them)
+        start, _ = eval_kv.horizon(unbounded, m.config, 130)
+        assert start == (0 if arch == "local window" else 66 - (16 if unbounded.kv_quant != "none" else 0))
+        assert eval_kv.decoder_peak(m, unbounded, 130) == decoded_peak(m, unbounded, x)
 
 
 def test_peak_does_not_depend_on_the_chunk():
@@ -113,10 +118,10 @@ def test_windowed_reference_costs_T_times_window(monkeypatch):
     for block in m.transformer.h:
         fn = block.attn.attend
         block.attn.attend = lambda q, k, v, mask, p, fn=fn: seen.append(k.size(2)) or fn(q, k, v, mask, p)
-    x, y = streams(L=400)
+    x, y = streams(L=600)
     eval_kv.evaluate(m, x, y, [KVOptions(kv_window=W)], W, KVOptions(kv_window=W), block=W)
     piece = eval_kv.ReferencePass(m, x, y, KVOptions(kv_window=W)).piece
-    assert piece < 400 and max(seen) <= W + piece
+    assert piece < 600 and max(seen) <= W + piece
 
 
 def test_full_precision_is_stored_at_dtype():
