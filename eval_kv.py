@@ -48,7 +48,7 @@ from torch.nn import functional as F
 
 from attention import naive_attention
 from attention_linear import LinearState
-from checkpoint import checkpoint_path, load_model
+from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from kv.cache import Cache
 from kv.policy import KVOptions
@@ -73,6 +73,7 @@ dtype = "bfloat16"  # storage of what caches keep in full precision (plain cache
 globals().update(KVOptions().settings())
 sweep = ""  # '' = the one setting above; 'quick' or 'full' = a named grid, written into out_dir
 device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
+attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 tensorboard = True  # sweeps: write the scalars to TensorBoard too
 # -----------------------------------------------------------------------------
@@ -362,13 +363,13 @@ def main():
     use_tb = bool(sweep) and tensorboard and has_module("tensorboard", "no TensorBoard scalars are written")
     thread_words = use_threads(threads)
     dev = pick_device(device)
-    model, ckpt = load_model(path, dev)
+    model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
     config = ckpt.get("config") or {}
     name = dataset or config.get("dataset", "")
     if not name:
         raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset=NAME (or a folder with val.txt)")
-    _, val_path = dataset_paths(name)
+    _, val_path = dataset_paths(name) if dataset else saved_dataset_paths(name, path)  # the checkpoint's: read only
     block = int(config.get("block_size", 0) or 256)
     step = chunk or block
     say = lambda line: print(line, file=sys.stderr)
