@@ -23,7 +23,8 @@ def priority(scores, pos, seen, kv_sink, kv_recent):
               over the queries (and the query heads that share the KV head).
     pos       (B, nkv, n) long: each token's position in the text (heads keep different tokens,
               in no particular order).
-    seen      int: tokens read so far; the newest cached token is at position seen - 1.
+    seen      int: tokens read so far, counting the token of this step (at position seen - 1),
+              which is not among those ranked and always stays; the newest ranked one is at seen - 2.
     kv_sink   the tokens at positions < kv_sink must always stay.
     kv_recent the kv_recent newest tokens (positions >= seen - kv_recent) must always stay.
 

@@ -89,7 +89,7 @@ def test_cache_allocates_once():
 
 @pytest.mark.parametrize("kw,words", [
     (dict(kv_quant="int3"), "unknown kv_quant"),
-    (dict(kv_quant="nosuchpkg.mod:fn"), "does not import"),
+    (dict(kv_quant="nosuchpkg.mod:fn"), "no module named"),
     (dict(kv_quant="int4", kv_quant_group=0), "kv_quant_group"),
     (dict(kv_quant_residual=-1), "kv_quant_residual"),
     (dict(kv_evict="lru"), "unknown kv_evict"),
