@@ -6,12 +6,20 @@ Generation: prefill the prompt in one forward, then one decode step per new toke
     out = generate(model, idx, max_new_tokens=100, temperature=0.8, top_k=200)
     out = generate(model, idx, 100, kv=KVOptions(kv_window=256, kv_quant="int4"))
 
-The decode step is a function of its own so it can be timed and compiled alone.
+The decode step is a function of its own so it can be timed and compiled alone. The fast
+one, StaticDecoder, runs it over the static-shape caches of kv/static.py, compiled once:
+
+    dec = StaticDecoder(model, KVOptions(kv_window=256), batch_size=8, capacity=T + 500)
+    out = generate(model, idx, 500, decoder=dec)       # idx (8, T): 8 samples in one batch
 """
+
+import time
 
 import torch
 
 from kv.policy import KVOptions, held_bits
+from kv.static import static_reason
+from utils import compile_or_eager
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
@@ -31,25 +39,140 @@ def decode_step(model, token, caches):
     return logits[:, -1]
 
 
+def static_step(model, token, caches, rot_table):
+    """decode_step over the static caches of kv/static.py: token (B, 1) at the position of
+    their Clock, which it advances. -> logits (B, V). What StaticDecoder compiles."""
+    clock = caches[0].clock  # layer 0 always owns a cache
+    logits = model.step(token, clock.t, rot_table, caches)
+    clock.t.add_(1)
+    return logits[:, -1]
+
+
+class StaticDecoder:
+    """The decode step over static caches of its own, for one model, cache kind (KVOptions),
+    batch size and capacity (text length), compiled once:
+
+        dec = StaticDecoder(model, kv, batch_size=B, capacity=T + n)
+        dec.start()                 # empty caches; or dec.start(caches) after an eager prefill
+        logits = dec(token)         # token (B, 1) -> logits (B, V) of the next byte
+
+    compile: True = torch.compile with fullgraph, dynamic=False (on CUDA mode="reduce-overhead":
+    the step is replayed as one CUDA graph); False = the same step eager (a reference: slower
+    than the eager caches, as it attends over every slot); or a torch.compile backend (tests
+    count compilations with one). When compiling fails: one warning, and `compiled` is False.
+    dtype: what the caches store full precision at (default: as KVOptions.make_caches).
+    Raises ValueError for a cache kind kv.static.static_reason() keeps eager."""
+
+    def __init__(self, model, kv, batch_size, capacity, compile=True, cuda_graphs=None, dtype=None):
+        reason = static_reason(kv, model.config)
+        if reason is not None:
+            raise ValueError(reason)
+        self.model, self.kv, self.batch_size, self.capacity = model, kv, batch_size, capacity
+        p = next(model.parameters())
+        self.caches = kv.make_caches(model, batch_size, capacity=capacity, dtype=dtype, static=True)
+        self.clock = self.caches[0].clock
+        self.rot_table = model._rope(0, capacity).clone() if model.config.rope else None  # (capacity, hs/2, 2)
+        self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move
+            for t in self._tensors():
+                torch._dynamo.mark_static_address(t)
+        self.step, self.compiled, self.compile_seconds = static_step, False, 0.0
+        if compile:
+            options = dict(fullgraph=True, dynamic=False)
+            if compile is not True:
+                options["backend"] = compile
+            elif self.cuda_graphs:
+                options["mode"] = "reduce-overhead"
+            elif p.device.type == "cpu":
+                # batch 1: each (1, C) x (C, N) product becomes a fused multiply-and-sum, not a
+                # BLAS call (MKL's matrix-vector product was a third of the step: RESULTS.md)
+                options["options"] = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+            t0 = time.perf_counter()
+            self.step = compile_or_eager(static_step, self._probe, **options)
+            self.compile_seconds = time.perf_counter() - t0
+            self.compiled = self.step is not static_step
+            self.start()
+
+    def _tensors(self):
+        seen, out = set(), [self.clock.t]
+        for c in self.caches:
+            if id(c) not in seen:
+                seen.add(id(c))
+                out += c.buffers()
+        return out
+
+    def _probe(self, step):
+        # compile now, on the decoder's own caches (start() resets them after)
+        token = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.clock.t.device)
+        with torch.no_grad():
+            for _ in range(3 if self.cuda_graphs else 1):  # CUDA graphs are recorded on a later call
+                self.start()
+                step(self.model, token, self.caches, self.rot_table)
+
+    def start(self, prefilled=None):
+        """Empty the caches, or load eager caches (the same KVOptions) after a prefill; returns
+        the static caches (for held_bits and the like)."""
+        seen = prefilled[0].seen if prefilled is not None else 0
+        if seen >= self.capacity:
+            raise ValueError(f"the prefilled text ({seen} tokens) fills the decoder's capacity {self.capacity}")
+        done = set()
+        for i, c in enumerate(self.caches):
+            if id(c) not in done:
+                done.add(id(c))
+                c.reset()
+                if prefilled is not None:
+                    c.load(prefilled[i])
+        self.clock.set(seen)
+        return self.caches
+
+    def __call__(self, token):
+        """token (B, 1) -> logits (B, V); the caches now hold it."""
+        if self.clock.n >= self.capacity:
+            raise ValueError(f"the decoder's capacity of {self.capacity} tokens is used up")
+        if self.cuda_graphs and self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
+        logits = self.step(self.model, token, self.caches, self.rot_table)
+        self.clock.n += 1
+        return logits.clone() if self.cuda_graphs else logits
+
+
+def static_decoder(model, kv, batch_size, capacity, compile=True, say=None):
+    """A StaticDecoder where the cache kind allows one; else None (decode eager), and a note
+    through say (e.g. print) saying why."""
+    reason = static_reason(kv, model.config)
+    if reason is not None:
+        if say is not None:
+            say(f"note: the decode step stays eager: {reason}")
+        return None
+    return StaticDecoder(model, kv, batch_size, capacity, compile=compile)
+
+
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=None, stats=None,
-                    generator=None, decode=None):
+                    generator=None, decoder=None):
     """Prefill the prompt idx (B, T) in one pass, then one decode step per token; yields each
     new token (B, 1). kv: the KVOptions of the caches (default: plain, unbounded). If given,
     `stats` gets the peak KV bits and the bits per cached token (per sequence) at the end.
-    decode: what runs a decode step instead of decode_step (e.g. a compiled one)."""
+    decoder: a StaticDecoder for the same kv, B and at least T + max_new_tokens tokens, which
+    then runs the decode steps (the prefill stays eager)."""
     B, T = idx.size()
-    decode = decode or decode_step
     kv = kv or KVOptions(kv_window=0)
+    if decoder is not None and (decoder.kv != kv or decoder.batch_size != B or decoder.capacity < T + max_new_tokens):
+        raise ValueError("the decoder was made for other KV options, another batch size or a shorter text")
     caches = kv.make_caches(model, B, capacity=T + max_new_tokens)
     logits, _ = model(idx, caches)  # prefill
     logits = logits[:, -1]
     peak, peak_tokens = held_bits(caches)
+    if decoder is not None:
+        caches = decoder.start(caches)
+        decode = lambda token: decoder(token)
+    else:
+        decode = lambda token: decode_step(model, token, caches)
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, generator)
         yield nxt
         if i + 1 < max_new_tokens:
-            logits = decode(model, nxt, caches)
+            logits = decode(nxt)
             bits, held = held_bits(caches)
             if bits > peak:
                 peak, peak_tokens = bits, held

@@ -231,6 +231,14 @@ class GPT(nn.Module):
         rot = self._rope(start, T) if self.config.rope else None
         return self._blocks(idx, pos, rot, caches), caches
 
+    def step(self, idx, pos, rot_table, caches):
+        """The decode step with its position as a tensor: idx (B, 1) at position pos (1,), the
+        static caches of kv/static.py (which read the same position from their Clock), rot_table
+        the RoPE table of every position the step may reach (or None). No Python number in here
+        changes from one token to the next, so a compiled step is traced once. -> (B, 1, V)"""
+        rot = rot_table.index_select(0, pos) if rot_table is not None else None  # (1, hs/2, 2)
+        return self._blocks(idx, pos, rot, caches)
+
     def _blocks(self, idx, pos, rot, caches):
         """The logits of idx at text positions pos (T,), rotated by rot (see forward)."""
         x = self.transformer.drop(self.transformer.wte(idx))  # (B, T, C)

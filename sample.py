@@ -7,8 +7,12 @@ Sample text from a trained model, streaming it as it is generated.
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --max_new_tokens=2000
     python sample.py --out_dir=out-shakespeare-char --kv_window=256 --kv_sink=4
     python sample.py --out_dir=out-shakespeare-char --kv_quant=int4 --kv_evict=h2o --kv_budget=256 --kv_recent=64
+    python sample.py --out_dir=out-shakespeare-char --num_samples=8 --max_new_tokens=20000 --compile=True
 
-The speed (tokens/s) and the size of the KV cache (in bits) are reported on stderr.
+The samples run as one batch: the first streams as it is generated, the others are printed
+when the batch is done. --compile=True compiles the decode step (generate.StaticDecoder; the
+compile time is printed). The speed (tokens/s) and the size of the KV cache (in bits) are
+reported on stderr.
 """
 import codecs
 import os
@@ -19,7 +23,7 @@ import torch
 
 from checkpoint import checkpoint_path, load_model
 from configurator import configure
-from generate import generate_stream
+from generate import generate_stream, static_decoder
 from kv.policy import KVOptions
 from utils import UserError, autocast_ctx, check_range, pick_device, pick_dtype, run_main, use_threads
 
@@ -36,6 +40,7 @@ device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
 attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
+compile = False  # torch.compile the decode step over static caches (eager, with a warning, where it fails); pays only for long samples (RESULTS.md)
 # KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
 # kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py
 globals().update(KVOptions().settings())
@@ -70,30 +75,39 @@ def main():
     model.eval()
     kv = kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: print(line, file=sys.stderr))
     ctx = autocast_ctx(dev, dt)
-    idx = torch.tensor([list(prompt)], dtype=torch.long, device=dev)  # (1, T)
-
-    seconds, kv_peak, kv_per_token = 0.0, 0, 0.0
-    for k in range(num_samples):
-        # an incremental decoder holds back the bytes of an incomplete UTF-8
-        # character until it is complete; invalid bytes come out as \xNN
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
-        write(decoder.decode(prompt))
-        stats = {}
+    # the samples run side by side, one batch of num_samples rows: on a small model 8 cost
+    # about what 1 does. The first streams as it is generated, the others print when done.
+    idx = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=dev)  # (num_samples, T)
+    # an incremental decoder holds back the bytes of an incomplete UTF-8
+    # character until it is complete; invalid bytes come out as \xNN
+    first = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+    others = [bytearray(prompt) for _ in range(num_samples - 1)]
+    stats = {}
+    with torch.no_grad(), ctx:
+        step = None
+        if compile and max_new_tokens > 1:
+            say = lambda line: print(line, file=sys.stderr)
+            step = static_decoder(model, kv, num_samples, idx.size(1) + max_new_tokens, say=say)
+            if step is not None and step.compiled:
+                say(f"compiled the decode step in {step.compile_seconds:.1f} s")
+        write(first.decode(prompt))
         t0 = time.time()
-        with torch.no_grad(), ctx:
-            for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                         kv=kv, stats=stats):
-                write(decoder.decode(bytes([int(token[0, 0])])))  # int() waits for the token
-        seconds += time.time() - t0
-        write(decoder.decode(b"", final=True) + "\n")
-        if k < num_samples - 1:
-            write("---------------\n")
-        kv_peak = max(kv_peak, stats.get("kv_bits_peak", 0))
-        kv_per_token = stats.get("kv_bits_per_token", kv_per_token)
+        for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                     kv=kv, stats=stats, decoder=step):
+            row = token[:, 0].tolist()  # waits for the token
+            write(first.decode(bytes(row[:1])))
+            for text, b in zip(others, row[1:]):
+                text.append(b)
+        seconds = time.time() - t0
+    write(first.decode(b"", final=True) + "\n")
+    for text in others:
+        write("---------------\n" + text.decode("utf-8", errors="backslashreplace") + "\n")
 
     speed = num_samples * max_new_tokens / seconds if seconds else float("nan")
-    print(f"{speed:.1f} tokens/s; KV cache peak {kv_peak:,} bits ({kv_peak / 8 / 2**20:.2f} MiB), "
-          f"{kv_per_token:,g} bits per token", file=sys.stderr)
+    peak = stats.get("kv_bits_peak", 0) // num_samples  # per sample
+    print(f"{speed:.1f} tokens/s ({num_samples} sample{'s' * (num_samples > 1)} side by side); KV cache peak "
+          f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {stats.get('kv_bits_per_token', 0):,g} bits "
+          "per token", file=sys.stderr)
 
 
 def read_prompt(text):

@@ -245,14 +245,14 @@ def keep_freed_memory():
     mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never give the heap's free top back
 
 
-def compile_or_eager(fn, probe):
-    """torch.compile(fn), tried once by probe(compiled): compilation is lazy, so this is
-    where it would fail (no C++ compiler, an unsupported platform or Python). On failure,
+def compile_or_eager(fn, probe, **options):
+    """torch.compile(fn, **options), tried once by probe(compiled): compilation is lazy, so this
+    is where it would fail (no C++ compiler, an unsupported platform or Python). On failure,
     fn itself and one warning line on stderr. The global RNG is left as the probe found it."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        compiled = torch.compile(fn)
+        compiled = torch.compile(fn, **options)
         probe(compiled)
     except Exception as e:  # any failure inside the compiler stack means: run eager
         import torch._dynamo as dynamo

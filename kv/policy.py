@@ -19,6 +19,7 @@ from attention_linear import LinearState
 from kv.cache import KVCache, TrimCache
 from kv.evict import POLICIES, EvictKVCache, resolve_evict
 from kv.quant import FORMATS, QuantKVCache, make_formats, resolve_quant
+from kv.static import Clock, StaticKVCache, StaticQuantCache
 from utils import UserError, import_function
 
 
@@ -137,13 +138,16 @@ class KVOptions:
             parts.append(f"{self.kv_evict} {self.kv_budget}" + (f" ({', '.join(extra)})" if extra else ""))
         return " + ".join(parts) or "none"
 
-    def make_caches(self, model, batch_size, capacity=256, dtype=None):
+    def make_caches(self, model, batch_size, capacity=256, dtype=None, static=False):
         """One cache per layer, the same object for the layers of a kv_share group. A local
         layer never holds more than its window; a linear layer holds its fixed-size state.
-        dtype: of the cached K/V; default the dtype they come in (autocast's, or the model's)."""
+        dtype: of the cached K/V; default the dtype they come in (autocast's, or the model's).
+        static: their static-shape twins on one Clock, for the compiled decode step (kv/static.py;
+        only where kv.static.static_reason(self, model.config) is None)."""
         c = model.config
         p = next(model.parameters())
         dtype = dtype or cache_dtype(p)
+        clock = Clock(p.device) if static else None
         caches = []
         for i in range(c.n_layer):
             if i % c.kv_share:
@@ -156,12 +160,17 @@ class KVOptions:
                     window, sink = c.window, 0
                     residual = self.local_residual(c)[0]  # (eval_kv prints its note)
                 caches.append(self._cache(batch_size, c.kv_heads, c.head_dim, window, sink, capacity, dtype,
-                                          p.device, residual))
+                                          p.device, residual, clock))
         return caches
 
-    def _cache(self, batch_size, n_kv_head, head_dim, window, sink, capacity, dtype, device, residual):
+    def _cache(self, batch_size, n_kv_head, head_dim, window, sink, capacity, dtype, device, residual, clock=None):
         kw = dict(batch_size=batch_size, n_kv_head=n_kv_head, head_dim=head_dim, window=window, sink=sink,
                   dtype=dtype, device=device)
+        if clock is not None:  # the static twins (kv/static.py)
+            if self.kv_quant == "none":
+                return StaticKVCache(clock, capacity=capacity, **kw)
+            fmts = make_formats(self.kv_quant, self.kv_quant_group, head_dim, channel_keys=self.channel_keys)
+            return StaticQuantCache(clock, *fmts, residual=residual, capacity=capacity, **kw)
         if self.kv_trim:
             return TrimCache(trim_fn=import_function(self.kv_trim, "kv_trim"), **kw)
         if not self.compressed:
