@@ -177,4 +177,21 @@ def exercise_checks(tmp_path, monkeypatch):
         finally:
             sys.modules.pop(name, None)
         return results, "\n".join(printed)
+
+    def wrong_fails_first(entry):
+        """entry = (exercise, source, title, words[, slow]): the first failing check is `title`,
+        its message holds `words` and a README rule, and nothing prints a traceback."""
+        exercise, source, title, words, *slow = entry
+        results, printed = run(exercise, source, slow=bool(slow and slow[0]))
+        failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+        assert failed and failed[0][0] == title, printed
+        assert words in failed[0][1] and "see exercises/README.md, 'Assignment" in failed[0][1], printed
+        assert "Traceback" not in printed
+
+    def correct_passes(entry, slow=True):
+        """entry = (exercise, source): every check passes."""
+        results, printed = run(*entry, slow=slow)
+        assert {status for _, status, _ in results} == {"PASS"}, printed
+
+    run.wrong_fails_first, run.correct_passes = wrong_fails_first, correct_passes
     return run

@@ -199,16 +199,9 @@ OK.update({
 
 @pytest.mark.parametrize("what", list(WRONG))
 def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
-    exercise, source, title, words, *slow = WRONG[what]
-    results, printed = exercise_checks(exercise, source, slow=bool(slow and slow[0]))
-    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
-    assert failed and failed[0][0] == title, printed
-    assert words in failed[0][1] and "see exercises/README.md, 'Assignment" in failed[0][1], printed
-    assert "Traceback" not in printed
+    exercise_checks.wrong_fails_first(WRONG[what])
 
 
 @pytest.mark.parametrize("what", list(OK))
 def test_a_correct_alternative_passes(what, exercise_checks):
-    exercise, source = OK[what]
-    results, printed = exercise_checks(exercise, source, slow=True)
-    assert {status for _, status, _ in results} == {"PASS"}, printed
+    exercise_checks.correct_passes(OK[what])
