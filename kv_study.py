@@ -19,7 +19,8 @@ baseline), TensorBoard scalars in frontier/. Rerunning skips the variants alread
 (last.pt and results.json there); delete a variant's folder to redo it.
 
 Variants (--variants=a,b,...): base (no fine-tune), base_ft (K more iterations, unchanged: the
-control), gqa/mqa (K/V heads mean-pooled), local (window block/4 in layers 0-1, kv_share=2),
+control), gqa/mqa (K/V heads mean-pooled), local (window block/4 in the lower half of the
+layers, kv_share=2),
 qat_int4, qat_int2 (quantization-aware training, kv/qat.py), mqa_share_int2 (MQA + kv_share=2
 + int2 QAT) and mqa_share_int2_local (the same with every layer's window at block/4).
 Grid: plain, int8, int4, int2 (residual 0: every token at its format; int4/int2 keys per
