@@ -20,9 +20,9 @@ baseline), TensorBoard scalars in frontier/. Rerunning skips the variants alread
 
 Variants (--variants=a,b,...): base (no fine-tune), base_ft (K more iterations, unchanged: the
 control), gqa/mqa (K/V heads mean-pooled), local (window block/4 in the lower half of the
-layers, kv_share=2),
-qat_int4, qat_int2 (quantization-aware training, kv/qat.py), mqa_share_int2 (MQA + kv_share=2
-+ int2 QAT) and mqa_share_int2_local (the same with every layer's window at block/4).
+layers, kv_share=2), qat_int4, qat_int2 (quantization-aware training, kv/qat.py),
+mqa_share_int2 (MQA + kv_share=2 + int2 QAT) and mqa_share_int2_local (the same with every
+layer's window at block/4).
 Grid: plain, int8, int4, int2 (residual 0: every token at its format; int4/int2 keys per
 token) at windows of block, block/2, block/4, block/8, and KIVI's per-channel keys (see
 grid()). Eviction (h2o) reads a chunk with more than its budget in sight, so its rows run
