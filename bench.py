@@ -6,6 +6,7 @@ overrides; a model with random weights is built from them (speed does not depend
     python bench.py config/train_shakespeare_char_cpu.py                       # all three
     python bench.py config/train_shakespeare_char_cpu.py --what=train --compile=True --bench_ablation=True
     python bench.py config/train_shakespeare_char_cpu.py --what=generate --baseline=True
+    python bench.py config/train_shakespeare_char_cpu.py --what=generate --compile=True --kv_quant=int4
     python bench.py config/train_shakespeare_char_cpu.py --what=eval_kv --stream_len=1024
     python bench.py config/train_shakespeare_char.py --device=cuda --compile=True
 
@@ -13,11 +14,15 @@ train     ms/iter, tokens/s, MFU (where the device's peak is known) and memory o
           step (train.train_step), next to the plain eager loop a tutorial writes; rows timed in
           turn, bench_repeats runs of bench_iters iterations, the fastest run kept.
 generate  tokens/s for bench_lengths new tokens with the cache unbounded and bounded to
-          kv_window (256 when not given), the KV bits held, time per token early vs late in
-          a long sample (a bounded cache must not slow down), process memory; --baseline=True
-          also times the tutorial's way (concatenate the cache, re-rotate every key each step).
+          kv_window (256 when not given), eager and (--compile=True) through the compiled
+          static-cache step (generate.StaticDecoder, its compile time printed), the KV bits
+          held, time per token over the first and the last 1024 of a long sample (a bounded
+          cache must not slow down), process memory; bench_batch samples side by side against
+          one; on CUDA also without CUDA graphs, and the fraction of the memory bandwidth used.
+          --baseline=True also times the tutorial's way (concatenate, re-rotate every key).
 eval_kv   bytes/s of eval_kv.evaluate on n_streams x stream_len random bytes: the plain cache
-          at chunk = block_size, int4 and int4 + h2o at chunk = 1.
+          at chunk = block_size (one forward), then a decode step per byte (chunk = 1) for the
+          plain cache, int4 and int4 + h2o, eager and (--compile=True) compiled.
 The other kv_* options (kv_quant, kv_evict, ...) apply to the generation rows.
 """
 import os
@@ -30,7 +35,7 @@ import torch
 import train
 from configurator import PLAIN_TYPES, configure
 from eval_kv import evaluate
-from generate import generate_stream
+from generate import generate_stream, static_decoder
 from kv.policy import KVOptions
 from loader import ByteLoader, dataset_paths
 from model import GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
@@ -51,6 +56,7 @@ bench_ablation = False  # train: one row per change between the plain loop and t
 baseline = False  # generate: also time the tutorial's concatenate-and-re-rotate decoding (slow)
 n_streams = 4  # eval_kv: streams side by side
 stream_len = 4096  # eval_kv: bytes per stream
+bench_batch = 8  # generate: also time this many samples side by side against one (1 = skip)
 # KV cache: kv_window, kv_sink, kv_trim, kv_quant, ... as in sample.py (KVOptions in kv/policy.py)
 globals().update(KVOptions().settings())
 # -----------------------------------------------------------------------------
@@ -201,7 +207,22 @@ def bench_train(args, dev, dt):
 # -----------------------------------------------------------------------------
 # generate
 
-def time_generation(model, n_new, kv, device, decode=None, batch=1):
+# peak memory bandwidth (bytes/s) from the vendors' data sheets, the first name found in
+# torch.cuda.get_device_name(): the ceiling of a decode step, which reads every weight and
+# the whole KV cache once per step
+PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
+                  ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12), ("L4", 0.3e12),
+                  ("A10", 0.6e12), ("V100", 0.9e12), ("RTX 4090", 1.01e12), ("RTX 3090", 0.936e12)]
+
+
+def peak_bandwidth(device):
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in PEAK_BANDWIDTH if key in name), None)
+
+
+def time_generation(model, n_new, kv, device, decoder=None, batch=1):
     """Seconds since the start at each new token, and the KV stats."""
     prompt = torch.full((batch, 4), ord("#"), dtype=torch.long, device=device)
     stats, stamps = {}, []
@@ -210,7 +231,7 @@ def time_generation(model, n_new, kv, device, decode=None, batch=1):
     sync()
     t0 = time.perf_counter()
     for _ in generate_stream(model, prompt, n_new, temperature=1.0, top_k=200, kv=kv, stats=stats,
-                             generator=g, decode=decode):
+                             generator=g, decoder=decoder):
         sync()
         stamps.append(time.perf_counter() - t0)
     return stamps, stats
@@ -228,66 +249,129 @@ def time_baseline(model, n_new, window):
     return time.perf_counter() - t0
 
 
+def compiled_decoder(model, kv, batch, capacity, what, **kw):
+    """A StaticDecoder (None where the cache stays eager), its compile time printed."""
+    dec = static_decoder(model, kv, batch, capacity, say=print, **kw)
+    if dec is not None:
+        print(f"compiled the decode step for {what} in {dec.compile_seconds:.1f} s")
+    return dec
+
+
+def read_bytes(model, dec):
+    """Bytes a decode step reads: every weight, and every slot of the static caches."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return weights + sum(t.numel() * t.element_size() for t in dec._tensors())
+
+
 def bench_generate(model, device, kv):
     window = kv.kv_window if kv.kv_window > 0 else 256
     lengths = [int(s) for s in bench_lengths.split(",")]
-    print(f"\ngeneration: KV cache {kv.describe()}, batch 1")
-    print("\n| new tokens | kv_window | tokens/s | KV bits (peak) | KV bits/token | RSS growth MB |")
-    print("|---|---|---|---|---|---|")
-    for w in (0, window):
-        for n in lengths:
-            before = rss_mb()
-            stamps, stats = time_generation(model, n, replace(kv, kv_window=w), device)
-            print(f"| {n} | {w or 'unbounded'} | {n / stamps[-1]:,.0f} | {stats['kv_bits_peak']:,} | "
-                  f"{stats['kv_bits_per_token']:,.0f} | {rss_mb() - before:+.1f} |")
     n = max(lengths)
+    # one compiled decoder per cache, sized for the longest row (shorter rows reuse it: an
+    # unbounded static cache attends over all its slots, so they pay for its full length)
+    decs = {w: compiled_decoder(model, replace(kv, kv_window=w), 1, 4 + n, f"kv_window={w}")
+            for w in (0, window)} if compile else {}
+    print(f"\ngeneration: KV cache {kv.describe()}, batch 1, top_k 200; compiled: one decoder per cache sized "
+          f"for {n} new tokens")
+    print("\n| new tokens | kv_window | tokens/s eager | tokens/s compiled | compiled / eager | KV bits (peak) | "
+          "KV bits/token | RSS growth MB |")
+    print("|---|---|---|---|---|---|---|---|")
+    runs = {}
+    for w in (0, window):
+        for m in lengths:
+            before = rss_mb()
+            stamps, stats = time_generation(model, m, replace(kv, kv_window=w), device)
+            fast, _ = time_generation(model, m, replace(kv, kv_window=w), device, decs[w]) if decs.get(w) else (None, 0)
+            runs[w, m] = stamps, fast
+            c = f"{m / fast[-1]:,.0f} | {stamps[-1] / fast[-1]:.2f}x" if fast else "- | -"
+            print(f"| {m} | {w or 'unbounded'} | {m / stamps[-1]:,.0f} | {c} | {stats['kv_bits_peak']:,} | "
+                  f"{stats['kv_bits_per_token']:,.0f} | {rss_mb() - before:+.1f} |", flush=True)
     if n >= 2048:
-        stamps, _ = time_generation(model, n, replace(kv, kv_window=window), device)
-        early = (stamps[1280] - stamps[256]) / 1024
-        late = (stamps[-1] - stamps[-1025]) / 1024
-        print(f"\nkv_window={window}, {n} tokens in {stamps[-1]:.2f} s: {early * 1e3:.3f} ms/token over "
-              f"tokens 256..1280, {late * 1e3:.3f} ms/token over the last 1024 ({late / early - 1:+.0%})")
+        for name, st in zip(("eager", "compiled"), runs[window, n]):
+            if st:
+                first, last = st[1024] - st[0], st[-1] - st[-1025]
+                print(f"\n{name}, kv_window={window}, {n} tokens in {st[-1]:.2f} s: {first / 1.024:.3f} ms/token over "
+                      f"the first 1024, {last / 1.024:.3f} over the last 1024 ({last / first - 1:+.0%})")
         if baseline:
             t = time_baseline(model, n, window)
             print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={window}: "
-                  f"{n} tokens in {t:.2f} s; ours is {t / stamps[-1]:.1f}x faster")
+                  f"{n} tokens in {t:.2f} s; ours is {t / runs[window, n][0][-1]:.1f}x faster (eager)")
+    if bench_batch > 1:
+        bench_batched(model, device, replace(kv, kv_window=window), n, decs.get(window))
+    bw = peak_bandwidth(device)
+    if decs.get(window) and device.startswith("cuda"):
+        plain = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, "no CUDA graphs", cuda_graphs=False)
+        print(f"\nCUDA, kv_window={window}, {n} tokens: bytes read per step (weights + every cache slot) x steps/s"
+              f" / peak bandwidth ({bw / 1e12:.2f} TB/s)" if bw else " (peak bandwidth of this GPU unknown)")
+        for name, dec in (("CUDA graphs", decs[window]), ("compiled, no CUDA graphs", plain)):
+            st, _ = time_generation(model, n, replace(kv, kv_window=window), device, dec)
+            frac = f", {read_bytes(model, dec) * n / st[-1] / bw:.2%} of the bandwidth" if bw else ""
+            print(f"- {name}: {n / st[-1]:,.0f} tokens/s{frac}")
+
+
+def bench_batched(model, device, kv, n, dec1):
+    """bench_batch samples side by side (sample.py --num_samples) against one."""
+    B = bench_batch
+    decB = compiled_decoder(model, kv, B, 4 + n, f"batch {B}") if dec1 is not None else None
+    print(f"\n{B} samples side by side, kv_window={kv.kv_window}, {n} new tokens each: wall time of the batch "
+          "against one sample")
+    print(f"\n| decode | 1 sample s | {B} samples s | ratio |")
+    print("|---|---|---|---|")
+    for name, d1, dB in (("eager", None, None), ("compiled", dec1, decB)):
+        if name == "compiled" and dec1 is None:
+            continue
+        one = time_generation(model, n, kv, device, d1)[0][-1]
+        many = time_generation(model, n, kv, device, dB, batch=B)[0][-1]
+        print(f"| {name} | {one:.2f} | {many:.2f} | {many / one:.2f}x |", flush=True)
 
 
 # -----------------------------------------------------------------------------
 # eval_kv
 
-EVAL_CASES = [("plain cache", 0, KVOptions(kv_window=0)),  # (name, chunk (0 = block_size), cache)
-              ("int4", 1, KVOptions(kv_window=0, kv_quant="int4")),
-              ("int4 + h2o", 1, None)]  # budget: a quarter of the stream, half of it recent
+def eval_cases(b):
+    """(name, chunk (0 = block_size), cache, decode) rows: decode None = the one-forward reference
+    pass, "eager" = a decode step per byte through the eager caches, "compiled" = through the
+    compiled one (eval_kv --chunk=1 --compile=True)."""
+    plain, int4 = KVOptions(kv_window=0), KVOptions(kv_window=0, kv_quant="int4")
+    h2o = KVOptions(kv_window=0, kv_quant="int4", kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4)
+    rows = [("plain cache", 0, plain, None), ("plain cache", 1, plain, "eager"), ("int4", 1, int4, "eager"),
+            ("int4 + h2o", 1, h2o, "eager")]
+    if compile:
+        rows[3:3] = [("plain cache", 1, plain, "compiled"), ("int4", 1, int4, "compiled")]
+    return rows
 
 
 def bench_eval_kv(model):
     data = torch.randint(0, 256, (n_streams, stream_len + 1), generator=torch.Generator().manual_seed(0))
     x, y = data[:, :-1], data[:, 1:]
-    b = max(1, stream_len // 4)
     plain = KVOptions(kv_window=0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     n = torch.get_num_threads()
     print(f"\neval_kv: {n_streams} x {stream_len} bytes, {n} thread{'s' if n != 1 else ''}, load average "
-          f"{load:.2f} before; bytes/s over the whole evaluation (the plain pass and the compressed one), "
-          f"the median of {bench_repeats} after a first one (shown apart)")
-    print("\n| case | chunk | bytes/s | first evaluation | bytes per CPU-second |")
-    print("|---|---:|---:|---:|---:|")
-    for name, chunk, kv in EVAL_CASES:
-        kv = kv or KVOptions(kv_window=0, kv_quant="int4", kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4)
+          f"{load:.2f} before; bytes/s of the setting itself (as eval_kv prints it) and over the whole "
+          f"evaluation (with the reference pass), the median of {bench_repeats} after a first one (shown apart)")
+    print("\n| case | chunk | decode | setting bytes/s | whole bytes/s | first evaluation | bytes per CPU-second |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for name, chunk, kv, how in eval_cases(max(1, stream_len // 4)):
         step = chunk or block_size
+        decode = None
+        if how == "eager":
+            decode = lambda kv, B, L, dtype: None  # a decode step per byte, eager caches
+        elif how == "compiled":
+            decode = lambda kv, B, L, dtype: compiled_decoder(model, kv, B, L, f"eval_kv {name}", dtype=dtype)
 
         def timed():
             t0, c0 = time.perf_counter(), time.process_time()
-            evaluate(model, x, y, [kv], step, plain, block_size)
-            return time.perf_counter() - t0, time.process_time() - c0
+            r = evaluate(model, x, y, [kv], step, plain, block_size, decode=decode)[0]
+            return time.perf_counter() - t0, time.process_time() - c0, r["bytes_per_s"]
 
         evaluate(model, x[:1, :2], y[:1, :2], [kv], 1, plain, block_size)  # eval_kv's dry run
         first = timed()
         runs = [timed() for _ in range(bench_repeats)] if first[0] < 10 else [first]
-        wall, cpu = sorted(runs)[len(runs) // 2]  # the median by wall time, and its CPU time
+        wall, cpu, own = sorted(runs)[len(runs) // 2]  # the median by wall time, its CPU time and own speed
         nbytes = x.numel()
-        print(f"| {name} | {step} | {nbytes / wall:,.0f} | {nbytes / first[0]:,.0f} | {nbytes / cpu:,.0f} |", flush=True)
+        print(f"| {name} | {step} | {how or 'one forward'} | {own:,.0f} | {nbytes / wall:,.0f} | "
+              f"{nbytes / first[0]:,.0f} | {nbytes / cpu:,.0f} |", flush=True)
 
 
 def main():

@@ -7,6 +7,7 @@ contiguous stretches of the val split.
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=int4 --kv_quant_group=32
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_evict=h2o --kv_budget=32 --kv_recent=16 --kv_sink=4 --chunk=1
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=mypkg.quant:quantize   # your own
+    python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=int4 --chunk=1 --compile=True   # exact decode, compiled
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=quick       # a few minutes
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --sweep=full        # every format and policy
     python eval_kv.py --out_dir=out-mqa --sweep=quick --baseline=out-shakespeare-char-cpu   # another model, same axis
@@ -24,7 +25,9 @@ n_streams streams of stream_len bytes, at evenly spaced fixed offsets of the val
 fed side by side, chunk bytes per forward (chunk=1 is exact decode: every byte is one step;
 the default, the checkpoint's block_size, is much faster but quantizes and evicts once per
 chunk). The reference's results do not depend on the chunk (up to float rounding), so its
-pass reads one stream at a time in pieces (ReferencePass). Reported per setting: peak KV bits
+pass reads one stream at a time in pieces (ReferencePass). With --chunk=1 --compile=True every
+setting whose caches allow it, the reference's own row too, runs the compiled decode step
+(generate.StaticDecoder), a byte per step; the others stay eager. Reported per setting: peak KV bits
 per stream, the most a token-by-token decoder holds at once (keys and values of every layer
 at their stored width), whatever the chunk (decoder_peak); bits per token (peak / tokens of
 the stream, the x of the frontier); x smaller (the baseline's peak / the row's); bits per
@@ -50,6 +53,7 @@ from attention import naive_attention
 from attention_linear import LinearState
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
+from generate import static_decoders
 from kv.cache import Cache
 from kv.policy import KVOptions
 from kv.report import frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
@@ -76,6 +80,7 @@ device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
 attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 tensorboard = True  # sweeps: write the scalars to TensorBoard too
+compile = False  # with chunk=1: decode through the compiled static-cache step where a setting allows it, the reference too (RESULTS.md: when it pays)
 # -----------------------------------------------------------------------------
 
 REF_CHUNK = 512  # bytes per forward of an unbounded reference's pass (unless the attention is fused)
@@ -264,17 +269,25 @@ class ReferencePass:
 
 
 @torch.no_grad()
-def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, dtype=torch.bfloat16):
+def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, dtype=torch.bfloat16,
+             decode=None):
     """Feed x (B, L) chunk bytes at a time through the reference cache (KVOptions) and, in
     lockstep, through each setting's cache (a list of KVOptions; a setting equal to the
     reference is the reference itself, computed once); full precision is stored at dtype.
+    decode (at chunk = 1): a function (kv, B, L, dtype) -> generate.StaticDecoder, or None for
+    the eager caches; every setting, the reference's own too, then runs a decode step per byte.
     Returns one dict of results per setting (see the module docstring), against the
     reference as the baseline (rebase() puts them against another)."""
     B, L = x.shape
     dev = next(model.parameters()).device
     ref = ReferencePass(model, x, y, reference, dtype)
-    runs = [dict(kv=kv, states=None if kv == reference else kv.make_caches(model, B, capacity=L, dtype=dtype),
-                 nll=torch.zeros(B, L), kl=torch.zeros(B, L), seconds=0.0) for kv in settings]
+    stepwise = decode is not None and chunk == 1
+    runs = []
+    for kv in settings:
+        dec = decode(kv, B, L, dtype) if stepwise else None
+        states = dec.start() if dec is not None else \
+            kv.make_caches(model, B, capacity=L, dtype=dtype) if stepwise or kv != reference else None
+        runs.append(dict(kv=kv, dec=dec, states=states, nll=torch.zeros(B, L), kl=torch.zeros(B, L), seconds=0.0))
     for a in range(0, L, chunk):
         xa, ya = x[:, a:a + chunk].to(dev), y[:, a:a + chunk].to(dev)
         lp_ref = ref.logprobs(a, a + xa.size(1))
@@ -282,7 +295,10 @@ def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, 
             if run["states"] is None:
                 continue  # the reference: filled in below
             t0 = time.perf_counter()
-            logits, run["states"] = model(xa, run["states"])  # a decode step at chunk = 1
+            if run["dec"] is not None:
+                logits = run["dec"](xa)[:, None]  # (B, 1, V): the compiled decode step
+            else:
+                logits, run["states"] = model(xa, run["states"])  # a decode step at chunk = 1
             lp = F.log_softmax(logits.float(), dim=-1)
             run["nll"][:, a:a + chunk] = -lp.gather(-1, ya.unsqueeze(-1)).squeeze(-1).cpu()
             run["kl"][:, a:a + chunk] = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp(min=0).cpu()
@@ -401,10 +417,13 @@ def main():
           f"reference {label(ref_kv)} (history bound {window or 'none'}), full precision stored at {dtype}, "
           f"device {dev}" + (f", {thread_words}" if dev == "cpu" else ""), file=sys.stderr)
     progress = Progress(len(range(0, stream_len, step)) * (2 if base else 1), sweep or "eval_kv")
-    results = evaluate(model, x, y, settings, step, ref_kv, block, progress, dt)
+    # chunk = 1 with --compile: every setting whose caches allow it decodes through the
+    # compiled step, the reference's own cache too (kv/static.py; the others stay eager)
+    steps = lambda m: static_decoders(m, say) if compile and step == 1 else None
+    results = evaluate(model, x, y, settings, step, ref_kv, block, progress, dt, decode=steps(model))
     if base:
         base_path, base_model, base_kv = base
-        [b] = evaluate(base_model, x, y, [base_kv], step, base_kv, block, progress, dt)
+        [b] = evaluate(base_model, x, y, [base_kv], step, base_kv, block, progress, dt, decode=steps(base_model))
         rebase(results, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
     title = (f"{os.path.basename(os.path.normpath(out_dir))}/{os.path.basename(path)}: "
              f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}")

@@ -16,6 +16,7 @@ one, StaticDecoder, runs it over the static-shape caches of kv/static.py, compil
 import time
 
 import torch
+import torch._dynamo.config as dynamo_config
 
 from kv.policy import KVOptions, held_bits
 from kv.static import static_reason
@@ -87,6 +88,9 @@ class StaticDecoder:
                 # batch 1: each (1, C) x (C, N) product becomes a fused multiply-and-sum, not a
                 # BLAS call (MKL's matrix-vector product was a third of the step: RESULTS.md)
                 options["options"] = {"post_grad_fusion_options": {"decompose_mm_pass": {}}}
+            # one compiled entry per decoder of another cache kind or shape: more than dynamo's
+            # default of 8 in a sweep (its guards pick the entry; none is traced twice)
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             t0 = time.perf_counter()
             self.step = compile_or_eager(static_step, self._probe, **options)
             self.compile_seconds = time.perf_counter() - t0
@@ -136,15 +140,28 @@ class StaticDecoder:
         return logits.clone() if self.cuda_graphs else logits
 
 
-def static_decoder(model, kv, batch_size, capacity, compile=True, say=None):
-    """A StaticDecoder where the cache kind allows one; else None (decode eager), and a note
-    through say (e.g. print) saying why."""
+def static_decoder(model, kv, batch_size, capacity, say=None, **kw):
+    """A compiled StaticDecoder (kw: its options) where the cache kind allows one; else None
+    (decode eager), and a note through say (e.g. print) saying why. None too when compiling
+    failed (after compile_or_eager's warning): uncompiled, the eager caches are faster."""
     reason = static_reason(kv, model.config)
     if reason is not None:
         if say is not None:
             say(f"note: the decode step stays eager: {reason}")
         return None
-    return StaticDecoder(model, kv, batch_size, capacity, compile=compile)
+    dec = StaticDecoder(model, kv, batch_size, capacity, **kw)
+    return dec if dec.compiled or not kw.get("compile", True) else None
+
+
+def static_decoders(model, say=None):
+    """A function (kv, batch_size, capacity, dtype) -> static_decoder(...) that says what its
+    compilation took: eval_kv.evaluate's `decode` (eval_kv --chunk=1 --compile=True)."""
+    def decoder(kv, batch_size, capacity, dtype=None):
+        dec = static_decoder(model, kv, batch_size, capacity, say=say, dtype=dtype)
+        if dec is not None and dec.compiled and say is not None:
+            say(f"compiled the decode step for {kv.describe()} in {dec.compile_seconds:.1f} s")
+        return dec
+    return decoder
 
 
 @torch.no_grad()

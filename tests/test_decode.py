@@ -1,0 +1,211 @@
+"""The static-shape decode step (kv/static.py, generate.StaticDecoder) against its references:
+the eager caches step by step (logits, bits held, codes), compiled against eager tokens at
+temperature 0 for every cache kind it covers, one compilation over 300 tokens, batched rows
+against single ones; the CUDA-graph path where CUDA exists."""
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from conftest import TOL, text, tiny
+from generate import StaticDecoder, generate, static_decoder
+from kv.policy import KVOptions, held_bits
+from kv.static import static_reason
+
+Q4 = dict(kv_quant="int4", kv_quant_group=4, kv_quant_residual=4)
+# every cache kind the static step covers (small groups, residuals and windows, so that a
+# few dozen tokens quantize, wrap the rings and drop groups out of sight)
+KINDS = {
+    "unbounded": dict(kv_window=0),
+    "window+sink": dict(kv_window=8, kv_sink=2),
+    "int8": dict(kv_window=0, kv_quant="int8", kv_quant_residual=4),
+    "fp8_e4m3 window": dict(kv_window=6, kv_sink=1, kv_quant="fp8_e4m3", kv_quant_residual=3),
+    "fp8_e5m2 no residual": dict(kv_window=0, kv_quant="fp8_e5m2", kv_quant_residual=0),
+    "int4": dict(kv_window=0, **Q4),
+    "int4 window+sink": dict(kv_window=12, kv_sink=3, **Q4),
+    "int4 token keys": dict(kv_window=0, kv_quant_keys="token", **Q4),
+    "int2": dict(kv_window=0, kv_quant="int2", kv_quant_group=8, kv_quant_residual=0),
+}
+MODELS = {  # GQA/MQA, local windows beside a global layer, kv_share groups
+    "mha": dict(),
+    "mqa": dict(n_kv_head=1),
+    "gqa local": dict(n_kv_head=2, window=20, global_layers="1"),
+    "kv_share": dict(n_layer=4, kv_share=2, n_kv_head=2),
+}
+
+
+def sharp(**kw):
+    """tiny(), with logits spread wide enough that float rounding never flips a greedy choice."""
+    model = tiny(**kw)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # tied: the embedding grows too
+    return model
+
+
+@pytest.mark.parametrize("arch", MODELS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_step_equals_eager_caches(kind, arch):
+    """Token by token after an eager prefill: the same logits and the same bits held as the
+    eager caches at every step (the static step run eagerly: the layout, not the compiler)."""
+    model = tiny(**MODELS[arch])
+    kv = KVOptions(**KINDS[kind]).check()
+    B, L, T0 = 2, 50, 13
+    x = text(B=B, T=L)
+    caches = kv.make_caches(model, B, capacity=L)
+    dec = StaticDecoder(model, kv, B, L, compile=False)
+    with torch.no_grad():
+        model(x[:, :T0], caches)
+        dec.start(caches)
+        for t in range(T0, L):
+            want, _ = model(x[:, t:t + 1], caches)
+            torch.testing.assert_close(dec(x[:, t:t + 1]), want[:, -1], atol=2e-5, rtol=2e-5)
+            assert held_bits(dec.caches) == held_bits(caches), t
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4 window+sink", "int2"])
+def test_static_codes_are_the_eager_codes(kind):
+    """Layer 0 sees the same inputs in both, so its codes, scales and residual are bit for bit
+    the eager cache's (deeper layers differ in float rounding from the attention above them)."""
+    model = tiny()
+    kv = KVOptions(**KINDS[kind]).check()
+    x = text(B=2, T=41)
+    eager = kv.make_caches(model, 2, capacity=41)
+    dec = StaticDecoder(model, kv, 2, 41, compile=False)
+    dec.start()
+    with torch.no_grad():
+        for t in range(41):
+            model(x[:, t:t + 1], eager)
+            dec(x[:, t:t + 1])
+    e, s = eager[0], dec.caches[0]
+    G = s.G
+    slots = torch.cat([torch.nonzero(s.cpos == p).flatten() for p in e.pos_codes.tolist()])
+    for mine, theirs in zip(s.k_codes + s.v_codes, e.k_codes + e.v_codes):
+        per_token = mine.size(2) == s.cpos.numel()
+        rows = slots if per_token else slots.view(-1, G)[:, 0] // G
+        assert torch.equal(mine.index_select(2, rows).view(torch.uint8), theirs.view(torch.uint8))
+    ring = torch.stack([torch.nonzero(s.rpos == p).flatten()[0] for p in e.pos_full.tolist()])
+    assert torch.equal(s.k_res.index_select(2, ring), e.k_full)
+    assert s.size_bits() == e.size_bits() and s.tokens() == e.tokens()
+
+
+def test_batched_rows_equal_single_rows():
+    """B prompts side by side give each row what it gets alone (sample.py's num_samples)."""
+    model = sharp(n_kv_head=2)
+    kv = KVOptions(kv_window=8).check()
+    prompts = text(B=3, T=5)
+    together = generate(model, prompts, 30, temperature=0, kv=kv, decoder=StaticDecoder(model, kv, 3, 35, compile=False))
+    for b in range(3):
+        alone = generate(model, prompts[b:b + 1], 30, temperature=0, kv=kv)
+        assert torch.equal(together[b:b + 1], alone)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_traced_step_gives_eager_tokens(kind):
+    """The step as torch.compile traces it (dynamo and AOT autograd, run without inductor)
+    generates what the eager caches generate, greedy, for a batch of 2."""
+    model = sharp(n_layer=4, n_kv_head=2, kv_share=2, window=24, global_layers="2,3")
+    kv = KVOptions(**KINDS[kind]).check()
+    prompts = text(B=2, T=6)
+    dec = StaticDecoder(model, kv, 2, 46, compile="aot_eager")
+    assert dec.compiled
+    out = generate(model, prompts, 40, temperature=0, kv=kv, decoder=dec)
+    assert torch.equal(out, generate(model, prompts, 40, temperature=0, kv=kv))
+
+
+@pytest.mark.parametrize("kind", ["window+sink", "int4"])
+def test_one_compilation_over_300_tokens(kind):
+    """Positions, slots and masks are tensors: 300 tokens, one trace (and none more for a second
+    text through the same decoder)."""
+    model = tiny()
+    kv = KVOptions(**KINDS[kind]).check()
+    counter = torch._dynamo.testing.CompileCounter()
+    dec = StaticDecoder(model, kv, 1, 305, compile=counter)
+    generate(model, text(B=1, T=5), 300, kv=kv, decoder=dec)
+    generate(model, text(B=1, T=5, seed=2), 300, kv=kv, decoder=dec)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["unbounded", "window+sink", "int8", "fp8_e4m3 window", "int4 window+sink", "int2"])
+def test_compiled_step_gives_eager_tokens(kind):
+    """The real thing: inductor's code, greedy tokens equal to the eager caches' for each
+    format and history bound (the kinds left out differ from these in settings only, which
+    the traced test covers), on GQA with local layers and kv_share groups. Tens of seconds of
+    compilation per kind on a small CPU."""
+    model = sharp(n_layer=4, n_kv_head=2, kv_share=2, window=24, global_layers="2,3")
+    kv = KVOptions(**KINDS[kind]).check()
+    prompts = text(B=2, T=6)
+    dec = StaticDecoder(model, kv, 2, 46)
+    assert dec.compiled
+    out = generate(model, prompts, 40, temperature=0, kv=kv, decoder=dec)
+    assert torch.equal(out, generate(model, prompts, 40, temperature=0, kv=kv))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["window+sink", "int4"])
+def test_cuda_graphs_give_eager_tokens(kind):
+    """On CUDA the compiled step is replayed as a CUDA graph (mode="reduce-overhead")."""
+    model = sharp(n_kv_head=2).cuda()
+    kv = KVOptions(**KINDS[kind]).check()
+    prompts = text(B=2, T=6).cuda()
+    dec = StaticDecoder(model, kv, 2, 46)
+    assert dec.compiled and dec.cuda_graphs
+    out = generate(model, prompts, 40, temperature=0, kv=kv, decoder=dec)
+    assert torch.equal(out, generate(model, prompts, 40, temperature=0, kv=kv))
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(kv_evict="h2o", kv_budget=16, kv_recent=4), "kv_evict=h2o"),
+    (dict(kv_trim="kv.cache:keep_recent", kv_window=8), "kv_trim"),
+    (dict(kv_quant="kv.quant:int8_quantize"), "user's quantizer"),
+])
+def test_eager_kinds_say_why(options, words):
+    model = tiny()
+    kv = KVOptions(**dict(dict(kv_window=0), **options)).check()
+    assert words in static_reason(kv, model.config)
+    notes = []
+    assert static_decoder(model, kv, 1, 10, say=notes.append) is None
+    assert words in notes[0]
+    with pytest.raises(ValueError):
+        StaticDecoder(model, kv, 1, 10, compile=False)
+
+
+def test_linear_attention_stays_eager():
+    model = tiny(attention="linear")
+    assert "attention=linear" in static_reason(KVOptions(kv_window=0), model.config)
+
+
+def test_capacity_is_checked():
+    model = tiny()
+    kv = KVOptions(kv_window=0)
+    dec = StaticDecoder(model, kv, 1, 8, compile=False)
+    with pytest.raises(ValueError):
+        generate(model, text(B=1, T=4), 6, kv=kv, decoder=dec)  # 4 + 6 > 8
+    with pytest.raises(ValueError):
+        generate(model, text(B=2, T=2), 3, kv=kv, decoder=dec)  # batch 2, made for 1
+    out = generate(model, text(B=1, T=4), 4, temperature=0, kv=kv, decoder=dec)
+    torch.testing.assert_close(out, generate(model, text(B=1, T=4), 4, temperature=0, kv=kv), **TOL)
+
+
+def test_eval_kv_decodes_through_the_hook():
+    """eval_kv's evaluate at chunk 1 with `decode`: the settings whose caches allow it (the
+    reference's own too) run the static step, the others the eager caches; same results."""
+    from eval_kv import evaluate
+    model = tiny()
+    x = text(B=2, T=33)
+    y = torch.roll(x, -1, 1)
+    ref = KVOptions(kv_window=0)
+    settings = [ref, KVOptions(kv_window=0, **Q4).check(),
+                KVOptions(kv_window=0, kv_evict="h2o", kv_budget=16, kv_recent=4).check()]
+    made = []
+
+    def decode(kv, B, L, dtype):
+        made.append(static_decoder(model, kv, B, L, compile=False, dtype=dtype))
+        return made[-1]
+
+    want = evaluate(model, x, y, settings, 1, ref, 16, dtype=torch.float32)
+    got = evaluate(model, x, y, settings, 1, ref, 16, dtype=torch.float32, decode=decode)
+    assert [d is not None for d in made] == [True, True, False]  # h2o stays eager
+    for a, b in zip(want, got):
+        assert a["setting"] == b["setting"] and a["kv_bits_peak"] == b["kv_bits_peak"]
+        assert abs(a["bpb"] - b["bpb"]) < 1e-5 and b["kl_bits"] < a["kl_bits"] + 1e-5
