@@ -330,3 +330,27 @@ def optimizer_state_fits(optimizer, state):
             if "exp_avg" in moments and moments["exp_avg"].shape != p.shape:
                 return False
     return True
+
+
+def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
+    """'continue' (the original schedule up to max_iters) or 'finetune' (max_iters more
+    iterations, a fresh schedule) for a checkpoint at iteration ckpt_iter; says why."""
+    if eval_only:
+        print("eval_only: the checkpoint is evaluated once; nothing is trained or written")
+        return "finetune"
+    if resume_mode == "continue":
+        print(f"resume_mode=continue: training up to iteration {max_iters} on the original schedule")
+    elif resume_mode == "finetune":
+        print(f"resume_mode=finetune: {max_iters} more iterations with a fresh LR schedule")
+    elif max_iters > ckpt_iter:
+        print(f"resume_mode=auto chose 'continue': max_iters={max_iters} is beyond the checkpoint's "
+              f"iteration {ckpt_iter}, so the original schedule goes on up to iteration {max_iters}")
+        return "continue"
+    elif max_iters == 0:
+        print("resume_mode=auto: max_iters=0, so the checkpoint is only evaluated")
+        return "finetune"
+    else:
+        print(f"resume_mode=auto chose 'finetune': max_iters={max_iters} is not beyond the checkpoint's "
+              f"iteration {ckpt_iter}, so {max_iters} more iterations run with a fresh warm-up and LR schedule")
+        return "finetune"
+    return resume_mode

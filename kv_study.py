@@ -67,7 +67,7 @@ dtype = "bfloat16"  # storage of what caches keep in full precision (eval_kv's -
 context_iters = "0,25,50,100,200,400"  # what=context: fine-tuning iterations at 4x the block
 context_streams = 64  # what=context: val streams of 4 x block bytes
 train_args = ""  # more train.py arguments for every fine-tune, space-separated (e.g. "--batch_size=8")
-threads = 1  # CPU threads of every step (0 = automatic)
+threads = 0  # CPU threads of every step (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 tensorboard = True  # TensorBoard scalars of the frontier (and of each fine-tune)
 # -----------------------------------------------------------------------------
 

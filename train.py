@@ -38,7 +38,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
-from checkpoint import checkpoint_path, load_model, restore_training_state, rng_state, save_checkpoint, unwrap
+from checkpoint import (checkpoint_path, load_model, pick_resume_mode, restore_training_state, rng_state,
+                        save_checkpoint, unwrap)
 from configurator import configure
 from kv.qat import make_qat_caches
 from kv.xl import make_xl_memory
@@ -179,7 +180,7 @@ def train(held):
         if start_iter is None:  # a checkpoint without it (the tutorial's own) counts as a finished run
             start_iter = int(ckpt.get("config", {}).get("max_iters", 0))
             print(f"note: the checkpoint does not say its iteration; taking its max_iters, {start_iter}")
-        mode = pick_resume_mode(start_iter)
+        mode = pick_resume_mode(start_iter, resume_mode, max_iters, eval_only)
         if mode == "continue":  # the original schedule, counted from iteration 0
             end_iter, origin = max(max_iters, start_iter), 0
         else:  # max_iters more iterations, schedule counted from here
@@ -393,28 +394,6 @@ def restart_rows(memory, restarted):
     """Rows the loader moved to another place in the text forget their memory."""
     for state in {id(s): s for s in memory}.values():
         state.restart(restarted)
-
-
-def pick_resume_mode(ckpt_iter):
-    if eval_only:
-        print("eval_only: the checkpoint is evaluated once; nothing is trained or written")
-        return "finetune"
-    if resume_mode == "continue":
-        print(f"resume_mode=continue: training up to iteration {max_iters} on the original schedule")
-    elif resume_mode == "finetune":
-        print(f"resume_mode=finetune: {max_iters} more iterations with a fresh LR schedule")
-    elif max_iters > ckpt_iter:
-        print(f"resume_mode=auto chose 'continue': max_iters={max_iters} is beyond the checkpoint's "
-              f"iteration {ckpt_iter}, so the original schedule goes on up to iteration {max_iters}")
-        return "continue"
-    elif max_iters == 0:
-        print("resume_mode=auto: max_iters=0, so the checkpoint is only evaluated")
-        return "finetune"
-    else:
-        print(f"resume_mode=auto chose 'finetune': max_iters={max_iters} is not beyond the checkpoint's "
-              f"iteration {ckpt_iter}, so {max_iters} more iterations run with a fresh warm-up and LR schedule")
-        return "finetune"
-    return resume_mode
 
 
 def get_lr(it):

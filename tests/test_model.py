@@ -101,7 +101,7 @@ def test_token_by_token_and_chunked_equal_full_forward(kw):
 def test_config_errors_are_clear():
     for kw, words in [(dict(n_kv_head=3), "multiple of n_kv_head"), (dict(window=-1), "window"),
                       (dict(window=4, global_layers="7"), "out of range"), (dict(attention="flash9"), "unknown attention"),
-                      (dict(attention="nosuchpkg.mod:fn"), "does not import"), (dict(global_layers="a,b"), "comma-separated"),
+                      (dict(attention="nosuchpkg.mod:fn"), "no module named"), (dict(global_layers="a,b"), "comma-separated"),
                       (dict(n_layer=4, window=4, global_layers="1", kv_share=2), "mix")]:
         with pytest.raises(UserError, match=words):
             tiny(**kw)
