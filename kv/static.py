@@ -49,6 +49,30 @@ class Clock:
         self.n = n
 
 
+def attend_slots(q, parts, mask, width):
+    """Softmax attention of one query per sequence, q (B, nh, 1, hs), over the slots of parts,
+    a list of (keys, values) (B, nkv, S_i, hs), mask (1, sum S_i) True = may attend; fn is the
+    softmax or naive kind, which compute the same. Written as sums, not a call to SDPA, so
+    that torch.compile makes vectorized loops of them (fusing a dequantization into them),
+    where SDPA's CPU kernel makes small BLAS calls per head and block of keys. Dot products
+    are summed in pieces of `width` channels (the channels of one packed byte plane)."""
+    B, nh, _, hs = q.shape
+    H = parts[0][0].size(1)
+    qg = q.float().view(B, H, nh // H, 1, hs) * hs ** -0.5  # (B, nkv, query heads per KV head, 1, hs)
+    scores = []
+    for k, _ in parts:
+        k = k.float()[:, :, None]  # (B, nkv, 1, S, hs)
+        scores.append(sum((qg[..., a:a + width] * k[..., a:a + width]).sum(-1) for a in range(0, hs, width)))
+    att = torch.softmax(torch.cat(scores, dim=-1).masked_fill(~mask, float("-inf")), dim=-1)
+    y, start = 0, 0
+    for _, v in parts:
+        p = att[..., start:start + v.size(2), None]  # (B, nkv, g, S, 1)
+        start += v.size(2)
+        v = v.float()[:, :, None]
+        y = y + torch.cat([(p * v[..., a:a + width]).sum(-2) for a in range(0, hs, width)], dim=-1)
+    return y.view(B, nh, 1, hs).to(q.dtype)  # (B, nkv, g, hs) -> (B, nh, 1, hs)
+
+
 def ring_slot(p, window, sink):
     """The slot of position p (tensor) in a buffer of `sink` fixed slots and a ring of `window`."""
     return torch.where(p < sink, p, sink + (p - sink) % window)
@@ -91,6 +115,9 @@ class StaticKVCache(Cache):
         self.kpos.index_copy_(0, s, p)
         mask = visible(p, self.kpos, self.window, self.sink)
         return self.k.to(k.dtype), self.v.to(v.dtype), mask  # read back in the compute dtype, as KVCache
+
+    def attend(self, fn, q, k, v, mask, dropout_p=0.0):
+        return attend_slots(q, [(k, v)], mask, k.size(-1))
 
     def load(self, cache):
         """Copy a prefilled eager KVCache of the same kind (its slots are laid out alike)."""
@@ -196,24 +223,12 @@ class StaticQuantCache(Cache):
         return keys, vals, visible(p, kpos, self.window, self.sink)
 
     def attend(self, fn, q, k, v, mask, dropout_p=0.0):
-        """Softmax attention read straight from the codes (fn is softmax or naive, which
-        compute the same): written as sums, so that torch.compile fuses the dequantization
-        into them and the dequantized cache never exists in memory. k, v are not read."""
-        B, nh, _, hs = q.shape  # one query per sequence
-        H, n_codes = self.k_res.size(1), self.cpos.numel()
+        """Attention read straight from the codes (attend_slots; k, v are not read): compiled,
+        the dequantization is fused into its sums and the dequantized cache never exists."""
         with no_autocast(q.device.type):
-            qg = q.float().view(B, H, nh // H, 1, hs) * hs ** -0.5  # (B, nkv, heads per KV head, 1, hs)
-            kc = self._dequantize(self.key_fmt, self.k_codes, torch.float32)[:, :, None]  # (B, nkv, 1, C, hs)
-            vc = self._dequantize(self.val_fmt, self.v_codes, torch.float32)[:, :, None]
-            kr, vr = self.k_res.float()[:, :, None], self.v_res.float()[:, :, None]  # (B, nkv, 1, R + G, hs)
-            # a sum per piece of `width` channels: one piece of packed bytes, one shift (vectorized loops)
-            w = self.width
-            pieces = [(qg[..., a:a + w] * kc[..., a:a + w]).sum(-1) for a in range(0, hs, w)]
-            att = torch.cat([sum(pieces), (qg * kr).sum(-1)], dim=-1)  # (B, nkv, g, C + R + G)
-            att = torch.softmax(att.masked_fill(~mask, float("-inf")), dim=-1).unsqueeze(-1)
-            pc, pr = att[..., :n_codes, :], att[..., n_codes:, :]
-            y = torch.cat([(pc * vc[..., a:a + w]).sum(-2) for a in range(0, hs, w)], dim=-1) + (pr * vr).sum(-2)
-        return y.view(B, nh, 1, hs).to(q.dtype)  # (B, nkv, g, hs) -> (B, nh, 1, hs)
+            parts = [(self._dequantize(self.key_fmt, self.k_codes, torch.float32),
+                      self._dequantize(self.val_fmt, self.v_codes, torch.float32)), (self.k_res, self.v_res)]
+            return attend_slots(q, parts, mask, self.width)
 
     def _put(self, payload, new, ts, done):
         """Write a group's tensors `new` into their slots where done (rewrite the old ones elsewhere:

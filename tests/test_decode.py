@@ -7,10 +7,12 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from conftest import TOL, text, tiny
+from checkpoint import save_checkpoint
+from conftest import TOL, run_script, text, tiny
 from generate import StaticDecoder, generate, static_decoder
 from kv.policy import KVOptions, held_bits
 from kv.static import static_reason
+from model import MODEL_ARG_KEYS
 
 Q4 = dict(kv_quant="int4", kv_quant_group=4, kv_quant_residual=4)
 # every cache kind the static step covers (small groups, residuals and windows, so that a
@@ -209,3 +211,39 @@ def test_eval_kv_decodes_through_the_hook():
     for a, b in zip(want, got):
         assert a["setting"] == b["setting"] and a["kv_bits_peak"] == b["kv_bits_peak"]
         assert abs(a["bpb"] - b["bpb"]) < 1e-5 and b["kl_bits"] < a["kl_bits"] + 1e-5
+
+
+@pytest.fixture(scope="module")
+def sharp_ckpt(tmp_path_factory):
+    """A folder holding ckpt.pt of sharp() (untrained, decisive), as train.py writes it."""
+    model = sharp(n_head=2)
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    d = tmp_path_factory.mktemp("out")
+    save_checkpoint(str(d / "ckpt.pt"), model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"), args,
+                    {"n_layer": 2}, 10, 5.0)
+    return d
+
+
+def samples(out_dir, *args):
+    proc = run_script("sample.py", f"--out_dir={out_dir}", "--device=cpu", "--temperature=0", "--max_new_tokens=30",
+                      "--kv_window=16", "--start=To be", *args, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    text = "".join(line for line in proc.stdout.splitlines(True) if not line.startswith("Overriding:"))
+    return text.split("---------------\n"), proc.stderr
+
+
+def test_sample_runs_the_samples_as_one_batch(sharp_ckpt):
+    """sample.py --num_samples=3: three rows of one batch, each the text one sample gives."""
+    three, err = samples(sharp_ckpt, "--num_samples=3")
+    one, _ = samples(sharp_ckpt, "--num_samples=1")
+    assert len(three) == 3 and len(one) == 1
+    assert three == one * 3
+    assert "3 samples side by side" in err
+
+
+@pytest.mark.slow
+def test_sample_compiled_gives_the_eager_text(sharp_ckpt):
+    compiled, err = samples(sharp_ckpt, "--num_samples=2", "--compile=True")
+    eager, _ = samples(sharp_ckpt, "--num_samples=2")
+    assert "compiled the decode step in" in err
+    assert compiled == eager
