@@ -199,8 +199,20 @@ def pick_threads(requested=0):
         return int(env), f"OMP_NUM_THREADS={env}"
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # runnable processes, last minute
+    # the minute's average lags: work started seconds ago shows only in the processes running now
+    load = max(load, running_others())
     n = min(cpus, max(1, cpus - round(load)))
     return n, f"auto: {cpus} CPU{'s' if cpus != 1 else ''}, load {load:.1f}"
+
+
+def running_others():
+    """Processes running or ready to run right now, this one not counted (Linux's /proc/loadavg;
+    0 elsewhere)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(int(f.read().split()[3].split("/")[0]) - 1, 0)
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def use_threads(requested=0):

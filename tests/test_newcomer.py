@@ -27,6 +27,7 @@ import utils
 from checkpoint import save_checkpoint
 from configurator import configure
 from conftest import REPO_ROOT, tiny, tiny_corpus, train
+import utils
 from utils import UserError, pick_threads
 
 
@@ -37,9 +38,10 @@ def machine(monkeypatch):
     """Set the CPUs this process may use and the load on them: machine(cpus, load)."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
-    def set_machine(cpus, load):
+    def set_machine(cpus, load, running=0):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
         monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load), raising=False)
+        monkeypatch.setattr(utils, "running_others", lambda: running)
     return set_machine
 
 
@@ -56,7 +58,14 @@ def test_automatic_threads_are_the_free_cpus(machine, cpus, load, expected):
     machine(cpus, load)
     n, reason = pick_threads(0)
     assert n == expected
-    assert reason == f"auto: {cpus} CPUs, load {load:.1f}"
+    assert reason == f"auto: {cpus} CPUs, load {max(load, 0):.1f}"
+
+
+def test_work_started_seconds_ago_counts_before_the_average_shows_it(machine):
+    machine(2, 0.3, running=2)  # two busy processes just started: the minute's average is still low
+    assert pick_threads(0) == (1, "auto: 2 CPUs, load 2.0")
+    machine(2, 0.3, running=0)
+    assert pick_threads(0)[0] == 2
 
 
 def test_explicit_threads_then_omp_num_threads_win(machine, monkeypatch):
@@ -76,6 +85,7 @@ def test_threads_without_affinity_or_load_average(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.delattr(os, "getloadavg", raising=False)
+    monkeypatch.setattr(utils, "running_others", lambda: 0)  # no /proc there either
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert pick_threads(0) == (6, "auto: 6 CPUs, load 0.0")
 
