@@ -261,7 +261,7 @@ def compiled_decoder(model, kv, batch, capacity, what, **kw):
 def read_bytes(model, dec):
     """Bytes a decode step reads: every weight, and every slot of the static caches."""
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return weights + sum(t.numel() * t.element_size() for t in dec._tensors())
+    return weights + sum(t.numel() * t.element_size() for t in dec.buffers())
 
 
 def bench_generate(model, device, kv):

@@ -72,10 +72,11 @@ class StaticDecoder:
         p = next(model.parameters())
         self.caches = kv.make_caches(model, batch_size, capacity=capacity, dtype=dtype, static=True)
         self.clock = self.caches[0].clock
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)  # the step's input
         self.rot_table = model._rope(0, capacity).clone() if model.config.rope else None  # (capacity, hs/2, 2)
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move
-            for t in self._tensors():
+            for t in self.buffers():
                 torch._dynamo.mark_static_address(t)
         self.step, self.compiled, self.compile_seconds = static_step, False, 0.0
         if compile:
@@ -97,8 +98,9 @@ class StaticDecoder:
             self.compiled = self.step is not static_step
             self.start()
 
-    def _tensors(self):
-        seen, out = set(), [self.clock.t]
+    def buffers(self):
+        """Every tensor the step reads or writes besides the weights (each cache once)."""
+        seen, out = set(), [self.clock.t, self.token]
         for c in self.caches:
             if id(c) not in seen:
                 seen.add(id(c))
@@ -107,11 +109,10 @@ class StaticDecoder:
 
     def _probe(self, step):
         # compile now, on the decoder's own caches (start() resets them after)
-        token = torch.zeros(self.batch_size, 1, dtype=torch.long, device=self.clock.t.device)
         with torch.no_grad():
             for _ in range(3 if self.cuda_graphs else 1):  # CUDA graphs are recorded on a later call
                 self.start()
-                step(self.model, token, self.caches, self.rot_table)
+                step(self.model, self.token, self.caches, self.rot_table)
 
     def start(self, prefilled=None):
         """Empty the caches, or load eager caches (the same KVOptions) after a prefill; returns
@@ -135,7 +136,9 @@ class StaticDecoder:
             raise ValueError(f"the decoder's capacity of {self.capacity} tokens is used up")
         if self.cuda_graphs and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
-        logits = self.step(self.model, token, self.caches, self.rot_table)
+        self.token.copy_(token)  # into a buffer of its own: a column sliced from a text has other strides
+        with torch.no_grad():  # inference only (grad mode is part of what was compiled)
+            logits = self.step(self.model, self.token, self.caches, self.rot_table)
         self.clock.n += 1
         return logits.clone() if self.cuda_graphs else logits
 

@@ -124,6 +124,10 @@ def test_one_compilation_over_300_tokens(kind):
     dec = StaticDecoder(model, kv, 1, 305, compile=counter)
     generate(model, text(B=1, T=5), 300, kv=kv, decoder=dec)
     generate(model, text(B=1, T=5, seed=2), 300, kv=kv, decoder=dec)
+    dec.start()
+    x = text(B=1, T=20)
+    for t in range(20):  # columns of a text, as eval_kv feeds them (strided)
+        dec(x[:, t:t + 1])
     assert counter.frame_count == 1
 
 
