@@ -268,12 +268,15 @@ def bench_generate(model, device, kv):
     window = kv.kv_window if kv.kv_window > 0 else 256
     lengths = [int(s) for s in bench_lengths.split(",")]
     n = max(lengths)
-    # one compiled decoder per cache, sized for the longest row (shorter rows reuse it: an
-    # unbounded static cache attends over all its slots, so they pay for its full length)
-    decs = {w: compiled_decoder(model, replace(kv, kv_window=w), 1, 4 + n, f"kv_window={w}")
-            for w in (0, window)} if compile else {}
-    print(f"\ngeneration: KV cache {kv.describe()}, batch 1, top_k 200; compiled: one decoder per cache sized "
-          f"for {n} new tokens")
+    # compiled decoders sized as sample.py sizes them, for the prompt and the new tokens: one per
+    # row for the unbounded cache (it attends over all its slots), one for the window's rows
+    decs = {}
+    if compile:
+        decs = {(0, m): compiled_decoder(model, replace(kv, kv_window=0), 1, 4 + m, f"unbounded, {m} tokens")
+                for m in lengths}
+        ring = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, f"kv_window={window}")
+        decs.update({(window, m): ring for m in lengths})
+    print(f"\ngeneration: KV cache {kv.describe()}, batch 1, top_k 200")
     print("\n| new tokens | kv_window | tokens/s eager | tokens/s compiled | compiled / eager | KV bits (peak) | "
           "KV bits/token | RSS growth MB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -282,7 +285,8 @@ def bench_generate(model, device, kv):
         for m in lengths:
             before = rss_mb()
             stamps, stats = time_generation(model, m, replace(kv, kv_window=w), device)
-            fast, _ = time_generation(model, m, replace(kv, kv_window=w), device, decs[w]) if decs.get(w) else (None, 0)
+            dec = decs.get((w, m))
+            fast, _ = time_generation(model, m, replace(kv, kv_window=w), device, dec) if dec else (None, 0)
             runs[w, m] = stamps, fast
             c = f"{m / fast[-1]:,.0f} | {stamps[-1] / fast[-1]:.2f}x" if fast else "- | -"
             print(f"| {m} | {w or 'unbounded'} | {m / stamps[-1]:,.0f} | {c} | {stats['kv_bits_peak']:,} | "
@@ -298,13 +302,13 @@ def bench_generate(model, device, kv):
             print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={window}: "
                   f"{n} tokens in {t:.2f} s; ours is {t / runs[window, n][0][-1]:.1f}x faster (eager)")
     if bench_batch > 1:
-        bench_batched(model, device, replace(kv, kv_window=window), n, decs.get(window))
+        bench_batched(model, device, replace(kv, kv_window=window), n, decs.get((window, n)))
     bw = peak_bandwidth(device)
-    if decs.get(window) and device.startswith("cuda"):
+    if decs.get((window, n)) and device.startswith("cuda"):
         plain = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, "no CUDA graphs", cuda_graphs=False)
         print(f"\nCUDA, kv_window={window}, {n} tokens: bytes read per step (weights + every cache slot) x steps/s"
               f" / peak bandwidth ({bw / 1e12:.2f} TB/s)" if bw else " (peak bandwidth of this GPU unknown)")
-        for name, dec in (("CUDA graphs", decs[window]), ("compiled, no CUDA graphs", plain)):
+        for name, dec in (("CUDA graphs", decs[window, n]), ("compiled, no CUDA graphs", plain)):
             st, _ = time_generation(model, n, replace(kv, kv_window=window), device, dec)
             frac = f", {read_bytes(model, dec) * n / st[-1] / bw:.2%} of the bandwidth" if bw else ""
             print(f"- {name}: {n / st[-1]:,.0f} tokens/s{frac}")
