@@ -41,13 +41,13 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsy
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_keep_freed_memory_reuses_big_blocks():
     """After keep_freed_memory() the pages of a freed 64 MB tensor serve the next one (after a
-    few rounds, while the heap settles): no new pages touched. Without it (the reference)
+    few rounds, while the heap settles: 7 here): no new pages touched. Without it (the reference)
     glibc maps every such block afresh, 16k page faults each time."""
     code = ("import resource, sys, torch\n"
             "from utils import keep_freed_memory\n"
             "if sys.argv[1] == 'keep': keep_freed_memory()\n"
             "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for _ in range(8):\n"
+            "for _ in range(16):\n"
             "    f0 = faults(); torch.ones(2 ** 24).sum(); print(faults() - f0)\n")
     counts = {}
     for mode in ("keep", "default"):
@@ -55,4 +55,4 @@ def test_keep_freed_memory_reuses_big_blocks():
         assert proc.returncode == 0, proc.stderr
         counts[mode] = [int(n) for n in proc.stdout.split()]
     assert min(counts["default"]) > 10_000, counts  # the case keep_freed_memory is for
-    assert max(counts["keep"][-3:]) < 1_000, counts
+    assert max(counts["keep"][-4:]) < 1_000, counts
