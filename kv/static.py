@@ -12,7 +12,10 @@ and on CUDA it can be replayed as one CUDA graph (gpt-fast's way).
 
 A step attends over every slot of the buffers; kv.cache.visible(), the one mask rule, hides
 the empty slots (EMPTY is in the future of every query) and the keys out of sight, so a step
-sees exactly the keys the eager cache would show it.
+sees exactly the keys the eager cache would show it. So a step costs what the full buffers
+cost: a ring of kv_window slots, or an unbounded cache's whole capacity from the first token
+(size it for the text, as generate does). The caches attend themselves (attend_slots), with
+the attention written out as sums that the compiler fuses with the dequantization of codes.
 
     StaticKVCache     = kv.cache.KVCache: unbounded (slot = position, sized by `capacity`) or
                         the kv_sink first tokens and a ring of the last kv_window
