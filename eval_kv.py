@@ -83,6 +83,7 @@ tensorboard = True  # sweeps: write the scalars to TensorBoard too
 compile = False  # with chunk=1: decode through the compiled static-cache step where a setting allows it, the reference too (RESULTS.md: when it pays)
 # -----------------------------------------------------------------------------
 
+SPAN = 64  # bytes whose log-probabilities are scored together at chunk 1 (one pass of vector ops)
 REF_CHUNK = 512  # bytes per forward of an unbounded reference's pass (unless the attention is fused)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -268,6 +269,13 @@ class ReferencePass:
         return self.lp[:, a - self.start:b - self.start]
 
 
+def spans(chunk, L):
+    """(bytes scored together, how many such spans in L bytes): a chunk, or at chunk 1 SPAN
+    decode steps, whose log-probabilities are then scored in one pass."""
+    span = chunk if chunk > 1 else min(SPAN, L)
+    return span, len(range(0, L, span))
+
+
 @torch.no_grad()
 def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, dtype=torch.bfloat16,
              decode=None):
@@ -288,23 +296,32 @@ def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, 
         states = dec.start() if dec is not None else \
             kv.make_caches(model, B, capacity=L, dtype=dtype) if stepwise or kv != reference else None
         runs.append(dict(kv=kv, dec=dec, states=states, nll=torch.zeros(B, L), kl=torch.zeros(B, L), seconds=0.0))
-    for a in range(0, L, chunk):
-        xa, ya = x[:, a:a + chunk].to(dev), y[:, a:a + chunk].to(dev)
-        lp_ref = ref.logprobs(a, a + xa.size(1))
+    span = spans(chunk, L)[0]
+    xd = x.to(dev)
+    for a in range(0, L, span):
+        b = min(a + span, L)
+        ya = y[:, a:b].to(dev)
+        lp_ref = ref.logprobs(a, b)
         for run in runs:
             if run["states"] is None:
                 continue  # the reference: filled in below
             t0 = time.perf_counter()
-            if run["dec"] is not None:
-                logits = run["dec"](xa)[:, None]  # (B, 1, V): the compiled decode step
-            else:
-                logits, run["states"] = model(xa, run["states"])  # a decode step at chunk = 1
+            if chunk > 1:
+                logits, run["states"] = model(xd[:, a:b], run["states"])
+            else:  # a decode step per byte, its logits kept until the span is scored
+                logits = torch.empty(B, b - a, model.config.vocab_size, device=dev)
+                for i in range(a, b):
+                    if run["dec"] is not None:
+                        logits[:, i - a] = run["dec"](xd[:, i:i + 1])  # the compiled decode step
+                    else:
+                        out, run["states"] = model(xd[:, i:i + 1], run["states"])
+                        logits[:, i - a] = out[:, 0]
             lp = F.log_softmax(logits.float(), dim=-1)
-            run["nll"][:, a:a + chunk] = -lp.gather(-1, ya.unsqueeze(-1)).squeeze(-1).cpu()
-            run["kl"][:, a:a + chunk] = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp(min=0).cpu()
+            run["nll"][:, a:b] = -lp.gather(-1, ya.unsqueeze(-1)).squeeze(-1).cpu()
+            run["kl"][:, a:b] = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp(min=0).cpu()
             run["seconds"] += time.perf_counter() - t0
         if progress is not None:
-            progress.step(f"{min(a + chunk, L)}/{L} bytes")
+            progress.step(f"{b}/{L} bytes")
     peaks = {}
     for kv in [reference] + list(settings):
         if kv not in peaks:
@@ -416,7 +433,7 @@ def main():
     print(f"{path}: {n_streams} streams x {stream_len:,} bytes of {val_path}, chunk {step}, block {block}, "
           f"reference {label(ref_kv)} (history bound {window or 'none'}), full precision stored at {dtype}, "
           f"device {dev}" + (f", {thread_words}" if dev == "cpu" else ""), file=sys.stderr)
-    progress = Progress(len(range(0, stream_len, step)) * (2 if base else 1), sweep or "eval_kv")
+    progress = Progress(spans(step, stream_len)[1] * (2 if base else 1), sweep or "eval_kv")
     # chunk = 1 with --compile: every setting whose caches allow it decodes through the
     # compiled step, the reference's own cache too (kv/static.py; the others stay eager)
     steps = lambda m: static_decoders(m, say) if compile and step == 1 else None

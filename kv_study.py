@@ -21,8 +21,12 @@ baseline), TensorBoard scalars in frontier/. Rerunning skips the variants alread
 Variants (--variants=a,b,...): base (no fine-tune), base_ft (K more iterations, unchanged: the
 control), gqa/mqa (K/V heads mean-pooled), local (window block/4 in the lower half of the
 layers, kv_share=2), qat_int4, qat_int2 (quantization-aware training, kv/qat.py),
-mqa_share_int2 (MQA + kv_share=2 + int2 QAT) and mqa_share_int2_local (the same with every
-layer's window at block/4).
+mqa_share_int2 (MQA + kv_share=2 + int2 QAT), mqa_share_int2_local (the same with every
+layer's window at block/4), gqa_int2 (2 K/V heads + int2 QAT) and gqa_int2_local (the same with
+every layer's window at block/8).
+Yardstick: the base's rows are judged against the base; a fine-tuned variant's rows against
+base_ft (the same K iterations, no reduction), so extra training does not pass for a reduction's
+gain (--yardstick=base: every row against the base). x smaller is always against the base.
 Grid: plain, int8, int4, int2 (residual 0: every token at its format; int4/int2 keys per
 token) at windows of block, block/2, block/4, block/8, and KIVI's per-channel keys (see
 grid()). Eviction (h2o) reads a chunk with more than its budget in sight, so its rows run
@@ -55,7 +59,7 @@ out = ""  # the study's folder ('' = kv_study or kv_study_quick beside the base 
 what = "frontier"  # 'frontier' (the KV study) or 'context' (assignment 1: fine-tuning at 4x the block)
 quick = False  # a small study: fewer variants and settings, K=50, 2 streams x 1024 bytes
 variants = ""  # comma-separated variants ('' = all; quick: base,mqa,qat_int2,mqa_share_int2)
-iters = 200  # K: fine-tuning iterations per variant (quick: 50)
+iters = 1000  # K: fine-tuning iterations per variant (quick: 50)
 learning_rate = 1e-3  # peak learning rate of the fine-tunes (warm-up K/10, cosine to min_lr)
 min_lr = 1e-4  # final learning rate of the fine-tunes
 kv_quant_group = 32  # int4/int2: values per group, at training (QAT) and evaluation alike
@@ -68,6 +72,7 @@ context_iters = "0,25,50,100,200,400"  # what=context: fine-tuning iterations at
 context_streams = 64  # what=context: val streams of 4 x block bytes
 train_args = ""  # more train.py arguments for every fine-tune, space-separated (e.g. "--batch_size=8")
 threads = 0  # CPU threads of every step (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
+yardstick = "same_training"  # 'same_training': fine-tuned rows against base_ft (the base trained as long), 'base': every row against the base
 tensorboard = True  # TensorBoard scalars of the frontier (and of each fine-tune)
 # -----------------------------------------------------------------------------
 
@@ -89,6 +94,8 @@ def variant_args(name, block, n_layer):
         "qat_int2": ["--kv_quant=int2"],
         "mqa_share_int2": ["--n_kv_head=1", "--kv_share=2", "--kv_quant=int2"],
         "mqa_share_int2_local": ["--n_kv_head=1", "--kv_share=2", "--kv_quant=int2", f"--window={w}"],
+        "gqa_int2": ["--n_kv_head=2", "--kv_quant=int2"],
+        "gqa_int2_local": ["--n_kv_head=2", "--kv_quant=int2", f"--window={max(block // 8, 1)}"],
     }
     if name not in table:
         raise UserError(f"unknown variant {name!r}: choose from {', '.join(table)}")
@@ -155,7 +162,7 @@ def evaluate_variant(path, x, y, settings, step, block, label):
     model, ckpt = load_model(path, "cpu")
     model.eval()
     ref = eval_kv.reference_options(ckpt.get("config") or {}, "natural", say=lambda s: None)
-    progress = eval_kv.Progress(len(range(0, x.size(1), step)), f"  {label}")
+    progress = eval_kv.Progress(eval_kv.spans(step, x.size(1))[1], f"  {label}")
     settings = [ref] + [s for s in settings if s != ref]
     rows = eval_kv.evaluate(model, x, y, settings, step, ref, block, progress, eval_kv.DTYPES[dtype])
     for r, kv in zip(rows, settings):
@@ -202,16 +209,36 @@ def study():
         rows += found
         left = (time.time() - t0) / (n + 1) * (len(todo) - n - 1)
         print(f"  {name} done; elapsed {time.time() - t0:.0f}s, ETA {left // 60:.0f}:{left % 60:02.0f}", file=sys.stderr)
-    base_rows = [r for r in rows if r["variant"] == "base" and "(reference)" in r["setting"]]
-    if base_rows:  # every row against the plain multi-head base at its natural context
-        b = base_rows[0]
-        eval_kv.rebase(rows, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    judge(rows, base_path)
     for r in rows:
         r["eval_command"] = eval_command(r, eval_cmd)
     title = f"{os.path.basename(os.path.dirname(os.path.abspath(base_path)))}: {n_streams} x {stream_len} bytes, chunk {step}"
     md = write_frontier(rows, os.path.join(folder, "frontier"), title)
     print(md)
     print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
+
+
+def judge(rows, base_path):
+    """Put every row against the plain multi-head base at its natural context (x_smaller,
+    delta_base_pct) and against its yardstick (delta_pct, yardstick: see yardstick_of)."""
+    refs = {r["variant"]: r for r in rows if r["variant"] in ("base", "base_ft") and "(reference)" in r["setting"]}
+    if "base" not in refs:
+        return
+    b = refs["base"]
+    eval_kv.rebase(rows, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    for r in rows:
+        y = yardstick_of(r["variant"], refs)
+        r.update(delta_base_pct=r["delta_pct"], yardstick=y, delta_pct=100 * (r["bpb"] / refs[y]["bpb"] - 1))
+
+
+def yardstick_of(variant, refs):
+    """The plain multi-head model whose bits per byte a row is judged against: the base for the
+    base's own (training-free) rows; for a fine-tuned variant, under --yardstick=same_training
+    (the default) the control base_ft, which had the same K extra iterations and no reduction,
+    so that extra training is not counted as the reduction's gain."""
+    if variant == "base" or yardstick == "base" or "base_ft" not in refs:
+        return "base"
+    return "base_ft"
 
 
 def eval_command(r, common):
@@ -255,20 +282,25 @@ def best_within(rows, pct):
 def markdown(rows, title):
     front = frontier(rows)
     b = rows[0]
-    lines = [f"### {title}", "", "| variant | setting | peak KV bits/stream | x smaller | bits/byte | vs baseline | frontier |",
-             "|---|---|---:|---:|---:|---:|:---:|"]
+    lines = [f"### {title}", "", "| variant | setting | peak KV bits/stream | x smaller | bits/byte | vs base "
+             "| vs yardstick | frontier |", "|---|---|---:|---:|---:|---:|---:|:---:|"]
     for i, r in sorted(enumerate(rows), key=lambda t: -t[1]["kv_bits_peak"]):
         lines.append(f"| {r['variant']} | {r['setting']} | {r['kv_bits_peak']:,} | {r['x_smaller']:.1f} | "
-                     f"{r['bpb']:.4f} | {r['delta_pct']:+.2f}% | {'*' if i in front else ''} |")
+                     f"{r['bpb']:.4f} | {r.get('delta_base_pct', r['delta_pct']):+.2f}% | "
+                     f"{r['delta_pct']:+.2f}% ({r.get('yardstick', 'base')}) | {'*' if i in front else ''} |")
     lines += ["", f"Baseline: {b['baseline']}: {b['bpb_base']:.4f} bits per byte, {b['kv_bits_peak_base']:,} peak KV "
-              "bits per stream (x smaller = its peak / the row's; peak = the most a token-by-token decoder holds)."]
+              "bits per stream (x smaller = its peak / the row's; peak = the most a token-by-token decoder holds). "
+              "vs yardstick: the change in bits per byte against the plain multi-head model with the same "
+              "training (base for the base's rows, base_ft, the control fine-tuned as long with no reduction, "
+              "for fine-tuned rows; --yardstick=base judges every row against the base)."]
     for pct in (1, 3):
         r = best_within(rows, pct)
         if r is None:
-            lines += ["", f"Within {pct}%: no row."]
+            lines += ["", f"Within {pct}% of the yardstick: no row."]
             continue
-        lines += ["", f"**Largest reduction within {pct}%: {r['x_smaller']:.1f}x** ({r['variant']}, {r['setting']}: "
-                  f"{r['bpb']:.4f} bits per byte, {r['delta_pct']:+.2f}%). Commands:", "",
+        lines += ["", f"**Largest reduction within {pct}% of the yardstick: {r['x_smaller']:.1f}x** ({r['variant']}, "
+                  f"{r['setting']}: {r['bpb']:.4f} bits per byte, {r['delta_pct']:+.2f}% vs {r.get('yardstick', 'base')}"
+                  f", {r.get('delta_base_pct', r['delta_pct']):+.2f}% vs base). Commands:", "",
                   *(["    " + r["train_command"]] if r["train_command"] else []), "    " + r["eval_command"]]
     return "\n".join(lines) + "\n"
 
@@ -288,8 +320,14 @@ def plot(rows, path, title):
             lw=1, label="frontier", zorder=1)
     b = rows[0]
     ax.scatter([b["kv_bits_peak_base"]], [b["bpb_base"]], marker="*", s=200, color="black", label="baseline", zorder=3)
-    for pct in (1, 3):
-        ax.axhline(b["bpb_base"] * (1 + pct / 100), color="gray", ls=":", lw=1)
+    lines = [(b["bpb_base"], ":", "base")]
+    ft = [r for r in rows if r["variant"] == "base_ft" and "(reference)" in r["setting"]]
+    if ft and any(r.get("yardstick") == "base_ft" for r in rows):  # the fine-tuned rows' yardstick
+        ax.scatter([ft[0]["kv_bits_peak"]], [ft[0]["bpb"]], marker="*", s=200, color="gray", label="base_ft", zorder=3)
+        lines.append((ft[0]["bpb"], "--", "base_ft"))
+    for bpb, style, name in lines:  # +1% and +3% of each yardstick
+        for pct in (1, 3):
+            ax.axhline(bpb * (1 + pct / 100), color="gray", ls=style, lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("peak KV bits per stream (log scale)")
     ax.set_ylabel("bits per byte")
@@ -352,13 +390,16 @@ def main():
     if quick:  # the quick study's values, except those given on the command line
         globals().update({k: v for k, v in QUICK.items() if k not in given})
     if not variants:
-        globals()["variants"] = "base,base_ft,gqa,mqa,local,qat_int4,qat_int2,mqa_share_int2,mqa_share_int2_local"
+        globals()["variants"] = ("base,base_ft,gqa,mqa,local,qat_int4,qat_int2,mqa_share_int2,"
+                                 "mqa_share_int2_local,gqa_int2,gqa_int2_local")
     if what not in ("frontier", "context"):
         raise UserError(f"--what={what!r}: choose frontier or context")
     for name, value, low in (("iters", iters, 1), ("n_streams", n_streams, 1), ("stream_len", stream_len, 1),
                              ("chunk", chunk, 0), ("evict_chunk", evict_chunk, 0)):
         if value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}")
+    if yardstick not in ("same_training", "base"):
+        raise UserError(f"--yardstick={yardstick!r}: choose same_training or base")
     if dtype not in eval_kv.DTYPES:
         raise UserError(f"--dtype={dtype!r}: choose {', '.join(eval_kv.DTYPES)}")
     keep_freed_memory()

@@ -20,8 +20,8 @@ n_embd = 128
 dropout = 0.0  # too small to overfit in this many iterations
 
 learning_rate = 2e-3
-max_iters = 2000
-lr_decay_iters = 2000
+max_iters = 4000
+lr_decay_iters = 4000
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100

@@ -41,23 +41,30 @@ def base_ckpt(data_dir, tmp_path_factory):
 @pytest.mark.slow  # two fine-tunes in subprocesses
 def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     folder = tmp_path / "study"
-    printed = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa,qat_int2", *SMALL)
+    printed = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,base_ft,mqa,qat_int2", *SMALL)
     for name in ("frontier.csv", "frontier.md", "frontier.png", "mqa/last.pt", "qat_int2/results.json"):
         assert (folder / name).exists(), name
     with open(folder / "frontier.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["variant"] for r in rows} == {"base", "mqa", "qat_int2"}
+    assert {r["variant"] for r in rows} == {"base", "base_ft", "mqa", "qat_int2"}
     ref = [r for r in rows if r["variant"] == "base" and "(reference)" in r["setting"]]
     assert len(ref) == 1 and float(ref[0]["delta_pct"]) == 0.0 and float(ref[0]["x_smaller"]) == 1.0
     # every row against the base's reference: the base's peak over the row's
     peak = float(ref[0]["kv_bits_peak"])
     assert all(abs(float(r["x_smaller"]) - peak / float(r["kv_bits_peak"])) < 1e-9 for r in rows)
+    # the base's rows against the base; fine-tuned rows against base_ft (trained as long)
+    ft = [r for r in rows if r["variant"] == "base_ft" and "(reference)" in r["setting"]][0]
+    for r in rows:
+        yard = ref[0] if r["variant"] == "base" else ft
+        assert r["yardstick"] == yard["variant"]
+        assert abs(float(r["delta_pct"]) - 100 * (float(r["bpb"]) / float(yard["bpb"]) - 1)) < 1e-9
+        assert abs(float(r["delta_base_pct"]) - 100 * (float(r["bpb"]) / float(ref[0]["bpb"]) - 1)) < 1e-9
     assert "Largest reduction within 3%" in printed and "python eval_kv.py" in printed
     assert "mqa_share" not in printed  # only the variants asked for
 
     stamp = {p: os.stat(folder / p).st_mtime_ns for p in ("mqa/last.pt", "qat_int2/results.json")}
-    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa,qat_int2", *SMALL)
-    assert again.count("finished before, skipped") == 3
+    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,base_ft,mqa,qat_int2", *SMALL)
+    assert again.count("finished before, skipped") == 4
     assert stamp == {p: os.stat(folder / p).st_mtime_ns for p in stamp}
     with open(folder / "frontier.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
