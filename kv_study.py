@@ -5,7 +5,7 @@ train.py's resume), evaluates each under a grid of training-free cache settings 
 eval_kv's ruler, and writes one frontier, every row against the plain multi-head base at its
 natural context (a 16-bit sliding window of its block_size).
 
-    python train.py config/train_shakespeare_char_cpu_long.py --threads=1      # the base, ~8 min idle
+    python train.py config/train_shakespeare_char_cpu_long.py --threads=1      # the base, ~15 min idle
     python kv_study.py --base=out-shakespeare-char-cpu-long --quick=True          # ~10 min on a CPU
     python kv_study.py --base=out-shakespeare-char-cpu-long                        # the full study
     python kv_study.py --base=out-shakespeare-char-cpu --what=context              # assignment 1

@@ -1,6 +1,6 @@
 # The long-context CPU recipe: the CPU recipe's model (4 layers x 4 heads x 128) with a
 # 256-byte context (the default base of kv_study.py). About 220 ms per iteration at
-# --threads=1 on a lightly loaded 2-core CPU, so 2000 iterations take 7-8 minutes there
+# --threads=1 on a lightly loaded 2-core CPU, so 4000 iterations take about 15 minutes there
 # (much longer on a busy machine: see RESULTS.md, "The KV study").
 #   python train.py config/train_shakespeare_char_cpu_long.py --threads=1
 #   python kv_study.py --base=out-shakespeare-char-cpu-long
@@ -12,7 +12,7 @@ log_interval = 50
 
 dataset = "shakespeare_char"
 batch_size = 12
-block_size = 256  # 4x the CPU recipe's: at 2000 iterations val 1.574 vs 1.714 at block 64
+block_size = 256  # 4x the CPU recipe's (at 2000 iterations val 1.574 vs 1.714 at block 64)
 
 n_layer = 4
 n_head = 4
