@@ -186,7 +186,7 @@ def study():
     os.makedirs(folder, exist_ok=True)
     eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --chunk={step} --dtype={dtype} "
                 f"--baseline={base_path}")
-    rows, t0 = [], time.time()
+    rows, t0, spent = [], time.time(), {"fine-tune": [], "evaluation": []}  # seconds of each done here
     for n, (name, args) in enumerate(todo):
         vdir = os.path.join(folder, name)
         done = os.path.join(vdir, "results.json")
@@ -197,7 +197,11 @@ def study():
             continue
         print(f"[{n + 1}/{len(todo)}] {name}" + (f": fine-tuning {iters} iterations" if args is not None else ""),
               file=sys.stderr)
+        t1 = time.time()
         train_cmd = fine_tune(base_path, vdir, args, iters, config) if args is not None else ""
+        if args is not None:
+            spent["fine-tune"].append(time.time() - t1)
+        t1 = time.time()
         ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
         found = evaluate_variant(ckpt_path, x, y, settings, step, block, name)
         if evict_chunk:
@@ -209,8 +213,8 @@ def study():
             json.dump(found, f, indent=1)
         os.replace(done + ".tmp", done)  # atomic: a killed study leaves no half-written results
         rows += found
-        left = (time.time() - t0) / (n + 1) * (len(todo) - n - 1)
-        print(f"  {name} done; elapsed {time.time() - t0:.0f}s, ETA {left // 60:.0f}:{left % 60:02.0f}", file=sys.stderr)
+        spent["evaluation"].append(time.time() - t1)
+        print(f"  {name} done; elapsed {time.time() - t0:.0f}s, {eta(todo[n + 1:], spent)}", file=sys.stderr)
     judge(rows, base_path)
     for r in rows:
         r["eval_command"] = eval_command(r, eval_cmd)
@@ -218,6 +222,17 @@ def study():
     md = write_frontier(rows, os.path.join(folder, "frontier"), title)
     print(md)
     print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
+
+
+def eta(todo, spent):
+    """'ETA m:ss' of the variants left, from the mean fine-tune and evaluation times of this run
+    (a fine-tune costs far more than an evaluation, so they are counted apart)."""
+    n_ft = sum(args is not None for _, args in todo)
+    if n_ft and not spent["fine-tune"]:
+        return "ETA after the first fine-tune"
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
+    left = n_ft * mean(spent["fine-tune"]) + len(todo) * mean(spent["evaluation"])
+    return f"ETA {left // 60:.0f}:{left % 60:02.0f}"
 
 
 def judge(rows, base_path):

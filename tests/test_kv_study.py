@@ -44,6 +44,9 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     printed = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,base_ft,mqa,qat_int2", *SMALL)
     for name in ("frontier.csv", "frontier.md", "frontier.png", "mqa/last.pt", "qat_int2/results.json"):
         assert (folder / name).exists(), name
+    # no time left to guess before a fine-tune was timed; none left after the last variant
+    assert "base done" in printed and "ETA after the first fine-tune" in printed.split("base done")[1].split("\n")[0]
+    assert "ETA 0:00" in printed.split("qat_int2 done")[1].split("\n")[0]
     with open(folder / "frontier.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["variant"] for r in rows} == {"base", "base_ft", "mqa", "qat_int2"}
