@@ -296,8 +296,9 @@ def write_frontier(rows, prefix, title):
 
 
 def best_within(rows, pct):
+    """The row holding the fewest bits within pct% of its yardstick (of equal ones, the cheapest)."""
     ok = [r for r in rows if r["delta_pct"] <= pct]
-    return max(ok, key=lambda r: r["x_smaller"]) if ok else None
+    return max(ok, key=lambda r: (r["x_smaller"], -r["delta_pct"])) if ok else None
 
 
 def markdown(rows, title):
