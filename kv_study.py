@@ -5,7 +5,7 @@ train.py's resume), evaluates each under a grid of training-free cache settings 
 eval_kv's ruler, and writes one frontier, every row against the plain multi-head base at its
 natural context (a 16-bit sliding window of its block_size).
 
-    python train.py config/train_shakespeare_char_cpu_long.py --threads=1      # the base, ~15 min idle
+    python train.py config/train_shakespeare_char_cpu_long.py --threads=1      # the base, 15-25 min
     python kv_study.py --base=out-shakespeare-char-cpu-long --quick=True          # ~10 min on a CPU
     python kv_study.py --base=out-shakespeare-char-cpu-long                        # the full study
     python kv_study.py --base=out-shakespeare-char-cpu --what=context              # assignment 1
@@ -335,10 +335,11 @@ def plot(rows, path, title):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 6))
     names = list(dict.fromkeys(r["variant"] for r in rows))
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # a colour per variant (11 in the full study)
     for c, name in enumerate(names):
         rs = [r for r in rows if r["variant"] == name]
-        ax.scatter([r["kv_bits_peak"] for r in rs], [r["bpb"] for r in rs], color=cmap(c % 10), label=name, zorder=2)
+        ax.scatter([r["kv_bits_peak"] for r in rs], [r["bpb"] for r in rs], color=cmap(c % cmap.N),
+                   marker="os^D"[c // cmap.N % 4], label=name, zorder=2)
     front = sorted(frontier(rows), key=lambda i: rows[i]["kv_bits_peak"])
     ax.plot([rows[i]["kv_bits_peak"] for i in front], [rows[i]["bpb"] for i in front], "-", color="black",
             lw=1, label="frontier", zorder=1)

@@ -1,7 +1,8 @@
 # The long-context CPU recipe: the CPU recipe's model (4 layers x 4 heads x 128) with a
-# 256-byte context (the default base of kv_study.py). About 220 ms per iteration at
-# --threads=1 on a lightly loaded 2-core CPU, so 4000 iterations take about 15 minutes there
-# (much longer on a busy machine: see RESULTS.md, "The KV study").
+# 256-byte context (the default base of kv_study.py). At --threads=1 on our 2-core CPU VM, 4000
+# iterations took 15 minutes in one session (two seeds side by side, ~220 ms per iteration) and 27
+# in another (the same two, ~390 ms; 330 ms with nothing else running, i.e. 22 minutes alone):
+# the VM's speed varies, and a busy machine is much slower (RESULTS.md, "The KV study").
 #   python train.py config/train_shakespeare_char_cpu_long.py --threads=1
 #   python kv_study.py --base=out-shakespeare-char-cpu-long
 
