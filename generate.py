@@ -49,6 +49,13 @@ def static_step(model, token, caches, rot_table):
     return logits[:, -1]
 
 
+def static_flush(caches):
+    """Quantize in each of these static quantized caches (those with flush_apart, each once) the
+    group the coming step completes: what StaticDecoder runs, compiled, once per G tokens."""
+    for c in caches:
+        c.flush()
+
+
 class StaticDecoder:
     """The decode step over static caches of its own, for one model, cache kind (KVOptions),
     batch size and capacity (text length), compiled once:
@@ -78,7 +85,10 @@ class StaticDecoder:
         if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move
             for t in self.buffers():
                 torch._dynamo.mark_static_address(t)
-        self.step, self.compiled, self.compile_seconds = static_step, False, 0.0
+        # the caches that quantize a group apart from the step (each once: kv_share layers share
+        # one; all alike, as one KVOptions made them)
+        self.flushing = list({id(c): c for c in self.caches if getattr(c, "flush_apart", False)}.values())
+        self.step, self.flush, self.compiled, self.compile_seconds = static_step, static_flush, False, 0.0
         if compile:
             options = dict(fullgraph=True, dynamic=False)
             if compile is not True:
@@ -99,8 +109,10 @@ class StaticDecoder:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             t0 = time.perf_counter()
             self.step = compile_or_eager(static_step, self._probe, **options)
-            self.compile_seconds = time.perf_counter() - t0
             self.compiled = self.step is not static_step
+            if self.compiled and self.flushing:
+                self.flush = compile_or_eager(static_flush, self._probe_flush, **options)
+            self.compile_seconds = time.perf_counter() - t0
             self.start()
 
     def buffers(self):
@@ -118,6 +130,12 @@ class StaticDecoder:
             for _ in range(3 if self.cuda_graphs else 1):  # CUDA graphs are recorded on a later call
                 self.start()
                 step(self.model, self.token, self.caches, self.rot_table)
+
+    def _probe_flush(self, flush):
+        with torch.no_grad():
+            for _ in range(3 if self.cuda_graphs else 1):
+                self.start()
+                flush(self.flushing)
 
     def start(self, prefilled=None):
         """Empty the caches, or load eager caches (the same KVOptions) after a prefill; returns
@@ -143,6 +161,8 @@ class StaticDecoder:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
         self.token.copy_(token)  # into a buffer of its own: a column sliced from a text has other strides
         with torch.no_grad():  # inference only (grad mode is part of what was compiled)
+            if self.flushing and self.flushing[0].due(self.clock.n):
+                self.flush(self.flushing)
             logits = self.step(self.model, self.token, self.caches, self.rot_table)
         self.clock.n += 1
         return logits.clone() if self.cuda_graphs else logits

@@ -151,11 +151,18 @@ class StaticQuantCache(Cache):
 
     After the step at position p, the tokens [0, qn) are codes and [qn, p] full precision,
     qn = the largest multiple of G with p + 1 - qn >= R (0 while fewer than R tokens came):
-    what QuantKVCache holds, which quantizes G tokens at a time once R + G are waiting. A
-    step quantizes the newest group in the step that completes it, as the eager cache does.
-    With a window, code groups go to a ring of slots after the groups holding sink tokens;
-    the window must be at least R + G, so that no token leaves it before it is quantized
-    (otherwise the eager cache regroups what is left: static_reason() keeps that eager)."""
+    what QuantKVCache holds, which quantizes G tokens at a time once R + G are waiting. The
+    step that completes a group attends over its codes, as the eager cache does. When R > 0
+    and G > 1 (flush_apart) that group is already in the residual before the step: the
+    decoder calls flush() then, once per G tokens (quantizing inside every step, to keep its
+    shapes fixed, cost half the step). Otherwise (a group of one token, or R = 0: the group
+    holds the current token) the step quantizes it itself, and a step that completes nothing
+    rewrites the last group with itself.
+    With a window, code groups go to a ring of slots after the groups holding sink tokens, as
+    many as can be in sight (the codes a query sees lie in (p - window, qn), qn <= p + 1 - R:
+    ceil((window - R) / G) groups); the window must be at least R + G, so that no token
+    leaves it before it is quantized (otherwise the eager cache regroups what is left:
+    static_reason() keeps that eager)."""
 
     def __init__(self, clock, key_fmt, val_fmt, batch_size, n_kv_head, head_dim, residual=32, window=0,
                  sink=0, capacity=256, dtype=torch.float32, device="cpu"):
@@ -170,8 +177,8 @@ class StaticQuantCache(Cache):
         self.v_res = torch.zeros_like(self.k_res)
         self.rpos = torch.full((nr,), EMPTY, dtype=torch.long, device=device)
         self.sink_groups = -(-self.sink // G)  # the groups holding sink tokens keep their slots
-        # at most ceil((window - R - 1) / G) + 1 groups hold a token in sight; one spare
-        self.ring_groups = -(-window // G) + 1 if window else max(-(-int(capacity) // G), 1)
+        self.ring_groups = -(-(window - residual) // G) if window else max(-(-int(capacity) // G), 1)
+        self.flush_apart = G > 1 and residual > 0
         n_codes = (self.sink_groups + self.ring_groups) * G
         zeros = self.k_res.new_zeros(batch_size, n_kv_head, n_codes, head_dim)
         with no_autocast(zeros.device.type):  # the formats' own layout, allocated once
@@ -212,18 +219,35 @@ class StaticQuantCache(Cache):
         self.rpos.index_copy_(0, r, p)
         after = (p + 1 - self.R).clamp(min=0)  # tokens past the residual after this step
         qn = after // G * G  # tokens held as codes after this step: [0, qn)
-        done = (after > 0) & (after % G == 0)  # this step completes group qn / G - 1
-        gi = (qn // G - 1).clamp(min=0)
-        gpos = gi * G + torch.arange(G, device=p.device)  # (G,) its positions, in the ring
-        ts = self._group_slot(gi) * G + torch.arange(G, device=p.device)  # its token slots
-        self._put(self.k_codes, self.key_fmt.quantize(self.k_res.index_select(2, gpos % nr)), ts, done)
-        self._put(self.v_codes, self.val_fmt.quantize(self.v_res.index_select(2, gpos % nr)), ts, done)
-        self.cpos.index_copy_(0, ts, torch.where(done, gpos, self.cpos.index_select(0, ts)))
+        if not self.flush_apart:
+            self._store_group(qn, (after > 0) & (after % G == 0))  # done: this step completes a group
         # in the compute dtype, k's (the residual may be stored narrower), as QuantKVCache does
         keys = torch.cat([self._dequantize(self.key_fmt, self.k_codes, k.dtype), self.k_res.to(k.dtype)], dim=2)
         vals = torch.cat([self._dequantize(self.val_fmt, self.v_codes, k.dtype), self.v_res.to(k.dtype)], dim=2)
         kpos = torch.cat([self.cpos, torch.where(self.rpos >= qn, self.rpos, EMPTY)])  # codes count once
         return keys, vals, visible(p, kpos, self.window, self.sink)
+
+    def due(self, n):
+        """Does the step at position n (an int) complete a group that flush() must store first?"""
+        after = n + 1 - self.R
+        return self.flush_apart and after > 0 and after % self.G == 0
+
+    def flush(self):
+        """Quantize the group the coming step completes (its tokens [qn - G, qn), qn = p + 1 - R,
+        are in the residual already) into its slots: called by the decoder when due(p)."""
+        with no_autocast(self.k_res.device.type):
+            self._store_group(self.clock.t + 1 - self.R, None)
+
+    def _store_group(self, qn, done):
+        """Quantize group qn / G - 1 from the residual into its slots; where done (a bool tensor)
+        is False, rewrite the slots with what they hold (the same shapes and kernels every step)."""
+        G, nr = self.G, self.rpos.numel()
+        gi = (qn // G - 1).clamp(min=0)
+        gpos = gi * G + torch.arange(G, device=qn.device)  # (G,) its positions, in the ring
+        ts = self._group_slot(gi) * G + torch.arange(G, device=qn.device)  # its token slots
+        self._put(self.k_codes, self.key_fmt.quantize(self.k_res.index_select(2, gpos % nr)), ts, done)
+        self._put(self.v_codes, self.val_fmt.quantize(self.v_res.index_select(2, gpos % nr)), ts, done)
+        self.cpos.index_copy_(0, ts, gpos if done is None else torch.where(done, gpos, self.cpos.index_select(0, ts)))
 
     def attend(self, fn, q, k, v, mask, dropout_p=0.0):
         """Attention read straight from the codes (attend_slots; k, v are not read): compiled,
@@ -234,13 +258,13 @@ class StaticQuantCache(Cache):
             return attend_slots(q, parts, mask, self.width)
 
     def _put(self, payload, new, ts, done):
-        """Write a group's tensors `new` into their slots where done (rewrite the old ones elsewhere:
-        the same shapes and kernels every step). Tensors run over tokens or over groups (dim 2)."""
+        """Write a group's tensors `new` into their slots (where done, unless done is None).
+        Tensors run over tokens or over groups (dim 2)."""
         n_codes = self.cpos.numel()
         for buf, t in zip(payload, new):
             idx = ts if buf.size(2) == n_codes else ts[:1] // self.G
-            b = _bytes(buf)
-            b.index_copy_(2, idx, torch.where(done, _bytes(t.to(buf.dtype)), b.index_select(2, idx)))
+            b, t = _bytes(buf), _bytes(t.to(buf.dtype))
+            b.index_copy_(2, idx, t if done is None else torch.where(done, t, b.index_select(2, idx)))
 
     def _dequantize(self, fmt, payload, dtype):
         return dequantize(fmt, payload, dtype)
@@ -254,7 +278,8 @@ class StaticQuantCache(Cache):
         if cache.k_codes is not None:
             first = cache.pos_codes.view(-1, G)[:, 0]  # (groups,) first position of each held group
             last = first + G - 1
-            keep = (last > n - 1 - self.window) | (first < self.sink) if self.window else torch.ones_like(first, dtype=torch.bool)
+            # the groups the next query (position n) can see, and those holding sink tokens
+            keep = (last > n - self.window) | (first < self.sink) if self.window else torch.ones_like(first, dtype=torch.bool)
             gi = first[keep] // G
             rows = torch.arange(first.numel(), device=first.device)[keep]
             if gi.numel() > self.sink_groups + self.ring_groups:
