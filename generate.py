@@ -28,9 +28,10 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        v, _ = torch.topk(logits, min(int(top_k), logits.size(-1)))
-        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    V = logits.size(-1)
+    if top_k is not None and 0 < top_k < V:  # keep the top_k largest (and any tied with the last)
+        kth = torch.kthvalue(logits, V - int(top_k) + 1, dim=-1, keepdim=True).values  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
 
 

@@ -7,7 +7,7 @@ import torch
 
 import utils
 from conftest import text, tiny
-from generate import generate, generate_stream
+from generate import generate, generate_stream, sample_next
 from kv.policy import KVOptions
 
 
@@ -34,6 +34,22 @@ def test_top_k_sampling():
     list(generate_stream(m, prompt, 20, kv=KVOptions(kv_window=8), stats=stats))
     assert stats["kv_bits_peak"] == 2 * 2 * 3 * 4 * 8 * 8 * 32  # layers x k/v x B x heads x 8 tokens x hs x fp32
     assert stats["kv_bits_per_token"] == 2 * 2 * 4 * 8 * 32
+
+
+@pytest.mark.parametrize("top_k", [1, 5, 255, 256, None])
+def test_top_k_draws_as_the_textbook_rule(top_k):
+    """sample_next against the plain rule (logits below the k-th largest of torch.topk set to
+    -inf, softmax, torch.multinomial): the same draws from the same generator, ties included."""
+    logits = torch.randn(4, 256)
+    logits[0, :10] = logits[0].max()  # a tie at the top
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(50):
+        want = logits / 0.7
+        if top_k is not None:
+            v, _ = torch.topk(want, min(top_k, 256))
+            want = want.masked_fill(want < v[:, [-1]], float("-inf"))
+        want = torch.multinomial(torch.softmax(want, dim=-1), 1, generator=ga)
+        assert torch.equal(sample_next(logits, 0.7, top_k, generator=gb), want)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(kv_quant="int8"), dict(kv_quant="int4", kv_quant_group=8),
