@@ -212,3 +212,19 @@ def test_xl_mem_of_the_checkpoint_bounds_the_history(ckpt_dir, monkeypatch, caps
     peak = 2 * 2 * 2 * 16 * 16 * 24
     assert f"| plain, window 24 (reference) | {peak:,} | {peak / 64:,.2f} | 1.00 |" in out.out
     assert "| int8/r8, window 24 |" in out.out
+
+
+@pytest.mark.slow
+def test_compiled_chunk_1_gives_the_eager_figures(ckpt_dir):
+    """eval_kv.py --chunk=1 --compile=True (the compiled static-cache step, with the group flush
+    of int4/int2; int2 here, whose loss moves on this barely trained model) prints the figures
+    the eager caches give."""
+    args = ["eval_kv.py", f"--out_dir={ckpt_dir}", "--chunk=1", "--n_streams=2", "--stream_len=96",
+            "--kv_window=32", "--kv_quant=int2", "--kv_quant_group=4", "--kv_quant_residual=4",
+            "--dtype=float32", "--device=cpu"]
+    out = {}
+    for c in ("False", "True"):
+        proc = run_script(*args, f"--compile={c}", timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        out[c] = [line for line in proc.stdout.splitlines() if "int2" in line and "|" in line]
+    assert out["True"] and out["True"] == out["False"]
