@@ -137,12 +137,12 @@ def test_one_compilation_over_300_tokens(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["unbounded", "window+sink", "int8", "fp8_e4m3 window", "int4 window+sink", "int2"])
+@pytest.mark.parametrize("kind", ["unbounded", "window+sink", "int8", "fp8_e4m3 window", "int4 window+sink"])
 def test_compiled_step_gives_eager_tokens(kind):
     """The real thing: inductor's code, greedy tokens equal to the eager caches' for each
     format and history bound (the kinds left out differ from these in settings only, which
-    the traced test covers), on GQA with local layers and kv_share groups. Tens of seconds of
-    compilation per kind on a small CPU."""
+    the traced test covers; int2 compiled: tests/test_eval_kv.py), on GQA with local layers
+    and kv_share groups. Tens of seconds of compilation per kind on a small CPU."""
     model = sharp(n_layer=4, n_kv_head=2, kv_share=2, window=24, global_layers="2,3")
     kv = KVOptions(**KINDS[kind]).check()
     prompts = text(B=2, T=6)
