@@ -105,6 +105,22 @@ def test_batched_rows_equal_single_rows():
         assert torch.equal(generate(model, prompts[b:b + 1], 30, temperature=0, kv=kv, decoder=one), alone)
 
 
+@pytest.mark.parametrize("B, capacity", [(1, 40), (1, 600), (2, 40)])
+def test_both_attention_forms_give_the_eager_logits(B, capacity):
+    """A full-precision static cache attends by sums (one sequence, up to 512 slots) or by
+    matrix products (several, or a longer buffer): both give the eager caches' logits."""
+    model = tiny(n_kv_head=2)
+    kv = KVOptions(kv_window=0).check()
+    x = text(B=B, T=40)
+    caches = kv.make_caches(model, B, capacity=40)
+    dec = StaticDecoder(model, kv, B, capacity, compile=False)
+    dec.start()
+    with torch.no_grad():
+        for t in range(40):
+            want, _ = model(x[:, t:t + 1], caches)
+            torch.testing.assert_close(dec(x[:, t:t + 1]), want[:, -1], atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_traced_step_gives_eager_tokens(kind):
     """The step as torch.compile traces it (dynamo and AOT autograd, run without inductor)
