@@ -77,12 +77,11 @@ def attend_slots(q, parts, mask, width):
 
 
 def attend_rows(q, k, v, mask):
-    """attend_slots over full-precision keys as two batched matrix products, the query heads of
-    one KV head as the rows of one product (GQA/MQA), in float32. The sums of attend_slots are
-    cheaper for one sequence over a few hundred slots; these for several sequences (8 samples
-    of 4096 tokens at kv_window=256: about -10% in an A/B/A/B on our CPU; even at batch 4 over
-    64 keys) and over long buffers (an unbounded cache sized for 1024 tokens: -12%; for 4096:
-    -18%). Over int4 codes the fused sums stay cheaper (dequantizing first: +55% at batch 8)."""
+    """attend_slots for several sequences over full-precision keys: two batched matrix products,
+    the query heads of one KV head as the rows of one product (GQA/MQA), in float32. At batch 1
+    the sums of attend_slots are cheaper; at batch 8 these are (8 samples of 4096 tokens at
+    kv_window=256: about -10% in an A/B/A/B on our CPU; even at batch 4 over 64 keys). Over
+    int4 codes the fused sums stay cheaper at batch 8 too (dequantizing first: +55%)."""
     B, nh, _, hs = q.shape
     H = k.size(1)
     qg = q.float().view(B, H, nh // H, hs) * hs ** -0.5  # (B, nkv, query heads per KV head, hs)
@@ -135,7 +134,7 @@ class StaticKVCache(Cache):
         return self.k.to(k.dtype), self.v.to(v.dtype), mask  # read back in the compute dtype, as KVCache
 
     def attend(self, fn, q, k, v, mask, dropout_p=0.0):
-        if q.size(0) > 1 or k.size(2) > 512:  # fixed when traced: the step never switches
+        if q.size(0) > 1:
             return attend_rows(q, k, v, mask)
         return attend_slots(q, [(k, v)], mask, k.size(-1))
 

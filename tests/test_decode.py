@@ -107,8 +107,8 @@ def test_batched_rows_equal_single_rows():
 
 @pytest.mark.parametrize("B, capacity", [(1, 40), (1, 600), (2, 40)])
 def test_both_attention_forms_give_the_eager_logits(B, capacity):
-    """A full-precision static cache attends by sums (one sequence, up to 512 slots) or by
-    matrix products (several, or a longer buffer): both give the eager caches' logits."""
+    """A full-precision static cache attends by sums (one sequence) or by matrix products
+    (several): both give the eager caches' logits, over few slots or many."""
     model = tiny(n_kv_head=2)
     kv = KVOptions(kv_window=0).check()
     x = text(B=B, T=40)
