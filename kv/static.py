@@ -76,20 +76,6 @@ def attend_slots(q, parts, mask, width):
     return y.view(B, nh, 1, hs).to(q.dtype)  # (B, nkv, g, hs) -> (B, nh, 1, hs)
 
 
-def attend_rows(q, k, v, mask):
-    """attend_slots for several sequences over full-precision keys: two batched matrix products,
-    the query heads of one KV head as the rows of one product (GQA/MQA), in float32. At batch 1
-    the sums of attend_slots are cheaper; at batch 8 these are (8 samples of 4096 tokens at
-    kv_window=256: about -10% in an A/B/A/B on our CPU; even at batch 4 over 64 keys). Over
-    int4 codes the fused sums stay cheaper at batch 8 too (dequantizing first: +55%)."""
-    B, nh, _, hs = q.shape
-    H = k.size(1)
-    qg = q.float().view(B, H, nh // H, hs) * hs ** -0.5  # (B, nkv, query heads per KV head, hs)
-    att = (qg @ k.float().transpose(-2, -1)).masked_fill(~mask, float("-inf"))  # (B, nkv, g, S)
-    y = torch.softmax(att, dim=-1) @ v.float()  # (B, nkv, g, hs)
-    return y.view(B, nh, 1, hs).to(q.dtype)
-
-
 def ring_slot(p, window, sink):
     """The slot of position p (tensor) in a buffer of `sink` fixed slots and a ring of `window`."""
     return torch.where(p < sink, p, sink + (p - sink) % window)
@@ -134,8 +120,6 @@ class StaticKVCache(Cache):
         return self.k.to(k.dtype), self.v.to(v.dtype), mask  # read back in the compute dtype, as KVCache
 
     def attend(self, fn, q, k, v, mask, dropout_p=0.0):
-        if q.size(0) > 1:
-            return attend_rows(q, k, v, mask)
         return attend_slots(q, [(k, v)], mask, k.size(-1))
 
     def load(self, cache):
