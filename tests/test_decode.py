@@ -26,6 +26,7 @@ KINDS = {
     "int4": dict(kv_window=0, **Q4),
     "int4 window+sink": dict(kv_window=12, kv_sink=3, **Q4),
     "int4 odd window": dict(kv_window=10, kv_sink=1, kv_quant="int4", kv_quant_group=4, kv_quant_residual=3),
+    "int4 window no residual": dict(kv_window=10, kv_quant="int4", kv_quant_group=4, kv_quant_residual=0),
     "int4 token keys": dict(kv_window=0, kv_quant_keys="token", **Q4),
     "int2": dict(kv_window=0, kv_quant="int2", kv_quant_group=8, kv_quant_residual=0),
 }
