@@ -79,6 +79,10 @@ class StaticDecoder:
         self.model, self.kv, self.batch_size, self.capacity = model, kv, batch_size, capacity
         p = next(model.parameters())
         self.caches = kv.make_caches(model, batch_size, capacity=capacity, dtype=dtype, static=True)
+        first = {}  # (first layer, cache) of each cache once: kv_share layers share one
+        for i, c in enumerate(self.caches):
+            first.setdefault(id(c), (i, c))
+        self.distinct = list(first.values())
         self.clock = self.caches[0].clock
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)  # the step's input
         self.rot_table = model._rope(0, capacity).clone() if model.config.rope else None  # (capacity, hs/2, 2)
@@ -86,9 +90,8 @@ class StaticDecoder:
         if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move
             for t in self.buffers():
                 torch._dynamo.mark_static_address(t)
-        # the caches that quantize a group apart from the step (each once: kv_share layers share
-        # one; all alike, as one KVOptions made them)
-        self.flushing = list({id(c): c for c in self.caches if getattr(c, "flush_apart", False)}.values())
+        # the caches that quantize a group apart from the step (all alike: one KVOptions made them)
+        self.flushing = [c for _, c in self.distinct if getattr(c, "flush_apart", False)]
         self.step, self.flush, self.compiled, self.compile_seconds = static_step, static_flush, False, 0.0
         if compile:
             options = dict(fullgraph=True, dynamic=False)
@@ -109,34 +112,27 @@ class StaticDecoder:
             # default of 8 in a sweep (its guards pick the entry; none is traced twice)
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             t0 = time.perf_counter()
-            self.step = compile_or_eager(static_step, self._probe, **options)
+            probe = lambda step: self._probe(step, self.model, self.token, self.caches, self.rot_table)
+            self.step = compile_or_eager(static_step, probe, **options)
             self.compiled = self.step is not static_step
             if self.compiled and self.flushing:
-                self.flush = compile_or_eager(static_flush, self._probe_flush, **options)
+                self.flush = compile_or_eager(static_flush, lambda f: self._probe(f, self.flushing), **options)
             self.compile_seconds = time.perf_counter() - t0
             self.start()
 
     def buffers(self):
         """Every tensor the step reads or writes besides the weights (each cache once)."""
-        seen, out = set(), [self.clock.t, self.token]
-        for c in self.caches:
-            if id(c) not in seen:
-                seen.add(id(c))
-                out += c.buffers()
+        out = [self.clock.t, self.token]
+        for _, c in self.distinct:
+            out += c.buffers()
         return out
 
-    def _probe(self, step):
-        # compile now, on the decoder's own caches (start() resets them after)
+    def _probe(self, fn, *args):
+        # compile fn now, on the decoder's own caches (start() resets them after)
         with torch.no_grad():
             for _ in range(3 if self.cuda_graphs else 1):  # CUDA graphs are recorded on a later call
                 self.start()
-                step(self.model, self.token, self.caches, self.rot_table)
-
-    def _probe_flush(self, flush):
-        with torch.no_grad():
-            for _ in range(3 if self.cuda_graphs else 1):
-                self.start()
-                flush(self.flushing)
+                fn(*args)
 
     def start(self, prefilled=None):
         """Empty the caches, or load eager caches (the same KVOptions) after a prefill; returns
@@ -144,13 +140,10 @@ class StaticDecoder:
         seen = prefilled[0].seen if prefilled is not None else 0
         if seen >= self.capacity:
             raise ValueError(f"the prefilled text ({seen} tokens) fills the decoder's capacity {self.capacity}")
-        done = set()
-        for i, c in enumerate(self.caches):
-            if id(c) not in done:
-                done.add(id(c))
-                c.reset()
-                if prefilled is not None:
-                    c.load(prefilled[i])
+        for i, c in self.distinct:
+            c.reset()
+            if prefilled is not None:
+                c.load(prefilled[i])
         self.clock.set(seen)
         return self.caches
 
