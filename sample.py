@@ -105,7 +105,8 @@ def main():
 
     speed = num_samples * max_new_tokens / seconds if seconds else float("nan")
     peak = stats.get("kv_bits_peak", 0) // num_samples  # per sample
-    print(f"{speed:.1f} tokens/s ({num_samples} sample{'s' * (num_samples > 1)} side by side); KV cache peak "
+    batch = f"{num_samples} samples side by side" if num_samples > 1 else "1 sample"
+    print(f"{speed:.1f} tokens/s ({batch}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {stats.get('kv_bits_per_token', 0):,g} bits "
           "per token", file=sys.stderr)
 
