@@ -1,7 +1,8 @@
 """
 The out_dir of a training run: checked before any work (a folder we can write, with room
 for the checkpoints), held by one run at a time (out_dir/train.lock), never silently taken
-from an earlier run, and cleared of the temporary files an interrupted run left.
+from an earlier run (--overwrite=True replaces it only once the new run has passed its checks),
+and cleared of the temporary files an interrupted run left.
 
     python -c "import outdir; lock = outdir.claim('out-test', fresh=True, overwrite=False); lock.release()"
 """
@@ -44,12 +45,10 @@ def claim(out_dir, fresh, overwrite):
                             "fresh run (init_from=scratch) would replace: use another --out_dir, --init_from=resume "
                             "to continue that run, or --overwrite=True to replace it")
         left = sorted(n for n in os.listdir(out_dir) if TEMP.fullmatch(n))
-        for name in left + (earlier if fresh else []):
+        for name in left:
             os.remove(os.path.join(out_dir, name))
         if left:
             print(f"note: removed {', '.join(left)} from {out_dir}, left by an interrupted run")
-        if fresh and earlier:
-            print(f"note: --overwrite=True: removed {' and '.join(earlier)} of the earlier run in {out_dir}")
     except OSError as e:
         lock.release()
         raise UserError(f"cannot write in --out_dir={out_dir} ({e.strerror or e}); use another --out_dir") from None
@@ -57,6 +56,20 @@ def claim(out_dir, fresh, overwrite):
         lock.release()
         raise
     return lock
+
+
+def remove_earlier(out_dir):
+    """A fresh run with --overwrite=True, once its settings, data and model have passed every
+    check: remove the earlier run's checkpoints, so that none of them is mixed with this run's."""
+    earlier = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
+    try:
+        for name in earlier:
+            os.remove(os.path.join(out_dir, name))
+    except OSError as e:
+        raise UserError(f"cannot remove the earlier run's checkpoints in --out_dir={out_dir} ({e.strerror or e}); "
+                        "use another --out_dir") from None
+    if earlier:
+        print(f"note: --overwrite=True: removed {' and '.join(earlier)} of the earlier run in {out_dir}")
 
 
 def make_folder(out_dir):

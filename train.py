@@ -160,7 +160,7 @@ def train(held):
     train_path, val_path = dataset_paths(dataset)
 
     # model, optimizer and the iteration range of this run
-    ckpt = None
+    ckpt, fresh_best = None, False  # fresh_best: this run's first trained evaluation starts the best val loss
     if init_from == "scratch":
         model_args = {k: config[k] for k in MODEL_ARG_KEYS}
         model = GPT(GPTConfig(**model_args)).to(dev)
@@ -187,6 +187,11 @@ def train(held):
             end_iter, origin = start_iter + max_iters, start_iter
         best_val_loss = ckpt.get("best_val_loss", float("inf"))
         print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
+        changed = eval_changes(ckpt, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS})
+        if changed and not eval_only and end_iter > start_iter:  # its val loss is another model's, or another context's
+            fresh_best, best_val_loss = True, float("inf")
+            print(f"note: {', '.join(changed)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
+                  "will hold the best of this run")
     config.update(model_args)  # the checkpoint's config records the model actually trained
     n_params = model.get_num_params()
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
@@ -249,8 +254,10 @@ def train(held):
         if "val_mem" in losses:
             line += f", val loss with memory {losses['val_mem']:.4f}"
             tb.add_scalar("val/loss_mem", losses["val_mem"], iter_num)
-        improved = losses["val"] < best_val_loss
-        best_val_loss = min(best_val_loss, losses["val"])
+        counts = iter_num > start_iter or not fresh_best  # a changed model's best: its trained evaluations
+        improved = counts and losses["val"] < best_val_loss
+        if counts:
+            best_val_loss = min(best_val_loss, losses["val"])
         best_iter = iter_num if improved else best_iter
         tb.add_scalar("train/loss", losses["train"], iter_num)
         tb.add_scalar("val/loss", losses["val"], iter_num)
@@ -259,6 +266,8 @@ def train(held):
         print(line, flush=True)
         return time.time() - t0
 
+    if writes and master and init_from == "scratch" and overwrite:
+        outdir.remove_earlier(out_dir)
     iter_num, best_iter = start_iter, None
     if eval_only or (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
         evaluate()
@@ -321,6 +330,15 @@ def train(held):
     # sample.py's default cache is unbounded: past block_size bytes the model sees more history
     # than it was trained on and drifts into noise (a model trained with XL memory keeps xl_mem)
     print(f"next: python sample.py --out_dir={out_dir}" + ("" if xl_mem else f" --kv_window={block_size}"))
+
+
+def eval_changes(ckpt, model_args):
+    """What makes this run's val loss incomparable with the checkpoint's best: a converted or
+    otherwise changed model, another training context (block_size)."""
+    saved = {**ckpt.get("model_args", {}), "block_size": ckpt.get("config", {}).get("block_size", block_size)}
+    now = {**model_args, "block_size": block_size}
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+            if k != "dropout" and k in saved and saved[k] != now[k]]
 
 
 def train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory=None, ddp=False):

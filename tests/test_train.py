@@ -99,6 +99,26 @@ def test_resume_finetune_runs_exactly_k_more_iterations(data_dir, base_run, tmp_
     assert evals == [f"iter {N}", f"iter {N + 3}"]
 
 
+def test_finetune_of_a_converted_model_writes_its_own_best(data_dir, base_run, tmp_path):
+    """After a conversion (here MHA -> MQA) the checkpoint's best val loss is another model's:
+    ckpt.pt must end up holding the converted model, not stay the old one."""
+    out = copy_of(base_run, tmp_path)
+    old_best = read_checkpoint(str(out / "ckpt.pt"))["best_val_loss"]
+    printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last",
+                    "--n_kv_head=1", "--max_iters=2", "--eval_interval=1")
+    assert "n_kv_head 0 -> 1" in printed and "not comparable" in printed
+    best = read_checkpoint(str(out / "ckpt.pt"))
+    assert best["model_args"]["n_kv_head"] == 1 and best["iter_num"] > N
+    vals = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): train loss [\d.]+, val loss ([\d.]+)", printed)}
+    assert best["best_val_loss"] == pytest.approx(min(v for i, v in vals.items() if i > N), abs=1e-4)
+    # an unchanged model keeps the best it had: a fine-tune that does not beat it leaves ckpt.pt alone
+    again = copy_of(base_run, tmp_path / "again")
+    printed = train(data_dir, again, "--init_from=resume", "--resume_checkpoint_name=last",
+                    "--max_iters=1", "--learning_rate=0")
+    assert "not comparable" not in printed
+    assert read_checkpoint(str(again / "ckpt.pt"))["best_val_loss"] == old_best
+
+
 def test_resume_from_the_tutorials_layout(data_dir, tmp_path):
     """A checkpoint with only model, optimizer, model_args and config (no iteration,
     RNG or data position) is trained further as a finished run."""
