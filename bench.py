@@ -387,7 +387,7 @@ def main():
         setattr(train, k, globals()[k])
     if what not in ("train", "generate", "eval_kv", "all"):
         raise UserError(f"--what={what}: choose train, generate, eval_kv or all")
-    kv = KVOptions.from_settings(globals()).check()
+    kv = KVOptions.from_settings(globals()).check().check_unused()
     thread_words = use_threads(threads)
     dev = pick_device(device)
     if dev == "cpu":

@@ -108,7 +108,7 @@ def sweep_settings(kind, span, group, residual, bounded=False):
             s.update(quant(fmt, min(residual, b // 2 - 1)))
         return s
 
-    head = [dict()] + ([dict(kv_window=0)] if bounded else [])
+    head = [dict()] + ([dict(kv_window=0, kv_sink=0)] if bounded else [])
     if kind == "quick":
         return head + [quant("int8"), quant("int4"), quant("int2"), quant("int4", residual // 4, "token"),
                        evict("window", 0.25, 4), evict("h2o", 0.25, 4), evict("h2o", 0.25, 4, "int4")]
@@ -388,6 +388,8 @@ def main():
         raise UserError(f"--reference={reference!r}: choose natural or unbounded")
     path = checkpoint_path(out_dir, checkpoint_name)
     kv = KVOptions.from_settings(globals()).check()
+    if not sweep:
+        kv.check_unused()
     if sweep and (kv.compressed or kv_budget or kv_recent or kv_trim):
         raise UserError(f"--sweep={sweep} runs its own grid of kv_quant/kv_evict settings; drop them "
                         "(kv_quant_group and kv_quant_residual do apply to the grid)")
@@ -398,6 +400,11 @@ def main():
     dev = pick_device(device)
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
+    kv.check_model(model.config)
+    linear = all(model.config.kind(i) == "linear" for i in range(model.config.n_layer))
+    if sweep and linear:
+        raise UserError("every layer of this model is linear attention (a fixed-size state, no KV cache): "
+                        "a --sweep of caches would repeat one row; drop --sweep")
     config = ckpt.get("config") or {}
     name = dataset or config.get("dataset", "")
     if not name:
@@ -407,6 +414,10 @@ def main():
     step = chunk or block
     say = lambda line: print(line, file=sys.stderr)
     ref_kv = reference_options(config, reference, kv_window, kv_sink, say)
+    if linear and ref_kv.kv_window:  # its state carries the whole stream: no window to speak of
+        ref_kv = replace(ref_kv, kv_window=0)
+    if compile and step != 1:
+        say(f"note: --compile=True compiles the decode step of --chunk=1; chunks of {step} run eager")
     window = ref_kv.kv_window
     bound = lambda s: (replace(s, kv_window=window) if s.kv_window == -1 else s).check()  # -1: the reference's
     if sweep:

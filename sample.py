@@ -63,16 +63,18 @@ def main():
     if max_new_tokens < 0 or num_samples < 1:
         raise UserError("--max_new_tokens must be 0 or more, --num_samples at least 1")
     check_range(globals(), "temperature top_k", 0)
-    kv = KVOptions.from_settings(globals()).check()
+    kv = KVOptions.from_settings(globals()).check().check_unused()
 
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     thread_words = use_threads(threads)
-    print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
-          file=sys.stderr)
     torch.manual_seed(seed)
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
+    kv.check_model(model.config)
+    kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: None).check()  # the bound it resolves to (kv_sink needs one)
+    print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
+          file=sys.stderr)
     kv = kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: print(line, file=sys.stderr))
     ctx = autocast_ctx(dev, dt)
     # the samples run side by side, one batch of num_samples rows: on a small model 8 cost
@@ -106,9 +108,11 @@ def main():
     speed = num_samples * max_new_tokens / seconds if seconds else float("nan")
     peak = stats.get("kv_bits_peak", 0) // num_samples  # per sample
     batch = f"{num_samples} samples side by side" if num_samples > 1 else "1 sample"
+    linear = all(model.config.kind(i) == "linear" for i in range(model.config.n_layer))
+    held = ("a fixed-size linear-attention state" if linear  # no tokens cached: per token means nothing
+            else f"{stats.get('kv_bits_per_token', 0):,g} bits per token")
     print(f"{speed:.1f} tokens/s ({batch}); KV cache peak "
-          f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {stats.get('kv_bits_per_token', 0):,g} bits "
-          "per token", file=sys.stderr)
+          f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)
 
 
 def read_prompt(text):

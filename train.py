@@ -383,6 +383,9 @@ def check_settings(world_size=1):
         raise UserError(f"--backend={backend}: use nccl (GPUs), gloo (CPUs) or '' (picks one)")
     if threads < 0:
         raise UserError(f"--threads must be 0 (chosen automatically) or a number of threads, got {threads}")
+    if init_from == "scratch" and global_layers and not window:  # (a resume takes window from the checkpoint)
+        raise UserError(f"--global_layers={global_layers} picks the layers that stay global among local ones: "
+                        "add --window=N (the local span), or drop --global_layers")
     if xl_mem < 0:
         raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
     if xl_mem and kv_quant != "none":

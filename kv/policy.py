@@ -76,10 +76,16 @@ class KVOptions:
                             f"{self.kv_window}: nothing would be quantized; lower kv_quant_residual to at most "
                             f"{max(self.kv_window - group, 0)}" + (" or kv_quant_group" if group > 1 else "")
                             + ", or raise kv_window")
+        if self.kv_sink and self.kv_window == 0 and self.kv_evict == "none":
+            raise UserError(f"kv_sink={self.kv_sink} keeps the first tokens when a bounded cache drops older "
+                            "ones, but nothing is dropped here: add --kv_window=N (or --kv_evict), or drop --kv_sink")
         if self.kv_evict == "none":
             if self.kv_budget or self.kv_recent:
                 raise UserError("kv_budget and kv_recent apply to eviction: add --kv_evict=h2o or --kv_evict=window")
             return self
+        if self.kv_evict == "window" and self.kv_recent:
+            raise UserError("kv_recent applies to --kv_evict=h2o (or your rule); kv_evict=window keeps the newest "
+                            "kv_budget tokens anyway: drop --kv_recent")
         if self.kv_budget < 1:
             raise UserError(f"kv_evict={self.kv_evict} needs a budget: --kv_budget=N tokens kept per layer")
         if self.kv_budget < self.kv_sink + max(self.kv_recent, 1):
@@ -91,6 +97,33 @@ class KVOptions:
                             f"kv_quant_residual={residual} full-precision tokens and the one leaving them at "
                             f"each step ({self.kv_sink + residual + 1} in all); raise kv_budget or lower "
                             "kv_quant_residual")
+        return self
+
+    def check_unused(self):
+        """One UserError for a quantization setting that the chosen kv_quant ignores (the
+        defaults aside), so that no row is labelled with a setting that did nothing."""
+        default = {f.name: f.default for f in fields(self)}
+        grouped = self.kv_quant in ("int4", "int2") or ":" in self.kv_quant
+        unused = [n for n in ("kv_quant_group", "kv_quant_keys") if not grouped and getattr(self, n) != default[n]]
+        if self.kv_quant == "none" and self.kv_quant_residual != default["kv_quant_residual"]:
+            unused.append("kv_quant_residual")
+        if unused:
+            raise UserError(f"--{' and --'.join(unused)} apply to " + ("int4 and int2" if self.kv_quant != "none"
+                            else "a quantized cache") + f", not to kv_quant={self.kv_quant}: drop "
+                            + ("it" if len(unused) == 1 else "them") + " or choose another --kv_quant")
+        return self
+
+    def check_model(self, config):
+        """One UserError when a model (GPTConfig) has no KV cache for these options to act on:
+        linear attention in every layer keeps a fixed-size state instead."""
+        if any(config.kind(i) != "linear" for i in range(config.n_layer)):
+            return self
+        default = {f.name: f.default for f in fields(self)}
+        used = [n for n in ("kv_window", "kv_sink", "kv_trim", "kv_quant", "kv_evict") if getattr(self, n) != default[n]]
+        if used and not (used == ["kv_window"] and self.kv_window == 0):
+            raise UserError(f"every layer of this model is linear attention, which keeps a fixed-size state, not "
+                            f"a KV cache: --{', --'.join(used)} would change nothing; drop "
+                            + ("it" if len(used) == 1 else "them"))
         return self
 
     def key_group(self):

@@ -174,10 +174,30 @@ def main_error(monkeypatch, capsys, *argv):
     (["--stream_len=1000000"], "lower --stream_len"),
     (["--dataset=/nonexistent/data"], "no train.txt and val.txt"),
     (["--checkpoint_name=nope"], "not found"),
+    (["--reference=unbounded", "--kv_sink=4"], "nothing is dropped here"),  # settings that would do nothing
+    (["--kv_evict=window", "--kv_budget=16", "--kv_recent=4"], "drop --kv_recent"),
+    (["--kv_quant=int8", "--kv_quant_group=16"], "apply to int4 and int2"),
+    (["--kv_quant_residual=8"], "apply to a quantized cache"),
 ])
 def test_bad_input_is_one_clear_line(ckpt_dir, monkeypatch, capsys, args, words):
     line = main_error(monkeypatch, capsys, f"--out_dir={ckpt_dir}", "--device=cpu", *args)
     assert words in line, line
+
+
+def test_linear_attention_has_no_cache_to_set(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    """Every layer linear: a fixed-size state. Cache options are refused rather than reported
+    as rows that did nothing, and the reference is the whole stream, not a window."""
+    out = tmp_path / "lin"
+    out.mkdir()
+    args = dict(ARGS, attention="linear")
+    save_checkpoint(str(out / "ckpt.pt"), tiny_model(attention="linear"), None, args,
+                    dict(dataset=str(tiny_data_dir), block_size=32), 1, 5.0)
+    for bad in ("--kv_quant=int8", "--kv_window=16", "--sweep=quick"):
+        line = main_error(monkeypatch, capsys, f"--out_dir={out}", "--device=cpu", bad)
+        assert "linear attention" in line, line
+    proc = run_script("eval_kv.py", f"--out_dir={out}", "--device=cpu", "--n_streams=1", "--stream_len=64")
+    assert proc.returncode == 0, proc.stderr
+    assert "history bound none" in proc.stdout + proc.stderr
 
 
 def test_checkpoint_without_val_data(ckpt_dir, tmp_path, monkeypatch, capsys):

@@ -151,6 +151,11 @@ def test_user_errors_are_one_line(data_dir, tmp_path):
     assert_user_error(proc, "ckpt.pt")
     proc = run_script("train.py", "--resume_mode=later", f"--dataset={data_dir}")
     assert_user_error(proc, "resume_mode")
+    # options that would do nothing without the one they refine
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--global_layers=1")
+    assert_user_error(proc, "--window=N")
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--linear_layers=0")
+    assert_user_error(proc, "--attention=linear")
 
 
 def test_bf16_training_on_cpu_follows_the_float32_run(data_dir, tmp_path):
