@@ -12,11 +12,13 @@ natural context (a 16-bit sliding window of its block_size).
     tensorboard --logdir=out-shakespeare-char-cpu-long/kv_study
 
 Writes into `out` (default <base dir>/kv_study, or kv_study_quick): one folder per variant
-(its fine-tuned last.pt, train.log, results.json), frontier.csv, frontier.md (the table, and
-the largest reduction within 1% and within 3% with the commands that reproduce it),
-frontier.png (bits per byte against log peak KV bits, a colour per variant, the frontier, the
-baseline), TensorBoard scalars in frontier/. Rerunning skips the variants already finished
-(last.pt and results.json there); delete a variant's folder to redo it.
+(its fine-tuned last.pt, train.log, finetune.json, results.json), frontier.csv, frontier.md
+(the table, and the largest reduction within 1% and within 3% with the commands that
+reproduce it), frontier.png (bits per byte against log peak KV bits, a colour per variant,
+the frontier, the baseline), TensorBoard scalars in frontier/. finetune.json and results.json
+record the settings a variant's fine-tune and rows came from: a rerun skips what it would
+redo with the same settings and redoes the rest, saying which settings changed; delete a
+variant's folder to redo it anyway.
 
 Variants (--variants=a,b,...): base (no fine-tune), base_ft (K more iterations, unchanged: the
 control), gqa/mqa (K/V heads mean-pooled), local (window block/4 in the lower half of the
@@ -60,7 +62,7 @@ base = "out-shakespeare-char-cpu-long"  # the base checkpoint: a .pt file, or an
 out = ""  # the study's folder ('' = kv_study or kv_study_quick beside the base checkpoint)
 what = "frontier"  # 'frontier' (the KV study) or 'context' (assignment 1: fine-tuning at 4x the block)
 quick = False  # a small study: fewer variants and settings, K=50, 2 streams x 1024 bytes
-variants = ""  # comma-separated variants ('' = all; quick: base,mqa,qat_int2,mqa_share_int2)
+variants = ""  # comma-separated variants ('' = all; quick: base,base_ft,mqa,qat_int2,mqa_share_int2)
 iters = 1000  # K: fine-tuning iterations per variant (quick: 50)
 learning_rate = 1e-3  # peak learning rate of the fine-tunes (warm-up K/10, cosine to min_lr)
 min_lr = 1e-4  # final learning rate of the fine-tunes
@@ -78,7 +80,7 @@ yardstick = "strict"  # fine-tuned rows against: 'strict' the worse of base and 
 tensorboard = True  # TensorBoard scalars of the frontier (and of each fine-tune)
 # -----------------------------------------------------------------------------
 
-QUICK = dict(iters=50, n_streams=2, stream_len=1024, variants="base,mqa,qat_int2,mqa_share_int2")
+QUICK = dict(iters=50, n_streams=2, stream_len=1024, variants="base,base_ft,mqa,qat_int2,mqa_share_int2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -187,20 +189,30 @@ def study():
     eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --chunk={step} --dtype={dtype} "
                 f"--baseline={base_path}")
     rows, t0, spent = [], time.time(), {"fine-tune": [], "evaluation": []}  # seconds of each done here
+    tuned, measured = run_settings(ckpt, base_path, step)
     for n, (name, args) in enumerate(todo):
         vdir = os.path.join(folder, name)
-        done = os.path.join(vdir, "results.json")
-        if os.path.exists(done) and (args is None or os.path.exists(os.path.join(vdir, "last.pt"))):
+        done, ft_done = os.path.join(vdir, "results.json"), os.path.join(vdir, "finetune.json")
+        ft = read_json(ft_done) or {}  # the fine-tune's settings and command
+        trained = args is None or (ft.get("settings") == tuned and os.path.exists(os.path.join(vdir, "last.pt")))
+        record = read_json(done)  # the evaluation's settings and rows
+        if trained and isinstance(record, dict) and record.get("settings") == measured:
             print(f"[{n + 1}/{len(todo)}] {name}: finished before, skipped", file=sys.stderr)
-            with open(done) as f:
-                rows += json.load(f)
+            rows += record["rows"]
             continue
-        print(f"[{n + 1}/{len(todo)}] {name}" + (f": fine-tuning {iters} iterations" if args is not None else ""),
+        if record is not None or ft:  # a study with other settings, or one from before they were recorded
+            what = changes(ft.get("settings", {}), tuned) if args is not None and not trained else []
+            what += changes(record.get("settings", {}) if isinstance(record, dict) else {}, measured)
+            print(f"[{n + 1}/{len(todo)}] {name}: done before with other settings ({', '.join(what)}), redone",
+                  file=sys.stderr)
+        print(f"[{n + 1}/{len(todo)}] {name}" + (f": fine-tuning {iters} iterations" if not trained else ""),
               file=sys.stderr)
         t1 = time.time()
-        train_cmd = fine_tune(base_path, vdir, args, iters, config) if args is not None else ""
-        if args is not None:
+        if not trained:
+            ft = {"settings": tuned, "command": fine_tune(base_path, vdir, args, iters, config)}
+            write_json(ft_done, ft)
             spent["fine-tune"].append(time.time() - t1)
+        train_cmd = ft.get("command", "")
         t1 = time.time()
         ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
         found = evaluate_variant(ckpt_path, x, y, settings, step, block, name)
@@ -208,10 +220,7 @@ def study():
             found += evaluate_variant(ckpt_path, x, y, evict_grid(block), evict_chunk, block, name + " h2o")[1:]
         for r in found:
             r.update(variant=name, train_command=train_cmd, checkpoint=ckpt_path)
-        os.makedirs(vdir, exist_ok=True)
-        with open(done + ".tmp", "w") as f:
-            json.dump(found, f, indent=1)
-        os.replace(done + ".tmp", done)  # atomic: a killed study leaves no half-written results
+        write_json(done, {"settings": measured, "rows": found})
         rows += found
         spent["evaluation"].append(time.time() - t1)
         print(f"  {name} done; elapsed {time.time() - t0:.0f}s, {eta(todo[n + 1:], spent)}", file=sys.stderr)
@@ -222,6 +231,40 @@ def study():
     md = write_frontier(rows, os.path.join(folder, "frontier"), title)
     print(md)
     print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
+
+
+def run_settings(ckpt, base_path, step):
+    """What a variant's results depend on, as recorded beside them: (fine-tune, evaluation).
+    A rerun with other settings redoes what they change instead of reusing stale rows."""
+    tuned = dict(base=os.path.abspath(base_path), base_iter=ckpt.get("iter_num"), base_best=ckpt.get("best_val_loss"),
+                 iters=iters, learning_rate=learning_rate, min_lr=min_lr, kv_quant_group=kv_quant_group,
+                 train_args=train_args)
+    measured = dict(n_streams=n_streams, stream_len=stream_len, chunk=step, evict_chunk=evict_chunk, dtype=dtype,
+                    kv_quant_group=kv_quant_group, quick=quick, **{"fine-tune": tuned})
+    return tuned, measured
+
+
+def changes(old, new):
+    """'name old -> new' for each setting that differs ('not recorded' when old is empty)."""
+    if not old:
+        return ["not recorded"]
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k != "fine-tune" and old.get(k) != v]
+
+
+def read_json(path):
+    """The JSON in path, or None when there is none or it cannot be read (then it is redone)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, value):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: a killed study leaves no half-written file
 
 
 def eta(todo, spent):
@@ -317,6 +360,9 @@ def markdown(rows, title):
               + {"strict": "the worse for it of the base and base_ft, the base fine-tuned as long with nothing reduced",
                  "same_training": "base_ft, the base fine-tuned as long with nothing reduced",
                  "base": "the base"}[yardstick] + ")."]
+    if yardstick != "base" and not any(r["variant"] == "base_ft" for r in rows):
+        lines[-1] += (" No base_ft among the variants: every row is judged against the base, so a fine-tuned "
+                      "row's change mixes the reduction with its extra training (add base_ft to --variants).")
     for pct in (1, 3):
         r = best_within(rows, pct)
         if r is None:

@@ -15,6 +15,7 @@ from unittest import mock
 
 import pytest
 
+from checkpoint import read_checkpoint
 from conftest import REPO_ROOT, train
 
 TINY_BASE = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--max_iters=3", "--batch_size=2"]
@@ -71,6 +72,20 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     assert stamp == {p: os.stat(folder / p).st_mtime_ns for p in stamp}
     with open(folder / "frontier.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+    # other settings: never the old rows under the new labels. Another stream length re-evaluates
+    # every variant (the fine-tunes stay); other fine-tune iterations redo the fine-tunes too
+    longer = [a if not a.startswith("--stream_len") else "--stream_len=80" for a in SMALL]
+    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa", *longer)
+    assert again.count("redone") == 2 and "stream_len 64 -> 80" in again and "fine-tuning" not in again
+    assert stamp["mqa/last.pt"] == os.stat(folder / "mqa/last.pt").st_mtime_ns
+    with open(folder / "frontier.csv") as f:
+        fresh = {r["setting"]: r["bpb"] for r in csv.DictReader(f) if r["variant"] == "base"}
+    old = {r["setting"]: r["bpb"] for r in rows if r["variant"] == "base"}
+    assert fresh.keys() == old.keys() and fresh != old  # 80 bytes, not the 64 measured before
+    more = [a if not a.startswith("--iters") else "--iters=3" for a in SMALL]
+    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=mqa", *more)
+    assert "iters 2 -> 3" in again and "fine-tuning 3 iterations" in again
+    assert read_checkpoint(str(folder / "mqa/last.pt"))["iter_num"] == 3 + 3  # the base's 3, then 3 more
 
 
 @pytest.mark.slow  # a fine-tune in a subprocess
