@@ -45,6 +45,10 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         if os.path.isdir(path):
             raise UserError(f"{path} is a folder, not a checkpoint file")
+        last = os.path.join(os.path.dirname(path), "last.pt")
+        if os.path.basename(path) == "ckpt.pt" and os.path.isfile(last):  # a run stopped before its first ckpt.pt
+            raise UserError(f"checkpoint {path} not found, but {last} is there (the latest state of its run): "
+                            "name it with --checkpoint_name=last (train.py: --resume_checkpoint_name=last)")
         raise UserError(f"checkpoint {path} not found: train one with `python train.py config/...` "
                         f"(out_dir={os.path.dirname(path) or '.'}) or download the pretrained one (see README)")
     try:
@@ -62,6 +66,8 @@ def read_checkpoint(path):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("model_args"), dict):
         raise UserError(f"{path} is not a checkpoint of this project (expected a dict with 'model' and 'model_args')")
+    if torch.is_tensor(ckpt.get("best_val_loss")) and ckpt["best_val_loss"].numel() == 1:
+        ckpt["best_val_loss"] = ckpt["best_val_loss"].item()  # nanoGPT saves it as a tensor
     for key, kinds in (("config", dict), ("optimizer", dict), ("iter_num", int), ("best_val_loss", (int, float)),
                        ("crc32", dict)):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], kinds):
@@ -84,8 +90,13 @@ def read_checkpoint(path):
 
 
 def _first_line(e):
+    """The reader's own words, short: its first line, its first sentence if that is long
+    (torch's zip reader adds a paragraph of advice that does not apply)."""
     lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:160]
+    line = lines[0] if lines else type(e).__name__
+    if len(line) > 100 and ". " in line:
+        line = line.split(". ")[0]
+    return line[:160]
 
 
 def checksum(value):

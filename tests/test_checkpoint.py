@@ -57,6 +57,13 @@ def test_compiled_and_ddp_wrapped_checkpoint_loads_into_a_plain_model(tmp_path):
         dist.destroy_process_group()
 
 
+def test_nanogpt_style_best_val_loss_tensor_loads(tmp_path):
+    """nanoGPT saves best_val_loss as a 0-d tensor; it is a number once read."""
+    save_tutorial_layout(tmp_path / "ckpt.pt", tiny(), best_val_loss=torch.tensor(1.25), iter_num=7)
+    ckpt = read_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["best_val_loss"] == 1.25 and isinstance(ckpt["best_val_loss"], float)
+
+
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False))
     args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
@@ -87,6 +94,9 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_bad_checkpoints_give_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="not found"):
         read_checkpoint(str(tmp_path / "nope.pt"))
+    save_tutorial_layout(tmp_path / "last.pt", tiny())  # a run stopped before it wrote ckpt.pt
+    with pytest.raises(UserError, match="last.pt is there .*--checkpoint_name=last"):
+        read_checkpoint(str(tmp_path / "ckpt.pt"))
     good = tmp_path / "good.pt"
     save_tutorial_layout(good, tiny())
     data = good.read_bytes()
