@@ -14,14 +14,16 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
       position are restored; no second warm-up):
     python train.py config/train_shakespeare_char.py --init_from=resume --resume_checkpoint_name=last
   (b) train a checkpoint for max_iters MORE iterations, e.g. with a longer context
-      (fresh warm-up and cosine schedule; iteration count and best val loss continue):
+      (fresh warm-up and cosine schedule; the iteration count continues, and so does the best
+      val loss unless the model or block_size changed):
     python train.py config/train_shakespeare_char.py --init_from=resume --block_size=1024 --max_iters=200
   resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b);
   --resume_mode=continue or --resume_mode=finetune forces one.
+Ctrl-C stops after the current iteration and writes last.pt; the line it prints resumes (a).
 Only compute the val loss of a checkpoint (writes nothing; --eval_only=True does the same):
     python train.py config/train_shakespeare_char.py --init_from=resume --max_iters=0 --eval_interval=1
 Several GPUs (DistributedDataParallel; gloo instead of nccl on CPUs), and several nodes:
-    torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py
+    torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py --gradient_accumulation_steps=4
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
     (the same on the second node with --node_rank=1)
 Watch the curves:
@@ -29,7 +31,9 @@ Watch the curves:
 """
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import ExitStack, nullcontext
 
@@ -172,6 +176,8 @@ def train(held):
         overrides = {k: config[k] for k in MODEL_ARG_KEYS
                      if k not in ARCH_KEYS and config[k] != model_defaults[k]}
         model, ckpt = load_model(ckpt_path, dev, overrides)
+        for note in ckpt["conversions"]:
+            print(f"converted: {note}")
         model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
         for k in ARCH_KEYS:
             if config[k] != model_args[k]:
@@ -282,7 +288,8 @@ def train(held):
     t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded
     t_loop = t_mark  # for the ETA, evaluations and checkpoint writes included
     save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
-    while iter_num < end_iter:
+    stop = held.enter_context(StopAfterStep(enabled=not ddp))
+    while iter_num < end_iter and not stop.asked:
         lr = get_lr(iter_num - origin)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -323,6 +330,12 @@ def train(held):
     if iter_num > start_iter and last_saved_iter != iter_num:
         save("last.pt")  # always, so that a resume continues exactly from here
     tb.close()
+    if stop.asked:
+        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
+        print(f"interrupted after iteration {iter_num}; {os.path.join(out_dir, 'last.pt')} holds it. To go on "
+              f"where it stopped: python train.py {' '.join(args)} --init_from=resume --resume_checkpoint_name=last",
+              flush=True)
+        raise SystemExit(130)  # (128 + SIGINT, as a shell reports Ctrl-C)
     best = f"at iteration {best_iter}" if best_iter is not None else "from before this run (not improved)"
     print(f"done: {iter_num - start_iter} iterations in {clock(time.time() - t_begin)}; best val loss "
           f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in
@@ -339,6 +352,33 @@ def eval_changes(ckpt, model_args):
     now = {**model_args, "block_size": block_size}
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
             if k != "dropout" and k in saved and saved[k] != now[k]]
+
+
+class StopAfterStep:
+    """Ctrl-C (SIGINT) during the training loop: the first asks the loop to stop after the
+    iteration it is in, so that last.pt is written at a clean step and a resume continues
+    exactly from it; a second stops at once. Off under DDP (every rank would have to agree
+    on the step) and outside the main thread (no signal handlers there)."""
+
+    def __init__(self, enabled=True):
+        self.asked = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nCtrl-C: stopping after this iteration and writing last.pt (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
 
 
 def train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory=None, ddp=False):

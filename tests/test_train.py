@@ -6,6 +6,7 @@ process (conftest.train), which saves importing torch again each time.
 
     python -m pytest -q tests/test_train.py
 """
+import os
 import re
 import shutil
 
@@ -83,6 +84,37 @@ def test_resume_continue_is_bit_exact(data_dir, tmp_path, dropout):
     assert torch.equal(a["loader"]["pos"], b["loader"]["pos"])
 
 
+def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
+    """Ctrl-C in iteration 3 (between log steps): the run stops after that iteration with
+    last.pt written and the command to go on; going on equals the uninterrupted run."""
+    import signal
+    import loader
+    calls = {"n": 0}
+    real_next = loader.ByteLoader.next
+
+    def next_with_ctrl_c(self):
+        calls["n"] += signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # in the training loop
+        if calls["n"] == 3:  # the third training batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_next(self)
+
+    split = tmp_path / "split"
+    monkeypatch.setattr(loader.ByteLoader, "next", next_with_ctrl_c)
+    with pytest.raises(SystemExit) as e:
+        train(data_dir, split, f"--max_iters={N + 3}")
+    monkeypatch.undo()
+    assert e.value.code == 130
+    assert read_checkpoint(str(split / "last.pt"))["iter_num"] == 3
+    printed = train(data_dir, split, f"--max_iters={N + 3}", "--init_from=resume", "--resume_checkpoint_name=last")
+    assert "chose 'continue'" in printed
+    whole = tmp_path / "whole"
+    train(data_dir, whole, f"--max_iters={N + 3}")
+    a, b = read_checkpoint(str(split / "last.pt")), read_checkpoint(str(whole / "last.pt"))
+    assert a["iter_num"] == b["iter_num"] == N + 3
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_resume_finetune_runs_exactly_k_more_iterations(data_dir, base_run, tmp_path):
     out = copy_of(base_run, tmp_path)
     printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last.pt",
@@ -107,6 +139,7 @@ def test_finetune_of_a_converted_model_writes_its_own_best(data_dir, base_run, t
     printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last",
                     "--n_kv_head=1", "--max_iters=2", "--eval_interval=1")
     assert "n_kv_head 0 -> 1" in printed and "not comparable" in printed
+    assert "converted: n_kv_head 2 -> 1" in printed
     best = read_checkpoint(str(out / "ckpt.pt"))
     assert best["model_args"]["n_kv_head"] == 1 and best["iter_num"] > N
     vals = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): train loss [\d.]+, val loss ([\d.]+)", printed)}
