@@ -250,6 +250,9 @@ def load_model(path, device="cpu", overrides=None):
     args.update({k: v for k, v in (overrides or {}).items() if k in MODEL_ARG_KEYS and k not in ARCH_KEYS})
     _check_plugins(args, overrides, path)
     new = GPTConfig(**args)
+    if "linear" in (old.attention, new.attention) and old.attention != new.attention:
+        print(f"note: {path} was trained with attention={old.attention}; run as attention={new.attention}, its "
+              "weights compute something else (expect noise until it is fine-tuned)", file=sys.stderr)
     sd, notes = convert_state_dict(sd, old, new)
     model = GPT(new)
     try:

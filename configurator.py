@@ -127,6 +127,7 @@ def configure(g, argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # settings: the plain public globals; a name in capitals is a constant
     known = [k for k, v in g.items() if not k.startswith("_") and not k.isupper() and isinstance(v, PLAIN_TYPES)]
+    flagged = {}  # the settings given as --name=value so far: a later config file may override them
     for arg in argv:
         if arg in ("-h", "--help"):
             print_help(g, known)
@@ -136,11 +137,16 @@ def configure(g, argv=None):
             if name not in known:
                 raise UserError(f"unknown setting --{name}; {_suggest(name, known)}")
             updates = {name: _parse(name, text, g[name])}
+            flagged[name] = arg
         elif arg.startswith("-") or ("=" in arg and not os.path.exists(arg)):
             raise UserError(f"bad argument '{arg}': expected --name=value or a config file path")
         else:
             updates = _run_config_file(arg, g, known)
             print(f"Overriding config with {arg}:")
+            undone = [flagged.pop(n) for n in list(flagged) if n in updates]
+            if undone:
+                print(f"note: {arg} comes after {' '.join(undone)} and overrides it; put config files first "
+                      "so that the --name=value flags win", file=sys.stderr)
         for name, value in updates.items():
             print(f"Overriding: {name} = {value}")
             g[name] = value

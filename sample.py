@@ -72,7 +72,10 @@ def main():
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
     kv.check_model(model.config)
-    kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: None).check()  # the bound it resolves to (kv_sink needs one)
+    bound = kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: None).check()  # kv_sink needs a bound
+    if kv.kv_trim and not bound.kv_window:
+        raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound: "
+                        "add --kv_window=N (e.g. --kv_window=64), or it is never called")
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           file=sys.stderr)
     kv = kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: print(line, file=sys.stderr))

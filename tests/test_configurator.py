@@ -54,6 +54,16 @@ def test_config_file_in_order(tmp_path):
     assert g["max_iters"] == 9 and g["learning_rate"] == 5.0
 
 
+def test_config_file_after_a_flag_overrides_it_and_says_so(tmp_path, capsys):
+    path = tmp_path / "cfg.py"
+    path.write_text("max_iters = 50\n")
+    g = settings()
+    configure(g, ["--max_iters=7", "--compile=False", str(path)])
+    assert g["max_iters"] == 50 and g["compile"] is False  # in order, as nanoGPT does
+    err = capsys.readouterr().err
+    assert "comes after --max_iters=7 and overrides it" in err and "--compile" not in err
+
+
 @pytest.mark.parametrize("argv, fragments", [
     (["--lerning_rate=1"], ["unknown setting --lerning_rate", "did you mean --learning_rate?"]),
     (["--zzz=1"], ["unknown setting --zzz", "--help"]),

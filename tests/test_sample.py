@@ -78,7 +78,7 @@ def test_streams_whole_characters(out_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["no out_dir", "no checkpoint", "no prompt file", "empty prompt",
-                                  "empty prompt file", "sink without a window"])
+                                  "empty prompt file", "sink without a window", "trim without a window"])
 def test_user_errors_are_one_line(out_dir, tmp_path, case):
     (tmp_path / "empty.txt").write_bytes(b"")
     args, fragments = {
@@ -88,6 +88,7 @@ def test_user_errors_are_one_line(out_dir, tmp_path, case):
         "empty prompt": ([f"--out_dir={out_dir}", "--start="], ["empty"]),
         "empty prompt file": ([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'empty.txt'}"], ["empty"]),
         "sink without a window": ([f"--out_dir={out_dir}", "--kv_sink=4"], ["kv_sink=4", "--kv_window"]),
+        "trim without a window": ([f"--out_dir={out_dir}", "--kv_trim=kv.cache:keep_recent"], ["--kv_window=N"]),
     }[case]
     code, out, err = sample(*args)
     assert code == 2
