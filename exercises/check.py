@@ -4,7 +4,8 @@ Is my solution right? Checks the functions you wrote in exercises/ against the p
     python -m exercises.check kv_window             # one assignment (or its number, 1..4)
     python -m exercises.check all                   # every one
     python -m exercises.check all --reference       # the same checks on the project's code
-    python -m exercises.check linear_attention --module=my_pkg.my_attention   # another file
+    python -m exercises.check linear_attention --module=my_pkg.my_attention   # another module
+    python -m exercises.check kv_window --module=../mywork/trim.py             # or a file
 
 Names: kv_window (1), xl_memory (2), linear_attention (3), kv_quant and kv_evict (4).
 Each check prints one line, PASS or FAIL (with a hint), or TODO while your function still
@@ -15,6 +16,7 @@ with your function plugged in, then a few seconds of training or evaluation on a
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import time
@@ -206,7 +208,9 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
     try:
         impl = Impl(exercise, module, reference)
     except (ImportError, AttributeError, SyntaxError) as e:
-        out(f"{exercise.name}: cannot import {module or 'exercises.' + exercise.name}: {type(e).__name__}: {e}")
+        hint = (" (--module takes a module name importable from here, e.g. mywork.trim, or a file: "
+                "--module=mywork/trim.py)") if isinstance(e, ModuleNotFoundError) and module else ""
+        out(f"{exercise.name}: cannot import {module or 'exercises.' + exercise.name}: {type(e).__name__}: {e}{hint}")
         return [(c.title, "FAIL", "does not import") for c in exercise.checks]
     out(f"{exercise.name} (assignment {exercise.number}, {exercise.title}): {impl.where}")
     todo = set()
@@ -274,6 +278,22 @@ def run(names, module=None, reference=False, out=print):
     return ok
 
 
+def module_of_file(path, error):
+    """--module=path/to/file.py: the module name it imports as, its folder put first on sys.path
+    (error(message) when the file is missing or its name is taken by another module)."""
+    if not os.path.isfile(path):
+        error(f"--module={path}: no such file; give a file (mywork/trim.py) or a module name (mywork.trim)")
+    folder, name = os.path.split(os.path.abspath(path))
+    name = name[:-3] if name.endswith(".py") else name
+    if not name.isidentifier():
+        error(f"--module={path}: {name!r} cannot be a module name; rename the file (letters, digits, _)")
+    found = importlib.util.find_spec(name) if name not in sys.modules else sys.modules[name].__spec__
+    if found is not None and os.path.abspath(found.origin or "") != os.path.abspath(path):
+        error(f"--module={path}: a module named {name!r} already exists ({found.origin}); rename your file")
+    sys.path.insert(0, folder)
+    return name
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m exercises.check", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("name", help="all, " + ", ".join(EXERCISES) + ", or an assignment number 1..4")
@@ -292,6 +312,8 @@ def main(argv=None):
         parser.error("--module checks one exercise: name it")
     if args.module and args.reference:
         parser.error("--reference checks the project's code; --module checks yours: pick one")
+    if args.module and (args.module.endswith(".py") or "/" in args.module or os.sep in args.module):
+        args.module = module_of_file(args.module, parser.error)
     torch.set_num_threads(1)  # tiny models: more threads only wait for each other
     ok = run(names, args.module, args.reference)
     return 0 if ok else 1

@@ -103,3 +103,11 @@ def test_command_line_names_and_errors():
     assert proc.returncode == 1 and "xl_memory" in proc.stdout and "kv_window" not in proc.stdout
     proc = run_script("-m", "exercises.check", "all", "--module=exercises.kv_window")
     assert proc.returncode == 2 and "--module checks one exercise" in proc.stderr
+
+
+def test_module_given_as_a_file_outside_the_project(tmp_path):
+    (tmp_path / "mytrim.py").write_text("from kv.cache import keep_recent  # the reference, as a student's file\n")
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'mytrim.py'}", timeout=300)
+    assert proc.returncode == 0 and "kv_window (assignment 1" in proc.stdout and "mytrim" in proc.stdout, proc.stdout
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'missing.py'}")
+    assert proc.returncode == 2 and "no such file" in proc.stderr
