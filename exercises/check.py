@@ -32,7 +32,7 @@ if ROOT not in sys.path:  # `python exercises/check.py` works too
 # the checks, one module per exercise (after the path is set)
 from exercises import (checks_common, checks_kv_evict, checks_kv_quant, checks_kv_window,  # noqa: E402
                        checks_linear_attention, checks_xl_memory)
-from exercises.checks_common import Failed, randn, see  # noqa: E402
+from exercises.checks_common import Failed, Skipped, randn, see  # noqa: E402
 from exercises.checks_kv_evict import (check_evict_heads, check_evict_model, check_evict_only,  # noqa: E402
                                        check_evict_recall, check_evict_recent, check_evict_scores,
                                        check_evict_shapes, check_evict_sinks, check_evict_ties, evict_inputs)
@@ -239,6 +239,8 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
                 status, msg = "TODO", "not implemented yet"
             except Failed as e:
                 status, msg = "FAIL", str(e)
+            except Skipped as e:
+                status, msg = "SKIP", str(e)
             except UserError as e:  # a plug-in point refused the function
                 status, msg = "FAIL", str(e)
             except Exception as e:

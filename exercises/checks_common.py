@@ -18,6 +18,11 @@ class Failed(Exception):
     """A check's verdict: what went wrong and what to look at."""
 
 
+class Skipped(Exception):
+    """A check that cannot judge its rule because another check's rule is broken on its input
+    (it would only repeat that failure under its own rule's name)."""
+
+
 def see(assignment, rule):
     """Where exercises/README.md states the rule a failure breaks (its "Assignment N, rules" list)."""
     return f"see exercises/README.md, 'Assignment {assignment}, rule {rule}'"

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from kv.policy import KVOptions
-from exercises.checks_common import Failed, expect, feed, random_text, see, tiny_model
+from exercises.checks_common import Failed, Skipped, expect, feed, random_text, see, tiny_model
 from model import GPT, GPTConfig
 
 
@@ -108,6 +108,9 @@ def check_evict_only(impl, ctx):
     for sink, recent in EVICT_CASES:
         rank = call_priority(impl, scores, pos, seen, sink, recent)
         protected = (pos < sink) | (pos >= seen - recent)
+        if ranked_below(rank, protected, ~protected):  # too few protected: rules 2 and 3 say so
+            raise Skipped("a token that must stay is ranked below one that may go (see above), so which others "
+                          "are protected cannot be told")
         low = torch.where(protected, rank, float("inf")).amin(-1, keepdim=True)
         over = ~protected & (rank >= low)
         if not bool(over.any()):

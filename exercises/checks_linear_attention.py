@@ -8,7 +8,7 @@ from torch.nn import functional as F
 
 import attention_linear
 from kv.cache import visible
-from exercises.checks_common import (TRAIN_BLOCK, Failed, expect, expect_close, feed, max_err, play_text,
+from exercises.checks_common import (TRAIN_BLOCK, Failed, Skipped, expect, expect_close, feed, max_err, play_text,
                                      randn, random_text, see, tiny_model, train_tiny)
 from model import loss_fn
 
@@ -136,6 +136,9 @@ def check_linear_grads(impl, ctx):
     expect(y.requires_grad, "y carries no gradient: no torch.no_grad, .detach() or .item() in attention()")
     refs = linear_references(*theirs, mask)
     norm = ctx.get("norm") or min(refs, key=lambda n: max_err(y, refs[n]))
+    if max_err(y, refs[norm]) > 1e-4:  # the output differs already: its gradient cannot match
+        raise Skipped("y itself differs from the formula's on this input (a window mask, T < S; see above), "
+                      "so its gradient cannot be compared")
     w = randn(*y.shape, seed=9)
     (y.float() * w).sum().backward()
     (refs[norm] * w).sum().backward()

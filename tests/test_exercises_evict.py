@@ -99,3 +99,11 @@ def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
 @pytest.mark.parametrize("what", list(OK))
 def test_a_correct_alternative_passes(what, exercise_checks):
     exercise_checks.correct_passes(OK[what])
+
+
+def test_one_newest_too_few_is_blamed_on_the_newest_rule_alone(exercise_checks):
+    """Too few protected: "no other token is protected" cannot judge, and must not blame rule 4."""
+    source = H2O_OK.replace("pos >= seen - kv_recent", "pos > seen - kv_recent")
+    results, printed = exercise_checks("kv_evict", source)
+    assert [t for t, status, _ in results if status == "FAIL"] == [RECENT], printed
+    assert [status for t, status, _ in results if t == ONLY] == ["SKIP"], printed

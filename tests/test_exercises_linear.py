@@ -132,3 +132,13 @@ def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
 @pytest.mark.parametrize("what", list(OK))
 def test_a_correct_alternative_passes(what, exercise_checks):
     exercise_checks.correct_passes(OK[what], slow=False)
+
+
+def test_its_own_triangle_is_blamed_on_the_mask_rule_alone(exercise_checks):
+    """The gradients of a wrong output differ too: that check steps aside instead of blaming
+    the backward pass (rule 5) for a forward mistake (rule 4)."""
+    results, printed = exercise_checks(*WRONG["makes its own triangle"][:2])
+    failed = {title for title, status, _ in results if status == "FAIL"}
+    assert failed and all("mask" in t or "masked" in t for t in failed), printed
+    grads = [status for title, status, _ in results if title.startswith("attention: gradients")]
+    assert grads == ["SKIP"], printed
