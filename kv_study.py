@@ -309,7 +309,8 @@ def eval_command(r, common):
     """The eval_kv.py command that reproduces row r (parsed back from its setting's fields)."""
     kv = {k: r[k] for k in r if k.startswith("kv_") and k in KVOptions().settings()}
     if kv.get("kv_quant") not in ("int4", "int2"):
-        kv.pop("kv_quant_keys", None)  # (applies to int4/int2 only)
+        kv.pop("kv_quant_keys", None)  # (apply to int4/int2 only: eval_kv refuses them elsewhere)
+        kv.pop("kv_quant_group", None)
     flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")
     d = os.path.dirname(r["checkpoint"])
     return f"python eval_kv.py --out_dir={d} --checkpoint_name={os.path.basename(r['checkpoint'])} {flags} {common}"

@@ -64,6 +64,12 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
         assert abs(float(r["delta_pct"]) - 100 * (float(r["bpb"]) / float(yard["bpb"]) - 1)) < 1e-9
         assert abs(float(r["delta_base_pct"]) - 100 * (float(r["bpb"]) / float(ref[0]["bpb"]) - 1)) < 1e-9
     assert "Largest reduction within 3%" in printed and "python eval_kv.py" in printed
+    # each row's reproducing command holds KV settings eval_kv.py accepts
+    from kv.policy import KVOptions
+    for r in rows:
+        flags = dict(a[2:].split("=", 1) for a in r["eval_command"].split() if a.startswith("--kv_"))
+        kw = {k: type(KVOptions().settings()[k])(v) for k, v in flags.items()}
+        KVOptions(**kw).check().check_unused()
     assert "mqa_share" not in printed  # only the variants asked for
 
     stamp = {p: os.stat(folder / p).st_mtime_ns for p in ("mqa/last.pt", "qat_int2/results.json")}
@@ -108,3 +114,13 @@ def test_best_within_takes_the_most_reduction_then_the_least_cost():
     assert kv_study.best_within(rows, 1) is rows[1]
     assert kv_study.best_within(rows, 3) is rows[2]
     assert kv_study.best_within(rows, -1) is None
+
+
+def test_eval_command_leaves_out_what_the_format_ignores():
+    import kv_study
+    from kv.policy import KVOptions
+    row = dict(KVOptions(kv_window=32, kv_quant="int8", kv_quant_group=8, kv_quant_residual=0,
+                         kv_quant_keys="token").settings(), checkpoint="out/ckpt.pt")
+    cmd = kv_study.eval_command(row, "--chunk=32")
+    assert "--kv_quant=int8" in cmd and "--kv_quant_residual=0" in cmd
+    assert "kv_quant_group" not in cmd and "kv_quant_keys" not in cmd
