@@ -190,6 +190,8 @@ def test_sweep_budgets_follow_the_window_and_fit():
             grid = eval_kv.sweep_settings(kind, span, 16, 32, bounded=span < 4096)
             for s in grid:
                 KVOptions(**dict(dict(kv_window=span if span < 4096 else 0), **s)).check()
+                if span < 4096:  # the user's --kv_sink joins the window's rows, not the unbounded one
+                    KVOptions(**dict(dict(kv_window=span, kv_sink=4), **s)).check()
             assert (dict(kv_window=0, kv_sink=0) in grid) == (span < 4096)
     h2o = [s for s in eval_kv.sweep_settings("quick", 64, 32, 32, bounded=True) if s.get("kv_evict") == "h2o"]
     assert [(s["kv_budget"], s["kv_recent"], s.get("kv_quant_residual")) for s in h2o] == [(16, 8, None), (16, 8, 7)]
