@@ -331,11 +331,7 @@ def train(held):
         save("last.pt")  # always, so that a resume continues exactly from here
     tb.close()
     if stop.asked:
-        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
-        print(f"interrupted after iteration {iter_num}; {os.path.join(out_dir, 'last.pt')} holds it. To go on "
-              f"where it stopped: python train.py {' '.join(args)} --init_from=resume --resume_checkpoint_name=last",
-              flush=True)
-        raise SystemExit(130)  # (128 + SIGINT, as a shell reports Ctrl-C)
+        interrupted(iter_num, start_iter, origin)
     best = f"at iteration {best_iter}" if best_iter is not None else "from before this run (not improved)"
     print(f"done: {iter_num - start_iter} iterations in {clock(time.time() - t_begin)}; best val loss "
           f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in
@@ -345,10 +341,26 @@ def train(held):
     print(f"next: python sample.py --out_dir={out_dir}" + ("" if xl_mem else f" --kv_window={block_size}"))
 
 
+def interrupted(iter_num, start_iter, origin):
+    """After Ctrl-C: say what last.pt holds and how to go on; exit 130 (128 + SIGINT, as a
+    shell reports Ctrl-C)."""
+    last = os.path.join(out_dir, "last.pt")
+    if iter_num == start_iter:
+        print("interrupted before the first iteration of this run; nothing was written", flush=True)
+    elif origin:  # a fine-tune's schedule starts at its own first iteration, which no checkpoint records
+        print(f"interrupted after iteration {iter_num}; {last} holds it. A fine-tune's schedule does not resume "
+              f"exactly: --init_from=resume --resume_checkpoint_name=last --max_iters=K trains K more", flush=True)
+    else:
+        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
+        print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
+              f"python train.py {' '.join(args)} --init_from=resume --resume_checkpoint_name=last", flush=True)
+    raise SystemExit(130)
+
+
 def eval_changes(ckpt, model_args):
     """What makes this run's val loss incomparable with the checkpoint's best: a converted or
     otherwise changed model, another training context (block_size)."""
-    saved = {**ckpt.get("model_args", {}), "block_size": ckpt.get("config", {}).get("block_size", block_size)}
+    saved = {**ckpt["model_args"], "block_size": (ckpt.get("config") or {}).get("block_size", block_size)}
     now = {**model_args, "block_size": block_size}
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
             if k != "dropout" and k in saved and saved[k] != now[k]]
