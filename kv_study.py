@@ -196,15 +196,17 @@ def study():
         ft = read_json(ft_done) or {}  # the fine-tune's settings and command
         trained = args is None or (ft.get("settings") == tuned and os.path.exists(os.path.join(vdir, "last.pt")))
         record = read_json(done)  # the evaluation's settings and rows
-        if trained and isinstance(record, dict) and record.get("settings") == measured:
+        # the rows depend on the evaluation's settings and, for a fine-tuned variant, on its fine-tune
+        wanted = measured if args is None else dict(measured, **{"fine-tune": tuned})
+        if trained and isinstance(record, dict) and record.get("settings") == wanted:
             print(f"[{n + 1}/{len(todo)}] {name}: finished before, skipped", file=sys.stderr)
             rows += record["rows"]
             continue
         if record is not None or ft:  # a study with other settings, or one from before they were recorded
             what = changes(ft.get("settings", {}), tuned) if args is not None and not trained else []
             what += changes(record.get("settings", {}) if isinstance(record, dict) else {}, measured)
-            print(f"[{n + 1}/{len(todo)}] {name}: done before with other settings ({', '.join(what)}), redone",
-                  file=sys.stderr)
+            print(f"[{n + 1}/{len(todo)}] {name}: done before with other settings "
+                  f"({', '.join(dict.fromkeys(what)) or 'its fine-tune was redone since'}), redone", file=sys.stderr)
         print(f"[{n + 1}/{len(todo)}] {name}" + (f": fine-tuning {iters} iterations" if not trained else ""),
               file=sys.stderr)
         t1 = time.time()
@@ -220,7 +222,7 @@ def study():
             found += evaluate_variant(ckpt_path, x, y, evict_grid(block), evict_chunk, block, name + " h2o")[1:]
         for r in found:
             r.update(variant=name, train_command=train_cmd, checkpoint=ckpt_path)
-        write_json(done, {"settings": measured, "rows": found})
+        write_json(done, {"settings": wanted, "rows": found})
         rows += found
         spent["evaluation"].append(time.time() - t1)
         print(f"  {name} done; elapsed {time.time() - t0:.0f}s, {eta(todo[n + 1:], spent)}", file=sys.stderr)
@@ -236,11 +238,11 @@ def study():
 def run_settings(ckpt, base_path, step):
     """What a variant's results depend on, as recorded beside them: (fine-tune, evaluation).
     A rerun with other settings redoes what they change instead of reusing stale rows."""
-    tuned = dict(base=os.path.abspath(base_path), base_iter=ckpt.get("iter_num"), base_best=ckpt.get("best_val_loss"),
-                 iters=iters, learning_rate=learning_rate, min_lr=min_lr, kv_quant_group=kv_quant_group,
+    base_id = dict(base=os.path.abspath(base_path), base_iter=ckpt.get("iter_num"), base_best=ckpt.get("best_val_loss"))
+    tuned = dict(base_id, iters=iters, learning_rate=learning_rate, min_lr=min_lr, kv_quant_group=kv_quant_group,
                  train_args=train_args)
-    measured = dict(n_streams=n_streams, stream_len=stream_len, chunk=step, evict_chunk=evict_chunk, dtype=dtype,
-                    kv_quant_group=kv_quant_group, quick=quick, **{"fine-tune": tuned})
+    measured = dict(base_id, n_streams=n_streams, stream_len=stream_len, chunk=step, evict_chunk=evict_chunk,
+                    dtype=dtype, kv_quant_group=kv_quant_group, quick=quick)
     return tuned, measured
 
 
@@ -248,7 +250,7 @@ def changes(old, new):
     """'name old -> new' for each setting that differs ('not recorded' when old is empty)."""
     if not old:
         return ["not recorded"]
-    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if k != "fine-tune" and old.get(k) != v]
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
 
 
 def read_json(path):

@@ -89,8 +89,9 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     old = {r["setting"]: r["bpb"] for r in rows if r["variant"] == "base"}
     assert fresh.keys() == old.keys() and fresh != old  # 80 bytes, not the 64 measured before
     more = [a if not a.startswith("--iters") else "--iters=3" for a in SMALL]
-    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=mqa", *more)
+    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa", *more)
     assert "iters 2 -> 3" in again and "fine-tuning 3 iterations" in again
+    assert "base: finished before, skipped" in again  # no fine-tune: its rows still hold
     assert read_checkpoint(str(folder / "mqa/last.pt"))["iter_num"] == 3 + 3  # the base's 3, then 3 more
 
 
