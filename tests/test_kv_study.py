@@ -88,7 +88,7 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
         fresh = {r["setting"]: r["bpb"] for r in csv.DictReader(f) if r["variant"] == "base"}
     old = {r["setting"]: r["bpb"] for r in rows if r["variant"] == "base"}
     assert fresh.keys() == old.keys() and fresh != old  # 80 bytes, not the 64 measured before
-    more = [a if not a.startswith("--iters") else "--iters=3" for a in SMALL]
+    more = [a if not a.startswith("--iters") else "--iters=3" for a in longer]
     again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa", *more)
     assert "iters 2 -> 3" in again and "fine-tuning 3 iterations" in again
     assert "base: finished before, skipped" in again  # no fine-tune: its rows still hold
