@@ -346,6 +346,16 @@ def optimizer_state_fits(optimizer, state):
     return True
 
 
+def incomparable(ckpt, model_args, block_size):
+    """What makes a resumed run's val loss incomparable with the checkpoint's best: a converted
+    or otherwise changed model (model_args), another training context (block_size); a list of
+    'name old -> new', empty when nothing did."""
+    saved = {**ckpt["model_args"], "block_size": (ckpt.get("config") or {}).get("block_size", block_size)}
+    now = {**model_args, "block_size": block_size}
+    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+            if k != "dropout" and k in saved and saved[k] != now[k]]
+
+
 def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
     """'continue' (the original schedule up to max_iters) or 'finetune' (max_iters more
     iterations, a fresh schedule) for a checkpoint at iteration ckpt_iter; says why."""

@@ -40,7 +40,6 @@ only at --evict_chunk (1 = exact decode; 0 = no h2o rows).
 trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block (an unbounded
 cache), next to the base reading the same bytes with a sliding window of its block.
 """
-import json
 import os
 import shutil
 import subprocess
@@ -55,7 +54,7 @@ from configurator import configure
 from kv.policy import KVOptions
 from kv.report import frontier
 from loader import dataset_paths
-from utils import UserError, has_module, keep_freed_memory, run_main, use_threads
+from utils import UserError, has_module, keep_freed_memory, read_json, run_main, use_threads, write_json
 
 # -----------------------------------------------------------------------------
 base = "out-shakespeare-char-cpu-long"  # the base checkpoint: a .pt file, or an out_dir holding ckpt.pt
@@ -238,7 +237,7 @@ def study():
 def run_settings(ckpt, base_path, step):
     """What a variant's results depend on, as recorded beside them: (fine-tune, evaluation).
     A rerun with other settings redoes what they change instead of reusing stale rows."""
-    base_id = dict(base=os.path.abspath(base_path), base_iter=ckpt.get("iter_num"), base_best=ckpt.get("best_val_loss"))
+    base_id = base_identity(ckpt, base_path)
     tuned = dict(base_id, iters=iters, learning_rate=learning_rate, min_lr=min_lr, kv_quant_group=kv_quant_group,
                  train_args=train_args)
     measured = dict(base_id, n_streams=n_streams, stream_len=stream_len, chunk=step, evict_chunk=evict_chunk,
@@ -246,27 +245,16 @@ def run_settings(ckpt, base_path, step):
     return tuned, measured
 
 
+def base_identity(ckpt, base_path):
+    """The base checkpoint, as recorded beside results: its path, iteration and best val loss."""
+    return dict(base=os.path.abspath(base_path), base_iter=ckpt.get("iter_num"), base_best=ckpt.get("best_val_loss"))
+
+
 def changes(old, new):
     """'name old -> new' for each setting that differs ('not recorded' when old is empty)."""
     if not old:
         return ["not recorded"]
     return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
-
-
-def read_json(path):
-    """The JSON in path, or None when there is none or it cannot be read (then it is redone)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path, value):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)  # atomic: a killed study leaves no half-written file
 
 
 def eta(todo, spent):
@@ -434,21 +422,21 @@ def context():
 
     # the comparison: the base reading the same bytes at its natural context (a sliding window)
     rows = [measure(base_path, KVOptions(kv_window=block), f"0, window {block}")]
+    wanted = dict(base_identity(ckpt, base_path), context_streams=context_streams, dtype=dtype,
+                  learning_rate=learning_rate, min_lr=min_lr, train_args=train_args)
     for k in [int(s) for s in context_iters.split(",") if s]:
         vdir = os.path.join(folder, f"iters_{k}")
         done = os.path.join(vdir, "results.json")
-        if not os.path.exists(done):
+        record = read_json(done)  # the settings its row came from (a rerun with others redoes it)
+        if not (isinstance(record, dict) and record.get("settings") == wanted):
             print(f"{k} iterations at block {L}", file=sys.stderr)
             path = base_path
             if k:
                 fine_tune(base_path, vdir, [], k, config, block=L)
                 path = os.path.join(vdir, "last.pt")
-            r = measure(path, KVOptions(kv_window=0), k)
-            os.makedirs(vdir, exist_ok=True)
-            with open(done, "w") as f:
-                json.dump(r, f)
-        with open(done) as f:
-            rows.append(json.load(f))
+            record = {"settings": wanted, "row": measure(path, KVOptions(kv_window=0), k)}
+            write_json(done, record)
+        rows.append(record["row"])
     lines = [f"### Fine-tuning at {L} bytes from {base_path} (block {block}): {context_streams} val streams of {L} bytes",
              "", f"| iterations at block {L} | bits/byte [0, {block}) | bits/byte [{block}, {L}) | all |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['iters']} | {r['bpb_near']:.4f} | {r['bpb_far']:.4f} | {r['bpb_all']:.4f} |" for r in rows]

@@ -31,9 +31,7 @@ Watch the curves:
 """
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from contextlib import ExitStack, nullcontext
 
@@ -42,15 +40,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
-from checkpoint import (checkpoint_path, load_model, pick_resume_mode, restore_training_state, rng_state,
-                        save_checkpoint, unwrap)
+from checkpoint import (checkpoint_path, incomparable, load_model, pick_resume_mode, restore_training_state,
+                        rng_state, save_checkpoint, unwrap)
 from configurator import configure
 from kv.qat import make_qat_caches
 from kv.xl import make_xl_memory
 from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
-from utils import (TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager, import_function, keep_freed_memory, pick_device,
-                   clock, has_module, pick_dtype, run_main, use_threads)
+from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager, import_function,
+                   keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
 
 # -----------------------------------------------------------------------------
 # default config: the tutorial's GPU recipe for tiny-shakespeare
@@ -193,7 +191,7 @@ def train(held):
             end_iter, origin = start_iter + max_iters, start_iter
         best_val_loss = ckpt.get("best_val_loss", float("inf"))
         print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
-        changed = eval_changes(ckpt, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS})
+        changed = incomparable(ckpt, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}, block_size)
         if changed and not eval_only and end_iter > start_iter:  # its val loss is another model's, or another context's
             fresh_best, best_val_loss = True, float("inf")
             print(f"note: {', '.join(changed)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
@@ -355,42 +353,6 @@ def interrupted(iter_num, start_iter, origin):
         print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
               f"python train.py {' '.join(args)} --init_from=resume --resume_checkpoint_name=last", flush=True)
     raise SystemExit(130)
-
-
-def eval_changes(ckpt, model_args):
-    """What makes this run's val loss incomparable with the checkpoint's best: a converted or
-    otherwise changed model, another training context (block_size)."""
-    saved = {**ckpt["model_args"], "block_size": (ckpt.get("config") or {}).get("block_size", block_size)}
-    now = {**model_args, "block_size": block_size}
-    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
-            if k != "dropout" and k in saved and saved[k] != now[k]]
-
-
-class StopAfterStep:
-    """Ctrl-C (SIGINT) during the training loop: the first asks the loop to stop after the
-    iteration it is in, so that last.pt is written at a clean step and a resume continues
-    exactly from it; a second stops at once. Off under DDP (every rank would have to agree
-    on the step) and outside the main thread (no signal handlers there)."""
-
-    def __init__(self, enabled=True):
-        self.asked = False
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-
-    def __enter__(self):
-        if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def _handler(self, signum, frame):
-        if self.asked:
-            raise KeyboardInterrupt
-        self.asked = True
-        print("\nCtrl-C: stopping after this iteration and writing last.pt (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
 
 
 def train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory=None, ddp=False):

@@ -1,15 +1,18 @@
 """
 Small helpers shared by the scripts: errors for bad user input, plug-in imports, device,
-dtype and CPU thread choice, glibc's memory setting, the compile fallback and atomic
-checkpoint writes.
+dtype and CPU thread choice, glibc's memory setting, the compile fallback, atomic writes
+(checkpoints, JSON) and Ctrl-C at a clean step (StopAfterStep).
 
     python -c "import utils; print(utils.pick_device('auto'), utils.pick_dtype('auto', 'auto'), utils.pick_threads())"
 """
 import ctypes
+import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from contextlib import nullcontext
 
 import torch
@@ -281,15 +284,15 @@ def compile_or_eager(fn, probe, **options):
 
 
 
-def atomic_torch_save(obj, path):
-    """torch.save that never leaves a truncated file: the data goes to a temporary file named
-    after this process (two processes never share one), which replaces path only once it is
-    complete and on disk. On any failure (a full disk, kill -9) path is left as it was; the
-    temporary file is removed here, or by the next training run after a kill."""
+def atomic_write(path, write):
+    """write(f) into a binary file that never appears truncated at path: the data goes to a
+    temporary file named after this process (two processes never share one), which replaces
+    path only once it is complete and on disk. On any failure (a full disk, kill -9) path is
+    left as it was; the temporary file is removed here, or by the next training run after a kill."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -298,6 +301,26 @@ def atomic_torch_save(obj, path):
             os.remove(tmp)
         raise
     fsync_dir(os.path.dirname(path))
+
+
+def atomic_torch_save(obj, path):
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(path, value):
+    """value as JSON at path, atomically (atomic_write), its folder made if needed."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+
+
+def read_json(path):
+    """The JSON at path, or None when there is none or it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def fsync_dir(folder):
@@ -312,6 +335,33 @@ def fsync_dir(folder):
         pass
     finally:
         os.close(fd)
+
+
+class StopAfterStep:
+    """Ctrl-C (SIGINT) during the training loop: the first asks the loop to stop after the
+    iteration it is in, so that last.pt is written at a clean step and a resume continues
+    exactly from it; a second stops at once. Off under DDP (every rank would have to agree
+    on the step) and outside the main thread (no signal handlers there)."""
+
+    def __init__(self, enabled=True):
+        self.asked = False
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.enabled:
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\nCtrl-C: stopping after this iteration and writing last.pt (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
 
 
 class TensorBoard:

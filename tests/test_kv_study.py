@@ -9,6 +9,7 @@ import contextlib
 import csv
 import io
 import os
+import re
 import runpy
 import sys
 from unittest import mock
@@ -100,6 +101,12 @@ def test_context_table(base_ckpt, tmp_path):
     printed = study(f"--base={base_ckpt}", f"--out={tmp_path}", "--what=context", "--context_iters=0,2", *SMALL)
     assert "| 0 |" in printed and "| 2 |" in printed and "[16, 64)" in printed
     assert (tmp_path / "iters_2" / "last.pt").exists() and (tmp_path / "context.md").exists()
+    again = study(f"--base={base_ckpt}", f"--out={tmp_path}", "--what=context", "--context_iters=0,2", *SMALL)
+    runs = lambda printed: len(re.findall(r"^\d+ iterations at block", printed, re.M))  # one line per k run
+    assert runs(again) == 0  # the same settings: the rows recorded are used
+    more = [a if not a.startswith("--context_streams") else "--context_streams=3" for a in SMALL]
+    again = study(f"--base={base_ckpt}", f"--out={tmp_path}", "--what=context", "--context_iters=0,2", *more)
+    assert runs(again) == 2  # other streams: never the old rows
 
 
 def test_unknown_variant_is_one_error(base_ckpt, tmp_path, capsys):
