@@ -401,7 +401,7 @@ def main():
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
     kv.check_model(model.config)
-    linear = all(model.config.kind(i) == "linear" for i in range(model.config.n_layer))
+    linear = model.config.no_kv_cache
     if sweep and linear:
         raise UserError("every layer of this model is linear attention (a fixed-size state, no KV cache): "
                         "a --sweep of caches would repeat one row; drop --sweep")

@@ -72,6 +72,11 @@ class GPTConfig:
             return "linear" if self.is_linear(i) else "softmax"
         return self.attention
 
+    @property
+    def no_kv_cache(self):
+        """Linear attention in every layer: fixed-size states, no KV cache to bound or shrink."""
+        return all(self.is_linear(i) for i in range(self.n_layer))
+
 
 MODEL_ARG_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
 ARCH_KEYS = ("n_layer", "n_head", "n_embd", "bias")  # fixed by a checkpoint's weights

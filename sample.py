@@ -71,14 +71,13 @@ def main():
     torch.manual_seed(seed)
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
-    kv.check_model(model.config)
-    bound = kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: None).check()  # kv_sink needs a bound
-    if kv.kv_trim and not bound.kv_window:
+    notes = []  # printed after the device line, once every setting has passed
+    kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), say=notes.append).check()
+    if kv.kv_trim and not kv.kv_window:
         raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound: "
                         "add --kv_window=N (e.g. --kv_window=64), or it is never called")
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
-          file=sys.stderr)
-    kv = kv.for_checkpoint(ckpt.get("config", {}), say=lambda line: print(line, file=sys.stderr))
+          *notes, sep="\n", file=sys.stderr)
     ctx = autocast_ctx(dev, dt)
     # the samples run side by side, one batch of num_samples rows: on a small model 8 cost
     # about what 1 does. The first streams as it is generated, the others print when done.
@@ -111,8 +110,7 @@ def main():
     speed = num_samples * max_new_tokens / seconds if seconds else float("nan")
     peak = stats.get("kv_bits_peak", 0) // num_samples  # per sample
     batch = f"{num_samples} samples side by side" if num_samples > 1 else "1 sample"
-    linear = all(model.config.kind(i) == "linear" for i in range(model.config.n_layer))
-    held = ("a fixed-size linear-attention state" if linear  # no tokens cached: per token means nothing
+    held = ("a fixed-size linear-attention state" if model.config.no_kv_cache  # per token means nothing
             else f"{stats.get('kv_bits_per_token', 0):,g} bits per token")
     print(f"{speed:.1f} tokens/s ({batch}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)

@@ -116,7 +116,7 @@ class KVOptions:
     def check_model(self, config):
         """One UserError when a model (GPTConfig) has no KV cache for these options to act on:
         linear attention in every layer keeps a fixed-size state instead."""
-        if any(config.kind(i) != "linear" for i in range(config.n_layer)):
+        if not config.no_kv_cache:
             return self
         default = {f.name: f.default for f in fields(self)}
         used = [n for n in ("kv_window", "kv_sink", "kv_trim", "kv_quant", "kv_evict") if getattr(self, n) != default[n]]
