@@ -116,12 +116,12 @@ def test_unknown_variant_is_one_error(base_ckpt, tmp_path, capsys):
 
 
 def test_best_within_takes_the_most_reduction_then_the_least_cost():
-    import kv_study
+    from kv.study_report import best_within
     rows = [dict(x_smaller=15.1, delta_pct=0.86), dict(x_smaller=15.1, delta_pct=0.43),
             dict(x_smaller=25.6, delta_pct=1.30), dict(x_smaller=1.0, delta_pct=0.0)]
-    assert kv_study.best_within(rows, 1) is rows[1]
-    assert kv_study.best_within(rows, 3) is rows[2]
-    assert kv_study.best_within(rows, -1) is None
+    assert best_within(rows, 1) is rows[1]
+    assert best_within(rows, 3) is rows[2]
+    assert best_within(rows, -1) is None
 
 
 def test_eval_command_leaves_out_what_the_format_ignores():

@@ -1,0 +1,111 @@
+"""
+The KV study's outputs (kv_study.py): its rows, every variant's settings judged against the
+base, as frontier.csv, frontier.md (the table and the answer: the largest reduction within
+1% and 3% of the yardstick, with its commands), frontier.png and TensorBoard scalars.
+
+    from kv.study_report import write_frontier
+    print(write_frontier(rows, "out/kv_study/frontier", "my study", yardstick="strict"))
+"""
+import csv
+
+import torch
+
+from kv.report import frontier
+from utils import has_module
+
+
+def write_frontier(rows, prefix, title, yardstick="strict", use_tb=True):
+    """prefix.csv, .md (the table and the answer), .png, and TensorBoard scalars (use_tb)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    md = markdown(rows, title, yardstick)
+    with open(prefix + ".md", "w") as f:
+        f.write(md)
+    if has_module("matplotlib", "no frontier.png is drawn"):
+        plot(rows, prefix + ".png", title)
+    if use_tb and has_module("tensorboard", "no TensorBoard scalars are written"):
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(prefix) as tb:
+            for r in rows:
+                tb.add_scalar(f"kv_study/{r['variant']}/bpb_vs_log2_peak_bits", r["bpb"],
+                              round(1000 * torch.log2(torch.tensor(float(r["kv_bits_peak"]))).item()))
+            tb.add_text("kv_study/table", md)
+    return md
+
+
+def best_within(rows, pct):
+    """The row holding the fewest bits within pct% of its yardstick (of equal ones, the cheapest)."""
+    ok = [r for r in rows if r["delta_pct"] <= pct]
+    return max(ok, key=lambda r: (r["x_smaller"], -r["delta_pct"])) if ok else None
+
+
+def markdown(rows, title, yardstick="strict"):
+    """The frontier table, what its columns mean (yardstick: kv_study's --yardstick), and the
+    largest reduction within 1% and 3% of the yardstick with the commands that reproduce it."""
+    front = frontier(rows)
+    b = rows[0]
+    lines = [f"### {title}", "", "| variant | setting | peak KV bits/stream | x smaller | bits/byte | vs base "
+             "| vs yardstick | frontier |", "|---|---|---:|---:|---:|---:|---:|:---:|"]
+    for i, r in sorted(enumerate(rows), key=lambda t: -t[1]["kv_bits_peak"]):
+        lines.append(f"| {r['variant']} | {r['setting']} | {r['kv_bits_peak']:,} | {r['x_smaller']:.1f} | "
+                     f"{r['bpb']:.4f} | {r.get('delta_base_pct', r['delta_pct']):+.2f}% | "
+                     f"{r['delta_pct']:+.2f}% ({r.get('yardstick', 'base')}) | {'*' if i in front else ''} |")
+    lines += ["", f"Baseline: {b['baseline']}: {b['bpb_base']:.4f} bits per byte, {b['kv_bits_peak_base']:,} peak KV "
+              "bits per stream (x smaller = its peak / the row's; peak = the most a token-by-token decoder holds). "
+              f"vs yardstick: the change in bits per byte against the plain multi-head model named (--yardstick="
+              f"{yardstick}: the base for its own rows; for a fine-tuned row "
+              + {"strict": "the worse for it of the base and base_ft, the base fine-tuned as long with nothing reduced",
+                 "same_training": "base_ft, the base fine-tuned as long with nothing reduced",
+                 "base": "the base"}[yardstick] + ")."]
+    if yardstick != "base" and not any(r["variant"] == "base_ft" for r in rows):
+        lines[-1] += (" No base_ft among the variants: every row is judged against the base, so a fine-tuned "
+                      "row's change mixes the reduction with its extra training (add base_ft to --variants).")
+    for pct in (1, 3):
+        r = best_within(rows, pct)
+        if r is None:
+            lines += ["", f"Within {pct}% of the yardstick: no row."]
+            continue
+        lines += ["", f"**Largest reduction within {pct}% of the yardstick: {r['x_smaller']:.1f}x** ({r['variant']}, "
+                  f"{r['setting']}: {r['bpb']:.4f} bits per byte, {r['delta_pct']:+.2f}% vs {r.get('yardstick', 'base')}"
+                  f", {r.get('delta_base_pct', r['delta_pct']):+.2f}% vs base). Commands:", "",
+                  *(["    " + r["train_command"]] if r["train_command"] else []), "    " + r["eval_command"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path, title):
+    """bits per byte against log peak KV bits, a colour per variant, the frontier, the baseline
+    (and base_ft when it is a yardstick) with +1% and +3% lines."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 6))
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")  # a colour per variant (11 in the full study)
+    for c, name in enumerate(names):
+        rs = [r for r in rows if r["variant"] == name]
+        ax.scatter([r["kv_bits_peak"] for r in rs], [r["bpb"] for r in rs], color=cmap(c % cmap.N),
+                   marker="os^D"[c // cmap.N % 4], label=name, zorder=2)
+    front = sorted(frontier(rows), key=lambda i: rows[i]["kv_bits_peak"])
+    ax.plot([rows[i]["kv_bits_peak"] for i in front], [rows[i]["bpb"] for i in front], "-", color="black",
+            lw=1, label="frontier", zorder=1)
+    b = rows[0]
+    ax.scatter([b["kv_bits_peak_base"]], [b["bpb_base"]], marker="*", s=200, color="black", label="baseline", zorder=3)
+    lines = [(b["bpb_base"], ":", "base")]
+    ft = [r for r in rows if r["variant"] == "base_ft" and "(reference)" in r["setting"]]
+    if ft and any(r.get("yardstick") == "base_ft" for r in rows):  # the fine-tuned rows' yardstick
+        ax.scatter([ft[0]["kv_bits_peak"]], [ft[0]["bpb"]], marker="*", s=200, color="gray", label="base_ft", zorder=3)
+        lines.append((ft[0]["bpb"], "--", "base_ft"))
+    for bpb, style, name in lines:  # +1% and +3% of each yardstick
+        for pct in (1, 3):
+            ax.axhline(bpb * (1 + pct / 100), color="gray", ls=style, lw=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("peak KV bits per stream (log scale)")
+    ax.set_ylabel("bits per byte")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
