@@ -18,7 +18,8 @@ generate  tokens/s for bench_lengths new tokens with the cache unbounded and bou
           static-cache step (generate.StaticDecoder, its compile time printed), the KV bits
           held, time per token over the first and the last 1024 of a long sample (a bounded
           cache must not slow down), process memory; bench_batch samples side by side against
-          one; on CUDA also without CUDA graphs, and the fraction of the memory bandwidth used.
+          one (on a CPU also the batch step's matrix products alone: the floor of its time);
+          on CUDA also without CUDA graphs, and the fraction of the memory bandwidth used.
           --baseline=True also times the tutorial's way (concatenate, re-rotate every key).
 eval_kv   bytes/s of eval_kv.evaluate on n_streams x stream_len random bytes against its natural
           reference (a plain window of block_size): the reference's own pass, then a decode step
@@ -328,6 +329,29 @@ def bench_batched(model, device, kv, n, dec1):
         one = time_generation(model, n, kv, device, d1)[0][-1]
         many = time_generation(model, n, kv, device, dB, batch=B)[0][-1]
         print(f"| {name} | {one:.2f} | {many:.2f} | {many / one:.2f}x |", flush=True)
+    if decB is not None and device == "cpu":
+        ms = products_ms(model, B)
+        print(f"\nthe matrix products alone of a batch-{B} step (each Linear once on {B} rows, compiled as the "
+              f"step is): {ms:.3f} ms, {ms * n / 1e3 / one:.2f}x one sample's whole time per token")
+
+
+def products_ms(model, B, calls=300):
+    """ms for the matrix products of one decode step at batch B: every Linear of the model once,
+    on (B, in_features) rows, compiled with the step's CPU options (fastest of 3 runs). Neither
+    attention nor any overhead is in it: a floor for the batch-B step on this machine."""
+    lins = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(B, m.in_features) for m in lins]
+    products = lambda xs: [m(x) for m, x in zip(lins, xs)]
+    with torch.no_grad():
+        f = compile_or_eager(products, lambda f: f(xs), fullgraph=True,
+                             options={"cpp_wrapper": True, "freezing": B > 1})
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f(xs)
+            runs.append((time.perf_counter() - t0) / calls * 1e3)
+    return min(runs)
 
 
 # -----------------------------------------------------------------------------
