@@ -109,6 +109,8 @@ class LinearState(Cache):
     """The fixed-size memory of one linear attention layer: S and z per K/V head (the layer
     reads and writes them itself: a state, not a list of keys, so update() is not used)."""
 
+    state_keys = ("S", "z", "seen")  # what a checkpoint keeps of it as XL memory (kv.xl.memory_state)
+
     def __init__(self, batch_size, n_kv_head, head_dim, dtype=torch.float32, device="cpu"):
         self.S = torch.zeros(batch_size, n_kv_head, head_dim, head_dim, dtype=dtype, device=device)
         self.z = torch.zeros(batch_size, n_kv_head, head_dim, dtype=dtype, device=device)

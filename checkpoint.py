@@ -306,7 +306,8 @@ def rng_state():
 def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape):
     """Optimizer and scaler state for both modes; RNG and data position for 'continue'
     (loader None: a DDP rank > 0, which keeps its own RNG and rows). shape: this run's
-    (batch_size, block_size); the data position is restored only if they are the checkpoint's."""
+    (batch_size, block_size); the data position is restored only if they are the checkpoint's.
+    Returns True when it was: the loader's rows go on where they stopped."""
     if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
         # the moments come from the checkpoint, the hyperparameters from this run's config
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -318,7 +319,7 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape):
     if scaler.is_enabled() and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if mode != "continue" or loader is None:
-        return
+        return False
     rng = ckpt.get("rng") or {}
     if "cpu" in rng:
         torch.set_rng_state(rng["cpu"])
@@ -328,8 +329,9 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape):
     same_shape = (saved.get("batch_size"), saved.get("block_size")) == tuple(shape)
     if ckpt.get("loader") and same_shape:
         loader.load_state_dict(ckpt["loader"])
-    else:
-        print("note: data position not restored (batch_size or block_size changed)")
+        return True
+    print("note: data position not restored (batch_size or block_size changed)")
+    return False
 
 
 def optimizer_state_fits(optimizer, state):
@@ -354,6 +356,27 @@ def incomparable(ckpt, model_args, block_size):
     now = {**model_args, "block_size": block_size}
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
             if k != "dropout" and k in saved and saved[k] != now[k]]
+
+
+# training settings that change what the loss is: a resume keeps the checkpoint's unless given
+OBJECTIVE_KEYS = ("xl_mem", "xl_update", "kv_quant", "kv_quant_group", "kv_quant_keys")
+
+
+def objective_settings(ckpt, settings, given):
+    """The checkpoint's values of OBJECTIVE_KEYS where this run's settings differ and were not
+    given (on the command line or in a config file), each with a note: a resumed XL or
+    quantization-aware run goes on as it was trained. A plug-in (module:function) the checkpoint
+    names must be given again: a checkpoint never chooses code to run."""
+    saved, out = ckpt.get("config") or {}, {}
+    for k in OBJECTIVE_KEYS:
+        if k not in saved or k in given or saved[k] == settings[k]:
+            continue
+        if isinstance(saved[k], str) and ":" in saved[k]:
+            raise UserError(f"the checkpoint was trained with the plug-in --{k}={saved[k]}: pass it again "
+                            f"(a checkpoint never chooses code to run), or --{k}={settings[k]} to go on without it")
+        out[k] = saved[k]
+        print(f"note: {k}={saved[k]!r} from the checkpoint, as it was trained (--{k}=... changes it)")
+    return out
 
 
 def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):

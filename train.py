@@ -10,8 +10,8 @@ Every global below can be overridden with --name=value, after the config files:
 
 Resuming from a checkpoint (--init_from=resume) has two intents:
   (a) continue an interrupted run on its original schedule, up to max_iters in all
-      (iteration count, LR schedule, best val loss, optimizer, scaler, RNG and data
-      position are restored; no second warm-up):
+      (iteration count, LR schedule, best val loss, optimizer, scaler, RNG, data position
+      and XL memory are restored; xl_mem and kv_quant too, unless given; no second warm-up):
     python train.py config/train_shakespeare_char.py --init_from=resume --resume_checkpoint_name=last
   (b) train a checkpoint for max_iters MORE iterations, e.g. with a longer context
       (fresh warm-up and cosine schedule; the iteration count continues, and so does the best
@@ -40,11 +40,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
-from checkpoint import (checkpoint_path, incomparable, load_model, pick_resume_mode, restore_training_state,
-                        rng_state, save_checkpoint, unwrap)
+from checkpoint import (OBJECTIVE_KEYS, checkpoint_path, incomparable, load_model, objective_settings,
+                        pick_resume_mode, restore_training_state, rng_state, save_checkpoint, unwrap)
 from configurator import configure
 from kv.qat import make_qat_caches
-from kv.xl import make_xl_memory
+from kv.xl import load_memory_state, make_xl_memory, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager, import_function,
@@ -124,7 +124,7 @@ def main():
 
 
 def train(held):
-    model_defaults = {k: globals()[k] for k in MODEL_ARG_KEYS}
+    defaults = {k: globals()[k] for k in (*MODEL_ARG_KEYS, *OBJECTIVE_KEYS)}
     # under torchrun (RANK, LOCAL_RANK and WORLD_SIZE set): one process per GPU, or per CPU share
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -163,6 +163,7 @@ def train(held):
 
     # model, optimizer and the iteration range of this run
     ckpt, fresh_best = None, False  # fresh_best: this run's first trained evaluation starts the best val loss
+    changed, xl_state = [], None  # what the resume changed in the model; the XL memory it goes on with
     if init_from == "scratch":
         model_args = {k: config[k] for k in MODEL_ARG_KEYS}
         model = GPT(GPTConfig(**model_args)).to(dev)
@@ -172,8 +173,15 @@ def train(held):
         ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name)
         # the non-architecture model keys given on the command line or in a config file
         overrides = {k: config[k] for k in MODEL_ARG_KEYS
-                     if k not in ARCH_KEYS and config[k] != model_defaults[k]}
+                     if k not in ARCH_KEYS and config[k] != defaults[k]}
         model, ckpt = load_model(ckpt_path, dev, overrides)
+        given = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}  # flags, and config files:
+        given |= {k for k in OBJECTIVE_KEYS if config[k] != defaults[k]}
+        kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
+        globals().update(kept)
+        config.update(kept)
+        if kept:
+            check_settings(world_size)  # the checkpoint's settings with this run's
         for note in ckpt["conversions"]:
             print(f"converted: {note}")
         model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
@@ -220,8 +228,10 @@ def train(held):
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)
         if ckpt is not None:
-            restore_training_state(ckpt, mode, optimizer, scaler, loader if master else None,
-                                   (batch_size, block_size))
+            rows_kept = restore_training_state(ckpt, mode, optimizer, scaler, loader if master else None,
+                                               (batch_size, block_size))
+            if xl_mem and rows_kept and not changed and ckpt["config"].get("xl_mem") == xl_mem:
+                xl_state = ckpt.get("xl_memory")  # the rows go on: so does what they remember
             if not master:
                 torch.manual_seed(rank_seed)
     del ckpt  # free its memory before training
@@ -243,7 +253,8 @@ def train(held):
         os.makedirs(out_dir, exist_ok=True)
         save_checkpoint(os.path.join(out_dir, name), model, optimizer, model_args, config,
                         iter_num, best_val_loss, scaler=scaler,
-                        extra={"rng": rng_state(), "loader": loader.state_dict()})
+                        extra={"rng": rng_state(), "loader": loader.state_dict(),
+                               **({"xl_memory": memory_state(memory)} if xl_mem else {})})
         return time.time() - t0
 
     def evaluate():
@@ -281,6 +292,8 @@ def train(held):
     model.train()
     # XL memory: each layer's detached K/V of the rows' previous batches (see kv/xl.py)
     memory = make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn) if xl_mem else None
+    if xl_state is not None:
+        load_memory_state(memory, xl_state)
     # or quantization-aware training: stateless caches that fake-quantize K/V (kv/qat.py)
     memory = memory or make_qat_caches(unwrap(model), kv_quant, kv_quant_group, kv_quant_keys == "channel")
     t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded

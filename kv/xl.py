@@ -38,6 +38,8 @@ class XLMemory(Cache):
     at millions of tokens). Rows that the loader restarted lose their memory
     (`restart(rows)`), so no row attends to another stretch of text."""
 
+    state_keys = ("k", "v", "valid")  # what a checkpoint keeps (memory_state)
+
     def __init__(self, batch_size, n_kv_head, head_dim, mem_len, window=0, rope_fn=None,
                  step_fn=xl_step, dtype=torch.float32, device="cpu"):
         self.mem_len, self.window, self.rope_fn, self.step_fn = mem_len, window, rope_fn, step_fn
@@ -94,3 +96,19 @@ def make_xl_memory(model, batch_size, mem_len, step_fn=None):
                                    rope_fn=shift if c.rope else None, step_fn=step_fn or xl_step,
                                    dtype=p.dtype, device=p.device))
     return memory
+
+
+def memory_state(memory):
+    """What a checkpoint keeps of make_xl_memory's list: each distinct layer state's tensors,
+    so that a resumed run attends to the same past as the uninterrupted one."""
+    return [{k: getattr(c, k) for k in c.state_keys} for c in {id(c): c for c in memory}.values()]
+
+
+
+def load_memory_state(memory, state):
+    """Put memory_state's tensors back into a fresh make_xl_memory list for the same model,
+    batch size and mem_len."""
+    for c, saved in zip({id(c): c for c in memory}.values(), state, strict=True):
+        for k in c.state_keys:
+            v = saved[k]
+            setattr(c, k, v.to(getattr(c, k).device) if torch.is_tensor(v) else v)

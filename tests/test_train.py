@@ -84,6 +84,27 @@ def test_resume_continue_is_bit_exact(data_dir, tmp_path, dropout):
     assert torch.equal(a["loader"]["pos"], b["loader"]["pos"])
 
 
+@pytest.mark.parametrize("objective", ["--xl_mem=16", "--kv_quant=int8"])
+def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_path, objective):
+    """The resume command names neither --xl_mem nor --kv_quant: the run goes on with the
+    checkpoint's, bit for bit as the uninterrupted run; given again with another value, that wins."""
+    name, value = objective[2:].split("=")
+    split, whole = tmp_path / "split", tmp_path / "whole"
+    train(data_dir, split, f"--max_iters={N}", objective)
+    printed = train(data_dir, split, f"--max_iters={N + 3}", "--init_from=resume", "--resume_checkpoint_name=last")
+    assert re.search(rf"note: {name}='?{value}'? from the checkpoint, as it was trained", printed)
+    train(data_dir, whole, f"--max_iters={N + 3}", objective)
+    a, b = read_checkpoint(str(split / "last.pt")), read_checkpoint(str(whole / "last.pt"))
+    assert a["config"][name] == b["config"][name] != 0
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    off = "0" if name == "xl_mem" else "none"
+    printed = train(data_dir, split, f"--max_iters={N + 5}", "--init_from=resume", "--resume_checkpoint_name=last",
+                    f"--{name}={off}")
+    assert "from the checkpoint" not in printed
+    assert str(read_checkpoint(str(split / "last.pt"))["config"][name]) == off
+
+
 def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
     """Ctrl-C in iteration 3 (between log steps): the run stops after that iteration with
     last.pt written and the command to go on; going on equals the uninterrupted run."""

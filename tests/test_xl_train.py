@@ -46,3 +46,16 @@ def test_xl_runs_with_gqa_windows_sharing_and_resume(repeat_dir, tmp_path):
 
 def test_negative_xl_mem_is_one_clear_error(tmp_path):
     assert_user_error(run_script("train.py", "--xl_mem=-1", f"--out_dir={tmp_path}"), "xl_mem")
+
+
+
+def test_a_resume_asks_for_the_xl_plugin_again(repeat_dir, tmp_path):
+    """A checkpoint names the XL step it was trained with (here kv.xl's own, named as a
+    plug-in); a resume runs that code only when the command line names it too."""
+    out, args = tmp_path / "o", ["--xl_mem=16", "--n_layer=1", "--xl_update=kv.xl:xl_step"]
+    train(repeat_dir, out, *args, "--max_iters=2")
+    proc = run_script("train.py", "--device=cpu", f"--dataset={repeat_dir}", f"--out_dir={out}",
+                      "--init_from=resume", "--max_iters=4")
+    assert_user_error(proc, "--xl_update=kv.xl:xl_step", "pass it again")
+    printed = train(repeat_dir, out, *args, "--init_from=resume", "--max_iters=4")
+    assert "iter 4" in printed and "from the checkpoint" not in printed
