@@ -279,7 +279,7 @@ def bench_generate(model, device, kv):
         decs.update({(window, m): ring for m in lengths})
     print(f"\ngeneration: KV cache {kv.describe()}, batch 1, top_k 200")
     print("\n| new tokens | kv_window | tokens/s eager | tokens/s compiled | compiled / eager | KV bits (peak) | "
-          "KV bits/token | RSS growth MB |")
+          "KV bits/cached token | RSS growth MB |")
     print("|---|---|---|---|---|---|---|---|")
     runs = {}
     for w in (0, window):

@@ -111,7 +111,7 @@ def main():
     peak = stats.get("kv_bits_peak", 0) // num_samples  # per sample
     batch = f"{num_samples} samples side by side" if num_samples > 1 else "1 sample"
     held = ("a fixed-size linear-attention state" if model.config.no_kv_cache  # per token means nothing
-            else f"{stats.get('kv_bits_per_token', 0):,g} bits per token")
+            else f"{stats.get('kv_bits_per_token', 0):,g} bits per cached token")
     print(f"{speed:.1f} tokens/s ({batch}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)
 

@@ -28,7 +28,7 @@ def markdown(results, title):
     front = frontier(results)
     base = results[0]
     lines = [f"### {title}", "",
-             "| setting | peak KV bits/stream | bits/token | x smaller | bits/byte | vs baseline | KL (bits) "
+             "| setting | peak KV bits/stream | bits/token of text | x smaller | bits/byte | vs baseline | KL (bits) "
              "| frontier |",
              "|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for i, r in enumerate(results):
@@ -37,8 +37,8 @@ def markdown(results, title):
                      f"{'*' if i in front else ''} |")
     lines += ["", f"Baseline: {base['baseline']}, {base['bpb_base']:.4f} bits per byte, "
               f"{base['kv_bits_peak_base']:,} peak KV bits per stream. Peak KV bits: the most a token-by-token "
-              "decoder holds at once (every layer's keys and values), whatever the chunk; bits/token = peak / "
-              "tokens of the stream; x smaller = the baseline's peak / the row's; KL from this checkpoint's "
+              "decoder holds at once (every layer's keys and values), whatever the chunk; bits/token of text = "
+              "peak / tokens of the stream (sample.py's bits per cached token = peak / tokens held); x smaller = the baseline's peak / the row's; KL from this checkpoint's "
               "reference."]
     # within 1% either way: a setting that lowers bits per byte by more has changed the model
     # (e.g. cut a history it cannot use), it has not kept it

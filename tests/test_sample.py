@@ -55,7 +55,7 @@ def test_samples_from_a_checkpoint(out_dir, tmp_path):
     assert "---------------" in proc.stdout
     assert "tokens/s" in proc.stderr
     # float32 K and V, 2 layers x 32 channels each: 2 * 2 * 32 * 32 bits per cached token
-    assert "4,096 bits per token" in proc.stderr
+    assert "4,096 bits per cached token" in proc.stderr
 
 
 def test_streams_whole_characters(out_dir, monkeypatch):
