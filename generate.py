@@ -191,7 +191,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
                     generator=None, decoder=None):
     """Prefill the prompt idx (B, T) in one pass, then one decode step per token; yields each
     new token (B, 1). kv: the KVOptions of the caches (default: plain, unbounded). If given,
-    `stats` gets the peak KV bits and the bits per cached token (per sequence) at the end.
+    `stats` gets the peak KV bits, the bits per cached token (per sequence) and the peak over
+    the decode steps alone (an eviction cache holds the whole prompt until the first step).
     decoder: a StaticDecoder for the same kv, B and at least T + max_new_tokens tokens, which
     then runs the decode steps (the prefill stays eager)."""
     B, T = idx.size()
@@ -202,6 +203,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
     logits, _ = model(idx, caches)  # prefill
     logits = logits[:, -1]
     peak, peak_tokens = held_bits(caches)
+    decode_peak = 0
     if decoder is not None:
         caches = decoder.start(caches)
         decode = lambda token: decoder(token)
@@ -213,11 +215,13 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
         if i + 1 < max_new_tokens:
             logits = decode(nxt)
             bits, held = held_bits(caches)
+            decode_peak = max(decode_peak, bits)
             if bits > peak:
                 peak, peak_tokens = bits, held
     if stats is not None:
         stats["kv_bits_peak"] = peak
         stats["kv_bits_per_token"] = peak / max(B * peak_tokens, 1)
+        stats["kv_bits_peak_decode"] = decode_peak
 
 
 @torch.no_grad()

@@ -114,6 +114,11 @@ def main():
             else f"{stats.get('kv_bits_per_token', 0):,g} bits per cached token")
     print(f"{speed:.1f} tokens/s ({batch}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)
+    decode_peak = stats.get("kv_bits_peak_decode", 0) // num_samples
+    if kv.kv_evict != "none" and 0 < decode_peak < peak:  # eviction waits for the step after an update
+        print(f"note: the peak is the {len(prompt)}-byte prompt, which the cache holds whole after reading it in "
+              f"one pass (it evicts at the next step); the decode steps held at most {decode_peak:,} bits per "
+              "sample", file=sys.stderr)
 
 
 def read_prompt(text):

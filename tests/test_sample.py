@@ -58,6 +58,20 @@ def test_samples_from_a_checkpoint(out_dir, tmp_path):
     assert "4,096 bits per cached token" in proc.stderr
 
 
+def test_an_eviction_cache_says_its_peak_was_the_prompt(out_dir, tmp_path):
+    """H2O holds a long prompt whole until the first decode step evicts down to the budget:
+    the peak says so, and the decode steps' peak is the budget's size (4,096 bits a token)."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"abc" * 100)
+    code, _, err = sample(f"--out_dir={out_dir}", f"--start=FILE:{prompt}", "--kv_evict=h2o", "--kv_budget=8",
+                          "--max_new_tokens=5")
+    assert code in (0, None), err
+    assert f"KV cache peak {300 * 4096:,} bits per sample" in err
+    assert "the peak is the 300-byte prompt" in err and f"held at most {8 * 4096:,} bits" in err
+    code, _, err = sample(f"--out_dir={out_dir}", f"--start=FILE:{prompt}", "--kv_window=8", "--max_new_tokens=5")
+    assert f"KV cache peak {8 * 4096:,} bits per sample" in err and "the peak is the" not in err
+
+
 def test_streams_whole_characters(out_dir, monkeypatch):
     """Bytes are printed as they come, but never half a character; bad bytes are escaped."""
     payload = "é€".encode() + b"\xff" + "ž".encode()[:1]  # ends inside a character
