@@ -349,7 +349,8 @@ def train(held):
           (("ckpt.pt", "best val loss"), ("last.pt", "latest")) if os.path.isfile(os.path.join(out_dir, n))))
     # sample.py's default cache is unbounded: past block_size bytes the model sees more history
     # than it was trained on and drifts into noise (a model trained with XL memory keeps xl_mem)
-    print(f"next: python sample.py --out_dir={out_dir}" + ("" if xl_mem else f" --kv_window={block_size}"))
+    plugin = f" --attention={model_args['attention']}" if ":" in model_args["attention"] else ""  # named again
+    print(f"next: python sample.py --out_dir={out_dir}" + ("" if xl_mem else f" --kv_window={block_size}") + plugin)
 
 
 def interrupted(iter_num, start_iter, origin):

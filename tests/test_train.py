@@ -105,6 +105,13 @@ def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_
     assert str(read_checkpoint(str(split / "last.pt"))["config"][name]) == off
 
 
+def test_the_next_command_names_a_plugin_attention(data_dir, tmp_path):
+    """sample.py runs a plug-in only when named on its command line: the printed command does."""
+    printed = train(data_dir, tmp_path / "o", "--max_iters=2", "--attention=attention_linear:linear_attention")
+    assert printed.strip().splitlines()[-1] == (f"next: python sample.py --out_dir={tmp_path / 'o'} --kv_window=32 "
+                                                "--attention=attention_linear:linear_attention")
+
+
 def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
     """Ctrl-C in iteration 3 (between log steps): the run stops after that iteration with
     last.pt written and the command to go on; going on equals the uninterrupted run."""
