@@ -37,7 +37,8 @@ def max_err(a, b):
     """Largest absolute difference, relative to the size of b (0 when both are empty)."""
     if a.numel() == 0:
         return 0.0
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+    err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+    return err if err == err else float("inf")  # nan: as far from b as can be (a comparison with nan is False)
 
 
 def expect_close(got, want, what, hint, tol=1e-4):

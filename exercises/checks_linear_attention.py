@@ -77,6 +77,12 @@ def mistakes(q, k, v, mask):
     ]
 
 
+def skip_if_not_finite(y, judged):
+    """Skipped when y holds inf or nan (the shapes check says why): `judged` cannot be told."""
+    if not bool(torch.isfinite(y).all()):
+        raise Skipped(f"y holds inf or nan (see above), so {judged} cannot be told")
+
+
 def check_linear_formula(impl, ctx):
     cases = [(6, 6, causal(6, 6), 1.0), (3, 9, causal(3, 9), 1.0), (4, 9, window_mask(2, 4, 9), 1.0),
              (6, 6, causal(6, 6), 1e-3)]  # small values: layer_norm's eps shows a leftover scale
@@ -84,6 +90,7 @@ def check_linear_formula(impl, ctx):
         q, k, v = qkv(T=T, S=S)
         v = v * size
         y = call_attention(impl, q, k, v, mask)
+        skip_if_not_finite(y, "how it differs from the formula")
         refs = linear_references(q, k, v, mask)
         errs = {name: max_err(y, r) for name, r in refs.items()}
         best = min(errs, key=errs.get)
@@ -100,6 +107,7 @@ def check_linear_formula(impl, ctx):
 def check_linear_causal(impl, ctx):
     q, k, v = qkv(T=7, S=7)
     y = call_attention(impl, q, k, v, causal(7, 7))
+    skip_if_not_finite(y, "whether later keys leak in")
     for t in range(6):
         k2, v2 = k.clone(), v.clone()
         k2[:, :, t + 1:] += randn(*k2[:, :, t + 1:].shape, seed=t + 10) * 3
@@ -115,6 +123,7 @@ def check_linear_mask(impl, ctx):
     q, k, v = qkv(B=B, T=T, S=S)
     mask = window_mask(B, T, S)
     y = call_attention(impl, q, k, v, mask)
+    skip_if_not_finite(y, "whether hidden keys leak in")
     for b in range(B):
         for t in range(T):
             hidden = ~mask[b, 0, t]
@@ -134,6 +143,7 @@ def check_linear_grads(impl, ctx):
     theirs = [t.clone().requires_grad_() for t in (q, k, v)]
     y = call_attention(impl, *mine, mask)
     expect(y.requires_grad, "y carries no gradient: no torch.no_grad, .detach() or .item() in attention()")
+    skip_if_not_finite(y, "its gradient")
     refs = linear_references(*theirs, mask)
     norm = ctx.get("norm") or min(refs, key=lambda n: max_err(y, refs[n]))
     if max_err(y, refs[norm]) > 1e-4:  # the output differs already: its gradient cannot match
@@ -273,6 +283,7 @@ def check_recurrent_parallel(impl, ctx):
 def check_recurrent_matches_attention(impl, ctx):
     q, k, v = qkv(T=8, S=8)
     y = call_attention(impl, q, k, v, causal(8, 8))
+    skip_if_not_finite(y, "whether recurrent_step agrees with it")
     phi = attention_linear.phi
     B, h, _, hs = q.shape
     S, z = torch.zeros(B, h, hs, hs), torch.zeros(B, h, hs)

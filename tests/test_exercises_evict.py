@@ -107,3 +107,13 @@ def test_one_newest_too_few_is_blamed_on_the_newest_rule_alone(exercise_checks):
     results, printed = exercise_checks("kv_evict", source)
     assert [t for t, status, _ in results if status == "FAIL"] == [RECENT], printed
     assert [status for t, status, _ in results if t == ONLY] == ["SKIP"], printed
+
+
+def test_one_sink_and_one_newest_too_many_are_blamed_on_rule_4_alone(exercise_checks):
+    """Too many protected: the score and tie checks would blame the protected extras (ranked
+    above everything for that reason alone) on their own rules; they step aside instead."""
+    source = H2O_OK.replace("pos < kv_sink", "pos <= kv_sink").replace("pos >= seen - kv_recent",
+                                                                      "pos >= seen - kv_recent - 1")
+    results, printed = exercise_checks("kv_evict", source)
+    assert [t for t, status, _ in results if status == "FAIL"] == [ONLY], printed
+    assert [status for t, status, _ in results if t in (HEAVY, TIES)] == ["SKIP", "SKIP"], printed

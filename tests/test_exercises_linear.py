@@ -142,3 +142,13 @@ def test_its_own_triangle_is_blamed_on_the_mask_rule_alone(exercise_checks):
     assert failed and all("mask" in t or "masked" in t for t in failed), printed
     grads = [status for title, status, _ in results if title.startswith("attention: gradients")]
     assert grads == ["SKIP"], printed
+
+
+def test_inf_weights_are_blamed_on_the_finite_output_rule_alone(exercise_checks):
+    """masked_fill(-inf) without a softmax gives nan: the causality, mask and gradient checks
+    cannot judge such an output and say SKIP, not 'the future leaks in' or 'detached'."""
+    results, printed = exercise_checks(*WRONG["masked with -inf"][:2])
+    statuses = {title: status for title, status, _ in results}
+    assert [t for t, s in statuses.items() if s == "FAIL"] == ["attention: y shaped like q, in q's dtype, finite"], \
+        printed
+    assert [s for t, s in statuses.items() if t.startswith("attention: gradients")] == ["SKIP"], printed
