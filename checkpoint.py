@@ -38,19 +38,32 @@ def checkpoint_path(out_dir, name):
 _NOTED = set()  # files already reported as having no checksum
 
 
-def read_checkpoint(path):
+def missing_checkpoint(path, option="checkpoint_name"):
+    """The UserError for a checkpoint file that is not at path: the checkpoints its folder
+    holds instead (chosen with --option=NAME), or how to make one."""
+    folder = os.path.dirname(path) or "."
+    make = (f"train one (python train.py config/train_shakespeare_char_cpu.py --out_dir={folder}) or download the "
+            f"tutorial's (python download_pretrained.py --out_dir={folder})")
+    if not os.path.isdir(folder):
+        return UserError(f"out_dir {folder!r} does not exist: {make}, or pass --out_dir=<the folder train.py wrote>")
+    held = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and os.path.isfile(os.path.join(folder, f)))
+    if not held:
+        return UserError(f"checkpoint {path} not found, and {folder} holds none: {make}")
+    if os.path.basename(path) == "ckpt.pt" and "last.pt" in held:  # a run stopped before its first ckpt.pt
+        return UserError(f"checkpoint {path} not found, but {os.path.join(folder, 'last.pt')} is there (the latest "
+                         f"state of its run): name it with --{option}=last")
+    return UserError(f"checkpoint {path} not found; {folder} holds {', '.join(held)}: name one with "
+                     f"--{option}={held[0][:-3]}")
+
+
+def read_checkpoint(path, option="checkpoint_name"):
     """The checkpoint dict at path (tensors on the CPU), its layout and checksums checked;
-    or one clear UserError that names the file."""
+    or one clear UserError that names the file (option: the setting that named it)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         if os.path.isdir(path):
             raise UserError(f"{path} is a folder, not a checkpoint file")
-        last = os.path.join(os.path.dirname(path), "last.pt")
-        if os.path.basename(path) == "ckpt.pt" and os.path.isfile(last):  # a run stopped before its first ckpt.pt
-            raise UserError(f"checkpoint {path} not found, but {last} is there (the latest state of its run): "
-                            "name it with --checkpoint_name=last (train.py: --resume_checkpoint_name=last)")
-        raise UserError(f"checkpoint {path} not found: train one with `python train.py config/...` "
-                        f"(out_dir={os.path.dirname(path) or '.'}) or download the pretrained one (see README)")
+        raise missing_checkpoint(path, option)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -234,15 +247,16 @@ def convert_state_dict(sd, old, new):
     return sd, notes
 
 
-def load_model(path, device="cpu", overrides=None):
+def load_model(path, device="cpu", overrides=None, option="checkpoint_name"):
     """Build the model a checkpoint describes and load its weights strictly.
 
     overrides: model args to change (attention kind, n_kv_head, window, ...); the
     architecture keys n_layer, n_head, n_embd, bias always come from the checkpoint. A
     plug-in the checkpoint names runs only if overrides names it too (_check_plugins).
     A smaller n_kv_head or another kv_share converts the weights (see convert_state_dict).
-    Returns (model, checkpoint dict); checkpoint["conversions"] lists what was converted."""
-    ckpt = read_checkpoint(path)
+    Returns (model, checkpoint dict); checkpoint["conversions"] lists what was converted.
+    option: the setting that named the file, for the error when it is not there."""
+    ckpt = read_checkpoint(path, option)
     sd = _strip_prefixes(ckpt["model"])
     saved = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_ARG_KEYS}
     old = _saved_config(saved, sd, path)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from checkpoint import checkpoint_path, load_model
+from checkpoint import checkpoint_path, load_model, missing_checkpoint
 from configurator import configure
 from generate import generate_stream, static_decoder
 from kv.policy import KVOptions
@@ -51,17 +51,14 @@ def main():
     configure(globals(), sys.argv[1:])
     if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show a character shows \uXXXX
         sys.stdout.reconfigure(errors="backslashreplace")
-    if not os.path.isdir(out_dir):
-        raise UserError(f"out_dir {out_dir!r} does not exist: train a model first "
-                        f"(python train.py config/train_shakespeare_char.py --out_dir={out_dir}) "
-                        f"or pass --out_dir=<the folder train.py wrote>")
     path = checkpoint_path(out_dir, checkpoint_name)
-    if not os.path.exists(path):  # a folder of that name: read_checkpoint says so
-        raise UserError(f"{path} not found: train.py writes ckpt.pt and last.pt into --out_dir, e.g. "
-                        f"python train.py config/train_shakespeare_char.py --out_dir={out_dir}")
+    if not os.path.exists(path):  # before reading the prompt (a folder of that name: read_checkpoint says so)
+        raise missing_checkpoint(path)
     prompt = read_prompt(start)
-    if max_new_tokens < 0 or num_samples < 1:
-        raise UserError("--max_new_tokens must be 0 or more, --num_samples at least 1")
+    if max_new_tokens < 0:
+        raise UserError(f"--max_new_tokens must be 0 or more, got {max_new_tokens}")
+    if num_samples < 1:
+        raise UserError(f"--num_samples must be at least 1, got {num_samples}")
     check_range(globals(), "temperature top_k", 0)
     kv = KVOptions.from_settings(globals()).check().check_unused()
 

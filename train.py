@@ -174,7 +174,7 @@ def train(held):
         # the non-architecture model keys given on the command line or in a config file
         overrides = {k: config[k] for k in MODEL_ARG_KEYS
                      if k not in ARCH_KEYS and config[k] != defaults[k]}
-        model, ckpt = load_model(ckpt_path, dev, overrides)
+        model, ckpt = load_model(ckpt_path, dev, overrides, option="resume_checkpoint_name")
         given = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}  # flags, and config files:
         given |= {k for k in OBJECTIVE_KEYS if config[k] != defaults[k]}
         kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained

@@ -92,11 +92,15 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_bad_checkpoints_give_one_clear_error(tmp_path):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="holds none: train one .* or download the tutorial's"):
         read_checkpoint(str(tmp_path / "nope.pt"))
     save_tutorial_layout(tmp_path / "last.pt", tiny())  # a run stopped before it wrote ckpt.pt
     with pytest.raises(UserError, match="last.pt is there .*--checkpoint_name=last"):
         read_checkpoint(str(tmp_path / "ckpt.pt"))
+    with pytest.raises(UserError, match="last.pt is there .*--resume_checkpoint_name=last"):
+        read_checkpoint(str(tmp_path / "ckpt.pt"), option="resume_checkpoint_name")  # as train.py names it
+    with pytest.raises(UserError, match="nope.pt not found; .* holds last.pt: name one with --checkpoint_name=last$"):
+        read_checkpoint(str(tmp_path / "nope.pt"))
     good = tmp_path / "good.pt"
     save_tutorial_layout(good, tiny())
     data = good.read_bytes()

@@ -214,7 +214,7 @@ def test_checkpoint_without_val_data(ckpt_dir, tmp_path, monkeypatch, capsys):
 
 def test_missing_checkpoint_from_the_command_line(tmp_path):
     proc = run_script("eval_kv.py", f"--out_dir={tmp_path}/nowhere", "--kv_quant=int8")
-    assert_user_error(proc, "not found")
+    assert_user_error(proc, "nowhere' does not exist", "python download_pretrained.py")
 
 
 def test_xl_mem_of_the_checkpoint_bounds_the_history(ckpt_dir, monkeypatch, capsys):

@@ -97,7 +97,7 @@ def test_user_errors_are_one_line(out_dir, tmp_path, case):
     (tmp_path / "empty.txt").write_bytes(b"")
     args, fragments = {
         "no out_dir": ([f"--out_dir={tmp_path / 'nope'}"], ["nope", "does not exist", "python train.py"]),
-        "no checkpoint": ([f"--out_dir={out_dir}", "--checkpoint_name=last"], ["last.pt", "python train.py"]),
+        "no checkpoint": ([f"--out_dir={out_dir}", "--checkpoint_name=last"], ["last.pt not found", "holds ckpt.pt: name one with --checkpoint_name=ckpt"]),
         "no prompt file": ([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'missing.txt'}"], ["missing.txt"]),
         "empty prompt": ([f"--out_dir={out_dir}", "--start="], ["empty"]),
         "empty prompt file": ([f"--out_dir={out_dir}", f"--start=FILE:{tmp_path / 'empty.txt'}"], ["empty"]),
