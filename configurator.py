@@ -121,10 +121,12 @@ def print_help(g, known):
         print(f"  --{name}={g[name]!r}" + (f"  {text}" if text else ""))
 
 
-def configure(g, argv=None):
+def configure(g, argv=None, echo=None):
     """Apply config files and --name=value overrides from argv (default sys.argv[1:]) to the
-    globals dict g in place; return the settings {name: value}, the snapshot checkpoints save."""
+    globals dict g in place; return the settings {name: value}, the snapshot checkpoints save.
+    echo: where the "Overriding" lines go (default stdout; sample.py keeps stdout for the text)."""
     argv = sys.argv[1:] if argv is None else argv
+    echo = echo or sys.stdout
     # settings: the plain public globals; a name in capitals is a constant
     known = [k for k, v in g.items() if not k.startswith("_") and not k.isupper() and isinstance(v, PLAIN_TYPES)]
     flagged = {}  # the settings given as --name=value so far: a later config file may override them
@@ -142,12 +144,12 @@ def configure(g, argv=None):
             raise UserError(f"bad argument '{arg}': expected --name=value or a config file path")
         else:
             updates = _run_config_file(arg, g, known)
-            print(f"Overriding config with {arg}:")
+            print(f"Overriding config with {arg}:", file=echo)
             undone = [flagged.pop(n) for n in list(flagged) if n in updates]
             if undone:
                 print(f"note: {arg} comes after {' '.join(undone)} and overrides it; put config files first "
                       "so that the --name=value flags win", file=sys.stderr)
         for name, value in updates.items():
-            print(f"Overriding: {name} = {value}")
+            print(f"Overriding: {name} = {value}", file=echo)
             g[name] = value
     return {k: g[k] for k in known}

@@ -15,6 +15,7 @@ compile time is printed). The speed (tokens/s) and the size of the KV cache (in 
 reported on stderr.
 """
 import codecs
+import io
 import os
 import sys
 import time
@@ -48,7 +49,8 @@ globals().update(KVOptions().settings())
 
 
 def main():
-    configure(globals(), sys.argv[1:])
+    echoed = io.StringIO()  # the "Overriding" lines: on stderr once every setting has passed (stdout is the text)
+    configure(globals(), sys.argv[1:], echo=echoed)
     if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show a character shows \uXXXX
         sys.stdout.reconfigure(errors="backslashreplace")
     path = checkpoint_path(out_dir, checkpoint_name)
@@ -73,6 +75,7 @@ def main():
     if kv.kv_trim and not kv.kv_window:
         raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound: "
                         "add --kv_window=N (e.g. --kv_window=64), or it is never called")
+    print(echoed.getvalue(), end="", file=sys.stderr)
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *notes, sep="\n", file=sys.stderr)
     ctx = autocast_ctx(dev, dt)
