@@ -373,7 +373,8 @@ def load_baseline(where, dev, say):
     path = where if where.endswith(".pt") else checkpoint_path(where, "ckpt")
     model, ckpt = load_model(path, dev)
     model.eval()
-    return path, model, reference_options(ckpt.get("config") or {}, "natural", say=say)
+    config = ckpt.get("config") or {}
+    return path, model, reference_options(config, "natural", say=say), config.get("dataset", "")
 
 
 def main():
@@ -440,7 +441,16 @@ def main():
     evaluate(model, x[:1, :2], y[:1, :2], settings, 1, ref_kv, block, dtype=dt)
     base = load_baseline(baseline, dev, say) if baseline else None
     if base:
+        if base[3] != name and not dataset:
+            say(f"note: the baseline {base[0]} was trained on {base[3] or 'a dataset it does not name'}, this "
+                f"checkpoint on {name}: both are scored on {name}'s val split, so the baseline reads text it did not learn")
+        base = base[:3]
         evaluate(base[1], x[:1, :2], y[:1, :2], [base[2]], 1, base[2], block, dtype=dt)
+    if step > 1 and any(s.kv_quant != "none" or s.kv_evict != "none" for s in settings):
+        say(f"note: at chunk {step} a chunk's own bytes are attended at full precision and eviction runs once per "
+            "chunk (holding up to a chunk more than its budget meanwhile): residuals shorter than the chunk score "
+            "alike, and eviction better than the token-by-token decoder whose bits the table gives; --chunk=1 "
+            "scores that decoder (slower)")
     print(f"{path}: {n_streams} streams x {stream_len:,} bytes of {val_path}, chunk {step}, block {block}, "
           f"reference {label(ref_kv)} (history bound {window or 'none'}), full precision stored at {dtype}, "
           f"device {dev}" + (f", {thread_words}" if dev == "cpu" else ""), file=sys.stderr)

@@ -234,6 +234,27 @@ def test_xl_mem_of_the_checkpoint_bounds_the_history(ckpt_dir, monkeypatch, caps
     assert "| int8/r8, window 24 |" in out.out
 
 
+def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir, monkeypatch, capsys):
+    """At chunk > 1 a quantized or evicting row is not the token-by-token decoder its bits
+    describe, and a baseline trained on other text reads text it never learned: both said."""
+    ckpt = torch.load(ckpt_dir / "ckpt.pt", weights_only=True)
+    ckpt["config"]["dataset"] = "svejk_char"
+    resave(ckpt, ckpt_dir / "other.pt")
+    mod = importlib.reload(eval_kv)
+    common = ["eval_kv.py", f"--out_dir={ckpt_dir}", "--stream_len=64", "--n_streams=1"]
+    monkeypatch.setattr("sys.argv", common + ["--kv_quant=int8", "--kv_quant_residual=8",
+                                              f"--baseline={ckpt_dir / 'other.pt'}"])
+    mod.main()
+    err = capsys.readouterr().err
+    assert "note: at chunk 32 a chunk's own bytes are attended at full precision" in err
+    assert f"{ckpt_dir / 'other.pt'} was trained on svejk_char" in err
+    monkeypatch.setattr("sys.argv", common + ["--kv_quant=int8", "--kv_quant_residual=8", "--chunk=1"])
+    mod.main()
+    monkeypatch.setattr("sys.argv", common + ["--kv_window=16"])  # nothing approximate at chunk 32
+    mod.main()
+    assert "note: at chunk" not in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_compiled_chunk_1_gives_the_eager_figures(ckpt_dir):
     """eval_kv.py --chunk=1 --compile=True (the compiled static-cache step, with the group flush
