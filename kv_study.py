@@ -144,9 +144,17 @@ def fine_tune(base_path, folder, args, k, config, block=None):
     with open(os.path.join(folder, "train.log"), "w") as log:
         proc = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}); see {folder}/train.log")
+        with open(os.path.join(folder, "train.log"), errors="replace") as log:
+            said = [line.strip() for line in log if line.startswith("error: ")]
+        why = f": {said[-1][len('error: '):]}" if said else ""
+        raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}){why}; see {folder}/train.log")
     print(f"  fine-tuned {k} iterations in {time.time() - t0:.0f}s", file=sys.stderr)
-    return "python " + " ".join(c.replace(HERE + os.sep, "") for c in cmd[1:])
+    # to train it again: a copy of the base in a folder of its own (train.py resumes from out_dir's
+    # ckpt.pt, and the study's folder holds the fine-tuned one)
+    again = folder.rstrip(os.sep) + "_again"
+    rel = lambda c: c.replace(folder, again).replace(HERE + os.sep, "")
+    return (f"mkdir -p {rel(folder)} && cp {rel(base_path)} {rel(os.path.join(folder, 'ckpt.pt'))} && python "
+            + " ".join(rel(c) for c in cmd[1:]))
 
 
 # -- evaluation ------------------------------------------------------------------------------

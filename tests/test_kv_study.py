@@ -11,10 +11,12 @@ import io
 import os
 import re
 import runpy
+import subprocess
 import sys
 from unittest import mock
 
 import pytest
+import torch
 
 from checkpoint import read_checkpoint
 from conftest import REPO_ROOT, train
@@ -72,6 +74,14 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
         kw = {k: type(KVOptions().settings()[k])(v) for k, v in flags.items()}
         KVOptions(**kw).check().check_unused()
     assert "mqa_share" not in printed  # only the variants asked for
+    # a fine-tuned row's training command trains it again, bit for bit, in a folder of its own
+    cmd = next(r["train_command"] for r in rows if r["variant"] == "mqa")
+    assert f"--out_dir={folder / 'mqa_again'}" in cmd
+    proc = subprocess.run(cmd.replace("python ", f"{sys.executable} "), shell=True, cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = read_checkpoint(str(folder / "mqa/last.pt")), read_checkpoint(str(folder / "mqa_again/last.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
     stamp = {p: os.stat(folder / p).st_mtime_ns for p in ("mqa/last.pt", "qat_int2/results.json")}
     again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,base_ft,mqa,qat_int2", *SMALL)
@@ -132,3 +142,12 @@ def test_eval_command_leaves_out_what_the_format_ignores():
     cmd = kv_study.eval_command(row, "--chunk=32")
     assert "--kv_quant=int8" in cmd and "--kv_quant_residual=0" in cmd
     assert "kv_quant_group" not in cmd and "kv_quant_keys" not in cmd
+
+
+@pytest.mark.slow  # a fine-tune in a subprocess
+def test_a_failed_fine_tune_says_why(base_ckpt, tmp_path):
+    import kv_study
+    from utils import UserError
+    config = read_checkpoint(str(base_ckpt))["config"]
+    with pytest.raises(UserError, match=r"the fine-tune in .* failed \(exit 2\): .*n_kv_head.*; see .*train\.log"):
+        kv_study.fine_tune(str(base_ckpt), str(tmp_path / "v"), ["--n_kv_head=3"], 1, config)
