@@ -368,6 +368,9 @@ def incomparable(ckpt, model_args, block_size):
     'name old -> new', empty when nothing did."""
     saved = {**ckpt["model_args"], "block_size": (ckpt.get("config") or {}).get("block_size", block_size)}
     now = {**model_args, "block_size": block_size}
+    for args in (saved, now):  # n_kv_head 0 means n_head: say the number of heads
+        if not args.get("n_kv_head") and "n_head" in args:
+            args["n_kv_head"] = args["n_head"]
     return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
             if k != "dropout" and k in saved and saved[k] != now[k]]
 

@@ -181,7 +181,10 @@ def static_decoders(model, say=None):
     def decoder(kv, batch_size, capacity, dtype=None):
         dec = static_decoder(model, kv, batch_size, capacity, say=say, dtype=dtype)
         if dec is not None and dec.compiled and say is not None:
-            say(f"compiled the decode step for {kv.describe()} in {dec.compile_seconds:.1f} s")
+            what = kv.describe() if kv.compressed else "the plain cache"
+            if kv.kv_window > 0:
+                what += f", kv_window={kv.kv_window}" + (f", kv_sink={kv.kv_sink}" if kv.kv_sink else "")
+            say(f"compiled the decode step for {what} in {dec.compile_seconds:.1f} s")
         return dec
     return decoder
 

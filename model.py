@@ -94,8 +94,9 @@ def check_config(c):
         raise UserError(f"n_head={c.n_head} must be a multiple of n_kv_head={c.n_kv_head} (1 = MQA, 0 = n_head)")
     if c.window < 0:
         raise UserError(f"window must be >= 0 (0 = off), got {c.window}")
-    if c.kv_share < 1:
-        raise UserError(f"kv_share must be >= 1 (1 = off), got {c.kv_share}")
+    if not 1 <= c.kv_share <= c.n_layer:
+        raise UserError(f"kv_share must be between 1 (off) and n_layer={c.n_layer} (one K/V for every layer), "
+                        f"got {c.kv_share}")
     for name in ("global_layers", "linear_layers"):
         try:
             layers = c.layer_set(name)

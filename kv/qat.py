@@ -76,7 +76,8 @@ def make_qat_caches(model, kv_quant="none", kv_quant_group=32, channel_keys=True
         return None
     c = model.config
     if any(c.kind(i) == "linear" for i in range(c.n_layer)):
-        raise UserError("kv_quant in training applies to softmax K/V caches; drop linear_layers or kv_quant")
+        raise UserError("kv_quant in training quantizes softmax K/V caches, and this model has linear attention "
+                        "layers: drop --kv_quant, or keep some layers softmax (--linear_layers=...)")
     return qat_caches(model, kv_quant, kv_quant_group, channel_keys)
 
 

@@ -151,3 +151,11 @@ def test_a_failed_fine_tune_says_why(base_ckpt, tmp_path):
     config = read_checkpoint(str(base_ckpt))["config"]
     with pytest.raises(UserError, match=r"the fine-tune in .* failed \(exit 2\): .*n_kv_head.*; see .*train\.log"):
         kv_study.fine_tune(str(base_ckpt), str(tmp_path / "v"), ["--n_kv_head=3"], 1, config)
+
+
+def test_an_all_linear_base_is_refused(data_dir, tmp_path):
+    out = tmp_path / "lin"
+    train(data_dir, out, *TINY_BASE, "--attention=linear")
+    with pytest.raises(SystemExit) as e:
+        study(f"--base={out}", f"--out={tmp_path / 's'}", *SMALL)
+    assert e.value.code == 2 and not (tmp_path / "s").exists()

@@ -178,6 +178,7 @@ BAD_INPUTS = [
     (T + ["--dataset={root}/no_such_folder"], "no_such_folder"),
     # an unusable out_dir, found before any work (item 9)
     (T + ["--out_dir="], "--out_dir is empty"),
+    (T + ["--kv_share=3"], "kv_share must be between 1 (off) and n_layer=2"),
     (T + ["--out_dir={files}/a_file"], "is a file, not a folder"),
     (T + ["--out_dir={files}/a_file/sub"], "which is a file"),
     # one run per out_dir (item 2); a fresh run never replaces checkpoints unasked (item 1)
