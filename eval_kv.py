@@ -431,7 +431,9 @@ def main():
                 f"{', '.join(map(str, sorted(lowered)))} where it must fit the window or an eviction's recent half (each row's /r says which)")
     else:
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
-    for note in dict.fromkeys(s.local_residual(model.config)[1] for s in settings):
+    notes = [s.local_residual(model.config)[1] for s in settings]
+    notes += [s.local_note(model.config) for s in settings if s != ref_kv]
+    for note in dict.fromkeys(notes):
         if note:
             say(note)
     dt = DTYPES[dtype]

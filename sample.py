@@ -72,6 +72,7 @@ def main():
     model.eval()
     notes = []  # printed after the device line, once every setting has passed
     kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), say=notes.append).check()
+    notes += [n for n in [kv.local_note(model.config)] if n]
     if kv.kv_trim and not kv.kv_window:
         raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound: "
                         "add --kv_window=N (e.g. --kv_window=64), or it is never called")

@@ -149,6 +149,22 @@ class KVOptions:
                     f"window {w}: its local layers quantize nothing; lower kv_quant_group")
         return fit, note
 
+    def local_note(self, config):
+        """A line when every softmax layer of a model (GPTConfig) is local and this setting's
+        bound, sinks or budget cannot act inside the window config.window (None otherwise): a
+        local layer holds at most its window and never sees sink tokens behind it."""
+        w = config.window
+        softmax = [i for i in range(config.n_layer) if config.kind(i) != "linear"]
+        if not softmax or not all(config.is_local(i) for i in softmax):
+            return None
+        idle = [f"kv_window={self.kv_window}"] if self.kv_window >= w else []
+        idle += [f"kv_sink={self.kv_sink}"] if self.kv_sink and self.kv_evict == "none" and idle else []
+        idle += [f"kv_budget={self.kv_budget}"] if self.kv_evict != "none" and self.kv_budget >= w else []
+        if idle:
+            return (f"note: every layer of this model attends at most {w} tokens back (--window={w}), so "
+                    f"{', '.join(idle)} changes nothing")
+        return None
+
     @property
     def channel_keys(self):
         """int4/int2 keys per channel (KIVI): without eviction, unless kv_quant_keys='token'."""

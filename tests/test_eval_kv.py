@@ -269,3 +269,19 @@ def test_compiled_chunk_1_gives_the_eager_figures(ckpt_dir):
         assert proc.returncode == 0, proc.stderr
         out[c] = [line for line in proc.stdout.splitlines() if "int2" in line and "|" in line]
     assert out["True"] and out["True"] == out["False"]
+
+
+def test_a_bound_past_every_local_window_changes_nothing_and_says_so(tiny_data_dir):
+    """On a model whose every layer attends 8 back, a window of 16, sinks behind it, or a
+    budget of 12 leave every loss as it is: the rows equal the plain cache's, and a note says so."""
+    m = tiny_model(window=8)
+    x, y = streams(tiny_data_dir)
+    idle = [dict(kv_window=16, kv_sink=2), dict(kv_window=0, kv_evict="h2o", kv_budget=12, kv_recent=4)]
+    plain, *rows = run(m, x, y, [dict(kv_window=0)] + idle)
+    for r in rows:
+        assert abs(r["bpb"] - plain["bpb"]) < 1e-6 and r["kl_bits"] < 1e-6, r["setting"]
+    notes = [KVOptions(**s).check().local_note(m.config) for s in idle]
+    assert notes == ["note: every layer of this model attends at most 8 tokens back (--window=8), so kv_window=16, "
+                     "kv_sink=2 changes nothing", "note: every layer of this model attends at most 8 tokens back "
+                     "(--window=8), so kv_budget=12 changes nothing"]
+    assert KVOptions(kv_window=4, kv_sink=2).local_note(m.config) is None  # a tighter bound does bind
