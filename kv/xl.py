@@ -104,7 +104,6 @@ def memory_state(memory):
     return [{k: getattr(c, k) for k in c.state_keys} for c in {id(c): c for c in memory}.values()]
 
 
-
 def load_memory_state(memory, state):
     """Put memory_state's tensors back into a fresh make_xl_memory list for the same model,
     batch size and mem_len."""
