@@ -49,7 +49,7 @@ globals().update(KVOptions().settings())
 
 
 def main():
-    echoed = io.StringIO()  # the "Overriding" lines: on stderr once every setting has passed (stdout is the text)
+    echoed = io.StringIO()  # the "Overriding" lines: on stderr after the device line (stdout is the text)
     configure(globals(), sys.argv[1:], echo=echoed)
     if hasattr(sys.stdout, "reconfigure"):  # a console that cannot show a character shows \uXXXX
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -76,9 +76,8 @@ def main():
     if kv.kv_trim and not kv.kv_window:
         raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound: "
                         "add --kv_window=N (e.g. --kv_window=64), or it is never called")
-    print(echoed.getvalue(), end="", file=sys.stderr)
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
-          *notes, sep="\n", file=sys.stderr)
+          *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)
     ctx = autocast_ctx(dev, dt)
     # the samples run side by side, one batch of num_samples rows: on a small model 8 cost
     # about what 1 does. The first streams as it is generated, the others print when done.
