@@ -37,6 +37,10 @@ def window_mask(B, T, S):
     return m
 
 
+NOT_FINITE = ("y holds inf or nan: without a softmax a weight of -inf is not 0, multiply the weights by the "
+              "mask instead (att * mask); and keep a denominator from being 0 (+ eps)")
+
+
 def call_attention(impl, q, k, v, mask):
     y = impl.attention(q, k, v, mask, 0.0)
     expect(torch.is_tensor(y), f"attention must return a tensor, got {type(y).__name__}")
@@ -50,8 +54,8 @@ def check_linear_shapes(impl, ctx):
         q, k, v = (t.to(dtype) for t in qkv(T=3, S=7))
         y = call_attention(impl, q, k, v, causal(3, 7))
         expect(y.dtype == dtype, f"y came back as {y.dtype} for {dtype} inputs: cast the result to q.dtype")
-        expect(bool(torch.isfinite(y).all()), "y holds inf or nan: without a softmax a weight of -inf is not 0, "
-               "multiply the weights by the mask instead (att * mask); and keep a denominator from being 0 (+ eps)")
+        ctx["not_finite"] = not bool(torch.isfinite(y).all())  # the later checks then step aside
+        expect(not ctx["not_finite"], NOT_FINITE)
 
 
 def mistakes(q, k, v, mask):
@@ -77,10 +81,13 @@ def mistakes(q, k, v, mask):
     ]
 
 
-def skip_if_not_finite(y, judged):
-    """Skipped when y holds inf or nan (the shapes check says why): `judged` cannot be told."""
+def skip_if_not_finite(y, ctx, judged):
+    """When y holds inf or nan: Skipped if the shapes check failed for it already (`judged`
+    cannot be told), else Failed with that check's message."""
     if not bool(torch.isfinite(y).all()):
-        raise Skipped(f"y holds inf or nan (see above), so {judged} cannot be told")
+        if ctx.get("not_finite"):
+            raise Skipped(f"y holds inf or nan (see above), so {judged} cannot be told")
+        raise Failed(NOT_FINITE)
 
 
 def check_linear_formula(impl, ctx):
@@ -90,7 +97,7 @@ def check_linear_formula(impl, ctx):
         q, k, v = qkv(T=T, S=S)
         v = v * size
         y = call_attention(impl, q, k, v, mask)
-        skip_if_not_finite(y, "how it differs from the formula")
+        skip_if_not_finite(y, ctx, "how it differs from the formula")
         refs = linear_references(q, k, v, mask)
         errs = {name: max_err(y, r) for name, r in refs.items()}
         best = min(errs, key=errs.get)
@@ -107,7 +114,7 @@ def check_linear_formula(impl, ctx):
 def check_linear_causal(impl, ctx):
     q, k, v = qkv(T=7, S=7)
     y = call_attention(impl, q, k, v, causal(7, 7))
-    skip_if_not_finite(y, "whether later keys leak in")
+    skip_if_not_finite(y, ctx, "whether later keys leak in")
     for t in range(6):
         k2, v2 = k.clone(), v.clone()
         k2[:, :, t + 1:] += randn(*k2[:, :, t + 1:].shape, seed=t + 10) * 3
@@ -123,7 +130,7 @@ def check_linear_mask(impl, ctx):
     q, k, v = qkv(B=B, T=T, S=S)
     mask = window_mask(B, T, S)
     y = call_attention(impl, q, k, v, mask)
-    skip_if_not_finite(y, "whether hidden keys leak in")
+    skip_if_not_finite(y, ctx, "whether hidden keys leak in")
     for b in range(B):
         for t in range(T):
             hidden = ~mask[b, 0, t]
@@ -143,7 +150,7 @@ def check_linear_grads(impl, ctx):
     theirs = [t.clone().requires_grad_() for t in (q, k, v)]
     y = call_attention(impl, *mine, mask)
     expect(y.requires_grad, "y carries no gradient: no torch.no_grad, .detach() or .item() in attention()")
-    skip_if_not_finite(y, "its gradient")
+    skip_if_not_finite(y, ctx, "its gradient")
     refs = linear_references(*theirs, mask)
     norm = ctx.get("norm") or min(refs, key=lambda n: max_err(y, refs[n]))
     if max_err(y, refs[norm]) > 1e-4:  # the output differs already: its gradient cannot match
@@ -283,7 +290,7 @@ def check_recurrent_parallel(impl, ctx):
 def check_recurrent_matches_attention(impl, ctx):
     q, k, v = qkv(T=8, S=8)
     y = call_attention(impl, q, k, v, causal(8, 8))
-    skip_if_not_finite(y, "whether recurrent_step agrees with it")
+    skip_if_not_finite(y, ctx, "whether recurrent_step agrees with it")
     phi = attention_linear.phi
     B, h, _, hs = q.shape
     S, z = torch.zeros(B, h, hs, hs), torch.zeros(B, h, hs)

@@ -152,3 +152,16 @@ def test_inf_weights_are_blamed_on_the_finite_output_rule_alone(exercise_checks)
     assert [t for t, s in statuses.items() if s == "FAIL"] == ["attention: y shaped like q, in q's dtype, finite"], \
         printed
     assert [s for t, s in statuses.items() if t.startswith("attention: gradients")] == ["SKIP"], printed
+
+
+def test_nan_where_the_shapes_check_saw_none_still_fails(exercise_checks):
+    """A later check that meets inf or nan the shapes check did not see fails with its message:
+    stepping aside is only for a failure already reported."""
+    source = LINEAR_OK.replace("return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator",
+                               "y = (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)\n"
+                               "        return y * float('nan') if q.size(-2) == 6 else y")
+    results, printed = exercise_checks("linear_attention", source)
+    statuses = {title: (status, detail) for title, status, detail in results}
+    assert statuses["attention: y shaped like q, in q's dtype, finite"][0] == "PASS", printed
+    status, detail = statuses["attention: phi(q) phi(k)^T v, masked, normalised"]
+    assert status == "FAIL" and "y holds inf or nan" in detail, printed
