@@ -152,14 +152,17 @@ class KVOptions:
     def local_note(self, config):
         """A line when every softmax layer of a model (GPTConfig) is local and this setting's
         bound, sinks or budget cannot act inside the window config.window (None otherwise): a
-        local layer holds at most its window and never sees sink tokens behind it."""
+        local layer holds at most its window, and sinks only where a tighter kv_window or a
+        budget binds inside it (make_caches)."""
         w = config.window
         softmax = [i for i in range(config.n_layer) if config.kind(i) != "linear"]
         if not softmax or not all(config.is_local(i) for i in softmax):
             return None
+        evicts = self.kv_evict != "none"
         idle = [f"kv_window={self.kv_window}"] if self.kv_window >= w else []
-        idle += [f"kv_sink={self.kv_sink}"] if self.kv_sink and self.kv_evict == "none" and idle else []
-        idle += [f"kv_budget={self.kv_budget}"] if self.kv_evict != "none" and self.kv_budget >= w else []
+        idle += [f"kv_budget={self.kv_budget}"] if evicts and self.kv_budget >= w else []
+        binds = self.kv_budget < w if evicts else 0 < self.kv_window < w  # what makes sinks visible (make_caches)
+        idle += [f"kv_sink={self.kv_sink}"] if self.kv_sink and not binds else []
         if idle:
             return (f"note: every layer of this model attends at most {w} tokens back (--window={w}), so "
                     f"{', '.join(idle)} changes nothing")
@@ -206,7 +209,10 @@ class KVOptions:
             else:
                 window, sink, residual = max(self.kv_window, 0), self.kv_sink, self.kv_quant_residual
                 if c.is_local(i) and (window == 0 or window >= c.window):
-                    window, sink = c.window, 0
+                    # its own window bounds it; sinks only where a budget binds inside it (as
+                    # a tighter kv_window's sinks do), never behind it
+                    binds = self.kv_evict != "none" and self.kv_budget < c.window
+                    window, sink = c.window, (sink if binds else 0)
                     residual = self.local_residual(c)[0]  # (eval_kv prints its note)
                 caches.append(self._cache(batch_size, c.kv_heads, c.head_dim, window, sink, capacity, dtype,
                                           p.device, residual, clock))

@@ -100,10 +100,12 @@ def test_kept_keys_keep_their_distances():
 
 
 @pytest.mark.parametrize("sink", [0, 3])
-def test_window_policy_is_the_bounded_cache(sink):
+@pytest.mark.parametrize("local", [{}, dict(window=16, global_layers="0")])
+def test_window_policy_is_the_bounded_cache(sink, local):
     # a budget of N is a window of N: a decode step sees N tokens, itself included; the sinks
-    # count in the budget and come on top of kv_window
-    m = tiny(n_kv_head=2)
+    # count in the budget and come on top of kv_window (in a local layer too, where both bind
+    # inside its window of 16)
+    m = tiny(n_kv_head=2, **local)
     idx = text(T=45)
     budget = 10
     ours, caches = feed(m, idx, 1, KVOptions(kv_evict="window", kv_budget=budget, kv_sink=sink).check())
