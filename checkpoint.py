@@ -42,18 +42,24 @@ def missing_checkpoint(path, option="checkpoint_name"):
     """The UserError for a checkpoint file that is not at path: the checkpoints its folder
     holds instead (chosen with --option=NAME), or how to make one."""
     folder = os.path.dirname(path) or "."
+    by_name = option.endswith("checkpoint_name")  # a name in out_dir; else (--baseline, --base) a path
+    pick = lambda f: f"--{option}={f[:-3] if by_name else os.path.join(folder, f)}"  # noqa: E731
+    where = "--out_dir" if by_name else f"--{option}"
     make = (f"train one (python train.py config/train_shakespeare_char_cpu.py --out_dir={folder}) or download the "
             f"tutorial's (python download_pretrained.py --out_dir={folder})")
+    if os.path.isfile(folder):
+        return UserError(f"{folder} is a file, not a folder: pass the folder that holds it ({where}="
+                         f"{os.path.dirname(folder) or '.'})" + (f" and --{option}={os.path.basename(folder)}"
+                                                                 if by_name else ""))
     if not os.path.isdir(folder):
-        return UserError(f"out_dir {folder!r} does not exist: {make}, or pass --out_dir=<the folder train.py wrote>")
+        return UserError(f"{folder!r} does not exist: {make}, or pass {where}=<the folder train.py wrote>")
     held = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and os.path.isfile(os.path.join(folder, f)))
     if not held:
         return UserError(f"checkpoint {path} not found, and {folder} holds none: {make}")
     if os.path.basename(path) == "ckpt.pt" and "last.pt" in held:  # a run stopped before its first ckpt.pt
         return UserError(f"checkpoint {path} not found, but {os.path.join(folder, 'last.pt')} is there (the latest "
-                         f"state of its run): name it with --{option}=last")
-    return UserError(f"checkpoint {path} not found; {folder} holds {', '.join(held)}: name one with "
-                     f"--{option}={held[0][:-3]}")
+                         f"state of its run): name it with {pick('last.pt')}")
+    return UserError(f"checkpoint {path} not found; {folder} holds {', '.join(held)}: name one with {pick(held[0])}")
 
 
 def read_checkpoint(path, option="checkpoint_name"):

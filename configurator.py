@@ -148,7 +148,7 @@ def configure(g, argv=None, echo=None):
             undone = [flagged.pop(n) for n in list(flagged) if n in updates]
             if undone:
                 print(f"note: {arg} comes after {' '.join(undone)} and overrides it; put config files first "
-                      "so that the --name=value flags win", file=sys.stderr)
+                      "so that the --name=value flags win", file=sys.stderr if echo is sys.stdout else echo)
         for name, value in updates.items():
             print(f"Overriding: {name} = {value}", file=echo)
             g[name] = value

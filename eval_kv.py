@@ -371,7 +371,7 @@ def load_baseline(where, dev, say):
     """--baseline: a checkpoint (a .pt file, or an out_dir holding ckpt.pt), its model and its
     natural reference."""
     path = where if where.endswith(".pt") else checkpoint_path(where, "ckpt")
-    model, ckpt = load_model(path, dev)
+    model, ckpt = load_model(path, dev, option="baseline")
     model.eval()
     config = ckpt.get("config") or {}
     return path, model, reference_options(config, "natural", say=say), config.get("dataset", "")
@@ -432,7 +432,7 @@ def main():
     else:
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
     notes = [s.local_residual(model.config)[1] for s in settings]
-    notes += [s.local_note(model.config) for s in settings if s != ref_kv]
+    notes += [] if sweep else [kv.local_note(model.config)]  # as given (kv_window=-1: the reference's bound)
     for note in dict.fromkeys(notes):
         if note:
             say(note)
@@ -443,7 +443,7 @@ def main():
     evaluate(model, x[:1, :2], y[:1, :2], settings, 1, ref_kv, block, dtype=dt)
     base = load_baseline(baseline, dev, say) if baseline else None
     if base:
-        if base[3] != name and not dataset:
+        if base[3] != name:
             say(f"note: the baseline {base[0]} was trained on {base[3] or 'a dataset it does not name'}, this "
                 f"checkpoint on {name}: both are scored on {name}'s val split, so the baseline reads text it did not learn")
         base = base[:3]

@@ -182,7 +182,7 @@ def evaluate_variant(path, x, y, settings, step, block, label):
 def study():
     base_path = base if base.endswith(".pt") else checkpoint_path(base, "ckpt")
     folder = out or os.path.join(os.path.dirname(base_path), "kv_study_quick" if quick else "kv_study")
-    base_model, ckpt = load_model(base_path, "cpu")
+    base_model, ckpt = load_model(base_path, "cpu", option="base")
     if base_model.config.no_kv_cache:
         raise UserError(f"every layer of {base_path} is linear attention (a fixed-size state, no KV cache): "
                         "there is no cache to shrink; study a softmax base")
@@ -320,7 +320,7 @@ def eval_command(r, common):
 def context():
     base_path = base if base.endswith(".pt") else checkpoint_path(base, "ckpt")
     folder = out or os.path.join(os.path.dirname(base_path), "kv_study_context")
-    _, ckpt = load_model(base_path, "cpu")
+    _, ckpt = load_model(base_path, "cpu", option="base")
     config = ckpt.get("config") or {}
     block = int(config["block_size"])
     L = 4 * block

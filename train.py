@@ -180,8 +180,12 @@ def train(held):
         kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
         globals().update(kept)
         config.update(kept)
-        if kept:
-            check_settings(world_size)  # the checkpoint's settings with this run's
+        try:
+            if kept:
+                check_settings(world_size)  # the checkpoint's settings with this run's
+        except UserError as e:
+            off = " ".join(f"--{k}={defaults[k]}" for k in kept)
+            raise UserError(f"{e} ({', '.join(kept)} from the checkpoint: {off} goes on without)") from None
         for note in ckpt["conversions"]:
             print(f"converted: {note}")
         model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
@@ -347,10 +351,12 @@ def train(held):
     print(f"done: {iter_num - start_iter} iterations in {clock(time.time() - t_begin)}; best val loss "
           f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in
           (("ckpt.pt", "best val loss"), ("last.pt", "latest")) if os.path.isfile(os.path.join(out_dir, n))))
-    # sample.py's default cache is unbounded: past block_size bytes the model sees more history
-    # than it was trained on and drifts into noise (a model trained with XL memory keeps xl_mem)
-    plugin = f" --attention={model_args['attention']}" if ":" in model_args["attention"] else ""  # named again
-    print(f"next: python sample.py --out_dir={out_dir}" + ("" if xl_mem else f" --kv_window={block_size}") + plugin)
+    # sample.py's default cache is unbounded: past block_size bytes a global softmax layer sees more
+    # history than it was trained on and drifts into noise (XL memory, local and linear layers do not)
+    c = unwrap(model).config
+    drifts = not xl_mem and any(not c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer))
+    plugin = f" --attention={c.attention}" if ":" in c.attention else ""  # sample.py runs it only if named
+    print(f"next: python sample.py --out_dir={out_dir}" + (f" --kv_window={block_size}" if drifts else "") + plugin)
 
 
 def interrupted(iter_num, start_iter, origin):

@@ -161,7 +161,7 @@ class KVOptions:
         evicts = self.kv_evict != "none"
         idle = [f"kv_window={self.kv_window}"] if self.kv_window >= w else []
         idle += [f"kv_budget={self.kv_budget}"] if evicts and self.kv_budget >= w else []
-        binds = self.kv_budget < w if evicts else 0 < self.kv_window < w  # what makes sinks visible (make_caches)
+        binds = 0 < self.kv_window < w or (evicts and self.kv_budget < w)  # sinks in sight (make_caches)
         idle += [f"kv_sink={self.kv_sink}"] if self.kv_sink and not binds else []
         if idle:
             return (f"note: every layer of this model attends at most {w} tokens back (--window={w}), so "

@@ -7,6 +7,7 @@ base, as frontier.csv, frontier.md (the table and the answer: the largest reduct
     print(write_frontier(rows, "out/kv_study/frontier", "my study", yardstick="strict"))
 """
 import csv
+import os
 
 import torch
 
@@ -71,8 +72,17 @@ def markdown(rows, title, yardstick="strict"):
         lines += ["", f"**Largest reduction within {pct}% of the yardstick: {r['x_smaller']:.1f}x** ({r['variant']}, "
                   f"{r['setting']}: {r['bpb']:.4f} bits per byte, {r['delta_pct']:+.2f}% vs {r.get('yardstick', 'base')}"
                   f", {r.get('delta_base_pct', r['delta_pct']):+.2f}% vs base). Commands:", "",
-                  *(["    " + r["train_command"]] if r["train_command"] else []), "    " + r["eval_command"]]
+                  *(["    " + r["train_command"]] if r["train_command"] else []), "    " + again(r)]
     return "\n".join(lines) + "\n"
+
+
+def again(r):
+    """Row r's eval_kv command; after a training command, on the checkpoint that one trains
+    (in <variant>_again, next to the study's own)."""
+    if not r["train_command"]:
+        return r["eval_command"]
+    d = os.path.dirname(r["checkpoint"])
+    return r["eval_command"].replace(f"--out_dir={d} ", f"--out_dir={d}_again ")
 
 
 def plot(rows, path, title):

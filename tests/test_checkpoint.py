@@ -101,6 +101,10 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
         read_checkpoint(str(tmp_path / "ckpt.pt"), option="resume_checkpoint_name")  # as train.py names it
     with pytest.raises(UserError, match="nope.pt not found; .* holds last.pt: name one with --checkpoint_name=last$"):
         read_checkpoint(str(tmp_path / "nope.pt"))
+    with pytest.raises(UserError, match=f"name it with --baseline={tmp_path / 'last.pt'}$"):  # a path, not a name
+        read_checkpoint(str(tmp_path / "ckpt.pt"), option="baseline")
+    with pytest.raises(UserError, match="last.pt is a file, not a folder: pass the folder that holds it"):
+        read_checkpoint(str(tmp_path / "last.pt" / "ckpt.pt"))  # --out_dir=.../last.pt
     good = tmp_path / "good.pt"
     save_tutorial_layout(good, tiny())
     data = good.read_bytes()

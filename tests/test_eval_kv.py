@@ -285,3 +285,5 @@ def test_a_bound_past_every_local_window_changes_nothing_and_says_so(tiny_data_d
                      "kv_sink=2 changes nothing", "note: every layer of this model attends at most 8 tokens back "
                      "(--window=8), so kv_budget=12 changes nothing"]
     assert KVOptions(kv_window=4, kv_sink=2).local_note(m.config) is None  # a tighter bound does bind
+    tight = KVOptions(kv_window=4, kv_sink=2, kv_evict="window", kv_budget=12).check().local_note(m.config)
+    assert tight.endswith("so kv_budget=12 changes nothing")  # the window binds first, and its sinks count

@@ -105,6 +105,12 @@ def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_
     assert str(read_checkpoint(str(split / "last.pt"))["config"][name]) == off
 
 
+def test_the_next_command_of_a_linear_model_has_no_window(data_dir, tmp_path):
+    """A fixed-size state does not drift past block_size, and sample.py refuses a kv_window for it."""
+    printed = train(data_dir, tmp_path / "o", "--max_iters=2", "--attention=linear")
+    assert printed.strip().splitlines()[-1] == f"next: python sample.py --out_dir={tmp_path / 'o'}"
+
+
 def test_the_next_command_names_a_plugin_attention(data_dir, tmp_path):
     """sample.py runs a plug-in only when named on its command line: the printed command does."""
     printed = train(data_dir, tmp_path / "o", "--max_iters=2", "--attention=attention_linear:linear_attention")
