@@ -402,6 +402,20 @@ def objective_settings(ckpt, settings, given):
     return out
 
 
+def resume_schedule(ckpt, resume_mode, max_iters, eval_only=False):
+    """(mode, start_iter, end_iter, origin) of a resumed run: 'continue' trains on the original
+    schedule (counted from iteration 0) up to max_iters, 'finetune' max_iters more iterations on
+    a schedule counted from the checkpoint's iteration (origin)."""
+    start = ckpt.get("iter_num")
+    if start is None:  # a checkpoint without it (the tutorial's own) counts as a finished run
+        start = int((ckpt.get("config") or {}).get("max_iters", 0))
+        print(f"note: the checkpoint does not say its iteration; taking its max_iters, {start}")
+    mode = pick_resume_mode(start, resume_mode, max_iters, eval_only)
+    if mode == "continue":
+        return mode, start, max(max_iters, start), 0
+    return mode, start, start + max_iters, start
+
+
 def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
     """'continue' (the original schedule up to max_iters) or 'finetune' (max_iters more
     iterations, a fresh schedule) for a checkpoint at iteration ckpt_iter; says why."""

@@ -29,7 +29,7 @@ pass reads one stream at a time in pieces (ReferencePass). With --chunk=1 --comp
 setting whose caches allow it, the reference's own row too, runs the compiled decode step
 (generate.StaticDecoder), a byte per step; the others stay eager. Reported per setting: peak KV bits
 per stream, the most a token-by-token decoder holds at once (keys and values of every layer
-at their stored width), whatever the chunk (decoder_peak); bits per token (peak / tokens of
+at their stored width), whatever the chunk (kv.peak.decoder_peak); bits per token (peak / tokens of
 the stream, the x of the frontier); x smaller (the baseline's peak / the row's); bits per
 byte, overall and per position bucket [0, block), [block, 2 block), [2 block, 4 block), ...;
 its change against the baseline; the mean KL(reference || setting) of the next-byte
@@ -49,12 +49,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from attention import naive_attention
-from attention_linear import LinearState
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from generate import static_decoders
-from kv.cache import Cache
+from kv.peak import decoder_peak
 from kv.policy import KVOptions
 from kv.report import frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_paths
@@ -172,60 +170,6 @@ def label(kv, reference=None):
     sink = f" + sink {kv.kv_sink}" if kv.kv_sink and kv.kv_evict == "none" else ""  # (eviction names its own)
     bound = f"window {kv.kv_window}{sink}" if kv.kv_window > 0 else "unbounded"
     return f"{what}, {bound}" + (" (reference)" if kv == reference else "")
-
-
-@torch.no_grad()
-def decoder_peak(model, kv, L, dtype=torch.bfloat16):
-    """Peak KV bits per stream of a token-by-token decoder with kv's caches (KVOptions) over L
-    tokens. What a cache holds depends on its rules and on how many tokens it has read, not
-    on their values, so zeros stand in for the model's keys and values (and their uniform
-    attention for H2O's scores), one token at a time, whatever chunk the model was fed in;
-    layers whose caches are built alike hold alike, so one cache stands in for each kind."""
-    c = model.config
-    p = next(model.parameters())
-    dtype = dtype or p.dtype
-    caches = kv.make_caches(model, 1, capacity=L, dtype=dtype)
-    kinds = {}  # (attention kind, local?) -> the caches of those layers (one per kv_share group)
-    for i in range(0, c.n_layer, c.kv_share):
-        kinds.setdefault((c.kind(i), c.is_local(i)), []).append(caches[i])
-    fixed = sum(len(g) * g[0].size_bits() for g in kinds.values() if isinstance(g[0], LinearState))
-    stand_ins = [(g[0], len(g)) for g in kinds.values() if not isinstance(g[0], LinearState)]
-    held = lambda: fixed + sum(n * cache.size_bits() for cache, n in stand_ins)
-    # zeros in the storage dtype: nothing to convert when the caches hand them back
-    zeros = lambda T: torch.zeros(1, c.kv_heads, T, c.head_dim, dtype=dtype, device=p.device)  # (B, nkv, T, hs)
-    q = torch.zeros(1, c.n_head, 1, c.head_dim, dtype=dtype, device=p.device)  # (B, nh, T, hs)
-    start, stop = horizon(kv, c, L)
-    peak = fixed
-    if start:  # a cache that only grows: one chunk leaves it as `start` decode steps would
-        for cache, _ in stand_ins:
-            cache.update(zeros(start), zeros(start))
-        peak = held()
-    for _ in range(start, stop):
-        for cache, _ in stand_ins:
-            k, v, mask = cache.update(zeros(1), zeros(1))
-            if type(cache).attend is not Cache.attend:  # a cache that reads the attention (H2O)
-                cache.attend(naive_attention, q, k, v, mask)
-        peak = max(peak, held())
-    return peak
-
-
-def horizon(kv, config, L):
-    """(start, stop): the tokens over which decoder_peak must follow kv's caches one at a
-    time. A bounded cache (a window or a budget in every softmax layer) has gone through every
-    state it will be in after kv_sink + window + kv_budget + kv_quant_residual + key group
-    tokens (its residual and key groups cycle from there): twice that, with a margin, from 0.
-    An unbounded one (no window anywhere) only grows, by a key group at a time, so its peak is
-    among the last 2 (kv_quant_residual + key group) + 64 tokens. A mix, or kv_trim: all L."""
-    windows = [kv.kv_window if kv.kv_window > 0 else (config.window if config.is_local(i) else 0)
-               for i in range(config.n_layer) if config.kind(i) != "linear"]
-    quant = (kv.kv_quant_residual + kv.key_group()) if kv.kv_quant != "none" else 0
-    if kv.kv_trim:
-        return 0, L
-    if kv.kv_evict != "none" or all(windows):
-        return 0, min(L, 2 * (kv.kv_sink + max(windows, default=0) + kv.kv_budget + quant) + 64)
-    if not any(windows):
-        return max(L - 2 * quant - 64, 0), L
-    return 0, L
 
 
 class ReferencePass:
@@ -367,14 +311,17 @@ def reference_options(config, how, kv_window=-1, kv_sink=0, say=print):
     return KVOptions(kv_window=n)
 
 
-def load_baseline(where, dev, say):
+def load_baseline(where, dev, say, dataset):
     """--baseline: a checkpoint (a .pt file, or an out_dir holding ckpt.pt), its model and its
-    natural reference."""
+    natural reference; a note when it was trained on another dataset than the one scored."""
     path = where if where.endswith(".pt") else checkpoint_path(where, "ckpt")
     model, ckpt = load_model(path, dev, option="baseline")
     model.eval()
     config = ckpt.get("config") or {}
-    return path, model, reference_options(config, "natural", say=say), config.get("dataset", "")
+    if config.get("dataset", "") != dataset:
+        say(f"note: the baseline {path} was trained on {config.get('dataset') or 'a dataset it does not name'}, "
+            f"the text scored is {dataset}'s val split: the baseline reads text it did not learn")
+    return path, model, reference_options(config, "natural", say=say)
 
 
 def main():
@@ -441,12 +388,8 @@ def main():
     # a dry run of every setting on 2 bytes: an error that depends on the model (or sits in a
     # user's plug-in) shows in seconds, not after the long run
     evaluate(model, x[:1, :2], y[:1, :2], settings, 1, ref_kv, block, dtype=dt)
-    base = load_baseline(baseline, dev, say) if baseline else None
+    base = load_baseline(baseline, dev, say, name) if baseline else None
     if base:
-        if base[3] != name:
-            say(f"note: the baseline {base[0]} was trained on {base[3] or 'a dataset it does not name'}, this "
-                f"checkpoint on {name}: both are scored on {name}'s val split, so the baseline reads text it did not learn")
-        base = base[:3]
         evaluate(base[1], x[:1, :2], y[:1, :2], [base[2]], 1, base[2], block, dtype=dt)
     if step > 1 and any(s.kv_quant != "none" or s.kv_evict != "none" for s in settings):
         say(f"note: at chunk {step} a chunk's own bytes are attended at full precision and eviction runs once per "

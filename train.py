@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
 from checkpoint import (OBJECTIVE_KEYS, checkpoint_path, incomparable, load_model, objective_settings,
-                        pick_resume_mode, restore_training_state, rng_state, save_checkpoint, unwrap)
+                        resume_schedule, restore_training_state, rng_state, save_checkpoint, unwrap)
 from configurator import configure
 from kv.qat import make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_state
@@ -180,30 +180,22 @@ def train(held):
         kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
         globals().update(kept)
         config.update(kept)
-        try:
-            if kept:
+        if kept:
+            try:
                 check_settings(world_size)  # the checkpoint's settings with this run's
-        except UserError as e:
-            off = " ".join(f"--{k}={defaults[k]}" for k in kept)
-            raise UserError(f"{e} ({', '.join(kept)} from the checkpoint: {off} goes on without)") from None
+            except UserError as e:
+                off = " ".join(f"--{k}={defaults[k]}" for k in kept)
+                raise UserError(f"{e} ({', '.join(kept)} from the checkpoint: {off} goes on without)") from None
         for note in ckpt["conversions"]:
             print(f"converted: {note}")
         model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
         for k in ARCH_KEYS:
             if config[k] != model_args[k]:
                 print(f"note: {k}={model_args[k]!r} from the checkpoint (the config says {config[k]!r})")
-        start_iter = ckpt.get("iter_num")
-        if start_iter is None:  # a checkpoint without it (the tutorial's own) counts as a finished run
-            start_iter = int(ckpt.get("config", {}).get("max_iters", 0))
-            print(f"note: the checkpoint does not say its iteration; taking its max_iters, {start_iter}")
-        mode = pick_resume_mode(start_iter, resume_mode, max_iters, eval_only)
-        if mode == "continue":  # the original schedule, counted from iteration 0
-            end_iter, origin = max(max_iters, start_iter), 0
-        else:  # max_iters more iterations, schedule counted from here
-            end_iter, origin = start_iter + max_iters, start_iter
+        mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
         best_val_loss = ckpt.get("best_val_loss", float("inf"))
         print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
-        changed = incomparable(ckpt, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}, block_size)
+        changed = incomparable(ckpt, model_args, block_size)
         if changed and not eval_only and end_iter > start_iter:  # its val loss is another model's, or another context's
             fresh_best, best_val_loss = True, float("inf")
             print(f"note: {', '.join(changed)}: the checkpoint's best val loss is not comparable, so ckpt.pt "

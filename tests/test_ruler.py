@@ -14,6 +14,7 @@ from torch.nn import functional as F
 import eval_kv
 from checkpoint import save_checkpoint
 from conftest import TOL, feed, text, tiny
+from kv import peak as kv_peak
 from kv.policy import KVOptions, held_bits
 from model import GPT
 from utils import UserError, run_main
@@ -63,15 +64,15 @@ def test_peak_is_what_a_decoder_holds(arch):
     m = tiny(**MODELS[arch])
     x, _ = streams(B=1, L=130)
     for name, kv in zip(POLICIES, settings()):
-        start, stop = eval_kv.horizon(kv, m.config, 130)
+        start, stop = kv_peak.horizon(kv, m.config, 130)
         assert start == 0 and stop < 130, name
-        assert eval_kv.decoder_peak(m, kv, 130) == decoded_peak(m, kv, x), name
+        assert kv_peak.decoder_peak(m, kv, 130) == decoded_peak(m, kv, x), name
     for unbounded in (KVOptions(kv_window=0), KVOptions(kv_window=0, kv_quant="int4", kv_quant_group=4,
                                                          kv_quant_residual=4).check()):
         # only growing: one chunk, then the last tokens one at a time (a local window: all of them)
-        start, _ = eval_kv.horizon(unbounded, m.config, 130)
+        start, _ = kv_peak.horizon(unbounded, m.config, 130)
         assert start == (0 if arch == "local window" else 66 - (16 if unbounded.kv_quant != "none" else 0))
-        assert eval_kv.decoder_peak(m, unbounded, 130) == decoded_peak(m, unbounded, x)
+        assert kv_peak.decoder_peak(m, unbounded, 130) == decoded_peak(m, unbounded, x)
 
 
 def test_peak_does_not_depend_on_the_chunk():
