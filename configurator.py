@@ -53,16 +53,19 @@ def _parse(name, text, default):
 
 
 def _run_config_file(path, g, known):
-    """Exec a config file with the current settings visible; return the settings it changed."""
+    """Exec a config file with the current settings visible; return the settings it changed and
+    the names it assigns (a setting assigned its default is still given by the file)."""
     if not os.path.isfile(path):
         raise UserError(f"config file {path} not found")
     scope = {k: g[k] for k in known}
     try:
         with open(path) as f:
-            exec(compile(f.read(), path, "exec"), scope)
+            tree = ast.parse(f.read(), path)
+        exec(compile(tree, path, "exec"), scope)
     except Exception as e:  # a config file is user input: any failure in it is a user error
         detail = " ".join(str(e).split())
         raise UserError(f"config file {path}: {type(e).__name__}: {detail}") from None
+    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
     updates = {}
     for name, value in scope.items():
         if name.startswith("_") or isinstance(value, types.ModuleType):
@@ -73,7 +76,7 @@ def _run_config_file(path, g, known):
         value = _coerce(f"config file {path}: {name}", value, g[name])
         if value != g[name]:
             updates[name] = value
-    return updates
+    return updates, assigned & set(known)
 
 
 _SETTING = re.compile(r"^\s*(\w+)\s*(?::\s*\w+\s*)?=\s*.+?\s+#\s*(.+)$")
@@ -121,10 +124,12 @@ def print_help(g, known):
         print(f"  --{name}={g[name]!r}" + (f"  {text}" if text else ""))
 
 
-def configure(g, argv=None, echo=None):
+def configure(g, argv=None, echo=None, given=None):
     """Apply config files and --name=value overrides from argv (default sys.argv[1:]) to the
     globals dict g in place; return the settings {name: value}, the snapshot checkpoints save.
-    echo: where the "Overriding" lines go (default stdout; sample.py keeps stdout for the text)."""
+    echo: where the "Overriding" lines go (default stdout; sample.py keeps stdout for the text).
+    given: a set that receives the names of the settings a flag or a config file set, even to
+    their defaults (a resume keeps the checkpoint's value of some settings unless given)."""
     argv = sys.argv[1:] if argv is None else argv
     echo = echo or sys.stdout
     # settings: the plain public globals; a name in capitals is a constant
@@ -140,15 +145,18 @@ def configure(g, argv=None, echo=None):
                 raise UserError(f"unknown setting --{name}; {_suggest(name, known)}")
             updates = {name: _parse(name, text, g[name])}
             flagged[name] = arg
+            assigned = {name}
         elif arg.startswith("-") or ("=" in arg and not os.path.exists(arg)):
             raise UserError(f"bad argument '{arg}': expected --name=value or a config file path")
         else:
-            updates = _run_config_file(arg, g, known)
+            updates, assigned = _run_config_file(arg, g, known)
             print(f"Overriding config with {arg}:", file=echo)
             undone = [flagged.pop(n) for n in list(flagged) if n in updates]
             if undone:
                 print(f"note: {arg} comes after {' '.join(undone)} and overrides it; put config files first "
                       "so that the --name=value flags win", file=sys.stderr if echo is sys.stdout else echo)
+        if given is not None:
+            given |= assigned
         for name, value in updates.items():
             print(f"Overriding: {name} = {value}", file=echo)
             g[name] = value

@@ -133,7 +133,8 @@ def train(held):
     t_begin = time.time()
     if not master:
         sys.stdout = open(os.devnull, "w")
-    config = configure(globals(), sys.argv[1:])
+    given = set()  # the settings a flag or a config file sets (configure fills it)
+    config = configure(globals(), sys.argv[1:], given=given)
     check_settings(world_size)
     if master and not eval_only and max_iters > 0:  # a run that trains: out_dir must be usable, and its own
         held.enter_context(outdir.claim(out_dir, fresh=init_from == "scratch", overwrite=overwrite))
@@ -175,8 +176,6 @@ def train(held):
         overrides = {k: config[k] for k in MODEL_ARG_KEYS
                      if k not in ARCH_KEYS and config[k] != defaults[k]}
         model, ckpt = load_model(ckpt_path, dev, overrides, option="resume_checkpoint_name")
-        given = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}  # flags, and config files:
-        given |= {k for k in OBJECTIVE_KEYS if config[k] != defaults[k]}
         kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
         globals().update(kept)
         config.update(kept)

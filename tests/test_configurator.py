@@ -54,6 +54,18 @@ def test_config_file_in_order(tmp_path):
     assert g["max_iters"] == 9 and g["learning_rate"] == 5.0
 
 
+def test_given_names_what_flags_and_config_files_set_even_to_a_default(tmp_path):
+    """A resume keeps some of the checkpoint's settings unless given: a config file that
+    restates a default gives that setting, as a flag does; a setting only read is not given."""
+    path = tmp_path / "cfg.py"
+    path.write_text("out_dir = 'out'\nif out_dir:\n    compile = True\nmax_iters = max_iters\nprint(learning_rate)\n")
+    g, given = settings(), set()
+    before = dict(g)
+    configure(g, [str(path), "--dtype=auto"], given=given)
+    assert g == before  # every value is its default
+    assert given == {"out_dir", "compile", "max_iters", "dtype"}
+
+
 def test_config_file_after_a_flag_overrides_it_and_says_so(tmp_path, capsys):
     path = tmp_path / "cfg.py"
     path.write_text("max_iters = 50\n")

@@ -99,10 +99,14 @@ def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     off = "0" if name == "xl_mem" else "none"
-    printed = train(data_dir, split, f"--max_iters={N + 5}", "--init_from=resume", "--resume_checkpoint_name=last",
-                    f"--{name}={off}")
-    assert "from the checkpoint" not in printed
-    assert str(read_checkpoint(str(split / "last.pt"))["config"][name]) == off
+    shutil.copytree(split, tmp_path / "by_file")
+    config_file = tmp_path / "off.py"  # a config file that restates the default gives it too
+    config_file.write_text(f"{name} = {off if name == 'xl_mem' else repr(off)}\n")
+    for folder, how in ((split, f"--{name}={off}"), (tmp_path / "by_file", str(config_file))):
+        printed = train(data_dir, folder, f"--max_iters={N + 5}", "--init_from=resume",
+                        "--resume_checkpoint_name=last", how)
+        assert "from the checkpoint" not in printed
+        assert str(read_checkpoint(str(folder / "last.pt"))["config"][name]) == off
 
 
 def test_the_next_command_of_a_linear_model_has_no_window(data_dir, tmp_path):
