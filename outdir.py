@@ -91,11 +91,11 @@ def make_folder(out_dir):
         raise UserError(f"--out_dir={out_dir} is not writable; use another --out_dir")
 
 
-def check_space(out_dir, model):
+def check_space(out_dir, model, extra_bytes=0):
     """One UserError if out_dir's disk cannot take this model's checkpoints: weights and the
-    two AdamW moments, for each checkpoint not there yet, and at least once (a new file is
-    written beside the one it replaces)."""
-    per_file = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 20
+    two AdamW moments (and extra_bytes, e.g. an XL memory), for each checkpoint not there yet,
+    and at least once (a new file is written beside the one it replaces)."""
+    per_file = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + extra_bytes + 2 ** 20
     missing = sum(not os.path.exists(os.path.join(out_dir, n)) for n in CHECKPOINTS)
     need, free = per_file * max(1, missing), shutil.disk_usage(out_dir).free
     if free < need:

@@ -44,7 +44,7 @@ from checkpoint import (OBJECTIVE_KEYS, checkpoint_path, incomparable, load_mode
                         resume_schedule, restore_training_state, rng_state, save_checkpoint, unwrap)
 from configurator import configure
 from kv.qat import make_qat_caches
-from kv.xl import load_memory_state, make_xl_memory, memory_state
+from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager, import_function,
@@ -206,7 +206,7 @@ def train(held):
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
     if writes and master:
-        outdir.check_space(out_dir, model)
+        outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0)
     if xl_fn is not None and xl_mem:  # the user's XL step, tried on 2 bytes now, not after the first evaluation
         with torch.no_grad():
             model.eval()(torch.zeros(1, 2, dtype=torch.long, device=dev), make_xl_memory(model, 1, xl_mem, xl_fn))

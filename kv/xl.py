@@ -104,6 +104,19 @@ def memory_state(memory):
     return [{k: getattr(c, k) for k in c.state_keys} for c in {id(c): c for c in memory}.values()]
 
 
+def memory_bytes(model, batch_size, mem_len):
+    """The bytes memory_state holds once every layer remembers mem_len tokens: what the XL
+    memory adds to each checkpoint (outdir.check_space)."""
+    total = 0
+    for c in {id(c): c for c in make_xl_memory(model, batch_size, mem_len)}.values():
+        if isinstance(c, XLMemory):  # keys and values (B, nkv, mem_len, hs), valid (B, mem_len)
+            B, nkv, _, hs = c.k.shape
+            total += 2 * B * nkv * mem_len * hs * c.k.element_size() + B * mem_len
+        else:
+            total += (c.S.numel() + c.z.numel()) * c.S.element_size()
+    return total
+
+
 def load_memory_state(memory, state):
     """Put memory_state's tensors back into a fresh make_xl_memory list for the same model,
     batch size and mem_len."""

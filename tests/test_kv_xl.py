@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from conftest import tiny
-from kv.xl import make_xl_memory
+from conftest import text, tiny
+from kv.xl import make_xl_memory, memory_bytes, memory_state
 
 TOL = dict(atol=1e-5, rtol=1e-4)  # gradients summed over more terms than the logits
 
@@ -71,3 +71,18 @@ def test_long_training_keeps_positions_small():
     for _ in range(50):
         m(torch.randint(0, 256, (1, 8)), memory)
     assert memory[0].seen == 8
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2, kv_share=2), dict(attention="linear", linear_layers="0")],
+                         ids=["mha", "gqa+share", "hybrid-linear"])
+def test_memory_bytes_is_what_a_full_memory_puts_in_a_checkpoint(kw):
+    """outdir.check_space counts memory_bytes per checkpoint: it must equal the bytes of
+    memory_state's tensors once every layer remembers mem_len tokens."""
+    m = tiny(**kw).eval()
+    memory = make_xl_memory(m, 3, mem_len=8)
+    with torch.no_grad():
+        for _ in range(2):
+            m(text(B=3, T=6), memory)  # 12 tokens: more than mem_len
+    held = sum(v.numel() * v.element_size() for state in memory_state(memory) for v in state.values()
+               if torch.is_tensor(v))
+    assert held == memory_bytes(m, 3, 8)
