@@ -106,7 +106,8 @@ def memory_state(memory):
 
 def memory_bytes(model, batch_size, mem_len):
     """The bytes memory_state holds once every layer remembers mem_len tokens: what the XL
-    memory adds to each checkpoint (outdir.check_space)."""
+    memory adds to each checkpoint (outdir.check_space). In the parameters' dtype: under
+    16-bit autocast the memory holds half as many bytes, so this is then an upper bound."""
     total = 0
     for c in {id(c): c for c in make_xl_memory(model, batch_size, mem_len)}.values():
         if isinstance(c, XLMemory):  # keys and values (B, nkv, mem_len, hs), valid (B, mem_len)
