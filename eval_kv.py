@@ -55,7 +55,7 @@ from generate import static_decoders
 from kv.peak import decoder_peak
 from kv.policy import KVOptions
 from kv.report import frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
-from loader import dataset_paths
+from loader import dataset_paths, same_dataset
 from utils import UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
 
 # -----------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def load_baseline(where, dev, say, dataset):
     model, ckpt = load_model(path, dev, option="baseline")
     model.eval()
     config = ckpt.get("config") or {}
-    if config.get("dataset", "") != dataset:
+    if not same_dataset(config.get("dataset") or "", dataset):
         say(f"note: the baseline {path} was trained on {config.get('dataset') or 'a dataset it does not name'}, "
             f"the text scored is {dataset}'s val split: the baseline reads text it did not learn")
     return path, model, reference_options(config, "natural", say=say)

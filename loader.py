@@ -181,12 +181,22 @@ def prepare(data_dir, input_path=None, url=None):
           f"val.txt has {len(data) - n:,} bytes")
 
 
+def dataset_dir(dataset):
+    """The folder of a dataset setting: a name under data/, or a directory path."""
+    return dataset if os.sep in dataset or "/" in dataset else os.path.join(DATA_DIR, dataset)
+
+
+def same_dataset(a, b):
+    """Whether two dataset settings (a name, or a path, perhaps relative) name one folder."""
+    return os.path.realpath(dataset_dir(a)) == os.path.realpath(dataset_dir(b))
+
+
 def dataset_paths(dataset):
     """(train_path, val_path) of a dataset: a name under data/, or a directory path. Prepares it
     on first use from its input.txt, an offline copy in ../shared/data, or its download source;
     otherwise says which command prepares it."""
     is_dir_path = os.sep in dataset or "/" in dataset
-    data_dir = dataset if is_dir_path else os.path.join(DATA_DIR, dataset)
+    data_dir = dataset_dir(dataset)
     train, val = os.path.join(data_dir, "train.txt"), os.path.join(data_dir, "val.txt")
     if os.path.isfile(train) and os.path.isfile(val):
         return train, val

@@ -4,6 +4,7 @@ sweep's files (the PNG opens), and one clear line for every kind of bad input.""
 import csv
 import importlib
 import math
+import os
 
 import pytest
 import torch
@@ -234,7 +235,7 @@ def test_xl_mem_of_the_checkpoint_bounds_the_history(ckpt_dir, monkeypatch, caps
     assert "| int8/r8, window 24 |" in out.out
 
 
-def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir, monkeypatch, capsys):
+def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir, tiny_data_dir, monkeypatch, capsys):
     """At chunk > 1 a quantized or evicting row is not the token-by-token decoder its bits
     describe, and a baseline trained on other text reads text it never learned: both said."""
     ckpt = torch.load(ckpt_dir / "ckpt.pt", weights_only=True)
@@ -253,6 +254,12 @@ def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir
     monkeypatch.setattr("sys.argv", common + ["--kv_window=16"])  # nothing approximate at chunk 32
     mod.main()
     assert "note: at chunk" not in capsys.readouterr().err
+    # the scored folder written another way (relative, with a trailing slash) is the same dataset
+    ckpt["config"]["dataset"] = os.path.relpath(tiny_data_dir) + "/"
+    resave(ckpt, ckpt_dir / "same.pt")
+    monkeypatch.setattr("sys.argv", common + [f"--baseline={ckpt_dir / 'same.pt'}"])
+    mod.main()
+    assert "was trained on" not in capsys.readouterr().err
 
 
 @pytest.mark.slow
