@@ -14,8 +14,10 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
       and XL memory are restored; xl_mem and kv_quant too, unless given; no second warm-up):
     python train.py config/train_shakespeare_char.py --init_from=resume --resume_checkpoint_name=last
   (b) train a checkpoint for max_iters MORE iterations, e.g. with a longer context
-      (fresh warm-up and cosine schedule; the iteration count continues, and so does the best
-      val loss unless the model or block_size changed):
+      (a fresh schedule fitted to them: warm-up max_iters/10, at most warmup_iters, and the
+      cosine down to min_lr at the end, unless --warmup_iters or --lr_decay_iters are given;
+      the iteration count continues, and so does the best val loss unless the model or
+      block_size changed):
     python train.py config/train_shakespeare_char.py --init_from=resume --block_size=1024 --max_iters=200
   resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b);
   --resume_mode=continue or --resume_mode=finetune forces one.
@@ -192,6 +194,8 @@ def train(held):
             if config[k] != model_args[k]:
                 print(f"note: {k}={model_args[k]!r} from the checkpoint (the config says {config[k]!r})")
         mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
+        if mode == "finetune" and end_iter > start_iter:
+            config.update(fit_schedule(max_iters, sys.argv[1:]))
         best_val_loss = ckpt.get("best_val_loss", float("inf"))
         print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
         changed = incomparable(ckpt, model_args, block_size)
@@ -440,6 +444,21 @@ def restart_rows(memory, restarted):
     """Rows the loader moved to another place in the text forget their memory."""
     for state in {id(s): s for s in memory}.values():
         state.restart(restarted)
+
+
+def fit_schedule(iters, argv):
+    """A fine-tune's fresh schedule fits its own iters, unless flags set it: a warm-up of a
+    tenth (at most warmup_iters) and the cosine down to min_lr at its last iteration, not at
+    the config's lr_decay_iters, which were meant for the run from scratch. Returns the
+    settings it changed, after saying so."""
+    flags = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
+    fit = {"warmup_iters": min(warmup_iters, max(1, iters // 10)), "lr_decay_iters": iters}
+    fit = {k: v for k, v in fit.items() if k not in flags and v != globals()[k]}
+    if fit:
+        globals().update(fit)
+        print(f"note: the fine-tune's schedule fits its {iters} iterations: warm-up {warmup_iters}, cosine to "
+              f"min_lr at its end (--warmup_iters and --lr_decay_iters set them)")
+    return fit
 
 
 def get_lr(it):

@@ -6,6 +6,7 @@ process (conftest.train), which saves importing torch again each time.
 
     python -m pytest -q tests/test_train.py
 """
+import math
 import os
 import re
 import shutil
@@ -167,6 +168,27 @@ def test_resume_finetune_runs_exactly_k_more_iterations(data_dir, base_run, tmp_
     # a fresh schedule: evaluated at its start, then at its end
     evals = [line.split(":")[0] for line in printed.splitlines() if "train loss" in line]
     assert evals == [f"iter {N}", f"iter {N + 3}"]
+
+
+def test_a_finetune_schedule_fits_its_iterations_unless_flags_set_it(data_dir, base_run, tmp_path):
+    """A config file's warm-up and lr_decay_iters are for the run from scratch: a fine-tune of
+    K iterations warms up for K/10 and reaches min_lr at its end; a flag keeps its value."""
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text("warmup_iters = 100\nlr_decay_iters = 5000\nlearning_rate = 1e-3\nmin_lr = 1e-4\n")
+    tiny = [a for a in TINY if not a.startswith(("--warmup_iters=", "--lr_decay_iters="))]
+    K = 10
+    for flags, warmup in (([], 1), (["--warmup_iters=3"], 3)):
+        out = tmp_path / f"out{warmup}"
+        shutil.copytree(base_run[0], out)
+        proc = run_script("train.py", recipe, *tiny, f"--dataset={data_dir}", f"--out_dir={out}", "--init_from=resume",
+                          "--resume_checkpoint_name=last", "--resume_mode=finetune", f"--max_iters={K}", *flags)
+        assert proc.returncode == 0, proc.stderr
+        assert f"schedule fits its {K} iterations: warm-up {warmup}," in proc.stdout
+        last = read_checkpoint(str(out / "last.pt"))
+        assert (last["config"]["warmup_iters"], last["config"]["lr_decay_iters"]) == (warmup, K)
+        progress = (K - 1 - warmup) / (K - warmup)  # the fine-tune's last iteration, K - 1 of its schedule
+        lr = 1e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * (1e-3 - 1e-4)
+        assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr, rel=1e-9)
 
 
 def test_finetune_of_a_converted_model_writes_its_own_best(data_dir, base_run, tmp_path):
