@@ -391,11 +391,13 @@ def main():
     base = load_baseline(baseline, dev, say, name) if baseline else None
     if base:
         evaluate(base[1], x[:1, :2], y[:1, :2], [base[2]], 1, base[2], block, dtype=dt)
-    if step > 1 and any(s.kv_quant != "none" or s.kv_evict != "none" for s in settings):
-        say(f"note: at chunk {step} a chunk's own bytes are attended at full precision and eviction runs once per "
-            "chunk (holding up to a chunk more than its budget meanwhile): residuals shorter than the chunk score "
-            "alike, and eviction better than the token-by-token decoder whose bits the table gives; --chunk=1 "
-            "scores that decoder (slower)")
+    quant, evict = (any(getattr(s, k) != "none" for s in settings) for k in ("kv_quant", "kv_evict"))
+    if step > 1 and (quant or evict):
+        said = ([f"a chunk's own bytes are attended at full precision, so residuals shorter than the chunk "
+                 "score alike"] if quant else []) + \
+               ["eviction runs once per chunk, holding up to a chunk more than its budget meanwhile"] * evict
+        say(f"note: at chunk {step} {' and '.join(said)}: better than the token-by-token decoder whose bits the "
+            "table gives; --chunk=1 scores that decoder (slower)")
     print(f"{path}: {n_streams} streams x {stream_len:,} bytes of {val_path}, chunk {step}, block {block}, "
           f"reference {label(ref_kv)} (history bound {window or 'none'}), full precision stored at {dtype}, "
           f"device {dev}" + (f", {thread_words}" if dev == "cpu" else ""), file=sys.stderr)

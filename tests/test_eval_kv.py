@@ -237,29 +237,31 @@ def test_xl_mem_of_the_checkpoint_bounds_the_history(ckpt_dir, monkeypatch, caps
 
 def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir, tiny_data_dir, monkeypatch, capsys):
     """At chunk > 1 a quantized or evicting row is not the token-by-token decoder its bits
-    describe, and a baseline trained on other text reads text it never learned: both said."""
+    describe, and a baseline trained on other text reads text it never learned: each said,
+    and only where it applies."""
     ckpt = torch.load(ckpt_dir / "ckpt.pt", weights_only=True)
     ckpt["config"]["dataset"] = "svejk_char"
     resave(ckpt, ckpt_dir / "other.pt")
-    mod = importlib.reload(eval_kv)
-    common = ["eval_kv.py", f"--out_dir={ckpt_dir}", "--stream_len=64", "--n_streams=1"]
-    monkeypatch.setattr("sys.argv", common + ["--kv_quant=int8", "--kv_quant_residual=8",
-                                              f"--baseline={ckpt_dir / 'other.pt'}"])
-    mod.main()
-    err = capsys.readouterr().err
-    assert "note: at chunk 32 a chunk's own bytes are attended at full precision" in err
-    assert f"{ckpt_dir / 'other.pt'} was trained on svejk_char" in err
-    monkeypatch.setattr("sys.argv", common + ["--kv_quant=int8", "--kv_quant_residual=8", "--chunk=1"])
-    mod.main()
-    monkeypatch.setattr("sys.argv", common + ["--kv_window=16"])  # nothing approximate at chunk 32
-    mod.main()
-    assert "note: at chunk" not in capsys.readouterr().err
-    # the scored folder written another way (relative, with a trailing slash) is the same dataset
-    ckpt["config"]["dataset"] = os.path.relpath(tiny_data_dir) + "/"
+    ckpt["config"]["dataset"] = os.path.relpath(tiny_data_dir) + "/"  # the scored folder, written another way
     resave(ckpt, ckpt_dir / "same.pt")
-    monkeypatch.setattr("sys.argv", common + [f"--baseline={ckpt_dir / 'same.pt'}"])
-    mod.main()
-    assert "was trained on" not in capsys.readouterr().err
+
+    def notes(*args):  # the note lines of one run, with the settings' defaults reset
+        monkeypatch.setattr("sys.argv", ["eval_kv.py", f"--out_dir={ckpt_dir}", "--stream_len=64", "--n_streams=1",
+                                         *args])
+        importlib.reload(eval_kv).main()
+        return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+
+    said = notes("--kv_quant=int8", "--kv_quant_residual=8", f"--baseline={ckpt_dir / 'other.pt'}")
+    chunked = [n for n in said if n.startswith("note: at chunk 32 a chunk's own bytes are attended at full precision")]
+    assert len(chunked) == 1 and "eviction" not in chunked[0]  # only what this run does
+    assert any(f"{ckpt_dir / 'other.pt'} was trained on svejk_char" in n for n in said)
+    said = notes("--kv_evict=h2o", "--kv_budget=16")
+    chunked = [n for n in said if n.startswith("note: at chunk 32 eviction runs once per chunk")]
+    assert len(chunked) == 1 and "precision" not in chunked[0]
+    for args in (["--kv_quant=int8", "--kv_quant_residual=8", "--chunk=1"],  # the decoder itself
+                 ["--kv_window=16"],  # nothing approximate at chunk 32
+                 [f"--baseline={ckpt_dir / 'same.pt'}"]):
+        assert not [n for n in notes(*args) if n.startswith("note: at chunk") or "was trained on" in n], args
 
 
 @pytest.mark.slow
