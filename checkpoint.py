@@ -38,6 +38,18 @@ def checkpoint_path(out_dir, name):
 _NOTED = set()  # files already reported as having no checksum
 
 
+def _recipe_for(folder):
+    """The train.py arguments that write into folder: the recipe in config/ whose out_dir it
+    is, else the CPU recipe pointed at it."""
+    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+    for name in sorted(os.listdir(config_dir)):
+        with open(os.path.join(config_dir, name)) as f:
+            m = re.search(r"^out_dir = [\"']([^\"']+)[\"']", f.read(), re.M)
+        if m and m.group(1) == os.path.basename(os.path.normpath(folder)):
+            return f"config/{name}" + ("" if os.path.normpath(folder) == m.group(1) else f" --out_dir={folder}")
+    return f"config/train_shakespeare_char_cpu.py --out_dir={folder}"
+
+
 def missing_checkpoint(path, option="checkpoint_name"):
     """The UserError for a checkpoint file that is not at path: the checkpoints its folder
     holds instead (chosen with --option=NAME), or how to make one."""
@@ -45,7 +57,7 @@ def missing_checkpoint(path, option="checkpoint_name"):
     by_name = option.endswith("checkpoint_name")  # a name in out_dir; else (--baseline, --base) a path
     pick = lambda f: f"--{option}={f[:-3] if by_name else os.path.join(folder, f)}"  # noqa: E731
     where = "--out_dir" if by_name else f"--{option}"
-    make = (f"train one (python train.py config/train_shakespeare_char_cpu.py --out_dir={folder}) or download the "
+    make = (f"train one (python train.py {_recipe_for(folder)}) or download the "
             f"tutorial's (python download_pretrained.py --out_dir={folder})")
     if os.path.isfile(folder):
         return UserError(f"{folder} is a file, not a folder: pass the folder that holds it ({where}="

@@ -91,6 +91,25 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
         assert torch.equal(ckpt["model"][k], v), k
 
 
+def test_a_missing_folder_names_the_recipe_that_writes_there(tmp_path, monkeypatch):
+    """Each recipe's own folder gets that recipe (the GPU model's folder is not told to hold the
+    CPU model); any other folder gets the CPU recipe pointed at it."""
+    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+    monkeypatch.chdir(tmp_path)  # where no recipe's folder exists
+    for name in ("train_shakespeare_char.py", "train_shakespeare_char_cpu.py", "train_svejk_char.py"):
+        g = {}
+        with open(os.path.join(config_dir, name)) as f:
+            exec(f.read(), g)  # the recipe's out_dir
+        with pytest.raises(UserError, match=rf"does not exist: train one \(python train.py config/{name}\) or"):
+            read_checkpoint(os.path.join(g["out_dir"], "ckpt.pt"))
+        elsewhere = tmp_path / "runs" / g["out_dir"]  # the same name in another place: that recipe, told where
+        with pytest.raises(UserError, match=rf"train one \(python train.py config/{name} --out_dir={elsewhere}\)"):
+            read_checkpoint(str(elsewhere / "ckpt.pt"))
+    with pytest.raises(UserError, match=rf"train one \(python train.py config/train_shakespeare_char_cpu.py "
+                                        rf"--out_dir={tmp_path / 'mine'}\)"):
+        read_checkpoint(str(tmp_path / "mine" / "ckpt.pt"))
+
+
 def test_bad_checkpoints_give_one_clear_error(tmp_path):
     with pytest.raises(UserError, match="holds none: train one .* or download the tutorial's"):
         read_checkpoint(str(tmp_path / "nope.pt"))
