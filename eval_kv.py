@@ -311,6 +311,25 @@ def reference_options(config, how, kv_window=-1, kv_sink=0, say=print):
     return KVOptions(kv_window=n)
 
 
+def chunk_note(settings, step):
+    """How a chunk of step > 1 tokens scores settings unlike the token-by-token decoder whose
+    bits the table gives ('' where it scores them alike)."""
+    if step == 1:
+        return ""
+    said = []
+    if any(s.kv_quant != "none" and (s.kv_quant_residual > 0 or s.key_group() > 1) for s in settings):
+        said.append("a chunk's tokens past the full-precision residual are quantized before the chunk's own queries "
+                    "read them (and per-channel key groups take their scales from later tokens), which the decoder "
+                    "does not do: those quantized rows score worse")
+    if any(s.kv_evict != "none" for s in settings):
+        said.append("eviction runs once per chunk, holding up to a chunk more than its budget meanwhile: those rows "
+                    "score better")
+    if not said:
+        return ""
+    return (f"note: at chunk {step} {'; '.join(said)} than the token-by-token decoder whose bits the table gives; "
+            "--chunk=1 scores that decoder (slower)")
+
+
 def load_baseline(where, dev, say, dataset):
     """--baseline: a checkpoint (a .pt file, or an out_dir holding ckpt.pt), its model and its
     natural reference; a note when it was trained on another dataset than the one scored."""
@@ -391,13 +410,9 @@ def main():
     base = load_baseline(baseline, dev, say, name) if baseline else None
     if base:
         evaluate(base[1], x[:1, :2], y[:1, :2], [base[2]], 1, base[2], block, dtype=dt)
-    quant, evict = (any(getattr(s, k) != "none" for s in settings) for k in ("kv_quant", "kv_evict"))
-    if step > 1 and (quant or evict):
-        said = ([f"a chunk's own bytes are attended at full precision, so residuals shorter than the chunk "
-                 "score alike"] if quant else []) + \
-               ["eviction runs once per chunk, holding up to a chunk more than its budget meanwhile"] * evict
-        say(f"note: at chunk {step} {' and '.join(said)}: better than the token-by-token decoder whose bits the "
-            "table gives; --chunk=1 scores that decoder (slower)")
+    note = chunk_note(settings, step)
+    if note:
+        say(note)
     print(f"{path}: {n_streams} streams x {stream_len:,} bytes of {val_path}, chunk {step}, block {block}, "
           f"reference {label(ref_kv)} (history bound {window or 'none'}), full precision stored at {dtype}, "
           f"device {dev}" + (f", {thread_words}" if dev == "cpu" else ""), file=sys.stderr)

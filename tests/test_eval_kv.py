@@ -104,6 +104,23 @@ def test_lossless_settings_equal_the_plain_cache(tiny_data_dir, options):
     assert abs(r["bpb"] - r["bpb_ref"]) < 1e-5 and r["kl_bits"] < 1e-6  # float32 rounding only
 
 
+def test_what_a_chunk_scores_like_the_decoder_and_what_not(tiny_data_dir):
+    """The chunk note's claims: a cache that quantizes each token as it arrives (no residual,
+    keys per token) scores alike at any chunk; with a full-precision residual, a chunk reads its
+    older tokens quantized where the decoder (chunk 1) still holds them in full precision."""
+    m = tiny_model()
+    x, y = streams(tiny_data_dir)
+    at_once = dict(kv_quant="int4", kv_quant_group=16, kv_quant_keys="token", kv_quant_residual=0)
+    residual = dict(kv_quant="int4", kv_quant_group=16, kv_quant_keys="token", kv_quant_residual=8)
+    (_, a1, r1), (_, a32, r32) = (run(m, x, y, [dict(), at_once, residual], chunk) for chunk in (1, 32))
+    assert abs(a1["bpb"] - a32["bpb"]) < 1e-6 and a1["kl_bits"] == pytest.approx(a32["kl_bits"], rel=0.05)
+    assert abs(r1["bpb"] - r32["bpb"]) > 1e-5 and r32["kl_bits"] > 1.5 * r1["kl_bits"]  # further from the reference
+    for options, noted in ((at_once, False), (residual, True), (dict(at_once, kv_quant_keys="channel"), True),
+                           (dict(kv_quant="int8", kv_quant_residual=0), False), (dict(kv_window=8), False)):
+        assert bool(eval_kv.chunk_note([KVOptions(**options).check()], 32)) == noted, options
+        assert eval_kv.chunk_note([KVOptions(**options).check()], 1) == ""
+
+
 def test_compression_costs_bits_and_saves_memory(tiny_data_dir):
     m = tiny_model()
     x, y = streams(tiny_data_dir)
@@ -252,7 +269,7 @@ def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir
         return [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
 
     said = notes("--kv_quant=int8", "--kv_quant_residual=8", f"--baseline={ckpt_dir / 'other.pt'}")
-    chunked = [n for n in said if n.startswith("note: at chunk 32 a chunk's own bytes are attended at full precision")]
+    chunked = [n for n in said if n.startswith("note: at chunk 32 a chunk's tokens past the full-precision residual")]
     assert len(chunked) == 1 and "eviction" not in chunked[0]  # only what this run does
     assert any(f"{ckpt_dir / 'other.pt'} was trained on svejk_char" in n for n in said)
     said = notes("--kv_evict=h2o", "--kv_budget=16")
