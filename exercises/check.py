@@ -222,7 +222,7 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
         except Exception:
             pass  # the checks will say what is wrong
     results, failed = [], set()
-    ctx = {}  # what one check learns for the next ones (e.g. the normalisation used)
+    ctx = {"reported": {}}  # what one check learns for the next ones (e.g. the normalisation used)
     for check in exercise.checks:
         if skip_slow and check.slow:
             continue
@@ -232,22 +232,7 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
         elif check.slow and failed & set(check.uses):
             status, msg = "SKIP", "fix the failures above first"
         else:
-            try:
-                detail = check.fn(impl, ctx)
-                status, msg = "PASS", detail or ""
-            except NotImplementedError:
-                status, msg = "TODO", "not implemented yet"
-            except Failed as e:
-                status, msg = "FAIL", str(e)
-            except Skipped as e:
-                status, msg = "SKIP", str(e)
-            except UserError as e:  # a plug-in point refused the function
-                status, msg = "FAIL", str(e)
-            except Exception as e:
-                first = " ".join(str(e).split())[:160]
-                status, msg = "FAIL", f"your code raised {type(e).__name__}: {first} (at {where_it_broke(e)})"
-        if status == "FAIL" and check.rule and "README.md" not in msg:
-            msg += "; " + see(*check.rule)
+            status, msg = run_check(check, impl, ctx)
         if status in ("FAIL", "SKIP"):
             failed.update(check.uses)
         took = time.time() - t0
@@ -255,6 +240,32 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
         out(f"  {status}  {check.title}" + (f": {msg}" if msg else "") + timing)
         results.append((check.title, status, msg))
     return results
+
+
+def run_check(check, impl, ctx):
+    """(status, message) of one check. A failure for a reason an earlier check reported already
+    (the same exception from the code under test, or the same message) is a SKIP pointing to
+    that check: it would only repeat the failure under another rule's name."""
+    ctx.pop("case", None)  # a check names the input it is trying in ctx["case"]
+    try:
+        detail = check.fn(impl, ctx)
+        return "PASS", detail or ""
+    except NotImplementedError:
+        return "TODO", "not implemented yet"
+    except Skipped as e:
+        return "SKIP", str(e)
+    except (Failed, UserError) as e:  # UserError: a plug-in point refused the function
+        reason = msg = str(e)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        case = ctx.get("case")
+        msg = (f"{case}: " if case else "") + f"your code raised {reason} (at {where_it_broke(e)})"
+    first = ctx["reported"].setdefault(reason, check.title)
+    if first != check.title:
+        return "SKIP", f'the same failure as "{first}" above'
+    if check.rule and "README.md" not in msg:
+        msg += "; " + see(*check.rule)
+    return "FAIL", msg
 
 
 def summary(results):

@@ -20,12 +20,20 @@ class Failed(Exception):
 
 class Skipped(Exception):
     """A check that cannot judge its rule because another check's rule is broken on its input
-    (it would only repeat that failure under its own rule's name)."""
+    (it would only repeat that failure under its own rule's name). exercises/check.py turns a
+    failure into a SKIP too when an earlier check failed for the same reason: the same exception
+    from the code under test, or the same message (ctx["reported"] remembers them)."""
 
 
 def see(assignment, rule):
     """Where exercises/README.md states the rule a failure breaks (its "Assignment N, rules" list)."""
     return f"see exercises/README.md, 'Assignment {assignment}, rule {rule}'"
+
+
+def short(xs, n=12):
+    """A list for a message: the first and last n/2 items of a long one."""
+    xs = list(xs)
+    return str(xs) if len(xs) <= n else str(xs[:n // 2])[:-1] + ", ..., " + str(xs[-n // 2:])[1:]
 
 
 def expect(ok, message):

@@ -111,3 +111,31 @@ def test_module_given_as_a_file_outside_the_project(tmp_path):
     assert proc.returncode == 0 and "kv_window (assignment 1" in proc.stdout and "mytrim" in proc.stdout, proc.stdout
     proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'missing.py'}")
     assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_one_crash_is_reported_once(exercise_checks):
+    """The same exception in every check: the first check fails, the later ones say SKIP and
+    point to it rather than blaming a rule each; the run still fails."""
+    results, printed = exercise_checks("kv_window", """
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sinks)
+            return k[:, :, keep], v[:, :, keep], pos[keep]
+        """)
+    first = results[0][0]
+    assert [(t, status) for t, status, _ in results if status != "SKIP"] == [(first, "FAIL")], printed
+    assert "your code raised NameError" in results[0][2], printed
+    assert all(first in msg and "README" not in msg for _, _, msg in results[1:5]), printed
+    assert not check.summary(results)[1]
+
+
+def test_another_crash_is_still_reported(exercise_checks):
+    """Only the same exception steps aside: a check that meets another one fails with it."""
+    results, printed = exercise_checks("kv_window", """
+        def keep_recent(k, v, pos, kv_window, kv_sink=0):
+            if len(pos) == 20 and kv_sink == 3:
+                raise ValueError("twenty")
+            keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sink)
+            return k[:, :, keep], v[:, :, keep], pos[keep][:1]
+        """)
+    failed = [msg for _, status, msg in results if status == "FAIL"]
+    assert len(failed) == 2 and "ValueError: twenty" in failed[0] and "ValueError" not in failed[1], printed
