@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from kv.policy import KVOptions
-from exercises.checks_common import Failed, Skipped, expect, feed, random_text, see, tiny_model
+from exercises.checks_common import Failed, Skipped, expect, feed, random_text, see, short, tiny_model
 from model import GPT, GPTConfig
 
 
@@ -47,13 +47,17 @@ def call_priority(impl, scores, pos, seen, sink, recent):
 EVICT_CASES = [(4, 10), (2, 4), (0, 6), (3, 0)]  # (kv_sink, kv_recent)
 
 
+def below(rank, must, free):
+    """The tokens of `must` ranked below a token of `free` in their head (a tie at the top of a
+    head is the business of check_evict_only: it means too many are protected)."""
+    high = torch.where(free, rank, float("-inf")).amax(-1, keepdim=True)
+    top = rank.amax(-1, keepdim=True)
+    return must & ((rank < high) | ((rank == high) & (rank < top)))
+
+
 def ranked_below(rank, must, free):
-    """Is some token of `must` ranked below a token of `free` in its head? (A tie at the top of
-    a head is the business of check_evict_only: it means too many are protected.)"""
-    low = torch.where(must, rank, float("inf")).amin(-1)
-    high = torch.where(free, rank, float("-inf")).amax(-1)
-    top = rank.amax(-1)
-    return bool(((low < high) | ((low == high) & (low < top))).any())
+    """Is some token of `must` ranked below a token of `free` in its head?"""
+    return bool(below(rank, must, free).any())
 
 
 def by_slot(rank, first, last):
@@ -105,11 +109,16 @@ def check_evict_recent(impl, ctx):
         rank = call_priority(impl, scores, pos, seen, sink, recent)
         new = pos >= seen - recent
         may_go = (pos >= sink) & ~new
-        if ranked_below(rank, new, may_go):
+        lost = sorted(set(pos[below(rank, new, may_go)].tolist()))
+        if lost:
             expect(not (recent and by_slot(rank, 0, recent)), f"kv_recent={recent}: the last {recent} slots are "
                    f"protected, not the newest tokens: {SLOTS} (pos >= seen - kv_recent)")
-            raise Failed(f"kv_recent={recent}, seen={seen}: a token at a position >= {seen - recent} is ranked "
-                         "below a token that may go: the kv_recent newest must always stay")
+            where = f"kv_recent={recent}, seen={seen}"
+            edge = seen - recent
+            expect(lost != [edge], f"{where}: position {edge} (= seen - kv_recent, the oldest of the kv_recent "
+                   "newest) is ranked below a token that may go: protect pos >= seen - kv_recent")
+            raise Failed(f"{where}: positions {short(lost)} (among the newest, pos >= seen - kv_recent = {edge}) "
+                         "are ranked below a token that may go: the kv_recent newest must always stay")
 
 
 def check_evict_only(impl, ctx):

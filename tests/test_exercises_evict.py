@@ -7,6 +7,9 @@ query, other tie rules, finite priorities) passes, the trained-model checks incl
 
 import pytest
 
+from exercises import checks_kv_evict
+from exercises.checks_kv_evict import EVICT_CASES, evict_inputs
+
 # what is wrong: (exercise, source, the first check that fails, words its message must hold[, slow])
 WRONG = {}
 OK = {}  # a correct alternative: (exercise, source)
@@ -107,6 +110,26 @@ def test_one_newest_too_few_is_blamed_on_the_newest_rule_alone(exercise_checks):
     results, printed = exercise_checks("kv_evict", source)
     assert [t for t, status, _ in results if status == "FAIL"] == [RECENT], printed
     assert [status for t, status, _ in results if t == ONLY] == ["SKIP"], printed
+
+
+@pytest.mark.parametrize("case", [c for c in EVICT_CASES if c[1] > 0])
+def test_one_newest_too_few_names_the_boundary_token(case, exercise_checks, monkeypatch):
+    """The token left unprotected is the oldest of the kv_recent newest: the message names it."""
+    monkeypatch.setattr(checks_kv_evict, "EVICT_CASES", [case])
+    source = H2O_OK.replace("pos >= seen - kv_recent", "pos > seen - kv_recent")
+    results, printed = exercise_checks("kv_evict", source)
+    seen = evict_inputs()[2]
+    boundary = seen - case[1]
+    message = [msg for t, status, msg in results if status == "FAIL" and t == RECENT]
+    assert message and f"position {boundary} (= seen - kv_recent, the oldest" in message[0], printed
+    assert "protect pos >= seen - kv_recent" in message[0], printed
+
+
+def test_writing_into_the_scores_is_reported_once(exercise_checks):
+    """Every check meets the same changed inputs: one FAIL, the others point to it."""
+    results, printed = exercise_checks(*WRONG["writes into the scores"][:2])
+    assert [t for t, status, _ in results if status == "FAIL"] == [SHAPES], printed
+    assert all(status == "SKIP" and SHAPES in msg for _, status, msg in results[1:]), printed
 
 
 def test_one_sink_and_one_newest_too_many_are_blamed_on_rule_4_alone(exercise_checks):

@@ -205,3 +205,11 @@ def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
 @pytest.mark.parametrize("what", list(OK))
 def test_a_correct_alternative_passes(what, exercise_checks):
     exercise_checks.correct_passes(OK[what])
+
+
+def test_one_newest_too_few_is_blamed_on_the_window_rule_alone(exercise_checks):
+    """A window of one kept as none: k and v both come back empty, which says nothing about
+    whether v holds the rows of k."""
+    source = TRIM_OK.replace("pos >= pos[-1] - kv_window + 1", "pos > pos[-1] - kv_window + 1")
+    results, printed = exercise_checks("kv_window", source)
+    assert [t for t, status, _ in results if status == "FAIL"] == ["keeps the kv_window newest tokens"], printed
