@@ -137,6 +137,7 @@ def check_quant_contract(impl, ctx):
     for n in (64, 32, 16, 128):
         x = randn(2, 3, 5, n, seed=n)
         x[1, 2, 4] = 0.0  # a row of zeros
+        ctx["case"] = f"head dimension {n}, x shaped {tuple(x.shape)}"  # named if your code raises
         _, y = round_trip(impl, x)
         expect(bool(torch.isfinite(y).all()), f"head dimension {n}: dequantize gives inf or nan"
                + (" for a row of zeros: keep its scale from being 0 (clamp(min=1e-8))"

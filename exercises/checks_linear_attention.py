@@ -104,6 +104,11 @@ def check_linear_formula(impl, ctx):
         if errs[best] >= 1e-3:
             for outputs, wrong, rule in mistakes(q, k, v, mask):
                 expect(min(max_err(y, o) for o in outputs) >= 1e-3, f"T={T}, S={S}: {wrong}; {see(3, rule)}")
+            open_mask = torch.ones_like(mask)
+            expect(max_err(call_attention(impl, q, k, v, open_mask), y) >= 1e-6, f"T={T}, S={S}: y stays the "
+                   "same when the mask lets every key through: it follows a mask of its own, not the mask it is "
+                   "given (tril(ones(T, S)) is causal only when T = S); multiply the weights by the mask you are "
+                   f"given; {see(3, 4)}")
             raise Failed(f"T={T}, S={S}, values of size {size:g}: y is not (phi(q) phi(k)^T * mask) v normalised "
                          f"(relative error {errs['layernorm']:.2g} vs layer_norm, {errs['denominator']:.2g} vs the "
                          "denominator); phi(x) = elu(x) + 1, no softmax, no 1/sqrt(hs)")

@@ -165,3 +165,13 @@ def test_nan_where_the_shapes_check_saw_none_still_fails(exercise_checks):
     assert statuses["attention: y shaped like q, in q's dtype, finite"][0] == "PASS", printed
     status, detail = statuses["attention: phi(q) phi(k)^T v, masked, normalised"]
     assert status == "FAIL" and "y holds inf or nan" in detail, printed
+
+
+def test_a_triangle_not_shifted_for_t_below_s_is_blamed_on_the_mask_rule(exercise_checks):
+    """tril(ones(T, S)) is the causal mask only when T = S; the formula check says that the
+    output does not follow the mask it is given (rule 4), not that the formula is wrong."""
+    source = LINEAR_OK.replace("* mask", "* torch.ones(q.size(2), k.size(2), dtype=torch.bool).tril()")
+    results, printed = exercise_checks("linear_attention", source)
+    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+    assert failed and failed[0][0] == FORMULA, printed
+    assert "not the mask it is given" in failed[0][1] and "'Assignment 3, rule 4'" in failed[0][1], printed

@@ -161,3 +161,11 @@ def test_a_wrong_solution_fails_first_where_it_is_wrong(what, exercise_checks):
 @pytest.mark.parametrize("what", list(OK))
 def test_a_correct_alternative_passes(what, exercise_checks):
     exercise_checks.correct_passes(OK[what])
+
+
+def test_a_crash_names_the_head_dimension(exercise_checks):
+    """Groups of 32 at head dimension 16: the crash says which input it met."""
+    source = OK["int8, groups of 32 channels"][1].replace("min(32, x.size(-1))", "32")
+    results, printed = exercise_checks("kv_quant", source)
+    failed = [msg for _, status, msg in results if status == "FAIL"]
+    assert failed and "head dimension 16" in failed[0] and "your code raised RuntimeError" in failed[0], printed
