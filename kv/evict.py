@@ -122,6 +122,10 @@ class EvictKVCache(QuantKVCache):
         self.score_codes += s[..., :n_codes]
         self.score_full += s[..., n_codes:]
 
+    def _after_prefill(self):
+        """Nothing: the prefill's attention scores are observed after the update, so eviction
+        waits for the first decode step (sample.py says so when the prompt is the peak)."""
+
     def _forget(self, T):
         if self.window > 0:  # the residual: the same tokens for every head
             keep_full = self._alive(self.pos_full)

@@ -357,20 +357,20 @@ class QuantKVCache(Cache):
         self.group = max(key_fmt.tokens_per_group, val_fmt.tokens_per_group)
         self.seen = 0
 
-    def _alive(self, p):
-        """Can a query at position self.seen or later still see the key at position p?"""
-        return (p < self.sink) | (p > self.seen - self.window)
+    def _alive(self, p, now=None):
+        """Can a query at position now (default self.seen) or later still see the key at position p?"""
+        return (p < self.sink) | (p > (self.seen if now is None else now) - self.window)
 
-    def _forget(self, T):
-        """Before T new tokens arrive: drop what no query from self.seen on can see."""
+    def _forget(self, T, now=None):
+        """Before T new tokens arrive: drop what no query from self.seen (or now) on can see."""
         if self.window == 0:
             return
-        keep_full = self._alive(self.pos_full)
+        keep_full = self._alive(self.pos_full, now)
         if not bool(keep_full.all()):
             self._keep_full(keep_full)
         if self.k_codes is not None:
             g = self.group
-            keep = self._alive(self.pos_codes).view(-1, g).any(-1).repeat_interleave(g)  # whole groups
+            keep = self._alive(self.pos_codes, now).view(-1, g).any(-1).repeat_interleave(g)  # whole groups
             if not bool(keep.all()):
                 self.k_codes = self.key_fmt.select(self.k_codes, keep)
                 self.v_codes = self.val_fmt.select(self.v_codes, keep)
@@ -404,7 +404,14 @@ class QuantKVCache(Cache):
             self._store(self.key_fmt.quantize(self.k_full[:, :, :m]), self.val_fmt.quantize(self.v_full[:, :, :m]), m)
             self.k_full, self.v_full, self.pos_full = self.k_full[:, :, m:], self.v_full[:, :, m:], self.pos_full[m:]
         keys, vals, kpos = self._assemble(k.dtype)
+        if T > 1:  # a prefill: keep only what its last query sees, as a decode step's cache holds
+            self._after_prefill()
         return keys, vals, attention_mask(qpos, kpos, self.window, self.sink)
+
+    def _after_prefill(self):
+        """Hook, after an update of several tokens: drop what its last query could not see (the
+        next update would drop it anyway), so that the cache never holds a whole long prompt."""
+        self._forget(0, now=self.seen - 1)
 
     def _store(self, k_codes, v_codes, m):
         """Add the codes of the m oldest residual tokens to the quantized part."""

@@ -190,6 +190,22 @@ def test_history_bound_drops_whole_groups():
     assert mask.shape == (1, keys.size(2)) and mask.sum() == 21
 
 
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_a_prefill_holds_what_token_by_token_feeding_holds(name):
+    """A prompt longer than the window, fed in one update, leaves the cache holding what the
+    same prompt fed a token at a time does (sample.py's peak is measured after the prefill);
+    the next tokens then come back the same either way."""
+    whole, one_by_one = (cache_for(name, residual=4, group=8, window=20, sink=1) for _ in range(2))
+    k, v, _ = fill(whole, 60, 60)
+    fill(one_by_one, 60, 1)
+    assert whole.size_bits() == one_by_one.size_bits() and whole.tokens() == one_by_one.tokens() < 60
+    assert torch.equal(whole.pos_codes, one_by_one.pos_codes) and torch.equal(whole.pos_full, one_by_one.pos_full)
+    nk, nv = rand(B, H, 3, D, seed=5), rand(B, H, 3, D, seed=6)
+    for a in range(3):
+        got, want = (c.update(nk[:, :, a:a + 1], nv[:, :, a:a + 1]) for c in (whole, one_by_one))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_user_quantizer_plugs_in():
     cache = cache_for("tutorial_user_quantizer:quantize", residual=2)
     k, _, (keys, _, _) = fill(cache, 12, 3)
