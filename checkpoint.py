@@ -20,12 +20,13 @@ import os
 import pickle
 import re
 import sys
+import warnings
 import zlib
 from dataclasses import fields
 
 import torch
 
-from loader import DATA_DIR, dataset_paths
+from loader import DATA_DIR, dataset_paths, same_dataset
 from model import ARCH_KEYS, GPT, MODEL_ARG_KEYS, GPTConfig
 from utils import UserError, atomic_torch_save
 
@@ -83,7 +84,9 @@ def read_checkpoint(path, option="checkpoint_name"):
             raise UserError(f"{path} is a folder, not a checkpoint file")
         raise missing_checkpoint(path, option)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a raw pickle before it fails: the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         code = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the file asked to import
         if code:
@@ -93,7 +96,8 @@ def read_checkpoint(path, option="checkpoint_name"):
         raise UserError(f"{path} is corrupt or not a checkpoint ({_first_line(why)}); "
                         "use another checkpoint or retrain") from None
     except Exception as e:  # whatever a damaged file makes the reader raise (KeyError, IndexError, ...)
-        raise UserError(f"{path} is corrupt or truncated ({_first_line(e)}); use another checkpoint or retrain") from None
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); use another "
+                        "checkpoint or retrain") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("model_args"), dict):
         raise UserError(f"{path} is not a checkpoint of this project (expected a dict with 'model' and 'model_args')")
@@ -285,6 +289,10 @@ def load_model(path, device="cpu", overrides=None, option="checkpoint_name"):
     if "linear" in (old.attention, new.attention) and old.attention != new.attention:
         print(f"note: {path} was trained with attention={old.attention}; run as attention={new.attention}, its "
               "weights compute something else (expect noise until it is fine-tuned)", file=sys.stderr)
+    broken = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if broken is not None:
+        raise UserError(f"{path} holds weights that are not finite numbers (nan or inf in {broken}): its run diverged; "
+                        "use an earlier checkpoint, or retrain with a lower learning_rate")
     sd, notes = convert_state_dict(sd, old, new)
     model = GPT(new)
     try:
@@ -335,33 +343,46 @@ def rng_state():
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
-def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape):
+def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset=None):
     """Optimizer and scaler state for both modes; RNG and data position for 'continue'
     (loader None: a DDP rank > 0, which keeps its own RNG and rows). shape: this run's
-    (batch_size, block_size); the data position is restored only if they are the checkpoint's.
-    Returns True when it was: the loader's rows go on where they stopped."""
-    if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
-        # the moments come from the checkpoint, the hyperparameters from this run's config
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group, s in zip(optimizer.param_groups, settings):
-            group.update(s)
-    else:
-        print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
-    if scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
+    (batch_size, block_size); the data position is restored only if they and the dataset are
+    the checkpoint's. Returns True when it was: the loader's rows go on where they stopped.
+    A state this program cannot restore (a foreign checkpoint's) is one UserError."""
+    broken = (TypeError, ValueError, RuntimeError, KeyError, IndexError)  # what a malformed state raises
+    try:
+        if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
+            # the moments come from the checkpoint, the hyperparameters from this run's config
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            optimizer.load_state_dict(ckpt["optimizer"])
+            for group, s in zip(optimizer.param_groups, settings):
+                group.update(s)
+        else:
+            print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    except broken as e:
+        raise UserError(f"the checkpoint's optimizer state cannot be restored ({type(e).__name__}: "
+                        f"{_first_line(e)}); use another checkpoint") from None
     if mode != "continue" or loader is None:
         return False
-    rng = ckpt.get("rng") or {}
-    if "cpu" in rng:
-        torch.set_rng_state(rng["cpu"])
-    if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    saved = ckpt.get("config", {})
-    same_shape = (saved.get("batch_size"), saved.get("block_size")) == tuple(shape)
-    if ckpt.get("loader") and same_shape:
-        loader.load_state_dict(ckpt["loader"])
-        return True
+    try:
+        rng = ckpt.get("rng") or {}
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        saved = ckpt.get("config", {})
+        if dataset is not None and saved.get("dataset") and not same_dataset(saved["dataset"], dataset):
+            print("note: data position not restored (another dataset)")
+            return False
+        same_shape = (saved.get("batch_size"), saved.get("block_size")) == tuple(shape)
+        if ckpt.get("loader") and same_shape:
+            loader.load_state_dict(ckpt["loader"])
+            return True
+    except broken as e:
+        raise UserError(f"the checkpoint's random state or data position cannot be restored ({type(e).__name__}: "
+                        f"{_first_line(e)}); --resume_mode=finetune trains on without them") from None
     print("note: data position not restored (batch_size or block_size changed)")
     return False
 
@@ -380,17 +401,32 @@ def optimizer_state_fits(optimizer, state):
     return True
 
 
-def incomparable(ckpt, model_args, block_size):
+def incomparable(ckpt, model_args, block_size, dataset=None):
     """What makes a resumed run's val loss incomparable with the checkpoint's best: a converted
-    or otherwise changed model (model_args), another training context (block_size); a list of
-    'name old -> new', empty when nothing did."""
-    saved = {**ckpt["model_args"], "block_size": (ckpt.get("config") or {}).get("block_size", block_size)}
+    or otherwise changed model (model_args), another training context (block_size), another
+    text (dataset); a list of 'name old -> new', empty when nothing did."""
+    config = ckpt.get("config") or {}
+    saved = {**ckpt["model_args"], "block_size": config.get("block_size", block_size)}
     now = {**model_args, "block_size": block_size}
     for args in (saved, now):  # n_kv_head 0 means n_head: say the number of heads
         if not args.get("n_kv_head") and "n_head" in args:
             args["n_kv_head"] = args["n_head"]
-    return [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
-            if k != "dropout" and k in saved and saved[k] != now[k]]
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k != "dropout" and k in saved and saved[k] != now[k]]
+    if dataset is not None and config.get("dataset") and not same_dataset(config["dataset"], dataset):
+        changed.append(f"dataset {config['dataset']} -> {dataset}")
+    return changed
+
+
+def saved_iteration(path):
+    """The iteration a checkpoint file was written at, or None (no file, or not readable)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["iter_num"])
+    except Exception:  # a damaged or foreign file: nothing in it to keep
+        return None
 
 
 # training settings that change what the loss is: a resume keeps the checkpoint's unless given

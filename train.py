@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
 from checkpoint import (OBJECTIVE_KEYS, checkpoint_path, incomparable, load_model, objective_settings,
-                        resume_schedule, restore_training_state, rng_state, save_checkpoint, unwrap)
+                        resume_schedule, restore_training_state, rng_state, save_checkpoint, saved_iteration, unwrap)
 from configurator import configure
 from kv.qat import make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
@@ -63,7 +63,7 @@ last_save_budget = 0.1  # last.pt is skipped at a log step if writing it would t
 eval_only = False  # evaluate once and exit, writing nothing
 always_save_checkpoint = False  # write ckpt.pt at every evaluation, not only when val loss improves
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/resume_checkpoint_name)
-overwrite = False  # let a run from scratch replace the checkpoints already in out_dir (otherwise it is refused)
+overwrite = False  # let a run from scratch replace the checkpoints in out_dir, or a resume from ckpt.pt replace a later last.pt
 resume_checkpoint_name = "ckpt"  # 'ckpt', 'ckpt.pt', 'last' or 'last.pt'
 resume_mode = "auto"  # 'continue' | 'finetune' | 'auto' (see the docstring)
 tensorboard = True  # write TensorBoard scalars into out_dir
@@ -198,7 +198,7 @@ def train(held):
             config.update(fit_schedule(max_iters, sys.argv[1:]))
         best_val_loss = ckpt.get("best_val_loss", float("inf"))
         print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
-        changed = incomparable(ckpt, model_args, block_size)
+        changed = incomparable(ckpt, model_args, block_size, dataset)
         if changed and not eval_only and end_iter > start_iter:  # its val loss is another model's, or another context's
             fresh_best, best_val_loss = True, float("inf")
             print(f"note: {', '.join(changed)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
@@ -209,6 +209,8 @@ def train(held):
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
+    if writes and master and ckpt is not None and not overwrite:
+        keep_newer_last(ckpt_path, start_iter, mode)
     if writes and master:
         outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0)
     if xl_fn is not None and xl_mem:  # the user's XL step, tried on 2 bytes now, not after the first evaluation
@@ -228,7 +230,7 @@ def train(held):
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)
         if ckpt is not None:
             rows_kept = restore_training_state(ckpt, mode, optimizer, scaler, loader if master else None,
-                                               (batch_size, block_size))
+                                               (batch_size, block_size), dataset)
             if xl_mem and rows_kept and not changed and ckpt["config"].get("xl_mem") == xl_mem:
                 xl_state = ckpt.get("xl_memory")  # the rows go on: so does what they remember
             if not master:
@@ -246,6 +248,7 @@ def train(held):
     tb = TensorBoard(out_dir if use_tb else None, purge_step=start_iter)
 
     def save(name):
+        diverged(lambda: not all(bool(torch.isfinite(p).all()) for p in model.parameters()), name)
         if not master:
             return 0.0
         t0 = time.time()
@@ -255,6 +258,15 @@ def train(held):
                         extra={"rng": rng_state(), "loader": loader.state_dict(),
                                **({"xl_memory": memory_state(memory)} if xl_mem else {})})
         return time.time() - t0
+
+    def diverged(test, name):
+        """Stop (one error, nothing written) once the loss or the weights are nan or inf."""
+        if test():
+            kept = [n for n in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(out_dir, n))]
+            raise UserError(f"training diverged by iteration {iter_num} (the loss or the weights are nan or inf), so "
+                            f"{name} was not written" + (f"; {' and '.join(kept)} in {out_dir} hold the run before"
+                                                        if kept else "") +
+                            f": lower --learning_rate (now {learning_rate:g}) or keep --grad_clip on, and train again")
 
     def evaluate():
         nonlocal best_val_loss, best_iter
@@ -314,6 +326,7 @@ def train(held):
                 dist.all_reduce(batch_loss)
                 batch_loss /= world_size
             lossf = batch_loss.item()  # waits for the GPU
+            diverged(lambda: not math.isfinite(lossf), "last.pt")
             elapsed = time.time() - t_mark
             ms_per_iter = 1000 * elapsed / steps_since_mark
             tokens_per_s = tokens_per_iter * steps_since_mark / elapsed
@@ -352,6 +365,25 @@ def train(held):
     drifts = not xl_mem and any(not c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer))
     plugin = f" --attention={c.attention}" if ":" in c.attention else ""  # sample.py runs it only if named
     print(f"next: python sample.py --out_dir={out_dir}" + (f" --kv_window={block_size}" if drifts else "") + plugin)
+
+
+def keep_newer_last(ckpt_path, start_iter, mode):
+    """A resume from ckpt.pt (the best val loss) must not lose a last.pt written later in the
+    run: going on with that run ('continue') from the older file is refused unless
+    --overwrite=True; a fine-tune keeps the later file as last_<its iteration>.pt."""
+    last = os.path.join(out_dir, "last.pt")
+    if os.path.abspath(ckpt_path) == os.path.abspath(last):
+        return
+    later = saved_iteration(last)
+    if later is None or later <= start_iter:
+        return
+    if mode == "continue":
+        raise UserError(f"{last} is at iteration {later}, past {ckpt_path} (iteration {start_iter}), and going on "
+                        f"from the older file would replace it: go on from it with --resume_checkpoint_name=last, "
+                        f"or add --overwrite=True to train on from {os.path.basename(ckpt_path)} anyway")
+    kept = os.path.join(out_dir, f"last_{later}.pt")
+    os.replace(last, kept)
+    print(f"note: {last} (iteration {later}) is kept as {kept}: this fine-tune writes its own last.pt")
 
 
 def interrupted(iter_num, start_iter, origin):

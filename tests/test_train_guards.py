@@ -1,0 +1,103 @@
+"""train.py's guards around a resume and a diverging run: a later last.pt is never lost to a
+resume from an older ckpt.pt, a run whose loss turns nan stops before writing it, a resume on
+another text starts its own best val loss, and a foreign checkpoint's unreadable training state
+or nan weights are one clear error.
+
+    python -m pytest -q tests/test_train_guards.py
+"""
+import shutil
+
+import pytest
+import torch
+
+from checkpoint import checksum, load_model, read_checkpoint, restore_training_state
+from conftest import TINY, assert_user_error, run_script, tiny_corpus, train, write_splits
+from utils import UserError
+
+N = 6
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    """N iterations: ckpt.pt and last.pt both at iteration N."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    train(data_dir, out, f"--max_iters={N}")
+    return out
+
+
+def resave(ckpt, path):
+    ckpt["crc32"] = {k: checksum(v) for k, v in ckpt.items() if k != "crc32"}
+    torch.save(ckpt, path)
+
+
+def with_later_last(run_dir, tmp_path, later=N + 4):
+    """A copy of the run whose last.pt says it was written at a later iteration than ckpt.pt."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    last = read_checkpoint(str(out / "last.pt"))
+    last["iter_num"] = later
+    resave(last, out / "last.pt")
+    return out, (out / "last.pt").read_bytes()
+
+
+def test_going_on_from_an_older_ckpt_is_refused_and_the_later_last_pt_kept(data_dir, run_dir, tmp_path):
+    out, before = with_later_last(run_dir, tmp_path)
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out}", "--init_from=resume",
+                      f"--max_iters={N + 20}")
+    assert_user_error(proc, f"is at iteration {N + 4}, past", "--resume_checkpoint_name=last", "--overwrite=True")
+    assert (out / "last.pt").read_bytes() == before
+    printed = train(data_dir, out, "--init_from=resume", f"--max_iters={N + 2}", "--overwrite=True")
+    assert f"resumed {out / 'ckpt.pt'} at iteration {N}" in printed
+    assert read_checkpoint(str(out / "last.pt"))["iter_num"] == N + 2
+
+
+def test_a_finetune_from_an_older_ckpt_keeps_the_later_last_pt_aside(data_dir, run_dir, tmp_path):
+    out, before = with_later_last(run_dir, tmp_path)
+    printed = train(data_dir, out, "--init_from=resume", "--max_iters=2")  # at most the checkpoint's: a fine-tune
+    assert f"is kept as {out / f'last_{N + 4}.pt'}" in printed
+    assert (out / f"last_{N + 4}.pt").read_bytes() == before
+    assert read_checkpoint(str(out / "last.pt"))["iter_num"] == N + 2
+
+
+def test_a_diverging_run_stops_before_writing_nan(data_dir, run_dir, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out}", "--init_from=resume",
+                      "--resume_checkpoint_name=last", "--max_iters=40", "--learning_rate=1e6", "--grad_clip=0.0",
+                      "--warmup_iters=0", "--decay_lr=False")
+    assert_user_error(proc, "training diverged by iteration", "was not written", "lower --learning_rate")
+    for p in out.glob("*.pt"):
+        ckpt = read_checkpoint(str(p))
+        assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values()), p.name
+    assert {p.name for p in out.glob("*.pt")} == set(before)
+
+
+def test_nan_weights_are_one_error(run_dir, tmp_path):
+    ckpt = read_checkpoint(str(run_dir / "ckpt.pt"))
+    name = next(iter(ckpt["model"]))
+    ckpt["model"][name] = ckpt["model"][name].clone().fill_(float("nan"))
+    resave(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(UserError, match=f"not finite numbers \\(nan or inf in {name}\\): its run diverged"):
+        load_model(str(tmp_path / "nan.pt"))
+
+
+def test_a_resume_on_another_text_starts_its_own_best(run_dir, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    write_splits(other, tiny_corpus(seed=7))
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    printed = train(other, out, "--init_from=resume", "--resume_checkpoint_name=last", f"--max_iters={N + 2}")
+    assert "chose 'continue'" in printed and f"-> {other}: the checkpoint's best val loss is not comparable" in printed
+    assert "data position not restored (another dataset)" in printed
+
+
+def test_an_unreadable_training_state_is_one_error(run_dir):
+    ckpt = read_checkpoint(str(run_dir / "last.pt"))
+    model, _ = load_model(str(run_dir / "last.pt"))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    ckpt["rng"] = {"cpu": torch.zeros(3, dtype=torch.uint8)}  # not a generator state
+    with pytest.raises(UserError, match="random state or data position cannot be restored .*--resume_mode=finetune"):
+        restore_training_state(ckpt, "continue", optimizer, scaler, object(), (4, 32))
