@@ -45,7 +45,7 @@ import outdir
 from checkpoint import (OBJECTIVE_KEYS, checkpoint_path, incomparable, load_model, objective_settings,
                         resume_schedule, restore_training_state, rng_state, save_checkpoint, saved_iteration, unwrap)
 from configurator import configure
-from kv.qat import make_qat_caches
+from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
@@ -206,6 +206,7 @@ def train(held):
     config.update(model_args)  # the checkpoint's config records the model actually trained
     n_params = model.get_num_params()
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
+    check_qat(model, kv_quant)  # before the first evaluation, not after it
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing

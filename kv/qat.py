@@ -74,11 +74,20 @@ def make_qat_caches(model, kv_quant="none", kv_quant_group=32, channel_keys=True
     them), else per token (as EvictKVCache does)."""
     if kv_quant == "none":
         return None
-    c = model.config
-    if any(c.kind(i) == "linear" for i in range(c.n_layer)):
-        raise UserError("kv_quant in training quantizes softmax K/V caches, and this model has linear attention "
-                        "layers: drop --kv_quant, or keep some layers softmax (--linear_layers=...)")
+    check_qat(model, kv_quant)
     return qat_caches(model, kv_quant, kv_quant_group, channel_keys)
+
+
+def check_qat(model, kv_quant):
+    """One UserError if quantization-aware training cannot run on this model: it fake-quantizes
+    every layer's K/V, and a linear attention layer keeps a state instead (train.py asks before
+    its first evaluation)."""
+    c = model.config
+    linear = [i for i in range(c.n_layer) if c.kind(i) == "linear"]
+    if kv_quant != "none" and linear:
+        raise UserError(f"--kv_quant={kv_quant} in training fake-quantizes the K/V of every layer, and layers "
+                        f"{','.join(map(str, linear))} of this model are linear attention (a state, no K/V cache): "
+                        "drop --kv_quant for this model")
 
 
 def qat_caches(model, kv_quant, kv_quant_group=32, channel_keys=True):

@@ -98,6 +98,14 @@ def test_qat_with_xl_mem_is_one_error(data_dir, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "xl_mem" in err[0]
 
 
+def test_qat_on_a_model_with_linear_layers_is_one_error(data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train(data_dir, tmp_path, "--max_iters=1", "--attention=linear", "--linear_layers=0", "--kv_quant=int4")
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "layers 0 of this model are linear attention" in err[0] and "drop --kv_quant" in err[0]
+
+
 def test_token_keys_quantize_every_token_at_once():
     """kv_quant_keys=token (what QAT with --kv_quant_keys=token trains for): with residual 0 every
     token is stored as codes as soon as it arrives; bits by hand: per token and head, 2 x hs
