@@ -110,6 +110,7 @@ class LinearState(Cache):
     reads and writes them itself: a state, not a list of keys, so update() is not used)."""
 
     state_keys = ("S", "z", "seen")  # what a checkpoint keeps of it as XL memory (kv.xl.memory_state)
+    holds_tokens = False  # tokens() is the history it summarises, not tokens it keeps
 
     def __init__(self, batch_size, n_kv_head, head_dim, dtype=torch.float32, device="cpu"):
         self.S = torch.zeros(batch_size, n_kv_head, head_dim, head_dim, dtype=dtype, device=device)

@@ -58,6 +58,7 @@ def attention_mask(qpos, kpos, window=0, sink=0, held_in_sight=False):
 class Cache:
     """The protocol every cache follows (see the module docstring)."""
     seen = 0  # tokens fed so far = the absolute position of the next token
+    holds_tokens = True  # False for a fixed-size state (linear attention): "bits per cached token" skips it
 
     def update(self, k, v):
         """Store k, v (B, nkv, T, hs) of the next T tokens; return (keys, values, mask)."""

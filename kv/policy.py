@@ -253,6 +253,7 @@ def unique(caches):
 
 
 def held_bits(caches):
-    """Bits held by all caches, and the most tokens any one holds (per sequence)."""
+    """Bits held by all caches, and the most tokens any one KV cache holds (per sequence; 0
+    when every layer keeps a fixed-size state)."""
     u = unique(caches)
-    return sum(c.size_bits() for c in u), max(c.tokens() for c in u)
+    return sum(c.size_bits() for c in u), max((c.tokens() for c in u if c.holds_tokens), default=0)

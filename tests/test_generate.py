@@ -72,3 +72,14 @@ def test_generation_under_cpu_autocast_caches_bf16(options):
     else:
         assert torch.isfinite(torch.cat(steps, 1).float()).all()
         assert 0 < caches[0].size_bits() < caches[0].tokens() * 2 * 32 * 32  # below a float32 cache
+
+
+def test_bits_per_cached_token_of_a_hybrid_does_not_grow_with_the_prompt():
+    """A model with a linear layer: its fixed-size state counts in the bits, not in the tokens
+    held, so the figure is the peak over the window's tokens whatever the prompt's length."""
+    m = tiny(attention="linear", linear_layers="0")
+    kv = KVOptions(kv_window=16).check()
+    for T in (20, 60):
+        stats = {}
+        list(generate_stream(m, text(B=2, T=T), 5, kv=kv, stats=stats))
+        assert stats["kv_bits_per_token"] == stats["kv_bits_peak"] / (2 * 16)
