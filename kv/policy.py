@@ -72,10 +72,13 @@ class KVOptions:
         # and hold full precision
         if group and 0 < self.kv_window < residual + group:
             what = f"a key group of kv_quant_group={group} tokens" if group > 1 else "the token that leaves it"
+            ways = [f"lower kv_quant_residual to at most {self.kv_window - group}"] if self.kv_window >= group else []
+            if group > 1:
+                ways += [f"use a kv_quant_group of at most {self.kv_window - residual}"] * (self.kv_window > residual)
+                ways += ["use --kv_quant_keys=token (keys grouped per token, as values)"
+                         + (f" with kv_quant_residual at most {self.kv_window - 1}" if residual >= self.kv_window else "")]
             raise UserError(f"kv_quant_residual={residual} plus {what} does not fit in kv_window="
-                            f"{self.kv_window}: nothing would be quantized; lower kv_quant_residual to at most "
-                            f"{max(self.kv_window - group, 0)}" + (" or kv_quant_group" if group > 1 else "")
-                            + ", or raise kv_window")
+                            f"{self.kv_window}: nothing would be quantized; " + ", or ".join(ways + ["raise kv_window"]))
         if self.kv_sink and self.kv_window == 0 and self.kv_evict == "none":
             raise UserError(f"kv_sink={self.kv_sink} keeps the first tokens when a bounded cache drops older "
                             "ones, but nothing is dropped here: add --kv_window=N (or --kv_evict), or drop --kv_sink")

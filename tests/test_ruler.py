@@ -158,7 +158,11 @@ def test_a_window_of_n_is_n_tokens_whichever_option_says_it():
 
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(kv_window=16, kv_quant="int2"), ["kv_quant_residual=32", "kv_window=16", "at most 0"]),
+    (dict(kv_window=16, kv_quant="int2"), ["kv_quant_residual=32", "kv_window=16",
+                                            "use --kv_quant_keys=token (keys grouped per token, as values) with "
+                                            "kv_quant_residual at most 15, or raise kv_window"]),
+    (dict(kv_window=16, kv_quant="int4", kv_quant_residual=0), ["use a kv_quant_group of at most 16", "use --kv_quant_keys=token "
+                                                                "(keys grouped per token, as values), or raise"]),
     (dict(kv_window=40, kv_quant="int4", kv_quant_group=16), ["kv_quant_group=16", "at most 24"]),
     (dict(kv_window=32, kv_quant="int8"), ["the token that leaves it", "at most 31"]),
     (dict(kv_evict="h2o", kv_budget=20, kv_recent=8, kv_sink=4, kv_quant="int8", kv_quant_residual=16),
@@ -169,6 +173,7 @@ def test_a_residual_that_leaves_nothing_to_quantize_is_refused(kw, words):
         KVOptions(**kw).check()
     for w in words:
         assert w in str(e.value), str(e.value)
+    assert "at most 0" not in str(e.value) and "at most -" not in str(e.value)  # no way that fixes nothing
     KVOptions(kv_window=64, kv_quant="int4", kv_quant_group=32, kv_quant_residual=32).check()  # just fits
 
 
