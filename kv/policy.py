@@ -153,10 +153,19 @@ class KVOptions:
         return fit, note
 
     def local_note(self, config):
-        """A line when every softmax layer of a model (GPTConfig) is local and this setting's
-        bound, sinks or budget cannot act inside the window config.window (None otherwise): a
-        local layer holds at most its window, and sinks only where a tighter kv_window or a
-        budget binds inside it (make_caches)."""
+        """A line when a setting the user gave cannot act (None otherwise): where every softmax
+        layer of a model (GPTConfig) is local, a bound, sinks or budget past the window
+        config.window (a local layer holds at most its window, and sinks only where a tighter
+        kv_window or a budget binds inside it: make_caches); on any model, an eviction budget
+        at least what kv_window and kv_sink keep."""
+        note = self._local_note(config)
+        held = self.kv_window + self.kv_sink
+        if note is None and self.kv_evict != "none" and self.kv_window > 0 and self.kv_budget >= held:
+            bound = f"kv_window={self.kv_window}" + (f" and kv_sink={self.kv_sink}" if self.kv_sink else "")
+            note = f"note: {bound} keep at most {held} tokens, so kv_budget={self.kv_budget} changes nothing"
+        return note
+
+    def _local_note(self, config):
         w = config.window
         softmax = [i for i in range(config.n_layer) if config.kind(i) != "linear"]
         if not softmax or not all(config.is_local(i) for i in softmax):

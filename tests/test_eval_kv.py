@@ -313,3 +313,17 @@ def test_a_bound_past_every_local_window_changes_nothing_and_says_so(tiny_data_d
     assert KVOptions(kv_window=4, kv_sink=2).local_note(m.config) is None  # a tighter bound does bind
     tight = KVOptions(kv_window=4, kv_sink=2, kv_evict="window", kv_budget=12).check().local_note(m.config)
     assert tight.endswith("so kv_budget=12 changes nothing")  # the window binds first, and its sinks count
+
+
+def test_a_budget_past_the_window_changes_nothing_and_says_so(tiny_data_dir):
+    """On any model, h2o with a budget at least kv_window + kv_sink evicts nothing the window
+    has not dropped: the row equals the window's, and a note says so; a smaller budget binds."""
+    m = tiny_model()
+    x, y = streams(tiny_data_dir)
+    window, idle, binds = (dict(kv_window=16, kv_sink=2), dict(kv_window=16, kv_sink=2, kv_evict="h2o", kv_budget=18),
+                           dict(kv_window=16, kv_sink=2, kv_evict="h2o", kv_budget=17))
+    _, w, i, b = run(m, x, y, [dict(kv_window=0), window, idle, binds])
+    assert abs(i["bpb"] - w["bpb"]) < 1e-6 and abs(b["bpb"] - w["bpb"]) > 1e-6
+    assert KVOptions(**idle).check().local_note(m.config) == ("note: kv_window=16 and kv_sink=2 keep at most 18 "
+                                                            "tokens, so kv_budget=18 changes nothing")
+    assert KVOptions(**binds).check().local_note(m.config) is None
