@@ -226,6 +226,10 @@ def train(held):
     rank_seed = seed + rank + (world_size * start_iter if rank > 0 else 0)
     if writes:
         print(f"training iterations {start_iter}..{end_iter - 1}, {tokens_per_iter:,} tokens per iteration")
+        if decay_lr and lr_decay_iters > end_iter - origin and master:
+            print(f"note: lr_decay_iters={lr_decay_iters} is past this run's {end_iter - origin} iterations: the "
+                  f"learning rate ends at {get_lr(end_iter - origin - 1):.2e}, not min_lr={min_lr:g} "
+                  f"(--lr_decay_iters={end_iter - origin} decays it fully)")
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)

@@ -110,6 +110,15 @@ def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_
         assert str(read_checkpoint(str(folder / "last.pt"))["config"][name]) == off
 
 
+def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_path):
+    """TINY decays over 20 iterations: a run of 8 ends above min_lr, and the note gives the
+    rate its last iteration used (the optimizer's, in last.pt)."""
+    printed = train(data_dir, tmp_path / "o", "--max_iters=8")
+    lr = read_checkpoint(str(tmp_path / "o" / "last.pt"))["optimizer"]["param_groups"][0]["lr"]
+    assert f"note: lr_decay_iters=20 is past this run's 8 iterations: the learning rate ends at {lr:.2e}" in printed
+    assert "lr_decay_iters=20 is past" not in train(data_dir, tmp_path / "p", "--max_iters=20")
+
+
 def test_the_next_command_of_a_linear_model_has_no_window(data_dir, tmp_path):
     """A fixed-size state does not drift past block_size, and sample.py refuses a kv_window for it."""
     printed = train(data_dir, tmp_path / "o", "--max_iters=2", "--attention=linear")
