@@ -425,6 +425,12 @@ def main():
         base_path, base_model, base_kv = base
         [b] = evaluate(base_model, x, y, [base_kv], step, base_kv, block, progress, dt, decode=steps(base_model))
         rebase(results, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    bigger = [r["setting"] for opts, r in zip(settings, results)
+              if opts.kv_quant != "none" and r["kv_bits_peak"] >= r["kv_bits_peak_ref"]]
+    if bigger:
+        say(f"note: {', '.join(bigger)} hold at least the reference's bits: the full-precision residual (and a key "
+            "group waiting to be quantized) fill most of the window; --kv_quant_residual=0 --kv_quant_keys=token "
+            "quantizes every token")
     title = (f"{os.path.basename(os.path.normpath(out_dir))}/{os.path.basename(path)}: "
              f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}")
     if sweep:

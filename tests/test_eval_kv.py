@@ -275,6 +275,11 @@ def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir
     said = notes("--kv_evict=h2o", "--kv_budget=16")
     chunked = [n for n in said if n.startswith("note: at chunk 32 eviction runs once per chunk")]
     assert len(chunked) == 1 and "precision" not in chunked[0]
+    # a residual and a key group that fill the 32-token window hold more than the plain window
+    bigger = [n for n in notes("--kv_quant=int4", "--kv_quant_group=16", "--kv_quant_residual=16", "--chunk=1")
+              if "hold at least the reference's bits" in n]
+    assert len(bigger) == 1 and bigger[0].startswith("note: int4/g16/r16, window 32 hold")
+    assert not [n for n in notes("--kv_quant=int8", "--kv_quant_residual=8") if "reference's bits" in n]
     for args in (["--kv_quant=int8", "--kv_quant_residual=8", "--chunk=1"],  # the decoder itself
                  ["--kv_window=16"],  # nothing approximate at chunk 32
                  [f"--baseline={ckpt_dir / 'same.pt'}"]):
