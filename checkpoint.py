@@ -456,8 +456,11 @@ def resume_schedule(ckpt, resume_mode, max_iters, eval_only=False):
     a schedule counted from the checkpoint's iteration (origin)."""
     start = ckpt.get("iter_num")
     if start is None:  # a checkpoint without it (the tutorial's own) counts as a finished run
-        start = int((ckpt.get("config") or {}).get("max_iters", 0))
+        start = (ckpt.get("config") or {}).get("max_iters", 0)
         print(f"note: the checkpoint does not say its iteration; taking its max_iters, {start}")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise UserError(f"the checkpoint's iteration {start!r} is not a count of iterations (it was not written by "
+                        "train.py); use another checkpoint")
     mode = pick_resume_mode(start, resume_mode, max_iters, eval_only)
     if mode == "continue":
         return mode, start, max(max_iters, start), 0

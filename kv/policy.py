@@ -49,7 +49,10 @@ class KVOptions:
         memory saw at most xl_mem tokens of history, others had no bound."""
         if self.kv_window != -1:
             return self
-        xl = int(config.get("xl_mem", 0) or 0)
+        xl = config.get("xl_mem", 0) or 0
+        if not isinstance(xl, int) or isinstance(xl, bool) or xl < 0:
+            raise UserError(f"the checkpoint's config says xl_mem={xl!r}, which no training run writes: "
+                            "give --kv_window=N (0: no bound) to sample it anyway")
         if xl:
             say(f"kv_window={xl}: the xl_mem this model was trained with (--kv_window=0 for no bound)")
         return replace(self, kv_window=xl)

@@ -101,3 +101,19 @@ def test_an_unreadable_training_state_is_one_error(run_dir):
     ckpt["rng"] = {"cpu": torch.zeros(3, dtype=torch.uint8)}  # not a generator state
     with pytest.raises(UserError, match="random state or data position cannot be restored .*--resume_mode=finetune"):
         restore_training_state(ckpt, "continue", optimizer, scaler, object(), (4, 32))
+
+
+@pytest.mark.parametrize("iteration", [-10, "5"])
+def test_a_checkpoint_with_an_impossible_iteration_is_one_error(iteration):
+    from checkpoint import resume_schedule
+    with pytest.raises(UserError, match="is not a count of iterations"):
+        resume_schedule({"iter_num": iteration}, "auto", 100)
+    with pytest.raises(UserError, match="is not a count of iterations"):  # the tutorial's layout: its max_iters
+        resume_schedule({"config": {"max_iters": iteration}}, "auto", 100)
+
+
+def test_an_impossible_xl_mem_in_a_checkpoint_names_itself():
+    from kv.policy import KVOptions
+    with pytest.raises(UserError, match="the checkpoint's config says xl_mem=-3"):
+        KVOptions(kv_window=-1).for_checkpoint({"xl_mem": -3})
+    assert KVOptions(kv_window=8).for_checkpoint({"xl_mem": -3}).kv_window == 8  # a bound given is not its business
