@@ -202,7 +202,8 @@ class KVOptions:
         if self.kv_evict != "none":
             extra = [f"recent {self.kv_recent}"] if self.kv_evict != "window" and self.kv_recent else []
             extra += [f"sink {self.kv_sink}"] if self.kv_sink else []
-            parts.append(f"{self.kv_evict} {self.kv_budget}" + (f" ({', '.join(extra)})" if extra else ""))
+            name = "evict-window" if self.kv_evict == "window" else self.kv_evict  # not the history bound's "window"
+            parts.append(f"{name} {self.kv_budget}" + (f" ({', '.join(extra)})" if extra else ""))
         return " + ".join(parts) or "none"
 
     def make_caches(self, model, batch_size, capacity=256, dtype=None, static=False):

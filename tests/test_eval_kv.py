@@ -320,6 +320,11 @@ def test_a_bound_past_every_local_window_changes_nothing_and_says_so(tiny_data_d
     assert tight.endswith("so kv_budget=12 changes nothing")  # the window binds first, and its sinks count
 
 
+def test_window_eviction_and_the_history_bound_have_two_names():
+    kv = KVOptions(kv_window=64, kv_evict="window", kv_budget=16, kv_sink=4).check()
+    assert eval_kv.label(kv) == "evict-window 16 (sink 4), window 64"
+
+
 def test_a_budget_past_the_window_changes_nothing_and_says_so(tiny_data_dir):
     """On any model, h2o with a budget at least kv_window + kv_sink evicts nothing the window
     has not dropped: the row equals the window's, and a note says so; a smaller budget binds."""
