@@ -55,6 +55,8 @@ def _parse(name, text, default):
 def _run_config_file(path, g, known):
     """Exec a config file with the current settings visible; return the settings it changed and
     the names it assigns (a setting assigned its default is still given by the file)."""
+    if os.path.isdir(path):
+        raise UserError(f"config file {path} is a folder; give the path of a Python file of settings")
     if not os.path.isfile(path):
         raise UserError(f"config file {path} not found")
     scope = {k: g[k] for k in known}
@@ -62,7 +64,12 @@ def _run_config_file(path, g, known):
         with open(path) as f:
             tree = ast.parse(f.read(), path)
         exec(compile(tree, path, "exec"), scope)
-    except Exception as e:  # a config file is user input: any failure in it is a user error
+    except KeyboardInterrupt:
+        raise
+    except SystemExit as e:  # sys.exit() or raise SystemExit: it would end the script without a word
+        raise UserError(f"config file {path} exits (SystemExit: {e.code}); a config file only assigns "
+                        "settings") from None
+    except BaseException as e:  # a config file is user input: any failure in it is a user error
         detail = " ".join(str(e).split())
         raise UserError(f"config file {path}: {type(e).__name__}: {detail}") from None
     assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}

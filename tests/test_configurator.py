@@ -126,3 +126,29 @@ def test_script_reports_one_line_without_traceback():
     assert_user_error(proc, "did you mean --block_size")
     assert proc.returncode == 2
     assert_user_error(run_script("gen_sample_data.py", "--block_size=big"), "expected int")
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("raise SystemExit(0)\n", "exits (SystemExit: 0)"),
+    ("import sys\nsys.exit(5)\n", "exits (SystemExit: 5)"),
+    ("raise GeneratorExit('odd')\n", ": GeneratorExit: odd"),
+], ids=["SystemExit", "sys.exit", "GeneratorExit"])
+def test_config_file_that_exits_is_an_error_naming_it(tmp_path, body, fragment):
+    """Only Exception was caught: a config file that exits ended the script without a word."""
+    path = tmp_path / "cfg.py"
+    path.write_text(body)
+    with pytest.raises(UserError) as info:
+        configure(settings(), [str(path)])
+    assert str(info.value).startswith(f"config file {path}") and fragment in str(info.value)
+
+
+def test_ctrl_c_in_a_config_file_still_stops(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        configure(settings(), [str(path)])
+
+
+def test_config_file_that_is_a_folder(tmp_path):
+    with pytest.raises(UserError, match=f"config file {tmp_path} is a folder; give the path of a Python file"):
+        configure(settings(), [str(tmp_path)])
