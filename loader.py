@@ -4,13 +4,14 @@ The data: bytes as tokens, the byte loader that training reads, and dataset prep
     python -c "import loader; print(loader.encode('hé'), loader.decode(loader.encode('hé')))"
     python -c "import loader; print(loader.dataset_paths('shakespeare_char'))"
 """
+import errno
 import os
 import urllib.request
 
 import numpy as np
 import torch
 
-from utils import UserError
+from utils import UserError, fsync_dir
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(REPO_DIR, "data")  # the named datasets, one folder each
@@ -50,7 +51,7 @@ class ByteLoader:
 
     def __init__(self, path, block_size, batch_size, reset_prob=0.1, seed=1337, device="cpu"):
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
-            raise UserError(f"data file {path} is missing or empty; run the dataset's prepare.py")
+            raise UserError(_unusable(path))
         if block_size < 1 or batch_size < 1 or not 0.0 <= reset_prob <= 1.0:
             raise UserError(f"need block_size >= 1, batch_size >= 1 and 0 <= reset_prob <= 1; got "
                             f"{block_size}, {batch_size}, {reset_prob}")
@@ -111,23 +112,69 @@ def fixed_batches(path, block_size, batch_size, n_batches, seed, device="cpu"):
 def _prepare_command(data_dir):
     """The exact command a user should type to prepare data_dir."""
     script = os.path.relpath(os.path.join(data_dir, "prepare.py"))
+    if os.path.isfile(os.path.join(data_dir, "input.txt")):
+        return f"python {script}"
     shared = os.path.join(SHARED_DATA, os.path.basename(data_dir), "input.txt")
     path = os.path.relpath(shared) if os.path.isfile(shared) else "PATH"
     return f"python {script} --input={path}"
 
 
-def _write(path, data):
-    # write then rename, so an interrupted run never leaves a half file that looks prepared;
-    # the temporary file is this process's own, and a failed write removes it
-    tmp = f"{path}.{os.getpid()}.tmp"
+def _unusable(path):
+    """What is wrong with a data file that is missing or empty, and what to do."""
+    folder = os.path.dirname(path) or "."
+    state = "is empty" if os.path.isfile(path) else "is missing"
+    if os.path.isfile(os.path.join(folder, "prepare.py")):
+        return f"data file {path} {state}; run {_prepare_command(folder)}"
+    if os.path.isfile(os.path.join(folder, "input.txt")):
+        return (f"data file {path} {state}; delete train.txt and val.txt in {folder}, and the next run "
+                "splits them again from its input.txt")
+    return (f"data file {path} {state}; write text into it, or put the whole corpus in {folder} as input.txt "
+            "instead of train.txt and val.txt (it is split on first use)")
+
+
+def _write_files(data_dir, files):
+    """Write files {name: bytes} into data_dir, all or none: each goes to a temporary file of
+    this process first, and only once all are complete and on disk do they replace their
+    names, so train.txt and val.txt always come from the same text. A failure (a read-only
+    folder, a full disk) leaves data_dir as it was and is one UserError."""
+    temporary = {}
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        for name, data in files.items():
+            temporary[name] = os.path.join(data_dir, f"{name}.{os.getpid()}.tmp")
+            with open(temporary[name], "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, tmp in temporary.items():
+            os.replace(tmp, os.path.join(data_dir, name))
+    except OSError as e:
+        raise _cannot_write(data_dir, " and ".join(files), e) from None
+    finally:
+        for tmp in temporary.values():
+            if os.path.isfile(tmp):
+                os.remove(tmp)
+    fsync_dir(data_dir)
+
+
+def _cannot_write(data_dir, names, e):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free some space there"
+    else:
+        todo = "make the folder writable, or copy the dataset (its input.txt is enough) to a folder you can write"
+    return UserError(f"cannot write {names} into {data_dir} ({e.strerror or e}); {todo}")
+
+
+def _check_input(data, input_path, target, where):
+    """Refuse an --input that is not text, or that would replace a different input.txt."""
+    if b"\0" in data:
+        raise UserError(f"{where} is not text (it holds NUL bytes, the first at byte {data.index(0):,}); give a "
+                        "plain-text copy of the corpus, or pass --force=True to train on these bytes anyway")
+    if os.path.isfile(target) and not os.path.samefile(input_path, target):
+        old_size = os.path.getsize(target)
+        if old_size != len(data) or _read(target, os.path.relpath(target)) != data:
+            raise UserError(f"{where} differs from the {os.path.relpath(target)} already there ({old_size:,} "
+                            "bytes): checkpoints trained on the old text would be scored on the new one; pass "
+                            "--force=True to replace it, or prepare the new text in a folder of its own")
 
 
 def _corpus(data, where):
@@ -147,18 +194,27 @@ def _read(path, where):
         raise UserError(f"{where}: cannot read it ({e.strerror or e})") from None
 
 
-def prepare(data_dir, input_path=None, url=None):
+def prepare(data_dir, input_path=None, url=None, force=False):
     """Split data_dir/input.txt into train.txt (first 90% of the bytes) and val.txt (the rest).
     input_path is copied to input.txt first; url is downloaded when there is no input.txt.
-    Every input is checked before it replaces a file: a bad one leaves data_dir as it was."""
-    os.makedirs(data_dir, exist_ok=True)
+    Every input is checked before it replaces a file: a bad one leaves data_dir as it was.
+    An input_path that is not text (NUL bytes), or that differs from the input.txt already
+    there, is refused unless force."""
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+    except OSError as e:
+        raise _cannot_write(os.path.dirname(os.path.abspath(data_dir)), os.path.basename(data_dir), e) from None
     target = os.path.join(data_dir, "input.txt")
+    files = {}  # what is written, all at once at the end
     if input_path:
+        where = f"--input={input_path}"
         if not os.path.isfile(input_path):
-            raise UserError(f"--input={input_path}: no such file")
-        data = _corpus(_read(input_path, f"--input={input_path}"), f"--input={input_path}")
+            raise UserError(f"{where}: no such file")
+        data = _corpus(_read(input_path, where), where)
+        if not force:
+            _check_input(data, input_path, target, where)
         if not (os.path.exists(target) and os.path.samefile(input_path, target)):
-            _write(target, data)
+            files["input.txt"] = data
     elif os.path.exists(target):
         data = _corpus(_read(target, os.path.relpath(target)), os.path.relpath(target))
     else:
@@ -173,10 +229,10 @@ def prepare(data_dir, input_path=None, url=None):
             raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); either fetch it by hand "
                             f"into {os.path.relpath(target)}, or give a local copy: {_prepare_command(data_dir)}"
                             ) from None
-        _write(target, _corpus(data, f"the download from {url}"))
+        files["input.txt"] = _corpus(data, f"the download from {url}")
     n = int(len(data) * 0.9)
-    _write(os.path.join(data_dir, "train.txt"), data[:n])
-    _write(os.path.join(data_dir, "val.txt"), data[n:])
+    files["train.txt"], files["val.txt"] = data[:n], data[n:]
+    _write_files(data_dir, files)
     print(f"{os.path.relpath(data_dir)}: train.txt has {n:,} bytes, "
           f"val.txt has {len(data) - n:,} bytes")
 
@@ -191,11 +247,22 @@ def same_dataset(a, b):
     return os.path.realpath(dataset_dir(a)) == os.path.realpath(dataset_dir(b))
 
 
+def known_datasets():
+    """The names of the datasets under data/ (those with a prepare.py)."""
+    return sorted(d for d in os.listdir(DATA_DIR) if os.path.isfile(os.path.join(DATA_DIR, d, "prepare.py")))
+
+
 def dataset_paths(dataset):
     """(train_path, val_path) of a dataset: a name under data/, or a directory path. Prepares it
     on first use from its input.txt, an offline copy in ../shared/data, or its download source;
     otherwise says which command prepares it."""
     is_dir_path = os.sep in dataset or "/" in dataset
+    if not dataset.strip():
+        raise UserError(f"--dataset is empty; name a dataset (known: {', '.join(known_datasets())}) or give "
+                        "the path of a folder holding the corpus as input.txt")
+    if not is_dir_path and dataset in (".", ".."):
+        raise UserError(f"--dataset={dataset} is not a dataset name (known: {', '.join(known_datasets())}); "
+                        f"to use a folder, give its path with a slash: --dataset={dataset}/")
     data_dir = dataset_dir(dataset)
     train, val = os.path.join(data_dir, "train.txt"), os.path.join(data_dir, "val.txt")
     if os.path.isfile(train) and os.path.isfile(val):
@@ -213,9 +280,17 @@ def dataset_paths(dataset):
         prepare(data_dir, url=SOURCES[dataset])
         return train, val
     if not is_dir_path and not os.path.isdir(data_dir):
-        known = sorted(d for d in os.listdir(DATA_DIR) if os.path.isfile(os.path.join(DATA_DIR, d, "prepare.py")))
-        raise UserError(f"--dataset={dataset}: unknown dataset; known: {', '.join(known)}")
+        raise UserError(f"--dataset={dataset}: unknown dataset; known: {', '.join(known_datasets())}")
+    if is_dir_path and not os.path.isdir(data_dir):
+        what = "it is a file, not a folder" if os.path.exists(data_dir) else "there is no such folder"
+        raise UserError(f"no train.txt and val.txt in {data_dir}: {what}; give a folder holding the corpus "
+                        "as input.txt")
     if not os.path.isfile(os.path.join(data_dir, "prepare.py")):
+        have = [name for name in ("train.txt", "val.txt") if os.path.isfile(os.path.join(data_dir, name))]
+        if have:
+            missing = "val.txt" if have == ["train.txt"] else "train.txt"
+            raise UserError(f"{data_dir} has {have[0]} but no {missing}; add {missing}, or put the whole corpus "
+                            "there as input.txt (train.txt and val.txt are then split from it on first use)")
         raise UserError(f"no train.txt and val.txt in {data_dir}; "
                         f"put the corpus there as input.txt (it is split on first use)")
     raise UserError(f"dataset {dataset} is not prepared; run {_prepare_command(data_dir)}")

@@ -16,11 +16,12 @@ from utils import run_main
 
 input = ""  # path of a local copy of the text, used instead of downloading it
 url = SOURCES["shakespeare_char"]  # where input.txt is downloaded from (char-rnn's tiny-shakespeare)
+force = False  # replace an input.txt that holds other text, or take an --input that is not text (NUL bytes)
 
 
 def main():
     configure(globals(), sys.argv[1:])
-    prepare(os.path.dirname(os.path.abspath(__file__)), input_path=input or None, url=url)
+    prepare(os.path.dirname(os.path.abspath(__file__)), input_path=input or None, url=url, force=force)
 
 
 if __name__ == "__main__":

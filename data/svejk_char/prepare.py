@@ -15,11 +15,12 @@ from loader import prepare
 from utils import run_main
 
 input = ""  # path of a plain-text copy of the novel, copied here as input.txt
+force = False  # replace an input.txt that holds other text, or take an --input that is not text (NUL bytes)
 
 
 def main():
     configure(globals(), sys.argv[1:])
-    prepare(os.path.dirname(os.path.abspath(__file__)), input_path=input or None)
+    prepare(os.path.dirname(os.path.abspath(__file__)), input_path=input or None, force=force)
 
 
 if __name__ == "__main__":
