@@ -122,19 +122,26 @@ def main():
 
 
 def read_prompt(text):
-    """The prompt as bytes: the text itself, or the contents of FILE:path."""
+    """The prompt as bytes: the text itself, or the contents of FILE:path. Bytes of the command
+    line that are not UTF-8 (Python holds them as surrogates) are given to the model as they were."""
     if text.startswith("FILE:"):
         path = text[len("FILE:"):]
+        how = "--start=FILE:path reads the prompt from the file at path"
+        if os.path.isdir(path):
+            raise UserError(f"prompt file {path!r} is a folder; {how}")
         if not os.path.isfile(path):
-            raise UserError(f"prompt file {path!r} not found (--start=FILE:path reads the prompt from path)")
-        with open(path, "rb") as f:
-            data = f.read()
+            raise UserError(f"prompt file {path!r} not found ({how})")
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UserError(f"prompt file {path!r} cannot be read: {e.strerror or e}") from None
         if not data:
             raise UserError(f"prompt file {path!r} is empty: the model needs at least one byte to start from")
         return data
     if not text:
         raise UserError("the prompt is empty: pass --start=TEXT (the default '####' starts a new text)")
-    return text.encode("utf-8")
+    return text.encode("utf-8", "surrogateescape")
 
 
 _line_open = False  # whether the text on stdout lacks its final newline (private: not a setting)

@@ -29,10 +29,30 @@ class UserError(Exception):
 def run_main(fn, before_error=None):
     """Run a script's main: a UserError becomes one line on stderr and exit code 2; so does
     an exception raised in a user's plug-in, with the frames of the plug-in's own file under
-    it. before_error(): called first (sample.py ends its line of text there)."""
+    it, and a failure to write the output (a full disk). A reader that stops reading (`| head`)
+    ends the script quietly. before_error(): called first (sample.py ends its line of text there)."""
     try:
-        return fn()
+        try:
+            result = fn()
+        except SystemExit:  # --help, or a script's own exit: what it printed still has to get out
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # here rather than at exit, so that an output that fails is handled below
+        return result
     except (UserError, NotImplementedError, KeyboardInterrupt, Exception) as e:
+        if isinstance(e, BrokenPipeError):
+            # the reader of our output has gone (`python sample.py | head -c 100`): nothing to
+            # report, and nobody to report it to. Exit status 141 (128 + 13, SIGPIPE) is what a
+            # shell reports for a program that SIGPIPE ended, as a C program's default would; Python
+            # ignores the signal, so the status is given here, and a pipeline under
+            # `set -o pipefail` still sees that the writer did not finish
+            settle_output()
+            sys.exit(141)
+        if isinstance(e, OSError) and output_fails():
+            settle_output()
+            print(f"error: could not write the output: {e.strerror or e}; make room where it goes, or send it "
+                  "elsewhere", file=sys.stderr, flush=True)
+            sys.exit(2)
         if before_error is not None:
             before_error()
         if isinstance(e, KeyboardInterrupt):
@@ -49,6 +69,49 @@ def run_main(fn, before_error=None):
         sys.exit(2)
 
 
+def _fd(stream):
+    """The file descriptor under a stream, or None (a StringIO in tests, no stream at all)."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def output_fails():
+    """Whether writing stdout fails now: a buffered stdout tries again what a failed write left
+    in its buffer; an unbuffered one writes 0 bytes, which a device such as /dev/full refuses.
+    (An unbuffered stdout to a regular file on a full disk passes this test.)"""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        return True
+    fd = _fd(sys.stdout)
+    if fd is None:
+        return False
+    try:
+        os.write(fd, b"")
+    except OSError:
+        return True
+    return False
+
+
+def settle_output():
+    """Send what stdout and stderr still hold; where that fails, point the stream's descriptor
+    at os.devnull, so that the interpreter's own flush at exit does not fail a second time
+    with a traceback (what the stream held is lost either way: it cannot be written)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            continue
+        except (OSError, ValueError):
+            pass
+        fd = _fd(stream)
+        if fd is not None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+
+
 def check_range(settings, names, low, high=None, high_open=False):
     """One UserError for the first of the space-separated names whose value in settings is
     not a finite number >= low and <= high (< high if high_open; no bound if high is None)."""
@@ -60,6 +123,11 @@ def check_range(settings, names, low, high=None, high_open=False):
 
 
 _PLUGINS = {}  # the file of each user's plug-in module imported -> (setting, "package.module:function")
+_PLUGIN_FUNCTIONS = []  # (function, setting, "package.module:function") of each plug-in resolved
+# how each setting's plug-in is called (README.md and exercises/README.md say what it must do)
+PLUGIN_CALLS = {"attention": "(q, k, v, mask, dropout_p)", "kv_trim": "(k, v, pos, kv_window, kv_sink)",
+                "kv_evict": "(scores, pos, seen, kv_sink, kv_recent)", "kv_quant": "(x)",
+                "xl_update": "(mem_k, mem_v, mem_ok, k, v, mem_len)"}
 
 
 def import_function(spec, option):
@@ -84,18 +152,45 @@ def import_function(spec, option):
         raise UserError(f"--{option}={spec!r} is not a function")
     if getattr(module, "__file__", None):
         _PLUGINS[os.path.abspath(module.__file__)] = (option, spec)
+    _PLUGIN_FUNCTIONS.append((fn, option, spec))
     return fn
 
 
 def plugin_error(e):
     """A UserError for exception e if it passed through a user's plug-in (which setting,
-    which plug-in, and the plug-in's own frames), else None."""
+    which plug-in, and the plug-in's own frames), or if it is a TypeError from calling one
+    with arguments its signature does not take; else None."""
     import traceback
     frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) in _PLUGINS]
     if not frames:
-        return None
+        return _call_error(e)
     option, spec = _PLUGINS[os.path.abspath(frames[-1].filename)]
     return UserError(f"--{option}={spec} failed: {_one_line(e)}", _frames_in(e, frames[-1].filename))
+
+
+def _call_error(e):
+    """A UserError for a TypeError raised where a plug-in is called, before any line of it
+    runs ("attn() takes 2 positional arguments but 5 were given"), or None. The message
+    starts with the function's name, which is how the plug-in is recognised."""
+    if not isinstance(e, TypeError):
+        return None
+    for fn, option, spec in reversed(_PLUGIN_FUNCTIONS):  # the latest first
+        name = getattr(fn, "__qualname__", None)
+        if name and str(e).startswith(f"{name}()"):
+            call = PLUGIN_CALLS.get(option)
+            how = f"; it is called as {spec.partition(':')[2]}{call}" if call else ""
+            return UserError(f"--{option}={spec} cannot be called: {_one_line(e)}{how}", _definition(fn))
+    return None
+
+
+def _definition(fn):
+    """The traceback-style lines of where a function is defined (its def line), or []."""
+    import linecache
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return []
+    line = linecache.getline(code.co_filename, code.co_firstlineno).strip()
+    return [f'  File "{code.co_filename}", line {code.co_firstlineno}, in {fn.__name__}', f"    {line}"]
 
 
 def _one_line(e):

@@ -1,0 +1,271 @@
+"""
+Bad input at the edges of the scripts: an output that cannot be written (a reader that stops,
+a full device), prompts that are not UTF-8 or not a file, dataset folders that cannot be
+written or are half there, a prepare.py given the wrong file, and a plug-in with the wrong
+signature. Each is one line "error: ..." (or, for a reader that stops, a quiet exit), never a
+traceback, and nothing already prepared is lost.
+
+    python -m pytest -q tests/test_bad_input_io.py
+"""
+import contextlib
+import errno
+import io
+import os
+import runpy
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+
+import loader
+from checkpoint import save_checkpoint
+from conftest import REPO_ROOT, TINY, assert_user_error, run_script, tiny_corpus, write_splits
+from loader import ByteLoader, dataset_paths, prepare
+from model import GPT, MODEL_ARG_KEYS, GPTConfig
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory):
+    """A folder holding ckpt.pt of a tiny untrained model, as train.py writes it."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    d = tmp_path_factory.mktemp("out")
+    save_checkpoint(str(d / "ckpt.pt"), model, optimizer, args, {"n_layer": 2}, 10, 5.0)
+    return d
+
+
+def run(script, *args):
+    """Run a script in this process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with mock.patch.object(sys, "argv", [script, *map(str, args)]), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(os.path.join(REPO_ROOT, script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def environment(buffered):
+    """The environment of a script run, its stdout buffered (Python's default) or not."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def error_lines(stderr):
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+# -- an output that cannot be written ----------------------------------------------------------
+
+def test_sample_whose_reader_stops_exits_quietly(out_dir):
+    """python sample.py | head -c 100: no traceback (there were two), exit status 141."""
+    proc = subprocess.Popen([sys.executable, "sample.py", f"--out_dir={out_dir}", "--device=cpu",
+                             "--max_new_tokens=5000"], cwd=REPO_ROOT, env=environment(buffered=True),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(proc.stdout.read(100)) == 100
+    proc.stdout.close()  # the reader stops, as head does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert error_lines(err) == []
+
+
+@pytest.mark.parametrize("buffered", [True, False])
+def test_help_into_a_closed_pipe_exits_quietly(buffered):
+    """Buffered, the output fails only at the final flush; that is handled too."""
+    proc = subprocess.Popen([sys.executable, "train.py", "--help"], cwd=REPO_ROOT, env=environment(buffered),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the script has started: its first write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert error_lines(err) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full here")
+@pytest.mark.parametrize("buffered", [True, False])
+def test_output_to_a_full_device_is_one_line(out_dir, buffered):
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO_ROOT, env=environment(buffered),
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert_user_error(proc, "error: could not write the output: No space left on device")
+        proc = subprocess.run([sys.executable, "sample.py", f"--out_dir={out_dir}", "--device=cpu",
+                               "--max_new_tokens=5"], cwd=REPO_ROOT, env=environment(buffered),
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 2  # the status lines on stderr come first, then the one error line
+    assert error_lines(proc.stderr) == ["error: could not write the output: No space left on device; "
+                                        "make room where it goes, or send it elsewhere"]
+
+
+# -- prompts -------------------------------------------------------------------------------
+
+def test_prompt_bytes_that_are_not_utf8_reach_the_model_as_they_are(out_dir):
+    proc = subprocess.run([sys.executable, b"sample.py", f"--out_dir={out_dir}".encode(), b"--device=cpu",
+                           b"--start=\xff\xfeab", b"--max_new_tokens=3"], cwd=REPO_ROOT, env=environment(True),
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.startswith(b"\\xff\\xfeab")  # the prompt's bytes, escaped as the model's are
+
+
+def test_prompt_file_that_is_a_folder(out_dir, tmp_path):
+    code, _, err = run("sample.py", "--device=cpu", f"--out_dir={out_dir}", f"--start=FILE:{tmp_path}")
+    assert code == 2 and error_lines(err) == [f"error: prompt file {str(tmp_path)!r} is a folder; "
+                                              "--start=FILE:path reads the prompt from the file at path"]
+
+
+# -- dataset folders -----------------------------------------------------------------------
+
+def refuse_writes(monkeypatch, code=errno.EROFS):
+    """loader's writes fail as on a read-only file system (reading still works)."""
+    def fake_open(path, mode="r", *args, **kw):
+        if "w" in mode:
+            raise OSError(code, os.strerror(code), path)
+        return open(path, mode, *args, **kw)
+    monkeypatch.setattr(loader, "open", fake_open, raising=False)
+
+
+def test_dataset_on_a_read_only_file_system(tmp_path, monkeypatch):
+    (tmp_path / "input.txt").write_bytes(tiny_corpus(1000))
+    refuse_writes(monkeypatch)
+    with pytest.raises(UserError, match=r"cannot write train.txt and val.txt into .*Read-only file system\); "
+                                        "make the folder writable, or copy the dataset"):
+        dataset_paths(str(tmp_path))
+    assert os.listdir(tmp_path) == ["input.txt"]
+
+
+def test_dataset_in_a_folder_without_write_permission(tmp_path):
+    """The same for real, as train.py sees it (not as root, whom permissions do not stop)."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "input.txt").write_bytes(tiny_corpus(1000))
+    ds.chmod(0o555)
+    try:
+        if os.access(ds, os.W_OK):
+            pytest.skip("this user may write a folder of mode 0o555 (root)")
+        proc = run_script("train.py", *TINY, f"--dataset={ds}", f"--out_dir={tmp_path / 'out'}", "--max_iters=1")
+        assert_user_error(proc, f"cannot write train.txt and val.txt into {ds}", "make the folder writable")
+        assert os.listdir(ds) == ["input.txt"]
+    finally:
+        ds.chmod(0o755)
+
+
+def test_train_and_val_are_replaced_together_or_not_at_all(tmp_path, monkeypatch):
+    prepare(str(tmp_path), input_path=str(write_file(tmp_path / "a.txt", tiny_corpus(1000))))
+    before = {name: (tmp_path / name).read_bytes() for name in ("input.txt", "train.txt", "val.txt")}
+    real_fsync, calls = os.fsync, []
+
+    def disk_fills_at_the_third_file(fd):
+        calls.append(fd)
+        if len(calls) == 3:  # input.txt and train.txt are written, val.txt is not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_fills_at_the_third_file)
+    new = write_file(tmp_path / "b.txt", tiny_corpus(2000, seed=1))
+    with pytest.raises(UserError, match="cannot write input.txt and train.txt and val.txt .* free some space"):
+        prepare(str(tmp_path), input_path=str(new), force=True)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt", "input.txt", "train.txt", "val.txt"]
+
+
+def write_file(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def test_folder_with_train_but_no_val_says_which_is_missing(tmp_path):
+    (tmp_path / "train.txt").write_bytes(tiny_corpus(1000))
+    with pytest.raises(UserError) as info:
+        dataset_paths(str(tmp_path))
+    assert str(info.value).startswith(f"{tmp_path} has train.txt but no val.txt; add val.txt, or put")
+
+
+def test_empty_val_in_a_folder_says_what_to_do(tmp_path):
+    write_splits(tmp_path, tiny_corpus(1000))
+    (tmp_path / "val.txt").write_bytes(b"")
+    with pytest.raises(UserError) as info:
+        ByteLoader(str(tmp_path / "val.txt"), 8, 2)
+    message = str(info.value)
+    assert "val.txt is empty" in message and "prepare.py" not in message and "as input.txt" in message
+    (tmp_path / "input.txt").write_bytes(tiny_corpus(1000))
+    with pytest.raises(UserError, match="delete train.txt and val.txt in .* splits them again"):
+        ByteLoader(str(tmp_path / "val.txt"), 8, 2)
+
+
+@pytest.mark.parametrize("setting, words", [("", "--dataset is empty; name a dataset (known: "),
+                                            ("..", "--dataset=.. is not a dataset name (known: ")], ids=["empty", "updir"])
+def test_empty_dataset_setting_lists_the_known_ones(setting, words):
+    with pytest.raises(UserError) as info:
+        dataset_paths(setting)
+    assert str(info.value).startswith(words) and "shakespeare_char" in str(info.value)
+
+
+# -- prepare.py given the wrong file -------------------------------------------------------
+
+def prepared(tmp_path):
+    """A prepared dataset folder; returns (folder, its files' bytes)."""
+    ds = tmp_path / "ds"
+    prepare(str(ds), input_path=str(write_file(tmp_path / "corpus.txt", tiny_corpus(1000))))
+    return ds, {name: (ds / name).read_bytes() for name in ("input.txt", "train.txt", "val.txt")}
+
+
+@pytest.mark.parametrize("data, words", [(b"\x7fELF\x02\x01\x01\x00\x00" * 50, "is not text (it holds NUL bytes"),
+                                         (b"123456789", "differs from the")], ids=["binary", "9 bytes"])
+def test_prepare_refuses_to_replace_the_text_unless_forced(tmp_path, data, words):
+    ds, before = prepared(tmp_path)
+    bad = write_file(tmp_path / "bad.bin", data)
+    with pytest.raises(UserError, match="--force=True") as info:
+        prepare(str(ds), input_path=str(bad))
+    assert words in str(info.value)
+    assert {name: (ds / name).read_bytes() for name in before} == before
+    prepare(str(ds), input_path=str(bad), force=True)
+    assert (ds / "input.txt").read_bytes() == data
+
+
+def test_prepare_with_the_same_text_again_is_fine(tmp_path):
+    ds, before = prepared(tmp_path)
+    prepare(str(ds), input_path=str(tmp_path / "corpus.txt"))
+    assert {name: (ds / name).read_bytes() for name in before} == before
+
+
+def test_prepare_script_refuses_a_binary_input(tmp_path):
+    for name in ("utils.py", "loader.py", "configurator.py", "data/svejk_char/prepare.py"):
+        os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+        (tmp_path / name).write_bytes(open(os.path.join(REPO_ROOT, name), "rb").read())
+    ds = tmp_path / "data" / "svejk_char"
+    assert run_script("data/svejk_char/prepare.py", f"--input={write_file(tmp_path / 'a.txt', tiny_corpus(1000))}",
+                      cwd=tmp_path).returncode == 0
+    proc = run_script("data/svejk_char/prepare.py", f"--input={sys.executable}", cwd=tmp_path)
+    assert_user_error(proc, "is not text", "--force=True")
+    assert (ds / "input.txt").read_bytes() == tiny_corpus(1000)
+
+
+# -- a plug-in with the wrong signature ----------------------------------------------------
+
+@pytest.mark.parametrize("setting, source, expected", [
+    ("attention", "def attn(q, k):\n    return q\n",
+     "attn() takes 2 positional arguments but 5 were given; it is called as attn(q, k, v, mask, dropout_p)"),
+    ("kv_trim", "def attn(k, v, pos):\n    return k, v, pos\n",
+     "attn() takes 3 positional arguments but 5 were given; it is called as attn(k, v, pos, kv_window, kv_sink)"),
+], ids=["attention", "kv_trim"])
+def test_plugin_called_with_arguments_it_does_not_take(out_dir, tmp_path, monkeypatch, setting, source, expected):
+    name = f"wrong_signature_{setting}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    more = ["--kv_window=8"] if setting == "kv_trim" else []
+    code, _, err = run("sample.py", "--device=cpu", f"--out_dir={out_dir}", f"--{setting}={name}:attn",
+                       "--max_new_tokens=3", *more)
+    assert code == 2
+    lines = err[err.index("error: "):].splitlines()
+    assert "Traceback" not in err
+    assert lines[0] == f"error: --{setting}={name}:attn cannot be called: TypeError: {expected}"
+    assert lines[1:] == [f'  File "{tmp_path / name}.py", line 1, in attn', f"    {source.splitlines()[0]}"]
