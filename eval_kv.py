@@ -54,7 +54,7 @@ from configurator import configure
 from generate import static_decoders
 from kv.peak import decoder_peak
 from kv.policy import KVOptions
-from kv.report import frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
+from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_paths, same_dataset
 from utils import UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
 
@@ -363,6 +363,9 @@ def main():
     # optional packages are looked for now, not when the long run's results are written
     png = bool(sweep) and has_module("matplotlib", "the sweep writes no .png")
     use_tb = bool(sweep) and tensorboard and has_module("tensorboard", "no TensorBoard scalars are written")
+    if sweep:  # the files the sweep writes at its end: writable now, or one error before the long run
+        files = [".csv", ".md", ".png"] if png else [".csv", ".md"]
+        check_writable(os.path.join(out_dir, f"eval_kv_{sweep}"), files, use_tb, "--out_dir")
     thread_words = use_threads(threads)
     dev = pick_device(device)
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
@@ -435,7 +438,7 @@ def main():
              f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}")
     if sweep:
         prefix = os.path.join(out_dir, f"eval_kv_{sweep}")
-        print(write_outputs(results, prefix, title, use_tb, png))
+        write_outputs(results, prefix, title, use_tb, png, show=print)  # the table first: a failed write loses nothing
         print(f"wrote {prefix}.csv, {prefix}.md" + (f", {prefix}.png" if png else "")
               + (f" and TensorBoard scalars in {prefix}/" if use_tb else ""))
     else:

@@ -5,10 +5,17 @@ markdown table, a CSV file, a PNG of the frontier and TensorBoard scalars.
     from kv.report import frontier, markdown, write_outputs
     print(markdown(results, "my run"))
     write_outputs(results, "out/eval_kv_quick", "my run", use_tb=True)   # .csv, .md, .png, TensorBoard
+
+Every file is written atomically (a temporary file renamed over it), and check_writable says
+before a long run whether the files will be writable at its end.
 """
 
 import csv
+import io
 import os
+import tempfile
+
+from utils import UserError, atomic_write
 
 
 def frontier(results):
@@ -87,19 +94,19 @@ def plot(results, path, title):
                  fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
 
 
-def write_outputs(results, prefix, title, use_tb, png=True):
-    """prefix.csv, prefix.md, prefix.png (with png) and TensorBoard scalars in the folder prefix/."""
-    with open(prefix + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(results[0]))
-        w.writeheader()
-        w.writerows(results)
+def write_outputs(results, prefix, title, use_tb, png=True, show=None):
+    """prefix.csv, prefix.md, prefix.png (with png) and TensorBoard scalars in the folder prefix/,
+    each file atomically; returns the markdown. show(markdown), if given, comes first, so a
+    file that cannot be written (a UserError naming it: write_file) loses no results."""
     md = markdown(results, title)
-    with open(prefix + ".md", "w") as f:
-        f.write(md)
+    if show is not None:
+        show(md)
+    write_csv(prefix + ".csv", results, list(results[0]))
+    write_text(prefix + ".md", md)
     if png:
         plot(results, prefix + ".png", title)
     if use_tb:
@@ -111,3 +118,59 @@ def write_outputs(results, prefix, title, use_tb, png=True):
                 tb.add_scalar("eval_kv/bpb_vs_kv_bits_per_token", r["bpb"], round(r["kv_bits_per_token"]))
             tb.add_text("eval_kv/table", md)
     return md
+
+
+# -- writing files -----------------------------------------------------------------------------
+
+def write_file(path, write):
+    """write(f) into the binary file path, atomically (utils.atomic_write: the old file stays
+    whole until the new one is complete); a UserError naming path if it cannot be written.
+    The scripts print their table before they write it, so such an error loses no results."""
+    try:
+        atomic_write(path, write)
+    except OSError as e:  # a full disk, a folder gone read-only since the start
+        raise UserError(f"could not write {path} ({e.strerror or e}); the table is printed above: "
+                        "free some space or make the folder writable, and run again") from None
+
+
+def write_text(path, text):
+    """text (UTF-8) at path, atomically (write_file)."""
+    write_file(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_csv(path, rows, fieldnames):
+    """rows (dicts) as CSV at path, atomically (write_file)."""
+    buffer = io.StringIO(newline="")
+    w = csv.DictWriter(buffer, fieldnames=fieldnames)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def save_png(fig, path):
+    """A matplotlib figure as a PNG at path, atomically (write_file)."""
+    write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
+
+
+def check_writable(prefix, suffixes, tb_folder, option):
+    """One UserError now, before a long run, if the files prefix + suffix (".csv", ".md", ...)
+    could not be written at its end: their folder is missing or read-only, or a folder is in
+    the way of one of them; tb_folder: the TensorBoard folder prefix/ must be possible too.
+    option: the setting that names the folder (e.g. "--out_dir"), for the message."""
+    folder = os.path.dirname(prefix) or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} is not a folder, so the results could not be written there; use another {option}")
+    for path in [prefix + suffix for suffix in suffixes]:
+        if os.path.isdir(path):
+            raise UserError(f"{path} is a folder, so the results could not be written there; "
+                            f"move it away or use another {option}")
+    if tb_folder and os.path.exists(prefix) and not os.path.isdir(prefix):
+        raise UserError(f"{prefix} is a file, so the TensorBoard scalars could not go into a folder of that "
+                        "name; move it away or pass --tensorboard=False")
+    try:  # a real file: os.access says yes to root even on a read-only disk
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write_check.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write into {folder} ({e.strerror or e}), where the results go; "
+                        f"make it writable or use another {option}") from None

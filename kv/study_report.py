@@ -6,25 +6,23 @@ base, as frontier.csv, frontier.md (the table and the answer: the largest reduct
     from kv.study_report import write_frontier
     print(write_frontier(rows, "out/kv_study/frontier", "my study", yardstick="strict"))
 """
-import csv
 import os
 
 import torch
 
-from kv.report import frontier
+from kv.report import frontier, save_png, write_csv, write_text
 from utils import has_module
 
 
-def write_frontier(rows, prefix, title, yardstick="strict", use_tb=True):
-    """prefix.csv, .md (the table and the answer), .png, and TensorBoard scalars (use_tb)."""
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(prefix + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
+def write_frontier(rows, prefix, title, yardstick="strict", use_tb=True, show=None):
+    """prefix.csv, .md (the table and the answer), .png, and TensorBoard scalars (use_tb), each
+    file atomically; returns the markdown. show(markdown), if given, comes first, so a file
+    that cannot be written (a UserError naming it) loses no results."""
     md = markdown(rows, title, yardstick)
-    with open(prefix + ".md", "w") as f:
-        f.write(md)
+    if show is not None:
+        show(md)
+    write_csv(prefix + ".csv", rows, list(dict.fromkeys(k for r in rows for k in r)))
+    write_text(prefix + ".md", md)
     if has_module("matplotlib", "no frontier.png is drawn"):
         plot(rows, prefix + ".png", title)
     if use_tb and has_module("tensorboard", "no TensorBoard scalars are written"):
@@ -117,5 +115,5 @@ def plot(rows, path, title):
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)

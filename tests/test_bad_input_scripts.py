@@ -1,0 +1,117 @@
+"""Bad input to eval_kv.py --sweep: one clear line, exit code 2, no traceback, found before the
+long work; the sweep's files written atomically, and a file that cannot be written loses no
+results."""
+
+import errno
+import os
+
+import pytest
+
+from checkpoint import save_checkpoint
+from conftest import assert_user_error, run_script, tiny
+from kv import report
+from utils import UserError
+
+ARGS = dict(n_layer=1, n_head=2, n_embd=32, bias=False, dropout=0.0)
+SWEEP = ["--sweep=quick", "--n_streams=1", "--stream_len=64", "--kv_quant_group=16", "--device=cpu"]
+
+
+def writable(folder):
+    """Whether a file can be made in folder (root writes into a chmod 0o555 folder anyway)."""
+    probe = os.path.join(folder, "probe")
+    try:
+        open(probe, "w").close()
+    except OSError:
+        return False
+    os.remove(probe)
+    return True
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder no file can be made in (chmod 0o555); the test is skipped where that does not
+    hold (as root)."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if writable(folder):
+        folder.chmod(0o755)
+        pytest.skip("chmod 0o555 does not stop this user (root) from writing")
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.fixture
+def ckpt_dir(tmp_path, tiny_data_dir):
+    """An out_dir holding an untrained tiny checkpoint on the tiny corpus."""
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint(str(out / "ckpt.pt"), tiny(**ARGS), None, ARGS, dict(dataset=str(tiny_data_dir), block_size=32),
+                    1, 5.0)
+    return out
+
+
+# -- eval_kv.py --sweep: the files it writes at the end ------------------------------------------
+
+def test_sweep_with_a_folder_where_its_csv_goes_stops_before_the_run(ckpt_dir):
+    (ckpt_dir / "eval_kv_quick.csv").mkdir()
+    proc = run_script("eval_kv.py", f"--out_dir={ckpt_dir}", *SWEEP)
+    assert_user_error(proc, "eval_kv_quick.csv is a folder", "--out_dir")
+    assert "bits/byte" not in proc.stdout  # no sweep ran
+
+
+def test_sweep_into_a_read_only_out_dir_stops_before_the_run(ckpt_dir, read_only):
+    read_only.chmod(0o755)  # the checkpoint in it, then no more files
+    (read_only / "ckpt.pt").write_bytes((ckpt_dir / "ckpt.pt").read_bytes())
+    read_only.chmod(0o555)
+    proc = run_script("eval_kv.py", f"--out_dir={read_only}", *SWEEP)
+    assert_user_error(proc, f"cannot write into {read_only}", "--out_dir")
+    assert "bits/byte" not in proc.stdout
+
+
+def test_check_writable_on_a_read_only_disk(tmp_path, monkeypatch):
+    """A read-only file system refuses even root: the check makes a real file, not os.access."""
+    def refuse(**kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(report.tempfile, "mkstemp", refuse)
+    with pytest.raises(UserError, match=r"cannot write into .*Read-only file system.*use another --out_dir"):
+        report.check_writable(str(tmp_path / "eval_kv_quick"), [".csv"], False, "--out_dir")
+
+
+def test_check_writable_names_what_is_in_the_way(tmp_path):
+    prefix = str(tmp_path / "eval_kv_quick")
+    report.check_writable(prefix, [".csv", ".md"], True, "--out_dir")  # nothing in the way
+    assert os.listdir(tmp_path) == []  # and nothing left behind
+    (tmp_path / "eval_kv_quick").write_text("a file where TensorBoard's folder goes")
+    with pytest.raises(UserError, match="--tensorboard=False"):
+        report.check_writable(prefix, [".csv"], True, "--out_dir")
+    report.check_writable(prefix, [".csv"], False, "--out_dir")
+    with pytest.raises(UserError, match="is not a folder"):
+        report.check_writable(str(tmp_path / "nowhere" / "eval_kv_quick"), [".csv"], False, "--out_dir")
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "table.md")
+    report.write_text(path, "the old table\n")
+
+    def disk_full(f):
+        f.write(b"half of the new ")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(UserError, match=r"could not write .*table\.md \(No space left on device\)"):
+        report.write_file(path, disk_full)
+    assert open(path).read() == "the old table\n"
+    assert os.listdir(tmp_path) == ["table.md"]
+
+
+def test_write_outputs_shows_the_table_before_a_write_that_fails(tmp_path):
+    results = [dict(setting="plain, window 32 (reference)", kv_bits_peak=1024, kv_bits_per_token=16.0, x_smaller=1.0,
+                    bpb=2.5, delta_pct=0.0, kl_bits=0.0, baseline="plain", bpb_base=2.5, kv_bits_peak_base=1024)]
+    (tmp_path / "eval_kv_quick.csv").mkdir()  # the write fails
+    shown = []
+    with pytest.raises(UserError, match="eval_kv_quick.csv"):
+        report.write_outputs(results, str(tmp_path / "eval_kv_quick"), "run", use_tb=False, png=False,
+                             show=shown.append)
+    assert shown and "plain, window 32 (reference)" in shown[0]
+    report.write_outputs(results, str(tmp_path / "ok"), "run", use_tb=False, png=False)
+    assert (tmp_path / "ok.csv").read_text().startswith("setting,kv_bits_peak")
+    assert sorted(os.listdir(tmp_path)) == ["eval_kv_quick.csv", "ok.csv", "ok.md"]  # no temporaries
