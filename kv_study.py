@@ -50,9 +50,10 @@ import eval_kv
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from kv.policy import KVOptions
+from kv.report import check_writable, write_text
 from kv.study_report import write_frontier
 from loader import dataset_paths
-from utils import UserError, keep_freed_memory, read_json, run_main, use_threads, write_json
+from utils import UserError, check_range, keep_freed_memory, read_json, run_main, use_threads, write_json
 
 # -----------------------------------------------------------------------------
 base = "out-shakespeare-char-cpu-long"  # the base checkpoint: a .pt file, or an out_dir holding ckpt.pt
@@ -190,10 +191,11 @@ def study():
     block, n_layer = int(config["block_size"]), int(config["n_layer"])
     names = [v for v in variants.split(",") if v]
     todo = [(v, variant_args(v, block, n_layer)) for v in names]
+    make_folder(folder)
+    check_writable(os.path.join(folder, "frontier"), [".csv", ".md", ".png"], tensorboard, "--out")
     x, y = load_val(config, base_path, n_streams, stream_len)
     step = chunk or block
     settings = grid(block, quick)
-    os.makedirs(folder, exist_ok=True)
     eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --chunk={step} --dtype={dtype} "
                 f"--baseline={base_path}")
     rows, t0, spent = [], time.time(), {"fine-tune": [], "evaluation": []}  # seconds of each done here
@@ -238,9 +240,34 @@ def study():
     for r in rows:
         r["eval_command"] = eval_command(r, eval_cmd)
     title = f"{os.path.basename(os.path.dirname(os.path.abspath(base_path)))}: {n_streams} x {stream_len} bytes, chunk {step}"
-    md = write_frontier(rows, os.path.join(folder, "frontier"), title, yardstick, tensorboard)
-    print(md)
+    write_frontier(rows, os.path.join(folder, "frontier"), title, yardstick, tensorboard, show=print)
     print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
+
+
+def make_folder(folder):
+    """Create the study's folder before any long work; one UserError if it cannot be one."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"--out={folder} is a file, not a folder; use another --out")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # a file in its path, a read-only parent
+        raise UserError(f"--out={folder} cannot be created ({e.strerror or e}); use another --out") from None
+
+
+def iteration_counts(text):
+    """--context_iters as a list of whole numbers of iterations, or one UserError."""
+    counts = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if not part.isdigit():
+            raise UserError(f"--context_iters={text}: {part!r} is not a whole number of iterations; "
+                            "give numbers >= 0 separated by commas, e.g. --context_iters=0,25,50")
+        counts.append(int(part))
+    if not counts:
+        raise UserError("--context_iters is empty: give numbers >= 0 separated by commas, e.g. --context_iters=0,25,50")
+    return counts
 
 
 def run_settings(ckpt, base_path, step):
@@ -324,6 +351,8 @@ def context():
     config = ckpt.get("config") or {}
     block = int(config["block_size"])
     L = 4 * block
+    make_folder(folder)
+    check_writable(os.path.join(folder, "context"), [".md"], False, "--out")
     x, y = load_val(config, base_path, context_streams, L)
     far = [(lo, hi) for lo, hi in eval_kv.buckets(block, L) if lo >= block]
 
@@ -339,7 +368,7 @@ def context():
     rows = [measure(base_path, KVOptions(kv_window=block), f"0, window {block}")]
     wanted = dict(base_identity(ckpt, base_path), context_streams=context_streams, dtype=dtype,
                   learning_rate=learning_rate, min_lr=min_lr, train_args=train_args)
-    for k in [int(s) for s in context_iters.split(",") if s]:
+    for k in iteration_counts(context_iters):
         vdir = os.path.join(folder, f"iters_{k}")
         done = os.path.join(vdir, "results.json")
         record = read_json(done)  # the settings its row came from (a rerun with others redoes it)
@@ -356,9 +385,8 @@ def context():
              "", f"| iterations at block {L} | bits/byte [0, {block}) | bits/byte [{block}, {L}) | all |", "|---:|---:|---:|---:|"]
     lines += [f"| {r['iters']} | {r['bpb_near']:.4f} | {r['bpb_far']:.4f} | {r['bpb_all']:.4f} |" for r in rows]
     md = "\n".join(lines) + "\n"
-    with open(os.path.join(folder, "context.md"), "w") as f:
-        f.write(md)
-    print(md)
+    print(md)  # before the file: a failed write loses nothing
+    write_text(os.path.join(folder, "context.md"), md)
 
 
 def main():
@@ -371,10 +399,9 @@ def main():
                                  "mqa_share_int2_local,gqa_int2,gqa_int2_local")
     if what not in ("frontier", "context"):
         raise UserError(f"--what={what!r}: choose frontier or context")
-    for name, value, low in (("iters", iters, 1), ("n_streams", n_streams, 1), ("stream_len", stream_len, 1),
-                             ("chunk", chunk, 0), ("evict_chunk", evict_chunk, 0)):
-        if value < low:
-            raise UserError(f"--{name} must be at least {low}, got {value}")
+    check_range(globals(), "iters n_streams stream_len kv_quant_group context_streams", 1)
+    check_range(globals(), "chunk evict_chunk learning_rate min_lr", 0)
+    iteration_counts(context_iters)  # a typo here is one line now, not a traceback after the base's evaluation
     if yardstick not in ("strict", "same_training", "base"):
         raise UserError(f"--yardstick={yardstick!r}: choose strict, same_training or base")
     if dtype not in eval_kv.DTYPES:

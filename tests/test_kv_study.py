@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from checkpoint import read_checkpoint
-from conftest import REPO_ROOT, train
+from conftest import REPO_ROOT, assert_user_error, run_script, train
 
 TINY_BASE = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--max_iters=3", "--batch_size=2"]
 SMALL = ["--iters=2", "--n_streams=1", "--stream_len=64", "--kv_quant_group=8", "--threads=1",
@@ -159,3 +159,32 @@ def test_an_all_linear_base_is_refused(data_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         study(f"--base={out}", f"--out={tmp_path / 's'}", *SMALL)
     assert e.value.code == 2 and not (tmp_path / "s").exists()
+
+
+def kv_study(base_ckpt, out, *args):
+    """kv_study.py in a subprocess (its stderr whole, for assert_user_error)."""
+    return run_script("kv_study.py", f"--base={base_ckpt}", f"--out={out}", *SMALL, *args)
+
+
+def test_bad_context_iters_is_one_line_before_any_work(base_ckpt, tmp_path):
+    for bad, words in (("a,b", "'a' is not a whole number"), ("5,-1", "'-1' is not a whole number"),
+                       (",", "--context_iters is empty")):
+        assert_user_error(kv_study(base_ckpt, tmp_path / "ctx", "--what=context", f"--context_iters={bad}"), words)
+    assert not (tmp_path / "ctx").exists()
+
+
+def test_out_that_cannot_take_the_results_is_one_line(base_ckpt, tmp_path):
+    """--out a file, or a folder where frontier.csv goes: one line before the base is evaluated
+    (and the file given is left alone)."""
+    a_file = tmp_path / "results"
+    a_file.write_text("mine")
+    for what in ("frontier", "context"):
+        proc = kv_study(base_ckpt, a_file, f"--what={what}", "--variants=base", "--context_iters=0")
+        assert_user_error(proc, f"--out={a_file} is a file, not a folder")
+    assert_user_error(kv_study(base_ckpt, a_file / "sub", "--variants=base"), "cannot be created")
+    assert a_file.read_text() == "mine"
+    folder = tmp_path / "study"
+    (folder / "frontier.csv").mkdir(parents=True)
+    proc = kv_study(base_ckpt, folder, "--variants=base")
+    assert_user_error(proc, "frontier.csv is a folder", "--out")
+    assert "|" not in proc.stdout and not (folder / "base").exists()  # nothing evaluated
