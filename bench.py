@@ -39,10 +39,11 @@ from configurator import PLAIN_TYPES, configure
 from eval_kv import evaluate
 from generate import generate_stream, static_decoder
 from kv.policy import KVOptions
+from kv.quant import make_formats
 from loader import ByteLoader, dataset_paths
-from model import GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
-from utils import (UserError, autocast_ctx, compile_or_eager, keep_freed_memory, pick_device, pick_dtype, run_main,
-                   use_threads)
+from model import GPT, GPTConfig, MODEL_ARG_KEYS, check_config, loss_fn
+from utils import (UserError, autocast_ctx, check_range, compile_or_eager, keep_freed_memory, pick_device, pick_dtype,
+                   run_main, use_threads)
 
 TRAIN_SETTINGS = [k for k, v in vars(train).items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)]
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before --threads applies
@@ -267,7 +268,7 @@ def read_bytes(model, dec):
 
 def bench_generate(model, device, kv):
     window = kv.kv_window if kv.kv_window > 0 else 256
-    lengths = [int(s) for s in bench_lengths.split(",")]
+    lengths = new_token_counts(bench_lengths)
     n = max(lengths)
     # compiled decoders sized as sample.py sizes them, for the prompt and the new tokens: one per
     # row for the unbounded cache (it attends over all its slots), one for the window's rows
@@ -406,20 +407,64 @@ def bench_eval_kv(model):
               f"{nbytes / first[0]:,.0f} | {nbytes / cpu:,.0f} |", flush=True)
 
 
+def new_token_counts(text):
+    """--bench_lengths as a list of numbers of new tokens (each 1 or more), or one UserError."""
+    counts = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) < 1:
+            item = repr(part) if part else "an empty item"
+            raise UserError(f"--bench_lengths={text}: {item} is not a number of new tokens (1 or more); give "
+                            "numbers separated by commas, e.g. --bench_lengths=256,1024")
+        counts.append(int(part))
+    return counts
+
+
+def check_settings():
+    """bench.py's own settings and train.py's, checked before any benchmark runs (a mistake in
+    the last one must not wait for the first ones to finish)."""
+    if what not in ("train", "generate", "eval_kv", "all"):
+        raise UserError(f"--what={what}: choose train, generate, eval_kv or all")
+    new_token_counts(bench_lengths)
+    check_range(globals(), "bench_iters bench_repeats bench_batch n_streams stream_len", 1)
+    train.check_settings()  # batch_size, block_size, learning_rate, ... as train.py checks them
+
+
+def check_caches(config, kv):
+    """The caches of the generation rows (kv) and of the eval_kv rows fit a model of config (its
+    head dimension, its attention), checked before the benchmarks that come first."""
+    if what in ("generate", "all"):
+        kv.check_model(config)
+        if kv.kv_quant != "none":
+            make_formats(kv.kv_quant, kv.kv_quant_group, config.head_dim, kv.channel_keys)
+    if what in ("eval_kv", "all") and not config.no_kv_cache:
+        for name, _, case, _ in eval_cases(max(40, stream_len // 4)):
+            try:
+                if case.kv_quant != "none":
+                    make_formats(case.kv_quant, case.kv_quant_group, config.head_dim, case.channel_keys)
+            except UserError:
+                raise UserError(f"eval_kv's row '{name}' groups kv_quant_group={case.kv_quant_group} values, which "
+                                f"needs a head dimension (n_embd/n_head) that is a multiple of {case.kv_quant_group}; "
+                                f"this model's is {config.head_dim}: change n_embd or n_head, or pick --what=train "
+                                "or --what=generate") from None
+
+
 def main():
     configure(globals(), sys.argv[1:])
     for k in TRAIN_SETTINGS:  # train.train_step and its helpers read train.py's globals
         setattr(train, k, globals()[k])
-    if what not in ("train", "generate", "eval_kv", "all"):
-        raise UserError(f"--what={what}: choose train, generate, eval_kv or all")
+    check_settings()
     kv = KVOptions.from_settings(globals()).check().check_unused()
+    args = {k: globals()[k] for k in MODEL_ARG_KEYS}
+    config = GPTConfig(**args)
+    check_config(config)
+    check_caches(config, kv)
     thread_words = use_threads(threads)
     dev = pick_device(device)
     if dev == "cpu":
         keep_freed_memory()  # as train.py and eval_kv.py do
     dt, dt_train = pick_dtype(dev, dtype), pick_dtype(dev, dtype, training=True)
     torch.manual_seed(seed)
-    args = {k: globals()[k] for k in MODEL_ARG_KEYS}
     print(f"device {dev}, dtype {dt_train} (training), {dt} (generation, eval_kv), torch {torch.__version__}, "
           f"{thread_words}; model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
     if what in ("train", "all"):

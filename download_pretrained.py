@@ -10,6 +10,7 @@ import sys
 
 from checkpoint import read_checkpoint
 from configurator import configure
+from outdir import make_folder
 from utils import UserError, run_main
 
 out_dir = "out-shakespeare-char"  # where ckpt.pt goes
@@ -27,7 +28,7 @@ def main():
     except ImportError:
         raise UserError("gdown is not installed: pip install -r requirements.txt (or pip install gdown)") from None
     made_dir = not os.path.isdir(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    make_folder(out_dir)  # one clear line for a file in the way or a folder that cannot be written
     tmp = target + ".tmp"
     try:
         got = gdown.download(id=drive_id, output=tmp, quiet=False)

@@ -1,14 +1,18 @@
-"""Bad input to eval_kv.py --sweep: one clear line, exit code 2, no traceback, found before the
-long work; the sweep's files written atomically, and a file that cannot be written loses no
-results."""
+"""Bad input to eval_kv.py --sweep, download_pretrained.py and bench.py: one clear line, exit
+code 2, no traceback, found before the long work; the sweep's files written atomically, and a
+file that cannot be written loses no results. (kv_study.py: tests/test_kv_study.py;
+exercises/check.py: tests/test_exercises.py.)"""
 
 import errno
 import os
+import runpy
+import sys
+from unittest import mock
 
 import pytest
 
 from checkpoint import save_checkpoint
-from conftest import assert_user_error, run_script, tiny
+from conftest import REPO_ROOT, assert_user_error, run_script, tiny
 from kv import report
 from utils import UserError
 
@@ -115,3 +119,64 @@ def test_write_outputs_shows_the_table_before_a_write_that_fails(tmp_path):
     report.write_outputs(results, str(tmp_path / "ok"), "run", use_tb=False, png=False)
     assert (tmp_path / "ok.csv").read_text().startswith("setting,kv_bits_peak")
     assert sorted(os.listdir(tmp_path)) == ["eval_kv_quick.csv", "ok.csv", "ok.md"]  # no temporaries
+
+
+# -- download_pretrained.py: out_dir -------------------------------------------------------------
+
+def download(*argv):
+    """download_pretrained.main in this process (gdown is never reached: the errors come first)."""
+    with mock.patch.object(sys, "argv", ["download_pretrained.py", *argv]):
+        runpy.run_path(os.path.join(REPO_ROOT, "download_pretrained.py"), run_name="not_main")["main"]()
+
+
+def test_download_into_a_file_is_one_line(tmp_path):
+    pytest.importorskip("gdown")
+    a_file = tmp_path / "ckpt.pt"
+    a_file.write_bytes(b"an earlier download")
+    assert_user_error(run_script("download_pretrained.py", f"--out_dir={a_file}"), "is a file, not a folder")
+    with pytest.raises(UserError, match="which is a file"):
+        download(f"--out_dir={a_file / 'sub'}")
+    assert a_file.read_bytes() == b"an earlier download"
+
+
+def test_download_under_a_read_only_folder_is_one_line(read_only):
+    pytest.importorskip("gdown")
+    proc = run_script("download_pretrained.py", f"--out_dir={read_only / 'out'}")
+    assert_user_error(proc, "cannot be created", "Permission denied")
+
+
+# -- bench.py: its own settings, all checked before the first benchmark --------------------------
+
+# a model small enough to start in a second, its head dimension 32 (eval_kv's int4 rows group 32 values)
+BENCH = ["--device=cpu", "--n_layer=1", "--n_head=1", "--n_embd=32", "--block_size=16", "--batch_size=2",
+         "--bench_iters=2", "--bench_repeats=1", "--bench_lengths=8", "--n_streams=1", "--stream_len=32"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--bench_lengths=abc"], "--bench_lengths=abc: 'abc' is not a number"),
+    (["--bench_lengths=8,"], "an empty item"),
+    (["--bench_lengths=0"], "'0' is not a number of new tokens (1 or more)"),
+    (["--bench_lengths=-5"], "'-5' is not a number"),
+    (["--bench_iters=0"], "--bench_iters must be at least 1, got 0"),
+    (["--bench_repeats=0"], "--bench_repeats must be at least 1, got 0"),
+    (["--bench_batch=0"], "--bench_batch must be at least 1"),
+    (["--stream_len=0"], "--stream_len must be at least 1, got 0"),
+    (["--n_streams=-1"], "--n_streams must be at least 1, got -1"),
+    (["--batch_size=0"], "--batch_size must be at least 1"),  # train.py's settings, as train.py checks them
+    (["--n_head=3"], "not a multiple of n_head=3"),
+    (["--kv_quant=int4", "--kv_quant_group=64"], "kv_quant_group=64 does not divide the head dimension 32"),
+    (["--n_head=2"], "eval_kv's row 'int4' groups kv_quant_group=32 values"),
+])
+def test_bench_settings_are_checked_before_any_benchmark(tmp_path, args, words):
+    """--what=all: a mistake in the eval_kv or generation settings must not wait for the
+    training benchmark to finish."""
+    proc = run_script("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=all", *args)
+    assert_user_error(proc, words)
+    assert "|" not in proc.stdout  # no table: no benchmark ran
+
+
+def test_bench_eval_kv_alone_checks_its_own_settings():
+    proc = run_script("bench.py", *BENCH, "--what=eval_kv", "--stream_len=0")
+    assert_user_error(proc, "--stream_len must be at least 1")
+    proc = run_script("bench.py", *BENCH, "--what=eval_kv", "--n_streams=-1")
+    assert_user_error(proc, "--n_streams must be at least 1")
