@@ -202,15 +202,33 @@ def where_it_broke(exc):
     return f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno}"
 
 
+def where_import_broke(exc):
+    """file:line where importing the module under test raised: the innermost frame of the
+    user's code, not of importlib, the checker or an installed package (None: no such frame)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")
+              and os.path.abspath(f.filename) not in OWN_FILES and "site-packages" not in f.filename]
+    if not frames:
+        return None  # raised by the checker's own import (no such module, no such function)
+    path = os.path.abspath(frames[-1].filename)
+    shown = os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+    return f"{shown}:{frames[-1].lineno}"
+
+
 def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=False):
     """Run the checks of one exercise (skip_slow: only the fast ones); returns a list of
     (check title, status, message), status PASS, FAIL, TODO (not implemented) or SKIP."""
     try:
         impl = Impl(exercise, module, reference)
-    except (ImportError, AttributeError, SyntaxError) as e:
-        hint = (" (--module takes a module name importable from here, e.g. mywork.trim, or a file: "
-                "--module=mywork/trim.py)") if isinstance(e, ModuleNotFoundError) and module else ""
-        out(f"{exercise.name}: cannot import {module or 'exercises.' + exercise.name}: {type(e).__name__}: {e}{hint}")
+    except (Exception, SystemExit) as e:  # a missing module or function, or the module's own code failed
+        name, place = module or "exercises." + exercise.name, where_import_broke(e)
+        if place is None or isinstance(e, (ImportError, SyntaxError)):  # (a syntax error names its line)
+            hint = (" (--module takes a module name importable from here, e.g. mywork.trim, or a file: "
+                    "--module=mywork/trim.py)") if isinstance(e, ModuleNotFoundError) and module else ""
+            out(f"{exercise.name}: cannot import {name}: {type(e).__name__}: {e}{hint}")
+        else:
+            message = " ".join(str(e).split())[:300]
+            out(f"{exercise.name}: cannot import {name}: your module raised {type(e).__name__} at import "
+                f"({place}): {message}")
         return [(c.title, "FAIL", "does not import") for c in exercise.checks]
     out(f"{exercise.name} (assignment {exercise.number}, {exercise.title}): {impl.where}")
     todo = set()

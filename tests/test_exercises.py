@@ -87,6 +87,30 @@ def test_code_that_crashes_is_one_line_with_its_place(exercise_checks):
     assert "your code raised TypeError" in printed and ".py:3" in printed and "Traceback" not in printed
 
 
+@pytest.mark.parametrize("source,error", [
+    ("import torch\nx = torhc.zeros(1)\n", "NameError at import ({}:2): name 'torhc' is not defined"),
+    ("def keep_recent(k, v, pos, kv_window, kv_sink=0):\n    return k, v, pos\n\nraise RuntimeError('no GPU')\n",
+     "RuntimeError at import ({}:4): no GPU"),
+    ("import torch\nx = torch.zeross(1)\n", "AttributeError at import ({}:2): module 'torch' has no attribute"),
+])
+def test_a_module_that_fails_at_import_is_one_line_with_its_place(exercise_checks, tmp_path, source, error):
+    """The module's own code raises while it is imported: the checker names the error and the
+    line, every check fails as 'does not import', and no traceback is printed."""
+    results, printed = exercise_checks("kv_window", source)
+    assert {(status, msg) for _, status, msg in results} == {("FAIL", "does not import")}, printed
+    assert "your module raised " + error.format(tmp_path / "solution_kv_window_0.py") in printed, printed
+    assert "Traceback" not in printed
+    (tmp_path / "plug.py").write_text(source)
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'plug.py'}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert "your module raised " + error.format(tmp_path / "plug.py") in proc.stdout.splitlines()[0]
+
+
+def test_a_missing_function_is_still_named_as_such(exercise_checks):
+    results, printed = exercise_checks("kv_window", "def other():\n    pass\n")
+    assert "has no attribute 'keep_recent'" in printed and "your module raised" not in printed, printed
+
+
 def test_untouched_stubs_report_not_implemented():
     proc = run_script("-m", "exercises.check", "all")
     assert proc.returncode == 1, proc.stdout + proc.stderr
