@@ -32,9 +32,12 @@ extra training nor a fine-tune that overfits passes for a reduction's gain or co
 (--yardstick=same_training: base_ft; --yardstick=base: the base). x smaller is always against
 the base.
 Grid: plain, int8, int4, int2 (residual 0: every token at its format; int4/int2 keys per
-token) at windows of block, block/2, block/4, block/8, and KIVI's per-channel keys (see
-grid()). Eviction (h2o) reads a chunk with more than its budget in sight, so its rows run
-only at --evict_chunk (1 = exact decode; 0 = no h2o rows).
+token) at windows of block, block/2, block/4, block/8: a chunk scores these as the decoder
+does. Two kinds of row it does not: eviction (h2o) reads a chunk with more than its budget in
+sight (better than the decoder), and KIVI's per-channel keys are grouped and quantized before
+the chunk's own queries read them (worse: int2 +19.7% at chunk 256 against +1.6% decoded, on
+the long recipe's base). Those rows (exact_grid()) run only at --evict_chunk (1 = exact
+decode, slow; 0 = none of them).
 
 --what=context answers assignment 1: bits per byte on positions [block, 4 block) of a base
 trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block (an unbounded
@@ -68,7 +71,7 @@ kv_quant_group = 32  # int4/int2: values per group, at training (QAT) and evalua
 n_streams = 4  # val streams evaluated side by side (quick: 2)
 stream_len = 4096  # bytes per stream (quick: 1024)
 chunk = 0  # bytes per forward in the evaluation (0 = the block_size)
-evict_chunk = 0  # chunk of the h2o rows (1 = exact decode, slow; 0 = no eviction rows)
+evict_chunk = 0  # chunk of the h2o and per-channel-key rows (1 = exact decode, slow; 0 = none of them)
 dtype = "bfloat16"  # storage of what caches keep in full precision (eval_kv's --dtype)
 context_iters = "0,25,50,100,200,400"  # what=context: fine-tuning iterations at 4x the block
 context_streams = 64  # what=context: val streams of 4 x block bytes
@@ -109,22 +112,28 @@ def variant_args(name, block, n_layer):
 def grid(block, fast):
     """The training-free settings (KVOptions) of each variant: quantization with no
     full-precision residual (every token at its format as soon as it arrives; int4/int2 keys
-    per token, as QAT trains them), at the natural window and at smaller ones; and KIVI's
-    per-channel keys (which wait for a group of kv_quant_group tokens) at the natural window."""
+    per token, as QAT trains them), at the natural window and at smaller ones: rows a chunk of
+    bytes scores as the token-by-token decoder does."""
     q = lambda f, w, keys="token": KVOptions(kv_window=w, kv_quant=f, kv_quant_group=kv_quant_group,
                                              kv_quant_residual=0, kv_quant_keys=keys)
     windows = (block, block // 4) if fast else (block, block // 2, block // 4, block // 8)
     formats = ("none", "int4", "int2") if fast else ("none", "int8", "int4", "int2")
     rows = [q(f, w) if f != "none" else KVOptions(kv_window=w) for w in windows for f in formats if w > 0]
-    return rows + ([] if fast else [q("int4", block, "channel"), q("int2", block, "channel")])
+    return rows
 
 
-def evict_grid(block):
-    """h2o at a budget of block/4 (half of it the recent window), plain and int4 (per-token keys)."""
+def exact_grid(block, fast):
+    """The rows a chunk scores unlike the decoder (eval_kv.chunk_note), run at --evict_chunk:
+    KIVI's per-channel int4/int2 keys (which wait for a group of kv_quant_group tokens) at the
+    natural window, and h2o at a budget of block/4 (half of it the recent window), plain and
+    int4 (per-token keys)."""
     b = max(block // 4, 8)
-    return [KVOptions(kv_window=block, kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4),
-            KVOptions(kv_window=block, kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4, kv_quant="int4",
-                      kv_quant_group=kv_quant_group, kv_quant_residual=0)]
+    channel = [KVOptions(kv_window=block, kv_quant=f, kv_quant_group=kv_quant_group, kv_quant_residual=0,
+                         kv_quant_keys="channel") for f in ("int4", "int2")]
+    return ([] if fast else channel) + [
+        KVOptions(kv_window=block, kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4),
+        KVOptions(kv_window=block, kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4, kv_quant="int4",
+                  kv_quant_group=kv_quant_group, kv_quant_residual=0)]
 
 
 # -- fine-tunes ------------------------------------------------------------------------------
@@ -229,7 +238,8 @@ def study():
         ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
         found = evaluate_variant(ckpt_path, x, y, settings, step, block, name)
         if evict_chunk:
-            found += evaluate_variant(ckpt_path, x, y, evict_grid(block), evict_chunk, block, name + " h2o")[1:]
+            found += evaluate_variant(ckpt_path, x, y, exact_grid(block, quick), evict_chunk, block,
+                                      f"{name} at chunk {evict_chunk}")[1:]
         for r in found:
             r.update(variant=name, train_command=train_cmd, checkpoint=ckpt_path)
         write_json(done, {"settings": wanted, "rows": found})

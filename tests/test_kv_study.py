@@ -188,3 +188,13 @@ def test_out_that_cannot_take_the_results_is_one_line(base_ckpt, tmp_path):
     proc = kv_study(base_ckpt, folder, "--variants=base")
     assert_user_error(proc, "frontier.csv is a folder", "--out")
     assert "|" not in proc.stdout and not (folder / "base").exists()  # nothing evaluated
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_chunked_grid_holds_only_rows_a_chunk_scores_as_the_decoder(fast):
+    """grid() runs at the study's chunk: none of its rows may be one eval_kv's chunk note
+    warns about; exact_grid() (run at --evict_chunk) holds exactly those."""
+    import eval_kv
+    import kv_study
+    assert all(eval_kv.chunk_note([s], 256) == "" for s in kv_study.grid(256, fast))
+    assert all(eval_kv.chunk_note([s.check()], 256) != "" for s in kv_study.exact_grid(256, fast))
