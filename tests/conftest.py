@@ -77,6 +77,19 @@ def forward_at(model, idx, pos):
     return model._blocks(idx, pos, rot, None)
 
 
+def save_tiny_checkpoint(folder):
+    """folder/ckpt.pt of a tiny untrained model (2 layers, 2 heads of 16 channels), as train.py
+    writes it; returns folder."""
+    from checkpoint import save_checkpoint
+    from model import MODEL_ARG_KEYS
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    save_checkpoint(str(folder / "ckpt.pt"), model, optimizer, args, {"n_layer": 2}, 10, 5.0)
+    return folder
+
+
 # -- text on disk ------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)

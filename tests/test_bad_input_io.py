@@ -17,26 +17,17 @@ import sys
 from unittest import mock
 
 import pytest
-import torch
 
 import loader
-from checkpoint import save_checkpoint
-from conftest import REPO_ROOT, TINY, assert_user_error, run_script, tiny_corpus, write_splits
+from conftest import REPO_ROOT, save_tiny_checkpoint, TINY, assert_user_error, run_script, tiny_corpus, write_splits
 from loader import ByteLoader, dataset_paths, prepare
-from model import GPT, MODEL_ARG_KEYS, GPTConfig
 from utils import UserError
 
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
     """A folder holding ckpt.pt of a tiny untrained model, as train.py writes it."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False))
-    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
-    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
-    d = tmp_path_factory.mktemp("out")
-    save_checkpoint(str(d / "ckpt.pt"), model, optimizer, args, {"n_layer": 2}, 10, 5.0)
-    return d
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("out"))
 
 
 def run(script, *args):
