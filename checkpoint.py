@@ -361,6 +361,8 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
             print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
+    except torch.OutOfMemoryError:
+        raise  # the device is full: not the checkpoint's fault
     except broken as e:
         raise UserError(f"the checkpoint's optimizer state cannot be restored ({type(e).__name__}: "
                         f"{_first_line(e)}); use another checkpoint") from None
@@ -380,6 +382,8 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
         if ckpt.get("loader") and same_shape:
             loader.load_state_dict(ckpt["loader"])
             return True
+    except torch.OutOfMemoryError:
+        raise
     except broken as e:
         raise UserError(f"the checkpoint's random state or data position cannot be restored ({type(e).__name__}: "
                         f"{_first_line(e)}); --resume_mode=finetune trains on without them") from None

@@ -35,8 +35,7 @@ Grid: plain, int8, int4, int2 (residual 0: every token at its format; int4/int2 
 token) at windows of block, block/2, block/4, block/8: a chunk scores these as the decoder
 does. Two kinds of row it does not: eviction (h2o) reads a chunk with more than its budget in
 sight (better than the decoder), and KIVI's per-channel keys are grouped and quantized before
-the chunk's own queries read them (worse: int2 +19.7% at chunk 256 against +1.6% decoded, on
-the long recipe's base). Those rows (exact_grid()) run only at --evict_chunk (1 = exact
+the chunk's own queries read them (worse: RESULTS.md, "Per-channel keys, decoded"). Those rows (exact_grid()) run only at --evict_chunk (1 = exact
 decode, slow; 0 = none of them).
 
 --what=context answers assignment 1: bits per byte on positions [block, 4 block) of a base
@@ -107,6 +106,9 @@ def variant_args(name, block, n_layer):
     args = table[name]
     qat = [f"--kv_quant_group={kv_quant_group}", "--kv_quant_keys=token"] if "int" in name else []
     return None if args is None else args + qat
+
+
+GRID_VERSION = 2  # raised whenever grid() or exact_grid() change: a study's older rows are then redone
 
 
 def grid(block, fast):
@@ -287,7 +289,7 @@ def run_settings(ckpt, base_path, step):
     tuned = dict(base_id, iters=iters, learning_rate=learning_rate, min_lr=min_lr, kv_quant_group=kv_quant_group,
                  train_args=train_args)
     measured = dict(base_id, n_streams=n_streams, stream_len=stream_len, chunk=step, evict_chunk=evict_chunk,
-                    dtype=dtype, kv_quant_group=kv_quant_group, quick=quick)
+                    dtype=dtype, kv_quant_group=kv_quant_group, quick=quick, grid=GRID_VERSION)
     return tuned, measured
 
 

@@ -174,7 +174,8 @@ def _check_input(data, input_path, target, where):
         if old_size != len(data) or _read(target, os.path.relpath(target)) != data:
             raise UserError(f"{where} differs from the {os.path.relpath(target)} already there ({old_size:,} "
                             "bytes): checkpoints trained on the old text would be scored on the new one; pass "
-                            "--force=True to replace it, or prepare the new text in a folder of its own")
+                            "--force=True to replace it, or put the new text as input.txt in a folder of its own and "
+                            "train with --dataset=that/folder/")
 
 
 def _corpus(data, where):

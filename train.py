@@ -63,7 +63,7 @@ last_save_budget = 0.1  # last.pt is skipped at a log step if writing it would t
 eval_only = False  # evaluate once and exit, writing nothing
 always_save_checkpoint = False  # write ckpt.pt at every evaluation, not only when val loss improves
 init_from = "scratch"  # 'scratch' or 'resume' (from out_dir/resume_checkpoint_name)
-overwrite = False  # let a run from scratch replace the checkpoints in out_dir, or a resume from ckpt.pt replace a later last.pt
+overwrite = False  # let a run from scratch replace the checkpoints already in out_dir (otherwise it is refused)
 resume_checkpoint_name = "ckpt"  # 'ckpt', 'ckpt.pt', 'last' or 'last.pt'
 resume_mode = "auto"  # 'continue' | 'finetune' | 'auto' (see the docstring)
 tensorboard = True  # write TensorBoard scalars into out_dir
@@ -210,8 +210,7 @@ def train(held):
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
-    if writes and master and ckpt is not None and not overwrite:
-        keep_newer_last(ckpt_path, start_iter, mode)
+    set_aside = later_last(ckpt_path, start_iter) if writes and master and ckpt is not None else None
     if writes and master:
         outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0)
     if xl_fn is not None and xl_mem:  # the user's XL step, tried on 2 bytes now, not after the first evaluation
@@ -226,10 +225,11 @@ def train(held):
     rank_seed = seed + rank + (world_size * start_iter if rank > 0 else 0)
     if writes:
         print(f"training iterations {start_iter}..{end_iter - 1}, {tokens_per_iter:,} tokens per iteration")
-        if decay_lr and lr_decay_iters > end_iter - origin and master:
-            print(f"note: lr_decay_iters={lr_decay_iters} is past this run's {end_iter - origin} iterations: the "
-                  f"learning rate ends at {get_lr(end_iter - origin - 1):.2e}, not min_lr={min_lr:g} "
-                  f"(--lr_decay_iters={end_iter - origin} decays it fully)")
+        run = end_iter - origin  # the schedule's iterations
+        if decay_lr and (lr_decay_iters > run or warmup_iters >= run) and master:
+            fix = f"--lr_decay_iters={run}" + (f" --warmup_iters={max(1, run // 10)}" if warmup_iters >= run else "")
+            print(f"note: this run's {run} iterations end at learning rate {get_lr(run - 1):.2e}, not min_lr="
+                  f"{min_lr:g} (warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters}): {fix} decays it")
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)
@@ -253,9 +253,13 @@ def train(held):
     tb = TensorBoard(out_dir if use_tb else None, purge_step=start_iter)
 
     def save(name):
+        nonlocal set_aside
         diverged(lambda: not all(bool(torch.isfinite(p).all()) for p in model.parameters()), name)
         if not master:
             return 0.0
+        if name == "last.pt" and set_aside:  # the later last.pt of the run resumed moves aside, not away
+            os.replace(os.path.join(out_dir, "last.pt"), set_aside)
+            set_aside = None
         t0 = time.time()
         os.makedirs(out_dir, exist_ok=True)
         save_checkpoint(os.path.join(out_dir, name), model, optimizer, model_args, config,
@@ -372,23 +376,23 @@ def train(held):
     print(f"next: python sample.py --out_dir={out_dir}" + (f" --kv_window={block_size}" if drifts else "") + plugin)
 
 
-def keep_newer_last(ckpt_path, start_iter, mode):
+def later_last(ckpt_path, start_iter):
     """A resume from ckpt.pt (the best val loss) must not lose a last.pt written later in the
-    run: going on with that run ('continue') from the older file is refused unless
-    --overwrite=True; a fine-tune keeps the later file as last_<its iteration>.pt."""
+    run: returns the free name last_<its iteration>.pt that it moves to when this run first
+    writes last.pt (None when there is nothing to keep), after saying so."""
     last = os.path.join(out_dir, "last.pt")
     if os.path.abspath(ckpt_path) == os.path.abspath(last):
-        return
+        return None
     later = saved_iteration(last)
     if later is None or later <= start_iter:
-        return
-    if mode == "continue":
-        raise UserError(f"{last} is at iteration {later}, past {ckpt_path} (iteration {start_iter}), and going on "
-                        f"from the older file would replace it: go on from it with --resume_checkpoint_name=last, "
-                        f"or add --overwrite=True to train on from {os.path.basename(ckpt_path)} anyway")
-    kept = os.path.join(out_dir, f"last_{later}.pt")
-    os.replace(last, kept)
-    print(f"note: {last} (iteration {later}) is kept as {kept}: this fine-tune writes its own last.pt")
+        return None
+    kept, n = os.path.join(out_dir, f"last_{later}.pt"), 1
+    while os.path.exists(kept):
+        n += 1
+        kept = os.path.join(out_dir, f"last_{later}_{n}.pt")
+    print(f"note: {last} (iteration {later}) is later than {ckpt_path} (iteration {start_iter}); this run keeps it "
+          f"as {kept} when it writes its own last.pt (--resume_checkpoint_name=last resumes from it instead)")
+    return kept
 
 
 def interrupted(iter_num, start_iter, origin):
@@ -485,7 +489,7 @@ def restart_rows(memory, restarted):
 
 def fit_schedule(iters, argv):
     """A fine-tune's fresh schedule fits its own iters, unless flags set it: a warm-up of a
-    tenth (at most warmup_iters) and the cosine down to min_lr at its last iteration, not at
+    tenth (at most warmup_iters) and the cosine down to min_lr at its end, not at
     the config's lr_decay_iters, which were meant for the run from scratch. Returns the
     settings it changed, after saying so."""
     flags = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}

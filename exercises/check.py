@@ -275,9 +275,10 @@ def run_check(check, impl, ctx):
     except (Failed, UserError) as e:  # UserError: a plug-in point refused the function
         reason = msg = str(e)
     except Exception as e:
-        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        where, raised = where_it_broke(e), f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+        reason = f"{raised} at {where}"  # the same error raised elsewhere is another bug
         case = ctx.get("case")
-        msg = (f"{case}: " if case else "") + f"your code raised {reason} (at {where_it_broke(e)})"
+        msg = (f"{case}: " if case else "") + f"your code raised {raised} (at {where})"
     first = ctx["reported"].setdefault(reason, check.title)
     if first != check.title:
         return "SKIP", f'the same failure as "{first}" above'

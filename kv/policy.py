@@ -165,7 +165,8 @@ class KVOptions:
         held = self.kv_window + self.kv_sink
         if note is None and self.kv_evict != "none" and self.kv_window > 0 and self.kv_budget >= held:
             bound = f"kv_window={self.kv_window}" + (f" and kv_sink={self.kv_sink}" if self.kv_sink else "")
-            note = f"note: {bound} keep at most {held} tokens, so kv_budget={self.kv_budget} changes nothing"
+            verb = "keep" if self.kv_sink else "keeps"
+            note = f"note: {bound} {verb} at most {held} tokens, so kv_budget={self.kv_budget} changes nothing"
         return note
 
     def _local_note(self, config):

@@ -87,7 +87,7 @@ def check_qat(model, kv_quant):
     if kv_quant != "none" and linear:
         raise UserError(f"--kv_quant={kv_quant} in training fake-quantizes the K/V of every layer, and layers "
                         f"{','.join(map(str, linear))} of this model are linear attention (a state, no K/V cache): "
-                        "drop --kv_quant for this model")
+                        "--kv_quant=none trains it without")
 
 
 def qat_caches(model, kv_quant, kv_quant_group=32, channel_keys=True):

@@ -104,6 +104,13 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     assert "iters 2 -> 3" in again and "fine-tuning 3 iterations" in again
     assert "base: finished before, skipped" in again  # no fine-tune: its rows still hold
     assert read_checkpoint(str(folder / "mqa/last.pt"))["iter_num"] == 3 + 3  # the base's 3, then 3 more
+    # rows of an older grid (before its version was recorded) are redone, not reused
+    import json
+    record = json.loads((folder / "base" / "results.json").read_text())
+    del record["settings"]["grid"]
+    (folder / "base" / "results.json").write_text(json.dumps(record))
+    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base", *more)
+    assert "base: done before with other settings (grid None -> " in again
 
 
 @pytest.mark.slow  # a fine-tune in a subprocess

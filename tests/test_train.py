@@ -115,8 +115,12 @@ def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_
     rate its last iteration used (the optimizer's, in last.pt)."""
     printed = train(data_dir, tmp_path / "o", "--max_iters=8")
     lr = read_checkpoint(str(tmp_path / "o" / "last.pt"))["optimizer"]["param_groups"][0]["lr"]
-    assert f"note: lr_decay_iters=20 is past this run's 8 iterations: the learning rate ends at {lr:.2e}" in printed
-    assert "lr_decay_iters=20 is past" not in train(data_dir, tmp_path / "p", "--max_iters=20")
+    assert f"note: this run's 8 iterations end at learning rate {lr:.2e}, not min_lr" in printed
+    assert printed.split("note: this run's 8")[1].splitlines()[0].endswith(": --lr_decay_iters=8 decays it")
+    assert "note: this run's" not in train(data_dir, tmp_path / "p", "--max_iters=20")
+    # a warm-up as long as the run: the way out names both
+    printed = train(data_dir, tmp_path / "q", "--max_iters=2", "--lr_decay_iters=2")
+    assert "--lr_decay_iters=2 --warmup_iters=1 decays it" in printed
 
 
 def test_the_next_command_of_a_linear_model_has_no_window(data_dir, tmp_path):

@@ -40,23 +40,32 @@ def with_later_last(run_dir, tmp_path, later=N + 4):
     return out, (out / "last.pt").read_bytes()
 
 
-def test_going_on_from_an_older_ckpt_is_refused_and_the_later_last_pt_kept(data_dir, run_dir, tmp_path):
+@pytest.mark.parametrize("max_iters", [N + 20, 2], ids=["continue", "finetune"])
+def test_a_resume_from_an_older_ckpt_keeps_the_later_last_pt_aside(data_dir, run_dir, tmp_path, max_iters):
+    """nanoGPT's resume reads ckpt.pt: going on from it (continue) or fine-tuning it must not
+    lose the run's later last.pt, which moves aside when the new last.pt is first written."""
+    out, before = with_later_last(run_dir, tmp_path)
+    printed = train(data_dir, out, "--init_from=resume", f"--max_iters={max_iters}")
+    assert f"resumed {out / 'ckpt.pt'} at iteration {N}" in printed
+    assert f"this run keeps it as {out / f'last_{N + 4}.pt'}" in printed
+    assert (out / f"last_{N + 4}.pt").read_bytes() == before
+    assert read_checkpoint(str(out / "last.pt"))["iter_num"] == (max_iters if max_iters > N else N + max_iters)
+
+
+def test_a_second_set_aside_takes_a_free_name(data_dir, run_dir, tmp_path):
+    out, before = with_later_last(run_dir, tmp_path)
+    (out / f"last_{N + 4}.pt").write_bytes(b"an earlier one")
+    train(data_dir, out, "--init_from=resume", "--max_iters=2")
+    assert (out / f"last_{N + 4}.pt").read_bytes() == b"an earlier one"
+    assert (out / f"last_{N + 4}_2.pt").read_bytes() == before
+
+
+def test_a_start_up_error_moves_nothing(data_dir, run_dir, tmp_path):
     out, before = with_later_last(run_dir, tmp_path)
     proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out}", "--init_from=resume",
-                      f"--max_iters={N + 20}")
-    assert_user_error(proc, f"is at iteration {N + 4}, past", "--resume_checkpoint_name=last", "--overwrite=True")
-    assert (out / "last.pt").read_bytes() == before
-    printed = train(data_dir, out, "--init_from=resume", f"--max_iters={N + 2}", "--overwrite=True")
-    assert f"resumed {out / 'ckpt.pt'} at iteration {N}" in printed
-    assert read_checkpoint(str(out / "last.pt"))["iter_num"] == N + 2
-
-
-def test_a_finetune_from_an_older_ckpt_keeps_the_later_last_pt_aside(data_dir, run_dir, tmp_path):
-    out, before = with_later_last(run_dir, tmp_path)
-    printed = train(data_dir, out, "--init_from=resume", "--max_iters=2")  # at most the checkpoint's: a fine-tune
-    assert f"is kept as {out / f'last_{N + 4}.pt'}" in printed
-    assert (out / f"last_{N + 4}.pt").read_bytes() == before
-    assert read_checkpoint(str(out / "last.pt"))["iter_num"] == N + 2
+                      "--max_iters=2", "--xl_mem=8", "--xl_update=no_such_module:step")
+    assert proc.returncode != 0
+    assert (out / "last.pt").read_bytes() == before and not list(out.glob("last_*.pt"))
 
 
 def test_a_diverging_run_stops_before_writing_nan(data_dir, run_dir, tmp_path):
