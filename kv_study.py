@@ -55,6 +55,7 @@ from kv.policy import KVOptions
 from kv.report import check_writable, write_text
 from kv.study_report import write_frontier
 from loader import dataset_paths
+from outdir import make_folder
 from utils import UserError, check_range, keep_freed_memory, read_json, run_main, use_threads, write_json
 
 # -----------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def study():
     block, n_layer = int(config["block_size"]), int(config["n_layer"])
     names = [v for v in variants.split(",") if v]
     todo = [(v, variant_args(v, block, n_layer)) for v in names]
-    make_folder(folder)
+    make_folder(folder, "out")
     check_writable(os.path.join(folder, "frontier"), [".csv", ".md", ".png"], tensorboard, "--out")
     x, y = load_val(config, base_path, n_streams, stream_len)
     step = chunk or block
@@ -254,16 +255,6 @@ def study():
     title = f"{os.path.basename(os.path.dirname(os.path.abspath(base_path)))}: {n_streams} x {stream_len} bytes, chunk {step}"
     write_frontier(rows, os.path.join(folder, "frontier"), title, yardstick, tensorboard, show=print)
     print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
-
-
-def make_folder(folder):
-    """Create the study's folder before any long work; one UserError if it cannot be one."""
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"--out={folder} is a file, not a folder; use another --out")
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:  # a file in its path, a read-only parent
-        raise UserError(f"--out={folder} cannot be created ({e.strerror or e}); use another --out") from None
 
 
 def iteration_counts(text):
@@ -363,7 +354,7 @@ def context():
     config = ckpt.get("config") or {}
     block = int(config["block_size"])
     L = 4 * block
-    make_folder(folder)
+    make_folder(folder, "out")
     check_writable(os.path.join(folder, "context"), [".md"], False, "--out")
     x, y = load_val(config, base_path, context_streams, L)
     far = [(lo, hi) for lo, hi in eval_kv.buckets(block, L) if lo >= block]

@@ -72,23 +72,25 @@ def remove_earlier(out_dir):
         print(f"note: --overwrite=True: removed {' and '.join(earlier)} of the earlier run in {out_dir}")
 
 
-def make_folder(out_dir):
-    """Create out_dir if needed; one UserError if it cannot hold files."""
+def make_folder(out_dir, option="out_dir"):
+    """Create out_dir if needed; one UserError if it cannot hold files (option: the setting
+    that named it)."""
+    flag = f"--{option}={out_dir}"
     if not out_dir or not out_dir.strip():
-        raise UserError("--out_dir is empty: name the folder for the checkpoints, e.g. --out_dir=out")
+        raise UserError(f"--{option} is empty: name the folder for the results, e.g. --{option}=out")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise UserError(f"--out_dir={out_dir} is a file, not a folder; use another --out_dir")
+        raise UserError(f"{flag} is a file, not a folder; use another --{option}")
     parent = os.path.dirname(os.path.abspath(out_dir))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UserError(f"--out_dir={out_dir} lies under {parent}, which is a file; use another --out_dir")
+        raise UserError(f"{flag} lies under {parent}, which is a file; use another --{option}")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise UserError(f"--out_dir={out_dir} cannot be created ({e.strerror or e}); use another --out_dir") from None
+        raise UserError(f"{flag} cannot be created ({e.strerror or e}); use another --{option}") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise UserError(f"--out_dir={out_dir} is not writable; use another --out_dir")
+        raise UserError(f"{flag} is not writable; use another --{option}")
 
 
 def check_space(out_dir, model, extra_bytes=0):

@@ -188,7 +188,7 @@ def test_out_that_cannot_take_the_results_is_one_line(base_ckpt, tmp_path):
     for what in ("frontier", "context"):
         proc = kv_study(base_ckpt, a_file, f"--what={what}", "--variants=base", "--context_iters=0")
         assert_user_error(proc, f"--out={a_file} is a file, not a folder")
-    assert_user_error(kv_study(base_ckpt, a_file / "sub", "--variants=base"), "cannot be created")
+    assert_user_error(kv_study(base_ckpt, a_file / "sub", "--variants=base"), "lies under", "which is a file")
     assert a_file.read_text() == "mine"
     folder = tmp_path / "study"
     (folder / "frontier.csv").mkdir(parents=True)
