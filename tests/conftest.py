@@ -151,6 +151,22 @@ def train(data_dir, out_dir, *args):
     return printed.getvalue()
 
 
+def run_in_process(script, *args):
+    """Run `python script args...` inside this process (no new interpreter to start); returns
+    (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code, threads = 0, torch.get_num_threads()  # a script may choose its own threads: this process keeps its
+    with mock.patch.object(sys, "argv", [script, *map(str, args)]), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(os.path.join(REPO_ROOT, script), run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+        finally:
+            torch.set_num_threads(threads)
+    return code, out.getvalue(), err.getvalue()
+
+
 def run_script(script, *args, timeout=120, cwd=REPO_ROOT):
     """Run `python script args...` from the repo root; returns the CompletedProcess (text)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the test machines have few cores

@@ -7,19 +7,16 @@ traceback, and nothing already prepared is lost.
 
     python -m pytest -q tests/test_bad_input_io.py
 """
-import contextlib
 import errno
-import io
 import os
-import runpy
 import subprocess
 import sys
-from unittest import mock
 
 import pytest
 
 import loader
-from conftest import REPO_ROOT, save_tiny_checkpoint, TINY, assert_user_error, run_script, tiny_corpus, write_splits
+from conftest import (REPO_ROOT, TINY, assert_user_error, run_in_process, run_script, save_tiny_checkpoint, tiny_corpus,
+                      write_splits)
 from loader import ByteLoader, dataset_paths, prepare
 from utils import UserError
 
@@ -30,17 +27,7 @@ def out_dir(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("out"))
 
 
-def run(script, *args):
-    """Run a script in this process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with mock.patch.object(sys, "argv", [script, *map(str, args)]), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            runpy.run_path(os.path.join(REPO_ROOT, script), run_name="__main__")
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+run = run_in_process  # (exit code, stdout, stderr) of a script run in this process
 
 
 def environment(buffered):

@@ -12,7 +12,7 @@ from unittest import mock
 import pytest
 
 from checkpoint import save_checkpoint
-from conftest import REPO_ROOT, assert_user_error, run_script, tiny
+from conftest import REPO_ROOT, assert_user_error, run_in_process, run_script, tiny
 from kv import report
 from utils import UserError
 
@@ -170,9 +170,10 @@ BENCH = ["--device=cpu", "--n_layer=1", "--n_head=1", "--n_embd=32", "--block_si
 def test_bench_settings_are_checked_before_any_benchmark(tmp_path, args, words):
     """--what=all: a mistake in the eval_kv or generation settings must not wait for the
     training benchmark to finish."""
-    proc = run_script("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=all", *args)
-    assert_user_error(proc, words)
-    assert "|" not in proc.stdout  # no table: no benchmark ran
+    code, out, err = run_in_process("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=all", *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and lines[-1].startswith("error: ") and words in lines[-1], err
+    assert "|" not in out  # no table: no benchmark ran
 
 
 def test_bench_eval_kv_alone_checks_its_own_settings():
