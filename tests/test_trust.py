@@ -15,7 +15,6 @@ import errno
 import hashlib
 import io
 import os
-import runpy
 import sys
 import uuid
 from unittest import mock
@@ -27,23 +26,11 @@ import checkpoint
 import outdir
 import utils
 from checkpoint import checksum, load_model, read_checkpoint
-from conftest import REPO_ROOT, TINY, run_script, tiny_corpus, train, write_splits
+from conftest import REPO_ROOT, TINY, run_in_process, run_script, tiny_corpus, train, write_splits
 from utils import UserError
 
 
-def run(script, *args):
-    """Run a script in this process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    code, threads = 0, torch.get_num_threads()
-    try:
-        with mock.patch.object(sys, "argv", [script, *map(str, args)]), \
-                contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(os.path.join(REPO_ROOT, script), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    finally:
-        torch.set_num_threads(threads)
-    return code, out.getvalue(), err.getvalue()
+run = run_in_process  # (exit code, stdout, stderr) of a script run in this process
 
 
 def snapshot(*folders):
