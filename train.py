@@ -42,13 +42,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
-from checkpoint import (OBJECTIVE_KEYS, checkpoint_path, incomparable, load_model, objective_settings,
-                        resume_schedule, restore_training_state, rng_state, save_checkpoint, saved_iteration, unwrap)
+from checkpoint import checkpoint_path, load_model, save_checkpoint, unwrap
 from configurator import configure
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
+from resume import (OBJECTIVE_KEYS, incomparable, objective_settings, restore_training_state, resume_schedule,
+                    rng_state, saved_iteration)
 from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager, import_function,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
 

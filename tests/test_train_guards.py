@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from checkpoint import checksum, load_model, read_checkpoint, restore_training_state
+from checkpoint import checksum, load_model, read_checkpoint
+from resume import restore_training_state
 from conftest import TINY, assert_user_error, run_script, tiny_corpus, train, write_splits
 from utils import UserError
 
@@ -114,7 +115,7 @@ def test_an_unreadable_training_state_is_one_error(run_dir):
 
 @pytest.mark.parametrize("iteration", [-10, "5"])
 def test_a_checkpoint_with_an_impossible_iteration_is_one_error(iteration):
-    from checkpoint import resume_schedule
+    from resume import resume_schedule
     with pytest.raises(UserError, match="is not a count of iterations"):
         resume_schedule({"iter_num": iteration}, "auto", 100)
     with pytest.raises(UserError, match="is not a count of iterations"):  # the tutorial's layout: its max_iters

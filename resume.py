@@ -1,0 +1,174 @@
+"""
+Resuming a training run from a checkpoint (train.py --init_from=resume): which schedule it goes
+on with, what of the optimizer, RNG and data position it restores, which settings it keeps from
+the checkpoint, and what makes its val loss incomparable. Reading and writing checkpoints is
+checkpoint.py's.
+
+    mode, start, end, origin = resume_schedule(ckpt, "auto", max_iters)
+    rows_kept = restore_training_state(ckpt, mode, optimizer, scaler, loader, (batch_size, block_size))
+"""
+import warnings
+
+import torch
+
+from checkpoint import _first_line
+from loader import same_dataset
+from utils import UserError
+
+
+def rng_state():
+    """The global RNG states (dropout), for an exact resume."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset=None):
+    """Optimizer and scaler state for both modes; RNG and data position for 'continue'
+    (loader None: a DDP rank > 0, which keeps its own RNG and rows). shape: this run's
+    (batch_size, block_size); the data position is restored only if they and the dataset are
+    the checkpoint's. Returns True when it was: the loader's rows go on where they stopped.
+    A state this program cannot restore (a foreign checkpoint's) is one UserError."""
+    broken = (TypeError, ValueError, RuntimeError, KeyError, IndexError)  # what a malformed state raises
+    try:
+        if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
+            # the moments come from the checkpoint, the hyperparameters from this run's config
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+            optimizer.load_state_dict(ckpt["optimizer"])
+            for group, s in zip(optimizer.param_groups, settings):
+                group.update(s)
+        else:
+            print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
+        if scaler.is_enabled() and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+    except torch.OutOfMemoryError:
+        raise  # the device is full: not the checkpoint's fault
+    except broken as e:
+        raise UserError(f"the checkpoint's optimizer state cannot be restored ({type(e).__name__}: "
+                        f"{_first_line(e)}); use another checkpoint") from None
+    if mode != "continue" or loader is None:
+        return False
+    try:
+        rng = ckpt.get("rng") or {}
+        if "cpu" in rng:
+            torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        saved = ckpt.get("config", {})
+        if dataset is not None and saved.get("dataset") and not same_dataset(saved["dataset"], dataset):
+            print("note: data position not restored (another dataset)")
+            return False
+        same_shape = (saved.get("batch_size"), saved.get("block_size")) == tuple(shape)
+        if ckpt.get("loader") and same_shape:
+            loader.load_state_dict(ckpt["loader"])
+            return True
+    except torch.OutOfMemoryError:
+        raise
+    except broken as e:
+        raise UserError(f"the checkpoint's random state or data position cannot be restored ({type(e).__name__}: "
+                        f"{_first_line(e)}); --resume_mode=finetune trains on without them") from None
+    print("note: data position not restored (batch_size or block_size changed)")
+    return False
+
+
+def optimizer_state_fits(optimizer, state):
+    """True if a saved AdamW state matches this optimizer's groups and parameter shapes."""
+    groups = optimizer.param_groups
+    saved = state.get("param_groups", [])
+    if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
+        return False
+    for s, g in zip(saved, groups):
+        for idx, p in zip(s["params"], g["params"]):
+            moments = state["state"].get(idx, {})
+            if "exp_avg" in moments and moments["exp_avg"].shape != p.shape:
+                return False
+    return True
+
+
+def incomparable(ckpt, model_args, block_size, dataset=None):
+    """What makes a resumed run's val loss incomparable with the checkpoint's best: a converted
+    or otherwise changed model (model_args), another training context (block_size), another
+    text (dataset); a list of 'name old -> new', empty when nothing did."""
+    config = ckpt.get("config") or {}
+    saved = {**ckpt["model_args"], "block_size": config.get("block_size", block_size)}
+    now = {**model_args, "block_size": block_size}
+    for args in (saved, now):  # n_kv_head 0 means n_head: say the number of heads
+        if not args.get("n_kv_head") and "n_head" in args:
+            args["n_kv_head"] = args["n_head"]
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+               if k != "dropout" and k in saved and saved[k] != now[k]]
+    if dataset is not None and config.get("dataset") and not same_dataset(config["dataset"], dataset):
+        changed.append(f"dataset {config['dataset']} -> {dataset}")
+    return changed
+
+
+def saved_iteration(path):
+    """The iteration a checkpoint file was written at, or None (no file, or not readable)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["iter_num"])
+    except Exception:  # a damaged or foreign file: nothing in it to keep
+        return None
+
+
+# training settings that change what the loss is: a resume keeps the checkpoint's unless given
+OBJECTIVE_KEYS = ("xl_mem", "xl_update", "kv_quant", "kv_quant_group", "kv_quant_keys")
+
+
+def objective_settings(ckpt, settings, given):
+    """The checkpoint's values of OBJECTIVE_KEYS where this run's settings differ and were not
+    given (on the command line or in a config file), each with a note: a resumed XL or
+    quantization-aware run goes on as it was trained. A plug-in (module:function) the checkpoint
+    names must be given again: a checkpoint never chooses code to run."""
+    saved, out = ckpt.get("config") or {}, {}
+    for k in OBJECTIVE_KEYS:
+        if k not in saved or k in given or saved[k] == settings[k]:
+            continue
+        if isinstance(saved[k], str) and ":" in saved[k]:
+            raise UserError(f"the checkpoint was trained with the plug-in --{k}={saved[k]}: pass it again "
+                            f"(a checkpoint never chooses code to run), or --{k}={settings[k]} to go on without it")
+        out[k] = saved[k]
+        print(f"note: {k}={saved[k]!r} from the checkpoint, as it was trained (--{k}=... changes it)")
+    return out
+
+
+def resume_schedule(ckpt, resume_mode, max_iters, eval_only=False):
+    """(mode, start_iter, end_iter, origin) of a resumed run: 'continue' trains on the original
+    schedule (counted from iteration 0) up to max_iters, 'finetune' max_iters more iterations on
+    a schedule counted from the checkpoint's iteration (origin)."""
+    start = ckpt.get("iter_num")
+    if start is None:  # a checkpoint without it (the tutorial's own) counts as a finished run
+        start = (ckpt.get("config") or {}).get("max_iters", 0)
+        print(f"note: the checkpoint does not say its iteration; taking its max_iters, {start}")
+    if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+        raise UserError(f"the checkpoint's iteration {start!r} is not a count of iterations (it was not written by "
+                        "train.py); use another checkpoint")
+    mode = pick_resume_mode(start, resume_mode, max_iters, eval_only)
+    if mode == "continue":
+        return mode, start, max(max_iters, start), 0
+    return mode, start, start + max_iters, start
+
+
+def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
+    """'continue' (the original schedule up to max_iters) or 'finetune' (max_iters more
+    iterations, a fresh schedule) for a checkpoint at iteration ckpt_iter; says why."""
+    if eval_only:
+        print("eval_only: the checkpoint is evaluated once; nothing is trained or written")
+        return "finetune"
+    if resume_mode == "continue":
+        print(f"resume_mode=continue: training up to iteration {max_iters} on the original schedule")
+    elif resume_mode == "finetune":
+        print(f"resume_mode=finetune: {max_iters} more iterations with a fresh LR schedule")
+    elif max_iters > ckpt_iter:
+        print(f"resume_mode=auto chose 'continue': max_iters={max_iters} is beyond the checkpoint's "
+              f"iteration {ckpt_iter}, so the original schedule goes on up to iteration {max_iters}")
+        return "continue"
+    elif max_iters == 0:
+        print("resume_mode=auto: max_iters=0, so the checkpoint is only evaluated")
+        return "finetune"
+    else:
+        print(f"resume_mode=auto chose 'finetune': max_iters={max_iters} is not beyond the checkpoint's "
+              f"iteration {ckpt_iter}, so {max_iters} more iterations run with a fresh warm-up and LR schedule")
+        return "finetune"
+    return resume_mode
