@@ -436,11 +436,13 @@ class StopAfterStep:
     """Ctrl-C (SIGINT) during the training loop: the first asks the loop to stop after the
     iteration it is in, so that last.pt is written at a clean step and a resume continues
     exactly from it; a second stops at once. Off under DDP (every rank would have to agree
-    on the step) and outside the main thread (no signal handlers there)."""
+    on the step), outside the main thread (no signal handlers there), and in a process started
+    with Ctrl-C ignored (`nohup`, `&` in a script): whoever started it chose that."""
 
     def __init__(self, enabled=True):
         self.asked = False
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
 
     def __enter__(self):
         if self.enabled:

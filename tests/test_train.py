@@ -152,8 +152,13 @@ def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, m
 
     split = tmp_path / "split"
     monkeypatch.setattr(loader.ByteLoader, "next", next_with_ctrl_c)
-    with pytest.raises(SystemExit) as e:
-        train(data_dir, split, f"--max_iters={N + 3}")
+    # as in a terminal: pytest started in the background of a script inherits Ctrl-C ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as e:
+            train(data_dir, split, f"--max_iters={N + 3}")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert e.value.code == 130
     assert read_checkpoint(str(split / "last.pt"))["iter_num"] == 3
@@ -165,6 +170,28 @@ def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, m
     assert a["iter_num"] == b["iter_num"] == N + 3
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(data_dir, tmp_path, monkeypatch):
+    """`nohup python train.py ... &`: the launcher chose to ignore SIGINT, so a SIGINT in the
+    training loop changes nothing and the run ends as planned."""
+    import signal
+    import loader
+    real_next = loader.ByteLoader.next
+
+    def next_with_ctrl_c(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_next(self)
+
+    monkeypatch.setattr(loader.ByteLoader, "next", next_with_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        printed = train(data_dir, tmp_path / "o", f"--max_iters={N}")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # and left as it was
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "interrupted" not in printed and "done: " in printed
+    assert read_checkpoint(str(tmp_path / "o" / "last.pt"))["iter_num"] == N
 
 
 def test_resume_finetune_runs_exactly_k_more_iterations(data_dir, base_run, tmp_path):
