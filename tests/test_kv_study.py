@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from checkpoint import read_checkpoint
-from conftest import REPO_ROOT, assert_user_error, run_script, train
+from conftest import REPO_ROOT, assert_user_error, run_in_process, train
 
 TINY_BASE = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--max_iters=3", "--batch_size=2"]
 SMALL = ["--iters=2", "--n_streams=1", "--stream_len=64", "--kv_quant_group=8", "--threads=1",
@@ -169,8 +169,11 @@ def test_an_all_linear_base_is_refused(data_dir, tmp_path):
 
 
 def kv_study(base_ckpt, out, *args):
-    """kv_study.py in a subprocess (its stderr whole, for assert_user_error)."""
-    return run_script("kv_study.py", f"--base={base_ckpt}", f"--out={out}", *SMALL, *args)
+    """kv_study.py run in this process, as a finished process (its stderr whole, for
+    assert_user_error); these runs stop at their start-up checks."""
+    argv = [f"--base={base_ckpt}", f"--out={out}", *SMALL, *args]
+    code, out, err = run_in_process("kv_study.py", *argv)
+    return subprocess.CompletedProcess(["kv_study.py", *argv], code, out, err)
 
 
 def test_bad_context_iters_is_one_line_before_any_work(base_ckpt, tmp_path):
