@@ -90,8 +90,13 @@ class StaticDecoder:
         if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move
             for t in self.buffers():
                 torch._dynamo.mark_static_address(t)
-        # the caches that quantize a group apart from the step (all alike: one KVOptions made them)
-        self.flushing = [c for _, c in self.distinct if getattr(c, "flush_apart", False)]
+        # the caches that quantize a group apart from the step, in lists of one schedule (residual,
+        # group): a local layer may keep a shorter residual than a global one (local_residual)
+        schedules = {}
+        for _, c in self.distinct:
+            if getattr(c, "flush_apart", False):
+                schedules.setdefault((c.R, c.G), []).append(c)
+        self.flushing = list(schedules.values())
         self.step, self.flush, self.compiled, self.compile_seconds = static_step, static_flush, False, 0.0
         if compile:
             options = dict(fullgraph=True, dynamic=False)
@@ -116,7 +121,8 @@ class StaticDecoder:
             self.step = compile_or_eager(static_step, probe, **options)
             self.compiled = self.step is not static_step
             if self.compiled and self.flushing:
-                self.flush = compile_or_eager(static_flush, lambda f: self._probe(f, self.flushing), **options)
+                self.flush = compile_or_eager(static_flush, lambda f: [self._probe(f, g) for g in self.flushing],
+                                              **options)
             self.compile_seconds = time.perf_counter() - t0
             self.start()
 
@@ -155,8 +161,9 @@ class StaticDecoder:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
         self.token.copy_(token)  # into a buffer of its own: a column sliced from a text has other strides
         with torch.no_grad():  # inference only (grad mode is part of what was compiled)
-            if self.flushing and self.flushing[0].due(self.clock.n):
-                self.flush(self.flushing)
+            for group in self.flushing:
+                if group[0].due(self.clock.n):
+                    self.flush(group)
             logits = self.step(self.model, self.token, self.caches, self.rot_table)
         self.clock.n += 1
         return logits.clone() if self.cuda_graphs else logits
