@@ -18,6 +18,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import time
 import traceback
@@ -260,10 +261,14 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
     return results
 
 
+NUMBER = re.compile(r"\d+(\.\d+)?(e[-+]?\d+)?")  # a size or value in a message: what differs between checks
+
+
 def run_check(check, impl, ctx):
     """(status, message) of one check. A failure for a reason an earlier check reported already
-    (the same exception from the code under test, or the same message) is a SKIP pointing to
-    that check: it would only repeat the failure under another rule's name."""
+    (the same exception from the same line of the code under test, or the same message, sizes
+    and values aside: each check tries its own shapes) is a SKIP pointing to that check: it
+    would only repeat the failure under another rule's name."""
     ctx.pop("case", None)  # a check names the input it is trying in ctx["case"]
     try:
         detail = check.fn(impl, ctx)
@@ -273,10 +278,11 @@ def run_check(check, impl, ctx):
     except Skipped as e:
         return "SKIP", str(e)
     except (Failed, UserError) as e:  # UserError: a plug-in point refused the function
-        reason = msg = str(e)
+        msg = str(e)
+        reason = NUMBER.sub("#", msg)
     except Exception as e:
         where, raised = where_it_broke(e), f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
-        reason = f"{raised} at {where}"  # the same error raised elsewhere is another bug
+        reason = f"{NUMBER.sub('#', raised)} at {where}"  # the same error raised elsewhere is another bug
         case = ctx.get("case")
         msg = (f"{case}: " if case else "") + f"your code raised {raised} (at {where})"
     first = ctx["reported"].setdefault(reason, check.title)

@@ -88,7 +88,7 @@ def plain_quantizer(kind, bits):
             s = (amax / torch.finfo(kind).max).clamp(min=2 ** -14).half().float()
             return (x / s).to(kind).float() * s
         top = 2 ** (bits - 1) - 1
-        s = (amax / top).clamp(min=1e-8).half().float()
+        s = (amax / top).half().float().clamp(min=2 ** -24)
         return (x / s).round().clamp(-top, top) * s
     return run
 
@@ -104,8 +104,8 @@ def gross_mistake(x, y, kind):
         if kind in FP8:
             return ("dequantize gives inf or nan: float8 overflows past its largest value; divide each row by "
                     "a scale (absmax / the format's max) before the cast, and keep that scale from being 0")
-        return ("dequantize gives inf or nan: a scale of 0 (keep it from being 0, e.g. clamp(min=1e-8)) or one "
-                "that float16 cannot hold")
+        return ("dequantize gives inf or nan: a scale of 0 (keep it from being 0, clamped after any conversion to "
+                "float16, where 1e-8 is 0: e.g. .half().clamp(min=2**-24)) or one that float16 cannot hold")
     zero_rows = (y == 0).all(-1) & (x != 0).any(-1)
     if bool(zero_rows.any()):
         size = x[zero_rows].pow(2).mean(-1).sqrt().max().item()
@@ -122,7 +122,14 @@ def gross_mistake(x, y, kind):
     top = far & (x.abs() >= 0.9 * amax) & (y * x < 0)
     if bool(top.any()):
         return ("the largest values of a row come back with the opposite sign: codes beyond the range of "
-                "their dtype wrap around (.to(torch.int8) of 128 gives -128); clamp the codes first")
+                "their dtype wrap around (.to(torch.int8) of 128 gives -128): clamp the codes first; with two "
+                "codes to a byte, also unpack them in the order you packed them")
+    ymax = y.abs().amax(-1, keepdim=True)
+    clipped = (y.abs() >= 0.999 * ymax) & (x.abs() > 1.05 * ymax)
+    if clipped.float().mean().item() > 0.02:
+        cut = (ymax / amax.clamp(min=1e-30)).median().item()
+        return (f"values beyond about {cut:.2g} of their row's largest come back clipped at one level: the scale "
+                "is too small for the codes' range (absmax / 127 for int8 codes, absmax / 7 for 4-bit ones)")
     factor = (y * x).sum(-1) / x.pow(2).sum(-1)
     if (factor - 1).abs().median().item() > 0.1:
         return (f"rows come back as x times a factor ({factor.min().item():.2g} to {factor.max().item():.2g}): "
@@ -140,7 +147,8 @@ def check_quant_contract(impl, ctx):
         ctx["case"] = f"head dimension {n}, x shaped {tuple(x.shape)}"  # named if your code raises
         _, y = round_trip(impl, x)
         expect(bool(torch.isfinite(y).all()), f"head dimension {n}: dequantize gives inf or nan"
-               + (" for a row of zeros: keep its scale from being 0 (clamp(min=1e-8))"
+               + (" for a row of zeros: keep its scale from being 0 (clamp it after any conversion to float16, "
+                  "where 1e-8 is 0: e.g. .half().clamp(min=2**-24))"
                   if not bool(torch.isfinite(y[1, 2, 4]).all()) else ""))
 
 
@@ -160,7 +168,7 @@ def check_quant_levels(impl, ctx):
     payload, y = round_trip(impl, x)
     kind, bits = code_format(payload, x.size(-1))
     wrong = gross_mistake(x, y, kind)
-    expect(wrong is None, f"on a ramp from -1 to 1: {wrong}")
+    expect(wrong is None, wrong)  # (the check's title names the ramp)
     levels = torch.unique(y).numel()
     if kind == "int":
         need, full = math.ceil(0.75 * 2 ** bits), f"{2 ** bits} levels"
@@ -195,7 +203,8 @@ def check_quant_bias(impl, ctx):
                      " instead of rounded (torch.round), or a zero point or offset (+128 then -127) that dequantize "
                      "does not undo exactly")
     expect(abs(corr) <= 0.25, f"the errors follow x (correlation {corr:+.2f}; rounding to nearest gives about 0): "
-           + ("values come back shrunk toward 0, .to(torch.int8) truncates; torch.round before converting"
+           + ("values come back shrunk toward 0: .to(torch.int8) truncates (torch.round before converting), "
+              "or the scale does not match the codes' range (e.g. (max - min) / 16 where 4-bit codes reach 15)"
               if corr < 0 else "values come back pushed away from 0: round to nearest (torch.round)"))
     return f"mean error {bias:+.2f} of the RMS error, correlation with x {corr:+.2f}"
 
@@ -218,8 +227,9 @@ def check_quant_error(impl, ctx):
         rank = (size < at).float().mean().item()
         where = (f"the worst row (size {at:.2g}, among the smallest) comes back with a relative error of {worst:.2g}"
                  if rank < 0.2 else f"the worst row (size {at:.2g}) comes back with a relative error of {worst:.2g}")
-        hint = ("a floor on the scale too high for small rows (clamp it only to keep it from 0, e.g. 1e-8)"
-                if rank < 0.2 else "does every row get a scale that fits its own range?")
+        hint = ("a floor on the scale too high for small rows (clamp it only to keep it from 0, e.g. 2**-24 in "
+                "float16)" if rank < 0.2 else "does every row get a scale that fits its own range, and are codes "
+                "rounded to nearest?")
         raise Failed(f"{where} ({plain}; allowed {bound_worst:.2g}): {hint}")
     expect(mean <= bound_mean, f"relative RMS error {mean:.2g} on average ({plain}; allowed {bound_mean:.2g}): "
            "rows range from 0.01 to 100 in size: a scale per row (or group) from its absmax, all levels used, "

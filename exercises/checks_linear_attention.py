@@ -111,7 +111,8 @@ def check_linear_formula(impl, ctx):
                    f"given; {see(3, 4)}")
             raise Failed(f"T={T}, S={S}, values of size {size:g}: y is not (phi(q) phi(k)^T * mask) v normalised "
                          f"(relative error {errs['layernorm']:.2g} vs layer_norm, {errs['denominator']:.2g} vs the "
-                         "denominator); phi(x) = elu(x) + 1, no softmax, no 1/sqrt(hs)")
+                         "denominator); phi(x) = elu(x) + 1, no softmax, no 1/sqrt(hs), each position normalised "
+                         "on its own (layer_norm over hs, the last dimension, only)")
         expect(ctx.setdefault("norm", best) == best, "the normalisation changed between calls")
     return "normalised by " + {"layernorm": "layer_norm", "denominator": "the denominator"}[ctx["norm"]]
 
@@ -127,7 +128,8 @@ def check_linear_causal(impl, ctx):
         y2 = call_attention(impl, q, k2, v2, causal(7, 7))
         expect(torch.allclose(y2[:, :, :t + 1], y[:, :, :t + 1], atol=1e-5),
                f"the output at position {t} changed when only later keys/values changed: "
-               "the future leaks in; zero the weights where the mask is False")
+               "the future leaks in; zero the weights where the mask is False, and normalise each position "
+               "on its own (over hs only, not over T)")
 
 
 def check_linear_mask(impl, ctx):
@@ -302,5 +304,16 @@ def check_recurrent_matches_attention(impl, ctx):
     num, den = call_recurrent(impl, phi(q), phi(k), v, S, z)
     fixed = {"layernorm": F.layer_norm(num, (hs,)), "denominator": num / (den + attention_linear.EPS)}
     errs = {name: max_err(y, r) for name, r in fixed.items()}
-    expect(min(errs.values()) < 1e-3, "your attention() and your recurrent_step() disagree on the same "
-           f"text (relative error {min(errs.values()):.2g}): the fixed-size state must give the same outputs")
+    if min(errs.values()) < 1e-3:
+        return
+    att = (phi(q) @ phi(k).transpose(-2, -1)) * causal(8, 8)  # the reference's weights
+    num_ref, den_ref = att @ v, att.sum(-1, keepdim=True)
+    attention_ok = y.shape == num_ref.shape and min(
+        max_err(y, r) for r in (F.layer_norm(num_ref, (hs,)), num_ref / (den_ref + attention_linear.EPS))) < 1e-3
+    recurrent_ok = num.shape == num_ref.shape and den.shape == den_ref.shape and max(
+        max_err(num, num_ref), max_err(den, den_ref)) < 1e-3
+    at_fault = ("your attention() (your recurrent_step() gives the reference's num and den)" if recurrent_ok else
+                "your recurrent_step() (your attention() gives the reference's outputs)" if attention_ok else
+                "both")
+    raise Failed(f"your attention() and your recurrent_step() disagree on the same text (relative error "
+                 f"{min(errs.values()):.2g}); the one to fix: {at_fault}")

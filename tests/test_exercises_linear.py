@@ -175,3 +175,27 @@ def test_a_triangle_not_shifted_for_t_below_s_is_blamed_on_the_mask_rule(exercis
     failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
     assert failed and failed[0][0] == FORMULA, printed
     assert "not the mask it is given" in failed[0][1] and "'Assignment 3, rule 4'" in failed[0][1], printed
+
+
+def test_one_shape_mistake_fails_once(exercise_checks):
+    """Returning (B, T, nh * hs) (the model's job) meets every attention check at its own
+    sizes: the first fails, the others point to it instead of citing rules 2, 4 and 7."""
+    source = LINEAR_OK.replace("return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator",
+                               "y = (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)\n"
+                               "        return y.transpose(1, 2).flatten(2)")
+    results, printed = exercise_checks("linear_attention", source)
+    failed = [t for t, status, _ in results if status == "FAIL"]
+    assert failed == ["attention: y shaped like q, in q's dtype, finite"], printed
+    assert "the same failure as" in printed
+
+
+@pytest.mark.parametrize("broken", ["attention", "recurrent_step"])
+def test_attention_and_recurrent_step_disagreeing_names_the_one_to_fix(broken, exercise_checks):
+    if broken == "attention":  # no normalisation at all
+        source = LINEAR_OK.replace("return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's "
+                                   "denominator", "return att @ v")
+    else:  # the outer product transposed
+        source = LINEAR_OK.replace("k[:, :, t, :, None] * v[:, :, t, None, :]", "v[:, :, t, :, None] * k[:, :, t, None, :]")
+    results, printed = exercise_checks("linear_attention", source)
+    detail = {t: msg for t, status, msg in results if status == "FAIL"}["recurrent_step equals attention on the same text"]
+    assert f"the one to fix: your {broken}()" in detail, printed

@@ -169,3 +169,28 @@ def test_a_crash_names_the_head_dimension(exercise_checks):
     results, printed = exercise_checks("kv_quant", source)
     failed = [msg for _, status, msg in results if status == "FAIL"]
     assert failed and "head dimension 16" in failed[0] and "your code raised RuntimeError" in failed[0], printed
+
+
+def test_a_scale_too_small_for_the_codes_is_named_once(exercise_checks):
+    """scale = absmax / 255 with codes clamped to +-127: half the range clips. The levels check
+    says so; the bias and error checks, which meet the same clipping, point to it."""
+    source = INT8_OK.replace("/ 127)", "/ 255)").replace("torch.round(x / scale)", "torch.round(x / scale).clamp(-127, 127)")
+    results, printed = exercise_checks("kv_quant", source)
+    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+    assert [t for t, _ in failed] == [LEVELS] and "clipped" in failed[0][1], printed
+
+
+def test_the_zero_row_hint_survives_float16(exercise_checks):
+    """A float16 scale clamped at 1e-8 is 0 in float16: a row of zeros gives 0/0 with float8
+    codes. The hint names a floor float16 holds, not the clamp that was already there."""
+    source = """
+        import torch
+        def quantize(x):
+            scale = (x.abs().amax(-1, keepdim=True) / 448).clamp(min=1e-8).half()
+            return ((x / scale.float()).to(torch.float8_e4m3fn), scale), dequantize
+        def dequantize(codes, scale):
+            return codes.float() * scale.float()
+        """
+    results, printed = exercise_checks("kv_quant", source)
+    failed = [msg for _, status, msg in results if status == "FAIL"]
+    assert failed and "row of zeros" in failed[0] and "2**-24" in failed[0], printed
