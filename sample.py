@@ -147,10 +147,15 @@ def read_prompt(text):
 _line_open = False  # whether the text on stdout lacks its final newline (private: not a setting)
 
 
+# control characters other than newline, tab and carriage return, shown as \xNN like invalid
+# bytes: an undertrained model emits them, and raw they can switch a terminal's character set
+SHOWN = {c: f"\\x{c:02x}" for c in (*range(32), 127) if chr(c) not in "\n\t\r"}
+
+
 def write(text):
     """Print at once: the text appears as it is generated."""
     global _line_open
-    sys.stdout.write(text)
+    sys.stdout.write(text.translate(SHOWN))
     sys.stdout.flush()
     if text:
         _line_open = not text.endswith("\n")

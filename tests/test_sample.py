@@ -83,6 +83,22 @@ def test_streams_whole_characters(out_dir, monkeypatch):
     assert "KV cache peak 123 bits" in err
 
 
+def test_control_bytes_are_shown_escaped(out_dir, monkeypatch):
+    """An undertrained model's control bytes (shift-out, NUL, escape) would reach a terminal
+    raw: they print as \\xNN, in the first sample and the others; newline and tab stay."""
+    payload = b"a\x0e\x00\tb\x1b[2J\n\x7f"
+
+    def fake_stream(model, idx, max_new_tokens, stats=None, **kw):
+        for b in payload:
+            yield torch.tensor([[b], [b]])  # (B, 1)
+
+    monkeypatch.setattr(generate, "generate_stream", fake_stream)
+    code, out, err = sample(f"--out_dir={out_dir}", f"--max_new_tokens={len(payload)}", "--num_samples=2")
+    assert code == 0, err
+    shown = "a\\x0e\\x00\tb\\x1b[2J\n\\x7f"
+    assert out == f"####{shown}\n---------------\n####{shown}\n"
+
+
 @pytest.mark.parametrize("case", ["no out_dir", "no checkpoint", "no prompt file", "empty prompt",
                                   "empty prompt file", "sink without a window", "trim without a window"])
 def test_user_errors_are_one_line(out_dir, tmp_path, case):
