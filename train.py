@@ -498,8 +498,10 @@ def fit_schedule(iters, argv):
     fit = {k: v for k, v in fit.items() if k not in flags and v != globals()[k]}
     if fit:
         globals().update(fit)
-        print(f"note: the fine-tune's schedule fits its {iters} iterations: warm-up {warmup_iters}, cosine to "
-              f"min_lr at its end (--warmup_iters and --lr_decay_iters set them)")
+        end = ("cosine to min_lr at its end" if warmup_iters < iters else
+               "no cosine: the warm-up takes them all, so the rate ends near learning_rate")
+        print(f"note: the fine-tune's schedule fits its {iters} iterations: warm-up {warmup_iters}, {end} "
+              f"(--warmup_iters and --lr_decay_iters set them)")
     return fit
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoint import read_checkpoint
-from conftest import TINY, assert_user_error, run_script, train
+from conftest import TINY, assert_user_error, run_in_process, run_script, train
 from model import GPT, MODEL_ARG_KEYS, GPTConfig
 
 N = 6  # iterations of the shared run
@@ -192,6 +192,19 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(data_dir, tmp_path,
         signal.signal(signal.SIGINT, previous)
     assert "interrupted" not in printed and "done: " in printed
     assert read_checkpoint(str(tmp_path / "o" / "last.pt"))["iter_num"] == N
+
+
+def test_a_finetune_all_warm_up_says_so(data_dir, base_run, tmp_path):
+    """--warmup_iters as long as the fine-tune: the schedule note does not promise a cosine
+    the run never reaches, and agrees with the note on the final learning rate."""
+    out = copy_of(base_run, tmp_path)
+    tiny = [a for a in TINY if not a.startswith(("--warmup_iters=", "--lr_decay_iters="))]
+    code, printed, err = run_in_process("train.py", *tiny, f"--dataset={data_dir}", f"--out_dir={out}", "--threads=1",
+                                        "--init_from=resume", "--resume_checkpoint_name=last", "--resume_mode=finetune",
+                                        "--max_iters=4", "--warmup_iters=4")
+    assert code in (0, None), err
+    assert "warm-up 4, no cosine" in printed and "cosine to min_lr at its end" not in printed, printed
+    assert "end at learning rate" in printed
 
 
 def test_resume_finetune_runs_exactly_k_more_iterations(data_dir, base_run, tmp_path):
