@@ -10,7 +10,14 @@ lower-triangular) or bool (..., T, S), True = may attend: kv.cache.attention_mas
     linear    a layer of its own (attention_linear.LinearAttention), not a function here
     package.module:function   your own, called with K/V repeated to nh heads and a bool mask
 
-Adding a kind: write the function, add it to ATTENTION.
+Keys come in the order the cache holds them, not always the order of their positions (a
+kv_window ring wraps around, eviction refills the slots it freed): only the mask says which
+keys a query sees, so an attention kind must not read meaning into a key's index. h2o (and a
+plug-in eviction rule) computes softmax attention itself, so it is refused for other kinds.
+
+Adding a kind: write the function, add it to ATTENTION (and to model.py's comment listing the
+kinds, and README's --attention line); tests/test_model.py's COMBOS runs it through the forward
+and cache checks; kv/static.py's compiled decode step keeps a kind it does not know eager.
 """
 
 import math

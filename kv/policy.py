@@ -114,14 +114,26 @@ class KVOptions:
         if self.kv_quant == "none" and self.kv_quant_residual != default["kv_quant_residual"]:
             unused.append("kv_quant_residual")
         if unused:
-            raise UserError(f"--{' and --'.join(unused)} apply to " + ("int4 and int2" if self.kv_quant != "none"
-                            else "a quantized cache") + f", not to kv_quant={self.kv_quant}: drop "
-                            + ("it" if len(unused) == 1 else "them") + " or choose another --kv_quant")
+            one = len(unused) == 1
+            raise UserError(f"--{' and --'.join(unused)} " + ("applies" if one else "apply") + " to "
+                            + ("int4 and int2" if self.kv_quant != "none" else "a quantized cache")
+                            + f", not to kv_quant={self.kv_quant}: drop " + ("it" if one else "them")
+                            + " or choose another --kv_quant")
         return self
 
+    def ranks_by_score(self):
+        """Does the eviction rank keys by the softmax attention they receive (h2o, a plug-in
+        rule)? Such a cache attends itself, written out (kv.evict.EvictKVCache.attend)."""
+        return self.kv_evict not in ("none", "window")
+
     def check_model(self, config):
-        """One UserError when a model (GPTConfig) has no KV cache for these options to act on:
-        linear attention in every layer keeps a fixed-size state instead."""
+        """One UserError when a model (GPTConfig) has no KV cache for these options to act on
+        (linear attention in every layer keeps a fixed-size state instead), or when an eviction
+        that ranks by softmax scores would replace an attention kind that is not softmax."""
+        if self.ranks_by_score() and config.attention not in ("softmax", "naive"):
+            raise UserError(f"--kv_evict={self.kv_evict} ranks keys by the softmax attention they receive, and "
+                            f"computes it itself: this model's attention={config.attention} would be replaced by "
+                            "softmax; use --kv_evict=window, or a model with softmax or naive attention")
         if not config.no_kv_cache:
             return self
         default = {f.name: f.default for f in fields(self)}

@@ -194,8 +194,8 @@ def main_error(monkeypatch, capsys, *argv):
     (["--checkpoint_name=nope"], "not found"),
     (["--reference=unbounded", "--kv_sink=4"], "nothing is dropped here"),  # settings that would do nothing
     (["--kv_evict=window", "--kv_budget=16", "--kv_recent=4"], "drop --kv_recent"),
-    (["--kv_quant=int8", "--kv_quant_group=16"], "apply to int4 and int2"),
-    (["--kv_quant_residual=8"], "apply to a quantized cache"),
+    (["--kv_quant=int8", "--kv_quant_group=16"], "applies to int4 and int2"),
+    (["--kv_quant_residual=8"], "applies to a quantized cache"),
 ])
 def test_bad_input_is_one_clear_line(ckpt_dir, monkeypatch, capsys, args, words):
     line = main_error(monkeypatch, capsys, f"--out_dir={ckpt_dir}", "--device=cpu", *args)
@@ -337,3 +337,19 @@ def test_a_budget_past_the_window_changes_nothing_and_says_so(tiny_data_dir):
     assert KVOptions(**idle).check().local_note(m.config) == ("note: kv_window=16 and kv_sink=2 keep at most 18 "
                                                             "tokens, so kv_budget=18 changes nothing")
     assert KVOptions(**binds).check().local_note(m.config) is None
+
+
+def test_a_plugged_in_attention_is_never_scored_through_h2o(tmp_path, tiny_data_dir):
+    """h2o computes softmax attention itself: on a model with a user's attention, --kv_evict=h2o
+    is one line, and the quick sweep leaves its h2o rows out (saying so) instead of scoring
+    softmax under the plug-in's name."""
+    from conftest import run_in_process
+    plug = "tutorial_user_attention:attend"
+    save_checkpoint(str(tmp_path / "ckpt.pt"), tiny_model(attention=plug), None, dict(ARGS, attention=plug),
+                    dict(dataset=str(tiny_data_dir), block_size=32), 1, 5.0)
+    common = (f"--out_dir={tmp_path}", f"--attention={plug}", "--n_streams=1", "--stream_len=64", "--device=cpu")
+    code, _, err = run_in_process("eval_kv.py", *common, "--kv_evict=h2o", "--kv_budget=16", "--kv_recent=4")
+    assert code == 2 and err.count("\n") == 1 and "ranks keys by the softmax attention" in err, err
+    code, out, err = run_in_process("eval_kv.py", *common, "--sweep=quick", "--kv_quant_group=8", "--tensorboard=False")
+    assert code == 0, err
+    assert "the grid leaves out h2o" in err and "h2o" not in out and "evict-window" in out

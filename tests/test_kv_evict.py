@@ -125,3 +125,16 @@ def test_quantized_eviction_holds_codes_per_head():
     assert (c.pos_codes == 0).any(-1).all()  # every head kept its sink
     bits = 2 * 2 * 2 * (12 * (8 * 4 + 2 * 16 * 2) + 4 * 8 * 32)  # k and v; B x nkv; codes+scales+zeros; residual
     assert c.size_bits() == bits
+
+
+def test_ranking_by_score_refuses_an_attention_it_would_replace():
+    """h2o (and a plug-in rule) computes softmax attention itself to observe its scores: on a
+    model whose attention is another kind (here a user's plug-in) it is refused, in one line,
+    rather than silently swapping that attention for softmax; recency eviction works as usual."""
+    from utils import UserError
+    config = tiny(attention="tutorial_user_attention:attend").config
+    for rule in ("h2o", "tutorial_user_evict:priority"):
+        with pytest.raises(UserError, match="ranks keys by the softmax attention"):
+            KVOptions(kv_evict=rule, kv_budget=8).check_model(config)
+    KVOptions(kv_evict="window", kv_budget=8).check_model(config)
+    KVOptions(kv_evict="h2o", kv_budget=8, kv_recent=2).check_model(tiny(attention="naive").config)
