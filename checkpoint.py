@@ -117,10 +117,14 @@ def read_checkpoint(path, option="checkpoint_name"):
             print(f"note: {path} has no checksum (written by another program or an older version); "
                   "it is loaded without a check for damage", file=sys.stderr)
     else:
-        wrong = sorted(set(sums) ^ set(ckpt)) or [k for k in sorted(ckpt) if sums[k] != checksum(ckpt[k])]
-        if wrong:
-            raise UserError(f"{path} is corrupt: checksum mismatch in {', '.join(map(str, wrong))} (the file changed "
-                            "after it was written); use another checkpoint (e.g. last.pt or ckpt.pt) or retrain")
+        gone, added = sorted(set(sums) - set(ckpt)), sorted(set(ckpt) - set(sums))
+        changed = [k for k in sorted(ckpt) if k in sums and sums[k] != checksum(ckpt[k])]
+        if gone or added or changed:
+            what = "; ".join(f"{words} {', '.join(map(str, keys))}" for words, keys in (
+                ("missing:", gone), ("added:", added), ("checksum mismatch in", changed)) if keys)
+            raise UserError(f"{path} is corrupt ({what}): it changed after it was written; use another checkpoint "
+                            "(e.g. last.pt or ckpt.pt) or retrain. If you edited it yourself, delete its 'crc32' "
+                            "entry (the checksums) when you save it")
     return ckpt
 
 

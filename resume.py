@@ -37,7 +37,8 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
             for group, s in zip(optimizer.param_groups, settings):
                 group.update(s)
         else:
-            print("note: optimizer state not restored (the parameter shapes changed); starting AdamW afresh")
+            why = "the parameter shapes changed" if ckpt.get("optimizer") else "the checkpoint holds none"
+            print(f"note: optimizer state not restored ({why}); starting AdamW afresh")
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     except torch.OutOfMemoryError:

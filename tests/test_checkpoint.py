@@ -189,3 +189,25 @@ def test_convert_kv_share_averages_group():
     torch.testing.assert_close(sd[key.format(0)][32:], (w[key.format(0)][32:] + w[key.format(1)][32:]) / 2)
     assert sd[key.format(1)].shape == (32, 32) and notes
     GPT(new).load_state_dict(sd)
+
+
+def test_a_hand_edited_checkpoint_says_what_changed_and_how_to_keep_the_edit(tmp_path):
+    """Dropping the optimizer (as people do before sharing a file) or scaling a weight: the
+    error names what is missing or changed, and how to keep such an edit: without its
+    checksums the file loads (with a note)."""
+    model = tiny()
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu"),
+                    {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}, {}, 1, 5.0)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["optimizer"]
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=r"missing: optimizer\).*delete its 'crc32' entry"):
+        read_checkpoint(path)
+    ckpt["model"]["lm_head.weight"] = ckpt["model"]["lm_head.weight"] * 1.01
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=r"missing: optimizer; checksum mismatch in model\)"):
+        read_checkpoint(path)
+    del ckpt["crc32"]
+    torch.save(ckpt, path)
+    assert "optimizer" not in read_checkpoint(path) and load_model(path)[0] is not None

@@ -194,6 +194,17 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(data_dir, tmp_path,
     assert read_checkpoint(str(tmp_path / "o" / "last.pt"))["iter_num"] == N
 
 
+def test_a_checkpoint_without_optimizer_resumes_and_says_why(data_dir, base_run, tmp_path):
+    """A file shared without its optimizer (and its checksums, as the corrupt-file error
+    says): the resume starts AdamW afresh and says the checkpoint held none."""
+    out = copy_of(base_run, tmp_path)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    del ckpt["optimizer"], ckpt["crc32"]
+    torch.save(ckpt, out / "last.pt")
+    printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last", "--max_iters=2")
+    assert "optimizer state not restored (the checkpoint holds none)" in printed, printed
+
+
 def test_a_finetune_all_warm_up_says_so(data_dir, base_run, tmp_path):
     """--warmup_iters as long as the fine-tune: the schedule note does not promise a cosine
     the run never reaches, and agrees with the note on the final learning rate."""
