@@ -231,6 +231,9 @@ class GPT(nn.Module):
         """idx (B, T) bytes -> logits (B, T, 256), and the caches given (one per layer, from
         kv.policy.KVOptions.make_caches or kv.xl.make_xl_memory), now holding this text too.
         caches=None (training) keeps nothing: the call sees only its own T bytes."""
+        if torch.is_tensor(caches):  # nanoGPT's model(x, targets)
+            raise TypeError("GPT.forward(idx, caches) takes a list of caches, not targets: "
+                            "logits, _ = model(x); loss = model.loss(logits, targets)")
         T = idx.size(1)
         start = min(c.seen for c in caches) if caches is not None else 0  # XL: right after the memory
         pos = torch.arange(start, start + T, device=idx.device)

@@ -105,3 +105,13 @@ def test_config_errors_are_clear():
                       (dict(n_layer=4, window=4, global_layers="1", kv_share=2), "mix")]:
         with pytest.raises(UserError, match=words):
             tiny(**kw)
+
+
+def test_nanogpts_model_x_y_call_says_what_to_write_instead():
+    """model(x, y) is nanoGPT's way to get the loss; here the second argument is the caches, so
+    the call says how the loss is computed instead of failing deep in the cache code."""
+    model, x = tiny(), text(B=2, T=8)
+    with pytest.raises(TypeError, match=r"model.loss\(logits, targets\)"):
+        model(x, x)
+    logits, _ = model(x)
+    assert torch.isfinite(model.loss(logits, x)).all()
