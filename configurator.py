@@ -22,7 +22,16 @@ from utils import UserError
 PLAIN_TYPES = (int, float, bool, str)
 
 
+# nanoGPT's settings that this project does not have, and what to use instead
+_WANDB = "wandb is not supported here: TensorBoard scalars are written (--tensorboard=True, the default)"
+ELSEWHERE = {"wandb_log": _WANDB, "wandb_project": _WANDB, "wandb_run_name": _WANDB,
+             "init_from": "this script reads the checkpoint in --out_dir (--checkpoint_name names it); GPT-2's "
+                          "weights do not fit this byte-level model"}
+
+
 def _suggest(name, known):
+    if name in ELSEWHERE:
+        return ELSEWHERE[name]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     if close:
         return "did you mean " + " or ".join(f"--{k}" for k in close) + "?"
@@ -153,6 +162,8 @@ def configure(g, argv=None, echo=None, given=None):
             updates = {name: _parse(name, text, g[name])}
             flagged[name] = arg
             assigned = {name}
+        elif arg.startswith("--") and arg[2:] in known:  # --name value, as argparse takes it
+            raise UserError(f"--{arg[2:]} needs its value after '=': --{arg[2:]}=VALUE (no space)")
         elif arg.startswith("-") or ("=" in arg and not os.path.exists(arg)):
             raise UserError(f"bad argument '{arg}': expected --name=value or a config file path")
         else:

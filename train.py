@@ -439,7 +439,8 @@ def train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory=None, 
 def check_settings(world_size=1):
     """Reject values that would fail later with a less clear message."""
     if init_from not in ("scratch", "resume"):
-        raise UserError(f"--init_from must be 'scratch' or 'resume', got {init_from!r}")
+        gpt2 = " (GPT-2's weights do not fit this byte-level model)" if init_from.startswith("gpt2") else ""
+        raise UserError(f"--init_from must be 'scratch' or 'resume', got {init_from!r}{gpt2}")
     if resume_mode not in ("auto", "continue", "finetune"):
         raise UserError(f"--resume_mode must be 'auto', 'continue' or 'finetune', got {resume_mode!r}")
     for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size",

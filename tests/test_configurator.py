@@ -82,7 +82,10 @@ def test_config_file_after_a_flag_overrides_it_and_says_so(tmp_path, capsys):
     (["--learning_rate=abc"], ["--learning_rate: expected float, got str 'abc'"]),
     (["--max_iters=1.5"], ["--max_iters: expected int, got float 1.5"]),
     (["--compile=1"], ["--compile: expected bool, got int 1"]),
-    (["--max_iters"], ["bad argument '--max_iters'", "--name=value"]),
+    (["--max_iters", "3"], ["--max_iters needs its value after '='", "--max_iters=VALUE"]),  # argparse's way
+    (["--max_iter"], ["bad argument '--max_iter'", "--name=value"]),
+    (["--wandb_log=True"], ["unknown setting --wandb_log", "TensorBoard"]),  # nanoGPT's settings
+    (["--init_from=gpt2"], ["unknown setting --init_from", "reads the checkpoint in --out_dir"]),
     (["-max_iters=3"], ["bad argument '-max_iters=3'"]),
     (["max_iters=3"], ["bad argument 'max_iters=3'"]),
     (["no/such/config.py"], ["config file no/such/config.py not found"]),
@@ -98,6 +101,7 @@ def test_errors_are_one_line(argv, fragments):
 
 @pytest.mark.parametrize("body, fragments", [
     ("lerning_rate = 0.1\n", ["unknown setting 'lerning_rate'", "--learning_rate"]),
+    ("wandb_log = False\n", ["unknown setting 'wandb_log'", "wandb is not supported"]),  # a nanoGPT config
     ("max_iters = 'many'\n", ["max_iters: expected int, got str 'many'"]),
     ("max_iters = = 3\n", ["SyntaxError"]),
     ("max_iters = undefined_name\n", ["NameError"]),
