@@ -172,6 +172,13 @@ def _saved_config(saved, sd, path):
             raise UserError(f"{path} is corrupt: model_args {k}={v!r} should be of type {kinds[k].__name__}")
     config = GPTConfig(**saved)
     emb = sd.get("transformer.wte.weight", sd.get("lm_head.weight"))
+    vocab = emb.size(0) if emb is not None and emb.dim() == 2 else config.vocab_size
+    if "transformer.wpe.weight" in sd or vocab != config.vocab_size:  # nanoGPT's GPT, or one like it
+        what = [w for w, there in (("learned positions, transformer.wpe", "transformer.wpe.weight" in sd),
+                                   (f"a vocabulary of {vocab} tokens", vocab != config.vocab_size)) if there]
+        raise UserError(f"{path} holds another kind of GPT ({'; '.join(what)}), nanoGPT's perhaps: this model reads "
+                        f"raw bytes ({config.vocab_size} values) with rotary positions and cannot load it; train one "
+                        "here (python train.py config/train_shakespeare_char_cpu.py)")
     layers = {k.split(".")[2] for k in sd if k.startswith("transformer.h.")}
     if emb is None or emb.dim() != 2 or emb.size(1) != config.n_embd or len(layers) != config.n_layer:
         width = emb.size(-1) if emb is not None and emb.dim() else "none"

@@ -211,3 +211,23 @@ def test_a_hand_edited_checkpoint_says_what_changed_and_how_to_keep_the_edit(tmp
     del ckpt["crc32"]
     torch.save(ckpt, path)
     assert "optimizer" not in read_checkpoint(path) and load_model(path)[0] is not None
+
+
+@pytest.mark.parametrize("change", ["wpe", "vocab"])
+def test_a_nanogpt_checkpoint_is_named_not_called_corrupt(tmp_path, change):
+    """nanoGPT's GPT has learned positions (wpe) and a tokenizer's vocabulary: its file is
+    refused as another kind of model, in one line, not as a corrupt one of ours."""
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, bias=False))
+    sd = model.state_dict()
+    if change == "wpe":
+        sd["transformer.wpe.weight"] = torch.zeros(64, 32)
+    else:
+        sd["transformer.wte.weight"] = sd["lm_head.weight"] = torch.zeros(65, 32)
+    save_tutorial_layout(tmp_path / "ckpt.pt", model)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["model"] = {"_orig_mod." + k: v for k, v in sd.items()}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match="another kind of GPT") as info:
+        load_model(str(tmp_path / "ckpt.pt"))
+    assert ("transformer.wpe" if change == "wpe" else "a vocabulary of 65 tokens") in str(info.value)
+    assert "corrupt" not in str(info.value)
