@@ -467,7 +467,8 @@ def main():
     torch.manual_seed(seed)
     print(f"device {dev}, dtype {dt_train} (training), {dt} (generation, eval_kv), torch {torch.__version__}, "
           f"{thread_words}; model {n_layer}x{n_embd}, {n_head} heads, attention={attention}")
-    n_params = sum(p.numel() for p in GPT(config).parameters()) if dev == "cpu" else 0
+    with torch.device("meta"):  # counted, not allocated
+        n_params = sum(p.numel() for p in GPT(config).parameters()) if dev == "cpu" else 0
     if n_params > 5e6:  # e.g. `python bench.py`: the GPU recipe's shape, as train.py warns
         print(f"note: a {n_params / 1e6:.1f}M-parameter model takes a long time on a CPU (an hour or more for "
               "--what=all); the CPU recipe's shape: python bench.py config/train_shakespeare_char_cpu.py", flush=True)
