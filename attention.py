@@ -25,7 +25,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from utils import UserError, import_function, no_autocast
+from plugins import import_function
+from utils import UserError, no_autocast
 
 
 def expand_kv(k, n_head):

@@ -48,9 +48,10 @@ from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
+from plugins import import_function
 from resume import (OBJECTIVE_KEYS, incomparable, objective_settings, restore_training_state, resume_schedule,
                     rng_state, saved_iteration)
-from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager, import_function,
+from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
 
 # -----------------------------------------------------------------------------

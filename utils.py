@@ -1,6 +1,6 @@
 """
-Small helpers shared by the scripts: errors for bad user input, plug-in imports, device,
-dtype and CPU thread choice, glibc's memory setting, the compile fallback, atomic writes
+Small helpers shared by the scripts: errors for bad user input (a user's plug-in: plugins.py),
+device, dtype and CPU thread choice, glibc's memory setting, the compile fallback, atomic writes
 (checkpoints, JSON) and Ctrl-C at a clean step (StopAfterStep).
 
     python -c "import utils; print(utils.pick_device('auto'), utils.pick_dtype('auto', 'auto'), utils.pick_threads())"
@@ -60,6 +60,7 @@ def run_main(fn, before_error=None):
         if isinstance(e, NotImplementedError):  # a plugged-in exercise stub the student has not written yet
             e = UserError(f"not implemented yet: {e} (python -m exercises.check all shows what is missing)")
         elif not isinstance(e, UserError):
+            from plugins import plugin_error  # (plugins.py imports this module)
             e = plugin_error(e)
             if e is None:
                 raise  # a bug of ours: the whole traceback helps fix it
@@ -121,104 +122,6 @@ def check_range(settings, names, low, high=None, high_open=False):
             where = f"at least {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
             raise UserError(f"--{name} must be {where}, got {v}")
 
-
-_PLUGINS = {}  # the file of each user's plug-in module imported -> (setting, "package.module:function")
-_PLUGIN_FUNCTIONS = []  # (function, setting, "package.module:function") of each plug-in resolved
-# how each setting's plug-in is called (README.md and exercises/README.md say what it must do)
-PLUGIN_CALLS = {"attention": "(q, k, v, mask, dropout_p)", "kv_trim": "(k, v, pos, kv_window, kv_sink)",
-                "kv_evict": "(scores, pos, seen, kv_sink, kv_recent)", "kv_quant": "(x)",
-                "xl_update": "(mem_k, mem_v, mem_ok, k, v, mem_len)"}
-
-
-def import_function(spec, option):
-    """The function named by "package.module:function" (a user's plug-in), or a UserError;
-    if the module fails to import, the error says why and shows the lines of its file."""
-    import importlib
-    mod_name, _, fn_name = spec.partition(":")
-    if not mod_name or not fn_name:
-        raise UserError(f"--{option}={spec!r}: expected package.module:function")
-    try:
-        module = importlib.import_module(mod_name)
-    except Exception as e:  # a plug-in is user code: any failure in it is the user's to fix
-        if isinstance(e, ModuleNotFoundError) and e.name and (mod_name + ".").startswith(e.name + "."):
-            raise UserError(f"--{option}={spec}: no module named {e.name!r} (check the spelling; "
-                            "the module must be importable from the folder you run in)") from None
-        raise UserError(f"--{option}={spec} failed to import: {_one_line(e)}",
-                        _frames_in(e, _module_file(mod_name))) from None
-    fn = getattr(module, fn_name, None)
-    if fn is None:
-        raise UserError(f"--{option}={spec}: module {mod_name} has no {fn_name!r}")
-    if not callable(fn):
-        raise UserError(f"--{option}={spec!r} is not a function")
-    if getattr(module, "__file__", None):
-        _PLUGINS[os.path.abspath(module.__file__)] = (option, spec)
-    _PLUGIN_FUNCTIONS.append((fn, option, spec))
-    return fn
-
-
-def plugin_error(e):
-    """A UserError for exception e if it passed through a user's plug-in (which setting,
-    which plug-in, and the plug-in's own frames), or if it is a TypeError from calling one
-    with arguments its signature does not take; else None."""
-    import traceback
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) in _PLUGINS]
-    if not frames:
-        return _call_error(e)
-    option, spec = _PLUGINS[os.path.abspath(frames[-1].filename)]
-    return UserError(f"--{option}={spec} failed: {_one_line(e)}", _frames_in(e, frames[-1].filename))
-
-
-def _call_error(e):
-    """A UserError for a TypeError raised where a plug-in is called, before any line of it
-    runs ("attn() takes 2 positional arguments but 5 were given"), or None. The message
-    starts with the function's name, which is how the plug-in is recognised."""
-    if not isinstance(e, TypeError):
-        return None
-    for fn, option, spec in reversed(_PLUGIN_FUNCTIONS):  # the latest first
-        name = getattr(fn, "__qualname__", None)
-        if name and str(e).startswith(f"{name}()"):
-            call = PLUGIN_CALLS.get(option)
-            how = f"; it is called as {spec.partition(':')[2]}{call}" if call else ""
-            return UserError(f"--{option}={spec} cannot be called: {_one_line(e)}{how}", _definition(fn))
-    return None
-
-
-def _definition(fn):
-    """The traceback-style lines of where a function is defined (its def line), or []."""
-    import linecache
-    code = getattr(fn, "__code__", None)
-    if code is None:
-        return []
-    line = linecache.getline(code.co_filename, code.co_firstlineno).strip()
-    return [f'  File "{code.co_filename}", line {code.co_firstlineno}, in {fn.__name__}', f"    {line}"]
-
-
-def _one_line(e):
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-
-
-def _module_file(mod_name):
-    import importlib.util
-    try:
-        spec = importlib.util.find_spec(mod_name)
-    except Exception:  # its package failed to import too
-        return None
-    return spec.origin if spec is not None else None
-
-
-def _frames_in(e, path):
-    """The traceback lines of exception e that lie in the file path (a syntax error: its line)."""
-    import traceback
-    if path is None:
-        return []
-    path = os.path.abspath(path)
-    if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == path:
-        return [f'  File "{e.filename}", line {e.lineno}', f"    {(e.text or '').strip()}"]
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
-    return "".join(traceback.format_list(frames)).rstrip("\n").splitlines()
-
-
-# -----------------------------------------------------------------------------
 
 # -----------------------------------------------------------------------------
 # device and precision, decided once at start-up

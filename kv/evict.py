@@ -46,7 +46,8 @@ import torch
 
 from attention import naive_attention
 from kv.quant import FullPrecision, QuantKVCache, flat_index
-from utils import UserError, import_function, no_autocast
+from plugins import import_function
+from utils import UserError, no_autocast
 
 POLICIES = ("window", "h2o")
 

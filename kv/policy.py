@@ -20,7 +20,8 @@ from kv.cache import KVCache, TrimCache
 from kv.evict import POLICIES, EvictKVCache, resolve_evict
 from kv.quant import FORMATS, QuantKVCache, make_formats, resolve_quant
 from kv.static import Clock, StaticKVCache, StaticQuantCache
-from utils import UserError, import_function
+from plugins import import_function
+from utils import UserError
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ concatenate rows from several calls, or drop rows, before it calls dequantize.
 import torch
 
 from kv.cache import Cache, attention_mask
-from utils import UserError, import_function, no_autocast, plugin_error
+from plugins import import_function, plugin_error
+from utils import UserError, no_autocast
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -277,7 +278,7 @@ class UserFormat(TokenFormat):
             back = inverse(*payload)
         except UserError:
             raise
-        except Exception as e:  # with the plug-in's own lines under the message (utils.plugin_error)
+        except Exception as e:  # with the plug-in's own lines under the message (plugins.plugin_error)
             frames = getattr(plugin_error(e), "details", [])
             raise UserError(f"{what} failed on a test input: {type(e).__name__}: {' '.join(str(e).split())[:200]}",
                             frames) from None
