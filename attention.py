@@ -78,6 +78,7 @@ def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False):
 
 
 ATTENTION = {"softmax": softmax_attention, "naive": naive_attention}
+SOFTMAX_KINDS = ("softmax", "naive")  # softmax attention: what h2o scores and the compiled decode step computes
 KINDS = sorted(ATTENTION) + ["linear"]
 
 

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from attention import SOFTMAX_KINDS
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from generate import static_decoders
@@ -393,7 +394,7 @@ def main():
     if sweep:
         grid = sweep_settings(sweep, window or stream_len, kv_quant_group, kv_quant_residual, bounded=window > 0)
         settings = [bound(KVOptions(**dict(dict(kv_window=kv_window, kv_sink=kv_sink), **s))) for s in grid]
-        if model.config.attention not in ("softmax", "naive") and any(s.ranks_by_score() for s in settings):
+        if model.config.attention not in SOFTMAX_KINDS and any(s.ranks_by_score() for s in settings):
             settings = [s for s in settings if not s.ranks_by_score()]
             say(f"note: the grid leaves out h2o: it ranks keys by softmax scores, which attention="
                 f"{model.config.attention} does not give")

@@ -35,8 +35,8 @@ Grid: plain, int8, int4, int2 (residual 0: every token at its format; int4/int2 
 token) at windows of block, block/2, block/4, block/8: a chunk scores these as the decoder
 does. Two kinds of row it does not: eviction (h2o) reads a chunk with more than its budget in
 sight (better than the decoder), and KIVI's per-channel keys are grouped and quantized before
-the chunk's own queries read them (worse: RESULTS.md, "Per-channel keys, decoded"). Those rows (exact_grid()) run only at --evict_chunk (1 = exact
-decode, slow; 0 = none of them).
+the chunk's own queries read them (worse: RESULTS.md, "Per-channel keys, decoded"). Those
+rows (exact_grid()) run only at --evict_chunk (1 = exact decode, slow; 0 = none of them).
 
 --what=context answers assignment 1: bits per byte on positions [block, 4 block) of a base
 trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block (an unbounded

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
+from attention import SOFTMAX_KINDS
 from attention_linear import LinearState
 from kv.cache import KVCache, TrimCache
 from kv.evict import POLICIES, EvictKVCache, resolve_evict
@@ -131,7 +132,7 @@ class KVOptions:
         """One UserError when a model (GPTConfig) has no KV cache for these options to act on
         (linear attention in every layer keeps a fixed-size state instead), or when an eviction
         that ranks by softmax scores would replace an attention kind that is not softmax."""
-        if self.ranks_by_score() and config.attention not in ("softmax", "naive"):
+        if self.ranks_by_score() and config.attention not in SOFTMAX_KINDS:
             raise UserError(f"--kv_evict={self.kv_evict} ranks keys by the softmax attention they receive, and "
                             f"computes it itself: this model's attention={config.attention} would be replaced by "
                             "softmax; use --kv_evict=window, or a model with softmax or naive attention")

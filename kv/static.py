@@ -31,6 +31,7 @@ attention and user attention functions stay eager: static_reason() says which an
 
 import torch
 
+from attention import SOFTMAX_KINDS
 from kv.cache import Cache, KVCache, visible
 from kv.quant import FP8, ChannelFormat, GroupFormat, QuantKVCache, payload_bits
 from utils import no_autocast
@@ -347,7 +348,7 @@ def static_reason(kv, config):
         return f"kv_evict={kv.kv_evict} stays eager (eviction moves tokens between steps)"
     if kv.kv_quant not in ("none", "int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2"):
         return f"kv_quant={kv.kv_quant} (a user's quantizer) stays eager"
-    if config.attention not in ("softmax", "naive"):
+    if config.attention not in SOFTMAX_KINDS:
         return f"attention={config.attention} stays eager"
     group = kv.key_group()  # tokens a key group waits for (1 unless int4/int2 keys go per channel)
     local = any(config.is_local(i) for i in range(config.n_layer))
