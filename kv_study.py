@@ -43,7 +43,9 @@ trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block 
 cache), next to the base reading the same bytes with a sliding window of its block.
 """
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +58,7 @@ from kv.report import check_writable, write_text
 from kv.study_report import write_frontier
 from loader import dataset_paths
 from outdir import make_folder
+from resume import saved_iteration
 from utils import UserError, check_range, keep_freed_memory, read_json, run_main, use_threads, write_json
 
 # -----------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def variant_args(name, block, n_layer):
     return None if args is None else args + qat
 
 
-GRID_VERSION = 2  # raised whenever grid() or exact_grid() change: a study's older rows are then redone
+GRID_VERSION = 3  # raised whenever grid(), exact_grid() or their rows' fields change: older rows are then redone
 
 
 def grid(block, fast):
@@ -141,10 +144,20 @@ def exact_grid(block, fast):
 
 # -- fine-tunes ------------------------------------------------------------------------------
 
+# what a fine-tune leaves in its folder: its record, its checkpoints (train.py keeps a later
+# last.pt as last_<iter>.pt when it resumes from ckpt.pt) and its TensorBoard curves
+FINE_TUNE_FILES = re.compile(r"finetune\.json|last(_\d+){0,2}\.pt|events\.out\.tfevents\..*")
+
+
 def fine_tune(base_path, folder, args, k, config, block=None):
     """train.py --init_from=resume from a copy of the base in `folder`, k more iterations with
-    args; returns the command. Its output goes to folder/train.log."""
+    args; returns the command. Its output goes to folder/train.log. What an earlier fine-tune
+    left there goes first: its record (a fine-tune cut short is then never taken for a finished
+    one), its checkpoints and its curves."""
     os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        if FINE_TUNE_FILES.fullmatch(name):
+            os.remove(os.path.join(folder, name))
     shutil.copyfile(base_path, os.path.join(folder, "ckpt.pt"))
     cmd = [sys.executable, os.path.join(HERE, "train.py"), "--init_from=resume", f"--out_dir={folder}",
            "--resume_mode=finetune", f"--max_iters={k}", f"--learning_rate={learning_rate}", f"--min_lr={min_lr}",
@@ -155,7 +168,12 @@ def fine_tune(base_path, folder, args, k, config, block=None):
            *args, *train_args.split()]
     t0 = time.time()
     with open(os.path.join(folder, "train.log"), "w") as log:
-        proc = subprocess.run(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait()
+        except KeyboardInterrupt:
+            stop(proc)  # (its train.log then ends with how it stopped)
+            raise
     if proc.returncode != 0:
         with open(os.path.join(folder, "train.log"), errors="replace") as log:
             said = [line.strip() for line in log if line.startswith("error: ")]
@@ -168,6 +186,21 @@ def fine_tune(base_path, folder, args, k, config, block=None):
     rel = lambda c: c.replace(folder, again).replace(HERE + os.sep, "")
     return (f"mkdir -p {rel(folder)} && cp {rel(base_path)} {rel(os.path.join(folder, 'ckpt.pt'))} && python "
             + " ".join(rel(c) for c in cmd[1:]))
+
+
+def stop(proc):
+    """Let a train.py sent Ctrl-C finish its step and write last.pt; one that was not sent it
+    (the signal came to this process alone) gets it now; one still running after a minute, or
+    at a second Ctrl-C, is killed."""
+    try:
+        try:
+            proc.wait(timeout=2)  # a terminal's Ctrl-C reaches the whole process group
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt, ValueError):  # (ValueError: no SIGINT on Windows)
+        proc.kill()
+    proc.wait()
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -208,15 +241,16 @@ def study():
     x, y = load_val(config, base_path, n_streams, stream_len)
     step = chunk or block
     settings = grid(block, quick)
-    eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --chunk={step} --dtype={dtype} "
+    eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --dtype={dtype} "
                 f"--baseline={base_path}")
     rows, t0, spent = [], time.time(), {"fine-tune": [], "evaluation": []}  # seconds of each done here
     tuned, measured = run_settings(ckpt, base_path, step)
     for n, (name, args) in enumerate(todo):
         vdir = os.path.join(folder, name)
         done, ft_done = os.path.join(vdir, "results.json"), os.path.join(vdir, "finetune.json")
-        ft = read_json(ft_done) or {}  # the fine-tune's settings and command
-        trained = args is None or (ft.get("settings") == tuned and os.path.exists(os.path.join(vdir, "last.pt")))
+        ft = read_json(ft_done) or {}  # the fine-tune's settings, command and last iteration
+        ended = saved_iteration(os.path.join(vdir, "last.pt"))  # (another when a later fine-tune was cut short)
+        trained = args is None or (ft.get("settings") == tuned and ended is not None and ended == ft.get("last_iter"))
         record = read_json(done)  # the evaluation's settings and rows
         # the rows depend on the evaluation's settings and, for a fine-tuned variant, on its fine-tune
         wanted = measured if args is None else dict(measured, **{"fine-tune": tuned})
@@ -226,6 +260,8 @@ def study():
             continue
         if record is not None or ft:  # a study with other settings, or one from before they were recorded
             what = changes(ft.get("settings", {}), tuned) if args is not None and not trained else []
+            if args is not None and not trained and not what:
+                what = [f"its last.pt (iteration {ended}) is not the end of the fine-tune recorded"]
             what += changes(record.get("settings", {}) if isinstance(record, dict) else {}, measured)
             print(f"[{n + 1}/{len(todo)}] {name}: done before with other settings "
                   f"({', '.join(dict.fromkeys(what)) or 'its fine-tune was redone since'}), redone", file=sys.stderr)
@@ -234,15 +270,16 @@ def study():
         t1 = time.time()
         if not trained:
             ft = {"settings": tuned, "command": fine_tune(base_path, vdir, args, iters, config)}
+            ft["last_iter"] = saved_iteration(os.path.join(vdir, "last.pt"))
             write_json(ft_done, ft)
             spent["fine-tune"].append(time.time() - t1)
         train_cmd = ft.get("command", "")
         t1 = time.time()
         ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
-        found = evaluate_variant(ckpt_path, x, y, settings, step, block, name)
+        found = [dict(r, chunk=step) for r in evaluate_variant(ckpt_path, x, y, settings, step, block, name)]
         if evict_chunk:
-            found += evaluate_variant(ckpt_path, x, y, exact_grid(block, quick), evict_chunk, block,
-                                      f"{name} at chunk {evict_chunk}")[1:]
+            found += [dict(r, chunk=evict_chunk) for r in evaluate_variant(
+                ckpt_path, x, y, exact_grid(block, quick), evict_chunk, block, f"{name} at chunk {evict_chunk}")[1:]]
         for r in found:
             r.update(variant=name, train_command=train_cmd, checkpoint=ckpt_path)
         write_json(done, {"settings": wanted, "rows": found})
@@ -252,7 +289,8 @@ def study():
     judge(rows, base_path)
     for r in rows:
         r["eval_command"] = eval_command(r, eval_cmd)
-    title = f"{os.path.basename(os.path.dirname(os.path.abspath(base_path)))}: {n_streams} x {stream_len} bytes, chunk {step}"
+    title = (f"{os.path.basename(os.path.dirname(os.path.abspath(base_path)))}: {n_streams} x {stream_len} bytes, "
+             f"chunk {step}" + (f" (h2o and per-channel keys: chunk {evict_chunk})" if evict_chunk else ""))
     write_frontier(rows, os.path.join(folder, "frontier"), title, yardstick, tensorboard, show=print)
     print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
 
@@ -342,7 +380,8 @@ def eval_command(r, common):
         kv.pop("kv_quant_group", None)
     flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")
     d = os.path.dirname(r["checkpoint"])
-    return f"python eval_kv.py --out_dir={d} --checkpoint_name={os.path.basename(r['checkpoint'])} {flags} {common}"
+    return (f"python eval_kv.py --out_dir={d} --checkpoint_name={os.path.basename(r['checkpoint'])} {flags} "
+            f"--chunk={r['chunk']} {common}")
 
 
 # -- assignment 1: how many steps does a model need to use a longer context? -------------------
@@ -411,7 +450,12 @@ def main():
         raise UserError(f"--dtype={dtype!r}: choose {', '.join(eval_kv.DTYPES)}")
     keep_freed_memory()
     use_threads(threads)
-    study() if what == "frontier" else context()
+    try:
+        study() if what == "frontier" else context()
+    except KeyboardInterrupt:
+        print("\ninterrupted: the same command goes on from here (what finished is kept, what was cut short is "
+              "done again)", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -99,6 +99,13 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
         fresh = {r["setting"]: r["bpb"] for r in csv.DictReader(f) if r["variant"] == "base"}
     old = {r["setting"]: r["bpb"] for r in rows if r["variant"] == "base"}
     assert fresh.keys() == old.keys() and fresh != old  # 80 bytes, not the 64 measured before
+    # a fine-tune cut short (Ctrl-C, a crash) leaves a last.pt at another iteration than its record:
+    # it is done again, never scored as the finished one
+    import shutil
+    shutil.copyfile(base_ckpt, folder / "mqa" / "last.pt")  # iteration 3, not 3 + 2
+    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa", *longer)
+    assert "mqa: done before with other settings (its last.pt (iteration 3) is not the end" in again
+    assert "fine-tuning 2 iterations" in again and read_checkpoint(str(folder / "mqa/last.pt"))["iter_num"] == 5
     more = [a if not a.startswith("--iters") else "--iters=3" for a in longer]
     again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa", *more)
     assert "iters 2 -> 3" in again and "fine-tuning 3 iterations" in again
@@ -111,6 +118,22 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     (folder / "base" / "results.json").write_text(json.dumps(record))
     again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base", *more)
     assert "base: done before with other settings (grid None -> " in again
+
+
+def test_rows_read_at_evict_chunk_are_reproduced_at_that_chunk(base_ckpt, tmp_path):
+    """--evict_chunk rows (h2o) are scored at their own chunk: their commands, the CSV and the
+    title say so, and the command gives the row's bits per byte."""
+    folder = tmp_path / "s"
+    study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base", "--evict_chunk=1", *SMALL)
+    with open(folder / "frontier.csv") as f:
+        rows = list(csv.DictReader(f))
+    exact = [r for r in rows if "h2o" in r["setting"]]
+    assert exact and all(r["chunk"] == "1" and "--chunk=1 " in r["eval_command"] for r in exact)
+    assert all(r["chunk"] == "16" and "--chunk=16 " in r["eval_command"] for r in rows if r not in exact)
+    assert "(h2o and per-channel keys: chunk 1)" in (folder / "frontier.md").read_text()
+    code, out, err = run_in_process("eval_kv.py", *exact[-1]["eval_command"].split()[2:])
+    assert code == 0, err
+    assert f"{float(exact[-1]['bpb']):.4f}" in out
 
 
 @pytest.mark.slow  # a fine-tune in a subprocess
@@ -145,8 +168,8 @@ def test_eval_command_leaves_out_what_the_format_ignores():
     import kv_study
     from kv.policy import KVOptions
     row = dict(KVOptions(kv_window=32, kv_quant="int8", kv_quant_group=8, kv_quant_residual=0,
-                         kv_quant_keys="token").settings(), checkpoint="out/ckpt.pt")
-    cmd = kv_study.eval_command(row, "--chunk=32")
+                         kv_quant_keys="token").settings(), checkpoint="out/ckpt.pt", chunk=32)
+    cmd = kv_study.eval_command(row, "--dtype=float32")
     assert "--kv_quant=int8" in cmd and "--kv_quant_residual=0" in cmd
     assert "kv_quant_group" not in cmd and "kv_quant_keys" not in cmd
 
