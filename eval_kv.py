@@ -41,6 +41,7 @@ the frontier marked) into out_dir, and the same scalars to TensorBoard (out_dir/
 """
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -364,9 +365,6 @@ def main():
     # optional packages are looked for now, not when the long run's results are written
     png = bool(sweep) and has_module("matplotlib", "the sweep writes no .png")
     use_tb = bool(sweep) and tensorboard and has_module("tensorboard", "no TensorBoard scalars are written")
-    if sweep:  # the files the sweep writes at its end: writable now, or one error before the long run
-        files = [".csv", ".md", ".png"] if png else [".csv", ".md"]
-        check_writable(os.path.join(out_dir, f"eval_kv_{sweep}"), files, use_tb, "--out_dir")
     thread_words = use_threads(threads)
     dev = pick_device(device)
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
@@ -381,6 +379,19 @@ def main():
     if not name:
         raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset=NAME (or a folder with val.txt)")
     _, val_path = dataset_paths(name) if dataset else saved_dataset_paths(name, path)  # the checkpoint's: read only
+    # what is not the checkpoint's own: named in the title and in the sweep's file names, so that
+    # such a run neither passes for nor replaces the checkpoint's own sweep
+    other = []
+    if attention and attention != config.get("attention", "softmax"):
+        other.append(f"attention={attention}")
+    if dataset and not same_dataset(config.get("dataset") or "", dataset):
+        say(f"note: {path} was trained on {config.get('dataset') or 'a dataset it does not name'}; the text scored "
+            f"is {dataset}'s val split, which it did not learn")
+        other.append(f"text of {os.path.basename(os.path.normpath(dataset))}")
+    prefix = os.path.join(out_dir, "_".join([f"eval_kv_{sweep}"] + [re.sub(r"[^\w.-]+", "-", o) for o in other]))
+    if sweep:  # the files the sweep writes at its end: writable now, or one error before the long run
+        files = [".csv", ".md", ".png"] if png else [".csv", ".md"]
+        check_writable(prefix, files, use_tb, "--out_dir")
     block = int(config.get("block_size", 0) or 256)
     step = chunk or block
     say = lambda line: print(line, file=sys.stderr)
@@ -440,9 +451,8 @@ def main():
             "group waiting to be quantized) fill most of the window; --kv_quant_residual=0 --kv_quant_keys=token "
             "quantizes every token")
     title = (f"{os.path.basename(os.path.normpath(out_dir))}/{os.path.basename(path)}: "
-             f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}")
+             f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}" + "".join(", " + o for o in other))
     if sweep:
-        prefix = os.path.join(out_dir, f"eval_kv_{sweep}")
         write_outputs(results, prefix, title, use_tb, png, show=print)  # the table first: a failed write loses nothing
         print(f"wrote {prefix}.csv, {prefix}.md" + (f", {prefix}.png" if png else "")
               + (f" and TensorBoard scalars in {prefix}/" if use_tb else ""))

@@ -71,6 +71,27 @@ def resolve_evict(name):
     return import_function(name, "kv_evict")
 
 
+def priorities(rule, scores, pos, seen, kv_sink, kv_recent):
+    """rule's priorities for the cached tokens, or one UserError if they are not floats shaped
+    like scores."""
+    rank = rule(scores, pos, seen, kv_sink, kv_recent)
+    if not (torch.is_tensor(rank) and rank.shape == pos.shape and rank.is_floating_point()):
+        raise UserError(f"kv_evict rule {getattr(rule, '__name__', rule)} must return float priorities shaped "
+                        f"like scores {tuple(pos.shape)}, got {getattr(rank, 'dtype', type(rank).__name__)} "
+                        f"{tuple(getattr(rank, 'shape', ()))}")
+    return rank
+
+
+def check_rule(name):
+    """Call a user's rule (kv_evict `name`) once on a small input, so that a wrong signature or
+    result is one UserError at the start, not when the first eviction comes, deep in a run."""
+    rule = resolve_evict(name)
+    if rule is None or rule is h2o_priority:
+        return
+    scores = torch.rand(1, 2, 6, generator=torch.Generator().manual_seed(0))
+    priorities(rule, scores, torch.arange(6).expand(1, 2, 6).clone(), 8, 1, 2)  # (what it raises: run_main names it)
+
+
 class EvictKVCache(QuantKVCache):
     """A (possibly quantized) cache that keeps `budget` tokens per KV head (see the module
     docstring). keep_recent/keep_sink: tokens eviction never drops. window/sink: the history
@@ -163,11 +184,7 @@ class EvictKVCache(QuantKVCache):
         if self.rule is None:  # window: recency only
             rank = torch.where((p < self.keep_sink) | (p >= now - self.keep_recent), float("inf"), p.float())
         else:  # copies: a rule that writes into its inputs must not change the scores kept
-            rank = self.rule(self.score_codes.clone(), p.clone(), now, self.keep_sink, self.keep_recent)
-            if not (torch.is_tensor(rank) and rank.shape == p.shape and rank.is_floating_point()):
-                raise UserError(f"kv_evict rule {getattr(self.rule, '__name__', self.rule)} must return float "
-                                f"priorities shaped like scores {tuple(p.shape)}, got "
-                                f"{getattr(rank, 'dtype', type(rank).__name__)} {tuple(getattr(rank, 'shape', ()))}")
+            rank = priorities(self.rule, self.score_codes.clone(), p.clone(), now, self.keep_sink, self.keep_recent)
         if alive is not None:
             rank = rank.masked_fill(~alive, float("-inf"))
         return rank.topk(e, dim=-1, largest=False, sorted=False).indices

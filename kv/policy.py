@@ -18,7 +18,7 @@ import torch
 from attention import SOFTMAX_KINDS
 from attention_linear import LinearState
 from kv.cache import KVCache, TrimCache
-from kv.evict import POLICIES, EvictKVCache, resolve_evict
+from kv.evict import POLICIES, EvictKVCache, check_rule, resolve_evict
 from kv.quant import FORMATS, QuantKVCache, make_formats, resolve_quant
 from kv.static import Clock, StaticKVCache, StaticQuantCache
 from plugins import import_function
@@ -62,7 +62,7 @@ class KVOptions:
     def check(self):
         """Raise one UserError for any option or combination that makes no sense."""
         resolve_quant(self.kv_quant)
-        resolve_evict(self.kv_evict)
+        check_rule(self.kv_evict)  # (a user's rule: called once on a small input)
         for name, low in (("kv_window", -1), ("kv_sink", 0), ("kv_quant_group", 1), ("kv_quant_residual", 0),
                           ("kv_budget", 0), ("kv_recent", 0)):
             value = getattr(self, name)
@@ -111,7 +111,7 @@ class KVOptions:
         """One UserError for a quantization setting that the chosen kv_quant ignores (the
         defaults aside), so that no row is labelled with a setting that did nothing."""
         default = {f.name: f.default for f in fields(self)}
-        grouped = self.kv_quant in ("int4", "int2") or ":" in self.kv_quant
+        grouped = self.kv_quant in ("int4", "int2")  # (a plug-in quantizer gets whole rows: no group, no keys' way)
         unused = [n for n in ("kv_quant_group", "kv_quant_keys") if not grouped and getattr(self, n) != default[n]]
         if self.kv_quant == "none" and self.kv_quant_residual != default["kv_quant_residual"]:
             unused.append("kv_quant_residual")

@@ -110,14 +110,25 @@ def write_outputs(results, prefix, title, use_tb, png=True, show=None):
     if png:
         plot(results, prefix + ".png", title)
     if use_tb:
-        from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
-        with SummaryWriter(prefix) as tb:
+        with tensorboard_writer(prefix) as tb:
             for i, r in enumerate(results):  # step = the setting's row in the table
                 for k in ("bpb", "kl_bits", "kv_bits_per_token", "x_smaller", "delta_pct"):
                     tb.add_scalar(f"eval_kv/{k}", r[k], i)
-                tb.add_scalar("eval_kv/bpb_vs_kv_bits_per_token", r["bpb"], round(r["kv_bits_per_token"]))
+                # (a step is a whole number: thousandths of a bit keep settings under a bit apart)
+                tb.add_scalar("eval_kv/bpb_vs_kv_millibits_per_token", r["bpb"], round(1000 * r["kv_bits_per_token"]))
             tb.add_text("eval_kv/table", md)
     return md
+
+
+def tensorboard_writer(folder):
+    """A SummaryWriter into folder, which an earlier run's scalars leave first: like the CSV
+    beside them, they are the table of this run, not added to the last one's."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only when used
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            if name.startswith("events.out.tfevents."):
+                os.remove(os.path.join(folder, name))
+    return SummaryWriter(folder)
 
 
 # -- writing files -----------------------------------------------------------------------------

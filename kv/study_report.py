@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from kv.report import frontier, save_png, write_csv, write_text
+from kv.report import frontier, save_png, tensorboard_writer, write_csv, write_text
 from utils import has_module
 
 
@@ -26,8 +26,7 @@ def write_frontier(rows, prefix, title, yardstick="strict", use_tb=True, show=No
     if has_module("matplotlib", "no frontier.png is drawn"):
         plot(rows, prefix + ".png", title)
     if use_tb and has_module("tensorboard", "no TensorBoard scalars are written"):
-        from torch.utils.tensorboard import SummaryWriter
-        with SummaryWriter(prefix) as tb:
+        with tensorboard_writer(prefix) as tb:
             for r in rows:
                 tb.add_scalar(f"kv_study/{r['variant']}/bpb_vs_log2_peak_bits", r["bpb"],
                               round(1000 * torch.log2(torch.tensor(float(r["kv_bits_peak"]))).item()))

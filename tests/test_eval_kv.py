@@ -169,6 +169,27 @@ def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
     assert list(prefix.glob("events.out.tfevents.*"))  # TensorBoard scalars
     assert "bits/byte" in proc.stdout
+    # another attention than the checkpoint's: named in the title and the file names, and the
+    # checkpoint's own sweep stays as it was
+    before = (ckpt_dir / "eval_kv_quick.csv").read_text()
+    proc = run_script("eval_kv.py", f"--out_dir={ckpt_dir}", "--sweep=quick", "--n_streams=2", "--stream_len=160",
+                      "--kv_quant_group=16", "--device=cpu", "--attention=naive")
+    assert proc.returncode == 0, proc.stderr
+    assert (ckpt_dir / "eval_kv_quick.csv").read_text() == before
+    assert ", attention=naive" in (ckpt_dir / "eval_kv_quick_attention-naive.md").read_text().splitlines()[0]
+
+
+def test_tensorboard_scalars_of_a_rerun_replace_the_last_ones(tmp_path):
+    """Like the CSV, a rerun's TensorBoard scalars are its own table: one events file, this run's."""
+    from kv.report import tensorboard_writer
+    for value in (1.0, 2.0):
+        with tensorboard_writer(str(tmp_path / "tb")) as tb:
+            tb.add_scalar("x", value, 0)
+    [events] = (tmp_path / "tb").glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("x")] == [2.0]
 
 
 def main_error(monkeypatch, capsys, *argv):
@@ -195,6 +216,7 @@ def main_error(monkeypatch, capsys, *argv):
     (["--reference=unbounded", "--kv_sink=4"], "nothing is dropped here"),  # settings that would do nothing
     (["--kv_evict=window", "--kv_budget=16", "--kv_recent=4"], "drop --kv_recent"),
     (["--kv_quant=int8", "--kv_quant_group=16"], "applies to int4 and int2"),
+    (["--kv_quant=exercises.kv_quant:quantize", "--kv_quant_keys=token"], "applies to int4 and int2"),  # whole rows
     (["--kv_quant_residual=8"], "applies to a quantized cache"),
 ])
 def test_bad_input_is_one_clear_line(ckpt_dir, monkeypatch, capsys, args, words):

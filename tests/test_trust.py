@@ -485,6 +485,16 @@ def test_kv_evict_plugin_that_raises(world):
     assert plugin_failure(err, name)[0].startswith(f"error: --kv_evict={name}:rule failed: KeyError")
 
 
+def test_kv_evict_rule_with_a_wrong_result_is_refused_before_any_eviction(world):
+    """The first eviction may come late in a long run (after kv_budget tokens): a rule is tried
+    on a small input at the start, so a broken one is one line before any work."""
+    name = plugin_module(world["root"] / "plugins", "def rule(scores, pos, seen, kv_sink, kv_recent):\n"
+                         "    return pos  # positions, not float priorities\n")
+    code, out, err = run(*fill(E, world), f"--kv_evict={name}:rule", "--kv_budget=200")
+    assert code == 2 and "|" not in out and "streams x" not in err  # (the line that starts the evaluation)
+    assert err.strip().splitlines()[-1].startswith(f"error: kv_evict rule rule must return float priorities")
+
+
 def test_kv_quant_plugin_that_raises_on_its_test_input(world):
     name = plugin_module(world["root"] / "plugins", "def quantize(x):\n    return x.foo()\n")
     code, out, err = run(*fill(S, world), f"--kv_quant={name}:quantize")
