@@ -6,6 +6,7 @@ into out_dir/ckpt.pt, then check that it loads.
     python sample.py --out_dir=out-shakespeare-char
 """
 import os
+import shlex
 import sys
 
 from checkpoint import read_checkpoint
@@ -46,7 +47,7 @@ def main():
         clean_up(tmp, made_dir)
         raise
     os.replace(tmp, target)
-    print(f"saved {target}; try: python sample.py --out_dir={out_dir}")
+    print(f"saved {target}; try: python sample.py {shlex.quote('--out_dir=' + out_dir)}")
 
 
 def error_detail(e):

@@ -44,6 +44,7 @@ cache), next to the base reading the same bytes with a sliding window of its blo
 """
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -184,8 +185,9 @@ def fine_tune(base_path, folder, args, k, config, block=None):
     # ckpt.pt, and the study's folder holds the fine-tuned one)
     again = folder.rstrip(os.sep) + "_again"
     rel = lambda c: c.replace(folder, again).replace(HERE + os.sep, "")
-    return (f"mkdir -p {rel(folder)} && cp {rel(base_path)} {rel(os.path.join(folder, 'ckpt.pt'))} && python "
-            + " ".join(rel(c) for c in cmd[1:]))
+    q = lambda c: shlex.quote(rel(c))
+    return (f"mkdir -p {q(folder)} && cp {q(base_path)} {q(os.path.join(folder, 'ckpt.pt'))} && python "
+            + " ".join(q(c) for c in cmd[1:]))
 
 
 def stop(proc):
@@ -242,7 +244,7 @@ def study():
     step = chunk or block
     settings = grid(block, quick)
     eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --dtype={dtype} "
-                f"--baseline={base_path}")
+                f"{shlex.quote('--baseline=' + base_path)}")
     rows, t0, spent = [], time.time(), {"fine-tune": [], "evaluation": []}  # seconds of each done here
     tuned, measured = run_settings(ckpt, base_path, step)
     for n, (name, args) in enumerate(todo):
@@ -380,8 +382,8 @@ def eval_command(r, common):
         kv.pop("kv_quant_group", None)
     flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")
     d = os.path.dirname(r["checkpoint"])
-    return (f"python eval_kv.py --out_dir={d} --checkpoint_name={os.path.basename(r['checkpoint'])} {flags} "
-            f"--chunk={r['chunk']} {common}")
+    return (f"python eval_kv.py {shlex.quote('--out_dir=' + d)} "
+            f"{shlex.quote('--checkpoint_name=' + os.path.basename(r['checkpoint']))} {flags} --chunk={r['chunk']} {common}")
 
 
 # -- assignment 1: how many steps does a model need to use a longer context? -------------------

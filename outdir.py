@@ -1,7 +1,7 @@
 """
 The out_dir of a training run: checked before any work (a folder we can write, with room
 for the checkpoints), held by one run at a time (out_dir/train.lock), never silently taken
-from an earlier run (--overwrite=True replaces it only once the new run has passed its checks),
+from an earlier run (--overwrite=True replaces it only when the new run writes its first checkpoint),
 and cleared of the temporary files an interrupted run left.
 
     python -c "import outdir; lock = outdir.claim('out-test', fresh=True, overwrite=False); lock.release()"
@@ -59,8 +59,8 @@ def claim(out_dir, fresh, overwrite):
 
 
 def remove_earlier(out_dir):
-    """A fresh run with --overwrite=True, once its settings, data and model have passed every
-    check: remove the earlier run's checkpoints, so that none of them is mixed with this run's."""
+    """A fresh run with --overwrite=True, when it writes its first checkpoint: remove the
+    earlier run's, so that none of them is mixed with this run's."""
     earlier = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
     try:
         for name in earlier:

@@ -158,6 +158,10 @@ def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
         print("eval_only: the checkpoint is evaluated once; nothing is trained or written")
         return "finetune"
     if resume_mode == "continue":
+        if max_iters <= ckpt_iter:
+            raise UserError(f"--resume_mode=continue trains up to max_iters={max_iters} on the original schedule, and "
+                            f"the checkpoint is already at iteration {ckpt_iter}: nothing to train. Raise --max_iters, "
+                            f"or --resume_mode=finetune trains {max_iters} more")
         print(f"resume_mode=continue: training up to iteration {max_iters} on the original schedule")
     elif resume_mode == "finetune":
         print(f"resume_mode=finetune: {max_iters} more iterations with a fresh LR schedule")

@@ -33,6 +33,7 @@ Watch the curves:
 """
 import math
 import os
+import shlex
 import sys
 import time
 from contextlib import ExitStack, nullcontext
@@ -42,11 +43,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
-from checkpoint import checkpoint_path, load_model, save_checkpoint, unwrap
+from checkpoint import checkpoint_path, load_model, save_checkpoint, saved_dataset_paths, unwrap
 from configurator import configure
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
-from loader import ByteLoader, dataset_paths, fixed_batches
+from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from plugins import import_function
 from resume import (OBJECTIVE_KEYS, incomparable, objective_settings, restore_training_state, resume_schedule,
@@ -149,7 +150,14 @@ def train(held):
         if dev.startswith("cuda"):
             dev = f"cuda:{local_rank}"  # the GPU of this process
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend=backend or ("nccl" if dev.startswith("cuda") else "gloo"))
+        if backend == "nccl" and not dev.startswith("cuda"):
+            raise UserError(f"--backend=nccl runs on CUDA GPUs, and this run's device is {dev}: use --backend=gloo "
+                            "on CPUs (or leave --backend empty: it picks one)")
+        try:
+            dist.init_process_group(backend=backend or ("nccl" if dev.startswith("cuda") else "gloo"))
+        except RuntimeError as e:  # a backend this build of torch lacks (mpi, ucc), a rendezvous that fails
+            raise UserError(f"DDP could not start (--backend={backend or 'auto'}): {' '.join(str(e).split())[:200]}; "
+                            "--backend=gloo runs anywhere") from None
         print(f"DDP: {world_size} processes, backend {dist.get_backend()}, "
               f"{micro_steps} micro-steps each per iteration")
     dt = pick_dtype(dev, dtype, training=True)
@@ -164,7 +172,7 @@ def train(held):
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     ctx = autocast_ctx(dev, dt)
-    train_path, val_path = dataset_paths(dataset)
+    train_path, val_path = dataset_paths(dataset) if init_from == "scratch" else (None, None)
 
     # model, optimizer and the iteration range of this run
     ckpt, fresh_best = None, False  # fresh_best: this run's first trained evaluation starts the best val loss
@@ -183,6 +191,15 @@ def train(held):
         kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
         globals().update(kept)
         config.update(kept)
+        # and on the text it was trained on (a folder it names is only read: saved_dataset_paths)
+        saved_data = (ckpt.get("config") or {}).get("dataset")
+        if "dataset" not in given and isinstance(saved_data, str) and saved_data \
+                and not same_dataset(saved_data, dataset):
+            print(f"note: dataset={saved_data!r} from the checkpoint, as it was trained (--dataset=... changes it)")
+            globals()["dataset"] = config["dataset"] = saved_data
+            train_path, val_path = saved_dataset_paths(saved_data, ckpt_path)
+        else:
+            train_path, val_path = dataset_paths(dataset)
         if kept:
             try:
                 check_settings(world_size)  # the checkpoint's settings with this run's
@@ -208,7 +225,7 @@ def train(held):
     config.update(model_args)  # the checkpoint's config records the model actually trained
     n_params = model.get_num_params()
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
-    check_qat(model, kv_quant)  # before the first evaluation, not after it
+    check_qat(model, kv_quant, kv_quant_group, kv_quant_keys == "channel")  # before the first evaluation
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
@@ -254,11 +271,18 @@ def train(held):
     use_tb = writes and tensorboard and master and has_module("tensorboard", "no TensorBoard scalars are written")
     tb = TensorBoard(out_dir if use_tb else None, purge_step=start_iter)
 
+    # --overwrite=True: the earlier run's checkpoints go when this run writes its first one (a
+    # failure or a Ctrl-C before then leaves them)
+    replaces = writes and master and init_from == "scratch" and overwrite
+
     def save(name):
-        nonlocal set_aside
+        nonlocal set_aside, replaces
         diverged(lambda: not all(bool(torch.isfinite(p).all()) for p in model.parameters()), name)
         if not master:
             return 0.0
+        if replaces:
+            outdir.remove_earlier(out_dir)
+            replaces = False
         if name == "last.pt" and set_aside:  # the later last.pt of the run resumed moves aside, not away
             os.replace(os.path.join(out_dir, "last.pt"), set_aside)
             set_aside = None
@@ -298,13 +322,14 @@ def train(held):
         best_iter = iter_num if improved else best_iter
         tb.add_scalar("train/loss", losses["train"], iter_num)
         tb.add_scalar("val/loss", losses["val"], iter_num)
-        if iter_num > start_iter and (improved or always_save_checkpoint):
+        # ckpt.pt: at a better val loss (or each evaluation, always_save_checkpoint). A resume's
+        # first evaluation writes it too when the model resumed (say last.pt) beats the best recorded
+        first = iter_num == start_iter
+        if writes and (improved and (not first or init_from == "resume") or always_save_checkpoint and not first):
             line += f", ckpt.pt written in {save('ckpt.pt') * 1000:.0f}ms"
         print(line, flush=True)
         return time.time() - t0
 
-    if writes and master and init_from == "scratch" and overwrite:
-        outdir.remove_earlier(out_dir)
     iter_num, best_iter = start_iter, None
     if eval_only or (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
         evaluate()
@@ -374,8 +399,9 @@ def train(held):
     # history than it was trained on and drifts into noise (XL memory, local and linear layers do not)
     c = unwrap(model).config
     drifts = not xl_mem and any(not c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer))
-    plugin = f" --attention={c.attention}" if ":" in c.attention else ""  # sample.py runs it only if named
-    print(f"next: python sample.py --out_dir={out_dir}" + (f" --kv_window={block_size}" if drifts else "") + plugin)
+    args = [f"--out_dir={out_dir}"] + ([f"--kv_window={block_size}"] if drifts else [])
+    args += [f"--attention={c.attention}"] if ":" in c.attention else []  # sample.py runs a plug-in only if named
+    print(f"next: python sample.py {shlex.join(args)}")
 
 
 def later_last(ckpt_path, start_iter):
@@ -409,7 +435,7 @@ def interrupted(iter_num, start_iter, origin):
     else:
         args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
         print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
-              f"python train.py {' '.join(args)} --init_from=resume --resume_checkpoint_name=last", flush=True)
+              f"python train.py {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last", flush=True)
     raise SystemExit(130)
 
 

@@ -74,20 +74,24 @@ def make_qat_caches(model, kv_quant="none", kv_quant_group=32, channel_keys=True
     them), else per token (as EvictKVCache does)."""
     if kv_quant == "none":
         return None
-    check_qat(model, kv_quant)
+    check_qat(model, kv_quant, kv_quant_group, channel_keys)
     return qat_caches(model, kv_quant, kv_quant_group, channel_keys)
 
 
-def check_qat(model, kv_quant):
-    """One UserError if quantization-aware training cannot run on this model: it fake-quantizes
-    every layer's K/V, and a linear attention layer keeps a state instead (train.py asks before
-    its first evaluation)."""
+def check_qat(model, kv_quant, kv_quant_group=32, channel_keys=True):
+    """One UserError if quantization-aware training cannot run on this model: an unknown
+    format, a group that does not fit the head dimension, a plug-in that breaks its promise
+    (make_formats), or a linear attention layer, which keeps a state instead of K/V (train.py
+    asks before its first evaluation)."""
+    if kv_quant == "none":
+        return
     c = model.config
     linear = [i for i in range(c.n_layer) if c.kind(i) == "linear"]
-    if kv_quant != "none" and linear:
+    if linear:
         raise UserError(f"--kv_quant={kv_quant} in training fake-quantizes the K/V of every layer, and layers "
                         f"{','.join(map(str, linear))} of this model are linear attention (a state, no K/V cache): "
                         "--kv_quant=none trains it without")
+    make_formats(kv_quant, kv_quant_group, c.head_dim, channel_keys)
 
 
 def qat_caches(model, kv_quant, kv_quant_group=32, channel_keys=True):

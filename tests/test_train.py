@@ -129,6 +129,14 @@ def test_the_next_command_of_a_linear_model_has_no_window(data_dir, tmp_path):
     assert printed.strip().splitlines()[-1] == f"next: python sample.py --out_dir={tmp_path / 'o'}"
 
 
+def test_the_next_command_pastes_into_a_shell_with_a_space_in_the_path(data_dir, tmp_path):
+    import shlex
+    out = tmp_path / "my run"
+    printed = train(data_dir, out, "--max_iters=2", "--attention=linear")
+    line = printed.strip().splitlines()[-1]
+    assert line.startswith("next: ") and shlex.split(line[len("next: "):]) == ["python", "sample.py", f"--out_dir={out}"]
+
+
 def test_the_next_command_names_a_plugin_attention(data_dir, tmp_path):
     """sample.py runs a plug-in only when named on its command line: the printed command does."""
     printed = train(data_dir, tmp_path / "o", "--max_iters=2", "--attention=attention_linear:linear_attention")

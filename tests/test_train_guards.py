@@ -127,3 +127,38 @@ def test_an_impossible_xl_mem_in_a_checkpoint_names_itself():
     with pytest.raises(UserError, match="the checkpoint's config says xl_mem=-3"):
         KVOptions(kv_window=-1).for_checkpoint({"xl_mem": -3})
     assert KVOptions(kv_window=8).for_checkpoint({"xl_mem": -3}).kv_window == 8  # a bound given is not its business
+
+
+def test_a_resume_whose_model_beats_the_best_recorded_writes_ckpt_pt(data_dir, run_dir, tmp_path):
+    """Ctrl-C between evaluations leaves a last.pt better than the best val loss it records: the
+    resume's first evaluation finds it, and ckpt.pt (the best) must then hold that model, not
+    only the summary name it."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    last = read_checkpoint(str(out / "last.pt"))
+    last["best_val_loss"] = 99.0  # the best evaluated before its iteration
+    resave(last, out / "last.pt")
+    (out / "ckpt.pt").unlink()  # (its ckpt.pt holds an older model)
+    printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last", "--resume_mode=finetune",
+                    "--max_iters=2", "--eval_interval=1", "--learning_rate=0", "--decay_lr=False")  # the model stays
+    assert f"iter {N}: " in printed and "ckpt.pt written" in printed.split(f"iter {N}: ")[1].splitlines()[0]
+    best = read_checkpoint(str(out / "ckpt.pt"))
+    assert best["iter_num"] == N and f"at iteration {N};" in printed
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_a_resume_goes_on_with_the_text_it_was_trained_on(data_dir, run_dir, tmp_path):
+    """No --dataset given: the checkpoint's, not the default's (Shakespeare), as for xl_mem."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    proc = run_script("train.py", *TINY, f"--out_dir={out}", "--init_from=resume", "--resume_checkpoint_name=last",
+                      f"--max_iters={N + 2}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"note: dataset='{data_dir}' from the checkpoint" in proc.stdout
+    assert "not comparable" not in proc.stdout and "data position not restored" not in proc.stdout
+
+
+def test_continue_with_nothing_left_to_train_is_one_error(run_dir):
+    proc = run_script("train.py", *TINY, f"--out_dir={run_dir}", "--init_from=resume", "--resume_mode=continue",
+                      f"--max_iters={N}")
+    assert_user_error(proc, f"already at iteration {N}: nothing to train", "--resume_mode=finetune")

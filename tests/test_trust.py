@@ -270,8 +270,8 @@ def test_fresh_run_refuses_an_out_dir_with_checkpoints_unless_overwrite(world, t
     assert code == 2 and "already holds ckpt.pt and last.pt" in err and "--overwrite=True" in err, err
     assert (out / "ckpt.pt").read_bytes() == best
     # --overwrite=True with a setting that fails its check: the earlier run is still there
-    for bad in ("--kv_share=0", "--dataset=nosuchdata"):
-        code, _, err = run(*fill(T, world), f"--out_dir={out}", "--overwrite=True", bad)
+    for bad in ("--kv_share=0", "--dataset=nosuchdata", "--kv_quant=int3", "--kv_quant=int4 --kv_quant_group=7"):
+        code, _, err = run(*fill(T, world), f"--out_dir={out}", "--overwrite=True", *bad.split())
         assert code == 2 and (out / "ckpt.pt").read_bytes() == best and (out / "last.pt").exists(), err
     code, printed, _ = run(*fill(T, world), f"--out_dir={out}", "--overwrite=True", "--max_iters=1", "--seed=7")
     assert code == 0 and "--overwrite=True: removed ckpt.pt and last.pt" in printed
