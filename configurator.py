@@ -65,7 +65,9 @@ def _run_config_file(path, g, known):
     """Exec a config file with the current settings visible; return the settings it changed and
     the names it assigns (a setting assigned its default is still given by the file)."""
     if os.path.isdir(path):
-        raise UserError(f"config file {path} is a folder; give the path of a Python file of settings")
+        flag = "out_dir" if "out_dir" in known else "base" if "base" in known else None  # where a run's folder goes
+        named = f" (a run's folder is named with --{flag}={path})" if flag else ""
+        raise UserError(f"config file {path} is a folder; give the path of a Python file of settings{named}")
     if not os.path.isfile(path):
         raise UserError(f"config file {path} not found")
     scope = {k: g[k] for k in known}

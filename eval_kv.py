@@ -76,7 +76,7 @@ dtype = "bfloat16"  # storage of what caches keep in full precision (plain cache
 # kv_sink bound the reference too)
 globals().update(KVOptions().settings())
 sweep = ""  # '' = the one setting above; 'quick' or 'full' = a named grid, written into out_dir
-device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
+device = ""  # 'cpu', 'cuda', 'mps'; '' or 'auto' = the best available
 attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 tensorboard = True  # sweeps: write the scalars to TensorBoard too
@@ -320,9 +320,10 @@ def chunk_note(settings, step):
         return ""
     said = []
     if any(s.kv_quant != "none" and (s.kv_quant_residual > 0 or s.key_group() > 1) for s in settings):
+        groups = any(s.kv_quant != "none" and s.key_group() > 1 for s in settings)
         said.append("a chunk's tokens past the full-precision residual are quantized before the chunk's own queries "
-                    "read them (and per-channel key groups take their scales from later tokens), which the decoder "
-                    "does not do: those quantized rows score worse")
+                    "read them" + (" (and per-channel key groups take their scales from later tokens)" if groups else "")
+                    + ", which the decoder does not do: those quantized rows score worse")
     if any(s.kv_evict != "none" for s in settings):
         said.append("eviction runs once per chunk, holding up to a chunk more than its budget meanwhile: those rows "
                     "score better")

@@ -11,8 +11,8 @@ Sample text from a trained model, streaming it as it is generated.
 
 The samples run as one batch: the first streams as it is generated, the others are printed
 when the batch is done. --compile=True compiles the decode step (generate.StaticDecoder; the
-compile time is printed). The speed (tokens/s) and the size of the KV cache (in bits) are
-reported on stderr.
+compile time is printed). The speed of the decode steps (tokens/s), the time the prompt took
+and the size of the KV cache (in bits) are reported on stderr.
 """
 import codecs
 import io
@@ -37,7 +37,7 @@ max_new_tokens = 500  # bytes generated per sample
 temperature = 0.8  # 1.0 = the model's distribution, < 1.0 more conservative, 0 = greedy
 top_k = 200  # sample among the k most likely bytes only (0 = all)
 seed = 1337  # random seed
-device = ""  # 'cpu', 'cuda', 'mps'; '' = the best available
+device = ""  # 'cpu', 'cuda', 'mps'; '' or 'auto' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
 attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
@@ -95,24 +95,28 @@ def main():
             if step is not None and step.compiled:
                 say(f"compiled the decode step in {step.compile_seconds:.1f} s")
         write(first.decode(prompt))
-        t0 = time.time()
+        stamps = [time.time()]  # the start, then each new token's arrival
         for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                      kv=kv, stats=stats, decoder=step):
             row = token[:, 0].tolist()  # waits for the token
+            stamps.append(time.time())
             write(first.decode(bytes(row[:1])))
             for text, b in zip(others, row[1:]):
                 text.append(b)
-        seconds = time.time() - t0
     write(first.decode(b"", final=True) + "\n")
     for text in others:
         write("---------------\n" + text.decode("utf-8", errors="backslashreplace") + "\n")
 
-    speed = num_samples * max_new_tokens / seconds if seconds else float("nan")
+    # the speed of the decode steps (each new token after the first), apart from reading the
+    # prompt (the first token comes after it), which a long prompt makes long
+    seconds = stamps[-1] - stamps[1] if len(stamps) > 2 else 0.0
+    speed = f"{num_samples * (len(stamps) - 2) / seconds:.1f} tokens/s decoding" if seconds > 0 else "no decode steps"
     peak = stats.get("kv_bits_peak", 0) // num_samples  # per sample
     batch = f"{num_samples} samples side by side" if num_samples > 1 else "1 sample"
     held = ("a fixed-size linear-attention state" if model.config.no_kv_cache  # per token means nothing
             else f"{stats.get('kv_bits_per_token', 0):,g} bits per cached token")
-    print(f"{speed:.1f} tokens/s ({batch}); KV cache peak "
+    reading = f"; the {len(prompt):,}-byte prompt read in {stamps[1] - stamps[0]:.2f} s" if len(stamps) > 1 else ""
+    print(f"{speed} ({batch}{reading}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)
     decode_peak = stats.get("kv_bits_peak_decode", 0) // num_samples
     if kv.kv_evict != "none" and 0 < decode_peak < peak:  # eviction waits for the step after an update

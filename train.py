@@ -108,7 +108,7 @@ warmup_iters = 100  # warm-up iterations
 lr_decay_iters = 5000  # iteration at which min_lr is reached
 min_lr = 1e-4  # final learning rate
 # system
-device = ""  # 'cpu', 'cuda', 'cuda:1', 'mps'; '' = the best available
+device = ""  # 'cpu', 'cuda', 'cuda:1', 'mps'; '' or 'auto' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = bfloat16 where supported (GPUs, CPUs with bf16 instructions), float16 on older GPUs, float32 elsewhere
 compile = False  # torch.compile the model (eager, with a warning, where it fails; see README for where it pays)
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)

@@ -63,6 +63,8 @@ class KVOptions:
         """Raise one UserError for any option or combination that makes no sense."""
         resolve_quant(self.kv_quant)
         check_rule(self.kv_evict)  # (a user's rule: called once on a small input)
+        if self.kv_trim:
+            import_function(self.kv_trim, "kv_trim")  # a missing module or function: said before any work
         for name, low in (("kv_window", -1), ("kv_sink", 0), ("kv_quant_group", 1), ("kv_quant_residual", 0),
                           ("kv_budget", 0), ("kv_recent", 0)):
             value = getattr(self, name)

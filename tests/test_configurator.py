@@ -156,3 +156,6 @@ def test_ctrl_c_in_a_config_file_still_stops(tmp_path):
 def test_config_file_that_is_a_folder(tmp_path):
     with pytest.raises(UserError, match=f"config file {tmp_path} is a folder; give the path of a Python file"):
         configure(settings(), [str(tmp_path)])
+    # a script with an out_dir: a run's folder given bare is probably meant as one
+    with pytest.raises(UserError, match=f"a run's folder is named with --out_dir={tmp_path}"):
+        configure(dict(settings(), out_dir="out"), [str(tmp_path)])

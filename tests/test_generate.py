@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import utils
-from conftest import text, tiny
+from conftest import TOL, text, tiny
 from generate import generate, generate_stream, sample_next
-from kv.policy import KVOptions
+from kv.policy import KVOptions, held_bits
 
 
 def test_generate_cached_equals_recompute_past_block():
@@ -83,3 +83,24 @@ def test_bits_per_cached_token_of_a_hybrid_does_not_grow_with_the_prompt():
         stats = {}
         list(generate_stream(m, text(B=2, T=T), 5, kv=kv, stats=stats))
         assert stats["kv_bits_per_token"] == stats["kv_bits_peak"] / (2 * 16)
+
+
+@pytest.mark.parametrize("arch", [dict(), dict(n_kv_head=1, window=5, global_layers="1"), dict(kv_share=2)])
+@pytest.mark.parametrize("options", [dict(kv_window=8), dict(kv_window=8, kv_sink=3), dict(kv_window=1)])
+def test_a_long_prompt_under_a_window_prefills_in_pieces_as_in_one_pass(arch, options):
+    """generate.prefill feeds a prompt longer than the window in pieces of the window: every
+    query sees the keys it would in one pass, so the logits, and the cache the decode steps go
+    on from, are those of one forward."""
+    from generate import prefill
+    model = tiny(**arch)
+    kv = KVOptions(**options).check()
+    x = text(B=2, T=45)
+    whole, pieces = kv.make_caches(model, 2, capacity=60), kv.make_caches(model, 2, capacity=60)
+    with torch.no_grad():
+        want, _ = model(x[:, :40], whole)
+        torch.testing.assert_close(prefill(model, x[:, :40], pieces, kv), want[:, -1], **TOL)
+        for t in range(40, 45):  # the decode steps after it
+            a, _ = model(x[:, t:t + 1], whole)
+            b, _ = model(x[:, t:t + 1], pieces)
+            torch.testing.assert_close(b, a, **TOL)
+    assert held_bits(pieces) == held_bits(whole)

@@ -123,3 +123,17 @@ def test_user_errors_are_one_line(out_dir, tmp_path, case):
 def test_user_error_as_a_process(out_dir):
     proc = run_script("sample.py", f"--out_dir={out_dir}", "--checkpoint_name=last.pt")
     assert_user_error(proc, "last.pt")
+
+
+def test_a_kv_trim_that_cannot_be_found_is_said_before_the_prompt(out_dir):
+    code, out, err = sample(f"--out_dir={out_dir}", "--kv_window=8", "--kv_trim=exercises.kv_window:nope")
+    assert code == 2 and out == "" and "has no 'nope'" in err
+
+
+def test_the_speed_printed_is_the_decode_steps_apart_from_the_prompt(out_dir, tmp_path):
+    """A long prompt costs its own time, said apart: tokens/s counts the decode steps only."""
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"abc" * 100)
+    code, _, err = sample(f"--out_dir={out_dir}", f"--start=FILE:{prompt}", "--max_new_tokens=5")
+    assert code in (0, None), err
+    assert " tokens/s decoding (1 sample; the 300-byte prompt read in " in err
