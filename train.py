@@ -122,6 +122,11 @@ def main():
         train(held)
         if dist.is_initialized():
             dist.barrier()  # no rank leaves while rank 0 still writes a checkpoint
+    except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one in it: at once
+        last = os.path.join(out_dir, "last.pt")
+        at = saved_iteration(last)
+        print("\nstopped at once" + (f"; {last} holds iteration {at}" if at is not None else ""), flush=True)
+        raise
     finally:
         held.close()
         if dist.is_initialized():
