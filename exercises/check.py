@@ -336,7 +336,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m exercises.check", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("name", help="all, " + ", ".join(EXERCISES) + ", or an assignment number 1..4")
     parser.add_argument("--reference", action="store_true", help="check the project's reference implementation instead")
-    parser.add_argument("--module", help="check this module (package.module) instead of exercises.NAME")
+    parser.add_argument("--module", help="check this module (package.module, or the path of a .py file) instead "
+                                         "of exercises.NAME")
     args = parser.parse_args(argv)
     if args.name == "all":
         names = list(EXERCISES)

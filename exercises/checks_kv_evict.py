@@ -38,9 +38,13 @@ def call_priority(impl, scores, pos, seen, sink, recent):
            f"got {tuple(getattr(rank, 'shape', ())) or type(rank).__name__}: one priority per cached token, "
            "not the indices of the tokens to keep")
     expect(rank.is_floating_point(), f"priorities must be floats (float('inf') for the protected), got {rank.dtype}")
-    expect(torch.equal(s, scores) and torch.equal(p, pos), "priority changed its inputs: work on a copy "
-           "(torch.where(...) makes one); the cache keeps adding to these scores")
+    expect(torch.equal(s, scores) and torch.equal(p, pos), "priority changed its inputs: build the priorities "
+           "in a new tensor; the cache keeps adding to these scores")
     expect(not bool(rank.isnan().any()), "some priorities are nan")
+    n = rank.size(-1)
+    expect(not torch.equal(rank.sort(-1).values, torch.arange(n, dtype=rank.dtype).expand_as(rank)),
+           f"every head's priorities are the numbers 0..{n - 1} in some order: they look like indices or ranks "
+           "(what sorting returns), not priorities; slot j must hold the priority of the token in slot j")
     return rank
 
 
@@ -98,7 +102,7 @@ def check_evict_sinks(impl, ctx):
         may_go = ~sinks & (pos < seen - recent)
         if ranked_below(rank, sinks, may_go):
             expect(not (sink and by_slot(rank, sink, 0)), f"kv_sink={sink}: the first {sink} slots are protected, "
-                   f"not the tokens at positions < {sink}: {SLOTS} (pos < kv_sink)")
+                   f"not the tokens at positions < {sink}: {SLOTS}")
             raise Failed(f"kv_sink={sink}: a token at a position < {sink} is ranked below a token that may go: "
                          "the sinks must always stay (give them float('inf'))")
 
@@ -112,7 +116,7 @@ def check_evict_recent(impl, ctx):
         lost = sorted(set(pos[below(rank, new, may_go)].tolist()))
         if lost:
             expect(not (recent and by_slot(rank, 0, recent)), f"kv_recent={recent}: the last {recent} slots are "
-                   f"protected, not the newest tokens: {SLOTS} (pos >= seen - kv_recent)")
+                   f"protected, not the newest tokens: {SLOTS}")
             where = f"kv_recent={recent}, seen={seen}"
             edge = seen - recent
             expect(lost != [edge], f"{where}: position {edge} (= seen - kv_recent, the oldest of the kv_recent "

@@ -263,7 +263,7 @@ def check_recurrent_state(impl, ctx):
     if max_err(S, want) > 1e-4:
         phi = attention_linear.phi
         for other, wrong in ((S0 + v.transpose(-2, -1) @ k, "S holds v k^T: the outer product takes k first, "
-                              "S[d, e] += phi(k)_d v_e (k[..., :, None] * v[..., None, :])"),
+                              "S[d, e] += phi(k)_d v_e"),
                              (S0 + phi(k).transpose(-2, -1) @ v, "q and k come already through phi: do not "
                               "apply phi again"),
                              (k.transpose(-2, -1) @ v, "S must start from the S it is given (the history), "

@@ -63,9 +63,9 @@ def check_xl_attend(impl, ctx):
                "this step attends over all of the memory and all of its own tokens")
         if m and torch.equal(keys.detach(), torch.cat([k, mk], 2).detach()):
             raise Failed(f"{where}: keys hold this step's tokens first, then the memory: the memory comes "
-                         "first (it is older), torch.cat([mem_k, k], 2)")
+                         "first (it is older), then this step's keys")
         expect_close(keys, torch.cat([mk, k], 2), f"{where}: keys",
-                     "attend over the memory first, then this step's keys (torch.cat on dim 2)", tol=0)
+                     "attend over the memory first, then this step's keys, joined along dim 2 (tokens)", tol=0)
         expect_close(vals, torch.cat([mv, v], 2), f"{where}: vals", "memory first, then this step's values", tol=0)
         want = torch.cat([mok, torch.ones(k.size(0), T, dtype=torch.bool)], 1)
         if torch.equal(ok, want):
@@ -84,7 +84,7 @@ def check_xl_keep(impl, ctx):
         n = min(mem_len, m + T)
         where = f"m={m}, T={T}, mem_len={mem_len}"
         expect(nk.size(2) <= mem_len, f"{where}: the memory keeps {nk.size(2)} tokens, more than mem_len: "
-               "keep the newest min(mem_len, m + T) (keys[:, :, -mem_len:])")
+               "keep only the newest min(mem_len, m + T), the end of keys")
         all_k, all_v = torch.cat([mk, k], 2).detach(), torch.cat([mv, v], 2).detach()
         if nk.size(2) == min(n, T) < n and torch.equal(nk.detach(), all_k[:, :, m + T - nk.size(2):]):
             raise Failed(f"{where}: the memory keeps only this step's {nk.size(2)} tokens: when T < mem_len "
@@ -92,13 +92,13 @@ def check_xl_keep(impl, ctx):
         expect(nk.size(2) == n, f"{where}: the memory keeps {nk.size(2)} tokens, expected {n} "
                "(the newest min(mem_len, m + T))")
         expect(not (n < m + T and torch.equal(nk.detach(), all_k[:, :, :n])), f"{where}: the memory keeps the "
-               f"oldest {n} tokens; keep the newest, the end of keys (keys[:, :, -mem_len:])")
+               f"oldest {n} tokens; keep the newest, the end of keys")
         expect_close(nk, all_k[:, :, -n:], f"{where}: new_k",
                      "keep the newest tokens (the end of keys), oldest first", tol=0)
         expect_close(nv, all_v[:, :, -n:], f"{where}: new_v", "keep the newest values", tol=0)
         if not torch.equal(nok, ok[:, -n:]):
             expect(not (bool(nok.all()) and not bool(ok[:, -n:].all())), f"{where}: new_ok is all True, but "
-                   "some kept tokens belong to a restarted row: new_ok is key_ok of the tokens kept (key_ok[:, -n:])")
+                   "some kept tokens belong to a restarted row: new_ok is key_ok of the tokens kept, the same slice")
             raise Failed(f"{where}: new_ok must be key_ok of the tokens kept, the same slice as new_k")
 
 

@@ -34,8 +34,9 @@ def quantize(x):
     no statistics over the whole tensor, nothing remembered outside the payload.
 
     Hints: symmetric int8: scale = row absmax / 127, codes = round(x / scale); keep the scale
-    from being 0; x / scale then torch.round, clamp to [-127, 127], .to(torch.int8). Below 8
-    bits: uint8 codes in [0, 2^b - 1] with a per-group zero point, packed with shifts (<<, |).
+    from being 0, in the dtype you store it in too (float16 cannot hold 1e-8); x / scale then
+    torch.round, clamp to [-127, 127], .to(torch.int8). Below 8 bits: uint8 codes in
+    [0, 2^b - 1] with a per-group zero point, packed with shifts (<<, |).
     The checker reports your bits per value and error; kv/quant.py holds the project's formats.
 
     Limits: at most 9 bits per value at head dimension 64, scales and zero points included;

@@ -60,6 +60,12 @@ WRONG.update({
     "indices of the tokens to keep": evict('return torch.where(keep, float("inf"), scores / (seen - pos))',
                                            'return torch.where(keep, float("inf"), scores).topk(4, -1).indices'
                                            '.float()', SHAPES, "not the indices"),
+    "indices from argsort": evict('return torch.where(keep, float("inf"), scores / (seen - pos))',
+                                  'return torch.where(keep, float("inf"), scores / (seen - pos)).argsort(-1).float()',
+                                  SHAPES, "look like indices or ranks"),
+    "ranks as floats": evict('return torch.where(keep, float("inf"), scores / (seen - pos))',
+                             'return torch.where(keep, float("inf"), scores).argsort(-1).argsort(-1).float()',
+                             SHAPES, "look like indices or ranks"),
     "scores of the heads added slot by slot": evict("scores / (seen - pos)",
                                                     "scores.sum(1, keepdim=True).expand_as(scores)", HEADS,
                                                     "the other heads of its row"),
@@ -140,3 +146,13 @@ def test_one_sink_and_one_newest_too_many_are_blamed_on_rule_4_alone(exercise_ch
     results, printed = exercise_checks("kv_evict", source)
     assert [t for t, status, _ in results if status == "FAIL"] == [ONLY], printed
     assert [status for t, status, _ in results if t in (HEAVY, TIES)] == ["SKIP", "SKIP"], printed
+
+
+@pytest.mark.parametrize("what", ["indices from argsort", "ranks as floats"])
+def test_indices_or_ranks_are_reported_once(what, exercise_checks):
+    """Indices or ranks instead of priorities: one FAIL under rule 1, which names the mistake;
+    the sink, newest and tie checks meet the same values and point to it."""
+    results, printed = exercise_checks(*WRONG[what][:2])
+    assert [t for t, status, _ in results if status == "FAIL"] == [SHAPES], printed
+    assert "'Assignment 4b, rule 1'" in printed, printed
+    assert all(status == "SKIP" and SHAPES in msg for _, status, msg in results[1:]), printed

@@ -2,7 +2,8 @@
 The checks of assignment 4a (kv_quant), checked themselves: each wrong quantizer below, a
 mistake students make, fails first at the check it breaks with a message that names the
 mistake and its rule in exercises/README.md; each correct alternative (symmetric or
-asymmetric, per row or per group, int8, float8 or packed int4) passes.
+asymmetric, per row or per group, int8, float8 or packed int4) passes. The correct ones keep
+the scale they store from being 0 in float16 too (a floor of 1e-8 is 0 there).
 """
 
 import pytest
@@ -15,7 +16,7 @@ INT8_OK = """
     import torch
     def quantize(x):
         scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
-        return (torch.round(x / scale).to(torch.int8), scale.half()), dequantize
+        return (torch.round(x / scale).to(torch.int8), scale.half().clamp(min=2 ** -24)), dequantize
     def dequantize(codes, scale):
         return codes.float() * scale.float()
     """
@@ -25,7 +26,7 @@ ASYM8_OK = """
         lo, hi = x.aminmax(dim=-1, keepdim=True)
         scale = ((hi - lo) / 255).clamp(min=1e-8)
         codes = torch.round((x - lo) / scale).clamp(0, 255).to(torch.uint8)
-        return (codes, scale.half(), lo.half()), dequantize
+        return (codes, scale.half().clamp(min=2 ** -24), lo.half()), dequantize
     def dequantize(codes, scale, zero):
         return codes.float() * scale.float() + zero.float()
     """
@@ -37,7 +38,7 @@ INT4_OK = """
         scale = ((hi - lo) / 15).clamp(min=1e-8)
         codes = torch.round((g - lo) / scale).clamp(0, 15).to(torch.uint8).flatten(-2)
         low, high = codes.unflatten(-1, (2, -1)).unbind(-2)
-        return (low | (high << 4), scale.squeeze(-1).half(), lo.squeeze(-1).half()), dequantize
+        return (low | (high << 4), scale.squeeze(-1).half().clamp(min=2 ** -24), lo.squeeze(-1).half()), dequantize
     def dequantize(packed, scale, zero):
         codes = torch.cat([packed & 15, packed >> 4], -1).float().unflatten(-1, (scale.size(-1), -1))
         return (codes * scale.float()[..., None] + zero.float()[..., None]).flatten(-2)
@@ -49,6 +50,7 @@ def quant(old, new, title, words, base=INT8_OK):
     return ("kv_quant", base.replace(old, new), title, words)
 
 
+CONTRACT = "returns (tensors shaped (..., m), dequantize); dequantize gives x's shape"
 LEVELS = "the codes' levels are used (a ramp from -1 to 1)"
 BIAS = "rounds to nearest: errors unbiased, not following x"
 ERROR = "error near a plain quantizer of its format, on average and in the worst row"
@@ -60,13 +62,13 @@ WRONG.update({
     "float32 codes": quant("torch.round(x / scale).to(torch.int8)", "torch.round(x / scale)",
                            "bits per value, scales included (at most 9)", "store codes as int8"),
     "one scale for the whole tensor": quant("x.abs().amax(-1, keepdim=True)", "x.abs().amax().expand(*x.shape[:-1], 1)",
-                                            BIAS, "its own scale"),
+                                            ERROR, "its own scale"),
     "dequantize remembers the last input": ("kv_quant", """
         import torch
         def quantize(x):
             scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
             codes = torch.round(x / scale).to(torch.int8)
-            return (codes, scale.half()), lambda codes, s: codes.float() * scale
+            return (codes, scale.half().clamp(min=2 ** -24)), lambda codes, s: codes.float() * scale
         """, ROWS, "may use nothing but its arguments"),
     "codes floored": quant("torch.round(x / scale)", "torch.floor(x / scale)", BIAS, "too low"),
     "codes truncated": quant("torch.round(x / scale).to(torch.int8)", "(x / scale).to(torch.int8)", BIAS,
@@ -78,7 +80,7 @@ WRONG.update({
         import torch
         def quantize(x):
             scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
-            return ((torch.round(x / scale) + 128).to(torch.uint8), scale.half()), dequantize
+            return ((torch.round(x / scale) + 128).to(torch.uint8), scale.half().clamp(min=2 ** -24)), dequantize
         def dequantize(codes, scale):
             return (codes.float() - 127) * scale.float()
         """, BIAS, "too high"),
@@ -93,7 +95,7 @@ WRONG.update({
         import torch
         def quantize(x):
             return (x.to(torch.float8_e4m3fn),), lambda codes: codes.float()
-        """, BIAS, "saturates"),
+        """, ERROR, "saturates"),
     "int4 codes floored": quant("torch.round((g - lo) / scale)", "torch.floor((g - lo) / scale)", BIAS,
                                 "too low", base=INT4_OK),
     "float8 scale of 0 for a row of zeros": ("kv_quant", """
@@ -103,7 +105,27 @@ WRONG.update({
             return ((x / scale).to(torch.float8_e4m3fn), scale.half()), dequantize
         def dequantize(codes, scale):
             return codes.float() * scale.float()
-        """, "returns (tensors shaped (..., m), dequantize); dequantize gives x's shape", "a row of zeros"),
+        """, CONTRACT, "a row of zeros"),
+    "int4 zero point not added back": quant(" + zero.float()[..., None]", "", BIAS, "dequantize does not add back",
+                                            base=INT4_OK),
+    "int8 zero point not added back": quant(" + zero.float()", "", BIAS, "dequantize does not add back",
+                                            base=ASYM8_OK),
+    "scale never clamped": ("kv_quant", """
+        import torch
+        def quantize(x):
+            scale = x.abs().amax(-1, keepdim=True) / 127
+            return (torch.round(x / scale).to(torch.int8), scale.half()), dequantize
+        def dequantize(codes, scale):
+            return codes.float() * scale.float()
+        """, CONTRACT, "stored with a scale of 0"),
+    "scale clamped at 1e-8, then cast to float16": ("kv_quant", """
+        import torch
+        def quantize(x):
+            scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8).half()
+            return (torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale), dequantize
+        def dequantize(codes, scale):
+            return codes.float() * scale.float()
+        """, CONTRACT, "a floor must survive the cast"),
 })
 
 OK.update({
@@ -116,7 +138,7 @@ OK.update({
             g = x.unflatten(-1, (-1, min(32, x.size(-1))))
             scale = (g.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
             codes = torch.round(g / scale).clamp(-127, 127).to(torch.int8).flatten(-2)
-            return (codes, scale.squeeze(-1).half()), dequantize
+            return (codes, scale.squeeze(-1).half().clamp(min=2 ** -24)), dequantize
         def dequantize(codes, scale):
             return (codes.float().unflatten(-1, (scale.size(-1), -1)) * scale.float()[..., None]).flatten(-2)
         """),
@@ -144,7 +166,7 @@ OK.update({
             scale = ((hi - lo) / 3).clamp(min=1e-8)
             c = torch.round((g - lo) / scale).clamp(0, 3).to(torch.uint8).flatten(-2).unflatten(-1, (4, -1))
             packed = c[..., 0, :] | (c[..., 1, :] << 2) | (c[..., 2, :] << 4) | (c[..., 3, :] << 6)
-            return (packed, scale.squeeze(-1).half(), lo.squeeze(-1).half()), dequantize
+            return (packed, scale.squeeze(-1).half().clamp(min=2 ** -24), lo.squeeze(-1).half()), dequantize
         def dequantize(packed, scale, zero):
             codes = torch.cat([(packed >> s) & 3 for s in (0, 2, 4, 6)], -1).float()
             g = codes.unflatten(-1, (scale.size(-1), -1))
@@ -194,3 +216,33 @@ def test_the_zero_row_hint_survives_float16(exercise_checks):
     results, printed = exercise_checks("kv_quant", source)
     failed = [msg for _, status, msg in results if status == "FAIL"]
     assert failed and "row of zeros" in failed[0] and "2**-24" in failed[0], printed
+
+
+@pytest.mark.parametrize("what", ["int4 zero point not added back", "int8 zero point not added back"])
+def test_a_zero_point_left_out_is_not_called_a_wrap_around(what, exercise_checks):
+    """Codes clamped to their range, dequantize without the zero point: every value comes back
+    shifted. The levels check steps aside (its ramp cannot tell), the rounding check names the
+    zero point (rule 4), and nothing speaks of codes wrapping around."""
+    results, printed = exercise_checks(*WRONG[what][:2])
+    assert [t for t, status, _ in results if status == "FAIL"] == [BIAS], printed
+    assert [status for t, status, _ in results if t == LEVELS] == ["SKIP"], printed
+    assert "wrap" not in printed and "'Assignment 4a, rule 4'" in printed, printed
+
+
+def test_a_scale_of_0_is_named_with_its_rule(exercise_checks):
+    """No clamp at all: 0 / 0 gives nan codes, which .to(torch.int8) turns into 0 on a CPU, so
+    the round trip looks right. The stored scale tells, and the message names rule 1 and the
+    cast, without the line that fixes it."""
+    results, printed = exercise_checks(*WRONG["scale never clamped"][:2])
+    failed = [msg for t, status, msg in results if status == "FAIL"]
+    assert len(failed) == 1 and "'Assignment 4a, rule 1'" in failed[0], printed
+    assert "survive the cast" in failed[0] and "payload tensor 1 (float16)" in failed[0], printed
+    assert ".clamp(" not in failed[0] and ".half()" not in failed[0], printed
+
+
+def test_one_scale_for_the_whole_tensor_fails_the_per_row_rule(exercise_checks):
+    """Rows come back as zeros: rule 5 (a scale per row) is broken, not rule 4 (rounding), whose
+    check steps aside; the message does not spell out the per-row absmax."""
+    results, printed = exercise_checks(*WRONG["one scale for the whole tensor"][:2])
+    assert [status for t, status, _ in results if t == BIAS] == ["SKIP"], printed
+    assert "'Assignment 4a, rule 5'" in printed and "amax" not in printed, printed

@@ -43,15 +43,14 @@ WRONG.update({
                                               "drops everything else (at most kv_window + kv_sink tokens)",
                                               "one token too many"),
     "sinks up to kv_sink included": trim("pos < kv_sink", "pos <= kv_sink",
-                                         "drops everything else (at most kv_window + kv_sink tokens)",
-                                         "(none when kv_sink=0), not <="),
+                                         "keeps the kv_sink first tokens of the text", "(none when kv_sink=0), not <="),
     "sinks by place in the cache": ("kv_window", """
         import torch
         def keep_recent(k, v, pos, kv_window, kv_sink=0):
             keep = pos >= pos[-1] - kv_window + 1
             keep[:kv_sink] = True
             return k[:, :, keep], v[:, :, keep], pos[keep]
-        """, "drops everything else (at most kv_window + kv_sink tokens)", "chosen by position"),
+        """, "keeps the kv_sink first tokens of the text", "chosen by position"),
     "positions left untrimmed": trim("pos[keep]", "pos", "returns k, v (B, nkv, kept, hs) and pos (kept,) "
                                      "in the given dtypes", "trim pos with the same mask"),
     "positions cut from the end": trim("pos[keep]", "pos[-int(keep.sum()):]",
@@ -213,3 +212,25 @@ def test_one_newest_too_few_is_blamed_on_the_window_rule_alone(exercise_checks):
     source = TRIM_OK.replace("pos >= pos[-1] - kv_window + 1", "pos > pos[-1] - kv_window + 1")
     results, printed = exercise_checks("kv_window", source)
     assert [t for t, status, _ in results if status == "FAIL"] == ["keeps the kv_window newest tokens"], printed
+
+
+@pytest.mark.parametrize("what", ["sinks by place in the cache", "sinks up to kv_sink included"])
+def test_false_sinks_fail_the_sink_rule_alone(what, exercise_checks):
+    """Tokens kept as sinks that are none: the sink check (rule 3) fails; the budget check, which
+    meets the same extra tokens, steps aside rather than blame rule 4."""
+    results, printed = exercise_checks(*WRONG[what][:2])
+    failed = [t for t, status, _ in results if status == "FAIL"]
+    assert failed == ["keeps the kv_sink first tokens of the text"], printed
+    assert [status for t, status, _ in results if t.startswith("drops everything else")] == ["SKIP"], printed
+    assert "'Assignment 1, rule 3'" in printed, printed
+
+
+@pytest.mark.parametrize("what", ["one too many at the window's edge", "sinks up to kv_sink included",
+                                  "sinks by place in the cache", "joins two slices", "positions left untrimmed",
+                                  "selects along the last axis"])
+def test_trim_messages_do_not_write_out_the_answer(what, exercise_checks):
+    """A message says what is wrong and which rule it breaks, not the line that fixes it."""
+    results, printed = exercise_checks(*WRONG[what][:2])
+    failed = " ".join(msg for _, status, msg in results if status == "FAIL")
+    for code in ("pos >=", "pos[-1] -", "pos < kv_sink", "[:, :, keep]", "pos[keep]", "pos[-kv_window:]"):
+        assert code not in failed, (code, printed)
