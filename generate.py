@@ -202,7 +202,8 @@ def prefill(model, idx, caches, kv):
     forward, except under a window that keeps every token as it came (no quantization, no
     eviction, no trim rule): there a prompt longer than the window goes in pieces of the
     window's length, each query seeing the same keys as in one pass (up to float rounding), in
-    time and memory O(T x window) rather than O(T^2) (a 10 kB prompt: 3.5x faster)."""
+    time and memory O(T x window) rather than O(T^2) (a 10 kB prompt under a 64-byte window:
+    14 s -> 0.9 s on one CPU thread, RESULTS.md)."""
     T = idx.size(1)
     piece = kv.kv_window if kv.kv_window > 0 and not kv.compressed and not kv.kv_trim else T
     for i in range(0, T, piece):
