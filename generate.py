@@ -14,9 +14,11 @@ one, StaticDecoder, runs it over the static-shape caches of kv/static.py, compil
 """
 
 import time
+import warnings
 
 import torch
 import torch._dynamo.config as dynamo_config
+import torch._inductor.config as inductor_config
 
 from kv.policy import KVOptions, held_bits
 from kv.static import static_reason
@@ -118,11 +120,20 @@ class StaticDecoder:
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             t0 = time.perf_counter()
             probe = lambda step: self._probe(step, self.model, self.token, self.caches, self.rot_table)
-            self.step = compile_or_eager(static_step, probe, **options)
-            self.compiled = self.step is not static_step
-            if self.compiled and self.flushing:
-                self.flush = compile_or_eager(static_flush, lambda f: [self._probe(f, g) for g in self.flushing],
-                                              **options)
+            # (compiled in the probe) emulate_precision_casts: a value cast to a narrower dtype
+            # is rounded there even where inductor fuses it with what reads it, as eager rounds
+            # it. Without it, a step that quantizes a group itself (kv_quant_residual=0) read
+            # float32 scales where the cache stores float16 ones: logits off by up to 0.4 from
+            # that step on, and other greedy text with int2
+            with inductor_config.patch(emulate_precision_casts=True), warnings.catch_warnings():
+                # (inductor's C++ code generator warns of bfloat16 residuals beside float16 scales
+                # in one loop: both are read as stored, and the tests compare the result with eager)
+                warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
+                self.step = compile_or_eager(static_step, probe, **options)
+                self.compiled = self.step is not static_step
+                if self.compiled and self.flushing:
+                    self.flush = compile_or_eager(static_flush, lambda f: [self._probe(f, g) for g in self.flushing],
+                                                  **options)
             self.compile_seconds = time.perf_counter() - t0
             self.start()
 

@@ -155,6 +155,27 @@ def test_compiled_step_gives_eager_tokens(kind):
     assert torch.equal(out, generate(model, prompts, 40, temperature=0, kv=kv))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["int2"])  # (int4's ring of code groups: the traced test)
+def test_compiled_step_reads_its_own_group_as_stored(kind):
+    """No full-precision residual: the step quantizes the group it completes and attends over it
+    in the same compiled code. It must read the float16 scales as the cache stores them, as the
+    eager caches do (inductor fused them in float32 once: 1e-5 to 3e-4 off here from the first
+    such step on, 0.4 on a trained model, other greedy text with int2)."""
+    model = tiny()
+    kv = KVOptions(**KINDS[kind]).check()
+    x = text(B=1, T=40)
+    caches = kv.make_caches(model, 1, capacity=40)
+    dec = StaticDecoder(model, kv, 1, 40)
+    assert dec.compiled and not dec.flushing  # (the step stores its groups itself)
+    with torch.no_grad():
+        model(x[:, :3], caches)
+        dec.start(caches)
+        for t in range(3, 40):
+            want, _ = model(x[:, t:t + 1], caches)
+            torch.testing.assert_close(dec(x[:, t:t + 1]), want[:, -1], atol=5e-6, rtol=5e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["window+sink", "int4"])
 def test_cuda_graphs_give_eager_tokens(kind):
