@@ -147,7 +147,7 @@ def test_compiled_step_gives_eager_tokens_and_logits(kind):
     int2 with no residual: the step quantizes the group it completes and must read its float16
     scales as stored (inductor once fused them in float32: logits 0.4 off on a trained model,
     other greedy text). The other kinds differ in settings only (the traced test above);
-    unbounded: test_sample_compiled_gives_the_eager_text; a window with int4's group flush
+    unbounded: test_sample_compiled_gives_the_eager_text; int2 in a window, with its group flush
     compiled apart: tests/test_eval_kv.py. GQA with a local layer beside a global one
     (kv_share: the traced test)."""
     model = sharp(n_kv_head=2, window=24, global_layers="1")
