@@ -1,7 +1,7 @@
 """
 Shared test helpers. Tests run on the CPU in seconds, on small text written into tmp_path.
 
-    python -m pytest -q tests                   # everything
+    python -m pytest -q -n 2 tests              # everything, in two worker processes (pytest-xdist)
     python -m pytest -q -m "not slow" tests     # without torchrun and the longer training runs
 
 Test modules import what they need from here (`from conftest import tiny, text, feed`);
