@@ -1,12 +1,15 @@
 """
 Resuming a training run from a checkpoint (train.py --init_from=resume): which schedule it goes
 on with, what of the optimizer, RNG and data position it restores, which settings it keeps from
-the checkpoint, and what makes its val loss incomparable. Reading and writing checkpoints is
-checkpoint.py's.
+the checkpoint, what makes its val loss incomparable, and what a Ctrl-C says. Reading and
+writing checkpoints is checkpoint.py's.
 
     mode, start, end, origin = resume_schedule(ckpt, "auto", max_iters)
     rows_kept = restore_training_state(ckpt, mode, optimizer, scaler, loader, (batch_size, block_size))
 """
+import os
+import shlex
+import sys
 import warnings
 
 import torch
@@ -177,3 +180,38 @@ def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
               f"iteration {ckpt_iter}, so {max_iters} more iterations run with a fresh warm-up and LR schedule")
         return "finetune"
     return resume_mode
+
+
+def later_last(out_dir, ckpt_path, start_iter):
+    """A resume from ckpt.pt (the best val loss) must not lose a last.pt written later in the
+    run: returns the free name last_<its iteration>.pt that it moves to when this run first
+    writes last.pt (None when there is nothing to keep), after saying so."""
+    last = os.path.join(out_dir, "last.pt")
+    if os.path.abspath(ckpt_path) == os.path.abspath(last):
+        return None
+    later = saved_iteration(last)
+    if later is None or later <= start_iter:
+        return None
+    kept, n = os.path.join(out_dir, f"last_{later}.pt"), 1
+    while os.path.exists(kept):
+        n += 1
+        kept = os.path.join(out_dir, f"last_{later}_{n}.pt")
+    print(f"note: {last} (iteration {later}) is later than {ckpt_path} (iteration {start_iter}); this run keeps it "
+          f"as {kept} when it writes its own last.pt (--resume_checkpoint_name=last resumes from it instead)")
+    return kept
+
+
+def interrupted(out_dir, iter_num, start_iter, origin):
+    """After Ctrl-C: say what last.pt holds and how to go on; exit 130 (128 + SIGINT, as a
+    shell reports Ctrl-C)."""
+    last = os.path.join(out_dir, "last.pt")
+    if iter_num == start_iter:
+        print("interrupted before the first iteration of this run; nothing was written", flush=True)
+    elif origin:  # a fine-tune's schedule starts at its own first iteration, which no checkpoint records
+        print(f"interrupted after iteration {iter_num}; {last} holds it. A fine-tune's schedule does not resume "
+              f"exactly: --init_from=resume --resume_checkpoint_name=last --max_iters=K trains K more", flush=True)
+    else:
+        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
+        print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
+              f"python train.py {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last", flush=True)
+    raise SystemExit(130)

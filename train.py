@@ -37,6 +37,7 @@ import shlex
 import sys
 import time
 from contextlib import ExitStack, nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -50,8 +51,8 @@ from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from plugins import import_function
-from resume import (OBJECTIVE_KEYS, incomparable, objective_settings, restore_training_state, resume_schedule,
-                    rng_state, saved_iteration)
+from resume import (OBJECTIVE_KEYS, incomparable, interrupted, later_last, objective_settings,
+                    restore_training_state, resume_schedule, rng_state, saved_iteration)
 from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
 
@@ -150,83 +151,24 @@ def train(held):
         held.enter_context(outdir.claim(out_dir, fresh=init_from == "scratch", overwrite=overwrite))
     micro_steps = gradient_accumulation_steps // world_size  # this rank's share
     xl_fn = import_function(xl_update, "xl_update") if xl_update else None
-    dev = pick_device(device)
-    if ddp:
-        if dev.startswith("cuda"):
-            dev = f"cuda:{local_rank}"  # the GPU of this process
-            torch.cuda.set_device(dev)
-        if backend == "nccl" and not dev.startswith("cuda"):
-            raise UserError(f"--backend=nccl runs on CUDA GPUs, and this run's device is {dev}: use --backend=gloo "
-                            "on CPUs (or leave --backend empty: it picks one)")
-        try:
-            dist.init_process_group(backend=backend or ("nccl" if dev.startswith("cuda") else "gloo"))
-        except RuntimeError as e:  # a backend this build of torch lacks (mpi, ucc), a rendezvous that fails
-            raise UserError(f"DDP could not start (--backend={backend or 'auto'}): {' '.join(str(e).split())[:200]}; "
-                            "--backend=gloo runs anywhere") from None
-        print(f"DDP: {world_size} processes, backend {dist.get_backend()}, "
-              f"{micro_steps} micro-steps each per iteration")
-    dt = pick_dtype(dev, dtype, training=True)
-    thread_words = use_threads(threads)  # also on a GPU: the data loading runs on the CPU
+    dev, dt = start_device(ddp, local_rank, world_size, micro_steps)
     device_type = dev.split(":")[0]
-    if device_type == "cpu":
-        keep_freed_memory()  # a CPU step's big activations reuse memory instead of page-faulting (utils)
-    print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
-          f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})"
-          + (f", {thread_words}" if device_type == "cpu" else ""))
     torch.manual_seed(seed + rank)  # rank's own dropout; DDP gives every rank rank 0's initial weights
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
     ctx = autocast_ctx(dev, dt)
-    train_path, val_path = dataset_paths(dataset) if init_from == "scratch" else (None, None)
-
     # model, optimizer and the iteration range of this run
-    ckpt, fresh_best = None, False  # fresh_best: this run's first trained evaluation starts the best val loss
-    changed, xl_state = [], None  # what the resume changed in the model; the XL memory it goes on with
     if init_from == "scratch":
+        train_path, val_path = dataset_paths(dataset)
         model_args = {k: config[k] for k in MODEL_ARG_KEYS}
         model = GPT(GPTConfig(**model_args)).to(dev)
-        mode, start_iter, end_iter, origin = "scratch", 0, max_iters, 0
-        best_val_loss = float("inf")
+        ckpt, ckpt_path, mode, start_iter, end_iter, origin = None, None, "scratch", 0, max_iters, 0
+        best_val_loss, changed, fresh_best = float("inf"), [], False
     else:
-        ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name)
-        # the non-architecture model keys given on the command line or in a config file
-        overrides = {k: config[k] for k in MODEL_ARG_KEYS
-                     if k not in ARCH_KEYS and config[k] != defaults[k]}
-        model, ckpt = load_model(ckpt_path, dev, overrides, option="resume_checkpoint_name")
-        kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
-        globals().update(kept)
-        config.update(kept)
-        # and on the text it was trained on (a folder it names is only read: saved_dataset_paths)
-        saved_data = (ckpt.get("config") or {}).get("dataset")
-        if "dataset" not in given and isinstance(saved_data, str) and saved_data \
-                and not same_dataset(saved_data, dataset):
-            print(f"note: dataset={saved_data!r} from the checkpoint, as it was trained (--dataset=... changes it)")
-            globals()["dataset"] = config["dataset"] = saved_data
-            train_path, val_path = saved_dataset_paths(saved_data, ckpt_path)
-        else:
-            train_path, val_path = dataset_paths(dataset)
-        if kept:
-            try:
-                check_settings(world_size)  # the checkpoint's settings with this run's
-            except UserError as e:
-                off = " ".join(f"--{k}={defaults[k]}" for k in kept)
-                raise UserError(f"{e} ({', '.join(kept)} from the checkpoint: {off} goes on without)") from None
-        for note in ckpt["conversions"]:
-            print(f"converted: {note}")
-        model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
-        for k in ARCH_KEYS:
-            if config[k] != model_args[k]:
-                print(f"note: {k}={model_args[k]!r} from the checkpoint (the config says {config[k]!r})")
-        mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
-        if mode == "finetune" and end_iter > start_iter:
-            config.update(fit_schedule(max_iters, sys.argv[1:]))
-        best_val_loss = ckpt.get("best_val_loss", float("inf"))
-        print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
-        changed = incomparable(ckpt, model_args, block_size, dataset)
-        if changed and not eval_only and end_iter > start_iter:  # its val loss is another model's, or another context's
-            fresh_best, best_val_loss = True, float("inf")
-            print(f"note: {', '.join(changed)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
-                  "will hold the best of this run")
+        r = resume_run(config, given, defaults, dev, world_size)
+        model, ckpt, ckpt_path, model_args, train_path, val_path = (
+            r.model, r.ckpt, r.ckpt_path, r.model_args, r.train_path, r.val_path)
+        mode, start_iter, end_iter, origin = r.mode, r.start_iter, r.end_iter, r.origin
+        best_val_loss, changed, fresh_best = r.best_val_loss, r.changed, r.fresh_best
+    xl_state = None  # the XL memory a resumed run goes on with
     config.update(model_args)  # the checkpoint's config records the model actually trained
     n_params = model.get_num_params()
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
@@ -234,7 +176,7 @@ def train(held):
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
-    set_aside = later_last(ckpt_path, start_iter) if writes and master and ckpt is not None else None
+    set_aside = later_last(out_dir, ckpt_path, start_iter) if writes and master and ckpt is not None else None
     if writes and master:
         outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0)
     if xl_fn is not None and xl_mem:  # the user's XL step, tried on 2 bytes now, not after the first evaluation
@@ -395,53 +337,101 @@ def train(held):
         save("last.pt")  # always, so that a resume continues exactly from here
     tb.close()
     if stop.asked:
-        interrupted(iter_num, start_iter, origin)
+        interrupted(out_dir, iter_num, start_iter, origin)
     best = f"at iteration {best_iter}" if best_iter is not None else "from before this run (not improved)"
     print(f"done: {iter_num - start_iter} iterations in {clock(time.time() - t_begin)}; best val loss "
           f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in
           (("ckpt.pt", "best val loss"), ("last.pt", "latest")) if os.path.isfile(os.path.join(out_dir, n))))
+    print(f"next: python sample.py {shlex.join(sample_args(unwrap(model).config))}")
+
+def start_device(ddp, local_rank, world_size, micro_steps):
+    """This process's device and dtype (under torchrun also its DDP process group), its CPU
+    threads, after saying which; returns (device, dtype)."""
+    dev = pick_device(device)
+    if ddp:
+        if dev.startswith("cuda"):
+            dev = f"cuda:{local_rank}"  # the GPU of this process
+            torch.cuda.set_device(dev)
+        if backend == "nccl" and not dev.startswith("cuda"):
+            raise UserError(f"--backend=nccl runs on CUDA GPUs, and this run's device is {dev}: use --backend=gloo "
+                            "on CPUs (or leave --backend empty: it picks one)")
+        try:
+            dist.init_process_group(backend=backend or ("nccl" if dev.startswith("cuda") else "gloo"))
+        except RuntimeError as e:  # a backend this build of torch lacks (mpi, ucc), a rendezvous that fails
+            raise UserError(f"DDP could not start (--backend={backend or 'auto'}): {' '.join(str(e).split())[:200]}; "
+                            "--backend=gloo runs anywhere") from None
+        print(f"DDP: {world_size} processes, backend {dist.get_backend()}, "
+              f"{micro_steps} micro-steps each per iteration")
+    dt = pick_dtype(dev, dtype, training=True)
+    thread_words = use_threads(threads)  # also on a GPU: the data loading runs on the CPU
+    device_type = dev.split(":")[0]
+    if device_type == "cpu":
+        keep_freed_memory()  # a CPU step's big activations reuse memory instead of page-faulting (utils)
+    print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
+          f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})"
+          + (f", {thread_words}" if device_type == "cpu" else ""))
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    return dev, dt
+
+
+def resume_run(config, given, defaults, dev, world_size):
+    """The model of out_dir's checkpoint on dev, this run's schedule and the text it trains on.
+    Settings the checkpoint was trained with (XL memory, QAT, its dataset) go on unless given
+    (kept in the globals and in config); the fine-tune's schedule is fitted to max_iters."""
+    fresh_best = False  # this run's first trained evaluation starts the best val loss
+    ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name)
+    # the non-architecture model keys given on the command line or in a config file
+    overrides = {k: config[k] for k in MODEL_ARG_KEYS
+                 if k not in ARCH_KEYS and config[k] != defaults[k]}
+    model, ckpt = load_model(ckpt_path, dev, overrides, option="resume_checkpoint_name")
+    kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
+    globals().update(kept)
+    config.update(kept)
+    # and on the text it was trained on (a folder it names is only read: saved_dataset_paths)
+    saved_data = (ckpt.get("config") or {}).get("dataset")
+    if "dataset" not in given and isinstance(saved_data, str) and saved_data \
+            and not same_dataset(saved_data, dataset):
+        print(f"note: dataset={saved_data!r} from the checkpoint, as it was trained (--dataset=... changes it)")
+        globals()["dataset"] = config["dataset"] = saved_data
+        train_path, val_path = saved_dataset_paths(saved_data, ckpt_path)
+    else:
+        train_path, val_path = dataset_paths(dataset)
+    if kept:
+        try:
+            check_settings(world_size)  # the checkpoint's settings with this run's
+        except UserError as e:
+            off = " ".join(f"--{k}={defaults[k]}" for k in kept)
+            raise UserError(f"{e} ({', '.join(kept)} from the checkpoint: {off} goes on without)") from None
+    for note in ckpt["conversions"]:
+        print(f"converted: {note}")
+    model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    for k in ARCH_KEYS:
+        if config[k] != model_args[k]:
+            print(f"note: {k}={model_args[k]!r} from the checkpoint (the config says {config[k]!r})")
+    mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
+    if mode == "finetune" and end_iter > start_iter:
+        config.update(fit_schedule(max_iters, sys.argv[1:]))
+    best_val_loss = ckpt.get("best_val_loss", float("inf"))
+    print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
+    changed = incomparable(ckpt, model_args, block_size, dataset)
+    if changed and not eval_only and end_iter > start_iter:  # its val loss is another model's, or another context's
+        fresh_best, best_val_loss = True, float("inf")
+        print(f"note: {', '.join(changed)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
+              "will hold the best of this run")
+    return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, model_args=model_args, train_path=train_path,
+                           val_path=val_path, mode=mode, start_iter=start_iter, end_iter=end_iter, origin=origin,
+                           best_val_loss=best_val_loss, changed=changed, fresh_best=fresh_best)
+
+
+def sample_args(c):
+    """sample.py's flags for this run's model (GPTConfig c)."""
     # sample.py's default cache is unbounded: past block_size bytes a global softmax layer sees more
     # history than it was trained on and drifts into noise (XL memory, local and linear layers do not)
-    c = unwrap(model).config
     drifts = not xl_mem and any(not c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer))
     args = [f"--out_dir={out_dir}"] + ([f"--kv_window={block_size}"] if drifts else [])
     args += [f"--attention={c.attention}"] if ":" in c.attention else []  # sample.py runs a plug-in only if named
-    print(f"next: python sample.py {shlex.join(args)}")
-
-
-def later_last(ckpt_path, start_iter):
-    """A resume from ckpt.pt (the best val loss) must not lose a last.pt written later in the
-    run: returns the free name last_<its iteration>.pt that it moves to when this run first
-    writes last.pt (None when there is nothing to keep), after saying so."""
-    last = os.path.join(out_dir, "last.pt")
-    if os.path.abspath(ckpt_path) == os.path.abspath(last):
-        return None
-    later = saved_iteration(last)
-    if later is None or later <= start_iter:
-        return None
-    kept, n = os.path.join(out_dir, f"last_{later}.pt"), 1
-    while os.path.exists(kept):
-        n += 1
-        kept = os.path.join(out_dir, f"last_{later}_{n}.pt")
-    print(f"note: {last} (iteration {later}) is later than {ckpt_path} (iteration {start_iter}); this run keeps it "
-          f"as {kept} when it writes its own last.pt (--resume_checkpoint_name=last resumes from it instead)")
-    return kept
-
-
-def interrupted(iter_num, start_iter, origin):
-    """After Ctrl-C: say what last.pt holds and how to go on; exit 130 (128 + SIGINT, as a
-    shell reports Ctrl-C)."""
-    last = os.path.join(out_dir, "last.pt")
-    if iter_num == start_iter:
-        print("interrupted before the first iteration of this run; nothing was written", flush=True)
-    elif origin:  # a fine-tune's schedule starts at its own first iteration, which no checkpoint records
-        print(f"interrupted after iteration {iter_num}; {last} holds it. A fine-tune's schedule does not resume "
-              f"exactly: --init_from=resume --resume_checkpoint_name=last --max_iters=K trains K more", flush=True)
-    else:
-        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
-        print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
-              f"python train.py {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last", flush=True)
-    raise SystemExit(130)
+    return args
 
 
 def train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory=None, ddp=False):
