@@ -333,6 +333,16 @@ def chunk_note(settings, step):
             "--chunk=1 scores that decoder (slower)")
 
 
+def residual_twins(settings, results):
+    """Rows that differ only in kv_quant_residual and scored exactly alike, as 'a and b' strings."""
+    twins = {}
+    for opts, r in zip(settings, results):
+        if opts.kv_quant != "none":
+            key = (replace(opts, kv_quant_residual=0), r["bpb"], r["kl_bits"])
+            twins.setdefault(key, []).append(r["setting"])
+    return [" and ".join(names) for names in twins.values() if len(names) > 1]
+
+
 def load_baseline(where, dev, say, dataset):
     """--baseline: a checkpoint (a .pt file, or an out_dir holding ckpt.pt), its model and its
     natural reference; a note when it was trained on another dataset than the one scored."""
@@ -348,6 +358,7 @@ def load_baseline(where, dev, say, dataset):
 
 def main():
     configure(globals(), sys.argv[1:])
+    say = lambda line: print(line, file=sys.stderr)
     keep_freed_memory()  # no page faults on every pass's big tensors (utils)
     for name, value, low in (("n_streams", n_streams, 1), ("stream_len", stream_len, 1), ("chunk", chunk, 0)):
         if value < low:
@@ -389,13 +400,18 @@ def main():
         say(f"note: {path} was trained on {config.get('dataset') or 'a dataset it does not name'}; the text scored "
             f"is {dataset}'s val split, which it did not learn")
         other.append(f"text of {os.path.basename(os.path.normpath(dataset))}")
-    prefix = os.path.join(out_dir, "_".join([f"eval_kv_{sweep}"] + [re.sub(r"[^\w.-]+", "-", o) for o in other]))
+    if reference != "natural":
+        other.append(f"reference={reference}")
+    # (the title says the dtype already; the file names say it too)
+    tags = other + ([f"dtype={dtype}"] if dtype != "bfloat16" else [])
+    prefix = os.path.join(out_dir, "_".join([f"eval_kv_{sweep}"] + [re.sub(r"[^\w.-]+", "-", o) for o in tags]))
     if sweep:  # the files the sweep writes at its end: writable now, or one error before the long run
         files = [".csv", ".md", ".png"] if png else [".csv", ".md"]
         check_writable(prefix, files, use_tb, "--out_dir")
+        if os.path.isfile(prefix + ".csv"):
+            say(f"note: this sweep replaces the one in {prefix}.csv (and its table, plot and scalars) when it ends")
     block = int(config.get("block_size", 0) or 256)
     step = chunk or block
-    say = lambda line: print(line, file=sys.stderr)
     ref_kv = reference_options(config, reference, kv_window, kv_sink, say)
     if linear and ref_kv.kv_window:  # its state carries the whole stream: no window to speak of
         ref_kv = replace(ref_kv, kv_window=0)
@@ -417,6 +433,9 @@ def main():
                 f"{', '.join(map(str, sorted(lowered)))} where it must fit the window or an eviction's recent half (each row's /r says which)")
     else:
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
+        if kv.kv_trim and not settings[-1].kv_window:
+            raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound "
+                            "(kv_window=0): add --kv_window=N (e.g. --kv_window=64), or it is never called")
     notes = [s.local_residual(model.config)[1] for s in settings]
     notes += [] if sweep else [kv.local_note(model.config)]  # as given (kv_window=-1: the reference's bound)
     for note in dict.fromkeys(notes):
@@ -445,6 +464,10 @@ def main():
         base_path, base_model, base_kv = base
         [b] = evaluate(base_model, x, y, [base_kv], step, base_kv, block, progress, dt, decode=steps(base_model))
         rebase(results, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    same = residual_twins(settings, results)
+    if same and step > 1:
+        say(f"note: at chunk {step} {'; '.join(same)} score alike: a residual shorter than what a chunk quantizes "
+            "changes nothing its queries read (only their bits differ); --chunk=1 tells them apart")
     bigger = [r["setting"] for opts, r in zip(settings, results)
               if opts.kv_quant != "none" and r["kv_bits_peak"] >= r["kv_bits_peak_ref"]]
     if bigger:

@@ -40,7 +40,9 @@ rows (exact_grid()) run only at --evict_chunk (1 = exact decode, slow; 0 = none 
 
 --what=context answers assignment 1: bits per byte on positions [block, 4 block) of a base
 trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block (an unbounded
-cache), next to the base reading the same bytes with a sliding window of its block.
+cache), next to the base reading the same bytes with a sliding window of its block. Writes
+the table into kv_study_context/context.md beside the base (--out: another folder), and each
+fine-tune into a folder of its own there.
 """
 import os
 import re
@@ -431,6 +433,7 @@ def context():
     md = "\n".join(lines) + "\n"
     print(md)  # before the file: a failed write loses nothing
     write_text(os.path.join(folder, "context.md"), md)
+    print(f"wrote {os.path.join(folder, 'context.md')}")
 
 
 def main():

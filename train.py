@@ -484,6 +484,8 @@ def check_settings(world_size=1):
         raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
     if xl_mem and kv_quant != "none":
         raise UserError("--kv_quant (quantization-aware training) does not combine with --xl_mem; drop one")
+    if not isinstance(kv_quant_group, int) or kv_quant_group < 1:
+        raise UserError(f"--kv_quant_group must be an integer >= 1 (values per quantization group), got {kv_quant_group!r}")
     if kv_quant_keys not in ("channel", "token"):
         raise UserError(f"--kv_quant_keys must be 'channel' or 'token', got {kv_quant_keys!r}")
     if max_iters < 0:

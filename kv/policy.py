@@ -134,18 +134,17 @@ class KVOptions:
         """One UserError when a model (GPTConfig) has no KV cache for these options to act on
         (linear attention in every layer keeps a fixed-size state instead), or when an eviction
         that ranks by softmax scores would replace an attention kind that is not softmax."""
+        if config.no_kv_cache:
+            default = {f.name: f.default for f in fields(self)}
+            used = [n for n in ("kv_window", "kv_sink", "kv_trim", "kv_quant", "kv_evict") if getattr(self, n) != default[n]]
+            if used and not (used == ["kv_window"] and self.kv_window == 0):
+                raise UserError(f"every layer of this model is linear attention, which keeps a fixed-size state, not "
+                                f"a KV cache: --{', --'.join(used)} would change nothing; drop "
+                                + ("it" if len(used) == 1 else "them"))
         if self.ranks_by_score() and config.attention not in SOFTMAX_KINDS:
             raise UserError(f"--kv_evict={self.kv_evict} ranks keys by the softmax attention they receive, and "
                             f"computes it itself: this model's attention={config.attention} would be replaced by "
                             "softmax; use --kv_evict=window, or a model with softmax or naive attention")
-        if not config.no_kv_cache:
-            return self
-        default = {f.name: f.default for f in fields(self)}
-        used = [n for n in ("kv_window", "kv_sink", "kv_trim", "kv_quant", "kv_evict") if getattr(self, n) != default[n]]
-        if used and not (used == ["kv_window"] and self.kv_window == 0):
-            raise UserError(f"every layer of this model is linear attention, which keeps a fixed-size state, not "
-                            f"a KV cache: --{', --'.join(used)} would change nothing; drop "
-                            + ("it" if len(used) == 1 else "them"))
         return self
 
     def key_group(self):

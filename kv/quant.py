@@ -306,6 +306,8 @@ def make_formats(name, group, head_dim, channel_keys):
         return Int8Format(), Int8Format()
     if name in ("int4", "int2"):
         bits = INT_BITS[name]
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+            raise UserError(f"kv_quant_group must be an integer >= 1, got {group!r}")
         if head_dim % group:
             raise UserError(f"kv_quant_group={group} does not divide the head dimension {head_dim}; "
                             f"pick a divisor of {head_dim}")

@@ -218,6 +218,8 @@ def main_error(monkeypatch, capsys, *argv):
     (["--kv_quant=int8", "--kv_quant_group=16"], "applies to int4 and int2"),
     (["--kv_quant=exercises.kv_quant:quantize", "--kv_quant_keys=token"], "applies to int4 and int2"),  # whole rows
     (["--kv_quant_residual=8"], "applies to a quantized cache"),
+    (["--kv_trim=kv.cache:keep_recent", "--kv_window=0"], "has no bound"),  # it would never be called
+    (["--kv_quant=int4", "--kv_quant_group=-4"], "kv_quant_group must be an integer >= 1"),
 ])
 def test_bad_input_is_one_clear_line(ckpt_dir, monkeypatch, capsys, args, words):
     line = main_error(monkeypatch, capsys, f"--out_dir={ckpt_dir}", "--device=cpu", *args)
@@ -232,9 +234,9 @@ def test_linear_attention_has_no_cache_to_set(tiny_data_dir, tmp_path, monkeypat
     args = dict(ARGS, attention="linear")
     save_checkpoint(str(out / "ckpt.pt"), tiny_model(attention="linear"), None, args,
                     dict(dataset=str(tiny_data_dir), block_size=32), 1, 5.0)
-    for bad in ("--kv_quant=int8", "--kv_window=16", "--sweep=quick"):
-        line = main_error(monkeypatch, capsys, f"--out_dir={out}", "--device=cpu", bad)
-        assert "linear attention" in line, line
+    for bad in (["--kv_quant=int8"], ["--kv_window=16"], ["--sweep=quick"], ["--kv_evict=h2o", "--kv_budget=16"]):
+        line = main_error(monkeypatch, capsys, f"--out_dir={out}", "--device=cpu", *bad)
+        assert "every layer of this model is linear attention" in line, line
     proc = run_script("eval_kv.py", f"--out_dir={out}", "--device=cpu", "--n_streams=1", "--stream_len=64")
     assert proc.returncode == 0, proc.stderr
     assert "history bound none" in proc.stdout + proc.stderr
@@ -306,6 +308,45 @@ def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir
                  ["--kv_window=16"],  # nothing approximate at chunk 32
                  [f"--baseline={ckpt_dir / 'same.pt'}"]):
         assert not [n for n in notes(*args) if n.startswith("note: at chunk") or "was trained on" in n], args
+
+
+def test_rows_a_chunk_cannot_tell_apart_are_said_to_be_alike(tiny_data_dir):
+    """With key groups of 8 at chunk 16, residuals of 4 and 8 quantize the same tokens before
+    any query reads them: the rows score alike (said, as their bits still differ); the decoder
+    (chunk 1) tells them apart."""
+    m = tiny_model()
+    x, y = streams(tiny_data_dir)
+    rows = [dict(kv_quant="int4", kv_quant_group=8, kv_quant_residual=r) for r in (4, 8)] + [dict(kv_quant="int8")]
+    settings = [KVOptions(**s).check() for s in rows]
+    chunked, decoded = run(m, x, y, rows, 16), run(m, x, y, rows, 1)
+    assert chunked[0]["bpb"] == chunked[1]["bpb"] and chunked[0]["kv_bits_peak"] != chunked[1]["kv_bits_peak"]
+    assert eval_kv.residual_twins(settings, chunked) == [f"{chunked[0]['setting']} and {chunked[1]['setting']}"]
+    assert decoded[0]["bpb"] != decoded[1]["bpb"] and eval_kv.residual_twins(settings, decoded) == []
+
+
+def test_another_text_or_reference_is_named_and_keeps_the_own_sweep(ckpt_dir, tmp_path):
+    """--dataset (not the checkpoint's), --reference=unbounded and --dtype=float32 each name
+    the sweep's files, so the checkpoint's own sweep stays; a plain rerun says it replaces it."""
+    from conftest import tiny_corpus, write_splits
+    (tmp_path / "other_text").mkdir()
+    other = write_splits(tmp_path / "other_text", tiny_corpus(seed=3))
+    common = [f"--out_dir={ckpt_dir}", "--n_streams=1", "--stream_len=64", "--device=cpu", "--tensorboard=False"]
+    code, out, err = run_in_process("eval_kv.py", *common, f"--dataset={other}", "--kv_quant=int8",
+                                    "--kv_quant_residual=8")
+    assert code in (0, None), err
+    assert "was trained on" in err and "other_text's val split" in err and "| int8" in out
+    new, replaced = {}, {}
+    for name, extra in (("own", []), ("text", [f"--dataset={other}"]), ("reference", ["--reference=unbounded"]),
+                        ("dtype", ["--dtype=float32"]), ("again", [])):
+        before = set(os.listdir(ckpt_dir))
+        code, out, err = run_in_process("eval_kv.py", *common, "--sweep=quick", "--kv_quant_group=8", *extra)
+        assert code in (0, None), err
+        new[name] = {os.path.splitext(f)[0] for f in set(os.listdir(ckpt_dir)) - before}
+        replaced[name] = "note: this sweep replaces the one in" in err
+    assert new == {"own": {"eval_kv_quick"}, "text": {"eval_kv_quick_text-of-other_text"},
+                   "reference": {"eval_kv_quick_reference-unbounded"}, "dtype": {"eval_kv_quick_dtype-float32"},
+                   "again": set()}
+    assert replaced == {"own": False, "text": False, "reference": False, "dtype": False, "again": True}
 
 
 @pytest.mark.slow
