@@ -193,9 +193,12 @@ def train(held):
         print(f"training iterations {start_iter}..{end_iter - 1}, {tokens_per_iter:,} tokens per iteration")
         run = end_iter - origin  # the schedule's iterations
         if decay_lr and (lr_decay_iters > run or warmup_iters >= run) and master:
-            fix = f"--lr_decay_iters={run}" + (f" --warmup_iters={max(1, run // 10)}" if warmup_iters >= run else "")
-            print(f"note: this run's {run} iterations end at learning rate {get_lr(run - 1):.2e}, not min_lr="
-                  f"{min_lr:g} (warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters}): {fix} decays it")
+            warmup_fix = max(1, run // 10) if warmup_iters >= run else warmup_iters
+            fix = f"--lr_decay_iters={run}" + (f" --warmup_iters={warmup_fix}" if warmup_fix != warmup_iters else "")
+            end, end_fixed = get_lr(run - 1), get_lr(run - 1, warmup_fix, run)
+            print(f"note: this run's {run} iterations end at learning rate {end:.2e}, not min_lr={min_lr:g} "
+                  f"(warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters})"
+                  + (f"; with {fix} it ends at {end_fixed:.2e}" if end_fixed < end else ""))
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)
@@ -524,21 +527,25 @@ def fit_schedule(iters, argv):
     if fit:
         globals().update(fit)
         end = ("cosine to min_lr at its end" if warmup_iters < iters else
-               "no cosine: the warm-up takes them all, so the rate ends near learning_rate")
+               f"no cosine: the warm-up takes them all, the rate climbing to {get_lr(iters - 1):.2e} "
+               f"(learning_rate={learning_rate:g})")
         print(f"note: the fine-tune's schedule fits its {iters} iterations: warm-up {warmup_iters}, {end} "
               f"(--warmup_iters and --lr_decay_iters set them)")
     return fit
 
 
-def get_lr(it):
-    """Learning rate at iteration `it` of the schedule: linear warm-up, then cosine to min_lr."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
+def get_lr(it, warmup=None, decay_iters=None):
+    """Learning rate at iteration `it` of the schedule: linear warm-up, then cosine to min_lr
+    (warmup, decay_iters: other warmup_iters and lr_decay_iters than the run's)."""
+    warmup = warmup_iters if warmup is None else warmup
+    decay_iters = lr_decay_iters if decay_iters is None else decay_iters
+    if it < warmup:
+        return learning_rate * (it + 1) / (warmup + 1)
     if not decay_lr:
         return learning_rate
-    if it >= lr_decay_iters:
+    if it >= decay_iters:
         return min_lr
-    progress = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    progress = (it - warmup) / max(1, decay_iters - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 

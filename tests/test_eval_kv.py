@@ -220,6 +220,7 @@ def main_error(monkeypatch, capsys, *argv):
     (["--kv_quant_residual=8"], "applies to a quantized cache"),
     (["--kv_trim=kv.cache:keep_recent", "--kv_window=0"], "has no bound"),  # it would never be called
     (["--kv_quant=int4", "--kv_quant_group=-4"], "kv_quant_group must be an integer >= 1"),
+    (["--kv_quant=exercises.kv_quant:quantize", "--kv_quant_residual=8"], "not implemented yet: assignment 4"),  # a stub
 ])
 def test_bad_input_is_one_clear_line(ckpt_dir, monkeypatch, capsys, args, words):
     line = main_error(monkeypatch, capsys, f"--out_dir={ckpt_dir}", "--device=cpu", *args)

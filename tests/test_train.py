@@ -112,15 +112,22 @@ def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_
 
 def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_path):
     """TINY decays over 20 iterations: a run of 8 ends above min_lr, and the note gives the
-    rate its last iteration used (the optimizer's, in last.pt)."""
-    printed = train(data_dir, tmp_path / "o", "--max_iters=8")
-    lr = read_checkpoint(str(tmp_path / "o" / "last.pt"))["optimizer"]["param_groups"][0]["lr"]
-    assert f"note: this run's 8 iterations end at learning rate {lr:.2e}, not min_lr" in printed
-    assert printed.split("note: this run's 8")[1].splitlines()[0].endswith(": --lr_decay_iters=8 decays it")
-    assert "note: this run's" not in train(data_dir, tmp_path / "p", "--max_iters=20")
-    # a warm-up as long as the run: the way out names both
-    printed = train(data_dir, tmp_path / "q", "--max_iters=2", "--lr_decay_iters=2")
-    assert "--lr_decay_iters=2 --warmup_iters=1 decays it" in printed
+    rate its last iteration used (the optimizer's, in last.pt), and the rate the flags it
+    proposes end at (a run with them)."""
+    def last_lr(folder):
+        return read_checkpoint(str(folder / "last.pt"))["optimizer"]["param_groups"][0]["lr"]
+
+    for run, given, proposed in ((8, [], ["--lr_decay_iters=8"]),
+                                 (20, ["--warmup_iters=20"], ["--lr_decay_iters=20", "--warmup_iters=2"])):
+        printed = train(data_dir, tmp_path / f"o{run}", f"--max_iters={run}", *given)
+        line = printed.split(f"note: this run's {run} iterations end at learning rate ")[1].splitlines()[0]
+        assert line.startswith(f"{last_lr(tmp_path / f'o{run}'):.2e}, not min_lr")
+        assert line.split("; with ")[1].startswith(" ".join(proposed) + " it ends at ")
+        printed = train(data_dir, tmp_path / f"p{run}", f"--max_iters={run}", *given, *proposed)
+        assert line.endswith(f" it ends at {last_lr(tmp_path / f'p{run}'):.2e}") and "note: this run's" not in printed
+    # two iterations cannot both warm up and decay: no flags are proposed
+    printed = train(data_dir, tmp_path / "two", "--max_iters=2", "--lr_decay_iters=2")
+    assert "note: this run's 2 iterations end at" in printed and "; with " not in printed
 
 
 def test_the_next_command_of_a_linear_model_has_no_window(data_dir, tmp_path):
@@ -261,6 +268,15 @@ def test_a_finetune_schedule_fits_its_iterations_unless_flags_set_it(data_dir, b
         progress = (K - 1 - warmup) / (K - warmup)  # the fine-tune's last iteration, K - 1 of its schedule
         lr = 1e-4 + 0.5 * (1 + math.cos(math.pi * progress)) * (1e-3 - 1e-4)
         assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(lr, rel=1e-9)
+    # a warm-up longer than the fine-tune: the note gives the rate its last iteration reaches
+    out = tmp_path / "long_warmup"
+    shutil.copytree(base_run[0], out)
+    code, printed, err = run_in_process("train.py", *tiny, f"--dataset={data_dir}", f"--out_dir={out}", "--init_from=resume",
+                                        "--resume_checkpoint_name=last", "--resume_mode=finetune", "--max_iters=2",
+                                        "--warmup_iters=12")
+    assert code in (0, None), err
+    lr = read_checkpoint(str(out / "last.pt"))["optimizer"]["param_groups"][0]["lr"]
+    assert f"no cosine: the warm-up takes them all, the rate climbing to {lr:.2e} (learning_rate=" in printed
 
 
 def test_finetune_of_a_converted_model_writes_its_own_best(data_dir, base_run, tmp_path):
