@@ -193,12 +193,12 @@ def pick_threads(requested=0):
     threads wait for each other at every operation, many times slower than fewer threads."""
     if requested < 0:
         raise UserError(f"--threads must be 0 (chosen automatically) or a number of threads, got {requested}")
-    if requested > 0:
-        return requested, f"--threads={requested}"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested > 0:  # (more threads than CPUs only wait for each other: said on the device line)
+        return requested, f"--threads={requested}" + (f", more than the {cpus} CPU{'s' if cpus != 1 else ''}" if requested > cpus else "")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env), f"OMP_NUM_THREADS={env}"
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # runnable processes, last minute
     # the minute's average lags: work started seconds ago shows only in the processes running now
     load = max(load, running_others())

@@ -70,10 +70,11 @@ def test_work_started_seconds_ago_counts_before_the_average_shows_it(machine):
 
 def test_explicit_threads_then_omp_num_threads_win(machine, monkeypatch):
     machine(2, 6.0)
-    assert pick_threads(3) == (3, "--threads=3")
+    assert pick_threads(2) == (2, "--threads=2")
+    assert pick_threads(3) == (3, "--threads=3, more than the 2 CPUs")  # given, and said
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert pick_threads(0) == (2, "OMP_NUM_THREADS=2")
-    assert pick_threads(4) == (4, "--threads=4")  # the command line beats the environment
+    assert pick_threads(1) == (1, "--threads=1")  # the command line beats the environment
     monkeypatch.setenv("OMP_NUM_THREADS", "lots")  # not a number: ignored, as OpenMP ignores it
     assert pick_threads(0)[0] == 1
     with pytest.raises(UserError, match="--threads must be 0"):
@@ -96,7 +97,7 @@ def test_use_threads_sets_torch_and_says_thread_once(machine):
     try:
         assert utils.use_threads(0) == "1 thread (auto: 1 CPU, load 0.0)"
         assert torch.get_num_threads() == 1
-        assert utils.use_threads(2) == "2 threads (--threads=2)"
+        assert utils.use_threads(2) == "2 threads (--threads=2, more than the 1 CPU)"
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
