@@ -162,6 +162,9 @@ def train(held):
         model = GPT(GPTConfig(**model_args)).to(dev)
         ckpt, ckpt_path, mode, start_iter, end_iter, origin = None, None, "scratch", 0, max_iters, 0
         best_val_loss, changed, fresh_best = float("inf"), [], False
+        if eval_only or max_iters == 0:
+            print(f"{'eval_only' if eval_only else 'max_iters=0'}: the new, untrained model is evaluated once; "
+                  "nothing is trained or written")
     else:
         r = resume_run(config, given, defaults, dev, world_size)
         model, ckpt, ckpt_path, model_args, train_path, val_path = (

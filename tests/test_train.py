@@ -323,8 +323,10 @@ def test_eval_only_and_zero_iterations_write_nothing(data_dir, base_run, tmp_pat
     assert "val loss" in printed
     assert snapshot(out) == before
     fresh = tmp_path / "fresh"
-    train(data_dir, fresh, "--eval_only=True")
-    assert not fresh.exists()
+    for flag in ("--eval_only=True", "--max_iters=0"):
+        printed = train(data_dir, fresh, flag)
+        assert "the new, untrained model is evaluated once; nothing is trained or written" in printed
+        assert "iter 0: train loss" in printed and not fresh.exists()
 
 
 def test_user_errors_are_one_line(data_dir, tmp_path):
