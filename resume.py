@@ -192,12 +192,33 @@ def later_last(out_dir, ckpt_path, start_iter):
     later = saved_iteration(last)
     if later is None or later <= start_iter:
         return None
-    kept, n = os.path.join(out_dir, f"last_{later}.pt"), 1
-    while os.path.exists(kept):
-        n += 1
-        kept = os.path.join(out_dir, f"last_{later}_{n}.pt")
+    kept = free_name(out_dir, f"last_{later}")
     print(f"note: {last} (iteration {later}) is later than {ckpt_path} (iteration {start_iter}); this run keeps it "
           f"as {kept} when it writes its own last.pt (--resume_checkpoint_name=last resumes from it instead)")
+    return kept
+
+
+def earlier_best(out_dir):
+    """A resume whose val loss is not comparable with the checkpoint's (another model, context
+    or text) writes the best of its own run into ckpt.pt: the ckpt.pt there, the best from
+    before, must not be lost. Returns the free name ckpt_<its iteration>.pt that it moves to
+    when this run first writes ckpt.pt (None when there is none), after saying so."""
+    best = os.path.join(out_dir, "ckpt.pt")
+    at = saved_iteration(best)
+    if at is None:
+        return None
+    kept = free_name(out_dir, f"ckpt_{at}")
+    print(f"note: this run keeps {best} (iteration {at}, the best from before the change) as {kept} when it "
+          "writes its own ckpt.pt")
+    return kept
+
+
+def free_name(out_dir, stem):
+    """out_dir/stem.pt, or stem_2.pt, stem_3.pt, ... the first that does not exist."""
+    kept, n = os.path.join(out_dir, f"{stem}.pt"), 1
+    while os.path.exists(kept):
+        n += 1
+        kept = os.path.join(out_dir, f"{stem}_{n}.pt")
     return kept
 
 

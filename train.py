@@ -51,7 +51,7 @@ from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from plugins import import_function
-from resume import (OBJECTIVE_KEYS, incomparable, interrupted, later_last, objective_settings,
+from resume import (OBJECTIVE_KEYS, earlier_best, incomparable, interrupted, later_last, objective_settings,
                     restore_training_state, resume_schedule, rng_state, saved_iteration)
 from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
@@ -180,6 +180,7 @@ def train(held):
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
     set_aside = later_last(out_dir, ckpt_path, start_iter) if writes and master and ckpt is not None else None
+    best_aside = earlier_best(out_dir) if writes and master and fresh_best else None
     if writes and master:
         outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0)
     if xl_fn is not None and xl_mem:  # the user's XL step, tried on 2 bytes now, not after the first evaluation
@@ -229,7 +230,7 @@ def train(held):
     replaces = writes and master and init_from == "scratch" and overwrite
 
     def save(name):
-        nonlocal set_aside, replaces
+        nonlocal set_aside, best_aside, replaces
         diverged(lambda: not all(bool(torch.isfinite(p).all()) for p in model.parameters()), name)
         if not master:
             return 0.0
@@ -239,6 +240,9 @@ def train(held):
         if name == "last.pt" and set_aside:  # the later last.pt of the run resumed moves aside, not away
             os.replace(os.path.join(out_dir, "last.pt"), set_aside)
             set_aside = None
+        if name == "ckpt.pt" and best_aside:  # so does the best of the model before a change
+            os.replace(os.path.join(out_dir, "ckpt.pt"), best_aside)
+            best_aside = None
         t0 = time.time()
         os.makedirs(out_dir, exist_ok=True)
         save_checkpoint(os.path.join(out_dir, name), model, optimizer, model_args, config,

@@ -283,13 +283,18 @@ def test_finetune_of_a_converted_model_writes_its_own_best(data_dir, base_run, t
     """After a conversion (here MHA -> MQA) the checkpoint's best val loss is another model's:
     ckpt.pt must end up holding the converted model, not stay the old one."""
     out = copy_of(base_run, tmp_path)
-    old_best = read_checkpoint(str(out / "ckpt.pt"))["best_val_loss"]
+    before = read_checkpoint(str(out / "ckpt.pt"))
+    old_best = before["best_val_loss"]
     printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last",
                     "--n_kv_head=1", "--max_iters=2", "--eval_interval=1")
     assert "n_kv_head 2 -> 1" in printed and "not comparable" in printed
     assert "converted: n_kv_head 2 -> 1" in printed
     best = read_checkpoint(str(out / "ckpt.pt"))
     assert best["model_args"]["n_kv_head"] == 1 and best["iter_num"] > N
+    # the best from before the change is kept, as it was, beside it
+    kept = out / f"ckpt_{before['iter_num']}.pt"
+    assert f"keeps {out / 'ckpt.pt'} (iteration {before['iter_num']}, the best from before the change) as {kept}" in printed
+    assert (kept.read_bytes() == (base_run[0] / "ckpt.pt").read_bytes())
     vals = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): train loss [\d.]+, val loss ([\d.]+)", printed)}
     assert best["best_val_loss"] == pytest.approx(min(v for i, v in vals.items() if i > N), abs=1e-4)
     # an unchanged model keeps the best it had: a fine-tune that does not beat it leaves ckpt.pt alone
