@@ -26,7 +26,8 @@ from checkpoint import checkpoint_path, load_model, missing_checkpoint
 from configurator import configure
 from generate import generate_stream, static_decoder
 from kv.policy import KVOptions
-from utils import UserError, autocast_ctx, check_range, pick_device, pick_dtype, run_main, use_threads
+from utils import (UserError, autocast_ctx, check_range, memory_available, pick_device, pick_dtype, run_main,
+                   use_threads)
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote
@@ -78,6 +79,13 @@ def main():
                         "add --kv_window=N (e.g. --kv_window=64), or it is never called")
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)
+    need, free = least_memory(model, kv, len(prompt)), memory_available(dev)
+    if free is not None and need > free:
+        many = num_samples > 1
+        raise UserError(f"{num_samples} sample{'s' if many else ''} of {len(prompt):,} + {max_new_tokens:,} bytes "
+                        f"need{'' if many else 's'} at least {size(need)} on {dev}, and {size(free)} is free: "
+                        "lower --num_samples or --max_new_tokens"
+                        + (", or bound the cache (--kv_window=N)" if kv.kv_window <= 0 and kv.kv_evict == "none" else ""))
     ctx = autocast_ctx(dev, dt)
     # the samples run side by side, one batch of num_samples rows: on a small model 8 cost
     # about what 1 does. The first streams as it is generated, the others print when done.
@@ -123,6 +131,24 @@ def main():
         print(f"note: the peak is the {len(prompt)}-byte prompt, which the cache holds whole after reading it in "
               f"one pass (it evicts at the next step); the decode steps held at most {decode_peak:,} bits per "
               "sample", file=sys.stderr)
+
+
+def least_memory(model, kv, T):
+    """Bytes that num_samples samples of a T-byte prompt and max_new_tokens new bytes need at
+    the least: their KV caches (at most the bound's tokens, 16 bits a value; a quantized cache
+    counted at 2 bits, fewer than any format holds) and the prompt's logits, computed in one pass."""
+    c, size = model.config, 2
+    L = T + max_new_tokens
+    held = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
+    held = min(held, kv.kv_budget + 1) if kv.kv_evict != "none" else held
+    kv_bytes = 0 if c.no_kv_cache else -(-c.n_layer // c.kv_share) * 2 * c.kv_heads * c.head_dim * held * size
+    kv_bytes = kv_bytes // (4 * size) if kv.kv_quant != "none" else kv_bytes
+    return num_samples * (kv_bytes + T * c.vocab_size * size)
+
+
+def size(n_bytes):
+    """n_bytes in GiB, or in MiB below one GiB."""
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
 
 
 def read_prompt(text):

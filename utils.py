@@ -59,6 +59,9 @@ def run_main(fn, before_error=None):
             sys.exit(130)  # the user knows they pressed Ctrl-C; no traceback needed
         if isinstance(e, NotImplementedError):  # a plugged-in exercise stub the student has not written yet
             e = UserError(f"not implemented yet: {e} (python -m exercises.check all shows what is missing)")
+        elif out_of_memory(e):
+            e = UserError(f"out of memory ({' '.join(str(e).split())[:120]}): lower the sizes given (--batch_size, "
+                          "--block_size, --num_samples, --max_new_tokens, --n_streams, --stream_len, ...)")
         elif not isinstance(e, UserError):
             from plugins import plugin_error  # (plugins.py imports this module)
             e = plugin_error(e)
@@ -68,6 +71,15 @@ def run_main(fn, before_error=None):
         for line in getattr(e, "details", ()):
             print(line, file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def out_of_memory(e):
+    """Whether exception e says memory ran out (a CPU or GPU allocation, numpy's too, or a
+    tensor size past what can be counted)."""
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("can't allocate memory", "Storage size calculation overflowed", "out of memory"))
 
 
 def _fd(stream):
@@ -222,6 +234,22 @@ def use_threads(requested=0):
     n, reason = pick_threads(requested)
     torch.set_num_threads(n)
     return f"{n} thread{'s' if n != 1 else ''} ({reason})"
+
+
+def memory_available(dev):
+    """Bytes free for new tensors on device dev: CUDA's free memory, Linux's MemAvailable for
+    the CPU; None where it is not known (MPS, other systems)."""
+    try:
+        if dev.startswith("cuda"):
+            return torch.cuda.mem_get_info(torch.device(dev))[0]
+        if dev == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, ValueError, RuntimeError):
+        pass
+    return None
 
 
 def has_module(name, without):

@@ -137,3 +137,37 @@ def test_the_speed_printed_is_the_decode_steps_apart_from_the_prompt(out_dir, tm
     code, _, err = sample(f"--out_dir={out_dir}", f"--start=FILE:{prompt}", "--max_new_tokens=5")
     assert code in (0, None), err
     assert " tokens/s decoding (1 sample; the 300-byte prompt read in " in err
+
+
+def test_samples_that_cannot_fit_in_memory_are_one_line_before_any_work(out_dir, monkeypatch):
+    """The KV caches and the prompt's logits that the samples need at the least, against the
+    memory free (patched to 16 MiB): 1,000 samples of 104 bytes on this model (2 layers, K and
+    V of 2 heads x 16 channels, 16 bits) need 27 MiB; under a window of 8 bytes, or as 100
+    samples, they fit and run."""
+    import utils
+    monkeypatch.setattr(utils, "memory_available", lambda dev: 2 ** 24)
+    code, out, err = sample(f"--out_dir={out_dir}", "--num_samples=1000", "--max_new_tokens=100")
+    need = 1000 * (2 * 2 * 2 * 16 * 104 * 2 + 4 * 256 * 2)
+    assert code == 2 and out == "" and err.strip().splitlines()[-1] == (
+        f"error: 1000 samples of 4 + 100 bytes need at least {need / 2**20:,.1f} MiB on cpu, and 16.0 MiB is free: "
+        "lower --num_samples or --max_new_tokens, or bound the cache (--kv_window=N)")
+    for fits in (["--num_samples=100"], ["--num_samples=1000", "--kv_window=8"]):
+        code, out, err = sample(f"--out_dir={out_dir}", "--max_new_tokens=100", *fits)
+        assert code in (0, None) and "error" not in err, err
+
+
+def test_memory_that_runs_out_anyway_is_one_line():
+    """An allocation that fails (numpy's, the CPU allocator's, a size past counting) is one
+    line and exit 2; any other RuntimeError is a bug of ours, with its traceback."""
+    import utils
+    for e in (MemoryError("Unable to allocate 48.4 GiB"),
+              RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 2560000001024 bytes"),
+              RuntimeError("Storage size calculation overflowed with sizes=[1, 1000000000000000000]")):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
+            utils.run_main(lambda: (_ for _ in ()).throw(e))
+        assert stop.value.code == 2 and err.getvalue().count("\n") == 1
+        assert err.getvalue().startswith("error: out of memory (") and "lower the sizes given" in err.getvalue()
+    with pytest.raises(RuntimeError, match="a bug"):
+        utils.run_main(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
