@@ -195,12 +195,23 @@ class Impl:
         return self.specs[name]
 
 
-def where_it_broke(exc):
-    """file:line of the innermost frame in exercises/ or the module under test, if any."""
+def user_frame(exc):
+    """The innermost frame in exercises/ or the module under test, if any (else the innermost)."""
     frames = traceback.extract_tb(exc.__traceback__)
     mine = [f for f in frames if os.path.abspath(f.filename) not in OWN_FILES and "site-packages" not in f.filename]
-    frame = (mine or frames)[-1]
+    return (mine or frames)[-1]
+
+
+def where_it_broke(exc):
+    """file:line of the innermost frame in exercises/ or the module under test, if any."""
+    frame = user_frame(exc)
     return f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno}"
+
+
+def not_implemented(names):
+    """A TODO's message, naming the functions that still raise NotImplementedError: with
+    quantize written, dequantize may be the one left."""
+    return " and ".join(sorted(names)) + " not implemented yet"
 
 
 def where_import_broke(exc):
@@ -222,7 +233,7 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
         impl = Impl(exercise, module, reference)
     except (Exception, SystemExit) as e:  # a missing module or function, or the module's own code failed
         name, place = module or "exercises." + exercise.name, where_import_broke(e)
-        if place is None or isinstance(e, (ImportError, SyntaxError)):  # (a syntax error names its line)
+        if place is None or isinstance(e, SyntaxError):  # (a syntax error names its line)
             hint = (" (--module takes a module name importable from here, e.g. mywork.trim, or a file: "
                     "--module=mywork/trim.py)") if isinstance(e, ModuleNotFoundError) and module else ""
             out(f"{exercise.name}: cannot import {name}: {type(e).__name__}: {e}{hint}")
@@ -232,26 +243,35 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
                 f"({place}): {message}")
         return [(c.title, "FAIL", "does not import") for c in exercise.checks]
     out(f"{exercise.name} (assignment {exercise.number}, {exercise.title}): {impl.where}")
-    todo = set()
+    todo = {}  # function -> the function that still raises NotImplementedError when it is called
     for name in exercise.functions:
         try:
             PROBES[name](impl)
-        except NotImplementedError:
-            todo.add(name)
+        except NotImplementedError as e:
+            todo[name] = user_frame(e).name
         except Exception:
             pass  # the checks will say what is wrong
-    results, failed = [], set()
-    ctx = {"reported": {}}  # what one check learns for the next ones (e.g. the normalisation used)
+    # unfinished: the same, met by a check although the probe ran (quantize written, dequantize
+    # still the stub): the slow checks of that function would only meet it again
+    results, failed, unfinished = [], set(), {}
+    # what one check learns for the next ones (e.g. the normalisation used; the functions whose
+    # checks failed, so that a check of two functions can tell which one was already reported)
+    ctx = {"reported": {}, "failed": failed}
     for check in exercise.checks:
         if skip_slow and check.slow:
             continue
         t0 = time.time()
-        if todo & set(check.uses):
-            status, msg = "TODO", "not implemented yet"
+        waiting = {todo[f] for f in check.uses if f in todo}
+        if check.slow:
+            waiting |= {unfinished[f] for f in check.uses if f in unfinished}
+        if waiting:
+            status, msg = "TODO", not_implemented(waiting)
         elif check.slow and failed & set(check.uses):
             status, msg = "SKIP", "fix the failures above first"
         else:
             status, msg = run_check(check, impl, ctx)
+            if status == "TODO":
+                unfinished.update(dict.fromkeys(check.uses, ctx["unfinished"]))
         if status in ("FAIL", "SKIP"):
             failed.update(check.uses)
         took = time.time() - t0
@@ -273,8 +293,9 @@ def run_check(check, impl, ctx):
     try:
         detail = check.fn(impl, ctx)
         return "PASS", detail or ""
-    except NotImplementedError:
-        return "TODO", "not implemented yet"
+    except NotImplementedError as e:
+        ctx["unfinished"] = user_frame(e).name  # for the slow checks of the same functions
+        return "TODO", not_implemented({ctx["unfinished"]})
     except Skipped as e:
         return "SKIP", str(e)
     except (Failed, UserError) as e:  # UserError: a plug-in point refused the function
@@ -332,6 +353,18 @@ def module_of_file(path, error):
     return name
 
 
+def module_exists(name):
+    """Whether --module=name names a module that can be found (its parent packages are imported
+    to look: one of them that fails for another reason counts as found, and its error is
+    reported with the checks)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError as e:  # a parent package is missing, or is a module, not a package
+        return not (e.name and (name == e.name or name.startswith(e.name + ".")))
+    except (Exception, SystemExit):
+        return True
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m exercises.check", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("name", help="all, " + ", ".join(EXERCISES) + ", or an assignment number 1..4")
@@ -353,6 +386,9 @@ def main(argv=None):
         parser.error("--reference checks the project's code; --module checks yours: pick one")
     if args.module and (args.module.endswith(".py") or "/" in args.module or os.sep in args.module):
         args.module = module_of_file(args.module, parser.error)
+    elif args.module and not module_exists(args.module):
+        parser.error(f"--module={args.module}: no such module here; give a module name importable from here "
+                     "(mywork.trim) or a file (mywork/trim.py)")
     torch.set_num_threads(1)  # tiny models: more threads only wait for each other
     ok = run(names, args.module, args.reference)
     return 0 if ok else 1

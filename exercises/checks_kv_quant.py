@@ -85,8 +85,13 @@ def code_format(payload, n):
     return (codes.dtype if codes.dtype in FP8 else "int"), max(2, min(8, round(8 * codes.size(-1) / n)))
 
 
-def describe(kind, bits):
-    return f"{str(kind).replace('torch.', '')} codes" if kind != "int" else f"{bits}-bit integer codes"
+def describe(kind, bits, payload=None):
+    """The format in words; given the payload, codes in no 8-bit dtype (float32 ones) are named as
+    they are: they are only judged as 8-bit integer codes (rule 2's check fails them)."""
+    name = f"{str(kind).replace('torch.', '')} codes" if kind != "int" else f"{bits}-bit integer codes"
+    if payload is not None and not any(t.element_size() == 1 for t in payload):
+        return f"{str(payload[codes_index(payload)].dtype).replace('torch.', '')} codes, judged as {name}"
+    return name
 
 
 def plain_quantizer(kind, bits):
@@ -244,7 +249,7 @@ def check_quant_levels(impl, ctx):
             hint += "; if you meant 4-bit codes, pack two per byte (a uint8 holding one code counts 8 bits)"
         raise Failed(f"{levels} distinct values come back from a ramp of {x.unique().numel()} values between -1 "
                      f"and 1, where {describe(kind, bits)} resolve {full}: {hint}")
-    return f"{levels} levels on a ramp ({describe(kind, bits)})"
+    return f"{levels} levels on a ramp ({describe(kind, bits, payload)})"
 
 
 def check_quant_bias(impl, ctx):
@@ -294,8 +299,8 @@ def check_quant_error(impl, ctx):
     expect(mean <= bound_mean, f"relative RMS error {mean:.2g} on average ({plain}; allowed {bound_mean:.2g}): "
            "rows range from 0.01 to 100 in size: a scale per row (or group) from its absmax, all levels used, "
            "rounding to nearest")
-    return (f"relative RMS error {mean:.2g} on average, {worst:.2g} in the worst row ({desc}; allowed "
-            f"{bound_mean:.2g} and {bound_worst:.2g})")
+    return (f"relative RMS error {mean:.2g} on average, {worst:.2g} in the worst row "
+            f"({describe(kind, bits, payload)}; allowed {bound_mean:.2g} and {bound_worst:.2g})")
 
 
 def check_quant_rows(impl, ctx):

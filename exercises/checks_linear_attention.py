@@ -76,8 +76,8 @@ def mistakes(q, k, v, mask):
          "(layer_norm hides it on large outputs, not on small ones)", 2),
         ([(w * mask) @ v], "y is not normalised: F.layer_norm(num, (hs,)), or num / (den + eps)", 3),
         (normalised(w), "y ignores the mask: multiply the weights by it (att * mask)", 4),
-        (normalised(w * causal(T, S)), "y follows a causal triangle of its own, not the mask it is given (which "
-         "may also hide a window's old keys, or another text's)", 4),
+        (normalised(w * causal(T, S)), "y follows a causal triangle of its own, not the mask it is given: that "
+         "mask may also hide a window's old keys, or another text's", 4),
     ]
 
 
@@ -103,12 +103,15 @@ def check_linear_formula(impl, ctx):
         best = min(errs, key=errs.get)
         if errs[best] >= 1e-3:
             for outputs, wrong, rule in mistakes(q, k, v, mask):
-                expect(min(max_err(y, o) for o in outputs) >= 1e-3, f"T={T}, S={S}: {wrong}; {see(3, rule)}")
+                if min(max_err(y, o) for o in outputs) < 1e-3:
+                    if rule == 4:  # the mask checks below fail for it
+                        raise Skipped(f"T={T}, S={S}: {wrong.split(':')[0]} (see below), so the formula cannot "
+                                      "be told")
+                    raise Failed(f"T={T}, S={S}: {wrong}; {see(3, rule)}")
             open_mask = torch.ones_like(mask)
-            expect(max_err(call_attention(impl, q, k, v, open_mask), y) >= 1e-6, f"T={T}, S={S}: y stays the "
-                   "same when the mask lets every key through: it follows a mask of its own, not the mask it is "
-                   "given (tril(ones(T, S)) is causal only when T = S); multiply the weights by the mask you are "
-                   f"given; {see(3, 4)}")
+            if max_err(call_attention(impl, q, k, v, open_mask), y) < 1e-6:
+                raise Skipped(f"T={T}, S={S}: y stays the same when the mask lets every key through: it follows a "
+                              "mask of its own (see below), so the formula cannot be told")
             raise Failed(f"T={T}, S={S}, values of size {size:g}: y is not (phi(q) phi(k)^T * mask) v normalised "
                          f"(relative error {errs['layernorm']:.2g} vs layer_norm, {errs['denominator']:.2g} vs the "
                          "denominator); phi(x) = elu(x) + 1, no softmax, no 1/sqrt(hs), each position normalised "
@@ -126,7 +129,8 @@ def check_linear_causal(impl, ctx):
         k2[:, :, t + 1:] += randn(*k2[:, :, t + 1:].shape, seed=t + 10) * 3
         v2[:, :, t + 1:] += randn(*v2[:, :, t + 1:].shape, seed=t + 20) * 3
         y2 = call_attention(impl, q, k2, v2, causal(7, 7))
-        expect(torch.allclose(y2[:, :, :t + 1], y[:, :, :t + 1], atol=1e-5),
+        ctx["leaks"] = not torch.allclose(y2[:, :, :t + 1], y[:, :, :t + 1], atol=1e-5)  # for the mask check
+        expect(not ctx["leaks"],
                f"the output at position {t} changed when only later keys/values changed: "
                "the future leaks in; zero the weights where the mask is False, and normalise each position "
                "on its own (over hs only, not over T)")
@@ -138,6 +142,9 @@ def check_linear_mask(impl, ctx):
     mask = window_mask(B, T, S)
     y = call_attention(impl, q, k, v, mask)
     skip_if_not_finite(y, ctx, "whether hidden keys leak in")
+    if ctx.get("leaks") and max_err(call_attention(impl, q, k, v, torch.ones_like(mask)), y) < 1e-6:
+        raise Skipped("y does not change with the mask it is given, which lets the future leak in (see above), "
+                      "so whether it follows a window's mask cannot be told")
     for b in range(B):
         for t in range(T):
             hidden = ~mask[b, 0, t]
@@ -147,7 +154,8 @@ def check_linear_mask(impl, ctx):
             y2 = call_attention(impl, q, k2, v2, mask)
             expect(torch.allclose(y2[b, :, t], y[b, :, t], atol=1e-5),
                    f"row {b}, query {t}: the output depends on keys the mask hides (a window, a sink, "
-                   "another text): use the mask you are given, not your own triangle")
+                   "another text): use the mask you are given, not your own triangle (tril(ones(T, S)) is "
+                   "causal only when T = S)")
 
 
 def check_linear_grads(impl, ctx):
@@ -257,6 +265,7 @@ def check_recurrent_shapes(impl, ctx):
 def check_recurrent_state(impl, ctx):
     q, k, v, S0, z0 = recurrent_inputs()
     S, z = S0.clone(), z0.clone()
+    ctx["state_wrong"] = True  # until every expectation below holds: the later checks step aside
     call_recurrent(impl, q, k, v, S, z)
     expect(not torch.equal(S, S0), "S did not change: update it in place (S += ...), the caller keeps only S and z")
     want = S0 + k.transpose(-2, -1) @ v
@@ -272,12 +281,32 @@ def check_recurrent_state(impl, ctx):
     expect_close(S, want, "S after T tokens", "S += phi(k_t) v_t^T (outer product) per token")
     expect(not torch.equal(z, z0), "z did not change: z += phi(k_t) for each token, in place")
     expect_close(z, z0 + k.sum(2), "z after T tokens", "z += phi(k_t) per token, from the z it is given")
+    ctx["state_wrong"] = False
+
+
+def reads_own_state(impl, q, k, v, S0, z0):
+    """Whether recurrent_step, fed one token at a time, reads out num = q_t^T S and den = q_t . z
+    with the S and z it leaves behind (right or wrong): then a wrong read-out is the state's fault.
+    A call that changes neither S nor z in place shows nothing of the state it read."""
+    S, z = S0.clone(), z0.clone()
+    for t in range(q.size(2)):
+        before = S.clone(), z.clone()
+        num, den = call_recurrent(impl, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], S, z)
+        if torch.equal(S, before[0]) and torch.equal(z, before[1]):
+            return False
+        if max(max_err(num[:, :, 0], (q[:, :, t, :, None] * S).sum(-2)),
+               max_err(den[:, :, 0, 0], (q[:, :, t] * z).sum(-1))) > 1e-4:
+            return False
+    return True
 
 
 def check_recurrent_parallel(impl, ctx):
     q, k, v, S0, z0 = recurrent_inputs(T=13)
     num, den = call_recurrent(impl, q, k, v, S0.clone(), z0.clone())
     ref_num, ref_den = attention_linear.linear_parallel(q, k, v, S0, z0)
+    wrong = max(max_err(num, ref_num), max_err(den, ref_den)) > 1e-4
+    if wrong and ctx.get("state_wrong") and reads_own_state(impl, q, k, v, S0, z0):
+        raise Skipped("S or z is updated wrongly (see above), so the read-out cannot be compared with the reference")
     qk = (q * k).sum(-1, keepdim=True)  # what token t adds to its own read-out
     expect(max_err(num, ref_num - qk * v) > 1e-4 or max_err(den, ref_den - qk) > 1e-4,
            "num and den are read out before token t is added: add it to S and z first, then read out with q_t")
@@ -289,8 +318,11 @@ def check_recurrent_parallel(impl, ctx):
     # fed in pieces, the state carries everything
     S, z = S0.clone(), z0.clone()
     parts = [call_recurrent(impl, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], S, z) for a, b in ((0, 5), (5, 6), (6, 13))]
-    expect_close(torch.cat([p[0] for p in parts], 2), ref_num, "num fed 5 + 1 + 7 tokens",
-                 "the state must carry the history between calls")
+    pieces = torch.cat([p[0] for p in parts], 2)
+    if ctx.get("state_wrong") and max_err(pieces, ref_num) > 1e-4:  # right in one call: S, z carry it wrong
+        raise Skipped("S or z is not updated as it should be (see above), so what the state carries between "
+                      "calls cannot be told")
+    expect_close(pieces, ref_num, "num fed 5 + 1 + 7 tokens", "the state must carry the history between calls")
     return "in one call and in pieces"
 
 
@@ -312,6 +344,10 @@ def check_recurrent_matches_attention(impl, ctx):
         max_err(y, r) for r in (F.layer_norm(num_ref, (hs,)), num_ref / (den_ref + attention_linear.EPS))) < 1e-3
     recurrent_ok = num.shape == num_ref.shape and den.shape == den_ref.shape and max(
         max_err(num, num_ref), max_err(den, den_ref)) < 1e-3
+    blamed = [name for name, ok in (("attention", attention_ok), ("recurrent_step", recurrent_ok)) if not ok]
+    if all(name in ctx.get("failed", ()) for name in blamed):  # their own checks above met the mistake
+        raise Skipped(f"your {'() and your '.join(blamed)}() differ{'s' if len(blamed) == 1 else ''} from the "
+                      "formula already (see above), so whether the two agree cannot be told")
     at_fault = ("your attention() (your recurrent_step() gives the reference's num and den)" if recurrent_ok else
                 "your recurrent_step() (your attention() gives the reference's outputs)" if attention_ok else
                 "both")

@@ -8,7 +8,8 @@ context than one block, while gradients still stop at the block boundary (trunca
 backpropagation through time). The memory must stay bounded: at most mem_len tokens.
 
 Try it (every softmax layer calls your function once per step, see kv.xl.XLMemory):
-    python train.py config/train_shakespeare_char_cpu.py --xl_mem=64 --xl_update=exercises.xl_memory:xl_step
+    python train.py config/train_shakespeare_char_cpu.py --out_dir=out-xl --block_size=64 --xl_mem=192 \
+        --xl_update=exercises.xl_memory:xl_step
 Check it:
     python -m exercises.check xl_memory
 """

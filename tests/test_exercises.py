@@ -117,6 +117,7 @@ def test_untouched_stubs_report_not_implemented():
     assert "Traceback" not in proc.stdout + proc.stderr
     lines = [l.strip() for l in proc.stdout.splitlines() if l.startswith("  ") and not l.startswith("  ->")]
     assert lines and all(l.startswith("TODO") and l.endswith("not implemented yet") for l in lines), proc.stdout
+    assert "keep_recent not implemented yet" in proc.stdout and "dequantize not" not in proc.stdout, proc.stdout
     assert "0 passed, 0 failed" in proc.stdout.splitlines()[-1]
 
 
@@ -163,3 +164,22 @@ def test_another_crash_is_still_reported(exercise_checks):
         """)
     failed = [msg for _, status, msg in results if status == "FAIL"]
     assert len(failed) == 2 and "ValueError: twenty" in failed[0] and "ValueError" not in failed[1], printed
+
+
+def test_a_module_that_does_not_exist_is_a_usage_error():
+    """--module names no module to be found: one line and exit code 2, as a missing file gets."""
+    for name in ("mywork.nonexist", "nonexist_module_xyz"):
+        proc = run_script("-m", "exercises.check", "kv_window", f"--module={name}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+        assert f"--module={name}: no such module" in proc.stderr and proc.stdout == "", proc.stdout + proc.stderr
+
+
+def test_a_module_that_imports_a_missing_one_is_named_with_its_place(tmp_path):
+    """The module is there; an import inside it fails: reported as the module's own error, at
+    its line, not as a --module that cannot be found."""
+    (tmp_path / "plug.py").write_text("import torch\nimport no_such_package_xyz\n")
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'plug.py'}")
+    first = proc.stdout.splitlines()[0]
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert f"your module raised ModuleNotFoundError at import ({tmp_path / 'plug.py'}:2)" in first, first
+    assert "--module takes" not in first, first

@@ -246,3 +246,28 @@ def test_one_scale_for_the_whole_tensor_fails_the_per_row_rule(exercise_checks):
     results, printed = exercise_checks(*WRONG["one scale for the whole tensor"][:2])
     assert [status for t, status, _ in results if t == BIAS] == ["SKIP"], printed
     assert "'Assignment 4a, rule 5'" in printed and "amax" not in printed, printed
+
+
+def test_a_dequantize_left_as_the_stub_is_named_and_stops_the_model_check(exercise_checks):
+    """quantize written, dequantize still raising NotImplementedError: the checks that call it
+    say TODO and name dequantize, and the slow model check does not run to meet it again."""
+    source = INT8_OK.replace("return codes.float() * scale.float()",
+                             "raise NotImplementedError('implement dequantize in exercises/kv_quant.py')")
+    results, printed = exercise_checks("kv_quant", source, slow=True)
+    statuses = {title: (status, msg) for title, status, msg in results}
+    assert statuses["bits per value, scales included (at most 9)"][0] == "PASS", printed
+    todo = [(title, msg) for title, status, msg in results if status == "TODO"]
+    assert len(todo) == len(results) - 1 and all(msg == "dequantize not implemented yet" for _, msg in todo), printed
+    assert statuses["trained model with your --kv_quant cache"][0] == "TODO", printed
+
+
+def test_float32_codes_are_not_called_integer_codes(exercise_checks):
+    """Codes left in float32 fail the bits rule; the checks that pass them say what they are."""
+    source = INT8_OK.replace("torch.round(x / scale).to(torch.int8)", "torch.round(x / scale)")
+    results, printed = exercise_checks("kv_quant", source)
+    statuses = {title: (status, msg) for title, status, msg in results}
+    assert statuses["bits per value, scales included (at most 9)"][0] == "FAIL", printed
+    status, msg = statuses["the codes' levels are used (a ramp from -1 to 1)"]
+    assert status == "PASS" and "(float32 codes, judged as 8-bit integer codes)" in msg, printed
+    for _, status, msg in results:
+        assert status != "PASS" or "(8-bit integer codes" not in msg, printed

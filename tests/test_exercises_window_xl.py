@@ -225,6 +225,20 @@ def test_false_sinks_fail_the_sink_rule_alone(what, exercise_checks):
     assert "'Assignment 1, rule 3'" in printed, printed
 
 
+@pytest.mark.parametrize("what", ["sinks by place in the cache", "sinks up to kv_sink included"])
+def test_false_sinks_next_to_a_window_one_too_wide_still_fail_the_sink_rule(what, exercise_checks):
+    """Two mistakes: tokens kept as sinks that are none, and one token too many at the window's
+    edge. The edge token does not hide the false sinks from the sink check (rule 3), and the
+    budget check names the edge (rule 4): each mistake fails its own check."""
+    source = WRONG[what][1].replace("pos[-1] - kv_window + 1", "pos[-1] - kv_window")
+    results, printed = exercise_checks("kv_window", source)
+    failed = {t: msg for t, status, msg in results if status == "FAIL"}
+    assert list(failed) == ["keeps the kv_sink first tokens of the text",
+                            "drops everything else (at most kv_window + kv_sink tokens)"], printed
+    assert WRONG[what][3] in failed["keeps the kv_sink first tokens of the text"], printed
+    assert "one token too many" in failed["drops everything else (at most kv_window + kv_sink tokens)"], printed
+
+
 @pytest.mark.parametrize("what", ["one too many at the window's edge", "sinks up to kv_sink included",
                                   "sinks by place in the cache", "joins two slices", "positions left untrimmed",
                                   "selects along the last axis"])
