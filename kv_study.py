@@ -245,6 +245,12 @@ def study():
     x, y = load_val(config, base_path, n_streams, stream_len)
     step = chunk or block
     settings = grid(block, quick)
+    # every row on 2 bytes of the base: a setting no variant can hold (a kv_quant_group that
+    # does not divide the head size) is one line now, not after the fine-tunes
+    ref = eval_kv.reference_options(config, "natural", say=lambda s: None)
+    dry = settings + (exact_grid(block, quick) if evict_chunk else [])
+    eval_kv.evaluate(base_model.eval(), x[:1, :2], y[:1, :2], [s for s in dry if s != ref], 1, ref, block,
+                     dtype=eval_kv.DTYPES[dtype])
     eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --dtype={dtype} "
                 f"{shlex.quote('--baseline=' + base_path)}")
     rows, t0, spent = [], time.time(), {"fine-tune": [], "evaluation": []}  # seconds of each done here
