@@ -222,9 +222,9 @@ def free_name(out_dir, stem):
     return kept
 
 
-def interrupted(out_dir, iter_num, start_iter, origin):
-    """After Ctrl-C: say what last.pt holds and how to go on; exit 130 (128 + SIGINT, as a
-    shell reports Ctrl-C)."""
+def interrupted(out_dir, iter_num, start_iter, origin, signum=2):
+    """After Ctrl-C or SIGTERM: say what last.pt holds and how to go on; exit 128 + the
+    signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports them."""
     last = os.path.join(out_dir, "last.pt")
     if iter_num == start_iter:
         print("interrupted before the first iteration of this run; nothing was written", flush=True)
@@ -235,4 +235,4 @@ def interrupted(out_dir, iter_num, start_iter, origin):
         args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
         print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
               f"python train.py {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last", flush=True)
-    raise SystemExit(130)
+    raise SystemExit(128 + signum)

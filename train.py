@@ -21,7 +21,7 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
     python train.py config/train_shakespeare_char.py --init_from=resume --block_size=1024 --max_iters=200
   resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b);
   --resume_mode=continue or --resume_mode=finetune forces one.
-Ctrl-C stops after the current iteration and writes last.pt; the line it prints resumes (a).
+Ctrl-C (or SIGTERM) stops after the current iteration and writes last.pt; the line it prints resumes (a).
 Only compute the val loss of a checkpoint (writes nothing; --eval_only=True does the same):
     python train.py config/train_shakespeare_char.py --init_from=resume --max_iters=0 --eval_interval=1
 Several GPUs (DistributedDataParallel; gloo instead of nccl on CPUs), and several nodes:
@@ -347,7 +347,7 @@ def train(held):
         save("last.pt")  # always, so that a resume continues exactly from here
     tb.close()
     if stop.asked:
-        interrupted(out_dir, iter_num, start_iter, origin)
+        interrupted(out_dir, iter_num, start_iter, origin, stop.asked)
     best = f"at iteration {best_iter}" if best_iter is not None else "from before this run (not improved)"
     print(f"done: {iter_num - start_iter} iterations in {clock(time.time() - t_begin)}; best val loss "
           f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in

@@ -364,31 +364,34 @@ def fsync_dir(folder):
 
 
 class StopAfterStep:
-    """Ctrl-C (SIGINT) during the training loop: the first asks the loop to stop after the
-    iteration it is in, so that last.pt is written at a clean step and a resume continues
-    exactly from it; a second stops at once. Off under DDP (every rank would have to agree
-    on the step), outside the main thread (no signal handlers there), and in a process started
-    with Ctrl-C ignored (`nohup`, `&` in a script): whoever started it chose that."""
+    """Ctrl-C (SIGINT) or SIGTERM (`kill`, a job scheduler's notice) during the training loop:
+    the first asks the loop to stop after the iteration it is in, so that last.pt is written
+    at a clean step and a resume continues exactly from it; a second stops at once. `asked`:
+    the signal's number, or 0. Off under DDP (every rank would have to agree on the step, and
+    torchrun stops its processes itself), outside the main thread (no signal handlers there),
+    and for a signal the process was started with ignored (`nohup`, `&` in a script): whoever
+    started it chose that."""
 
     def __init__(self, enabled=True):
-        self.asked = False
-        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
-                        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
+        self.asked = 0
+        main = threading.current_thread() is threading.main_thread()
+        self.signals = [s for s in (signal.SIGINT, signal.SIGTERM)
+                        if enabled and main and signal.getsignal(s) is not signal.SIG_IGN]
 
     def __enter__(self):
-        if self.enabled:
-            self.previous = signal.signal(signal.SIGINT, self._handler)
+        self.previous = {s: signal.signal(s, self._handler) for s in self.signals}
         return self
 
     def __exit__(self, *exc):
-        if self.enabled:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handler(self, signum, frame):
         if self.asked:
             raise KeyboardInterrupt
-        self.asked = True
-        print("\nCtrl-C: stopping after this iteration and writing last.pt (Ctrl-C again to stop at once)",
+        self.asked = signum
+        what, again = ("Ctrl-C", "Ctrl-C again") if signum == signal.SIGINT else ("SIGTERM", "a second signal")
+        print(f"\n{what}: stopping after this iteration and writing last.pt ({again} to stop at once)",
               file=sys.stderr, flush=True)
 
 

@@ -6,6 +6,8 @@ process (conftest.train), which saves importing torch again each time.
 
     python -m pytest -q tests/test_train.py
 """
+import contextlib
+import io
 import math
 import os
 import re
@@ -151,31 +153,37 @@ def test_the_next_command_names_a_plugin_attention(data_dir, tmp_path):
                                                 "--attention=attention_linear:linear_attention")
 
 
-def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, monkeypatch):
-    """Ctrl-C in iteration 3 (between log steps): the run stops after that iteration with
-    last.pt written and the command to go on; going on equals the uninterrupted run."""
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, monkeypatch, signame):
+    """Ctrl-C (or SIGTERM, as `kill` or a job scheduler sends it) in iteration 3 (between log
+    steps): the run stops after that iteration with last.pt written and the command to go on,
+    exit 128 + the signal; going on equals the uninterrupted run."""
     import signal
     import loader
+    signum = getattr(signal, signame)
     calls = {"n": 0}
     real_next = loader.ByteLoader.next
 
-    def next_with_ctrl_c(self):
-        calls["n"] += signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # in the training loop
+    def next_with_signal(self):
+        calls["n"] += signal.getsignal(signum) not in (signal.default_int_handler, signal.SIG_DFL)  # in the loop
         if calls["n"] == 3:  # the third training batch
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return real_next(self)
 
     split = tmp_path / "split"
-    monkeypatch.setattr(loader.ByteLoader, "next", next_with_ctrl_c)
+    monkeypatch.setattr(loader.ByteLoader, "next", next_with_signal)
     # as in a terminal: pytest started in the background of a script inherits Ctrl-C ignored
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    printed = io.StringIO()
     try:
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(printed):
             train(data_dir, split, f"--max_iters={N + 3}")
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
     monkeypatch.undo()
-    assert e.value.code == 130
+    assert e.value.code == 128 + signum
+    said = "Ctrl-C" if signame == "SIGINT" else "SIGTERM"
+    assert f"{said}: stopping after this iteration and writing last.pt" in printed.getvalue()
     assert read_checkpoint(str(split / "last.pt"))["iter_num"] == 3
     printed = train(data_dir, split, f"--max_iters={N + 3}", "--init_from=resume", "--resume_checkpoint_name=last")
     assert "chose 'continue'" in printed
