@@ -75,6 +75,11 @@ def missing_checkpoint(path, option="checkpoint_name"):
     return UserError(f"checkpoint {path} not found; {folder} holds {', '.join(held)}: name one with {pick(held[0])}")
 
 
+# settings of a checkpoint's config that sample.py, eval_kv.py, kv_study.py and a resume read
+CONFIG_KINDS = {"dataset": str, "block_size": int, "xl_mem": int, "max_iters": int, "kv_quant": str,
+                "kv_quant_group": int, "kv_quant_keys": str, "learning_rate": (int, float), "n_layer": int}
+
+
 def read_checkpoint(path, option="checkpoint_name"):
     """The checkpoint dict at path (tensors on the CPU), its layout and checksums checked;
     or one clear UserError that names the file (option: the setting that named it)."""
@@ -107,6 +112,11 @@ def read_checkpoint(path, option="checkpoint_name"):
                        ("crc32", dict)):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], kinds):
             raise UserError(f"{path} is corrupt: its {key!r} is a {type(ckpt[key]).__name__}")
+    for key, kinds in CONFIG_KINDS.items():  # the settings other scripts read from it
+        value = (ckpt.get("config") or {}).get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            kind = {str: "a string", int: "a whole number"}.get(kinds, "a number")
+            raise UserError(f"{path} is corrupt: its config says {key}={value!r}, which is not {kind}")
     bad = [k for k, v in ckpt["model"].items() if not (isinstance(k, str) and torch.is_tensor(v))]
     if bad:
         raise UserError(f"{path} is corrupt: model entry {bad[0]!r} is not a named tensor")
@@ -189,7 +199,7 @@ def _saved_config(saved, sd, path):
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in GPT(plain).state_dict().items()}
-    except UserError as e:
+    except (UserError, ValueError) as e:  # (ValueError: torch's own checks, e.g. a dropout of -1)
         raise UserError(f"{path}: its model_args describe no model this code can build ({e})") from None
     got = {k: tuple(v.shape) for k, v in sd.items()}
     if got != expected:

@@ -231,3 +231,17 @@ def test_a_nanogpt_checkpoint_is_named_not_called_corrupt(tmp_path, change):
         load_model(str(tmp_path / "ckpt.pt"))
     assert ("transformer.wpe" if change == "wpe" else "a vocabulary of 65 tokens") in str(info.value)
     assert "corrupt" not in str(info.value)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (dict(model_args={"n_layer": 2, "n_head": 4, "n_embd": 32, "bias": False, "dropout": -1.0}),
+     "describe no model this code can build (dropout probability"),
+    (dict(config={"dataset": 5}), "its config says dataset=5, which is not a string"),
+    (dict(config={"block_size": "x"}), "its config says block_size='x', which is not a whole number"),
+])
+def test_settings_no_run_writes_are_one_clear_error(tmp_path, edit, words):
+    """A file without checksums (another program's) whose settings no training run writes:
+    one UserError naming them, not a ValueError or TypeError where they are first used."""
+    save_tutorial_layout(tmp_path / "odd.pt", tiny(), **edit)
+    with pytest.raises(UserError, match=words.replace("(", r"\(")):
+        load_model(str(tmp_path / "odd.pt"))
