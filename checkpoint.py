@@ -103,6 +103,9 @@ def read_checkpoint(path, option="checkpoint_name"):
     except Exception as e:  # whatever a damaged file makes the reader raise (KeyError, IndexError, ...)
         raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); use another "
                         "checkpoint or retrain") from None
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        raise UserError(f"{path} holds weights alone (a state_dict, as torch.save(model.state_dict()) writes), "
+                        "without the model_args that say which model they fit; save both (train.py's checkpoints do)")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("model_args"), dict):
         raise UserError(f"{path} is not a checkpoint of this project (expected a dict with 'model' and 'model_args')")

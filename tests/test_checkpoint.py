@@ -133,9 +133,12 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="junk.pt"):
         read_checkpoint(str(tmp_path / "junk.pt"))
-    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    torch.save({"weights": torch.zeros(2), "step": 3}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not a checkpoint of this project"):
         read_checkpoint(str(tmp_path / "foreign.pt"))
+    torch.save(tiny().state_dict(), tmp_path / "bare.pt")
+    with pytest.raises(UserError, match=r"holds weights alone \(a state_dict.*without the model_args"):
+        read_checkpoint(str(tmp_path / "bare.pt"))
 
 
 class _Evil:
