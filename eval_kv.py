@@ -433,7 +433,8 @@ def main():
                 f"{', '.join(map(str, sorted(lowered)))} where it must fit the window or an eviction's recent half (each row's /r says which)")
     else:
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
-        if kv.kv_trim and not settings[-1].kv_window:
+        c = model.config
+        if kv.kv_trim and not settings[-1].kv_window and not any(c.is_local(i) for i in range(c.n_layer)):
             raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound "
                             "(kv_window=0): add --kv_window=N (e.g. --kv_window=64), or it is never called")
     notes = [s.local_residual(model.config)[1] for s in settings]

@@ -150,6 +150,9 @@ def exact_grid(block, fast):
 # what a fine-tune leaves in its folder: its record, its checkpoints (train.py keeps a later
 # last.pt as last_<iter>.pt when it resumes from ckpt.pt) and its TensorBoard curves
 FINE_TUNE_FILES = re.compile(r"finetune\.json|last(_\d+){0,2}\.pt|events\.out\.tfevents\..*")
+# the base's copy that train.py set aside as the best of another model (a conversion, a longer
+# block): the base is where it came from, so it goes
+BASE_SET_ASIDE = re.compile(r"ckpt_\d+(_\d+)?\.pt")
 
 
 def fine_tune(base_path, folder, args, k, config, block=None):
@@ -183,6 +186,9 @@ def fine_tune(base_path, folder, args, k, config, block=None):
         why = f": {said[-1][len('error: '):]}" if said else ""
         raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}){why}; see {folder}/train.log")
     print(f"  fine-tuned {k} iterations in {time.time() - t0:.0f}s", file=sys.stderr)
+    for name in os.listdir(folder):
+        if BASE_SET_ASIDE.fullmatch(name):
+            os.remove(os.path.join(folder, name))
     # to train it again: a copy of the base in a folder of its own (train.py resumes from out_dir's
     # ckpt.pt, and the study's folder holds the fine-tuned one)
     again = folder.rstrip(os.sep) + "_again"

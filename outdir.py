@@ -23,6 +23,7 @@ except ImportError:  # Windows: msvcrt's byte-range locks end with the process t
 
 LOCK_NAME = "train.lock"
 CHECKPOINTS = ("ckpt.pt", "last.pt")
+SET_ASIDE = re.compile(r"(ckpt|last)_\d+(_\d+)?\.pt")  # a resume's earlier ckpt.pt or later last.pt, kept (resume.py)
 TEMP = re.compile(r".+\.pt(\.\d+)?\.tmp")  # what utils.atomic_torch_save writes before its rename
 
 
@@ -62,6 +63,7 @@ def remove_earlier(out_dir):
     """A fresh run with --overwrite=True, when it writes its first checkpoint: remove the
     earlier run's, so that none of them is mixed with this run's."""
     earlier = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
+    earlier += sorted(n for n in os.listdir(out_dir) if SET_ASIDE.fullmatch(n))  # (resume.py's names)
     try:
         for name in earlier:
             os.remove(os.path.join(out_dir, name))
@@ -93,13 +95,14 @@ def make_folder(out_dir, option="out_dir"):
         raise UserError(f"{flag} is not writable; use another --{option}")
 
 
-def check_space(out_dir, model, extra_bytes=0):
+def check_space(out_dir, model, extra_bytes=0, kept=0):
     """One UserError if out_dir's disk cannot take this model's checkpoints: weights and the
     two AdamW moments (and extra_bytes, e.g. an XL memory), for each checkpoint not there yet,
-    and at least once (a new file is written beside the one it replaces)."""
+    and at least once (a new file is written beside the one it replaces), and once more for
+    each of the `kept` files that a new one does not replace (set aside under another name)."""
     per_file = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + extra_bytes + 2 ** 20
     missing = sum(not os.path.exists(os.path.join(out_dir, n)) for n in CHECKPOINTS)
-    need, free = per_file * max(1, missing), shutil.disk_usage(out_dir).free
+    need, free = per_file * (max(1, missing) + kept), shutil.disk_usage(out_dir).free
     if free < need:
         raise UserError(f"--out_dir={out_dir} has {free / 2 ** 20:,.1f} MiB free; this model's checkpoints need "
                         f"about {need / 2 ** 20:,.1f} MiB: free some space or use another --out_dir")

@@ -108,12 +108,17 @@ def incomparable(ckpt, model_args, block_size, dataset=None):
 def saved_iteration(path):
     """The iteration a checkpoint file was written at, or None (no file, or not readable)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(ckpt["iter_num"])
+        return int(peek(path)["iter_num"])
     except Exception:  # a damaged or foreign file: nothing in it to keep
         return None
+
+
+def peek(path):
+    """The checkpoint dict at path, its tensors mapped rather than read; raises what a missing,
+    damaged or foreign file makes torch raise."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 # training settings that change what the loss is: a resume keeps the checkpoint's unless given
@@ -198,18 +203,25 @@ def later_last(out_dir, ckpt_path, start_iter):
     return kept
 
 
-def earlier_best(out_dir):
-    """A resume whose val loss is not comparable with the checkpoint's (another model, context
-    or text) writes the best of its own run into ckpt.pt: the ckpt.pt there, the best from
-    before, must not be lost. Returns the free name ckpt_<its iteration>.pt that it moves to
-    when this run first writes ckpt.pt (None when there is none), after saying so."""
+def earlier_best(out_dir, model_args, block_size, dataset):
+    """A resumed run writes the best of its own evaluations into ckpt.pt; the ckpt.pt there
+    may be the best of another model, context or text (a conversion, a longer block_size, or
+    the run before one that was cut short), whose loss this run's cannot be compared with. So
+    that it is not lost: returns the free name ckpt_<its iteration>.pt it moves to when this
+    run first writes ckpt.pt (None when there is none to keep), after saying so."""
     best = os.path.join(out_dir, "ckpt.pt")
-    at = saved_iteration(best)
-    if at is None:
+    try:
+        old = peek(best)
+        changed = incomparable(old, model_args, block_size, dataset)
+    except Exception:  # none there, or a file with nothing in it to keep
         return None
+    if not changed:
+        return None
+    at = old.get("iter_num")
+    at = at if isinstance(at, int) else "before"  # (the tutorial's checkpoints do not say)
     kept = free_name(out_dir, f"ckpt_{at}")
-    print(f"note: this run keeps {best} (iteration {at}, the best from before the change) as {kept} when it "
-          "writes its own ckpt.pt")
+    print(f"note: {best} (iteration {at}) is the best of another run ({', '.join(changed)}); this run keeps it as "
+          f"{kept} when it writes its own ckpt.pt")
     return kept
 
 

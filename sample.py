@@ -74,7 +74,8 @@ def main():
     notes = []  # printed after the device line, once every setting has passed
     kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), say=notes.append).check()
     notes += [n for n in [kv.local_note(model.config)] if n]
-    if kv.kv_trim and not kv.kv_window:
+    c = model.config
+    if kv.kv_trim and not kv.kv_window and not any(c.is_local(i) for i in range(c.n_layer)):
         raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound: "
                         "add --kv_window=N (e.g. --kv_window=64), or it is never called")
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
@@ -135,13 +136,16 @@ def main():
 
 def least_memory(model, kv, T):
     """Bytes that num_samples samples of a T-byte prompt and max_new_tokens new bytes need at
-    the least: their KV caches (at most the bound's tokens, 16 bits a value; a quantized cache
-    counted at 2 bits, fewer than any format holds) and the prompt's logits, computed in one pass."""
+    the least: their KV caches (each layer's at most its bound's tokens, a local layer's at most
+    its window, none for linear attention; 16 bits a value, a quantized cache counted at 2 bits,
+    fewer than any format holds) and the prompt's logits, computed in one pass."""
     c, size = model.config, 2
     L = T + max_new_tokens
-    held = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
-    held = min(held, kv.kv_budget + 1) if kv.kv_evict != "none" else held
-    kv_bytes = 0 if c.no_kv_cache else -(-c.n_layer // c.kv_share) * 2 * c.kv_heads * c.head_dim * held * size
+    bound = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
+    bound = min(bound, kv.kv_budget + 1) if kv.kv_evict != "none" else bound
+    held = sum(min(bound, c.window) if c.is_local(i) else bound  # tokens, over the caches (one per kv_share group)
+               for i in range(0, c.n_layer, c.kv_share) if c.kind(i) != "linear")
+    kv_bytes = 2 * c.kv_heads * c.head_dim * held * size
     kv_bytes = kv_bytes // (4 * size) if kv.kv_quant != "none" else kv_bytes
     return num_samples * (kv_bytes + T * c.vocab_size * size)
 

@@ -180,9 +180,10 @@ def train(held):
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
     set_aside = later_last(out_dir, ckpt_path, start_iter) if writes and master and ckpt is not None else None
-    best_aside = earlier_best(out_dir) if writes and master and fresh_best else None
+    best_aside = earlier_best(out_dir, model_args, block_size, dataset) if writes and master and ckpt is not None else None
     if writes and master:
-        outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0)
+        outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0,
+                           kept=(set_aside is not None) + (best_aside is not None))
     if xl_fn is not None and xl_mem:  # the user's XL step, tried on 2 bytes now, not after the first evaluation
         with torch.no_grad():
             model.eval()(torch.zeros(1, 2, dtype=torch.long, device=dev), make_xl_memory(model, 1, xl_mem, xl_fn))
@@ -346,7 +347,7 @@ def train(held):
     if iter_num > start_iter and last_saved_iter != iter_num:
         save("last.pt")  # always, so that a resume continues exactly from here
     tb.close()
-    if stop.asked:
+    if stop.asked and iter_num < end_iter:  # (asked in the last iteration: the run is done)
         interrupted(out_dir, iter_num, start_iter, origin, stop.asked)
     best = f"at iteration {best_iter}" if best_iter is not None else "from before this run (not improved)"
     print(f"done: {iter_num - start_iter} iterations in {clock(time.time() - t_begin)}; best val loss "

@@ -240,8 +240,9 @@ def memory_available(dev):
     """Bytes free for new tensors on device dev: CUDA's free memory, Linux's MemAvailable for
     the CPU; None where it is not known (MPS, other systems)."""
     try:
-        if dev.startswith("cuda"):
-            return torch.cuda.mem_get_info(torch.device(dev))[0]
+        if dev.startswith("cuda"):  # free on the GPU, and what torch holds there unused
+            d = torch.device(dev)
+            return torch.cuda.mem_get_info(d)[0] + torch.cuda.memory_reserved(d) - torch.cuda.memory_allocated(d)
         if dev == "cpu":
             with open("/proc/meminfo") as f:
                 for line in f:

@@ -419,3 +419,20 @@ def test_a_plugged_in_attention_is_never_scored_through_h2o(tmp_path, tiny_data_
     code, out, err = run_in_process("eval_kv.py", *common, "--sweep=quick", "--kv_quant_group=8", "--tensorboard=False")
     assert code == 0, err
     assert "the grid leaves out h2o" in err and "h2o" not in out and "evict-window" in out
+
+
+def test_kv_trim_on_a_model_of_local_windows_needs_no_kv_window(tiny_data_dir, tmp_path):
+    """Every layer of this model attends 8 back: its caches are bounded, so --kv_trim is called
+    (and gives the plain cache's figures) without a --kv_window of its own."""
+    out = tmp_path / "local"
+    out.mkdir()
+    save_checkpoint(str(out / "ckpt.pt"), tiny_model(window=8), None, dict(ARGS, window=8),
+                    dict(dataset=str(tiny_data_dir), block_size=32), 1, 5.0)
+    code, printed, err = run_in_process("eval_kv.py", f"--out_dir={out}", "--device=cpu", "--n_streams=1",
+                                        "--stream_len=64", "--kv_window=0", "--kv_trim=kv.cache:keep_recent")
+    assert code in (0, None), err
+    table = [line.split("|") for line in printed.splitlines() if line.startswith("| ") and line.count("|") == 9]
+    bpb = {cells[1].strip(): cells[5] for cells in table[1:]}  # (the first line: the header)
+    trim = [k for k in bpb if k.startswith("trim kv.cache:keep_recent")]
+    ref = [k for k in bpb if k.endswith("(reference)")]
+    assert len(trim) == len(ref) == 1 and bpb[trim[0]] == bpb[ref[0]], bpb

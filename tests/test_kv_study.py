@@ -111,6 +111,8 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     assert "iters 2 -> 3" in again and "fine-tuning 3 iterations" in again
     assert "base: finished before, skipped" in again  # no fine-tune: its rows still hold
     assert read_checkpoint(str(folder / "mqa/last.pt"))["iter_num"] == 3 + 3  # the base's 3, then 3 more
+    # the copy of the base that train.py set aside (another model's best) does not pile up
+    assert sorted(p.name for p in (folder / "mqa").glob("*.pt")) == ["ckpt.pt", "last.pt"]
     # rows of an older grid (before its version was recorded) are redone, not reused
     import json
     record = json.loads((folder / "base" / "results.json").read_text())

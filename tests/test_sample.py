@@ -139,11 +139,11 @@ def test_the_speed_printed_is_the_decode_steps_apart_from_the_prompt(out_dir, tm
     assert " tokens/s decoding (1 sample; the 300-byte prompt read in " in err
 
 
-def test_samples_that_cannot_fit_in_memory_are_one_line_before_any_work(out_dir, monkeypatch):
+def test_samples_that_cannot_fit_in_memory_are_one_line_before_any_work(out_dir, tmp_path, monkeypatch):
     """The KV caches and the prompt's logits that the samples need at the least, against the
     memory free (patched to 16 MiB): 1,000 samples of 104 bytes on this model (2 layers, K and
     V of 2 heads x 16 channels, 16 bits) need 27 MiB; under a window of 8 bytes, or as 100
-    samples, they fit and run."""
+    samples, they fit and run; so do they on a model of local attention."""
     import utils
     monkeypatch.setattr(utils, "memory_available", lambda dev: 2 ** 24)
     code, out, err = sample(f"--out_dir={out_dir}", "--num_samples=1000", "--max_new_tokens=100")
@@ -154,6 +154,14 @@ def test_samples_that_cannot_fit_in_memory_are_one_line_before_any_work(out_dir,
     for fits in (["--num_samples=100"], ["--num_samples=1000", "--kv_window=8"]):
         code, out, err = sample(f"--out_dir={out_dir}", "--max_new_tokens=100", *fits)
         assert code in (0, None) and "error" not in err, err
+    # a model whose layers attend 8 back holds 8 tokens a layer whatever kv_window says
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig, MODEL_ARG_KEYS
+    local = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False, window=8))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), local, None, {k: getattr(local.config, k) for k in MODEL_ARG_KEYS},
+                    {"dataset": "shakespeare_char"}, 1, 5.0)
+    code, out, err = sample(f"--out_dir={tmp_path}", "--max_new_tokens=100", "--num_samples=1000")
+    assert code in (0, None) and "error" not in err, err
 
 
 def test_memory_that_runs_out_anyway_is_one_line():

@@ -195,6 +195,29 @@ def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, m
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_a_signal_in_the_last_iteration_lets_the_run_finish(data_dir, tmp_path, monkeypatch):
+    """SIGTERM while the last iteration runs: nothing is left to stop, so the run ends as
+    planned (its summary, exit 0), not as an interrupted one."""
+    import signal
+    import loader
+    real_next, calls = loader.ByteLoader.next, {"n": 0}
+
+    def next_with_signal(self):
+        calls["n"] += signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # in the training loop
+        if calls["n"] == N:  # the last training batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next(self)
+
+    monkeypatch.setattr(loader.ByteLoader, "next", next_with_signal)
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        printed = train(data_dir, tmp_path / "o", f"--max_iters={N}")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "done: " in printed and "interrupted" not in printed
+    assert read_checkpoint(str(tmp_path / "o" / "last.pt"))["iter_num"] == N
+
+
 def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(data_dir, tmp_path, monkeypatch):
     """`nohup python train.py ... &`: the launcher chose to ignore SIGINT, so a SIGINT in the
     training loop changes nothing and the run ends as planned."""
@@ -301,10 +324,20 @@ def test_finetune_of_a_converted_model_writes_its_own_best(data_dir, base_run, t
     assert best["model_args"]["n_kv_head"] == 1 and best["iter_num"] > N
     # the best from before the change is kept, as it was, beside it
     kept = out / f"ckpt_{before['iter_num']}.pt"
-    assert f"keeps {out / 'ckpt.pt'} (iteration {before['iter_num']}, the best from before the change) as {kept}" in printed
-    assert (kept.read_bytes() == (base_run[0] / "ckpt.pt").read_bytes())
+    assert (f"{out / 'ckpt.pt'} (iteration {before['iter_num']}) is the best of another run (n_kv_head 2 -> 1); "
+            f"this run keeps it as {kept}") in printed
+    assert kept.read_bytes() == (base_run[0] / "ckpt.pt").read_bytes()
     vals = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): train loss [\d.]+, val loss ([\d.]+)", printed)}
     assert best["best_val_loss"] == pytest.approx(min(v for i, v in vals.items() if i > N), abs=1e-4)
+    # so it is when the converted run was cut short before it wrote a ckpt.pt of its own, and
+    # its last.pt (the converted model, nothing changed against it) is resumed
+    cut = copy_of(base_run, tmp_path / "cut")
+    shutil.copyfile(out / "last.pt", cut / "last.pt")
+    printed = train(data_dir, cut, "--init_from=resume", "--resume_checkpoint_name=last", "--resume_mode=finetune",
+                    "--max_iters=2", "--eval_interval=1")
+    assert "not comparable" not in printed and "is the best of another run (n_kv_head 2 -> 1)" in printed
+    assert (cut / kept.name).read_bytes() == (base_run[0] / "ckpt.pt").read_bytes()
+    assert read_checkpoint(str(cut / "ckpt.pt"))["model_args"]["n_kv_head"] == 1
     # an unchanged model keeps the best it had: a fine-tune that does not beat it leaves ckpt.pt alone
     again = copy_of(base_run, tmp_path / "again")
     printed = train(data_dir, again, "--init_from=resume", "--resume_checkpoint_name=last",
