@@ -27,6 +27,7 @@ eval_kv   bytes/s of eval_kv.evaluate on n_streams x stream_len random bytes aga
           (--compile=True) compiled, and int4 + h2o (eager).
 The other kv_* options (kv_quant, kv_evict, ...) apply to the generation rows.
 """
+import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import os
 import sys
 import time
@@ -44,6 +45,8 @@ from loader import ByteLoader, dataset_paths
 from model import GPT, GPTConfig, MODEL_ARG_KEYS, check_config, loss_fn
 from utils import (UserError, autocast_ctx, check_range, compile_or_eager, keep_freed_memory, pick_device, pick_dtype,
                    run_main, use_threads)
+
+quiet_start.done()
 
 TRAIN_SETTINGS = [k for k, v in vars(train).items() if not k.startswith("_") and isinstance(v, PLAIN_TYPES)]
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before --threads applies

@@ -39,6 +39,7 @@ that different architectures land on one axis).
 A sweep writes eval_kv_<sweep>.csv, .md and .png (bits per byte against KV bits per token,
 the frontier marked) into out_dir, and the same scalars to TensorBoard (out_dir/eval_kv_<sweep>).
 """
+import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import math
 import os
 import re
@@ -59,6 +60,8 @@ from kv.policy import KVOptions
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_paths, same_dataset
 from utils import UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
+
+quiet_start.done()
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote; sweep results are written here too

@@ -44,6 +44,7 @@ cache), next to the base reading the same bytes with a sliding window of its blo
 the table into kv_study_context/context.md beside the base (--out: another folder), and each
 fine-tune into a folder of its own there.
 """
+import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import os
 import re
 import shlex
@@ -63,6 +64,8 @@ from loader import dataset_paths
 from outdir import make_folder
 from resume import saved_iteration
 from utils import UserError, check_range, keep_freed_memory, read_json, run_main, use_threads, write_json
+
+quiet_start.done()
 
 # -----------------------------------------------------------------------------
 base = "out-shakespeare-char-cpu-long"  # the base checkpoint: a .pt file, or an out_dir holding ckpt.pt

@@ -14,6 +14,7 @@ when the batch is done. --compile=True compiles the decode step (generate.Static
 compile time is printed). The speed of the decode steps (tokens/s), the time the prompt took
 and the size of the KV cache (in bits) are reported on stderr.
 """
+import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import codecs
 import io
 import os
@@ -28,6 +29,8 @@ from generate import generate_stream, static_decoder
 from kv.policy import KVOptions
 from utils import (UserError, autocast_ctx, check_range, memory_available, pick_device, pick_dtype, run_main,
                    use_threads)
+
+quiet_start.done()
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote

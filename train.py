@@ -31,6 +31,7 @@ Several GPUs (DistributedDataParallel; gloo instead of nccl on CPUs), and severa
 Watch the curves:
     tensorboard --logdir=out-shakespeare-char
 """
+import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import math
 import os
 import shlex
@@ -55,6 +56,8 @@ from resume import (OBJECTIVE_KEYS, earlier_best, incomparable, interrupted, lat
                     restore_training_state, resume_schedule, rng_state, saved_iteration)
 from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
+
+quiet_start.done()
 
 # -----------------------------------------------------------------------------
 # default config: the tutorial's GPU recipe for tiny-shakespeare

@@ -247,3 +247,25 @@ def test_plugin_called_with_arguments_it_does_not_take(out_dir, tmp_path, monkey
     assert "Traceback" not in err
     assert lines[0] == f"error: --{setting}={name}:attn cannot be called: TypeError: {expected}"
     assert lines[1:] == [f'  File "{tmp_path / name}.py", line 1, in attn', f"    {source.splitlines()[0]}"]
+
+
+@pytest.mark.parametrize("started", ["plain", "ignoring Ctrl-C", "imports done"])
+def test_ctrl_c_while_a_script_imports_ends_it_quietly(started):
+    """A script imports quiet_start before torch: Ctrl-C until its done() ends the process
+    at once (exit 130, nothing printed, nothing run after); a process started with Ctrl-C
+    ignored keeps ignoring it; after done() Ctrl-C is a KeyboardInterrupt again."""
+    import signal
+    code = ("import os, signal, quiet_start\n"
+            + ("quiet_start.done()\n" if started == "imports done" else "")
+            + "os.kill(os.getpid(), signal.SIGINT)\n"
+            "import torch\nprint('went on')\n")
+    # (as a terminal starts it, whatever this test process inherited: a background job ignores Ctrl-C)
+    how = signal.SIG_IGN if started == "ignoring Ctrl-C" else signal.SIG_DFL
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, how), timeout=120)
+    if started == "plain":
+        assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "")
+    elif started == "ignoring Ctrl-C":
+        assert proc.returncode == 0 and proc.stdout == "went on\n"
+    else:
+        assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr and "went on" not in proc.stdout
