@@ -142,15 +142,15 @@ def least_memory(model, kv, T):
     the least: their KV caches (each layer's at most its bound's tokens, a local layer's at most
     its window, none for linear attention; 16 bits a value, a quantized cache counted at 2 bits,
     fewer than any format holds) and the prompt's logits, computed in one pass."""
-    c, size = model.config, 2
+    c, width = model.config, 2  # bytes a value
     L = T + max_new_tokens
     bound = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
     bound = min(bound, kv.kv_budget + 1) if kv.kv_evict != "none" else bound
     held = sum(min(bound, c.window) if c.is_local(i) else bound  # tokens, over the caches (one per kv_share group)
                for i in range(0, c.n_layer, c.kv_share) if c.kind(i) != "linear")
-    kv_bytes = 2 * c.kv_heads * c.head_dim * held * size
-    kv_bytes = kv_bytes // (4 * size) if kv.kv_quant != "none" else kv_bytes
-    return num_samples * (kv_bytes + T * c.vocab_size * size)
+    kv_bytes = 2 * c.kv_heads * c.head_dim * held * width
+    kv_bytes = kv_bytes // 8 if kv.kv_quant != "none" else kv_bytes  # 2 of 16 bits
+    return num_samples * (kv_bytes + T * c.vocab_size * width)
 
 
 def size(n_bytes):
