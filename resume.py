@@ -217,8 +217,8 @@ def earlier_best(out_dir, model_args, block_size, dataset):
         return None
     if not changed:
         return None
-    at = old.get("iter_num")
-    at = at if isinstance(at, int) else "before"  # (the tutorial's checkpoints do not say)
+    at = old.get("iter_num", (old.get("config") or {}).get("max_iters"))  # (the tutorial's: as resume_schedule)
+    at = at if isinstance(at, int) and not isinstance(at, bool) else 0
     kept = free_name(out_dir, f"ckpt_{at}")
     print(f"note: {best} (iteration {at}) is the best of another run ({', '.join(changed)}); this run keeps it as "
           f"{kept} when it writes its own ckpt.pt")
