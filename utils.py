@@ -310,7 +310,6 @@ def compile_or_eager(fn, probe, **options):
     return compiled
 
 
-
 def atomic_write(path, write):
     """write(f) into a binary file that never appears truncated at path: the data goes to a
     temporary file named after this process (two processes never share one), which replaces
