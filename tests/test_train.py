@@ -153,34 +153,43 @@ def test_the_next_command_names_a_plugin_attention(data_dir, tmp_path):
                                                 "--attention=attention_linear:linear_attention")
 
 
+@contextlib.contextmanager
+def signal_in_the_loop(monkeypatch, signum, batch):
+    """Within: the training loop's batch-th batch sends signum to this process, which holds
+    Python's default handler for it, as a terminal starts it (pytest started in the background
+    of a script inherits Ctrl-C ignored). Batches count once train.py's handler is installed."""
+    import signal
+    import loader
+    start = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+    real_next, calls = loader.ByteLoader.next, {"n": 0}
+
+    def next_with_signal(self):
+        calls["n"] += signal.getsignal(signum) is not start  # in the training loop
+        if calls["n"] == batch:
+            os.kill(os.getpid(), signum)
+        return real_next(self)
+
+    monkeypatch.setattr(loader.ByteLoader, "next", next_with_signal)
+    previous = signal.signal(signum, start)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, monkeypatch, signame):
     """Ctrl-C (or SIGTERM, as `kill` or a job scheduler sends it) in iteration 3 (between log
     steps): the run stops after that iteration with last.pt written and the command to go on,
     exit 128 + the signal; going on equals the uninterrupted run."""
     import signal
-    import loader
     signum = getattr(signal, signame)
-    calls = {"n": 0}
-    real_next = loader.ByteLoader.next
-
-    def next_with_signal(self):
-        calls["n"] += signal.getsignal(signum) not in (signal.default_int_handler, signal.SIG_DFL)  # in the loop
-        if calls["n"] == 3:  # the third training batch
-            os.kill(os.getpid(), signum)
-        return real_next(self)
-
     split = tmp_path / "split"
-    monkeypatch.setattr(loader.ByteLoader, "next", next_with_signal)
-    # as in a terminal: pytest started in the background of a script inherits Ctrl-C ignored
-    previous = signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
     printed = io.StringIO()
-    try:
-        with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(printed):
-            train(data_dir, split, f"--max_iters={N + 3}")
-    finally:
-        signal.signal(signum, previous)
-    monkeypatch.undo()
+    with signal_in_the_loop(monkeypatch, signum, 3), pytest.raises(SystemExit) as e, \
+            contextlib.redirect_stderr(printed):
+        train(data_dir, split, f"--max_iters={N + 3}")
     assert e.value.code == 128 + signum
     said = "Ctrl-C" if signame == "SIGINT" else "SIGTERM"
     assert f"{said}: stopping after this iteration and writing last.pt" in printed.getvalue()
@@ -199,21 +208,8 @@ def test_a_signal_in_the_last_iteration_lets_the_run_finish(data_dir, tmp_path, 
     """SIGTERM while the last iteration runs: nothing is left to stop, so the run ends as
     planned (its summary, exit 0), not as an interrupted one."""
     import signal
-    import loader
-    real_next, calls = loader.ByteLoader.next, {"n": 0}
-
-    def next_with_signal(self):
-        calls["n"] += signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # in the training loop
-        if calls["n"] == N:  # the last training batch
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_next(self)
-
-    monkeypatch.setattr(loader.ByteLoader, "next", next_with_signal)
-    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
+    with signal_in_the_loop(monkeypatch, signal.SIGTERM, N):
         printed = train(data_dir, tmp_path / "o", f"--max_iters={N}")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert "done: " in printed and "interrupted" not in printed
     assert read_checkpoint(str(tmp_path / "o" / "last.pt"))["iter_num"] == N
 
