@@ -12,12 +12,17 @@ lower-triangular) or bool (..., T, S), True = may attend: kv.cache.attention_mas
 
 Keys come in the order the cache holds them, not always the order of their positions (a
 kv_window ring wraps around, eviction refills the slots it freed): only the mask says which
-keys a query sees, so an attention kind must not read meaning into a key's index. h2o (and a
-plug-in eviction rule) computes softmax attention itself, so it is refused for other kinds.
+keys a query sees, so an attention kind must not read meaning into a key's index (nor can it
+see positions: a relative-position bias such as ALiBi needs a layer class, like linear's).
 
 Adding a kind: write the function, add it to ATTENTION (and to model.py's comment listing the
-kinds, and README's --attention line); tests/test_model.py's COMBOS runs it through the forward
-and cache checks; kv/static.py's compiled decode step keeps a kind it does not know eager.
+kinds, and README's --attention line); tests/test_model.py runs every kind in ATTENTION through
+its forward and cache checks. A variant of softmax with another scale is one line:
+    ATTENTION["sharp"] = functools.partial(softmax_attention, scale=2.0)  # 2 / sqrt(hs)
+PLAIN_SOFTMAX lists the kinds that compute exactly softmax(q k^T / sqrt(hs)) v: h2o (and a
+plug-in eviction rule) and the compiled decode step (kv/static.py) compute the attention of
+those kinds their own way, and refuse (h2o) or keep eager (--compile) every other kind. Add a
+kind there only if it is that very function: anything else would be silently replaced.
 """
 
 import math
@@ -51,25 +56,26 @@ def materialize_mask(mask, T, S, device):
     return mask
 
 
-def softmax_attention(q, k, v, mask=None, dropout_p=0.0):
-    """The reference: PyTorch's fused scaled_dot_product_attention."""
+def softmax_attention(q, k, v, mask=None, dropout_p=0.0, scale=1.0):
+    """The reference: PyTorch's fused scaled_dot_product_attention, softmax(scale q k^T / sqrt(hs)) v."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         # the CPU flash-attention kernel's backward is much slower in bfloat16 than in float32
         # (RESULTS.md): under CPU autocast, attend in float32
         with no_autocast("cpu"):
-            return softmax_attention(q.float(), k.float(), v.float(), mask, dropout_p).to(q.dtype)
+            return softmax_attention(q.float(), k.float(), v.float(), mask, dropout_p, scale).to(q.dtype)
     gqa = k.size(1) != q.size(1)
+    s = None if scale == 1.0 else scale / math.sqrt(q.size(-1))  # (None: SDPA's own 1 / sqrt(hs))
     if isinstance(mask, str):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=s, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_mask_for_heads(mask, q.size(1)),
-                                          dropout_p=dropout_p, enable_gqa=gqa)
+                                          dropout_p=dropout_p, scale=s, enable_gqa=gqa)
 
 
-def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False):
-    """softmax(q k^T / sqrt(hs)) v written out, so the probabilities can be handed back."""
+def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False, scale=1.0):
+    """softmax(scale q k^T / sqrt(hs)) v written out, so the probabilities can be handed back."""
     nh, T, S = q.size(1), q.size(2), k.size(2)
     k, v = expand_kv(k, nh), expand_kv(v, nh)
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, nh, T, S)
+    att = (q @ k.transpose(-2, -1)) * (scale / math.sqrt(q.size(-1)))  # (B, nh, T, S)
     if mask is not None:  # None (the decode step): every key is visible, nothing to fill
         att = att.masked_fill(~_mask_for_heads(materialize_mask(mask, T, S, q.device), nh), float("-inf"))
     att = torch.softmax(att.float(), dim=-1).to(q.dtype)
@@ -78,7 +84,7 @@ def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False):
 
 
 ATTENTION = {"softmax": softmax_attention, "naive": naive_attention}
-SOFTMAX_KINDS = ("softmax", "naive")  # softmax attention: what h2o scores and the compiled decode step computes
+PLAIN_SOFTMAX = ("softmax", "naive")  # exactly softmax(q k^T / sqrt(hs)) v: h2o and the compiled step compute it themselves
 KINDS = sorted(ATTENTION) + ["linear"]
 
 

@@ -25,6 +25,18 @@ def test_naive_equals_softmax_and_gqa_equals_repeated_heads():
         torch.testing.assert_close(naive_attention(q, k[:, :, :7], v[:, :, :7], "causal"), ref_c, **TOL)
 
 
+def test_scale_sharpens_softmax_and_naive_alike():
+    """scale=s is softmax(s q k^T / sqrt(hs)): the same as the plain kind fed s q."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g) for _ in range(3))
+    mask = visible(torch.arange(6), torch.arange(6), window=4)
+    for mask in (mask, "causal", None):
+        ref = softmax_attention(2.0 * q, k, v, mask)
+        torch.testing.assert_close(softmax_attention(q, k, v, mask, scale=2.0), ref, **TOL)
+        torch.testing.assert_close(naive_attention(q, k, v, mask, scale=2.0), ref, **TOL)
+        assert not torch.allclose(softmax_attention(q, k, v, mask), ref, **TOL)
+
+
 def test_naive_model_equals_softmax_model():
     a, b = tiny(), tiny(attention="naive")
     b.load_state_dict(a.state_dict())

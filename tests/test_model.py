@@ -7,6 +7,7 @@ import torch
 from rotary_embedding_torch import RotaryEmbedding
 
 import rope
+from attention import ATTENTION
 from conftest import TOL, feed, text, tiny
 from kv.policy import KVOptions
 from tutorial_reference import reference_logits
@@ -87,6 +88,7 @@ COMBOS = [
     dict(kv_share=2),
     dict(rope=False),
 ]
+COMBOS += [dict(attention=k) for k in ATTENTION if dict(attention=k) not in COMBOS + [dict(attention="softmax")]]  # a new kind too
 
 
 @pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "mha")
