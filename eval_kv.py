@@ -51,12 +51,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from attention import SOFTMAX_KINDS
+from attention import PLAIN_SOFTMAX
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from generate import static_decoders
 from kv.peak import decoder_peak
 from kv.policy import KVOptions
+from kv.quant import FORMATS, GROUPED
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_paths, same_dataset
 from utils import UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
@@ -100,7 +101,7 @@ def sweep_settings(kind, span, group, residual, bounded=False):
     shows what quantization saves in a short window. bounded: the reference has a window,
     and the grid shows the plain unbounded cache too (the model read past its context)."""
     def quant(f, r=residual, keys="channel"):
-        g = group if f in ("int4", "int2") and keys == "channel" else 1
+        g = group if f in GROUPED and keys == "channel" else 1
         s = dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=max(min(r, span - g), 0))
         return s if keys == "channel" else dict(s, kv_quant_keys=keys)
 
@@ -116,8 +117,8 @@ def sweep_settings(kind, span, group, residual, bounded=False):
         return head + [quant("int8"), quant("int4"), quant("int2"), quant("int4", residual // 4, "token"),
                        evict("window", 0.25, 4), evict("h2o", 0.25, 4), evict("h2o", 0.25, 4, "int4")]
     if kind == "full":
-        grid = head + [quant(f) for f in ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")]
-        grid += [quant(f, residual // 4, keys) for f in ("int4", "int2") for keys in ("channel", "token")]
+        grid = head + [quant(f) for f in FORMATS]
+        grid += [quant(f, residual // 4, keys) for f in GROUPED for keys in ("channel", "token")]
         grid += [evict(p, frac, s) for p in ("window", "h2o") for frac in (0.5, 0.25, 0.125) for s in (0, 4)]
         grid += [evict("h2o", 0.25, 4, f) for f in ("int8", "fp8_e4m3", "int4", "int2")]
         grid += [evict("h2o", frac, 4, "int4") for frac in (0.5, 0.125)] + [evict("window", 0.25, 4, "int4")]
@@ -425,7 +426,7 @@ def main():
     if sweep:
         grid = sweep_settings(sweep, window or stream_len, kv_quant_group, kv_quant_residual, bounded=window > 0)
         settings = [bound(KVOptions(**dict(dict(kv_window=kv_window, kv_sink=kv_sink), **s))) for s in grid]
-        if model.config.attention not in SOFTMAX_KINDS and any(s.ranks_by_score() for s in settings):
+        if model.config.attention not in PLAIN_SOFTMAX and any(s.ranks_by_score() for s in settings):
             settings = [s for s in settings if not s.ranks_by_score()]
             say(f"note: the grid leaves out h2o: it ranks keys by softmax scores, which attention="
                 f"{model.config.attention} does not give")

@@ -58,6 +58,7 @@ import eval_kv
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from kv.policy import KVOptions
+from kv.quant import GROUPED
 from kv.report import check_writable, write_text
 from kv.study_report import write_frontier
 from loader import dataset_paths
@@ -394,7 +395,7 @@ def yardstick_of(row, refs):
 def eval_command(r, common):
     """The eval_kv.py command that reproduces row r (parsed back from its setting's fields)."""
     kv = {k: r[k] for k in r if k.startswith("kv_") and k in KVOptions().settings()}
-    if kv.get("kv_quant") not in ("int4", "int2"):
+    if kv.get("kv_quant") not in GROUPED:
         kv.pop("kv_quant_keys", None)  # (apply to int4/int2 only: eval_kv refuses them elsewhere)
         kv.pop("kv_quant_group", None)
     flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")

@@ -49,7 +49,6 @@ from kv.quant import FullPrecision, QuantKVCache, flat_index
 from plugins import import_function
 from utils import UserError, no_autocast
 
-POLICIES = ("window", "h2o")
 
 
 def h2o_priority(scores, pos, seen, kv_sink, kv_recent):
@@ -59,12 +58,18 @@ def h2o_priority(scores, pos, seen, kv_sink, kv_recent):
     return torch.where(protect, float("inf"), scores)
 
 
+# the named rules: name -> the function ranking cached tokens (None: recency alone, no scores).
+# A rule here ranks by attention score: its cache computes softmax attention itself (naive,
+# with the probabilities), so models of other attention kinds refuse it (KVOptions.check_model)
+POLICIES = {"window": None, "h2o": h2o_priority}
+
+
 def resolve_evict(name):
-    """The rule for kv_evict `name`: None for "none"/"window", h2o_priority, or a user's function."""
-    if name == "h2o":
-        return h2o_priority
-    if name in ("none", "window"):
+    """The rule for kv_evict `name`: None for "none"/"window", a function of POLICIES, or a user's function."""
+    if name == "none":
         return None
+    if name in POLICIES:
+        return POLICIES[name]
     if ":" not in name:
         raise UserError(f"unknown kv_evict {name!r}: choose none, {', '.join(POLICIES)} "
                         "or give your own rule as package.module:function")

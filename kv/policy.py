@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from attention import SOFTMAX_KINDS
+from attention import PLAIN_SOFTMAX
 from attention_linear import LinearState
 from kv.cache import KVCache, TrimCache
 from kv.evict import POLICIES, EvictKVCache, check_rule, resolve_evict
-from kv.quant import FORMATS, QuantKVCache, make_formats, resolve_quant
+from kv.quant import GROUPED, QuantKVCache, make_formats, resolve_quant
 from kv.static import Clock, StaticKVCache, StaticQuantCache
 from plugins import import_function
 from utils import UserError
@@ -37,6 +37,8 @@ class KVOptions:
     kv_evict: str = "none"  # none, window (recency), h2o (attention score), or package.module:function
     kv_budget: int = 0  # with kv_evict: tokens held per layer and KV head, kv_sink and the current token included
     kv_recent: int = 0  # with kv_evict=h2o: newest tokens always kept (the current one included)
+    # (a new option is a field here: it reaches every script's settings and --help at once;
+    # add it to BUILT_IN only once describe(), kv.static.static_reason and the checks know it)
 
     @classmethod
     def from_settings(cls, settings):
@@ -45,6 +47,12 @@ class KVOptions:
 
     def settings(self):
         return asdict(self)
+
+    def others(self):
+        """[(name, value)] of the options set away from their default that are not BUILT_IN:
+        a new option, which describe() then names as it is and the compiled step leaves eager."""
+        return [(f.name, getattr(self, f.name)) for f in fields(self)
+                if f.name not in BUILT_IN and getattr(self, f.name) != f.default]
 
     def for_checkpoint(self, config, say=print):
         """kv_window=-1 resolved for a checkpoint's saved config: a model trained with XL
@@ -113,7 +121,7 @@ class KVOptions:
         """One UserError for a quantization setting that the chosen kv_quant ignores (the
         defaults aside), so that no row is labelled with a setting that did nothing."""
         default = {f.name: f.default for f in fields(self)}
-        grouped = self.kv_quant in ("int4", "int2")  # (a plug-in quantizer gets whole rows: no group, no keys' way)
+        grouped = self.kv_quant in GROUPED  # (a plug-in quantizer gets whole rows: no group, no keys' way)
         unused = [n for n in ("kv_quant_group", "kv_quant_keys") if not grouped and getattr(self, n) != default[n]]
         if self.kv_quant == "none" and self.kv_quant_residual != default["kv_quant_residual"]:
             unused.append("kv_quant_residual")
@@ -128,7 +136,9 @@ class KVOptions:
     def ranks_by_score(self):
         """Does the eviction rank keys by the softmax attention they receive (h2o, a plug-in
         rule)? Such a cache attends itself, written out (kv.evict.EvictKVCache.attend)."""
-        return self.kv_evict not in ("none", "window")
+        if self.kv_evict == "none":
+            return False
+        return self.kv_evict not in POLICIES or POLICIES[self.kv_evict] is not None  # (a plug-in ranks)
 
     def check_model(self, config):
         """One UserError when a model (GPTConfig) has no KV cache for these options to act on
@@ -141,7 +151,7 @@ class KVOptions:
                 raise UserError(f"every layer of this model is linear attention, which keeps a fixed-size state, not "
                                 f"a KV cache: --{', --'.join(used)} would change nothing; drop "
                                 + ("it" if len(used) == 1 else "them"))
-        if self.ranks_by_score() and config.attention not in SOFTMAX_KINDS:
+        if self.ranks_by_score() and config.attention not in PLAIN_SOFTMAX:
             raise UserError(f"--kv_evict={self.kv_evict} ranks keys by the softmax attention they receive, and "
                             f"computes it itself: this model's attention={config.attention} would be replaced by "
                             "softmax; use --kv_evict=window, or a model with softmax or naive attention")
@@ -150,7 +160,7 @@ class KVOptions:
     def key_group(self):
         """Tokens a quantized cache waits for before it can quantize keys: kv_quant_group for
         int4/int2 keys grouped per channel (no eviction), else 1."""
-        grouped = self.kv_quant in ("int4", "int2") and self.channel_keys
+        grouped = self.kv_quant in GROUPED and self.channel_keys
         return self.kv_quant_group if grouped else 1
 
     def local_residual(self, config):
@@ -206,13 +216,13 @@ class KVOptions:
 
     @property
     def compressed(self):
-        return self.kv_quant != "none" or self.kv_evict != "none"
+        return self.kv_quant != "none" or self.kv_evict != "none" or bool(self.others())
 
     def describe(self):
         """A short name for the cache setting, e.g. 'int4/g32/r32 + h2o 512 (recent 256, sink 4)'."""
         parts = []
         if self.kv_quant != "none":
-            grouped = self.kv_quant in ("int4", "int2")
+            grouped = self.kv_quant in GROUPED
             parts.append(self.kv_quant + (f"/g{self.kv_quant_group}" if grouped else "") + f"/r{self.kv_quant_residual}"
                          + ("/token-keys" if grouped and not self.channel_keys and self.kv_evict == "none" else ""))
         if self.kv_evict != "none":
@@ -220,6 +230,7 @@ class KVOptions:
             extra += [f"sink {self.kv_sink}"] if self.kv_sink else []
             name = "evict-window" if self.kv_evict == "window" else self.kv_evict  # not the history bound's "window"
             parts.append(f"{name} {self.kv_budget}" + (f" ({', '.join(extra)})" if extra else ""))
+        parts += [f"{name}={value}" for name, value in self.others()]
         return " + ".join(parts) or "none"
 
     def make_caches(self, model, batch_size, capacity=256, dtype=None, static=False):
@@ -270,6 +281,10 @@ class KVOptions:
         policy = resolve_evict(self.kv_evict) or self.kv_evict  # h2o and a user's rule are functions
         return EvictKVCache(policy, self.kv_budget, keep_recent=self.kv_recent, keep_sink=self.kv_sink,
                             key_fmt=fmts[0], val_fmt=fmts[1], residual=residual, **kw)
+
+
+BUILT_IN = ("kv_window", "kv_sink", "kv_trim", "kv_quant", "kv_quant_group", "kv_quant_keys", "kv_quant_residual",
+            "kv_evict", "kv_budget", "kv_recent")  # the options every part of kv/ knows
 
 
 def cache_dtype(param):

@@ -52,7 +52,8 @@ from utils import UserError, no_autocast
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
-FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")
+FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")  # the named kv_quant formats (make_formats builds them)
+GROUPED = ("int4", "int2")  # quantized in groups of kv_quant_group values: where kv_quant_group and kv_quant_keys apply
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def make_formats(name, group, head_dim, channel_keys):
         return Fp8Format(name), Fp8Format(name)
     if name == "int8":
         return Int8Format(), Int8Format()
-    if name in ("int4", "int2"):
+    if name in GROUPED:
         bits = INT_BITS[name]
         if not isinstance(group, int) or isinstance(group, bool) or group < 1:
             raise UserError(f"kv_quant_group must be an integer >= 1, got {group!r}")

@@ -31,7 +31,7 @@ attention and user attention functions stay eager: static_reason() says which an
 
 import torch
 
-from attention import SOFTMAX_KINDS
+from attention import PLAIN_SOFTMAX
 from kv.cache import Cache, KVCache, visible
 from kv.quant import FP8, ChannelFormat, GroupFormat, QuantKVCache, payload_bits
 from utils import no_autocast
@@ -339,16 +339,22 @@ def dequantize(fmt, payload, dtype):
     return codes.to(dtype) * scale.to(dtype)
 
 
+STATIC_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")  # the kv_quant formats dequantize() above reads
+
+
 def static_reason(kv, config):
     """None when the static caches cover KVOptions kv for a model of this config, else why not
     (the decode step then stays eager)."""
+    if kv.others():
+        return f"--{kv.others()[0][0]} (an option kv/static.py does not know) stays eager"
     if kv.kv_trim:
         return "kv_trim (a user's function) stays eager"
     if kv.kv_evict != "none":
         return f"kv_evict={kv.kv_evict} stays eager (eviction moves tokens between steps)"
-    if kv.kv_quant not in ("none", "int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2"):
-        return f"kv_quant={kv.kv_quant} (a user's quantizer) stays eager"
-    if config.attention not in SOFTMAX_KINDS:
+    if kv.kv_quant != "none" and kv.kv_quant not in STATIC_FORMATS:
+        who = "a user's quantizer" if ":" in kv.kv_quant else "a format kv/static.py does not know"
+        return f"kv_quant={kv.kv_quant} ({who}) stays eager"
+    if config.attention not in PLAIN_SOFTMAX:
         return f"attention={config.attention} stays eager"
     group = kv.key_group()  # tokens a key group waits for (1 unless int4/int2 keys go per channel)
     local = any(config.is_local(i) for i in range(config.n_layer))

@@ -3,10 +3,15 @@ the eager caches step by step (logits, bits held, codes), compiled against eager
 temperature 0 for every cache kind it covers, one compilation over 300 tokens, batched rows
 against single ones; the CUDA-graph path where CUDA exists."""
 
+import dataclasses
+import functools
+
 import pytest
 import torch
 import torch._dynamo.testing
 
+import attention
+import kv.quant as kv_quant
 from checkpoint import save_checkpoint
 from conftest import TOL, run_script, text, tiny
 from generate import StaticDecoder, generate, static_decoder
@@ -194,6 +199,25 @@ def test_eager_kinds_say_why(options, words):
     assert words in notes[0]
     with pytest.raises(ValueError):
         StaticDecoder(model, kv, 1, 10, compile=False)
+
+
+def test_a_new_option_is_named_and_kept_eager(monkeypatch):
+    """An option added to KVOptions (the way kv/policy.py says) is not silently compiled as a
+    plain cache, nor labelled as one: the step stays eager and describe() names it. So does a
+    new attention kind, even a softmax variant, and a new format kv/static.py cannot read."""
+    @dataclasses.dataclass(frozen=True)
+    class WithGrid(KVOptions):
+        kv_grid: float = 0.0  # round K/V to this grid
+
+    model = tiny()
+    kv = WithGrid(kv_window=0, kv_grid=0.25).check()
+    assert "kv_grid" in static_reason(kv, model.config)
+    assert kv.compressed and "kv_grid=0.25" in kv.describe()
+    assert not WithGrid(kv_window=0).compressed and static_reason(WithGrid(kv_window=0), model.config) is None
+    monkeypatch.setitem(attention.ATTENTION, "sharp", functools.partial(attention.softmax_attention, scale=2.0))
+    assert "attention=sharp" in static_reason(KVOptions(kv_window=0), tiny(attention="sharp").config)
+    monkeypatch.setattr(kv_quant, "FORMATS", kv_quant.FORMATS + ("grid",))
+    assert "does not know" in static_reason(KVOptions(kv_window=0, kv_quant="grid"), model.config)
 
 
 def test_linear_attention_stays_eager():
