@@ -224,7 +224,7 @@ def prefill(model, idx, caches, kv):
 
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=None, stats=None,
                     generator=None, decoder=None):
-    """Prefill the prompt idx (B, T) in one pass, then one decode step per token; yields each
+    """Prefill the prompt idx (B, T) (prefill), then one decode step per token; yields each
     new token (B, 1). kv: the KVOptions of the caches (default: plain, unbounded). If given,
     `stats` gets the peak KV bits, the bits per cached token (per sequence) and the peak over
     the decode steps alone (an eviction cache holds the whole prompt until the first step).

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from rotary_embedding_torch import RotaryEmbedding
 
-from attention import KINDS, resolve_attention
+from attention import resolve_attention
 from attention_linear import LinearAttention
 from kv.cache import attention_mask
 from rope import apply_rope, rope_table
@@ -122,8 +122,9 @@ def check_config(c):
 # -----------------------------------------------------------------------------
 
 class CausalSelfAttention(nn.Module):
-    """Softmax-family attention. The first layer of a kv_share group projects K/V and
-    owns the cache; the other layers of the group project only q and reuse that K/V."""
+    """Attention over a KV cache with the kind's function (attention.py: softmax, naive or a
+    plug-in) doing the attending. The first layer of a kv_share group projects K/V and owns the
+    cache; the other layers of the group project only q and reuse that K/V."""
 
     def __init__(self, config, layer_idx):
         super().__init__()
@@ -144,16 +145,16 @@ class CausalSelfAttention(nn.Module):
         layer's cache or None (training); shared: the (k, v, mask) of the group's first layer.
         Returns y and (k, v, mask) for the other layers of the group."""
         B, T, C = x.size()
-        nq = self.n_head if shared is not None else self.n_head + self.n_kv_head
-        qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
-        qk = qkv[:, :nq] if rot is None else apply_rope(qkv[:, :nq], rot)  # q and k, each at its position
+        n_rot = self.n_head if shared is not None else self.n_head + self.n_kv_head  # heads RoPE turns: q and k
+        qkv = self.c_attn(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs); (B, nh, T, hs) if shared
+        qk = qkv[:, :n_rot] if rot is None else apply_rope(qkv[:, :n_rot], rot)  # q and k, each at its position
         q = qk[:, :self.n_head]
         if shared is not None:
             k, v, mask = shared
         elif cache is not None:
-            k, v, mask = cache.update(qk[:, self.n_head:], qkv[:, nq:])  # (B, nkv, S, hs) to attend over
+            k, v, mask = cache.update(qk[:, self.n_head:], qkv[:, n_rot:])  # (B, nkv, S, hs) to attend over
         else:  # training: the text of this call is all there is
-            k, v, mask = qk[:, self.n_head:], qkv[:, nq:], attention_mask(pos, pos, self.window)
+            k, v, mask = qk[:, self.n_head:], qkv[:, n_rot:], attention_mask(pos, pos, self.window)
         p = self.dropout if self.training else 0.0
         y = self.attend(q, k, v, mask, p) if cache is None else cache.attend(self.attend, q, k, v, mask, p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side

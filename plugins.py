@@ -10,7 +10,7 @@ import os
 from utils import UserError
 
 _PLUGINS = {}  # the file of each user's plug-in module imported -> (setting, "package.module:function")
-_PLUGIN_FUNCTIONS = []  # (function, setting, "package.module:function") of each plug-in resolved
+_PLUGIN_FUNCTIONS = {}  # (setting, "package.module:function") -> its function, each once, the latest resolved last
 # how each setting's plug-in is called (README.md and exercises/README.md say what it must do)
 PLUGIN_CALLS = {"attention": "(q, k, v, mask, dropout_p)", "kv_trim": "(k, v, pos, kv_window, kv_sink)",
                 "kv_evict": "(scores, pos, seen, kv_sink, kv_recent)", "kv_quant": "(x)",
@@ -39,7 +39,8 @@ def import_function(spec, option):
         raise UserError(f"--{option}={spec!r} is not a function")
     if getattr(module, "__file__", None):
         _PLUGINS[os.path.abspath(module.__file__)] = (option, spec)
-    _PLUGIN_FUNCTIONS.append((fn, option, spec))
+    _PLUGIN_FUNCTIONS.pop((option, spec), None)
+    _PLUGIN_FUNCTIONS[option, spec] = fn
     return fn
 
 
@@ -61,7 +62,7 @@ def _call_error(e):
     starts with the function's name, which is how the plug-in is recognised."""
     if not isinstance(e, TypeError):
         return None
-    for fn, option, spec in reversed(_PLUGIN_FUNCTIONS):  # the latest first
+    for (option, spec), fn in reversed(_PLUGIN_FUNCTIONS.items()):  # the latest first
         name = getattr(fn, "__qualname__", None)
         if name and str(e).startswith(f"{name}()"):
             call = PLUGIN_CALLS.get(option)

@@ -47,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import outdir
 from checkpoint import checkpoint_path, load_model, save_checkpoint, saved_dataset_paths, unwrap
 from configurator import configure
+from kv.policy import KVOptions
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
@@ -498,10 +499,7 @@ def check_settings(world_size=1):
         raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
     if xl_mem and kv_quant != "none":
         raise UserError("--kv_quant (quantization-aware training) does not combine with --xl_mem; drop one")
-    if not isinstance(kv_quant_group, int) or kv_quant_group < 1:
-        raise UserError(f"--kv_quant_group must be an integer >= 1 (values per quantization group), got {kv_quant_group!r}")
-    if kv_quant_keys not in ("channel", "token"):
-        raise UserError(f"--kv_quant_keys must be 'channel' or 'token', got {kv_quant_keys!r}")
+    KVOptions(kv_quant=kv_quant, kv_quant_group=kv_quant_group, kv_quant_keys=kv_quant_keys).check()  # as sample.py checks them
     if max_iters < 0:
         raise UserError(f"--max_iters must be 0 or more, got {max_iters}")
     if not 0.0 < last_save_budget <= 1.0:

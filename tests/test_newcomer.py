@@ -27,7 +27,6 @@ import utils
 from checkpoint import save_checkpoint
 from configurator import configure
 from conftest import REPO_ROOT, tiny, tiny_corpus, train
-import utils
 from utils import UserError, pick_threads
 
 

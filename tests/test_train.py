@@ -384,7 +384,7 @@ def test_user_errors_are_one_line(data_dir, tmp_path):
     for group in (0, -4):  # (-4 "divides" 32: refused for what it is)
         code, _, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}",
                                       "--kv_quant=int4", f"--kv_quant_group={group}")
-        assert code == 2 and err.startswith("error: --kv_quant_group must be an integer >= 1") and err.count("\n") == 1, err
+        assert code == 2 and err.startswith("error: kv_quant_group must be an integer >= 1") and err.count("\n") == 1, err
 
 
 def test_bf16_training_on_cpu_follows_the_float32_run(data_dir, tmp_path):

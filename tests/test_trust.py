@@ -493,7 +493,7 @@ def test_kv_evict_rule_with_a_wrong_result_is_refused_before_any_eviction(world)
                          "    return pos  # positions, not float priorities\n")
     code, out, err = run(*fill(E, world), f"--kv_evict={name}:rule", "--kv_budget=200")
     assert code == 2 and "|" not in out and "streams x" not in err  # (the line that starts the evaluation)
-    assert err.strip().splitlines()[-1].startswith(f"error: kv_evict rule rule must return float priorities")
+    assert err.strip().splitlines()[-1].startswith("error: kv_evict rule rule must return float priorities")
 
 
 def test_kv_quant_plugin_that_raises_on_its_test_input(world):
