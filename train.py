@@ -92,7 +92,7 @@ n_head = 6  # attention heads per block
 n_embd = 384  # model width
 dropout = 0.2  # dropout probability (0.0 for bit-exact resume tests)
 bias = False  # biases in Linear and LayerNorm layers
-attention = "softmax"  # attention kind (see model.py)
+attention = "softmax"  # attention kind: softmax (SDPA), naive (written out), linear, or package.module:function (attention.py)
 n_kv_head = 0  # K/V heads for grouped-query attention (0 = n_head)
 window = 0  # local attention window in bytes (0 = unbounded)
 global_layers = ""  # comma-separated layers that keep global attention when window > 0
