@@ -437,10 +437,7 @@ def main():
                 f"{', '.join(map(str, sorted(lowered)))} where it must fit the window or an eviction's recent half (each row's /r says which)")
     else:
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
-        c = model.config
-        if kv.kv_trim and not settings[-1].kv_window and not any(c.is_local(i) for i in range(c.n_layer)):
-            raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound "
-                            "(kv_window=0): add --kv_window=N (e.g. --kv_window=64), or it is never called")
+        settings[-1].check_trim(model.config)
     notes = [s.local_residual(model.config)[1] for s in settings]
     notes += [] if sweep else [kv.local_note(model.config)]  # as given (kv_window=-1: the reference's bound)
     for note in dict.fromkeys(notes):

@@ -77,10 +77,7 @@ def main():
     notes = []  # printed after the device line, once every setting has passed
     kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), say=notes.append).check()
     notes += [n for n in [kv.local_note(model.config)] if n]
-    c = model.config
-    if kv.kv_trim and not kv.kv_window and not any(c.is_local(i) for i in range(c.n_layer)):
-        raise UserError(f"--kv_trim={kv.kv_trim} chooses what a bounded cache keeps, and this one has no bound: "
-                        "add --kv_window=N (e.g. --kv_window=64), or it is never called")
+    kv.check_trim(model.config)
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)
     need, free = least_memory(model, kv, len(prompt)), memory_available(dev)

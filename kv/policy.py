@@ -157,6 +157,14 @@ class KVOptions:
                             "softmax; use --kv_evict=window, or a model with softmax or naive attention")
         return self
 
+    def check_trim(self, config):
+        """One UserError when kv_trim has nothing to trim: no kv_window bound (after
+        for_checkpoint) and no local layer in the model (GPTConfig)."""
+        if self.kv_trim and not self.kv_window and not any(config.is_local(i) for i in range(config.n_layer)):
+            raise UserError(f"--kv_trim={self.kv_trim} chooses what a bounded cache keeps, and this one has no bound "
+                            "(kv_window=0): add --kv_window=N (e.g. --kv_window=64), or it is never called")
+        return self
+
     def key_group(self):
         """Tokens a quantized cache waits for before it can quantize keys: kv_quant_group for
         int4/int2 keys grouped per channel (no eviction), else 1."""
