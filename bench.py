@@ -18,7 +18,7 @@ generate  tokens/s for bench_lengths new tokens with the cache unbounded and bou
           static-cache step (generate.StaticDecoder, its compile time printed), the KV bits
           held, time per token over the first and the last 1024 of a long sample (a bounded
           cache must not slow down), process memory; bench_batch samples side by side against
-          one (on a CPU also the batch step's matrix products alone: the floor of its time);
+          one (compiled on a CPU, also the batch step's matrix products alone: the floor of its time);
           on CUDA also without CUDA graphs, and the fraction of the memory bandwidth used.
           --baseline=True also times the tutorial's way (concatenate, re-rotate every key).
 eval_kv   bytes/s of eval_kv.evaluate on n_streams x stream_len random bytes against its natural

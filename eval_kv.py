@@ -75,9 +75,9 @@ reference = "natural"  # 'natural': a plain sliding window of the checkpoint's x
 baseline = ""  # what ratios and changes are against: '' = this checkpoint's reference; or another checkpoint (.pt file or out_dir) at its natural context
 dtype = "bfloat16"  # storage of what caches keep in full precision (plain cache, quantization residual): bfloat16, float16 or float32
 # KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
-# kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py, except
-# kv_window=-1: the reference's history bound (with --reference=unbounded, kv_window and
-# kv_sink bound the reference too)
+# kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py (kv_window=-1:
+# the reference's history bound; with --reference=unbounded, kv_window and kv_sink bound the
+# reference too)
 globals().update(KVOptions().settings())
 sweep = ""  # '' = the one setting above; 'quick' or 'full' = a named grid, written into out_dir
 device = ""  # 'cpu', 'cuda', 'mps'; '' or 'auto' = the best available

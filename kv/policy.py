@@ -27,7 +27,7 @@ from utils import UserError
 
 @dataclass(frozen=True)
 class KVOptions:
-    kv_window: int = -1  # a query sees the newest kv_window tokens, itself included (0 = all; -1 = the checkpoint's xl_mem if it has one, else all)
+    kv_window: int = -1  # a query sees the newest kv_window tokens, itself included (0 = all; -1: sample.py the checkpoint's xl_mem if it has one, else all; eval_kv.py the reference's bound; bench.py 256)
     kv_sink: int = 0  # the first kv_sink tokens of the text stay too: on top of kv_window, inside kv_budget
     kv_trim: str = ""  # "package.module:function" choosing the tokens kv_window keeps, instead of the ring buffer (exercise 1)
     kv_quant: str = "none"  # storage of K/V: none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
