@@ -50,7 +50,6 @@ from plugins import import_function
 from utils import UserError, no_autocast
 
 
-
 def h2o_priority(scores, pos, seen, kv_sink, kv_recent):
     """H2O's choice as a plain function (what --kv_evict=h2o uses; the reference of exercise 4):
     the kv_sink first and the kv_recent newest tokens come first, then the most attended."""
@@ -59,7 +58,7 @@ def h2o_priority(scores, pos, seen, kv_sink, kv_recent):
 
 
 # the named rules: name -> the function ranking cached tokens (None: recency alone, no scores).
-# A rule here ranks by attention score: its cache computes softmax attention itself (naive,
+# A function here ranks by attention score: its cache computes softmax attention itself (naive,
 # with the probabilities), so models of other attention kinds refuse it (KVOptions.check_model)
 POLICIES = {"window": None, "h2o": h2o_priority}
 
