@@ -252,10 +252,13 @@ class StaticQuantCache(Cache):
 
     def attend(self, fn, q, k, v, mask, dropout_p=0.0):
         """Attention read straight from the codes (attend_slots; k, v are not read): compiled,
-        the dequantization is fused into its sums and the dequantized cache never exists."""
+        the dequantization is fused into its sums and the dequantized cache never exists. Keys and
+        values come out in q's dtype, as QuantKVCache dequantizes them (under bfloat16 autocast,
+        rounded to bfloat16: in float32 they would be other keys, and other greedy text)."""
         with no_autocast(q.device.type):
-            parts = [(self._dequantize(self.key_fmt, self.k_codes, torch.float32),
-                      self._dequantize(self.val_fmt, self.v_codes, torch.float32)), (self.k_res, self.v_res)]
+            parts = [(self._dequantize(self.key_fmt, self.k_codes, q.dtype),
+                      self._dequantize(self.val_fmt, self.v_codes, q.dtype)),
+                     (self.k_res.to(q.dtype), self.v_res.to(q.dtype))]
             return attend_slots(q, parts, mask, self.width)
 
     def _put(self, payload, new, ts, done):
