@@ -152,6 +152,10 @@ class Progress:
         self.total, self.label, self.done = total, label, 0
         self.t0 = self.last = time.time()
         self.tty = sys.stderr.isatty()
+        self.aside = 0.0  # seconds spent on other things (compiling), left out of the ETA
+
+    def set_aside(self, seconds):
+        self.aside += seconds
 
     def step(self, what=""):
         self.done += 1
@@ -162,7 +166,7 @@ class Progress:
             return
         self.last = now
         elapsed = now - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
+        eta = max(elapsed - self.aside, 0.0) / self.done * (self.total - self.done)
         bar = "#" * int(20 * self.done / self.total)
         line = (f"{self.label} [{bar:<20}] {100 * self.done / self.total:3.0f}% {what} "
                 f"elapsed {elapsed:.0f}s, ETA {eta // 60:.0f}:{eta % 60:02.0f}")
@@ -242,7 +246,10 @@ def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, 
     stepwise = decode is not None and chunk == 1
     runs = []
     for kv in settings:
+        t0 = time.time()
         dec = decode(kv, B, L, dtype) if stepwise else None
+        if progress is not None and dec is not None:
+            progress.set_aside(time.time() - t0)  # compiling: not a rate the rest will go at
         states = dec.start() if dec is not None else \
             kv.make_caches(model, B, capacity=L, dtype=dtype) if stepwise or kv != reference else None
         runs.append(dict(kv=kv, dec=dec, states=states, nll=torch.zeros(B, L), kl=torch.zeros(B, L), seconds=0.0))
@@ -454,7 +461,7 @@ def main():
     note = chunk_note(settings, step)
     if note:
         say(note)
-    print(f"{path}: {n_streams} streams x {stream_len:,} bytes of {val_path}, chunk {step}, block {block}, "
+    print(f"{path}: {n_streams} stream{'s' if n_streams != 1 else ''} x {stream_len:,} bytes of {val_path}, chunk {step}, block {block}, "
           f"reference {label(ref_kv)} (history bound {window or 'none'}), full precision stored at {dtype}, "
           f"device {dev}" + (f", {thread_words}" if dev == "cpu" else ""), file=sys.stderr)
     progress = Progress(spans(step, stream_len)[1] * (2 if base else 1), sweep or "eval_kv")

@@ -77,7 +77,7 @@ class StaticDecoder:
     def __init__(self, model, kv, batch_size, capacity, compile=True, cuda_graphs=None, dtype=None):
         reason = static_reason(kv, model.config)
         if reason is not None:
-            raise ValueError(reason)
+            raise ValueError(f"no static decode step for {reason}")
         self.model, self.kv, self.batch_size, self.capacity = model, kv, batch_size, capacity
         p = next(model.parameters())
         self.caches = kv.make_caches(model, batch_size, capacity=capacity, dtype=dtype, static=True)
@@ -193,9 +193,22 @@ def static_decoder(model, kv, batch_size, capacity, say=None, **kw):
     return dec if dec.compiled or not kw.get("compile", True) else None
 
 
+def say_once(say):
+    """say (e.g. print), each distinct line once: a note that holds for every row of a sweep."""
+    said = set()
+
+    def once(line):
+        if line not in said:
+            said.add(line)
+            say(line)
+    return once
+
+
 def static_decoders(model, say=None):
     """A function (kv, batch_size, capacity, dtype) -> static_decoder(...) that says what its
     compilation took: eval_kv.evaluate's `decode` (eval_kv --chunk=1 --compile=True)."""
+    say = say_once(say) if say is not None else None
+
     def decoder(kv, batch_size, capacity, dtype=None):
         dec = static_decoder(model, kv, batch_size, capacity, say=say, dtype=dtype)
         if dec is not None and dec.compiled and say is not None:

@@ -346,22 +346,22 @@ STATIC_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")  # the kv_quan
 
 
 def static_reason(kv, config):
-    """None when the static caches cover KVOptions kv for a model of this config, else why not
-    (the decode step then stays eager)."""
+    """None when the static caches cover KVOptions kv for a model of this config, else what
+    keeps the decode step eager (said as "the decode step stays eager: <reason>")."""
     if kv.others():
-        return f"--{kv.others()[0][0]} (an option kv/static.py does not know) stays eager"
+        return f"--{kv.others()[0][0]} (an option kv/static.py does not know)"
     if kv.kv_trim:
-        return "kv_trim (a user's function) stays eager"
+        return "kv_trim (a user's function)"
     if kv.kv_evict != "none":
-        return f"kv_evict={kv.kv_evict} stays eager (eviction moves tokens between steps)"
+        return f"kv_evict={kv.kv_evict} (eviction moves tokens between steps)"
     if kv.kv_quant != "none" and kv.kv_quant not in STATIC_FORMATS:
         who = "a user's quantizer" if ":" in kv.kv_quant else "a format kv/static.py does not know"
-        return f"kv_quant={kv.kv_quant} ({who}) stays eager"
+        return f"kv_quant={kv.kv_quant} ({who})"
     if config.attention not in PLAIN_SOFTMAX:
-        return f"attention={config.attention} stays eager"
+        return f"attention={config.attention} (only softmax and naive attention compile)"
     group = kv.key_group()  # tokens a key group waits for (1 unless int4/int2 keys go per channel)
     local = any(config.is_local(i) for i in range(config.n_layer))
     if kv.kv_quant != "none" and local and group > config.window:
-        return f"local windows of {config.window} tokens, under one key group of {group}, stay eager"
+        return f"local windows of {config.window} tokens, under one key group of {group} tokens"
     return None
 

@@ -14,7 +14,7 @@ import attention
 import kv.quant as kv_quant
 from checkpoint import save_checkpoint
 from conftest import TOL, run_script, text, tiny
-from generate import StaticDecoder, generate, static_decoder
+from generate import StaticDecoder, generate, static_decoder, static_decoders
 from kv.policy import KVOptions, held_bits
 from kv.static import static_reason
 from model import MODEL_ARG_KEYS
@@ -244,6 +244,16 @@ def test_a_new_option_is_named_and_kept_eager(monkeypatch):
     assert "attention=sharp" in static_reason(KVOptions(kv_window=0), tiny(attention="sharp").config)
     monkeypatch.setattr(kv_quant, "FORMATS", kv_quant.FORMATS + ("grid",))
     assert "does not know" in static_reason(KVOptions(kv_window=0, kv_quant="grid"), model.config)
+
+
+def test_a_note_is_said_once_per_model():
+    """eval_kv's decoders (static_decoders): a cache kind that stays eager says why once, not
+    once per setting or per evaluation of a sweep."""
+    notes = []
+    decoders = static_decoders(tiny(attention="linear"), say=notes.append)
+    for _ in range(3):
+        assert decoders(KVOptions(kv_window=0), 1, 10) is None
+    assert len(notes) == 1 and notes[0].startswith("note: the decode step stays eager: attention=linear")
 
 
 def test_linear_attention_stays_eager():
