@@ -258,9 +258,9 @@ def time_baseline(model, n_new, window):
 NOTE = say_once(print)  # a note on why a cache stays eager, printed once whatever asks again
 
 
-def compiled_decoder(model, kv, batch, capacity, what, say=print, **kw):
-    """A StaticDecoder (None where the cache stays eager), its compile time said."""
-    dec = static_decoder(model, kv, batch, capacity, say=NOTE, **kw)
+def compiled_decoder(model, kv, batch, capacity, what, say=NOTE, **kw):
+    """A StaticDecoder (None where the cache stays eager: the note why), its compile time said."""
+    dec = static_decoder(model, kv, batch, capacity, say=say, **kw)
     if dec is not None:
         say(f"compiled the decode step for {what} in {dec.compile_seconds:.1f} s")
     return dec
@@ -416,10 +416,12 @@ def bench_eval_kv(model):
         runs = [timed() for _ in range(bench_repeats)] if first[0] < 60 else [first]
         wall, cpu, own = sorted(runs)[len(runs) // 2]  # the median by wall time, its CPU time and own speed
         nbytes = x.numel()
+        if how == "compiled" and made[0] is None:
+            how = "eager (not compiled: below)"
         print(f"| {name} | {step} | {how or 'one pass'} | {own:,.0f} | {nbytes / wall:,.0f} | "
               f"{nbytes / first[0]:,.0f} | {nbytes / cpu:,.0f} |", flush=True)
     if compiled:
-        print("", *compiled, sep="\n")
+        print("", *dict.fromkeys(compiled), sep="\n")
 
 
 def new_token_counts(text):

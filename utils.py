@@ -287,16 +287,18 @@ def keep_freed_memory():
     mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never give the heap's free top back
 
 
-_COMPILE_FAILED = []  # the first failure of compile_or_eager in this process, if any
+_COMPILE_FAILED = {}  # (function, options) -> the exception its compilation raised in this process
 
 
 def compile_or_eager(fn, probe, **options):
     """torch.compile(fn, **options), tried once by probe(compiled): compilation is lazy, so this
     is where it would fail (no C++ compiler, an unsupported platform or Python). On failure,
-    fn itself and one warning line on stderr; later calls in the process return their fn at
-    once, without trying (a sweep would otherwise pay a failed compile per row, and warn for
-    each). The global RNG is left as the probe found it."""
-    if _COMPILE_FAILED:
+    fn itself and one warning line on stderr; a later call for the same function and options
+    returns fn at once, without trying again (a sweep's rows would otherwise each pay for a
+    failed compile and warn); another function is still tried. The global RNG is left as the
+    probe found it."""
+    key = (getattr(fn, "__qualname__", None) or type(fn).__qualname__, repr(sorted(options.items())))
+    if key in _COMPILE_FAILED:
         return fn
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
@@ -307,9 +309,9 @@ def compile_or_eager(fn, probe, **options):
         import torch._dynamo as dynamo
         dynamo.reset()  # forget what was half-compiled
         first = (str(e).strip().splitlines() or [""])[0][:200]
-        print(f"warning: torch.compile failed, running eager from here on ({type(e).__name__}: {first})",
+        print(f"warning: torch.compile failed, running eager (and so from here on; {type(e).__name__}: {first})",
               file=sys.stderr, flush=True)
-        _COMPILE_FAILED.append(e)
+        _COMPILE_FAILED[key] = e
         compiled = fn
     finally:
         torch.set_rng_state(cpu_rng)

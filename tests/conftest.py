@@ -35,6 +35,14 @@ from model import GPT, GPTConfig  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32 rounding: the same computation in another order
 
+
+@pytest.fixture(autouse=True)
+def _compile_failures_stay_in_their_test(monkeypatch):
+    """utils.compile_or_eager remembers a failed compile for the rest of the process: a test
+    that makes one fail must not turn the compiled paths of later tests eager."""
+    import utils
+    monkeypatch.setattr(utils, "_COMPILE_FAILED", {})
+
 WORDS = ("the a king queen sword night day love death crown heart blood friend lord lady "
          "speaks holds sees keeps gives takes fair dark noble gentle old young and but with "
          "of to in upon my thy his her our what why when where thou thee good ill").split()

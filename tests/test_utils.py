@@ -30,18 +30,20 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsy
 
     model = tiny(n_layer=1, n_head=2, n_embd=16, dropout=0.1).train()
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(utils, "_COMPILE_FAILED", [])
+    monkeypatch.setattr(utils, "_COMPILE_FAILED", {})
     rng = torch.get_rng_state()
     got = utils.compile_or_eager(model, lambda m: m(torch.zeros(1, 4, dtype=torch.long)))
     assert got is model
     assert torch.equal(torch.get_rng_state(), rng)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: torch.compile failed") and "cc not found" in err[0]
-    # the next function (a sweep's next row) runs eager at once, without a second try or warning
+    # the same function again (a sweep's next row) runs eager at once, without a second try or warning
     probed = []
     other = tiny(n_layer=1, n_head=2, n_embd=16)
     assert utils.compile_or_eager(other, probed.append) is other
     assert probed == [] and capsys.readouterr().err == ""
+    # another function is still tried
+    assert utils.compile_or_eager(lambda t: t + 1, probed.append) is not None and len(probed) == 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
