@@ -248,8 +248,8 @@ def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, 
     for kv in settings:
         t0 = time.time()
         dec = decode(kv, B, L, dtype) if stepwise else None
-        if progress is not None and dec is not None:
-            progress.set_aside(time.time() - t0)  # compiling: not a rate the rest will go at
+        if progress is not None:
+            progress.set_aside(time.time() - t0)  # compiling (or failing to): not a rate the rest will go at
         states = dec.start() if dec is not None else \
             kv.make_caches(model, B, capacity=L, dtype=dtype) if stepwise or kv != reference else None
         runs.append(dict(kv=kv, dec=dec, states=states, nll=torch.zeros(B, L), kl=torch.zeros(B, L), seconds=0.0))
