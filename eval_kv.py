@@ -60,7 +60,7 @@ from kv.policy import KVOptions
 from kv.quant import FORMATS, GROUPED
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_paths, same_dataset
-from utils import UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
+from utils import Progress, UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
 
 quiet_start.done()
 
@@ -143,35 +143,6 @@ def buckets(block, L):
         edges.append(min(e, L))
         e *= 2
     return list(zip(edges[:-1], edges[1:]))
-
-
-class Progress:
-    """A one-line progress bar with an ETA on stderr (on a terminal; elsewhere a line now and then)."""
-
-    def __init__(self, total, label):
-        self.total, self.label, self.done = total, label, 0
-        self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
-        self.aside = 0.0  # seconds spent on other things (compiling), left out of the ETA
-
-    def set_aside(self, seconds):
-        self.aside += seconds
-
-    def step(self, what=""):
-        self.done += 1
-        now = time.time()
-        if not (self.tty or now - self.last > 30 or self.done == self.total):
-            return
-        if self.tty and now - self.last < 0.2 and self.done < self.total:
-            return
-        self.last = now
-        elapsed = now - self.t0
-        eta = max(elapsed - self.aside, 0.0) / self.done * (self.total - self.done)
-        bar = "#" * int(20 * self.done / self.total)
-        line = (f"{self.label} [{bar:<20}] {100 * self.done / self.total:3.0f}% {what} "
-                f"elapsed {elapsed:.0f}s, ETA {eta // 60:.0f}:{eta % 60:02.0f}")
-        end = "\n" if not self.tty or self.done == self.total else ""
-        print(("\r" if self.tty else "") + line.ljust(78), end=end, file=sys.stderr, flush=True)
 
 
 def label(kv, reference=None):

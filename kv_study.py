@@ -64,7 +64,7 @@ from kv.study_report import write_frontier
 from loader import dataset_paths
 from outdir import make_folder
 from resume import saved_iteration
-from utils import UserError, check_range, keep_freed_memory, read_json, run_main, use_threads, write_json
+from utils import Progress, UserError, check_range, keep_freed_memory, read_json, run_main, use_threads, write_json
 
 quiet_start.done()
 
@@ -231,7 +231,7 @@ def evaluate_variant(path, x, y, settings, step, block, label):
     model, ckpt = load_model(path, "cpu")
     model.eval()
     ref = eval_kv.reference_options(ckpt.get("config") or {}, "natural", say=lambda s: None)
-    progress = eval_kv.Progress(eval_kv.spans(step, x.size(1))[1], f"  {label}")
+    progress = Progress(eval_kv.spans(step, x.size(1))[1], f"  {label}")
     settings = [ref] + [s for s in settings if s != ref]
     rows = eval_kv.evaluate(model, x, y, settings, step, ref, block, progress, eval_kv.DTYPES[dtype])
     for r, kv in zip(rows, settings):
