@@ -37,6 +37,7 @@ import torch
 
 import train
 from configurator import PLAIN_TYPES, configure
+from device_peaks import peak_bandwidth, peak_flops
 from eval_kv import evaluate
 from generate import generate_stream, say_once, static_decoder
 from kv.policy import KVOptions
@@ -66,23 +67,6 @@ bench_batch = 8  # generate: also time this many samples side by side against on
 # KV cache: kv_window, kv_sink, kv_trim, kv_quant, ... as in sample.py (KVOptions in kv/policy.py)
 globals().update(KVOptions().settings())
 # -----------------------------------------------------------------------------
-
-# dense peak FLOP/s from the vendors' data sheets: (bfloat16/float16 tensor cores, TF32), the
-# first name found in torch.cuda.get_device_name(); float32 runs use TF32 (train.py turns it on)
-PEAK_FLOPS = [("H200", 989e12, 495e12), ("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 495e12),
-              ("A100", 312e12, 156e12), ("L40S", 362e12, 183e12), ("L4", 121e12, 60e12),
-              ("A10", 125e12, 62.5e12), ("V100", 125e12, 15.7e12)]
-
-
-def peak_flops(device, dtype):
-    """The device's dense peak FLOP/s for dtype, or None where unknown (CPUs, other GPUs)."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, half, tf32 in PEAK_FLOPS:
-        if key in name:
-            return tf32 if dtype == "float32" else half
-    return None
 
 
 def flops_per_token(model, block):
@@ -212,21 +196,6 @@ def bench_train(args, dev, dt):
 
 # -----------------------------------------------------------------------------
 # generate
-
-# peak memory bandwidth (bytes/s) from the vendors' data sheets, the first name found in
-# torch.cuda.get_device_name(): the ceiling of a decode step, which reads every weight and
-# the whole KV cache once per step
-PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
-                  ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12), ("L4", 0.3e12),
-                  ("A10", 0.6e12), ("V100", 0.9e12), ("RTX 4090", 1.01e12), ("RTX 3090", 0.936e12)]
-
-
-def peak_bandwidth(device):
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in PEAK_BANDWIDTH if key in name), None)
-
 
 def time_generation(model, n_new, kv, device, decoder=None, batch=1):
     """Seconds since the start at each new token, and the KV stats."""
