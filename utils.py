@@ -27,6 +27,28 @@ class UserError(Exception):
         self.details = list(details)
 
 
+def unwritten(e):
+    """Whether NotImplementedError e is a function left unwritten: raised by a `raise` line of
+    Python code outside the installed packages (an exercise stub), not by an operation PyTorch
+    lacks for a dtype (`"bitwise_or_cpu" not implemented for 'Float'`), which is a bug to show."""
+    import linecache
+    import traceback
+    if not isinstance(e, NotImplementedError) or e.__traceback__ is None:
+        return False
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    if "site-packages" in frame.filename:
+        return False
+    return linecache.getline(frame.filename, frame.lineno).lstrip().startswith("raise")
+
+
+def stub_exercise(e):
+    """The exercise whose stub raised e (kv_window for exercises/kv_window.py), else "all"."""
+    import traceback
+    path = traceback.extract_tb(e.__traceback__)[-1].filename
+    folder, name = os.path.split(os.path.splitext(path)[0])
+    return name if os.path.basename(folder) == "exercises" else "all"
+
+
 def run_main(fn, before_error=None):
     """Run a script's main: a UserError becomes one line on stderr and exit code 2; so does
     an exception raised in a user's plug-in, with the frames of the plug-in's own file under
@@ -58,8 +80,9 @@ def run_main(fn, before_error=None):
             before_error()
         if isinstance(e, KeyboardInterrupt):
             sys.exit(130)  # the user knows they pressed Ctrl-C; no traceback needed
-        if isinstance(e, NotImplementedError):  # a plugged-in exercise stub the student has not written yet
-            e = UserError(f"not implemented yet: {e} (python -m exercises.check all shows what is missing)")
+        if unwritten(e):  # a plugged-in exercise stub the student has not written yet
+            e = UserError(f"not implemented yet: {e} (python -m exercises.check {stub_exercise(e)} shows what "
+                          "is missing)")
         elif out_of_memory(e):
             e = UserError(f"out of memory ({' '.join(str(e).split())[:120]}): lower the sizes given (--batch_size, "
                           "--block_size, --num_samples, --max_new_tokens, --n_streams, --stream_len, ...)")

@@ -50,7 +50,7 @@ from exercises.checks_linear_attention import (causal, check_linear_cached, chec
                                                recurrent_inputs)
 from exercises.checks_xl_memory import (check_xl_attend, check_xl_detach, check_xl_grads, check_xl_keep,  # noqa: E402
                                         check_xl_model, check_xl_shapes, check_xl_training, xl_inputs)
-from utils import UserError  # noqa: E402
+from utils import UserError, unwritten  # noqa: E402
 
 # the checker's own files: a crash is reported at the innermost frame outside them
 OWN_FILES = {os.path.abspath(m.__file__) for m in (checks_common, checks_kv_window, checks_xl_memory,
@@ -202,10 +202,16 @@ def user_frame(exc):
     return (mine or frames)[-1]
 
 
+def shown(filename):
+    """A file's name as a message shows it: relative to the project inside it, else whole."""
+    path = os.path.abspath(filename)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
 def where_it_broke(exc):
     """file:line of the innermost frame in exercises/ or the module under test, if any."""
     frame = user_frame(exc)
-    return f"{os.path.relpath(frame.filename, ROOT)}:{frame.lineno}"
+    return f"{shown(frame.filename)}:{frame.lineno}"
 
 
 def not_implemented(names):
@@ -221,9 +227,7 @@ def where_import_broke(exc):
               and os.path.abspath(f.filename) not in OWN_FILES and "site-packages" not in f.filename]
     if not frames:
         return None  # raised by the checker's own import (no such module, no such function)
-    path = os.path.abspath(frames[-1].filename)
-    shown = os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
-    return f"{shown}:{frames[-1].lineno}"
+    return f"{shown(frames[-1].filename)}:{frames[-1].lineno}"
 
 
 def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=False):
@@ -247,10 +251,9 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
     for name in exercise.functions:
         try:
             PROBES[name](impl)
-        except NotImplementedError as e:
-            todo[name] = user_frame(e).name
-        except Exception:
-            pass  # the checks will say what is wrong
+        except Exception as e:  # (the checks will say what else is wrong)
+            if unwritten(e):
+                todo[name] = user_frame(e).name
     # unfinished: the same, met by a check although the probe ran (quantize written, dequantize
     # still the stub): the slow checks of that function would only meet it again
     results, failed, unfinished = [], set(), {}
@@ -293,19 +296,24 @@ def run_check(check, impl, ctx):
     try:
         detail = check.fn(impl, ctx)
         return "PASS", detail or ""
-    except NotImplementedError as e:
-        ctx["unfinished"] = user_frame(e).name  # for the slow checks of the same functions
-        return "TODO", not_implemented({ctx["unfinished"]})
     except Skipped as e:
         return "SKIP", str(e)
     except (Failed, UserError) as e:  # UserError: a plug-in point refused the function
         msg = str(e)
         reason = NUMBER.sub("#", msg)
     except Exception as e:
+        if unwritten(e):  # a stub's raise, not an operation PyTorch lacks for a dtype (a bug to show)
+            ctx["unfinished"] = user_frame(e).name  # for the slow checks of the same functions
+            return "TODO", not_implemented({ctx["unfinished"]})
         where, raised = where_it_broke(e), f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
         reason = f"{NUMBER.sub('#', raised)} at {where}"  # the same error raised elsewhere is another bug
         case = ctx.get("case")
-        msg = (f"{case}: " if case else "") + f"your code raised {raised} (at {where})"
+        if isinstance(e, TypeError) and re.match(r"[\w.]+\(\) ", str(e)) and \
+                os.path.abspath(user_frame(e).filename) in OWN_FILES:  # raised calling it: no line of it ran
+            msg = (f"{case}: " if case else "") + f"calling your function failed: {raised} (compare its def line " \
+                "with the stub's in exercises/)"
+        else:
+            msg = (f"{case}: " if case else "") + f"your code raised {raised} (at {where})"
     first = ctx["reported"].setdefault(reason, check.title)
     if first != check.title:
         return "SKIP", f'the same failure as "{first}" above'

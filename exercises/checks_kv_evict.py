@@ -78,8 +78,12 @@ def by_slot(rank, first, last):
 
 def skip_if_overprotected(rank, pos, seen, sink, recent, judged):
     """Skipped when a token that may go is ranked as high as the protected ones (rule 4's
-    failure): it then outranks everything for that reason alone, and `judged` cannot be told."""
+    failure): it then outranks everything for that reason alone, and `judged` cannot be told;
+    or when a protected one is ranked below one that may go (rules 2 and 3's failure)."""
     protected = (pos < sink) | (pos >= seen - recent)
+    if ranked_below(rank, protected, ~protected):
+        raise Skipped(f"a token that must stay is ranked below one that may go (see above), so {judged} "
+                      "cannot be told")
     low = torch.where(protected, rank, float("inf")).amin(-1, keepdim=True)
     if bool((~protected & (rank >= low)).any()):
         raise Skipped(f"tokens that may go are protected too (see above), so {judged} cannot be told")
@@ -142,6 +146,10 @@ def check_evict_only(impl, ctx):
         expect(not (recent and seen - recent - 1 in extra), f"{where}: position {seen - recent - 1} is "
                f"protected with the newest, one too many: the kv_recent newest are the positions >= seen - "
                f"kv_recent = {seen - recent}; {see('4b', 3)}")
+        everything = bool((over == ~protected).all())
+        expect(not everything, f"{where}: every token is ranked as high as the protected ones, so nothing is "
+               "told apart" + (": with kv_recent=0, a slice [-kv_recent:] is [-0:], the whole tensor, not "
+                               "nothing" if recent == 0 else "") + f"; {see('4b', 3)}")
         expect(sink not in extra, f"{where}: position {sink} is protected with the sinks: the sinks are the "
                f"positions < kv_sink ({f'0..{sink - 1}' if sink else 'none when kv_sink=0'}); {see('4b', 2)}")
         raise Failed(f"{where}: positions {extra[:8]} are neither sinks nor among the newest, yet ranked as high "

@@ -40,7 +40,10 @@ def ramp_rows(n=64, rows=16):
 
 
 def call_quantize(impl, x):
-    out = impl.quantize(x)
+    given = x.clone()  # (x stays the checker's: a quantize that writes into its input is told so)
+    out = impl.quantize(given)
+    expect(torch.equal(given, x), "quantize changed x in place (e.g. x /= scale): compute new tensors "
+           "(x / scale) and leave x as it was; it belongs to the caller")
     expect(isinstance(out, (tuple, list)) and len(out) == 2,
            f"quantize must return (payload, dequantize), got {type(out).__name__}")
     payload, inverse = out
@@ -257,6 +260,11 @@ def check_quant_bias(impl, ctx):
     payload, y = round_trip(impl, x)
     kind, bits = code_format(payload, x.size(-1))
     expect_no_gross_mistake(x, y, kind, ("4a", 4), "how the codes are rounded")
+    again = round_trip(impl, x)[1]
+    if not torch.equal(again, y):
+        ctx["random"] = True  # (rule 6's check would meet it again)
+        raise Failed("the same x comes back different from a second call: random rounding (x / scale + "
+                     "torch.rand...) is unbiased on average but not to nearest; use torch.round")
     rms = x.pow(2).mean(-1, keepdim=True).sqrt()
     e, xs = (y - x) / rms, x / rms  # every row on the same scale
     bias = (e.mean() / e.pow(2).mean().sqrt()).item()
@@ -304,6 +312,8 @@ def check_quant_error(impl, ctx):
 
 
 def check_quant_rows(impl, ctx):
+    if ctx.get("random"):
+        raise Skipped("quantize does not repeat itself (see above), so whether rows stand alone cannot be told")
     x1, x2 = quant_rows(seed=3), quant_rows(seed=5)[:, :, :7]
     p1, inv1 = call_quantize(impl, x1)
     p2, inv2 = call_quantize(impl, x2)

@@ -23,8 +23,9 @@ def xl_inputs(m, T, B=2, H=2, hs=4, seed=0, dtype=torch.float32):
 def call_xl(impl, m, T, mem_len, seed=0, dtype=torch.float32):
     args = xl_inputs(m, T, seed=seed, dtype=dtype)
     out = impl.xl_step(*args, mem_len)
+    got = f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else f"a {type(out).__name__}"
     expect(isinstance(out, (tuple, list)) and len(out) == 6,
-           "xl_step must return six things: keys, vals, key_ok, new_k, new_v, new_ok")
+           f"xl_step must return six things: keys, vals, key_ok, new_k, new_v, new_ok; it returned {got}")
     expect(all(torch.is_tensor(t) for t in out), "xl_step must return six tensors")
     return args, out
 

@@ -11,6 +11,9 @@ Try it (the cache keeps kv_budget tokens per layer and head, here a quarter of t
 model was trained to see; --chunk=1 decodes byte by byte, as sampling does):
     python eval_kv.py --out_dir=out-shakespeare-char --stream_len=1024 --chunk=1 --kv_window=256 --kv_sink=4 \
         --kv_evict=exercises.kv_evict:priority --kv_budget=64 --kv_recent=16
+    # the CPU recipe's model (trained on 64 bytes): a quarter of its 64
+    python eval_kv.py --out_dir=out-shakespeare-char-cpu --stream_len=1024 --chunk=1 --kv_window=64 --kv_sink=4 \
+        --kv_evict=exercises.kv_evict:priority --kv_budget=16 --kv_recent=4
 Check it:
     python -m exercises.check kv_evict
 """

@@ -11,6 +11,7 @@ return and counts their bits, so the savings are real, and so is the error.
 Try it (eval_kv.py compares the loss with your cache to the plain cache's, bucket by bucket,
 and reports KV bits per token):
     python eval_kv.py --out_dir=out-shakespeare-char --kv_quant=exercises.kv_quant:quantize --kv_quant_residual=0
+    # the CPU recipe's model: --out_dir=out-shakespeare-char-cpu
 Check it:
     python -m exercises.check kv_quant
 """

@@ -9,6 +9,9 @@ the text, which attention likes to park on: see StreamingLLM, arXiv 2309.17453).
 Try it (the cache calls your function after every step, see kv.cache.TrimCache):
     python sample.py --out_dir=out-shakespeare-char --max_new_tokens=2000 \
         --kv_trim=exercises.kv_window:keep_recent --kv_window=256 --kv_sink=4
+    # the CPU recipe's model (trained on 64 bytes):
+    python sample.py --out_dir=out-shakespeare-char-cpu --max_new_tokens=2000 \
+        --kv_trim=exercises.kv_window:keep_recent --kv_window=64 --kv_sink=4
 Check it:
     python -m exercises.check kv_window
 """

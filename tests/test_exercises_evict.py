@@ -116,6 +116,20 @@ def test_one_newest_too_few_is_blamed_on_the_newest_rule_alone(exercise_checks):
     results, printed = exercise_checks("kv_evict", source)
     assert [t for t, status, _ in results if status == "FAIL"] == [RECENT], printed
     assert [status for t, status, _ in results if t == ONLY] == ["SKIP"], printed
+    later = [msg for t, status, msg in results if t in (HEAVY, TIES)]
+    assert later and all("must stay is ranked below" in msg for msg in later), printed  # not "protected too"
+
+
+def test_an_empty_slice_for_kv_recent_0_is_named(exercise_checks):
+    """x[-kv_recent:] with kv_recent=0 is all of x: everything is protected, which rule 4's
+    check says as such (not that the sinks are wrong)."""
+    source = H2O_OK.replace("keep = (pos < kv_sink) | (pos >= seen - kv_recent)",
+                            "keep = pos < kv_sink\n        newest = pos.argsort(-1)[..., -kv_recent:]\n"
+                            "        keep = keep.scatter(-1, newest, True)")
+    results, printed = exercise_checks("kv_evict", source)
+    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+    assert [t for t, _ in failed] == [ONLY] and "[-0:], the whole tensor" in failed[0][1], printed
+    assert "protected with the sinks" not in printed
 
 
 @pytest.mark.parametrize("case", [c for c in EVICT_CASES if c[1] > 0])

@@ -14,8 +14,9 @@ LINEAR_OK = """
     import torch
     import torch.nn.functional as F
     def attention(q, k, v, mask, dropout_p):
+        dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()
         att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask
-        return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator
+        return ((att @ v) / (att.sum(-1, keepdim=True) + 1e-6)).to(dtype)   # the paper's denominator
     def recurrent_step(q, k, v, S, z):
         nums, dens = [], []
         for t in range(q.size(2)):
@@ -25,8 +26,8 @@ LINEAR_OK = """
             dens.append((q[:, :, t] * z).sum(-1, keepdim=True))
         return torch.stack(nums, 2), torch.stack(dens, 2)
     """
-LAYERNORM_OK = LINEAR_OK.replace("return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator",
-                                 "return F.layer_norm(att @ v, (q.size(-1),))")
+DENOMINATOR = "return ((att @ v) / (att.sum(-1, keepdim=True) + 1e-6)).to(dtype)   # the paper's denominator"
+LAYERNORM_OK = LINEAR_OK.replace(DENOMINATOR, "return F.layer_norm(att @ v, (q.size(-1),)).to(dtype)")
 
 
 def linear(old, new, title, words, base=LINEAR_OK):
@@ -58,9 +59,13 @@ WRONG.update({
                                "att = ((F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1)).masked_fill(~mask, "
                                "float('-inf'))", "attention: y shaped like q, in q's dtype, finite",
                                "a weight of -inf is not 0"),
-    "float32 out for bfloat16 in": linear("att = (F.elu(q) + 1)", "q, k, v = q.float(), k.float(), v.float()\n"
-                                          "        att = (F.elu(q) + 1)", "attention: y shaped like q, in q's dtype, "
-                                          "finite", "cast the result to q.dtype"),
+    "float32 out for bfloat16 in": linear(".to(dtype)", "", "attention: y shaped like q, in q's dtype, finite",
+                                          "cast the result to q.dtype"),
+    "computed in bfloat16": linear("dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()", "dtype = q.dtype",
+                                   "attention: y shaped like q, in q's dtype, finite", "compute in float32"),
+    "normalised over the text too": linear("(att @ v) / (att.sum(-1, keepdim=True) + 1e-6)",
+                                           "F.layer_norm(att @ v, (q.size(-2), q.size(-1)))", FORMULA,
+                                           "over hs, the last dimension, only"),
     "detached keys": linear("(F.elu(k) + 1)", "(F.elu(k.detach()) + 1)", "attention: gradients reach q, k and v "
                             "as the formula's do", "no gradient reaches k"),
     "state not updated in place": linear("S += ", "S = S + ", STATE, "update it in place"),
@@ -148,6 +153,14 @@ def test_a_mask_mistake_fails_the_mask_rule_alone(what, check, exercise_checks):
     assert statuses["attention: gradients reach q, k and v as the formula's do"][0] == "SKIP", printed
 
 
+def test_a_normalisation_over_the_text_is_not_blamed_on_the_mask(exercise_checks):
+    """layer_norm over (T, hs) lets later tokens into earlier outputs: the mask check, which
+    would see hidden keys move the output, steps aside instead of saying "use the mask"."""
+    results, printed = exercise_checks(*WRONG["normalised over the text too"][:2])
+    statuses = {title: (status, msg) for title, status, msg in results}
+    assert statuses[MASK][0] == "SKIP" and "not your own triangle" not in printed, printed
+
+
 def test_a_mask_mistake_does_not_hide_a_formula_mistake(exercise_checks):
     """Its own triangle and phi without its + 1: two mistakes, two checks that fail."""
     source = WRONG["makes its own triangle"][1].replace("(F.elu(q) + 1) @ (F.elu(k) + 1)", "F.elu(q) @ F.elu(k)")
@@ -169,8 +182,7 @@ def test_inf_weights_are_blamed_on_the_finite_output_rule_alone(exercise_checks)
 def test_nan_where_the_shapes_check_saw_none_still_fails(exercise_checks):
     """A later check that meets inf or nan the shapes check did not see fails with its message:
     stepping aside is only for a failure already reported."""
-    source = LINEAR_OK.replace("return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator",
-                               "y = (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)\n"
+    source = LINEAR_OK.replace(DENOMINATOR, "y = ((att @ v) / (att.sum(-1, keepdim=True) + 1e-6)).to(dtype)\n"
                                "        return y * float('nan') if q.size(-2) == 6 else y")
     results, printed = exercise_checks("linear_attention", source)
     statuses = {title: (status, detail) for title, status, detail in results}
@@ -193,8 +205,7 @@ def test_a_triangle_not_shifted_for_t_below_s_is_blamed_on_the_mask_rule(exercis
 def test_one_shape_mistake_fails_once(exercise_checks):
     """Returning (B, T, nh * hs) (the model's job) meets every attention check at its own
     sizes: the first fails, the others point to it instead of citing rules 2, 4 and 7."""
-    source = LINEAR_OK.replace("return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's denominator",
-                               "y = (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)\n"
+    source = LINEAR_OK.replace(DENOMINATOR, "y = ((att @ v) / (att.sum(-1, keepdim=True) + 1e-6)).to(dtype)\n"
                                "        return y.transpose(1, 2).flatten(2)")
     results, printed = exercise_checks("linear_attention", source)
     failed = [t for t, status, _ in results if status == "FAIL"]
@@ -207,8 +218,7 @@ def test_attention_and_recurrent_step_disagreeing_names_the_one_already_reported
     """The disagreement comes from a mistake an earlier check of that function reported: the
     check names the function and steps aside (one mistake, one FAIL)."""
     if broken == "attention":  # no normalisation at all
-        source = LINEAR_OK.replace("return (att @ v) / (att.sum(-1, keepdim=True) + 1e-6)   # the paper's "
-                                   "denominator", "return att @ v")
+        source = LINEAR_OK.replace(DENOMINATOR, "return (att @ v).to(dtype)")
     else:  # the outer product transposed
         source = LINEAR_OK.replace("k[:, :, t, :, None] * v[:, :, t, None, :]", "v[:, :, t, :, None] * k[:, :, t, None, :]")
     results, printed = exercise_checks("linear_attention", source)

@@ -72,6 +72,14 @@ WRONG.update({
                              "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes", "keep the dtype"),
     "positions as int32": trim("pos[keep]", "pos[keep].int()", "returns k, v (B, nkv, kept, hs) and pos (kept,) "
                                "in the given dtypes", "a 1-D long tensor"),
+    "float masks joined with |": trim("keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sink)",
+                                      "keep = ((pos >= pos[-1] - kv_window + 1).float() | (pos < kv_sink).float()).bool()",
+                                      "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes",
+                                      "your code raised NotImplementedError"),  # torch's, not a stub's: not a TODO
+    "a parameter missing": trim("def keep_recent(k, v, pos, kv_window, kv_sink=0):",
+                                "def keep_recent(k, v, pos, kv_window):",
+                                "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes",
+                                "calling your function failed: TypeError: keep_recent() takes 4"),
     "selects along the last axis": trim("k[:, :, keep], v[:, :, keep]", "k[..., keep], v[..., keep]",
                                         "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes",
                                         "your code raised IndexError"),
@@ -156,6 +164,8 @@ WRONG.update({
                             "return keys, vals, ok, keys[:, :, -mem_len:].detach().float(), "
                             "vals[:, :, -mem_len:].detach().float()",
                             "returns six tensors of the right shapes and dtypes", "keep k's dtype"),
+    "five things returned": xl(", ok[:, -mem_len:]", "", "returns six tensors of the right shapes and dtypes",
+                               "it returned a tuple of 5"),
     "joins along the heads": xl("torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)",
                                 "torch.cat([mem_k, k], 1), torch.cat([mem_v, v], 1)",
                                 "returns six tensors of the right shapes and dtypes", "your code raised RuntimeError"),
