@@ -155,6 +155,7 @@ def train(held):
         held.enter_context(outdir.claim(out_dir, fresh=init_from == "scratch", overwrite=overwrite))
     micro_steps = gradient_accumulation_steps // world_size  # this rank's share
     xl_fn = import_function(xl_update, "xl_update") if xl_update else None
+    xl_name = f"--xl_update={xl_update}" if xl_update else None  # errors in what xl_fn returns name it
     dev, dt = start_device(ddp, local_rank, world_size, micro_steps)
     device_type = dev.split(":")[0]
     torch.manual_seed(seed + rank)  # rank's own dropout; DDP gives every rank rank 0's initial weights
@@ -188,9 +189,11 @@ def train(held):
     if writes and master:
         outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0,
                            kept=(set_aside is not None) + (best_aside is not None))
-    if xl_fn is not None and xl_mem:  # the user's XL step, tried on 2 bytes now, not after the first evaluation
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 2, dtype=torch.long, device=dev), make_xl_memory(model, 1, xl_mem, xl_fn))
+    if xl_fn is not None and xl_mem:  # the user's XL step, tried now (not after the first evaluation) on
+        # 2 bytes twice: with nothing remembered, then with memory; with gradients, to see them cut
+        probe = make_xl_memory(model, 1, xl_mem, xl_fn, xl_name)
+        for _ in range(2):
+            model.eval()(torch.zeros(1, 2, dtype=torch.long, device=dev), probe)
         model.train()
     if writes and device_type == "cpu" and n_params > 5e6:  # e.g. `python train.py`, the GPU recipe
         print(f"note: a {n_params / 1e6:.1f}M-parameter model trains for hours on a CPU; the CPU recipe "
@@ -205,7 +208,9 @@ def train(held):
             warmup_fix = max(1, run // 10) if warmup_iters >= run else warmup_iters
             fix = f"--lr_decay_iters={run}" + (f" --warmup_iters={warmup_fix}" if warmup_fix != warmup_iters else "")
             end, end_fixed = get_lr(run - 1), get_lr(run - 1, warmup_fix, run)
-            print(f"note: this run's {run} iterations end at learning rate {end:.2e}, not min_lr={min_lr:g} "
+            span = f"this run's {run} iterations" if start_iter == origin else \
+                f"the schedule's {run} iterations ({origin}..{end_iter - 1}, this run resuming at {start_iter})"
+            print(f"note: {span} end at learning rate {end:.2e}, not min_lr={min_lr:g} "
                   f"(warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters})"
                   + (f"; with {fix} it ends at {end_fixed:.2e}" if end_fixed < end else ""))
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
@@ -268,7 +273,7 @@ def train(held):
     def evaluate():
         nonlocal best_val_loss, best_iter
         t0 = time.time()
-        losses = estimate_loss(model, eval_sets, ctx, xl_mem, xl_fn, quiet=not master)
+        losses = estimate_loss(model, eval_sets, ctx, xl_mem, xl_fn, xl_name, quiet=not master)
         if ddp:  # each rank evaluated its own batches: average them
             mean = torch.tensor(list(losses.values()), device=dev)
             dist.all_reduce(mean)
@@ -300,7 +305,7 @@ def train(held):
 
     model.train()
     # XL memory: each layer's detached K/V of the rows' previous batches (see kv/xl.py)
-    memory = make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn) if xl_mem else None
+    memory = make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn, xl_name) if xl_mem else None
     if xl_state is not None:
         load_memory_state(memory, xl_state)
     # or quantization-aware training: stateless caches that fake-quantize K/V (kv/qat.py)
@@ -559,7 +564,7 @@ def get_lr(it, warmup=None, decay_iters=None):
 
 
 @torch.no_grad()
-def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None, quiet=False):
+def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None, xl_name=None, quiet=False):
     """Mean loss over each split's fixed batches; with mem_len, also the val loss with XL
     memory carried over the consecutive val batches ("val_mem"). Shows progress when slow
     (unless quiet)."""
@@ -569,7 +574,7 @@ def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None, quiet=False):
     runs = [(split, split, 0) for split in eval_sets] + ([("val_mem", "val", mem_len)] if mem_len else [])
     for name, split, mem in runs:
         batches = eval_sets[split]
-        memory = make_xl_memory(unwrap(model), batches[0][0].size(0), mem, xl_fn) if mem else None
+        memory = make_xl_memory(unwrap(model), batches[0][0].size(0), mem, xl_fn, xl_name) if mem else None
         losses = torch.zeros(len(batches))
         for i, (x, y, restarted) in enumerate(batches):
             with ctx:

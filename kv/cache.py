@@ -30,6 +30,8 @@ token-by-token and full-sequence feeding all compute the same thing.
 
 import torch
 
+from utils import UserError
+
 
 def visible(qpos, kpos, window=0, sink=0):
     """Bool mask (..., T, S): may the query at qpos[t] attend to the key at kpos[..., s]?"""
@@ -182,8 +184,8 @@ class TrimCache(Cache):
     stay. Slower than KVCache's ring buffer; --kv_trim=... selects it."""
 
     def __init__(self, batch_size, n_kv_head, head_dim, window=0, sink=0, trim_fn=keep_recent,
-                 dtype=torch.float32, device="cpu"):
-        self.window, self.sink, self.trim_fn = window, sink, trim_fn
+                 dtype=torch.float32, device="cpu", trim_name="keep_recent"):
+        self.window, self.sink, self.trim_fn, self.trim_name = window, sink, trim_fn, trim_name
         self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
         self.v = self.k
         self.pos = torch.zeros(0, dtype=torch.long, device=device)
@@ -195,13 +197,32 @@ class TrimCache(Cache):
         self.seen += T
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # stored at the cache's dtype, as KVCache
         keys, vals, kpos = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2), torch.cat([self.pos, qpos])
-        if self.window:
-            self.k, self.v, self.pos = self.trim_fn(keys, vals, kpos, self.window, self.sink)
+        if self.window:  # (copies when all of them are attended below: the function may write into its inputs)
+            given = (keys, vals, kpos) if T == 1 else (keys.clone(), vals.clone(), kpos.clone())
+            self.k, self.v, self.pos = self._trim(*given)
         else:
             self.k, self.v, self.pos = keys, vals, kpos
         if T == 1:  # the decode step attends over exactly what is kept
             return self.k.to(out), self.v.to(out), None
         return keys.to(out), vals.to(out), attention_mask(qpos, kpos, self.window, self.sink)
+
+    def _trim(self, keys, vals, kpos):
+        """trim_fn's (k, v, pos), or a UserError saying how what it returned breaks the contract."""
+        out = self.trim_fn(keys, vals, kpos, self.window, self.sink)
+        if isinstance(out, (tuple, list)) and len(out) == 3 and all(torch.is_tensor(t) for t in out):
+            k, v, pos = out
+            B, H, _, D = keys.shape
+            if (k.dim() == 4 and k.shape[:2] == (B, H) and k.size(3) == D and v.shape == k.shape
+                    and k.dtype == keys.dtype and v.dtype == vals.dtype
+                    and pos.shape == (k.size(2),) and pos.dtype == kpos.dtype):
+                return k, v, pos
+            got = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in out)
+        else:
+            got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
+        B, H, S, D = keys.shape
+        raise UserError(f"--kv_trim={self.trim_name} must return (k, v, pos) of the tokens kept: k and v "
+                        f"(B={B}, nkv={H}, kept, hs={D}) {str(keys.dtype).replace('torch.', '')} like the k "
+                        f"it was given, pos (kept,) long; it returned {got} (given S={S} tokens)")
 
     def tokens(self):
         return self.k.size(2)

@@ -279,7 +279,7 @@ class KVOptions:
             fmts = make_formats(self.kv_quant, self.kv_quant_group, head_dim, channel_keys=self.channel_keys)
             return StaticQuantCache(clock, *fmts, residual=residual, capacity=capacity, **kw)
         if self.kv_trim:
-            return TrimCache(trim_fn=import_function(self.kv_trim, "kv_trim"), **kw)
+            return TrimCache(trim_fn=import_function(self.kv_trim, "kv_trim"), trim_name=self.kv_trim, **kw)
         if not self.compressed:
             return KVCache(capacity=capacity, **kw)
         fmts = (None, None)

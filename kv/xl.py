@@ -12,6 +12,7 @@ import torch
 from attention_linear import LinearState
 from kv.cache import Cache, attention_mask, visible
 from rope import apply_rope, rope_table
+from utils import UserError
 
 
 def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
@@ -24,6 +25,31 @@ def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
     key_ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], dim=1)
     cut = keys.size(2) - min(mem_len, keys.size(2))
     return keys, vals, key_ok, keys[:, :, cut:].detach(), vals[:, :, cut:].detach(), key_ok[:, cut:]
+
+
+def check_step(name, out, k, m, mem_len):
+    """A UserError naming what a user's step function (named `name`, e.g. "--xl_update=mod:fn")
+    returned against xl_step's contract: six tensors of the shapes its docstring gives, the
+    flags bool, the new memory detached (else the next step's backward runs into this one)."""
+    B, H, T, D = k.shape
+    kept = min(mem_len, m + T)
+    if not (isinstance(out, (tuple, list)) and len(out) == 6 and all(torch.is_tensor(t) for t in out)):
+        got = f"{type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise UserError(f"{name} must return six tensors (keys, vals, key_ok, new_k, new_v, new_ok), "
+                        f"as kv/xl.py's xl_step does; it returned a {got}")
+    names = ("keys", "vals", "key_ok", "new_k", "new_v", "new_ok")
+    shapes = ((B, H, m + T, D), (B, H, m + T, D), (B, m + T), (B, H, kept, D), (B, H, kept, D), (B, kept))
+    for what, t, shape in zip(names, out, shapes):
+        if tuple(t.shape) != shape:
+            raise UserError(f"{name}: {what} must be shaped {shape} (B={B}, {m} tokens remembered, T={T} new, "
+                            f"mem_len={mem_len}); it is {tuple(t.shape)}")
+    for what, t in zip(names, out):
+        if (t.dtype == torch.bool) != (what in ("key_ok", "new_ok")):
+            raise UserError(f"{name}: {what} must be {'bool' if what.endswith('ok') else k.dtype}, "
+                            f"not {t.dtype}")
+    if torch.is_grad_enabled() and (out[3].requires_grad or out[4].requires_grad):
+        raise UserError(f"{name}: new_k and new_v must be cut off from the autograd graph (.detach()); "
+                        "else the next step's backward runs into this step's graph")
 
 
 class XLMemory(Cache):
@@ -41,8 +67,9 @@ class XLMemory(Cache):
     state_keys = ("k", "v", "valid")  # what a checkpoint keeps (memory_state)
 
     def __init__(self, batch_size, n_kv_head, head_dim, mem_len, window=0, rope_fn=None,
-                 step_fn=xl_step, dtype=torch.float32, device="cpu"):
+                 step_fn=xl_step, dtype=torch.float32, device="cpu", step_name=None):
         self.mem_len, self.window, self.rope_fn, self.step_fn = mem_len, window, rope_fn, step_fn
+        self.step_name = step_name  # a user's step_fn, by name: what it returns is checked (check_step)
         self.k = torch.zeros(batch_size, n_kv_head, 0, head_dim, dtype=dtype, device=device)
         self.v = self.k
         self.valid = torch.ones(batch_size, 0, dtype=torch.bool, device=device)  # (B, m) per slot
@@ -59,7 +86,10 @@ class XLMemory(Cache):
         m, T = self.k.size(2), k.size(2)
         if m == 0:  # nothing to remember yet (and the batch may be in another dtype)
             self.k, self.v = self.k.to(k.dtype), self.v.to(v.dtype)
-        keys, vals, key_ok, new_k, new_v, self.valid = self.step_fn(self.k, self.v, self.valid, k, v, self.mem_len)
+        out = self.step_fn(self.k, self.v, self.valid, k, v, self.mem_len)
+        if self.step_name is not None:
+            check_step(self.step_name, out, k, m, self.mem_len)
+        keys, vals, key_ok, new_k, new_v, self.valid = out
         pos = torch.arange(m + T, device=k.device)
         if m > 0:  # (B, 1, T, m + T): no memory of another text
             mask = visible(pos[m:], pos, self.window) & key_ok[:, None, None, :]
@@ -78,9 +108,10 @@ class XLMemory(Cache):
         return 2 * self.k.numel() * self.k.element_size() * 8
 
 
-def make_xl_memory(model, batch_size, mem_len, step_fn=None):
+def make_xl_memory(model, batch_size, mem_len, step_fn=None, step_name=None):
     """One XLMemory per softmax layer (one per kv_share group), the fixed-size state for
-    linear layers. step_fn replaces xl_step (same signature), e.g. a student's version."""
+    linear layers. step_fn replaces xl_step (same signature), e.g. a student's version;
+    with step_name (e.g. "--xl_update=mod:fn") what it returns is checked, errors naming it."""
     c = model.config
     p = next(model.parameters())
     freqs = model.transformer.h[0].attn.rotary_emb.freqs
@@ -94,7 +125,7 @@ def make_xl_memory(model, batch_size, mem_len, step_fn=None):
         else:
             memory.append(XLMemory(batch_size, c.kv_heads, c.head_dim, mem_len, window=block.attn.window,
                                    rope_fn=shift if c.rope else None, step_fn=step_fn or xl_step,
-                                   dtype=p.dtype, device=p.device))
+                                   dtype=p.dtype, device=p.device, step_name=step_name))
     return memory
 
 

@@ -479,6 +479,56 @@ def test_xl_update_plugin_is_tried_before_the_first_evaluation(world, tmp_path):
     assert plugin_failure(err, name)[0] == f"error: --xl_update={name}:step failed: ValueError: my bug"
 
 
+@pytest.mark.parametrize("body, expected", [
+    ("keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)\n"
+     "    ok = torch.cat([mem_ok, mem_ok.new_ones(k.size(0), k.size(2))], 1)\n"
+     "    return keys, vals, ok, keys[:, :, -mem_len:], vals[:, :, -mem_len:], ok[:, -mem_len:]\n",
+     "new_k and new_v must be cut off from the autograd graph (.detach())"),
+    ("return k, v, mem_ok, k.detach(), v.detach()\n", "must return six tensors"),
+    ("ok = mem_ok.new_ones(k.size(0), k.size(2))\n"  # forgets the memory: wrong from the second step on
+     "    return k, v, ok, k[:, :, -mem_len:].detach(), v[:, :, -mem_len:].detach(), ok[:, -mem_len:]\n",
+     "keys must be shaped"),
+], ids=["not detached", "five things", "memory forgotten"])
+def test_xl_update_plugin_returning_the_wrong_things_is_one_line(world, tmp_path, body, expected):
+    """What a user's XL step returns is checked against xl_step's contract before training:
+    not the "backward through the graph a second time" or unpacking tracebacks it led to."""
+    name = plugin_module(world["root"] / "plugins", "import torch\n\ndef step(mem_k, mem_v, mem_ok, k, v, mem_len):\n"
+                         "    " + body)
+    code, out, err = run(*fill(T, world), f"--out_dir={tmp_path}", "--xl_mem=8", f"--xl_update={name}:step")
+    assert code == 2 and "iter 0" not in out and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --xl_update={name}:step") and expected in line, err
+
+
+def test_kv_trim_plugin_returning_the_wrong_things_is_one_line(world):
+    """(pos, k, v) in the wrong order: one line saying what came back, not an IndexError deep
+    in the cache."""
+    name = plugin_module(world["root"] / "plugins", "def trim(k, v, pos, kv_window, kv_sink=0):\n"
+                         "    return pos[-kv_window:], k[:, :, -kv_window:], v[:, :, -kv_window:]\n")
+    code, out, err = run(*fill(S, world), f"--kv_trim={name}:trim", "--kv_window=4", "--start=To be or not")
+    assert code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --kv_trim={name}:trim must return (k, v, pos)") and "it returned (4,) int64" in line
+
+
+def test_an_operation_torch_lacks_is_not_taken_for_an_unwritten_stub(world):
+    """PyTorch raises NotImplementedError for `|` on float masks: that is a bug in the user's
+    function, shown with its line, not "not implemented yet" (a stub's raise)."""
+    name = plugin_module(world["root"] / "plugins", "import torch\n\ndef trim(k, v, pos, kv_window, kv_sink=0):\n"
+                         "    keep = (pos > pos[-1] - kv_window).float() | (pos < kv_sink).float()\n"
+                         "    return k[:, :, keep.bool()], v[:, :, keep.bool()], pos[keep.bool()]\n")
+    code, out, err = run(*fill(S, world), f"--kv_trim={name}:trim", "--kv_window=4")
+    assert code == 2
+    assert plugin_failure(err, name)[0].startswith(f"error: --kv_trim={name}:trim failed: NotImplementedError")
+
+
+def test_an_unwritten_stub_names_its_exercise(world):
+    code, out, err = run(*fill(S, world), "--kv_trim=exercises.kv_window:keep_recent", "--kv_window=4")
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: not implemented yet: assignment 1") and "exercises.check kv_window" in line
+
+
 def test_kv_evict_plugin_that_raises(world):
     name = plugin_module(world["root"] / "plugins", "def rule(*args):\n    raise KeyError('oops')\n")
     code, out, err = run(*fill(S, world), f"--kv_evict={name}:rule", "--kv_budget=2", "--max_new_tokens=8")
