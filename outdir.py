@@ -98,11 +98,11 @@ def make_folder(out_dir, option="out_dir"):
 def check_space(out_dir, model, extra_bytes=0, kept=0):
     """One UserError if out_dir's disk cannot take this model's checkpoints: weights and the
     two AdamW moments (and extra_bytes, e.g. an XL memory), for each checkpoint not there yet,
-    and at least once (a new file is written beside the one it replaces), and once more for
-    each of the `kept` files that a new one does not replace (set aside under another name)."""
+    once more for the new file written beside the one it replaces, and once more for each of
+    the `kept` files that a new one does not replace (set aside under another name)."""
     per_file = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + extra_bytes + 2 ** 20
     missing = sum(not os.path.exists(os.path.join(out_dir, n)) for n in CHECKPOINTS)
-    need, free = per_file * (max(1, missing) + kept), shutil.disk_usage(out_dir).free
+    need, free = per_file * (missing + 1 + kept), shutil.disk_usage(out_dir).free
     if free < need:
         raise UserError(f"--out_dir={out_dir} has {free / 2 ** 20:,.1f} MiB free; this model's checkpoints need "
                         f"about {need / 2 ** 20:,.1f} MiB: free some space or use another --out_dir")
@@ -147,7 +147,7 @@ class Lock:
         if self.fd is None:
             return
         if fcntl is not None:
-            with suppress(FileNotFoundError):
+            with suppress(OSError):  # (gone, or a folder made read-only meanwhile: the OS lock ends anyway)
                 os.remove(self.path)  # while still locked: a run that opened it meanwhile sees it gone
         os.close(self.fd)
         if fcntl is None:

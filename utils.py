@@ -364,8 +364,17 @@ def atomic_write(path, write):
 
 
 def atomic_torch_save(obj, path):
-    """torch.save through atomic_write."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save through atomic_write. A write that fails raises its OSError (a full disk),
+    also where torch's zip writer turns it into a RuntimeError ("unexpected pos ...")."""
+    def save(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            met = e.__cause__ or e.__context__
+            if isinstance(met, OSError):
+                raise met from None
+            raise
+    atomic_write(path, save)
 
 
 def write_json(path, value):

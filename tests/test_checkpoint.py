@@ -91,6 +91,44 @@ def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
         assert torch.equal(ckpt["model"][k], v), k
 
 
+def test_a_disk_that_fills_under_torchs_own_writer_is_one_user_error(tmp_path, monkeypatch):
+    """A full disk met by the file torch.save writes into: torch's zip writer reports it as a
+    RuntimeError ("unexpected pos ..."), which is still the "could not write" line, and the
+    previous checkpoint stays, with no temporary file left."""
+    import builtins
+    import errno
+    import utils
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False))
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, None, args, {}, 1, 2.0)
+
+    class FillsUp:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    monkeypatch.setattr(utils, "open", lambda *a, **kw: FillsUp(builtins.open(*a, **kw)), raising=False)
+    with pytest.raises(UserError, match=r"could not write .*\(No space left on device\); the previous ckpt.pt is intact"):
+        save_checkpoint(path, model, None, args, {}, 2, 1.0)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["iter_num"] == 1 and os.listdir(tmp_path) == ["ckpt.pt"]
+
+
 def test_a_missing_folder_names_the_recipe_that_writes_there(tmp_path, monkeypatch):
     """Each recipe's own folder gets that recipe (the GPU model's folder is not told to hold the
     CPU model); any other folder gets the CPU recipe pointed at it."""

@@ -130,6 +130,11 @@ def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_
     # two iterations cannot both warm up and decay: no flags are proposed
     printed = train(data_dir, tmp_path / "two", "--max_iters=2", "--lr_decay_iters=2")
     assert "note: this run's 2 iterations end at" in printed and "; with " not in printed
+    # a run continued from iteration 8 to 12 still follows one schedule from iteration 0:
+    # the note speaks of the schedule's 12 iterations, not of "this run's"
+    printed = train(data_dir, tmp_path / "o8", "--max_iters=12", "--init_from=resume")
+    line = printed.split("note: the schedule's 12 iterations (0..11, this run resuming at 8) end at learning rate ")[1]
+    assert line.startswith(f"{last_lr(tmp_path / 'o8'):.2e}, not min_lr")
 
 
 def test_the_next_command_of_a_linear_model_has_no_window(data_dir, tmp_path):

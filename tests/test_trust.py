@@ -27,6 +27,7 @@ import outdir
 import utils
 from checkpoint import checksum, load_model, read_checkpoint
 from conftest import REPO_ROOT, TINY, run_in_process, run_script, tiny_corpus, train, write_splits
+from model import GPT, GPTConfig
 from utils import UserError
 
 
@@ -303,6 +304,33 @@ def test_lock_is_refused_while_held_and_taken_over_when_its_holder_died(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["notes.tmp", "train.lock"]
     assert (tmp_path / "train.lock").read_text().startswith(f"pid {os.getpid()} on ")
     lock.release()
+
+
+def test_a_lock_that_cannot_be_removed_is_released_quietly(tmp_path, monkeypatch):
+    """A folder made read-only during the run: removing train.lock fails, which must not hide
+    the error the run is ending with (the OS lock ends with the file's closing anyway)."""
+    lock = outdir.claim(str(tmp_path), fresh=True, overwrite=False)
+
+    def refused(path):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    monkeypatch.setattr(outdir.os, "remove", refused)
+    lock.release()
+    monkeypatch.undo()
+    outdir.claim(str(tmp_path), fresh=False, overwrite=False).release()  # nobody holds it now
+
+
+def test_space_is_counted_for_the_new_file_beside_both_checkpoints(tmp_path, monkeypatch):
+    """Once ckpt.pt and last.pt exist, rewriting one writes a temporary copy beside both: a
+    disk that holds two checkpoints and not a third is refused at the start, not mid-run."""
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False))
+    one = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + 2 ** 20
+    monkeypatch.setattr(outdir.shutil, "disk_usage", lambda p: mock.Mock(free=int(2.5 * one)))
+    with pytest.raises(UserError, match="MiB free; this model's checkpoints need about"):
+        outdir.check_space(str(tmp_path), model)
+    for name in ("ckpt.pt", "last.pt"):
+        (tmp_path / name).write_bytes(b"")
+    outdir.check_space(str(tmp_path), model)  # both there: one more file fits
 
 
 def test_temporary_names_are_unique_per_process(tmp_path, monkeypatch):
