@@ -159,6 +159,25 @@ def resume_schedule(ckpt, resume_mode, max_iters, eval_only=False):
     return mode, start, start + max_iters, start
 
 
+# what a continued run's optimization depends on, besides the model: changing one makes it
+# another run than the interrupted one (the note below says which and how to keep them)
+RUN_SETTINGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "batch_size",
+                "gradient_accumulation_steps", "beta1", "beta2", "weight_decay", "grad_clip", "dropout")
+
+
+def changed_settings(ckpt, config):
+    """A note naming the RUN_SETTINGS this continued run has other values of than the run its
+    checkpoint comes from (e.g. a flag of the first run not given again), or None."""
+    saved = ckpt.get("config") or {}
+    changed = [k for k in RUN_SETTINGS if k in saved and k in config and saved[k] != config[k]]
+    if not changed:
+        return None
+    now = ", ".join(f"{k}={config[k]!r}" for k in changed)
+    before = " ".join(f"--{k}={saved[k]!r}" for k in changed)
+    return (f"note: this run goes on with {now}, not the checkpoint's run's values; to go on exactly as that run "
+            f"would have, pass {before}")
+
+
 def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
     """'continue' (the original schedule up to max_iters) or 'finetune' (max_iters more
     iterations, a fresh schedule) for a checkpoint at iteration ckpt_iter; says why."""

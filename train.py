@@ -53,8 +53,8 @@ from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
 from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from plugins import import_function
-from resume import (OBJECTIVE_KEYS, earlier_best, incomparable, interrupted, later_last, objective_settings,
-                    restore_training_state, resume_schedule, rng_state, saved_iteration)
+from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
+                    objective_settings, restore_training_state, resume_schedule, rng_state, saved_iteration)
 from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
 
@@ -402,8 +402,8 @@ def resume_run(config, given, defaults, dev, world_size):
     fresh_best = False  # this run's first trained evaluation starts the best val loss
     ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name)
     # the non-architecture model keys given on the command line or in a config file
-    overrides = {k: config[k] for k in MODEL_ARG_KEYS
-                 if k not in ARCH_KEYS and config[k] != defaults[k]}
+    # (their defaults too: --attention=softmax turns a naive-attention checkpoint back to softmax)
+    overrides = {k: config[k] for k in MODEL_ARG_KEYS if k not in ARCH_KEYS and k in given}
     model, ckpt = load_model(ckpt_path, dev, overrides, option="resume_checkpoint_name")
     kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
     globals().update(kept)
@@ -432,6 +432,8 @@ def resume_run(config, given, defaults, dev, world_size):
     mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
     if mode == "finetune" and end_iter > start_iter:
         config.update(fit_schedule(max_iters, sys.argv[1:]))
+    elif mode == "continue" and (note := changed_settings(ckpt, config)):
+        print(note)
     best_val_loss = ckpt.get("best_val_loss", float("inf"))
     print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
     changed = incomparable(ckpt, model_args, block_size, dataset)

@@ -74,7 +74,7 @@ def test_resume_continue_is_bit_exact(data_dir, tmp_path, dropout):
     train(data_dir, split, f"--max_iters={N}", f"--dropout={dropout}")
     printed = train(data_dir, split, f"--max_iters={N + 3}", "--init_from=resume",
                  "--resume_checkpoint_name=last", f"--dropout={dropout}")
-    assert "chose 'continue'" in printed
+    assert "chose 'continue'" in printed and "goes on with" not in printed
     whole = tmp_path / "whole"
     train(data_dir, whole, f"--max_iters={N + 3}", f"--dropout={dropout}")
 
@@ -85,6 +85,28 @@ def test_resume_continue_is_bit_exact(data_dir, tmp_path, dropout):
     for i, state in b["optimizer"]["state"].items():
         assert torch.equal(a["optimizer"]["state"][i]["exp_avg_sq"], state["exp_avg_sq"])
     assert torch.equal(a["loader"]["pos"], b["loader"]["pos"])
+
+
+def test_a_continued_run_with_other_settings_says_which_and_how_to_keep_them(data_dir, tmp_path):
+    """The first run's --learning_rate and --batch_size not given again: the resume trains with
+    the defaults (the command line wins, as in nanoGPT) and says so, with the flags that give
+    the same run as an uninterrupted one; passing them gives exactly that run."""
+    first = ["--learning_rate=5e-4", "--batch_size=3"]
+    train(data_dir, tmp_path / "split", f"--max_iters={N}", *first)
+    printed = train(data_dir, tmp_path / "other", f"--max_iters={N}", *first)  # (a copy to resume twice)
+    printed = train(data_dir, tmp_path / "other", f"--max_iters={N + 2}", "--init_from=resume",
+                    "--resume_checkpoint_name=last")
+    note = [line for line in printed.splitlines() if "goes on with" in line]
+    assert note and "learning_rate=" in note[0] and "batch_size=" in note[0], printed
+    again = note[0].split("pass ")[1].split()
+    assert sorted(again) == sorted(["--learning_rate=0.0005", "--batch_size=3"]), note
+    printed = train(data_dir, tmp_path / "split", f"--max_iters={N + 2}", "--init_from=resume",
+                    "--resume_checkpoint_name=last", *again)
+    assert "goes on with" not in printed
+    train(data_dir, tmp_path / "whole", f"--max_iters={N + 2}", *first)
+    a, b = read_checkpoint(str(tmp_path / "split" / "last.pt")), read_checkpoint(str(tmp_path / "whole" / "last.pt"))
+    for k in b["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 @pytest.mark.parametrize("objective", ["--xl_mem=16", "--kv_quant=int8"])
@@ -239,6 +261,16 @@ def test_a_run_started_with_ctrl_c_ignored_keeps_ignoring_it(data_dir, tmp_path,
         signal.signal(signal.SIGINT, previous)
     assert "interrupted" not in printed and "done: " in printed
     assert read_checkpoint(str(tmp_path / "o" / "last.pt"))["iter_num"] == N
+
+
+def test_a_resume_takes_a_model_setting_given_at_its_default(data_dir, tmp_path):
+    """A naive-attention run resumed with --attention=softmax (train.py's default, given on
+    the command line) trains softmax attention from then on: a value given is never dropped
+    for being the default."""
+    train(data_dir, tmp_path, "--max_iters=2", "--attention=naive")
+    train(data_dir, tmp_path, "--max_iters=4", "--init_from=resume", "--resume_checkpoint_name=last",
+          "--attention=softmax")
+    assert read_checkpoint(str(tmp_path / "last.pt"))["model_args"]["attention"] == "softmax"
 
 
 def test_a_checkpoint_without_optimizer_resumes_and_says_why(data_dir, base_run, tmp_path):
