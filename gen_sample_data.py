@@ -11,7 +11,7 @@ import sys
 
 from configurator import configure
 from loader import ByteLoader, dataset_paths, decode
-from utils import UserError, run_main, use_threads
+from utils import SEED_MAX, UserError, check_range, run_main, use_threads
 
 dataset = "shakespeare_char"  # a name under data/, or a directory holding train.txt and val.txt
 split = "train"  # train or val
@@ -30,6 +30,7 @@ def main():
         raise UserError(f"--split={split}: use train or val")
     if n_batches < 0:
         raise UserError(f"--n_batches must be 0 or more, got {n_batches}")
+    check_range(globals(), "seed", 0, SEED_MAX)
     train_path, val_path = dataset_paths(dataset)
     loader = ByteLoader(train_path if split == "train" else val_path, block_size, batch_size,
                         reset_prob=reset_prob, seed=seed)

@@ -29,8 +29,11 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Pick the next byte from logits (B, V): greedy when temperature == 0."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    V = logits.size(-1)
+    scaled = logits.float() / temperature
+    if temperature < 1e-3 and bool(torch.isinf(scaled).any()):  # (only a tiny temperature overflows float32)
+        # the limit it tends to: the largest logits (0 after the shift), the others -inf or far below
+        scaled = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+    logits, V = scaled, scaled.size(-1)
     if top_k is not None and 0 < top_k < V:  # keep the top_k largest (and any tied with the last)
         kth = torch.kthvalue(logits, V - int(top_k) + 1, dim=-1, keepdim=True).values  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -27,8 +27,8 @@ from checkpoint import checkpoint_path, load_model, missing_checkpoint
 from configurator import configure
 from generate import generate_stream, static_decoder
 from kv.policy import KVOptions
-from utils import (UserError, autocast_ctx, check_range, memory_available, pick_device, pick_dtype, run_main,
-                   use_threads)
+from utils import (SEED_MAX, UserError, autocast_ctx, check_range, memory_available, pick_device, pick_dtype,
+                   run_main, use_threads)
 
 quiet_start.done()
 
@@ -66,6 +66,7 @@ def main():
     if num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {num_samples}")
     check_range(globals(), "temperature top_k", 0)
+    check_range(globals(), "seed", 0, SEED_MAX)
     kv = KVOptions.from_settings(globals()).check().check_unused()
 
     dev = pick_device(device)

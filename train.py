@@ -55,7 +55,7 @@ from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from plugins import import_function
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, restore_training_state, resume_schedule, rng_state, saved_iteration)
-from utils import (StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
+from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
 
 quiet_start.done()
@@ -514,6 +514,7 @@ def check_settings(world_size=1):
     check_range(globals(), "learning_rate min_lr weight_decay grad_clip warmup_iters lr_decay_iters", 0)
     check_range(globals(), "beta1 beta2 dropout", 0, 1, high_open=True)
     check_range(globals(), "reset_prob", 0, 1)
+    check_range(globals(), "seed", 0, SEED_MAX)
 
 
 def compile_probe(model, dev, ctx):

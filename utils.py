@@ -149,6 +149,9 @@ def settle_output():
             os.close(devnull)
 
 
+SEED_MAX = 2 ** 62  # a seed torch takes, with room for the rank and iteration train.py adds to it
+
+
 def check_range(settings, names, low, high=None, high_open=False):
     """One UserError for the first of the space-separated names whose value in settings is
     not a finite number >= low and <= high (< high if high_open; no bound if high is None)."""
@@ -230,6 +233,9 @@ def pick_threads(requested=0):
     if requested < 0:
         raise UserError(f"--threads must be 0 (chosen automatically) or a number of threads, got {requested}")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested > 4 * cpus:  # (torch's thread pool crashes at tens of thousands; past the CPUs they only wait)
+        raise UserError(f"--threads={requested} is far more than the {cpus} CPU{'s' if cpus != 1 else ''} this "
+                        f"process may use: give at most {cpus} (or 0, chosen automatically)")
     if requested > 0:  # (more threads than CPUs only wait for each other: said on the device line)
         return requested, f"--threads={requested}" + (f", more than the {cpus} CPU{'s' if cpus != 1 else ''}" if requested > cpus else "")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()

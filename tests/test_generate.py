@@ -52,6 +52,14 @@ def test_top_k_draws_as_the_textbook_rule(top_k):
         assert torch.equal(sample_next(logits, 0.7, top_k, generator=gb), want)
 
 
+def test_a_tiny_temperature_samples_the_largest_logit():
+    """logits / 1e-38 overflows float32 to inf (softmax would give nan): the draw is still the
+    limit, the largest logit, as greedy decoding picks it."""
+    logits = torch.randn(3, 256) * 5
+    got = sample_next(logits, 1e-38, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, logits.argmax(-1, keepdim=True))
+
+
 @pytest.mark.parametrize("options", [dict(), dict(kv_quant="int8"), dict(kv_quant="int4", kv_quant_group=8),
                                      dict(kv_evict="h2o", kv_budget=24, kv_recent=8, kv_sink=2),
                                      dict(kv_quant="fp8_e4m3", kv_evict="window", kv_budget=24, kv_sink=2)])
