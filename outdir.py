@@ -34,11 +34,13 @@ def claim(out_dir, fresh, overwrite):
     if not fresh and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is not a folder, so there is no run in it to resume "
                         "(--init_from=resume reads its ckpt.pt or last.pt); check the path")
+    made = not os.path.exists(out_dir)
     make_folder(out_dir)
     try:
         lock = Lock(out_dir)
     except OSError as e:  # a read-only folder, a full disk
         raise UserError(f"cannot write in --out_dir={out_dir} ({e.strerror or e}); use another --out_dir") from None
+    lock.made_folder = made  # a run refused or stopped before it wrote anything leaves no empty folder
     try:
         earlier = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
         if fresh and earlier and not overwrite:
@@ -113,7 +115,7 @@ class Lock:
     that ends with the process (kill -9 included), so a dead run's lock is taken over."""
 
     def __init__(self, out_dir):
-        self.path, self.fd = os.path.join(out_dir, LOCK_NAME), None
+        self.path, self.fd, self.made_folder = os.path.join(out_dir, LOCK_NAME), None, False
         for _ in range(100):  # the holder may remove the file between our open and our lock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -154,6 +156,9 @@ class Lock:
             with suppress(OSError):
                 os.remove(self.path)
         self.fd = None
+        if self.made_folder:
+            with suppress(OSError):  # (not empty: the run wrote into it)
+                os.rmdir(os.path.dirname(self.path))
 
     def __enter__(self):
         return self

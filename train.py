@@ -56,7 +56,8 @@ from plugins import import_function
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, restore_training_state, resume_schedule, rng_state, saved_iteration)
 from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
-                   keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, use_threads)
+                   keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, stop_on_sigterm,
+                   use_threads)
 
 quiet_start.done()
 
@@ -123,11 +124,13 @@ seed = 1337  # seed of the model init, dropout and data order
 
 def main():
     held = ExitStack()  # out_dir's lock (outdir.claim), released however training ends
+    if int(os.environ.get("RANK", -1)) == -1:  # (torchrun stops its processes itself)
+        held.enter_context(stop_on_sigterm())  # before the loop (start-up, data, compiling), as Ctrl-C
     try:
         train(held)
         if dist.is_initialized():
             dist.barrier()  # no rank leaves while rank 0 still writes a checkpoint
-    except KeyboardInterrupt:  # Ctrl-C before the training loop, or a second one in it: at once
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the training loop, or a second one in it: at once
         last = os.path.join(out_dir, "last.pt")
         at = saved_iteration(last)
         print("\nstopped at once" + (f"; {last} holds iteration {at}" if at is not None else ""), flush=True)

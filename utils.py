@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -78,8 +78,8 @@ def run_main(fn, before_error=None):
             sys.exit(2)
         if before_error is not None:
             before_error()
-        if isinstance(e, KeyboardInterrupt):
-            sys.exit(130)  # the user knows they pressed Ctrl-C; no traceback needed
+        if isinstance(e, KeyboardInterrupt):  # the user knows they pressed Ctrl-C; no traceback needed
+            sys.exit(143 if isinstance(e, Terminated) else 130)  # (128 + the signal, as a shell says)
         if unwritten(e):  # a plugged-in exercise stub the student has not written yet
             e = UserError(f"not implemented yet: {e} (python -m exercises.check {stub_exercise(e)} shows what "
                           "is missing)")
@@ -410,6 +410,27 @@ def fsync_dir(folder):
         pass
     finally:
         os.close(fd)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, stopping a script at once as Ctrl-C does (its `finally` blocks run: locks and
+    temporary files are cleaned up); run_main exits 143 for it."""
+
+
+@contextmanager
+def stop_on_sigterm():
+    """Inside it SIGTERM raises Terminated (in the main thread, unless started ignored)."""
+    def handler(signum, frame):
+        raise Terminated
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopAfterStep:

@@ -231,6 +231,35 @@ def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, m
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_before_the_loop_stops_at_once_and_cleans_up(data_dir, tmp_path, monkeypatch, signame):
+    """Ctrl-C or SIGTERM during start-up (here: while out_dir's space is checked, the lock
+    held): the run stops at once saying so, exit 128 + the signal, and leaves no train.lock;
+    the handler it set for SIGTERM is gone afterwards."""
+    import signal
+    import outdir
+    signum = getattr(signal, signame)
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(outdir, "check_space", lambda *a, **kw: os.kill(os.getpid(), signum))
+    with pytest.raises(SystemExit) as e:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            train(data_dir, tmp_path, f"--max_iters={N}")
+    assert e.value.code == 128 + signum
+    assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_refused_run_leaves_no_folder_it_made(data_dir, tmp_path):
+    """A run refused after it made its out_dir (here: float16 on a CPU) removes it again; a
+    folder that was there before stays."""
+    with pytest.raises(SystemExit):
+        train(data_dir, tmp_path / "new", f"--max_iters={N}", "--dtype=float16")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit):
+        train(data_dir, tmp_path, f"--max_iters={N}", "--dtype=float16")
+    assert tmp_path.is_dir() and os.listdir(tmp_path) == []
+
+
 def test_a_signal_in_the_last_iteration_lets_the_run_finish(data_dir, tmp_path, monkeypatch):
     """SIGTERM while the last iteration runs: nothing is left to stop, so the run ends as
     planned (its summary, exit 0), not as an interrupted one."""
