@@ -42,8 +42,8 @@ def claim(out_dir, fresh, overwrite):
         raise UserError(f"cannot write in --out_dir={out_dir} ({e.strerror or e}); use another --out_dir") from None
     lock.made_folder = made  # a run refused or stopped before it wrote anything leaves no empty folder
     try:
-        earlier = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
-        if fresh and earlier and not overwrite:
+        earlier = earlier_files(out_dir)
+        if fresh and any(n in CHECKPOINTS for n in earlier) and not overwrite:
             raise UserError(f"--out_dir={out_dir} already holds {' and '.join(earlier)} of an earlier run, which a "
                             "fresh run (init_from=scratch) would replace: use another --out_dir, --init_from=resume "
                             "to continue that run, or --overwrite=True to replace it")
@@ -61,11 +61,17 @@ def claim(out_dir, fresh, overwrite):
     return lock
 
 
+def earlier_files(out_dir):
+    """The checkpoints of an earlier run in out_dir: ckpt.pt, last.pt and those a resume set
+    aside (resume.py's ckpt_N.pt, last_N.pt): what --overwrite=True removes."""
+    earlier = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
+    return earlier + sorted(n for n in os.listdir(out_dir) if SET_ASIDE.fullmatch(n))
+
+
 def remove_earlier(out_dir):
     """A fresh run with --overwrite=True, when it writes its first checkpoint: remove the
     earlier run's, so that none of them is mixed with this run's."""
-    earlier = [n for n in CHECKPOINTS if os.path.exists(os.path.join(out_dir, n))]
-    earlier += sorted(n for n in os.listdir(out_dir) if SET_ASIDE.fullmatch(n))  # (resume.py's names)
+    earlier = earlier_files(out_dir)
     try:
         for name in earlier:
             os.remove(os.path.join(out_dir, name))
@@ -73,7 +79,10 @@ def remove_earlier(out_dir):
         raise UserError(f"cannot remove the earlier run's checkpoints in --out_dir={out_dir} ({e.strerror or e}); "
                         "use another --out_dir") from None
     if earlier:
-        print(f"note: --overwrite=True: removed {' and '.join(earlier)} of the earlier run in {out_dir}")
+        curves = any(n.startswith("events.out.tfevents.") for n in os.listdir(out_dir))
+        print(f"note: --overwrite=True: removed {' and '.join(earlier)} of the earlier run in {out_dir}"
+              + ("; its TensorBoard curves (events.out.tfevents.*) stay beside this run's: delete the older "
+                 "files to see this run alone" if curves else ""))
 
 
 def make_folder(out_dir, option="out_dir"):

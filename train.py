@@ -269,7 +269,7 @@ def train(held):
         if test():
             kept = [n for n in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(out_dir, n))]
             raise UserError(f"training diverged by iteration {iter_num} (the loss or the weights are nan or inf), so "
-                            f"{name} was not written" + (f"; {' and '.join(kept)} in {out_dir} hold the run before"
+                            f"{name} was not written" + (f"; {' and '.join(kept)} in {out_dir} {'hold' if len(kept) > 1 else 'holds'} the run before"
                                                         if kept else "") +
                             f": lower --learning_rate (now {learning_rate:g}) or keep --grad_clip on, and train again")
 
