@@ -223,6 +223,11 @@ def static_decoders(model, say=None):
     return decoder
 
 
+def prefill_piece(kv, T):
+    """The tokens prefill feeds in one forward, for a T-token prompt under KVOptions kv."""
+    return min(T, kv.kv_window) if kv.kv_window > 0 and not kv.compressed and not kv.kv_trim else T
+
+
 @torch.no_grad()
 def prefill(model, idx, caches, kv):
     """The prompt idx (B, T) into the caches; -> the logits (B, V) of the byte after it. One
@@ -232,7 +237,7 @@ def prefill(model, idx, caches, kv):
     time and memory O(T x window) rather than O(T^2) (a 10 kB prompt under a 64-byte window:
     14 s -> 0.9 s on one CPU thread, RESULTS.md)."""
     T = idx.size(1)
-    piece = kv.kv_window if kv.kv_window > 0 and not kv.compressed and not kv.kv_trim else T
+    piece = prefill_piece(kv, T)
     for i in range(0, T, piece):
         logits, _ = model(idx[:, i:i + piece], caches)  # (B, t, V)
     return logits[:, -1]

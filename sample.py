@@ -25,7 +25,7 @@ import torch
 
 from checkpoint import checkpoint_path, load_model, missing_checkpoint
 from configurator import configure
-from generate import generate_stream, static_decoder
+from generate import generate_stream, prefill_piece, static_decoder
 from kv.policy import KVOptions
 from utils import (SEED_MAX, UserError, autocast_ctx, check_range, memory_available, pick_device, pick_dtype,
                    run_main, use_threads)
@@ -84,9 +84,10 @@ def main():
     need, free = least_memory(model, kv, len(prompt)), memory_available(dev)
     if free is not None and need > free:
         many = num_samples > 1
+        shorter = ", or shorten the prompt" if len(prompt) > max_new_tokens else ""
         raise UserError(f"{num_samples} sample{'s' if many else ''} of {len(prompt):,} + {max_new_tokens:,} bytes "
                         f"need{'' if many else 's'} at least {size(need)} on {dev}, and {size(free)} is free: "
-                        "lower --num_samples or --max_new_tokens"
+                        f"lower --num_samples or --max_new_tokens{shorter}"
                         + (", or bound the cache (--kv_window=N)" if kv.kv_window <= 0 and kv.kv_evict == "none" else ""))
     ctx = autocast_ctx(dev, dt)
     # the samples run side by side, one batch of num_samples rows: on a small model 8 cost
@@ -139,7 +140,7 @@ def least_memory(model, kv, T):
     """Bytes that num_samples samples of a T-byte prompt and max_new_tokens new bytes need at
     the least: their KV caches (each layer's at most its bound's tokens, a local layer's at most
     its window, none for linear attention; 16 bits a value, a quantized cache counted at 2 bits,
-    fewer than any format holds) and the prompt's logits, computed in one pass."""
+    fewer than any format holds) and the logits of the prompt's bytes prefill feeds at once."""
     c, width = model.config, 2  # bytes a value
     L = T + max_new_tokens
     bound = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
@@ -148,7 +149,7 @@ def least_memory(model, kv, T):
                for i in range(0, c.n_layer, c.kv_share) if c.kind(i) != "linear")
     kv_bytes = 2 * c.kv_heads * c.head_dim * held * width
     kv_bytes = kv_bytes // 8 if kv.kv_quant != "none" else kv_bytes  # 2 of 16 bits
-    return num_samples * (kv_bytes + T * c.vocab_size * width)
+    return num_samples * (kv_bytes + prefill_piece(kv, T) * c.vocab_size * width)
 
 
 def size(n_bytes):

@@ -164,6 +164,20 @@ def test_samples_that_cannot_fit_in_memory_are_one_line_before_any_work(out_dir,
     assert code in (0, None) and "error" not in err, err
 
 
+def test_a_long_prompt_under_a_window_counts_the_logits_of_one_piece(out_dir, tmp_path, monkeypatch):
+    """Under a plain window the prompt is fed a window at a time, so its logits take a window's
+    rows, not the whole prompt's: 20,000 bytes (10 MiB of logits in one pass, against 8 MiB
+    free) fit under --kv_window=8; unbounded they do not, and the refusal names the prompt."""
+    import utils
+    monkeypatch.setattr(utils, "memory_available", lambda dev: 2 ** 23)
+    prompt = tmp_path / "long.txt"
+    prompt.write_bytes(b"To be, or not to be. " * 1000)
+    code, out, err = sample(f"--out_dir={out_dir}", f"--start=FILE:{prompt}", "--max_new_tokens=2", "--kv_window=8")
+    assert code in (0, None) and "error" not in err, err
+    code, out, err = sample(f"--out_dir={out_dir}", f"--start=FILE:{prompt}", "--max_new_tokens=2")
+    assert code == 2 and "or shorten the prompt" in err.strip().splitlines()[-1], err
+
+
 def test_memory_that_runs_out_anyway_is_one_line():
     """An allocation that fails (numpy's, the CPU allocator's, a size past counting) is one
     line and exit 2; any other RuntimeError is a bug of ours, with its traceback."""
