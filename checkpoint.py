@@ -16,6 +16,7 @@ A checkpoint is a torch.save'd dict: "model" (state dict), "optimizer", "model_a
     model, ckpt = load_model("out-shakespeare-char/ckpt.pt", "cpu")
 """
 
+import math
 import os
 import pickle
 import re
@@ -88,14 +89,17 @@ def read_checkpoint(path, option="checkpoint_name"):
         if os.path.isdir(path):
             raise UserError(f"{path} is a folder, not a checkpoint file")
         raise missing_checkpoint(path, option)
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty (0 bytes), not a checkpoint: use another checkpoint or retrain")
     try:
         with warnings.catch_warnings():  # torch warns about a raw pickle before it fails: the error says it all
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         code = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the file asked to import
-        if code:
-            raise UserError(f"{path} was refused: it asks to load {code.group(1)}, which is code, not data "
+        if code or "Unsupported operand 149" in str(e):  # (149: STACK_GLOBAL, an import by a name built on the stack)
+            what = code.group(1) if code else "a Python object by name"
+            raise UserError(f"{path} was refused: it asks to load {what}, which is code, not data "
                             "(a checkpoint holds tensors and plain values only); nothing in it was run") from None
         why = str(e).partition("WeightsUnpickler error:")[2] or str(e)  # past torch's generic preamble
         raise UserError(f"{path} is corrupt or not a checkpoint ({_first_line(why)}); "
@@ -138,6 +142,8 @@ def read_checkpoint(path, option="checkpoint_name"):
             raise UserError(f"{path} is corrupt ({what}): it changed after it was written; use another checkpoint "
                             "(e.g. last.pt or ckpt.pt) or retrain. If you edited it yourself, delete its 'crc32' "
                             "entry (the checksums) when you save it")
+    if isinstance(ckpt.get("best_val_loss"), float) and math.isnan(ckpt["best_val_loss"]):
+        ckpt["best_val_loss"] = float("inf")  # (no loss is below nan: a resume would never write ckpt.pt)
     return ckpt
 
 

@@ -211,7 +211,9 @@ def prepare(data_dir, input_path=None, url=None, force=False):
         where = f"--input={input_path}"
         if not os.path.isfile(input_path):
             raise UserError(f"{where}: " + ("a folder; give the text file in it (e.g. input.txt)"
-                                            if os.path.isdir(input_path) else "no such file"))
+                                            if os.path.isdir(input_path) else
+                                            "not a regular file (a device or a pipe); give a text file"
+                                            if os.path.exists(input_path) else "no such file"))
         data = _corpus(_read(input_path, where), where)
         if not force:
             _check_input(data, input_path, target, where)

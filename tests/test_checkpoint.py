@@ -57,6 +57,12 @@ def test_compiled_and_ddp_wrapped_checkpoint_loads_into_a_plain_model(tmp_path):
         dist.destroy_process_group()
 
 
+def test_a_best_val_loss_of_nan_reads_as_none_yet(tmp_path):
+    """No loss is below nan: a checkpoint saying nan would never let a resume write ckpt.pt."""
+    save_tutorial_layout(tmp_path / "ckpt.pt", tiny(), best_val_loss=float("nan"), iter_num=7)
+    assert read_checkpoint(str(tmp_path / "ckpt.pt"))["best_val_loss"] == float("inf")
+
+
 def test_nanogpt_style_best_val_loss_tensor_loads(tmp_path):
     """nanoGPT saves best_val_loss as a 0-d tensor; it is a number once read."""
     save_tutorial_layout(tmp_path / "ckpt.pt", tiny(), best_val_loss=torch.tensor(1.25), iter_num=7)
@@ -171,6 +177,14 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="junk.pt"):
         read_checkpoint(str(tmp_path / "junk.pt"))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty.pt is empty \(0 bytes\), not a checkpoint"):
+        read_checkpoint(str(tmp_path / "empty.pt"))
+    import pickle
+    from collections import OrderedDict  # (pickled by a name on the stack, protocol 4's STACK_GLOBAL)
+    (tmp_path / "object.pt").write_bytes(pickle.dumps(OrderedDict(a=1), protocol=4))
+    with pytest.raises(UserError, match="object.pt was refused: it asks to load a Python object by name"):
+        read_checkpoint(str(tmp_path / "object.pt"))
     torch.save({"weights": torch.zeros(2), "step": 3}, tmp_path / "foreign.pt")
     with pytest.raises(UserError, match="not a checkpoint of this project"):
         read_checkpoint(str(tmp_path / "foreign.pt"))

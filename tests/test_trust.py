@@ -216,6 +216,7 @@ BAD_INPUTS = [
     (E + ["--chunk=-1"], "--chunk must be at least 0"),
     # preparation validates before it replaces anything (item 7)
     (P + ["--input={files}/empty.txt"], "is empty"),
+    (P + ["--input=/dev/zero"], "not a regular file (a device or a pipe)"),
     (P + ["--input={files}/one_byte.txt"], "too few to split"),
     (P + ["--input={files}/none.txt"], "no such file"),
     (P + ["--input={files}"], "a folder; give the text file in it"),
