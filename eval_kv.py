@@ -448,12 +448,17 @@ def main():
     if same and step > 1:
         say(f"note: at chunk {step} {'; '.join(same)} score alike: a residual shorter than what a chunk quantizes "
             "changes nothing its queries read (only their bits differ); --chunk=1 tells them apart")
-    bigger = [r["setting"] for opts, r in zip(settings, results)
+    bigger = [(opts, r["setting"]) for opts, r in zip(settings, results)
               if opts.kv_quant != "none" and r["kv_bits_peak"] >= r["kv_bits_peak_ref"]]
-    if bigger:
-        say(f"note: {', '.join(bigger)} hold at least the reference's bits: the full-precision residual (and a key "
+    waits = lambda o: o.kv_quant_residual > 0 or (o.channel_keys and o.kv_quant in GROUPED)  # tokens held back
+    waiting, longer = [name for opts, name in bigger if waits(opts)], [name for opts, name in bigger if not waits(opts)]
+    if waiting:
+        say(f"note: {', '.join(waiting)} hold at least the reference's bits: the full-precision residual (and a key "
             "group waiting to be quantized) fill most of the window; --kv_quant_residual=0 --kv_quant_keys=token "
             "quantizes every token")
+    if longer:
+        say(f"note: {', '.join(longer)} hold at least the reference's bits although every token is quantized: they "
+            "keep more tokens than the reference's bound (a longer --kv_window, or none)")
     title = (f"{os.path.basename(os.path.normpath(out_dir))}/{os.path.basename(path)}: "
              f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}" + "".join(", " + o for o in other))
     if sweep:
