@@ -250,8 +250,6 @@ def study():
     block, n_layer = int(config["block_size"]), int(config["n_layer"])
     names = [v for v in variants.split(",") if v]
     todo = [(v, variant_args(v, block, n_layer)) for v in names]
-    make_folder(folder, "out")
-    check_writable(os.path.join(folder, "frontier"), [".csv", ".md", ".png"], tensorboard, "--out")
     x, y = load_val(config, base_path, n_streams, stream_len)
     step = chunk or block
     settings = grid(block, quick)
@@ -261,6 +259,8 @@ def study():
     dry = settings + (exact_grid(block, quick) if evict_chunk else [])
     eval_kv.evaluate(base_model.eval(), x[:1, :2], y[:1, :2], [s for s in dry if s != ref], 1, ref, block,
                      dtype=eval_kv.DTYPES[dtype])
+    make_folder(folder, "out")  # (after the checks: a refused study leaves no empty folder)
+    check_writable(os.path.join(folder, "frontier"), [".csv", ".md", ".png"], tensorboard, "--out")
     eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --dtype={dtype} "
                 f"{shlex.quote('--baseline=' + base_path)}")
     rows, t0, spent = [], time.time(), {"fine-tune": [], "evaluation": []}  # seconds of each done here

@@ -239,4 +239,4 @@ def test_a_group_the_head_size_cannot_take_is_one_line_before_any_fine_tune(base
     """The base's heads have 8 channels: int4/int2 groups of 16 are refused before base_ft trains."""
     proc = kv_study(base_ckpt, tmp_path / "s", "--variants=base_ft", "--kv_quant_group=16")
     assert_user_error(proc, "kv_quant_group=16 does not divide the head dimension 8")
-    assert "fine-tun" not in proc.stdout + proc.stderr and not (tmp_path / "s" / "base_ft").exists()
+    assert "fine-tun" not in proc.stdout + proc.stderr and not (tmp_path / "s").exists()  # no empty folder either
