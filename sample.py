@@ -77,7 +77,9 @@ def main():
     model.eval()
     notes = []  # printed after the device line, once every setting has passed
     kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), say=notes.append).check()
-    notes += [n for n in [kv.local_note(model.config)] if n]
+    saved = ckpt.get("config") or {}
+    trained = int(saved.get("xl_mem", 0) or saved.get("block_size", 0) or 0)  # (0: not recorded, no note)
+    notes += [n for n in [kv.local_note(model.config), kv.context_note(model.config, trained)] if n]
     kv.check_trim(model.config)
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)

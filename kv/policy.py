@@ -203,6 +203,16 @@ class KVOptions:
             note = f"note: {bound} {verb} at most {held} tokens, so kv_budget={self.kv_budget} changes nothing"
         return note
 
+    def context_note(self, config, trained):
+        """A line when kv_window lets a global softmax layer of a model (GPTConfig) read further
+        back than the `trained` tokens of history it learned from (None otherwise)."""
+        glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
+        if not glob or not 0 < trained < self.kv_window:
+            return None
+        return (f"note: kv_window={self.kv_window} is longer than the {trained} tokens of history this model was "
+                f"trained with: past them its global layers read distances they never saw (kv_window={trained} "
+                "stays within)")
+
     def _local_note(self, config):
         w = config.window
         softmax = [i for i in range(config.n_layer) if config.kind(i) != "linear"]

@@ -178,6 +178,21 @@ def test_a_long_prompt_under_a_window_counts_the_logits_of_one_piece(out_dir, tm
     assert code == 2 and "or shorten the prompt" in err.strip().splitlines()[-1], err
 
 
+def test_a_window_past_the_trained_context_is_noted(tmp_path):
+    """A model trained on 16-byte blocks sampled with --kv_window=32 reads distances it never
+    saw: a note says so and which window stays within; --kv_window=16 gets none."""
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig, MODEL_ARG_KEYS
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, bias=False))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS},
+                    {"block_size": 16}, 1, 5.0)
+    for window, noted in ((32, True), (16, False)):
+        code, _, err = sample(f"--out_dir={tmp_path}", f"--kv_window={window}", "--max_new_tokens=2")
+        assert code in (0, None), err
+        assert ("note: kv_window=32 is longer than the 16 tokens of history this model was trained with" in err
+                and "(kv_window=16 stays within)" in err) == noted, err
+
+
 def test_memory_that_runs_out_anyway_is_one_line():
     """An allocation that fails (numpy's, the CPU allocator's, a size past counting) is one
     line and exit 2; any other RuntimeError is a bug of ours, with its traceback."""
