@@ -90,7 +90,9 @@ def _run_config_file(path, g, known):
             continue  # builtins, private helpers, imports
         if name not in known:
             suggestion = _suggest(name, known)
-            raise UserError(f"config file {path}: unknown setting '{name}'; {suggestion}")
+            helper = " (a name of your own, e.g. a loop variable, starts with _ and is left alone)" \
+                if suggestion == "--help lists the settings" else ""
+            raise UserError(f"config file {path}: unknown setting '{name}'; {suggestion}{helper}")
         value = _coerce(f"config file {path}: {name}", value, g[name])
         if value != g[name]:
             updates[name] = value

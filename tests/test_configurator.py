@@ -105,6 +105,7 @@ def test_errors_are_one_line(argv, fragments):
     ("max_iters = 'many'\n", ["max_iters: expected int, got str 'many'"]),
     ("max_iters = = 3\n", ["SyntaxError"]),
     ("max_iters = undefined_name\n", ["NameError"]),
+    ("for i in range(2):\n    pass\n", ["unknown setting 'i'", "starts with _ and is left alone"]),
 ])
 def test_config_file_errors_name_the_file(tmp_path, body, fragments):
     path = tmp_path / "cfg.py"
