@@ -184,14 +184,17 @@ def test_the_next_command_names_a_plugin_attention(data_dir, tmp_path):
 def signal_in_the_loop(monkeypatch, signum, batch):
     """Within: the training loop's batch-th batch sends signum to this process, which holds
     Python's default handler for it, as a terminal starts it (pytest started in the background
-    of a script inherits Ctrl-C ignored). Batches count once train.py's handler is installed."""
+    of a script inherits Ctrl-C ignored). Batches count once the training loop's handler
+    (utils.StopAfterStep) is installed."""
     import signal
     import loader
+    import utils
     start = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
     real_next, calls = loader.ByteLoader.next, {"n": 0}
 
     def next_with_signal(self):
-        calls["n"] += signal.getsignal(signum) is not start  # in the training loop
+        in_loop = isinstance(getattr(signal.getsignal(signum), "__self__", None), utils.StopAfterStep)
+        calls["n"] += in_loop
         if calls["n"] == batch:
             os.kill(os.getpid(), signum)
         return real_next(self)
