@@ -15,8 +15,8 @@ contiguous stretches of the val split.
 
 The reference (--reference=natural) is the checkpoint at its natural context: a plain sliding
 window of its xl_mem tokens if it was trained with XL memory, else of its block_size, the
-farthest back any of its layers attended in training (a query never met a key farther away;
-read far past that a model is lost, not compressed);
+span of keys its layers attended over in training (read far past that a model is lost, not
+compressed);
 --reference=unbounded is a plain cache of the whole stream (bounded by kv_window/kv_sink if
 given). Every setting keeps the reference's history bound unless it sets its own kv_window.
 What caches keep in full precision (a plain cache, a quantization residual) is stored at
