@@ -236,6 +236,11 @@ def evaluate_variant(path, x, y, settings, step, block, label):
     rows = eval_kv.evaluate(model, x, y, settings, step, ref, block, progress, eval_kv.DTYPES[dtype])
     for r, kv in zip(rows, settings):
         r.update(kv.settings())  # the fields, for the command that reproduces the row
+    c = model.config
+    softmax = [i for i in range(c.n_layer) if c.kind(i) != "linear"]
+    if softmax and all(c.is_local(i) for i in softmax):  # (eval_kv's local_note, for the grid as a whole)
+        print(f"  note: every softmax layer of {label} attends {c.window} back, so its rows with a kv_window of "
+              f"{c.window} or more hold the same cache (their labels name a bound that does not bind)")
     return rows
 
 

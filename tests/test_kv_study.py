@@ -240,3 +240,20 @@ def test_a_group_the_head_size_cannot_take_is_one_line_before_any_fine_tune(base
     proc = kv_study(base_ckpt, tmp_path / "s", "--variants=base_ft", "--kv_quant_group=16")
     assert_user_error(proc, "kv_quant_group=16 does not divide the head dimension 8")
     assert "fine-tun" not in proc.stdout + proc.stderr and not (tmp_path / "s").exists()  # no empty folder either
+
+
+def test_a_variant_of_local_layers_says_its_wider_windows_do_not_bind(tmp_path, capsys):
+    """Every layer attends 8 back: the grid's kv_window rows of 8 and more hold one cache, and
+    kv_study says so rather than let their labels suggest otherwise."""
+    import kv_study
+    from checkpoint import save_checkpoint
+    from kv.policy import KVOptions
+    from model import GPT, GPTConfig, MODEL_ARG_KEYS
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False, window=8))
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}, {"block_size": 16}, 1, 5.0)
+    x = torch.randint(0, 256, (1, 32))
+    rows = kv_study.evaluate_variant(path, x, x, [KVOptions(kv_window=16), KVOptions(kv_window=32)], 16, 16, "loc")
+    assert len({(r["bpb"], r["kv_bits_peak"]) for r in rows}) == 1  # one cache, whatever the label says
+    assert "note: every softmax layer of loc attends 8 back" in capsys.readouterr().out
