@@ -245,6 +245,7 @@ def check_quant_levels(impl, ctx):
         plain = torch.unique(plain_quantizer(kind, bits)(x)).numel()
         need, full = math.ceil(0.75 * plain), f"{plain} values of a scaled {str(kind).replace('torch.', '')} cast"
     if levels < need:
+        ctx["explains_error"] = "the levels"  # (fewer levels: a larger error, which rule 5's check leaves to this)
         worth = math.log2(levels + 1)
         hint = (f"the scale spends only about {worth:.0f} bits' worth of them (scale = absmax / {2 ** (bits - 1) - 1}"
                 f" for symmetric codes, (max - min) / {2 ** bits - 1} with a zero point)")
@@ -269,6 +270,8 @@ def check_quant_bias(impl, ctx):
     e, xs = (y - x) / rms, x / rms  # every row on the same scale
     bias = (e.mean() / e.pow(2).mean().sqrt()).item()
     corr = torch.corrcoef(torch.stack([e.flatten(), xs.flatten()]))[0, 1].item()
+    if abs(bias) > 0.25 or abs(corr) > 0.25:
+        ctx.setdefault("explains_error", "the rounding")
     if abs(bias) > 0.25:
         way = "low" if bias < 0 else "high"
         raise Failed(f"every value comes back too {way} (the mean error is {bias:+.2f} of the RMS error; rounding "
@@ -294,6 +297,10 @@ def check_quant_error(impl, ctx):
     desc = describe(kind, bits)
     plain = (f"a plain per-row quantizer with {desc} gets {ref.mean().item():.2g} on average, "
              f"{ref.max().item():.2g} in the worst row")
+    if (worst > bound_worst or mean > bound_mean) and ctx.get("explains_error"):
+        raise Skipped(f"the error is too large ({mean:.2g} on average, {worst:.2g} in the worst row; allowed "
+                      f"{bound_mean:.2g} and {bound_worst:.2g}), as {ctx['explains_error']} mistake above makes it: "
+                      "fix that first")
     if worst > bound_worst:
         size = x.pow(2).mean(-1).sqrt()
         at = size.flatten()[rel.flatten().argmax()].item()

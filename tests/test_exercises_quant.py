@@ -283,3 +283,12 @@ def test_random_rounding_is_reported_once(exercise_checks):
     results, printed = exercise_checks(*WRONG["random rounding"][:2])
     assert [t for t, status, _ in results if status == "FAIL"] == [BIAS], printed
     assert [status for t, status, _ in results if t == ROWS] == ["SKIP"], printed
+
+
+@pytest.mark.parametrize("what, first", [("codes floored", BIAS), ("4 bits' worth of levels in 8-bit codes", LEVELS)])
+def test_a_mistake_that_also_raises_the_error_fails_once(what, first, exercise_checks):
+    """Floored codes, or a scale that spends few of the levels, make the error too large too:
+    rule 5's check steps aside for the check that named the cause (one mistake, one FAIL)."""
+    results, printed = exercise_checks(*WRONG[what][:2])
+    assert [t for t, status, _ in results if status == "FAIL"] == [first], printed
+    assert [status for t, status, _ in results if t == ERROR] == ["SKIP"], printed
