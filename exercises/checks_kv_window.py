@@ -47,6 +47,10 @@ def call_trim(impl, pos, window, sink, dtype=torch.float32):
            f"keep_recent must return (k, v, pos), got {type(out).__name__}"
            + (f" of {len(out)}" if isinstance(out, (tuple, list)) else ""))
     expect(all(torch.is_tensor(t) for t in out), "keep_recent must return three tensors (k, v, pos)")
+    ranks = tuple(t.dim() for t in out)
+    if sorted(ranks) == [1, 4, 4] and ranks != (4, 4, 1):  # the right tensors in another order
+        order = ", ".join("pos" if r == 1 else "k or v" for r in ranks)
+        raise Failed(f"keep_recent returned ({order}): return them in the order (k, v, pos)")
     return (k, v, p), out
 
 

@@ -80,6 +80,10 @@ WRONG.update({
                                 "def keep_recent(k, v, pos, kv_window):",
                                 "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes",
                                 "calling your function failed: TypeError: keep_recent() takes 4"),
+    "returns pos first": trim("return k[:, :, keep], v[:, :, keep], pos[keep]",
+                              "return pos[keep], k[:, :, keep], v[:, :, keep]",
+                              "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes",
+                              "in the order (k, v, pos)"),
     "selects along the last axis": trim("k[:, :, keep], v[:, :, keep]", "k[..., keep], v[..., keep]",
                                         "returns k, v (B, nkv, kept, hs) and pos (kept,) in the given dtypes",
                                         "your code raised IndexError"),
@@ -258,3 +262,11 @@ def test_trim_messages_do_not_write_out_the_answer(what, exercise_checks):
     failed = " ".join(msg for _, status, msg in results if status == "FAIL")
     for code in ("pos >=", "pos[-1] -", "pos < kv_sink", "[:, :, keep]", "pos[keep]", "pos[-kv_window:]"):
         assert code not in failed, (code, printed)
+
+
+@pytest.mark.parametrize("what", ["returns pos first", "this step first"])
+def test_an_order_mistake_fails_once(what, exercise_checks):
+    """The wrong order of what is returned, or of memory and this step, is one FAIL: the checks
+    after it that meet only its consequences step aside."""
+    results, printed = exercise_checks(*WRONG[what][:2])
+    assert len([t for t, status, _ in results if status == "FAIL"]) == 1, printed
