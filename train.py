@@ -49,7 +49,7 @@ from checkpoint import checkpoint_path, load_model, save_checkpoint, saved_datas
 from configurator import configure
 from kv.policy import KVOptions
 from kv.qat import check_qat, make_qat_caches
-from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state
+from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state, try_step
 from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from plugins import import_function
@@ -192,12 +192,8 @@ def train(held):
     if writes and master:
         outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0,
                            kept=(set_aside is not None) + (best_aside is not None))
-    if xl_fn is not None and xl_mem:  # the user's XL step, tried now (not after the first evaluation) on
-        # 2 bytes twice: with nothing remembered, then with memory; with gradients, to see them cut
-        probe = make_xl_memory(model, 1, xl_mem, xl_fn, xl_name)
-        for _ in range(2):
-            model.eval()(torch.zeros(1, 2, dtype=torch.long, device=dev), probe)
-        model.train()
+    if xl_fn is not None and xl_mem:  # the user's XL step, tried now, not after the first evaluation
+        try_step(model, xl_mem, xl_fn, xl_name, dev)
     if writes and device_type == "cpu" and n_params > 5e6:  # e.g. `python train.py`, the GPU recipe
         print(f"note: a {n_params / 1e6:.1f}M-parameter model trains for hours on a CPU; the CPU recipe "
               "trains in minutes: python train.py config/train_shakespeare_char_cpu.py")

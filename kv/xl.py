@@ -129,6 +129,16 @@ def make_xl_memory(model, batch_size, mem_len, step_fn=None, step_name=None):
     return memory
 
 
+def try_step(model, mem_len, step_fn, step_name, device):
+    """Run a user's step_fn (make_xl_memory) on 2 bytes twice, with nothing remembered and
+    then with memory, gradients on (to see the memory cut from them): a UserError now (or the
+    plug-in's own error) rather than after the first evaluation. Leaves the model training."""
+    memory = make_xl_memory(model, 1, mem_len, step_fn, step_name)
+    for _ in range(2):
+        model.eval()(torch.zeros(1, 2, dtype=torch.long, device=device), memory)
+    model.train()
+
+
 def memory_state(memory):
     """What a checkpoint keeps of make_xl_memory's list: each distinct layer state's tensors,
     so that a resumed run attends to the same past as the uninterrupted one."""
