@@ -97,10 +97,14 @@ def read_checkpoint(path, option="checkpoint_name"):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         code = re.search(r"GLOBAL ([\w.]+)", str(e))  # what the file asked to import
-        if code or "Unsupported operand 149" in str(e):  # (149: STACK_GLOBAL, an import by a name built on the stack)
-            what = code.group(1) if code else "a Python object by name"
+        foreign = _foreign_imports(path) if "Unsupported operand 149" in str(e) else []
+        if code or foreign:
+            what = code.group(1) if code else foreign[0]
             raise UserError(f"{path} was refused: it asks to load {what}, which is code, not data "
                             "(a checkpoint holds tensors and plain values only); nothing in it was run") from None
+        if "Unsupported operand 149" in str(e):  # (149: FRAME, how pickle protocol 4 and later start)
+            raise UserError(f"{path} was written with pickle protocol 4 or later, which torch's safe loader cannot "
+                            "read: save it again with torch.save's default protocol") from None
         why = str(e).partition("WeightsUnpickler error:")[2] or str(e)  # past torch's generic preamble
         raise UserError(f"{path} is corrupt or not a checkpoint ({_first_line(why)}); "
                         "use another checkpoint or retrain") from None
@@ -145,6 +149,34 @@ def read_checkpoint(path, option="checkpoint_name"):
     if isinstance(ckpt.get("best_val_loss"), float) and math.isnan(ckpt["best_val_loss"]):
         ckpt["best_val_loss"] = float("inf")  # (no loss is below nan: a resume would never write ckpt.pt)
     return ckpt
+
+
+def _foreign_imports(path):
+    """The names that the pickle in the file at path (a torch zip's data.pkl, or the file
+    itself) imports and torch's safe loader does not allow: code, not data. Read, never run;
+    [] when it cannot be read as a pickle."""
+    import pickletools
+    import zipfile
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals  # (private: absent, no names)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name == "GLOBAL":
+                names.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+            elif isinstance(arg, str):
+                strings.append(arg)
+    except Exception:
+        return []
+    allowed = _get_allowed_globals()
+    return [n for n in names if n not in allowed]
 
 
 def _first_line(e):

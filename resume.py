@@ -161,8 +161,8 @@ def resume_schedule(ckpt, resume_mode, max_iters, eval_only=False):
 
 # what a continued run's optimization depends on, besides the model: changing one makes it
 # another run than the interrupted one (the note below says which and how to keep them)
-RUN_SETTINGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "batch_size",
-                "gradient_accumulation_steps", "beta1", "beta2", "weight_decay", "grad_clip", "dropout")
+RUN_SETTINGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "decay_lr", "batch_size", "block_size",
+                "gradient_accumulation_steps", "beta1", "beta2", "weight_decay", "grad_clip", "dropout", "reset_prob")
 
 
 def changed_settings(ckpt, config):

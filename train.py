@@ -431,7 +431,7 @@ def resume_run(config, given, defaults, dev, world_size):
     mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
     if mode == "finetune" and end_iter > start_iter:
         config.update(fit_schedule(max_iters, sys.argv[1:]))
-    elif mode == "continue" and (note := changed_settings(ckpt, config)):
+    elif mode == "continue" and (note := changed_settings(ckpt, {**config, **model_args})):  # (dropout: the model's)
         print(note)
     best_val_loss = ckpt.get("best_val_loss", float("inf"))
     print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")

@@ -109,6 +109,19 @@ def test_a_continued_run_with_other_settings_says_which_and_how_to_keep_them(dat
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_a_continued_run_not_given_dropout_keeps_the_checkpoints_and_says_nothing_of_it(data_dir, tmp_path):
+    """dropout not given on the resume: the model keeps the checkpoint's 0.1 (train.py's default
+    of 0.2 is not applied), so the note must not claim the run goes on with 0.2."""
+    base = [a for a in TINY if not a.startswith("--dropout=")] + [f"--dataset={data_dir}", f"--out_dir={tmp_path}",
+                                                                   "--threads=1", "--tensorboard=False"]
+    assert run_in_process("train.py", *base, f"--max_iters={N}", "--dropout=0.1")[0] in (0, None)
+    code, out, err = run_in_process("train.py", *base, f"--max_iters={N + 2}", "--init_from=resume",
+                                    "--resume_checkpoint_name=last")
+    assert code in (0, None), err
+    assert "dropout" not in "".join(line for line in out.splitlines() if "goes on with" in line), out
+    assert read_checkpoint(str(tmp_path / "last.pt"))["model_args"]["dropout"] == 0.1
+
+
 @pytest.mark.parametrize("objective", ["--xl_mem=16", "--kv_quant=int8"])
 def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_path, objective):
     """The resume command names neither --xl_mem nor --kv_quant: the run goes on with the
