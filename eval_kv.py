@@ -14,9 +14,8 @@ contiguous stretches of the val split.
     tensorboard --logdir=out-shakespeare-char-cpu
 
 The reference (--reference=natural) is the checkpoint at its natural context: a plain sliding
-window of its xl_mem tokens if it was trained with XL memory, else of its block_size, the
-span of keys its layers attended over in training (read far past that a model is lost, not
-compressed);
+window of its xl_mem tokens if it was trained with XL memory, else of its block_size (read
+far past what it was trained on, a model is lost, not compressed);
 --reference=unbounded is a plain cache of the whole stream (bounded by kv_window/kv_sink if
 given). Every setting keeps the reference's history bound unless it sets its own kv_window.
 What caches keep in full precision (a plain cache, a quantization residual) is stored at
@@ -418,7 +417,8 @@ def main():
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
         settings[-1].check_trim(model.config)
     notes = [s.local_residual(model.config)[1] for s in settings]
-    trained = int(config.get("xl_mem", 0) or 0) or block  # the most history it learned from
+    # the farthest back its queries read in training: its block, and the XL memory before it
+    trained = int(config.get("xl_mem", 0) or 0) + int(config.get("block_size", 0) or 0)
     notes += [] if sweep else [kv.local_note(model.config),  # as given (kv_window=-1: the reference's bound)
                                settings[-1].context_note(model.config, trained)]
     for note in dict.fromkeys(notes):
@@ -454,7 +454,10 @@ def main():
     bigger = [(opts, r["setting"]) for opts, r in zip(settings, results)
               if opts.kv_quant != "none" and r["kv_bits_peak"] >= r["kv_bits_peak_ref"]]
     waits = lambda o: o.kv_quant_residual > 0 or (o.channel_keys and o.kv_quant in GROUPED)  # tokens held back
-    waiting, longer = [name for opts, name in bigger if waits(opts)], [name for opts, name in bigger if not waits(opts)]
+    wider = lambda o: o.kv_window == 0 and ref_kv.kv_window > 0 or o.kv_window > ref_kv.kv_window > 0
+    waiting = [name for opts, name in bigger if waits(opts)]
+    longer = [name for opts, name in bigger if not waits(opts) and wider(opts)]
+    dense = [name for opts, name in bigger if not waits(opts) and not wider(opts)]
     if waiting:
         say(f"note: {', '.join(waiting)} hold at least the reference's bits: the full-precision residual (and a key "
             "group waiting to be quantized) fill most of the window; --kv_quant_residual=0 --kv_quant_keys=token "
@@ -462,6 +465,9 @@ def main():
     if longer:
         say(f"note: {', '.join(longer)} hold at least the reference's bits although every token is quantized: they "
             "keep more tokens than the reference's bound (a longer --kv_window, or none)")
+    if dense:
+        say(f"note: {', '.join(dense)} hold at least the reference's bits although every token is quantized and "
+            "no more tokens are kept: the format stores as many bits per value as full precision, or more")
     title = (f"{os.path.basename(os.path.normpath(out_dir))}/{os.path.basename(path)}: "
              f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}" + "".join(", " + o for o in other))
     if sweep:

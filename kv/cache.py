@@ -214,15 +214,17 @@ class TrimCache(Cache):
             B, H, _, D = keys.shape
             if (k.dim() == 4 and k.shape[:2] == (B, H) and k.size(3) == D and v.shape == k.shape
                     and k.dtype == keys.dtype and v.dtype == vals.dtype
-                    and pos.shape == (k.size(2),) and pos.dtype == kpos.dtype):
+                    and pos.shape == (k.size(2),) and pos.dtype == kpos.dtype
+                    and k.device == v.device == pos.device == keys.device):
                 return k, v, pos
-            got = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in out)
+            got = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}" for t in out)
         else:
             got = type(out).__name__ + (f" of {len(out)}" if isinstance(out, (tuple, list)) else "")
         B, H, S, D = keys.shape
         raise UserError(f"--kv_trim={self.trim_name} must return (k, v, pos) of the tokens kept: k and v "
                         f"(B={B}, nkv={H}, kept, hs={D}) {str(keys.dtype).replace('torch.', '')} like the k "
-                        f"it was given, pos (kept,) long; it returned {got} (given S={S} tokens)")
+                        f"it was given, pos (kept,) long, all on {keys.device}; it returned {got} (given S={S} "
+                        "tokens)")
 
     def tokens(self):
         return self.k.size(2)

@@ -205,7 +205,8 @@ class KVOptions:
 
     def context_note(self, config, trained):
         """A line when kv_window lets a global softmax layer of a model (GPTConfig) read further
-        back than the `trained` tokens of history it learned from (None otherwise)."""
+        back than the `trained` tokens it read in training (its block, plus any XL memory;
+        0: unknown) (None otherwise)."""
         glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
         if not glob or not 0 < trained < self.kv_window:
             return None

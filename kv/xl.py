@@ -29,8 +29,9 @@ def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
 
 def check_step(name, out, k, m, mem_len):
     """A UserError naming what a user's step function (named `name`, e.g. "--xl_update=mod:fn")
-    returned against xl_step's contract: six tensors of the shapes its docstring gives, the
-    flags bool, the new memory detached (else the next step's backward runs into this one)."""
+    returned against xl_step's contract: six tensors of the shapes its docstring gives, on k's
+    device, the flags bool and the others in k's dtype, the new memory detached (else the next
+    step's backward runs into this one)."""
     B, H, T, D = k.shape
     kept = min(mem_len, m + T)
     if not (isinstance(out, (tuple, list)) and len(out) == 6 and all(torch.is_tensor(t) for t in out)):
@@ -44,9 +45,9 @@ def check_step(name, out, k, m, mem_len):
             raise UserError(f"{name}: {what} must be shaped {shape} (B={B}, {m} tokens remembered, T={T} new, "
                             f"mem_len={mem_len}); it is {tuple(t.shape)}")
     for what, t in zip(names, out):
-        if (t.dtype == torch.bool) != (what in ("key_ok", "new_ok")):
-            raise UserError(f"{name}: {what} must be {'bool' if what.endswith('ok') else k.dtype}, "
-                            f"not {t.dtype}")
+        dtype = torch.bool if what.endswith("ok") else k.dtype
+        if t.dtype != dtype or t.device != k.device:
+            raise UserError(f"{name}: {what} must be {dtype} on {k.device} (as k), not {t.dtype} on {t.device}")
     if torch.is_grad_enabled() and (out[3].requires_grad or out[4].requires_grad):
         raise UserError(f"{name}: new_k and new_v must be cut off from the autograd graph (.detach()); "
                         "else the next step's backward runs into this step's graph")

@@ -191,6 +191,12 @@ def test_a_window_past_the_trained_context_is_noted(tmp_path):
         assert code in (0, None), err
         assert ("note: kv_window=32 is longer than the 16 tokens of history this model was trained with" in err
                 and "(kv_window=16 stays within)" in err) == noted, err
+    # trained with 16 tokens of XL memory before each block: its queries read 32 back
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS},
+                    {"block_size": 16, "xl_mem": 16}, 1, 5.0)
+    for window, noted in ((40, True), (32, False)):
+        code, _, err = sample(f"--out_dir={tmp_path}", f"--kv_window={window}", "--max_new_tokens=2")
+        assert ("longer than the 32 tokens" in err) == noted and code in (0, None), err
 
 
 def test_memory_that_runs_out_anyway_is_one_line():

@@ -522,7 +522,11 @@ def test_xl_update_plugin_is_tried_before_the_first_evaluation(world, tmp_path):
     ("ok = mem_ok.new_ones(k.size(0), k.size(2))\n"  # forgets the memory: wrong from the second step on
      "    return k, v, ok, k[:, :, -mem_len:].detach(), v[:, :, -mem_len:].detach(), ok[:, -mem_len:]\n",
      "keys must be shaped"),
-], ids=["not detached", "five things", "memory forgotten"])
+    ("keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)\n"
+     "    ok = torch.cat([mem_ok, mem_ok.new_ones(k.size(0), k.size(2))], 1)\n"
+     "    return keys, vals, ok, keys[:, :, -mem_len:].detach().double(), vals[:, :, -mem_len:].detach(), "
+     "ok[:, -mem_len:]\n", "new_k must be torch.float32"),
+], ids=["not detached", "five things", "memory forgotten", "memory in float64"])
 def test_xl_update_plugin_returning_the_wrong_things_is_one_line(world, tmp_path, body, expected):
     """What a user's XL step returns is checked against xl_step's contract before training:
     not the "backward through the graph a second time" or unpacking tracebacks it led to."""
@@ -542,7 +546,7 @@ def test_kv_trim_plugin_returning_the_wrong_things_is_one_line(world):
     code, out, err = run(*fill(S, world), f"--kv_trim={name}:trim", "--kv_window=4", "--start=To be or not")
     assert code == 2 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
-    assert line.startswith(f"error: --kv_trim={name}:trim must return (k, v, pos)") and "it returned (4,) int64" in line
+    assert line.startswith(f"error: --kv_trim={name}:trim must return (k, v, pos)") and "it returned (4,) int64 on cpu" in line
 
 
 def test_an_operation_torch_lacks_is_not_taken_for_an_unwritten_stub(world):
