@@ -30,7 +30,7 @@ def main():
         raise UserError(f"--split={split}: use train or val")
     if n_batches < 0:
         raise UserError(f"--n_batches must be 0 or more, got {n_batches}")
-    check_range(globals(), "seed", 0, SEED_MAX)
+    check_range(globals(), "seed", -SEED_MAX, SEED_MAX)
     train_path, val_path = dataset_paths(dataset)
     loader = ByteLoader(train_path if split == "train" else val_path, block_size, batch_size,
                         reset_prob=reset_prob, seed=seed)

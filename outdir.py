@@ -34,7 +34,11 @@ def claim(out_dir, fresh, overwrite):
     if not fresh and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir={out_dir} is not a folder, so there is no run in it to resume "
                         "(--init_from=resume reads its ckpt.pt or last.pt); check the path")
-    made = not os.path.exists(out_dir)
+    made = None  # the outermost folder this run creates (out_dir, or a missing parent of it)
+    if not os.path.exists(out_dir):
+        made = os.path.abspath(out_dir)
+        while not os.path.exists(os.path.dirname(made)):
+            made = os.path.dirname(made)
     make_folder(out_dir)
     try:
         lock = Lock(out_dir)
@@ -124,7 +128,7 @@ class Lock:
     that ends with the process (kill -9 included), so a dead run's lock is taken over."""
 
     def __init__(self, out_dir):
-        self.path, self.fd, self.made_folder = os.path.join(out_dir, LOCK_NAME), None, False
+        self.path, self.fd, self.made_folder = os.path.join(out_dir, LOCK_NAME), None, None
         for _ in range(100):  # the holder may remove the file between our open and our lock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -165,9 +169,13 @@ class Lock:
             with suppress(OSError):
                 os.remove(self.path)
         self.fd = None
-        if self.made_folder:
-            with suppress(OSError):  # (not empty: the run wrote into it)
-                os.rmdir(os.path.dirname(self.path))
+        folder = os.path.dirname(os.path.abspath(self.path))
+        while self.made_folder and folder.startswith(self.made_folder):  # out_dir up to made_folder, if empty
+            try:
+                os.rmdir(folder)
+            except OSError:  # (not empty: the run wrote into it)
+                break
+            folder = os.path.dirname(folder)
 
     def __enter__(self):
         return self

@@ -66,7 +66,7 @@ def main():
     if num_samples < 1:
         raise UserError(f"--num_samples must be at least 1, got {num_samples}")
     check_range(globals(), "temperature top_k", 0)
-    check_range(globals(), "seed", 0, SEED_MAX)
+    check_range(globals(), "seed", -SEED_MAX, SEED_MAX)
     kv = KVOptions.from_settings(globals()).check().check_unused()
 
     dev = pick_device(device)

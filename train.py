@@ -513,7 +513,7 @@ def check_settings(world_size=1):
     check_range(globals(), "learning_rate min_lr weight_decay grad_clip warmup_iters lr_decay_iters", 0)
     check_range(globals(), "beta1 beta2 dropout", 0, 1, high_open=True)
     check_range(globals(), "reset_prob", 0, 1)
-    check_range(globals(), "seed", 0, SEED_MAX)
+    check_range(globals(), "seed", -SEED_MAX, SEED_MAX)
 
 
 def compile_probe(model, dev, ctx):

@@ -233,12 +233,17 @@ def pick_threads(requested=0):
     if requested < 0:
         raise UserError(f"--threads must be 0 (chosen automatically) or a number of threads, got {requested}")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if requested > 4 * cpus:  # (torch's thread pool crashes at tens of thousands; past the CPUs they only wait)
-        raise UserError(f"--threads={requested} is far more than the {cpus} CPU{'s' if cpus != 1 else ''} this "
-                        f"process may use: give at most {cpus} (or 0, chosen automatically)")
+    most = 4 * cpus  # (torch's thread pool crashes at tens of thousands; past the CPUs threads only wait)
+    plural = "s" if cpus != 1 else ""
+    if requested > most:
+        raise UserError(f"--threads={requested} is far more than the {cpus} CPU{plural} this process may use: "
+                        f"give {cpus} or fewer (at most {most}), or 0 to choose automatically")
     if requested > 0:  # (more threads than CPUs only wait for each other: said on the device line)
         return requested, f"--threads={requested}" + (f", more than the {cpus} CPU{'s' if cpus != 1 else ''}" if requested > cpus else "")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > most:
+        raise UserError(f"OMP_NUM_THREADS={env} is far more than the {cpus} CPU{plural} this process may use: "
+                        f"set it to {cpus} or fewer, or pass --threads=N")
     if env.isdigit() and int(env) > 0:
         return int(env), f"OMP_NUM_THREADS={env}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # runnable processes, last minute
@@ -457,8 +462,8 @@ class StopAfterStep:
             signal.signal(s, handler)
 
     def _handler(self, signum, frame):
-        if self.asked:
-            raise KeyboardInterrupt
+        if self.asked:  # a second signal: at once (exit 143 for SIGTERM, 130 for Ctrl-C)
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.asked = signum
         what, again = ("Ctrl-C", "Ctrl-C again") if signum == signal.SIGINT else ("SIGTERM", "a second signal")
         print(f"\n{what}: stopping after this iteration and writing last.pt ({again} to stop at once)",

@@ -269,8 +269,8 @@ def test_a_refused_run_leaves_no_folder_it_made(data_dir, tmp_path):
     """A run refused after it made its out_dir (here: float16 on a CPU) removes it again; a
     folder that was there before stays."""
     with pytest.raises(SystemExit):
-        train(data_dir, tmp_path / "new", f"--max_iters={N}", "--dtype=float16")
-    assert not (tmp_path / "new").exists()
+        train(data_dir, tmp_path / "new" / "sub", f"--max_iters={N}", "--dtype=float16")
+    assert not (tmp_path / "new").exists()  # (the parent it made too)
     with pytest.raises(SystemExit):
         train(data_dir, tmp_path, f"--max_iters={N}", "--dtype=float16")
     assert tmp_path.is_dir() and os.listdir(tmp_path) == []

@@ -143,8 +143,8 @@ BAD_INPUTS = [
     (T + ["--grad_clip=-1"], "--grad_clip must be at least 0"),
     (T + ["--warmup_iters=-5"], "--warmup_iters must be at least 0"),
     (T + ["--reset_prob=1.5"], "--reset_prob must be in [0, 1]"),
-    (T + ["--seed=99999999999999999999999"], "--seed must be in [0, "),  # (past what torch's seeds hold)
-    (S + ["--seed=-5"], "--seed must be in [0, "),
+    (T + ["--seed=99999999999999999999999"], "--seed must be in [-4611686018427387904, "),  # (past what torch's seeds hold)
+    (S + ["--seed=-99999999999999999999999"], "--seed must be in [-4611686018427387904, "),
     (T + ["--threads=99999"], "--threads=99999 is far more than the"),  # (torch's thread pool crashed)
     (T + ["--batch_size=0"], "--batch_size must be at least 1"),
     (T + ["--block_size=-3"], "--block_size must be at least 1"),

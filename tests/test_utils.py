@@ -64,3 +64,21 @@ def test_keep_freed_memory_reuses_big_blocks():
         counts[mode] = [int(n) for n in proc.stdout.split()]
     assert min(counts["default"]) > 10_000, counts  # the case keep_freed_memory is for
     assert max(counts["keep"][-4:]) < 1_000, counts
+
+
+@pytest.mark.parametrize("signame, exc", [("SIGINT", KeyboardInterrupt), ("SIGTERM", "Terminated")])
+def test_a_second_signal_stops_at_once_as_its_own_kind(signame, exc):
+    """The first signal asks the loop to stop after its step; a second stops at once: Ctrl-C as
+    a KeyboardInterrupt (exit 130), SIGTERM as Terminated (exit 143, as before the loop)."""
+    import signal
+    import utils
+    signum = getattr(signal, signame)
+    exc = getattr(utils, exc) if isinstance(exc, str) else exc
+    with utils.StopAfterStep() as stop:
+        if signum not in stop.signals:
+            pytest.skip(f"{signame} is ignored in this process")
+        stop._handler(signum, None)
+        assert stop.asked == signum
+        with pytest.raises(exc) as e:
+            stop._handler(signum, None)
+    assert isinstance(e.value, utils.Terminated) == (signame == "SIGTERM")
