@@ -239,8 +239,8 @@ def evaluate_variant(path, x, y, settings, step, block, label):
     c = model.config
     softmax = [i for i in range(c.n_layer) if c.kind(i) != "linear"]
     if softmax and all(c.is_local(i) for i in softmax):  # (eval_kv's local_note, for the grid as a whole)
-        print(f"  note: every softmax layer of {label} attends {c.window} back, so its rows with a kv_window of "
-              f"{c.window} or more hold the same cache (their labels name a bound that does not bind)")
+        print(f"  note: every softmax layer of {label} attends {c.window} back, so its rows that differ only in a "
+              f"kv_window of {c.window} or more hold the same cache (their labels name a bound that does not bind)")
     return rows
 
 

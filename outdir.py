@@ -48,7 +48,7 @@ def claim(out_dir, fresh, overwrite):
     try:
         earlier = earlier_files(out_dir)
         if fresh and any(n in CHECKPOINTS for n in earlier) and not overwrite:
-            raise UserError(f"--out_dir={out_dir} already holds {' and '.join(earlier)} of an earlier run, which a "
+            raise UserError(f"--out_dir={out_dir} already holds {listed(earlier)} of an earlier run, which a "
                             "fresh run (init_from=scratch) would replace: use another --out_dir, --init_from=resume "
                             "to continue that run, or --overwrite=True to replace it")
         left = sorted(n for n in os.listdir(out_dir) if TEMP.fullmatch(n))
@@ -63,6 +63,11 @@ def claim(out_dir, fresh, overwrite):
         lock.release()
         raise
     return lock
+
+
+def listed(names):
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def earlier_files(out_dir):
@@ -84,7 +89,7 @@ def remove_earlier(out_dir):
                         "use another --out_dir") from None
     if earlier:
         curves = any(n.startswith("events.out.tfevents.") for n in os.listdir(out_dir))
-        print(f"note: --overwrite=True: removed {' and '.join(earlier)} of the earlier run in {out_dir}"
+        print(f"note: --overwrite=True: removed {listed(earlier)} of the earlier run in {out_dir}"
               + ("; its TensorBoard curves (events.out.tfevents.*) stay beside this run's: delete the older "
                  "files to see this run alone" if curves else ""))
 

@@ -86,7 +86,7 @@ def main():
     need, free = least_memory(model, kv, len(prompt)), memory_available(dev)
     if free is not None and need > free:
         many = num_samples > 1
-        shorter = ", or shorten the prompt" if len(prompt) > max_new_tokens else ""
+        shorter = ", or shorten the prompt" if prefill_piece(kv, len(prompt)) > max_new_tokens else ""
         raise UserError(f"{num_samples} sample{'s' if many else ''} of {len(prompt):,} + {max_new_tokens:,} bytes "
                         f"need{'' if many else 's'} at least {size(need)} on {dev}, and {size(free)} is free: "
                         f"lower --num_samples or --max_new_tokens{shorter}"

@@ -209,9 +209,10 @@ def train(held):
             end, end_fixed = get_lr(run - 1), get_lr(run - 1, warmup_fix, run)
             span = f"this run's {run} iterations" if start_iter == origin else \
                 f"the schedule's {run} iterations ({origin}..{end_iter - 1}, this run resuming at {start_iter})"
+            fits = end_fixed < end and start_iter == origin  # (a continued run keeps its schedule: no advice)
             print(f"note: {span} end at learning rate {end:.2e}, not min_lr={min_lr:g} "
                   f"(warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters})"
-                  + (f"; with {fix} it ends at {end_fixed:.2e}" if end_fixed < end else ""))
+                  + (f"; with {fix} it ends at {end_fixed:.2e}" if fits else ""))
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)
@@ -264,10 +265,11 @@ def train(held):
         """Stop (one error, nothing written) once the loss or the weights are nan or inf."""
         if test():
             kept = [n for n in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(out_dir, n))]
+            held = f"; {' and '.join(kept)} in {out_dir} {'hold' if len(kept) > 1 else 'holds'} the run before" \
+                if kept else ""
             raise UserError(f"training diverged by iteration {iter_num} (the loss or the weights are nan or inf), so "
-                            f"{name} was not written" + (f"; {' and '.join(kept)} in {out_dir} {'hold' if len(kept) > 1 else 'holds'} the run before"
-                                                        if kept else "") +
-                            f": lower --learning_rate (now {learning_rate:g}) or keep --grad_clip on, and train again")
+                            f"{name} was not written{held}: lower --learning_rate (now {learning_rate:g}) or keep "
+                            "--grad_clip on, and train again")
 
     def evaluate():
         nonlocal best_val_loss, best_iter
@@ -434,7 +436,8 @@ def resume_run(config, given, defaults, dev, world_size):
     elif mode == "continue" and (note := changed_settings(ckpt, {**config, **model_args})):  # (dropout: the model's)
         print(note)
     best_val_loss = ckpt.get("best_val_loss", float("inf"))
-    print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best_val_loss:.4f}")
+    best = f"{best_val_loss:.4f}" if math.isfinite(best_val_loss) else "none yet"
+    print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best}")
     changed = incomparable(ckpt, model_args, block_size, dataset)
     if changed and not eval_only and end_iter > start_iter:  # its val loss is another model's, or another context's
         fresh_best, best_val_loss = True, float("inf")

@@ -36,7 +36,8 @@ def unwritten(e):
     if not isinstance(e, NotImplementedError) or e.__traceback__ is None:
         return False
     frame = traceback.extract_tb(e.__traceback__)[-1]
-    if "site-packages" in frame.filename:
+    installed = (os.path.dirname(torch.__file__) + os.sep, "site-packages", "dist-packages")
+    if any(part in os.path.abspath(frame.filename) for part in installed):
         return False
     return linecache.getline(frame.filename, frame.lineno).lstrip().startswith("raise")
 

@@ -6,7 +6,8 @@ like kv.xl.xl_step.
 import torch
 
 from kv.xl import make_xl_memory, xl_step
-from exercises.checks_common import Failed, Skipped, expect, expect_close, randn, random_text, repeating_text, tiny_model
+from exercises.checks_common import (Failed, Skipped, expect, expect_close, randn, random_text, repeating_text,
+                                     tiny_model)
 from model import GPT, GPTConfig, loss_fn
 
 

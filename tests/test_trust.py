@@ -280,9 +280,9 @@ def test_fresh_run_refuses_an_out_dir_with_checkpoints_unless_overwrite(world, t
         assert code == 2 and (out / "ckpt.pt").read_bytes() == best and (out / "last.pt").exists(), err
     (out / "ckpt_2.pt").write_bytes(best)  # what a resume set aside belongs to the earlier run too
     code, _, err = run(*fill(T, world), f"--out_dir={out}")  # and the refusal names it: --overwrite removes it
-    assert code == 2 and "already holds ckpt.pt and last.pt and ckpt_2.pt" in err, err
+    assert code == 2 and "already holds ckpt.pt, last.pt and ckpt_2.pt" in err, err
     code, printed, _ = run(*fill(T, world), f"--out_dir={out}", "--overwrite=True", "--max_iters=1", "--seed=7")
-    assert code == 0 and "--overwrite=True: removed ckpt.pt and last.pt and ckpt_2.pt" in printed
+    assert code == 0 and "--overwrite=True: removed ckpt.pt, last.pt and ckpt_2.pt" in printed
     assert read_checkpoint(out / "last.pt")["iter_num"] == 1 and not (out / "ckpt_2.pt").exists()
     # evaluating a run from scratch writes nothing, so it is not refused
     code, _, err = run(*fill(T, world), f"--out_dir={out}", "--eval_only=True")
