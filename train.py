@@ -265,10 +265,10 @@ def train(held):
         """Stop (one error, nothing written) once the loss or the weights are nan or inf."""
         if test():
             kept = [n for n in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(out_dir, n))]
-            held = f"; {' and '.join(kept)} in {out_dir} {'hold' if len(kept) > 1 else 'holds'} the run before" \
+            before = f"; {' and '.join(kept)} in {out_dir} {'hold' if len(kept) > 1 else 'holds'} the run before" \
                 if kept else ""
             raise UserError(f"training diverged by iteration {iter_num} (the loss or the weights are nan or inf), so "
-                            f"{name} was not written{held}: lower --learning_rate (now {learning_rate:g}) or keep "
+                            f"{name} was not written{before}: lower --learning_rate (now {learning_rate:g}) or keep "
                             "--grad_clip on, and train again")
 
     def evaluate():
