@@ -417,10 +417,8 @@ def main():
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
         settings[-1].check_trim(model.config)
     notes = [s.local_residual(model.config)[1] for s in settings]
-    # the farthest back its queries read in training: its block, and the XL memory before it
-    trained = int(config.get("xl_mem", 0) or 0) + int(config.get("block_size", 0) or 0)
     notes += [] if sweep else [kv.local_note(model.config),  # as given (kv_window=-1: the reference's bound)
-                               settings[-1].context_note(model.config, trained)]
+                               settings[-1].context_note(model.config, config)]
     for note in dict.fromkeys(notes):
         if note:
             say(note)

@@ -1,7 +1,8 @@
 """
 A user's plug-ins (--attention, --kv_trim, --kv_evict, --kv_quant, --xl_update given as
 package.module:function): importing one, and turning an exception that passed through one
-into a UserError that names the setting and shows the plug-in's own lines.
+into a UserError that names the setting and shows the plug-in's own lines; telling an exercise
+stub that still raises NotImplementedError from an operation PyTorch lacks (unwritten).
 
     python -c "import plugins; print(plugins.import_function('attention:naive_attention', 'attention'))"
 """
@@ -104,3 +105,27 @@ def _frames_in(e, path):
         return [f'  File "{e.filename}", line {e.lineno}', f"    {(e.text or '').strip()}"]
     frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == path]
     return "".join(traceback.format_list(frames)).rstrip("\n").splitlines()
+
+
+def unwritten(e):
+    """Whether NotImplementedError e is a function left unwritten: raised by a `raise` line of
+    Python code outside the installed packages (an exercise stub), not by an operation PyTorch
+    lacks for a dtype (`"bitwise_or_cpu" not implemented for 'Float'`), which is a bug to show."""
+    import linecache
+    import traceback
+    import torch
+    if not isinstance(e, NotImplementedError) or e.__traceback__ is None:
+        return False
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    installed = (os.path.dirname(torch.__file__) + os.sep, "site-packages", "dist-packages")
+    if any(part in os.path.abspath(frame.filename) for part in installed):
+        return False
+    return linecache.getline(frame.filename, frame.lineno).lstrip().startswith("raise")
+
+
+def stub_exercise(e):
+    """The exercise whose stub raised e (kv_window for exercises/kv_window.py), else "all"."""
+    import traceback
+    path = traceback.extract_tb(e.__traceback__)[-1].filename
+    folder, name = os.path.split(os.path.splitext(path)[0])
+    return name if os.path.basename(folder) == "exercises" else "all"

@@ -77,9 +77,7 @@ def main():
     model.eval()
     notes = []  # printed after the device line, once every setting has passed
     kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), say=notes.append).check()
-    saved = ckpt.get("config") or {}
-    trained = int(saved.get("xl_mem", 0) or 0) + int(saved.get("block_size", 0) or 0)  # (0: not recorded)
-    notes += [n for n in [kv.local_note(model.config), kv.context_note(model.config, trained)] if n]
+    notes += [n for n in [kv.local_note(model.config), kv.context_note(model.config, ckpt.get("config") or {})] if n]
     kv.check_trim(model.config)
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)

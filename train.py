@@ -124,8 +124,8 @@ seed = 1337  # seed of the model init, dropout and data order
 
 def main():
     held = ExitStack()  # out_dir's lock (outdir.claim), released however training ends
-    if int(os.environ.get("RANK", -1)) == -1:  # (torchrun stops its processes itself)
-        held.enter_context(stop_on_sigterm())  # before the loop (start-up, data, compiling), as Ctrl-C
+    # SIGTERM before the loop (start-up, data, compiling) stops at once, as Ctrl-C (torchrun stops its own)
+    held.enter_context(stop_on_sigterm(enabled=int(os.environ.get("RANK", -1)) == -1))
     try:
         train(held)
         if dist.is_initialized():
@@ -265,8 +265,7 @@ def train(held):
         """Stop (one error, nothing written) once the loss or the weights are nan or inf."""
         if test():
             kept = [n for n in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(out_dir, n))]
-            before = f"; {' and '.join(kept)} in {out_dir} {'hold' if len(kept) > 1 else 'holds'} the run before" \
-                if kept else ""
+            before = f"; {' and '.join(kept)} in {out_dir} hold{'s' * (len(kept) == 1)} the run before" if kept else ""
             raise UserError(f"training diverged by iteration {iter_num} (the loss or the weights are nan or inf), so "
                             f"{name} was not written{before}: lower --learning_rate (now {learning_rate:g}) or keep "
                             "--grad_clip on, and train again")

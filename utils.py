@@ -27,29 +27,6 @@ class UserError(Exception):
         self.details = list(details)
 
 
-def unwritten(e):
-    """Whether NotImplementedError e is a function left unwritten: raised by a `raise` line of
-    Python code outside the installed packages (an exercise stub), not by an operation PyTorch
-    lacks for a dtype (`"bitwise_or_cpu" not implemented for 'Float'`), which is a bug to show."""
-    import linecache
-    import traceback
-    if not isinstance(e, NotImplementedError) or e.__traceback__ is None:
-        return False
-    frame = traceback.extract_tb(e.__traceback__)[-1]
-    installed = (os.path.dirname(torch.__file__) + os.sep, "site-packages", "dist-packages")
-    if any(part in os.path.abspath(frame.filename) for part in installed):
-        return False
-    return linecache.getline(frame.filename, frame.lineno).lstrip().startswith("raise")
-
-
-def stub_exercise(e):
-    """The exercise whose stub raised e (kv_window for exercises/kv_window.py), else "all"."""
-    import traceback
-    path = traceback.extract_tb(e.__traceback__)[-1].filename
-    folder, name = os.path.split(os.path.splitext(path)[0])
-    return name if os.path.basename(folder) == "exercises" else "all"
-
-
 def run_main(fn, before_error=None):
     """Run a script's main: a UserError becomes one line on stderr and exit code 2; so does
     an exception raised in a user's plug-in, with the frames of the plug-in's own file under
@@ -81,14 +58,16 @@ def run_main(fn, before_error=None):
             before_error()
         if isinstance(e, KeyboardInterrupt):  # the user knows they pressed Ctrl-C; no traceback needed
             sys.exit(143 if isinstance(e, Terminated) else 130)  # (128 + the signal, as a shell says)
-        if unwritten(e):  # a plugged-in exercise stub the student has not written yet
-            e = UserError(f"not implemented yet: {e} (python -m exercises.check {stub_exercise(e)} shows what "
-                          "is missing)")
-        elif out_of_memory(e):
+        if isinstance(e, NotImplementedError):  # (plugins.py imports this module: imported when needed)
+            from plugins import stub_exercise, unwritten
+            if unwritten(e):  # a plugged-in exercise stub the student has not written yet
+                e = UserError(f"not implemented yet: {e} (python -m exercises.check {stub_exercise(e)} shows what "
+                              "is missing)")
+        if out_of_memory(e):
             e = UserError(f"out of memory ({' '.join(str(e).split())[:120]}): lower the sizes given (--batch_size, "
                           "--block_size, --num_samples, --max_new_tokens, --n_streams, --stream_len, ...)")
         elif not isinstance(e, UserError):
-            from plugins import plugin_error  # (plugins.py imports this module)
+            from plugins import plugin_error
             e = plugin_error(e)
             if e is None:
                 raise  # a bug of ours: the whole traceback helps fix it
@@ -240,7 +219,7 @@ def pick_threads(requested=0):
         raise UserError(f"--threads={requested} is far more than the {cpus} CPU{plural} this process may use: "
                         f"give {cpus} or fewer (at most {most}), or 0 to choose automatically")
     if requested > 0:  # (more threads than CPUs only wait for each other: said on the device line)
-        return requested, f"--threads={requested}" + (f", more than the {cpus} CPU{'s' if cpus != 1 else ''}" if requested > cpus else "")
+        return requested, f"--threads={requested}" + (f", more than the {cpus} CPU{plural}" if requested > cpus else "")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > most:
         raise UserError(f"OMP_NUM_THREADS={env} is far more than the {cpus} CPU{plural} this process may use: "
@@ -424,11 +403,11 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def stop_on_sigterm():
-    """Inside it SIGTERM raises Terminated (in the main thread, unless started ignored)."""
+def stop_on_sigterm(enabled=True):
+    """Inside it SIGTERM raises Terminated (if enabled, in the main thread, unless started ignored)."""
     def handler(signum, frame):
         raise Terminated
-    if threading.current_thread() is not threading.main_thread() or \
+    if not enabled or threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
         yield
         return

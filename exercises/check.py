@@ -50,7 +50,8 @@ from exercises.checks_linear_attention import (causal, check_linear_cached, chec
                                                recurrent_inputs)
 from exercises.checks_xl_memory import (check_xl_attend, check_xl_detach, check_xl_grads, check_xl_keep,  # noqa: E402
                                         check_xl_model, check_xl_shapes, check_xl_training, xl_inputs)
-from utils import UserError, unwritten  # noqa: E402
+from plugins import unwritten  # noqa: E402
+from utils import UserError  # noqa: E402
 
 # the checker's own files: a crash is reported at the innermost frame outside them
 OWN_FILES = {os.path.abspath(m.__file__) for m in (checks_common, checks_kv_window, checks_xl_memory,

@@ -203,10 +203,11 @@ class KVOptions:
             note = f"note: {bound} {verb} at most {held} tokens, so kv_budget={self.kv_budget} changes nothing"
         return note
 
-    def context_note(self, config, trained):
+    def context_note(self, config, saved):
         """A line when kv_window lets a global softmax layer of a model (GPTConfig) read further
-        back than the `trained` tokens it read in training (its block, plus any XL memory;
-        0: unknown) (None otherwise)."""
+        back than it read in training: its block, plus any XL memory before it, as its saved
+        training settings (a checkpoint's config) say (None otherwise, or if they do not)."""
+        trained = int(saved.get("xl_mem", 0) or 0) + int(saved.get("block_size", 0) or 0)
         glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
         if not glob or not 0 < trained < self.kv_window:
             return None

@@ -46,8 +46,8 @@ concatenate rows from several calls, or drop rows, before it calls dequantize.
 import torch
 
 from kv.cache import Cache, attention_mask
-from plugins import import_function, plugin_error
-from utils import UserError, no_autocast, unwritten
+from plugins import import_function, plugin_error, unwritten
+from utils import UserError, no_autocast
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
