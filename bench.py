@@ -254,7 +254,7 @@ def bench_generate(model, device, kv):
         ring = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, f"kv_window={window}")
         decs.update({(window, m): ring for m in lengths})
     time_generation(model, 16, kv, device)  # a warm-up: the first eager row would pay for it
-    print(f"\ngeneration: KV cache {kv.describe()}, batch 1, top_k 200")
+    print(f"\ngeneration: KV cache {kv.describe() if kv.compressed else 'plain (full precision)'}, batch 1, top_k 200")
     print("\n| new tokens | kv_window | tokens/s eager | tokens/s compiled | compiled / eager | KV bits (peak) | "
           "KV bits/cached token | RSS growth MB |")
     print("|---|---|---|---|---|---|---|---|")

@@ -66,6 +66,11 @@ def missing_checkpoint(path, option="checkpoint_name"):
                          f"{os.path.dirname(folder) or '.'})" + (f" and --{option}={os.path.basename(folder)}"
                                                                  if by_name else ""))
     if not os.path.isdir(folder):
+        root = os.path.dirname(os.path.abspath(__file__))
+        project = os.path.join(root, folder)
+        if not os.path.isabs(folder) and os.path.isdir(project):  # run from another folder than the run's
+            return UserError(f"{folder!r} does not exist in {os.getcwd()} (paths are read from the folder you run "
+                             f"in), but {project} does: pass {where}={project}, or cd {root}")
         return UserError(f"{folder!r} does not exist: {make}, or pass {where}=<the folder train.py wrote>")
     held = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and os.path.isfile(os.path.join(folder, f)))
     if not held:

@@ -32,6 +32,8 @@ ELSEWHERE = {"wandb_log": _WANDB, "wandb_project": _WANDB, "wandb_run_name": _WA
 def _suggest(name, known):
     if name in ELSEWHERE:
         return ELSEWHERE[name]
+    if name == "config":
+        return "a config file is given without a flag, as a path: python train.py config/NAME.py --name=value"
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     if close:
         return "did you mean " + " or ".join(f"--{k}" for k in close) + "?"
@@ -45,7 +47,12 @@ def _coerce(where, value, default):
         return value
     if expected is float and type(value) is int:
         return float(value)
-    raise UserError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}")
+    hint = ""
+    if expected is bool:
+        hint = " (write True or False)"
+    elif expected is int and type(value) is float and value.is_integer():
+        hint = f" (write {int(value)})"
+    raise UserError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}{hint}")
 
 
 def _parse(name, text, default):
@@ -69,6 +76,10 @@ def _run_config_file(path, g, known):
         named = f" (a run's folder is named with --{flag}={path})" if flag else ""
         raise UserError(f"config file {path} is a folder; give the path of a Python file of settings{named}")
     if not os.path.isfile(path):
+        here = os.path.join(_HERE, path)
+        if not os.path.isabs(path) and os.path.isfile(here):  # run from another folder
+            raise UserError(f"config file {path} not found in {os.getcwd()} (paths are read from the folder "
+                            f"you run in): give {here}, or cd {_HERE}")
         raise UserError(f"config file {path} not found")
     scope = {k: g[k] for k in known}
     try:

@@ -440,11 +440,16 @@ def main():
     # chunk = 1 with --compile: every setting whose caches allow it decodes through the
     # compiled step, the reference's own cache too (kv/static.py; the others stay eager)
     steps = lambda m: static_decoders(m, say) if compile and step == 1 else None
-    results = evaluate(model, x, y, settings, step, ref_kv, block, progress, dt, decode=steps(model))
-    if base:
-        base_path, base_model, base_kv = base
-        [b] = evaluate(base_model, x, y, [base_kv], step, base_kv, block, progress, dt, decode=steps(base_model))
-        rebase(results, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    try:
+        results = evaluate(model, x, y, settings, step, ref_kv, block, progress, dt, decode=steps(model))
+        if base:
+            base_path, base_model, base_kv = base
+            [b] = evaluate(base_model, x, y, [base_kv], step, base_kv, block, progress, dt, decode=steps(base_model))
+            rebase(results, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    except KeyboardInterrupt:
+        kept = f" ({prefix}.csv is the earlier sweep's, untouched)" if sweep and os.path.isfile(prefix + ".csv") else ""
+        say(f"\nstopped before the evaluation ended: nothing was written{kept}")
+        raise
     same = residual_twins(settings, results)
     if same and step > 1:
         say(f"note: at chunk {step} {'; '.join(same)} score alike: a residual shorter than what a chunk quantizes "

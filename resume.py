@@ -65,12 +65,13 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
         if ckpt.get("loader") and same_shape:
             loader.load_state_dict(ckpt["loader"])
             return True
+        why = "batch_size or block_size changed" if ckpt.get("loader") else "the checkpoint holds none"
     except torch.OutOfMemoryError:
         raise
     except broken as e:
         raise UserError(f"the checkpoint's random state or data position cannot be restored ({type(e).__name__}: "
                         f"{_first_line(e)}); --resume_mode=finetune trains on without them") from None
-    print("note: data position not restored (batch_size or block_size changed)")
+    print(f"note: data position not restored ({why})")
     return False
 
 
@@ -166,14 +167,15 @@ RUN_SETTINGS = ("learning_rate", "min_lr", "warmup_iters", "lr_decay_iters", "de
 
 
 def changed_settings(ckpt, config):
-    """A note naming the RUN_SETTINGS this continued run has other values of than the run its
-    checkpoint comes from (e.g. a flag of the first run not given again), or None."""
+    """A note naming the RUN_SETTINGS (and OBJECTIVE_KEYS) this continued run has other values of
+    than the run its checkpoint comes from (e.g. a flag of the first run not given again), or None."""
     saved = ckpt.get("config") or {}
-    changed = [k for k in RUN_SETTINGS if k in saved and k in config and saved[k] != config[k]]
+    keys = RUN_SETTINGS + OBJECTIVE_KEYS  # (the objective's differ only where given: restored otherwise)
+    changed = [k for k in keys if k in saved and k in config and saved[k] != config[k]]
     if not changed:
         return None
     now = ", ".join(f"{k}={config[k]!r}" for k in changed)
-    before = " ".join(f"--{k}={saved[k]!r}" for k in changed)
+    before = shlex.join(f"--{k}={saved[k]}" for k in changed)
     return (f"note: this run goes on with {now}, not the checkpoint's run's values; to go on exactly as that run "
             f"would have, pass {before}")
 
@@ -263,7 +265,12 @@ def interrupted(out_dir, iter_num, start_iter, origin, signum=2):
         print(f"interrupted after iteration {iter_num}; {last} holds it. A fine-tune's schedule does not resume "
               f"exactly: --init_from=resume --resume_checkpoint_name=last --max_iters=K trains K more", flush=True)
     else:
-        args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
         print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
-              f"python train.py {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last", flush=True)
+              f"{resume_command()}", flush=True)
     raise SystemExit(128 + signum)
+
+
+def resume_command():
+    """This run's train.py command line, made to resume from last.pt."""
+    args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
+    return f"python train.py {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last"

@@ -3,6 +3,8 @@ configurator: typed overrides, config files, and one-line errors for every mista
 
     python -m pytest -q tests/test_configurator.py
 """
+import os
+
 import pytest
 
 from conftest import assert_user_error, run_script
@@ -81,7 +83,10 @@ def test_config_file_after_a_flag_overrides_it_and_says_so(tmp_path, capsys):
     (["--zzz=1"], ["unknown setting --zzz", "--help"]),
     (["--learning_rate=abc"], ["--learning_rate: expected float, got str 'abc'"]),
     (["--max_iters=1.5"], ["--max_iters: expected int, got float 1.5"]),
-    (["--compile=1"], ["--compile: expected bool, got int 1"]),
+    (["--compile=1"], ["--compile: expected bool, got int 1", "write True or False"]),
+    (["--compile=yes"], ["--compile: expected bool, got str 'yes'", "write True or False"]),
+    (["--max_iters=1e3"], ["--max_iters: expected int, got float 1000.0", "write 1000"]),
+    (["--config=config/x.py"], ["unknown setting --config", "given without a flag"]),
     (["--max_iters", "3"], ["--max_iters needs its value after '='", "--max_iters=VALUE"]),  # argparse's way
     (["--max_iter"], ["bad argument '--max_iter'", "--name=value"]),
     (["--wandb_log=True"], ["unknown setting --wandb_log", "TensorBoard"]),  # nanoGPT's settings
@@ -160,3 +165,15 @@ def test_config_file_that_is_a_folder(tmp_path):
     # a script with an out_dir: a run's folder given bare is probably meant as one
     with pytest.raises(UserError, match=f"a run's folder is named with --out_dir={tmp_path}"):
         configure(dict(settings(), out_dir="out"), [str(tmp_path)])
+
+
+def test_a_recipe_path_from_another_folder_says_where_the_recipe_is(tmp_path, monkeypatch):
+    """`cd /tmp && python /path/to/train.py config/...py`: the relative path is not found here,
+    and the error names the folder it looked in and the project's file."""
+    import configurator
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as info:
+        configure(settings(), ["config/train_shakespeare_char_cpu.py"])
+    message = str(info.value)
+    assert f"not found in {tmp_path}" in message
+    assert os.path.join(configurator._HERE, "config", "train_shakespeare_char_cpu.py") in message

@@ -440,3 +440,28 @@ def test_kv_trim_on_a_model_of_local_windows_needs_no_kv_window(tiny_data_dir, t
     trim = [k for k in bpb if k.startswith("trim kv.cache:keep_recent")]
     ref = [k for k in bpb if k.endswith("(reference)")]
     assert len(trim) == len(ref) == 1 and bpb[trim[0]] == bpb[ref[0]], bpb
+
+
+def test_ctrl_c_during_a_sweep_says_nothing_was_written_and_keeps_the_last_one(ckpt_dir, monkeypatch, capsys):
+    """Ctrl-C while a sweep runs (here: in its first long evaluation, after the dry run): exit
+    130, a line saying nothing was written, and the earlier sweep's CSV byte for byte."""
+    mod = importlib.reload(eval_kv)
+    earlier = ckpt_dir / "eval_kv_quick.csv"
+    earlier.write_text("setting\nthe earlier sweep\n")
+    real, calls = mod.evaluate, {"n": 0}
+
+    def evaluate(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # (the first is the dry run on 2 bytes)
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mod, "evaluate", evaluate)
+    monkeypatch.setattr("sys.argv", ["eval_kv.py", f"--out_dir={ckpt_dir}", "--sweep=quick", "--n_streams=1",
+                                     "--stream_len=64", "--kv_quant_group=16", "--device=cpu"])
+    with pytest.raises(SystemExit) as e:
+        run_main(mod.main)
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert "stopped before the evaluation ended: nothing was written" in err and "earlier sweep's, untouched" in err
+    assert earlier.read_text() == "setting\nthe earlier sweep\n"
