@@ -1,6 +1,6 @@
 """
 A user's plug-ins (--attention, --kv_trim, --kv_evict, --kv_quant, --xl_update given as
-package.module:function): importing one, and turning an exception that passed through one
+package.module:function or path/to/file.py:function): importing one, and turning an exception that passed through one
 into a UserError that names the setting and shows the plug-in's own lines; telling an exercise
 stub that still raises NotImplementedError from an operation PyTorch lacks (unwritten).
 
@@ -10,6 +10,8 @@ import os
 
 from utils import UserError
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_OWN = (_HERE, os.path.join(_HERE, "kv"))  # the folders of the project's own modules
 _PLUGINS = {}  # the file of each user's plug-in module imported -> (setting, "package.module:function")
 _PLUGIN_FUNCTIONS = {}  # (setting, "package.module:function") -> its function, each once, the latest resolved last
 # how each setting's plug-in is called (README.md and exercises/README.md say what it must do)
@@ -22,9 +24,15 @@ def import_function(spec, option):
     """The function named by "package.module:function" (a user's plug-in), or a UserError;
     if the module fails to import, the error says why and shows the lines of its file."""
     import importlib
-    mod_name, _, fn_name = spec.partition(":")
+    mod_name, _, fn_name = spec.rpartition(":")  # (the last colon: a Windows path holds one)
     if not mod_name or not fn_name:
-        raise UserError(f"--{option}={spec!r}: expected package.module:function")
+        raise UserError(f"--{option}={spec!r}: expected package.module:function (or path/to/file.py:function)")
+    if is_file_name(mod_name):
+
+        def refuse(message):
+            raise UserError(message)
+
+        mod_name = module_of_file(mod_name, refuse, f"--{option}")
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # a plug-in is user code: any failure in it is the user's to fix
@@ -38,11 +46,37 @@ def import_function(spec, option):
         raise UserError(f"--{option}={spec}: module {mod_name} has no {fn_name!r}")
     if not callable(fn):
         raise UserError(f"--{option}={spec!r} is not a function")
-    if getattr(module, "__file__", None):
+    # the project's own modules (kv.cache:keep_recent) are no user's file: an error passing
+    # through them is not the plug-in's (exercises/ is the student's, and counts)
+    if getattr(module, "__file__", None) and os.path.dirname(os.path.abspath(module.__file__)) not in _OWN:
         _PLUGINS[os.path.abspath(module.__file__)] = (option, spec)
     _PLUGIN_FUNCTIONS.pop((option, spec), None)
     _PLUGIN_FUNCTIONS[option, spec] = fn
     return fn
+
+
+def is_file_name(name):
+    """Whether a plug-in's module is given as the path of its file (mywork/trim.py)."""
+    return name.endswith(".py") or "/" in name or os.sep in name
+
+
+def module_of_file(path, error, flag="--module"):
+    """The module name a plug-in's file (path/to/file.py) imports as, its folder put first on
+    sys.path; error(message) when the file is missing or its name is taken by another module."""
+    import importlib.util
+    import sys
+    if not os.path.isfile(path):
+        error(f"{flag}={path}: no such file; give a file (mywork/trim.py) or a module name (mywork.trim)")
+    folder, name = os.path.split(os.path.abspath(path))
+    name = name[:-3] if name.endswith(".py") else name
+    if not name.isidentifier():
+        error(f"{flag}={path}: {name!r} cannot be a module name; rename the file (letters, digits, _)")
+    found = importlib.util.find_spec(name) if name not in sys.modules else sys.modules[name].__spec__
+    if found is not None and os.path.abspath(found.origin or "") != os.path.abspath(path):
+        error(f"{flag}={path}: a module named {name!r} already exists ({found.origin}); rename your file")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return name
 
 
 def plugin_error(e):

@@ -50,7 +50,7 @@ from exercises.checks_linear_attention import (causal, check_linear_cached, chec
                                                recurrent_inputs)
 from exercises.checks_xl_memory import (check_xl_attend, check_xl_detach, check_xl_grads, check_xl_keep,  # noqa: E402
                                         check_xl_model, check_xl_shapes, check_xl_training, xl_inputs)
-from plugins import unwritten  # noqa: E402
+from plugins import is_file_name, module_of_file, unwritten  # noqa: E402
 from utils import UserError  # noqa: E402
 
 # the checker's own files: a crash is reported at the innermost frame outside them
@@ -246,7 +246,9 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
             message = " ".join(str(e).split())[:300]
             out(f"{exercise.name}: cannot import {name}: your module raised {type(e).__name__} at import "
                 f"({place}): {message}")
-        return [(c.title, "FAIL", "does not import") for c in exercise.checks]
+        # one failure, not one per check: the module is what is broken, and no check ran
+        first, *rest = exercise.checks
+        return [(first.title, "FAIL", "does not import")] + [(c.title, "SKIP", "does not import") for c in rest]
     out(f"{exercise.name} (assignment {exercise.number}, {exercise.title}): {impl.where}")
     todo = {}  # function -> the function that still raises NotImplementedError when it is called
     for name in exercise.functions:
@@ -347,22 +349,6 @@ def run(names, module=None, reference=False, out=print):
     return ok
 
 
-def module_of_file(path, error):
-    """--module=path/to/file.py: the module name it imports as, its folder put first on sys.path
-    (error(message) when the file is missing or its name is taken by another module)."""
-    if not os.path.isfile(path):
-        error(f"--module={path}: no such file; give a file (mywork/trim.py) or a module name (mywork.trim)")
-    folder, name = os.path.split(os.path.abspath(path))
-    name = name[:-3] if name.endswith(".py") else name
-    if not name.isidentifier():
-        error(f"--module={path}: {name!r} cannot be a module name; rename the file (letters, digits, _)")
-    found = importlib.util.find_spec(name) if name not in sys.modules else sys.modules[name].__spec__
-    if found is not None and os.path.abspath(found.origin or "") != os.path.abspath(path):
-        error(f"--module={path}: a module named {name!r} already exists ({found.origin}); rename your file")
-    sys.path.insert(0, folder)
-    return name
-
-
 def module_exists(name):
     """Whether --module=name names a module that can be found (its parent packages are imported
     to look: one of them that fails for another reason counts as found, and its error is
@@ -394,7 +380,7 @@ def main(argv=None):
         parser.error("--module checks one exercise: name it")
     if args.module and args.reference:
         parser.error("--reference checks the project's code; --module checks yours: pick one")
-    if args.module and (args.module.endswith(".py") or "/" in args.module or os.sep in args.module):
+    if args.module and is_file_name(args.module):
         args.module = module_of_file(args.module, parser.error)
     elif args.module and not module_exists(args.module):
         parser.error(f"--module={args.module}: no such module here; give a module name importable from here "

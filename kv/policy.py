@@ -29,7 +29,7 @@ from utils import UserError
 class KVOptions:
     kv_window: int = -1  # a query sees the newest kv_window tokens, itself included (0 = all; -1: sample.py the checkpoint's xl_mem if it has one, else all; eval_kv.py the reference's bound; bench.py 256)
     kv_sink: int = 0  # the first kv_sink tokens of the text stay too: on top of kv_window, inside kv_budget
-    kv_trim: str = ""  # "package.module:function" choosing the tokens kv_window keeps, instead of the ring buffer (exercise 1)
+    kv_trim: str = ""  # "package.module:function" (or "path/to/file.py:function") choosing the tokens kv_window keeps, instead of the ring buffer (exercise 1)
     kv_quant: str = "none"  # storage of K/V: none, int8, fp8_e4m3, fp8_e5m2, int4, int2, or package.module:function
     kv_quant_group: int = 32  # int4/int2: values per group sharing one scale and zero point
     kv_quant_keys: str = "channel"  # int4/int2 keys grouped per 'channel' over kv_quant_group tokens (KIVI), or per 'token' like values (eviction always uses 'token')
@@ -64,6 +64,8 @@ class KVOptions:
         if not isinstance(xl, int) or isinstance(xl, bool) or xl < 0:
             raise UserError(f"the checkpoint's config says xl_mem={xl!r}, which no training run writes: "
                             "give --kv_window=N (0: no bound) to sample it anyway")
+        if config.get("attention") == "linear" and not config.get("linear_layers"):
+            return replace(self, kv_window=0)  # every layer linear: a state, no cache for a window to bound
         if xl:
             say(f"kv_window={xl}: the xl_mem this model was trained with (--kv_window=0 for no bound)")
         return replace(self, kv_window=xl)
@@ -72,8 +74,10 @@ class KVOptions:
         """Raise one UserError for any option or combination that makes no sense."""
         resolve_quant(self.kv_quant)
         check_rule(self.kv_evict)  # (a user's rule: called once on a small input)
-        if self.kv_trim:
-            import_function(self.kv_trim, "kv_trim")  # a missing module or function: said before any work
+        if self.kv_trim:  # a missing module or function, a stub or a wrong result: said before any work
+            trial = TrimCache(1, 2, 4, window=4, sink=1, trim_fn=import_function(self.kv_trim, "kv_trim"),
+                              trim_name=self.kv_trim)
+            trial._trim(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), torch.arange(6))  # (called once)
         for name, low in (("kv_window", -1), ("kv_sink", 0), ("kv_quant_group", 1), ("kv_quant_residual", 0),
                           ("kv_budget", 0), ("kv_recent", 0)):
             value = getattr(self, name)

@@ -269,3 +269,16 @@ def test_ctrl_c_while_a_script_imports_ends_it_quietly(started):
         assert proc.returncode == 0 and proc.stdout == "went on\n"
     else:
         assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr and "went on" not in proc.stdout
+
+
+def test_a_built_in_used_as_a_plug_in_does_not_take_the_blame_for_another(out_dir, tmp_path, monkeypatch):
+    """kv.cache:keep_recent given as --kv_trim (a project module, through which every cache
+    calls attention) and then a broken attention plug-in in the same process: the error names
+    the attention plug-in, not the trim."""
+    from kv.policy import KVOptions
+    KVOptions(kv_window=8, kv_trim="kv.cache:keep_recent").check()
+    (tmp_path / "wrong_signature_attention2.py").write_text("def attn(q, k):\n    return q\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, _, err = run("sample.py", "--device=cpu", f"--out_dir={out_dir}",
+                       "--attention=wrong_signature_attention2:attn", "--max_new_tokens=3")
+    assert code == 2 and "error: --attention=wrong_signature_attention2:attn cannot be called" in err, err

@@ -130,6 +130,42 @@ def test_a_kv_trim_that_cannot_be_found_is_said_before_the_prompt(out_dir):
     assert code == 2 and out == "" and "has no 'nope'" in err
 
 
+def test_a_kv_trim_given_by_its_file_samples_as_the_module_does(out_dir, tmp_path):
+    """--kv_trim=path/to/file.py:function: the same text as the same function named as a
+    module (kv.cache:keep_recent); a file that is not there is one line."""
+    import shutil
+    shutil.copy(os.path.join(REPO_ROOT, "kv", "cache.py"), tmp_path / "my_trim.py")
+    common = [f"--out_dir={out_dir}", "--kv_window=8", "--max_new_tokens=30", "--temperature=0"]
+    code, by_module, err = sample(*common, "--kv_trim=kv.cache:keep_recent")
+    assert code in (0, None), err
+    code, by_file, err = sample(*common, f"--kv_trim={tmp_path / 'my_trim.py'}:keep_recent")
+    assert code in (0, None), err
+    assert by_file == by_module and len(by_file) > 30
+    code, out, err = sample(*common, f"--kv_trim={tmp_path / 'other.py'}:keep_recent")
+    assert code == 2 and out == "" and "other.py: no such file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unwritten_kv_trim_stub_is_said_before_the_prompt(out_dir):
+    """The exercise's stub plugged in as it is: one line saying what to write, and no text
+    printed before it (the function is tried once before sampling starts)."""
+    code, out, err = sample(f"--out_dir={out_dir}", "--kv_window=8", "--kv_trim=exercises.kv_window:keep_recent")
+    assert code == 2 and out == "", out
+    assert err.startswith("error: not implemented yet") and "exercises.check kv_window" in err, err
+
+
+def test_an_out_dir_missing_here_but_in_the_project_says_where_it_is(tmp_path):
+    """Run from another folder with the project's relative out_dir: the error names the
+    folder it looked in and the project's folder that holds it."""
+    name = f"out-test-elsewhere-{os.getpid()}"
+    made = os.path.join(REPO_ROOT, name)
+    os.makedirs(made)
+    try:
+        proc = run_script(os.path.join(REPO_ROOT, "sample.py"), f"--out_dir={name}", cwd=tmp_path)
+    finally:
+        os.rmdir(made)
+    assert_user_error(proc, f"does not exist in {tmp_path}", f"--out_dir={made}")
+
+
 def test_the_speed_printed_is_the_decode_steps_apart_from_the_prompt(out_dir, tmp_path):
     """A long prompt costs its own time, said apart: tokens/s counts the decode steps only."""
     prompt = tmp_path / "prompt.txt"
