@@ -90,7 +90,9 @@ def check_config(c):
         raise UserError(f"n_embd={c.n_embd} is not a multiple of n_head={c.n_head}")
     if c.rope and c.head_dim % 2:
         raise UserError(f"RoPE needs an even head dimension, n_embd/n_head = {c.head_dim}; change n_head or set --rope=False")
-    if c.n_kv_head < 0 or c.n_head % c.kv_heads:
+    if c.n_kv_head < 0:
+        raise UserError(f"n_kv_head must be >= 0 (0 = n_head, 1 = MQA), got {c.n_kv_head}")
+    if c.n_head % c.kv_heads:
         raise UserError(f"n_head={c.n_head} must be a multiple of n_kv_head={c.n_kv_head} (1 = MQA, 0 = n_head)")
     if c.window < 0:
         raise UserError(f"window must be >= 0 (0 = off), got {c.window}")

@@ -54,7 +54,8 @@ from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
 from plugins import import_function
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
-                    objective_settings, restore_training_state, resume_schedule, rng_state, saved_iteration)
+                    objective_settings, restore_training_state, resume_command, resume_schedule, rng_state,
+                    saved_iteration)
 from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, stop_on_sigterm,
                    use_threads)
@@ -133,7 +134,8 @@ def main():
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the training loop, or a second one in it: at once
         last = os.path.join(out_dir, "last.pt")
         at = saved_iteration(last)
-        print("\nstopped at once" + (f"; {last} holds iteration {at}" if at is not None else ""), flush=True)
+        print("\nstopped at once" + (f"; {last} holds iteration {at}. To go on from it: {resume_command()}"
+                                     if at is not None else ""), flush=True)
         raise
     finally:
         held.close()
@@ -184,6 +186,7 @@ def train(held):
     n_params = model.get_num_params()
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
     check_qat(model, kv_quant, kv_quant_group, kv_quant_keys == "channel")  # before the first evaluation
+    check_variant(model.config, fresh=init_from == "scratch")
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
@@ -359,7 +362,8 @@ def train(held):
     if stop.asked and iter_num < end_iter:  # (asked in the last iteration: the run is done)
         interrupted(out_dir, iter_num, start_iter, origin, stop.asked)
     best = f"at iteration {best_iter}" if best_iter is not None else "from before this run (not improved)"
-    print(f"done: {iter_num - start_iter} iterations in {clock(time.time() - t_begin)}; best val loss "
+    done = iter_num - start_iter
+    print(f"done: {done} iteration{'s' if done != 1 else ''} in {clock(time.time() - t_begin)}; best val loss "
           f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in
           (("ckpt.pt", "best val loss"), ("last.pt", "latest")) if os.path.isfile(os.path.join(out_dir, n))))
     print(f"next: python sample.py {shlex.join(sample_args(unwrap(model).config))}")
@@ -451,9 +455,15 @@ def sample_args(c):
     """sample.py's flags for this run's model (GPTConfig c)."""
     # sample.py's default cache is unbounded: past block_size bytes a global softmax layer sees more
     # history than it was trained on and drifts into noise (XL memory, local and linear layers do not)
-    drifts = not xl_mem and any(not c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer))
+    # (nor does a local layer whose window is within block_size)
+    drifts = not xl_mem and any(c.kind(i) != "linear" and (not c.is_local(i) or c.window > block_size)
+                                for i in range(c.n_layer))
     args = [f"--out_dir={out_dir}"] + ([f"--kv_window={block_size}"] if drifts else [])
     args += [f"--attention={c.attention}"] if ":" in c.attention else []  # sample.py runs a plug-in only if named
+    if kv_quant != "none":  # the cache format the model was trained through (kv/qat.py: every token quantized)
+        args += [f"--kv_quant={kv_quant}", "--kv_quant_residual=0"]
+        args += [f"--kv_quant_group={kv_quant_group}"] if kv_quant_group != 32 else []
+        args += [f"--kv_quant_keys={kv_quant_keys}"] if kv_quant_keys != "channel" else []
     return args
 
 
@@ -516,6 +526,21 @@ def check_settings(world_size=1):
     check_range(globals(), "beta1 beta2 dropout", 0, 1, high_open=True)
     check_range(globals(), "reset_prob", 0, 1)
     check_range(globals(), "seed", -SEED_MAX, SEED_MAX)
+
+
+def check_variant(c, fresh):
+    """One UserError for settings this model (GPTConfig c) would silently ignore or misuse; a
+    note where a new model's local window is no narrower than the rows it trains on."""
+    if c.no_kv_cache and xl_mem:
+        raise UserError(f"--xl_mem={xl_mem}: every layer of this model is linear attention, whose state (not a "
+                        "memory of xl_mem tokens) would carry across batches, at positions growing without bound; "
+                        "drop --xl_mem")
+    if fresh and c.no_kv_cache and c.window:
+        raise UserError(f"--window={c.window} bounds softmax layers, and every layer of this model is linear "
+                        "attention: it would change nothing; drop --window")
+    if fresh and c.window >= block_size and any(c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer)):
+        print(f"note: --window={c.window} is not below --block_size={block_size}: the local layers see every byte "
+              f"of their rows, as global ones; sampling, they hold {c.window} bytes where they learned {block_size}")
 
 
 def compile_probe(model, dev, ctx):

@@ -88,9 +88,10 @@ def check_qat(model, kv_quant, kv_quant_group=32, channel_keys=True):
     c = model.config
     linear = [i for i in range(c.n_layer) if c.kind(i) == "linear"]
     if linear:
-        raise UserError(f"--kv_quant={kv_quant} in training fake-quantizes the K/V of every layer, and layers "
-                        f"{','.join(map(str, linear))} of this model are linear attention (a state, no K/V cache): "
-                        "--kv_quant=none trains it without")
+        which = f"layer {linear[0]} of this model is" if len(linear) == 1 else \
+            f"layers {','.join(map(str, linear))} of this model are"
+        raise UserError(f"--kv_quant={kv_quant} in training fake-quantizes the K/V of every layer, and {which} linear "
+                        "attention (a state, no K/V cache): --kv_quant=none trains it without")
     make_formats(kv_quant, kv_quant_group, c.head_dim, channel_keys)
 
 

@@ -103,7 +103,7 @@ def test_qat_on_a_model_with_linear_layers_is_one_error(data_dir, tmp_path, caps
         train(data_dir, tmp_path, "--max_iters=1", "--attention=linear", "--linear_layers=0", "--kv_quant=int4")
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "layers 0 of this model are linear attention" in err[0] and "--kv_quant=none trains it" in err[0]
+    assert len(err) == 1 and "layer 0 of this model is linear attention" in err[0] and "--kv_quant=none trains it" in err[0]
 
 
 def test_token_keys_quantize_every_token_at_once():

@@ -125,7 +125,8 @@ def test_a_continued_run_not_given_dropout_keeps_the_checkpoints_and_says_nothin
 @pytest.mark.parametrize("objective", ["--xl_mem=16", "--kv_quant=int8"])
 def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_path, objective):
     """The resume command names neither --xl_mem nor --kv_quant: the run goes on with the
-    checkpoint's, bit for bit as the uninterrupted run; given again with another value, that wins."""
+    checkpoint's, bit for bit as the uninterrupted run; given again with another value, that wins,
+    and a note says the run goes on with another objective than its checkpoint's run."""
     name, value = objective[2:].split("=")
     split, whole = tmp_path / "split", tmp_path / "whole"
     train(data_dir, split, f"--max_iters={N}", objective)
@@ -144,6 +145,8 @@ def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_
         printed = train(data_dir, folder, f"--max_iters={N + 5}", "--init_from=resume",
                         "--resume_checkpoint_name=last", how)
         assert "from the checkpoint" not in printed
+        note = [line for line in printed.splitlines() if "goes on with" in line]  # another objective: said
+        assert note and f"{name}=" in note[0] and objective in note[0], printed
         assert str(read_checkpoint(str(folder / "last.pt"))["config"][name]) == off
 
 
@@ -245,6 +248,44 @@ def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, m
     assert a["iter_num"] == b["iter_num"] == N + 3
     for k in b["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_a_second_ctrl_c_stops_at_once_and_says_how_to_go_on(data_dir, tmp_path, monkeypatch):
+    """Ctrl-C twice within one iteration: the run stops at once (exit 130), saying which
+    iteration last.pt holds (the earlier run's: nothing newer was written) and the command
+    that goes on from it; that command resumes from there."""
+    import signal
+    import loader
+    import utils
+    train(data_dir, tmp_path, f"--max_iters={N}")
+    real_next, calls = loader.ByteLoader.next, {"n": 0}
+
+    def next_with_two_signals(self):
+        calls["n"] += isinstance(getattr(signal.getsignal(signal.SIGINT), "__self__", None), utils.StopAfterStep)
+        if calls["n"] == 2:  # the second before the iteration the first asked to end has ended
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_next(self)
+
+    monkeypatch.setattr(loader.ByteLoader, "next", next_with_two_signals)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        more = ["--init_from=resume", "--resume_checkpoint_name=last", f"--max_iters={N + 6}"]
+        code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}", *more)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        monkeypatch.undo()
+    line = [s for s in out.splitlines() if "stopped at once" in s]
+    assert code == 130 and line, out + err
+    held = read_checkpoint(str(tmp_path / "last.pt"))["iter_num"]
+    assert f"last.pt holds iteration {held}. To go on from it: python train.py " in line[0]
+    assert line[0].endswith("--init_from=resume --resume_checkpoint_name=last") and f"--max_iters={N + 6}" in line[0]
+    assert line[0].count("--init_from=") == 1
+    import shlex
+    args = shlex.split(line[0].split("To go on from it: python train.py ")[1])
+    code, out, err = run_in_process("train.py", *args)
+    assert code == 0 and f"last.pt at iteration {held}," in out + err, out + err
+    assert read_checkpoint(str(tmp_path / "last.pt"))["iter_num"] == N + 6
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])

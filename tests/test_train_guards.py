@@ -114,6 +114,24 @@ def test_an_unreadable_training_state_is_one_error(run_dir):
         restore_training_state(ckpt, "continue", optimizer, scaler, object(), (4, 32))
 
 
+@pytest.mark.parametrize("case", ["no data position", "another block_size"])
+def test_a_data_position_not_restored_says_why(run_dir, capsys, case):
+    """The tutorial's checkpoints hold no data position: the note says so, not that the
+    batch or block size changed (which it does say when they did)."""
+    ckpt = read_checkpoint(str(run_dir / "last.pt"))
+    model, _ = load_model(str(run_dir / "last.pt"))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    shape = (ckpt["config"]["batch_size"], ckpt["config"]["block_size"])
+    if case == "no data position":
+        del ckpt["loader"]
+    else:
+        shape = (shape[0], shape[1] * 2)
+    assert restore_training_state(ckpt, "continue", optimizer, scaler, object(), shape) is False
+    why = "the checkpoint holds none" if case == "no data position" else "batch_size or block_size changed"
+    assert f"note: data position not restored ({why})" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("iteration", [-10, "5"])
 def test_a_checkpoint_with_an_impossible_iteration_is_one_error(iteration):
     from resume import resume_schedule
@@ -164,3 +182,52 @@ def test_continue_with_nothing_left_to_train_is_one_error(run_dir):
                                     "--resume_mode=continue", f"--max_iters={N}")
     assert_user_error(subprocess.CompletedProcess([], code, out, err), f"already at iteration {N}: nothing to train",
                       "--resume_mode=finetune")
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--attention=linear", "--xl_mem=16"], ["--xl_mem=16", "every layer of this model is linear", "drop --xl_mem"]),
+    (["--attention=linear", "--window=8"], ["--window=8", "every layer of this model is linear", "drop --window"]),
+    (["--n_kv_head=-1"], ["n_kv_head must be >= 0"]),
+])
+def test_a_setting_the_model_would_ignore_is_refused_before_anything_is_written(data_dir, tmp_path, flags, fragments):
+    code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path / 'o'}",
+                                    "--max_iters=2", *flags)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def sample_command(out):
+    """The `next: python sample.py ...` line a run ends with, as argv."""
+    import shlex
+    [line] = [s for s in out.splitlines() if s.startswith("next: python sample.py ")]
+    return shlex.split(line[len("next: python sample.py "):])
+
+
+@pytest.mark.parametrize("flags, window_given", [([], True), (["--window=16"], False), (["--window=64"], True)])
+def test_the_sample_command_bounds_a_cache_past_what_the_model_saw(data_dir, tmp_path, flags, window_given):
+    """A global layer, or a local one wider than block_size (32 here, with a note), would see
+    more history than in training: the next: line bounds the cache at block_size; local layers
+    within it need no bound. The command runs."""
+    code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}",
+                                    "--max_iters=2", *flags)
+    assert code in (0, None), err
+    args = sample_command(out)
+    assert ("--kv_window=32" in args) == window_given, out
+    assert ("is not below --block_size=32" in out) == (flags == ["--window=64"]), out
+    code, text, err = run_in_process("sample.py", *args, "--max_new_tokens=40", "--device=cpu")
+    assert code in (0, None), err
+
+
+def test_the_sample_command_of_a_quantization_aware_run_uses_its_format(data_dir, tmp_path):
+    """Trained through int4 with per-token keys in groups of 8: the next: line samples through
+    the same format (every token quantized: residual 0), and sample.py runs it."""
+    code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}",
+                                    "--max_iters=2", "--kv_quant=int4", "--kv_quant_group=8", "--kv_quant_keys=token")
+    assert code in (0, None), err
+    args = sample_command(out)
+    for flag in ("--kv_quant=int4", "--kv_quant_group=8", "--kv_quant_keys=token", "--kv_quant_residual=0"):
+        assert flag in args, out
+    code, text, err = run_in_process("sample.py", *args, "--max_new_tokens=40", "--device=cpu")
+    assert code in (0, None) and "KV cache peak" in err, err
