@@ -247,28 +247,31 @@ def bench_generate(model, device, kv):
     n = max(lengths)
     # compiled decoders sized as sample.py sizes them, for the prompt and the new tokens: one per
     # row for the unbounded cache (it attends over all its slots), one for the window's rows
+    # the rows' caches: unbounded (a sink means nothing there), and the window with any sink
+    rows = {0: replace(kv, kv_window=0, kv_sink=0), window: replace(kv, kv_window=window)}
+    names = {0: "unbounded", window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
     decs = {}
     if compile:
-        decs = {(0, m): compiled_decoder(model, replace(kv, kv_window=0), 1, 4 + m, f"unbounded, {m} tokens")
-                for m in lengths}
-        ring = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, f"kv_window={window}")
+        decs = {(0, m): compiled_decoder(model, rows[0], 1, 4 + m, f"unbounded, {m} tokens") for m in lengths}
+        ring = compiled_decoder(model, rows[window], 1, 4 + n, f"kv_window={names[window]}")
         decs.update({(window, m): ring for m in lengths})
     time_generation(model, 16, kv, device)  # a warm-up: the first eager row would pay for it
     print(f"\ngeneration: KV cache {kv.describe() if kv.compressed else 'plain (full precision)'}, batch 1, top_k 200")
+    # (no memory column: the KV bits are the cache's; the process's RSS also holds what the
+    # allocator keeps after keep_freed_memory, and what compiling took)
     print("\n| new tokens | kv_window | tokens/s eager | tokens/s compiled | compiled / eager | KV bits (peak) | "
-          "KV bits/cached token | RSS growth MB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "KV bits/cached token |")
+    print("|---|---|---|---|---|---|---|")
     runs = {}
     for w in (0, window):
         for m in lengths:
-            before = rss_mb()
-            stamps, stats = time_generation(model, m, replace(kv, kv_window=w), device)
+            stamps, stats = time_generation(model, m, rows[w], device)
             dec = decs.get((w, m))
-            fast, _ = time_generation(model, m, replace(kv, kv_window=w), device, dec) if dec else (None, 0)
+            fast, _ = time_generation(model, m, rows[w], device, dec) if dec else (None, 0)
             runs[w, m] = stamps, fast
             c = f"{m / fast[-1]:,.0f} | {stamps[-1] / fast[-1]:.2f}x" if fast else "- | -"
-            print(f"| {m} | {w or 'unbounded'} | {m / stamps[-1]:,.0f} | {c} | {stats['kv_bits_peak']:,} | "
-                  f"{stats['kv_bits_per_token']:,.0f} | {rss_mb() - before:+.1f} |", flush=True)
+            print(f"| {m} | {names[w]} | {m / stamps[-1]:,.0f} | {c} | {stats['kv_bits_peak']:,} | "
+                  f"{stats['kv_bits_per_token']:,.0f} |", flush=True)
     if n >= 2048:
         for name, st in zip(("eager", "compiled"), runs[window, n]):
             if st:
@@ -309,7 +312,7 @@ def bench_batched(model, device, kv, n, dec1):
     if decB is not None and device == "cpu":
         ms = products_ms(model, B)
         print(f"\nthe matrix products alone of a batch-{B} step (each Linear once on {B} rows, compiled as the "
-              f"step is): {ms:.3f} ms, {ms * n / 1e3 / one:.2f}x one sample's whole time per token")
+              f"step is): {ms:.3f} ms, {ms * n / 1e3 / one:.2f}x one compiled sample's whole time per token")
 
 
 def products_ms(model, B, calls=300):
@@ -420,6 +423,9 @@ def check_caches(config, kv):
     """The caches of the generation rows (kv) and of the eval_kv rows fit a model of config (its
     head dimension, its attention), checked before the benchmarks that come first."""
     if what in ("generate", "all"):
+        if kv.kv_window == 0:
+            raise UserError("--kv_window=0: the generation table has its unbounded rows already; --kv_window=N "
+                            "(N > 0) sets the window of its other rows (default 256)")
         kv.check_model(config)
         if kv.kv_quant != "none":
             make_formats(kv.kv_quant, kv.kv_quant_group, config.head_dim, kv.channel_keys)

@@ -418,7 +418,7 @@ def main():
         settings[-1].check_trim(model.config)
     notes = [s.local_residual(model.config)[1] for s in settings]
     notes += [] if sweep else [kv.local_note(model.config),  # as given (kv_window=-1: the reference's bound)
-                               settings[-1].context_note(model.config, config)]
+                               settings[-1].context_note(model.config, config, stream_len)]
     for note in dict.fromkeys(notes):
         if note:
             say(note)
@@ -482,7 +482,7 @@ def main():
         stepwise = compile and step == 1  # (then the reference decodes a byte per step too)
         for opts, r in zip(settings, results):
             how = f" (the reference's own pass, in pieces of the stream, not chunks of {step}: a speed of its own)" \
-                if opts == ref_kv and not stepwise and len(settings) > 1 else ""
+                if opts == ref_kv and not stepwise and (len(settings) > 1 or step < block) else ""
             print(f"{r['setting']}: {r['bytes_per_s']:,.0f} bytes/s{how}")
 
 

@@ -7,10 +7,11 @@ Sample text from a trained model, streaming it as it is generated.
     python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt --max_new_tokens=2000
     python sample.py --out_dir=out-shakespeare-char --kv_window=256 --kv_sink=4
     python sample.py --out_dir=out-shakespeare-char --kv_quant=int4 --kv_evict=h2o --kv_budget=256 --kv_recent=64
-    python sample.py --out_dir=out-shakespeare-char --num_samples=8 --max_new_tokens=20000 --compile=True
+    python sample.py --out_dir=out-shakespeare-char --num_samples=8 --max_new_tokens=20000 --kv_window=256 --compile=True
 
 The samples run as one batch: the first streams as it is generated, the others are printed
-when the batch is done. --compile=True compiles the decode step (generate.StaticDecoder; the
+when the batch is done. A seed gives the same text for the same --num_samples (the batch
+draws its bytes together: the first of 3 samples is not the one sample of --num_samples=1). --compile=True compiles the decode step (generate.StaticDecoder; the
 compile time is printed). The speed of the decode steps (tokens/s), the time the prompt took
 and the size of the KV cache (in bits) are reported on stderr.
 """
@@ -77,7 +78,9 @@ def main():
     model.eval()
     notes = []  # printed after the device line, once every setting has passed
     kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), say=notes.append).check()
-    notes += [n for n in [kv.local_note(model.config), kv.context_note(model.config, ckpt.get("config") or {})] if n]
+    length = len(prompt) + max_new_tokens
+    notes += [n for n in [kv.local_note(model.config), kv.context_note(model.config, ckpt.get("config") or {}, length)]
+              if n]
     kv.check_trim(model.config)
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)
@@ -129,6 +132,14 @@ def main():
     reading = f"; the {len(prompt):,}-byte prompt read in {stamps[1] - stamps[0]:.2f} s" if len(stamps) > 1 else ""
     print(f"{speed} ({batch}{reading}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)
+    cached = max(len(prompt) + max_new_tokens - 1, len(prompt))  # (the last byte drawn is never cached)
+    held = min(cached, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else cached
+    waits = kv.kv_quant_residual + kv.key_group() - 1  # tokens a quantized cache holds back at most
+    if kv.kv_quant != "none" and kv.kv_evict == "none" and not model.config.no_kv_cache and held <= waits:
+        print(f"note: a cache of {held} tokens is no longer than what --kv_quant={kv.kv_quant} keeps in full precision "
+              f"(the newest kv_quant_residual={kv.kv_quant_residual}" + (f", and keys waiting for a group of "
+              f"{kv.key_group()}" if kv.key_group() > 1 else "") + "), so it saves nothing here; --kv_quant_residual=0"
+              + (" --kv_quant_keys=token" if kv.key_group() > 1 else "") + " quantizes every token", file=sys.stderr)
     decode_peak = stats.get("kv_bits_peak_decode", 0) // num_samples
     if kv.kv_evict != "none" and 0 < decode_peak < peak:  # eviction waits for the step after an update
         print(f"note: the peak is the {len(prompt)}-byte prompt, which the cache holds whole after reading it in "

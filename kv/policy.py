@@ -207,17 +207,24 @@ class KVOptions:
             note = f"note: {bound} {verb} at most {held} tokens, so kv_budget={self.kv_budget} changes nothing"
         return note
 
-    def context_note(self, config, saved):
+    def context_note(self, config, saved, length=0):
         """A line when kv_window lets a global softmax layer of a model (GPTConfig) read further
         back than it read in training: its block, plus any XL memory before it, as its saved
-        training settings (a checkpoint's config) say (None otherwise, or if they do not)."""
+        training settings (a checkpoint's config) say (None otherwise, or if they do not).
+        length: the tokens the run reads, which an unbounded cache (kv_window=0) all keeps."""
         trained = int(saved.get("xl_mem", 0) or 0) + int(saved.get("block_size", 0) or 0)
         glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
-        if not glob or not 0 < trained < self.kv_window:
+        if not glob or trained <= 0:
             return None
-        return (f"note: kv_window={self.kv_window} is longer than the {trained} tokens of history this model was "
-                f"trained with: past them its global layers read distances they never saw (kv_window={trained} "
-                "stays within)")
+        if self.kv_window == 0 and self.kv_evict == "none" and length > trained:
+            return (f"note: no kv_window, and {length:,} tokens: past the {trained} tokens of history this model was "
+                    f"trained with its global layers read distances they never saw, and text drifts "
+                    f"(--kv_window={trained} stays within)")
+        if trained < self.kv_window:
+            return (f"note: kv_window={self.kv_window} is longer than the {trained} tokens of history this model was "
+                    f"trained with: past them its global layers read distances they never saw (kv_window={trained} "
+                    "stays within)")
+        return None
 
     def _local_note(self, config):
         w = config.window

@@ -166,6 +166,7 @@ BENCH = ["--device=cpu", "--n_layer=1", "--n_head=1", "--n_embd=32", "--block_si
     (["--n_head=3"], "not a multiple of n_head=3"),
     (["--kv_quant=int4", "--kv_quant_group=64"], "kv_quant_group=64 does not divide the head dimension 32"),
     (["--n_head=2"], "eval_kv's row 'int4' groups kv_quant_group=32 values"),
+    (["--kv_window=0"], "the generation table has its unbounded rows already"),
 ])
 def test_bench_settings_are_checked_before_any_benchmark(tmp_path, args, words):
     """--what=all: a mistake in the eval_kv or generation settings must not wait for the
@@ -181,3 +182,16 @@ def test_bench_eval_kv_alone_checks_its_own_settings():
     assert_user_error(proc, "--stream_len must be at least 1")
     proc = run_script("bench.py", *BENCH, "--what=eval_kv", "--n_streams=-1")
     assert_user_error(proc, "--n_streams must be at least 1")
+
+
+def test_bench_generation_rows_name_the_sink_and_keep_it_off_the_unbounded_rows(tmp_path):
+    """--kv_sink=2 with the window of 6: the window's rows say so and hold window + sink
+    tokens' bits; the unbounded rows hold every token's, as a cache without a sink does."""
+    code, out, err = run_in_process("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=generate", "--kv_window=6",
+                                    "--kv_sink=2", "--bench_lengths=12", "--bench_batch=1")
+    assert code in (0, None), err
+    rows = {line.split("|")[2].strip(): line.split("|") for line in out.splitlines() if line.startswith("| 12 |")}
+    assert set(rows) == {"unbounded", "6 + sink 2"}, out
+    bits = {name: int(r[6].replace(",", "")) for name, r in rows.items()}
+    per_token = int(rows["unbounded"][7].replace(",", ""))
+    assert bits["unbounded"] == per_token * (4 + 12 - 1) and bits["6 + sink 2"] == per_token * (6 + 2), out

@@ -50,6 +50,29 @@ def test_samples_from_a_checkpoint(out_dir, tmp_path):
     assert "4,096 bits per cached token" in proc.stderr
 
 
+def test_a_seed_gives_the_same_samples_again_and_another_seed_others(out_dir):
+    """As the README says: the same --seed and --num_samples, the same text; another seed,
+    other text."""
+    runs = [sample(f"--out_dir={out_dir}", "--num_samples=3", "--max_new_tokens=60", f"--seed={s}")[1]
+            for s in (5, 5, 6)]
+    assert runs[0] == runs[1] and runs[0] != runs[2] and runs[0].count("---------------") == 2
+
+
+@pytest.mark.parametrize("quant", [["--kv_quant=int8"], ["--kv_quant=int4", "--kv_quant_group=8"]], ids=["int8", "int4"])
+def test_a_quantized_cache_too_short_to_quantize_says_it_saves_nothing(out_dir, quant):
+    """20 new bytes, and a residual of 32 full-precision tokens: the quantized cache holds as
+    many bits as the plain one, and a note says so and what quantizes every token; with that
+    advice it holds fewer bits, and no note."""
+    peak = lambda err: int(err.split("KV cache peak ")[1].split(" bits")[0].replace(",", ""))
+    common = [f"--out_dir={out_dir}", "--max_new_tokens=20"]
+    _, _, plain = sample(*common)
+    code, _, err = sample(*common, *quant)
+    assert code in (0, None) and peak(err) == peak(plain), err
+    advice = err.split("so it saves nothing here; ")[1].split(" quantizes every token")[0].split()
+    code, _, err = sample(*common, *quant, *advice)
+    assert code in (0, None) and peak(err) < peak(plain) and "saves nothing" not in err, err
+
+
 def test_an_eviction_cache_says_its_peak_was_the_prompt(out_dir, tmp_path):
     """H2O holds a long prompt whole until the first decode step evicts down to the budget:
     the peak says so, and the decode steps' peak is the budget's size (4,096 bits a token)."""
@@ -233,6 +256,12 @@ def test_a_window_past_the_trained_context_is_noted(tmp_path):
     for window, noted in ((40, True), (32, False)):
         code, _, err = sample(f"--out_dir={tmp_path}", f"--kv_window={window}", "--max_new_tokens=2")
         assert ("longer than the 32 tokens" in err) == noted and code in (0, None), err
+    # no window at all (sample.py's default): noted once the prompt and the new bytes pass 32
+    for new, noted in ((40, True), (20, False)):
+        code, _, err = sample(f"--out_dir={tmp_path}", "--kv_window=0", f"--max_new_tokens={new}")
+        assert code in (0, None), err
+        assert ("note: no kv_window" in err and "past the 32 tokens of history" in err
+                and "(--kv_window=32 stays within)" in err) == noted, err
 
 
 def test_memory_that_runs_out_anyway_is_one_line():
