@@ -245,11 +245,13 @@ def bench_generate(model, device, kv):
     window = kv.kv_window if kv.kv_window > 0 else 256
     lengths = new_token_counts(bench_lengths)
     n = max(lengths)
+    # the rows' caches: unbounded (where nothing is dropped a sink means nothing: an evicting
+    # cache keeps its sink inside kv_budget), and the window with any sink
+    rows = {0: replace(kv, kv_window=0, kv_sink=kv.kv_sink if kv.kv_evict != "none" else 0),
+            window: replace(kv, kv_window=window)}
+    names = {0: "unbounded", window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
     # compiled decoders sized as sample.py sizes them, for the prompt and the new tokens: one per
     # row for the unbounded cache (it attends over all its slots), one for the window's rows
-    # the rows' caches: unbounded (a sink means nothing there), and the window with any sink
-    rows = {0: replace(kv, kv_window=0, kv_sink=0), window: replace(kv, kv_window=window)}
-    names = {0: "unbounded", window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
     decs = {}
     if compile:
         decs = {(0, m): compiled_decoder(model, rows[0], 1, 4 + m, f"unbounded, {m} tokens") for m in lengths}

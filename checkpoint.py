@@ -69,8 +69,9 @@ def missing_checkpoint(path, option="checkpoint_name"):
         root = os.path.dirname(os.path.abspath(__file__))
         project = os.path.join(root, folder)
         if not os.path.isabs(folder) and os.path.isdir(project):  # run from another folder than the run's
+            given = project if by_name else os.path.join(project, os.path.basename(path))  # (--baseline: a file)
             return UserError(f"{folder!r} does not exist in {os.getcwd()} (paths are read from the folder you run "
-                             f"in), but {project} does: pass {where}={project}, or cd {root}")
+                             f"in), but {project} does: pass {where}={given}, or cd {root}")
         return UserError(f"{folder!r} does not exist: {make}, or pass {where}=<the folder train.py wrote>")
     held = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and os.path.isfile(os.path.join(folder, f)))
     if not held:

@@ -33,7 +33,8 @@ def _suggest(name, known):
     if name in ELSEWHERE:
         return ELSEWHERE[name]
     if name == "config":
-        return "a config file is given without a flag, as a path: python train.py config/NAME.py --name=value"
+        script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+        return f"a config file is given without a flag, as a path: python {script} config/NAME.py --name=value"
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     if close:
         return "did you mean " + " or ".join(f"--{k}" for k in close) + "?"
@@ -50,7 +51,7 @@ def _coerce(where, value, default):
     hint = ""
     if expected is bool:
         hint = " (write True or False)"
-    elif expected is int and type(value) is float and value.is_integer():
+    elif expected is int and type(value) is float and value.is_integer() and abs(value) < 2**63:
         hint = f" (write {int(value)})"
     raise UserError(f"{where}: expected {expected.__name__}, got {type(value).__name__} {value!r}{hint}")
 

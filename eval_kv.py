@@ -280,12 +280,12 @@ def rebase(results, name, peak, bpb):
     return results
 
 
-def reference_options(config, how, kv_window=-1, kv_sink=0, say=print):
+def reference_options(config, how, kv_window=-1, kv_sink=0, say=print, no_cache=False):
     """The reference cache for a checkpoint's saved config: 'natural' = a plain sliding window
     of the most history it was trained with (xl_mem, else block_size); 'unbounded' = a plain
     cache bounded only by kv_window/kv_sink (-1: an XL model's xl_mem, else no bound)."""
     if how == "unbounded":
-        return KVOptions(kv_window=kv_window, kv_sink=kv_sink).for_checkpoint(config, say)
+        return KVOptions(kv_window=kv_window, kv_sink=kv_sink).for_checkpoint(config, say, no_cache)
     if how != "natural":
         raise UserError(f"--reference={how!r}: choose natural or unbounded")
     n = int(config.get("xl_mem", 0) or 0) or int(config.get("block_size", 0) or 0)
@@ -394,7 +394,7 @@ def main():
             say(f"note: this sweep replaces the one in {prefix}.csv (and its table, plot and scalars) when it ends")
     block = int(config.get("block_size", 0) or 256)
     step = chunk or block
-    ref_kv = reference_options(config, reference, kv_window, kv_sink, say)
+    ref_kv = reference_options(config, reference, kv_window, kv_sink, say, linear)
     if linear and ref_kv.kv_window:  # its state carries the whole stream: no window to speak of
         ref_kv = replace(ref_kv, kv_window=0)
     if compile and step != 1:
@@ -447,8 +447,9 @@ def main():
             [b] = evaluate(base_model, x, y, [base_kv], step, base_kv, block, progress, dt, decode=steps(base_model))
             rebase(results, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
     except KeyboardInterrupt:
-        kept = f" ({prefix}.csv is the earlier sweep's, untouched)" if sweep and os.path.isfile(prefix + ".csv") else ""
-        say(f"\nstopped before the evaluation ended: nothing was written{kept}")
+        if sweep:  # (a single evaluation writes no file)
+            kept = f" ({prefix}.csv is the earlier sweep's, untouched)" if os.path.isfile(prefix + ".csv") else ""
+            say(f"\nstopped before the sweep ended: nothing was written{kept}")
         raise
     same = residual_twins(settings, results)
     if same and step > 1:

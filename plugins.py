@@ -7,6 +7,7 @@ stub that still raises NotImplementedError from an operation PyTorch lacks (unwr
     python -c "import plugins; print(plugins.import_function('attention:naive_attention', 'attention'))"
 """
 import os
+import sys
 
 from utils import UserError
 
@@ -25,7 +26,7 @@ def import_function(spec, option):
     if the module fails to import, the error says why and shows the lines of its file."""
     import importlib
     mod_name, _, fn_name = spec.rpartition(":")  # (the last colon: a Windows path holds one)
-    if not mod_name or not fn_name:
+    if not mod_name or not fn_name or is_file_name(fn_name):  # (C:\x\trim.py: a path without its function)
         raise UserError(f"--{option}={spec!r}: expected package.module:function (or path/to/file.py:function)")
     if is_file_name(mod_name):
 
@@ -33,6 +34,7 @@ def import_function(spec, option):
             raise UserError(message)
 
         mod_name = module_of_file(mod_name, refuse, f"--{option}")
+    ours = mod_name in sys.modules  # imported already, before any plug-in: one of the project's own modules
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # a plug-in is user code: any failure in it is the user's to fix
@@ -46,10 +48,12 @@ def import_function(spec, option):
         raise UserError(f"--{option}={spec}: module {mod_name} has no {fn_name!r}")
     if not callable(fn):
         raise UserError(f"--{option}={spec!r} is not a function")
-    # the project's own modules (kv.cache:keep_recent) are no user's file: an error passing
-    # through them is not the plug-in's (exercises/ is the student's, and counts)
-    if getattr(module, "__file__", None) and os.path.dirname(os.path.abspath(module.__file__)) not in _OWN:
-        _PLUGINS[os.path.abspath(module.__file__)] = (option, spec)
+    # one of the project's own modules used as a plug-in (kv.cache:keep_recent) is no user's
+    # file: an error passing through it (every cache calls attention) is not that plug-in's.
+    # (A user's file beside train.py is imported here first; exercises/ is the student's.)
+    path = os.path.abspath(getattr(module, "__file__", None) or "")
+    if path and not (ours and os.path.dirname(path) in _OWN):
+        _PLUGINS[path] = (option, spec)
     _PLUGIN_FUNCTIONS.pop((option, spec), None)
     _PLUGIN_FUNCTIONS[option, spec] = fn
     return fn
@@ -64,7 +68,6 @@ def module_of_file(path, error, flag="--module"):
     """The module name a plug-in's file (path/to/file.py) imports as, its folder put first on
     sys.path; error(message) when the file is missing or its name is taken by another module."""
     import importlib.util
-    import sys
     if not os.path.isfile(path):
         error(f"{flag}={path}: no such file; give a file (mywork/trim.py) or a module name (mywork.trim)")
     folder, name = os.path.split(os.path.abspath(path))
@@ -75,7 +78,7 @@ def module_of_file(path, error, flag="--module"):
     if found is not None and os.path.abspath(found.origin or "") != os.path.abspath(path):
         error(f"{flag}={path}: a module named {name!r} already exists ({found.origin}); rename your file")
     if folder not in sys.path:
-        sys.path.insert(0, folder)
+        sys.path.append(folder)  # (last: the user's other files never shadow the project's modules)
     return name
 
 
@@ -86,12 +89,12 @@ def plugin_error(e):
     import traceback
     frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) in _PLUGINS]
     if not frames:
-        return _call_error(e)
+        return call_error(e)
     option, spec = _PLUGINS[os.path.abspath(frames[-1].filename)]
     return UserError(f"--{option}={spec} failed: {_one_line(e)}", _frames_in(e, frames[-1].filename))
 
 
-def _call_error(e):
+def call_error(e):
     """A UserError for a TypeError raised where a plug-in is called, before any line of it
     runs ("attn() takes 2 positional arguments but 5 were given"), or None. The message
     starts with the function's name, which is how the plug-in is recognised."""

@@ -11,9 +11,10 @@ Sample text from a trained model, streaming it as it is generated.
 
 The samples run as one batch: the first streams as it is generated, the others are printed
 when the batch is done. A seed gives the same text for the same --num_samples (the batch
-draws its bytes together: the first of 3 samples is not the one sample of --num_samples=1). --compile=True compiles the decode step (generate.StaticDecoder; the
-compile time is printed). The speed of the decode steps (tokens/s), the time the prompt took
-and the size of the KV cache (in bits) are reported on stderr.
+draws its bytes together: the first of 3 samples is not the one sample of --num_samples=1).
+--compile=True compiles the decode step (generate.StaticDecoder; the compile time is
+printed). The speed of the decode steps (tokens/s), the time the prompt took and the size of
+the KV cache (in bits) are reported on stderr.
 """
 import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import codecs
@@ -77,8 +78,9 @@ def main():
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
     notes = []  # printed after the device line, once every setting has passed
-    kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), say=notes.append).check()
-    length = len(prompt) + max_new_tokens
+    kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), notes.append,
+                                                     model.config.no_kv_cache).check()
+    length = len(prompt) + max_new_tokens - 1  # what the last query sees (the last byte drawn is never read)
     notes += [n for n in [kv.local_note(model.config), kv.context_note(model.config, ckpt.get("config") or {}, length)]
               if n]
     kv.check_trim(model.config)
@@ -132,11 +134,14 @@ def main():
     reading = f"; the {len(prompt):,}-byte prompt read in {stamps[1] - stamps[0]:.2f} s" if len(stamps) > 1 else ""
     print(f"{speed} ({batch}{reading}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)
+    c = model.config
     cached = max(len(prompt) + max_new_tokens - 1, len(prompt))  # (the last byte drawn is never cached)
-    held = min(cached, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else cached
+    tokens = min(cached, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else cached
     waits = kv.kv_quant_residual + kv.key_group() - 1  # tokens a quantized cache holds back at most
-    if kv.kv_quant != "none" and kv.kv_evict == "none" and not model.config.no_kv_cache and held <= waits:
-        print(f"note: a cache of {held} tokens is no longer than what --kv_quant={kv.kv_quant} keeps in full precision "
+    # (only where every cache is a global layer's: a local one holds its window, with a residual of its own)
+    plain_layers = not c.no_kv_cache and not any(c.is_local(i) for i in range(c.n_layer))
+    if kv.kv_quant != "none" and kv.kv_evict == "none" and plain_layers and tokens <= waits:
+        print(f"note: a cache of {tokens} tokens is no longer than what --kv_quant={kv.kv_quant} keeps in full precision "
               f"(the newest kv_quant_residual={kv.kv_quant_residual}" + (f", and keys waiting for a group of "
               f"{kv.key_group()}" if kv.key_group() > 1 else "") + "), so it saves nothing here; --kv_quant_residual=0"
               + (" --kv_quant_keys=token" if kv.key_group() > 1 else "") + " quantizes every token", file=sys.stderr)

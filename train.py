@@ -123,6 +123,9 @@ backend = ""  # torch.distributed backend under torchrun: 'nccl' or 'gloo'; '' =
 seed = 1337  # seed of the model init, dropout and data order
 # -----------------------------------------------------------------------------
 
+PROGRESS = {}  # where this run starts (start_iter) and its schedule's origin, once known
+
+
 def main():
     held = ExitStack()  # out_dir's lock (outdir.claim), released however training ends
     # SIGTERM before the loop (start-up, data, compiling) stops at once, as Ctrl-C (torchrun stops its own)
@@ -134,8 +137,12 @@ def main():
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the training loop, or a second one in it: at once
         last = os.path.join(out_dir, "last.pt")
         at = saved_iteration(last)
-        print("\nstopped at once" + (f"; {last} holds iteration {at}. To go on from it: {resume_command()}"
-                                     if at is not None else ""), flush=True)
+        # the command that goes on only where this run wrote last.pt, on the schedule it resumes
+        # (not a fine-tune's, which no checkpoint records; one process: torchrun has its own line)
+        mine = at is not None and at > PROGRESS.get("start_iter", at) and not PROGRESS.get("origin") \
+            and int(os.environ.get("WORLD_SIZE", 1)) == 1
+        print("\nstopped at once" + (f"; {last} holds iteration {at}" if at is not None else "")
+              + (f". To go on from it: {resume_command()}" if mine else ""), flush=True)
         raise
     finally:
         held.close()
@@ -181,6 +188,7 @@ def train(held):
             r.model, r.ckpt, r.ckpt_path, r.model_args, r.train_path, r.val_path)
         mode, start_iter, end_iter, origin = r.mode, r.start_iter, r.end_iter, r.origin
         best_val_loss, changed, fresh_best = r.best_val_loss, r.changed, r.fresh_best
+    PROGRESS.update(start_iter=start_iter, origin=origin)
     xl_state = None  # the XL memory a resumed run goes on with
     config.update(model_args)  # the checkpoint's config records the model actually trained
     n_params = model.get_num_params()
@@ -530,17 +538,18 @@ def check_settings(world_size=1):
 
 def check_variant(c, fresh):
     """One UserError for settings this model (GPTConfig c) would silently ignore or misuse; a
-    note where a new model's local window is no narrower than the rows it trains on."""
-    if c.no_kv_cache and xl_mem:
-        raise UserError(f"--xl_mem={xl_mem}: every layer of this model is linear attention, whose state (not a "
+    note where a new model's local window is wider than the rows it trains on."""
+    if c.no_kv_cache and xl_mem:  # (a resume's xl_mem may be the checkpoint's: --xl_mem=0 goes on without)
+        raise UserError(f"xl_mem={xl_mem}: every layer of this model is linear attention, whose state (not a "
                         "memory of xl_mem tokens) would carry across batches, at positions growing without bound; "
-                        "drop --xl_mem")
+                        "train it with --xl_mem=0")
     if fresh and c.no_kv_cache and c.window:
         raise UserError(f"--window={c.window} bounds softmax layers, and every layer of this model is linear "
                         "attention: it would change nothing; drop --window")
-    if fresh and c.window >= block_size and any(c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer)):
-        print(f"note: --window={c.window} is not below --block_size={block_size}: the local layers see every byte "
-              f"of their rows, as global ones; sampling, they hold {c.window} bytes where they learned {block_size}")
+    if fresh and c.window > block_size and any(c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer)):
+        print(f"note: --window={c.window} is wider than --block_size={block_size}: the local layers see every byte "
+              f"of their rows, as global ones do, and never a distance past {block_size} (the sample command "
+              "at the end bounds the cache there)")
 
 
 def compile_probe(model, dev, ctx):

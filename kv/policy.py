@@ -21,7 +21,7 @@ from kv.cache import KVCache, TrimCache
 from kv.evict import POLICIES, EvictKVCache, check_rule, resolve_evict
 from kv.quant import GROUPED, QuantKVCache, make_formats, resolve_quant
 from kv.static import Clock, StaticKVCache, StaticQuantCache
-from plugins import import_function
+from plugins import call_error, import_function
 from utils import UserError
 
 
@@ -55,17 +55,18 @@ class KVOptions:
         return [(f.name, getattr(self, f.name)) for f in fields(self)
                 if f.name not in BUILT_IN and getattr(self, f.name) != f.default]
 
-    def for_checkpoint(self, config, say=print):
+    def for_checkpoint(self, config, say=print, no_cache=False):
         """kv_window=-1 resolved for a checkpoint's saved config: a model trained with XL
-        memory saw at most xl_mem tokens of history, others had no bound."""
+        memory saw at most xl_mem tokens of history, others had no bound. no_cache: the model
+        has linear attention in every layer (GPTConfig.no_kv_cache): no cache to bound."""
         if self.kv_window != -1:
             return self
+        if no_cache:
+            return replace(self, kv_window=0)
         xl = config.get("xl_mem", 0) or 0
         if not isinstance(xl, int) or isinstance(xl, bool) or xl < 0:
             raise UserError(f"the checkpoint's config says xl_mem={xl!r}, which no training run writes: "
                             "give --kv_window=N (0: no bound) to sample it anyway")
-        if config.get("attention") == "linear" and not config.get("linear_layers"):
-            return replace(self, kv_window=0)  # every layer linear: a state, no cache for a window to bound
         if xl:
             say(f"kv_window={xl}: the xl_mem this model was trained with (--kv_window=0 for no bound)")
         return replace(self, kv_window=xl)
@@ -74,10 +75,8 @@ class KVOptions:
         """Raise one UserError for any option or combination that makes no sense."""
         resolve_quant(self.kv_quant)
         check_rule(self.kv_evict)  # (a user's rule: called once on a small input)
-        if self.kv_trim:  # a missing module or function, a stub or a wrong result: said before any work
-            trial = TrimCache(1, 2, 4, window=4, sink=1, trim_fn=import_function(self.kv_trim, "kv_trim"),
-                              trim_name=self.kv_trim)
-            trial._trim(torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4), torch.arange(6))  # (called once)
+        if self.kv_trim:
+            import_function(self.kv_trim, "kv_trim")  # a missing module or function: said before any work
         for name, low in (("kv_window", -1), ("kv_sink", 0), ("kv_quant_group", 1), ("kv_quant_residual", 0),
                           ("kv_budget", 0), ("kv_recent", 0)):
             value = getattr(self, name)
@@ -168,6 +167,19 @@ class KVOptions:
         if self.kv_trim and not self.kv_window and not any(config.is_local(i) for i in range(config.n_layer)):
             raise UserError(f"--kv_trim={self.kv_trim} chooses what a bounded cache keeps, and this one has no bound "
                             "(kv_window=0): add --kv_window=N (e.g. --kv_window=64), or it is never called")
+        if self.kv_trim:  # tried once as the first token past the bound will call it: a stub, a wrong
+            # signature or a result that breaks the contract is said before any text. Other errors
+            # are left to the run, which meets them with the plug-in's own lines if they are real
+            window = self.kv_window if self.kv_window > 0 else config.window
+            trial = TrimCache(1, config.kv_heads, config.head_dim, window=window, sink=self.kv_sink,
+                              trim_fn=import_function(self.kv_trim, "kv_trim"), trim_name=self.kv_trim)
+            S, g = window + self.kv_sink + 1, torch.Generator().manual_seed(0)  # (not the run's random state)
+            k, v = (torch.randn(1, config.kv_heads, S, config.head_dim, generator=g) for _ in range(2))
+            try:
+                trial._trim(k, v, torch.arange(S))
+            except Exception as e:
+                if isinstance(e, (UserError, NotImplementedError)) or call_error(e) is not None:
+                    raise
         return self
 
     def key_group(self):
@@ -211,15 +223,16 @@ class KVOptions:
         """A line when kv_window lets a global softmax layer of a model (GPTConfig) read further
         back than it read in training: its block, plus any XL memory before it, as its saved
         training settings (a checkpoint's config) say (None otherwise, or if they do not).
-        length: the tokens the run reads, which an unbounded cache (kv_window=0) all keeps."""
+        length: the most tokens a query of the run sees, which an unbounded cache (kv_window=0)
+        all keeps."""
         trained = int(saved.get("xl_mem", 0) or 0) + int(saved.get("block_size", 0) or 0)
         glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
         if not glob or trained <= 0:
             return None
         if self.kv_window == 0 and self.kv_evict == "none" and length > trained:
             return (f"note: no kv_window, and {length:,} tokens: past the {trained} tokens of history this model was "
-                    f"trained with its global layers read distances they never saw, and text drifts "
-                    f"(--kv_window={trained} stays within)")
+                    f"trained with, its global layers read distances they never saw (--kv_window={trained} stays "
+                    "within)")
         if trained < self.kv_window:
             return (f"note: kv_window={self.kv_window} is longer than the {trained} tokens of history this model was "
                     f"trained with: past them its global layers read distances they never saw (kv_window={trained} "

@@ -282,3 +282,19 @@ def test_a_built_in_used_as_a_plug_in_does_not_take_the_blame_for_another(out_di
     code, _, err = run("sample.py", "--device=cpu", f"--out_dir={out_dir}",
                        "--attention=wrong_signature_attention2:attn", "--max_new_tokens=3")
     assert code == 2 and "error: --attention=wrong_signature_attention2:attn cannot be called" in err, err
+
+
+def test_a_users_plug_in_beside_the_projects_modules_still_names_itself(tmp_path, monkeypatch):
+    """A user's file in the project's own folder (here: a folder counted as one) is imported by
+    the plug-in setting, not before: an error in it is still that plug-in's, with its lines."""
+    import plugins
+    (tmp_path / "rootattn_user.py").write_text("def attn(q, k, v, mask, dropout_p):\n    raise ValueError('my bug')\n")
+    monkeypatch.setattr(plugins, "_OWN", (str(tmp_path),))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = plugins.import_function("rootattn_user:attn", "attention")
+    try:
+        fn(None, None, None, None, 0.0)
+    except ValueError as e:
+        err = plugins.plugin_error(e)
+    assert "--attention=rootattn_user:attn failed: ValueError: my bug" in str(err)
+    assert any("rootattn_user.py" in line for line in err.details)

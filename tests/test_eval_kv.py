@@ -463,5 +463,5 @@ def test_ctrl_c_during_a_sweep_says_nothing_was_written_and_keeps_the_last_one(c
         run_main(mod.main)
     err = capsys.readouterr().err
     assert e.value.code == 130 and "Traceback" not in err
-    assert "stopped before the evaluation ended: nothing was written" in err and "earlier sweep's, untouched" in err
+    assert "stopped before the sweep ended: nothing was written" in err and "earlier sweep's, untouched" in err
     assert earlier.read_text() == "setting\nthe earlier sweep\n"

@@ -168,6 +168,27 @@ def test_a_kv_trim_given_by_its_file_samples_as_the_module_does(out_dir, tmp_pat
     assert code == 2 and out == "" and "other.py: no such file" in err and len(err.strip().splitlines()) == 1
 
 
+def test_trying_a_kv_trim_first_changes_neither_the_text_nor_what_works(out_dir, tmp_path, monkeypatch):
+    """The trial call of a kv_trim plug-in leaves the run's random state alone: sampled (not
+    greedy) text through kv.cache:keep_recent equals the ring buffer's, seed for seed. And it
+    is made at the run's sizes: a trim that needs a window of more than 8 works at 32."""
+    common = [f"--out_dir={out_dir}", "--kv_window=8", "--max_new_tokens=40", "--seed=7"]
+    code, ring, err = sample(*common)
+    assert code in (0, None), err
+    code, trimmed, err = sample(*common, "--kv_trim=kv.cache:keep_recent")
+    assert code in (0, None) and trimmed == ring, err
+    (tmp_path / "wide_trim.py").write_text(
+        "import torch\n"
+        "def keep(k, v, pos, kv_window, kv_sink):\n"
+        "    if k.size(2) <= kv_window:\n"
+        "        return k, v, pos\n"
+        "    idx = torch.topk(pos.float(), kv_window - 8).indices.sort().values  # needs kv_window > 8\n"
+        "    return k[:, :, idx], v[:, :, idx], pos[idx]\n")
+    code, out, err = sample(f"--out_dir={out_dir}", "--kv_window=32", "--max_new_tokens=60",
+                            f"--kv_trim={tmp_path / 'wide_trim.py'}:keep")
+    assert code in (0, None) and "error" not in err, err
+
+
 def test_an_unwritten_kv_trim_stub_is_said_before_the_prompt(out_dir):
     """The exercise's stub plugged in as it is: one line saying what to write, and no text
     printed before it (the function is tried once before sampling starts)."""
@@ -177,16 +198,19 @@ def test_an_unwritten_kv_trim_stub_is_said_before_the_prompt(out_dir):
 
 
 def test_an_out_dir_missing_here_but_in_the_project_says_where_it_is(tmp_path):
-    """Run from another folder with the project's relative out_dir: the error names the
-    folder it looked in and the project's folder that holds it."""
-    name = f"out-test-elsewhere-{os.getpid()}"
-    made = os.path.join(REPO_ROOT, name)
-    os.makedirs(made)
+    """Run from another folder with a relative out_dir that names one of the project's folders
+    (config/ stands in for a run's: nothing is written into the project): the error names the
+    folder it looked in and the project's folder; --baseline, which takes a file, gets a file."""
+    proc = run_script(os.path.join(REPO_ROOT, "sample.py"), "--out_dir=config", cwd=tmp_path)
+    assert_user_error(proc, f"does not exist in {tmp_path}", f"--out_dir={os.path.join(REPO_ROOT, 'config')},")
+    from checkpoint import missing_checkpoint
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
     try:
-        proc = run_script(os.path.join(REPO_ROOT, "sample.py"), f"--out_dir={name}", cwd=tmp_path)
+        message = str(missing_checkpoint(os.path.join("config", "ckpt.pt"), "baseline"))
     finally:
-        os.rmdir(made)
-    assert_user_error(proc, f"does not exist in {tmp_path}", f"--out_dir={made}")
+        os.chdir(cwd)
+    assert f"--baseline={os.path.join(REPO_ROOT, 'config', 'ckpt.pt')}," in message
 
 
 def test_the_speed_printed_is_the_decode_steps_apart_from_the_prompt(out_dir, tmp_path):
@@ -256,8 +280,9 @@ def test_a_window_past_the_trained_context_is_noted(tmp_path):
     for window, noted in ((40, True), (32, False)):
         code, _, err = sample(f"--out_dir={tmp_path}", f"--kv_window={window}", "--max_new_tokens=2")
         assert ("longer than the 32 tokens" in err) == noted and code in (0, None), err
-    # no window at all (sample.py's default): noted once the prompt and the new bytes pass 32
-    for new, noted in ((40, True), (20, False)):
+    # no window at all (sample.py's default): noted once a query would see more than 32 tokens
+    # (the 4-byte prompt and 29 new bytes: the last query sees 32, the last byte is never read)
+    for new, noted in ((30, True), (29, False)):
         code, _, err = sample(f"--out_dir={tmp_path}", "--kv_window=0", f"--max_new_tokens={new}")
         assert code in (0, None), err
         assert ("note: no kv_window" in err and "past the 32 tokens of history" in err
@@ -279,3 +304,17 @@ def test_memory_that_runs_out_anyway_is_one_line():
         assert err.getvalue().startswith("error: out of memory (") and "lower the sizes given" in err.getvalue()
     with pytest.raises(RuntimeError, match="a bug"):
         utils.run_main(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
+
+@pytest.mark.parametrize("linear_layers", ["", "0,1"])
+def test_an_all_linear_checkpoint_with_xl_memory_gets_no_window_note(tmp_path, linear_layers):
+    """Every layer linear (by default or listed one by one), trained with XL memory before
+    this was refused: no cache, so no kv_window taken from xl_mem, and no note claiming one."""
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig, MODEL_ARG_KEYS
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False, attention="linear", linear_layers=linear_layers))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS},
+                    {"block_size": 16, "xl_mem": 16}, 1, 5.0)
+    code, _, err = sample(f"--out_dir={tmp_path}", "--max_new_tokens=20")
+    assert code in (0, None), err
+    assert "xl_mem this model was trained with" not in err and "note: no kv_window" not in err, err

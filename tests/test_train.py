@@ -252,38 +252,47 @@ def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, m
 
 def test_a_second_ctrl_c_stops_at_once_and_says_how_to_go_on(data_dir, tmp_path, monkeypatch):
     """Ctrl-C twice within one iteration: the run stops at once (exit 130), saying which
-    iteration last.pt holds (the earlier run's: nothing newer was written) and the command
-    that goes on from it; that command resumes from there."""
+    iteration last.pt holds. Where this run wrote it (its log steps write it: iteration 8 of a
+    resume from 6), the line gives the command that goes on, and that command resumes from
+    there; where it holds the earlier run's iteration, no command (it would not go on from
+    this run)."""
+    import shlex
     import signal
     import loader
     import utils
     train(data_dir, tmp_path, f"--max_iters={N}")
-    real_next, calls = loader.ByteLoader.next, {"n": 0}
+    more = ["--init_from=resume", "--resume_checkpoint_name=last", f"--max_iters={N + 6}", "--last_save_budget=1.0"]
 
-    def next_with_two_signals(self):
-        calls["n"] += isinstance(getattr(signal.getsignal(signal.SIGINT), "__self__", None), utils.StopAfterStep)
-        if calls["n"] == 2:  # the second before the iteration the first asked to end has ended
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_next(self)
+    def stopped_at_once(batch):
+        """The line a resume stopped by two Ctrl-C in its batch-th batch prints."""
+        real_next, calls = loader.ByteLoader.next, {"n": 0}
 
-    monkeypatch.setattr(loader.ByteLoader, "next", next_with_two_signals)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        more = ["--init_from=resume", "--resume_checkpoint_name=last", f"--max_iters={N + 6}"]
-        code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}", *more)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        monkeypatch.undo()
-    line = [s for s in out.splitlines() if "stopped at once" in s]
-    assert code == 130 and line, out + err
+        def next_with_two_signals(self):
+            calls["n"] += isinstance(getattr(signal.getsignal(signal.SIGINT), "__self__", None), utils.StopAfterStep)
+            if calls["n"] == batch:  # the second before the iteration the first asked to end has ended
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_next(self)
+
+        monkeypatch.setattr(loader.ByteLoader, "next", next_with_two_signals)
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}", *more)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            monkeypatch.undo()
+        line = [s for s in out.splitlines() if "stopped at once" in s]
+        assert code == 130 and line, out + err
+        return line[0]
+
+    line = stopped_at_once(1)  # in the resume's first iteration: last.pt is still the first run's
+    assert line.endswith(f"last.pt holds iteration {N}") and "To go on" not in line, line
+    line = stopped_at_once(4)  # iteration 8 was logged, and last.pt written with it
     held = read_checkpoint(str(tmp_path / "last.pt"))["iter_num"]
-    assert f"last.pt holds iteration {held}. To go on from it: python train.py " in line[0]
-    assert line[0].endswith("--init_from=resume --resume_checkpoint_name=last") and f"--max_iters={N + 6}" in line[0]
-    assert line[0].count("--init_from=") == 1
-    import shlex
-    args = shlex.split(line[0].split("To go on from it: python train.py ")[1])
-    code, out, err = run_in_process("train.py", *args)
+    assert held > N and f"last.pt holds iteration {held}. To go on from it: python train.py " in line
+    assert line.endswith("--init_from=resume --resume_checkpoint_name=last") and f"--max_iters={N + 6}" in line
+    assert line.count("--init_from=") == 1
+    code, out, err = run_in_process("train.py", *shlex.split(line.split("To go on from it: python train.py ")[1]))
     assert code == 0 and f"last.pt at iteration {held}," in out + err, out + err
     assert read_checkpoint(str(tmp_path / "last.pt"))["iter_num"] == N + 6
 
