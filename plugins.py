@@ -1,8 +1,9 @@
 """
 A user's plug-ins (--attention, --kv_trim, --kv_evict, --kv_quant, --xl_update given as
-package.module:function or path/to/file.py:function): importing one, and turning an exception that passed through one
-into a UserError that names the setting and shows the plug-in's own lines; telling an exercise
-stub that still raises NotImplementedError from an operation PyTorch lacks (unwritten).
+package.module:function or path/to/file.py:function): importing one, and turning an exception
+that passed through one into a UserError that names the setting and shows the plug-in's own
+lines; telling an exercise stub that still raises NotImplementedError from an operation
+PyTorch lacks (unwritten).
 
     python -c "import plugins; print(plugins.import_function('attention:naive_attention', 'attention'))"
 """
@@ -65,7 +66,7 @@ def is_file_name(name):
 
 
 def module_of_file(path, error, flag="--module"):
-    """The module name a plug-in's file (path/to/file.py) imports as, its folder put first on
+    """The module name a plug-in's file (path/to/file.py) imports as, its folder added to
     sys.path; error(message) when the file is missing or its name is taken by another module."""
     import importlib.util
     if not os.path.isfile(path):

@@ -134,17 +134,10 @@ def main():
     reading = f"; the {len(prompt):,}-byte prompt read in {stamps[1] - stamps[0]:.2f} s" if len(stamps) > 1 else ""
     print(f"{speed} ({batch}{reading}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)
-    c = model.config
     cached = max(len(prompt) + max_new_tokens - 1, len(prompt))  # (the last byte drawn is never cached)
-    tokens = min(cached, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else cached
-    waits = kv.kv_quant_residual + kv.key_group() - 1  # tokens a quantized cache holds back at most
-    # (only where every cache is a global layer's: a local one holds its window, with a residual of its own)
-    plain_layers = not c.no_kv_cache and not any(c.is_local(i) for i in range(c.n_layer))
-    if kv.kv_quant != "none" and kv.kv_evict == "none" and plain_layers and tokens <= waits:
-        print(f"note: a cache of {tokens} tokens is no longer than what --kv_quant={kv.kv_quant} keeps in full precision "
-              f"(the newest kv_quant_residual={kv.kv_quant_residual}" + (f", and keys waiting for a group of "
-              f"{kv.key_group()}" if kv.key_group() > 1 else "") + "), so it saves nothing here; --kv_quant_residual=0"
-              + (" --kv_quant_keys=token" if kv.key_group() > 1 else "") + " quantizes every token", file=sys.stderr)
+    note = kv.unquantized_note(model.config, cached)
+    if note:
+        print(note, file=sys.stderr)
     decode_peak = stats.get("kv_bits_peak_decode", 0) // num_samples
     if kv.kv_evict != "none" and 0 < decode_peak < peak:  # eviction waits for the step after an update
         print(f"note: the peak is the {len(prompt)}-byte prompt, which the cache holds whole after reading it in "

@@ -239,6 +239,23 @@ class KVOptions:
                     "stays within)")
         return None
 
+    def unquantized_note(self, config, cached):
+        """A line when a quantized cache (no eviction) of a model whose every cache is a global
+        layer's (GPTConfig) holds no more than cached tokens, fewer than it keeps in full precision:
+        the residual and a key group waiting to fill. It then holds as many bits as the plain
+        cache. (A local layer keeps its window, with a residual of its own: not said there.)"""
+        tokens = min(cached, self.kv_window + self.kv_sink) if self.kv_window > 0 else cached
+        group = self.key_group()
+        waits = self.kv_quant_residual + group - 1  # tokens a quantized cache holds back at most
+        plain = not config.no_kv_cache and not any(config.is_local(i) for i in range(config.n_layer))
+        if self.kv_quant == "none" or self.kv_evict != "none" or not plain or tokens > waits:
+            return None
+        keys = f", and keys waiting for a group of {group}" if group > 1 else ""
+        return (f"note: a cache of {tokens} tokens is no longer than what --kv_quant={self.kv_quant} keeps in full "
+                f"precision (the newest kv_quant_residual={self.kv_quant_residual}{keys}), so it saves nothing "
+                "here; --kv_quant_residual=0" + (" --kv_quant_keys=token" if group > 1 else "") + " quantizes every "
+                "token")
+
     def _local_note(self, config):
         w = config.window
         softmax = [i for i in range(config.n_layer) if config.kind(i) != "linear"]
