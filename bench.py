@@ -11,7 +11,7 @@ overrides; a model with random weights is built from them (speed does not depend
     python bench.py config/train_shakespeare_char.py --device=cuda --compile=True
 
 train     ms/iter, tokens/s, MFU (where the device's peak is known) and memory of train.py's own
-          step (train.train_step), next to the plain eager loop a tutorial writes; rows timed in
+          step (steps.train_step), next to the plain eager loop a tutorial writes; rows timed in
           turn, bench_repeats runs of bench_iters iterations, the fastest run kept.
 generate  tokens/s for bench_lengths new tokens with the cache unbounded and bounded to
           kv_window (256 when not given), eager and (--compile=True) through the compiled
@@ -44,6 +44,7 @@ from kv.policy import KVOptions
 from kv.quant import make_formats
 from loader import ByteLoader, dataset_paths
 from model import GPT, GPTConfig, MODEL_ARG_KEYS, check_config, loss_fn
+from steps import compile_probe, train_step
 from utils import (UserError, autocast_ctx, check_range, compile_or_eager, keep_freed_memory, pick_device, pick_dtype,
                    run_main, use_threads)
 
@@ -124,7 +125,7 @@ def plain_step(model, dev, dt):
 
 
 def train_py_step(model, dev, dt, compiled=False):
-    """train.train_step itself, with train.py's optimizer, scaler, autocast and XL memory."""
+    """steps.train_step itself, as train.py runs it, with train.py's optimizer, scaler, autocast and XL memory."""
     from kv.xl import make_xl_memory
     device_type = dev.split(":")[0]
     loader = make_loader(dev)
@@ -132,8 +133,8 @@ def train_py_step(model, dev, dt, compiled=False):
     scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
     ctx = autocast_ctx(dev, dt)
     memory = make_xl_memory(model, batch_size, xl_mem) if xl_mem else None
-    fast = compile_or_eager(model, lambda m: train.compile_probe(m, dev, ctx)) if compiled else model
-    step = lambda: train.train_step(fast, optimizer, scaler, loader, ctx, gradient_accumulation_steps, memory)
+    fast = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx, (batch_size, block_size))) if compiled else model
+    step = lambda: train_step(fast, optimizer, scaler, loader, ctx, gradient_accumulation_steps, grad_clip, memory)
     return step, gradient_accumulation_steps * batch_size
 
 
@@ -445,7 +446,7 @@ def check_caches(config, kv):
 
 def main():
     configure(globals(), sys.argv[1:])
-    for k in TRAIN_SETTINGS:  # train.train_step and its helpers read train.py's globals
+    for k in TRAIN_SETTINGS:  # train.check_settings and its helpers read train.py's globals
         setattr(train, k, globals()[k])
     check_settings()
     kv = KVOptions.from_settings(globals()).check().check_unused()

@@ -134,8 +134,7 @@ def main():
     reading = f"; the {len(prompt):,}-byte prompt read in {stamps[1] - stamps[0]:.2f} s" if len(stamps) > 1 else ""
     print(f"{speed} ({batch}{reading}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)
-    cached = max(len(prompt) + max_new_tokens - 1, len(prompt))  # (the last byte drawn is never cached)
-    note = kv.unquantized_note(model.config, cached)
+    note = kv.unquantized_note(model.config, max(length, len(prompt)))  # (the tokens cached at most)
     if note:
         print(note, file=sys.stderr)
     decode_peak = stats.get("kv_bits_peak_decode", 0) // num_samples

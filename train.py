@@ -37,7 +37,7 @@ import os
 import shlex
 import sys
 import time
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
 from types import SimpleNamespace
 
 import torch
@@ -51,8 +51,9 @@ from kv.policy import KVOptions
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state, try_step
 from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
-from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS, loss_fn
+from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
+from steps import compile_probe, estimate_loss, train_step
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, restore_training_state, resume_command, resume_schedule, rng_state,
                     saved_iteration)
@@ -237,7 +238,7 @@ def train(held):
     del ckpt  # free its memory before training
     if compile:
         print("compiling the model (the first call of each kind of step takes a while)...")
-        model = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx))
+        model = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx, (batch_size, block_size)))
     if ddp:
         # the only buffers are constant rotary tables: no need to send them at every forward
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
@@ -329,7 +330,7 @@ def train(held):
         lr = get_lr(iter_num - origin)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch_loss = train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory, ddp)
+        batch_loss = train_step(model, optimizer, scaler, loader, ctx, micro_steps, grad_clip, memory, ddp)
         iter_num += 1
         steps_since_mark += 1
 
@@ -475,29 +476,6 @@ def sample_args(c):
     return args
 
 
-def train_step(model, optimizer, scaler, loader, ctx, micro_steps, memory=None, ddp=False):
-    """One optimizer step over micro_steps micro-batches of loader; returns this rank's mean
-    loss as a tensor (reading it would wait for the GPU). memory: the XL memory, or None."""
-    batch_loss = 0.0
-    for micro in range(micro_steps):
-        x, y, restarted = loader.next()
-        # DDP all-reduces the gradients in the backward of the last micro-step only
-        with model.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():
-            with ctx:
-                if memory is not None:
-                    restart_rows(memory, restarted)
-                logits, _ = model(x, memory)
-                loss = loss_fn(logits, y) / micro_steps
-            scaler.scale(loss).backward()
-        batch_loss = batch_loss + loss.detach()
-    if grad_clip > 0.0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return batch_loss
-
 
 def check_settings(world_size=1):
     """Reject values that would fail later with a less clear message."""
@@ -552,20 +530,6 @@ def check_variant(c, fresh):
               "at the end bounds the cache there)")
 
 
-def compile_probe(model, dev, ctx):
-    """One forward and backward of a dummy batch, so that torch.compile compiles (or fails) now."""
-    try:
-        with ctx:
-            logits, _ = model(torch.zeros(batch_size, block_size, dtype=torch.long, device=dev))
-        logits.float().mean().backward()
-    finally:
-        model.zero_grad(set_to_none=True)
-
-
-def restart_rows(memory, restarted):
-    """Rows the loader moved to another place in the text forget their memory."""
-    for state in {id(s): s for s in memory}.values():
-        state.restart(restarted)
 
 
 def fit_schedule(iters, argv):
@@ -599,37 +563,6 @@ def get_lr(it, warmup=None, decay_iters=None):
         return min_lr
     progress = (it - warmup) / max(1, decay_iters - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
-@torch.no_grad()
-def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None, xl_name=None, quiet=False):
-    """Mean loss over each split's fixed batches; with mem_len, also the val loss with XL
-    memory carried over the consecutive val batches ("val_mem"). Shows progress when slow
-    (unless quiet)."""
-    model.eval()
-    tty = sys.stderr.isatty()  # a terminal gets one updated line, a log file a line every 10 s
-    out, t0, shown = {}, time.time(), 0.0
-    runs = [(split, split, 0) for split in eval_sets] + ([("val_mem", "val", mem_len)] if mem_len else [])
-    for name, split, mem in runs:
-        batches = eval_sets[split]
-        memory = make_xl_memory(unwrap(model), batches[0][0].size(0), mem, xl_fn, xl_name) if mem else None
-        losses = torch.zeros(len(batches))
-        for i, (x, y, restarted) in enumerate(batches):
-            with ctx:
-                if memory is not None:
-                    restart_rows(memory, restarted)
-                logits, _ = model(x, memory)
-                losses[i] = loss_fn(logits, y).item()
-            now = time.time()
-            if not quiet and now - t0 > 3.0 and now - shown > (0.5 if tty else 10.0):
-                progress = f"evaluating: {name} batch {i + 1}/{len(batches)}"
-                print("\r" + progress if tty else progress, end="" if tty else "\n", file=sys.stderr, flush=True)
-                shown = now
-        out[name] = losses.mean().item()
-    if shown and tty:
-        print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
-    model.train()
-    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,90 @@
+"""
+What one iteration of train.py does, apart from the loop around it: an optimizer step over
+the micro-batches (bench.py times this very function), the evaluation of the fixed batches,
+and the dummy step that makes torch.compile compile before the loop.
+
+    loss = train_step(model, optimizer, scaler, loader, ctx, micro_steps, grad_clip=1.0)
+    losses = estimate_loss(model, eval_sets, ctx, mem_len=256)   # {"train": .., "val": .., "val_mem": ..}
+"""
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from checkpoint import unwrap
+from kv.xl import make_xl_memory
+from model import loss_fn
+
+
+def train_step(model, optimizer, scaler, loader, ctx, micro_steps, grad_clip=1.0, memory=None, ddp=False):
+    """One optimizer step over micro_steps micro-batches of loader; returns this rank's mean
+    loss as a tensor (reading it would wait for the GPU). grad_clip: the gradient norm's bound
+    (0 = none). memory: the XL memory, or None."""
+    batch_loss = 0.0
+    for micro in range(micro_steps):
+        x, y, restarted = loader.next()
+        # DDP all-reduces the gradients in the backward of the last micro-step only
+        with model.no_sync() if ddp and micro < micro_steps - 1 else nullcontext():
+            with ctx:
+                if memory is not None:
+                    restart_rows(memory, restarted)
+                logits, _ = model(x, memory)
+                loss = loss_fn(logits, y) / micro_steps
+            scaler.scale(loss).backward()
+        batch_loss = batch_loss + loss.detach()
+    if grad_clip > 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return batch_loss
+
+
+def compile_probe(model, dev, ctx, shape):
+    """One forward and backward of a dummy batch of shape (batch_size, block_size), so that
+    torch.compile compiles (or fails) now."""
+    try:
+        with ctx:
+            logits, _ = model(torch.zeros(*shape, dtype=torch.long, device=dev))
+        logits.float().mean().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
+def restart_rows(memory, restarted):
+    """Rows the loader moved to another place in the text forget their memory."""
+    for state in {id(s): s for s in memory}.values():
+        state.restart(restarted)
+
+
+@torch.no_grad()
+def estimate_loss(model, eval_sets, ctx, mem_len=0, xl_fn=None, xl_name=None, quiet=False):
+    """Mean loss over each split's fixed batches; with mem_len, also the val loss with XL
+    memory carried over the consecutive val batches ("val_mem"). Shows progress when slow
+    (unless quiet)."""
+    model.eval()
+    tty = sys.stderr.isatty()  # a terminal gets one updated line, a log file a line every 10 s
+    out, t0, shown = {}, time.time(), 0.0
+    runs = [(split, split, 0) for split in eval_sets] + ([("val_mem", "val", mem_len)] if mem_len else [])
+    for name, split, mem in runs:
+        batches = eval_sets[split]
+        memory = make_xl_memory(unwrap(model), batches[0][0].size(0), mem, xl_fn, xl_name) if mem else None
+        losses = torch.zeros(len(batches))
+        for i, (x, y, restarted) in enumerate(batches):
+            with ctx:
+                if memory is not None:
+                    restart_rows(memory, restarted)
+                logits, _ = model(x, memory)
+                losses[i] = loss_fn(logits, y).item()
+            now = time.time()
+            if not quiet and now - t0 > 3.0 and now - shown > (0.5 if tty else 10.0):
+                progress = f"evaluating: {name} batch {i + 1}/{len(batches)}"
+                print("\r" + progress if tty else progress, end="" if tty else "\n", file=sys.stderr, flush=True)
+                shown = now
+        out[name] = losses.mean().item()
+    if shown and tty:
+        print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
+    model.train()
+    return out
