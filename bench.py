@@ -326,8 +326,7 @@ def products_ms(model, B, calls=300):
     xs = [torch.randn(B, m.in_features) for m in lins]
     products = lambda xs: [m(x) for m, x in zip(lins, xs)]
     with torch.no_grad():
-        f = compile_or_eager(products, lambda f: f(xs), fullgraph=True,
-                             options={"cpp_wrapper": True, "freezing": B > 1})
+        f = compile_or_eager(products, lambda f: f(xs), fixed_args=(xs,), fullgraph=True, options={"cpp_wrapper": True})
         runs = []
         for _ in range(3):
             t0 = time.perf_counter()

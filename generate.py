@@ -70,10 +70,13 @@ class StaticDecoder:
         dec.start()                 # empty caches; or dec.start(caches) after an eager prefill
         logits = dec(token)         # token (B, 1) -> logits (B, V) of the next byte
 
-    compile: True = torch.compile with fullgraph, dynamic=False (on CUDA mode="reduce-overhead":
-    the step is replayed as one CUDA graph); False = the same step eager (a reference: slower
-    than the eager caches, as it attends over every slot); or a torch.compile backend (tests
-    count compilations with one). When compiling fails: one warning, and `compiled` is False.
+    compile: True = torch.compile with fullgraph, dynamic=False (on a CPU compiled ahead for the
+    decoder's own model, buffers and caches and called without dynamo's guard check, so it is
+    traced for the model's mode and the autocast in force here: make the decoder where it is
+    used; on CUDA mode="reduce-overhead": the step is replayed as one CUDA graph); False = the
+    same step eager (a reference: slower than the eager caches, as it attends over every slot);
+    or a torch.compile backend (tests count compilations with one). When compiling fails: one
+    warning, and `compiled` is False.
     dtype: what the caches store full precision at (default: as KVOptions.make_caches).
     Raises ValueError for a cache kind kv.static.static_reason() keeps eager."""
 
@@ -102,9 +105,10 @@ class StaticDecoder:
             if getattr(c, "flush_apart", False):
                 schedules.setdefault((c.R, c.G), []).append(c)
         self.flushing = list(schedules.values())
-        self.step, self.flush, self.compiled, self.compile_seconds = static_step, static_flush, False, 0.0
+        self.step, self.compiled, self.compile_seconds = static_step, False, 0.0
+        self.flushes = [static_flush] * len(self.flushing)  # one per list of self.flushing
         if compile:
-            options = dict(fullgraph=True, dynamic=False)
+            options, fixed = dict(fullgraph=True, dynamic=False), False
             if compile is not True:
                 options["backend"] = compile
             elif self.cuda_graphs:
@@ -113,30 +117,34 @@ class StaticDecoder:
                 # batch 1: each (1, C) x (C, N) product becomes a fused multiply-and-sum, not a
                 # BLAS call (MKL's matrix-vector product was a third of the step: RESULTS.md);
                 # cpp_wrapper: the step's kernels are called from C++, not from Python (per-call
-                # overhead: -8% per step at batch 1, -19% at batch 8 here); freezing at batch > 1:
-                # the weights become constants, packed once for the matrix products (-25% per
-                # step at batch 8, nothing at batch 1, ~13 s more compiling)
-                options["options"] = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True,
-                                      "freezing": batch_size > 1}
+                # overhead: -8% per step at batch 1, -19% at batch 8 here)
+                options["options"] = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True}
+                # every call passes the same model, buffers and caches: compiled ahead for them
+                # and called without dynamo's guard check (-25 to -30% per step at batch 1, and
+                # at batch 8 more than inductor's freezing gained, which aot_compile refuses)
+                fixed = True
             # one compiled entry per decoder of another cache kind or shape: more than dynamo's
             # default of 8 in a sweep (its guards pick the entry; none is traced twice)
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             t0 = time.perf_counter()
-            probe = lambda step: self._probe(step, self.model, self.token, self.caches, self.rot_table)
+            args = (self.model, self.token, self.caches, self.rot_table)
             # (compiled in the probe) emulate_precision_casts: a value cast to a narrower dtype
             # is rounded there even where inductor fuses it with what reads it, as eager rounds
             # it. Without it, a step that quantizes a group itself (kv_quant_residual=0) read
             # float32 scales where the cache stores float16 ones: logits off by up to 0.4 from
             # that step on, and other greedy text with int2
-            with inductor_config.patch(emulate_precision_casts=True), warnings.catch_warnings():
+            # (no_grad: the step is traced as it is called, for inference)
+            with torch.no_grad(), inductor_config.patch(emulate_precision_casts=True), warnings.catch_warnings():
                 # (inductor's C++ code generator warns of bfloat16 residuals beside float16 scales
                 # in one loop: both are read as stored, and the tests compare the result with eager)
                 warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
-                self.step = compile_or_eager(static_step, probe, **options)
+                self.step = compile_or_eager(static_step, lambda f: self._probe(f, *args),
+                                             fixed_args=args if fixed else None, **options)
                 self.compiled = self.step is not static_step
-                if self.compiled and self.flushing:
-                    self.flush = compile_or_eager(static_flush, lambda f: [self._probe(f, g) for g in self.flushing],
-                                                  **options)
+                if self.compiled:  # each list of caches its own function where the arguments are fixed
+                    flush = lambda g: compile_or_eager(static_flush, lambda f: self._probe(f, g),
+                                                       fixed_args=(g,) if fixed else None, **options)
+                    self.flushes = [flush(g) for g in self.flushing]
             self.compile_seconds = time.perf_counter() - t0
             self.start()
 
@@ -175,9 +183,9 @@ class StaticDecoder:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
         self.token.copy_(token)  # into a buffer of its own: a column sliced from a text has other strides
         with torch.no_grad():  # inference only (grad mode is part of what was compiled)
-            for group in self.flushing:
+            for group, flush in zip(self.flushing, self.flushes):
                 if group[0].due(self.clock.n):
-                    self.flush(group)
+                    flush(group)
             logits = self.step(self.model, self.token, self.caches, self.rot_table)
         self.clock.n += 1
         return logits.clone() if self.cuda_graphs else logits

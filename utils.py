@@ -305,13 +305,20 @@ def keep_freed_memory():
 _COMPILE_FAILED = {}  # (function, options) -> the exception its compilation raised in this process
 
 
-def compile_or_eager(fn, probe, **options):
+def compile_or_eager(fn, probe, fixed_args=None, **options):
     """torch.compile(fn, **options), tried once by probe(compiled): compilation is lazy, so this
     is where it would fail (no C++ compiler, an unsupported platform or Python). On failure,
     fn itself and one warning line on stderr; a later call for the same function and options
     returns fn at once, without trying again (a sweep's rows would otherwise each pay for a
     failed compile and warn); another function is still tried. The global RNG is left as the
-    probe found it."""
+    probe found it.
+    fixed_args: the arguments of every later call, the very same objects (a decoder's model,
+    buffers and caches, whose tensors change in place only). fn is then compiled ahead for them
+    (aot_compile, in the grad and autocast modes of this call) and called without dynamo's
+    guard check, which costs 40-60 us a call on a CPU (RESULTS.md, "Decode speed"): the check
+    is what would notice other arguments or another grad or autocast mode, so only a caller
+    that never changes them may ask. Where aot_compile is missing or fails, the usual compiled
+    function."""
     key = (getattr(fn, "__qualname__", None) or type(fn).__qualname__, repr(sorted(options.items())))
     if key in _COMPILE_FAILED:
         return fn
@@ -319,6 +326,8 @@ def compile_or_eager(fn, probe, **options):
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         compiled = torch.compile(fn, **options)
+        if fixed_args is not None:
+            compiled = unguarded(compiled, fixed_args)
         probe(compiled)
     except Exception as e:  # any failure inside the compiler stack means: run eager
         import torch._dynamo as dynamo
@@ -333,6 +342,21 @@ def compile_or_eager(fn, probe, **options):
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
     return compiled
+
+
+def unguarded(compiled, args):
+    """compiled (what torch.compile returned) traced now for args and called from here on
+    without dynamo's guard check; compiled itself where this torch cannot (then its first call
+    traces it, as usual)."""
+    aot = getattr(compiled, "aot_compile", None)
+    if aot is None:
+        return compiled
+    try:
+        f = aot((tuple(args), {}))
+        f.disable_guard_check()
+    except Exception:  # (an experimental API in torch 2.13) the guarded function does the same work
+        return compiled
+    return f
 
 
 def atomic_write(path, write):

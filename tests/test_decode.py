@@ -183,7 +183,7 @@ def test_compiled_step_gives_eager_tokens_and_logits(kind):
     (kv_share: the traced test)."""
     model = sharp(n_kv_head=2, window=24, global_layers="1")
     kv = KVOptions(**KINDS[kind]).check()
-    dec = StaticDecoder(model, kv, 1, 46)  # (batch 1: no freezing, ~13 s less compiling; batch 2: the sample test)
+    dec = StaticDecoder(model, kv, 1, 46)  # (batch 2: the sample test)
     assert dec.compiled and not dec.flushing
     prompts = text(B=1, T=6)
     out = generate(model, prompts, 40, temperature=0, kv=kv, decoder=dec)
@@ -196,6 +196,28 @@ def test_compiled_step_gives_eager_tokens_and_logits(kind):
         for t in range(3, 46):
             want, _ = model(x[:, t:t + 1], caches)
             torch.testing.assert_close(dec(x[:, t:t + 1]), want[:, -1], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_compiled_decoders_keep_to_their_own_caches():
+    """On a CPU the compiled step skips dynamo's guard check (each decoder compiled ahead for
+    its own arguments): two decoders of the same kind and shape, stepped in turn over two texts,
+    each give their own text's logits (the eager caches'), and neither is traced again."""
+    model = sharp(n_kv_head=2)
+    kv = KVOptions(**KINDS["int4 window+sink"]).check()
+    decs = [StaticDecoder(model, kv, 1, 30) for _ in range(2)]
+    assert all(d.compiled for d in decs)
+    xs = [text(B=1, T=30, seed=s) for s in (4, 5)]
+    eager = [kv.make_caches(model, 1, capacity=30) for _ in xs]
+    for d in decs:
+        d.start()
+    before = dict(torch._dynamo.utils.counters["stats"])
+    with torch.no_grad():
+        for t in range(30):
+            for d, x, caches in zip(decs, xs, eager):
+                want, _ = model(x[:, t:t + 1], caches)
+                torch.testing.assert_close(d(x[:, t:t + 1]), want[:, -1], atol=1e-4, rtol=1e-5)
+    assert dict(torch._dynamo.utils.counters["stats"]) == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

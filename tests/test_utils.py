@@ -46,6 +46,34 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsy
     assert utils.compile_or_eager(lambda t: t + 1, probed.append) is not None and len(probed) == 1
 
 
+def test_fixed_arguments_compile_ahead_or_fall_back_quietly(monkeypatch, capsys):
+    """fixed_args: compiled ahead for those arguments and called without the guard check (the
+    same result as the function); where torch cannot compile ahead, the usual compiled function,
+    with no warning."""
+    fn = lambda x, w: torch.tanh(x @ w) + 1  # noqa: E731
+    args = (torch.randn(3, 4), torch.randn(4, 5))
+    ahead = utils.compile_or_eager(fn, lambda f: f(*args), fixed_args=args, backend="eager", fullgraph=True)
+    assert ahead is not fn and not hasattr(ahead, "aot_compile")
+    args[0].copy_(torch.randn(3, 4))  # a decoder's buffers change in place only
+    torch.testing.assert_close(ahead(*args), fn(*args))
+
+    real_compile = torch.compile
+
+    def no_ahead(f, **kw):  # a torch whose compiled functions cannot compile ahead
+        compiled = real_compile(f, **kw)
+
+        def refuse(example):
+            raise RuntimeError("aot_compile: unsupported")
+        compiled.aot_compile = refuse
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_ahead)
+    guarded = utils.compile_or_eager(fn, lambda f: f(*args), fixed_args=args, backend="eager", fullgraph=True)
+    assert guarded is not fn and hasattr(guarded, "aot_compile")
+    torch.testing.assert_close(guarded(*args), fn(*args))
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_keep_freed_memory_reuses_big_blocks():
     """After keep_freed_memory() the pages of a freed 64 MB tensor serve the next one (after a
