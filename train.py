@@ -163,6 +163,9 @@ def train(held):
         sys.stdout = open(os.devnull, "w")
     given = set()  # the settings a flag or a config file sets (configure fills it)
     config = configure(globals(), sys.argv[1:], given=given)
+    if isinstance(dataset, str) and ("/" in dataset or os.sep in dataset):
+        # a folder as the checkpoint records it: read from any directory later (sample, eval_kv, a resume)
+        globals()["dataset"] = config["dataset"] = os.path.abspath(dataset)
     check_settings(world_size)
     if master and not eval_only and max_iters > 0:  # a run that trains: out_dir must be usable, and its own
         held.enter_context(outdir.claim(out_dir, fresh=init_from == "scratch", overwrite=overwrite))

@@ -532,3 +532,19 @@ def test_bf16_training_on_cpu_follows_the_float32_run(data_dir, tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.05, (a, b)
     sd = read_checkpoint(tmp_path / "bf16" / "ckpt.pt")["model"]
     assert all(t.dtype == torch.float32 for t in sd.values())
+
+
+def test_a_relative_dataset_folder_is_recorded_for_any_directory(data_dir, tmp_path, monkeypatch):
+    """--dataset=../corpus/ from one directory: the checkpoint names the folder itself, so
+    eval_kv.py run from another directory reads the same text (not ../corpus/ from there)."""
+    shutil.copytree(data_dir, tmp_path / "corpus")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    train("../corpus/", tmp_path / "out", "--max_iters=2")
+    saved = read_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["config"]["dataset"]
+    assert os.path.samefile(saved, tmp_path / "corpus") and os.path.isabs(saved)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, printed, err = run_in_process("eval_kv.py", f"--out_dir={tmp_path / 'out'}", "--n_streams=1",
+                                        "--stream_len=64", "--device=cpu", "--threads=1")
+    assert code in (0, None), err
