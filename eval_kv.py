@@ -59,7 +59,7 @@ from kv.peak import decoder_peak
 from kv.policy import KVOptions
 from kv.quant import FORMATS, GROUPED
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
-from loader import dataset_paths, same_dataset
+from loader import dataset_dir, dataset_paths, same_dataset
 from utils import Progress, UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
 
 quiet_start.done()
@@ -372,7 +372,11 @@ def main():
     name = dataset or config.get("dataset", "")
     if not name:
         raise UserError(f"{path} does not say which dataset it was trained on; pass --dataset=NAME (or a folder with val.txt)")
-    _, val_path = dataset_paths(name) if dataset else saved_dataset_paths(name, path)  # the checkpoint's: read only
+    if dataset:  # (only its val.txt is read: a folder holding that alone will do)
+        held = os.path.join(dataset_dir(dataset), "val.txt")
+        val_path = held if os.path.isfile(held) else dataset_paths(dataset)[1]
+    else:
+        val_path = saved_dataset_paths(name, path)[1]  # the checkpoint's: read only
     # what is not the checkpoint's own: named in the title and in the sweep's file names, so that
     # such a run neither passes for nor replaces the checkpoint's own sweep
     other = []

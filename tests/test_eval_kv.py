@@ -5,6 +5,7 @@ import csv
 import importlib
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -465,3 +466,20 @@ def test_ctrl_c_during_a_sweep_says_nothing_was_written_and_keeps_the_last_one(c
     assert e.value.code == 130 and "Traceback" not in err
     assert "stopped before the sweep ended: nothing was written" in err and "earlier sweep's, untouched" in err
     assert earlier.read_text() == "setting\nthe earlier sweep\n"
+
+
+def test_dataset_folder_with_val_txt_alone(ckpt_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    """--dataset=FOLDER needs only val.txt there (eval_kv reads nothing else): the same bits
+    per byte as the full folder it came from."""
+    only = tmp_path / "val_only"
+    only.mkdir()
+    shutil.copyfile(tiny_data_dir / "val.txt", only / "val.txt")
+
+    def bpb(folder):
+        monkeypatch.setattr("sys.argv", ["eval_kv.py", f"--out_dir={ckpt_dir}", "--stream_len=64", "--n_streams=1",
+                                         f"--dataset={folder}/"])
+        importlib.reload(eval_kv).main()
+        return [line for line in capsys.readouterr().out.splitlines() if line.startswith("| plain")]  # the table
+
+    assert bpb(only) == bpb(tiny_data_dir) != []
+    assert not (only / "train.txt").exists()  # nothing written into the folder
