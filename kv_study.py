@@ -64,7 +64,8 @@ from kv.study_report import write_frontier
 from loader import dataset_paths
 from outdir import make_folder
 from resume import saved_iteration
-from utils import Progress, UserError, check_range, keep_freed_memory, read_json, run_main, use_threads, write_json
+from utils import (Progress, UserError, check_range, keep_freed_memory, read_json, run_main, stop_on_sigterm,
+                   use_threads, write_json)
 
 quiet_start.done()
 
@@ -178,7 +179,7 @@ def fine_tune(base_path, folder, args, k, config, block=None):
            *args, *train_args.split()]
     t0 = time.time()
     with open(os.path.join(folder, "train.log"), "w") as log:
-        proc = subprocess.Popen(cmd, cwd=HERE, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # (paths are the caller's)
         try:
             proc.wait()
         except KeyboardInterrupt:
@@ -196,10 +197,18 @@ def fine_tune(base_path, folder, args, k, config, block=None):
     # to train it again: a copy of the base in a folder of its own (train.py resumes from out_dir's
     # ckpt.pt, and the study's folder holds the fine-tuned one)
     again = folder.rstrip(os.sep) + "_again"
-    rel = lambda c: c.replace(folder, again).replace(HERE + os.sep, "")
-    q = lambda c: shlex.quote(rel(c))
+    q = lambda c: shlex.quote(c.replace(folder, again))
     return (f"mkdir -p {q(folder)} && cp {q(base_path)} {q(os.path.join(folder, 'ckpt.pt'))} && python "
-            + " ".join(q(c) for c in cmd[1:]))
+            + " ".join([shlex.quote(script("train.py"))] + [q(c) for c in cmd[2:]]))
+
+
+def script(name):
+    """How to name one of the project's scripts in a printed command, from this directory."""
+    path = os.path.join(HERE, name)
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # (another drive, on Windows)
+        return path
 
 
 def stop(proc):
@@ -253,8 +262,7 @@ def study():
                         "there is no cache to shrink; study a softmax base")
     config = ckpt.get("config") or {}
     block, n_layer = int(config["block_size"]), int(config["n_layer"])
-    names = [v for v in variants.split(",") if v]
-    todo = [(v, variant_args(v, block, n_layer)) for v in names]
+    todo = [(v, variant_args(v, block, n_layer)) for v in variant_names()]
     x, y = load_val(config, base_path, n_streams, stream_len)
     step = chunk or block
     settings = grid(block, quick)
@@ -266,16 +274,16 @@ def study():
                      dtype=eval_kv.DTYPES[dtype])
     make_folder(folder, "out")  # (after the checks: a refused study leaves no empty folder)
     check_writable(os.path.join(folder, "frontier"), [".csv", ".md", ".png"], tensorboard, "--out")
+    variant_names(say=lambda line: print(line, file=sys.stderr))  # (the note, once nothing is refused)
     eval_cmd = (f"--n_streams={n_streams} --stream_len={stream_len} --dtype={dtype} "
                 f"{shlex.quote('--baseline=' + base_path)}")
     rows, t0, spent = [], time.time(), {"fine-tune": [], "evaluation": []}  # seconds of each done here
     tuned, measured = run_settings(ckpt, base_path, step)
+    states = {name: fine_tune_state(os.path.join(folder, name), args, tuned) for name, args in todo}
     for n, (name, args) in enumerate(todo):
         vdir = os.path.join(folder, name)
         done, ft_done = os.path.join(vdir, "results.json"), os.path.join(vdir, "finetune.json")
-        ft = read_json(ft_done) or {}  # the fine-tune's settings, command and last iteration
-        ended = saved_iteration(os.path.join(vdir, "last.pt"))  # (another when a later fine-tune was cut short)
-        trained = args is None or (ft.get("settings") == tuned and ended is not None and ended == ft.get("last_iter"))
+        ft, ended, trained = states[name]
         record = read_json(done)  # the evaluation's settings and rows
         # the rows depend on the evaluation's settings and, for a fine-tuned variant, on its fine-tune
         wanted = measured if args is None else dict(measured, **{"fine-tune": tuned})
@@ -284,9 +292,13 @@ def study():
             rows += record["rows"]
             continue
         if record is not None or ft:  # a study with other settings, or one from before they were recorded
-            what = changes(ft.get("settings", {}), tuned) if args is not None and not trained else []
-            if args is not None and not trained and not what:
-                what = [f"its last.pt (iteration {ended}) is not the end of the fine-tune recorded"]
+            what = []
+            if args is not None and not trained:
+                if not ft and os.path.exists(os.path.join(vdir, "train.log")):
+                    what = ["its last fine-tune did not finish"]  # (its record is written at the end)
+                else:
+                    what = changes(ft.get("settings", {}), tuned) or [
+                        f"its last.pt (iteration {ended}) is not the end of the fine-tune recorded"]
             what += changes(record.get("settings", {}) if isinstance(record, dict) else {}, measured)
             print(f"[{n + 1}/{len(todo)}] {name}: done before with other settings "
                   f"({', '.join(dict.fromkeys(what)) or 'its fine-tune was redone since'}), redone", file=sys.stderr)
@@ -310,7 +322,8 @@ def study():
         write_json(done, {"settings": wanted, "rows": found})
         rows += found
         spent["evaluation"].append(time.time() - t1)
-        print(f"  {name} done; elapsed {time.time() - t0:.0f}s, {eta(todo[n + 1:], spent)}", file=sys.stderr)
+        left = [(v, None if states[v][2] else a) for v, a in todo[n + 1:]]  # (a finished fine-tune is not redone)
+        print(f"  {name} done; elapsed {time.time() - t0:.0f}s, {eta(left, spent)}", file=sys.stderr)
     judge(rows, base_path)
     for r in rows:
         r["eval_command"] = eval_command(r, eval_cmd)
@@ -318,6 +331,27 @@ def study():
              f"chunk {step}" + (f" (h2o and per-channel keys: chunk {evict_chunk})" if evict_chunk else ""))
     write_frontier(rows, os.path.join(folder, "frontier"), title, yardstick, tensorboard, show=print)
     print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
+
+
+def variant_names(say=None):
+    """--variants as a list, base first: every row is measured against the base's plain cache,
+    so the base is evaluated whether or not it was asked for (a note through say, e.g. print)."""
+    names = list(dict.fromkeys(v.strip() for v in variants.split(",") if v.strip()))
+    if not names:
+        raise UserError(f"--variants={variants}: no variant named; give names separated by commas, e.g. "
+                        "--variants=base,base_ft,mqa")
+    if "base" not in names and say is not None:
+        say("note: base added to --variants: every row is measured against the base's plain cache")
+    return ["base"] + [v for v in names if v != "base"]
+
+
+def fine_tune_state(vdir, args, tuned):
+    """(its record, the iteration its last.pt ends at, whether it is finished with the settings
+    `tuned`) of a variant's fine-tune; the base (args None) needs none."""
+    ft = read_json(os.path.join(vdir, "finetune.json")) or {}  # the fine-tune's settings, command and last iteration
+    ended = saved_iteration(os.path.join(vdir, "last.pt"))  # (another when a later fine-tune was cut short)
+    trained = args is None or (ft.get("settings") == tuned and ended is not None and ended == ft.get("last_iter"))
+    return ft, ended, trained
 
 
 def iteration_counts(text):
@@ -405,7 +439,7 @@ def eval_command(r, common):
         kv.pop("kv_quant_group", None)
     flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")
     d = os.path.dirname(r["checkpoint"])
-    return (f"python eval_kv.py {shlex.quote('--out_dir=' + d)} "
+    return (f"python {shlex.quote(script('eval_kv.py'))} {shlex.quote('--out_dir=' + d)} "
             f"{shlex.quote('--checkpoint_name=' + os.path.basename(r['checkpoint']))} {flags} --chunk={r['chunk']} {common}")
 
 
@@ -467,6 +501,8 @@ def main():
                                  "mqa_share_int2_local,gqa_int2,gqa_int2_local")
     if what not in ("frontier", "context"):
         raise UserError(f"--what={what!r}: choose frontier or context")
+    if what == "frontier":
+        variant_names()  # an empty list is one line now
     check_range(globals(), "iters n_streams stream_len kv_quant_group context_streams", 1)
     check_range(globals(), "chunk evict_chunk learning_rate min_lr", 0)
     iteration_counts(context_iters)  # a typo here is one line now, not a traceback after the base's evaluation
@@ -477,7 +513,8 @@ def main():
     keep_freed_memory()
     use_threads(threads)
     try:
-        study() if what == "frontier" else context()
+        with stop_on_sigterm():  # as Ctrl-C: a fine-tune running is stopped, what finished is kept
+            study() if what == "frontier" else context()
     except KeyboardInterrupt:
         print("\ninterrupted: the same command goes on from here (what finished is kept, what was cut short is "
               "done again)", file=sys.stderr)

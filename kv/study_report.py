@@ -58,7 +58,8 @@ def markdown(rows, title, yardstick="strict"):
               + {"strict": "the worse for it of the base and base_ft, the base fine-tuned as long with nothing reduced",
                  "same_training": "base_ft, the base fine-tuned as long with nothing reduced",
                  "base": "the base"}[yardstick] + ")."]
-    if yardstick != "base" and not any(r["variant"] == "base_ft" for r in rows):
+    if yardstick != "base" and not any(r["variant"] == "base_ft" for r in rows) \
+            and any(r["variant"] != "base" for r in rows):  # (a fine-tuned row to judge)
         lines[-1] += (" No base_ft among the variants: every row is judged against the base, so a fine-tuned "
                       "row's change mixes the reduction with its extra training (add base_ft to --variants).")
     for pct in (1, 3):

@@ -94,6 +94,7 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     longer = [a if not a.startswith("--stream_len") else "--stream_len=80" for a in SMALL]
     again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa", *longer)
     assert again.count("redone") == 2 and "stream_len 64 -> 80" in again and "fine-tuning" not in again
+    assert "ETA after the first fine-tune" not in again  # no fine-tune left to time
     assert stamp["mqa/last.pt"] == os.stat(folder / "mqa/last.pt").st_mtime_ns
     with open(folder / "frontier.csv") as f:
         fresh = {r["setting"]: r["bpb"] for r in csv.DictReader(f) if r["variant"] == "base"}
@@ -111,6 +112,9 @@ def test_tiny_study_end_to_end_and_resume(base_ckpt, tmp_path):
     assert "iters 2 -> 3" in again and "fine-tuning 3 iterations" in again
     assert "base: finished before, skipped" in again  # no fine-tune: its rows still hold
     assert read_checkpoint(str(folder / "mqa/last.pt"))["iter_num"] == 3 + 3  # the base's 3, then 3 more
+    (folder / "mqa" / "finetune.json").unlink()  # as a fine-tune stopped before its end leaves the folder
+    again = study(f"--base={base_ckpt}", f"--out={folder}", "--quick=True", "--variants=base,mqa", *more)
+    assert "mqa: done before with other settings (its last fine-tune did not finish), redone" in again
     # the copy of the base that train.py set aside (another model's best) does not pile up
     assert sorted(p.name for p in (folder / "mqa").glob("*.pt")) == ["ckpt.pt", "last.pt"]
     # rows of an older grid (before its version was recorded) are redone, not reused
@@ -155,6 +159,40 @@ def test_unknown_variant_is_one_error(base_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         study(f"--base={base_ckpt}", f"--out={tmp_path}", "--variants=base,nope", *SMALL)
     assert e.value.code == 2
+
+
+def test_empty_variants_is_one_line_before_any_work(base_ckpt, tmp_path):
+    for bad in (",", " , "):
+        assert_user_error(kv_study(base_ckpt, tmp_path / "s", f"--variants={bad}"), "no variant named")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow  # a fine-tune in a subprocess
+def test_a_study_without_base_from_another_directory(base_ckpt, tmp_path, monkeypatch):
+    """--variants without base: the base is measured anyway (every row is against its plain
+    cache: a variant's own plain row is not 1.0x smaller); relative --base and --out from a
+    directory other than the project's reach train.py as meant, and the commands printed run
+    from there."""
+    import shutil
+    (tmp_path / "b").mkdir()
+    shutil.copyfile(base_ckpt, tmp_path / "b" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path)
+    printed = study("--base=b", "--out=st", "--quick=True", "--variants=mqa", *SMALL)
+    assert "note: base added to --variants" in printed
+    assert (tmp_path / "st" / "mqa" / "last.pt").exists() and not os.path.exists(os.path.join(REPO_ROOT, "st"))
+    with open(tmp_path / "st" / "frontier.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows][0] == "base" and {r["variant"] for r in rows} == {"base", "mqa"}
+    own = [r for r in rows if r["variant"] == "mqa" and "(reference)" in r["setting"]]
+    assert len(own) == 1 and float(own[0]["x_smaller"]) == 2.0  # one K/V head of two
+    assert "Baseline: b/ckpt.pt" in (tmp_path / "st" / "frontier.md").read_text()
+    cmd = own[0]["eval_command"].split()
+    assert os.path.samefile(cmd[1], os.path.join(REPO_ROOT, "eval_kv.py"))  # named from here
+    code, out, err = run_in_process("eval_kv.py", *cmd[2:])
+    assert code in (0, None), err
+    assert f"{float(own[0]['bpb']):.4f}" in out
+    script = own[0]["train_command"].split(" && python ")[1].split()[0]
+    assert os.path.samefile(script, os.path.join(REPO_ROOT, "train.py"))
 
 
 def test_best_within_takes_the_most_reduction_then_the_least_cost():
@@ -257,3 +295,16 @@ def test_a_variant_of_local_layers_says_its_wider_windows_do_not_bind(tmp_path, 
     rows = kv_study.evaluate_variant(path, x, x, [KVOptions(kv_window=16), KVOptions(kv_window=32)], 16, 16, "loc")
     assert len({(r["bpb"], r["kv_bits_peak"]) for r in rows}) == 1  # one cache, whatever the label says
     assert "note: every softmax layer of loc attends 8 back" in capsys.readouterr().out
+
+
+def test_sigterm_stops_the_study_as_ctrl_c_does(tmp_path):
+    """kill (SIGTERM) during the study: the same line and exit as Ctrl-C (a fine-tune running
+    is then stopped by its KeyboardInterrupt handler), not a silent death that leaves it running."""
+    code = ("import os, signal, sys\n"
+            "import kv_study\n"
+            "kv_study.study = lambda: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "sys.argv = ['kv_study.py', '--base=none.pt']\n"
+            "kv_study.run_main(kv_study.main)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 143, proc.stderr
+    assert "interrupted: the same command goes on from here" in proc.stderr and "Traceback" not in proc.stderr
