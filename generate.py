@@ -72,11 +72,11 @@ class StaticDecoder:
 
     compile: True = torch.compile with fullgraph, dynamic=False (on a CPU compiled ahead for the
     decoder's own model, buffers and caches and called without dynamo's guard check, so it is
-    traced for the model's mode and the autocast in force here: make the decoder where it is
-    used; on CUDA mode="reduce-overhead": the step is replayed as one CUDA graph); False = the
-    same step eager (a reference: slower than the eager caches, as it attends over every slot);
-    or a torch.compile backend (tests count compilations with one). When compiling fails: one
-    warning, and `compiled` is False.
+    traced for the model's dtype and mode and the autocast in force here: make the decoder where
+    it is used (a call in another raises ValueError); on CUDA mode="reduce-overhead": the step
+    is replayed as one CUDA graph); False = the same step eager (a reference: slower than the
+    eager caches, as it attends over every slot); or a torch.compile backend (tests count
+    compilations with one). When compiling fails: one warning, and `compiled` is False.
     dtype: what the caches store full precision at (default: as KVOptions.make_caches).
     Raises ValueError for a cache kind kv.static.static_reason() keeps eager."""
 
@@ -106,6 +106,7 @@ class StaticDecoder:
                 schedules.setdefault((c.R, c.G), []).append(c)
         self.flushing = list(schedules.values())
         self.step, self.compiled, self.compile_seconds = static_step, False, 0.0
+        self.traced, self.weight = None, p  # what a step called without guards was traced for (mode())
         self.flushes = [static_flush] * len(self.flushing)  # one per list of self.flushing
         if compile:
             options, fixed = dict(fullgraph=True, dynamic=False), False
@@ -146,6 +147,8 @@ class StaticDecoder:
                                                        fixed_args=(g,) if fixed else None, **options)
                     self.flushes = [flush(g) for g in self.flushing]
             self.compile_seconds = time.perf_counter() - t0
+            if fixed and self.compiled:
+                self.traced = self.mode()
             self.start()
 
     def buffers(self):
@@ -175,10 +178,22 @@ class StaticDecoder:
         self.clock.set(seen)
         return self.caches
 
+    def mode(self):
+        """What the step's trace depends on besides its arguments' shapes: the weights' dtype,
+        train or eval, and the autocast in force (on a CPU nothing checks these per call)."""
+        dev = self.token.device.type
+        cast = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        return self.weight.dtype, self.model.training, cast
+
     def __call__(self, token):
         """token (B, 1) -> logits (B, V); the caches now hold it."""
         if self.clock.n >= self.capacity:
             raise ValueError(f"the decoder's capacity of {self.capacity} tokens is used up")
+        if self.traced is not None and self.mode() != self.traced:
+            say = lambda dt, train, cast: (f"{str(dt).replace('torch.', '')} weights, {'train' if train else 'eval'} "
+                                           f"mode, {str(cast).replace('torch.', '') if cast else 'no'} autocast")
+            raise ValueError(f"the decoder was compiled for {say(*self.traced)} and is called with "
+                             f"{say(*self.mode())}: make the decoder where it is used, after changing the model")
         if self.cuda_graphs and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
         self.token.copy_(token)  # into a buffer of its own: a column sliced from a text has other strides

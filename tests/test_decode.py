@@ -202,7 +202,8 @@ def test_compiled_step_gives_eager_tokens_and_logits(kind):
 def test_two_compiled_decoders_keep_to_their_own_caches():
     """On a CPU the compiled step skips dynamo's guard check (each decoder compiled ahead for
     its own arguments): two decoders of the same kind and shape, stepped in turn over two texts,
-    each give their own text's logits (the eager caches'), and neither is traced again."""
+    each give their own text's logits (the eager caches'), and neither is traced again; a call
+    in another mode than the traced one is refused."""
     model = sharp(n_kv_head=2)
     kv = KVOptions(**KINDS["int4 window+sink"]).check()
     decs = [StaticDecoder(model, kv, 1, 30) for _ in range(2)]
@@ -218,6 +219,15 @@ def test_two_compiled_decoders_keep_to_their_own_caches():
                 want, _ = model(x[:, t:t + 1], caches)
                 torch.testing.assert_close(d(x[:, t:t + 1]), want[:, -1], atol=1e-4, rtol=1e-5)
     assert dict(torch._dynamo.utils.counters["stats"]) == before
+    # what no guard checks any more: called under another autocast, or after the model changed
+    # dtype, it says so instead of running the trace of another mode
+    for d in decs:
+        d.start()
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ValueError, match="no autocast and is called with .* bfloat16 autocast"):
+        decs[0](xs[0][:, :1])
+    model.double()
+    with pytest.raises(ValueError, match="compiled for float32 weights.* called with float64 weights"):
+        decs[1](xs[1][:, :1])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
