@@ -294,8 +294,8 @@ def study():
         if record is not None or ft:  # a study with other settings, or one from before they were recorded
             what = []
             if args is not None and not trained:
-                if not ft and os.path.exists(os.path.join(vdir, "train.log")):
-                    what = ["its last fine-tune did not finish"]  # (its record is written at the end)
+                if not ft and os.path.exists(os.path.join(vdir, "train.log")):  # (the record comes at the end)
+                    what = ["its last fine-tune did not finish"]
                 else:
                     what = changes(ft.get("settings", {}), tuned) or [
                         f"its last.pt (iteration {ended}) is not the end of the fine-tune recorded"]
