@@ -76,7 +76,8 @@ class StaticDecoder:
     it is used (a call in another raises ValueError); on CUDA mode="reduce-overhead": the step
     is replayed as one CUDA graph); False = the same step eager (a reference: slower than the
     eager caches, as it attends over every slot); or a torch.compile backend (tests count
-    compilations with one). When compiling fails: one warning, and `compiled` is False.
+    compilations with one). When compiling fails: one warning, and `compiled` is False;
+    `unguarded` says whether the step runs without the guard check.
     dtype: what the caches store full precision at (default: as KVOptions.make_caches).
     Raises ValueError for a cache kind kv.static.static_reason() keeps eager."""
 
@@ -105,7 +106,7 @@ class StaticDecoder:
             if getattr(c, "flush_apart", False):
                 schedules.setdefault((c.R, c.G), []).append(c)
         self.flushing = list(schedules.values())
-        self.step, self.compiled, self.compile_seconds = static_step, False, 0.0
+        self.step, self.compiled, self.compile_seconds, self.unguarded = static_step, False, 0.0, False
         self.traced, self.weight = None, p  # what a step called without guards was traced for (mode())
         self.flushes = [static_flush] * len(self.flushing)  # one per list of self.flushing
         if compile:
@@ -124,8 +125,10 @@ class StaticDecoder:
                 # and called without dynamo's guard check (-25 to -30% per step at batch 1, and
                 # at batch 8 more than inductor's freezing gained, which aot_compile refuses)
                 fixed = True
-            # one compiled entry per decoder of another cache kind or shape: more than dynamo's
-            # default of 8 in a sweep (its guards pick the entry; none is traced twice)
+            # (guarded steps: CUDA, MPS, a backend given) one compiled entry per decoder of another
+            # cache kind or shape: more than dynamo's default of 8 in a sweep (its guards pick the
+            # entry; none is traced twice). A CPU step compiled ahead is its decoder's own: each
+            # decoder compiles (2-10 s more for a second one of the same kind and shape)
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             t0 = time.perf_counter()
             args = (self.model, self.token, self.caches, self.rot_table)
@@ -147,7 +150,9 @@ class StaticDecoder:
                                                        fixed_args=(g,) if fixed else None, **options)
                     self.flushes = [flush(g) for g in self.flushing]
             self.compile_seconds = time.perf_counter() - t0
-            if fixed and self.compiled:
+            # (the guarded function is still torch.compile's, where torch could not compile ahead)
+            self.unguarded = fixed and self.compiled and not hasattr(self.step, "aot_compile")
+            if self.unguarded:
                 self.traced = self.mode()
             self.start()
 

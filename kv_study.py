@@ -49,7 +49,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -160,23 +159,38 @@ FINE_TUNE_FILES = re.compile(r"finetune\.json|last(_\d+){0,2}\.pt|events\.out\.t
 BASE_SET_ASIDE = re.compile(r"ckpt_\d+(_\d+)?\.pt")
 
 
+def fine_tune_command(base_path, folder, args, k, config, block=None):
+    """The train.py command (a list) of a fine-tune in `folder`: k more iterations with args."""
+    return [sys.executable, os.path.join(HERE, "train.py"), "--init_from=resume", f"--out_dir={folder}",
+            "--resume_mode=finetune", f"--max_iters={k}", f"--learning_rate={learning_rate}", f"--min_lr={min_lr}",
+            f"--warmup_iters={max(k // 10, 1)}", f"--lr_decay_iters={k}", f"--eval_interval={max(k, 1)}",
+            "--eval_iters=10", f"--log_interval={max(min(k // 4, 50), 1)}", f"--dataset={config['dataset']}",
+            f"--batch_size={config['batch_size']}", f"--block_size={block or config['block_size']}",
+            f"--device={config.get('device') or 'cpu'}", f"--threads={threads}", f"--tensorboard={tensorboard}",
+            *args, *train_args.split()]
+
+
+def again_command(base_path, folder, cmd):
+    """Shell commands that train the fine-tune of cmd once more, in folder_again: a copy of the
+    base in a folder of its own (train.py resumes from out_dir's ckpt.pt, and the study's folder
+    holds the fine-tuned one)."""
+    again = folder.rstrip(os.sep) + "_again"
+    q = lambda c: shlex.quote(c.replace(folder, again))
+    return (f"mkdir -p {q(folder)} && cp {q(base_path)} {q(os.path.join(folder, 'ckpt.pt'))} && python "
+            + " ".join(q(c) for c in cmd[1:]))
+
+
 def fine_tune(base_path, folder, args, k, config, block=None):
     """train.py --init_from=resume from a copy of the base in `folder`, k more iterations with
-    args; returns the command. Its output goes to folder/train.log. What an earlier fine-tune
-    left there goes first: its record (a fine-tune cut short is then never taken for a finished
-    one), its checkpoints and its curves."""
+    args (fine_tune_command); returns the commands that train it again (again_command). Its
+    output goes to folder/train.log. What an earlier fine-tune left there goes first: its record
+    (a fine-tune cut short is then never taken for a finished one), its checkpoints and its curves."""
     os.makedirs(folder, exist_ok=True)
     for name in os.listdir(folder):
         if FINE_TUNE_FILES.fullmatch(name):
             os.remove(os.path.join(folder, name))
     shutil.copyfile(base_path, os.path.join(folder, "ckpt.pt"))
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--init_from=resume", f"--out_dir={folder}",
-           "--resume_mode=finetune", f"--max_iters={k}", f"--learning_rate={learning_rate}", f"--min_lr={min_lr}",
-           f"--warmup_iters={max(k // 10, 1)}", f"--lr_decay_iters={k}", f"--eval_interval={max(k, 1)}",
-           "--eval_iters=10", f"--log_interval={max(min(k // 4, 50), 1)}", f"--dataset={config['dataset']}",
-           f"--batch_size={config['batch_size']}", f"--block_size={block or config['block_size']}",
-           f"--device={config.get('device') or 'cpu'}", f"--threads={threads}", f"--tensorboard={tensorboard}",
-           *args, *train_args.split()]
+    cmd = fine_tune_command(base_path, folder, args, k, config, block)
     t0 = time.time()
     with open(os.path.join(folder, "train.log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # (paths are the caller's)
@@ -194,34 +208,27 @@ def fine_tune(base_path, folder, args, k, config, block=None):
     for name in os.listdir(folder):
         if BASE_SET_ASIDE.fullmatch(name):
             os.remove(os.path.join(folder, name))
-    # to train it again: a copy of the base in a folder of its own (train.py resumes from out_dir's
-    # ckpt.pt, and the study's folder holds the fine-tuned one)
-    again = folder.rstrip(os.sep) + "_again"
-    q = lambda c: shlex.quote(c.replace(folder, again))
-    return (f"mkdir -p {q(folder)} && cp {q(base_path)} {q(os.path.join(folder, 'ckpt.pt'))} && python "
-            + " ".join([shlex.quote(script("train.py"))] + [q(c) for c in cmd[2:]]))
+    return again_command(base_path, folder, cmd)
 
 
-def script(name):
-    """How to name one of the project's scripts in a printed command, from this directory."""
-    path = os.path.join(HERE, name)
-    try:
-        return os.path.relpath(path)
-    except ValueError:  # (another drive, on Windows)
-        return path
+def here(text):
+    """A command with the paths under this directory written from it (the study keeps absolute
+    paths, so a rerun from elsewhere still finds its folders)."""
+    return text.replace(os.path.join(os.getcwd(), ""), "")
 
 
 def stop(proc):
     """Let a train.py sent Ctrl-C finish its step and write last.pt; one that was not sent it
-    (the signal came to this process alone) gets it now; one still running after a minute, or
-    at a second Ctrl-C, is killed."""
+    (a kill, or Ctrl-C to this process alone) gets SIGTERM now, which train.py takes as Ctrl-C
+    (not SIGINT: a job started with & ignores it, and so does its train.py); one still running
+    after a minute, or at a second Ctrl-C, is killed."""
     try:
         try:
             proc.wait(timeout=2)  # a terminal's Ctrl-C reaches the whole process group
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)
+            proc.terminate()
             proc.wait(timeout=60)
-    except (subprocess.TimeoutExpired, KeyboardInterrupt, ValueError):  # (ValueError: no SIGINT on Windows)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
         proc.kill()
     proc.wait()
 
@@ -254,8 +261,8 @@ def evaluate_variant(path, x, y, settings, step, block, label):
 
 
 def study():
-    base_path = base if base.endswith(".pt") else checkpoint_path(base, "ckpt")
-    folder = out or os.path.join(os.path.dirname(base_path), "kv_study_quick" if quick else "kv_study")
+    base_path = os.path.abspath(base if base.endswith(".pt") else checkpoint_path(base, "ckpt"))
+    folder = os.path.abspath(out or os.path.join(os.path.dirname(base_path), "kv_study_quick" if quick else "kv_study"))
     base_model, ckpt = load_model(base_path, "cpu", option="base")
     if base_model.config.no_kv_cache:
         raise UserError(f"every layer of {base_path} is linear attention (a fixed-size state, no KV cache): "
@@ -287,9 +294,14 @@ def study():
         record = read_json(done)  # the evaluation's settings and rows
         # the rows depend on the evaluation's settings and, for a fine-tuned variant, on its fine-tune
         wanted = measured if args is None else dict(measured, **{"fine-tune": tuned})
+        # where its rows come from and how they are made again, from this run's paths (a rerun from
+        # another directory, or of a moved study, reuses the rows but not their old paths)
+        ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
+        train_cmd = "" if args is None else again_command(base_path, vdir, fine_tune_command(
+            base_path, vdir, args, iters, config))
         if trained and isinstance(record, dict) and record.get("settings") == wanted:
             print(f"[{n + 1}/{len(todo)}] {name}: finished before, skipped", file=sys.stderr)
-            rows += record["rows"]
+            rows += [dict(r, checkpoint=ckpt_path, train_command=train_cmd) for r in record["rows"]]
             continue
         if record is not None or ft:  # a study with other settings, or one from before they were recorded
             what = []
@@ -310,9 +322,7 @@ def study():
             ft["last_iter"] = saved_iteration(os.path.join(vdir, "last.pt"))
             write_json(ft_done, ft)
             spent["fine-tune"].append(time.time() - t1)
-        train_cmd = ft.get("command", "")
         t1 = time.time()
-        ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
         found = [dict(r, chunk=step) for r in evaluate_variant(ckpt_path, x, y, settings, step, block, name)]
         if evict_chunk:
             found += [dict(r, chunk=evict_chunk) for r in evaluate_variant(
@@ -326,11 +336,12 @@ def study():
         print(f"  {name} done; elapsed {time.time() - t0:.0f}s, {eta(left, spent)}", file=sys.stderr)
     judge(rows, base_path)
     for r in rows:
-        r["eval_command"] = eval_command(r, eval_cmd)
+        r["eval_command"] = here(eval_command(r, eval_cmd))
+        r["train_command"] = here(r["train_command"])
     title = (f"{os.path.basename(os.path.dirname(os.path.abspath(base_path)))}: {n_streams} x {stream_len} bytes, "
              f"chunk {step}" + (f" (h2o and per-channel keys: chunk {evict_chunk})" if evict_chunk else ""))
     write_frontier(rows, os.path.join(folder, "frontier"), title, yardstick, tensorboard, show=print)
-    print(f"wrote {folder}/frontier.csv, .md, .png", file=sys.stderr)
+    print(f"wrote {here(folder)}/frontier.csv, .md, .png", file=sys.stderr)
 
 
 def variant_names(say=None):
@@ -411,7 +422,7 @@ def judge(rows, base_path):
     if "base" not in refs:
         return
     b = refs["base"]
-    eval_kv.rebase(rows, f"{base_path}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    eval_kv.rebase(rows, f"{here(base_path)}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
     for r in rows:
         y = yardstick_of(r, refs)
         r.update(delta_base_pct=r["delta_pct"], yardstick=y, delta_pct=100 * (r["bpb"] / refs[y]["bpb"] - 1))
@@ -439,7 +450,7 @@ def eval_command(r, common):
         kv.pop("kv_quant_group", None)
     flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")
     d = os.path.dirname(r["checkpoint"])
-    return (f"python {shlex.quote(script('eval_kv.py'))} {shlex.quote('--out_dir=' + d)} "
+    return (f"python {shlex.quote(os.path.join(HERE, 'eval_kv.py'))} {shlex.quote('--out_dir=' + d)} "
             f"{shlex.quote('--checkpoint_name=' + os.path.basename(r['checkpoint']))} {flags} --chunk={r['chunk']} {common}")
 
 

@@ -429,7 +429,10 @@ def resume_run(config, given, defaults, dev, world_size):
     if "dataset" not in given and isinstance(saved_data, str) and saved_data \
             and not same_dataset(saved_data, dataset):
         print(f"note: dataset={saved_data!r} from the checkpoint, as it was trained (--dataset=... changes it)")
-        globals()["dataset"] = config["dataset"] = saved_data
+        # (a folder an older checkpoint named relative to where it ran: recorded from here on as
+        # the folder read now)
+        named = os.path.abspath(saved_data) if "/" in saved_data or os.sep in saved_data else saved_data
+        globals()["dataset"] = config["dataset"] = named
         train_path, val_path = saved_dataset_paths(saved_data, ckpt_path)
     else:
         train_path, val_path = dataset_paths(dataset)

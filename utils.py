@@ -315,7 +315,7 @@ def compile_or_eager(fn, probe, fixed_args=None, **options):
     fixed_args: the arguments of every later call, the very same objects (a decoder's model,
     buffers and caches, whose tensors change in place only). fn is then compiled ahead for them
     (aot_compile, in the grad and autocast modes of this call) and called without dynamo's
-    guard check, which costs 40-60 us a call on a CPU (RESULTS.md, "Decode speed"): the check
+    guard check, tens of microseconds a call on a CPU (RESULTS.md, "Decode speed"): the check
     is what would notice other arguments or another grad or autocast mode, so only a caller
     that never changes them may ask. Where aot_compile is missing or fails, the usual compiled
     function."""

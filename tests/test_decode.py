@@ -207,7 +207,7 @@ def test_two_compiled_decoders_keep_to_their_own_caches():
     model = sharp(n_kv_head=2)
     kv = KVOptions(**KINDS["int4 window+sink"]).check()
     decs = [StaticDecoder(model, kv, 1, 30) for _ in range(2)]
-    assert all(d.compiled for d in decs)
+    assert all(d.compiled and d.unguarded for d in decs)
     xs = [text(B=1, T=30, seed=s) for s in (4, 5)]
     eager = [kv.make_caches(model, 1, capacity=30) for _ in xs]
     for d in decs:

@@ -193,6 +193,16 @@ def test_a_study_without_base_from_another_directory(base_ckpt, tmp_path, monkey
     assert f"{float(own[0]['bpb']):.4f}" in out
     script = own[0]["train_command"].split(" && python ")[1].split()[0]
     assert os.path.samefile(script, os.path.join(REPO_ROOT, "train.py"))
+    # the same study rerun from another directory: its rows are reused, and their commands
+    # name the study's folders from there
+    monkeypatch.chdir(tmp_path / "b")
+    again = study("--base=ckpt.pt", "--out=../st", "--quick=True", "--variants=base,mqa", *SMALL)
+    assert again.count("finished before, skipped") == 2
+    with open(tmp_path / "st" / "frontier.csv") as f:
+        own = [r for r in csv.DictReader(f) if r["variant"] == "mqa" and "(reference)" in r["setting"]]
+    code, out, err = run_in_process("eval_kv.py", *own[0]["eval_command"].split()[2:])
+    assert code in (0, None), err
+    assert f"{float(own[0]['bpb']):.4f}" in out
 
 
 def test_best_within_takes_the_most_reduction_then_the_least_cost():
@@ -308,3 +318,21 @@ def test_sigterm_stops_the_study_as_ctrl_c_does(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 143, proc.stderr
     assert "interrupted: the same command goes on from here" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pause"), reason="POSIX signals")
+def test_a_fine_tune_that_ignores_ctrl_c_is_stopped_by_sigterm():
+    """kv_study stopped (Ctrl-C to it alone, or kill) stops its fine-tune with SIGTERM, which
+    train.py takes as Ctrl-C: a job started with & ignores SIGINT, and so does its train.py."""
+    import kv_study
+    child = ("import signal, sys\n"
+             "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
+             "print('ready', flush=True)\n"
+             "while True:\n"
+             "    signal.pause()\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    kv_study.stop(proc)
+    proc.stdout.close()
+    assert proc.returncode == 7  # its own handler ran (not a kill after the minute's grace)

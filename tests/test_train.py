@@ -539,12 +539,24 @@ def test_a_relative_dataset_folder_is_recorded_for_any_directory(data_dir, tmp_p
     eval_kv.py run from another directory reads the same text (not ../corpus/ from there)."""
     shutil.copytree(data_dir, tmp_path / "corpus")
     (tmp_path / "work").mkdir()
-    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "else" / "where").mkdir(parents=True)  # (../corpus/ from here is no folder)
     monkeypatch.chdir(tmp_path / "work")
     train("../corpus/", tmp_path / "out", "--max_iters=2")
     saved = read_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["config"]["dataset"]
     assert os.path.samefile(saved, tmp_path / "corpus") and os.path.isabs(saved)
-    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.chdir(tmp_path / "else" / "where")
     code, printed, err = run_in_process("eval_kv.py", f"--out_dir={tmp_path / 'out'}", "--n_streams=1",
                                         "--stream_len=64", "--device=cpu", "--threads=1")
     assert code in (0, None), err
+    # a checkpoint of before, naming the folder relative to where it ran: resumed from there, the
+    # new one names the folder itself
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    ckpt["config"]["dataset"] = "../corpus/"
+    ckpt.pop("crc32", None)  # (edited: its checksums go, as the error for an edited file says)
+    torch.save(ckpt, tmp_path / "out" / "ckpt.pt")
+    monkeypatch.chdir(tmp_path / "work")
+    code, printed, err = run_in_process("train.py", *TINY, f"--out_dir={tmp_path / 'out'}", "--init_from=resume",
+                                        "--max_iters=4", "--threads=1")
+    assert code in (0, None), err
+    assert os.path.samefile(read_checkpoint(str(tmp_path / "out" / "last.pt"))["config"]["dataset"], tmp_path / "corpus")
+    assert os.path.isabs(read_checkpoint(str(tmp_path / "out" / "last.pt"))["config"]["dataset"])
