@@ -45,6 +45,12 @@ def train_step(model, optimizer, scaler, loader, ctx, micro_steps, grad_clip=1.0
 def compile_probe(model, dev, ctx, shape):
     """One forward and backward of a dummy batch of shape (batch_size, block_size), so that
     torch.compile compiles (or fails) now."""
+    inner = getattr(model, "_orig_mod", model)
+    if getattr(getattr(inner, "config", None), "rope", False):
+        # the RoPE table the trace will find at every later call: traced without it, the first
+        # training step traced the model again (its guard: the table was None), seconds counted
+        # in the first interval's ms/iter
+        inner._rope(0, shape[1])
     try:
         with ctx:
             logits, _ = model(torch.zeros(*shape, dtype=torch.long, device=dev))

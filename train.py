@@ -241,7 +241,10 @@ def train(held):
     del ckpt  # free its memory before training
     if compile:
         print("compiling the model (the first call of each kind of step takes a while)...")
+        t0, eager = time.time(), model
         model = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx, (batch_size, block_size)))
+        if model is not eager:
+            print(f"compiled the training step in {time.time() - t0:.1f} s (evaluation compiles at its first call)")
     if ddp:
         # the only buffers are constant rotary tables: no need to send them at every forward
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)

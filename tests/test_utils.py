@@ -1,6 +1,7 @@
 """utils.py: the dtype chosen for each device, torch.compile's fallback to eager, and glibc's
 setting that keeps freed memory for the next big tensor."""
 
+import contextlib
 import subprocess
 import sys
 
@@ -110,3 +111,22 @@ def test_a_second_signal_stops_at_once_as_its_own_kind(signame, exc):
         with pytest.raises(exc) as e:
             stop._handler(signum, None)
     assert isinstance(e.value, utils.Terminated) == (signame == "SIGTERM")
+
+
+def test_the_compile_probe_leaves_nothing_to_trace_at_the_first_training_step():
+    """train.py compiles the model with steps.compile_probe: a forward and backward of a dummy
+    batch. The training steps after it find that trace (the probe fills the RoPE table first;
+    traced without it, the first real step traced the model again)."""
+    import torch._dynamo.testing
+    from steps import compile_probe
+    model = tiny(n_layer=1, n_head=2, n_embd=16)
+    counter = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter)
+    compile_probe(compiled, "cpu", contextlib.nullcontext(), (2, 8))
+    traced = counter.frame_count
+    for _ in range(2):  # training steps on real batches of that shape
+        x = torch.randint(0, 256, (2, 8))
+        logits, _ = compiled(x)
+        model.loss(logits, torch.roll(x, -1, 1)).backward()
+    assert traced > 0 and counter.frame_count == traced
