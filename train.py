@@ -248,7 +248,9 @@ def train(held):
     if ddp:
         # the only buffers are constant rotary tables: no need to send them at every forward
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
-    eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed + rank, device=dev)
+    # the same batches on every rank: a val loss means the same whatever the number of processes
+    # (a resume under another world size compares its best with the one recorded)
+    eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed, device=dev)
                  for split, path in (("train", train_path), ("val", val_path))}
     use_tb = writes and tensorboard and master and has_module("tensorboard", "no TensorBoard scalars are written")
     tb = TensorBoard(out_dir if use_tb else None, purge_step=start_iter)
@@ -292,7 +294,7 @@ def train(held):
         nonlocal best_val_loss, best_iter
         t0 = time.time()
         losses = estimate_loss(model, eval_sets, ctx, xl_mem, xl_fn, xl_name, quiet=not master)
-        if ddp:  # each rank evaluated its own batches: average them
+        if ddp:  # (every rank evaluated the same batches: the mean makes them agree to the bit)
             mean = torch.tensor(list(losses.values()), device=dev)
             dist.all_reduce(mean)
             losses = dict(zip(losses, (mean / world_size).tolist()))

@@ -86,6 +86,12 @@ def test_two_processes_train_like_one_that_reads_both_ranks_rows(data_dir, tmp_p
     assert ddp["iter_num"] == 4 and ddp["config"]["gradient_accumulation_steps"] == 2
     assert_close_weights(ddp["model"], one["model"])
     assert logged_losses(proc.stdout) == pytest.approx(logged_losses(printed), abs=2e-4)
+    # the val loss is over the batches one process evaluates, whatever the number of processes:
+    # at iteration 0 (the same weights) one process evaluating alone gives the same figures
+    monkeypatch.undo()
+    alone = train(data_dir, tmp_path / "alone", *args, "--eval_only=True")
+    first = lambda text: re.search(r"iter 0: train loss (\d+\.\d+), val loss (\d+\.\d+)", text).groups()
+    assert first(proc.stdout) == first(alone)
 
 
 def test_accumulated_micro_steps_update_like_one_larger_batch(data_dir, tmp_path, monkeypatch):
