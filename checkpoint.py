@@ -38,12 +38,13 @@ def checkpoint_path(out_dir, name):
 
 
 _NOTED = set()  # files already reported as having no checksum
+PROJECT = os.path.dirname(os.path.abspath(__file__))  # where a relative out_dir run from here would be
 
 
 def _recipe_for(folder):
     """The train.py arguments that write into folder: the recipe in config/ whose out_dir it
     is, else the CPU recipe pointed at it."""
-    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # (the recipes are the code's)
     for name in sorted(os.listdir(config_dir)):
         with open(os.path.join(config_dir, name)) as f:
             m = re.search(r"^out_dir = [\"']([^\"']+)[\"']", f.read(), re.M)
@@ -66,7 +67,7 @@ def missing_checkpoint(path, option="checkpoint_name"):
                          f"{os.path.dirname(folder) or '.'})" + (f" and --{option}={os.path.basename(folder)}"
                                                                  if by_name else ""))
     if not os.path.isdir(folder):
-        root = os.path.dirname(os.path.abspath(__file__))
+        root = PROJECT
         project = os.path.join(root, folder)
         if not os.path.isabs(folder) and os.path.isdir(project):  # run from another folder than the run's
             given = project if by_name else os.path.join(project, os.path.basename(path))  # (--baseline: a file)

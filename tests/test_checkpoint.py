@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import checkpoint
 from checkpoint import convert_state_dict, load_model, read_checkpoint, save_checkpoint
 from conftest import TOL, feed, text, tiny
 from model import GPT, MODEL_ARG_KEYS, GPTConfig
@@ -140,6 +141,8 @@ def test_a_missing_folder_names_the_recipe_that_writes_there(tmp_path, monkeypat
     CPU model); any other folder gets the CPU recipe pointed at it."""
     config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
     monkeypatch.chdir(tmp_path)  # where no recipe's folder exists
+    # nor beside the code (a student who trained the CPU recipe has its folder there)
+    monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
     for name in ("train_shakespeare_char.py", "train_shakespeare_char_cpu.py", "train_svejk_char.py"):
         g = {}
         with open(os.path.join(config_dir, name)) as f:

@@ -5,6 +5,7 @@ exercises/README.md that exists, and crashes in a student's code come out as one
 wrong and correct solutions of each assignment are in tests/test_exercises_*.py.
 """
 
+import os
 import re
 
 import pytest
@@ -112,7 +113,22 @@ def test_a_missing_function_is_still_named_as_such(exercise_checks):
     assert "has no attribute 'keep_recent'" in printed and "your module raised" not in printed, printed
 
 
+# each exercise file's functions, as shipped: stubs that raise NotImplementedError
+STUBS = {"kv_window": ["keep_recent"], "xl_memory": ["xl_step"], "linear_attention": ["attention", "recurrent_step"],
+         "kv_quant": ["quantize", "dequantize"], "kv_evict": ["priority"]}
+
+
+def edited(name):
+    """Whether exercises/<name>.py holds a student's code (the README says to solve them in
+    place) rather than its stubs: then the tests of untouched stubs do not apply to it."""
+    with open(os.path.join(REPO_ROOT, "exercises", f"{name}.py")) as f:
+        text = f.read()
+    return not all(f"implement {fn} in exercises/{name}.py" in text for fn in STUBS[name])
+
+
 def test_untouched_stubs_report_not_implemented():
+    if any(edited(name) for name in STUBS):
+        pytest.skip("exercises/ holds your solutions: this test is for the stubs as shipped")
     proc = run_script("-m", "exercises.check", "all")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -126,7 +142,8 @@ def test_command_line_names_and_errors():
     proc = run_script("-m", "exercises.check", "nope")
     assert proc.returncode == 2 and "unknown exercise" in proc.stderr
     proc = run_script("-m", "exercises.check", "2")  # an assignment's number
-    assert proc.returncode == 1 and "xl_memory" in proc.stdout and "kv_window" not in proc.stdout
+    assert "xl_memory" in proc.stdout and "kv_window" not in proc.stdout
+    assert proc.returncode == 1 or edited("xl_memory") and proc.returncode == 0, proc.stdout  # (a stub: not passed)
     proc = run_script("-m", "exercises.check", "all", "--module=exercises.kv_window")
     assert proc.returncode == 2 and "--module checks one exercise" in proc.stderr
 
