@@ -73,6 +73,13 @@ def missing_checkpoint(path, option="checkpoint_name"):
             given = project if by_name else os.path.join(project, os.path.basename(path))  # (--baseline: a file)
             return UserError(f"{folder!r} does not exist in {os.getcwd()} (paths are read from the folder you run "
                              f"in), but {project} does: pass {where}={given}, or cd {root}")
+        if by_name and os.path.dirname(os.path.normpath(folder)) == "":  # a folder here: any here that hold one?
+            held = [d for d in sorted(os.listdir(".")) if any(os.path.isfile(os.path.join(d, f))
+                                                              for f in ("ckpt.pt", "last.pt"))]
+            if held:
+                return UserError(f"{folder!r} does not exist; folders here that hold a checkpoint: "
+                                 f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (pass e.g. "
+                                 f"{where}={held[0]}); or {make}")
         return UserError(f"{folder!r} does not exist: {make}, or pass {where}=<the folder train.py wrote>")
     held = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and os.path.isfile(os.path.join(folder, f)))
     if not held:

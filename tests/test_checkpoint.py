@@ -307,3 +307,18 @@ def test_settings_no_run_writes_are_one_clear_error(tmp_path, edit, words):
     save_tutorial_layout(tmp_path / "odd.pt", tiny(), **edit)
     with pytest.raises(UserError, match=words.replace("(", r"\(")):
         load_model(str(tmp_path / "odd.pt"))
+
+
+def test_a_missing_folder_names_the_folders_here_that_hold_a_checkpoint(tmp_path, monkeypatch):
+    """sample.py's default --out_dir=out, run where training wrote another folder: the error
+    names it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
+    (tmp_path / "out-shakespeare-char-cpu").mkdir()
+    (tmp_path / "out-shakespeare-char-cpu" / "last.pt").write_bytes(b"")
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(UserError) as e:
+        read_checkpoint(os.path.join("out", "ckpt.pt"))
+    said = str(e.value)
+    assert "folders here that hold a checkpoint: out-shakespeare-char-cpu (pass e.g. " \
+           "--out_dir=out-shakespeare-char-cpu)" in said and "notes" not in said and "\n" not in said
