@@ -44,7 +44,7 @@ PROJECT = os.path.dirname(os.path.abspath(__file__))  # where a relative out_dir
 def _recipe_for(folder):
     """The train.py arguments that write into folder: the recipe in config/ whose out_dir it
     is, else the CPU recipe pointed at it."""
-    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # (the recipes are the code's)
+    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
     for name in sorted(os.listdir(config_dir)):
         with open(os.path.join(config_dir, name)) as f:
             m = re.search(r"^out_dir = [\"']([^\"']+)[\"']", f.read(), re.M)
@@ -67,12 +67,11 @@ def missing_checkpoint(path, option="checkpoint_name"):
                          f"{os.path.dirname(folder) or '.'})" + (f" and --{option}={os.path.basename(folder)}"
                                                                  if by_name else ""))
     if not os.path.isdir(folder):
-        root = PROJECT
-        project = os.path.join(root, folder)
+        project = os.path.join(PROJECT, folder)
         if not os.path.isabs(folder) and os.path.isdir(project):  # run from another folder than the run's
             given = project if by_name else os.path.join(project, os.path.basename(path))  # (--baseline: a file)
             return UserError(f"{folder!r} does not exist in {os.getcwd()} (paths are read from the folder you run "
-                             f"in), but {project} does: pass {where}={given}, or cd {root}")
+                             f"in), but {project} does: pass {where}={given}, or cd {PROJECT}")
         if by_name and os.path.dirname(os.path.normpath(folder)) == "":  # a folder here: any here that hold one?
             held = [d for d in sorted(os.listdir(".")) if any(os.path.isfile(os.path.join(d, f))
                                                               for f in ("ckpt.pt", "last.pt"))]

@@ -159,7 +159,7 @@ FINE_TUNE_FILES = re.compile(r"finetune\.json|last(_\d+){0,2}\.pt|events\.out\.t
 BASE_SET_ASIDE = re.compile(r"ckpt_\d+(_\d+)?\.pt")
 
 
-def fine_tune_command(base_path, folder, args, k, config, block=None):
+def fine_tune_command(folder, args, k, config, block=None):
     """The train.py command (a list) of a fine-tune in `folder`: k more iterations with args."""
     return [sys.executable, os.path.join(HERE, "train.py"), "--init_from=resume", f"--out_dir={folder}",
             "--resume_mode=finetune", f"--max_iters={k}", f"--learning_rate={learning_rate}", f"--min_lr={min_lr}",
@@ -190,7 +190,7 @@ def fine_tune(base_path, folder, args, k, config, block=None):
         if FINE_TUNE_FILES.fullmatch(name):
             os.remove(os.path.join(folder, name))
     shutil.copyfile(base_path, os.path.join(folder, "ckpt.pt"))
-    cmd = fine_tune_command(base_path, folder, args, k, config, block)
+    cmd = fine_tune_command(folder, args, k, config, block)
     t0 = time.time()
     with open(os.path.join(folder, "train.log"), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # (paths are the caller's)
@@ -298,7 +298,7 @@ def study():
         # another directory, or of a moved study, reuses the rows but not their old paths)
         ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
         train_cmd = "" if args is None else again_command(base_path, vdir, fine_tune_command(
-            base_path, vdir, args, iters, config))
+            vdir, args, iters, config))
         if trained and isinstance(record, dict) and record.get("settings") == wanted:
             print(f"[{n + 1}/{len(todo)}] {name}: finished before, skipped", file=sys.stderr)
             rows += [dict(r, checkpoint=ckpt_path, train_command=train_cmd) for r in record["rows"]]
