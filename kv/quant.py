@@ -432,7 +432,10 @@ class QuantKVCache(Cache):
         residual may be stored narrower), and their positions."""
         if self.k_codes is None:
             return self.k_full.to(dtype), self.v_full.to(dtype), self.pos_full
-        n_codes = self.pos_codes.size(-1)
+        pq = self.pos_codes
+        if pq.size(-1) == 0:  # every group has left a local window: the residual alone
+            return self.k_full.to(dtype), self.v_full.to(dtype), self.pos_full.expand(*pq.shape[:-1], -1)
+        n_codes = pq.size(-1)
         B, H, _, D = self.k_full.shape
         out = []
         for fmt, payload, full in ((self.key_fmt, self.k_codes, self.k_full), (self.val_fmt, self.v_codes, self.v_full)):
@@ -440,7 +443,6 @@ class QuantKVCache(Cache):
             fmt.dequantize(payload, x[:, :, :n_codes])
             x[:, :, n_codes:] = full
             out.append(x)
-        pq = self.pos_codes
         return out[0], out[1], torch.cat([pq, self.pos_full.expand(*pq.shape[:-1], -1)], dim=-1)
 
     def tokens(self):

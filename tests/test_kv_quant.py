@@ -229,3 +229,24 @@ def test_payload_bits_counts_dtype_width():
     t = (torch.zeros(3, 4, dtype=torch.uint8), torch.zeros(2, dtype=torch.float16),
          torch.zeros(5, dtype=torch.float8_e4m3fn))
     assert payload_bits(t) == 12 * 8 + 2 * 16 + 5 * 8
+
+
+@pytest.mark.parametrize("name", ["int4", "int2"])
+def test_groups_that_all_left_a_short_window_leave_the_residual(name):
+    """A window shorter than a group: fed a token at a time, nothing is ever quantized (the
+    window drops a token before its group is complete); a prefill quantizes whole groups, which
+    then leave the window one after the other. Once the last has gone, the cache returns what
+    token by token feeding returns: the residual alone (it used to fail, dequantizing no codes:
+    sample.py with a prompt, eval_kv at chunk > 1, on a model with --window below the group)."""
+    # a local layer's cache (a model's --window: KVOptions refuses such a kv_window)
+    whole, one_by_one = (QuantKVCache(*make_formats(name, 8, D, True), B, H, D, residual=0, window=6)
+                         for _ in range(2))
+    fill(whole, 20, 20)
+    fill(one_by_one, 20, 1)
+    assert whole.k_codes is not None and one_by_one.k_codes is None
+    nk, nv = rand(B, H, 6, D, seed=5), rand(B, H, 6, D, seed=6)
+    for a in range(6):
+        got, want = (c.update(nk[:, :, a:a + 1], nv[:, :, a:a + 1]) for c in (whole, one_by_one))
+        if a >= 1:  # query 21 on: groups 0..7 and 8..15 are out of sight
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+            assert torch.equal(got[2], want[2]) and whole.size_bits() == one_by_one.size_bits()
