@@ -292,11 +292,12 @@ def saved_dataset_paths(name, path):
 
 
 def _strip_prefixes(state_dict):
+    """Keys without the wrappers' prefixes, in any order and number (torch.compile's
+    `_orig_mod.`, DDP's `module.`: DDP(torch.compile(m)) saves `module._orig_mod.`)."""
     out = {}
     for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
 

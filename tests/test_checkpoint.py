@@ -17,8 +17,8 @@ from tutorial_reference import reference_logits
 from utils import UserError
 
 
-def save_tutorial_layout(path, model, **extra):
-    ckpt = {"model": {"_orig_mod." + k: v for k, v in model.state_dict().items()},
+def save_tutorial_layout(path, model, prefix="_orig_mod.", **extra):
+    ckpt = {"model": {prefix + k: v for k, v in model.state_dict().items()},
             "optimizer": {"state": {}, "param_groups": []},
             "model_args": {"n_layer": 2, "n_head": 4, "n_embd": 32, "bias": False, "dropout": 0.0},
             "config": {"batch_size": 4, "dataset": "shakespeare_char"}}
@@ -26,13 +26,15 @@ def save_tutorial_layout(path, model, **extra):
     torch.save(ckpt, path)
 
 
-def test_tutorial_layout_checkpoint_loads_and_matches_hand_set_model(tmp_path):
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_tutorial_layout_checkpoint_loads_and_matches_hand_set_model(tmp_path, prefix):
+    """Saved from a compiled model, also under DDP (DDP(torch.compile(m)) and the other way)."""
     torch.manual_seed(3)
     hand = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, bias=False)).eval()
     with torch.no_grad():
         for p in hand.parameters():
             p.copy_(torch.randn_like(p) * 0.05) if p.requires_grad else None
-    save_tutorial_layout(tmp_path / "ckpt.pt", hand)
+    save_tutorial_layout(tmp_path / "ckpt.pt", hand, prefix)
     model, ckpt = load_model(str(tmp_path / "ckpt.pt"))
     idx = text(T=70)
     torch.testing.assert_close(model.eval()(idx)[0], hand(idx)[0], **TOL)
