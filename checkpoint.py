@@ -136,6 +136,7 @@ def read_checkpoint(path, option="checkpoint_name"):
                        ("crc32", dict)):
         if ckpt.get(key) is not None and not isinstance(ckpt[key], kinds):
             raise UserError(f"{path} is corrupt: its {key!r} is a {type(ckpt[key]).__name__}")
+    ckpt["config"] = ckpt.get("config") or {}  # absent or None: no settings recorded (readers need not check)
     for key, kinds in CONFIG_KINDS.items():  # the settings other scripts read from it
         value = (ckpt.get("config") or {}).get(key)
         if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):

@@ -318,3 +318,23 @@ def test_an_all_linear_checkpoint_with_xl_memory_gets_no_window_note(tmp_path, l
     code, _, err = sample(f"--out_dir={tmp_path}", "--max_new_tokens=20")
     assert code in (0, None), err
     assert "xl_mem this model was trained with" not in err and "note: no kv_window" not in err, err
+
+
+@pytest.mark.parametrize("config", ["absent", None])
+def test_a_checkpoint_without_recorded_settings_samples(tmp_path, config):
+    """A hand-made checkpoint (model and model_args, no config or config None) samples as
+    one whose config is empty: the same text."""
+    folder = save_tiny_checkpoint(tmp_path)
+    ckpt = torch.load(folder / "ckpt.pt", weights_only=True)
+    ckpt.pop("crc32", None)
+    ckpt["config"] = {}
+    torch.save(ckpt, folder / "empty.pt")
+    if config == "absent":
+        del ckpt["config"]
+    else:
+        ckpt["config"] = config
+    torch.save(ckpt, folder / "odd.pt")
+    runs = [sample(f"--out_dir={folder}", f"--checkpoint_name={name}", "--max_new_tokens=20", "--seed=1")
+            for name in ("empty.pt", "odd.pt")]
+    assert [r[0] for r in runs] == [0, 0], runs[1][2]
+    assert runs[0][1] == runs[1][1]
