@@ -228,6 +228,10 @@ def train(held):
             print(f"note: {span} end at learning rate {end:.2e}, not min_lr={min_lr:g} "
                   f"(warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters})"
                   + (f"; with {fix} it ends at {end_fixed:.2e}" if fits else ""))
+        elif decay_lr and lr_decay_iters <= warmup_iters and master:  # nanoGPT's schedule has no cosine then
+            print(f"note: lr_decay_iters={lr_decay_iters} ends before warm-up does (warmup_iters={warmup_iters}): the "
+                  f"learning rate drops from {learning_rate:g} to min_lr={min_lr:g} at once after warm-up; "
+                  f"--lr_decay_iters={run} decays it over the run")
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)

@@ -165,6 +165,11 @@ def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_
         assert line.split("; with ")[1].startswith(" ".join(proposed) + " it ends at ")
         printed = train(data_dir, tmp_path / f"p{run}", f"--max_iters={run}", *given, *proposed)
         assert line.endswith(f" it ends at {last_lr(tmp_path / f'p{run}'):.2e}") and "note: this run's" not in printed
+    # a decay that ends before the warm-up: no cosine at all, said with the flag that gives one
+    printed = train(data_dir, tmp_path / "cliff", "--max_iters=8", "--warmup_iters=4", "--lr_decay_iters=3",
+                    "--min_lr=2e-4")
+    assert "note: lr_decay_iters=3 ends before warm-up does" in printed and last_lr(tmp_path / "cliff") == 2e-4
+    assert printed.split("note: lr_decay_iters=3")[1].splitlines()[0].endswith("--lr_decay_iters=8 decays it over the run")
     # two iterations cannot both warm up and decay: no flags are proposed
     printed = train(data_dir, tmp_path / "two", "--max_iters=2", "--lr_decay_iters=2")
     assert "note: this run's 2 iterations end at" in printed and "; with " not in printed
