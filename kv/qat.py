@@ -51,12 +51,13 @@ class FakeQuantCache(Cache):
         if m == 0:
             return x
         with no_autocast(x.device.type):  # quantization runs in full precision, as in the cache
-            back = torch.empty(*x.shape[:2], m, x.size(3), dtype=torch.float32, device=x.device)
+            # dequantized into x's dtype, as the cache does (bfloat16 under a GPU's autocast)
+            back = torch.empty(*x.shape[:2], m, x.size(3), dtype=x.dtype, device=x.device)
             fmt.dequantize(fmt.quantize(x[:, :, :m].detach()), back)
         if m < x.size(2):
-            back = torch.cat([back.to(x.dtype), x[:, :, m:].detach()], dim=2)
+            back = torch.cat([back, x[:, :, m:].detach()], dim=2)
         # forward: exactly the codes' values (x - x.detach() is exactly 0); backward: identity
-        return back.to(x.dtype) + (x - x.detach())
+        return back + (x - x.detach())
 
     def restart(self, rows):
         """train.py tells memories which rows jumped elsewhere: nothing is held, nothing to forget."""

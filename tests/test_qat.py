@@ -35,18 +35,21 @@ def test_none_trains_bit_for_bit_like_plain_training(kw):
     assert len(g0) == len(g1) > 0 and all(torch.equal(a, b) for a, b in zip(g0, g1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("name,group,channel_keys,T", [
     ("int4", 8, True, 32), ("int2", 8, True, 36), ("int4", 8, False, 20), ("int2", 4, False, 20),
     ("int8", 8, True, 20), ("fp8_e4m3", 8, True, 20)])
-def test_fake_quant_is_what_the_inference_cache_holds(name, group, channel_keys, T):
+def test_fake_quant_is_what_the_inference_cache_holds(name, group, channel_keys, T, dtype):
     """The same K/V through a QuantKVCache (residual 0, one chunk from position 0) and through
     the training fake-quantizer: identical keys and values, the incomplete last key group
-    (T=36, groups of 8) in full precision in both."""
+    (T=36, groups of 8) in full precision in both; also for bfloat16 K/V (training's autocast
+    on a GPU), which both dequantize into bfloat16."""
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(2, 3, T, 16, generator=g), torch.randn(2, 3, T, 16, generator=g)
     k[..., 5] *= 30  # an outlier channel
+    k, v = k.to(dtype), v.to(dtype)
     fmts = make_formats(name, group, 16, channel_keys)
-    cache = QuantKVCache(*fmts, batch_size=2, n_kv_head=3, head_dim=16, residual=0)
+    cache = QuantKVCache(*fmts, batch_size=2, n_kv_head=3, head_dim=16, residual=0, dtype=dtype)
     keys, vals, _ = cache.update(k, v)
     fq = FakeQuantCache(*make_formats(name, group, 16, channel_keys))
     k2, v2, mask = fq.update(k.clone().requires_grad_(), v.clone().requires_grad_())
