@@ -255,22 +255,26 @@ def free_name(out_dir, stem):
     return kept
 
 
-def interrupted(out_dir, iter_num, start_iter, origin, signum=2):
+def interrupted(out_dir, iter_num, start_iter, origin, end_iter, signum=2):
     """After Ctrl-C or SIGTERM: say what last.pt holds and how to go on; exit 128 + the
     signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports them."""
     last = os.path.join(out_dir, "last.pt")
     if iter_num == start_iter:
         print("interrupted before the first iteration of this run; nothing was written", flush=True)
     elif origin:  # a fine-tune's schedule starts at its own first iteration, which no checkpoint records
+        left = end_iter - iter_num
         print(f"interrupted after iteration {iter_num}; {last} holds it. A fine-tune's schedule does not resume "
-              f"exactly: --init_from=resume --resume_checkpoint_name=last --max_iters=K trains K more", flush=True)
+              f"exactly; to train the {left} iterations left on a fresh schedule of their own: "
+              f"{resume_command(resume_mode='finetune', max_iters=left)}", flush=True)
     else:
         print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
               f"{resume_command()}", flush=True)
     raise SystemExit(128 + signum)
 
 
-def resume_command():
-    """This run's train.py command line, made to resume from last.pt."""
-    args = [a for a in sys.argv[1:] if not a.startswith(("--init_from=", "--resume_checkpoint_name="))]
+def resume_command(**flags):
+    """This run's train.py command line, made to resume from last.pt (flags: settings to give
+    instead of the run's own, e.g. max_iters=70)."""
+    drop = ("--init_from=", "--resume_checkpoint_name=", *(f"--{k}=" for k in flags))
+    args = [a for a in sys.argv[1:] if not a.startswith(drop)] + [f"--{k}={v}" for k, v in flags.items()]
     return f"python train.py {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last"

@@ -124,7 +124,7 @@ backend = ""  # torch.distributed backend under torchrun: 'nccl' or 'gloo'; '' =
 seed = 1337  # seed of the model init, dropout and data order
 # -----------------------------------------------------------------------------
 
-PROGRESS = {}  # where this run starts (start_iter) and its schedule's origin, once known
+PROGRESS = {}  # where this run starts (start_iter), its schedule's origin, the last.pt it wrote (last_written)
 
 
 def main():
@@ -140,9 +140,10 @@ def main():
         at = saved_iteration(last)
         # the command that goes on only where this run wrote last.pt, on the schedule it resumes
         # (not a fine-tune's, which no checkpoint records; one process: torchrun has its own line)
-        mine = at is not None and at > PROGRESS.get("start_iter", at) and not PROGRESS.get("origin") \
-            and int(os.environ.get("WORLD_SIZE", 1)) == 1
+        ours = at is not None and at == PROGRESS.get("last_written")
+        mine = ours and not PROGRESS.get("origin") and int(os.environ.get("WORLD_SIZE", 1)) == 1
         print("\nstopped at once" + (f"; {last} holds iteration {at}" if at is not None else "")
+              + (" (an earlier run's: this one did not write it)" if at is not None and not ours else "")
               + (f". To go on from it: {resume_command()}" if mine else ""), flush=True)
         raise
     finally:
@@ -283,6 +284,8 @@ def train(held):
                         iter_num, best_val_loss, scaler=scaler,
                         extra={"rng": rng_state(), "loader": loader.state_dict(),
                                **({"xl_memory": memory_state(memory)} if xl_mem else {})})
+        if name == "last.pt":
+            PROGRESS["last_written"] = iter_num
         return time.time() - t0
 
     def diverged(test, name):
@@ -381,7 +384,7 @@ def train(held):
         save("last.pt")  # always, so that a resume continues exactly from here
     tb.close()
     if stop.asked and iter_num < end_iter:  # (asked in the last iteration: the run is done)
-        interrupted(out_dir, iter_num, start_iter, origin, stop.asked)
+        interrupted(out_dir, iter_num, start_iter, origin, end_iter, stop.asked)
     best = f"at iteration {best_iter}" if best_iter is not None else "from before this run (not improved)"
     done = iter_num - start_iter
     print(f"done: {done} iteration{'s' if done != 1 else ''} in {clock(time.time() - t_begin)}; best val loss "

@@ -255,6 +255,27 @@ def test_ctrl_c_writes_last_pt_and_the_resume_is_bit_exact(data_dir, tmp_path, m
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
+def test_an_interrupted_fine_tune_gives_the_command_for_the_iterations_left(data_dir, tmp_path, monkeypatch):
+    """Ctrl-C in a fine-tune at a longer context (iteration 3 of 6): the line is a whole
+    command, the run's own flags kept (its block_size) and max_iters the iterations left; run
+    as printed, it trains those on the fine-tuned model and ends where the fine-tune would."""
+    import shlex
+    import signal
+    train(data_dir, tmp_path, f"--max_iters={N}")
+    tune = ["--init_from=resume", "--resume_mode=finetune", "--max_iters=6", "--block_size=48"]
+    with signal_in_the_loop(monkeypatch, signal.SIGINT, 3):
+        code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}", *tune)
+    assert code == 130, out + err
+    line = [s for s in out.splitlines() if s.startswith("interrupted after iteration")][0]
+    assert f"interrupted after iteration {N + 3};" in line and "the 3 iterations left" in line, line
+    command = shlex.split(line.split("on a fresh schedule of their own: python train.py ")[1])
+    assert "--block_size=48" in command and command.count("--max_iters=3") == 1 and "--max_iters=6" not in command
+    code, out, err = run_in_process("train.py", *command)
+    assert code in (0, None) and "block_size" not in err, out + err
+    saved = read_checkpoint(str(tmp_path / "last.pt"))
+    assert saved["iter_num"] == N + 6 and saved["config"]["block_size"] == 48
+
+
 def test_a_second_ctrl_c_stops_at_once_and_says_how_to_go_on(data_dir, tmp_path, monkeypatch):
     """Ctrl-C twice within one iteration: the run stops at once (exit 130), saying which
     iteration last.pt holds. Where this run wrote it (its log steps write it: iteration 8 of a
@@ -291,7 +312,7 @@ def test_a_second_ctrl_c_stops_at_once_and_says_how_to_go_on(data_dir, tmp_path,
         return line[0]
 
     line = stopped_at_once(1)  # in the resume's first iteration: last.pt is still the first run's
-    assert line.endswith(f"last.pt holds iteration {N}") and "To go on" not in line, line
+    assert line.endswith(f"last.pt holds iteration {N} (an earlier run's: this one did not write it)"), line
     line = stopped_at_once(4)  # iteration 8 was logged, and last.pt written with it
     held = read_checkpoint(str(tmp_path / "last.pt"))["iter_num"]
     assert held > N and f"last.pt holds iteration {held}. To go on from it: python train.py " in line
@@ -318,6 +339,23 @@ def test_a_signal_before_the_loop_stops_at_once_and_cleans_up(data_dir, tmp_path
             train(data_dir, tmp_path, f"--max_iters={N}")
     assert e.value.code == 128 + signum
     assert os.listdir(tmp_path) == [] and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_at_the_start_of_an_overwriting_run_offers_nothing_of_the_old_run(data_dir, tmp_path, monkeypatch):
+    """A fresh run with --overwrite=True stopped during start-up: the earlier run's last.pt is
+    still there, untouched, and the line says it is not this run's (no command that would
+    fine-tune the old model)."""
+    import signal
+    import outdir
+    train(data_dir, tmp_path, f"--max_iters={N}")
+    before = (tmp_path / "last.pt").read_bytes()
+    monkeypatch.setattr(outdir, "check_space", lambda *a, **kw: os.kill(os.getpid(), signal.SIGINT))
+    code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}",
+                                    "--max_iters=2", "--overwrite=True")
+    line = [s for s in out.splitlines() if "stopped at once" in s]
+    assert code == 130 and line, out + err
+    assert line[0].endswith(f"last.pt holds iteration {N} (an earlier run's: this one did not write it)"), line
+    assert (tmp_path / "last.pt").read_bytes() == before
 
 
 def test_a_refused_run_leaves_no_folder_it_made(data_dir, tmp_path):
