@@ -6,6 +6,7 @@ and the dummy step that makes torch.compile compile before the loop.
     loss = train_step(model, optimizer, scaler, loader, ctx, micro_steps, grad_clip=1.0)
     losses = estimate_loss(model, eval_sets, ctx, mem_len=256)   # {"train": .., "val": .., "val_mem": ..}
 """
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -57,6 +58,18 @@ def compile_probe(model, dev, ctx, shape):
         logits.float().mean().backward()
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def not_finite_at_start(losses, iter_num, attention, xl_update, kv_quant):
+    """The error for a loss that is nan or inf before any training step: the model's forward
+    pass computes it, most likely a plug-in's code (not the learning rate: nothing was learned)."""
+    bad = ", ".join(f"{k} loss {v}" for k, v in losses.items() if not math.isfinite(v))
+    plugins = [f"--{k}={v}" for k, v in (("attention", attention), ("xl_update", xl_update), ("kv_quant", kv_quant))
+               if ":" in v]
+    which = (f"the plug-in {' or '.join(plugins)} is where to look (python -m exercises.check tries an exercise's, "
+             "with --module= for yours)") if plugins else "the model or its settings produce it"
+    return (f"the model's {bad} at iteration {iter_num}, before this run took a training step: its forward pass gives nan or inf, "
+            f"so {which}; nothing was written")
 
 
 def restart_rows(memory, restarted):

@@ -53,7 +53,7 @@ from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state,
 from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
-from steps import compile_probe, estimate_loss, train_step
+from steps import compile_probe, estimate_loss, not_finite_at_start, train_step
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, restore_training_state, resume_command, resume_schedule, rng_state,
                     saved_iteration)
@@ -305,6 +305,10 @@ def train(held):
             mean = torch.tensor(list(losses.values()), device=dev)
             dist.all_reduce(mean)
             losses = dict(zip(losses, (mean / world_size).tolist()))
+        if not all(map(math.isfinite, losses.values())):
+            if iter_num == start_iter:  # no step taken yet: the forward pass itself gives nan or inf
+                raise UserError(not_finite_at_start(losses, iter_num, attention, xl_update, kv_quant))
+            diverged(lambda: True, "ckpt.pt")
         line = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         if "val_mem" in losses:
             line += f", val loss with memory {losses['val_mem']:.4f}"

@@ -84,6 +84,22 @@ def test_a_diverging_run_stops_before_writing_nan(data_dir, run_dir, tmp_path):
     assert {p.name for p in out.glob("*.pt")} == set(before)
 
 
+def test_a_loss_of_nan_before_any_step_blames_the_forward_pass(data_dir, tmp_path):
+    """An attention plug-in that returns nan (a mask filled with -inf where a linear attention
+    multiplies by 0): the first evaluation stops the run at once, naming the plug-in, not the
+    learning rate; the run writes nothing (it used to train on until its first log step)."""
+    plugin = tmp_path / "bad_attention.py"
+    plugin.write_text("import torch\n\n\ndef attention(q, k, v, mask=None, dropout_p=0.0):\n"
+                      "    T, S = q.size(-2), k.size(-2)\n"
+                      "    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)\n"
+                      "    return (q @ k.transpose(-2, -1)).masked_fill(future, float('-inf')) @ v  # -inf x v\n")
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path / 'out'}", "--max_iters=40",
+                      f"--attention={plugin}:attention")
+    assert_user_error(proc, "val loss nan at iteration 0, before this run took a training step",
+                      f"the plug-in --attention={plugin}:attention is where to look", "nothing was written")
+    assert not (tmp_path / "out").exists()
+
+
 def test_nan_weights_are_one_error(run_dir, tmp_path):
     ckpt = read_checkpoint(str(run_dir / "ckpt.pt"))
     name = next(iter(ckpt["model"]))
