@@ -24,11 +24,11 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `python exercises/check.py` works too
     sys.path.insert(0, ROOT)
+import quiet_start  # noqa: E402  (before torch: Ctrl-C while it loads exits quietly)
+import torch  # noqa: E402
 
 # the checks, one module per exercise (after the path is set)
 from exercises import (checks_common, checks_kv_evict, checks_kv_quant, checks_kv_window,  # noqa: E402
@@ -361,8 +361,19 @@ def module_exists(name):
         return True
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, its errors one line (no usage block above them), exit code 2."""
+
+    def error(self, message):
+        own = message.startswith(("unrecognized", "the following", "argument "))  # argparse's own words
+        print(f"error: {message}" + (" (python -m exercises.check --help shows the usage)" if own else ""),
+              file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m exercises.check", description=__doc__.split("\n\n")[0].strip())
+    quiet_start.done()
+    parser = OneLineParser(prog="python -m exercises.check", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("name", help="all, " + ", ".join(EXERCISES) + ", or an assignment number 1..4")
     parser.add_argument("--reference", action="store_true", help="check the project's reference implementation instead")
     parser.add_argument("--module", help="check this module (package.module, or the path of a .py file) instead "
@@ -377,7 +388,12 @@ def main(argv=None):
     else:
         parser.error(f"unknown exercise {args.name!r}: choose all, {', '.join(EXERCISES)} or 1..4")
     if args.module and len(names) != 1:
-        parser.error("--module checks one exercise: name it")
+        parser.error("--module checks one exercise: name it" + (f" ({args.name} is {' and '.join(names)})"
+                                                                 if args.name in ALIASES else ""))
+    if args.module and ":" in args.module and not os.path.exists(args.module):  # the plug-in form, module:function
+        module = args.module.rsplit(":", 1)[0]
+        parser.error(f"--module={args.module}: give the module alone, --module={module} (the checks call the "
+                     "exercise's function names in it)")
     if args.module and args.reference:
         parser.error("--reference checks the project's code; --module checks yours: pick one")
     if args.module and is_file_name(args.module):
@@ -391,4 +407,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: the checks stop, nothing to report
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

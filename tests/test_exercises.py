@@ -146,6 +146,21 @@ def test_command_line_names_and_errors():
     assert proc.returncode == 1 or edited("xl_memory") and proc.returncode == 0, proc.stdout  # (a stub: not passed)
     proc = run_script("-m", "exercises.check", "all", "--module=exercises.kv_window")
     assert proc.returncode == 2 and "--module checks one exercise" in proc.stderr
+    # each error one line, without argparse's usage block
+    for args, words in ((["4", "--module=q.py"], "(4 is kv_quant and kv_evict)"),
+                        (["kv_window", "--module=mytrim:keep_recent"], "give the module alone, --module=mytrim "),
+                        (["kv_window", "--bogus=x"], "unrecognized arguments: --bogus=x")):
+        proc = run_script("-m", "exercises.check", *args)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert len(proc.stderr.splitlines()) == 1 and words in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_in_a_check_stops_quietly(tmp_path):
+    """Ctrl-C while a check runs (here raised by the function under check): exit 130, no traceback."""
+    (tmp_path / "plug.py").write_text("def keep_recent(*args, **kwargs):\n    raise KeyboardInterrupt\n")
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'plug.py'}")
+    assert proc.returncode == 130 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "interrupted", proc.stderr
 
 
 def test_module_given_as_a_file_outside_the_project(tmp_path):
