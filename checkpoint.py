@@ -103,7 +103,7 @@ def read_checkpoint(path, option="checkpoint_name"):
             raise UserError(f"{path} is a folder, not a checkpoint file")
         raise missing_checkpoint(path, option)
     if os.path.getsize(path) == 0:
-        raise UserError(f"{path} is empty (0 bytes), not a checkpoint: use another checkpoint or retrain")
+        raise UserError(f"{path} is empty (0 bytes), not a checkpoint: {_another(path, option)}")
     try:
         with warnings.catch_warnings():  # torch warns about a raw pickle before it fails: the error says it all
             warnings.simplefilter("ignore")
@@ -120,10 +120,10 @@ def read_checkpoint(path, option="checkpoint_name"):
                             "read: save it again with torch.save's default protocol") from None
         why = str(e).partition("WeightsUnpickler error:")[2] or str(e)  # past torch's generic preamble
         raise UserError(f"{path} is corrupt or not a checkpoint ({_first_line(why)}); "
-                        "use another checkpoint or retrain") from None
+                        f"{_another(path, option)}") from None
     except Exception as e:  # whatever a damaged file makes the reader raise (KeyError, IndexError, ...)
-        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); use another "
-                        "checkpoint or retrain") from None
+        raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {_first_line(e)}); "
+                        f"{_another(path, option)}") from None
     if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
         raise UserError(f"{path} holds weights alone (a state_dict, as torch.save(model.state_dict()) writes), "
                         "without the model_args that say which model they fit; save both (train.py's checkpoints do)")
@@ -157,12 +157,24 @@ def read_checkpoint(path, option="checkpoint_name"):
         if gone or added or changed:
             what = "; ".join(f"{words} {', '.join(map(str, keys))}" for words, keys in (
                 ("missing:", gone), ("added:", added), ("checksum mismatch in", changed)) if keys)
-            raise UserError(f"{path} is corrupt ({what}): it changed after it was written; use another checkpoint "
-                            "(e.g. last.pt or ckpt.pt) or retrain. If you edited it yourself, delete its 'crc32' "
-                            "entry (the checksums) when you save it")
+            raise UserError(f"{path} is corrupt ({what}): it changed after it was written; {_another(path, option)}. "
+                            "If you edited it yourself, delete its 'crc32' entry (the checksums) when you save it")
     if isinstance(ckpt.get("best_val_loss"), float) and math.isnan(ckpt["best_val_loss"]):
         ckpt["best_val_loss"] = float("inf")  # (no loss is below nan: a resume would never write ckpt.pt)
     return ckpt
+
+
+def _another(path, option):
+    """What to do instead of loading the broken checkpoint at path: the others beside it, if any."""
+    folder, name = os.path.split(path)
+    try:
+        others = sorted(n for n in os.listdir(folder or ".") if n.endswith(".pt") and n != name)
+    except OSError:
+        others = []
+    if not others:
+        return "use another checkpoint or retrain"
+    pick = others[0] if option.endswith("checkpoint_name") else os.path.join(folder, others[0])  # a name, or a path
+    return f"use another checkpoint (beside it: {', '.join(others[:4])}, e.g. --{option}={pick}) or retrain"
 
 
 def _foreign_imports(path):

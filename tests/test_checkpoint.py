@@ -177,8 +177,13 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
     save_tutorial_layout(good, tiny())
     data = good.read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="trunc.pt"):
+    with pytest.raises(UserError, match="trunc.pt") as e:
         read_checkpoint(str(tmp_path / "trunc.pt"))
+    # the way out names the checkpoints beside it, and how to pick one (a name, or a path)
+    assert str(e.value).endswith("use another checkpoint (beside it: good.pt, last.pt, e.g. "
+                                 "--checkpoint_name=good.pt) or retrain"), str(e.value)
+    with pytest.raises(UserError, match=f"e.g. --baseline={tmp_path / 'good.pt'}\\) or retrain$"):
+        read_checkpoint(str(tmp_path / "trunc.pt"), option="baseline")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="junk.pt"):
         read_checkpoint(str(tmp_path / "junk.pt"))
