@@ -185,8 +185,10 @@ def train(held):
         ckpt, ckpt_path, mode, start_iter, end_iter, origin = None, None, "scratch", 0, max_iters, 0
         best_val_loss, changed, fresh_best = float("inf"), [], False
         if eval_only or max_iters == 0:
+            held_here = [n for n in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(out_dir, n))]
             print(f"{'eval_only' if eval_only else 'max_iters=0'}: the new, untrained model is evaluated once; "
-                  "nothing is trained or written")
+                  "nothing is trained or written" + (f" (to evaluate {os.path.join(out_dir, held_here[0])} instead: "
+                                                     "--init_from=resume)" if held_here else ""))
     else:
         r = resume_run(config, given, defaults, dev, world_size)
         model, ckpt, ckpt_path, model_args, train_path, val_path = (

@@ -544,6 +544,10 @@ def test_eval_only_and_zero_iterations_write_nothing(data_dir, base_run, tmp_pat
         printed = train(data_dir, fresh, flag)
         assert "the new, untrained model is evaluated once; nothing is trained or written" in printed
         assert "iter 0: train loss" in printed and not fresh.exists()
+    # in a folder that holds a checkpoint, the line says how to evaluate that one instead
+    printed = train(data_dir, out, "--max_iters=0")
+    assert f"nothing is trained or written (to evaluate {out / 'ckpt.pt'} instead: --init_from=resume)" in printed
+    assert snapshot(out) == before
 
 
 def test_user_errors_are_one_line(data_dir, tmp_path):
