@@ -110,16 +110,17 @@ def main():
             step = static_decoder(model, kv, num_samples, idx.size(1) + max_new_tokens, say=say)
             if step is not None and step.compiled:
                 say(f"compiled the decode step in {step.compile_seconds:.1f} s")
-        write(first.decode(prompt))
         stamps = [time.time()]  # the start, then each new token's arrival
+        shown = bytes(prompt)  # printed with the first new byte: a model or plug-in that fails prints nothing
         for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                      kv=kv, stats=stats, decoder=step):
             row = token[:, 0].tolist()  # waits for the token
             stamps.append(time.time())
-            write(first.decode(bytes(row[:1])))
+            write(first.decode(shown + bytes(row[:1])))
+            shown = b""
             for text, b in zip(others, row[1:]):
                 text.append(b)
-    write(first.decode(b"", final=True) + "\n")
+    write(first.decode(shown, final=True) + "\n")
     for text in others:
         write("---------------\n" + text.decode("utf-8", errors="backslashreplace") + "\n")
 

@@ -282,6 +282,12 @@ def test_a_built_in_used_as_a_plug_in_does_not_take_the_blame_for_another(out_di
     code, _, err = run("sample.py", "--device=cpu", f"--out_dir={out_dir}",
                        "--attention=wrong_signature_attention2:attn", "--max_new_tokens=3")
     assert code == 2 and "error: --attention=wrong_signature_attention2:attn cannot be called" in err, err
+    # one that fails once called: the error, and no prompt printed before it as if sampling had begun
+    (tmp_path / "failing_attention.py").write_text("def attn(q, k, v, mask, dropout_p):\n    raise ValueError('my bug')\n")
+    code, out, err = run("sample.py", "--device=cpu", f"--out_dir={out_dir}", "--attention=failing_attention:attn",
+                         "--max_new_tokens=3", "--start=ROMEO:")
+    assert code == 2 and "error: --attention=failing_attention:attn failed: ValueError: my bug" in err, err
+    assert out == "", out
 
 
 def test_a_users_plug_in_beside_the_projects_modules_still_names_itself(tmp_path, monkeypatch):
