@@ -36,6 +36,8 @@ def import_function(spec, option):
 
         mod_name = module_of_file(mod_name, refuse, f"--{option}")
     ours = mod_name in sys.modules  # imported already, before any plug-in: one of the project's own modules
+    if os.getcwd() not in sys.path:  # a script's sys.path starts at its own folder, not the one you run in;
+        sys.path.append(os.getcwd())  # last, so that a file of yours never hides one of the project's
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # a plug-in is user code: any failure in it is the user's to fix

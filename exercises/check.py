@@ -396,6 +396,8 @@ def main(argv=None):
                      "exercise's function names in it)")
     if args.module and args.reference:
         parser.error("--reference checks the project's code; --module checks yours: pick one")
+    if args.module and os.getcwd() not in sys.path:  # `python path/to/exercises/check.py`: yours are here too
+        sys.path.append(os.getcwd())
     if args.module and is_file_name(args.module):
         args.module = module_of_file(args.module, parser.error)
     elif args.module and not module_exists(args.module):

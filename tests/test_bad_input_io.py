@@ -304,3 +304,25 @@ def test_a_users_plug_in_beside_the_projects_modules_still_names_itself(tmp_path
         err = plugins.plugin_error(e)
     assert "--attention=rootattn_user:attn failed: ValueError: my bug" in str(err)
     assert any("rootattn_user.py" in line for line in err.details)
+
+
+def test_a_plug_in_module_in_the_folder_you_run_in_is_found(out_dir, tmp_path):
+    """`--attention=myattn:attend` and `--kv_trim=mypkg.trim:keep_recent`, the modules in the
+    folder the script runs in (not the project's): sampled as the same settings written as file
+    paths are; `python path/to/exercises/check.py --module=mypkg.trim` finds it there too."""
+    (tmp_path / "myattn.py").write_text("from attention import softmax_attention as attend\n")
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "mypkg" / "trim.py").write_text("from kv.cache import keep_recent\n")
+    sample = os.path.join(REPO_ROOT, "sample.py")
+    common = ["--device=cpu", f"--out_dir={out_dir}", "--max_new_tokens=12", "--seed=2", "--kv_window=6"]
+    for by_name, by_path in ((["--attention=myattn:attend"], [f"--attention={tmp_path / 'myattn.py'}:attend"]),
+                             (["--kv_trim=mypkg.trim:keep_recent"],
+                              [f"--kv_trim={tmp_path / 'mypkg' / 'trim.py'}:keep_recent"])):
+        here = run_script(sample, *common, *by_name, cwd=tmp_path)
+        there = run_script(sample, *common, *by_path)
+        assert here.returncode == 0 == there.returncode, here.stderr + there.stderr
+        assert here.stdout == there.stdout
+    proc = run_script(os.path.join(REPO_ROOT, "exercises", "check.py"), "kv_window", "--module=mypkg.trim",
+                      cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "passed, 0 failed" in proc.stdout, proc.stdout + proc.stderr
