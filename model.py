@@ -72,6 +72,10 @@ class GPTConfig:
             return "linear" if self.is_linear(i) else "softmax"
         return self.attention
 
+    def cached_kinds(self):
+        """The attention kinds of the layers that keep a KV cache (all but linear layers)."""
+        return {self.kind(i) for i in range(self.n_layer)} - {"linear"}
+
     @property
     def no_kv_cache(self):
         """Linear attention in every layer: fixed-size states, no KV cache to bound or shrink."""

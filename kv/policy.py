@@ -155,9 +155,10 @@ class KVOptions:
                 raise UserError(f"every layer of this model is linear attention, which keeps a fixed-size state, not "
                                 f"a KV cache: --{', --'.join(used)} would change nothing; drop "
                                 + ("it" if len(used) == 1 else "them"))
-        if self.ranks_by_score() and config.attention not in PLAIN_SOFTMAX:
+        other = sorted(config.cached_kinds() - set(PLAIN_SOFTMAX))  # (a hybrid's linear layers hold no keys)
+        if self.ranks_by_score() and other:
             raise UserError(f"--kv_evict={self.kv_evict} ranks keys by the softmax attention they receive, and "
-                            f"computes it itself: this model's attention={config.attention} would be replaced by "
+                            f"computes it itself: this model's attention={other[0]} would be replaced by "
                             "softmax; use --kv_evict=window, or a model with softmax or naive attention")
         return self
 

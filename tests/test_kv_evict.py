@@ -65,7 +65,8 @@ def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, ste
     assert cache.tokens() == budget - 1 + step
 
 
-COMBOS = [dict(), dict(n_kv_head=2), dict(n_kv_head=1, kv_share=2), dict(window=5, global_layers="1")]
+COMBOS = [dict(), dict(n_kv_head=2), dict(n_kv_head=1, kv_share=2), dict(window=5, global_layers="1"),
+          dict(attention="linear", linear_layers="0")]  # a hybrid: its softmax layer evicts
 
 
 @pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "mha")
@@ -138,3 +139,5 @@ def test_ranking_by_score_refuses_an_attention_it_would_replace():
             KVOptions(kv_evict=rule, kv_budget=8).check_model(config)
     KVOptions(kv_evict="window", kv_budget=8).check_model(config)
     KVOptions(kv_evict="h2o", kv_budget=8, kv_recent=2).check_model(tiny(attention="naive").config)
+    # a hybrid's linear layers hold no keys: its softmax layers are what h2o ranks
+    KVOptions(kv_evict="h2o", kv_budget=8, kv_recent=2).check_model(tiny(attention="linear", linear_layers="0").config)
