@@ -374,6 +374,10 @@ def load_model(path, device="cpu", overrides=None, option="checkpoint_name"):
     args = dict(saved)
     args.update({k: v for k, v in (overrides or {}).items() if k in MODEL_ARG_KEYS and k not in ARCH_KEYS})
     _check_plugins(args, overrides, path)
+    if args.get("linear_layers") and args.get("attention") != "linear":  # a hybrid run as one kind
+        raise UserError(f"--attention={args['attention']}: {path} mixes linear attention (layers {args['linear_layers']}) "
+                        f"with softmax in the others, which --attention={args['attention']} would replace in every layer; "
+                        "drop it (its softmax layers already give h2o their scores)")
     new = GPTConfig(**args)
     if "linear" in (old.attention, new.attention) and old.attention != new.attention:
         print(f"note: {path} was trained with attention={old.attention}; run as attention={new.attention}, its "

@@ -329,3 +329,17 @@ def test_a_missing_folder_names_the_folders_here_that_hold_a_checkpoint(tmp_path
     said = str(e.value)
     assert "folders here that hold a checkpoint: out-shakespeare-char-cpu (pass e.g. " \
            "--out_dir=out-shakespeare-char-cpu)" in said and "notes" not in said and "\n" not in said
+
+
+def test_an_attention_override_on_a_hybrid_is_one_clear_error(tmp_path):
+    """A model mixing linear and softmax layers, run with --attention=naive (for h2o, say): one
+    line naming the mix, not GPTConfig's complaint about linear_layers the user never gave;
+    --attention=linear (what it is) loads it as saved."""
+    model = tiny(attention="linear", linear_layers="0")
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, args, {}, 1, 5.0)
+    with pytest.raises(UserError, match=r"--attention=naive: .*ckpt.pt mixes linear attention \(layers 0\) with softmax"):
+        load_model(str(tmp_path / "ckpt.pt"), "cpu", {"attention": "naive"})
+    loaded, _ = load_model(str(tmp_path / "ckpt.pt"), "cpu", {"attention": "linear"})
+    idx = text(T=20)
+    torch.testing.assert_close(loaded.eval()(idx)[0], model(idx)[0], **TOL)
