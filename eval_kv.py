@@ -335,7 +335,10 @@ def load_baseline(where, dev, say, dataset):
     if not same_dataset(config.get("dataset") or "", dataset):
         say(f"note: the baseline {path} was trained on {config.get('dataset') or 'a dataset it does not name'}, "
             f"the text scored is {dataset}'s val split: the baseline reads text it did not learn")
-    return path, model, reference_options(config, "natural", say=say)
+    ref = reference_options(config, "natural", say=say)
+    if model.config.no_kv_cache:  # every layer linear: its state carries the whole stream, no window
+        ref = replace(ref, kv_window=0)
+    return path, model, ref
 
 
 def main():

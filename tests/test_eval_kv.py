@@ -483,3 +483,22 @@ def test_dataset_folder_with_val_txt_alone(ckpt_dir, tiny_data_dir, tmp_path, mo
 
     assert bpb(only) == bpb(tiny_data_dir) != []
     assert not (only / "train.txt").exists()  # nothing written into the folder
+
+
+def test_a_linear_baseline_is_its_unbounded_self(ckpt_dir, tiny_data_dir, tmp_path):
+    """--baseline= an all-linear model (a fixed state, no window): its line says so, with the
+    bits per byte its own evaluation gives its reference row (it was labelled window 32)."""
+    from conftest import run_in_process
+    lin = tmp_path / "lin"
+    lin.mkdir()
+    save_checkpoint(str(lin / "ckpt.pt"), tiny_model(attention="linear"), None, dict(ARGS, attention="linear"),
+                    dict(dataset=str(tiny_data_dir), block_size=32), 1, 5.0)
+    common = ("--stream_len=64", "--n_streams=1", "--device=cpu", "--tensorboard=False")
+    code, out, err = run_in_process("eval_kv.py", f"--out_dir={ckpt_dir}", f"--baseline={lin}", *common)
+    assert code in (0, None), err
+    line = next(s for s in out.splitlines() if s.startswith("Baseline: "))
+    assert line.startswith(f"Baseline: {lin / 'ckpt.pt'}, plain, unbounded (reference), "), line
+    code, own, err = run_in_process("eval_kv.py", f"--out_dir={lin}", *common)
+    row = next(s for s in own.splitlines() if s.startswith("| plain, unbounded (reference)"))
+    bpb = line.split("(reference), ")[1].split(" bits per byte")[0]
+    assert f"| {bpb} |" in row, (line, row)
