@@ -46,7 +46,7 @@ concatenate rows from several calls, or drop rows, before it calls dequantize.
 import torch
 
 from kv.cache import Cache, attention_mask
-from plugins import import_function, plugin_error, unwritten
+from plugins import call_error, import_function, plugin_error, unwritten
 from utils import UserError, no_autocast
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
@@ -280,6 +280,8 @@ class UserFormat(TokenFormat):
         except Exception as e:
             if isinstance(e, UserError) or unwritten(e):  # (an exercise stub: run_main says "not implemented yet")
                 raise
+            if call_error(e) is not None:  # the call itself failed: a wrong signature, said with the right one
+                raise call_error(e) from None
             # with the plug-in's own lines under the message (plugins.plugin_error)
             frames = getattr(plugin_error(e), "details", [])
             raise UserError(f"{what} failed on a test input: {type(e).__name__}: {' '.join(str(e).split())[:200]}",

@@ -234,7 +234,9 @@ def test_prepare_script_refuses_a_binary_input(tmp_path):
      "attn() takes 2 positional arguments but 5 were given; it is called as attn(q, k, v, mask, dropout_p)"),
     ("kv_trim", "def attn(k, v, pos):\n    return k, v, pos\n",
      "attn() takes 3 positional arguments but 5 were given; it is called as attn(k, v, pos, kv_window, kv_sink)"),
-], ids=["attention", "kv_trim"])
+    ("kv_quant", "def attn(x, bits):\n    return x\n",
+     "attn() missing 1 required positional argument: 'bits'; it is called as attn(x)"),
+], ids=["attention", "kv_trim", "kv_quant"])
 def test_plugin_called_with_arguments_it_does_not_take(out_dir, tmp_path, monkeypatch, setting, source, expected):
     name = f"wrong_signature_{setting}"
     (tmp_path / f"{name}.py").write_text(source)
