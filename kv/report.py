@@ -18,6 +18,11 @@ import tempfile
 from utils import UserError, atomic_write
 
 
+def pct(x):
+    """A signed percentage to two decimals; one that rounds to zero reads +0.00%, never -0.00%."""
+    return f"{round(x, 2) + 0.0:+.2f}%"
+
+
 def frontier(results):
     """Indices of the settings no other beats on both KV bits per token and bits per byte."""
     order = sorted(range(len(results)), key=lambda i: (results[i]["kv_bits_per_token"], results[i]["bpb"]))
@@ -40,7 +45,7 @@ def markdown(results, title):
              "|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for i, r in enumerate(results):
         lines.append(f"| {r['setting']} | {r['kv_bits_peak']:,} | {r['kv_bits_per_token']:,.2f} | "
-                     f"{r['x_smaller']:.2f} | {r['bpb']:.4f} | {r['delta_pct']:+.2f}% | {r['kl_bits']:.5f} | "
+                     f"{r['x_smaller']:.2f} | {r['bpb']:.4f} | {pct(r['delta_pct'])} | {r['kl_bits']:.5f} | "
                      f"{'*' if i in front else ''} |")
     lines += ["", f"Baseline: {base['baseline']}, {base['bpb_base']:.4f} bits per byte, "
               f"{base['kv_bits_peak_base']:,} peak KV bits per stream. Peak KV bits: the most a token-by-token "

@@ -248,3 +248,9 @@ def test_baseline_puts_another_model_on_the_same_axis(two_checkpoints, monkeypat
     assert f"| plain, window 16 (reference) | {peak:,} | {peak / 64:,.2f} | {base_peak / peak:.2f} | " in out
     bpb_base = float(next(l for l in alone.splitlines() if l.startswith("| plain, window 32")).split("|")[5])
     assert f"{bpb_base:.4f} bits per byte, {base_peak:,} peak KV bits" in out
+
+
+def test_a_difference_that_rounds_to_nothing_has_no_minus_sign():
+    """A compiled reference a rounding error below the baseline's pass read -0.00% in the table."""
+    from kv.report import pct
+    assert [pct(x) for x in (-0.001, 0.004, -0.0, -0.006, 1.234)] == ["+0.00%", "+0.00%", "+0.00%", "-0.01%", "+1.23%"]
