@@ -18,7 +18,7 @@ import tempfile
 from utils import UserError, atomic_write
 
 
-def pct(x):
+def signed_pct(x):
     """A signed percentage to two decimals; one that rounds to zero reads +0.00%, never -0.00%."""
     return f"{round(x, 2) + 0.0:+.2f}%"
 
@@ -45,7 +45,7 @@ def markdown(results, title):
              "|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for i, r in enumerate(results):
         lines.append(f"| {r['setting']} | {r['kv_bits_peak']:,} | {r['kv_bits_per_token']:,.2f} | "
-                     f"{r['x_smaller']:.2f} | {r['bpb']:.4f} | {pct(r['delta_pct'])} | {r['kl_bits']:.5f} | "
+                     f"{r['x_smaller']:.2f} | {r['bpb']:.4f} | {signed_pct(r['delta_pct'])} | {r['kl_bits']:.5f} | "
                      f"{'*' if i in front else ''} |")
     lines += ["", f"Baseline: {base['baseline']}, {base['bpb_base']:.4f} bits per byte, "
               f"{base['kv_bits_peak_base']:,} peak KV bits per stream. Peak KV bits: the most a token-by-token "

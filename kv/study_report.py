@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from kv.report import frontier, pct, save_png, tensorboard_writer, write_csv, write_text
+from kv.report import frontier, save_png, signed_pct, tensorboard_writer, write_csv, write_text
 from utils import has_module
 
 
@@ -49,8 +49,8 @@ def markdown(rows, title, yardstick="strict"):
              "| vs yardstick | frontier |", "|---|---|---:|---:|---:|---:|---:|:---:|"]
     for i, r in sorted(enumerate(rows), key=lambda t: -t[1]["kv_bits_peak"]):
         lines.append(f"| {r['variant']} | {r['setting']} | {r['kv_bits_peak']:,} | {r['x_smaller']:.1f} | "
-                     f"{r['bpb']:.4f} | {pct(r.get('delta_base_pct', r['delta_pct']))} | "
-                     f"{pct(r['delta_pct'])} ({r.get('yardstick', 'base')}) | {'*' if i in front else ''} |")
+                     f"{r['bpb']:.4f} | {signed_pct(r.get('delta_base_pct', r['delta_pct']))} | "
+                     f"{signed_pct(r['delta_pct'])} ({r.get('yardstick', 'base')}) | {'*' if i in front else ''} |")
     lines += ["", f"Baseline: {b['baseline']}: {b['bpb_base']:.4f} bits per byte, {b['kv_bits_peak_base']:,} peak KV "
               "bits per stream (x smaller = its peak / the row's; peak = the most a token-by-token decoder holds). "
               f"vs yardstick: the change in bits per byte against the plain multi-head model named (--yardstick="
@@ -68,8 +68,8 @@ def markdown(rows, title, yardstick="strict"):
             lines += ["", f"Within {pct}% of the yardstick: no row."]
             continue
         lines += ["", f"**Largest reduction within {pct}% of the yardstick: {r['x_smaller']:.1f}x** ({r['variant']}, "
-                  f"{r['setting']}: {r['bpb']:.4f} bits per byte, {pct(r['delta_pct'])} vs {r.get('yardstick', 'base')}"
-                  f", {pct(r.get('delta_base_pct', r['delta_pct']))} vs base). Commands:", "",
+                  f"{r['setting']}: {r['bpb']:.4f} bits per byte, {signed_pct(r['delta_pct'])} vs {r.get('yardstick', 'base')}"
+                  f", {signed_pct(r.get('delta_base_pct', r['delta_pct']))} vs base). Commands:", "",
                   *(["    " + r["train_command"]] if r["train_command"] else []), "    " + again(r)]
     return "\n".join(lines) + "\n"
 

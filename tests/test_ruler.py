@@ -252,5 +252,5 @@ def test_baseline_puts_another_model_on_the_same_axis(two_checkpoints, monkeypat
 
 def test_a_difference_that_rounds_to_nothing_has_no_minus_sign():
     """A compiled reference a rounding error below the baseline's pass read -0.00% in the table."""
-    from kv.report import pct
-    assert [pct(x) for x in (-0.001, 0.004, -0.0, -0.006, 1.234)] == ["+0.00%", "+0.00%", "+0.00%", "-0.01%", "+1.23%"]
+    from kv.report import signed_pct
+    assert [signed_pct(x) for x in (-0.001, 0.004, -0.0, -0.006, 1.234)] == ["+0.00%", "+0.00%", "+0.00%", "-0.01%", "+1.23%"]
