@@ -465,7 +465,8 @@ def resume_run(config, given, defaults, dev, world_size):
     model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
     for k in ARCH_KEYS:
         if config[k] != model_args[k]:
-            print(f"note: {k}={model_args[k]!r} from the checkpoint (the config says {config[k]!r})")
+            said = "the config says" if k in given else "train.py's default is"
+            print(f"note: {k}={model_args[k]!r} from the checkpoint ({said} {config[k]!r})")
     mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
     if mode == "finetune" and end_iter > start_iter:
         config.update(fit_schedule(max_iters, sys.argv[1:]))
