@@ -432,6 +432,11 @@ def main():
             say(note)
     dt = DTYPES[dtype]
     x, y = load_streams(val_path, n_streams, stream_len)
+    size = os.path.getsize(val_path)
+    if n_streams > 1 and n_streams * (stream_len + 1) > size:  # evenly spaced: they share bytes
+        fit = max(1, size // (stream_len + 1))
+        say(f"note: {n_streams} streams of {stream_len:,} bytes overlap in the {size:,}-byte val text, so some bytes "
+            f"are scored more than once (the mean leans toward them; {fit} such streams fit side by side)")
     # a dry run of every setting on 2 bytes: an error that depends on the model (or sits in a
     # user's plug-in) shows in seconds, not after the long run
     evaluate(model, x[:1, :2], y[:1, :2], settings, 1, ref_kv, block, dtype=dt)

@@ -502,3 +502,18 @@ def test_a_linear_baseline_is_its_unbounded_self(ckpt_dir, tiny_data_dir, tmp_pa
     row = next(s for s in own.splitlines() if s.startswith("| plain, unbounded (reference)"))
     bpb = line.split("(reference), ")[1].split(" bits per byte")[0]
     assert f"| {bpb} |" in row, (line, row)
+
+
+def test_streams_that_overlap_in_the_val_text_are_said(ckpt_dir, tiny_data_dir):
+    """More streams x stream_len than the val text holds: evenly spaced, they share bytes, and
+    the note says so with how many fit; streams that fit get no note."""
+    from conftest import run_in_process
+    size = (tiny_data_dir / "val.txt").stat().st_size
+    n = size // 65 + 2  # streams of 64 + 1 bytes
+    common = (f"--out_dir={ckpt_dir}", "--stream_len=64", "--device=cpu", "--tensorboard=False")
+    code, _, err = run_in_process("eval_kv.py", *common, f"--n_streams={n}")
+    assert code in (0, None), err
+    assert f"note: {n} streams of 64 bytes overlap in the {size:,}-byte val text" in err
+    assert f"{size // 65} such streams fit side by side" in err
+    code, _, err = run_in_process("eval_kv.py", *common, f"--n_streams={size // 65}")
+    assert code in (0, None) and "bytes overlap in" not in err, err
