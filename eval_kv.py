@@ -411,11 +411,11 @@ def main():
     if sweep:
         grid = sweep_settings(sweep, window or stream_len, kv_quant_group, kv_quant_residual, bounded=window > 0)
         settings = [bound(KVOptions(**dict(dict(kv_window=kv_window, kv_sink=kv_sink), **s))) for s in grid]
-        other = sorted(model.config.cached_kinds() - set(PLAIN_SOFTMAX))
-        if other and any(s.ranks_by_score() for s in settings):
+        unscored = sorted(model.config.cached_kinds() - set(PLAIN_SOFTMAX))  # kinds h2o cannot rank
+        if unscored and any(s.ranks_by_score() for s in settings):
             settings = [s for s in settings if not s.ranks_by_score()]
             say(f"note: the grid leaves out h2o: it ranks keys by softmax scores, which attention="
-                f"{other[0]} does not give")
+                f"{unscored[0]} does not give")
         lowered = {s.kv_quant_residual for s in settings if s.kv_quant != "none"}
         lowered -= {kv_quant_residual, kv_quant_residual // 4}  # (a quarter: the grid's own rows)
         if lowered:
