@@ -26,6 +26,7 @@ def import_function(spec, option):
     """The function named by "package.module:function" (a user's plug-in), or a UserError;
     if the module fails to import, the error says why and shows the lines of its file."""
     import importlib
+    import importlib.util
     mod_name, _, fn_name = spec.rpartition(":")  # (the last colon: a Windows path holds one)
     if not mod_name or not fn_name or is_file_name(fn_name):  # (C:\x\trim.py: a path without its function)
         raise UserError(f"--{option}={spec!r}: expected package.module:function (or path/to/file.py:function)")
@@ -36,8 +37,15 @@ def import_function(spec, option):
 
         mod_name = module_of_file(mod_name, refuse, f"--{option}")
     ours = mod_name in sys.modules  # imported already, before any plug-in: one of the project's own modules
-    if os.getcwd() not in sys.path:  # a script's sys.path starts at its own folder, not the one you run in;
-        sys.path.append(os.getcwd())  # last, so that a file of yours never hides one of the project's
+    here, top = os.getcwd(), mod_name.split(".")[0]
+    if here not in sys.path:  # a script's sys.path starts at its own folder, not the one you run in;
+        sys.path.append(here)  # last, so that a file of yours never hides one of the project's
+    mine = [p for p in (os.path.join(here, top + ".py"), os.path.join(here, top)) if os.path.exists(p)]
+    theirs = importlib.util.find_spec(top) if top not in sys.modules else sys.modules[top].__spec__
+    if mine and theirs is not None and theirs.origin and \
+            not os.path.abspath(theirs.origin).startswith(os.path.abspath(mine[0])):
+        raise UserError(f"--{option}={spec}: your {os.path.basename(mine[0])} here is hidden by a module named "
+                        f"{top!r} that already exists ({theirs.origin}); rename your file")
     try:
         module = importlib.import_module(mod_name)
     except Exception as e:  # a plug-in is user code: any failure in it is the user's to fix

@@ -328,3 +328,12 @@ def test_a_plug_in_module_in_the_folder_you_run_in_is_found(out_dir, tmp_path):
     proc = run_script(os.path.join(REPO_ROOT, "exercises", "check.py"), "kv_window", "--module=mypkg.trim",
                       cwd=tmp_path, timeout=300)
     assert proc.returncode == 0 and "passed, 0 failed" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_plug_in_file_named_like_a_project_module_is_named_as_hidden(out_dir, tmp_path):
+    """attention.py in the folder you run in, named as --attention=attention:fn: the project's
+    attention module would be imported in its place, silently; one line says so instead."""
+    (tmp_path / "attention.py").write_text("def naive_attention(*args, **kwargs):\n    raise RuntimeError('mine')\n")
+    proc = run_script(os.path.join(REPO_ROOT, "sample.py"), "--device=cpu", f"--out_dir={out_dir}",
+                      "--attention=attention:naive_attention", "--max_new_tokens=3", cwd=tmp_path)
+    assert_user_error(proc, "your attention.py here is hidden by a module named 'attention'", "rename your file")
