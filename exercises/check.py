@@ -53,6 +53,8 @@ from exercises.checks_xl_memory import (check_xl_attend, check_xl_detach, check_
 from plugins import is_file_name, module_of_file, unwritten  # noqa: E402
 from utils import UserError  # noqa: E402
 
+quiet_start.done()  # the slow imports are over: Ctrl-C is KeyboardInterrupt again (also where this is imported)
+
 # the checker's own files: a crash is reported at the innermost frame outside them
 OWN_FILES = {os.path.abspath(m.__file__) for m in (checks_common, checks_kv_window, checks_xl_memory,
                                                     checks_linear_attention, checks_kv_quant, checks_kv_evict)}
@@ -372,7 +374,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    quiet_start.done()
     parser = OneLineParser(prog="python -m exercises.check", description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("name", help="all, " + ", ".join(EXERCISES) + ", or an assignment number 1..4")
     parser.add_argument("--reference", action="store_true", help="check the project's reference implementation instead")

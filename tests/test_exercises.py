@@ -216,3 +216,11 @@ def test_a_module_that_imports_a_missing_one_is_named_with_its_place(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert f"your module raised ModuleNotFoundError at import ({tmp_path / 'plug.py'}:2)" in first, first
     assert "--module takes" not in first, first
+
+
+def test_importing_the_checker_leaves_ctrl_c_alone():
+    """A program that imports exercises.check (pytest does) keeps Python's Ctrl-C: a
+    KeyboardInterrupt it can handle, not the exit at once that quiet_start sets while torch loads."""
+    proc = run_script("-c", "import signal, exercises.check; "
+                            "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stdout + proc.stderr
