@@ -131,9 +131,16 @@ def load_streams(path, n, L):
     data = np.fromfile(path, dtype=np.uint8)
     if len(data) < L + 1:
         raise UserError(f"{path} has {len(data):,} bytes, fewer than stream_len + 1 = {L + 1:,}; lower --stream_len")
-    offsets = [i * (len(data) - L - 1) // max(n - 1, 1) for i in range(n)]
+    offsets = stream_offsets(len(data), n, L)
     s = torch.from_numpy(np.stack([data[o:o + L + 1] for o in offsets]).astype(np.int64))
     return s[:, :-1], s[:, 1:]
+
+
+def stream_offsets(size, n, L):
+    """Where load_streams' n stretches of L + 1 bytes start in a file of size bytes: evenly
+    spaced, first and last at its ends. Stream i scores bytes offset + 1 .. offset + L, so no
+    byte is scored twice when size >= n L + 1."""
+    return [i * (size - L - 1) // max(n - 1, 1) for i in range(n)]
 
 
 def buckets(block, L):
@@ -433,8 +440,8 @@ def main():
     dt = DTYPES[dtype]
     x, y = load_streams(val_path, n_streams, stream_len)
     size = os.path.getsize(val_path)
-    if n_streams > 1 and n_streams * (stream_len + 1) > size:  # evenly spaced: they share bytes
-        fit = max(1, size // (stream_len + 1))
+    if n_streams > 1 and n_streams * stream_len + 1 > size:  # evenly spaced: they share bytes (stream_offsets)
+        fit = max(1, (size - 1) // stream_len)
         say(f"note: {n_streams} streams of {stream_len:,} bytes overlap in the {size:,}-byte val text, so some bytes "
             f"are scored more than once (the mean leans toward them; {fit} such streams fit side by side)")
     # a dry run of every setting on 2 bytes: an error that depends on the model (or sits in a

@@ -505,15 +505,21 @@ def test_a_linear_baseline_is_its_unbounded_self(ckpt_dir, tiny_data_dir, tmp_pa
 
 
 def test_streams_that_overlap_in_the_val_text_are_said(ckpt_dir, tiny_data_dir):
-    """More streams x stream_len than the val text holds: evenly spaced, they share bytes, and
-    the note says so with how many fit; streams that fit get no note."""
+    """More streams than the val text holds side by side: the note says so, with how many fit,
+    exactly when two of the streams load_streams places score a byte in common (counted from
+    their offsets); streams that fit get no note."""
     from conftest import run_in_process
-    size = (tiny_data_dir / "val.txt").stat().st_size
-    n = size // 65 + 2  # streams of 64 + 1 bytes
-    common = (f"--out_dir={ckpt_dir}", "--stream_len=64", "--device=cpu", "--tensorboard=False")
-    code, _, err = run_in_process("eval_kv.py", *common, f"--n_streams={n}")
+    size, L = (tiny_data_dir / "val.txt").stat().st_size, 64
+
+    def shared(n):  # any byte scored by two streams? (stream i scores offset + 1 .. offset + L)
+        starts = eval_kv.stream_offsets(size, n, L)
+        return any(b + 1 <= a + L for a, b in zip(starts, starts[1:]))
+
+    fit = next(n for n in range(2, size) if shared(n + 1))
+    common = (f"--out_dir={ckpt_dir}", f"--stream_len={L}", "--device=cpu", "--tensorboard=False")
+    code, _, err = run_in_process("eval_kv.py", *common, f"--n_streams={fit + 1}")
     assert code in (0, None), err
-    assert f"note: {n} streams of 64 bytes overlap in the {size:,}-byte val text" in err
-    assert f"{size // 65} such streams fit side by side" in err
-    code, _, err = run_in_process("eval_kv.py", *common, f"--n_streams={size // 65}")
+    assert f"note: {fit + 1} streams of {L} bytes overlap in the {size:,}-byte val text" in err
+    assert f"{fit} such streams fit side by side" in err
+    code, _, err = run_in_process("eval_kv.py", *common, f"--n_streams={fit}")
     assert code in (0, None) and "bytes overlap in" not in err, err
