@@ -96,12 +96,13 @@ CONFIG_KINDS = {"dataset": str, "block_size": int, "xl_mem": int, "max_iters": i
 
 def read_checkpoint(path, option="checkpoint_name"):
     """The checkpoint dict at path (tensors on the CPU), its layout and checksums checked;
-    or one clear UserError that names the file (option: the setting that named it)."""
+    or one clear UserError that names the file (option: the setting that named it; None when
+    no setting of the caller does)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         if os.path.isdir(path):
             raise UserError(f"{path} is a folder, not a checkpoint file")
-        raise missing_checkpoint(path, option)
+        raise missing_checkpoint(path, option or "checkpoint_name")
     if os.path.getsize(path) == 0:
         raise UserError(f"{path} is empty (0 bytes), not a checkpoint: {_another(path, option)}")
     try:
@@ -173,6 +174,8 @@ def _another(path, option):
         others = []
     if not others:
         return "use another checkpoint or retrain"
+    if option is None:  # no setting of the caller picks a checkpoint (download_pretrained, a study's variant)
+        return f"use another checkpoint (beside it: {', '.join(others[:4])}) or retrain"
     pick = others[0] if option.endswith("checkpoint_name") else os.path.join(folder, others[0])  # a name, or a path
     return f"use another checkpoint (beside it: {', '.join(others[:4])}, e.g. --{option}={pick}) or retrain"
 
@@ -374,10 +377,10 @@ def load_model(path, device="cpu", overrides=None, option="checkpoint_name"):
     args = dict(saved)
     args.update({k: v for k, v in (overrides or {}).items() if k in MODEL_ARG_KEYS and k not in ARCH_KEYS})
     _check_plugins(args, overrides, path)
-    if args.get("linear_layers") and args.get("attention") != "linear":  # a hybrid run as one kind
-        raise UserError(f"--attention={args['attention']}: {path} mixes linear attention (layers {args['linear_layers']}) "
-                        f"with softmax in the others, which --attention={args['attention']} would replace in every layer; "
-                        "drop it (its softmax layers already give h2o their scores)")
+    given = (overrides or {}).get("attention")
+    if saved.get("attention") == "linear" and saved.get("linear_layers") and given not in (None, "linear"):
+        raise UserError(f"--attention={given}: {path} mixes linear attention (layers {saved['linear_layers']}) with "
+                        f"softmax in the others, which --attention={given} would replace in every layer; drop it")
     new = GPTConfig(**args)
     if "linear" in (old.attention, new.attention) and old.attention != new.attention:
         print(f"note: {path} was trained with attention={old.attention}; run as attention={new.attention}, its "

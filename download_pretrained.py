@@ -42,7 +42,7 @@ def main():
         raise UserError(f"could not download the checkpoint from Google Drive ({detail}); check the network, "
                         f"or copy the tutorial's ckpt.pt into {out_dir}/ by hand")
     try:
-        read_checkpoint(tmp)  # refuse a broken or foreign file before it replaces anything
+        read_checkpoint(tmp, option=None)  # refuse a broken or foreign file before it replaces anything
     except UserError:
         clean_up(tmp, made_dir)
         raise

@@ -244,7 +244,7 @@ def load_val(config, base_path, n, L):
 def evaluate_variant(path, x, y, settings, step, block, label):
     """eval_kv.evaluate of one checkpoint under settings (each bounded by the natural window
     where it sets none), against its own natural reference."""
-    model, ckpt = load_model(path, "cpu")
+    model, ckpt = load_model(path, "cpu", option=None)
     model.eval()
     ref = eval_kv.reference_options(ckpt.get("config") or {}, "natural", say=lambda s: None)
     progress = Progress(eval_kv.spans(step, x.size(1))[1], f"  {label}")
@@ -470,7 +470,7 @@ def context():
 
     def measure(path, kv, name):
         """Bits per byte of the checkpoint at path with caches kv: near [0, block), far [block, L), all."""
-        model, _ = load_model(path, "cpu")
+        model, _ = load_model(path, "cpu", option=None)
         model.eval()
         [r] = eval_kv.evaluate(model, x, y, [kv], L, kv, block, None, eval_kv.DTYPES[dtype])
         return dict(iters=name, bpb_near=r[f"bpb[0,{block})"], bpb_all=r["bpb"],

@@ -184,6 +184,8 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
                                  "--checkpoint_name=good.pt) or retrain"), str(e.value)
     with pytest.raises(UserError, match=f"e.g. --baseline={tmp_path / 'good.pt'}\\) or retrain$"):
         read_checkpoint(str(tmp_path / "trunc.pt"), option="baseline")
+    with pytest.raises(UserError, match=r"use another checkpoint \(beside it: good.pt, last.pt\) or retrain$"):
+        read_checkpoint(str(tmp_path / "trunc.pt"), option=None)  # no setting picks one (download_pretrained)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="junk.pt"):
         read_checkpoint(str(tmp_path / "junk.pt"))
@@ -343,3 +345,9 @@ def test_an_attention_override_on_a_hybrid_is_one_clear_error(tmp_path):
     loaded, _ = load_model(str(tmp_path / "ckpt.pt"), "cpu", {"attention": "linear"})
     idx = text(T=20)
     torch.testing.assert_close(loaded.eval()(idx)[0], model(idx)[0], **TOL)
+    # a softmax checkpoint given linear_layers alone is no hybrid: GPTConfig's own words
+    plain = tiny()
+    save_checkpoint(str(tmp_path / "plain.pt"), plain, None, {k: getattr(plain.config, k) for k in MODEL_ARG_KEYS},
+                    {}, 1, 5.0)
+    with pytest.raises(UserError, match="^linear_layers needs --attention=linear"):
+        load_model(str(tmp_path / "plain.pt"), "cpu", {"linear_layers": "0"})
