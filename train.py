@@ -21,7 +21,8 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
     python train.py config/train_shakespeare_char.py --init_from=resume --block_size=1024 --max_iters=200
   resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b);
   --resume_mode=continue or --resume_mode=finetune forces one.
-Ctrl-C (or SIGTERM) stops after the current iteration and writes last.pt; the line it prints resumes (a).
+Ctrl-C (or SIGTERM) stops after the current iteration and writes last.pt; the line it prints goes on
+  from there: (a) exactly, (b) with a fresh schedule for the iterations left.
 Only compute the val loss of a checkpoint (writes nothing; --eval_only=True does the same):
     python train.py config/train_shakespeare_char.py --init_from=resume --max_iters=0 --eval_interval=1
 Several GPUs (DistributedDataParallel; gloo instead of nccl on CPUs), and several nodes:
@@ -185,10 +186,11 @@ def train(held):
         ckpt, ckpt_path, mode, start_iter, end_iter, origin = None, None, "scratch", 0, max_iters, 0
         best_val_loss, changed, fresh_best = float("inf"), [], False
         if eval_only or max_iters == 0:
-            held_here = [n for n in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(out_dir, n))]
+            held_here = [n for n in ("ckpt", "last") if os.path.isfile(os.path.join(out_dir, n + ".pt"))]
+            how = "--init_from=resume" + (" --resume_checkpoint_name=last" if held_here[:1] == ["last"] else "")
             print(f"{'eval_only' if eval_only else 'max_iters=0'}: the new, untrained model is evaluated once; "
-                  "nothing is trained or written" + (f" (to evaluate {os.path.join(out_dir, held_here[0])} instead: "
-                                                     "--init_from=resume)" if held_here else ""))
+                  "nothing is trained or written" + (f" (to evaluate {os.path.join(out_dir, held_here[0])}.pt instead: "
+                                                     f"{how})" if held_here else ""))
     else:
         r = resume_run(config, given, defaults, dev, world_size)
         model, ckpt, ckpt_path, model_args, train_path, val_path = (
@@ -231,7 +233,8 @@ def train(held):
             print(f"note: {span} end at learning rate {end:.2e}, not min_lr={min_lr:g} "
                   f"(warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters})"
                   + (f"; with {fix} it ends at {end_fixed:.2e}" if fits else ""))
-        elif decay_lr and lr_decay_iters <= warmup_iters and master:  # nanoGPT's schedule has no cosine then
+        elif decay_lr and lr_decay_iters <= warmup_iters and master and start_iter == origin:  # no cosine then
+            # (a continued run keeps its schedule: no advice)
             print(f"note: lr_decay_iters={lr_decay_iters} ends before warm-up does (warmup_iters={warmup_iters}): the "
                   f"learning rate drops from {learning_rate:g} to min_lr={min_lr:g} at once after warm-up; "
                   f"--lr_decay_iters={run} decays it over the run")

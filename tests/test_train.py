@@ -170,6 +170,10 @@ def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_
                     "--min_lr=2e-4")
     assert "note: lr_decay_iters=3 ends before warm-up does" in printed and last_lr(tmp_path / "cliff") == 2e-4
     assert printed.split("note: lr_decay_iters=3")[1].splitlines()[0].endswith("--lr_decay_iters=8 decays it over the run")
+    # a run continued on that schedule keeps it: no advice to change it mid-way
+    printed = train(data_dir, tmp_path / "cliff", "--max_iters=12", "--init_from=resume", "--resume_checkpoint_name=last",
+                    "--warmup_iters=4", "--lr_decay_iters=3", "--min_lr=2e-4")
+    assert "chose 'continue'" in printed and "ends before warm-up does" not in printed, printed
     # two iterations cannot both warm up and decay: no flags are proposed
     printed = train(data_dir, tmp_path / "two", "--max_iters=2", "--lr_decay_iters=2")
     assert "note: this run's 2 iterations end at" in printed and "; with " not in printed
@@ -544,10 +548,17 @@ def test_eval_only_and_zero_iterations_write_nothing(data_dir, base_run, tmp_pat
         printed = train(data_dir, fresh, flag)
         assert "the new, untrained model is evaluated once; nothing is trained or written" in printed
         assert "iter 0: train loss" in printed and not fresh.exists()
-    # in a folder that holds a checkpoint, the line says how to evaluate that one instead
+    # in a folder that holds a checkpoint, the line says how to evaluate that one instead, and
+    # the command it gives evaluates it
     printed = train(data_dir, out, "--max_iters=0")
     assert f"nothing is trained or written (to evaluate {out / 'ckpt.pt'} instead: --init_from=resume)" in printed
     assert snapshot(out) == before
+    (out / "ckpt.pt").unlink()  # a run stopped before its first ckpt.pt: last.pt alone
+    printed = train(data_dir, out, "--max_iters=0")
+    how = printed.split(f"(to evaluate {out / 'last.pt'} instead: ")[1].split(")")[0]
+    assert how == "--init_from=resume --resume_checkpoint_name=last", printed
+    printed = train(data_dir, out, "--max_iters=0", *how.split())
+    assert f"iter {N}: train loss" in printed
 
 
 def test_user_errors_are_one_line(data_dir, tmp_path):
