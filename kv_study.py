@@ -478,20 +478,33 @@ def context():
 
     # the comparison: the base reading the same bytes at its natural context (a sliding window)
     rows = [measure(base_path, KVOptions(kv_window=block), f"0, window {block}")]
-    wanted = dict(base_identity(ckpt, base_path), context_streams=context_streams, dtype=dtype,
-                  learning_rate=learning_rate, min_lr=min_lr, train_args=train_args)
+    # a row depends on its fine-tune's settings (tuned) and the evaluation's: a rerun redoes
+    # what they change, a fine-tune only when its own settings do
+    tuned = dict(base_identity(ckpt, base_path), learning_rate=learning_rate, min_lr=min_lr, train_args=train_args)
+    wanted = {"context_streams": context_streams, "dtype": dtype, "fine-tune": tuned}
     for k in iteration_counts(context_iters):
         vdir = os.path.join(folder, f"iters_{k}")
         done = os.path.join(vdir, "results.json")
-        record = read_json(done)  # the settings its row came from (a rerun with others redoes it)
-        if not (isinstance(record, dict) and record.get("settings") == wanted):
-            print(f"{k} iterations at block {L}", file=sys.stderr)
-            path = base_path
-            if k:
-                fine_tune(base_path, vdir, [], k, config, block=L)
-                path = os.path.join(vdir, "last.pt")
-            record = {"settings": wanted, "row": measure(path, KVOptions(kv_window=0), k)}
-            write_json(done, record)
+        record = read_json(done)  # the settings its row came from
+        if isinstance(record, dict) and record.get("settings") == wanted:
+            print(f"{k} iterations at block {L}: done before, skipped", file=sys.stderr)
+            rows.append(record["row"])
+            continue
+        ft, _, trained = fine_tune_state(vdir, [] if k else None, tuned)
+        if record is not None:
+            old = record.get("settings", {}) if isinstance(record, dict) else {}
+            print(f"{k} iterations at block {L}: done before with other settings ({', '.join(changes(old, wanted))}), "
+                  + ("evaluated again" if trained else "redone"), file=sys.stderr)
+        print(f"{k} iterations at block {L}" + (": fine-tuning" if not trained else ""), file=sys.stderr)
+        path = base_path
+        if k:
+            if not trained:
+                ft = {"settings": tuned, "command": fine_tune(base_path, vdir, [], k, config, block=L)}
+                ft["last_iter"] = saved_iteration(os.path.join(vdir, "last.pt"))
+                write_json(os.path.join(vdir, "finetune.json"), ft)
+            path = os.path.join(vdir, "last.pt")
+        record = {"settings": wanted, "row": measure(path, KVOptions(kv_window=0), k)}
+        write_json(done, record)
         rows.append(record["row"])
     lines = [f"### Fine-tuning at {L} bytes from {base_path} (block {block}): {context_streams} val streams of {L} bytes",
              "", f"| iterations at block {L} | bits/byte [0, {block}) | bits/byte [{block}, {L}) | all |", "|---:|---:|---:|---:|"]

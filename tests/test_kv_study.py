@@ -9,7 +9,6 @@ import contextlib
 import csv
 import io
 import os
-import re
 import runpy
 import subprocess
 import sys
@@ -148,11 +147,21 @@ def test_context_table(base_ckpt, tmp_path):
     assert "| 0 |" in printed and "| 2 |" in printed and "[16, 64)" in printed
     assert (tmp_path / "iters_2" / "last.pt").exists() and (tmp_path / "context.md").exists()
     again = study(f"--base={base_ckpt}", f"--out={tmp_path}", "--what=context", "--context_iters=0,2", *SMALL)
-    runs = lambda printed: len(re.findall(r"^\d+ iterations at block", printed, re.M))  # one line per k run
-    assert runs(again) == 0  # the same settings: the rows recorded are used
+    assert again.count("done before, skipped") == 2 and "fine-tuned" not in again  # the rows recorded are used
+    # other streams: the rows are evaluated again, on the fine-tune already made, and read as
+    # those of a study made afresh with them
+    tuned = (tmp_path / "iters_2" / "last.pt").read_bytes()
     more = [a if not a.startswith("--context_streams") else "--context_streams=3" for a in SMALL]
     again = study(f"--base={base_ckpt}", f"--out={tmp_path}", "--what=context", "--context_iters=0,2", *more)
-    assert runs(again) == 2  # other streams: never the old rows
+    assert again.count("context_streams 2 -> 3), evaluated again") == 2 and "fine-tuned" not in again, again
+    assert (tmp_path / "iters_2" / "last.pt").read_bytes() == tuned
+    fresh = study(f"--base={base_ckpt}", f"--out={tmp_path / 'fresh'}", "--what=context", "--context_iters=0,2", *more)
+    table = lambda printed: [line for line in printed.splitlines() if line.startswith("| ") and "iterations" not in line]
+    assert table(again) == table(fresh) and len(table(fresh)) == 3
+    # a fine-tune setting changed: that row's fine-tune is redone
+    again = study(f"--base={base_ckpt}", f"--out={tmp_path}", "--what=context", "--context_iters=0,2", *more,
+                  "--learning_rate=2e-3")
+    assert "fine-tuned 2 iterations" in again and again.count("redone") == 1, again
 
 
 def test_unknown_variant_is_one_error(base_ckpt, tmp_path, capsys):
