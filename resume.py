@@ -106,6 +106,15 @@ def incomparable(ckpt, model_args, block_size, dataset=None):
     return changed
 
 
+def other_val_batches(ckpt, eval_set):
+    """What makes a run's val loss read other batches than the checkpoint's (eval_set: this run's
+    batch_size, eval_iters and seed, from which train.py draws its fixed val batches), as
+    'name old -> new'; a checkpoint that does not record one is taken as the same."""
+    config = ckpt.get("config") or {}
+    return [f"{k} {config[k]!r} -> {v!r} (other val batches)" for k, v in eval_set.items()
+            if config.get(k) is not None and config[k] != v]
+
+
 def saved_iteration(path):
     """The iteration a checkpoint file was written at, or None (no file, or not readable)."""
     try:
@@ -224,16 +233,17 @@ def later_last(out_dir, ckpt_path, start_iter):
     return kept
 
 
-def earlier_best(out_dir, model_args, block_size, dataset):
+def earlier_best(out_dir, model_args, block_size, dataset, eval_set=None):
     """A resumed run writes the best of its own evaluations into ckpt.pt; the ckpt.pt there
     may be the best of another model, context or text (a conversion, a longer block_size, or
     the run before one that was cut short), whose loss this run's cannot be compared with. So
-    that it is not lost: returns the free name ckpt_<its iteration>.pt it moves to when this
+    that it is not lost (nor one evaluated on other val batches, eval_set as other_val_batches):
+    returns the free name ckpt_<its iteration>.pt it moves to when this
     run first writes ckpt.pt (None when there is none to keep), after saying so."""
     best = os.path.join(out_dir, "ckpt.pt")
     try:
         old = peek(best)
-        changed = incomparable(old, model_args, block_size, dataset)
+        changed = incomparable(old, model_args, block_size, dataset) + other_val_batches(old, eval_set or {})
     except Exception:  # none there, or a file with nothing in it to keep
         return None
     if not changed:

@@ -56,8 +56,8 @@ from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
 from steps import compile_probe, estimate_loss, not_finite_at_start, train_step
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
-                    objective_settings, restore_training_state, resume_command, resume_schedule, rng_state,
-                    saved_iteration)
+                    objective_settings, other_val_batches, restore_training_state, resume_command, resume_schedule,
+                    rng_state, saved_iteration)
 from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, stop_on_sigterm,
                    use_threads)
@@ -208,7 +208,9 @@ def train(held):
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
     set_aside = later_last(out_dir, ckpt_path, start_iter) if writes and master and ckpt is not None else None
-    best_aside = earlier_best(out_dir, model_args, block_size, dataset) if writes and master and ckpt is not None else None
+    eval_set = dict(batch_size=batch_size, eval_iters=eval_iters, seed=seed)  # what the val batches are drawn from
+    best_aside = earlier_best(out_dir, model_args, block_size, dataset, eval_set) if writes and master and ckpt is not None \
+        else None
     if writes and master:
         outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0,
                            kept=(set_aside is not None) + (best_aside is not None))
@@ -479,9 +481,10 @@ def resume_run(config, given, defaults, dev, world_size):
     best = f"{best_val_loss:.4f}" if math.isfinite(best_val_loss) else "none yet"
     print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best}")
     changed = incomparable(ckpt, model_args, block_size, dataset)
-    if changed and not eval_only and end_iter > start_iter:  # its val loss is another model's, or another context's
+    other = other_val_batches(ckpt, dict(batch_size=batch_size, eval_iters=eval_iters, seed=seed))
+    if (changed or other) and not eval_only and end_iter > start_iter:  # another model's val loss, or other batches'
         fresh_best, best_val_loss = True, float("inf")
-        print(f"note: {', '.join(changed)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
+        print(f"note: {', '.join(changed + other)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
               "will hold the best of this run")
     return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, model_args=model_args, train_path=train_path,
                            val_path=val_path, mode=mode, start_iter=start_iter, end_iter=end_iter, origin=origin,

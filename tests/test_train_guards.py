@@ -120,6 +120,24 @@ def test_a_resume_on_another_text_starts_its_own_best(run_dir, tmp_path):
     assert "data position not restored (another dataset)" in printed
 
 
+@pytest.mark.parametrize("flag", ["--batch_size=2", "--eval_iters=3", "--seed=5"])
+def test_a_resume_that_evaluates_other_val_batches_starts_its_own_best(data_dir, run_dir, tmp_path, flag):
+    """batch_size, eval_iters and seed draw the fixed val batches: a resume with another reads
+    other bytes, so its val loss is not compared with the best recorded; the run's own best
+    goes into ckpt.pt (the loss its evaluations printed), the old one kept aside, not lost."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    old = (out / "ckpt.pt").read_bytes()
+    printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last", f"--max_iters={N + 8}", flag)
+    name, _, value = flag[2:].partition("=")
+    assert f"{name} " in printed and f"-> {value} (other val batches): the checkpoint's best val loss is not comparable" \
+        in printed, printed
+    assert f"keeps it as {out / f'ckpt_{N}.pt'}" in printed and (out / f"ckpt_{N}.pt").read_bytes() == old
+    losses = [float(line.split("val loss ")[1].split(",")[0]) for line in printed.splitlines()
+              if line.startswith("iter ") and "val loss" in line and not line.startswith(f"iter {N}:")]
+    assert read_checkpoint(str(out / "ckpt.pt"))["best_val_loss"] == pytest.approx(min(losses), abs=1e-4)
+
+
 def test_an_unreadable_training_state_is_one_error(run_dir):
     ckpt = read_checkpoint(str(run_dir / "last.pt"))
     model, _ = load_model(str(run_dir / "last.pt"))
