@@ -473,7 +473,7 @@ def resume_run(config, given, defaults, dev, world_size):
             said = "the config says" if k in given else "train.py's default is"
             print(f"note: {k}={model_args[k]!r} from the checkpoint ({said} {config[k]!r})")
     mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
-    if mode == "finetune" and end_iter > start_iter:
+    if mode == "finetune" and end_iter > start_iter and not eval_only:  # (eval_only trains nothing: no schedule)
         config.update(fit_schedule(max_iters, sys.argv[1:]))
     elif mode == "continue" and (note := changed_settings(ckpt, {**config, **model_args})):  # (dropout: the model's)
         print(note)

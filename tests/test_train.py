@@ -542,6 +542,8 @@ def test_eval_only_and_zero_iterations_write_nothing(data_dir, base_run, tmp_pat
     assert f"iter {N}: train loss" in printed and "val loss" in printed
     printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last", "--eval_only=True")
     assert "val loss" in printed
+    printed = train(data_dir, out, "--init_from=resume", "--eval_only=True", "--max_iters=5")  # (a fine-tune's size)
+    assert "val loss" in printed and "schedule" not in printed, printed  # nothing is trained: no schedule to fit
     assert snapshot(out) == before
     fresh = tmp_path / "fresh"
     for flag in ("--eval_only=True", "--max_iters=0"):
