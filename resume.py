@@ -273,11 +273,11 @@ def interrupted(out_dir, iter_num, start_iter, origin, end_iter, signum=2):
         print("interrupted before the first iteration of this run; nothing was written", flush=True)
     elif origin:  # a fine-tune's schedule starts at its own first iteration, which no checkpoint records
         left = end_iter - iter_num
-        print(f"interrupted after iteration {iter_num}; {last} holds it. A fine-tune's schedule does not resume "
+        print(f"interrupted with {iter_num} iterations done; {last} holds them. A fine-tune's schedule does not resume "
               f"exactly; to train the {left} iterations left on a fresh schedule of their own: "
               f"{resume_command(resume_mode='finetune', max_iters=left)}", flush=True)
     else:
-        print(f"interrupted after iteration {iter_num}; {last} holds it. To go on exactly where it stopped: "
+        print(f"interrupted with {iter_num} iterations done; {last} holds them. To go on exactly where it stopped: "
               f"{resume_command()}", flush=True)
     raise SystemExit(128 + signum)
 

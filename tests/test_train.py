@@ -270,8 +270,8 @@ def test_an_interrupted_fine_tune_gives_the_command_for_the_iterations_left(data
     with signal_in_the_loop(monkeypatch, signal.SIGINT, 3):
         code, out, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path}", *tune)
     assert code == 130, out + err
-    line = [s for s in out.splitlines() if s.startswith("interrupted after iteration")][0]
-    assert f"interrupted after iteration {N + 3};" in line and "the 3 iterations left" in line, line
+    line = [s for s in out.splitlines() if s.startswith("interrupted with")][0]
+    assert f"interrupted with {N + 3} iterations done;" in line and "the 3 iterations left" in line, line
     command = shlex.split(line.split("on a fresh schedule of their own: python train.py ")[1])
     assert "--block_size=48" in command and command.count("--max_iters=3") == 1 and "--max_iters=6" not in command
     code, out, err = run_in_process("train.py", *command)
