@@ -54,3 +54,40 @@ def test_failed_or_broken_download_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="corrupt|not a"):
         run([f"--out_dir={tmp_path}"])
     assert os.listdir(tmp_path) == []
+
+
+def test_a_failed_download_removes_every_folder_it_made_and_gdowns_partial_file(tmp_path, monkeypatch):
+    """--out_dir=a/b/c that did not exist: a refused file, a dropped connection (gdown leaves
+    its <output><8 characters>.part) or Ctrl-C mid-way leave no file and none of a, b, c; a
+    folder that was there before stays."""
+    def partial_then(fail):
+        def download(id=None, output=None, quiet=False, **kw):
+            open(output + "abcd1234.part", "wb").write(b"half")  # what gdown writes as it goes
+            raise fail
+        return download
+
+    for how in (fake_download(lambda p: open(p, "wb").write(b"<html>quota</html>")),
+                partial_then(ConnectionError("connection reset")), partial_then(KeyboardInterrupt())):
+        monkeypatch.setattr(gdown, "download", how)
+        with pytest.raises((UserError, KeyboardInterrupt)):
+            run([f"--out_dir={tmp_path / 'a' / 'b' / 'c'}"])
+        assert os.listdir(tmp_path) == []
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        run([f"--out_dir={tmp_path / 'kept'}"])
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
+
+
+def test_a_page_instead_of_the_checkpoint_says_what_it_likely_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(gdown, "download", fake_download(lambda p: open(p, "wb").write(b"<html>quota</html>")))
+    with pytest.raises(UserError, match="the file Google Drive sent is not a checkpoint .*download quota.*try again later"):
+        run([f"--out_dir={tmp_path}"])
+
+
+def test_a_folder_named_ckpt_pt_is_one_error(tmp_path, monkeypatch):
+    (tmp_path / "ckpt.pt").mkdir()
+    monkeypatch.setattr(gdown, "download", fake_download(tutorial_checkpoint))
+    for argv in ([f"--out_dir={tmp_path}"], [f"--out_dir={tmp_path}", "--force=True"]):
+        with pytest.raises(UserError, match="ckpt.pt is a folder, not a checkpoint file"):
+            run(argv)
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
