@@ -25,13 +25,13 @@ PLAIN_TYPES = (int, float, bool, str)
 # nanoGPT's settings that this project does not have, and what to use instead
 _WANDB = "wandb is not supported here: TensorBoard scalars are written (--tensorboard=True, the default)"
 ELSEWHERE = {"wandb_log": _WANDB, "wandb_project": _WANDB, "wandb_run_name": _WANDB,
-             "init_from": "this script reads the checkpoint in --out_dir (--checkpoint_name names it); GPT-2's "
-                          "weights do not fit this byte-level model"}
+             "init_from": "this script reads the checkpoint in --out_dir{named}; GPT-2's weights do not fit this "
+                          "byte-level model"}
 
 
 def _suggest(name, known):
     if name in ELSEWHERE:
-        return ELSEWHERE[name]
+        return ELSEWHERE[name].format(named=" (--checkpoint_name names it)" if "checkpoint_name" in known else "")
     if name == "config":
         script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
         return f"a config file is given without a flag, as a path: python {script} config/NAME.py --name=value"
@@ -104,6 +104,9 @@ def _run_config_file(path, g, known):
             suggestion = _suggest(name, known)
             helper = " (a name of your own, e.g. a loop variable, starts with _ and is left alone)" \
                 if suggestion == "--help lists the settings" else ""
+            script = os.path.basename(sys.argv[0]) if sys.argv else ""
+            if os.path.basename(path).startswith("train_") and script not in ("train.py", ""):  # config/train_*.py
+                helper = f" ({path} configures train.py; {script} takes its own settings, e.g. --out_dir=)"
             raise UserError(f"config file {path}: unknown setting '{name}'; {suggestion}{helper}")
         value = _coerce(f"config file {path}: {name}", value, g[name])
         if value != g[name]:
@@ -180,6 +183,8 @@ def configure(g, argv=None, echo=None, given=None):
             assigned = {name}
         elif arg.startswith("--") and arg[2:] in known:  # --name value, as argparse takes it
             raise UserError(f"--{arg[2:]} needs its value after '=': --{arg[2:]}=VALUE (no space)")
+        elif arg.startswith("--") and name and not eq and _suggest(name, known).startswith("did you mean"):
+            raise UserError(f"bad argument '{arg}': expected --name=value; {_suggest(name, known)}")
         elif arg.startswith("-") or ("=" in arg and not os.path.exists(arg)):
             raise UserError(f"bad argument '{arg}': expected --name=value or a config file path")
         else:

@@ -88,9 +88,9 @@ def test_config_file_after_a_flag_overrides_it_and_says_so(tmp_path, capsys):
     (["--max_iters=1e3"], ["--max_iters: expected int, got float 1000.0", "write 1000"]),
     (["--config=config/x.py"], ["unknown setting --config", "given without a flag"]),
     (["--max_iters", "3"], ["--max_iters needs its value after '='", "--max_iters=VALUE"]),  # argparse's way
-    (["--max_iter"], ["bad argument '--max_iter'", "--name=value"]),
+    (["--max_iter"], ["bad argument '--max_iter'", "--name=value", "did you mean --max_iters?"]),
     (["--wandb_log=True"], ["unknown setting --wandb_log", "TensorBoard"]),  # nanoGPT's settings
-    (["--init_from=gpt2"], ["unknown setting --init_from", "reads the checkpoint in --out_dir"]),
+    (["--init_from=gpt2"], ["unknown setting --init_from", "reads the checkpoint in --out_dir;"]),  # (no such flag here)
     (["-max_iters=3"], ["bad argument '-max_iters=3'"]),
     (["max_iters=3"], ["bad argument 'max_iters=3'"]),
     (["no/such/config.py"], ["config file no/such/config.py not found"]),
@@ -177,3 +177,12 @@ def test_a_recipe_path_from_another_folder_says_where_the_recipe_is(tmp_path, mo
     message = str(info.value)
     assert f"not found in {tmp_path}" in message
     assert os.path.join(configurator._HERE, "config", "train_shakespeare_char_cpu.py") in message
+
+
+def test_a_training_recipe_given_to_another_script_says_whose_it_is():
+    """python sample.py config/train_shakespeare_char_cpu.py: its first training setting is
+    named, and so is the script the recipe is for."""
+    proc = run_script("sample.py", "config/train_shakespeare_char_cpu.py")
+    assert_user_error(proc, "config/train_shakespeare_char_cpu.py configures train.py; sample.py takes its own")
+    proc = run_script("sample.py", "--init_from=resume")
+    assert_user_error(proc, "reads the checkpoint in --out_dir (--checkpoint_name names it)")
