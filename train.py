@@ -248,6 +248,9 @@ def train(held):
                                                (batch_size, block_size), dataset)
             if xl_mem and rows_kept and not changed and ckpt["config"].get("xl_mem") == xl_mem:
                 xl_state = ckpt.get("xl_memory")  # the rows go on: so does what they remember
+            if xl_mem and master and writes:
+                print("XL memory restored: the rows go on with what they remembered" if xl_state is not None else
+                      "note: XL memory starts empty (the rows, the model or xl_mem are not the checkpoint's)")
             if not master:
                 torch.manual_seed(rank_seed)
     del ckpt  # free its memory before training

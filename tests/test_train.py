@@ -132,6 +132,7 @@ def test_a_resume_keeps_the_xl_memory_and_qat_it_was_trained_with(data_dir, tmp_
     train(data_dir, split, f"--max_iters={N}", objective)
     printed = train(data_dir, split, f"--max_iters={N + 3}", "--init_from=resume", "--resume_checkpoint_name=last")
     assert re.search(rf"note: {name}='?{value}'? from the checkpoint, as it was trained", printed)
+    assert ("XL memory restored: the rows go on" in printed) == (name == "xl_mem"), printed  # (said, and true below)
     train(data_dir, whole, f"--max_iters={N + 3}", objective)
     a, b = read_checkpoint(str(split / "last.pt")), read_checkpoint(str(whole / "last.pt"))
     assert a["config"][name] == b["config"][name] != 0

@@ -41,7 +41,11 @@ def test_xl_runs_with_gqa_windows_sharing_and_resume(repeat_dir, tmp_path):
     assert "val loss with memory" in printed
     printed = train(repeat_dir, tmp_path / "o", *args, "--init_from=resume", "--resume_checkpoint_name=last",
                     "--max_iters=8")
-    assert "continue" in printed and "iter 8" in printed
+    assert "continue" in printed and "iter 8" in printed and "XL memory restored" in printed
+    # other rows (another batch_size): the memory cannot go on with them, and the line says so
+    printed = train(repeat_dir, tmp_path / "o", *args, "--init_from=resume", "--resume_checkpoint_name=last",
+                    "--max_iters=10", "--batch_size=3")
+    assert "note: XL memory starts empty" in printed and "XL memory restored" not in printed
 
 
 def test_negative_xl_mem_is_one_clear_error(tmp_path):
