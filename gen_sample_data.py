@@ -1,7 +1,8 @@
 """
 Show what the training data loader emits: consecutive batches, one line per row, so you can see
 that each row continues the text of the previous batch, and where a row restarts elsewhere
-("[restart]", and its first 4 bytes are "####"). Newlines are shown as \\n.
+("[restart]", and its first 4 bytes are "####"). Newlines, carriage returns and tabs are shown
+as \\n, \\r and \\t, and bytes that are not UTF-8 (a character cut at a row's edge) as \\xNN.
 
     python gen_sample_data.py
     python gen_sample_data.py --reset_prob=0.1 --block_size=32 --n_batches=40

@@ -237,7 +237,9 @@ def prepare(data_dir, input_path=None, url=None, force=False):
     n = int(len(data) * 0.9)
     files["train.txt"], files["val.txt"] = data[:n], data[n:]
     _write_files(data_dir, files)
-    print(f"{os.path.relpath(data_dir)}: train.txt has {n:,} bytes, "
+    where = os.path.relpath(data_dir)
+    where = os.path.abspath(data_dir) if where == "." or where.startswith("..") else where  # never just "."
+    print(f"{where}: train.txt has {n:,} bytes, "
           f"val.txt has {len(data) - n:,} bytes")
 
 
