@@ -68,8 +68,8 @@ def not_finite_at_start(losses, iter_num, attention, xl_update, kv_quant):
                if ":" in v]
     which = (f"the plug-in {' or '.join(plugins)} is where to look (python -m exercises.check tries an exercise's, "
              "with --module= for yours)") if plugins else "the model or its settings produce it"
-    return (f"the model's {bad} at iteration {iter_num}, before this run took a training step: its forward pass gives nan or inf, "
-            f"so {which}; nothing was written")
+    return (f"the model's {bad} at iteration {iter_num}, before this run took a training step: its forward pass "
+            f"gives nan or inf, so {which}; nothing was written")
 
 
 def restart_rows(memory, restarted):
