@@ -493,8 +493,10 @@ def context():
         ft, _, trained = fine_tune_state(vdir, [] if k else None, tuned)
         if record is not None:
             old = record.get("settings", {}) if isinstance(record, dict) else {}
-            print(f"{k} iterations at block {L}: done before with other settings ({', '.join(changes(old, wanted))}), "
-                  + ("evaluated again" if trained else "redone"), file=sys.stderr)
+            flat = lambda st: {**{n: v for n, v in st.items() if n != "fine-tune"}, **(st.get("fine-tune") or {})}
+            print(f"{k} iterations at block {L}: done before with other settings "
+                  f"({', '.join(changes(flat(old), flat(wanted)))}), " + ("evaluated again" if trained else "redone"),
+                  file=sys.stderr)
         print(f"{k} iterations at block {L}" + (": fine-tuning" if not trained else ""), file=sys.stderr)
         path = base_path
         if k:

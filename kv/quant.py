@@ -280,8 +280,9 @@ class UserFormat(TokenFormat):
         except Exception as e:
             if isinstance(e, UserError) or unwritten(e):  # (an exercise stub: run_main says "not implemented yet")
                 raise
-            if call_error(e) is not None:  # the call itself failed: a wrong signature, said with the right one
-                raise call_error(e) from None
+            called = call_error(e)  # the call itself failed: a wrong signature, said with the right one
+            if called is not None:
+                raise called from None
             # with the plug-in's own lines under the message (plugins.plugin_error)
             frames = getattr(plugin_error(e), "details", [])
             raise UserError(f"{what} failed on a test input: {type(e).__name__}: {' '.join(str(e).split())[:200]}",

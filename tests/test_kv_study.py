@@ -162,6 +162,7 @@ def test_context_table(base_ckpt, tmp_path):
     again = study(f"--base={base_ckpt}", f"--out={tmp_path}", "--what=context", "--context_iters=0,2", *more,
                   "--learning_rate=2e-3")
     assert "fine-tuned 2 iterations" in again and again.count("redone") == 1, again
+    assert "(learning_rate 0.001 -> 0.002), redone" in again, again
 
 
 def test_unknown_variant_is_one_error(base_ckpt, tmp_path, capsys):
