@@ -214,7 +214,10 @@ def train(held):
     if writes and master:
         outdir.check_space(out_dir, model, memory_bytes(model, batch_size, xl_mem) if xl_mem else 0,
                            kept=(set_aside is not None) + (best_aside is not None))
-    if xl_fn is not None and xl_mem:  # the user's XL step, tried now, not after the first evaluation
+    if xl_fn is not None and not xl_mem:  # (xl_mem as a resume goes on with it: the checkpoint's, or given)
+        raise UserError(f"--xl_update={xl_update} replaces the XL memory's step, and this run keeps no XL memory "
+                        "(xl_mem=0): add --xl_mem=N (e.g. --xl_mem=256), or it is never called")
+    if xl_fn is not None:  # the user's XL step, tried now, not after the first evaluation
         try_step(model, xl_mem, xl_fn, xl_name, dev)
     if writes and device_type == "cpu" and n_params > 5e6:  # e.g. `python train.py`, the GPU recipe
         print(f"note: a {n_params / 1e6:.1f}M-parameter model trains for hours on a CPU; the CPU recipe "

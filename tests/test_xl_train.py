@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from conftest import assert_user_error, run_script, train, write_splits
+from conftest import TINY, assert_user_error, run_script, train, write_splits
 from exercises.checks_common import repeating_text
 
 BLOCK = 32
@@ -63,3 +63,12 @@ def test_a_resume_asks_for_the_xl_plugin_again(repeat_dir, tmp_path):
     assert_user_error(proc, "--xl_update=kv.xl:xl_step", "pass it again")
     printed = train(repeat_dir, out, *args, "--init_from=resume", "--max_iters=4")
     assert "iter 4" in printed and "from the checkpoint" not in printed
+
+
+def test_an_xl_step_without_xl_memory_is_one_error(repeat_dir, tmp_path):
+    """--xl_update on a run that keeps no memory would never be called: one line that says how
+    to give it one, and nothing written; on a resume of an XL run its xl_mem counts."""
+    proc = run_script("train.py", *TINY, f"--dataset={repeat_dir}", f"--out_dir={tmp_path / 'o'}", "--max_iters=2",
+                      "--xl_update=kv.xl:xl_step")
+    assert_user_error(proc, "--xl_update=kv.xl:xl_step replaces the XL memory's step", "add --xl_mem=N")
+    assert not (tmp_path / "o").exists()
