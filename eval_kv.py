@@ -45,7 +45,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -360,12 +360,16 @@ def main():
     if reference not in ("natural", "unbounded"):
         raise UserError(f"--reference={reference!r}: choose natural or unbounded")
     path = checkpoint_path(out_dir, checkpoint_name)
-    kv = KVOptions.from_settings(globals()).check()
+    kv = KVOptions.from_settings(globals())
+    grid_own = [f for f in fields(KVOptions) if f.name not in ("kv_window", "kv_sink", "kv_quant_group",
+                                                                "kv_quant_residual")]
+    given = [f"--{f.name}" for f in grid_own if getattr(kv, f.name) != f.default]
+    if sweep and given:  # (before the options' own checks, whose advice would not fit a sweep)
+        raise UserError(f"--sweep={sweep} runs its own grid of cache settings: drop {', '.join(given)} "
+                        "(kv_window, kv_sink, kv_quant_group and kv_quant_residual do apply to the grid)")
+    kv = kv.check()
     if not sweep:
         kv.check_unused()
-    if sweep and (kv.compressed or kv_budget or kv_recent or kv_trim):
-        raise UserError(f"--sweep={sweep} runs its own grid of kv_quant/kv_evict settings; drop them "
-                        "(kv_quant_group and kv_quant_residual do apply to the grid)")
     # optional packages are looked for now, not when the long run's results are written
     png = bool(sweep) and has_module("matplotlib", "the sweep writes no .png")
     use_tb = bool(sweep) and tensorboard and has_module("tensorboard", "no TensorBoard scalars are written")

@@ -211,6 +211,8 @@ def main_error(monkeypatch, capsys, *argv):
     (["--kv_evict=h2o", "--kv_budget=10.5"], "--kv_budget: expected int"),  # whole tokens
     (["--sweep=huge"], "unknown sweep"),
     (["--sweep=quick", "--kv_quant=int8"], "runs its own grid"),
+    (["--sweep=quick", "--kv_recent=4"], "runs its own grid of cache settings: drop --kv_recent"),  # not "add kv_evict"
+    (["--sweep=quick", "--kv_quant_keys=token"], "drop --kv_quant_keys"),  # the grid chooses its keys: never ignored
     (["--stream_len=1000000"], "lower --stream_len"),
     (["--dataset=/nonexistent/data"], "no train.txt and val.txt"),
     (["--checkpoint_name=nope"], "not found"),
