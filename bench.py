@@ -17,7 +17,7 @@ generate  tokens/s for bench_lengths new tokens with the cache unbounded and bou
           kv_window (256 when not given), eager and (--compile=True) through the compiled
           static-cache step (generate.StaticDecoder, its compile time printed), the KV bits
           held, time per token over the first and the last 1024 of a long sample (a bounded
-          cache must not slow down), process memory; bench_batch samples side by side against
+          cache must not slow down); bench_batch samples side by side against
           one (compiled on a CPU, also the batch step's matrix products alone: the floor of its time);
           on CUDA also without CUDA graphs, and the fraction of the memory bandwidth used.
           --baseline=True also times the tutorial's way (concatenate, re-rotate every key).
@@ -388,7 +388,8 @@ def bench_eval_kv(model):
         evaluate(model, x[:1, :2], y[:1, :2], [kv], 1, reference, block_size)  # eval_kv's dry run
         first = timed()
         runs = [timed() for _ in range(bench_repeats)] if first[0] < 60 else [first]
-        wall, cpu, own = sorted(runs)[len(runs) // 2]  # the median by wall time, its CPU time and own speed
+        # the median by wall time (of an even count, the faster middle one), its CPU time and own speed
+        wall, cpu, own = sorted(runs)[(len(runs) - 1) // 2]
         nbytes = x.numel()
         if how == "compiled" and made[0] is None:
             how = "eager (not compiled: below)"
@@ -418,6 +419,9 @@ def check_settings():
         raise UserError(f"--what={what}: choose train, generate, eval_kv or all")
     new_token_counts(bench_lengths)
     check_range(globals(), "bench_iters bench_repeats bench_batch n_streams stream_len", 1)
+    if what == "train" and kv_quant != "none":  # (train.py would train through it: bench's step does not)
+        raise UserError(f"--kv_quant={kv_quant} sets the cache of the generate and eval_kv rows; --what=train times "
+                        "train.py's step without quantization-aware training: drop it, or --what=generate")
     train.check_settings()  # batch_size, block_size, learning_rate, ... as train.py checks them
 
 

@@ -177,6 +177,13 @@ def test_bench_settings_are_checked_before_any_benchmark(tmp_path, args, words):
     assert "|" not in out  # no table: no benchmark ran
 
 
+def test_bench_train_refuses_a_cache_format_its_step_would_not_use():
+    """train.py trains through --kv_quant (QAT); bench's train rows time the plain step, so the
+    flag is refused there rather than leaving a row named after train.py's step that is not it."""
+    proc = run_script("bench.py", *BENCH, "--what=train", "--kv_quant=int4")
+    assert_user_error(proc, "--what=train times train.py's step without quantization-aware training")
+
+
 def test_bench_eval_kv_alone_checks_its_own_settings():
     proc = run_script("bench.py", *BENCH, "--what=eval_kv", "--stream_len=0")
     assert_user_error(proc, "--stream_len must be at least 1")
