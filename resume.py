@@ -282,6 +282,20 @@ def interrupted(out_dir, iter_num, start_iter, origin, end_iter, signum=2):
     raise SystemExit(128 + signum)
 
 
+def stopped_at_once(out_dir, last_written, origin):
+    """After a Ctrl-C that stops at once (before the loop, or a second one in it): what last.pt
+    holds, and the command that goes on from it only where this run wrote it (last_written: the
+    iteration it last wrote, or None), on the schedule it resumes (not a fine-tune's, origin > 0,
+    which no checkpoint records; one process: torchrun has its own line)."""
+    last = os.path.join(out_dir, "last.pt")
+    at = saved_iteration(last)
+    ours = at is not None and at == last_written
+    mine = ours and not origin and int(os.environ.get("WORLD_SIZE", 1)) == 1
+    print("\nstopped at once" + (f"; {last} holds iteration {at}" if at is not None else "")
+          + (" (an earlier run's: this one did not write it)" if at is not None and not ours else "")
+          + (f". To go on from it: {resume_command()}" if mine else ""), flush=True)
+
+
 def resume_command(**flags):
     """This run's train.py command line, made to resume from last.pt (flags: settings to give
     instead of the run's own, e.g. max_iters=70)."""

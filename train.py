@@ -56,8 +56,8 @@ from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
 from steps import compile_probe, estimate_loss, not_finite_at_start, train_step
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
-                    objective_settings, other_val_batches, restore_training_state, resume_command, resume_schedule,
-                    rng_state, saved_iteration)
+                    objective_settings, other_val_batches, restore_training_state, resume_schedule, rng_state,
+                    stopped_at_once)
 from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
                    keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, stop_on_sigterm,
                    use_threads)
@@ -137,15 +137,7 @@ def main():
         if dist.is_initialized():
             dist.barrier()  # no rank leaves while rank 0 still writes a checkpoint
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the training loop, or a second one in it: at once
-        last = os.path.join(out_dir, "last.pt")
-        at = saved_iteration(last)
-        # the command that goes on only where this run wrote last.pt, on the schedule it resumes
-        # (not a fine-tune's, which no checkpoint records; one process: torchrun has its own line)
-        ours = at is not None and at == PROGRESS.get("last_written")
-        mine = ours and not PROGRESS.get("origin") and int(os.environ.get("WORLD_SIZE", 1)) == 1
-        print("\nstopped at once" + (f"; {last} holds iteration {at}" if at is not None else "")
-              + (" (an earlier run's: this one did not write it)" if at is not None and not ours else "")
-              + (f". To go on from it: {resume_command()}" if mine else ""), flush=True)
+        stopped_at_once(out_dir, PROGRESS.get("last_written"), PROGRESS.get("origin"))
         raise
     finally:
         held.close()
