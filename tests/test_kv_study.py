@@ -334,7 +334,7 @@ def test_sigterm_stops_the_study_as_ctrl_c_does(tmp_path):
 def test_a_fine_tune_that_ignores_ctrl_c_is_stopped_by_sigterm():
     """kv_study stopped (Ctrl-C to it alone, or kill) stops its fine-tune with SIGTERM, which
     train.py takes as Ctrl-C: a job started with & ignores SIGINT, and so does its train.py."""
-    import kv_study
+    from kv.study_finetune import stop
     child = ("import signal, sys\n"
              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7))\n"
@@ -343,6 +343,6 @@ def test_a_fine_tune_that_ignores_ctrl_c_is_stopped_by_sigterm():
              "    signal.pause()\n")
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
-    kv_study.stop(proc)
+    stop(proc)
     proc.stdout.close()
     assert proc.returncode == 7  # its own handler ran (not a kill after the minute's grace)
