@@ -29,7 +29,8 @@ import torch
 
 from loader import DATA_DIR, dataset_paths
 from model import ARCH_KEYS, GPT, MODEL_ARG_KEYS, GPTConfig
-from utils import UserError, atomic_torch_save
+from fileio import atomic_torch_save
+from utils import UserError
 
 
 def checkpoint_path(out_dir, name):

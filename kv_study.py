@@ -59,11 +59,11 @@ from kv.report import check_writable, write_text
 from kv import study_finetune
 from kv.study_finetune import again_command, fine_tune_command, fine_tune_state
 from kv.study_report import write_frontier
+from fileio import read_json, write_json
 from loader import dataset_paths
 from outdir import make_folder
 from resume import saved_iteration
-from utils import (Progress, UserError, check_range, keep_freed_memory, read_json, run_main, stop_on_sigterm,
-                   use_threads, write_json)
+from utils import Progress, UserError, check_range, keep_freed_memory, run_main, stop_on_sigterm, use_threads
 
 quiet_start.done()
 

@@ -11,7 +11,8 @@ import urllib.request
 import numpy as np
 import torch
 
-from utils import UserError, fsync_dir
+from fileio import fsync_dir
+from utils import UserError
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 DATA_DIR = os.path.join(REPO_DIR, "data")  # the named datasets, one folder each

@@ -15,7 +15,8 @@ import io
 import os
 import tempfile
 
-from utils import UserError, atomic_write
+from fileio import atomic_write
+from utils import UserError
 
 
 def signed_pct(x):
@@ -139,7 +140,7 @@ def tensorboard_writer(folder):
 # -- writing files -----------------------------------------------------------------------------
 
 def write_file(path, write):
-    """write(f) into the binary file path, atomically (utils.atomic_write: the old file stays
+    """write(f) into the binary file path, atomically (fileio.atomic_write: the old file stays
     whole until the new one is complete); a UserError naming path if it cannot be written.
     The scripts print their table before they write it, so such an error loses no results."""
     try:

@@ -16,7 +16,8 @@ import sys
 import time
 
 from resume import saved_iteration
-from utils import UserError, read_json
+from fileio import read_json
+from utils import UserError
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 

@@ -216,7 +216,7 @@ def test_prepare_with_the_same_text_again_is_fine(tmp_path):
 
 
 def test_prepare_script_refuses_a_binary_input(tmp_path):
-    for name in ("utils.py", "loader.py", "configurator.py", "data/svejk_char/prepare.py"):
+    for name in ("utils.py", "fileio.py", "loader.py", "configurator.py", "data/svejk_char/prepare.py"):
         os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
         (tmp_path / name).write_bytes(open(os.path.join(REPO_ROOT, name), "rb").read())
     ds = tmp_path / "data" / "svejk_char"

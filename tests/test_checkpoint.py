@@ -106,7 +106,7 @@ def test_a_disk_that_fills_under_torchs_own_writer_is_one_user_error(tmp_path, m
     previous checkpoint stays, with no temporary file left."""
     import builtins
     import errno
-    import utils
+    import fileio
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, bias=False))
     args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
     path = str(tmp_path / "ckpt.pt")
@@ -131,7 +131,7 @@ def test_a_disk_that_fills_under_torchs_own_writer_is_one_user_error(tmp_path, m
         def __exit__(self, *exc):
             return self.f.__exit__(*exc)
 
-    monkeypatch.setattr(utils, "open", lambda *a, **kw: FillsUp(builtins.open(*a, **kw)), raising=False)
+    monkeypatch.setattr(fileio, "open", lambda *a, **kw: FillsUp(builtins.open(*a, **kw)), raising=False)
     with pytest.raises(UserError, match=r"could not write .*\(No space left on device\); the previous ckpt.pt is intact"):
         save_checkpoint(path, model, None, args, {}, 2, 1.0)
     monkeypatch.undo()

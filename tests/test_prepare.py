@@ -16,7 +16,7 @@ from utils import UserError
 
 def copy_scripts(root):
     """A copy of what the svejk prepare script needs, so tests never write into the repo's data/."""
-    for name in ("utils.py", "loader.py", "configurator.py", "data/svejk_char/prepare.py"):
+    for name in ("utils.py", "fileio.py", "loader.py", "configurator.py", "data/svejk_char/prepare.py"):
         os.makedirs(os.path.dirname(root / name), exist_ok=True)
         shutil.copy(os.path.join(REPO_ROOT, name), root / name)
 

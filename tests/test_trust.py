@@ -23,8 +23,8 @@ import pytest
 import torch
 
 import checkpoint
+import fileio
 import outdir
-import utils
 from checkpoint import checksum, load_model, read_checkpoint
 from conftest import REPO_ROOT, TINY, run_in_process, run_script, tiny_corpus, train, write_splits
 from model import GPT, GPTConfig
@@ -343,7 +343,7 @@ def test_temporary_names_are_unique_per_process(tmp_path, monkeypatch):
     seen = []
     real_save = torch.save
     monkeypatch.setattr(torch, "save", lambda obj, f: (seen.append(f.name), real_save(obj, f)))
-    utils.atomic_torch_save({"x": 1}, str(tmp_path / "last.pt"))
+    fileio.atomic_torch_save({"x": 1}, str(tmp_path / "last.pt"))
     assert seen == [f"{tmp_path / 'last.pt'}.{os.getpid()}.tmp"]
     assert os.listdir(tmp_path) == ["last.pt"]
 
