@@ -301,7 +301,7 @@ class KVOptions:
         layer never holds more than its window; a linear layer holds its fixed-size state.
         dtype: of the cached K/V; default the dtype they come in (autocast's, or the model's).
         static: their static-shape twins on one Clock, for the compiled decode step (kv/static.py;
-        only where kv.static.static_reason(self, model.config) is None)."""
+        only where kv.static.static_reason(self, model.config, device) is None)."""
         c = model.config
         p = next(model.parameters())
         dtype = dtype or cache_dtype(p)

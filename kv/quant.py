@@ -51,6 +51,7 @@ from utils import UserError, no_autocast
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+NO_FP8 = {"mps"}  # device types without float8 tensors: fp8 codes are rounded on the CPU (slower, the same bits)
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")  # the named kv_quant formats (make_formats builds them)
 GROUPED = ("int4", "int2")  # quantized in groups of kv_quant_group values: where kv_quant_group and kv_quant_keys apply
@@ -194,10 +195,15 @@ class Fp8Format(TokenFormat):
 
     def quantize(self, x):
         scale = _fp16_up((x.float().abs().amax(-1, keepdim=True) / self.fmax).clamp(min=2 ** -14))
-        return (x.float() / scale.float()).clamp_(-self.fmax, self.fmax).to(self.code_dtype), scale
+        q = (x.float() / scale.float()).clamp_(-self.fmax, self.fmax)
+        if q.device.type in NO_FP8:  # rounded on the CPU, kept on the device as the codes' bytes
+            return q.cpu().to(self.code_dtype).view(torch.uint8).to(q.device), scale
+        return q.to(self.code_dtype), scale
 
     def dequantize(self, payload, out):
         codes, scale = payload
+        if codes.dtype == torch.uint8:  # (the bytes of float8 codes, on a device in NO_FP8)
+            codes = codes.cpu().view(self.code_dtype).float().to(out.device)
         return out.copy_(codes).mul_(scale.to(out.dtype))
 
 

@@ -345,9 +345,15 @@ def dequantize(fmt, payload, dtype):
 STATIC_FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")  # the kv_quant formats dequantize() above reads
 
 
-def static_reason(kv, config):
-    """None when the static caches cover KVOptions kv for a model of this config, else what
-    keeps the decode step eager (said as "the decode step stays eager: <reason>")."""
+def static_reason(kv, config, device=None):
+    """None when the static caches cover KVOptions kv for a model of this config (on device,
+    a torch.device, where given), else what keeps the decode step eager (said as "the decode
+    step stays eager: <reason>")."""
+    if device is not None and kv.kv_quant in FP8:
+        if device.type == "mps":
+            return f"kv_quant={kv.kv_quant} on MPS (no float8 dtypes there: the eager cache emulates them)"
+        if device.type == "cuda" and kv.kv_quant == "fp8_e4m3" and torch.cuda.get_device_capability(device) < (8, 9):
+            return "kv_quant=fp8_e4m3 on a GPU older than Ada/Hopper (the compiler's Triton has no e4m3 there)"
     if kv.others():
         return f"--{kv.others()[0][0]} (an option kv/static.py does not know)"
     if kv.kv_trim:

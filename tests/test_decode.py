@@ -259,6 +259,24 @@ def test_eager_kinds_say_why(options, words):
         StaticDecoder(model, kv, 1, 10, compile=False)
 
 
+def test_fp8_stays_eager_where_the_device_cannot_compile_it(monkeypatch):
+    """fp8 caches stay eager on MPS (no float8 tensors there) and fp8_e4m3 on GPUs before
+    Ada (the compiler's Triton has no e4m3 there), where compiling the step would fail and
+    turn compiling off for every later kind; elsewhere, and fp8_e5m2 on any GPU, they compile."""
+    config = tiny().config
+    for name in ("fp8_e4m3", "fp8_e5m2"):
+        kv = KVOptions(kv_window=0, kv_quant=name)
+        assert static_reason(kv, config, torch.device("cpu")) is None
+        assert "MPS" in static_reason(kv, config, torch.device("mps"))
+    capability = {"cuda:0": (8, 0), "cuda:1": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability[str(d)])
+    e4m3, e5m2 = KVOptions(kv_window=0, kv_quant="fp8_e4m3"), KVOptions(kv_window=0, kv_quant="fp8_e5m2")
+    assert "older than Ada" in static_reason(e4m3, config, torch.device("cuda:0"))
+    assert static_reason(e4m3, config, torch.device("cuda:1")) is None
+    assert static_reason(e5m2, config, torch.device("cuda:0")) is None
+    assert static_reason(KVOptions(kv_window=0, kv_quant="int8"), config, torch.device("mps")) is None
+
+
 def test_a_new_option_is_named_and_kept_eager(monkeypatch):
     """An option added to KVOptions (the way kv/policy.py says) is not silently compiled as a
     plain cache, nor labelled as one: the step stays eager and describe() names it. So does a

@@ -5,6 +5,7 @@ returns against the same tokens quantized one by one."""
 import pytest
 import torch
 
+import kv.quant as kv_quant
 from conftest import tiny
 from kv.policy import KVOptions
 from kv.quant import (FORMATS, ChannelFormat, GroupFormat, QuantKVCache, make_formats, pack,
@@ -178,6 +179,22 @@ def test_cache_returns_each_token_quantized_once(name, step):
     assert torch.equal(keys[:, :, :nq], ref_k) and torch.equal(vals[:, :, :nq], ref_v)
     if step == 1:
         assert mask is None
+
+
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_without_float8_tensors_gives_the_same_cache(name, monkeypatch):
+    """On a device without float8 tensors (MPS) fp8 codes are rounded on the CPU and kept as
+    their bytes: the cache hands back the same keys and values, and holds the same bits, as
+    with float8 codes (the CPU stands in for MPS here)."""
+    native = cache_for(name, residual=5)
+    _, _, (keys, vals, _) = fill(native, 45, 6)
+    monkeypatch.setattr(kv_quant, "NO_FP8", {"cpu"})
+    emulated = cache_for(name, residual=5)
+    _, _, (keys_e, vals_e, _) = fill(emulated, 45, 6)
+    assert emulated.k_codes[0].dtype == torch.uint8
+    assert torch.equal(emulated.k_codes[0], native.k_codes[0].view(torch.uint8))
+    assert torch.equal(keys_e, keys) and torch.equal(vals_e, vals)
+    assert emulated.size_bits() == native.size_bits() == audit(emulated)
 
 
 def test_history_bound_drops_whole_groups():
