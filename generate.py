@@ -82,7 +82,7 @@ class StaticDecoder:
     Raises ValueError for a cache kind kv.static.static_reason() keeps eager."""
 
     def __init__(self, model, kv, batch_size, capacity, compile=True, cuda_graphs=None, dtype=None):
-        reason = static_reason(kv, model.config)
+        reason = static_reason(kv, model.config, next(model.parameters()).device)
         if reason is not None:
             raise ValueError(f"no static decode step for {reason}")
         self.model, self.kv, self.batch_size, self.capacity = model, kv, batch_size, capacity
@@ -96,8 +96,9 @@ class StaticDecoder:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)  # the step's input
         self.rot_table = model._rope(0, capacity).clone() if model.config.rope else None  # (capacity, hs/2, 2)
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move
-            for t in self.buffers():
+        if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move, and the
+            # RoPE table is read where it lies (an input not marked static is copied in at every replay)
+            for t in self.buffers() + ([self.rot_table] if self.rot_table is not None else []):
                 torch._dynamo.mark_static_address(t)
         # the caches that quantize a group apart from the step, in lists of one schedule (residual,
         # group): a local layer may keep a shorter residual than a global one (local_residual)
@@ -215,7 +216,7 @@ def static_decoder(model, kv, batch_size, capacity, say=None, **kw):
     """A compiled StaticDecoder (kw: its options) where the cache kind allows one; else None
     (decode eager), and a note through say (e.g. print) saying why. None too when compiling
     failed (after compile_or_eager's warning): uncompiled, the eager caches are faster."""
-    reason = static_reason(kv, model.config)
+    reason = static_reason(kv, model.config, next(model.parameters()).device)
     if reason is not None:
         if say is not None:
             say(f"note: the decode step stays eager: {reason}")
