@@ -16,13 +16,17 @@ import torch
 
 from checkpoint import _first_line
 from loader import same_dataset
-from utils import UserError
+from utils import UserError, mps_available
 
 
 def rng_state():
-    """The global RNG states (dropout), for an exact resume."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+    """The global RNG states (dropout), for an exact resume: CUDA's where this process uses it
+    (asking would start CUDA on GPU 0 for a CPU run), MPS's where there is one."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    state = {"cpu": torch.get_rng_state(), "cuda": cuda}
+    if mps_available():
+        state["mps"] = torch.mps.get_rng_state()
+    return state
 
 
 def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset=None):
@@ -55,8 +59,10 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
         rng = ckpt.get("rng") or {}
         if "cpu" in rng:
             torch.set_rng_state(rng["cpu"])
-        if rng.get("cuda") and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        if rng.get("cuda") and torch.cuda.is_initialized() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng.get("mps") is not None and mps_available():
+            torch.mps.set_rng_state(rng["mps"])
         saved = ckpt.get("config", {})
         if dataset is not None and saved.get("dataset") and not same_dataset(saved["dataset"], dataset):
             print("note: data position not restored (another dataset)")

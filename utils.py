@@ -144,14 +144,15 @@ def check_range(settings, names, low, high=None, high_open=False):
 # -----------------------------------------------------------------------------
 # device and precision, decided once at start-up
 
-def _mps_available():
+def mps_available():
+    """Whether this torch build and machine have Apple's MPS device."""
     return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def pick_device(device):
     """"" or "auto" -> the best available of cuda, mps, cpu; an explicit name is checked."""
     if device in ("", "auto"):
-        return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     m = re.fullmatch(r"cpu|mps|cuda(?::(\d+))?", device)
     if m is None:
         raise UserError(f"--device={device}: unknown device; use auto, cpu, cuda, cuda:N or mps")
@@ -162,9 +163,20 @@ def pick_device(device):
         if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
             raise UserError(f"--device={device}: this machine has "
                             f"{torch.cuda.device_count()} CUDA device(s)")
-    if device == "mps" and not _mps_available():
+    if device == "mps" and not mps_available():
         raise UserError(f"--device={device}: MPS is not available here; {use}")
+    if m.group(1) is not None:  # cuda:N becomes the current device: synchronize(), pin_memory() and the
+        torch.cuda.set_device(device)  # capability checks then act on it, not on GPU 0
     return device
+
+
+def synchronizer(device):
+    """A function that waits for the work queued on device (CUDA, MPS); a no-op on the CPU."""
+    if device.startswith("cuda"):
+        return lambda: torch.cuda.synchronize(device)
+    if device == "mps":
+        return torch.mps.synchronize
+    return lambda: None
 
 
 def cpu_has_bf16():
@@ -175,17 +187,21 @@ def cpu_has_bf16():
 
 
 def pick_dtype(device, dtype, training=False):
-    """"" or "auto" -> bfloat16 on GPUs that support it, else float16 on cuda; for training on
-    a CPU with native bfloat16, bfloat16; float32 elsewhere (inference on the CPU, MPS)."""
+    """"" or "auto" -> bfloat16 on GPUs that compute in it (Ampere and later), else float16 on
+    cuda; for training on a CPU with native bfloat16, bfloat16; float32 elsewhere (inference
+    on the CPU, MPS)."""
     device_type = device.split(":")[0]
     if dtype in ("", "auto"):
-        if device_type == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        if device_type == "cuda":  # (is_bf16_supported() also says yes where bfloat16 is only emulated)
+            return "bfloat16" if torch.cuda.get_device_capability(device) >= (8, 0) else "float16"
         return "bfloat16" if device_type == "cpu" and training and cpu_has_bf16() else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype={dtype}: unknown dtype; use auto, float32, bfloat16 or float16")
     if dtype == "float16" and device_type == "cpu":
         raise UserError("--dtype=float16 is for GPUs; on the CPU use --dtype=bfloat16 or --dtype=float32")
+    if dtype == "float16" and device_type == "mps" and training:  # (train.py's loss scaling is CUDA's)
+        raise UserError("--dtype=float16 trains without loss scaling on MPS (small gradients vanish); "
+                        "use --dtype=bfloat16 or --dtype=float32")
     return dtype
 
 
@@ -323,6 +339,7 @@ def compile_or_eager(fn, probe, fixed_args=None, **options):
         return fn
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    mps_rng = torch.mps.get_rng_state() if mps_available() else None
     try:
         compiled = torch.compile(fn, **options)
         if fixed_args is not None:
@@ -340,6 +357,8 @@ def compile_or_eager(fn, probe, fixed_args=None, **options):
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
+        if mps_rng is not None:
+            torch.mps.set_rng_state(mps_rng)
     return compiled
 
 

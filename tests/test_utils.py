@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import device_peaks
 import utils
 from conftest import REPO_ROOT, tiny
 
@@ -21,6 +22,34 @@ def test_pick_dtype_bfloat16_for_cpu_training_only_where_native(monkeypatch):
     assert utils.pick_dtype("cpu", "bfloat16") == "bfloat16"
     with pytest.raises(utils.UserError, match="float16 is for GPUs"):
         utils.pick_dtype("cpu", "float16")
+
+
+def test_pick_dtype_on_gpus_by_what_they_compute_in(monkeypatch):
+    """bfloat16 on the GPU asked for where it computes in it (Ampere, 8.0, and later), float16
+    with loss scaling before: is_bf16_supported() says yes where bfloat16 is only emulated,
+    and asks about the current GPU, not cuda:N. float16 training on MPS has no loss scaling."""
+    capability = {"cuda": (7, 0), "cuda:0": (7, 0), "cuda:1": (8, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability[str(d)])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert utils.pick_dtype("cuda", "auto") == utils.pick_dtype("cuda:0", "auto", training=True) == "float16"
+    assert utils.pick_dtype("cuda:1", "auto", training=True) == "bfloat16"
+    assert utils.pick_dtype("mps", "float16") == "float16"  # sampling: nothing to scale
+    with pytest.raises(utils.UserError, match="without loss scaling on MPS"):
+        utils.pick_dtype("mps", "float16", training=True)
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in device_peaks.PEAK_FLOPS] + [n for n, _ in device_peaks.PEAK_BANDWIDTH])
+def test_each_listed_gpu_gets_its_own_peaks(name, monkeypatch):
+    """A GPU whose name holds another listed name (L40 holds L4, GH200 holds H200) gets its
+    own row of the tables, not the other's."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: f"NVIDIA {name}")
+    flops = {n: (half, tf32) for n, half, tf32 in device_peaks.PEAK_FLOPS}
+    if name in flops:
+        assert (device_peaks.peak_flops("cuda", "bfloat16"), device_peaks.peak_flops("cuda", "float32")) == flops[name]
+    bandwidth = dict(device_peaks.PEAK_BANDWIDTH)
+    if name in bandwidth:
+        assert device_peaks.peak_bandwidth("cuda") == bandwidth[name]
+    assert device_peaks.peak_flops("cpu", "float32") is None and device_peaks.peak_bandwidth("mps") is None
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsys):
