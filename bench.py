@@ -46,7 +46,7 @@ from loader import ByteLoader, dataset_paths
 from model import GPT, GPTConfig, MODEL_ARG_KEYS, check_config, loss_fn
 from steps import compile_probe, train_step
 from utils import (UserError, autocast_ctx, check_range, compile_or_eager, keep_freed_memory, pick_device, pick_dtype,
-                   run_main, use_threads)
+                   run_main, synchronizer, use_threads)
 
 quiet_start.done()
 
@@ -148,7 +148,7 @@ def bench_train(args, dev, dt):
     rows.append(("train.py step", train_py_step, {}, dt, threads))
     if compile:
         rows.append(("train.py step + compile", train_py_step, {"compiled": True}, dt, threads))
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.startswith("cuda") else (lambda: None)
+    sync = synchronizer(dev)
     # build and warm up every row (its memory is measured here), then time them in turn, so
     # that a burst of other work on a shared machine slows every row, not just one
     runs = []
@@ -156,8 +156,9 @@ def bench_train(args, dev, dt):
         torch.set_num_threads(row_threads)
         torch.manual_seed(seed)
         before = rss_mb()
-        if dev.startswith("cuda"):
+        if dev.startswith("cuda"):  # (the earlier rows' models and optimizers are still held: not counted)
             torch.cuda.reset_peak_memory_stats(dev)
+            held = torch.cuda.memory_allocated(dev)
         model = GPT(GPTConfig(**args)).to(dev)
         t0 = time.perf_counter()
         step, rows_per_iter = make(model, dev, row_dt, **kw)
@@ -166,7 +167,7 @@ def bench_train(args, dev, dt):
         sync()
         if kw.get("compiled"):
             print(f"{name}: compiling and 5 warm-up steps took {time.perf_counter() - t0:.1f} s")
-        mem = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.startswith("cuda") else rss_mb() - before
+        mem = (torch.cuda.max_memory_allocated(dev) - held) / 2**20 if dev.startswith("cuda") else rss_mb() - before
         runs.append(dict(name=name, dtype=row_dt, threads=row_threads, step=step, best=float("inf"), mem=mem,
                          tokens=rows_per_iter * block_size, fpt=flops_per_token(model, block_size)))
     for _ in range(bench_repeats):
@@ -202,7 +203,7 @@ def time_generation(model, n_new, kv, device, decoder=None, batch=1):
     """Seconds since the start at each new token, and the KV stats."""
     prompt = torch.full((batch, 4), ord("#"), dtype=torch.long, device=device)
     stats, stamps = {}, []
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     g = torch.Generator(device=device).manual_seed(0)
     sync()
     t0 = time.perf_counter()
@@ -290,8 +291,8 @@ def bench_generate(model, device, kv):
     bw = peak_bandwidth(device)
     if decs.get((window, n)) and device.startswith("cuda"):
         plain = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, "no CUDA graphs", cuda_graphs=False)
-        print(f"\nCUDA, kv_window={window}, {n} tokens: bytes read per step (weights + every cache slot) x steps/s"
-              f" / peak bandwidth ({bw / 1e12:.2f} TB/s)" if bw else " (peak bandwidth of this GPU unknown)")
+        print(f"\nCUDA, kv_window={window}, {n} tokens: " + (f"bytes read per step (weights + every cache slot) x "
+              f"steps/s / peak bandwidth ({bw / 1e12:.2f} TB/s)" if bw else "tokens/s (peak bandwidth of this GPU unknown)"))
         for name, dec in (("CUDA graphs", decs[window, n]), ("compiled, no CUDA graphs", plain)):
             st, _ = time_generation(model, n, replace(kv, kv_window=window), device, dec)
             frac = f", {read_bytes(model, dec) * n / st[-1] / bw:.2%} of the bandwidth" if bw else ""
@@ -461,6 +462,8 @@ def main():
     dev = pick_device(device)
     if dev == "cpu":
         keep_freed_memory()  # as train.py and eval_kv.py do
+    if dev.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls, as train.py runs them (and PEAK_FLOPS assumes)
     dt, dt_train = pick_dtype(dev, dtype), pick_dtype(dev, dtype, training=True)
     torch.manual_seed(seed)
     print(f"device {dev}, dtype {dt_train} (training), {dt} (generation, eval_kv), torch {torch.__version__}, "

@@ -8,9 +8,11 @@ CPUs and for GPUs not listed.
 import torch
 
 # dense peak FLOP/s from the vendors' data sheets: (bfloat16/float16 tensor cores, TF32), the
-# first name found in torch.cuda.get_device_name(); float32 runs use TF32 (train.py turns it on)
-PEAK_FLOPS = [("H200", 989e12, 495e12), ("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 495e12),
-              ("A100", 312e12, 156e12), ("L40S", 362e12, 183e12), ("L4", 121e12, 60e12),
+# first name found in torch.cuda.get_device_name(), so a name that holds another comes before it
+# (GH200 before H200, L40S and L40 before L4); float32 runs use TF32 (train.py and bench.py turn it on)
+PEAK_FLOPS = [("GH200", 989e12, 495e12), ("H200", 989e12, 495e12), ("H100 PCIe", 756e12, 378e12),
+              ("H100 NVL", 835e12, 418e12), ("H100", 989e12, 495e12), ("A100", 312e12, 156e12),
+              ("L40S", 362e12, 183e12), ("L40", 181e12, 90.5e12), ("L4", 121e12, 60e12),
               ("A10", 125e12, 62.5e12), ("V100", 125e12, 15.7e12)]
 
 
@@ -27,10 +29,11 @@ def peak_flops(device, dtype):
 
 # peak memory bandwidth (bytes/s) from the vendors' data sheets, the first name found in
 # torch.cuda.get_device_name(): the ceiling of a decode step, which reads every weight and
-# the whole KV cache once per step
-PEAK_BANDWIDTH = [("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12),
-                  ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12), ("L4", 0.3e12),
-                  ("A10", 0.6e12), ("V100", 0.9e12), ("RTX 4090", 1.01e12), ("RTX 3090", 0.936e12)]
+# the whole KV cache once per step. None: sold with two memories (GH200: HBM3 or HBM3e)
+PEAK_BANDWIDTH = [("GH200", None), ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12),
+                  ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
+                  ("L40", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("V100", 0.9e12), ("RTX 4090", 1.01e12),
+                  ("RTX 3090", 0.936e12)]
 
 
 def peak_bandwidth(device):
