@@ -7,6 +7,7 @@ base, as frontier.csv, frontier.md (the table and the answer: the largest reduct
     print(write_frontier(rows, "out/kv_study/frontier", "my study", yardstick="strict"))
 """
 import os
+import shlex
 
 import torch
 
@@ -80,7 +81,11 @@ def again(r):
     if not r["train_command"]:
         return r["eval_command"]
     d = os.path.dirname(r["checkpoint"])
-    return r["eval_command"].replace(f"--out_dir={d} ", f"--out_dir={d}_again ")
+    for form in (d, d.replace(os.path.join(os.getcwd(), ""), "")):  # as kept, or as written from here (kv_study.here)
+        old = shlex.quote(f"--out_dir={form}") + " "
+        if old in r["eval_command"]:
+            return r["eval_command"].replace(old, shlex.quote(f"--out_dir={form}_again") + " ", 1)
+    return r["eval_command"]
 
 
 def plot(rows, path, title):

@@ -10,6 +10,7 @@ import csv
 import io
 import os
 import runpy
+import shlex
 import subprocess
 import sys
 from unittest import mock
@@ -232,6 +233,26 @@ def test_eval_command_leaves_out_what_the_format_ignores():
     cmd = kv_study.eval_command(row, "--dtype=float32")
     assert "--kv_quant=int8" in cmd and "--kv_quant_residual=0" in cmd
     assert "kv_quant_group" not in cmd and "kv_quant_keys" not in cmd
+
+
+@pytest.mark.parametrize("inside", ["kv study", "kv_study"])  # (a folder name shlex must quote, and one it need not)
+def test_the_reproducing_pair_evaluates_what_the_training_command_trains(inside, tmp_path, monkeypatch):
+    """frontier.md's two commands for a fine-tuned row: the eval_kv command reads the folder the
+    train command trains into (<variant>_again), whether the study's folder is under the
+    directory it was run from (its commands then say it relative) or elsewhere."""
+    import kv_study
+    from kv.policy import KVOptions
+    from kv.study_report import again
+    monkeypatch.chdir(tmp_path)
+    for folder in (tmp_path / inside, tmp_path.parent / inside):
+        ckpt = str(folder / "mqa" / "ckpt.pt")
+        row = dict(KVOptions(kv_window=32).settings(), checkpoint=ckpt, chunk=32)
+        row.update(eval_command=kv_study.here(kv_study.eval_command(row, "--dtype=float32")),
+                   train_command=kv_study.here(f"python train.py {shlex.quote('--out_dir=' + str(folder / 'mqa_again'))}"))
+        train_dir = next(a for a in shlex.split(row["train_command"]) if a.startswith("--out_dir="))
+        eval_dir = next(a for a in shlex.split(again(row)) if a.startswith("--out_dir="))
+        assert eval_dir == train_dir and train_dir.endswith("mqa_again")
+        assert again(dict(row, train_command="")) == row["eval_command"]  # nothing trained: the study's own
 
 
 @pytest.mark.slow  # a fine-tune in a subprocess
