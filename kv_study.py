@@ -306,6 +306,35 @@ def iteration_counts(text):
     return counts
 
 
+# train.py settings each fine-tune takes from the study (a --train_args value for them would
+# train other than the study records): the flag of kv_study.py that sets them, or None
+STUDY_SETS = {"max_iters": "--iters", "warmup_iters": "--iters", "lr_decay_iters": "--iters",
+              "eval_interval": "--iters", "learning_rate": "--learning_rate", "min_lr": "--min_lr",
+              "threads": "--threads", "tensorboard": "--tensorboard", "out_dir": "--out", "init_from": None,
+              "resume_mode": None, "dataset": None, "block_size": None, "kv_quant_group": "--kv_quant_group"}
+VARIANT_SETS = ("n_kv_head", "window", "global_layers", "kv_share", "kv_quant", "kv_quant_keys")  # what variants change
+
+
+def check_train_args(text):
+    """--train_args: --name=value words for train.py, none of them one the study sets itself."""
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise UserError(f"--train_args={text!r}: {e}; give train.py settings as --name=value separated by spaces")
+    for w in words:
+        name = w[2:].split("=", 1)[0]
+        if not w.startswith("--") or "=" not in w or not name:
+            raise UserError(f"--train_args: {w!r} is not --name=value; give train.py settings as --name=value "
+                            "separated by spaces, e.g. --train_args='--batch_size=8'")
+        if name in VARIANT_SETS:
+            raise UserError(f"--train_args: --{name} is what the variants change (variant_args in kv_study.py); "
+                            "pick variants with --variants, and give --train_args the other train.py settings")
+        if name in STUDY_SETS:
+            how = f"kv_study.py's {STUDY_SETS[name]}" if STUDY_SETS[name] else "nothing: it comes from the base"
+            raise UserError(f"--train_args: --{name} is set by the study for every fine-tune (set it with {how}); "
+                            "--train_args is for the other train.py settings, e.g. --batch_size=8")
+
+
 def run_settings(ckpt, base_path, step):
     """What a variant's results depend on, as recorded beside them: (fine-tune, evaluation).
     A rerun with other settings redoes what they change instead of reusing stale rows."""
@@ -457,6 +486,7 @@ def main():
     check_range(globals(), "iters n_streams stream_len kv_quant_group context_streams", 1)
     check_range(globals(), "chunk evict_chunk learning_rate min_lr", 0)
     iteration_counts(context_iters)  # a typo here is one line now, not a traceback after the base's evaluation
+    check_train_args(train_args)
     if yardstick not in ("strict", "same_training", "base"):
         raise UserError(f"--yardstick={yardstick!r}: choose strict, same_training or base")
     if dtype not in eval_kv.DTYPES:

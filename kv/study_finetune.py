@@ -40,7 +40,7 @@ def fine_tune_command(folder, args, k, config, hyper, block=None):
             "--eval_iters=10", f"--log_interval={max(min(k // 4, 50), 1)}", f"--dataset={config['dataset']}",
             f"--batch_size={config['batch_size']}", f"--block_size={block or config['block_size']}",
             f"--device={config.get('device') or 'cpu'}", f"--threads={h['threads']}",
-            f"--tensorboard={h['tensorboard']}", *args, *h["train_args"].split()]
+            f"--tensorboard={h['tensorboard']}", *args, *shlex.split(h["train_args"])]
 
 
 def again_command(base_path, folder, cmd):
@@ -57,26 +57,39 @@ def fine_tune(base_path, folder, args, k, config, hyper, block=None):
     """train.py --init_from=resume from a copy of the base in `folder`, k more iterations with
     args (fine_tune_command); returns the commands that train it again (again_command). Its
     output goes to folder/train.log. What an earlier fine-tune left there goes first: its record
-    (a fine-tune cut short is then never taken for a finished one), its checkpoints and its curves."""
+    (a fine-tune cut short is then never taken for a finished one), its checkpoints and its curves;
+    they are kept aside until this one has run, and put back if it fails at once (a wrong train.py
+    argument, settings that do not combine), so a rerun never loses a finished fine-tune for nothing."""
     os.makedirs(folder, exist_ok=True)
+    aside = os.path.join(folder, "previous_fine_tune")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.makedirs(aside)
     for name in os.listdir(folder):
-        if FINE_TUNE_FILES.fullmatch(name):
-            os.remove(os.path.join(folder, name))
+        if FINE_TUNE_FILES.fullmatch(name) or name == "ckpt.pt":
+            os.replace(os.path.join(folder, name), os.path.join(aside, name))
     shutil.copyfile(base_path, os.path.join(folder, "ckpt.pt"))
     cmd = fine_tune_command(folder, args, k, config, hyper, block)
     t0 = time.time()
-    with open(os.path.join(folder, "train.log"), "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # (paths are the caller's)
-        try:
-            proc.wait()
-        except KeyboardInterrupt:
-            stop(proc)  # (its train.log then ends with how it stopped)
-            raise
-    if proc.returncode != 0:
-        with open(os.path.join(folder, "train.log"), errors="replace") as log:
-            said = [line.strip() for line in log if line.startswith("error: ")]
-        why = f": {said[-1][len('error: '):]}" if said else ""
-        raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}){why}; see {folder}/train.log")
+    try:
+        with open(os.path.join(folder, "train.log"), "w") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)  # (paths are the caller's)
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                stop(proc)  # (its train.log then ends with how it stopped)
+                raise
+        if proc.returncode != 0:
+            with open(os.path.join(folder, "train.log"), errors="replace") as log:
+                said = [line.strip() for line in log if line.startswith("error: ")]
+            why = f": {said[-1][len('error: '):]}" if said else ""
+            raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}){why}; see {folder}/train.log")
+    except BaseException:  # (Ctrl-C too)
+        if not os.path.exists(os.path.join(folder, "last.pt")):  # it trained nothing: the earlier one comes back
+            for name in os.listdir(aside):
+                os.replace(os.path.join(aside, name), os.path.join(folder, name))
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
     print(f"  fine-tuned {k} iterations in {time.time() - t0:.0f}s", file=sys.stderr)
     for name in os.listdir(folder):
         if BASE_SET_ASIDE.fullmatch(name):

@@ -262,6 +262,14 @@ def test_a_failed_fine_tune_says_why(base_ckpt, tmp_path):
     config = read_checkpoint(str(base_ckpt))["config"]
     with pytest.raises(UserError, match=r"the fine-tune in .* failed \(exit 2\): .*n_kv_head.*; see .*train\.log"):
         kv_study.fine_tune(str(base_ckpt), str(tmp_path / "v"), ["--n_kv_head=3"], 1, config)
+    # a finished fine-tune in the folder comes back as it was when the next one fails at once
+    earlier = {"finetune.json": b'{"last_iter": 7}', "last.pt": b"earlier last", "ckpt.pt": b"earlier best"}
+    for name, data in earlier.items():
+        (tmp_path / "v" / name).write_bytes(data)
+    with pytest.raises(UserError, match="unknown setting --bogus"):
+        kv_study.fine_tune(str(base_ckpt), str(tmp_path / "v"), ["--bogus=1"], 1, config)
+    assert {name: (tmp_path / "v" / name).read_bytes() for name in earlier} == earlier
+    assert sorted(os.listdir(tmp_path / "v")) == sorted([*earlier, "train.log"])
 
 
 def test_an_all_linear_base_is_refused(data_dir, tmp_path):
@@ -285,6 +293,18 @@ def test_bad_context_iters_is_one_line_before_any_work(base_ckpt, tmp_path):
                        (",", "--context_iters is empty")):
         assert_user_error(kv_study(base_ckpt, tmp_path / "ctx", "--what=context", f"--context_iters={bad}"), words)
     assert not (tmp_path / "ctx").exists()
+
+
+def test_train_args_that_the_study_sets_itself_are_one_line(base_ckpt, tmp_path):
+    """--train_args with a setting the study gives every fine-tune (it would train other than
+    finetune.json records) or one a variant changes, or a word that is not --name=value: one
+    line naming the flag to use, before any work."""
+    for bad, words in (("--batch_size=2 --max_iters=3", "--max_iters is set by the study for every fine-tune (set it with kv_study.py's --iters)"),
+                       ("--learning_rate=0.5", "kv_study.py's --learning_rate"), ("--dataset=x", "comes from the base"),
+                       ("--n_kv_head=1", "--n_kv_head is what the variants change"),
+                       ("batch_size=2", "'batch_size=2' is not --name=value"), ("'--batch_size=2", "No closing quotation")):
+        assert_user_error(kv_study(base_ckpt, tmp_path / "ta", f"--train_args={bad}"), words)
+    assert not (tmp_path / "ta").exists()
 
 
 def test_out_that_cannot_take_the_results_is_one_line(base_ckpt, tmp_path):
