@@ -532,7 +532,7 @@ def check_settings(world_size=1):
         raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
     if xl_mem and kv_quant != "none":
         raise UserError("--kv_quant (quantization-aware training) does not combine with --xl_mem; drop one")
-    KVOptions(kv_quant=kv_quant, kv_quant_group=kv_quant_group, kv_quant_keys=kv_quant_keys).check()  # as sample.py checks them
+    KVOptions(kv_quant=kv_quant, kv_quant_group=kv_quant_group, kv_quant_keys=kv_quant_keys).check().check_unused()  # as sample.py
     if max_iters < 0:
         raise UserError(f"--max_iters must be 0 or more, got {max_iters}")
     if not 0.0 < last_save_budget <= 1.0:

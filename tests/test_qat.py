@@ -6,6 +6,8 @@ and the gradient passes straight through; train.py trains with it and rejects xl
 
     python -m pytest -q tests/test_qat.py
 """
+import os
+
 import pytest
 import torch
 
@@ -99,6 +101,21 @@ def test_qat_with_xl_mem_is_one_error(data_dir, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "xl_mem" in err[0]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--kv_quant=int8", "--kv_quant_group=8"], "--kv_quant_group applies to int4 and int2, not to kv_quant=int8"),
+    (["--kv_quant_keys=token"], "--kv_quant_keys applies to a quantized cache, not to kv_quant=none"),
+])
+def test_qat_settings_the_format_ignores_are_one_error(data_dir, tmp_path, capsys, flags, words):
+    """As sample.py refuses them: a setting that would do nothing here, and that the next: line
+    would hand to sample.py, which refuses it."""
+    with pytest.raises(SystemExit) as e:
+        train(data_dir, tmp_path, "--max_iters=1", *flags)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not os.path.exists(tmp_path / "ckpt.pt")
 
 
 def test_qat_on_a_model_with_linear_layers_is_one_error(data_dir, tmp_path, capsys):
