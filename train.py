@@ -17,7 +17,7 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
       (a fresh schedule fitted to them: warm-up max_iters/10, at most warmup_iters, and the
       cosine down to min_lr at the end, unless --warmup_iters or --lr_decay_iters are given;
       the iteration count continues, and so does the best val loss unless the model,
-      block_size or dataset changed):
+      block_size or dataset changed, or batch_size, eval_iters or seed (other val batches)):
     python train.py config/train_shakespeare_char.py --init_from=resume --block_size=1024 --max_iters=200
   resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b);
   --resume_mode=continue or --resume_mode=finetune forces one.
