@@ -34,9 +34,13 @@ def run_main(fn, before_error=None):
     try:
         try:
             result = fn()
-        except SystemExit:  # --help, or a script's own exit: what it printed still has to get out
+        except SystemExit as e:  # --help, or a script's own exit: what it printed still has to get out
             sys.stdout.flush()
-            raise
+            from plugins import plugin_error
+            failed = plugin_error(e)  # a plug-in that exits mid-run (sys.exit): a failure, not the script's end
+            if failed is None:
+                raise
+            raise failed from None
         sys.stdout.flush()  # here rather than at exit, so that an output that fails is handled below
         return result
     except (UserError, NotImplementedError, KeyboardInterrupt, Exception) as e:

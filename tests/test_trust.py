@@ -574,6 +574,17 @@ def test_kv_evict_plugin_that_raises(world):
     assert plugin_failure(err, name)[0].startswith(f"error: --kv_evict={name}:rule failed: KeyError")
 
 
+@pytest.mark.parametrize("status", ["0", "None"])
+def test_a_plug_in_that_exits_mid_run_is_a_failure(world, status):
+    """sys.exit() in a plug-in is not the script's end: exit code 2 and one line naming it
+    (it ended the run with exit 0 and no text)."""
+    name = plugin_module(world["root"] / "plugins", f"import sys\n\ndef trim(k, v, pos, kv_window, kv_sink=0):\n"
+                         f"    sys.exit({status})\n")
+    code, out, err = run(*fill(S, world), f"--kv_trim={name}:trim", "--kv_window=4", "--max_new_tokens=8")
+    assert code == 2
+    assert plugin_failure(err, name)[0].startswith(f"error: --kv_trim={name}:trim failed: SystemExit")
+
+
 def test_kv_evict_rule_with_a_wrong_result_is_refused_before_any_eviction(world):
     """The first eviction may come late in a long run (after kv_budget tokens): a rule is tried
     on a small input at the start, so a broken one is one line before any work."""
