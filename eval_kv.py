@@ -60,6 +60,7 @@ from kv.policy import KVOptions
 from kv.quant import FORMATS, GROUPED
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_dir, dataset_paths, same_dataset
+from plugins import not_finite
 from utils import Progress, UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
 
 quiet_start.done()
@@ -271,6 +272,8 @@ def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, 
         r = dict(setting=label(kv, reference), kv_bits_peak=peaks[kv], kv_bits_per_token=peaks[kv] / L,
                  x_smaller=None, bpb=run["nll"].mean().item() / ln2, delta_pct=None,
                  kl_bits=run["kl"].mean().item() / ln2)
+        if not math.isfinite(r["bpb"]):
+            raise not_finite(f"the loss of {r['setting']}")
         for lo, hi in buckets(block, L):
             r[f"bpb[{lo},{hi})"] = run["nll"][:, lo:hi].mean().item() / ln2
         r.update(bpb_ref=bpb_ref, kv_bits_peak_ref=peaks[reference], bytes_per_s=B * L / max(run["seconds"], 1e-9))

@@ -22,6 +22,7 @@ import torch._inductor.config as inductor_config
 
 from kv.policy import KVOptions, held_bits
 from kv.static import static_reason
+from plugins import not_finite
 from utils import compile_or_eager
 
 
@@ -294,6 +295,9 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
     else:
         decode = lambda token: decode_step(model, token, caches)
     for i in range(max_new_tokens):
+        # (eager steps each: a plug-in may be in them; the compiled step runs the project's code alone)
+        if (decoder is None or i == 0) and not bool(torch.isfinite(logits).all()):
+            raise not_finite(f"the scores for new byte {i + 1}")
         nxt = sample_next(logits, temperature, top_k, generator)
         yield nxt
         if i + 1 < max_new_tokens:

@@ -105,6 +105,15 @@ def plugin_error(e):
     return UserError(f"--{option}={spec} failed: {_one_line(e)}", _frames_in(e, frames[-1].filename))
 
 
+def not_finite(what):
+    """A UserError for scores or losses that came out nan or inf: it names the plug-ins loaded
+    (the likely cause), else the checkpoint."""
+    used = [f"--{option}={spec}" for option, spec in _PLUGIN_FUNCTIONS]
+    why = (f"check {', '.join(used)}: a plug-in that returns nan or inf (a zero scale, a division by zero) "
+           "makes them" if used else "the checkpoint's weights may hold them (a run that diverged): try another")
+    return UserError(f"{what} came out nan or inf; {why}")
+
+
 def call_error(e):
     """A UserError for a TypeError raised where a plug-in is called, before any line of it
     runs ("attn() takes 2 positional arguments but 5 were given"), or None. The message

@@ -312,16 +312,19 @@ def test_lock_is_refused_while_held_and_taken_over_when_its_holder_died(tmp_path
     lock.release()
 
 
-def test_a_lock_that_cannot_be_removed_is_released_quietly(tmp_path, monkeypatch):
+def test_a_lock_that_cannot_be_removed_is_released_quietly(tmp_path, monkeypatch, capfd):
     """A folder made read-only during the run: removing train.lock fails, which must not hide
-    the error the run is ending with (the OS lock ends with the file's closing anyway)."""
+    the error the run is ending with (the OS lock ends with the file's closing anyway): nothing
+    raised, nothing printed on stdout or stderr."""
     lock = outdir.claim(str(tmp_path), fresh=True, overwrite=False)
 
     def refused(path):
         raise PermissionError(1, "Operation not permitted", path)
 
     monkeypatch.setattr(outdir.os, "remove", refused)
+    capfd.readouterr()  # (what claiming said, if anything)
     lock.release()
+    assert capfd.readouterr() == ("", "")
     monkeypatch.undo()
     outdir.claim(str(tmp_path), fresh=False, overwrite=False).release()  # nobody holds it now
 
@@ -601,6 +604,20 @@ def test_kv_quant_plugin_that_raises_on_its_test_input(world):
     assert code == 2
     assert plugin_failure(err, name)[0].startswith(f"error: kv_quant={name}:quantize failed on a test input: "
                                                    "AttributeError")
+
+
+@pytest.mark.parametrize("command", [S, S + ["--temperature=0"], E], ids=["sample", "sample greedy", "eval_kv"])
+def test_a_quantizer_that_returns_nan_is_one_line_naming_it(world, command):
+    """A plug-in whose scale is nan: sample.py stopped in torch.multinomial with a traceback, or
+    at temperature 0 printed NUL bytes and exit 0; eval_kv printed nan bits per byte, exit 0.
+    Now one line naming the plug-in, exit 2."""
+    name = plugin_module(world["root"] / "plugins", "import torch\n\ndef quantize(x):\n"
+                         "    scale = (x.abs().amax(-1, keepdim=True) * float('nan')).half()\n"
+                         "    return (torch.zeros_like(x, dtype=torch.int8), scale), lambda c, s: c.float() * s.float()\n")
+    code, out, err = run(*fill(command, world), f"--kv_quant={name}:quantize", "--kv_quant_residual=0")
+    assert code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "came out nan or inf" in line and f"--kv_quant={name}:quantize" in line, err
 
 
 # -- item 12: sample.py's error comes on its own line ----------------------------------------
