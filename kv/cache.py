@@ -84,7 +84,9 @@ class KVCache(Cache):
 
     window = 0 keeps everything (the tutorial's unbounded cache); its buffer is sized by
     `capacity` and doubles only if a caller feeds more than it announced. window = N keeps
-    the first `sink` tokens and a ring of the last N: capacity sink + N, nothing moves.
+    the first `sink` tokens and a ring of the last N: capacity sink + N, nothing moves (a
+    window longer than the text announced starts at `capacity` and grows up to sink + N:
+    until the ring wraps, a token's slot is its position either way).
     dtype is the width K/V are stored at (and counted at by size_bits); update() hands them
     back in the dtype they came in, so a 16-bit cache can serve a float32 model.
     """
@@ -92,7 +94,8 @@ class KVCache(Cache):
     def __init__(self, batch_size, n_kv_head, head_dim, window=0, sink=0, capacity=256,
                  dtype=torch.float32, device="cpu"):
         self.window, self.sink = window, (sink if window > 0 else 0)
-        cap = self.sink + window if window > 0 else max(int(capacity), 1)
+        self.ring = self.sink + window if window > 0 else 0  # the most slots it ever holds (0: no bound)
+        cap = min(self.ring, max(int(capacity), 1)) if window > 0 else max(int(capacity), 1)
         self.k = torch.zeros(batch_size, n_kv_head, cap, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.zeros(cap, dtype=torch.long, device=device)  # absolute position of each slot
@@ -122,7 +125,7 @@ class KVCache(Cache):
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         p0 = self.seen
         self.seen += T
-        if self.window == 0 and self.n + T > self.capacity:
+        if self.n + T > self.capacity and (self.window == 0 or self.capacity < self.ring):
             self._grow(self.n + T)
         if T == 1:
             # the decode step: the new token takes a free slot, or the slot of the one key
@@ -152,6 +155,7 @@ class KVCache(Cache):
 
     def _grow(self, need):
         cap = max(need, 2 * self.capacity)
+        cap = min(cap, self.ring) if self.window else cap  # (a window's ring is the most it needs)
         for name in ("k", "v"):
             old = getattr(self, name)
             new = old.new_zeros(old.size(0), old.size(1), cap, old.size(3))

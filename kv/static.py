@@ -89,7 +89,8 @@ class StaticKVCache(Cache):
                  dtype=torch.float32, device="cpu"):
         self.clock = clock
         self.window, self.sink = window, (sink if window > 0 else 0)
-        cap = self.sink + window if window > 0 else max(int(capacity), 1)
+        # (a window longer than the capacity never wraps: its slot is the position, as unbounded)
+        cap = min(self.sink + window, max(int(capacity), 1)) if window > 0 else max(int(capacity), 1)
         self.k = torch.zeros(batch_size, n_kv_head, cap, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.kpos = torch.full((cap,), EMPTY, dtype=torch.long, device=device)  # position of each slot

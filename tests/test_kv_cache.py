@@ -27,6 +27,24 @@ def test_bounded_cache_equals_forward_over_kept_tokens(window, sink, step):
         torch.testing.assert_close(ours[:, t], ref[:, -1], **TOL)
 
 
+def test_ring_cache_after_decode_steps_serves_chunks():
+    """Chunks after decode steps: a chunk larger than the ring's free space masks the held keys
+    by the positions the decode steps stored, so every query (one layer) must still see exactly
+    what a forward over the tokens it may see computes, at their own positions."""
+    m = tiny(n_layer=1)
+    idx = text(T=42)
+    window, sink = 8, 2
+    caches = KVOptions(kv_window=window, kv_sink=sink).make_caches(m, 2)
+    t0 = 0
+    for size in [5] + [1] * 20 + [6, 1, 1, 7, 1]:
+        logits, caches = m(idx[:, t0:t0 + size], caches)
+        for i, t in enumerate(range(t0, t0 + size)):
+            keep = [p for p in range(t + 1) if p < sink or t - p < window]
+            ref = forward_at(m, idx[:, keep], torch.tensor(keep))
+            torch.testing.assert_close(logits[:, i], ref[:, -1], **TOL)
+        t0 += size
+
+
 def test_bounded_decode_matches_tutorial_with_cut_history():
     # the tutorial's fix of exercise 1: keep the last N unrotated keys, re-rotate them at
     # 0..N-1 every step. RoPE only sees distances, so our rotated ring buffer must agree.
@@ -85,6 +103,25 @@ def test_cache_allocates_once():
     for _ in range(50):
         c.update(torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4))
     assert c.k is buf
+
+
+@pytest.mark.parametrize("chunks", [[1] * 40, [3, 1, 9, 1, 1, 14, 1, 10], [40]])
+def test_a_window_longer_than_the_text_allocates_for_the_text(chunks):
+    """--kv_window=10000000 for a short text: the buffers start at the capacity announced and
+    grow no further than the ring (window + sink) needs, and every update hands back what a
+    cache allocated for the whole ring hands back (a window of 24 wraps within 40 tokens)."""
+    for window, sink in ((10_000_000, 4), (24, 4)):
+        small, whole = KVCache(1, 2, 4, window, sink, capacity=10), KVCache(1, 2, 4, window, sink, capacity=window + sink)
+        assert small.capacity == 10
+        g = torch.Generator().manual_seed(0)
+        for T in chunks:
+            k, v = torch.randn(1, 2, T, 4, generator=g), torch.randn(1, 2, T, 4, generator=g)
+            (ks, vs, ms), (kw, vw, mw) = small.update(k, v), whole.update(k, v)
+            assert torch.equal(ks, kw) and torch.equal(vs, vw)
+            explicit = lambda m: torch.ones(T, ks.size(2)).tril(ks.size(2) - T).bool() if isinstance(m, str) else \
+                torch.ones(T, ks.size(2), dtype=torch.bool) if m is None else m
+            assert torch.equal(explicit(ms), explicit(mw))
+        assert small.capacity <= min(window + sink, 40) and small.size_bits() == whole.size_bits()
 
 
 @pytest.mark.parametrize("kw,words", [
