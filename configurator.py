@@ -44,6 +44,8 @@ def _suggest(name, known):
 def _coerce(where, value, default):
     """Check value against the type of default; an int is fine where a float is expected."""
     expected = type(default)
+    if type(value) is int and expected in (int, float) and abs(value) >= 2**63:  # (torch's sizes and seeds are int64)
+        raise UserError(f"{where}: {value} is too large a number (the limit is 2**63 - 1 = {2**63 - 1:,})")
     if type(value) is expected:
         return value
     if expected is float and type(value) is int:

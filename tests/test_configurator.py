@@ -38,6 +38,18 @@ def test_int_for_float_and_lowercase_bools():
     assert g["compile"] is True
 
 
+def test_a_number_past_int64_is_one_error_and_the_largest_passes():
+    """torch takes sizes and seeds as int64: a larger number was a TypeError deep in torch."""
+    g = settings()
+    for name in ("max_iters", "learning_rate"):
+        with pytest.raises(UserError, match=f"--{name}: {2**63} is too large a number"):
+            configure(g, [f"--{name}={2**63}"])
+        with pytest.raises(UserError, match="too large"):
+            configure(g, [f"--{name}={-2**63}"])
+    configure(g, [f"--max_iters={2**63 - 1}"])
+    assert g["max_iters"] == 2**63 - 1
+
+
 def test_str_keeps_raw_text():
     g = settings()
     configure(g, ["--global_layers=0"])
