@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import eval_kv
 from checkpoint import save_checkpoint
-from conftest import assert_user_error, run_in_process, run_script, tiny
+from conftest import assert_user_error, feed, run_in_process, run_script, tiny
 from kv.policy import KVOptions
 from utils import run_main
 
@@ -120,6 +120,28 @@ def test_what_a_chunk_scores_like_the_decoder_and_what_not(tiny_data_dir):
                            (dict(kv_quant="int8", kv_quant_residual=0), False), (dict(kv_window=8), False)):
         assert bool(eval_kv.chunk_note([KVOptions(**options).check()], 32)) == noted, options
         assert eval_kv.chunk_note([KVOptions(**options).check()], 1) == ""
+
+
+def test_kl_and_bucket_bits_are_those_of_the_logits(tiny_data_dir):
+    """The documented quantities, computed independently from the setting's own logits (the
+    same cache fed the same chunks): kl_bits is the mean KL(reference || setting) in bits
+    (F.kl_div's KL(target || input)), not the reverse; each bucket is bits per byte like the
+    overall figure, so the buckets weighted by their lengths average to it."""
+    m = tiny_model()
+    with torch.no_grad():
+        m.transformer.ln_f.weight *= 20  # peaky next-byte distributions: the two KLs differ
+    x, y = streams(tiny_data_dir)
+    _, r = run(m, x, y, [dict(), dict(kv_window=8)], 16)
+    lp_ref = F.log_softmax(m(x)[0], dim=-1)  # the plain cache is the full forward
+    lp = F.log_softmax(feed(m, x, 16, KVOptions(kv_window=8))[0], dim=-1)
+    kl = F.kl_div(lp, lp_ref, log_target=True, reduction="none").sum(-1).mean().item() / math.log(2)
+    reverse = F.kl_div(lp_ref, lp, log_target=True, reduction="none").sum(-1).mean().item() / math.log(2)
+    assert abs(kl - reverse) > 0.01 * kl
+    assert r["kl_bits"] == pytest.approx(kl, rel=1e-4)
+    bpb = F.cross_entropy(lp.flatten(0, 1), y.flatten()).item() / math.log(2)
+    assert r["bpb"] == pytest.approx(bpb, rel=1e-5)
+    weighted = sum((hi - lo) * r[f"bpb[{lo},{hi})"] for lo, hi in eval_kv.buckets(16, x.size(1))) / x.size(1)
+    assert weighted == pytest.approx(r["bpb"], rel=1e-5)
 
 
 def test_compression_costs_bits_and_saves_memory(tiny_data_dir):

@@ -21,9 +21,14 @@ def brute_force(held, budget, keep_recent, keep_sink, seen, policy):
 
 
 @pytest.mark.parametrize("policy", ["h2o", "window"])
-@pytest.mark.parametrize("quant,step,n_head,n_kv", [
-    ("none", 1, 4, 4), ("none", 3, 4, 2), ("int8", 1, 4, 2), ("int4", 2, 2, 1)])
-def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, step, n_head, n_kv):
+@pytest.mark.parametrize("quant,prefill,step,n_head,n_kv", [
+    ("none", 0, 1, 4, 4), ("none", 0, 3, 4, 2), ("int8", 0, 1, 4, 2), ("int4", 0, 2, 2, 1),
+    ("none", 10, 1, 4, 2), ("int8", 10, 1, 2, 2)])
+def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, prefill, step, n_head, n_kv):
+    # a prefill of `prefill` tokens, then chunks of `step`: a score sums over every query of a
+    # chunk (a mean would weigh the prefill's queries less than a decode step's). The attention
+    # is peaky (one or two keys take most of it), so the top scores are not the newest tokens,
+    # and a key that took it while in the full-precision residual must keep that score.
     B, D, budget, recent, sink = 2, 8, 12, 3, 2
     residual = 4 if quant != "none" else 0
     fmts = make_formats(quant, 4, D, channel_keys=False) if quant != "none" else (None, None)
@@ -31,7 +36,9 @@ def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, ste
                          key_fmt=fmts[0], val_fmt=fmts[1], residual=residual)
     g = torch.Generator().manual_seed(0)
     ref = [[{} for _ in range(n_kv)] for _ in range(B)]  # per row and KV head: position -> score
-    for t0 in range(0, 60, step):
+    chunks = ([prefill] if prefill else []) + [step] * ((60 - prefill) // step)
+    t0 = 0
+    for step in chunks:
         # each key carries its position in channel 0, so the keys returned say what is held
         k = torch.zeros(B, n_kv, step, D)
         k[..., 0] = torch.arange(t0, t0 + step, dtype=torch.float)
@@ -54,7 +61,7 @@ def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, ste
         kpos = keys[..., 0].round().long()  # (B, nkv, S)
         qpos = torch.arange(t0, t0 + step)
         seen_by = (kpos.unsqueeze(-2) <= qpos.view(-1, 1)).repeat_interleave(n_head // n_kv, dim=1)
-        att = torch.rand(B, n_head, step, keys.size(2), generator=g) * seen_by
+        att = torch.rand(B, n_head, step, keys.size(2), generator=g) ** 20 * seen_by  # peaky
         att = att / att.sum(-1, keepdim=True)  # attention probabilities over the keys returned
         cache.observe(att)  # as attend() does for h2o (window ranks by position only)
         group = att.view(B, n_kv, n_head // n_kv, step, -1).sum(dim=(2, 3))  # GQA: sum the group
@@ -62,6 +69,7 @@ def test_keeps_exactly_the_budget_sinks_recent_and_top_scores(policy, quant, ste
             for h in range(n_kv):
                 for s, p in enumerate(keys[b, h, :, 0].round().long().tolist()):
                     ref[b][h][p] += group[b, h, s].item()
+        t0 += step
     assert cache.tokens() == budget - 1 + step
 
 

@@ -65,6 +65,29 @@ def test_memory_keeps_only_mem_len_and_restarted_rows_see_none():
     torch.testing.assert_close(logits[[0, 2]], ref[[0, 2], -8:], **TOL)
 
 
+def test_linear_memory_restarted_rows_see_none():
+    """A linear layer's memory is its state (S, z), the whole history: after restart(rows) a
+    restarted row computes what a fresh state at the same positions computes, and the other
+    rows what a forward over all their batches computes."""
+    m = tiny(attention="linear")
+    g = torch.Generator().manual_seed(2)
+    batches = [torch.randint(0, 256, (3, 8), generator=g) for _ in range(3)]
+    memory = make_xl_memory(m, 3, mem_len=12)
+    m(batches[0], memory)
+    m(batches[1], memory)
+    for s in memory:
+        s.restart(torch.tensor([False, True, False]))
+    logits, _ = m(batches[2], memory)
+    fresh = make_xl_memory(m, 3, mem_len=12)
+    for s in fresh:
+        s.seen = 16  # the same positions 16..23, nothing remembered
+    alone, _ = m(batches[2], fresh)
+    torch.testing.assert_close(logits[1], alone[1], **TOL)  # the restarted row: no memory
+    assert not torch.allclose(logits[0], alone[0], atol=1e-3)  # the others use theirs
+    ref, _ = m(torch.cat(batches, dim=1))
+    torch.testing.assert_close(logits[[0, 2]], ref[[0, 2], -8:], **TOL)
+
+
 def test_long_training_keeps_positions_small():
     m = tiny()
     memory = make_xl_memory(m, 1, mem_len=8)

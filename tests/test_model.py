@@ -100,6 +100,22 @@ def test_token_by_token_and_chunked_equal_full_forward(kw):
         torch.testing.assert_close(feed(m, idx, step)[0], full, **TOL)
 
 
+def test_loaded_rope_frequencies_replace_the_cached_table():
+    """The RoPE table is cached across forwards; load_state_dict writes other frequencies into
+    the same tensor (same data_ptr): the next forward must use them, as a model that never
+    saw the old ones does."""
+    m = tiny()
+    idx = text(T=20)
+    before, _ = m(idx)  # builds the table from the initial frequencies
+    sd = {k: v * 0.5 if k.endswith("rotary_emb.freqs") else v for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+    fresh = tiny()
+    fresh.load_state_dict(sd)
+    after, _ = m(idx)
+    torch.testing.assert_close(after, fresh(idx)[0], **TOL)
+    assert not torch.allclose(after, before, atol=1e-4)  # the frequencies do matter here
+
+
 def test_config_errors_are_clear():
     for kw, words in [(dict(n_kv_head=3), "multiple of n_kv_head"), (dict(window=-1), "window"),
                       (dict(window=4, global_layers="7"), "out of range"), (dict(attention="flash9"), "unknown attention"),

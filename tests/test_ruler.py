@@ -34,7 +34,8 @@ POLICIES = {
                      kv_recent=3, kv_sink=2),
 }
 MODELS = {"mha": dict(), "local window": dict(window=5, global_layers="1"), "gqa": dict(n_kv_head=2),
-          "kv_share": dict(n_kv_head=1, kv_share=2)}
+          "kv_share": dict(n_kv_head=1, kv_share=2),
+          "two linear layers": dict(attention="linear", linear_layers="0,2", n_layer=3)}  # both states count
 
 
 def settings(**extra):

@@ -416,6 +416,20 @@ def test_a_resume_takes_a_model_setting_given_at_its_default(data_dir, tmp_path)
     assert read_checkpoint(str(tmp_path / "last.pt"))["model_args"]["attention"] == "softmax"
 
 
+def test_a_resume_trains_with_the_optimizer_settings_it_is_given(data_dir, base_run, tmp_path):
+    """The moments come from the checkpoint, the hyperparameters from the resume's command line
+    (restore_training_state): the AdamW groups in the new last.pt hold the --weight_decay and
+    --beta2 given (the base run's were 0.1 and 0.99), the no-decay group still none."""
+    out = copy_of(base_run, tmp_path)
+    first = read_checkpoint(str(out / "last.pt"))["optimizer"]["param_groups"]
+    assert first[0]["weight_decay"] != 0.05 and tuple(first[0]["betas"]) != (0.9, 0.9)
+    train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last", f"--max_iters={N + 1}",
+          "--weight_decay=0.05", "--beta2=0.9")
+    groups = read_checkpoint(str(out / "last.pt"))["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert all(tuple(g["betas"]) == (0.9, 0.9) for g in groups)
+
+
 def test_a_checkpoint_without_optimizer_resumes_and_says_why(data_dir, base_run, tmp_path):
     """A file shared without its optimizer (and its checksums, as the corrupt-file error
     says): the resume starts AdamW afresh and says the checkpoint held none."""
