@@ -49,11 +49,13 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 
 import eval_kv
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from kv.policy import KVOptions
+from model import GPTConfig, check_config
 from kv.quant import GROUPED
 from kv.report import check_writable, write_text
 from kv import study_finetune
@@ -116,6 +118,31 @@ def variant_args(name, block, n_layer):
     args = table[name]
     qat = [f"--kv_quant_group={kv_quant_group}", "--kv_quant_keys=token"] if "int" in name else []
     return None if args is None else args + qat
+
+
+def check_variants(todo, base_model, config):
+    """One UserError, before any work, for a variant train.py would refuse to fine-tune from
+    this base (its model settings on the base's, and quantization-aware training where the
+    base has XL memory or linear layers), instead of after the fine-tunes before it."""
+    from types import SimpleNamespace
+    from kv.qat import check_qat
+    c = base_model.config
+    for name, args in todo:
+        if args is None:
+            continue
+        flags = dict(a[2:].split("=", 1) for a in args)
+        try:
+            arch = {k: type(getattr(c, k))(v) for k, v in flags.items() if k in GPTConfig.__dataclass_fields__}
+            variant = replace(c, **arch)
+            check_config(variant)
+            if flags.get("kv_quant", "none") != "none":
+                if config.get("xl_mem"):
+                    raise UserError(f"quantization-aware training does not combine with the base's XL memory "
+                                    f"(xl_mem={config['xl_mem']})")
+                check_qat(SimpleNamespace(config=variant), flags["kv_quant"], int(flags["kv_quant_group"]),
+                          flags.get("kv_quant_keys") == "channel")
+        except UserError as e:
+            raise UserError(f"variant {name} cannot be fine-tuned from {base}: {e}; leave it out of --variants") from None
 
 
 GRID_VERSION = 3  # raised whenever grid(), exact_grid() or their rows' fields change: older rows are then redone
@@ -204,6 +231,7 @@ def study():
     config = ckpt.get("config") or {}
     block, n_layer = int(config["block_size"]), int(config["n_layer"])
     todo = [(v, variant_args(v, block, n_layer)) for v in variant_names()]
+    check_variants(todo, base_model, config)
     x, y = load_val(config, base_path, n_streams, stream_len)
     step = chunk or block
     settings = grid(block, quick)

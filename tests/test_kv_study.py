@@ -280,6 +280,19 @@ def test_an_all_linear_base_is_refused(data_dir, tmp_path):
     assert e.value.code == 2 and not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("flags, variants, words", [
+    (["--xl_mem=16"], "base,base_ft,qat_int4", "variant qat_int4 cannot be fine-tuned from"),
+    (["--attention=linear", "--linear_layers=0", "--n_layer=2"], "base,gqa,qat_int2", "variant qat_int2 cannot be fine-tuned from"),
+])
+def test_a_variant_the_base_cannot_take_is_refused_before_any_work(data_dir, tmp_path, flags, variants, words):
+    """An XL base cannot train through a quantized cache, nor can a base with a linear layer:
+    one line before the first fine-tune (it came after the variants before it were trained)."""
+    out = tmp_path / "b"
+    train(data_dir, out, *TINY_BASE, *flags)
+    assert_user_error(kv_study(out, tmp_path / "s", f"--variants={variants}"), words, "leave it out of --variants")
+    assert not (tmp_path / "s").exists()
+
+
 def kv_study(base_ckpt, out, *args):
     """kv_study.py run in this process, as a finished process (its stderr whole, for
     assert_user_error); these runs stop at their start-up checks."""
