@@ -22,6 +22,9 @@ force = False  # replace an existing ckpt.pt
 def main():
     configure(globals(), sys.argv[1:])
     target = os.path.join(out_dir, "ckpt.pt")
+    if not drive_id.strip():
+        raise UserError("--drive_id is empty: give the Google Drive id of the file (leave the option out for "
+                        "the tutorial's checkpoint)")
     if os.path.isdir(target):
         raise UserError(f"{target} is a folder, not a checkpoint file: move it away, or use another --out_dir")
     if os.path.exists(target) and not force:

@@ -388,6 +388,9 @@ def main(argv=None):
         names = [n for n in ALIASES[args.name] if n in EXERCISES]
     else:
         parser.error(f"unknown exercise {args.name!r}: choose all, {', '.join(EXERCISES)} or 1..4")
+    if args.module is not None and not args.module.strip():
+        parser.error("--module is empty: give a module name (mywork.trim) or a file (mywork/trim.py), or leave "
+                     "--module out to check exercises/NAME.py")
     if args.module and len(names) != 1:
         parser.error("--module checks one exercise: name it" + (f" ({args.name} is {' and '.join(names)})"
                                                                  if args.name in ALIASES else ""))

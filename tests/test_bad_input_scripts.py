@@ -129,6 +129,13 @@ def download(*argv):
         runpy.run_path(os.path.join(REPO_ROOT, "download_pretrained.py"), run_name="not_main")["main"]()
 
 
+def test_download_with_an_empty_drive_id_is_one_line(tmp_path):
+    """An empty id was sent to Google Drive and came back as a network error (offline) or a page."""
+    assert_user_error(run_script("download_pretrained.py", "--drive_id=", f"--out_dir={tmp_path / 'o'}"),
+                      "--drive_id is empty")
+    assert not (tmp_path / "o").exists()
+
+
 def test_download_into_a_file_is_one_line(tmp_path):
     pytest.importorskip("gdown")
     a_file = tmp_path / "ckpt.pt"

@@ -207,6 +207,12 @@ def test_a_module_that_does_not_exist_is_a_usage_error():
         assert f"--module={name}: no such module" in proc.stderr and proc.stdout == "", proc.stdout + proc.stderr
 
 
+def test_an_empty_module_is_a_usage_error_not_the_default():
+    """--module='' (a variable left empty) checked exercises/NAME.py as if nothing were given."""
+    proc = run_script("-m", "exercises.check", "kv_window", "--module=")
+    assert proc.returncode == 2 and "--module is empty" in proc.stderr and proc.stdout == "", proc.stdout + proc.stderr
+
+
 def test_a_module_that_imports_a_missing_one_is_named_with_its_place(tmp_path):
     """The module is there; an import inside it fails: reported as the module's own error, at
     its line, not as a --module that cannot be found."""
