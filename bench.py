@@ -424,6 +424,13 @@ def check_settings():
     if what == "train" and kv_quant != "none":  # (train.py would train through it: bench's step does not)
         raise UserError(f"--kv_quant={kv_quant} sets the cache of the generate and eval_kv rows; --what=train times "
                         "train.py's step without quantization-aware training: drop it, or --what=generate")
+    # (train.py's settings that load, save or stop a run: bench.py builds its models with random weights)
+    ignored = [f"--{k}" for k, off in (("init_from", "scratch"), ("eval_only", False), ("overwrite", False),
+                                        ("resume_checkpoint_name", "ckpt")) if globals()[k] != off]
+    if ignored:
+        raise UserError(f"{' and '.join(ignored)}: bench.py times models of the given shape with random weights "
+                        "(their speed does not depend on the weights) and writes no checkpoint: drop "
+                        + ("it" if len(ignored) == 1 else "them"))
     train.check_settings()  # batch_size, block_size, learning_rate, ... as train.py checks them
 
 
@@ -451,8 +458,17 @@ def check_caches(config, kv):
 
 def main():
     configure(globals(), sys.argv[1:])
-    for k in TRAIN_SETTINGS:  # train.check_settings and its helpers read train.py's globals
-        setattr(train, k, globals()[k])
+    found = {k: getattr(train, k) for k in TRAIN_SETTINGS}
+    try:
+        for k in TRAIN_SETTINGS:  # train.check_settings and its helpers read train.py's globals
+            setattr(train, k, globals()[k])
+        run_benchmarks()
+    finally:  # (train.py's own values back: a test runs bench.py again in the same process)
+        for k, v in found.items():
+            setattr(train, k, v)
+
+
+def run_benchmarks():
     check_settings()
     kv = KVOptions.from_settings(globals()).check().check_unused()
     args = {k: globals()[k] for k in MODEL_ARG_KEYS}

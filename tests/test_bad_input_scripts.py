@@ -160,6 +160,8 @@ BENCH = ["--device=cpu", "--n_layer=1", "--n_head=1", "--n_embd=32", "--block_si
 
 
 @pytest.mark.parametrize("args,words", [
+    (["--init_from=resume"], "--init_from: bench.py times models of the given shape with random weights"),
+    (["--eval_only=True", "--overwrite=True"], "--eval_only and --overwrite: bench.py times"),
     (["--bench_lengths=abc"], "--bench_lengths=abc: 'abc' is not a number"),
     (["--bench_lengths=8,"], "an empty item"),
     (["--bench_lengths=0"], "'0' is not a number of new tokens (1 or more)"),
