@@ -143,8 +143,9 @@ BAD_INPUTS = [
     (T + ["--grad_clip=-1"], "--grad_clip must be at least 0"),
     (T + ["--warmup_iters=-5"], "--warmup_iters must be at least 0"),
     (T + ["--reset_prob=1.5"], "--reset_prob must be in [0, 1]"),
-    (T + ["--seed=99999999999999999999999"], "--seed must be in [-4611686018427387904, "),  # (past what torch's seeds hold)
-    (S + ["--seed=-99999999999999999999999"], "--seed must be in [-4611686018427387904, "),
+    (T + ["--seed=99999999999999999999999"], "--seed: 99999999999999999999999 is too large a number"),  # (past what torch's seeds hold)
+    (S + ["--seed=-99999999999999999999999"], "--seed: -99999999999999999999999 is too large a number"),
+    (T + ["--seed=5000000000000000000"], "--seed must be in [-4611686018427387904, "),  # (an int64 past torch's seeds)
     (T + ["--threads=99999"], "--threads=99999 is far more than the"),  # (torch's thread pool crashed)
     (T + ["--batch_size=0"], "--batch_size must be at least 1"),
     (T + ["--block_size=-3"], "--block_size must be at least 1"),
