@@ -49,18 +49,17 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import replace
 
 import eval_kv
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from kv.policy import KVOptions
-from model import GPTConfig, check_config
 from kv.quant import GROUPED
 from kv.report import check_writable, write_text
 from kv import study_finetune
 from kv.study_finetune import again_command, fine_tune_command, fine_tune_state
 from kv.study_report import write_frontier
+from kv.study_variants import check_train_args, check_variants, variant_args
 from fileio import read_json, write_json
 from loader import dataset_paths
 from outdir import make_folder
@@ -94,55 +93,6 @@ tensorboard = True  # TensorBoard scalars of the frontier (and of each fine-tune
 
 QUICK = dict(iters=50, n_streams=2, stream_len=1024, variants="base,base_ft,mqa,qat_int2,mqa_share_int2")
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def variant_args(name, block, n_layer):
-    """train.py arguments of each trained reduction (None: the base itself, not fine-tuned)."""
-    w = block // 4
-    half = ",".join(str(i) for i in range(n_layer // 2, n_layer))  # the upper half stays global
-    table = {
-        "base": None,
-        "base_ft": [],
-        "gqa": ["--n_kv_head=2"],
-        "mqa": ["--n_kv_head=1"],
-        "local": [f"--window={w}", f"--global_layers={half}", "--kv_share=2"],
-        "qat_int4": ["--kv_quant=int4"],
-        "qat_int2": ["--kv_quant=int2"],
-        "mqa_share_int2": ["--n_kv_head=1", "--kv_share=2", "--kv_quant=int2"],
-        "mqa_share_int2_local": ["--n_kv_head=1", "--kv_share=2", "--kv_quant=int2", f"--window={w}"],
-        "gqa_int2": ["--n_kv_head=2", "--kv_quant=int2"],
-        "gqa_int2_local": ["--n_kv_head=2", "--kv_quant=int2", f"--window={max(block // 8, 1)}"],
-    }
-    if name not in table:
-        raise UserError(f"unknown variant {name!r}: choose from {', '.join(table)}")
-    args = table[name]
-    qat = [f"--kv_quant_group={kv_quant_group}", "--kv_quant_keys=token"] if "int" in name else []
-    return None if args is None else args + qat
-
-
-def check_variants(todo, base_model, config):
-    """One UserError, before any work, for a variant train.py would refuse to fine-tune from
-    this base (its model settings on the base's, and quantization-aware training where the
-    base has XL memory or linear layers), instead of after the fine-tunes before it."""
-    from types import SimpleNamespace
-    from kv.qat import check_qat
-    c = base_model.config
-    for name, args in todo:
-        if args is None:
-            continue
-        flags = dict(a[2:].split("=", 1) for a in args)
-        try:
-            arch = {k: type(getattr(c, k))(v) for k, v in flags.items() if k in GPTConfig.__dataclass_fields__}
-            variant = replace(c, **arch)
-            check_config(variant)
-            if flags.get("kv_quant", "none") != "none":
-                if config.get("xl_mem"):
-                    raise UserError(f"quantization-aware training does not combine with the base's XL memory "
-                                    f"(xl_mem={config['xl_mem']})")
-                check_qat(SimpleNamespace(config=variant), flags["kv_quant"], int(flags["kv_quant_group"]),
-                          flags.get("kv_quant_keys") == "channel")
-        except UserError as e:
-            raise UserError(f"variant {name} cannot be fine-tuned from {base}: {e}; leave it out of --variants") from None
 
 
 GRID_VERSION = 3  # raised whenever grid(), exact_grid() or their rows' fields change: older rows are then redone
@@ -230,8 +180,8 @@ def study():
                         "there is no cache to shrink; study a softmax base")
     config = ckpt.get("config") or {}
     block, n_layer = int(config["block_size"]), int(config["n_layer"])
-    todo = [(v, variant_args(v, block, n_layer)) for v in variant_names()]
-    check_variants(todo, base_model, config)
+    todo = [(v, variant_args(v, block, n_layer, kv_quant_group)) for v in variant_names()]
+    check_variants(todo, base_model, config, base)
     x, y = load_val(config, base_path, n_streams, stream_len)
     step = chunk or block
     settings = grid(block, quick)
@@ -332,35 +282,6 @@ def iteration_counts(text):
     if not counts:
         raise UserError("--context_iters is empty: give numbers >= 0 separated by commas, e.g. --context_iters=0,25,50")
     return counts
-
-
-# train.py settings each fine-tune takes from the study (a --train_args value for them would
-# train other than the study records): the flag of kv_study.py that sets them, or None
-STUDY_SETS = {"max_iters": "--iters", "warmup_iters": "--iters", "lr_decay_iters": "--iters",
-              "eval_interval": "--iters", "learning_rate": "--learning_rate", "min_lr": "--min_lr",
-              "threads": "--threads", "tensorboard": "--tensorboard", "out_dir": "--out", "init_from": None,
-              "resume_mode": None, "dataset": None, "block_size": None, "kv_quant_group": "--kv_quant_group"}
-VARIANT_SETS = ("n_kv_head", "window", "global_layers", "kv_share", "kv_quant", "kv_quant_keys")  # what variants change
-
-
-def check_train_args(text):
-    """--train_args: --name=value words for train.py, none of them one the study sets itself."""
-    try:
-        words = shlex.split(text)
-    except ValueError as e:
-        raise UserError(f"--train_args={text!r}: {e}; give train.py settings as --name=value separated by spaces")
-    for w in words:
-        name = w[2:].split("=", 1)[0]
-        if not w.startswith("--") or "=" not in w or not name:
-            raise UserError(f"--train_args: {w!r} is not --name=value; give train.py settings as --name=value "
-                            "separated by spaces, e.g. --train_args='--batch_size=8'")
-        if name in VARIANT_SETS:
-            raise UserError(f"--train_args: --{name} is what the variants change (variant_args in kv_study.py); "
-                            "pick variants with --variants, and give --train_args the other train.py settings")
-        if name in STUDY_SETS:
-            how = f"kv_study.py's {STUDY_SETS[name]}" if STUDY_SETS[name] else "nothing: it comes from the base"
-            raise UserError(f"--train_args: --{name} is set by the study for every fine-tune (set it with {how}); "
-                            "--train_args is for the other train.py settings, e.g. --batch_size=8")
 
 
 def run_settings(ckpt, base_path, step):
