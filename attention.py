@@ -31,7 +31,8 @@ import torch
 from torch.nn import functional as F
 
 from plugins import import_function
-from utils import UserError, no_autocast
+from devices import no_autocast
+from utils import UserError
 
 
 def expand_kv(k, n_head):

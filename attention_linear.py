@@ -27,7 +27,7 @@ from rotary_embedding_torch import RotaryEmbedding
 
 from kv.cache import Cache
 from rope import apply_rope
-from utils import no_autocast
+from devices import no_autocast
 
 EPS = 1e-6
 

@@ -45,8 +45,8 @@ from kv.quant import make_formats
 from loader import ByteLoader, dataset_paths
 from model import GPT, GPTConfig, MODEL_ARG_KEYS, check_config, loss_fn
 from steps import compile_probe, train_step
-from utils import (UserError, autocast_ctx, check_range, compile_or_eager, keep_freed_memory, pick_device, pick_dtype,
-                   run_main, synchronizer, use_threads)
+from devices import autocast_ctx, keep_freed_memory, pick_device, pick_dtype, synchronizer, use_threads
+from utils import UserError, check_range, compile_or_eager, run_main
 
 quiet_start.done()
 

@@ -61,7 +61,8 @@ from kv.quant import FORMATS, GROUPED
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_dir, dataset_paths, same_dataset
 from plugins import not_finite
-from utils import Progress, UserError, has_module, keep_freed_memory, pick_device, run_main, use_threads
+from devices import keep_freed_memory, pick_device, use_threads
+from utils import Progress, UserError, has_module, run_main
 
 quiet_start.done()
 

@@ -12,7 +12,8 @@ import sys
 
 from configurator import configure
 from loader import ByteLoader, dataset_paths, decode
-from utils import SEED_MAX, UserError, check_range, run_main, use_threads
+from devices import use_threads
+from utils import SEED_MAX, UserError, check_range, run_main
 
 dataset = "shakespeare_char"  # a name under data/, or a directory holding train.txt and val.txt
 split = "train"  # train or val

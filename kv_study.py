@@ -64,7 +64,8 @@ from fileio import read_json, write_json
 from loader import dataset_paths
 from outdir import make_folder
 from resume import saved_iteration
-from utils import Progress, UserError, check_range, keep_freed_memory, run_main, stop_on_sigterm, use_threads
+from devices import keep_freed_memory, use_threads
+from utils import Progress, UserError, check_range, run_main, stop_on_sigterm
 
 quiet_start.done()
 

@@ -16,7 +16,8 @@ import torch
 
 from checkpoint import _first_line
 from loader import same_dataset
-from utils import UserError, mps_available
+from devices import mps_available
+from utils import UserError
 
 
 def rng_state():

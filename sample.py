@@ -29,8 +29,8 @@ from checkpoint import checkpoint_path, load_model, missing_checkpoint
 from configurator import configure
 from generate import generate_stream, prefill_piece, static_decoder
 from kv.policy import KVOptions
-from utils import (SEED_MAX, UserError, autocast_ctx, check_range, memory_available, pick_device, pick_dtype,
-                   run_main, use_threads)
+from devices import autocast_ctx, memory_available, pick_device, pick_dtype, use_threads
+from utils import SEED_MAX, UserError, check_range, run_main
 
 quiet_start.done()
 

@@ -58,9 +58,9 @@ from steps import compile_probe, estimate_loss, not_finite_at_start, train_step
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, other_val_batches, restore_training_state, resume_schedule, rng_state,
                     stopped_at_once)
-from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, autocast_ctx, check_range, compile_or_eager,
-                   keep_freed_memory, pick_device, clock, has_module, pick_dtype, run_main, stop_on_sigterm,
-                   use_threads)
+from devices import autocast_ctx, keep_freed_memory, pick_device, pick_dtype, use_threads
+from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, check_range, compile_or_eager, clock, has_module,
+                   run_main, stop_on_sigterm)
 
 quiet_start.done()
 

@@ -47,7 +47,8 @@ import torch
 from attention import naive_attention
 from kv.quant import FullPrecision, QuantKVCache, flat_index
 from plugins import import_function
-from utils import UserError, no_autocast
+from devices import no_autocast
+from utils import UserError
 
 
 def h2o_priority(scores, pos, seen, kv_sink, kv_recent):

@@ -30,7 +30,8 @@ import torch
 
 from kv.cache import Cache, attention_mask
 from kv.quant import make_formats
-from utils import UserError, no_autocast
+from devices import no_autocast
+from utils import UserError
 
 
 class FakeQuantCache(Cache):

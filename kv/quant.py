@@ -47,7 +47,8 @@ import torch
 
 from kv.cache import Cache, attention_mask
 from plugins import call_error, import_function, plugin_error, unwritten
-from utils import UserError, no_autocast
+from devices import no_autocast
+from utils import UserError
 
 SCALE_DTYPE = torch.float16  # scales and zero points, as KIVI stores them
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}

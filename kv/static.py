@@ -34,7 +34,7 @@ import torch
 from attention import PLAIN_SOFTMAX
 from kv.cache import Cache, KVCache, visible
 from kv.quant import FP8, ChannelFormat, GroupFormat, QuantKVCache, payload_bits
-from utils import no_autocast
+from devices import no_autocast
 
 EMPTY = 2 ** 62  # the position of a slot never written: after every query, so never visible
 

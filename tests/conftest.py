@@ -21,7 +21,7 @@ import pytest
 import torch
 
 # tiny models run fastest on one thread, and the test machines have two cores; the scripts
-# run in this process choose their threads by OMP_NUM_THREADS (utils.pick_threads), not by
+# run in this process choose their threads by OMP_NUM_THREADS (devices.pick_threads), not by
 # the machine's load, so a result never depends on how busy the machine was
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")

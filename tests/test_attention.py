@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import utils
+import devices
 from attention import expand_kv, naive_attention, softmax_attention
 from conftest import TOL, text, tiny
 from kv.cache import visible
@@ -104,15 +104,15 @@ def test_cpu_autocast_computes_matmuls_in_bf16_and_attention_in_float32(monkeypa
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     model = tiny(n_head=2).train()
     idx = torch.randint(0, 256, (2, 16))
-    with utils.autocast_ctx("cpu", "bfloat16"):
+    with devices.autocast_ctx("cpu", "bfloat16"):
         logits, _ = model(idx)
     assert logits.dtype == torch.bfloat16  # the matmuls ran in bfloat16
     assert seen == [(torch.float32,) * 3 + (False,)] * 2
     # the attention itself: float32 on the bfloat16 values, rounded back
     q, k, v = torch.randn(3, 2, 2, 16, 8).bfloat16()
-    with utils.autocast_ctx("cpu", "bfloat16"):
+    with devices.autocast_ctx("cpu", "bfloat16"):
         got = softmax_attention(q, k, v, "causal")
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, sdpa(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
-    with utils.autocast_ctx("cpu", "float32"):
+    with devices.autocast_ctx("cpu", "float32"):
         assert not torch.is_autocast_enabled("cpu")

@@ -70,7 +70,7 @@ def test_linear_bad_input():
 def test_linear_sums_stay_float32_under_bf16_autocast(monkeypatch):
     """Autocast would run the state's matmuls and cumulative sums in bfloat16; they must not."""
     import attention_linear
-    import utils
+    import devices
     seen = []
     chunked = attention_linear.linear_chunked
 
@@ -81,7 +81,7 @@ def test_linear_sums_stay_float32_under_bf16_autocast(monkeypatch):
     monkeypatch.setattr(attention_linear, "linear_chunked", spy)
     model = tiny(n_layer=1, n_head=2, attention="linear").train()
     idx = torch.randint(0, 256, (2, 40))
-    with utils.autocast_ctx("cpu", "bfloat16"):
+    with devices.autocast_ctx("cpu", "bfloat16"):
         logits, _ = model(idx)
     assert seen == [(torch.float32,) * 3 + (False,)]
     ref, _ = model(idx)  # float32 throughout

@@ -5,7 +5,7 @@ cache policy under CPU bfloat16 autocast (as sample.py --dtype=bfloat16 runs the
 import pytest
 import torch
 
-import utils
+import devices
 from conftest import TOL, text, tiny
 from generate import generate, generate_stream, sample_next
 from kv.policy import KVOptions, held_bits
@@ -69,7 +69,7 @@ def test_generation_under_cpu_autocast_caches_bf16(options):
     model = tiny(n_head=2)
     idx = torch.randint(0, 256, (1, 40))
     kv = KVOptions(kv_window=0, **dict(options, kv_quant_residual=4) if "kv_quant" in options else options).check()
-    with torch.no_grad(), utils.autocast_ctx("cpu", "bfloat16"):
+    with torch.no_grad(), devices.autocast_ctx("cpu", "bfloat16"):
         caches = kv.make_caches(model, 1, capacity=40)
         logits, caches = model(idx[:, :20], caches)  # prefill
         steps = [model(idx[:, t:t + 1], caches)[0] for t in range(20, 40)]

@@ -23,11 +23,13 @@ import pytest
 import torch
 
 import loader
+import devices
 import utils
 from checkpoint import save_checkpoint
 from configurator import configure
 from conftest import REPO_ROOT, tiny, tiny_corpus, train
-from utils import UserError, pick_threads
+from devices import pick_threads
+from utils import UserError
 
 
 # -- threads -----------------------------------------------------------------------------------
@@ -40,7 +42,7 @@ def machine(monkeypatch):
     def set_machine(cpus, load, running=0):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
         monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load), raising=False)
-        monkeypatch.setattr(utils, "running_others", lambda: running)
+        monkeypatch.setattr(devices, "running_others", lambda: running)
     return set_machine
 
 
@@ -85,7 +87,7 @@ def test_threads_without_affinity_or_load_average(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.delattr(os, "getloadavg", raising=False)
-    monkeypatch.setattr(utils, "running_others", lambda: 0)  # no /proc there either
+    monkeypatch.setattr(devices, "running_others", lambda: 0)  # no /proc there either
     monkeypatch.setattr(os, "cpu_count", lambda: 6)
     assert pick_threads(0) == (6, "auto: 6 CPUs, load 0.0")
 
@@ -94,9 +96,9 @@ def test_use_threads_sets_torch_and_says_thread_once(machine):
     machine(1, 0.0)
     before = torch.get_num_threads()
     try:
-        assert utils.use_threads(0) == "1 thread (auto: 1 CPU, load 0.0)"
+        assert devices.use_threads(0) == "1 thread (auto: 1 CPU, load 0.0)"
         assert torch.get_num_threads() == 1
-        assert utils.use_threads(2) == "2 threads (--threads=2, more than the 1 CPU)"
+        assert devices.use_threads(2) == "2 threads (--threads=2, more than the 1 CPU)"
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -227,8 +227,8 @@ def test_samples_that_cannot_fit_in_memory_are_one_line_before_any_work(out_dir,
     memory free (patched to 16 MiB): 1,000 samples of 104 bytes on this model (2 layers, K and
     V of 2 heads x 16 channels, 16 bits) need 27 MiB; under a window of 8 bytes, or as 100
     samples, they fit and run; so do they on a model of local attention."""
-    import utils
-    monkeypatch.setattr(utils, "memory_available", lambda dev: 2 ** 24)
+    import devices
+    monkeypatch.setattr(devices, "memory_available", lambda dev: 2 ** 24)
     code, out, err = sample(f"--out_dir={out_dir}", "--num_samples=1000", "--max_new_tokens=100")
     need = 1000 * (2 * 2 * 2 * 16 * 104 * 2 + 4 * 256 * 2)
     assert code == 2 and out == "" and err.strip().splitlines()[-1] == (
@@ -251,8 +251,8 @@ def test_a_long_prompt_under_a_window_counts_the_logits_of_one_piece(out_dir, tm
     """Under a plain window the prompt is fed a window at a time, so its logits take a window's
     rows, not the whole prompt's: 20,000 bytes (10 MiB of logits in one pass, against 8 MiB
     free) fit under --kv_window=8; unbounded they do not, and the refusal names the prompt."""
-    import utils
-    monkeypatch.setattr(utils, "memory_available", lambda dev: 2 ** 23)
+    import devices
+    monkeypatch.setattr(devices, "memory_available", lambda dev: 2 ** 23)
     prompt = tmp_path / "long.txt"
     prompt.write_bytes(b"To be, or not to be. " * 1000)
     code, out, err = sample(f"--out_dir={out_dir}", f"--start=FILE:{prompt}", "--max_new_tokens=2", "--kv_window=8")

@@ -1,4 +1,4 @@
-"""utils.py: the dtype chosen for each device, torch.compile's fallback to eager, and glibc's
+"""utils.py and devices.py: the dtype chosen for each device, torch.compile's fallback to eager, and glibc's
 setting that keeps freed memory for the next big tensor."""
 
 import contextlib
@@ -9,19 +9,20 @@ import pytest
 import torch
 
 import device_peaks
+import devices
 import utils
 from conftest import REPO_ROOT, tiny
 
 
 def test_pick_dtype_bfloat16_for_cpu_training_only_where_native(monkeypatch):
     for native in (True, False):
-        monkeypatch.setattr(utils, "cpu_has_bf16", lambda: native)
-        assert utils.pick_dtype("cpu", "auto", training=True) == ("bfloat16" if native else "float32")
-        assert utils.pick_dtype("cpu", "") == "float32"  # inference: exact float32
-        assert utils.pick_dtype("mps", "auto", training=True) == "float32"
-    assert utils.pick_dtype("cpu", "bfloat16") == "bfloat16"
+        monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)
+        assert devices.pick_dtype("cpu", "auto", training=True) == ("bfloat16" if native else "float32")
+        assert devices.pick_dtype("cpu", "") == "float32"  # inference: exact float32
+        assert devices.pick_dtype("mps", "auto", training=True) == "float32"
+    assert devices.pick_dtype("cpu", "bfloat16") == "bfloat16"
     with pytest.raises(utils.UserError, match="float16 is for GPUs"):
-        utils.pick_dtype("cpu", "float16")
+        devices.pick_dtype("cpu", "float16")
 
 
 def test_pick_dtype_on_gpus_by_what_they_compute_in(monkeypatch):
@@ -31,11 +32,11 @@ def test_pick_dtype_on_gpus_by_what_they_compute_in(monkeypatch):
     capability = {"cuda": (7, 0), "cuda:0": (7, 0), "cuda:1": (8, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capability[str(d)])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert utils.pick_dtype("cuda", "auto") == utils.pick_dtype("cuda:0", "auto", training=True) == "float16"
-    assert utils.pick_dtype("cuda:1", "auto", training=True) == "bfloat16"
-    assert utils.pick_dtype("mps", "float16") == "float16"  # sampling: nothing to scale
+    assert devices.pick_dtype("cuda", "auto") == devices.pick_dtype("cuda:0", "auto", training=True) == "float16"
+    assert devices.pick_dtype("cuda:1", "auto", training=True) == "bfloat16"
+    assert devices.pick_dtype("mps", "float16") == "float16"  # sampling: nothing to scale
     with pytest.raises(utils.UserError, match="without loss scaling on MPS"):
-        utils.pick_dtype("mps", "float16", training=True)
+        devices.pick_dtype("mps", "float16", training=True)
 
 
 @pytest.mark.parametrize("name", [n for n, _, _ in device_peaks.PEAK_FLOPS] + [n for n, _ in device_peaks.PEAK_BANDWIDTH])
@@ -121,7 +122,7 @@ def test_keep_freed_memory_reuses_big_blocks():
     few rounds, while the heap settles: 7 here): no new pages touched. Without it (the reference)
     glibc maps every such block afresh, 16k page faults each time."""
     code = ("import resource, sys, torch\n"
-            "from utils import keep_freed_memory\n"
+            "from devices import keep_freed_memory\n"
             "if sys.argv[1] == 'keep': keep_freed_memory()\n"
             "faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "for _ in range(16):\n"
