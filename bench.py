@@ -21,7 +21,7 @@ generate  tokens/s for bench_lengths new tokens with the cache unbounded and bou
           one (compiled on a CPU, also the batch step's matrix products alone: the floor of its time);
           on CUDA also without CUDA graphs, and the fraction of the memory bandwidth used.
           --baseline=True also times the tutorial's way (concatenate, re-rotate every key).
-eval_kv   bytes/s of eval_kv.evaluate on n_streams x stream_len random bytes against its natural
+eval_kv   bytes/s of kv.evaluate.evaluate on n_streams x stream_len random bytes against its natural
           reference (a plain window of block_size): the reference's own pass, then a decode step
           per byte (chunk = 1) for the plain cache and int4 in that window, eager and
           (--compile=True) compiled, and int4 + h2o (eager).

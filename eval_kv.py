@@ -25,7 +25,7 @@ n_streams streams of stream_len bytes, at evenly spaced fixed offsets of the val
 fed side by side, chunk bytes per forward (chunk=1 is exact decode: every byte is one step;
 the default, the checkpoint's block_size, is much faster but quantizes and evicts once per
 chunk). The reference's results do not depend on the chunk (up to float rounding), so its
-pass reads one stream at a time in pieces (ReferencePass). With --chunk=1 --compile=True every
+pass reads one stream at a time in pieces (kv/evaluate.py, ReferencePass). With --chunk=1 --compile=True every
 setting whose caches allow it, the reference's own row too, runs the compiled decode step
 (generate.StaticDecoder), a byte per step; the others stay eager. Reported per setting: peak KV bits
 per stream, the most a token-by-token decoder holds at once (keys and values of every layer
@@ -40,27 +40,22 @@ A sweep writes eval_kv_<sweep>.csv, .md and .png (bits per byte against KV bits 
 the frontier marked) into out_dir, and the same scalars to TensorBoard (out_dir/eval_kv_<sweep>).
 """
 import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
-import math
 import os
 import re
 import sys
-import time
 from dataclasses import fields, replace
 
-import numpy as np
 import torch
-from torch.nn import functional as F
 
 from attention import PLAIN_SOFTMAX
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from generate import static_decoders
-from kv.peak import decoder_peak
+from kv.evaluate import evaluate, label, load_streams, rebase, spans
 from kv.policy import KVOptions
 from kv.quant import FORMATS, GROUPED
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_dir, dataset_paths, same_dataset
-from plugins import not_finite
 from devices import keep_freed_memory, pick_device, use_threads
 from utils import Progress, UserError, has_module, run_main
 
@@ -89,8 +84,6 @@ tensorboard = True  # sweeps: write the scalars to TensorBoard too
 compile = False  # with chunk=1: decode through the compiled static-cache step where a setting allows it, the reference too (RESULTS.md: when it pays)
 # -----------------------------------------------------------------------------
 
-SPAN = 64  # bytes whose log-probabilities are scored together at chunk 1 (one pass of vector ops)
-REF_CHUNK = 512  # bytes per forward of an unbounded reference's pass (unless the attention is fused)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -126,169 +119,6 @@ def sweep_settings(kind, span, group, residual, bounded=False):
         grid += [evict("h2o", frac, 4, "int4") for frac in (0.5, 0.125)] + [evict("window", 0.25, 4, "int4")]
         return grid
     raise UserError(f"unknown sweep {kind!r}: choose quick or full (or '' for one setting)")
-
-
-def load_streams(path, n, L):
-    """x, y (n, L): n stretches of L + 1 bytes at evenly spaced offsets of the file."""
-    data = np.fromfile(path, dtype=np.uint8)
-    if len(data) < L + 1:
-        raise UserError(f"{path} has {len(data):,} bytes, fewer than stream_len + 1 = {L + 1:,}; lower --stream_len")
-    offsets = stream_offsets(len(data), n, L)
-    s = torch.from_numpy(np.stack([data[o:o + L + 1] for o in offsets]).astype(np.int64))
-    return s[:, :-1], s[:, 1:]
-
-
-def stream_offsets(size, n, L):
-    """Where load_streams' n stretches of L + 1 bytes start in a file of size bytes: evenly
-    spaced, first and last at its ends. Stream i scores bytes offset + 1 .. offset + L, so no
-    byte is scored twice when size >= n L + 1."""
-    return [i * (size - L - 1) // max(n - 1, 1) for i in range(n)]
-
-
-def buckets(block, L):
-    """Position buckets [0, block), [block, 2 block), [2 block, 4 block), ... cut at L."""
-    edges, e = [0], block
-    while edges[-1] < L:
-        edges.append(min(e, L))
-        e *= 2
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def label(kv, reference=None):
-    """A row's name: what the cache does (KVOptions.describe) and the history it may keep."""
-    what = kv.describe() if kv.compressed else (f"trim {kv.kv_trim}" if kv.kv_trim else "plain")
-    sink = f" + sink {kv.kv_sink}" if kv.kv_sink and kv.kv_evict == "none" else ""  # (eviction names its own)
-    bound = f"window {kv.kv_window}{sink}" if kv.kv_window > 0 else "unbounded"
-    return f"{what}, {bound}" + (" (reference)" if kv == reference else "")
-
-
-class ReferencePass:
-    """The reference cache's pass over x, y (B, L), one stream at a time (as fast as all side
-    by side, 1/B of the memory), in pieces: two windows when it has one (at least 256 bytes;
-    a piece attends over at most three windows: O(L x window), not O(L^2)); a whole stream when
-    it is unbounded and the attention is the fused "softmax" kind (no L x L matrix in memory);
-    else REF_CHUNK bytes. logprobs(a, b) hands out the log-probabilities (B, b - a, V) of
-    bytes a..b-1, computing pieces as needed and forgetting those before a."""
-
-    def __init__(self, model, x, y, kv, dtype=torch.bfloat16):
-        self.model, self.x, self.y, self.kv, self.dtype = model, x, y, kv, dtype
-        B, L = x.shape
-        w = max(kv.kv_window, 0)
-        self.piece = min(L, max(2 * w, 256) if w else (L if model.config.attention == "softmax" else REF_CHUNK))
-        self.states = [None] * B  # each stream's caches, alive while the stream is read
-        self.nll = torch.zeros(B, L)
-        self.lp, self.start, self.end, self.seconds = None, 0, 0, 0.0
-
-    def logprobs(self, a, b):
-        B, L = self.x.shape
-        dev = next(self.model.parameters()).device
-        while self.end < b:
-            t0 = time.perf_counter()
-            s, e = self.end, min(self.end + self.piece, L)
-            lps = []
-            for i in range(B):
-                if self.states[i] is None:
-                    self.states[i] = self.kv.make_caches(self.model, 1, capacity=L, dtype=self.dtype)
-                logits, self.states[i] = self.model(self.x[i:i + 1, s:e].to(dev), self.states[i])
-                lps.append(F.log_softmax(logits.float(), dim=-1))
-                if e == L:
-                    self.states[i] = None  # read to the end: its memory serves the next stream
-            lp = torch.cat(lps)  # (B, e - s, V)
-            self.nll[:, s:e] = -lp.gather(-1, self.y[:, s:e].to(dev).unsqueeze(-1)).squeeze(-1).cpu()
-            if self.lp is not None:
-                lp = torch.cat([self.lp[:, a - self.start:], lp], dim=1)
-                s = a
-            self.lp, self.start, self.end = lp, s, e
-            self.seconds += time.perf_counter() - t0
-        return self.lp[:, a - self.start:b - self.start]
-
-
-def spans(chunk, L):
-    """(bytes scored together, how many such spans in L bytes): a chunk, or at chunk 1 SPAN
-    decode steps, whose log-probabilities are then scored in one pass."""
-    span = chunk if chunk > 1 else min(SPAN, L)
-    return span, len(range(0, L, span))
-
-
-@torch.no_grad()
-def evaluate(model, x, y, settings, chunk, reference, block=256, progress=None, dtype=torch.bfloat16,
-             decode=None):
-    """Feed x (B, L) chunk bytes at a time through the reference cache (KVOptions) and, in
-    lockstep, through each setting's cache (a list of KVOptions; a setting equal to the
-    reference is the reference itself, computed once); full precision is stored at dtype.
-    decode (at chunk = 1): a function (kv, B, L, dtype) -> generate.StaticDecoder, or None for
-    the eager caches; every setting, the reference's own too, then runs a decode step per byte.
-    Returns one dict of results per setting (see the module docstring), against the
-    reference as the baseline (rebase() puts them against another)."""
-    B, L = x.shape
-    dev = next(model.parameters()).device
-    ref = ReferencePass(model, x, y, reference, dtype)
-    stepwise = decode is not None and chunk == 1
-    runs = []
-    for kv in settings:
-        t0 = time.time()
-        dec = decode(kv, B, L, dtype) if stepwise else None
-        if progress is not None:
-            progress.set_aside(time.time() - t0)  # compiling (or failing to): not a rate the rest will go at
-        states = dec.start() if dec is not None else \
-            kv.make_caches(model, B, capacity=L, dtype=dtype) if stepwise or kv != reference else None
-        runs.append(dict(kv=kv, dec=dec, states=states, nll=torch.zeros(B, L), kl=torch.zeros(B, L), seconds=0.0))
-    span = spans(chunk, L)[0]
-    xd = x.to(dev)
-    for a in range(0, L, span):
-        b = min(a + span, L)
-        ya = y[:, a:b].to(dev)
-        lp_ref = ref.logprobs(a, b)
-        for run in runs:
-            if run["states"] is None:
-                continue  # the reference: filled in below
-            t0 = time.perf_counter()
-            if chunk > 1:
-                logits, run["states"] = model(xd[:, a:b], run["states"])
-            else:  # a decode step per byte, its logits kept until the span is scored
-                logits = torch.empty(B, b - a, model.config.vocab_size, device=dev)
-                for i in range(a, b):
-                    if run["dec"] is not None:
-                        logits[:, i - a] = run["dec"](xd[:, i:i + 1])  # the compiled decode step
-                    else:
-                        out, run["states"] = model(xd[:, i:i + 1], run["states"])
-                        logits[:, i - a] = out[:, 0]
-            lp = F.log_softmax(logits.float(), dim=-1)
-            run["nll"][:, a:b] = -lp.gather(-1, ya.unsqueeze(-1)).squeeze(-1).cpu()
-            run["kl"][:, a:b] = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp(min=0).cpu()
-            run["seconds"] += time.perf_counter() - t0
-        if progress is not None:
-            progress.step(f"{b}/{L} bytes")
-    peaks = {}
-    for kv in [reference] + list(settings):
-        if kv not in peaks:
-            peaks[kv] = decoder_peak(model, kv, L, dtype)
-    ln2 = math.log(2)
-    bpb_ref = ref.nll.mean().item() / ln2
-    results = []
-    for run in runs:
-        kv = run["kv"]
-        if run["states"] is None:
-            run.update(nll=ref.nll, seconds=ref.seconds)
-        r = dict(setting=label(kv, reference), kv_bits_peak=peaks[kv], kv_bits_per_token=peaks[kv] / L,
-                 x_smaller=None, bpb=run["nll"].mean().item() / ln2, delta_pct=None,
-                 kl_bits=run["kl"].mean().item() / ln2)
-        if not math.isfinite(r["bpb"]):
-            raise not_finite(f"the loss of {r['setting']}")
-        for lo, hi in buckets(block, L):
-            r[f"bpb[{lo},{hi})"] = run["nll"][:, lo:hi].mean().item() / ln2
-        r.update(bpb_ref=bpb_ref, kv_bits_peak_ref=peaks[reference], bytes_per_s=B * L / max(run["seconds"], 1e-9))
-        results.append(r)
-    return rebase(results, label(reference), peaks[reference], bpb_ref)
-
-
-def rebase(results, name, peak, bpb):
-    """Put each row against a baseline (its name, peak KV bits per stream and bits per byte):
-    x_smaller = the baseline's peak / the row's, delta_pct = the change in bits per byte."""
-    for r in results:
-        r.update(x_smaller=peak / r["kv_bits_peak"], delta_pct=100 * (r["bpb"] / bpb - 1),
-                 baseline=name, bpb_base=bpb, kv_bits_peak_base=peak)
-    return results
 
 
 def reference_options(config, how, kv_window=-1, kv_sink=0, say=print, no_cache=False):

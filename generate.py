@@ -239,7 +239,7 @@ def say_once(say):
 
 def static_decoders(model, say=None):
     """A function (kv, batch_size, capacity, dtype) -> static_decoder(...) that says what its
-    compilation took: eval_kv.evaluate's `decode` (eval_kv --chunk=1 --compile=True)."""
+    compilation took: kv.evaluate.evaluate's `decode` (eval_kv --chunk=1 --compile=True)."""
     say = say_once(say) if say is not None else None
 
     def decoder(kv, batch_size, capacity, dtype=None):

@@ -53,6 +53,7 @@ import time
 import eval_kv
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
+from kv.evaluate import buckets, evaluate, load_streams, rebase, spans
 from kv.policy import KVOptions
 from kv.quant import GROUPED
 from kv.report import check_writable, write_text
@@ -150,18 +151,18 @@ def here(text):
 def load_val(config, base_path, n, L):
     name = config.get("dataset", "")
     _, val = saved_dataset_paths(name, base_path) if name else dataset_paths("shakespeare_char")
-    return eval_kv.load_streams(val, n, L)
+    return load_streams(val, n, L)
 
 
 def evaluate_variant(path, x, y, settings, step, block, label):
-    """eval_kv.evaluate of one checkpoint under settings (each bounded by the natural window
+    """kv.evaluate.evaluate of one checkpoint under settings (each bounded by the natural window
     where it sets none), against its own natural reference."""
     model, ckpt = load_model(path, "cpu", option=None)
     model.eval()
     ref = eval_kv.reference_options(ckpt.get("config") or {}, "natural", say=lambda s: None)
-    progress = Progress(eval_kv.spans(step, x.size(1))[1], f"  {label}")
+    progress = Progress(spans(step, x.size(1))[1], f"  {label}")
     settings = [ref] + [s for s in settings if s != ref]
-    rows = eval_kv.evaluate(model, x, y, settings, step, ref, block, progress, eval_kv.DTYPES[dtype])
+    rows = evaluate(model, x, y, settings, step, ref, block, progress, eval_kv.DTYPES[dtype])
     for r, kv in zip(rows, settings):
         r.update(kv.settings())  # the fields, for the command that reproduces the row
     c = model.config
@@ -190,7 +191,7 @@ def study():
     # does not divide the head size) is one line now, not after the fine-tunes
     ref = eval_kv.reference_options(config, "natural", say=lambda s: None)
     dry = settings + (exact_grid(block, quick) if evict_chunk else [])
-    eval_kv.evaluate(base_model.eval(), x[:1, :2], y[:1, :2], [s for s in dry if s != ref], 1, ref, block,
+    evaluate(base_model.eval(), x[:1, :2], y[:1, :2], [s for s in dry if s != ref], 1, ref, block,
                      dtype=eval_kv.DTYPES[dtype])
     make_folder(folder, "out")  # (after the checks: a refused study leaves no empty folder)
     check_writable(os.path.join(folder, "frontier"), [".csv", ".md", ".png"], tensorboard, "--out")
@@ -326,7 +327,7 @@ def judge(rows, base_path):
     if "base" not in refs:
         return
     b = refs["base"]
-    eval_kv.rebase(rows, f"{here(base_path)}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
+    rebase(rows, f"{here(base_path)}, {b['setting']}", b["kv_bits_peak"], b["bpb"])
     for r in rows:
         y = yardstick_of(r, refs)
         r.update(delta_base_pct=r["delta_pct"], yardstick=y, delta_pct=100 * (r["bpb"] / refs[y]["bpb"] - 1))
@@ -370,13 +371,13 @@ def context():
     make_folder(folder, "out")
     check_writable(os.path.join(folder, "context"), [".md"], False, "--out")
     x, y = load_val(config, base_path, context_streams, L)
-    far = [(lo, hi) for lo, hi in eval_kv.buckets(block, L) if lo >= block]
+    far = [(lo, hi) for lo, hi in buckets(block, L) if lo >= block]
 
     def measure(path, kv, name):
         """Bits per byte of the checkpoint at path with caches kv: near [0, block), far [block, L), all."""
         model, _ = load_model(path, "cpu", option=None)
         model.eval()
-        [r] = eval_kv.evaluate(model, x, y, [kv], L, kv, block, None, eval_kv.DTYPES[dtype])
+        [r] = evaluate(model, x, y, [kv], L, kv, block, None, eval_kv.DTYPES[dtype])
         return dict(iters=name, bpb_near=r[f"bpb[0,{block})"], bpb_all=r["bpb"],
                     bpb_far=sum((hi - lo) * r[f"bpb[{lo},{hi})"] for lo, hi in far) / (L - block))
 

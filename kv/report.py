@@ -1,5 +1,5 @@
 """
-The ruler's outputs: eval_kv's results (one dict per cache setting, see eval_kv.evaluate) as a
+The ruler's outputs: eval_kv's results (one dict per cache setting, see kv.evaluate.evaluate) as a
 markdown table, a CSV file, a PNG of the frontier and TensorBoard scalars.
 
     from kv.report import frontier, markdown, write_outputs

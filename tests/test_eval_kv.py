@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 import eval_kv
+import kv.evaluate as kv_evaluate
 from checkpoint import save_checkpoint
 from conftest import assert_user_error, feed, run_in_process, run_script, tiny
 from kv.policy import KVOptions
@@ -48,13 +49,13 @@ def ckpt_dir(tmp_path, tiny_data_dir):
 
 
 def streams(tiny_data_dir, n=2, L=96):
-    return eval_kv.load_streams(str(tiny_data_dir / "val.txt"), n, L)
+    return kv_evaluate.load_streams(str(tiny_data_dir / "val.txt"), n, L)
 
 
 def run(model, x, y, settings, chunk=16):
-    """eval_kv.evaluate of settings (dicts of KVOptions fields) against the plain cache, every
+    """kv_evaluate.evaluate of settings (dicts of KVOptions fields) against the plain cache, every
     cache in float32 (so that the plain cache reproduces the forward exactly)."""
-    return eval_kv.evaluate(model, x, y, [KVOptions(**s).check() for s in settings], chunk, PLAIN, block=16,
+    return kv_evaluate.evaluate(model, x, y, [KVOptions(**s).check() for s in settings], chunk, PLAIN, block=16,
                             dtype=torch.float32)
 
 
@@ -88,7 +89,7 @@ def test_plain_pass_in_segments_equals_one_pass(tiny_data_dir, monkeypatch):
     m = tiny_model(attention="naive")  # not fused: the plain pass reads REF_CHUNK bytes at a time
     x, y = streams(tiny_data_dir)
     whole = run(m, x, y, [dict()], 16)[0]
-    monkeypatch.setattr(eval_kv, "REF_CHUNK", 24)  # 32-byte segments (a multiple of the chunk)
+    monkeypatch.setattr(kv_evaluate, "REF_CHUNK", 24)  # 32-byte segments (a multiple of the chunk)
     parts = run(m, x, y, [dict(), dict(kv_quant="int8")], 16)
     assert abs(parts[0]["bpb"] - whole["bpb"]) < 1e-5 and parts[1]["kl_bits"] > 0
 
@@ -140,7 +141,7 @@ def test_kl_and_bucket_bits_are_those_of_the_logits(tiny_data_dir):
     assert r["kl_bits"] == pytest.approx(kl, rel=1e-4)
     bpb = F.cross_entropy(lp.flatten(0, 1), y.flatten()).item() / math.log(2)
     assert r["bpb"] == pytest.approx(bpb, rel=1e-5)
-    weighted = sum((hi - lo) * r[f"bpb[{lo},{hi})"] for lo, hi in eval_kv.buckets(16, x.size(1))) / x.size(1)
+    weighted = sum((hi - lo) * r[f"bpb[{lo},{hi})"] for lo, hi in kv_evaluate.buckets(16, x.size(1))) / x.size(1)
     assert weighted == pytest.approx(r["bpb"], rel=1e-5)
 
 
@@ -162,9 +163,9 @@ def test_compression_costs_bits_and_saves_memory(tiny_data_dir):
 
 
 def test_buckets_and_frontier():
-    assert eval_kv.buckets(64, 4096) == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024),
+    assert kv_evaluate.buckets(64, 4096) == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1024),
                                          (1024, 2048), (2048, 4096)]
-    assert eval_kv.buckets(64, 100) == [(0, 64), (64, 100)]
+    assert kv_evaluate.buckets(64, 100) == [(0, 64), (64, 100)]
     pts = [dict(kv_bits_per_token=b, bpb=l) for b, l in [(16, 2.0), (8, 2.1), (8, 2.05), (4, 2.3), (6, 2.4), (2, 3.0)]]
     assert eval_kv.frontier(pts) == {0, 2, 3, 5}
     # the grids give eviction budgets as fractions of the stream; h2o keeps half of it recent
@@ -417,7 +418,7 @@ def test_a_bound_past_every_local_window_changes_nothing_and_says_so(tiny_data_d
 
 def test_window_eviction_and_the_history_bound_have_two_names():
     kv = KVOptions(kv_window=64, kv_evict="window", kv_budget=16, kv_sink=4).check()
-    assert eval_kv.label(kv) == "evict-window 16 (sink 4), window 64"
+    assert kv_evaluate.label(kv) == "evict-window 16 (sink 4), window 64"
 
 
 def test_a_budget_past_the_window_changes_nothing_and_says_so(tiny_data_dir):
@@ -536,7 +537,7 @@ def test_streams_that_overlap_in_the_val_text_are_said(ckpt_dir, tiny_data_dir):
     size, L = (tiny_data_dir / "val.txt").stat().st_size, 64
 
     def shared(n):  # any byte scored by two streams? (stream i scores offset + 1 .. offset + L)
-        starts = eval_kv.stream_offsets(size, n, L)
+        starts = kv_evaluate.stream_offsets(size, n, L)
         return any(b + 1 <= a + L for a, b in zip(starts, starts[1:]))
 
     fit = next(n for n in range(2, size) if shared(n + 1))

@@ -12,6 +12,7 @@ import torch
 from torch.nn import functional as F
 
 import eval_kv
+import kv.evaluate as kv_evaluate
 from checkpoint import save_checkpoint
 from conftest import TOL, feed, text, tiny
 from kv import peak as kv_peak
@@ -80,7 +81,7 @@ def test_peak_does_not_depend_on_the_chunk():
     m = tiny(n_kv_head=2)
     x, y = streams()
     ref = KVOptions(kv_window=W)
-    by_chunk = {chunk: eval_kv.evaluate(m, x, y, settings(), chunk, ref, block=W) for chunk in (1, W, 48)}
+    by_chunk = {chunk: kv_evaluate.evaluate(m, x, y, settings(), chunk, ref, block=W) for chunk in (1, W, 48)}
     for rows in by_chunk.values():
         assert [r["kv_bits_peak"] for r in rows] == [r["kv_bits_peak"] for r in by_chunk[1]]
     for r, kv in zip(by_chunk[1], settings()):
@@ -107,7 +108,7 @@ def test_reference_is_a_sliding_window_forward_at_block_size(attention):
     ref = eval_kv.reference_options({"block_size": W}, "natural")
     assert ref == KVOptions(kv_window=W)
     for chunk in (1, 7, W):
-        [r] = eval_kv.evaluate(m, x, y, [ref], chunk, ref, block=W, dtype=torch.float32)
+        [r] = kv_evaluate.evaluate(m, x, y, [ref], chunk, ref, block=W, dtype=torch.float32)
         assert abs(r["bpb"] - want) < 1e-5 and r["kl_bits"] == 0.0 and r["x_smaller"] == 1.0
     # an XL model's natural context is its memory
     assert eval_kv.reference_options({"block_size": W, "xl_mem": 24}, "natural").kv_window == 24
@@ -121,8 +122,8 @@ def test_windowed_reference_costs_T_times_window(monkeypatch):
         fn = block.attn.attend
         block.attn.attend = lambda q, k, v, mask, p, fn=fn: seen.append(k.size(2)) or fn(q, k, v, mask, p)
     x, y = streams(L=600)
-    eval_kv.evaluate(m, x, y, [KVOptions(kv_window=W)], W, KVOptions(kv_window=W), block=W)
-    piece = eval_kv.ReferencePass(m, x, y, KVOptions(kv_window=W)).piece
+    kv_evaluate.evaluate(m, x, y, [KVOptions(kv_window=W)], W, KVOptions(kv_window=W), block=W)
+    piece = kv_evaluate.ReferencePass(m, x, y, KVOptions(kv_window=W)).piece
     assert piece < 600 and max(seen) <= W + piece
 
 
@@ -130,8 +131,8 @@ def test_full_precision_is_stored_at_dtype():
     m = tiny()
     x, y = streams()
     ref = KVOptions(kv_window=W)
-    lo, = eval_kv.evaluate(m, x, y, [ref], W, ref, block=W)  # bfloat16 by default
-    hi, = eval_kv.evaluate(m, x, y, [ref], W, ref, block=W, dtype=torch.float32)
+    lo, = kv_evaluate.evaluate(m, x, y, [ref], W, ref, block=W)  # bfloat16 by default
+    hi, = kv_evaluate.evaluate(m, x, y, [ref], W, ref, block=W, dtype=torch.float32)
     assert hi["kv_bits_peak"] == 2 * lo["kv_bits_peak"] == 2 * 2 * 4 * 8 * 32 * W  # layers, k/v, heads, hs
     assert lo["bpb"] != hi["bpb"] and abs(lo["bpb"] - hi["bpb"]) < 0.01  # really stored: rounded, a little
     caches = KVOptions(kv_window=W, kv_quant="int8", kv_quant_residual=4).make_caches(m, 1, dtype=torch.bfloat16)
