@@ -1,7 +1,8 @@
 """
 The machine a script runs on: its device (cuda, cuda:N, mps, cpu) and dtype, chosen once at
 start-up when not given, autocast, the CPU threads torch uses (fewer on a busy machine), the
-memory free for new tensors, and glibc's setting that keeps freed memory for the next step.
+memory free for new tensors, glibc's setting that keeps freed memory for the next step, and
+train.py's start on them (start_device: under torchrun also the DDP process group).
 
     python -c "import devices; print(devices.pick_device('auto'), devices.pick_dtype('auto', 'auto'), devices.pick_threads())"
 """
@@ -12,6 +13,7 @@ import sys
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 
 from utils import UserError
 
@@ -171,3 +173,38 @@ def keep_freed_memory():
         return
     mallopt(-4, 0)  # M_MMAP_MAX = 0: serve big blocks from the heap, not one mapping each
     mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: never give the heap's free top back
+
+
+def start_device(device, dtype, threads, backend, ddp, local_rank, world_size, micro_steps):
+    """train.py's device and dtype for this process (device, dtype: the settings, '' = chosen
+    here), its CPU threads and, under torchrun (ddp), its DDP process group with backend ('' =
+    nccl on CUDA, gloo elsewhere); says which, returns (device, dtype)."""
+    dev = pick_device(device)
+    if ddp:
+        if dev.startswith("cuda"):
+            dev = f"cuda:{local_rank}"  # the GPU of this process
+            torch.cuda.set_device(dev)
+        if backend == "nccl" and not dev.startswith("cuda"):
+            raise UserError(f"--backend=nccl runs on CUDA GPUs, and this run's device is {dev}: use --backend=gloo "
+                            "on CPUs (or leave --backend empty: it picks one)")
+        try:
+            dist.init_process_group(backend=backend or ("nccl" if dev.startswith("cuda") else "gloo"))
+        except RuntimeError as e:  # a backend this build of torch lacks (mpi, ucc), a rendezvous that fails
+            raise UserError(f"DDP could not start (--backend={backend or 'auto'}): {' '.join(str(e).split())[:200]}; "
+                            "--backend=gloo runs anywhere") from None
+        print(f"DDP: {world_size} processes, backend {dist.get_backend()}, "
+              f"{micro_steps} micro-steps each per iteration")
+    elif backend:
+        print(f"note: --backend={backend} is for runs under torchrun; this run is one process and starts no "
+              "process group")
+    dt = pick_dtype(dev, dtype, training=True)
+    thread_words = use_threads(threads)  # also on a GPU: the data loading runs on the CPU
+    device_type = dev.split(":")[0]
+    if device_type == "cpu":
+        keep_freed_memory()  # a CPU step's big activations reuse memory instead of page-faulting
+    print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
+          f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})"
+          + (f", {thread_words}" if device_type == "cpu" else ""))
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    return dev, dt

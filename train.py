@@ -58,7 +58,7 @@ from steps import compile_probe, estimate_loss, not_finite_at_start, train_step
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, other_val_batches, restore_training_state, resume_schedule, rng_state,
                     stopped_at_once)
-from devices import autocast_ctx, keep_freed_memory, pick_device, pick_dtype, use_threads
+from devices import autocast_ctx, start_device
 from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, check_range, compile_or_eager, clock, has_module,
                    run_main, stop_on_sigterm)
 
@@ -166,7 +166,7 @@ def train(held):
     micro_steps = gradient_accumulation_steps // world_size  # this rank's share
     xl_fn = import_function(xl_update, "xl_update") if xl_update else None
     xl_name = f"--xl_update={xl_update}" if xl_update else None  # errors in what xl_fn returns name it
-    dev, dt = start_device(ddp, local_rank, world_size, micro_steps)
+    dev, dt = start_device(device, dtype, threads, backend, ddp, local_rank, world_size, micro_steps)
     device_type = dev.split(":")[0]
     torch.manual_seed(seed + rank)  # rank's own dropout; DDP gives every rank rank 0's initial weights
     ctx = autocast_ctx(dev, dt)
@@ -401,42 +401,14 @@ def train(held):
           (("ckpt.pt", "best val loss"), ("last.pt", "latest")) if os.path.isfile(os.path.join(out_dir, n))))
     print(f"next: python sample.py {shlex.join(sample_args(unwrap(model).config))}")
 
-def start_device(ddp, local_rank, world_size, micro_steps):
-    """This process's device and dtype (under torchrun also its DDP process group), its CPU
-    threads, after saying which; returns (device, dtype)."""
-    dev = pick_device(device)
-    if ddp:
-        if dev.startswith("cuda"):
-            dev = f"cuda:{local_rank}"  # the GPU of this process
-            torch.cuda.set_device(dev)
-        if backend == "nccl" and not dev.startswith("cuda"):
-            raise UserError(f"--backend=nccl runs on CUDA GPUs, and this run's device is {dev}: use --backend=gloo "
-                            "on CPUs (or leave --backend empty: it picks one)")
-        try:
-            dist.init_process_group(backend=backend or ("nccl" if dev.startswith("cuda") else "gloo"))
-        except RuntimeError as e:  # a backend this build of torch lacks (mpi, ucc), a rendezvous that fails
-            raise UserError(f"DDP could not start (--backend={backend or 'auto'}): {' '.join(str(e).split())[:200]}; "
-                            "--backend=gloo runs anywhere") from None
-        print(f"DDP: {world_size} processes, backend {dist.get_backend()}, "
-              f"{micro_steps} micro-steps each per iteration")
-    dt = pick_dtype(dev, dtype, training=True)
-    thread_words = use_threads(threads)  # also on a GPU: the data loading runs on the CPU
-    device_type = dev.split(":")[0]
-    if device_type == "cpu":
-        keep_freed_memory()  # a CPU step's big activations reuse memory instead of page-faulting (utils)
-    print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
-          f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})"
-          + (f", {thread_words}" if device_type == "cpu" else ""))
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    return dev, dt
-
-
 def resume_run(config, given, defaults, dev, world_size):
     """The model of out_dir's checkpoint on dev, this run's schedule and the text it trains on.
     Settings the checkpoint was trained with (XL memory, QAT, its dataset) go on unless given
     (kept in the globals and in config); the fine-tune's schedule is fitted to max_iters."""
     fresh_best = False  # this run's first trained evaluation starts the best val loss
+    if overwrite:  # (it lets a run from scratch replace out_dir's checkpoints)
+        print("note: --overwrite=True applies to a run from scratch only; this resume writes ckpt.pt and last.pt "
+              "in out_dir as any resume does")
     ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name)
     # the non-architecture model keys given on the command line or in a config file
     # (their defaults too: --attention=softmax turns a naive-attention checkpoint back to softmax)

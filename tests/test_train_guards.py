@@ -265,3 +265,19 @@ def test_the_sample_command_of_a_quantization_aware_run_uses_its_format(data_dir
         assert flag in args, out
     code, text, err = run_in_process("sample.py", *args, "--max_new_tokens=40", "--device=cpu")
     assert code in (0, None) and "KV cache peak" in err, err
+
+
+def test_settings_a_run_cannot_use_are_said_not_dropped_silently(data_dir, run_dir, tmp_path):
+    """--backend outside torchrun and --overwrite on a resume change nothing: each gets a note,
+    and the run trains as it would without them (the same weights)."""
+    outs = {}
+    for name, extra in (("plain", []), ("noted", ["--backend=gloo", "--overwrite=True"])):
+        out = tmp_path / name
+        shutil.copytree(run_dir, out)
+        printed = train(data_dir, out, "--init_from=resume", "--max_iters=2", "--dropout=0.0", *extra)
+        assert ("--backend=gloo is for runs under torchrun" in printed) == bool(extra), printed
+        assert ("--overwrite=True applies to a run from scratch only" in printed) == bool(extra), printed
+        assert f"resumed {out / 'ckpt.pt'} at iteration {N}" in printed
+        outs[name] = read_checkpoint(str(out / "last.pt"))["model"]
+    for k, v in outs["plain"].items():
+        assert torch.equal(v, outs["noted"][k]), k
