@@ -149,7 +149,7 @@ def objective_settings(ckpt, settings, given):
     names must be given again: a checkpoint never chooses code to run."""
     saved, out = ckpt.get("config") or {}, {}
     for k in OBJECTIVE_KEYS:
-        if k not in saved or k in given or saved[k] == settings[k]:
+        if saved.get(k) is None or k in given or saved[k] == settings[k]:  # (None: not recorded)
             continue
         if isinstance(saved[k], str) and ":" in saved[k]:
             raise UserError(f"the checkpoint was trained with the plug-in --{k}={saved[k]}: pass it again "

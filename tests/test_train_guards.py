@@ -281,3 +281,21 @@ def test_settings_a_run_cannot_use_are_said_not_dropped_silently(data_dir, run_d
         outs[name] = read_checkpoint(str(out / "last.pt"))["model"]
     for k, v in outs["plain"].items():
         assert torch.equal(v, outs["noted"][k]), k
+
+
+def test_a_setting_recorded_as_none_resumes_as_one_not_recorded(data_dir, run_dir, tmp_path):
+    """Another program's checkpoint may record kv_quant or xl_mem as None: the resume goes on as
+    with the keys absent (the same weights), not with a TypeError."""
+    from resume import OBJECTIVE_KEYS
+    weights = []
+    for name, edit in (("absent", lambda cfg, k: cfg.pop(k, None)), ("none", lambda cfg, k: cfg.__setitem__(k, None))):
+        out = tmp_path / name
+        shutil.copytree(run_dir, out)
+        ckpt = read_checkpoint(str(out / "ckpt.pt"))
+        for k in OBJECTIVE_KEYS:
+            edit(ckpt["config"], k)
+        resave(ckpt, out / "ckpt.pt")
+        train(data_dir, out, "--init_from=resume", "--max_iters=2", "--dropout=0.0")
+        weights.append(read_checkpoint(str(out / "last.pt"))["model"])
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
