@@ -98,6 +98,8 @@ def check_config(c):
         raise UserError(f"n_kv_head must be >= 0 (0 = n_head, 1 = MQA), got {c.n_kv_head}")
     if c.n_head % c.kv_heads:
         raise UserError(f"n_head={c.n_head} must be a multiple of n_kv_head={c.n_kv_head} (1 = MQA, 0 = n_head)")
+    if not 0.0 <= c.dropout <= 1.0:  # (a nan too)
+        raise UserError(f"dropout must be between 0 and 1, got {c.dropout}")
     if c.window < 0:
         raise UserError(f"window must be >= 0 (0 = off), got {c.window}")
     if not 1 <= c.kv_share <= c.n_layer:
