@@ -25,7 +25,8 @@ eval_kv   bytes/s of kv.evaluate.evaluate on n_streams x stream_len random bytes
           reference (a plain window of block_size): the reference's own pass, then a decode step
           per byte (chunk = 1) for the plain cache and int4 in that window, eager and
           (--compile=True) compiled, and int4 + h2o (eager).
-The other kv_* options (kv_quant, kv_evict, ...) apply to the generation rows.
+The other kv_* options (kv_quant, kv_evict, ...) apply to the generation rows. A setting given for
+rows that --what leaves out gets a note saying it is ignored.
 """
 import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import os
@@ -394,20 +395,36 @@ def check_caches(config, kv):
                                 "or --what=generate") from None
 
 
+# bench.py's own settings and the rows they apply to (the kv_* settings: the generation rows)
+APPLIES = {"bench_lengths": ("generate",), "baseline": ("generate",), "bench_batch": ("generate",),
+           "bench_iters": ("train",), "bench_ablation": ("train",), "bench_repeats": ("train", "eval_kv"),
+           "n_streams": ("eval_kv",), "stream_len": ("eval_kv",), **{k: ("generate",) for k in KVOptions().settings()}}
+
+
+def unused_settings(given):
+    """A note naming the settings given on the command line that --what's rows do not read."""
+    unused = [k for k in sorted(given) if k in APPLIES and what != "all" and what not in APPLIES[k]]
+    if unused:
+        print(f"note: {', '.join('--' + k for k in unused)} appl{'ies' if len(unused) == 1 else 'y'} to other rows "
+              f"than --what={what}'s: ignored here (--what=all runs every row)")
+
+
 def main():
-    configure(globals(), sys.argv[1:])
+    given = set()
+    configure(globals(), sys.argv[1:], given=given)
     found = {k: getattr(train, k) for k in TRAIN_SETTINGS}
     try:
         for k in TRAIN_SETTINGS:  # train.check_settings and its helpers read train.py's globals
             setattr(train, k, globals()[k])
-        run_benchmarks()
+        run_benchmarks(given)
     finally:  # (train.py's own values back: a test runs bench.py again in the same process)
         for k, v in found.items():
             setattr(train, k, v)
 
 
-def run_benchmarks():
+def run_benchmarks(given=()):
     check_settings()
+    unused_settings(given)
     kv = KVOptions.from_settings(globals()).check().check_unused()
     args = {k: globals()[k] for k in MODEL_ARG_KEYS}
     config = GPTConfig(**args)

@@ -211,3 +211,18 @@ def test_bench_generation_rows_name_the_sink_and_keep_it_off_the_unbounded_rows(
     bits = {name: int(r[6].replace(",", "")) for name, r in rows.items()}
     per_token = int(rows["unbounded"][7].replace(",", ""))
     assert bits["unbounded"] == per_token * (4 + 12 - 1) and bits["6 + sink 2"] == per_token * (6 + 2), out
+
+
+def test_bench_names_the_settings_its_chosen_rows_do_not_read(tmp_path):
+    """--what=train with two generation settings (--kv_window, --bench_batch):
+    a note names them, and the rows run as without them (the same table rows)."""
+    code, out, err = run_in_process("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=train", "--bench_iters=1",
+                                    "--bench_repeats=1", "--kv_window=6", "--bench_batch=2")
+    assert code in (0, None), err
+    [note] = [line for line in out.splitlines() if line.startswith("note: --")]
+    assert "--bench_batch" in note and "--kv_window" in note and "to other rows than --what=train's" in note, out
+    plain = run_in_process("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=train", "--bench_iters=1",
+                           "--bench_repeats=1")[1]
+    assert "--kv_window" not in plain and "--bench_batch" not in plain, plain
+    rows = [[line.split("|")[1] for line in text.splitlines() if line.startswith("| ")] for text in (out, plain)]
+    assert rows[0] == rows[1] and len(rows[0]) > 1, out
