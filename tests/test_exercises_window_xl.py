@@ -27,7 +27,7 @@ def trim(old, new, title, words):
 WRONG.update({
     "forgets the sinks": trim(" | (pos < kv_sink)", "", "keeps the kv_sink first tokens of the text",
                               "text positions < kv_sink"),
-    "keeps the oldest": ("kv_window", """
+    "the window keeps the oldest": ("kv_window", """
         def keep_recent(k, v, pos, kv_window, kv_sink=0):
             return k[:, :, :kv_window + kv_sink], v[:, :, :kv_window + kv_sink], pos[:kv_window + kv_sink]
         """, "keeps the kv_window newest tokens", "kept the oldest tokens"),
@@ -144,7 +144,7 @@ WRONG.update({
     "keeps everything": xl("keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]",
                            "keys.detach(), vals.detach(), ok",
                            "keeps the newest min(mem_len, m + T) tokens as memory", "more than mem_len"),
-    "keeps the oldest": xl("keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]",
+    "the memory keeps the oldest": xl("keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]",
                            "keys[:, :, :mem_len].detach(), vals[:, :, :mem_len].detach(), ok[:, :mem_len]",
                            "keeps the newest min(mem_len, m + T) tokens as memory", "keeps the oldest"),
     "memory from this step only": xl(
