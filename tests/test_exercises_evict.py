@@ -97,6 +97,12 @@ OK.update({
             protect = ((pos < kv_sink) | (pos >= seen - kv_recent)).float()
             return scores / scores.amax().clamp(min=1e-9) + 10.0 * protect
         """),
+    "float16 priorities": ("kv_evict", """
+        import torch
+        def priority(scores, pos, seen, kv_sink, kv_recent):
+            keep = (pos < kv_sink) | (pos >= seen - kv_recent)
+            return torch.where(keep, float("inf"), scores / (seen - pos)).half()
+        """),
 })
 
 

@@ -292,3 +292,27 @@ def test_a_mistake_that_also_raises_the_error_fails_once(what, first, exercise_c
     results, printed = exercise_checks(*WRONG[what][:2])
     assert [t for t, status, _ in results if status == "FAIL"] == [first], printed
     assert [status for t, status, _ in results if t == ERROR] == ["SKIP"], printed
+
+
+TERNARY = """
+    import torch
+    def quantize(x):
+        s = x.abs().amax(-1, keepdim=True).clamp(min=1e-4).half()
+        c = ((x / s.float()).round().clamp(-1, 1) + 1).to(torch.uint8).unflatten(-1, (-1, 4))
+        return (c[..., 0] | (c[..., 1] << 2) | (c[..., 2] << 4) | (c[..., 3] << 6), s), dequantize
+    def dequantize(packed, s):
+        c = torch.stack([(packed >> b) & 3 for b in (0, 2, 4, 6)], -1).flatten(-2)
+        return (c.float() - 1) * s.float()
+    """
+
+
+def test_the_plain_2_bit_quantizer_passes_the_checks_it_is_the_reference_of(exercise_checks):
+    """2-bit symmetric codes with a scale of the row's absmax (three levels) are the plain
+    quantizer the fast checks compare 2-bit answers with: they pass them all, though their errors
+    follow x (small values go to 0). The model check judges their cost, and names the way out."""
+    from exercises import check
+    results, printed = exercise_checks("kv_quant", TERNARY, slow=True)
+    slow = [c.title for c in check.EXERCISES["kv_quant"].checks if c.slow]
+    assert {status for t, status, _ in results if t not in slow} == {"PASS"}, printed
+    [(status, message)] = [(status, m) for t, status, m in results if t in slow]
+    assert status == "FAIL" and "a scale and zero point per group of 32 use all 4 levels" in message, printed
