@@ -51,6 +51,10 @@ def call_trim(impl, pos, window, sink, dtype=torch.float32):
     if sorted(ranks) == [1, 4, 4] and ranks != (4, 4, 1):  # the right tensors in another order
         order = ", ".join("pos" if r == 1 else "k or v" for r in ranks)
         raise Failed(f"keep_recent returned ({order}): return them in the order (k, v, pos)")
+    k2, v2 = out[0], out[1]
+    if k2.numel() and v2.numel() and bool((k2 <= 0).all() and (k2 < 0).any() and (v2 >= 0).all()):  # (v is -k)
+        raise Failed("keep_recent returned v's rows where k's go and k's where v's go: return (k, v, pos), "
+                     "each trimmed with the same mask")
     return (k, v, p), out
 
 

@@ -79,6 +79,10 @@ test_trim_k_and_v_left_whole = rule(
 test_trim_pos_keeps_only_the_window = rule(
     "Assignment 1 rule 1, one mask for all three: pos cut to the window, k and v masked.",
     "kv_window", edit(TRIM, "pos[keep]", "pos[-kv_window:]"), "check_trim_shapes", "one mask for all three")
+test_trim_swaps_k_and_v = rule(
+    "Assignment 1 rule 1, the order (k, v, pos): v's rows returned first, k's second.",
+    "kv_window", edit(TRIM, TRIM_RETURN, "return v[:, :, keep], k[:, :, keep], pos[keep]"), "check_trim_shapes",
+    "returned v's rows where k's go")
 test_trim_window_counts_the_sinks = rule(
     "Assignment 1 rule 4, nothing else kept: a window of the kv_window + kv_sink newest, and the sinks besides.",
     "kv_window", edit(TRIM, "pos[-1] - kv_window + 1", "pos[-1] - kv_window - kv_sink + 1"), "check_trim_budget",
@@ -354,3 +358,14 @@ test_evict_age_counted_from_zero = rule(
     "Assignment 4b rule 4, nothing else protected: the age seen - pos - 1 divides the newest token's score by 0.",
     "kv_evict", edit(H2O, "(seen - pos)", "(seen - pos - 1)"), "check_evict_only",
     "positions [59] are neither sinks nor among the newest")
+
+
+def test_a_wrong_shape_is_not_reported_as_the_answers_crash(exercise_checks):
+    """The every-token state above: no check blames the checker's own comparison on the
+    answer ("your code raised ... checks_common.py"); a shape mismatch is named as one."""
+    source = edit(LINEAR, LOOP + "        " + RETURN,
+                  "        Ss = S[:, :, None] + torch.cumsum(k[..., :, None] * v[..., None, :], 2)\n"
+                  "        zs = z[:, :, None] + torch.cumsum(k, 2)\n        S.data, z.data = Ss, zs\n"
+                  '        return torch.einsum("bhtd,bhtde->bhte", q, Ss), (q * zs).sum(-1, keepdim=True)')
+    results, printed = exercise_checks("linear_attention", source)
+    assert "checks_common.py" not in printed and "FAIL" in printed, printed
