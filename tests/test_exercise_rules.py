@@ -369,3 +369,13 @@ def test_a_wrong_shape_is_not_reported_as_the_answers_crash(exercise_checks):
                   '        return torch.einsum("bhtd,bhtde->bhte", q, Ss), (q * zs).sum(-1, keepdim=True)')
     results, printed = exercise_checks("linear_attention", source)
     assert "checks_common.py" not in printed and "FAIL" in printed, printed
+
+
+def test_protecting_unattended_tokens_is_not_blamed_on_the_sinks(exercise_checks):
+    """Tokens with a zero score protected too: rule 4's general message names them; the sink
+    rule's ("position 4 is protected with the sinks") is kept for an off-by-one at the sinks."""
+    source = edit(H2O, "(pos >= seen - kv_recent)", "(pos >= seen - kv_recent) | (scores == 0)")
+    results, printed = exercise_checks("kv_evict", source)
+    failed = [m for _, status, m in results if status == "FAIL"]
+    assert failed and "are neither sinks nor among the newest" in failed[0], printed
+    assert "protected with the sinks" not in printed, printed
