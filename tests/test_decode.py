@@ -53,6 +53,19 @@ def sharp(**kw):
     return model
 
 
+def assert_logits_along_a_text(model, kv, dec, B, L=46):
+    """dec (capacity L, B rows) gives the eager caches' logits at every step of a text after a
+    3-token eager prefill."""
+    x = text(B=B, T=L, seed=3)
+    caches = kv.make_caches(model, B, capacity=L)
+    with torch.no_grad():
+        model(x[:, :3], caches)
+        dec.start(caches)
+        for t in range(3, L):
+            want, _ = model(x[:, t:t + 1], caches)
+            torch.testing.assert_close(dec(x[:, t:t + 1]), want[:, -1], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind, arch", [(k, a) for a in MODELS for k in KINDS
                                         if (k, a) != ("int2", "short local")])  # int2's key group is wider: eager
 def test_static_step_equals_eager_caches(kind, arch):
@@ -152,14 +165,7 @@ def test_traced_step_gives_eager_tokens(kind):
     assert dec.compiled
     out = generate(model, prompts, 40, temperature=0, kv=kv, decoder=dec)
     assert torch.equal(out, generate(model, prompts, 40, temperature=0, kv=kv))
-    x = text(B=2, T=46, seed=3)
-    caches = kv.make_caches(model, 2, capacity=46)
-    with torch.no_grad():
-        model(x[:, :3], caches)
-        dec.start(caches)
-        for t in range(3, 46):
-            want, _ = model(x[:, t:t + 1], caches)
-            torch.testing.assert_close(dec(x[:, t:t + 1]), want[:, -1], atol=1e-4, rtol=1e-5)
+    assert_logits_along_a_text(model, kv, dec, B=2)
 
 
 @pytest.mark.parametrize("kind", ["window+sink", "int4"])
@@ -198,14 +204,7 @@ def test_compiled_step_gives_eager_tokens_and_logits(kind):
     prompts = text(B=1, T=6)
     out = generate(model, prompts, 40, temperature=0, kv=kv, decoder=dec)
     assert torch.equal(out, generate(model, prompts, 40, temperature=0, kv=kv))
-    x = text(B=1, T=46, seed=3)
-    caches = kv.make_caches(model, 1, capacity=46)
-    with torch.no_grad():
-        model(x[:, :3], caches)
-        dec.start(caches)
-        for t in range(3, 46):
-            want, _ = model(x[:, t:t + 1], caches)
-            torch.testing.assert_close(dec(x[:, t:t + 1]), want[:, -1], atol=1e-4, rtol=1e-5)
+    assert_logits_along_a_text(model, kv, dec, B=1)
 
 
 @pytest.mark.slow
