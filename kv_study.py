@@ -423,9 +423,9 @@ def context():
 
 
 def main():
-    configure(globals(), sys.argv[1:])
-    given = {a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
-    if quick:  # the quick study's values, except those given on the command line
+    given = set()  # the settings a flag or a config file sets
+    configure(globals(), sys.argv[1:], given=given)
+    if quick:  # the quick study's values, except those given by a flag or a config file
         globals().update({k: v for k, v in QUICK.items() if k not in given})
     if not variants:
         globals()["variants"] = ("base,base_ft,gqa,mqa,local,qat_int4,qat_int2,mqa_share_int2,"

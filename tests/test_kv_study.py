@@ -400,3 +400,22 @@ def test_a_fine_tune_that_ignores_ctrl_c_is_stopped_by_sigterm():
     stop(proc)
     proc.stdout.close()
     assert proc.returncode == 7  # its own handler ran (not a kill after the minute's grace)
+
+
+def test_quick_keeps_the_settings_a_config_file_gives(tmp_path, monkeypatch):
+    """--quick=True fills in its smaller study only where nothing was given: a config file's
+    iters and stream_len stay, as flags do (they were replaced right after 'Overriding: ...')."""
+    import kv_study
+    config = tmp_path / "small.py"
+    config.write_text("iters = 7\nstream_len = 200\n")
+    seen = {}
+    monkeypatch.setattr(kv_study, "study", lambda: seen.update(iters=kv_study.iters, stream_len=kv_study.stream_len,
+                                                                n_streams=kv_study.n_streams))
+    monkeypatch.setattr(sys, "argv", ["kv_study.py", str(config), "--quick=True", "--n_streams=3"])
+    for k in ("iters", "stream_len", "n_streams", "quick", "variants"):  # (main sets them in the module)
+        monkeypatch.setattr(kv_study, k, getattr(kv_study, k))
+    monkeypatch.setattr(kv_study, "use_threads", lambda n: "")  # (this process keeps its threads)
+    monkeypatch.setattr(kv_study, "keep_freed_memory", lambda: None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        kv_study.main()
+    assert seen == dict(iters=7, stream_len=200, n_streams=3)
