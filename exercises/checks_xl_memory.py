@@ -72,8 +72,11 @@ def check_xl_attend(impl, ctx):
         want = torch.cat([mok, torch.ones(k.size(0), T, dtype=torch.bool)], 1)
         if torch.equal(ok, want):
             continue
-        expect(not bool(ok.all()), f"{where}: key_ok is all True, but row 1 restarted (mem_ok False): a "
-               "restarted row must not see its old memory, key_ok = mem_ok followed by True for this step")
+        expect(tuple(ok.shape) == tuple(want.shape), f"{where}: key_ok has shape {tuple(ok.shape)}, expected "
+               f"(B, m + T) = {tuple(want.shape)}: one flag per key, mem_ok followed by True for this step's tokens")
+        expect(not (bool(ok.all()) and not bool(mok.all())), f"{where}: key_ok is all True, but row 1 restarted "
+               "(mem_ok False): a restarted row must not see its old memory, key_ok = mem_ok followed by True for "
+               "this step")
         expect(not (m and torch.equal(ok, torch.cat([want[:, m:], mok], 1))), f"{where}: key_ok puts this "
                "step's True first; it follows the order of keys: mem_ok first, then True for this step")
         raise Failed(f"{where}: key_ok must be mem_ok followed by True for this step's tokens "

@@ -379,3 +379,11 @@ def test_protecting_unattended_tokens_is_not_blamed_on_the_sinks(exercise_checks
     failed = [m for _, status, m in results if status == "FAIL"]
     assert failed and "are neither sinks nor among the newest" in failed[0], printed
     assert "protected with the sinks" not in printed, printed
+
+
+def test_key_ok_without_this_step_is_not_blamed_on_a_restart(exercise_checks):
+    """key_ok = mem_ok alone: at m=0 there is no memory and nothing restarted; the attend check
+    names key_ok's shape, not "key_ok is all True, but row 1 restarted"."""
+    results, printed = exercise_checks("xl_memory", edit(XL, OK_, "ok = mem_ok"))
+    [message] = [m for t, status, m in results if status == "FAIL" and t == TITLE["check_xl_attend"]]
+    assert "key_ok has shape (2, 0), expected (B, m + T) = (2, 4)" in message, printed
