@@ -15,7 +15,9 @@ contiguous stretches of the val split.
 
 The reference (--reference=natural) is the checkpoint at its natural context: a plain sliding
 window of its xl_mem tokens if it was trained with XL memory, else of its block_size (read
-far past what it was trained on, a model is lost, not compressed);
+far past what it was trained on, a model is lost, not compressed). A window is the cache's,
+as in sample.py: every layer keeps its newest keys and values, so a deeper layer still carries
+what its window's tokens saw before it (not a fresh forward over the last bytes alone);
 --reference=unbounded is a plain cache of the whole stream (bounded by kv_window/kv_sink if
 given). Every setting keeps the reference's history bound unless it sets its own kv_window.
 What caches keep in full precision (a plain cache, a quantization residual) is stored at
