@@ -402,7 +402,7 @@ APPLIES = {"bench_lengths": ("generate",), "baseline": ("generate",), "bench_bat
 
 
 def unused_settings(given):
-    """A note naming the settings given on the command line that --what's rows do not read."""
+    """A note naming the settings given (by a flag or a config file) that --what's rows do not read."""
     unused = [k for k in sorted(given) if k in APPLIES and what != "all" and what not in APPLIES[k]]
     if unused:
         print(f"note: {', '.join('--' + k for k in unused)} appl{'ies' if len(unused) == 1 else 'y'} to other rows "

@@ -170,7 +170,7 @@ def gross_mistake(x, y, kind, bits):
         return (f"values beyond about {cut:.2g} of their row's largest come back clipped at one level: the scale "
                 "is too small for the codes' range (absmax / 127 for int8 codes, absmax / 7 for 4-bit ones)"), None
     factor = (y * x).sum(-1) / x.pow(2).sum(-1)
-    plain = plain_quantizer(kind, bits)(x)  # (three levels, 2-bit symmetric codes, shrink rows by themselves)
+    plain = plain_quantizer(kind, bits)(x)  # (2-bit symmetric codes: three levels; they shrink rows there too)
     plain_factor = (plain * x).sum(-1) / x.pow(2).sum(-1)
     if min((factor - 1).abs().median().item(), (factor - plain_factor).abs().median().item()) > 0.1:
         return (f"rows come back as x times a factor ({factor.min().item():.2g} to {factor.max().item():.2g}): "
