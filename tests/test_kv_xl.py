@@ -65,11 +65,12 @@ def test_memory_keeps_only_mem_len_and_restarted_rows_see_none():
     torch.testing.assert_close(logits[[0, 2]], ref[[0, 2], -8:], **TOL)
 
 
-def test_linear_memory_restarted_rows_see_none():
+@pytest.mark.parametrize("norm", ["layernorm", "denominator"])  # (the denominator reads z: restart clears it too)
+def test_linear_memory_restarted_rows_see_none(norm):
     """A linear layer's memory is its state (S, z), the whole history: after restart(rows) a
     restarted row computes what a fresh state at the same positions computes, and the other
     rows what a forward over all their batches computes."""
-    m = tiny(attention="linear")
+    m = tiny(attention="linear", linear_norm=norm)
     g = torch.Generator().manual_seed(2)
     batches = [torch.randint(0, 256, (3, 8), generator=g) for _ in range(3)]
     memory = make_xl_memory(m, 3, mem_len=12)

@@ -94,24 +94,6 @@ def test_linear_layer_equals_linear_attention_written_out(norm):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_linear_restart_forgets_the_denominator_too():
-    """LinearState.restart clears z as well as S: a restarted row equals a fresh state (denominator norm)."""
-    m = tiny(attention="linear", linear_norm="denominator")
-    g = torch.Generator().manual_seed(2)
-    batches = [torch.randint(0, 256, (3, 8), generator=g) for _ in range(3)]
-    memory = make_xl_memory(m, 3, mem_len=12)
-    m(batches[0], memory)
-    m(batches[1], memory)
-    for s in memory:
-        s.restart(torch.tensor([False, True, False]))
-    logits, _ = m(batches[2], memory)
-    fresh = make_xl_memory(m, 3, mem_len=12)
-    for s in fresh:
-        s.seen = 16  # the same positions, nothing remembered
-    alone, _ = m(batches[2], fresh)
-    torch.testing.assert_close(logits[1], alone[1], **TOL)
-
-
 # -- eviction ---------------------------------------------------------------------------------
 
 def test_h2o_evicts_the_unattended_token_right_after_the_sinks():
