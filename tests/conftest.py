@@ -192,6 +192,66 @@ def assert_user_error(proc, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+# correct answers to the exercises (the student's files), which the checker tests run as they are
+# and edit into the wrong answers a student could write
+TRIM_OK = """
+    import torch
+    def keep_recent(k, v, pos, kv_window, kv_sink=0):
+        keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sink)
+        return k[:, :, keep], v[:, :, keep], pos[keep]
+    """
+XL_OK = """
+    import torch
+    def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
+        keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
+        ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], 1)
+        return keys, vals, ok, keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]
+    """
+LINEAR_OK = """
+    import torch
+    import torch.nn.functional as F
+    def attention(q, k, v, mask, dropout_p):
+        dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()
+        att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask
+        return ((att @ v) / (att.sum(-1, keepdim=True) + 1e-6)).to(dtype)   # the paper's denominator
+    def recurrent_step(q, k, v, S, z):
+        nums, dens = [], []
+        for t in range(q.size(2)):
+            S += k[:, :, t, :, None] * v[:, :, t, None, :]
+            z += k[:, :, t]
+            nums.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], S))
+            dens.append((q[:, :, t] * z).sum(-1, keepdim=True))
+        return torch.stack(nums, 2), torch.stack(dens, 2)
+    """
+INT8_OK = """
+    import torch
+    def quantize(x):
+        scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
+        return (torch.round(x / scale).to(torch.int8), scale.half().clamp(min=2 ** -24)), dequantize
+    def dequantize(codes, scale):
+        return codes.float() * scale.float()
+    """
+INT4_OK = """
+    import torch
+    def quantize(x):
+        g = x.unflatten(-1, (-1, min(32, x.size(-1))))   # groups of 32 channels (16 for heads of 16)
+        lo, hi = g.aminmax(dim=-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp(min=1e-8)
+        codes = torch.round((g - lo) / scale).clamp(0, 15).to(torch.uint8).flatten(-2)
+        low, high = codes.unflatten(-1, (2, -1)).unbind(-2)
+        return (low | (high << 4), scale.squeeze(-1).half().clamp(min=2 ** -24), lo.squeeze(-1).half()), dequantize
+    def dequantize(packed, scale, zero):
+        codes = torch.cat([packed & 15, packed >> 4], -1).float().unflatten(-1, (scale.size(-1), -1))
+        return (codes * scale.float()[..., None] + zero.float()[..., None]).flatten(-2)
+    """
+H2O_OK = """
+    import torch
+    def priority(scores, pos, seen, kv_sink, kv_recent):
+        keep = (pos < kv_sink) | (pos >= seen - kv_recent)
+        return torch.where(keep, float("inf"), scores / (seen - pos))   # attention per query, not in total
+    """
+
+
 @pytest.fixture
 def exercise_checks(tmp_path, monkeypatch):
     """exercise_checks(exercise, source, slow=False): the checks of exercises/check.py run on a

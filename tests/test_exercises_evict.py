@@ -7,20 +7,13 @@ query, other tie rules, finite priorities) passes, the trained-model checks incl
 
 import pytest
 
+from conftest import H2O_OK
 from exercises import checks_kv_evict
 from exercises.checks_kv_evict import EVICT_CASES, evict_inputs
 
 # what is wrong: (exercise, source, the first check that fails, words its message must hold[, slow])
 WRONG = {}
 OK = {}  # a correct alternative: (exercise, source)
-
-H2O_OK = """
-    import torch
-    def priority(scores, pos, seen, kv_sink, kv_recent):
-        keep = (pos < kv_sink) | (pos >= seen - kv_recent)
-        return torch.where(keep, float("inf"), scores / (seen - pos))   # attention per query, not in total
-    """
-
 
 def evict(old, new, title, words, slow=False):
     assert old in H2O_OK

@@ -6,26 +6,12 @@ mistake and its rule in exercises/README.md; each correct alternative passes.
 
 import pytest
 
+from conftest import LINEAR_OK
+
 # what is wrong: (exercise, source, the first check that fails, words its message must hold)
 WRONG = {}
 OK = {}  # a correct alternative: (exercise, source)
 
-LINEAR_OK = """
-    import torch
-    import torch.nn.functional as F
-    def attention(q, k, v, mask, dropout_p):
-        dtype, q, k, v = q.dtype, q.float(), k.float(), v.float()
-        att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask
-        return ((att @ v) / (att.sum(-1, keepdim=True) + 1e-6)).to(dtype)   # the paper's denominator
-    def recurrent_step(q, k, v, S, z):
-        nums, dens = [], []
-        for t in range(q.size(2)):
-            S += k[:, :, t, :, None] * v[:, :, t, None, :]
-            z += k[:, :, t]
-            nums.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], S))
-            dens.append((q[:, :, t] * z).sum(-1, keepdim=True))
-        return torch.stack(nums, 2), torch.stack(dens, 2)
-    """
 DENOMINATOR = "return ((att @ v) / (att.sum(-1, keepdim=True) + 1e-6)).to(dtype)   # the paper's denominator"
 LAYERNORM_OK = LINEAR_OK.replace(DENOMINATOR, "return F.layer_norm(att @ v, (q.size(-1),)).to(dtype)")
 

@@ -8,18 +8,12 @@ the scale they store from being 0 in float16 too (a floor of 1e-8 is 0 there).
 
 import pytest
 
+from conftest import INT4_OK, INT8_OK
+
 # what is wrong: (exercise, source, the first check that fails, words its message must hold)
 WRONG = {}
 OK = {}  # a correct alternative: (exercise, source)
 
-INT8_OK = """
-    import torch
-    def quantize(x):
-        scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
-        return (torch.round(x / scale).to(torch.int8), scale.half().clamp(min=2 ** -24)), dequantize
-    def dequantize(codes, scale):
-        return codes.float() * scale.float()
-    """
 ASYM8_OK = """
     import torch
     def quantize(x):
@@ -30,21 +24,6 @@ ASYM8_OK = """
     def dequantize(codes, scale, zero):
         return codes.float() * scale.float() + zero.float()
     """
-INT4_OK = """
-    import torch
-    def quantize(x):
-        g = x.unflatten(-1, (-1, min(32, x.size(-1))))   # groups of 32 channels (16 for heads of 16)
-        lo, hi = g.aminmax(dim=-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)
-        codes = torch.round((g - lo) / scale).clamp(0, 15).to(torch.uint8).flatten(-2)
-        low, high = codes.unflatten(-1, (2, -1)).unbind(-2)
-        return (low | (high << 4), scale.squeeze(-1).half().clamp(min=2 ** -24), lo.squeeze(-1).half()), dequantize
-    def dequantize(packed, scale, zero):
-        codes = torch.cat([packed & 15, packed >> 4], -1).float().unflatten(-1, (scale.size(-1), -1))
-        return (codes * scale.float()[..., None] + zero.float()[..., None]).flatten(-2)
-    """
-
-
 def quant(old, new, title, words, base=INT8_OK):
     assert old in base
     return ("kv_quant", base.replace(old, new), title, words)

@@ -6,18 +6,13 @@ that names the mistake and its rule in exercises/README.md; each correct alterna
 
 import pytest
 
+from conftest import TRIM_OK, XL_OK
+
 # what is wrong: (exercise, source, the first check that fails, words its message must hold)
 WRONG = {}
 OK = {}  # a correct alternative: (exercise, source)
 
 # -- assignment 1: keep_recent ----------------------------------------------------------------
-
-TRIM_OK = """
-    def keep_recent(k, v, pos, kv_window, kv_sink=0):
-        keep = (pos >= pos[-1] - kv_window + 1) | (pos < kv_sink)
-        return k[:, :, keep], v[:, :, keep], pos[keep]
-    """
-
 
 def trim(old, new, title, words):
     assert old in TRIM_OK
@@ -109,15 +104,6 @@ OK.update({
 })
 
 # -- assignment 2: xl_step --------------------------------------------------------------------
-
-XL_OK = """
-    import torch
-    def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):
-        keys, vals = torch.cat([mem_k, k], 2), torch.cat([mem_v, v], 2)
-        ok = torch.cat([mem_ok, mem_ok.new_ones(mem_ok.size(0), k.size(2))], 1)
-        return keys, vals, ok, keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach(), ok[:, -mem_len:]
-    """
-
 
 def xl(old, new, title, words):
     assert old in XL_OK
