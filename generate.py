@@ -276,13 +276,14 @@ def prefill(model, idx, caches, kv):
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=None, stats=None,
                     generator=None, decoder=None):
     """Prefill the prompt idx (B, T) (prefill), then one decode step per token; yields each
-    new token (B, 1). kv: the KVOptions of the caches (default: plain, unbounded). If given,
+    new token (B, 1). kv: the KVOptions of the caches (default: the decoder's, else plain and
+    unbounded). If given,
     `stats` gets the peak KV bits, the bits per cached token (per sequence) and the peak over
     the decode steps alone (an eviction cache holds the whole prompt until the first step).
-    decoder: a StaticDecoder for the same kv, B and at least T + max_new_tokens tokens, which
+    decoder: a StaticDecoder for the same kv (its own when kv is not given), B and at least T + max_new_tokens tokens, which
     then runs the decode steps (the prefill stays eager)."""
     B, T = idx.size()
-    kv = kv or KVOptions(kv_window=0)
+    kv = kv or (decoder.kv if decoder is not None else KVOptions(kv_window=0))
     if decoder is not None and (decoder.kv != kv or decoder.batch_size != B or decoder.capacity < T + max_new_tokens):
         raise ValueError("the decoder was made for other KV options, another batch size or a shorter text")
     caches = kv.make_caches(model, B, capacity=T + max_new_tokens)

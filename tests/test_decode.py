@@ -140,7 +140,8 @@ def test_static_codes_are_the_eager_codes(kind):
 
 def test_batched_rows_equal_single_rows():
     """B prompts side by side give each row what it gets alone (sample.py's num_samples), from
-    the eager caches and from a static step of batch 1."""
+    the eager caches and from a static step of batch 1 (given the decoder alone, generate uses
+    its KV options, as generate.py's docstring shows)."""
     model = sharp(n_kv_head=2)
     kv = KVOptions(kv_window=8).check()
     prompts = text(B=3, T=5)
@@ -150,6 +151,7 @@ def test_batched_rows_equal_single_rows():
         alone = generate(model, prompts[b:b + 1], 30, temperature=0, kv=kv)
         assert torch.equal(together[b:b + 1], alone)
         assert torch.equal(generate(model, prompts[b:b + 1], 30, temperature=0, kv=kv, decoder=one), alone)
+        assert torch.equal(generate(model, prompts[b:b + 1], 30, temperature=0, decoder=one), alone)  # kv: the decoder's
 
 
 @pytest.mark.parametrize("kind", KINDS)
