@@ -102,7 +102,7 @@ def resolve_attention(name):
 
 def _user_attention(fn, name):
     # a user's function gets the simplest contract: as many K/V heads as query heads
-    # and a materialized bool mask (B|1, nh|1, T, S)
+    # and a materialized bool mask broadcastable to (B, nh, T, S) (often just (T, S))
     def attend(q, k, v, mask=None, dropout_p=0.0):
         nh, T, S = q.size(1), q.size(2), k.size(2)
         m = _mask_for_heads(materialize_mask(mask, T, S, q.device), nh)

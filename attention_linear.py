@@ -96,9 +96,9 @@ def linear_recurrent(q, k, v, S, z):
 
 
 def linear_attention(q, k, v, mask, dropout_p=0.0):
-    """Linear attention under model.py's user-attention contract, the parallel form with any
+    """Linear attention under attention.py's user-attention contract, the parallel form with any
     mask: --attention=attention_linear:linear_attention (the reference of exercise 3).
-    q (B, nh, T, hs), k and v (B, nh, S, hs) with RoPE applied, mask bool broadcastable to
+    q (B, nh, T, hs), k (RoPE applied) and v (B, nh, S, hs), mask bool broadcastable to
     (B, nh, T, S). It runs over the ordinary KV cache; with the causal mask it computes what
     attention="linear" (linear_norm="layernorm") computes. No attention dropout, as there."""
     att = (phi(q.float()) @ phi(k.float()).transpose(-2, -1)) * mask  # (B, nh, T, S), >= 0

@@ -73,8 +73,8 @@ chunk = 0  # bytes per forward (0 = the checkpoint's block_size; 1 = exact decod
 reference = "natural"  # 'natural': a plain sliding window of the checkpoint's xl_mem, else block_size; 'unbounded': a plain cache of the whole stream
 baseline = ""  # what ratios and changes are against: '' = this checkpoint's reference; or another checkpoint (.pt file or out_dir) at its natural context
 dtype = "bfloat16"  # storage of what caches keep in full precision (plain cache, quantization residual): bfloat16, float16 or float32
-# KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
-# kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py (kv_window=-1:
+# KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_keys, kv_quant_residual,
+# kv_evict, kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py (kv_window=-1:
 # the reference's history bound; with --reference=unbounded, kv_window and kv_sink bound the
 # reference too)
 globals().update(KVOptions().settings())
@@ -187,7 +187,7 @@ def load_baseline(where, dev, say, dataset):
 def main():
     configure(globals(), sys.argv[1:])
     say = lambda line: print(line, file=sys.stderr)
-    keep_freed_memory()  # no page faults on every pass's big tensors (utils)
+    keep_freed_memory()  # no page faults on every pass's big tensors (devices.py)
     for name, value, low in (("n_streams", n_streams, 1), ("stream_len", stream_len, 1), ("chunk", chunk, 0)):
         if value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}")

@@ -48,8 +48,8 @@ dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
 attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 compile = False  # torch.compile the decode step over static caches (eager, with a warning, where it fails); pays only for long samples (RESULTS.md)
-# KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_residual, kv_evict,
-# kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py
+# KV cache: kv_window, kv_sink, kv_trim, kv_quant, kv_quant_group, kv_quant_keys, kv_quant_residual,
+# kv_evict, kv_budget, kv_recent, with the defaults and meanings of KVOptions in kv/policy.py
 globals().update(KVOptions().settings())
 # -----------------------------------------------------------------------------
 

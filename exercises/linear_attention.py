@@ -23,7 +23,7 @@ Check both:
 
 
 def attention(q, k, v, mask, dropout_p):
-    """Masked linear attention, the parallel form (model.py's user-attention contract).
+    """Masked linear attention, the parallel form (attention.py's user-attention contract).
 
     q        (B, nh, T, hs): queries of the T newest tokens, RoPE already applied.
     k, v     (B, nh, S, hs): keys (RoPE applied) and values of every token they may attend to,

@@ -25,8 +25,8 @@ points down to float16, so nothing is clipped); half an ulp for fp8 (2^-4 of |x|
 
 The newest kv_quant_residual tokens stay in full precision (a key group per channel needs G
 tokens before it can be quantized; the newest tokens also matter most). Per-token formats
-quantize a token as soon as it leaves the residual; int4/int2 quantize G tokens at a time once
-R + G are waiting. size_bits() counts every stored tensor at its dtype's width: codes, scales,
+quantize a token as soon as it leaves the residual; int4/int2 keys per channel (the default
+without eviction) go G tokens at a time once R + G are waiting. size_bits() counts every stored tensor at its dtype's width: codes, scales,
 zero points and the full-precision residual. Tensors are sized exactly (grown by concatenation,
 or rows overwritten in place), so the bits counted are the bits held; dequantized keys and
 values exist only for the step that asks for them. Positions are bookkeeping, not counted.
@@ -464,5 +464,5 @@ class QuantKVCache(Cache):
         return payload_bits(self.stored_tensors())
 
     def stored_tensors(self):
-        """Every tensor holding key/value data (for audits: see tests/test_kv_quant.py)."""
+        """Every tensor holding key/value data: what size_bits() counts."""
         return [self.k_full, self.v_full] + list(self.k_codes or ()) + list(self.v_codes or ())

@@ -20,7 +20,8 @@ the attention written out as sums that the compiler fuses with the dequantizatio
     StaticKVCache     = kv.cache.KVCache: unbounded (slot = position, sized by `capacity`) or
                         the kv_sink first tokens and a ring of the last kv_window
     StaticQuantCache  = kv.quant.QuantKVCache without eviction: int8, fp8_e4m3, fp8_e5m2 (per
-                        token), int4, int2 (keys per channel over G tokens, as KIVI)
+                        token), int4, int2 (keys per channel over G tokens, as KIVI, or
+                        per token with kv_quant_keys='token')
 
 They hold the same keys, values and codes as the eager caches and size_bits() counts the same
 bits (tests/test_decode.py checks both). They take one token per step, from StaticDecoder;
@@ -55,8 +56,8 @@ class Clock:
 
 def attend_slots(q, parts, mask, width):
     """Softmax attention of one query per sequence, q (B, nh, 1, hs), over the slots of parts,
-    a list of (keys, values) (B, nkv, S_i, hs), mask (1, sum S_i) True = may attend; fn is the
-    softmax or naive kind, which compute the same. Written as sums, not a call to SDPA, so
+    a list of (keys, values) (B, nkv, S_i, hs), mask (1, sum S_i) True = may attend (the
+    softmax and naive kinds compute the same, so both use it). Written as sums, not a call to SDPA, so
     that torch.compile makes vectorized loops of them (fusing a dequantization into them),
     where SDPA's CPU kernel makes small BLAS calls per head and block of keys. Dot products
     are summed in pieces of `width` channels (the channels of one packed byte plane)."""
@@ -224,8 +225,8 @@ class StaticQuantCache(Cache):
         if not self.flush_apart:
             self._store_group(qn, (after > 0) & (after % G == 0))  # done: this step completes a group
         # in the compute dtype, k's (the residual may be stored narrower), as QuantKVCache does
-        keys = torch.cat([self._dequantize(self.key_fmt, self.k_codes, k.dtype), self.k_res.to(k.dtype)], dim=2)
-        vals = torch.cat([self._dequantize(self.val_fmt, self.v_codes, k.dtype), self.v_res.to(k.dtype)], dim=2)
+        keys = torch.cat([dequantize(self.key_fmt, self.k_codes, k.dtype), self.k_res.to(k.dtype)], dim=2)
+        vals = torch.cat([dequantize(self.val_fmt, self.v_codes, k.dtype), self.v_res.to(k.dtype)], dim=2)
         kpos = torch.cat([self.cpos, torch.where(self.rpos >= qn, self.rpos, EMPTY)])  # codes count once
         return keys, vals, visible(p, kpos, self.window, self.sink)
 
@@ -257,8 +258,8 @@ class StaticQuantCache(Cache):
         values come out in q's dtype, as QuantKVCache dequantizes them (under bfloat16 autocast,
         rounded to bfloat16: in float32 they would be other keys, and other greedy text)."""
         with no_autocast(q.device.type):
-            parts = [(self._dequantize(self.key_fmt, self.k_codes, q.dtype),
-                      self._dequantize(self.val_fmt, self.v_codes, q.dtype)),
+            parts = [(dequantize(self.key_fmt, self.k_codes, q.dtype),
+                      dequantize(self.val_fmt, self.v_codes, q.dtype)),
                      (self.k_res.to(q.dtype), self.v_res.to(q.dtype))]
             return attend_slots(q, parts, mask, self.width)
 
@@ -270,9 +271,6 @@ class StaticQuantCache(Cache):
             idx = ts if buf.size(2) == n_codes else ts[:1] // self.G
             b, t = _bytes(buf), _bytes(t.to(buf.dtype))
             b.index_copy_(2, idx, t if done is None else torch.where(done, t, b.index_select(2, idx)))
-
-    def _dequantize(self, fmt, payload, dtype):
-        return dequantize(fmt, payload, dtype)
 
     def load(self, cache):
         """Copy a prefilled eager QuantKVCache of the same formats: the code groups a later

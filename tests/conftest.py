@@ -32,6 +32,7 @@ sys.path.insert(0, REPO_ROOT)  # so tests can import the repo's modules
 
 from kv.policy import KVOptions  # noqa: E402 (needs the repo on sys.path)
 from model import GPT, GPTConfig  # noqa: E402
+from rope import rope_table  # noqa: E402
 
 TOL = dict(atol=1e-5, rtol=1e-5)  # float32 rounding: the same computation in another order
 
@@ -81,7 +82,7 @@ def feed(model, idx, step, kv=None, capacity=4):
 def forward_at(model, idx, pos):
     """A cacheless forward of idx (B, T) with its tokens at the text positions pos (T,): the
     reference for a cache that keeps only some tokens (each at its own position)."""
-    rot = model._rope(0, idx.size(1), pos) if model.config.rope else None
+    rot = rope_table(model.transformer.h[0].attn.rotary_emb.freqs, pos) if model.config.rope else None
     return model._blocks(idx, pos, rot, None)
 
 
