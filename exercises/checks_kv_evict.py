@@ -42,10 +42,22 @@ def call_priority(impl, scores, pos, seen, sink, recent):
            "in a new tensor; the cache keeps adding to these scores")
     expect(not bool(rank.isnan().any()), "some priorities are nan")
     n = rank.size(-1)
-    expect(not torch.equal(rank.sort(-1).values, torch.arange(n, dtype=rank.dtype).expand_as(rank)),
-           f"every head's priorities are the numbers 0..{n - 1} in some order: they look like indices or ranks "
-           "(what sorting returns), not priorities; slot j must hold the priority of the token in slot j")
+    if torch.equal(rank.sort(-1).values, torch.arange(n, dtype=rank.dtype).expand_as(rank)):
+        expect(not returns_indices(impl), f"every head's priorities are the numbers 0..{n - 1} in some order, "
+               "and the sinks and the newest are not the highest of them: they look like the indices argsort "
+               "returns, not priorities; slot j must hold the priority of the token in slot j")
     return rank
+
+
+def returns_indices(impl):
+    """Ranks (slot j holds token j's rank) are priorities; indices (the slots in the order of
+    their priorities, what argsort returns) are not. Ranks put the protected tokens on top."""
+    scores, pos, seen = evict_inputs()
+    rank = impl.priority(scores.clone(), pos.clone(), seen, 4, 10).float()
+    protected = (pos < 4) | (pos >= seen - 10)
+    low = torch.where(protected, rank, float("inf")).amin(-1)
+    high = torch.where(protected, float("-inf"), rank).amax(-1)
+    return not bool((low > high).all())
 
 
 EVICT_CASES = [(4, 10), (2, 4), (0, 6), (3, 0)]  # (kv_sink, kv_recent)

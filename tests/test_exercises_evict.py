@@ -2,7 +2,7 @@
 The checks of assignment 4b (kv_evict), checked themselves: each wrong eviction rule below, a
 mistake students make, fails first at the check it breaks with a message that names the
 mistake and its rule in exercises/README.md; each correct alternative (plain H2O, scores per
-query, other tie rules, finite priorities) passes, the trained-model checks included.
+query, other tie rules, finite priorities, ranks) passes, the trained-model checks included.
 """
 
 import pytest
@@ -55,10 +55,7 @@ WRONG.update({
                                            '.float()', SHAPES, "not the indices"),
     "indices from argsort": evict('return torch.where(keep, float("inf"), scores / (seen - pos))',
                                   'return torch.where(keep, float("inf"), scores / (seen - pos)).argsort(-1).float()',
-                                  SHAPES, "look like indices or ranks"),
-    "ranks as floats": evict('return torch.where(keep, float("inf"), scores / (seen - pos))',
-                             'return torch.where(keep, float("inf"), scores).argsort(-1).argsort(-1).float()',
-                             SHAPES, "look like indices or ranks"),
+                                  SHAPES, "look like the indices argsort returns"),
     "scores of the heads added slot by slot": evict("scores / (seen - pos)",
                                                     "scores.sum(1, keepdim=True).expand_as(scores)", HEADS,
                                                     "the other heads of its row"),
@@ -89,6 +86,22 @@ OK.update({
         def priority(scores, pos, seen, kv_sink, kv_recent):
             protect = ((pos < kv_sink) | (pos >= seen - kv_recent)).float()
             return scores / scores.amax().clamp(min=1e-9) + 10.0 * protect
+        """),
+    "ranks as floats, ties to the newer": ("kv_evict", """
+        import torch
+        def priority(scores, pos, seen, kv_sink, kv_recent):
+            key = torch.where((pos < kv_sink) | (pos >= seen - kv_recent), float("inf"), scores)
+            order = pos.argsort(-1)                                             # oldest first
+            order = order.gather(-1, key.gather(-1, order).argsort(dim=-1, stable=True))  # by score, then age
+            ranks = torch.arange(key.size(-1), dtype=torch.float).expand_as(key)
+            return torch.empty_like(ranks).scatter_(-1, order, ranks)          # slot j: token j's rank
+        """),
+    "finite ranks of the scores per query": ("kv_evict", """
+        import torch
+        def priority(scores, pos, seen, kv_sink, kv_recent):
+            key = torch.where((pos < kv_sink) | (pos >= seen - kv_recent), float("inf"), scores / (seen - pos))
+            ranks = key.argsort(dim=-1, stable=True).argsort(-1)
+            return ranks.float()
         """),
     "float16 priorities": ("kv_evict", """
         import torch
@@ -161,11 +174,10 @@ def test_one_sink_and_one_newest_too_many_are_blamed_on_rule_4_alone(exercise_ch
     assert [status for t, status, _ in results if t in (HEAVY, TIES)] == ["SKIP", "SKIP"], printed
 
 
-@pytest.mark.parametrize("what", ["indices from argsort", "ranks as floats"])
-def test_indices_or_ranks_are_reported_once(what, exercise_checks):
-    """Indices or ranks instead of priorities: one FAIL under rule 1, which names the mistake;
+def test_indices_are_reported_once(exercise_checks):
+    """argsort's indices instead of priorities: one FAIL under rule 1, which names the mistake;
     the sink, newest and tie checks meet the same values and point to it."""
-    results, printed = exercise_checks(*WRONG[what][:2])
+    results, printed = exercise_checks(*WRONG["indices from argsort"][:2])
     assert [t for t, status, _ in results if status == "FAIL"] == [SHAPES], printed
     assert "'Assignment 4b, rule 1'" in printed, printed
     assert all(status == "SKIP" and SHAPES in msg for _, status, msg in results[1:]), printed
