@@ -31,6 +31,11 @@ WRONG.update({
     "ignores the mask": linear("* mask", "", CAUSAL, "the future leaks in"),
     "makes its own triangle": linear("* mask", "* torch.ones(q.size(2), k.size(2), dtype=torch.bool)"
                                      ".tril(k.size(2) - q.size(2))", MASK, "not your own triangle"),
+    "its own triangle on top of the mask": linear("* mask", "* mask * torch.ones(q.size(2), k.size(2), "
+                                                  "dtype=torch.bool).tril()", MASK, "ignores key"),
+    "layer_norm with an eps of its own": linear("F.layer_norm(att @ v, (q.size(-1),))",
+                                                "F.layer_norm(att @ v, (q.size(-1),), eps=1e-12)", FORMULA,
+                                                "default eps", base=LAYERNORM_OK),
     "keeps the softmax": linear("att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask",
                                 "att = (q @ k.transpose(-2, -1) / q.size(-1) ** 0.5)"
                                 ".masked_fill(~mask, -1e9).softmax(-1)",
@@ -60,6 +65,10 @@ WRONG.update({
                                        "v[:, :, t, :, None] * k[:, :, t, None, :]", STATE, "S holds v k^T"),
     "phi applied twice": linear("S += k[:, :, t, :, None]", "S += (F.elu(k[:, :, t]) + 1)[..., None]", STATE,
                                 "already through phi"),
+    "phi applied to q and k again": linear(
+        "S += k[:, :, t, :, None]", "S += (F.elu(k[:, :, t]) + 1)[..., None]",
+        STATE, "already through phi", base=LINEAR_OK.replace("z += k[:, :, t]", "z += F.elu(k[:, :, t]) + 1")
+        .replace("q[:, :, t], S)", "F.elu(q[:, :, t]) + 1, S)").replace("(q[:, :, t] * z)", "((F.elu(q[:, :, t]) + 1) * z)")),
     "state restarted from zero": linear("        nums, dens = [], []\n", "        nums, dens = [], []\n"
                                         "        S.zero_()\n", STATE, "not from zero"),
     "reads out before adding the token": linear(
@@ -215,7 +224,7 @@ def test_attention_and_recurrent_step_disagreeing_names_the_one_already_reported
 
 
 @pytest.mark.parametrize("what", ["state not updated in place", "z not updated", "outer product transposed",
-                                  "phi applied twice", "state restarted from zero"])
+                                  "phi applied twice", "phi applied to q and k again", "state restarted from zero"])
 def test_a_state_mistake_fails_the_state_rule_alone(what, exercise_checks):
     """A state updated wrongly (S = S + ... among them, which only shows once the state is carried
     from call to call) makes the read-out differ too: the later recurrent checks step aside."""
