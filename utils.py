@@ -318,6 +318,6 @@ class Progress:
         eta = max(elapsed - self.aside, 0.0) / self.done * (self.total - self.done)
         bar = "#" * int(20 * self.done / self.total)
         line = (f"{self.label} [{bar:<20}] {100 * self.done / self.total:3.0f}% {what} "
-                f"elapsed {elapsed:.0f}s, ETA {eta // 60:.0f}:{eta % 60:02.0f}")
+                f"elapsed {elapsed:.0f}s, ETA {clock(eta)}")
         end = "\n" if not self.tty or self.done == self.total else ""
         print(("\r" if self.tty else "") + line.ljust(78), end=end, file=sys.stderr, flush=True)

@@ -111,6 +111,16 @@ def test_progress_eta_is_the_time_left_at_the_rate_so_far(monkeypatch, capsys):
     assert " 50% " in second and "ETA 1:10" in second  # (80 - 10) / 2 a step, 2 left
 
 
+def test_progress_eta_rounds_to_a_whole_minute(monkeypatch, capsys):
+    """An ETA of 119.7 s reads as utils.clock writes it (2:00), not as 1:60."""
+    now = [0.0]
+    monkeypatch.setattr(utils, "time", SimpleNamespace(time=lambda: now[0]))
+    bar = utils.Progress(2, "x")
+    now[0] = 119.7
+    bar.step()
+    assert f"ETA {utils.clock(119.7)}" in capsys.readouterr().err
+
+
 def test_clock_reads_hours_from_the_first_hour_on():
     """utils.clock: m:ss below an hour, h:mm:ss from an hour on."""
     assert (utils.clock(59.6), utils.clock(3599), utils.clock(3600), utils.clock(3725)) == \
