@@ -1,6 +1,6 @@
 """
 Download the tutorial's pretrained Shakespeare checkpoint (GPU recipe, 6x384) with gdown
-into out_dir/ckpt.pt, then check that it loads.
+into out_dir/ckpt.pt, after checking that the model it describes loads from it.
 
     python download_pretrained.py
     python sample.py --out_dir=out-shakespeare-char
@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 
-from checkpoint import read_checkpoint
+from checkpoint import load_model, read_checkpoint
 from configurator import configure
 from outdir import make_folder
 from utils import UserError, run_main
@@ -53,6 +53,12 @@ def main():
             raise UserError(f"the file Google Drive sent is not a checkpoint ({why}; a page saying the download "
                             f"quota is exceeded looks like this): try again later, or copy the tutorial's ckpt.pt "
                             f"into {out_dir}/ by hand") from None
+        try:
+            load_model(tmp, option=None)  # and a checkpoint whose weights are not the model it describes
+        except UserError as e:
+            raise UserError(f"the file Google Drive sent is a checkpoint, but not one this project can load "
+                            f"({str(e).replace(tmp, 'it')}): check --drive_id, or copy the tutorial's ckpt.pt into "
+                            f"{out_dir}/ by hand") from None
         os.replace(tmp, target)
     except BaseException:  # an error, or Ctrl-C mid-download: leave nothing half-written behind
         clean_up(tmp, made)

@@ -91,3 +91,26 @@ def test_a_folder_named_ckpt_pt_is_one_error(tmp_path, monkeypatch):
         with pytest.raises(UserError, match="ckpt.pt is a folder, not a checkpoint file"):
             run(argv)
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_weights_that_do_not_fit_their_model_are_refused_before_they_replace_anything(tmp_path, monkeypatch):
+    """A file that reads as a checkpoint but whose weights are not the model its model_args
+    describe (n_embd 16 saved as 32) is refused as load_model refuses it, and the ckpt.pt
+    already there (--force=True) stays as it was."""
+    def mismatched(path):
+        tutorial_checkpoint(path)
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["model_args"]["n_embd"] = 32
+        torch.save(ckpt, path)
+    from checkpoint import load_model
+    mismatched(tmp_path / "probe.pt")
+    with pytest.raises(UserError) as refused:
+        load_model(str(tmp_path / "probe.pt"))
+    os.remove(tmp_path / "probe.pt")
+    tutorial_checkpoint(tmp_path / "ckpt.pt")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(gdown, "download", fake_download(mismatched))
+    with pytest.raises(UserError, match="a checkpoint, but not one this project can load") as downloaded:
+        run([f"--out_dir={tmp_path}", "--force=True"])
+    assert str(refused.value).split(": ", 1)[1] in str(downloaded.value)  # load_model's reason, whole
+    assert (tmp_path / "ckpt.pt").read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]
