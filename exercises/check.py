@@ -8,8 +8,8 @@ Is my solution right? Checks the functions you wrote in exercises/ against the p
     python -m exercises.check kv_window --module=../mywork/trim.py             # or a file
 
 Names: kv_window (1), xl_memory (2), linear_attention (3), kv_quant and kv_evict (4).
-Each check prints one line, PASS or FAIL (with a hint), or TODO while your function still
-raises NotImplementedError; the exit code is 0 only when every check passes. First come
+Each check prints one line, PASS or FAIL (with a hint), TODO while your function still
+raises NotImplementedError, or SKIP when an earlier failure makes it pointless; the exit code is 0 only when every check passes. First come
 property checks (shapes, what is kept, equivalences with the reference), then a tiny model
 with your function plugged in, then a few seconds of training or evaluation on a CPU.
 """

@@ -16,7 +16,7 @@ from model import GPT, GPTConfig
 
 def evict_inputs(n=24, seen=60, seed=0):
     """Cached tokens of 2 x 3 heads in shuffled slots: positions 0..3, a sample of the middle
-    and the newest; scores with zeros, ties and one heavy hitter per head."""
+    and the newest; scores with zeros and ties (check_evict_scores adds a heavy hitter)."""
     g = torch.Generator().manual_seed(seed)
     pos = []
     for _ in range(6):
@@ -236,8 +236,8 @@ def check_evict_model(impl, ctx):
             logits, states = model(idx[:, t:t + 1], states)
             for layer, cache in enumerate(states):
                 held = cache.pos_codes  # (B, nkv, n): what each head holds (eviction runs before a step's token is added)
-                expect(held.size(-1) <= budget + 1, f"step {t}: layer {layer} holds {held.size(-1)} tokens, "
-                       f"budget {budget} plus this step's")
+                expect(held.size(-1) <= budget, f"step {t}: layer {layer} holds {held.size(-1)} tokens, "
+                       f"over the budget of {budget} (this step's token included)")
                 need = set(range(min(sink, t + 1))) | set(range(max(t + 1 - recent, 0), t + 1))
                 for head in held.reshape(-1, held.size(-1)):
                     missing = need - set(head.tolist())

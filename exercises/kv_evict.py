@@ -27,7 +27,8 @@ def priority(scores, pos, seen, kv_sink, kv_recent):
     pos       (B, nkv, n) long: each token's position in the text (heads keep different tokens,
               in no particular order).
     seen      int: tokens read so far, counting the token of this step (at position seen - 1),
-              which is not among those ranked and always stays; the newest ranked one is at seen - 2.
+              which always stays (the cache does not rank it; with a quantized cache, not the
+              kv_quant_residual newest either).
     kv_sink   the tokens at positions < kv_sink must always stay.
     kv_recent the kv_recent newest tokens (positions >= seen - kv_recent) must always stay.
 
