@@ -303,7 +303,8 @@ def bench_eval_kv(model):
     print(f"\neval_kv: {n_streams} x {stream_len} bytes, reference kv_window={block_size}, {n} "
           f"thread{'s' if n != 1 else ''}, load average {load:.2f} before; bytes/s of the setting itself (as "
           f"eval_kv prints it) and over the whole evaluation (with the reference pass), the median of "
-          f"{bench_repeats} after a first one (shown apart: it includes any compilation)")
+          f"{bench_repeats} after a first one (shown apart: it includes any compilation; a row whose first one "
+          "takes a minute or more shows that one alone)")
     print("\n| case | chunk | decode | setting bytes/s | whole bytes/s | first evaluation | bytes per CPU-second |")
     print("|---|---:|---|---:|---:|---:|---:|")
     compiled = []  # what compiling took, said below the table
@@ -361,7 +362,7 @@ def check_settings():
     new_token_counts(bench_lengths)
     check_range(globals(), "bench_iters bench_repeats bench_batch n_streams stream_len", 1)
     if what == "train" and kv_quant != "none":  # (train.py would train through it: bench's step does not)
-        raise UserError(f"--kv_quant={kv_quant} sets the cache of the generate and eval_kv rows; --what=train times "
+        raise UserError(f"--kv_quant={kv_quant} sets the cache of the generation rows; --what=train times "
                         "train.py's step without quantization-aware training: drop it, or --what=generate")
     # (train.py's settings that load, save or stop a run: bench.py builds its models with random weights)
     ignored = [f"--{k}" for k, off in (("init_from", "scratch"), ("eval_only", False), ("overwrite", False),

@@ -155,8 +155,8 @@ def load_val(config, base_path, n, L):
 
 
 def evaluate_variant(path, x, y, settings, step, block, label):
-    """kv.evaluate.evaluate of one checkpoint under settings (each bounded by the natural window
-    where it sets none), against its own natural reference."""
+    """kv.evaluate.evaluate of one checkpoint under settings (each sets its own window: the
+    study's grid), against its own natural reference."""
     model, ckpt = load_model(path, "cpu", option=None)
     model.eval()
     ref = eval_kv.reference_options(ckpt.get("config") or {}, "natural", say=lambda s: None)
@@ -218,16 +218,16 @@ def study():
             rows += [dict(r, checkpoint=ckpt_path, train_command=train_cmd) for r in record["rows"]]
             continue
         if record is not None or ft:  # a study with other settings, or one from before they were recorded
-            what = []
+            why = []
             if args is not None and not trained:
                 if not ft and os.path.exists(os.path.join(vdir, "train.log")):  # (the record comes at the end)
-                    what = ["its last fine-tune did not finish"]
+                    why = ["its last fine-tune did not finish"]
                 else:
-                    what = changes(ft.get("settings", {}), tuned) or [
+                    why = changes(ft.get("settings", {}), tuned) or [
                         f"its last.pt (iteration {ended}) is not the end of the fine-tune recorded"]
-            what += changes(record.get("settings", {}) if isinstance(record, dict) else {}, measured)
+            why += changes(record.get("settings", {}) if isinstance(record, dict) else {}, measured)
             print(f"[{n + 1}/{len(todo)}] {name}: done before with other settings "
-                  f"({', '.join(dict.fromkeys(what)) or 'its fine-tune was redone since'}), redone", file=sys.stderr)
+                  f"({', '.join(dict.fromkeys(why)) or 'its fine-tune was redone since'}), redone", file=sys.stderr)
         print(f"[{n + 1}/{len(todo)}] {name}" + (f": fine-tuning {iters} iterations" if not trained else ""),
               file=sys.stderr)
         t1 = time.time()

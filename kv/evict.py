@@ -121,7 +121,7 @@ class EvictKVCache(QuantKVCache):
             residual = 0  # nothing to keep apart
         super().__init__(key_fmt, val_fmt, batch_size, n_kv_head, head_dim, residual, window, sink,
                          dtype, device)
-        self.policy, self.budget = policy, budget
+        self.budget = budget
         self.keep_recent, self.keep_sink = keep_recent, keep_sink
         self.pos_codes = torch.zeros(batch_size, n_kv_head, 0, dtype=torch.long, device=device)  # per head
         self.score_codes = torch.zeros(batch_size, n_kv_head, 0, device=device)  # attention received

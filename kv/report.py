@@ -169,10 +169,10 @@ def save_png(fig, path):
     write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
 
 
-def check_writable(prefix, suffixes, tb_folder, option):
+def check_writable(prefix, suffixes, tensorboard, option):
     """One UserError now, before a long run, if the files prefix + suffix (".csv", ".md", ...)
     could not be written at its end: their folder is missing or read-only, or a folder is in
-    the way of one of them; tb_folder: the TensorBoard folder prefix/ must be possible too.
+    the way of one of them; tensorboard: the TensorBoard folder prefix/ must be possible too.
     option: the setting that names the folder (e.g. "--out_dir"), for the message."""
     folder = os.path.dirname(prefix) or "."
     if not os.path.isdir(folder):
@@ -181,7 +181,7 @@ def check_writable(prefix, suffixes, tb_folder, option):
         if os.path.isdir(path):
             raise UserError(f"{path} is a folder, so the results could not be written there; "
                             f"move it away or use another {option}")
-    if tb_folder and os.path.exists(prefix) and not os.path.isdir(prefix):
+    if tensorboard and os.path.exists(prefix) and not os.path.isdir(prefix):
         raise UserError(f"{prefix} is a file, so the TensorBoard scalars could not go into a folder of that "
                         "name; move it away or pass --tensorboard=False")
     try:  # a real file: os.access says yes to root even on a read-only disk

@@ -36,7 +36,7 @@ def write_frontier(rows, prefix, title, yardstick="strict", use_tb=True, show=No
 
 
 def best_within(rows, pct):
-    """The row holding the fewest bits within pct% of its yardstick (of equal ones, the cheapest)."""
+    """The row holding the fewest bits within pct% of its yardstick (of equal bits, the one that loses least)."""
     ok = [r for r in rows if r["delta_pct"] <= pct]
     return max(ok, key=lambda r: (r["x_smaller"], -r["delta_pct"])) if ok else None
 

@@ -4,7 +4,7 @@ the previous batches of the same loader rows (which continue the same text).
 
     from kv.xl import make_xl_memory
     memory = make_xl_memory(model, batch_size, mem_len=256)
-    logits, memory = model(x, memory)    # each step; memory.restart(rows) where rows jumped
+    logits, memory = model(x, memory)    # each step; steps.restart_rows(memory, rows) where rows jumped
 """
 
 import torch
