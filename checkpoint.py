@@ -3,7 +3,7 @@ Checkpoint I/O in the tutorial's format, and conversions between attention layou
 
 A checkpoint is a torch.save'd dict: "model" (state dict), "optimizer", "model_args",
 "config", plus what a resume needs ("iter_num", "best_val_loss", "scaler", "rng",
-"loader"), and "crc32", a checksum of each of these. Reading one is safe with any file:
+"loader", "xl_memory" for a TransformerXL run), and "crc32", a checksum of each of these. Reading one is safe with any file:
   - it is data, never code: torch.load(weights_only=True) builds only tensors, dicts, lists
     and plain values, and a plug-in its model_args name (attention="package.module:function")
     is imported only if the user gives the same name on the command line;
@@ -45,7 +45,7 @@ PROJECT = os.path.dirname(os.path.abspath(__file__))  # where a relative out_dir
 def _recipe_for(folder):
     """The train.py arguments that write into folder: the recipe in config/ whose out_dir it
     is, else the CPU recipe pointed at it."""
-    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+    config_dir = os.path.join(PROJECT, "config")
     for name in sorted(os.listdir(config_dir)):
         with open(os.path.join(config_dir, name)) as f:
             m = re.search(r"^out_dir = [\"']([^\"']+)[\"']", f.read(), re.M)

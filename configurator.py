@@ -118,9 +118,8 @@ def _run_config_file(path, g, known):
 
 _SETTING = re.compile(r"^\s*(\w+)\s*(?::\s*\w+\s*)?=\s*.+?\s+#\s*(.+)$")
 _HEADER = re.compile(r"^#\s*(\w[^-].*)$")
-# where settings that a script takes over from elsewhere are described
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_SHARED = ("kv/policy.py", "train.py")
+_SHARED = ("kv/policy.py", "train.py")  # where settings that a script takes over from elsewhere are described
 
 
 def _described(path):

@@ -4,7 +4,7 @@ start-up when not given, autocast, the CPU threads torch uses (fewer on a busy m
 memory free for new tensors, glibc's setting that keeps freed memory for the next step, and
 train.py's start on them (start_device: under torchrun also the DDP process group).
 
-    python -c "import devices; print(devices.pick_device('auto'), devices.pick_dtype('auto', 'auto'), devices.pick_threads())"
+    python -c "import devices; print(devices.pick_device('auto'), devices.pick_dtype('cpu', 'auto', training=True), devices.pick_threads())"
 """
 import ctypes
 import os

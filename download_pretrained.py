@@ -61,7 +61,7 @@ def main():
                             f"{out_dir}/ by hand") from None
         os.replace(tmp, target)
     except BaseException:  # an error, or Ctrl-C mid-download: leave nothing half-written behind
-        clean_up(tmp, made)
+        clean_up(tmp, made, out_dir)
         raise
     print(f"saved {target}; try: python sample.py {shlex.quote('--out_dir=' + out_dir)}")
 
@@ -83,16 +83,16 @@ def error_detail(e):
     return f"{type(e).__name__}: {' '.join(str(root).split()) or type(root).__name__}"
 
 
-def clean_up(tmp, made):
+def clean_up(tmp, made, folder_made):
     """Remove a partial download (gdown's own partial file too: tmp + 8 characters + .part),
-    then the folders this run made (from out_dir up to `made`), where nothing else is in them."""
+    then the folders this run made (from folder_made up to `made`), where nothing else is in them."""
     folder, name = os.path.split(tmp)
     for f in os.listdir(folder) if os.path.isdir(folder) else []:
         if f == name or f.startswith(name) and f.endswith(".part"):
             os.remove(os.path.join(folder, f))
     if made is None:
         return
-    here = os.path.abspath(out_dir)
+    here = os.path.abspath(folder_made)
     while os.path.isdir(here) and not os.listdir(here):
         os.rmdir(here)
         if here == made:

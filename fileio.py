@@ -1,6 +1,5 @@
 """
-Files that never appear half-written: a checkpoint, a dataset split, a JSON record or a table
-is written to a temporary file beside its place and renamed over it once complete and on disk.
+Files that never appear half-written: a checkpoint, a JSON record or a table is written to a temporary file beside its place and renamed over it once complete and on disk.
 
     from fileio import atomic_torch_save, read_json, write_json
     atomic_torch_save({"model": model.state_dict()}, "out/ckpt.pt")
@@ -16,7 +15,8 @@ def atomic_write(path, write):
     """write(f) into a binary file that never appears truncated at path: the data goes to a
     temporary file named after this process (two processes never share one), which replaces
     path only once it is complete and on disk. On any failure (a full disk, kill -9) path is
-    left as it was; the temporary file is removed here, or by the next training run after a kill."""
+    left as it was; the temporary file is removed here, or after a kill (a checkpoint's) by
+    the next training run in that folder."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:

@@ -17,7 +17,7 @@ from utils import SEED_MAX, UserError, check_range, run_main
 
 dataset = "shakespeare_char"  # a name under data/, or a directory holding train.txt and val.txt
 split = "train"  # train or val
-block_size = 64  # bytes per row and batch
+block_size = 64  # bytes per row
 batch_size = 1  # rows per batch
 reset_prob = 0.3  # chance that a row jumps to a random offset at each batch
 n_batches = 20  # how many consecutive batches to print

@@ -105,7 +105,8 @@ class ByteLoader:
 
 def fixed_batches(path, block_size, batch_size, n_batches, seed, device="cpu"):
     """The same n_batches batches every call (for the val loss). Each row continues the text from
-    one batch to the next (only the first batch restarts), so an XL memory can be carried along."""
+    one batch to the next (the first batch restarts, and a row that runs past the end of the
+    text starts it again), so an XL memory can be carried along."""
     loader = ByteLoader(path, block_size, batch_size, reset_prob=0.0, seed=seed, device=device)
     return [loader.next() for _ in range(n_batches)]
 

@@ -24,7 +24,7 @@ except ImportError:  # Windows: msvcrt's byte-range locks end with the process t
 LOCK_NAME = "train.lock"
 CHECKPOINTS = ("ckpt.pt", "last.pt")
 SET_ASIDE = re.compile(r"(ckpt|last)_\d+(_\d+)?\.pt")  # a resume's earlier ckpt.pt or later last.pt, kept (resume.py)
-TEMP = re.compile(r".+\.pt(\.\d+)?\.tmp")  # what fileio.atomic_torch_save writes before its rename
+TEMP = re.compile(r".+\.pt(\.\d+)?\.tmp")  # what fileio.atomic_torch_save (ckpt.pt.PID.tmp) and download_pretrained (ckpt.pt.tmp) write before their rename
 
 
 def claim(out_dir, fresh, overwrite):

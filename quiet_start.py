@@ -16,7 +16,7 @@ import threading
 
 _previous = None
 # (only where Ctrl-C has Python's default meaning: a process started with it ignored, e.g.
-# under nohup, keeps ignoring it, and so does a thread that is not the main one)
+# by `&` in a script, keeps ignoring it, and so does a thread that is not the main one)
 if threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     _previous = signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))

@@ -25,6 +25,7 @@ Ctrl-C (or SIGTERM) stops after the current iteration and writes last.pt; the li
   from there: (a) exactly, (b) with a fresh schedule for the iterations left.
 Only compute the val loss of a checkpoint (writes nothing; --eval_only=True does the same):
     python train.py config/train_shakespeare_char.py --init_from=resume --max_iters=0 --eval_interval=1
+    (the tutorial's command; --max_iters=0 alone does the same)
 Several GPUs (DistributedDataParallel; gloo instead of nccl on CPUs), and several nodes:
     torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py --gradient_accumulation_steps=4
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...
@@ -94,7 +95,7 @@ kv_quant_keys = "channel"  # int4/int2 keys per 'channel' (the quantized cache's
 n_layer = 6  # transformer blocks
 n_head = 6  # attention heads per block
 n_embd = 384  # model width
-dropout = 0.2  # dropout probability (0.0 for bit-exact resume tests)
+dropout = 0.2  # dropout probability (a resume restores the RNG, so it continues exactly either way)
 bias = False  # biases in Linear and LayerNorm layers
 attention = "softmax"  # attention kind: softmax (SDPA), naive (written out), linear, or package.module:function (attention.py)
 n_kv_head = 0  # K/V heads for grouped-query attention (0 = n_head)
@@ -119,13 +120,13 @@ min_lr = 1e-4  # final learning rate
 # system
 device = ""  # 'cpu', 'cuda', 'cuda:1', 'mps'; '' or 'auto' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = bfloat16 where supported (GPUs, CPUs with bf16 instructions), float16 on older GPUs, float32 elsewhere
-compile = False  # torch.compile the model (eager, with a warning, where it fails; see README for where it pays)
+compile = False  # torch.compile the model (eager, with a warning, where it fails; RESULTS.md, "Speed", for where it pays)
 threads = 0  # torch's CPU threads (0 = automatic: OMP_NUM_THREADS, else the CPUs not busy with other work)
 backend = ""  # torch.distributed backend under torchrun: 'nccl' or 'gloo'; '' = nccl on CUDA, gloo on CPU
 seed = 1337  # seed of the model init, dropout and data order
 # -----------------------------------------------------------------------------
 
-PROGRESS = {}  # where this run starts (start_iter), its schedule's origin, the last.pt it wrote (last_written)
+PROGRESS = {}  # this run's schedule's origin and the last.pt it wrote (last_written), for the line Ctrl-C prints
 
 
 def main():
@@ -189,7 +190,7 @@ def train(held):
             r.model, r.ckpt, r.ckpt_path, r.model_args, r.train_path, r.val_path)
         mode, start_iter, end_iter, origin = r.mode, r.start_iter, r.end_iter, r.origin
         best_val_loss, changed, fresh_best = r.best_val_loss, r.changed, r.fresh_best
-    PROGRESS.update(start_iter=start_iter, origin=origin)
+    PROGRESS.update(origin=origin)
     xl_state = None  # the XL memory a resumed run goes on with
     config.update(model_args)  # the checkpoint's config records the model actually trained
     n_params = model.get_num_params()
@@ -464,8 +465,8 @@ def resume_run(config, given, defaults, dev, world_size):
 def sample_args(c):
     """sample.py's flags for this run's model (GPTConfig c)."""
     # sample.py's default cache is unbounded: past block_size bytes a global softmax layer sees more
-    # history than it was trained on and drifts into noise (XL memory, local and linear layers do not)
-    # (nor does a local layer whose window is within block_size)
+    # history than it was trained on and drifts into noise (XL memory, linear layers and local
+    # layers whose window is within block_size do not)
     drifts = not xl_mem and any(c.kind(i) != "linear" and (not c.is_local(i) or c.window > block_size)
                                 for i in range(c.n_layer))
     args = [f"--out_dir={out_dir}"] + ([f"--kv_window={block_size}"] if drifts else [])

@@ -41,7 +41,7 @@ def run_main(fn, before_error=None):
             raise failed from None
         sys.stdout.flush()  # here rather than at exit, so that an output that fails is handled below
         return result
-    except (UserError, NotImplementedError, KeyboardInterrupt, Exception) as e:
+    except (Exception, KeyboardInterrupt) as e:  # UserError and NotImplementedError among them
         if isinstance(e, BrokenPipeError):
             # the reader of our output has gone (`python sample.py | head -c 100`): nothing to
             # report, and nobody to report it to. Exit status 141 (128 + 13, SIGPIPE) is what a
@@ -248,7 +248,7 @@ class StopAfterStep:
     at a clean step and a resume continues exactly from it; a second stops at once. `asked`:
     the signal's number, or 0. Off under DDP (every rank would have to agree on the step, and
     torchrun stops its processes itself), outside the main thread (no signal handlers there),
-    and for a signal the process was started with ignored (`nohup`, `&` in a script): whoever
+    and for a signal the process was started with ignored (SIGINT under `&` in a script): whoever
     started it chose that."""
 
     def __init__(self, enabled=True):

@@ -8,7 +8,7 @@ file. Downloads input.txt from the char-rnn repository unless it is here or --in
 import os
 import sys
 
-# utils and configurator live in the repo root, two levels up
+# configurator, loader and utils live in the repo root, two levels up
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from configurator import configure
 from loader import SOURCES, prepare

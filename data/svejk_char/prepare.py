@@ -8,7 +8,7 @@ this file. There is no download source, so give a plain-text copy of the novel o
 import os
 import sys
 
-# utils and configurator live in the repo root, two levels up
+# configurator, loader and utils live in the repo root, two levels up
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from configurator import configure
 from loader import prepare
