@@ -277,11 +277,10 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
                     generator=None, decoder=None):
     """Prefill the prompt idx (B, T) (prefill), then one decode step per token; yields each
     new token (B, 1). kv: the KVOptions of the caches (default: the decoder's, else plain and
-    unbounded). If given,
-    `stats` gets the peak KV bits, the bits per cached token (per sequence) and the peak over
-    the decode steps alone (an eviction cache holds the whole prompt until the first step).
-    decoder: a StaticDecoder for the same kv (its own when kv is not given), B and at least T + max_new_tokens tokens, which
-    then runs the decode steps (the prefill stays eager)."""
+    unbounded). If given, `stats` gets the peak KV bits, the bits per cached token (per
+    sequence) and the peak over the decode steps alone (an eviction cache holds the whole
+    prompt until the first step). decoder: a StaticDecoder for the same kv, B and at least
+    T + max_new_tokens tokens, which then runs the decode steps (the prefill stays eager)."""
     B, T = idx.size()
     kv = kv or (decoder.kv if decoder is not None else KVOptions(kv_window=0))
     if decoder is not None and (decoder.kv != kv or decoder.batch_size != B or decoder.capacity < T + max_new_tokens):
