@@ -55,7 +55,7 @@ from configurator import configure
 from generate import static_decoders
 from kv.evaluate import evaluate, label, load_streams, rebase, spans
 from kv.policy import KVOptions
-from kv.quant import FORMATS, GROUPED
+from kv.quant import CHANNEL_KEYS, FORMATS
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_dir, dataset_paths, same_dataset
 from devices import keep_freed_memory, pick_device, use_threads
@@ -98,7 +98,7 @@ def sweep_settings(kind, span, group, residual, bounded=False):
     shows what quantization saves in a short window. bounded: the reference has a window,
     and the grid shows the plain unbounded cache too (the model read past its context)."""
     def quant(f, r=residual, keys="channel"):
-        g = group if f in GROUPED and keys == "channel" else 1
+        g = group if f in CHANNEL_KEYS and keys == "channel" else 1
         s = dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=max(min(r, span - g), 0))
         return s if keys == "channel" else dict(s, kv_quant_keys=keys)
 
@@ -115,7 +115,7 @@ def sweep_settings(kind, span, group, residual, bounded=False):
                        evict("window", 0.25, 4), evict("h2o", 0.25, 4), evict("h2o", 0.25, 4, "int4")]
     if kind == "full":
         grid = head + [quant(f) for f in FORMATS]
-        grid += [quant(f, residual // 4, keys) for f in GROUPED for keys in ("channel", "token")]
+        grid += [quant(f, residual // 4, keys) for f in CHANNEL_KEYS for keys in ("channel", "token")]
         grid += [evict(p, frac, s) for p in ("window", "h2o") for frac in (0.5, 0.25, 0.125) for s in (0, 4)]
         grid += [evict("h2o", 0.25, 4, f) for f in ("int8", "fp8_e4m3", "int4", "int2")]
         grid += [evict("h2o", frac, 4, "int4") for frac in (0.5, 0.125)] + [evict("window", 0.25, 4, "int4")]
@@ -317,7 +317,7 @@ def main():
             "changes nothing its queries read (only their bits differ); --chunk=1 tells them apart")
     bigger = [(opts, r["setting"]) for opts, r in zip(settings, results)
               if opts.kv_quant != "none" and r["kv_bits_peak"] >= r["kv_bits_peak_ref"]]
-    waits = lambda o: o.kv_quant_residual > 0 or (o.channel_keys and o.kv_quant in GROUPED)  # tokens held back
+    waits = lambda o: o.kv_quant_residual > 0 or o.key_group() > 1  # tokens held back
     wider = lambda o: o.kv_window == 0 and ref_kv.kv_window > 0 or o.kv_window > ref_kv.kv_window > 0
     waiting = [name for opts, name in bigger if waits(opts)]
     longer = [name for opts, name in bigger if not waits(opts) and wider(opts)]

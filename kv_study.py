@@ -55,7 +55,7 @@ from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from kv.evaluate import buckets, evaluate, load_streams, rebase, spans
 from kv.policy import KVOptions
-from kv.quant import GROUPED
+from kv.quant import CHANNEL_KEYS, GROUPED
 from kv.report import check_writable, write_text
 from kv import study_finetune
 from kv.study_finetune import again_command, fine_tune_command, fine_tune_state
@@ -350,8 +350,9 @@ def yardstick_of(row, refs):
 def eval_command(r, common):
     """The eval_kv.py command that reproduces row r (parsed back from its setting's fields)."""
     kv = {k: r[k] for k in r if k.startswith("kv_") and k in KVOptions().settings()}
+    if kv.get("kv_quant") not in CHANNEL_KEYS:
+        kv.pop("kv_quant_keys", None)  # (apply to some formats only: eval_kv refuses them elsewhere)
     if kv.get("kv_quant") not in GROUPED:
-        kv.pop("kv_quant_keys", None)  # (apply to int4/int2 only: eval_kv refuses them elsewhere)
         kv.pop("kv_quant_group", None)
     flags = " ".join(f"--{k}={v}" for k, v in kv.items() if v != KVOptions().settings()[k] or k == "kv_window")
     d = os.path.dirname(r["checkpoint"])

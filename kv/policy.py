@@ -19,7 +19,7 @@ from attention import PLAIN_SOFTMAX
 from attention_linear import LinearState
 from kv.cache import KVCache, TrimCache
 from kv.evict import POLICIES, EvictKVCache, check_rule, resolve_evict
-from kv.quant import GROUPED, QuantKVCache, make_formats, resolve_quant
+from kv.quant import CHANNEL_KEYS, GROUPED, QuantKVCache, make_formats, resolve_quant
 from kv.static import Clock, StaticKVCache, StaticQuantCache
 from plugins import call_error, import_function
 from utils import UserError
@@ -125,14 +125,17 @@ class KVOptions:
         """One UserError for a quantization setting that the chosen kv_quant ignores (the
         defaults aside), so that no row is labelled with a setting that did nothing."""
         default = {f.name: f.default for f in fields(self)}
-        grouped = self.kv_quant in GROUPED  # (a plug-in quantizer gets whole rows: no group, no keys' way)
-        unused = [n for n in ("kv_quant_group", "kv_quant_keys") if not grouped and getattr(self, n) != default[n]]
+        # (a plug-in quantizer gets whole rows: no group, no keys' way)
+        where = {"kv_quant_group": GROUPED, "kv_quant_keys": CHANNEL_KEYS}
+        unused = [n for n, kinds in where.items() if self.kv_quant not in kinds and getattr(self, n) != default[n]]
         if self.kv_quant == "none" and self.kv_quant_residual != default["kv_quant_residual"]:
             unused.append("kv_quant_residual")
         if unused:
             one = len(unused) == 1
+            kinds = tuple(dict.fromkeys(f for n in unused if n in where for f in where[n]))
             raise UserError(f"--{' and --'.join(unused)} " + ("applies" if one else "apply") + " to "
-                            + ("int4 and int2" if self.kv_quant != "none" else "a quantized cache")
+                            + (" and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+                               if self.kv_quant != "none" else "a quantized cache")
                             + f", not to kv_quant={self.kv_quant}: drop " + ("it" if one else "them")
                             + " or choose another --kv_quant")
         return self
@@ -186,8 +189,8 @@ class KVOptions:
     def key_group(self):
         """Tokens a quantized cache waits for before it can quantize keys: kv_quant_group for
         int4/int2 keys grouped per channel (no eviction), else 1."""
-        grouped = self.kv_quant in GROUPED and self.channel_keys
-        return self.kv_quant_group if grouped else 1
+        per_channel = self.kv_quant in CHANNEL_KEYS and self.channel_keys
+        return self.kv_quant_group if per_channel else 1
 
     def local_residual(self, config):
         """(residual, note): the kv_quant_residual the local layers of a model (GPTConfig
@@ -285,9 +288,9 @@ class KVOptions:
         """A short name for the cache setting, e.g. 'int4/g32/r32 + h2o 512 (recent 256, sink 4)'."""
         parts = []
         if self.kv_quant != "none":
-            grouped = self.kv_quant in GROUPED
-            parts.append(self.kv_quant + (f"/g{self.kv_quant_group}" if grouped else "") + f"/r{self.kv_quant_residual}"
-                         + ("/token-keys" if grouped and not self.channel_keys and self.kv_evict == "none" else ""))
+            token_keys = self.kv_quant in CHANNEL_KEYS and not self.channel_keys and self.kv_evict == "none"
+            parts.append(self.kv_quant + (f"/g{self.kv_quant_group}" if self.kv_quant in GROUPED else "")
+                         + f"/r{self.kv_quant_residual}" + ("/token-keys" if token_keys else ""))
         if self.kv_evict != "none":
             extra = [f"recent {self.kv_recent}"] if self.kv_evict != "window" and self.kv_recent else []
             extra += [f"sink {self.kv_sink}"] if self.kv_sink else []

@@ -55,7 +55,8 @@ FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 NO_FP8 = {"mps"}  # device types without float8 tensors: fp8 codes are rounded on the CPU (slower, the same bits)
 INT_BITS = {"int8": 8, "int4": 4, "int2": 2}
 FORMATS = ("int8", "fp8_e4m3", "fp8_e5m2", "int4", "int2")  # the named kv_quant formats (make_formats builds them)
-GROUPED = ("int4", "int2")  # quantized in groups of kv_quant_group values: where kv_quant_group and kv_quant_keys apply
+GROUPED = ("int4", "int2")  # quantized in groups of kv_quant_group values: where kv_quant_group applies
+CHANNEL_KEYS = ("int4", "int2")  # keys may be grouped per channel over tokens (KIVI): where kv_quant_keys applies
 
 
 # -----------------------------------------------------------------------------
@@ -326,7 +327,7 @@ def make_formats(name, group, head_dim, channel_keys):
         if head_dim * bits % 8:
             raise UserError(f"kv_quant={name} packs {8 // bits} codes per byte: the head dimension {head_dim} "
                             f"must be a multiple of {8 // bits}")
-        keys = ChannelFormat(bits, group) if channel_keys else GroupFormat(bits, group)
+        keys = ChannelFormat(bits, group) if channel_keys and name in CHANNEL_KEYS else GroupFormat(bits, group)
         return keys, GroupFormat(bits, group)
     fmt = UserFormat(name, resolve_quant(name))
     fmt.check(head_dim)

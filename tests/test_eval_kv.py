@@ -228,7 +228,7 @@ def main_error(monkeypatch, capsys, *argv):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--kv_quant=int3"], "unknown kv_quant"),
+    (["--kv_quant=int7"], "unknown kv_quant"),
     (["--kv_evict=h2o", "--kv_budget=8", "--kv_recent=8", "--kv_sink=4"], "smaller than kv_sink + kv_recent"),
     (["--kv_quant=int4", "--kv_quant_group=12", "--kv_quant_residual=8"], "does not divide the head dimension 16"),
     (["--kv_evict=h2o", "--kv_budget=10.5"], "--kv_budget: expected int"),  # whole tokens

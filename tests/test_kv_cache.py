@@ -125,7 +125,7 @@ def test_a_window_longer_than_the_text_allocates_for_the_text(chunks):
 
 
 @pytest.mark.parametrize("kw,words", [
-    (dict(kv_quant="int3"), "unknown kv_quant"),
+    (dict(kv_quant="int7"), "unknown kv_quant"),
     (dict(kv_quant="nosuchpkg.mod:fn"), "no module named"),
     (dict(kv_quant="int4", kv_quant_group=0), "kv_quant_group"),
     (dict(kv_quant_residual=-1), "kv_quant_residual"),

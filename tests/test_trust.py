@@ -208,7 +208,7 @@ BAD_INPUTS = [
     (S + ["--start=FILE:{files}/empty.txt"], "is empty"),
     (S + ["--out_dir={root}/nothing_here"], "does not exist"),
     (S + ["--checkpoint_name=nope"], "nope.pt not found"),
-    (S + ["--kv_quant=int3"], "unknown kv_quant"),
+    (S + ["--kv_quant=int7"], "unknown kv_quant"),
     (S + ["--kv_evict=h2o"], "needs a budget"),
     (S + ["--kv_window=-2"], "kv_window must be an integer >= -1"),
     (S + ["--kv_quant=no_such_module_xyz:q"], "no module named"),
@@ -276,7 +276,7 @@ def test_fresh_run_refuses_an_out_dir_with_checkpoints_unless_overwrite(world, t
     assert code == 2 and "already holds ckpt.pt and last.pt" in err and "--overwrite=True" in err, err
     assert (out / "ckpt.pt").read_bytes() == best
     # --overwrite=True with a setting that fails its check: the earlier run is still there
-    for bad in ("--kv_share=0", "--dataset=nosuchdata", "--kv_quant=int3", "--kv_quant=int4 --kv_quant_group=7"):
+    for bad in ("--kv_share=0", "--dataset=nosuchdata", "--kv_quant=int7", "--kv_quant=int4 --kv_quant_group=7"):
         code, _, err = run(*fill(T, world), f"--out_dir={out}", "--overwrite=True", *bad.split())
         assert code == 2 and (out / "ckpt.pt").read_bytes() == best and (out / "last.pt").exists(), err
     (out / "ckpt_2.pt").write_bytes(best)  # what a resume set aside belongs to the earlier run too
