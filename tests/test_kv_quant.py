@@ -101,6 +101,9 @@ def fill(cache, n, step, seed=0):
     return k, v, out
 
 
+CODE_BITS = {"int8": 8, "fp8_e4m3": 8, "fp8_e5m2": 8, "int4": 4, "int2": 2}  # by hand: a new format adds its own
+
+
 def expected_bits(name, n, residual, group=8):
     """By hand: codes + scales + zero points of the quantized tokens, fp32 for the rest."""
     per_token = name in ("int8", "fp8_e4m3", "fp8_e5m2")
@@ -109,7 +112,7 @@ def expected_bits(name, n, residual, group=8):
     if per_token:
         k_bits = v_bits = nq * rows * (D * 8 + 16)
     else:
-        bits = 4 if name == "int4" else 2
+        bits = CODE_BITS[name]
         v_bits = nq * rows * (D * bits + 2 * 16 * D // group)  # values: groups of 8 channels
         k_bits = nq * rows * D * bits + (nq // group) * rows * D * 2 * 16  # keys: per channel, 8 tokens
     return k_bits + v_bits + 2 * (n - nq) * rows * D * 32
@@ -141,7 +144,7 @@ def test_size_bits_exact_and_really_stored(name, residual):
             codes, scales = payload[0], payload[1:]
             assert codes.dtype == code_dtype.get(name, torch.uint8)
             nq = codes.size(2)
-            assert codes.numel() == B * H * nq * D * {"int4": 4, "int2": 2}.get(name, 8) // 8
+            assert codes.numel() == B * H * nq * D * CODE_BITS[name] // 8
             assert all(s.dtype == torch.float16 for s in scales)
     assert cache.k_full.dtype == torch.float32 and cache.k_full.size(2) == n - (cache.k_codes[0].size(2) if cache.k_codes else 0)
 
