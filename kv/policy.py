@@ -162,7 +162,7 @@ class KVOptions:
         if self.ranks_by_score() and other:
             raise UserError(f"--kv_evict={self.kv_evict} ranks keys by the softmax attention they receive, and "
                             f"computes it itself: this model's attention={other[0]} would be replaced by "
-                            "softmax; use --kv_evict=window, or a model with softmax or naive attention")
+                            f"softmax; use --kv_evict=window, or a model with {' or '.join(PLAIN_SOFTMAX)} attention")
         return self
 
     def check_trim(self, config):

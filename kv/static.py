@@ -363,7 +363,7 @@ def static_reason(kv, config, device=None):
         who = "a user's quantizer" if ":" in kv.kv_quant else "a format kv/static.py does not know"
         return f"kv_quant={kv.kv_quant} ({who})"
     if config.attention not in PLAIN_SOFTMAX:
-        return f"attention={config.attention} (only softmax and naive attention compile)"
+        return f"attention={config.attention} (only {' and '.join(PLAIN_SOFTMAX)} attention compile)"
     group = kv.key_group()  # tokens a key group waits for (1 unless int4/int2 keys go per channel)
     local = any(config.is_local(i) for i in range(config.n_layer))
     if kv.kv_quant != "none" and local and group > config.window:
