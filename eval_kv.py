@@ -91,13 +91,15 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def sweep_settings(kind, span, group, residual, bounded=False):
     """The named grids: a list of KVOptions fields (dicts). Budgets are fractions of `span`,
-    the history the reference keeps (its window, or the whole stream); h2o keeps half its
+    the history the rows keep (--kv_window, else the reference's window, or the whole stream;
+    a key group per channel that does not fit in it becomes per token); h2o keeps half its
     budget as its recent window (the paper's split). A residual is lowered where it would
     leave nothing to quantize (KVOptions.check): below the span less a key group, and with
     eviction inside the recent half; int4 with per-token keys and a quarter of the residual
     shows what quantization saves in a short window. bounded: the reference has a window,
     and the grid shows the plain unbounded cache too (the model read past its context)."""
     def quant(f, r=residual, keys="channel"):
+        keys = "token" if group > span else keys  # a key group per channel would not fit the history
         g = group if f in CHANNEL_KEYS and keys == "channel" else 1
         s = dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=max(min(r, span - g), 0))
         return s if keys == "channel" else dict(s, kv_quant_keys=keys)
@@ -238,6 +240,11 @@ def main():
         other.append(f"text of {os.path.basename(os.path.normpath(dataset))}")
     if reference != "natural":
         other.append(f"reference={reference}")
+    block = int(config.get("block_size", 0) or 256)
+    if sweep:  # settings that change every row of the grid
+        other += [f"kv_window={kv_window}"] if kv_window != -1 else []
+        other += [f"kv_sink={kv_sink}"] if kv_sink else []
+        other += [f"chunk={chunk}"] if chunk and chunk != block else []
     # (the title says the dtype already; the file names say it too)
     tags = other + ([f"dtype={dtype}"] if dtype != "bfloat16" else [])
     prefix = os.path.join(out_dir, "_".join([f"eval_kv_{sweep}"] + [re.sub(r"[^\w.-]+", "-", o) for o in tags]))
@@ -246,7 +253,6 @@ def main():
         check_writable(prefix, files, use_tb, "--out_dir")
         if os.path.isfile(prefix + ".csv"):
             say(f"note: this sweep replaces the one in {prefix}.csv (and its table, plot and scalars) when it ends")
-    block = int(config.get("block_size", 0) or 256)
     step = chunk or block
     ref_kv = reference_options(config, reference, kv_window, kv_sink, say, linear)
     if linear and ref_kv.kv_window:  # its state carries the whole stream: no window to speak of
@@ -256,13 +262,18 @@ def main():
     window = ref_kv.kv_window
     bound = lambda s: (replace(s, kv_window=window) if s.kv_window == -1 else s).check()  # -1: the reference's
     if sweep:
-        grid = sweep_settings(sweep, window or stream_len, kv_quant_group, kv_quant_residual, bounded=window > 0)
+        span = kv_window if kv_window > 0 else window or stream_len  # the history the grid's rows keep
+        grid = sweep_settings(sweep, span, kv_quant_group, kv_quant_residual, bounded=window > 0)
         settings = [bound(KVOptions(**dict(dict(kv_window=kv_window, kv_sink=kv_sink), **s))) for s in grid]
+        settings = list(dict.fromkeys([ref_kv] + settings))  # the reference first, also under a window of one's own
         unscored = sorted(model.config.cached_kinds() - set(PLAIN_SOFTMAX))  # kinds h2o cannot rank
         if unscored and any(s.ranks_by_score() for s in settings):
             settings = [s for s in settings if not s.ranks_by_score()]
             say(f"note: the grid leaves out h2o: it ranks keys by softmax scores, which attention="
                 f"{unscored[0]} does not give")
+        if kv_quant_group > span:
+            say(f"note: a key group of kv_quant_group={kv_quant_group} tokens does not fit in the {span} tokens the "
+                "rows keep: the grid groups keys per token (/token-keys)")
         lowered = {s.kv_quant_residual for s in settings if s.kv_quant != "none"}
         lowered -= {kv_quant_residual, kv_quant_residual // 4}  # (a quarter: the grid's own rows)
         if lowered:

@@ -356,8 +356,9 @@ def test_rows_a_chunk_cannot_tell_apart_are_said_to_be_alike(tiny_data_dir):
 
 
 def test_another_text_or_reference_is_named_and_keeps_the_own_sweep(ckpt_dir, tmp_path):
-    """--dataset (not the checkpoint's), --reference=unbounded and --dtype=float32 each name
-    the sweep's files, so the checkpoint's own sweep stays; a plain rerun says it replaces it."""
+    """--dataset (not the checkpoint's), --reference=unbounded, --dtype=float32, a window of
+    one's own and --chunk=1 each name the sweep's files, so the checkpoint's own sweep stays;
+    a plain rerun says it replaces it."""
     from conftest import tiny_corpus, write_splits
     (tmp_path / "other_text").mkdir()
     other = write_splits(tmp_path / "other_text", tiny_corpus(seed=3))
@@ -368,7 +369,8 @@ def test_another_text_or_reference_is_named_and_keeps_the_own_sweep(ckpt_dir, tm
     assert "was trained on" in err and "other_text's val split" in err and "| int8" in out
     new, replaced = {}, {}
     for name, extra in (("own", []), ("text", [f"--dataset={other}"]), ("reference", ["--reference=unbounded"]),
-                        ("dtype", ["--dtype=float32"]), ("again", [])):
+                        ("dtype", ["--dtype=float32"]), ("window", ["--kv_window=16"]), ("chunk", ["--chunk=1"]),
+                        ("again", [])):
         before = set(os.listdir(ckpt_dir))
         code, out, err = run_in_process("eval_kv.py", *common, "--sweep=quick", "--kv_quant_group=8", *extra)
         assert code in (0, None), err
@@ -376,8 +378,32 @@ def test_another_text_or_reference_is_named_and_keeps_the_own_sweep(ckpt_dir, tm
         replaced[name] = "note: this sweep replaces the one in" in err
     assert new == {"own": {"eval_kv_quick"}, "text": {"eval_kv_quick_text-of-other_text"},
                    "reference": {"eval_kv_quick_reference-unbounded"}, "dtype": {"eval_kv_quick_dtype-float32"},
-                   "again": set()}
-    assert replaced == {"own": False, "text": False, "reference": False, "dtype": False, "again": True}
+                   "window": {"eval_kv_quick_kv_window-16"}, "chunk": {"eval_kv_quick_chunk-1"}, "again": set()}
+    assert replaced == {"own": False, "text": False, "reference": False, "dtype": False, "window": False,
+                        "chunk": False, "again": True}
+
+
+def test_a_sweep_under_a_window_of_ones_own_fits_its_grid_to_it(ckpt_dir):
+    """--sweep=quick --kv_window=4 with key groups of 8 tokens: the grid's residuals, budgets
+    and key groups fit the 4 tokens its rows keep (keys grouped per token, said), every row
+    but the reference and the unbounded one keeps that window, and the reference is the
+    first row, as in a single evaluation."""
+    import csv
+    code, out, err = run_in_process("eval_kv.py", f"--out_dir={ckpt_dir}", "--sweep=quick", "--kv_window=4",
+                                    "--kv_quant_group=8", "--n_streams=1", "--stream_len=64", "--device=cpu",
+                                    "--tensorboard=False")
+    assert code in (0, None), err
+    assert "groups keys per token" in err
+    with open(os.path.join(ckpt_dir, "eval_kv_quick_kv_window-4.csv")) as f:
+        rows = list(csv.DictReader(f))
+    single = run_in_process("eval_kv.py", f"--out_dir={ckpt_dir}", "--n_streams=1", "--stream_len=64",
+                            "--device=cpu")[1]
+    reference = [line for line in single.splitlines() if "(reference)" in line][0].split("|")[1].strip()
+    assert rows[0]["setting"] == reference
+    rest = [r["setting"] for r in rows[1:] if r["setting"] != "plain, unbounded"]
+    assert len(rest) == len(rows) - 2 and all(s.endswith(", window 4") for s in rest), rows
+    grouped = [s for s in rest if s.startswith(("int4", "int2")) and "+" not in s]  # (eviction: keys per token anyway)
+    assert grouped and all("/token-keys" in s for s in grouped), rest
 
 
 @pytest.mark.slow
