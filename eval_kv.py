@@ -283,7 +283,7 @@ def main():
         settings = list(dict.fromkeys([ref_kv, bound(kv)]))  # the reference, and the setting if it differs
         settings[-1].check_trim(model.config)
     notes = [s.local_residual(model.config)[1] for s in settings]
-    notes += [] if sweep else [kv.local_note(model.config),  # as given (kv_window=-1: the reference's bound)
+    notes += [] if sweep else [kv.local_note(model.config, window),  # as given (kv_window=-1: the reference's bound)
                                settings[-1].context_note(model.config, config, stream_len)]
     for note in dict.fromkeys(notes):
         if note:

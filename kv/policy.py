@@ -209,16 +209,19 @@ class KVOptions:
                     f"window {w}: its local layers quantize nothing; lower kv_quant_group")
         return fit, note
 
-    def local_note(self, config):
+    def local_note(self, config, inherited=0):
         """A line when a setting the user gave cannot act (None otherwise): where every softmax
         layer of a model (GPTConfig) is local, a bound, sinks or budget past the window
         config.window (a local layer holds at most its window, and sinks only where a tighter
         kv_window or a budget binds inside it: make_caches); on any model, an eviction budget
-        at least what kv_window and kv_sink keep."""
+        at least what kv_window and kv_sink keep. inherited: the window kv_window=-1 stands for
+        (eval_kv: the reference's)."""
         note = self._local_note(config)
-        held = self.kv_window + self.kv_sink
-        if note is None and self.kv_evict != "none" and self.kv_window > 0 and self.kv_budget >= held:
-            bound = f"kv_window={self.kv_window}" + (f" and kv_sink={self.kv_sink}" if self.kv_sink else "")
+        window = inherited if self.kv_window == -1 else self.kv_window
+        held = window + self.kv_sink
+        if note is None and self.kv_evict != "none" and window > 0 and self.kv_budget >= held:
+            bound = (f"kv_window={window}" if self.kv_window != -1 else f"the reference's window of {window}") \
+                + (f" and kv_sink={self.kv_sink}" if self.kv_sink else "")
             verb = "keep" if self.kv_sink else "keeps"
             note = f"note: {bound} {verb} at most {held} tokens, so kv_budget={self.kv_budget} changes nothing"
         return note

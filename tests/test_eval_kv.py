@@ -461,6 +461,18 @@ def test_a_budget_past_the_window_changes_nothing_and_says_so(tiny_data_dir):
     assert KVOptions(**binds).check().local_note(m.config) is None
 
 
+def test_a_budget_past_the_references_window_says_so_too(ckpt_dir):
+    """Without --kv_window every setting keeps the reference's window (its block, 32 here): an
+    h2o budget of 40 evicts nothing, its row equals the reference's, and eval_kv says why."""
+    code, out, err = run_in_process("eval_kv.py", f"--out_dir={ckpt_dir}", "--kv_evict=h2o", "--kv_budget=40",
+                                    "--kv_recent=8", "--n_streams=1", "--stream_len=96", "--device=cpu")
+    assert code in (0, None), err
+    assert "note: the reference's window of 32 keeps at most 32 tokens, so kv_budget=40 changes nothing" in err
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| plain, window 32") or
+            line.startswith("| h2o 40")]
+    assert len(rows) >= 2 and rows[0][5:7] == rows[1][5:7], out  # (the first table) bits per byte and the change
+
+
 def test_a_plugged_in_attention_is_never_scored_through_h2o(tmp_path, tiny_data_dir):
     """h2o computes softmax attention itself: on a model with a user's attention, --kv_evict=h2o
     is one line, and the quick sweep leaves its h2o rows out (saying so) instead of scoring
