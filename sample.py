@@ -81,8 +81,8 @@ def main():
     kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), notes.append,
                                                      model.config.no_kv_cache).check()
     length = len(prompt) + max_new_tokens - 1  # what the last query sees (the last byte drawn is never read)
-    notes += [n for n in [kv.local_note(model.config), kv.context_note(model.config, ckpt.get("config") or {}, length)]
-              if n]
+    notes += [n for n in [kv.local_note(model.config), kv.local_residual(model.config)[1],
+                          kv.context_note(model.config, ckpt.get("config") or {}, length)] if n]
     kv.check_trim(model.config)
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)

@@ -338,3 +338,19 @@ def test_a_checkpoint_without_recorded_settings_samples(tmp_path, config):
             for name in ("empty.pt", "odd.pt")]
     assert [r[0] for r in runs] == [0, 0], runs[1][2]
     assert runs[0][1] == runs[1][1]
+
+
+def test_local_layers_that_cannot_quantize_are_noted_as_eval_kv_notes_them(tmp_path):
+    """A model with local windows of 6 and int4 keys grouped per channel over 8 tokens: its
+    local layers quantize nothing, and sample.py says so as eval_kv does."""
+    from checkpoint import save_checkpoint
+    from kv.policy import KVOptions
+    from model import GPT, GPTConfig, MODEL_ARG_KEYS
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False, window=6, global_layers="1"))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS},
+                    {"block_size": 16}, 1, 5.0)
+    kv = KVOptions(kv_window=16, kv_quant="int4", kv_quant_group=8, kv_quant_residual=0)
+    code, _, err = sample(f"--out_dir={tmp_path}", "--kv_window=16", "--kv_quant=int4", "--kv_quant_group=8",
+                          "--kv_quant_residual=0", "--max_new_tokens=8")
+    assert code in (0, None), err
+    assert kv.check().local_residual(model.config)[1] in err
