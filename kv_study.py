@@ -55,7 +55,7 @@ from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from kv.evaluate import buckets, evaluate, load_streams, rebase, spans
 from kv.policy import KVOptions
-from kv.quant import CHANNEL_KEYS, GROUPED
+from kv.quant import CHANNEL_KEYS, GROUPED, make_formats
 from kv.report import check_writable, write_text
 from kv import study_finetune
 from kv.study_finetune import again_command, fine_tune_command, fine_tune_state
@@ -182,6 +182,8 @@ def study():
                         "there is no cache to shrink; study a softmax base")
     config = ckpt.get("config") or {}
     block, n_layer = int(config["block_size"]), int(config["n_layer"])
+    c = base_model.config
+    make_formats(GROUPED[0], kv_quant_group, c.n_embd // c.n_head, True)  # every grouped row's (not a variant's) error
     todo = [(v, variant_args(v, block, n_layer, kv_quant_group)) for v in variant_names()]
     check_variants(todo, base_model, config, base)
     x, y = load_val(config, base_path, n_streams, stream_len)

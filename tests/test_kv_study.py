@@ -293,6 +293,18 @@ def test_a_variant_the_base_cannot_take_is_refused_before_any_work(data_dir, tmp
     assert not (tmp_path / "s").exists()
 
 
+def test_a_group_that_does_not_divide_the_heads_blames_no_variant(data_dir, tmp_path):
+    """--kv_quant_group=3 fits no grouped row of the grid, whatever the variants: the error
+    says so, instead of sending the user to leave a QAT variant out (which then fails alike)."""
+    out = tmp_path / "b"
+    train(data_dir, out, *TINY_BASE)
+    for variants in ("base,base_ft,qat_int2", "base,base_ft"):
+        refused = kv_study(out, tmp_path / "s", f"--variants={variants}", "--kv_quant_group=3")
+        assert_user_error(refused, "kv_quant_group=3 does not divide the head dimension")
+        assert "variant" not in refused.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def kv_study(base_ckpt, out, *args):
     """kv_study.py run in this process, as a finished process (its stderr whole, for
     assert_user_error); these runs stop at their start-up checks."""
