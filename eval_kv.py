@@ -4,7 +4,7 @@ saves in KV bits, next to the same model at the context it was trained for, on l
 contiguous stretches of the val split.
 
     python eval_kv.py --out_dir=out-shakespeare-char-cpu                      # the reference alone
-    python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=int4 --kv_quant_group=32
+    python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=int4 --kv_quant_keys=token --kv_quant_residual=8
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_evict=h2o --kv_budget=32 --kv_recent=16 --kv_sink=4 --chunk=1
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=mypkg.quant:quantize   # your own
     python eval_kv.py --out_dir=out-shakespeare-char-cpu --kv_quant=int4 --chunk=1 --compile=True   # exact decode, compiled

@@ -58,7 +58,10 @@ def markdown(rows, title, yardstick="strict"):
               f"{yardstick}: the base for its own rows; for a fine-tuned row "
               + {"strict": "the worse for it of the base and base_ft, the base fine-tuned as long with nothing reduced",
                  "same_training": "base_ft, the base fine-tuned as long with nothing reduced",
-                 "base": "the base"}[yardstick] + ")."]
+                 "base": "the base"}[yardstick] + "). Within p%: at most p% worse than the yardstick (a row that "
+              "does better counts too). In frontier.csv, delta_pct is the change against the yardstick named in "
+              "yardstick, delta_base_pct against the base (baseline, bpb_base); bpb_ref, kv_bits_peak_ref and kl_bits "
+              "are against the reference of the row's own checkpoint."]
     if yardstick != "base" and not any(r["variant"] == "base_ft" for r in rows) \
             and any(r["variant"] != "base" for r in rows):  # (a fine-tuned row to judge)
         lines[-1] += (" No base_ft among the variants: every row is judged against the base, so a fine-tuned "
@@ -70,7 +73,8 @@ def markdown(rows, title, yardstick="strict"):
             continue
         lines += ["", f"**Largest reduction within {pct}% of the yardstick: {r['x_smaller']:.1f}x** ({r['variant']}, "
                   f"{r['setting']}: {r['bpb']:.4f} bits per byte, {signed_pct(r['delta_pct'])} vs {r.get('yardstick', 'base')}"
-                  f", {signed_pct(r.get('delta_base_pct', r['delta_pct']))} vs base). Commands:", "",
+                  f", {signed_pct(r.get('delta_base_pct', r['delta_pct']))} vs base). Commands (eval_kv's "
+                  "\"vs baseline\" is the change against the base):", "",
                   *(["    " + r["train_command"]] if r["train_command"] else []), "    " + again(r)]
     return "\n".join(lines) + "\n"
 
@@ -113,7 +117,7 @@ def plot(rows, path, title):
         lines.append((ft[0]["bpb"], "--", "base_ft"))
     for bpb, style, name in lines:  # +1% and +3% of each yardstick
         for pct in (1, 3):
-            ax.axhline(bpb * (1 + pct / 100), color="gray", ls=style, lw=1)
+            ax.axhline(bpb * (1 + pct / 100), color="gray", ls=style, lw=1, label=f"{name} +1%, +3%" if pct == 1 else None)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("peak KV bits per stream (log scale)")
     ax.set_ylabel("bits per byte")
