@@ -45,7 +45,7 @@ PROJECT = os.path.dirname(os.path.abspath(__file__))  # where a relative out_dir
 def _recipe_for(folder):
     """The train.py arguments that write into folder: the recipe in config/ whose out_dir it
     is, else the CPU recipe pointed at it."""
-    config_dir = os.path.join(PROJECT, "config")
+    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # (not PROJECT: tests move that)
     for name in sorted(os.listdir(config_dir)):
         with open(os.path.join(config_dir, name)) as f:
             m = re.search(r"^out_dir = [\"']([^\"']+)[\"']", f.read(), re.M)
