@@ -162,7 +162,7 @@ def check_evict_only(impl, ctx):
         everything = bool((over == ~protected).all())
         expect(not everything, f"{where}: every token is ranked as high as the protected ones, so nothing is "
                "told apart" + (": with kv_recent=0, a slice [-kv_recent:] is [-0:], the whole tensor, not "
-                               "nothing" if recent == 0 else "") + f"; {see('4b', 3)}")
+                               f"nothing; {see('4b', 3)}" if recent == 0 else ""))  # (else this check's rule 4)
         expect(not (edge_only and sink in extra), f"{where}: position {sink} is protected with the sinks: the sinks "
                f"are the positions < kv_sink ({f'0..{sink - 1}' if sink else 'none when kv_sink=0'}); {see('4b', 2)}")
         raise Failed(f"{where}: positions {extra[:8]} are neither sinks nor among the newest, yet ranked as high "

@@ -132,6 +132,16 @@ def test_one_newest_too_few_is_blamed_on_the_newest_rule_alone(exercise_checks):
     assert later and all("must stay is ranked below" in msg for msg in later), printed  # not "protected too"
 
 
+def test_everything_protected_is_blamed_on_rule_4(exercise_checks):
+    """float("inf") for every token: nothing else may be protected (rule 4), not a rule about
+    the newest."""
+    results, printed = exercise_checks("kv_evict", H2O_OK.replace('torch.where(keep, float("inf"), scores / (seen - pos))',
+                                                                  'torch.full_like(scores, float("inf"))'))
+    failed = [(t, msg) for t, status, msg in results if status == "FAIL"]
+    assert [t for t, _ in failed] == [ONLY] and "'Assignment 4b, rule 4'" in failed[0][1], printed
+    assert "rule 3" not in failed[0][1], printed
+
+
 def test_an_empty_slice_for_kv_recent_0_is_named(exercise_checks):
     """x[-kv_recent:] with kv_recent=0 is all of x: everything is protected, which rule 4's
     check says as such (not that the sinks are wrong)."""
