@@ -262,7 +262,7 @@ def main():
     window = ref_kv.kv_window
     bound = lambda s: (replace(s, kv_window=window) if s.kv_window == -1 else s).check()  # -1: the reference's
     if sweep:
-        span = kv_window if kv_window > 0 else window or stream_len  # the history the grid's rows keep
+        span = kv_window if kv_window > 0 else window if kv_window == -1 and window else stream_len  # what rows keep
         grid = sweep_settings(sweep, span, kv_quant_group, kv_quant_residual, bounded=window > 0)
         settings = [bound(KVOptions(**dict(dict(kv_window=kv_window, kv_sink=kv_sink), **s))) for s in grid]
         settings = list(dict.fromkeys([ref_kv] + settings))  # the reference first, also under a window of one's own
