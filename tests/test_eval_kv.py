@@ -586,3 +586,14 @@ def test_streams_that_overlap_in_the_val_text_are_said(ckpt_dir, tiny_data_dir):
     assert f"{fit} such streams fit side by side" in err
     code, _, err = run_in_process("eval_kv.py", *common, f"--n_streams={fit}")
     assert code in (0, None) and "bytes overlap in" not in err, err
+
+
+def test_a_sweep_of_unbounded_rows_sizes_its_budgets_by_the_stream(ckpt_dir):
+    """--sweep=quick --kv_window=0: every row keeps the whole stream of 128 bytes, so the
+    eviction budgets are a quarter of that (32), not of the reference's window of 32 (8, at
+    least 10 with the sinks)."""
+    code, out, err = run_in_process("eval_kv.py", f"--out_dir={ckpt_dir}", "--sweep=quick", "--kv_window=0",
+                                    "--kv_quant_group=8", "--n_streams=1", "--stream_len=128", "--device=cpu",
+                                    "--tensorboard=False")
+    assert code in (0, None), err
+    assert "| h2o 32 (recent 16, sink 4), unbounded |" in out and "| evict-window 32 (sink 4), unbounded |" in out, out
