@@ -273,6 +273,7 @@ def prefill(model, idx, caches, kv):
     return logits[:, -1]
 
 
+@torch.no_grad()  # (also for a caller that forgets it: autograd's bookkeeping costs a fifth of an eager step)
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=None, stats=None,
                     generator=None, decoder=None):
     """Prefill the prompt idx (B, T) (prefill), then one decode step per token; yields each

@@ -112,3 +112,17 @@ def test_a_long_prompt_under_a_window_prefills_in_pieces_as_in_one_pass(arch, op
             b, _ = model(x[:, t:t + 1], pieces)
             torch.testing.assert_close(b, a, **TOL)
     assert held_bits(pieces) == held_bits(whole)
+
+
+def test_generate_stream_builds_no_autograd_graph_for_a_caller_with_grad_on():
+    """bench.py and scripts of one's own iterate generate_stream without torch.no_grad: every
+    forward it runs (prefill and decode steps) still runs without autograd, as sample.py's do."""
+    model = tiny()
+    modes = []
+    hook = model.register_forward_hook(lambda m, args, out: modes.append((torch.is_grad_enabled(), out[0].requires_grad)))
+    try:
+        assert torch.is_grad_enabled()
+        tokens = list(generate_stream(model, text(B=1, T=5), 6, kv=KVOptions(kv_window=4)))
+    finally:
+        hook.remove()
+    assert len(tokens) == 6 and len(modes) >= 6 and set(modes) == {(False, False)}
