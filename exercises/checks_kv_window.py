@@ -14,7 +14,8 @@ from exercises.checks_common import (TRAIN_BLOCK, Failed, Skipped, expect, expec
 
 # (positions held before the trim, kv_window, kv_sink): a first trim, sinks, holes left by
 # an earlier trim, a short history that must stay whole, a window of one, a long prefill,
-# and a cache whose first entries are not sinks (sinks are positions, not places in the cache)
+# a cache whose first entries are not sinks (sinks are positions, not places in the cache),
+# and more sinks than the window holds
 TRIM_CASES = [
     (list(range(20)), 5, 0),
     (list(range(20)), 5, 3),
@@ -23,6 +24,7 @@ TRIM_CASES = [
     (list(range(12)), 1, 0),
     (list(range(30)), 8, 4),
     (list(range(10, 30)), 5, 3),
+    (list(range(16)), 3, 6),
 ]
 
 

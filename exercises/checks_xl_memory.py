@@ -36,7 +36,8 @@ XL_CASES = [(0, 4, 6), (5, 4, 6), (5, 4, 20), (6, 8, 3), (3, 3, 6)]  # (m, T, me
 
 def check_xl_shapes(impl, ctx):
     # the number of tokens is judged by the next checks; here the axes and dtypes
-    for (m, T, mem_len), dtype in [(c, torch.float32) for c in XL_CASES] + [((5, 4, 6), torch.bfloat16)]:
+    for (m, T, mem_len), dtype in [(c, torch.float32) for c in XL_CASES] + [((5, 4, 6), torch.bfloat16),
+                                                                            ((0, 4, 6), torch.bfloat16)]:
         (mk, _, _, k, _), (keys, vals, ok, nk, nv, nok) = call_xl(impl, m, T, mem_len, dtype=dtype)
         B, H, _, hs = k.shape
         where = f"m={m}, T={T}, mem_len={mem_len}"

@@ -20,6 +20,8 @@ def trim(old, new, title, words):
 
 
 WRONG.update({
+    "no more sinks than the window holds": trim("(pos < kv_sink)", "(pos < min(kv_sink, kv_window))",
+                                                "keeps the kv_sink first tokens of the text", "positions < 6 must stay"),
     "forgets the sinks": trim(" | (pos < kv_sink)", "", "keeps the kv_sink first tokens of the text",
                               "text positions < kv_sink"),
     "the window keeps the oldest": ("kv_window", """
@@ -111,6 +113,12 @@ def xl(old, new, title, words):
 
 
 WRONG.update({
+    "an empty float32 memory at the start": xl(
+        "    def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):\n",
+        "    def xl_step(mem_k, mem_v, mem_ok, k, v, mem_len):\n"
+        "        if mem_k.size(2) == 0:\n"
+        "            mem_k = mem_v = torch.zeros(k.size(0), k.size(1), 0, k.size(3))\n",
+        "returns six tensors of the right shapes and dtypes", "keep k's dtype"),
     "memory not detached": xl("keys[:, :, -mem_len:].detach(), vals[:, :, -mem_len:].detach()",
                               "keys[:, :, -mem_len:], vals[:, :, -mem_len:]",
                               "memory detached, this step's keys keep their gradient", "new_k still requires grad"),
