@@ -24,9 +24,11 @@ FLOOR = ("keep every scale from being 0 in the dtype it is stored in: a floor mu
 
 def quant_rows(seed=0, n=64):
     """(2, 3, 40, n) rows like real keys and values: magnitudes from 0.01 to 100 (a quantizer
-    that ignores its scale fails), and one outlier channel 8x the others."""
+    that ignores its scale fails), one outlier channel 8x the others, and a few rows of one
+    sign (a zero point from a min above 0 must still be stored as it is)."""
     x = randn(2, 3, 40, n, seed=seed)
     x[..., 3] *= 8
+    x[..., 0, :], x[..., 1, :] = x[..., 0, :].abs(), -x[..., 1, :].abs()
     return x * 10 ** (4 * torch.rand(2, 3, 40, 1, generator=torch.Generator().manual_seed(seed + 1)) - 2)
 
 
@@ -164,7 +166,10 @@ def gross_mistake(x, y, kind, bits):
                 "need clamping to their range; with two codes to a byte, also unpack them in the order you packed "
                 "them"), None
     ymax = y.abs().amax(-1, keepdim=True)
-    clipped = (y.abs() >= 0.999 * ymax) & (x.abs() > 1.05 * ymax)
+    gaps = y.sort(-1).values.diff(dim=-1)
+    step = torch.where(gaps > 1e-6 * amax, gaps, ymax).amin(-1, keepdim=True)  # the finest level spacing
+    # (an integer zero point may leave the top level half a step short of the range: not clipping)
+    clipped = (y.abs() >= 0.999 * ymax) & (x.abs() > torch.maximum(1.05 * ymax, ymax + step))
     if clipped.float().mean().item() > 0.02:
         cut = (ymax / amax.clamp(min=1e-30)).median().item()
         return (f"values beyond about {cut:.2g} of their row's largest come back clipped at one level: the scale "

@@ -111,7 +111,27 @@ WRONG.update({
         """, CONTRACT, "a floor must survive the cast"),
 })
 
+UINT8_ZERO_POINT = """
+        import torch
+        def quantize(x):
+            g = x.unflatten(-1, (-1, min(32, x.size(-1))))
+            lo, hi = g.aminmax(dim=-1, keepdim=True)
+            lo, hi = lo.clamp(max=0), hi.clamp(min=0)   # the range holds 0, so the zero point fits in 0..15
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            zp = torch.round(-lo / scale)
+            codes = torch.round(g / scale + zp).clamp(0, 15).to(torch.uint8).flatten(-2)
+            low, high = codes.unflatten(-1, (2, -1)).unbind(-2)
+            return (low | (high << 4), scale.squeeze(-1).half().clamp(min=2 ** -24), zp.squeeze(-1).to(torch.uint8)), dequantize
+        def dequantize(packed, scale, zp):
+            codes = torch.cat([packed & 15, packed >> 4], -1).float().unflatten(-1, (scale.size(-1), -1))
+            return ((codes - zp.float()[..., None]) * scale.float()[..., None]).flatten(-2)
+        """
+WRONG["a uint8 zero point from a min above 0"] = (
+    "kv_quant", UINT8_ZERO_POINT.replace("            lo, hi = lo.clamp(max=0), hi.clamp(min=0)   # the range holds 0, so the zero point fits in 0..15\n", ""),
+    BIAS, "zero point")
+
 OK.update({
+    "a uint8 zero point, the range widened to hold 0": ("kv_quant", UINT8_ZERO_POINT),
     "int8, symmetric per row": ("kv_quant", INT8_OK),
     "int8, asymmetric per row": ("kv_quant", ASYM8_OK),
     "int4 in groups of 32, packed": ("kv_quant", INT4_OK),
