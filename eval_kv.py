@@ -99,7 +99,7 @@ def sweep_settings(kind, span, group, residual, bounded=False):
     shows what quantization saves in a short window. bounded: the reference has a window,
     and the grid shows the plain unbounded cache too (the model read past its context)."""
     def quant(f, r=residual, keys="channel"):
-        keys = "token" if group > span else keys  # a key group per channel would not fit the history
+        keys = "token" if f in CHANNEL_KEYS and group > span else keys  # a channel group would not fit the history
         g = group if f in CHANNEL_KEYS and keys == "channel" else 1
         s = dict(kv_quant=f, kv_quant_group=group, kv_quant_residual=max(min(r, span - g), 0))
         return s if keys == "channel" else dict(s, kv_quant_keys=keys)
