@@ -26,10 +26,10 @@ points down to float16, so nothing is clipped); half an ulp for fp8 (2^-4 of |x|
 The newest kv_quant_residual tokens stay in full precision (a key group per channel needs G
 tokens before it can be quantized; the newest tokens also matter most). Per-token formats
 quantize a token as soon as it leaves the residual; int4/int2 keys per channel (the default
-without eviction) go G tokens at a time once R + G are waiting. size_bits() counts every stored tensor at its dtype's width: codes, scales,
-zero points and the full-precision residual. Tensors are sized exactly (grown by concatenation,
-or rows overwritten in place), so the bits counted are the bits held; dequantized keys and
-values exist only for the step that asks for them. Positions are bookkeeping, not counted.
+without eviction) go G tokens at a time once R + G are waiting. size_bits() counts every
+stored tensor at its dtype's width: codes, scales, zero points and the full-precision residual.
+Tensors are sized exactly (grown by concatenation, or rows overwritten in place), so the bits
+counted are the bits held; dequantized keys and values exist only for the step that asks for them. Positions are bookkeeping, not counted.
 
 Your own quantizer, --kv_quant=package.module:function:
     def function(x):                # x (..., n): rows = one token of one head, n = head_dim
