@@ -29,7 +29,8 @@ quantize a token as soon as it leaves the residual; int4/int2 keys per channel (
 without eviction) go G tokens at a time once R + G are waiting. size_bits() counts every
 stored tensor at its dtype's width: codes, scales, zero points and the full-precision residual.
 Tensors are sized exactly (grown by concatenation, or rows overwritten in place), so the bits
-counted are the bits held; dequantized keys and values exist only for the step that asks for them. Positions are bookkeeping, not counted.
+counted are the bits held; dequantized keys and values exist only for the step that asks for
+them. Positions are bookkeeping, not counted.
 
 Your own quantizer, --kv_quant=package.module:function:
     def function(x):                # x (..., n): rows = one token of one head, n = head_dim
