@@ -313,7 +313,6 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
         stats["kv_bits_peak_decode"] = decode_peak
 
 
-@torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, **kw):
     """Complete idx (B, T) with max_new_tokens bytes; returns (B, T + max_new_tokens)."""
     new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, **kw))

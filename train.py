@@ -23,9 +23,8 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
   --resume_mode=continue or --resume_mode=finetune forces one.
 Ctrl-C (or SIGTERM) stops after the current iteration and writes last.pt; the line it prints goes on
   from there: (a) exactly, (b) with a fresh schedule for the iterations left.
-Only compute the val loss of a checkpoint (writes nothing; --eval_only=True does the same):
+Only compute the val loss of a checkpoint (writes nothing; --eval_only=True, or --max_iters=0 alone, does the same):
     python train.py config/train_shakespeare_char.py --init_from=resume --max_iters=0 --eval_interval=1
-    (the tutorial's command; --max_iters=0 alone does the same)
 Several GPUs (DistributedDataParallel; gloo instead of nccl on CPUs), and several nodes:
     torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char.py --gradient_accumulation_steps=4
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py ...

@@ -132,10 +132,9 @@ class KVOptions:
             unused.append("kv_quant_residual")
         if unused:
             one = len(unused) == 1
-            kinds = tuple(dict.fromkeys(f for n in unused if n in where for f in where[n]))
+            kinds = dict.fromkeys(f for n in unused if n in where for f in where[n])
             raise UserError(f"--{' and --'.join(unused)} " + ("applies" if one else "apply") + " to "
-                            + (" and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
-                               if self.kv_quant != "none" else "a quantized cache")
+                            + (" and ".join(kinds) if self.kv_quant != "none" else "a quantized cache")
                             + f", not to kv_quant={self.kv_quant}: drop " + ("it" if one else "them")
                             + " or choose another --kv_quant")
         return self
