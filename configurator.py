@@ -122,17 +122,19 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _SHARED = ("kv/policy.py", "train.py")  # where settings that a script takes over from elsewhere are described
 
 
-def _described(path):
+def _described(path, fields=False):
     """(header, name, description) for each `name = value  # description` line of a file, in
     order; header is the last comment line standing alone right above a setting ('' before
-    any), so the end of a comment about other code heads no group."""
+    any), so the end of a comment about other code heads no group. Only lines at the margin
+    (a script's globals: an indented `temperature=temperature,  # ...` is an argument), or
+    indented ones too where fields (a dataclass's fields)."""
     out, header, previous = [], "", ""
     if not path or not os.path.isfile(path):
         return out
     with open(path) as f:
         for line in f:
             m = _SETTING.match(line)
-            if m:
+            if m and (fields or not line[:1].isspace()):
                 above = _HEADER.match(previous.strip())
                 header = above.group(1).strip() if above else header
                 out.append((header, m.group(1), m.group(2).strip()))
@@ -148,7 +150,7 @@ def print_help(g, known):
     order = [name for _, name, _ in own]
     notes = {name: (header, text) for header, name, text in own}
     for where in _SHARED:  # settings a script takes over keep the groups of their own file
-        for header, name, text in _described(os.path.join(_HERE, where)):
+        for header, name, text in _described(os.path.join(_HERE, where), fields=where.startswith("kv/")):
             group = "KV cache" if where.startswith("kv/") else header
             notes.setdefault(name, (f"{group} ({where})" if group else where, text))
     shown = None

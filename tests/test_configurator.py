@@ -143,6 +143,19 @@ def test_help_lists_settings(capsys):
     assert "test script" in out and "--max_iters=100" in out and "_private" not in out
 
 
+def test_help_describes_a_setting_by_its_global_not_an_argument_of_the_same_name(tmp_path, capsys):
+    """A call inside the script that passes `temperature=temperature,  # a comment` on a line of
+    its own is not a second setting: --help lists the global once, with its own description."""
+    script = tmp_path / "script.py"
+    script.write_text("temperature = 0.8  # how random the draw is\n\n\ndef main():\n"
+                      "    run(1,\n        temperature=temperature,  # passed on\n    )\n")
+    g = dict(settings(), __file__=str(script), temperature=0.8)
+    with pytest.raises(SystemExit):
+        configure(g, ["--help"])
+    lines = [l for l in capsys.readouterr().out.splitlines() if "temperature" in l]
+    assert lines == ["  --temperature=0.8  how random the draw is"]
+
+
 def test_script_reports_one_line_without_traceback():
     proc = run_script("gen_sample_data.py", "--blok_size=3")
     assert_user_error(proc, "did you mean --block_size")
