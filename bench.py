@@ -38,7 +38,7 @@ import torch
 
 import train
 from configurator import PLAIN_TYPES, configure
-from decode_timing import compiled_decoder, products_ms, read_bytes, time_baseline, time_generation
+from decode_timing import SAMPLING, compiled_decoder, products_ms, read_bytes, time_baseline, time_generation
 from device_peaks import peak_bandwidth, peak_flops
 from kv.evaluate import evaluate
 from kv.policy import KVOptions
@@ -213,8 +213,8 @@ def bench_generate(model, device, kv):
     # row for the unbounded cache (it attends over all its slots), one for the window's rows
     decs = {}
     if compile:
-        decs = {(0, m): compiled_decoder(model, rows[0], 1, 4 + m, f"unbounded, {m} tokens") for m in lengths}
-        ring = compiled_decoder(model, rows[window], 1, 4 + n, f"kv_window={names[window]}")
+        decs = {(0, m): compiled_decoder(model, rows[0], 1, 4 + m, f"unbounded, {m} tokens", **SAMPLING) for m in lengths}
+        ring = compiled_decoder(model, rows[window], 1, 4 + n, f"kv_window={names[window]}", **SAMPLING)
         decs.update({(window, m): ring for m in lengths})
     time_generation(model, 16, kv, device)  # a warm-up: the first eager row would pay for it
     print(f"\ngeneration: KV cache {kv.describe() if kv.compressed else 'plain (full precision)'}, batch 1, top_k 200")
@@ -248,7 +248,8 @@ def bench_generate(model, device, kv):
         bench_batched(model, device, replace(kv, kv_window=window), n, decs.get((window, n)))
     bw = peak_bandwidth(device)
     if decs.get((window, n)) and device.startswith("cuda"):
-        plain = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, "no CUDA graphs", cuda_graphs=False)
+        plain = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, "no CUDA graphs", cuda_graphs=False,
+                                 **SAMPLING)
         print(f"\nCUDA, kv_window={window}, {n} tokens: " + (f"bytes read per step (weights + every cache slot) x "
               f"steps/s / peak bandwidth ({bw / 1e12:.2f} TB/s)" if bw else "tokens/s (peak bandwidth of this GPU unknown)"))
         for name, dec in (("CUDA graphs", decs[window, n]), ("compiled, no CUDA graphs", plain)):
@@ -260,7 +261,7 @@ def bench_generate(model, device, kv):
 def bench_batched(model, device, kv, n, dec1):
     """bench_batch samples side by side (sample.py --num_samples) against one."""
     B = bench_batch
-    decB = compiled_decoder(model, kv, B, 4 + n, f"batch {B}") if dec1 is not None else None
+    decB = compiled_decoder(model, kv, B, 4 + n, f"batch {B}", **SAMPLING) if dec1 is not None else None
     print(f"\n{B} samples side by side, kv_window={kv.kv_window}, {n} new tokens each: wall time of the batch "
           "against one sample")
     print(f"\n| decode | 1 sample s | {B} samples s | ratio |")

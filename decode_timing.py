@@ -16,15 +16,18 @@ from generate import generate_stream, say_once, static_decoder
 from utils import compile_or_eager
 
 
+SAMPLING = dict(temperature=1.0, top_k=200)  # how the rows sample (sample.py's defaults)
+
+
 def time_generation(model, n_new, kv, device, decoder=None, batch=1):
-    """Seconds since the start at each new token, and the KV stats."""
+    """Seconds since the start at each new token, and the KV stats (a decoder made with SAMPLING)."""
     prompt = torch.full((batch, 4), ord("#"), dtype=torch.long, device=device)
     stats, stamps = {}, []
     sync = synchronizer(device)
     g = torch.Generator(device=device).manual_seed(0)
     sync()
     t0 = time.perf_counter()
-    for _ in generate_stream(model, prompt, n_new, temperature=1.0, top_k=200, kv=kv, stats=stats,
+    for _ in generate_stream(model, prompt, n_new, **SAMPLING, kv=kv, stats=stats,
                              generator=g, decoder=decoder):
         sync()
         stamps.append(time.perf_counter() - t0)

@@ -26,19 +26,40 @@ from plugins import not_finite
 from utils import compile_or_eager
 
 
+def sampling_probs(logits, temperature, top_k=None):
+    """The probabilities (B, V), float32, that sample_next draws the next byte from (temperature > 0)."""
+    scaled = logits.float() / temperature
+    if temperature < 1e-3:  # (only a tiny temperature overflows float32)
+        # a row that overflowed: the limit it tends to, the largest logits (0 after the shift),
+        # the others -inf or far below (a tensor rule, not an if: the compiled step runs it too)
+        shifted = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+        scaled = torch.where(torch.isinf(scaled).any(-1, keepdim=True), shifted, scaled)
+    V = scaled.size(-1)
+    if top_k is not None and 0 < top_k < V:  # keep the top_k largest (and any tied with the last)
+        kth = torch.kthvalue(scaled, V - int(top_k) + 1, dim=-1, keepdim=True).values  # (B, 1)
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    return torch.softmax(scaled, dim=-1)
+
+
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     """Pick the next byte from logits (B, V): greedy when temperature == 0."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    scaled = logits.float() / temperature
-    if temperature < 1e-3 and bool(torch.isinf(scaled).any()):  # (only a tiny temperature overflows float32)
-        # the limit it tends to: the largest logits (0 after the shift), the others -inf or far below
-        scaled = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
-    logits, V = scaled, scaled.size(-1)
-    if top_k is not None and 0 < top_k < V:  # keep the top_k largest (and any tied with the last)
-        kth = torch.kthvalue(logits, V - int(top_k) + 1, dim=-1, keepdim=True).values  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k), num_samples=1, generator=generator)
+
+
+def pick_next(logits, temperature, top_k, noise):
+    """sample_next without a generator, for the compiled step: noise (B, V) holds Exp(1) draws,
+    and the byte picked is argmax(probs / noise). That is how torch.multinomial draws one
+    sample, from draws made as draw_noise makes them: from the same generator, the same bytes."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    return (sampling_probs(logits, temperature, top_k) / noise).argmax(dim=-1, keepdim=True)
+
+
+def draw_noise(noise, generator=None):
+    """Fill noise (B, V) with the Exp(1) draws torch.multinomial would take from generator."""
+    return noise.exponential_(1.0, generator=generator)
 
 
 def decode_step(model, token, caches):
@@ -54,6 +75,12 @@ def static_step(model, token, caches, rot_table):
     logits = model.step(token, clock.t, rot_table, caches)
     clock.t.add_(1)
     return logits[:, -1]
+
+
+def static_sample_step(model, token, caches, rot_table, noise, temperature, top_k):
+    """static_step, then the next byte picked from its logits (pick_next) -> (B, 1): sampling
+    inside the compiled step saves a dozen small eager operations per token."""
+    return pick_next(static_step(model, token, caches, rot_table), temperature, top_k, noise)
 
 
 def static_flush(caches):
@@ -80,9 +107,13 @@ class StaticDecoder:
     compilations with one). When compiling fails: one warning, and `compiled` is False;
     `unguarded` says whether the step runs without the guard check.
     dtype: what the caches store full precision at (default: as KVOptions.make_caches).
+    temperature, top_k: where temperature is given, the step also picks the next byte as
+    sample_next does, and next_token() runs it instead of __call__ (generate_stream uses it
+    for the same temperature and top_k). From the same generator, the same bytes as sample_next.
     Raises ValueError for a cache kind kv.static.static_reason() keeps eager."""
 
-    def __init__(self, model, kv, batch_size, capacity, compile=True, cuda_graphs=None, dtype=None):
+    def __init__(self, model, kv, batch_size, capacity, compile=True, cuda_graphs=None, dtype=None,
+                 temperature=None, top_k=None):
         reason = static_reason(kv, model.config, next(model.parameters()).device)
         if reason is not None:
             raise ValueError(f"no static decode step for {reason}")
@@ -95,11 +126,14 @@ class StaticDecoder:
         self.distinct = list(first.values())
         self.clock = self.caches[0].clock
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)  # the step's input
+        self.temperature, self.top_k = temperature, plain_top_k(top_k, model.config.vocab_size)
+        # the Exp(1) draws a sampling step picks with (draw_noise)
+        self.noise = torch.ones(batch_size, model.config.vocab_size, device=p.device) if temperature else None
         self.rot_table = model._rope(0, capacity).clone() if model.config.rope else None  # (capacity, hs/2, 2)
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move, and the
             # RoPE table is read where it lies (an input not marked static is copied in at every replay)
-            for t in self.buffers() + ([self.rot_table] if self.rot_table is not None else []):
+            for t in self.buffers() + [t for t in (self.rot_table, self.noise) if t is not None]:
                 torch._dynamo.mark_static_address(t)
         # the caches that quantize a group apart from the step, in lists of one schedule (residual,
         # group): a local layer may keep a shorter residual than a global one (local_residual)
@@ -108,7 +142,11 @@ class StaticDecoder:
             if getattr(c, "flush_apart", False):
                 schedules.setdefault((c.R, c.G), []).append(c)
         self.flushing = list(schedules.values())
-        self.step, self.compiled, self.compile_seconds, self.unguarded = static_step, False, 0.0, False
+        step = static_step if temperature is None else static_sample_step
+        self.args = (self.model, self.token, self.caches, self.rot_table)
+        if temperature is not None:
+            self.args += (self.noise, temperature, self.top_k)
+        self.step, self.compiled, self.compile_seconds, self.unguarded = step, False, 0.0, False
         self.traced, self.weight = None, p  # what a step called without guards was traced for (mode())
         self.flushes = [static_flush] * len(self.flushing)  # one per list of self.flushing
         if compile:
@@ -122,7 +160,10 @@ class StaticDecoder:
                 # BLAS call (MKL's matrix-vector product was a third of the step: RESULTS.md);
                 # cpp_wrapper: the step's kernels are called from C++, not from Python (per-call
                 # overhead: -8% per step at batch 1, -19% at batch 8 here)
-                options["options"] = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True}
+                # memory_planning: the step's intermediate tensors in one pool allocated per call,
+                # not 60 allocations (-6% per step at batch 1 here)
+                options["options"] = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True,
+                                      "memory_planning": True}
                 # every call passes the same model, buffers and caches: compiled ahead for them
                 # and called without dynamo's guard check (-25 to -30% per step at batch 1, and
                 # at batch 8 more than inductor's freezing gained, which aot_compile refuses)
@@ -133,7 +174,7 @@ class StaticDecoder:
             # decoder compiles (2-10 s more for a second one of the same kind and shape)
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             t0 = time.perf_counter()
-            args = (self.model, self.token, self.caches, self.rot_table)
+            args = self.args
             # (compiled in the probe) emulate_precision_casts: a value cast to a narrower dtype
             # is rounded there even where inductor fuses it with what reads it, as eager rounds
             # it. Without it, a step that quantizes a group itself (kv_quant_residual=0) read
@@ -144,9 +185,9 @@ class StaticDecoder:
                 # (inductor's C++ code generator warns of bfloat16 residuals beside float16 scales
                 # in one loop: both are read as stored, and the tests compare the result with eager)
                 warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
-                self.step = compile_or_eager(static_step, lambda f: self._probe(f, *args),
+                self.step = compile_or_eager(step, lambda f: self._probe(f, *args),
                                              fixed_args=args if fixed else None, **options)
-                self.compiled = self.step is not static_step
+                self.compiled = self.step is not step
                 if self.compiled:  # each list of caches its own function where the arguments are fixed
                     flush = lambda g: compile_or_eager(static_flush, lambda f: self._probe(f, g),
                                                        fixed_args=(g,) if fixed else None, **options)
@@ -194,6 +235,18 @@ class StaticDecoder:
 
     def __call__(self, token):
         """token (B, 1) -> logits (B, V); the caches now hold it."""
+        if self.temperature is not None:
+            raise ValueError("this decoder was made to sample (temperature given): call next_token()")
+        return self._run(token)
+
+    def next_token(self, token, generator=None):
+        """token (B, 1) -> the byte after it (B, 1), drawn from generator as sample_next draws
+        it at the decoder's temperature and top_k; the caches now hold token."""
+        if self.temperature is None:
+            raise ValueError("this decoder returns logits (no temperature given): call it, and sample_next()")
+        return self._run(token, generator)
+
+    def _run(self, token, generator=None):
         if self.clock.n >= self.capacity:
             raise ValueError(f"the decoder's capacity of {self.capacity} tokens is used up")
         if self.traced is not None and self.mode() != self.traced:
@@ -204,13 +257,20 @@ class StaticDecoder:
         if self.cuda_graphs and self.compiled:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs may be overwritten
         self.token.copy_(token)  # into a buffer of its own: a column sliced from a text has other strides
+        if self.temperature:
+            draw_noise(self.noise, generator)
         with torch.no_grad():  # inference only (grad mode is part of what was compiled)
             for group, flush in zip(self.flushing, self.flushes):
                 if group[0].due(self.clock.n):
                     flush(group)
-            logits = self.step(self.model, self.token, self.caches, self.rot_table)
+            out = self.step(*self.args)
         self.clock.n += 1
-        return logits.clone() if self.cuda_graphs else logits
+        return out.clone() if self.cuda_graphs else out
+
+
+def plain_top_k(top_k, vocab_size):
+    """top_k as an int that limits the draw, or None where it does not (None, 0, >= vocab_size)."""
+    return int(top_k) if top_k is not None and 0 < top_k < vocab_size else None
 
 
 def static_decoder(model, kv, batch_size, capacity, say=None, **kw):
@@ -281,11 +341,17 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
     unbounded). If given, `stats` gets the peak KV bits, the bits per cached token (per
     sequence) and the peak over the decode steps alone (an eviction cache holds the whole
     prompt until the first step). decoder: a StaticDecoder for the same kv, B and at least
-    T + max_new_tokens tokens, which then runs the decode steps (the prefill stays eager)."""
+    T + max_new_tokens tokens, which then runs the decode steps (the prefill stays eager); one
+    made to sample (its temperature given) must have this temperature and top_k, and then
+    picks the bytes inside its step: the same bytes from the same generator."""
     B, T = idx.size()
     kv = kv or (decoder.kv if decoder is not None else KVOptions(kv_window=0))
     if decoder is not None and (decoder.kv != kv or decoder.batch_size != B or decoder.capacity < T + max_new_tokens):
         raise ValueError("the decoder was made for other KV options, another batch size or a shorter text")
+    fused = decoder is not None and decoder.temperature is not None
+    if fused and (decoder.temperature, decoder.top_k) != (temperature, plain_top_k(top_k, model.config.vocab_size)):
+        raise ValueError(f"the decoder samples at temperature {decoder.temperature} and top_k {decoder.top_k}, "
+                         f"not {temperature} and {top_k}")
     caches = kv.make_caches(model, B, capacity=T + max_new_tokens)
     logits = prefill(model, idx, caches, kv)
     peak, peak_tokens = held_bits(caches)
@@ -295,14 +361,19 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
         decode = lambda token: decoder(token)
     else:
         decode = lambda token: decode_step(model, token, caches)
+    nxt = None  # the next byte, where the decoder's step picked it
     for i in range(max_new_tokens):
-        # (eager steps each: a plug-in may be in them; the compiled step runs the project's code alone)
-        if (decoder is None or i == 0) and not bool(torch.isfinite(logits).all()):
-            raise not_finite(f"the scores for new byte {i + 1}")
-        nxt = sample_next(logits, temperature, top_k, generator)
+        if nxt is None:
+            # (eager steps each: a plug-in may be in them; the compiled step runs the project's code alone)
+            if (decoder is None or i == 0) and not bool(torch.isfinite(logits).all()):
+                raise not_finite(f"the scores for new byte {i + 1}")
+            nxt = sample_next(logits, temperature, top_k, generator)
         yield nxt
         if i + 1 < max_new_tokens:
-            logits = decode(nxt)
+            if fused:
+                nxt = decoder.next_token(nxt, generator)
+            else:
+                logits, nxt = decode(nxt), None
             bits, held = held_bits(caches)
             decode_peak = max(decode_peak, bits)
             if bits > peak:

@@ -107,7 +107,8 @@ def main():
         step = None
         if compile and max_new_tokens > 1:
             say = lambda line: print(line, file=sys.stderr)
-            step = static_decoder(model, kv, num_samples, idx.size(1) + max_new_tokens, say=say)
+            step = static_decoder(model, kv, num_samples, idx.size(1) + max_new_tokens, say=say,
+                                  temperature=temperature, top_k=top_k or None)
             if step is not None and step.compiled:
                 say(f"compiled the decode step in {step.compile_seconds:.1f} s")
         stamps = [time.time()]  # the start, then each new token's arrival

@@ -171,21 +171,65 @@ def test_traced_step_gives_eager_tokens(kind):
 
 
 @pytest.mark.parametrize("kind", ["window+sink", "int4"])
-def test_one_compilation_over_300_tokens(kind):
+@pytest.mark.parametrize("samples", [False, True])
+def test_one_compilation_over_300_tokens(kind, samples):
     """Positions, slots and masks are tensors: 300 tokens, one trace of the step (and none more
-    for a second text through the same decoder), plus one of the int4 cache's group flush."""
+    for a second text through the same decoder), plus one of the int4 cache's group flush;
+    the same for a decoder that samples in its step."""
     model = tiny()
     kv = KVOptions(**KINDS[kind]).check()
     counter = torch._dynamo.testing.CompileCounter()
-    dec = StaticDecoder(model, kv, 1, 305, compile=counter)
-    generate(model, text(B=1, T=5), 300, kv=kv, decoder=dec)
-    generate(model, text(B=1, T=5, seed=2), 300, kv=kv, decoder=dec)
-    dec.start()
-    x = text(B=1, T=20)
-    for t in range(20):  # columns of a text, as eval_kv feeds them (strided)
-        dec(x[:, t:t + 1])
+    sampling = dict(temperature=0.9, top_k=50) if samples else {}
+    dec = StaticDecoder(model, kv, 1, 305, compile=counter, **sampling)
+    generate(model, text(B=1, T=5), 300, kv=kv, decoder=dec, **sampling)
+    generate(model, text(B=1, T=5, seed=2), 300, kv=kv, decoder=dec, **sampling)
+    if not samples:
+        dec.start()
+        x = text(B=1, T=20)
+        for t in range(20):  # columns of a text, as eval_kv feeds them (strided)
+            dec(x[:, t:t + 1])
     assert bool(dec.flushing) == (kind == "int4")
     assert counter.frame_count == 1 + bool(dec.flushing)
+
+
+@pytest.mark.parametrize("kind", ["unbounded", "window+sink", "int4 window+sink", "int2"])
+@pytest.mark.parametrize("how", [False, "aot_eager"])
+def test_a_sampling_decoder_draws_the_eager_text(kind, how):
+    """A decoder made to sample picks each byte inside its step (pick_next), from the same
+    generator: the text the eager caches and torch.multinomial draw, for a batch of 2, top_k
+    and temperature as given (run eagerly, and as torch.compile traces it)."""
+    model = tiny(n_kv_head=2, window=24, global_layers="1")
+    kv = KVOptions(**KINDS[kind]).check()
+    prompts = text(B=2, T=6)
+    for temperature, top_k in ((0.8, 30), (1.0, None), (0, None)):
+        dec = StaticDecoder(model, kv, 2, 46, compile=how, temperature=temperature, top_k=top_k)
+        assert dec.compiled == bool(how)
+        draw = lambda **kw: generate(model, prompts, 40, temperature, top_k, kv=kv, generator=torch.Generator().manual_seed(5), **kw)
+        assert torch.equal(draw(decoder=dec), draw())
+
+
+def test_a_sampling_decoder_is_used_as_made():
+    """A decoder samples at the temperature and top_k it was made for (generate refuses others),
+    and returns either tokens (next_token) or logits (called), each refusing the other's call."""
+    model = tiny()
+    kv = KVOptions(kv_window=8).check()
+    prompts = text(B=1, T=4)
+    dec = StaticDecoder(model, kv, 1, 30, compile=False, temperature=0.8, top_k=20)
+    for other in (dict(temperature=1.0, top_k=20), dict(temperature=0.8, top_k=None), dict(temperature=0.8)):
+        with pytest.raises(ValueError, match="the decoder samples at temperature 0.8 and top_k 20"):
+            generate(model, prompts, 5, kv=kv, decoder=dec, **other)
+    # top_k 0 or past the vocabulary limits nothing, as in sample_next
+    wide = StaticDecoder(model, kv, 1, 30, compile=False, temperature=0.8, top_k=256)
+    g = lambda: torch.Generator().manual_seed(0)
+    assert torch.equal(generate(model, prompts, 10, 0.8, 0, kv=kv, decoder=wide, generator=g()),
+                       generate(model, prompts, 10, 0.8, None, kv=kv, generator=g()))
+    dec.start()
+    with pytest.raises(ValueError, match="made to sample"):
+        dec(prompts[:, :1])
+    logits_dec = StaticDecoder(model, kv, 1, 30, compile=False)
+    logits_dec.start()
+    with pytest.raises(ValueError, match="returns logits"):
+        logits_dec.next_token(prompts[:, :1])
 
 
 @pytest.mark.slow
@@ -369,8 +413,8 @@ def sharp_ckpt(tmp_path_factory):
     return d
 
 
-def samples(out_dir, *args):
-    proc = run_script("sample.py", f"--out_dir={out_dir}", "--device=cpu", "--temperature=0", "--max_new_tokens=30",
+def samples(out_dir, *args, temperature=0):
+    proc = run_script("sample.py", f"--out_dir={out_dir}", "--device=cpu", f"--temperature={temperature}", "--max_new_tokens=30",
                       "--kv_window=16", "--start=To be", *args, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split("---------------\n"), proc.stderr
@@ -387,7 +431,9 @@ def test_sample_runs_the_samples_as_one_batch(sharp_ckpt):
 
 @pytest.mark.slow
 def test_sample_compiled_gives_the_eager_text(sharp_ckpt):
-    compiled, err = samples(sharp_ckpt, "--num_samples=2", "--compile=True")
-    eager, _ = samples(sharp_ckpt, "--num_samples=2")
+    """sample.py --compile=True: inductor's step samples the text eager sampling draws from the
+    same seed (the bytes picked inside the step, as torch.multinomial picks them)."""
+    compiled, err = samples(sharp_ckpt, "--num_samples=2", "--compile=True", "--top_k=40", temperature=0.8)
+    eager, _ = samples(sharp_ckpt, "--num_samples=2", "--top_k=40", temperature=0.8)
     assert "compiled the decode step in" in err
     assert compiled == eager

@@ -7,7 +7,7 @@ import torch
 
 import devices
 from conftest import TOL, text, tiny
-from generate import generate, generate_stream, sample_next
+from generate import draw_noise, generate, generate_stream, pick_next, sample_next
 from kv.policy import KVOptions, held_bits
 
 
@@ -58,6 +58,26 @@ def test_a_tiny_temperature_samples_the_largest_logit():
     logits = torch.randn(3, 256) * 5
     got = sample_next(logits, 1e-38, generator=torch.Generator().manual_seed(0))
     assert torch.equal(got, logits.argmax(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1e-3, 1e-38, 0])
+@pytest.mark.parametrize("top_k", [None, 1, 5, 200, 255])
+def test_the_compiled_steps_pick_draws_what_multinomial_draws(temperature, top_k):
+    """pick_next (the rule a sampling StaticDecoder compiles) against sample_next, which draws
+    with torch.multinomial: from generators in the same state, the same bytes, ties and rows
+    that overflow at a tiny temperature included, and the generators end in the same state."""
+    logits = torch.randn(6, 256, generator=torch.Generator().manual_seed(2)) * 3
+    logits[0, :10] = logits[0].max()  # a tie at the top
+    logits[1, 50:90] = logits[1].sort(descending=True).values[4]  # a tie across the 5th largest
+    logits[2] += 1e5  # (overflows at 1e-38 alone)
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    noise = torch.empty(6, 256)
+    for _ in range(40):
+        want = sample_next(logits, temperature, top_k, generator=ga)
+        if temperature:
+            draw_noise(noise, gb)
+        assert torch.equal(pick_next(logits, temperature, top_k, noise), want)
+    assert torch.equal(ga.get_state(), gb.get_state())
 
 
 @pytest.mark.parametrize("options", [dict(), dict(kv_quant="int8"), dict(kv_quant="int4", kv_quant_group=8),
