@@ -288,7 +288,8 @@ def test_two_compiled_decoders_keep_to_their_own_caches():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["window+sink", "int4"])
 def test_cuda_graphs_give_eager_tokens(kind):
-    """On CUDA the compiled step is replayed as a CUDA graph (mode="reduce-overhead")."""
+    """On CUDA the compiled step is replayed as a CUDA graph (mode="reduce-overhead"): greedy,
+    and sampling inside the step from a CUDA generator, the eager text."""
     model = sharp(n_kv_head=2).cuda()
     kv = KVOptions(**KINDS[kind]).check()
     prompts = text(B=2, T=6).cuda()
@@ -296,6 +297,9 @@ def test_cuda_graphs_give_eager_tokens(kind):
     assert dec.compiled and dec.cuda_graphs
     out = generate(model, prompts, 40, temperature=0, kv=kv, decoder=dec)
     assert torch.equal(out, generate(model, prompts, 40, temperature=0, kv=kv))
+    dec = StaticDecoder(model, kv, 2, 46, temperature=0.8, top_k=50)
+    draw = lambda **kw: generate(model, prompts, 40, 0.8, 50, kv=kv, generator=torch.Generator("cuda").manual_seed(1), **kw)
+    assert torch.equal(draw(decoder=dec), draw())
 
 
 @pytest.mark.parametrize("options, words", [
