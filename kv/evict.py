@@ -45,7 +45,8 @@ drops the full-precision residual of a quantized cache; everything else is the r
 import torch
 
 from attention import naive_attention
-from kv.quant import FullPrecision, QuantKVCache, flat_index
+from kv.quant import FullPrecision, flat_index
+from kv.quant_cache import QuantKVCache
 from plugins import import_function
 from devices import no_autocast
 from utils import UserError

@@ -19,7 +19,8 @@ from attention import PLAIN_SOFTMAX
 from attention_linear import LinearState
 from kv.cache import KVCache, TrimCache
 from kv.evict import POLICIES, EvictKVCache, check_rule, resolve_evict
-from kv.quant import CHANNEL_KEYS, GROUPED, QuantKVCache, make_formats, resolve_quant
+from kv.quant import CHANNEL_KEYS, GROUPED, make_formats, resolve_quant
+from kv.quant_cache import QuantKVCache
 from kv.static import Clock, StaticKVCache, StaticQuantCache
 from plugins import call_error, import_function
 from utils import UserError

@@ -19,7 +19,7 @@ the attention written out as sums that the compiler fuses with the dequantizatio
 
     StaticKVCache     = kv.cache.KVCache: unbounded (slot = position, sized by `capacity`) or
                         the kv_sink first tokens and a ring of the last kv_window
-    StaticQuantCache  = kv.quant.QuantKVCache without eviction: int8, fp8_e4m3, fp8_e5m2 (per
+    StaticQuantCache  = kv.quant_cache.QuantKVCache without eviction: int8, fp8_e4m3, fp8_e5m2 (per
                         token), int4, int2 (keys per channel over G tokens, as KIVI, or
                         per token with kv_quant_keys='token')
 
@@ -34,7 +34,8 @@ import torch
 
 from attention import PLAIN_SOFTMAX
 from kv.cache import Cache, KVCache, visible
-from kv.quant import FP8, ChannelFormat, GroupFormat, QuantKVCache, payload_bits
+from kv.quant import FP8, ChannelFormat, GroupFormat, payload_bits
+from kv.quant_cache import QuantKVCache
 from devices import no_autocast
 
 EMPTY = 2 ** 62  # the position of a slot never written: after every query, so never visible

@@ -8,8 +8,8 @@ import torch
 import kv.quant as kv_quant
 from conftest import tiny
 from kv.policy import KVOptions
-from kv.quant import (FORMATS, ChannelFormat, GroupFormat, QuantKVCache, make_formats, pack,
-                      payload_bits, unpack)
+from kv.quant import FORMATS, ChannelFormat, GroupFormat, make_formats, pack, payload_bits, unpack
+from kv.quant_cache import QuantKVCache
 from utils import UserError
 
 B, H, D = 2, 3, 16

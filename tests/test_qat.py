@@ -14,7 +14,8 @@ import torch
 from conftest import text, tiny, train
 from kv.policy import KVOptions
 from kv.qat import FakeQuantCache, make_qat_caches, qat_caches
-from kv.quant import QuantKVCache, make_formats
+from kv.quant import make_formats
+from kv.quant_cache import QuantKVCache
 from model import loss_fn
 
 
