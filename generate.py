@@ -51,7 +51,9 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 def pick_next(logits, temperature, top_k, noise):
     """sample_next without a generator, for the compiled step: noise (B, V) holds Exp(1) draws,
     and the byte picked is argmax(probs / noise). That is how torch.multinomial draws one
-    sample, from draws made as draw_noise makes them: from the same generator, the same bytes."""
+    sample, from draws made as draw_noise makes them: from the same generator, the same bytes
+    (tested on the CPU, and on CUDA by .ci/gpu; a device whose multinomial has a kernel of its
+    own may draw other bytes from the same distribution)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     return (sampling_probs(logits, temperature, top_k) / noise).argmax(dim=-1, keepdim=True)
