@@ -16,7 +16,7 @@ from generate import generate_stream, say_once, static_decoder
 from utils import compile_or_eager
 
 
-SAMPLING = dict(temperature=1.0, top_k=200)  # how the rows sample (sample.py's defaults)
+SAMPLING = dict(temperature=1.0, top_k=200)  # how the rows sample (sample.py's top_k; the model's own temperature)
 
 
 def time_generation(model, n_new, kv, device, decoder=None, batch=1):

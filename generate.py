@@ -351,7 +351,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
     if decoder is not None and (decoder.kv != kv or decoder.batch_size != B or decoder.capacity < T + max_new_tokens):
         raise ValueError("the decoder was made for other KV options, another batch size or a shorter text")
     fused = decoder is not None and decoder.temperature is not None
-    if fused and (decoder.temperature, decoder.top_k) != (temperature, plain_top_k(top_k, model.config.vocab_size)):
+    rule = lambda t, k: (t, k if t else None)  # (top_k means nothing to greedy decoding)
+    if fused and rule(decoder.temperature, decoder.top_k) != rule(temperature, plain_top_k(top_k, model.config.vocab_size)):
         raise ValueError(f"the decoder samples at temperature {decoder.temperature} and top_k {decoder.top_k}, "
                          f"not {temperature} and {top_k}")
     caches = kv.make_caches(model, B, capacity=T + max_new_tokens)

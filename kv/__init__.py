@@ -2,7 +2,8 @@
 The KV-cache family: what attention layers remember of the text, and how it is compressed.
 
   cache.py     the protocol (update, attend, size_bits), the one mask rule, the plain cache
-  quant.py     keys and values stored as int8 / fp8 / int4 / int2 codes
+  quant.py     the int8 / fp8 / int4 / int2 formats keys and values are stored in
+  quant_cache.py  QuantKVCache: old tokens as codes, the newest in full precision
   evict.py     eviction to a token budget: recency (window) or attention score (h2o)
   static.py    the same caches at static shapes, for the compiled decode step (generate.py)
   xl.py        TransformerXL memory for training

@@ -336,3 +336,11 @@ def flat_index(idx, S):
 def payload_bits(payload):
     """Bits held by a tuple of tensors: numel x the width of each one's dtype."""
     return sum(t.numel() * t.element_size() * 8 for t in payload)
+
+
+def __getattr__(name):
+    # QuantKVCache lived here until 2026-12-03: the old import path still finds it
+    if name == "QuantKVCache":
+        from kv.quant_cache import QuantKVCache
+        return QuantKVCache
+    raise AttributeError(f"module 'kv.quant' has no attribute {name!r}")

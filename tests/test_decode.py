@@ -223,6 +223,8 @@ def test_a_sampling_decoder_is_used_as_made():
     g = lambda: torch.Generator().manual_seed(0)
     assert torch.equal(generate(model, prompts, 10, 0.8, 0, kv=kv, decoder=wide, generator=g()),
                        generate(model, prompts, 10, 0.8, None, kv=kv, generator=g()))
+    greedy = StaticDecoder(model, kv, 1, 30, compile=False, temperature=0)  # top_k means nothing to greedy
+    assert torch.equal(generate(model, prompts, 10, 0, 50, kv=kv, decoder=greedy), generate(model, prompts, 10, 0, kv=kv))
     dec.start()
     with pytest.raises(ValueError, match="made to sample"):
         dec(prompts[:, :1])

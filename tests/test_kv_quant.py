@@ -275,3 +275,11 @@ def test_groups_that_all_left_a_short_window_leave_the_residual(name):
         if a >= 1:  # query 21 on: groups 0..7 and 8..15 are out of sight
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
             assert torch.equal(got[2], want[2]) and whole.size_bits() == one_by_one.size_bits()
+
+
+def test_the_cache_is_still_found_where_it_used_to_live():
+    """QuantKVCache moved to kv/quant_cache.py; `from kv.quant import QuantKVCache` still works."""
+    from kv.quant import QuantKVCache as old_path
+    assert old_path is QuantKVCache
+    with pytest.raises(AttributeError):
+        kv_quant.NoSuchThing
