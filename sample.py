@@ -13,8 +13,9 @@ The samples run as one batch: the first streams as it is generated, the others a
 when the batch is done. A seed gives the same text for the same --num_samples (the batch
 draws its bytes together: the first of 3 samples is not the one sample of --num_samples=1).
 --compile=True compiles the decode step (generate.StaticDecoder; the compile time is
-printed). The speed of the decode steps (tokens/s), the time the prompt took and the size of
-the KV cache (in bits) are reported on stderr.
+printed); it picks the bytes inside the step, the same text as without it for the same seed.
+The speed of the decode steps (tokens/s), the time the prompt took and the size of the KV
+cache (in bits) are reported on stderr.
 """
 import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import codecs
