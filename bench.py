@@ -38,7 +38,8 @@ import torch
 
 import train
 from configurator import PLAIN_TYPES, configure
-from decode_timing import SAMPLING, compiled_decoder, products_ms, read_bytes, time_baseline, time_generation
+from decode_timing import (SAMPLING, agreement, compiled_decoder, products_ms, read_bytes, time_baseline,
+                           time_generation)
 from device_peaks import peak_bandwidth, peak_flops
 from kv.evaluate import evaluate
 from kv.policy import KVOptions
@@ -220,19 +221,21 @@ def bench_generate(model, device, kv):
     print(f"\ngeneration: KV cache {kv.describe() if kv.compressed else 'plain (full precision)'}, batch 1, top_k 200")
     # (no memory column: the KV bits are the cache's; the process's RSS also holds what the
     # allocator keeps after keep_freed_memory, and what compiling took)
+    # (compiled text: whether the compiled run drew the eager run's bytes, from the same seed)
     print("\n| new tokens | kv_window | tokens/s eager | tokens/s compiled | compiled / eager | KV bits (peak) | "
-          "KV bits/cached token |")
-    print("|---|---|---|---|---|---|---|")
+          "KV bits/cached token | compiled text |")
+    print("|---|---|---|---|---|---|---|---|")
     runs = {}
     for w in (0, window):
         for m in lengths:
-            stamps, stats = time_generation(model, m, rows[w], device)
+            drawn, drawn_fast = [], []
+            stamps, stats = time_generation(model, m, rows[w], device, drawn=drawn)
             dec = decs.get((w, m))
-            fast, _ = time_generation(model, m, rows[w], device, dec) if dec else (None, 0)
+            fast, _ = time_generation(model, m, rows[w], device, dec, drawn=drawn_fast) if dec else (None, 0)
             runs[w, m] = stamps, fast
             c = f"{m / fast[-1]:,.0f} | {stamps[-1] / fast[-1]:.2f}x" if fast else "- | -"
             print(f"| {m} | {names[w]} | {m / stamps[-1]:,.0f} | {c} | {stats['kv_bits_peak']:,} | "
-                  f"{stats['kv_bits_per_token']:,.0f} |", flush=True)
+                  f"{stats['kv_bits_per_token']:,.0f} | {agreement(drawn, drawn_fast) if fast else '-'} |", flush=True)
     if n >= 2048:
         for name, st in zip(("eager", "compiled"), runs[window, n]):
             if st:

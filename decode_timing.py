@@ -19,19 +19,29 @@ from utils import compile_or_eager
 SAMPLING = dict(temperature=1.0, top_k=200)  # how the rows sample (sample.py's top_k; the model's own temperature)
 
 
-def time_generation(model, n_new, kv, device, decoder=None, batch=1):
-    """Seconds since the start at each new token, and the KV stats (a decoder made with SAMPLING)."""
+def time_generation(model, n_new, kv, device, decoder=None, batch=1, drawn=None):
+    """Seconds since the start at each new token, and the KV stats (a decoder made with SAMPLING);
+    the new tokens go to the list drawn, if given. Every run draws from a generator seeded 0."""
     prompt = torch.full((batch, 4), ord("#"), dtype=torch.long, device=device)
     stats, stamps = {}, []
     sync = synchronizer(device)
     g = torch.Generator(device=device).manual_seed(0)
     sync()
     t0 = time.perf_counter()
-    for _ in generate_stream(model, prompt, n_new, **SAMPLING, kv=kv, stats=stats,
-                             generator=g, decoder=decoder):
+    for token in generate_stream(model, prompt, n_new, **SAMPLING, kv=kv, stats=stats,
+                                 generator=g, decoder=decoder):
         sync()
         stamps.append(time.perf_counter() - t0)
+        if drawn is not None:
+            drawn.append(token)
     return stamps, stats
+
+
+def agreement(eager, compiled):
+    """"same" where two runs drew the same tokens (lists of (B, 1)), else the byte where the
+    compiled text parts from the eager one (float rounding can flip a draw: on a GPU, in bfloat16)."""
+    parted = (torch.cat(eager, 1) != torch.cat(compiled, 1)).any(0).nonzero()
+    return "same" if parted.numel() == 0 else f"parts at byte {int(parted[0]) + 1}"
 
 
 def time_baseline(model, n_new, window):

@@ -213,6 +213,17 @@ def test_bench_generation_rows_name_the_sink_and_keep_it_off_the_unbounded_rows(
     assert bits["unbounded"] == per_token * (4 + 12 - 1) and bits["6 + sink 2"] == per_token * (6 + 2), out
 
 
+@pytest.mark.slow
+def test_bench_compiled_rows_draw_the_eager_text(tmp_path):
+    """--compile=True: each generation row's compiled run, from the same seed, draws the bytes
+    its eager run drew (the last column), so its tokens/s are for the same work."""
+    code, out, err = run_in_process("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=generate", "--kv_window=6",
+                                    "--bench_lengths=12", "--bench_batch=1", "--compile=True")
+    assert code in (0, None), err
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 12 |")]
+    assert len(rows) == 2 and all(r[4].strip() != "-" and r[8].strip() == "same" for r in rows), out
+
+
 def test_bench_names_the_settings_its_chosen_rows_do_not_read(tmp_path):
     """--what=train with two generation settings (--kv_window, --bench_batch):
     a note names them, and the rows run as without them (the same table rows)."""
