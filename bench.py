@@ -15,8 +15,8 @@ train     ms/iter, tokens/s, MFU (where the device's peak is known) and memory o
           turn, bench_repeats runs of bench_iters iterations, the fastest run kept.
 generate  tokens/s for bench_lengths new tokens with the cache unbounded and bounded to
           kv_window (256 when not given), eager and (--compile=True) through the compiled
-          static-cache step (generate.StaticDecoder, its compile time printed), the KV bits
-          held, time per token over the first and the last 1024 of a long sample (a bounded
+          static-cache step (generate.StaticDecoder, its compile time printed; "compiled text":
+          whether it drew the eager run's bytes from the same seed), the KV bits held, time per token over the first and the last 1024 of a long sample (a bounded
           cache must not slow down); bench_batch samples side by side against
           one (compiled on a CPU, also the batch step's matrix products alone: the floor of its time);
           on CUDA also without CUDA graphs, and the fraction of the memory bandwidth used.
