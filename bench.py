@@ -16,10 +16,11 @@ train     ms/iter, tokens/s, MFU (where the device's peak is known) and memory o
 generate  tokens/s for bench_lengths new tokens with the cache unbounded and bounded to
           kv_window (256 when not given), eager and (--compile=True) through the compiled
           static-cache step (generate.StaticDecoder, its compile time printed; "compiled text":
-          whether it drew the eager run's bytes from the same seed), the KV bits held, time per token over the first and the last 1024 of a long sample (a bounded
-          cache must not slow down); bench_batch samples side by side against
-          one (compiled on a CPU, also the batch step's matrix products alone: the floor of its time);
-          on CUDA also without CUDA graphs, and the fraction of the memory bandwidth used.
+          whether it drew the eager run's bytes from the same seed), the KV bits held, time per
+          token over the first and the last 1024 of a long sample (a bounded cache must not slow
+          down); bench_batch samples side by side against one (compiled on a CPU, also the batch
+          step's matrix products alone: the floor of its time); on CUDA also without CUDA
+          graphs, and the fraction of the memory bandwidth used.
           --baseline=True also times the tutorial's way (concatenate, re-rotate every key).
 eval_kv   bytes/s of kv.evaluate.evaluate on n_streams x stream_len random bytes against its natural
           reference (a plain window of block_size): the reference's own pass, then a decode step
