@@ -128,7 +128,7 @@ class StaticDecoder:
         self.distinct = list(first.values())
         self.clock = self.caches[0].clock
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=p.device)  # the step's input
-        self.temperature, self.top_k = temperature, plain_top_k(top_k, model.config.vocab_size)
+        self.temperature, self.top_k = temperature, effective_top_k(temperature, top_k, model.config.vocab_size)
         # the Exp(1) draws a sampling step picks with (draw_noise)
         self.noise = torch.ones(batch_size, model.config.vocab_size, device=p.device) if temperature else None
         self.rot_table = model._rope(0, capacity).clone() if model.config.rope else None  # (capacity, hs/2, 2)
@@ -270,9 +270,10 @@ class StaticDecoder:
         return out.clone() if self.cuda_graphs else out
 
 
-def plain_top_k(top_k, vocab_size):
-    """top_k as an int that limits the draw, or None where it does not (None, 0, >= vocab_size)."""
-    return int(top_k) if top_k is not None and 0 < top_k < vocab_size else None
+def effective_top_k(temperature, top_k, vocab_size):
+    """top_k as an int that limits the draw, or None where it does not (None, 0, >= vocab_size,
+    or greedy decoding at temperature 0)."""
+    return int(top_k) if temperature and top_k is not None and 0 < top_k < vocab_size else None
 
 
 def static_decoder(model, kv, batch_size, capacity, say=None, **kw):
@@ -351,8 +352,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
     if decoder is not None and (decoder.kv != kv or decoder.batch_size != B or decoder.capacity < T + max_new_tokens):
         raise ValueError("the decoder was made for other KV options, another batch size or a shorter text")
     fused = decoder is not None and decoder.temperature is not None
-    rule = lambda t, k: (t, k if t else None)  # (top_k means nothing to greedy decoding)
-    if fused and rule(decoder.temperature, decoder.top_k) != rule(temperature, plain_top_k(top_k, model.config.vocab_size)):
+    if fused and (decoder.temperature, decoder.top_k) != \
+            (temperature, effective_top_k(temperature, top_k, model.config.vocab_size)):
         raise ValueError(f"the decoder samples at temperature {decoder.temperature} and top_k {decoder.top_k}, "
                          f"not {temperature} and {top_k}")
     caches = kv.make_caches(model, B, capacity=T + max_new_tokens)
