@@ -33,15 +33,13 @@ import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import os
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
 import train
 from configurator import PLAIN_TYPES, configure
-from decode_timing import (SAMPLING, agreement, compiled_decoder, products_ms, read_bytes, time_baseline,
-                           time_generation)
-from device_peaks import peak_bandwidth, peak_flops
+from decode_timing import bench_generate, compiled_decoder
+from device_peaks import peak_flops
 from kv.evaluate import evaluate
 from kv.policy import KVOptions
 from kv.quant import make_formats
@@ -197,89 +195,6 @@ def bench_train(args, dev, dt):
         th = f" {run['threads']} |" if cpu else ""
         print(f"| {run['name']} | {run['dtype']} |{th} {run['best'] * 1e3:.1f} | {tps:,.0f} | {tps / base:.2f}x "
               f"| {tps * run['fpt'] / 1e12:.3g} | {mfu} | {run['mem']:,.0f} |")
-
-
-# -----------------------------------------------------------------------------
-# generate
-
-def bench_generate(model, device, kv):
-    window = kv.kv_window if kv.kv_window > 0 else 256
-    lengths = new_token_counts(bench_lengths)
-    n = max(lengths)
-    # the rows' caches: unbounded (where nothing is dropped a sink means nothing: an evicting
-    # cache keeps its sink inside kv_budget), and the window with any sink
-    rows = {0: replace(kv, kv_window=0, kv_sink=kv.kv_sink if kv.kv_evict != "none" else 0),
-            window: replace(kv, kv_window=window)}
-    names = {0: "unbounded", window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
-    # compiled decoders sized as sample.py sizes them, for the prompt and the new tokens: one per
-    # row for the unbounded cache (it attends over all its slots), one for the window's rows
-    decs = {}
-    if compile:
-        decs = {(0, m): compiled_decoder(model, rows[0], 1, 4 + m, f"unbounded, {m} tokens", **SAMPLING) for m in lengths}
-        ring = compiled_decoder(model, rows[window], 1, 4 + n, f"kv_window={names[window]}", **SAMPLING)
-        decs.update({(window, m): ring for m in lengths})
-    time_generation(model, 16, kv, device)  # a warm-up: the first eager row would pay for it
-    print(f"\ngeneration: KV cache {kv.describe() if kv.compressed else 'plain (full precision)'}, batch 1, top_k 200")
-    # (no memory column: the KV bits are the cache's; the process's RSS also holds what the
-    # allocator keeps after keep_freed_memory, and what compiling took)
-    # (compiled text: whether the compiled run drew the eager run's bytes, from the same seed)
-    print("\n| new tokens | kv_window | tokens/s eager | tokens/s compiled | compiled / eager | KV bits (peak) | "
-          "KV bits/cached token | compiled text |")
-    print("|---|---|---|---|---|---|---|---|")
-    runs = {}
-    for w in (0, window):
-        for m in lengths:
-            drawn, drawn_fast = [], []
-            stamps, stats = time_generation(model, m, rows[w], device, drawn=drawn)
-            dec = decs.get((w, m))
-            fast, _ = time_generation(model, m, rows[w], device, dec, drawn=drawn_fast) if dec else (None, 0)
-            runs[w, m] = stamps, fast
-            c = f"{m / fast[-1]:,.0f} | {stamps[-1] / fast[-1]:.2f}x" if fast else "- | -"
-            print(f"| {m} | {names[w]} | {m / stamps[-1]:,.0f} | {c} | {stats['kv_bits_peak']:,} | "
-                  f"{stats['kv_bits_per_token']:,.0f} | {agreement(drawn, drawn_fast) if fast else '-'} |", flush=True)
-    if n >= 2048:
-        for name, st in zip(("eager", "compiled"), runs[window, n]):
-            if st:
-                first, last = st[1024] - st[0], st[-1] - st[-1025]
-                print(f"\n{name}, kv_window={window}, {n} tokens in {st[-1]:.2f} s: {first / 1.024:.3f} ms/token over "
-                      f"the first 1024, {last / 1.024:.3f} over the last 1024 ({last / first - 1:+.0%})")
-    if baseline:
-        t = time_baseline(model, n, window)
-        ours = runs[window, n][0][-1]
-        print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={window}: {n} tokens in {t:.2f} s, "
-              f"{t / ours:.2f}x the time ours takes eager ({ours:.2f} s)")
-    if bench_batch > 1:
-        bench_batched(model, device, replace(kv, kv_window=window), n, decs.get((window, n)))
-    bw = peak_bandwidth(device)
-    if decs.get((window, n)) and device.startswith("cuda"):
-        plain = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, "no CUDA graphs", cuda_graphs=False,
-                                 **SAMPLING)
-        print(f"\nCUDA, kv_window={window}, {n} tokens: " + (f"bytes read per step (weights + every cache slot) x "
-              f"steps/s / peak bandwidth ({bw / 1e12:.2f} TB/s)" if bw else "tokens/s (peak bandwidth of this GPU unknown)"))
-        for name, dec in (("CUDA graphs", decs[window, n]), ("compiled, no CUDA graphs", plain)):
-            st, _ = time_generation(model, n, replace(kv, kv_window=window), device, dec)
-            frac = f", {read_bytes(model, dec) * n / st[-1] / bw:.2%} of the bandwidth" if bw else ""
-            print(f"- {name}: {n / st[-1]:,.0f} tokens/s{frac}")
-
-
-def bench_batched(model, device, kv, n, dec1):
-    """bench_batch samples side by side (sample.py --num_samples) against one."""
-    B = bench_batch
-    decB = compiled_decoder(model, kv, B, 4 + n, f"batch {B}", **SAMPLING) if dec1 is not None else None
-    print(f"\n{B} samples side by side, kv_window={kv.kv_window}, {n} new tokens each: wall time of the batch "
-          "against one sample")
-    print(f"\n| decode | 1 sample s | {B} samples s | ratio |")
-    print("|---|---|---|---|")
-    for name, d1, dB in (("eager", None, None), ("compiled", dec1, decB)):
-        if name == "compiled" and dec1 is None:
-            continue
-        one = time_generation(model, n, kv, device, d1)[0][-1]
-        many = time_generation(model, n, kv, device, dB, batch=B)[0][-1]
-        print(f"| {name} | {one:.2f} | {many:.2f} | {many / one:.2f}x |", flush=True)
-    if decB is not None and device == "cpu":
-        ms = products_ms(model, B)
-        print(f"\nthe matrix products alone of a batch-{B} step (each Linear once on {B} rows, compiled as the "
-              f"step is): {ms:.3f} ms, {ms * n / 1e3 / one:.2f}x one compiled sample's whole time per token")
 
 
 # -----------------------------------------------------------------------------
@@ -456,7 +371,7 @@ def run_benchmarks(given=()):
     model = GPT(GPTConfig(**dict(args, dropout=0.0))).to(dev).eval()
     if what in ("generate", "all"):
         with autocast_ctx(dev, dt):
-            bench_generate(model, dev, kv)
+            bench_generate(model, dev, kv, new_token_counts(bench_lengths), compile, baseline, bench_batch)
     if what in ("eval_kv", "all"):
         bench_eval_kv(model)
 

@@ -1,16 +1,18 @@
 """
-How bench.py times decoding: the seconds at each new token of generate_stream (one sample or a
-batch, eager or through a compiled StaticDecoder), the tutorial's concatenate-and-re-rotate
-decoding, the bytes a static step reads, and the floor of a batch step on a CPU (its matrix
-products alone).
+bench.py's generation benchmark (--what=generate: bench_generate) and how it times decoding:
+the seconds at each new token of generate_stream (one sample or a batch, eager or through a
+compiled StaticDecoder), the tutorial's concatenate-and-re-rotate decoding, the bytes a static
+step reads, and the floor of a batch step on a CPU (its matrix products alone).
 
     from decode_timing import time_generation
     stamps, stats = time_generation(model, 256, KVOptions(kv_window=64), "cpu")
 """
 import time
+from dataclasses import replace
 
 import torch
 
+from device_peaks import peak_bandwidth
 from devices import synchronizer
 from generate import generate_stream, say_once, static_decoder
 from utils import compile_or_eager
@@ -89,3 +91,85 @@ def products_ms(model, B, calls=300):
                 f(xs)
             runs.append((time.perf_counter() - t0) / calls * 1e3)
     return min(runs)
+
+
+def bench_generate(model, device, kv, lengths, compile=False, baseline=False, batch=8):
+    """bench.py --what=generate: tokens/s eager and (compile) compiled for each count of new tokens
+    in lengths, unbounded and in kv's window (256 if none); the time per token over the first and
+    last 1024; (baseline) the tutorial's decoding; batch samples side by side against one (batch
+    > 1); on CUDA the rows without CUDA graphs and the bandwidth used. Prints markdown tables."""
+    window = kv.kv_window if kv.kv_window > 0 else 256
+    n = max(lengths)
+    # the rows' caches: unbounded (where nothing is dropped a sink means nothing: an evicting
+    # cache keeps its sink inside kv_budget), and the window with any sink
+    rows = {0: replace(kv, kv_window=0, kv_sink=kv.kv_sink if kv.kv_evict != "none" else 0),
+            window: replace(kv, kv_window=window)}
+    names = {0: "unbounded", window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
+    # compiled decoders sized as sample.py sizes them, for the prompt and the new tokens: one per
+    # row for the unbounded cache (it attends over all its slots), one for the window's rows
+    decs = {}
+    if compile:
+        decs = {(0, m): compiled_decoder(model, rows[0], 1, 4 + m, f"unbounded, {m} tokens", **SAMPLING) for m in lengths}
+        ring = compiled_decoder(model, rows[window], 1, 4 + n, f"kv_window={names[window]}", **SAMPLING)
+        decs.update({(window, m): ring for m in lengths})
+    time_generation(model, 16, kv, device)  # a warm-up: the first eager row would pay for it
+    print(f"\ngeneration: KV cache {kv.describe() if kv.compressed else 'plain (full precision)'}, batch 1, top_k 200")
+    # (no memory column: the KV bits are the cache's; the process's RSS also holds what the
+    # allocator keeps after keep_freed_memory, and what compiling took)
+    # (compiled text: whether the compiled run drew the eager run's bytes, from the same seed)
+    print("\n| new tokens | kv_window | tokens/s eager | tokens/s compiled | compiled / eager | KV bits (peak) | "
+          "KV bits/cached token | compiled text |")
+    print("|---|---|---|---|---|---|---|---|")
+    runs = {}
+    for w in (0, window):
+        for m in lengths:
+            drawn, drawn_fast = [], []
+            stamps, stats = time_generation(model, m, rows[w], device, drawn=drawn)
+            dec = decs.get((w, m))
+            fast, _ = time_generation(model, m, rows[w], device, dec, drawn=drawn_fast) if dec else (None, 0)
+            runs[w, m] = stamps, fast
+            c = f"{m / fast[-1]:,.0f} | {stamps[-1] / fast[-1]:.2f}x" if fast else "- | -"
+            print(f"| {m} | {names[w]} | {m / stamps[-1]:,.0f} | {c} | {stats['kv_bits_peak']:,} | "
+                  f"{stats['kv_bits_per_token']:,.0f} | {agreement(drawn, drawn_fast) if fast else '-'} |", flush=True)
+    if n >= 2048:
+        for name, st in zip(("eager", "compiled"), runs[window, n]):
+            if st:
+                first, last = st[1024] - st[0], st[-1] - st[-1025]
+                print(f"\n{name}, kv_window={window}, {n} tokens in {st[-1]:.2f} s: {first / 1.024:.3f} ms/token over "
+                      f"the first 1024, {last / 1.024:.3f} over the last 1024 ({last / first - 1:+.0%})")
+    if baseline:
+        t = time_baseline(model, n, window)
+        ours = runs[window, n][0][-1]
+        print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={window}: {n} tokens in {t:.2f} s, "
+              f"{t / ours:.2f}x the time ours takes eager ({ours:.2f} s)")
+    if batch > 1:
+        bench_batched(model, device, replace(kv, kv_window=window), n, decs.get((window, n)), batch)
+    bw = peak_bandwidth(device)
+    if decs.get((window, n)) and device.startswith("cuda"):
+        plain = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, "no CUDA graphs", cuda_graphs=False,
+                                 **SAMPLING)
+        print(f"\nCUDA, kv_window={window}, {n} tokens: " + (f"bytes read per step (weights + every cache slot) x "
+              f"steps/s / peak bandwidth ({bw / 1e12:.2f} TB/s)" if bw else "tokens/s (peak bandwidth of this GPU unknown)"))
+        for name, dec in (("CUDA graphs", decs[window, n]), ("compiled, no CUDA graphs", plain)):
+            st, _ = time_generation(model, n, replace(kv, kv_window=window), device, dec)
+            frac = f", {read_bytes(model, dec) * n / st[-1] / bw:.2%} of the bandwidth" if bw else ""
+            print(f"- {name}: {n / st[-1]:,.0f} tokens/s{frac}")
+
+
+def bench_batched(model, device, kv, n, dec1, B):
+    """B samples side by side (sample.py --num_samples) against one (dec1: its compiled decoder, or None)."""
+    decB = compiled_decoder(model, kv, B, 4 + n, f"batch {B}", **SAMPLING) if dec1 is not None else None
+    print(f"\n{B} samples side by side, kv_window={kv.kv_window}, {n} new tokens each: wall time of the batch "
+          "against one sample")
+    print(f"\n| decode | 1 sample s | {B} samples s | ratio |")
+    print("|---|---|---|---|")
+    for name, d1, dB in (("eager", None, None), ("compiled", dec1, decB)):
+        if name == "compiled" and dec1 is None:
+            continue
+        one = time_generation(model, n, kv, device, d1)[0][-1]
+        many = time_generation(model, n, kv, device, dB, batch=B)[0][-1]
+        print(f"| {name} | {one:.2f} | {many:.2f} | {many / one:.2f}x |", flush=True)
+    if decB is not None and device == "cpu":
+        ms = products_ms(model, B)
+        print(f"\nthe matrix products alone of a batch-{B} step (each Linear once on {B} rows, compiled as the "
+              f"step is): {ms:.3f} ms, {ms * n / 1e3 / one:.2f}x one compiled sample's whole time per token")
