@@ -7,6 +7,7 @@ Files that never appear half-written: a checkpoint, a JSON record or a table is 
 """
 import json
 import os
+import re
 
 import torch
 
@@ -15,8 +16,9 @@ def atomic_write(path, write):
     """write(f) into a binary file that never appears truncated at path: the data goes to a
     temporary file named after this process (two processes never share one), which replaces
     path only once it is complete and on disk. On any failure (a full disk, kill -9) path is
-    left as it was; the temporary file is removed here, or after a kill (a checkpoint's) by
-    the next training run in that folder."""
+    left as it was; the temporary file is removed here, or after a kill by the next write of
+    path (remove_dead_temps) or, a checkpoint's, by the next training run in that folder."""
+    remove_dead_temps(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
@@ -29,6 +31,40 @@ def atomic_write(path, write):
             os.remove(tmp)
         raise
     fsync_dir(os.path.dirname(path))
+
+
+def remove_dead_temps(path):
+    """Remove the temporary files of path (path.PID.tmp) that a writer killed mid-write left:
+    those of a process no longer running. A live writer's stays. Only where a process can be
+    asked whether it runs without touching it (POSIX: signal 0)."""
+    if os.name != "posix":
+        return
+    folder, name = os.path.split(path)
+    temp = re.compile(re.escape(name) + r"\.(\d+)\.tmp")
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return
+    for n in names:
+        m = temp.fullmatch(n)
+        if m and not running(int(m.group(1))):
+            try:
+                os.remove(os.path.join(folder, n))
+            except OSError:  # (removed by another writer meanwhile, or not ours to remove)
+                pass
+
+
+def running(pid):
+    """Whether process pid runs (POSIX); this process counts as running."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether pid exists is checked
+    except ProcessLookupError:
+        return False
+    except OSError:  # (PermissionError: it runs, as another user)
+        return True
+    return True
 
 
 def atomic_torch_save(obj, path):

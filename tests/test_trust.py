@@ -15,6 +15,7 @@ import errno
 import hashlib
 import io
 import os
+import subprocess
 import sys
 import uuid
 from unittest import mock
@@ -351,6 +352,26 @@ def test_temporary_names_are_unique_per_process(tmp_path, monkeypatch):
     assert seen == [f"{tmp_path / 'last.pt'}.{os.getpid()}.tmp"]
     assert os.listdir(tmp_path) == ["last.pt"]
 
+
+
+@pytest.mark.skipif(os.name != "posix", reason="a process is asked whether it runs by signal 0 (POSIX)")
+def test_a_killed_writers_temporary_file_goes_at_the_next_write(tmp_path):
+    """kill -9 during a write leaves results.json.PID.tmp (a kv_study or eval_kv run killed):
+    the next write of results.json removes it. A live writer's file, and another file's, stay."""
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for name in (f"results.json.{dead.pid}.tmp", f"results.json.{live.pid}.tmp",
+                     f"other.json.{dead.pid}.tmp", "results.json.tmp"):
+            (tmp_path / name).write_text("half")
+        fileio.write_json(str(tmp_path / "results.json"), {"rows": [1]})
+        assert sorted(os.listdir(tmp_path)) == sorted(["results.json", f"results.json.{live.pid}.tmp",
+                                                       f"other.json.{dead.pid}.tmp", "results.json.tmp"])
+        assert fileio.read_json(str(tmp_path / "results.json")) == {"rows": [1]}
+    finally:
+        live.kill()
+        live.wait()
 
 # -- items 3 and 4: a checkpoint is data: no code, no allocation it does not hold -----------
 
