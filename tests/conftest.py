@@ -13,6 +13,7 @@ import io
 import os
 import random
 import runpy
+import signal
 import subprocess
 import sys
 from unittest import mock
@@ -25,6 +26,11 @@ import torch
 # the machine's load, so a result never depends on how busy the machine was
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# the Ctrl-C tests need Ctrl-C to arrive: a runner that starts pytest in the background of a
+# script (`&`) hands it SIGINT ignored, which Python and every script run from here would keep
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO_ROOT, "..", "shared", "data")  # real corpora, on some machines
