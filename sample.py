@@ -96,8 +96,8 @@ def main():
                         f"lower --num_samples or --max_new_tokens{shorter}"
                         + (", or bound the cache (--kv_window=N)" if kv.kv_window <= 0 and kv.kv_evict == "none" else ""))
     ctx = autocast_ctx(dev, dt)
-    # the samples run side by side, one batch of num_samples rows: on a small model 8 cost
-    # about what 1 does. The first streams as it is generated, the others print when done.
+    # the samples run side by side, one batch of num_samples rows: at the defaults 8 take about
+    # as long as 1 (RESULTS.md). The first streams as it is generated, the others print when done.
     idx = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=dev)  # (num_samples, T)
     # an incremental decoder holds back the bytes of an incomplete UTF-8
     # character until it is complete; invalid bytes come out as \xNN
