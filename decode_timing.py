@@ -65,7 +65,7 @@ def compiled_decoder(model, kv, batch, capacity, what, say=NOTE, **kw):
     """A StaticDecoder (None where the cache stays eager: the note why), its compile time said."""
     dec = static_decoder(model, kv, batch, capacity, say=say, **kw)
     if dec is not None:
-        say(f"compiled the decode step for {what} in {dec.compile_seconds:.1f} s")
+        say(dec.compile_line(f" for {what}"))
     return dec
 
 

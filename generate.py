@@ -149,6 +149,7 @@ class StaticDecoder:
         if temperature is not None:
             self.args += (self.noise, temperature, self.top_k)
         self.step, self.compiled, self.compile_seconds, self.unguarded = step, False, 0.0, False
+        self.origin = None  # where a compiled step came from: "compiled", "reused", "loaded" (stepcache.py)
         self.traced, self.weight = None, p  # what a step called without guards was traced for (mode())
         self.flushes = [static_flush] * len(self.flushing)  # one per list of self.flushing
         if compile:
@@ -187,19 +188,42 @@ class StaticDecoder:
                 # (inductor's C++ code generator warns of bfloat16 residuals beside float16 scales
                 # in one loop: both are read as stored, and the tests compare the result with eager)
                 warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
+                # a step compiled ahead is found again by what it was compiled for (stepcache.py):
+                # by another decoder of this kind in this process, or by a later run
+                what = self.describe() if fixed else None
                 self.step = compile_or_eager(step, lambda f: self._probe(f, *args),
-                                             fixed_args=args if fixed else None, **options)
+                                             fixed_args=args if fixed else None, describe=what, **options)
                 self.compiled = self.step is not step
+                self.origin = getattr(self.step, "origin", "compiled")
                 if self.compiled:  # each list of caches its own function where the arguments are fixed
-                    flush = lambda g: compile_or_eager(static_flush, lambda f: self._probe(f, g),
-                                                       fixed_args=(g,) if fixed else None, **options)
-                    self.flushes = [flush(g) for g in self.flushing]
+                    flush = lambda i, g: compile_or_eager(static_flush, lambda f: self._probe(f, g),
+                                                          fixed_args=(g,) if fixed else None,
+                                                          describe=what and f"{what} flush {i}", **options)
+                    self.flushes = [flush(i, g) for i, g in enumerate(self.flushing)]
             self.compile_seconds = time.perf_counter() - t0
             # (the guarded function is still torch.compile's, where torch could not compile ahead)
             self.unguarded = fixed and self.compiled and not hasattr(self.step, "aot_compile")
             if self.unguarded:
                 self.traced = self.mode()
             self.start()
+
+    def describe(self):
+        """What the step is compiled for beyond its arguments' shapes, as one line: the model's
+        class and config, the cache kind and its buffers, sampling, the weights' dtype, the mode
+        and autocast (stepcache.py's key)."""
+        bufs = [(tuple(t.shape), str(t.dtype)) for t in self.buffers()]
+        return repr((type(self.model).__qualname__, self.model.config, self.kv, self.batch_size, self.capacity,
+                     [type(c).__qualname__ for _, c in self.distinct], bufs, self.temperature, self.top_k,
+                     self.token.device.type, self.mode()))
+
+    def compile_line(self, what=""):
+        """What compiling the step took, as a line to show (what: e.g. " for int4")."""
+        s = f"{self.compile_seconds:.1f} s"
+        if self.origin == "loaded":
+            return f"loaded the decode step{what} that an earlier run compiled in {s} (stepcache.py)"
+        if self.origin == "reused":
+            return f"reused the decode step{what} compiled for an earlier decoder of its kind ({s})"
+        return f"compiled the decode step{what} in {s}"
 
     def buffers(self):
         """Every tensor the step reads or writes besides the weights (each cache once)."""
@@ -311,7 +335,7 @@ def static_decoders(model, say=None):
             what = kv.describe() if kv.compressed else "the plain cache"
             if kv.kv_window > 0:
                 what += f", kv_window={kv.kv_window}" + (f", kv_sink={kv.kv_sink}" if kv.kv_sink else "")
-            say(f"compiled the decode step for {what} in {dec.compile_seconds:.1f} s")
+            say(dec.compile_line(f" for {what}"))
         return dec
     return decoder
 

@@ -13,7 +13,8 @@ The samples run as one batch: the first streams as it is generated, the others a
 when the batch is done. A seed gives the same text for the same --num_samples (the batch
 draws its bytes together: the first of 3 samples is not the one sample of --num_samples=1).
 --compile=True compiles the decode step (generate.StaticDecoder; the compile time is
-printed); it picks the bytes inside the step, the same text as without it for the same seed.
+printed; on a CPU a later run loads it: stepcache.py); it picks the bytes inside the step, the
+same text as without it for the same seed.
 The speed of the decode steps (tokens/s), the time the prompt took and the size of the KV
 cache (in bits) are reported on stderr.
 """
@@ -111,7 +112,7 @@ def main():
             step = static_decoder(model, kv, num_samples, idx.size(1) + max_new_tokens, say=say,
                                   temperature=temperature, top_k=top_k or None)
             if step is not None and step.compiled:
-                say(f"compiled the decode step in {step.compile_seconds:.1f} s")
+                say(step.compile_line())
         stamps = [time.time()]  # the start, then each new token's arrival
         shown = bytes(prompt)  # printed with the first new byte: a model or plug-in that fails prints nothing
         for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,

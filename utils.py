@@ -163,7 +163,7 @@ def clock(seconds):
 _COMPILE_FAILED = {}  # (function, options) -> the exception its compilation raised in this process
 
 
-def compile_or_eager(fn, probe, fixed_args=None, **options):
+def compile_or_eager(fn, probe, fixed_args=None, describe=None, **options):
     """torch.compile(fn, **options), tried once by probe(compiled): compilation is lazy, so this
     is where it would fail (no C++ compiler, an unsupported platform or Python). On failure,
     fn itself and one warning line on stderr; a later call for the same function and options
@@ -176,7 +176,11 @@ def compile_or_eager(fn, probe, fixed_args=None, **options):
     guard check, tens of microseconds a call on a CPU (RESULTS.md, "Decode speed"): the check
     is what would notice other arguments or another grad or autocast mode, so only a caller
     that never changes them may ask. Where aot_compile is missing or fails, the usual compiled
-    function."""
+    function.
+    describe: with fixed_args, a string saying what fn is compiled for beyond its arguments'
+    shapes (a model's config, a cache kind): a step compiled for the same description and
+    options is taken from stepcache.py (this process, or a file an earlier run saved) if its
+    guards pass on fixed_args, and one compiled here is kept there."""
     key = (getattr(fn, "__qualname__", None) or type(fn).__qualname__, repr(sorted(options.items())))
     if key in _COMPILE_FAILED:
         return fn
@@ -187,7 +191,8 @@ def compile_or_eager(fn, probe, fixed_args=None, **options):
     try:
         compiled = torch.compile(fn, **options)
         if fixed_args is not None:
-            compiled = unguarded(compiled, fixed_args)
+            name = None if describe is None else f"{key[0]} {key[1]} {describe}"
+            compiled = unguarded(compiled, fixed_args, name)
         probe(compiled)
     except Exception as e:  # any failure inside the compiler stack means: run eager
         import torch._dynamo as dynamo
@@ -206,18 +211,27 @@ def compile_or_eager(fn, probe, fixed_args=None, **options):
     return compiled
 
 
-def unguarded(compiled, args):
+def unguarded(compiled, args, description=None):
     """compiled (what torch.compile returned) traced now for args and called from here on
     without dynamo's guard check; compiled itself where this torch cannot (then its first call
-    traces it, as usual)."""
+    traces it, as usual). description: what it is compiled for (compile_or_eager's describe),
+    to find it in stepcache.py, or keep it there, under; None: neither."""
     aot = getattr(compiled, "aot_compile", None)
     if aot is None:
         return compiled
+    import stepcache
+    args = tuple(args)
+    k = stepcache.key(description) if description is not None else None
+    found = stepcache.find(k, args) if k is not None else None
+    if found is not None:
+        return found
     try:
-        f = aot((tuple(args), {}))
+        f = aot((args, {}))
         f.disable_guard_check()
     except Exception:  # (an experimental API in torch 2.13) the guarded function does the same work
         return compiled
+    if k is not None:
+        stepcache.keep(k, f)
     return f
 
 

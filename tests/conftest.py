@@ -50,6 +50,18 @@ def _compile_failures_stay_in_their_test(monkeypatch):
     import utils
     monkeypatch.setattr(utils, "_COMPILE_FAILED", {})
 
+@pytest.fixture(autouse=True)
+def _compiled_steps_stay_in_their_test(monkeypatch, tmp_path):
+    """stepcache.py keeps compiled decode steps, in the process and on disk, for later runs:
+    each test starts with none (the scripts it runs too), so what it compiles and prints does
+    not depend on the tests that ran before it."""
+    import stepcache
+    stepcache.forget()
+    monkeypatch.setenv("DECODE_STEP_CACHE", str(tmp_path / "decode_steps"))
+    yield
+    stepcache.forget()
+
+
 WORDS = ("the a king queen sword night day love death crown heart blood friend lord lady "
          "speaks holds sees keeps gives takes fair dark noble gentle old young and but with "
          "of to in upon my thy his her our what why when where thou thee good ill").split()

@@ -257,14 +257,18 @@ def test_compiled_step_gives_eager_tokens_and_logits(kind):
 
 @pytest.mark.slow
 def test_two_compiled_decoders_keep_to_their_own_caches():
-    """On a CPU the compiled step skips dynamo's guard check (each decoder compiled ahead for
-    its own arguments): two decoders of the same kind and shape, stepped in turn over two texts,
-    each give their own text's logits (the eager caches'), and neither is traced again; a call
-    in another mode than the traced one is refused."""
+    """On a CPU the compiled step skips dynamo's guard check (compiled ahead, its guards checked
+    once on each decoder's own arguments): two decoders of the same kind and shape share one
+    compiled step and its group flush (stepcache.py), and stepped in turn over two texts each
+    give their own text's logits (the eager caches'; one's output is not overwritten by the
+    other's next step), and neither is traced again; a call in another mode than the traced
+    one is refused."""
     model = sharp(n_kv_head=2)
     kv = KVOptions(**KINDS["int4 window+sink"]).check()
     decs = [StaticDecoder(model, kv, 1, 30) for _ in range(2)]
     assert all(d.compiled and d.unguarded for d in decs)
+    assert decs[1].step is decs[0].step and decs[1].origin == "reused"
+    assert len(decs[0].flushes) == 1 and decs[1].flushes[0] is decs[0].flushes[0]
     xs = [text(B=1, T=30, seed=s) for s in (4, 5)]
     eager = [kv.make_caches(model, 1, capacity=30) for _ in xs]
     for d in decs:
@@ -272,9 +276,10 @@ def test_two_compiled_decoders_keep_to_their_own_caches():
     before = dict(torch._dynamo.utils.counters["stats"])
     with torch.no_grad():
         for t in range(30):
-            for d, x, caches in zip(decs, xs, eager):
+            got = [d(x[:, t:t + 1]) for d, x in zip(decs, xs)]
+            for out, x, caches in zip(got, xs, eager):
                 want, _ = model(x[:, t:t + 1], caches)
-                torch.testing.assert_close(d(x[:, t:t + 1]), want[:, -1], atol=1e-4, rtol=1e-5)
+                torch.testing.assert_close(out, want[:, -1], atol=1e-4, rtol=1e-5)
     assert dict(torch._dynamo.utils.counters["stats"]) == before
     # what no guard checks any more: called under another autocast, or after the model changed
     # dtype, it says so instead of running the trace of another mode
@@ -438,8 +443,12 @@ def test_sample_runs_the_samples_as_one_batch(sharp_ckpt):
 @pytest.mark.slow
 def test_sample_compiled_gives_the_eager_text(sharp_ckpt):
     """sample.py --compile=True: inductor's step samples the text eager sampling draws from the
-    same seed (the bytes picked inside the step, as torch.multinomial picks them)."""
+    same seed (the bytes picked inside the step, as torch.multinomial picks them); a second
+    run loads the step the first compiled (stepcache.py) and samples the same text."""
     compiled, err = samples(sharp_ckpt, "--num_samples=2", "--compile=True", "--top_k=40", temperature=0.8)
     eager, _ = samples(sharp_ckpt, "--num_samples=2", "--top_k=40", temperature=0.8)
     assert "compiled the decode step in" in err
     assert compiled == eager
+    loaded, err = samples(sharp_ckpt, "--num_samples=2", "--compile=True", "--top_k=40", temperature=0.8)
+    assert "loaded the decode step that an earlier run compiled" in err
+    assert loaded == eager
