@@ -92,6 +92,9 @@ def static_flush(caches):
         c.flush()
 
 
+SLOTS_STEP = 64  # a decoder's buffers hold a multiple of this many tokens (its capacity rounded up)
+
+
 class StaticDecoder:
     """The decode step over static caches of its own, for one model, cache kind (KVOptions),
     batch size and capacity (text length), compiled once:
@@ -121,7 +124,10 @@ class StaticDecoder:
             raise ValueError(f"no static decode step for {reason}")
         self.model, self.kv, self.batch_size, self.capacity = model, kv, batch_size, capacity
         p = next(model.parameters())
-        self.caches = kv.make_caches(model, batch_size, capacity=capacity, dtype=dtype, static=True)
+        # buffers for a whole number of SLOTS_STEP tokens: texts a few bytes apart (another
+        # prompt) share one compiled step (stepcache.py); the extra slots stay empty
+        room = -(-capacity // SLOTS_STEP) * SLOTS_STEP
+        self.caches = kv.make_caches(model, batch_size, capacity=room, dtype=dtype, static=True)
         first = {}  # (first layer, cache) of each cache once: kv_share layers share one
         for i, c in enumerate(self.caches):
             first.setdefault(id(c), (i, c))
@@ -131,7 +137,7 @@ class StaticDecoder:
         self.temperature, self.top_k = temperature, effective_top_k(temperature, top_k, model.config.vocab_size)
         # the Exp(1) draws a sampling step picks with (draw_noise)
         self.noise = torch.ones(batch_size, model.config.vocab_size, device=p.device) if temperature else None
-        self.rot_table = model._rope(0, capacity).clone() if model.config.rope else None  # (capacity, hs/2, 2)
+        self.rot_table = model._rope(0, room).clone() if model.config.rope else None  # (room, hs/2, 2)
         self.cuda_graphs = p.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs:  # CUDA graphs replay fixed addresses: the caches must never move, and the
             # RoPE table is read where it lies (an input not marked static is copied in at every replay)
@@ -212,7 +218,8 @@ class StaticDecoder:
         class and config, the cache kind and its buffers, sampling, the weights' dtype, the mode
         and autocast (stepcache.py's key)."""
         bufs = [(tuple(t.shape), str(t.dtype)) for t in self.buffers()]
-        return repr((type(self.model).__qualname__, self.model.config, self.kv, self.batch_size, self.capacity,
+        table = None if self.rot_table is None else tuple(self.rot_table.shape)
+        return repr((type(self.model).__qualname__, self.model.config, self.kv, self.batch_size, table,
                      [type(c).__qualname__ for _, c in self.distinct], bufs, self.temperature, self.top_k,
                      self.token.device.type, self.mode()))
 

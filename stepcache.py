@@ -83,7 +83,7 @@ def find(k, args):
     if f is None:
         origin = "loaded"
         path = os.path.join(folder() or "", k + ".bin")
-        if folder() is None or not os.path.isfile(path):
+        if folder() is None or not os.path.isfile(path) or not _ours(path):
             return None
         try:
             with open(path, "rb") as fh:
@@ -99,6 +99,14 @@ def find(k, args):
     f.origin = origin
     _HERE[k] = f
     return f
+
+
+def _ours(path):
+    """Whether the file and its folder belong to this user (POSIX): a saved step is code, and
+    only this user's own are loaded (not one another user left in a shared /tmp)."""
+    if not hasattr(os, "getuid"):
+        return True
+    return all(os.stat(p).st_uid == os.getuid() for p in (path, os.path.dirname(path)))
 
 
 def keep(k, f):

@@ -12,7 +12,7 @@ import torch
 
 import stepcache
 from conftest import REPO_ROOT, text, tiny
-from generate import StaticDecoder
+from generate import SLOTS_STEP, StaticDecoder
 from kv.policy import KVOptions
 
 KV = dict(kv_window=8, kv_sink=2)  # a ring with sinks: the cheapest step to compile that wraps
@@ -34,14 +34,16 @@ def files():
 
 
 @pytest.mark.slow
-def test_a_step_is_compiled_once_then_reused_and_loaded():
+def test_a_step_is_compiled_once_then_reused_and_loaded(monkeypatch):
     """The first decoder compiles and saves its step; a second of the kind in the process reuses
-    it; after the process's steps are forgotten (a later run), a third loads the file. A
-    decoder of another batch size does not take the saved step (its guards fail), and a file
-    that cannot be read is compiled again and rewritten. Every one gives the eager logits."""
+    it (for a text of another length too, within SLOTS_STEP); after the process's steps are forgotten (a later run), a third loads the file. A
+    decoder of another batch size does not take the saved step (its guards fail), a file
+    that cannot be read is compiled again and rewritten, and another user's file is not
+    loaded. Every one gives the eager logits."""
     model = tiny(n_kv_head=2)
     kv = KVOptions(**KV).check()
     first = StaticDecoder(model, kv, 1, 30)
+    assert StaticDecoder(model, kv, 1, 35).step is first.step  # another text length, the same buffers
     assert first.compiled and first.origin == "compiled" and first.unguarded
     [saved] = files()
     again = StaticDecoder(model, kv, 1, 30)
@@ -57,7 +59,9 @@ def test_a_step_is_compiled_once_then_reused_and_loaded():
     with torch.no_grad():
         assert stepcache.find(k, StaticDecoder(model, kv, 1, 30, compile=False).args) is later.step
         assert stepcache.find(k, StaticDecoder(model, kv, 2, 30, compile=False).args) is None  # guards: batch 2
-        assert stepcache.find(k, StaticDecoder(model, kv, 1, 31, compile=False).args) is None  # capacity
+        # capacities are rounded up to whole SLOTS_STEP: 31 and 30 share the step, 65 does not
+        assert stepcache.find(k, StaticDecoder(model, kv, 1, 31, compile=False).args) is later.step
+        assert stepcache.find(k, StaticDecoder(model, kv, 1, SLOTS_STEP + 1, compile=False).args) is None
         assert stepcache.find(k, StaticDecoder(tiny(n_kv_head=1), kv, 1, 30, compile=False).args) is None
 
     path = os.path.join(stepcache.folder(), saved)
@@ -71,6 +75,11 @@ def test_a_step_is_compiled_once_then_reused_and_loaded():
     assert_eager_logits(model, kv, fresh)
     stepcache.forget()
     with torch.no_grad():
+        if hasattr(os, "getuid"):  # a file of another user's is code this user never ran: not loaded
+            uid = os.getuid()
+            with monkeypatch.context() as m:
+                m.setattr(stepcache.os, "getuid", lambda: uid + 1)
+                assert stepcache.find(k, later.args) is None
         assert stepcache.find(k, later.args) is not None  # rewritten whole
 
 
