@@ -227,7 +227,7 @@ class StaticDecoder:
         """What compiling the step took, as a line to show (what: e.g. " for int4")."""
         s = f"{self.compile_seconds:.1f} s"
         if self.origin == "loaded":
-            return f"loaded the decode step{what} that an earlier run compiled in {s} (stepcache.py)"
+            return f"loaded the decode step{what} in {s} (an earlier run compiled it: stepcache.py)"
         if self.origin == "reused":
             return f"reused the decode step{what} compiled for an earlier decoder of its kind ({s})"
         return f"compiled the decode step{what} in {s}"

@@ -450,5 +450,5 @@ def test_sample_compiled_gives_the_eager_text(sharp_ckpt):
     assert "compiled the decode step in" in err
     assert compiled == eager
     loaded, err = samples(sharp_ckpt, "--num_samples=2", "--compile=True", "--top_k=40", temperature=0.8)
-    assert "loaded the decode step that an earlier run compiled" in err
+    assert "loaded the decode step in" in err and "an earlier run compiled it" in err
     assert loaded == eager
