@@ -96,9 +96,16 @@ def find(k, args):
     except Exception:
         return None
     f.disable_guard_check()
-    f.origin = origin
+    _mark(f, origin)
     _HERE[k] = f
     return f
+
+
+def _mark(f, origin):
+    try:
+        f.origin = origin  # (read by the decoder that asked, right away)
+    except AttributeError:  # a torch whose compiled functions take no attributes: "compiled" is said
+        pass
 
 
 def _ours(path):
@@ -112,7 +119,7 @@ def _ours(path):
 def keep(k, f):
     """Keep the step f under hash k, in this process and on disk (where it can be written:
     a step that cannot be saved still runs); its `origin` is "compiled"."""
-    f.origin = "compiled"
+    _mark(f, "compiled")
     _HERE[k] = f
     if folder() is None:
         return
