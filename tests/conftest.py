@@ -50,6 +50,7 @@ def _compile_failures_stay_in_their_test(monkeypatch):
     import utils
     monkeypatch.setattr(utils, "_COMPILE_FAILED", {})
 
+
 @pytest.fixture(autouse=True)
 def _compiled_steps_stay_in_their_test(monkeypatch, tmp_path):
     """stepcache.py keeps compiled decode steps, in the process and on disk, for later runs:
