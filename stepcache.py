@@ -81,9 +81,9 @@ def find(k, args):
     "reused" (this process) or "loaded" (disk)."""
     f, origin = _HERE.get(k), "reused"
     if f is None:
-        origin = "loaded"
-        path = os.path.join(folder() or "", k + ".bin")
-        if folder() is None or not os.path.isfile(path) or not _ours(path):
+        origin, where = "loaded", folder()
+        path = os.path.join(where, k + ".bin") if where is not None else None
+        if path is None or not os.path.isfile(path) or not _ours(path):
             return None
         try:
             with open(path, "rb") as fh:
@@ -121,12 +121,13 @@ def keep(k, f):
     a step that cannot be saved still runs); its `origin` is "compiled"."""
     _mark(f, "compiled")
     _HERE[k] = f
-    if folder() is None:
+    where = folder()
+    if where is None:
         return
     try:
         data = type(f).serialize(f).serialized_data  # what f.save_compiled_function would write
-        os.makedirs(folder(), exist_ok=True)
-        atomic_write(os.path.join(folder(), k + ".bin"), lambda fh: fh.write(data))
+        os.makedirs(where, exist_ok=True)
+        atomic_write(os.path.join(where, k + ".bin"), lambda fh: fh.write(data))
     except Exception:
         pass
 
