@@ -20,7 +20,8 @@ again and overwritten. Editing any .py file of the project changes the hash.
 The files are code (pickles of compiled functions): they live in torch's own cache folder
 (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), under decode_steps/, as
 inductor's compiled kernels do; delete that folder to compile afresh. DECODE_STEP_CACHE=FOLDER
-puts them elsewhere, and DECODE_STEP_CACHE= (empty) keeps none on disk.
+puts them elsewhere, and DECODE_STEP_CACHE= (empty) keeps none on disk. The folder is kept
+under MAX_BYTES: a save deletes the steps used least recently (a load counts as a use) past it.
 
     python -c "import stepcache; print(stepcache.folder())"
 """
@@ -36,6 +37,7 @@ import torch
 from fileio import atomic_write
 
 SUBDIR = "decode_steps"
+MAX_BYTES = 256 * 2**20  # the folder's size past which a save deletes the least recently used steps
 _HERE = {}  # hash -> a step compiled or loaded in this process
 
 
@@ -90,6 +92,10 @@ def find(k, args):
                 f = torch.compiler.load_compiled_function(fh)
         except Exception:  # unreadable, truncated, or from a torch that saves otherwise: compile again
             return None
+        try:
+            os.utime(path)  # used now: the last to be pruned
+        except OSError:
+            pass
     try:
         if not f.guard_check(*args):
             return None
@@ -128,8 +134,32 @@ def keep(k, f):
         data = type(f).serialize(f).serialized_data  # what f.save_compiled_function would write
         os.makedirs(where, exist_ok=True)
         atomic_write(os.path.join(where, k + ".bin"), lambda fh: fh.write(data))
+        prune(where, keep=k + ".bin")
     except Exception:
         pass
+
+
+def prune(where, keep=None):
+    """Delete this user's steps in folder where, least recently used first (oldest modification
+    time: find touches what it loads), until they take at most MAX_BYTES; the file named keep
+    stays whatever its size. Files that are not steps are left alone."""
+    steps = []
+    for name in os.listdir(where):
+        path = os.path.join(where, name)
+        if name.endswith(".bin") and len(name) == 44 and name != keep and os.path.isfile(path) and _ours(path):
+            st = os.stat(path)
+            steps.append((st.st_mtime, st.st_size, path))
+    total = sum(size for _, size, _ in steps)
+    if keep is not None and os.path.isfile(os.path.join(where, keep)):
+        total += os.path.getsize(os.path.join(where, keep))
+    for _, size, path in sorted(steps):
+        if total <= MAX_BYTES:
+            break
+        try:
+            os.remove(path)
+            total -= size
+        except OSError:  # another run deleted it first
+            pass
 
 
 def forget():

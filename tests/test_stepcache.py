@@ -49,8 +49,10 @@ def test_a_step_is_compiled_once_then_reused_and_loaded(monkeypatch):
     again = StaticDecoder(model, kv, 1, 30)
     assert again.origin == "reused" and again.step is first.step
     stepcache.forget()
+    os.utime(os.path.join(stepcache.folder(), saved), (1, 1))
     later = StaticDecoder(model, kv, 1, 30)
     assert later.origin == "loaded" and later.step is not first.step and later.unguarded
+    assert os.path.getmtime(os.path.join(stepcache.folder(), saved)) > 1  # a load counts as a use
     assert "loaded the decode step" in later.compile_line()
     for dec in (first, again, later):
         assert_eager_logits(model, kv, dec)
@@ -81,6 +83,25 @@ def test_a_step_is_compiled_once_then_reused_and_loaded(monkeypatch):
                 m.setattr(stepcache.os, "getuid", lambda: uid + 1)
                 assert stepcache.find(k, later.args) is None
         assert stepcache.find(k, later.args) is not None  # rewritten whole
+
+
+def test_the_folder_is_pruned_least_recently_used_first(tmp_path, monkeypatch):
+    """Past MAX_BYTES, the steps used longest ago go first; the one just saved stays whatever its
+    size, and files that are not steps are never touched."""
+    monkeypatch.setattr(stepcache, "MAX_BYTES", 250)
+    names = {}
+    for age, letter in enumerate("abcde"):  # a: used last; e: used first
+        names[letter] = letter * 40 + ".bin"
+        (tmp_path / names[letter]).write_bytes(b"x" * 100)
+        os.utime(tmp_path / names[letter], (1000 - age, 1000 - age))
+    (tmp_path / "notes.txt").write_bytes(b"x" * 1000)
+    (tmp_path / ("f" * 40 + ".bin")).write_bytes(b"x" * 100)  # the one just saved: the oldest of all
+    os.utime(tmp_path / ("f" * 40 + ".bin"), (1, 1))
+    stepcache.prune(str(tmp_path), keep="f" * 40 + ".bin")
+    assert sorted(os.listdir(tmp_path)) == sorted([names["a"], "f" * 40 + ".bin", "notes.txt"])
+    monkeypatch.setattr(stepcache, "MAX_BYTES", 50)
+    stepcache.prune(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
 def test_nothing_is_written_where_the_cache_is_turned_off(monkeypatch):
