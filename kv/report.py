@@ -12,6 +12,7 @@ before a long run whether the files will be writable at its end.
 
 import csv
 import io
+import math
 import os
 import tempfile
 
@@ -83,10 +84,12 @@ def plot(results, path, title):
     others = [i for i in range(len(results)) if i not in front]
     ax.scatter([xs[i] for i in others], [min(ys[i], top) for i in others], color="tab:gray", zorder=2,
                label="other settings")
-    for i in others:
-        if ys[i] > top:
-            ax.annotate(f"{results[i]['setting']}: {ys[i]:.2f} \u2191", (xs[i], top), fontsize=7, ha="right",
-                        textcoords="offset points", xytext=(-4, -10))
+    middle = math.sqrt(min(xs) * max(xs)) if min(xs) > 0 else 0  # of the log-scale x axis
+    for n, i in enumerate(sorted((i for i in others if ys[i] > top), key=lambda i: xs[i])):
+        left = xs[i] <= middle  # the label runs inwards from its point, one line below the last
+        ax.annotate(f"{results[i]['setting']}: {ys[i]:.2f} \u2191", (xs[i], top), fontsize=7,
+                    ha="left" if left else "right", textcoords="offset points",
+                    xytext=(4 if left else -4, -10 - 9 * n))
     ax.plot([xs[i] for i in front], [ys[i] for i in front], "-", color="tab:red", zorder=3)
     for n, i in enumerate(front):
         ax.scatter([xs[i]], [ys[i]], marker="os^vDP*Xph"[n % 10], s=50, zorder=4,

@@ -174,6 +174,32 @@ def test_buckets_and_frontier():
                                                                                         (1024, 512, 32)]
 
 
+def test_points_above_the_plot_are_labelled_inside_it_without_overlap(tmp_path, monkeypatch):
+    """Settings far worse than the rest are drawn at the top edge with a label: each label lies
+    inside the figure (at the left edge too) and none covers another."""
+    import kv.report as report
+    figures = []
+    monkeypatch.setattr(report, "save_png", lambda fig, path: figures.append(fig))
+    rows = [dict(setting="plain, window 64 (reference)", kv_bits_per_token=256.0, bpb=2.0)]
+    rows += [dict(setting=f"a setting with a long name number {n}, window 64", kv_bits_per_token=x, bpb=2.0 + 0.001 * n)
+             for n, x in enumerate([4.0, 16.0, 64.0, 128.0])]
+    rows += [dict(setting=f"a far worse setting with a long name number {n}, window 64", kv_bits_per_token=x, bpb=3.5)
+             for n, x in enumerate([5.0, 6.0, 9.0, 200.0, 210.0, 16384.0])]
+    for r in rows:
+        r.update(bpb_base=2.0, baseline="plain, window 64")
+    import matplotlib.pyplot as plt
+    monkeypatch.setattr(plt, "close", lambda fig: None)
+    report.plot(rows, str(tmp_path / "p.png"), "a title")
+    [fig] = figures
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts]
+    assert len(boxes) == 6
+    width, height = fig.canvas.get_width_height()
+    for n, a in enumerate(boxes):
+        assert a.x0 >= 0 and a.x1 <= width and a.y0 >= 0 and a.y1 <= height
+        assert not any(a.overlaps(b) for b in boxes[n + 1:])
+
+
 def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
     proc = run_script("eval_kv.py", f"--out_dir={ckpt_dir}", "--sweep=quick", "--n_streams=2",
                       "--stream_len=160", "--kv_quant_group=16", "--device=cpu")
