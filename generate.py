@@ -17,8 +17,6 @@ import time
 import warnings
 
 import torch
-import torch._dynamo.config as dynamo_config
-import torch._inductor.config as inductor_config
 
 from kv.policy import KVOptions, held_bits
 from kv.static import static_reason
@@ -159,6 +157,9 @@ class StaticDecoder:
         self.traced, self.weight = None, p  # what a step called without guards was traced for (mode())
         self.flushes = [static_flush] * len(self.flushing)  # one per list of self.flushing
         if compile:
+            # (imported here: torch._dynamo takes 1.4 s to import, a third of an eager sample.py run)
+            import torch._dynamo.config as dynamo_config
+            import torch._inductor.config as inductor_config
             options, fixed = dict(fullgraph=True, dynamic=False), False
             if compile is not True:
                 options["backend"] = compile
@@ -179,8 +180,8 @@ class StaticDecoder:
                 fixed = True
             # (guarded steps: CUDA, MPS, a backend given) one compiled entry per decoder of another
             # cache kind or shape: more than dynamo's default of 8 in a sweep (its guards pick the
-            # entry; none is traced twice). A CPU step compiled ahead is its decoder's own: each
-            # decoder compiles (2-10 s more for a second one of the same kind and shape)
+            # entry; none is traced twice). A CPU step compiled ahead is kept by stepcache.py for
+            # the next decoder of its kind and shape, in this process and in later runs
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
             t0 = time.perf_counter()
             args = self.args
