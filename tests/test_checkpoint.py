@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import checkpoint
 from checkpoint import convert_state_dict, load_model, read_checkpoint, save_checkpoint
-from conftest import TOL, feed, text, tiny
+from conftest import TOL, feed, run_script, save_tiny_checkpoint, text, tiny
 from model import GPT, MODEL_ARG_KEYS, GPTConfig
 from tutorial_reference import reference_logits
 from utils import UserError
@@ -358,3 +358,30 @@ def test_an_attention_override_on_a_hybrid_is_one_clear_error(tmp_path):
                     {}, 1, 5.0)
     with pytest.raises(UserError, match="^linear_layers needs --attention=linear"):
         load_model(str(tmp_path / "plain.pt"), "cpu", {"linear_layers": "0"})
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_layer=4, n_kv_head=1, window=8, global_layers="2,3", kv_share=2, bias=False),
+                                dict(attention="linear", linear_layers="0"), dict(rope=False, attention="naive")])
+def test_the_shape_check_builds_the_shapes_meta_builds_without_allocating(kw):
+    """checkpoint's shapes-only build gives every state-dict shape a model built under
+    torch.device("meta") has, with no parameter or buffer bigger than half a head on the CPU."""
+    config = GPTConfig(**dict(dict(n_layer=2, n_head=4, n_embd=32), **kw))
+    with checkpoint._ParametersOnMeta():
+        model = GPT(config)
+    with torch.device("meta"):
+        reference = GPT(config)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in reference.state_dict().items()}
+    held = [v for v in list(model.parameters()) + list(model.buffers()) if v.device.type != "meta"]
+    assert all(v.numel() <= config.head_dim // 2 for v in held)
+
+
+def test_loading_a_checkpoint_does_not_import_the_compiler(tmp_path):
+    """An eager sample.py run never imports torch._dynamo (1.3 s, a third of its start-up):
+    neither the checkpoint's shape check nor generate.py's imports pull it in."""
+    save_tiny_checkpoint(tmp_path)
+    probe = (f"import runpy, sys\nsys.argv = ['sample.py', '--out_dir={tmp_path}', '--max_new_tokens=5', '--device=cpu']\n"
+             "try:\n    runpy.run_path('sample.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "print('compiler imported' if 'torch._dynamo' in sys.modules else 'compiler not imported')\n")
+    proc = run_script("-c", probe)
+    assert proc.returncode == 0, proc.stderr
+    assert "KV cache peak" in proc.stderr and proc.stdout.strip().endswith("compiler not imported"), proc.stdout
