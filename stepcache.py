@@ -146,17 +146,17 @@ def prune(where, keep=None):
     steps = []
     for name in os.listdir(where):
         path = os.path.join(where, name)
-        if name.endswith(".bin") and len(name) == 44 and name != keep and os.path.isfile(path) and _ours(path):
+        if name.endswith(".bin") and len(name) == 44 and os.path.isfile(path) and _ours(path):
             st = os.stat(path)
-            steps.append((st.st_mtime, st.st_size, path))
+            steps.append((st.st_mtime, st.st_size, name))
     total = sum(size for _, size, _ in steps)
-    if keep is not None and os.path.isfile(os.path.join(where, keep)):
-        total += os.path.getsize(os.path.join(where, keep))
-    for _, size, path in sorted(steps):
+    for _, size, name in sorted(steps):
         if total <= MAX_BYTES:
             break
+        if name == keep:
+            continue
         try:
-            os.remove(path)
+            os.remove(os.path.join(where, name))
             total -= size
         except OSError:  # another run deleted it first
             pass
