@@ -158,6 +158,11 @@ def memory_available(dev):
     return None
 
 
+def in_bytes(n):
+    """n bytes in GiB, or in MiB below one GiB."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
 def keep_freed_memory():
     """Ask glibc's malloc to keep the memory a process frees, for its next allocations.
     By default it maps each big block (above a threshold of at most 32 MB) fresh from the OS

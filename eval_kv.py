@@ -53,12 +53,12 @@ from attention import PLAIN_SOFTMAX
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from generate import static_decoders
-from kv.evaluate import evaluate, label, load_streams, rebase, spans
+from kv.evaluate import evaluate, label, least_memory, load_streams, rebase, spans
 from kv.policy import KVOptions
 from kv.quant import CHANNEL_KEYS, FORMATS
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_dir, dataset_paths, same_dataset
-from devices import keep_freed_memory, pick_device, use_threads
+from devices import in_bytes, keep_freed_memory, memory_available, pick_device, use_threads
 from utils import Progress, UserError, has_module, run_main
 
 quiet_start.done()
@@ -186,6 +186,18 @@ def load_baseline(where, dev, say, dataset):
     return path, model, ref
 
 
+def check_memory(config, settings, ref_kv, step, dev, dt):
+    """One error before any work where the streams cannot fit in memory (kv.evaluate.least_memory)."""
+    host, on_dev = least_memory(config, settings, ref_kv, n_streams, stream_len, step, dt)
+    free_host = memory_available("cpu")
+    checks = [(host + on_dev, free_host, "cpu")] if dev == "cpu" else [(host, free_host, "cpu"), (on_dev, memory_available(dev), dev)]
+    for need, free, where in checks:
+        if free is not None and need > free:
+            raise UserError(f"{n_streams:,} streams of {stream_len:,} bytes need at least {in_bytes(need)} on {where}, "
+                            f"and {in_bytes(free)} is free: lower --n_streams or --stream_len"
+                            + (" (or --chunk)" if step > 1 and where == dev else ""))
+
+
 def main():
     configure(globals(), sys.argv[1:])
     say = lambda line: print(line, file=sys.stderr)
@@ -289,6 +301,7 @@ def main():
         if note:
             say(note)
     dt = DTYPES[dtype]
+    check_memory(model.config, settings, ref_kv, step, dev, dt)
     x, y = load_streams(val_path, n_streams, stream_len)
     size = os.path.getsize(val_path)
     if n_streams > 1 and n_streams * stream_len + 1 > size:  # evenly spaced: they share bytes (stream_offsets)

@@ -30,8 +30,9 @@ import torch
 from checkpoint import checkpoint_path, load_model, missing_checkpoint
 from configurator import configure
 from generate import generate_stream, prefill_piece, static_decoder
+from kv.peak import least_cache_bytes
 from kv.policy import KVOptions
-from devices import autocast_ctx, memory_available, pick_device, pick_dtype, use_threads
+from devices import autocast_ctx, in_bytes, memory_available, pick_device, pick_dtype, use_threads
 from utils import SEED_MAX, UserError, check_range, run_main
 
 quiet_start.done()
@@ -93,7 +94,7 @@ def main():
         many = num_samples > 1
         shorter = ", or shorten the prompt" if prefill_piece(kv, len(prompt)) > max_new_tokens else ""
         raise UserError(f"{num_samples} sample{'s' if many else ''} of {len(prompt):,} + {max_new_tokens:,} bytes "
-                        f"need{'' if many else 's'} at least {size(need)} on {dev}, and {size(free)} is free: "
+                        f"need{'' if many else 's'} at least {in_bytes(need)} on {dev}, and {in_bytes(free)} is free: "
                         f"lower --num_samples or --max_new_tokens{shorter}"
                         + (", or bound the cache (--kv_window=N)" if kv.kv_window <= 0 and kv.kv_evict == "none" else ""))
     ctx = autocast_ctx(dev, dt)
@@ -150,23 +151,11 @@ def main():
 
 def least_memory(model, kv, T):
     """Bytes that num_samples samples of a T-byte prompt and max_new_tokens new bytes need at
-    the least: their KV caches (each layer's at most its bound's tokens, a local layer's at most
-    its window, none for linear attention; 16 bits a value, a quantized cache counted at 2 bits,
-    fewer than any format holds) and the logits of the prompt's bytes prefill feeds at once."""
-    c, width = model.config, 2  # bytes a value
-    L = T + max_new_tokens
-    bound = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
-    bound = min(bound, kv.kv_budget + 1) if kv.kv_evict != "none" else bound
-    held = sum(min(bound, c.window) if c.is_local(i) else bound  # tokens, over the caches (one per kv_share group)
-               for i in range(0, c.n_layer, c.kv_share) if c.kind(i) != "linear")
-    kv_bytes = 2 * c.kv_heads * c.head_dim * held * width
-    kv_bytes = kv_bytes // 8 if kv.kv_quant != "none" else kv_bytes  # 2 of 16 bits
-    return num_samples * (kv_bytes + prefill_piece(kv, T) * c.vocab_size * width)
-
-
-def size(n_bytes):
-    """n_bytes in GiB, or in MiB below one GiB."""
-    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
+    the least: their KV caches (kv.peak.least_cache_bytes) and the logits of the prompt's bytes
+    prefill feeds at once, 16 bits a value."""
+    width = 2  # bytes a value
+    kv_bytes = least_cache_bytes(model.config, kv, T + max_new_tokens, width)
+    return num_samples * (kv_bytes + prefill_piece(kv, T) * model.config.vocab_size * width)
 
 
 def read_prompt(text):

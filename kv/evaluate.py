@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from kv.peak import decoder_peak
+from kv.peak import decoder_peak, least_cache_bytes
 from plugins import not_finite
 from utils import UserError
 
@@ -68,8 +68,7 @@ class ReferencePass:
     def __init__(self, model, x, y, kv, dtype=torch.bfloat16):
         self.model, self.x, self.y, self.kv, self.dtype = model, x, y, kv, dtype
         B, L = x.shape
-        w = max(kv.kv_window, 0)
-        self.piece = min(L, max(2 * w, 256) if w else (L if model.config.attention == "softmax" else REF_CHUNK))
+        self.piece = reference_piece(model.config, kv, L)
         self.states = [None] * B  # each stream's caches, alive while the stream is read
         self.nll = torch.zeros(B, L)
         self.lp, self.start, self.end, self.seconds = None, 0, 0, 0.0
@@ -96,6 +95,28 @@ class ReferencePass:
             self.lp, self.start, self.end = lp, s, e
             self.seconds += time.perf_counter() - t0
         return self.lp[:, a - self.start:b - self.start]
+
+
+def reference_piece(config, kv, L):
+    """Bytes per piece of ReferencePass over streams of L bytes under the reference cache kv."""
+    w = max(kv.kv_window, 0)
+    return min(L, max(2 * w, 256) if w else (L if config.attention == "softmax" else REF_CHUNK))
+
+
+def least_memory(config, settings, reference, B, L, chunk, dtype=torch.bfloat16):
+    """(host, device) bytes that evaluate() over B streams of L bytes needs at the least: the
+    streams and every row's per-byte losses on the host; on the device the float32
+    log-probabilities of a reference piece of every stream, twice (the streams' own and
+    their concatenation), of a span of the other settings (twice: the logits and their
+    log-softmax) and their caches for B streams (kv.peak.least_cache_bytes). The activations
+    inside a forward come on top: a floor for refusing, not a forecast."""
+    others = [kv for kv in settings if kv != reference]
+    width = torch.finfo(dtype).bits // 8
+    host = B * L * (2 * 8 + 4 + 8 * len(others))  # x and y (int64), the reference's nll, each run's nll and kl
+    span = spans(chunk, L)[0]
+    device = B * config.vocab_size * 4 * 2 * (reference_piece(config, reference, L) + (span if others else 0))
+    device += B * sum(least_cache_bytes(config, kv, L, width) for kv in others)
+    return host, device
 
 
 def spans(chunk, L):

@@ -13,6 +13,20 @@ from attention_linear import LinearState
 from kv.cache import Cache
 
 
+def least_cache_bytes(config, kv, L, width=2):
+    """Bytes that one stream's KV caches under kv (KVOptions) hold at the least over L tokens,
+    width bytes a value: each layer's (one per kv_share group) at most its bound's tokens, a
+    local layer's at most its window, none for linear attention; a quantized cache counted at
+    2 bits of 16, fewer than any format holds. A cheap floor for refusing what cannot fit."""
+    c = config
+    bound = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
+    bound = min(bound, kv.kv_budget + 1) if kv.kv_evict != "none" else bound
+    held = sum(min(bound, c.window) if c.is_local(i) else bound  # tokens, over the caches
+               for i in range(0, c.n_layer, c.kv_share) if c.kind(i) != "linear")
+    kv_bytes = 2 * c.kv_heads * c.head_dim * held * width
+    return kv_bytes // 8 if kv.kv_quant != "none" else kv_bytes
+
+
 @torch.no_grad()
 def decoder_peak(model, kv, L, dtype=torch.bfloat16):
     """Peak KV bits per stream of a token-by-token decoder with kv's caches (KVOptions) over L

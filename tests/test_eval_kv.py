@@ -623,3 +623,29 @@ def test_a_sweep_of_unbounded_rows_sizes_its_budgets_by_the_stream(ckpt_dir):
                                     "--tensorboard=False")
     assert code in (0, None), err
     assert "| h2o 32 (recent 16, sink 4), unbounded |" in out and "| evict-window 32 (sink 4), unbounded |" in out, out
+
+
+def test_streams_that_cannot_fit_in_memory_are_one_line_before_any_work(ckpt_dir, monkeypatch, capsys):
+    """The streams' bytes and losses, and the log-probabilities of a piece of every stream side by
+    side, against the memory free (patched to 32 MiB): 1,000 streams of 64 bytes hold 62.5 MiB of
+    float32 log-probabilities at once (1,000 x 64 x 256 x 4 bytes), and are refused in one line
+    before a stream is read; 10 such streams run."""
+    import devices
+    monkeypatch.setattr(devices, "memory_available", lambda dev: 2 ** 25)
+    with monkeypatch.context() as m:
+        m.setattr(kv_evaluate, "load_streams", lambda *a: pytest.fail("the streams were read"))
+        line = main_error(m, capsys, f"--out_dir={ckpt_dir}", "--device=cpu", "--n_streams=1000", "--stream_len=64")
+    assert line.startswith("error: 1,000 streams of 64 bytes need at least ") and line.endswith(
+        "on cpu, and 32.0 MiB is free: lower --n_streams or --stream_len (or --chunk)"), line
+    need = float(line.split("need at least ")[1].split(" MiB")[0])
+    assert 2 * 1000 * 64 * 256 * 4 / 2 ** 20 <= need < 160, line
+    err = run_main_ok(monkeypatch, capsys, f"--out_dir={ckpt_dir}", "--device=cpu", "--n_streams=10", "--stream_len=64")
+    assert "error" not in err and "plain" in err, err
+
+
+def run_main_ok(monkeypatch, capsys, *argv):
+    """Run eval_kv.main in-process to its end; its stderr."""
+    mod = importlib.reload(eval_kv)
+    monkeypatch.setattr("sys.argv", ["eval_kv.py", *map(str, argv)])
+    run_main(mod.main)
+    return capsys.readouterr().err
