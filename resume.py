@@ -36,7 +36,7 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
     (batch_size, block_size); the data position is restored only if they and the dataset are
     the checkpoint's. Returns True when it was: the loader's rows go on where they stopped.
     A state this program cannot restore (a foreign checkpoint's) is one UserError."""
-    broken = (TypeError, ValueError, RuntimeError, KeyError, IndexError)  # what a malformed state raises
+    broken = (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError)  # what a malformed state raises
     try:
         if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
             # the moments come from the checkpoint, the hyperparameters from this run's config
@@ -83,7 +83,11 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
 
 
 def optimizer_state_fits(optimizer, state):
-    """True if a saved AdamW state matches this optimizer's groups and parameter shapes."""
+    """True if a saved AdamW state matches this optimizer's groups and parameter shapes; a
+    TypeError if it is not an optimizer's state at all."""
+    if not (isinstance(state, dict) and isinstance(state.get("param_groups"), list)
+            and isinstance(state.get("state"), dict)):
+        raise TypeError("not an optimizer's state_dict (param_groups and state)")
     groups = optimizer.param_groups
     saved = state.get("param_groups", [])
     if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):

@@ -138,13 +138,23 @@ def test_a_resume_that_evaluates_other_val_batches_starts_its_own_best(data_dir,
     assert read_checkpoint(str(out / "ckpt.pt"))["best_val_loss"] == pytest.approx(min(losses), abs=1e-4)
 
 
-def test_an_unreadable_training_state_is_one_error(run_dir):
+@pytest.mark.parametrize("key,value", [
+    ("rng", {"cpu": torch.zeros(3, dtype=torch.uint8)}),  # not a generator state
+    ("rng", "garbage"), ("rng", [1, 2]),  # not a dict of states at all
+    ("optimizer", {"state": "x", "param_groups": []}), ("optimizer", {"param_groups": "x", "state": {}}),
+    ("optimizer", "garbage"), ("optimizer", [1]),
+])
+def test_an_unreadable_training_state_is_one_error(run_dir, key, value):
+    """A hand-edited checkpoint (no checksums to catch it) whose random state or optimizer state
+    is not what train.py saves: one UserError naming which, never a traceback or a note that
+    the parameter shapes changed."""
     ckpt = read_checkpoint(str(run_dir / "last.pt"))
     model, _ = load_model(str(run_dir / "last.pt"))
     optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    ckpt["rng"] = {"cpu": torch.zeros(3, dtype=torch.uint8)}  # not a generator state
-    with pytest.raises(UserError, match="random state or data position cannot be restored .*--resume_mode=finetune"):
+    ckpt[key] = value
+    what = "random state or data position" if key == "rng" else "optimizer state"
+    with pytest.raises(UserError, match=f"the checkpoint's {what} cannot be restored"):
         restore_training_state(ckpt, "continue", optimizer, scaler, object(), (4, 32))
 
 
