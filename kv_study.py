@@ -439,6 +439,9 @@ def main():
         variant_names()  # an empty list is one line now
     check_range(globals(), "iters n_streams stream_len kv_quant_group context_streams", 1)
     check_range(globals(), "chunk evict_chunk learning_rate min_lr", 0)
+    if min_lr > learning_rate:  # (train.py refuses it: say so before any fine-tune starts)
+        raise UserError(f"--min_lr={min_lr:g} is above --learning_rate={learning_rate:g}: the fine-tunes' rate would "
+                        "rise where it should decay; lower --min_lr (learning_rate / 10 is usual)")
     iteration_counts(context_iters)  # a typo here is one line now, not a traceback after the base's evaluation
     check_train_args(train_args)
     if yardstick not in ("strict", "same_training", "base"):

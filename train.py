@@ -510,6 +510,9 @@ def check_settings(world_size=1):
     if not 0.0 < last_save_budget <= 1.0:
         raise UserError(f"--last_save_budget must be in (0, 1], got {last_save_budget}")
     check_range(globals(), "learning_rate min_lr weight_decay grad_clip warmup_iters lr_decay_iters", 0)
+    if decay_lr and min_lr > learning_rate:
+        raise UserError(f"--min_lr={min_lr:g} is above --learning_rate={learning_rate:g}: the rate would rise "
+                        "where it should decay; lower --min_lr (learning_rate / 10 is usual), or --decay_lr=False")
     check_range(globals(), "beta1 beta2 dropout", 0, 1, high_open=True)
     check_range(globals(), "reset_prob", 0, 1)
     check_range(globals(), "seed", -SEED_MAX, SEED_MAX)

@@ -320,6 +320,14 @@ def test_bad_context_iters_is_one_line_before_any_work(base_ckpt, tmp_path):
     assert not (tmp_path / "ctx").exists()
 
 
+def test_a_final_rate_above_the_peak_is_one_line_before_any_fine_tune(base_ckpt, tmp_path):
+    """train.py refuses --min_lr above --learning_rate; the study says so at its start, not at
+    its first fine-tune after the base's evaluation."""
+    refused = kv_study(base_ckpt, tmp_path / "lr", "--learning_rate=1e-4", "--min_lr=1e-3")
+    assert_user_error(refused, "--min_lr=0.001 is above --learning_rate=0.0001")
+    assert not (tmp_path / "lr").exists()
+
+
 def test_train_args_that_the_study_sets_itself_are_one_line(base_ckpt, tmp_path):
     """--train_args with a setting the study gives every fine-tune (it would train other than
     finetune.json records) or one a variant changes, or a word that is not --name=value: one

@@ -143,6 +143,7 @@ BAD_INPUTS = [
     (T + ["--weight_decay=-0.1"], "--weight_decay must be at least 0"),
     (T + ["--grad_clip=-1"], "--grad_clip must be at least 0"),
     (T + ["--warmup_iters=-5"], "--warmup_iters must be at least 0"),
+    (T + ["--min_lr=1e-2", "--learning_rate=1e-3"], "--min_lr=0.01 is above --learning_rate=0.001: the rate would rise"),
     (T + ["--reset_prob=1.5"], "--reset_prob must be in [0, 1]"),
     (T + ["--seed=99999999999999999999999"], "--seed: 99999999999999999999999 is too large a number"),  # (past what torch's seeds hold)
     (S + ["--seed=-99999999999999999999999"], "--seed: -99999999999999999999999 is too large a number"),
