@@ -180,6 +180,20 @@ def _check_input(data, input_path, target, where):
                             "train with --dataset=that/folder/")
 
 
+def not_text(path, head=2 ** 20):
+    """A note when the first head bytes of a split hold NUL bytes (a binary file, not text:
+    perhaps not the folder meant), else ''. Read as bytes all the same: a byte model can."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(head)
+    except OSError:  # (the loader says what is wrong with it)
+        return ""
+    if b"\0" not in data:
+        return ""
+    return (f"note: {path} holds NUL bytes (the first at byte {data.index(0):,}): a binary file, not text; "
+            "the model learns its bytes all the same (was --dataset meant to name another folder?)")
+
+
 def _corpus(data, where):
     """data, if it splits into a non-empty train.txt and val.txt; else one UserError."""
     if not data:

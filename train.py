@@ -51,7 +51,7 @@ from configurator import configure
 from kv.policy import KVOptions
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state, try_step
-from loader import ByteLoader, dataset_paths, fixed_batches, same_dataset
+from loader import ByteLoader, dataset_paths, fixed_batches, not_text, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
 from steps import compile_probe, estimate_loss, not_finite_at_start, train_step
@@ -173,6 +173,8 @@ def train(held):
     # model, optimizer and the iteration range of this run
     if init_from == "scratch":
         train_path, val_path = dataset_paths(dataset)
+        if master and (note := not_text(train_path)):
+            print(note)
         model_args = {k: config[k] for k in MODEL_ARG_KEYS}
         model = GPT(GPTConfig(**model_args)).to(dev)
         ckpt, ckpt_path, mode, start_iter, end_iter, origin = None, None, "scratch", 0, max_iters, 0

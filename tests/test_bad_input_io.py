@@ -227,6 +227,20 @@ def test_prepare_script_refuses_a_binary_input(tmp_path):
     assert (ds / "input.txt").read_bytes() == tiny_corpus(1000)
 
 
+def test_a_folder_of_binary_bytes_trains_with_a_note(tmp_path):
+    """A folder whose input.txt is not text (a program, say: --dataset named the wrong folder)
+    is split on first use as any other, and train.py says what it reads; text gets no note."""
+    from conftest import train
+    binary, text = tmp_path / "bin", tmp_path / "text"
+    for folder, data in ((binary, open(sys.executable, "rb").read(100_000)), (text, tiny_corpus(1000))):
+        folder.mkdir()
+        (folder / "input.txt").write_bytes(data)
+    printed = train(binary, tmp_path / "o1", "--max_iters=1")
+    first = open(sys.executable, "rb").read().index(0)
+    assert f"note: {binary / 'train.txt'} holds NUL bytes (the first at byte {first:,}): a binary file" in printed
+    assert "NUL" not in train(text, tmp_path / "o2", "--max_iters=1")
+
+
 # -- a plug-in with the wrong signature ----------------------------------------------------
 
 @pytest.mark.parametrize("setting, source, expected", [
