@@ -141,8 +141,9 @@ def read_checkpoint(path, option="checkpoint_name"):
     ckpt["config"] = ckpt.get("config") or {}  # absent or None: no settings recorded (readers need not check)
     for key, kinds in CONFIG_KINDS.items():  # the settings other scripts read from it
         value = (ckpt.get("config") or {}).get(key)
-        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
-            kind = {str: "a string", int: "a whole number"}.get(kinds, "a number")
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)
+                                  or kinds is not str and not value >= 0):  # (no setting here is negative, or nan)
+            kind = {str: "a string", int: "a whole number >= 0"}.get(kinds, "a number >= 0")
             raise UserError(f"{path} is corrupt: its config says {key}={value!r}, which is not {kind}")
     bad = [k for k, v in ckpt["model"].items() if not (isinstance(k, str) and torch.is_tensor(v))]
     if bad:

@@ -54,7 +54,7 @@ from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from generate import static_decoders
 from kv.evaluate import evaluate, label, least_memory, load_streams, rebase, spans
-from kv.policy import KVOptions
+from kv.policy import KVOptions, saved_tokens
 from kv.quant import CHANNEL_KEYS, FORMATS
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_dir, dataset_paths, same_dataset
@@ -133,7 +133,7 @@ def reference_options(config, how, kv_window=-1, kv_sink=0, say=print, no_cache=
         return KVOptions(kv_window=kv_window, kv_sink=kv_sink).for_checkpoint(config, say, no_cache)
     if how != "natural":
         raise UserError(f"--reference={how!r}: choose natural or unbounded")
-    n = int(config.get("xl_mem", 0) or 0) or int(config.get("block_size", 0) or 0)
+    n = saved_tokens(config, "xl_mem") or saved_tokens(config, "block_size")
     if not n:
         raise UserError("the checkpoint does not record its block_size (or xl_mem), so its natural context "
                         "is unknown: pass --reference=unbounded")
@@ -252,7 +252,7 @@ def main():
         other.append(f"text of {os.path.basename(os.path.normpath(dataset))}")
     if reference != "natural":
         other.append(f"reference={reference}")
-    block = int(config.get("block_size", 0) or 256)
+    block = saved_tokens(config, "block_size") or 256
     if sweep:  # settings that change every row of the grid
         other += [f"kv_window={kv_window}"] if kv_window != -1 else []
         other += [f"kv_sink={kv_sink}"] if kv_sink else []

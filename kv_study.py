@@ -54,7 +54,7 @@ import eval_kv
 from checkpoint import checkpoint_path, load_model, saved_dataset_paths
 from configurator import configure
 from kv.evaluate import buckets, evaluate, load_streams, rebase, spans
-from kv.policy import KVOptions
+from kv.policy import KVOptions, saved_tokens
 from kv.quant import CHANNEL_KEYS, GROUPED, make_formats
 from kv.report import check_writable, write_text
 from kv import study_finetune
@@ -173,6 +173,14 @@ def evaluate_variant(path, x, y, settings, step, block, label):
     return rows
 
 
+def base_block(config, path):
+    """The block_size the base was trained at (its saved config), or one UserError."""
+    block = saved_tokens(config, "block_size")
+    if not block:
+        raise UserError(f"{path} does not record the block_size it was trained at: study a checkpoint train.py wrote")
+    return block
+
+
 def study():
     base_path = os.path.abspath(base if base.endswith(".pt") else checkpoint_path(base, "ckpt"))
     folder = os.path.abspath(out or os.path.join(os.path.dirname(base_path), "kv_study_quick" if quick else "kv_study"))
@@ -181,8 +189,8 @@ def study():
         raise UserError(f"every layer of {base_path} is linear attention (a fixed-size state, no KV cache): "
                         "there is no cache to shrink; study a softmax base")
     config = ckpt.get("config") or {}
-    block, n_layer = int(config["block_size"]), int(config["n_layer"])
-    c = base_model.config
+    block, c = base_block(config, base_path), base_model.config
+    n_layer = c.n_layer
     make_formats(GROUPED[0], kv_quant_group, c.n_embd // c.n_head, True)  # every grouped row's (not a variant's) error
     todo = [(v, variant_args(v, block, n_layer, kv_quant_group)) for v in variant_names()]
     check_variants(todo, base_model, config, base)
@@ -369,7 +377,7 @@ def context():
     folder = out or os.path.join(os.path.dirname(base_path), "kv_study_context")
     _, ckpt = load_model(base_path, "cpu", option="base")
     config = ckpt.get("config") or {}
-    block = int(config["block_size"])
+    block = base_block(config, base_path)
     L = 4 * block
     make_folder(folder, "out")
     check_writable(os.path.join(folder, "context"), [".md"], False, "--out")

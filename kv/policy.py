@@ -64,10 +64,7 @@ class KVOptions:
             return self
         if no_cache:
             return replace(self, kv_window=0)
-        xl = config.get("xl_mem", 0) or 0
-        if not isinstance(xl, int) or isinstance(xl, bool) or xl < 0:
-            raise UserError(f"the checkpoint's config says xl_mem={xl!r}, which no training run writes: "
-                            "give --kv_window=N (0: no bound) to sample it anyway")
+        xl = saved_tokens(config, "xl_mem", "give --kv_window=N (0: no bound) to sample it anyway")
         if xl:
             say(f"kv_window={xl}: the xl_mem this model was trained with (--kv_window=0 for no bound)")
         return replace(self, kv_window=xl)
@@ -232,7 +229,7 @@ class KVOptions:
         training settings (a checkpoint's config) say (None otherwise, or if they do not).
         length: the most tokens a query of the run sees, which an unbounded cache (kv_window=0)
         all keeps."""
-        trained = int(saved.get("xl_mem", 0) or 0) + int(saved.get("block_size", 0) or 0)
+        trained = saved_tokens(saved, "xl_mem") + saved_tokens(saved, "block_size")
         glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
         if not glob or trained <= 0:
             return None
@@ -354,6 +351,15 @@ class KVOptions:
 
 BUILT_IN = ("kv_window", "kv_sink", "kv_trim", "kv_quant", "kv_quant_group", "kv_quant_keys", "kv_quant_residual",
             "kv_evict", "kv_budget", "kv_recent")  # the options every part of kv/ knows
+
+
+def saved_tokens(config, key, advice="use another checkpoint, or train it again"):
+    """A checkpoint's saved config[key] (xl_mem, block_size) as a number of tokens, 0 where it
+    is not recorded; one UserError for a value no training run writes (a hand-edited file)."""
+    n = config.get(key, 0) or 0
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise UserError(f"the checkpoint's config says {key}={n!r}, which no training run writes: {advice}")
+    return n
 
 
 def cache_dtype(param):

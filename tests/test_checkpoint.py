@@ -311,7 +311,10 @@ def test_a_nanogpt_checkpoint_is_named_not_called_corrupt(tmp_path, change):
      "describe no model this code can build (dropout must be between 0 and 1, got nan"),
     (dict(config={"kv_quant": None, "xl_mem": None}), None),
     (dict(config={"dataset": 5}), "its config says dataset=5, which is not a string"),
-    (dict(config={"block_size": "x"}), "its config says block_size='x', which is not a whole number"),
+    (dict(config={"block_size": "x"}), "its config says block_size='x', which is not a whole number >= 0"),
+    (dict(config={"block_size": -64}), "its config says block_size=-64, which is not a whole number >= 0"),
+    (dict(config={"xl_mem": -1}), "its config says xl_mem=-1, which is not a whole number >= 0"),
+    (dict(config={"learning_rate": float("nan")}), "its config says learning_rate=nan, which is not a number >= 0"),
 ])
 def test_settings_no_run_writes_are_one_clear_error(tmp_path, edit, words):
     """A file without checksums (another program's) whose settings no training run writes:

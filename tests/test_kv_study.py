@@ -320,6 +320,20 @@ def test_bad_context_iters_is_one_line_before_any_work(base_ckpt, tmp_path):
     assert not (tmp_path / "ctx").exists()
 
 
+@pytest.mark.parametrize("what", ["frontier", "context"])
+def test_a_base_that_does_not_record_its_block_size_is_one_line(base_ckpt, tmp_path, what):
+    """A base checkpoint whose config has no block_size (edited, its checksums brought up to
+    date): the study cannot size its streams or variants, and says so in one line."""
+    from checkpoint import checksum
+    ckpt = torch.load(base_ckpt, weights_only=True)
+    del ckpt["config"]["block_size"]
+    ckpt["crc32"] = {k: checksum(v) for k, v in ckpt.items() if k != "crc32"}
+    torch.save(ckpt, tmp_path / "noblock.pt")
+    refused = kv_study(tmp_path / "noblock.pt", tmp_path / "nb", f"--what={what}")
+    assert_user_error(refused, "does not record the block_size it was trained at")
+    assert not (tmp_path / "nb").exists()
+
+
 def test_a_final_rate_above_the_peak_is_one_line_before_any_fine_tune(base_ckpt, tmp_path):
     """train.py refuses --min_lr above --learning_rate; the study says so at its start, not at
     its first fine-tune after the base's evaluation."""
