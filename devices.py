@@ -73,11 +73,21 @@ def pick_dtype(device, dtype, training=False):
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UserError(f"--dtype={dtype}: unknown dtype; use auto, float32, bfloat16 or float16")
     if dtype == "float16" and device_type == "cpu":
-        raise UserError("--dtype=float16 is for GPUs; on the CPU use --dtype=bfloat16 or --dtype=float32")
+        raise UserError("--dtype=float16 is for GPUs; on the CPU use --dtype=float32"
+                        + (" or --dtype=bfloat16 (native on this CPU)" if cpu_has_bf16() else ""))
     if dtype == "float16" and device_type == "mps" and training:  # (train.py's loss scaling is CUDA's)
         raise UserError("--dtype=float16 trains without loss scaling on MPS (small gradients vanish); "
                         "use --dtype=bfloat16 or --dtype=float32")
     return dtype
+
+
+def emulated_note(device, dtype):
+    """A note where dtype is emulated on device, many times slower than float32 (bfloat16 on a
+    CPU without native bfloat16: a matmul 50x slower on a 2-core AMD EPYC), else ''."""
+    if dtype == "bfloat16" and device.split(":")[0] == "cpu" and not cpu_has_bf16():
+        return ("note: this CPU has no native bfloat16 (AVX512-BF16 or AMX): it is emulated, many times slower "
+                "than --dtype=float32")
+    return ""
 
 
 def autocast_ctx(device, dtype):
@@ -107,13 +117,13 @@ def pick_threads(requested=0):
     plural = "s" if cpus != 1 else ""
     if requested > most:
         raise UserError(f"--threads={requested} is far more than the {cpus} CPU{plural} this process may use: "
-                        f"give {cpus} or fewer (at most {most}), or 0 to choose automatically")
+                        f"give at most {most} ({cpus}, one a CPU, is usually the fastest), or 0 to choose automatically")
     if requested > 0:  # (more threads than CPUs only wait for each other: said on the device line)
         return requested, f"--threads={requested}" + (f", more than the {cpus} CPU{plural}" if requested > cpus else "")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > most:
         raise UserError(f"OMP_NUM_THREADS={env} is far more than the {cpus} CPU{plural} this process may use: "
-                        f"set it to {cpus} or fewer, or pass --threads=N")
+                        f"set it to at most {most} ({cpus}, one a CPU, is usually the fastest), or pass --threads=N")
     if env.isdigit() and int(env) > 0:
         return int(env), f"OMP_NUM_THREADS={env}"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0  # runnable processes, last minute
@@ -210,6 +220,8 @@ def start_device(device, dtype, threads, backend, ddp, local_rank, world_size, m
     print(f"device {dev} ({'auto' if device in ('', 'auto') else 'given'}), "
           f"dtype {dt} ({'auto' if dtype in ('', 'auto') else 'given'})"
           + (f", {thread_words}" if device_type == "cpu" else ""))
+    if note := emulated_note(dev, dt):
+        print(note)
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     return dev, dt

@@ -32,7 +32,7 @@ from configurator import configure
 from generate import generate_stream, prefill_piece, static_decoder
 from kv.peak import least_cache_bytes
 from kv.policy import KVOptions
-from devices import autocast_ctx, in_bytes, memory_available, pick_device, pick_dtype, use_threads
+from devices import autocast_ctx, emulated_note, in_bytes, memory_available, pick_device, pick_dtype, use_threads
 from utils import SEED_MAX, UserError, check_range, run_main
 
 quiet_start.done()
@@ -80,7 +80,7 @@ def main():
     torch.manual_seed(seed)
     model, ckpt = load_model(path, dev, {"attention": attention} if attention else None)
     model.eval()
-    notes = []  # printed after the device line, once every setting has passed
+    notes = [n for n in [emulated_note(dev, dt)] if n]  # printed after the device line, once every setting has passed
     kv = kv.check_model(model.config).for_checkpoint(ckpt.get("config", {}), notes.append,
                                                      model.config.no_kv_cache).check()
     length = len(prompt) + max_new_tokens - 1  # what the last query sees (the last byte drawn is never read)

@@ -82,6 +82,21 @@ def test_explicit_threads_then_omp_num_threads_win(machine, monkeypatch):
         pick_threads(-1)
 
 
+def test_too_many_threads_name_the_most_accepted(machine, monkeypatch):
+    """The refusal's advice agrees with what is accepted: the most it names passes, one more
+    does not; the environment's alike."""
+    machine(2, 0.0)
+    with pytest.raises(UserError) as e:
+        pick_threads(9)
+    most = int(str(e.value).split("give at most ")[1].split()[0])
+    assert pick_threads(most)[0] == most and "(2, one a CPU, is usually the fastest)" in str(e.value)
+    with pytest.raises(UserError, match=f"--threads={most + 1} is far more"):
+        pick_threads(most + 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(most + 1))
+    with pytest.raises(UserError, match=f"set it to at most {most} "):
+        pick_threads(0)
+
+
 def test_threads_without_affinity_or_load_average(monkeypatch):
     """macOS has no sched_getaffinity, Windows no getloadavg: all CPUs, no load."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -2,6 +2,7 @@
 setting that keeps freed memory for the next big tensor."""
 
 import contextlib
+import io
 import subprocess
 import sys
 
@@ -21,8 +22,34 @@ def test_pick_dtype_bfloat16_for_cpu_training_only_where_native(monkeypatch):
         assert devices.pick_dtype("cpu", "") == "float32"  # inference: exact float32
         assert devices.pick_dtype("mps", "auto", training=True) == "float32"
     assert devices.pick_dtype("cpu", "bfloat16") == "bfloat16"
-    with pytest.raises(utils.UserError, match="float16 is for GPUs"):
-        devices.pick_dtype("cpu", "float16")
+    for native in (True, False):  # float32 first; bfloat16 only where the CPU has it
+        monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)
+        with pytest.raises(utils.UserError, match="float16 is for GPUs; on the CPU use --dtype=float32") as e:
+            devices.pick_dtype("cpu", "float16")
+        assert ("bfloat16" in str(e.value)) == native
+
+
+def test_emulated_bfloat16_on_the_cpu_is_said(monkeypatch, tmp_path):
+    """--dtype=bfloat16 on a CPU that only emulates it (many times slower than float32) gets a
+    note from train.py's device line and from sample.py; not where it is native, nor for float32."""
+    from conftest import run_in_process, save_tiny_checkpoint
+    for native in (True, False):
+        monkeypatch.setattr(devices, "cpu_has_bf16", lambda: native)
+        assert bool(devices.emulated_note("cpu", "bfloat16")) == (not native)
+        assert not devices.emulated_note("cpu", "float32") and not devices.emulated_note("cuda", "bfloat16")
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)
+    save_tiny_checkpoint(tmp_path)
+    code, _, err = run_in_process("sample.py", f"--out_dir={tmp_path}", "--device=cpu", "--dtype=bfloat16",
+                                  "--max_new_tokens=2", "--compile=False")
+    assert code in (0, None) and "this CPU has no native bfloat16" in err, err
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(devices, "keep_freed_memory", lambda: None)  # (this process's malloc stays as it is)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            devices.start_device("cpu", "bfloat16", threads, "", False, 0, 1, 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert printed.getvalue().splitlines()[1].startswith("note: this CPU has no native bfloat16"), printed.getvalue()
 
 
 def test_pick_dtype_on_gpus_by_what_they_compute_in(monkeypatch):
