@@ -33,8 +33,13 @@ from fileio import atomic_torch_save
 from utils import UserError
 
 
-def checkpoint_path(out_dir, name):
-    """out_dir + name, accepting "ckpt", "ckpt.pt", "last", "last.pt"."""
+def checkpoint_path(out_dir, name, option="checkpoint_name"):
+    """out_dir + name, accepting "ckpt", "ckpt.pt", "last", "last.pt"; a name that is a path
+    (the option that gave it: a file name inside --out_dir) is one UserError saying how."""
+    if "/" in name or os.sep in name:
+        folder, file = os.path.split(name)
+        raise UserError(f"--{option}={name} is a path; {option} is the name of a file inside --out_dir: pass "
+                        f"--out_dir={folder or '/'} --{option}={file.removesuffix('.pt') or 'ckpt'}")
     return os.path.join(out_dir, name if name.endswith(".pt") else name + ".pt")
 
 

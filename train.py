@@ -411,7 +411,7 @@ def resume_run(config, given, defaults, dev, world_size):
     if overwrite:  # (it lets a run from scratch replace out_dir's checkpoints)
         print("note: --overwrite=True applies to a run from scratch only; this resume writes ckpt.pt and last.pt "
               "in out_dir as any resume does")
-    ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name)
+    ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name, "resume_checkpoint_name")
     # the non-architecture model keys given on the command line or in a config file
     # (their defaults too: --attention=softmax turns a naive-attention checkpoint back to softmax)
     overrides = {k: config[k] for k in MODEL_ARG_KEYS if k not in ARCH_KEYS and k in given}

@@ -185,6 +185,11 @@ BAD_INPUTS = [
     (R + ["--resume_checkpoint_name=plugin"], "names the plug-in attention="),
     (R + ["--resume_checkpoint_name=bomb"], "model_args n_layer=8, n_embd=8192 do not fit its weights"),
     (SB + ["--checkpoint_name=corrupt"], "corrupt.pt is corrupt"),
+    # a path where a file name inside out_dir belongs: how to say it
+    (S + ["--checkpoint_name=out-x/last.pt"], "--checkpoint_name=out-x/last.pt is a path; checkpoint_name is the "
+     "name of a file inside --out_dir: pass --out_dir=out-x --checkpoint_name=last"),
+    (E + ["--checkpoint_name=/tmp/o/ckpt"], "pass --out_dir=/tmp/o --checkpoint_name=ckpt"),
+    (R + ["--resume_checkpoint_name=o/last.pt"], "pass --out_dir=o --resume_checkpoint_name=last"),
     (SB + ["--checkpoint_name=trunc"], "trunc.pt is corrupt or truncated"),
     (SB + ["--checkpoint_name=junk"], "junk.pt is corrupt or not a checkpoint (Unsupported operand"),
     (SB + ["--checkpoint_name=empty"], "empty.pt is empty (0 bytes), not a checkpoint"),
