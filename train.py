@@ -232,6 +232,10 @@ def train(held):
             print(f"note: {span} end at learning rate {end:.2e}, not min_lr={min_lr:g} "
                   f"(warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters})"
                   + (f"; with {fix} it ends at {end_fixed:.2e}" if fits else ""))
+        elif decay_lr and mode == "continue" and start_iter >= lr_decay_iters and master:
+            print(f"note: the schedule reached min_lr={min_lr:g} at iteration {lr_decay_iters}: every iteration of "
+                  f"this continued run trains at it; --resume_mode=finetune --max_iters={end_iter - start_iter} "
+                  "trains as many with a fresh warm-up and decay")
         elif decay_lr and lr_decay_iters <= warmup_iters and master and start_iter == origin:  # no cosine then
             # (a continued run keeps its schedule: no advice)
             print(f"note: lr_decay_iters={lr_decay_iters} ends before warm-up does (warmup_iters={warmup_iters}): the "

@@ -185,6 +185,24 @@ def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_
     assert line.startswith(f"{last_lr(tmp_path / 'o8'):.2e}, not min_lr")
 
 
+def test_a_run_continued_past_its_decay_says_it_trains_at_min_lr(data_dir, tmp_path):
+    """TINY decays over 20 iterations: a finished run of 20 continued to 24 trains every
+    iteration at min_lr (as its last.pt's optimizer shows), and the note says so with the
+    fine-tune that would warm up and decay again (which does not end at min_lr after 4)."""
+    def last_lr(folder):
+        return read_checkpoint(str(folder / "last.pt"))["optimizer"]["param_groups"][0]["lr"]
+
+    out = tmp_path / "o"
+    assert "trains at it" not in train(data_dir, out, "--max_iters=20", "--lr_decay_iters=20")
+    printed = train(data_dir, out, "--max_iters=24", "--init_from=resume", "--resume_checkpoint_name=last")
+    assert "chose 'continue'" in printed and "note: the schedule reached min_lr=0.0001 at iteration 20: every " \
+        "iteration of this continued run trains at it; --resume_mode=finetune --max_iters=4 trains as many" in printed
+    assert last_lr(out) == 1e-4
+    printed = train(data_dir, out, "--max_iters=4", "--init_from=resume", "--resume_checkpoint_name=last",
+                    "--resume_mode=finetune", "--lr_decay_iters=8")
+    assert "trains at it" not in printed and last_lr(out) > 1e-4
+
+
 def test_the_next_command_of_a_linear_model_has_no_window(data_dir, tmp_path):
     """A fixed-size state does not drift past block_size, and sample.py refuses a kv_window for it."""
     printed = train(data_dir, tmp_path / "o", "--max_iters=2", "--attention=linear")
