@@ -310,6 +310,15 @@ SCRIPTS = sorted({os.path.relpath(p, REPO_ROOT) for p in glob.glob(os.path.join(
                   if "configure(globals()" in open(p).read() and "__main__" in open(p).read()})
 
 
+def test_the_readme_names_every_script_that_takes_help():
+    """The README's list of the scripts that take --help is the scripts (a module run by
+    mistake prints nothing: the list tells which files are scripts)."""
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    listed = readme.split("Every script (")[1].split(")")[0]
+    named = {os.path.basename(s) for s in SCRIPTS if not s.startswith("data")}
+    assert named | {"data/*/prepare.py", "python -m exercises.check"} == set(re.findall(r"`([^`]+)`", listed))
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_describes_every_setting(script, capsys):
     assert {"train.py", "sample.py", "eval_kv.py", "bench.py", "gen_sample_data.py"} <= set(SCRIPTS)
