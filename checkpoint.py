@@ -16,6 +16,7 @@ A checkpoint is a torch.save'd dict: "model" (state dict), "optimizer", "model_a
     model, ckpt = load_model("out-shakespeare-char/ckpt.pt", "cpu")
 """
 
+import difflib
 import math
 import os
 import pickle
@@ -79,8 +80,7 @@ def missing_checkpoint(path, option="checkpoint_name"):
             return UserError(f"{folder!r} does not exist in {os.getcwd()} (paths are read from the folder you run "
                              f"in), but {project} does: pass {where}={given}, or cd {PROJECT}")
         if by_name and os.path.dirname(os.path.normpath(folder)) == "":  # a folder here: any here that hold one?
-            held = [d for d in sorted(os.listdir(".")) if any(os.path.isfile(os.path.join(d, f))
-                                                              for f in ("ckpt.pt", "last.pt"))]
+            held = _runs_here(folder)
             if held:
                 return UserError(f"{folder!r} does not exist; folders here that hold a checkpoint: "
                                  f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (pass e.g. "
@@ -93,6 +93,18 @@ def missing_checkpoint(path, option="checkpoint_name"):
         return UserError(f"checkpoint {path} not found, but {os.path.join(folder, 'last.pt')} is there (the latest "
                          f"state of its run): name it with {pick('last.pt')}")
     return UserError(f"checkpoint {path} not found; {folder} holds {', '.join(held)}: name one with {pick(held[0])}")
+
+
+def _runs_here(name):
+    """The folders here that hold a checkpoint, the likeliest meant by name first: those whose
+    name is close to it (out-shakespeare-char for out-shakespeare-char-cpu), then the newest."""
+    when = {}
+    for d in os.listdir("."):
+        times = [os.path.getmtime(os.path.join(d, f)) for f in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(d, f))]
+        if times:
+            when[d] = max(times)
+    close = difflib.get_close_matches(os.path.normpath(name), list(when), n=3, cutoff=0.6)
+    return close + sorted((d for d in when if d not in close), key=lambda d: -when[d])
 
 
 # settings of a checkpoint's config that sample.py, eval_kv.py, kv_study.py and a resume read

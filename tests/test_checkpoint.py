@@ -343,6 +343,22 @@ def test_a_missing_folder_names_the_folders_here_that_hold_a_checkpoint(tmp_path
            "--out_dir=out-shakespeare-char-cpu)" in said and "notes" not in said and "\n" not in said
 
 
+def test_the_folder_named_first_is_the_likeliest_meant(tmp_path, monkeypatch):
+    """Among many folders that hold a checkpoint, a name close to the one given comes first
+    (out-shakespeare-char for out-shakespeare-char-cpu); with none close, the newest run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
+    for i, name in enumerate(["a-run", "b-run", "c-run", "out-shakespeare-char-cpu", "z-newest"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "ckpt.pt").write_bytes(b"")
+        os.utime(tmp_path / name / "ckpt.pt", (1e9 + i, 1e9 + i))
+    for given, first in (("out-shakespeare-char", "out-shakespeare-char-cpu"), ("out", "z-newest")):
+        with pytest.raises(UserError) as e:
+            read_checkpoint(os.path.join(given, "ckpt.pt"))
+        assert f"folders here that hold a checkpoint: {first}, " in str(e.value) and \
+            f"(pass e.g. --out_dir={first})" in str(e.value), str(e.value)
+
+
 def test_an_attention_override_on_a_hybrid_is_one_clear_error(tmp_path):
     """A model mixing linear and softmax layers, run with --attention=naive (for h2o, say): one
     line naming the mix, not GPTConfig's complaint about linear_layers the user never gave;
