@@ -233,13 +233,14 @@ class KVOptions:
         glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
         if not glob or trained <= 0:
             return None
+        layers = "its global layers" if len(glob) < config.n_layer else "its layers"  # (global among local ones)
         if self.kv_window == 0 and self.kv_evict == "none" and length > trained:
             return (f"note: no kv_window, and {length:,} tokens: past the {trained} tokens of history this model was "
-                    f"trained with, its global layers read distances they never saw (--kv_window={trained} stays "
+                    f"trained with, {layers} read distances they never saw (--kv_window={trained} stays "
                     "within)")
         if trained < self.kv_window:
             return (f"note: kv_window={self.kv_window} is longer than the {trained} tokens of history this model was "
-                    f"trained with: past them its global layers read distances they never saw (kv_window={trained} "
+                    f"trained with: past them {layers} read distances they never saw (kv_window={trained} "
                     "stays within)")
         return None
 

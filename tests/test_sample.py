@@ -272,8 +272,14 @@ def test_a_window_past_the_trained_context_is_noted(tmp_path):
     for window, noted in ((32, True), (16, False)):
         code, _, err = sample(f"--out_dir={tmp_path}", f"--kv_window={window}", "--max_new_tokens=2")
         assert code in (0, None), err
-        assert ("note: kv_window=32 is longer than the 16 tokens of history this model was trained with" in err
-                and "(kv_window=16 stays within)" in err) == noted, err
+        assert ("note: kv_window=32 is longer than the 16 tokens of history this model was trained with: past "
+                "them its layers read" in err and "(kv_window=16 stays within)" in err) == noted, err
+    # a model of local layers with one global: the note is of that layer
+    local = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, bias=False, window=8, global_layers="1"))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), local, None, {k: getattr(local.config, k) for k in MODEL_ARG_KEYS},
+                    {"block_size": 16}, 1, 5.0)
+    code, _, err = sample(f"--out_dir={tmp_path}", "--kv_window=32", "--max_new_tokens=2")
+    assert code in (0, None) and "past them its global layers read distances" in err, err
     # trained with 16 tokens of XL memory before each block: its queries read 32 back
     save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS},
                     {"block_size": 16, "xl_mem": 16}, 1, 5.0)
