@@ -233,7 +233,8 @@ class KVOptions:
         glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
         if not glob or trained <= 0:
             return None
-        layers = "its global layers" if len(glob) < config.n_layer else "its layers"  # (global among local ones)
+        local = any(config.is_local(i) for i in range(config.n_layer))
+        layers = "its global layers" if local else "its softmax layers" if len(glob) < config.n_layer else "its layers"
         if self.kv_window == 0 and self.kv_evict == "none" and length > trained:
             return (f"note: no kv_window, and {length:,} tokens: past the {trained} tokens of history this model was "
                     f"trained with, {layers} read distances they never saw (--kv_window={trained} stays "
