@@ -71,9 +71,11 @@ def markdown(rows, title, yardstick="strict"):
         if r is None:
             lines += ["", f"Within {pct}% of the yardstick: no row."]
             continue
+        yard = r.get("yardstick", "base")
+        vs_base = "" if yard == "base" else f", {signed_pct(r.get('delta_base_pct', r['delta_pct']))} vs base"
         lines += ["", f"**Largest reduction within {pct}% of the yardstick: {r['x_smaller']:.1f}x** ({r['variant']}, "
-                  f"{r['setting']}: {r['bpb']:.4f} bits per byte, {signed_pct(r['delta_pct'])} vs {r.get('yardstick', 'base')}"
-                  f", {signed_pct(r.get('delta_base_pct', r['delta_pct']))} vs base). Commands (eval_kv's "
+                  f"{r['setting']}: {r['bpb']:.4f} bits per byte, {signed_pct(r['delta_pct'])} vs {yard}"
+                  f"{vs_base}). Commands (eval_kv's "
                   "\"vs baseline\" is the change against the base):", "",
                   *(["    " + r["train_command"]] if r["train_command"] else []), "    " + again(r)]
     return "\n".join(lines) + "\n"

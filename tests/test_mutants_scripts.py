@@ -162,6 +162,11 @@ def test_frontier_md_puts_each_change_in_its_own_column():
         c = cells[r["variant"], r["setting"]]
         assert c[5] == report.signed_pct(r["delta_base_pct"])
         assert c[6] == f"{report.signed_pct(r['delta_pct'])} ({r['yardstick']})"
+    for line in md.splitlines():  # the summary: each change once, the base's not twice
+        if line.startswith("**Largest reduction"):
+            r = next(r for r in rows if f"({r['variant']}, {r['setting']}:" in line)
+            said = f"{report.signed_pct(r['delta_pct'])} vs {r['yardstick']}"
+            assert said in line and line.count(" vs ") == (1 if r["yardstick"] == "base" else 2), line
     without = [r for r in study_rows() if r["variant"] != "base_ft"]
     kv_study.judge(without, "/s/base/ckpt.pt")
     assert "No base_ft among the variants" in study_report.markdown(without, "t")
