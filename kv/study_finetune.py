@@ -22,8 +22,8 @@ from utils import UserError
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 
 # what a fine-tune leaves in its folder: its record, its checkpoints (train.py keeps a later
-# last.pt as last_<iter>.pt when it resumes from ckpt.pt) and its TensorBoard curves
-FINE_TUNE_FILES = re.compile(r"finetune\.json|last(_\d+){0,2}\.pt|events\.out\.tfevents\..*")
+# last.pt as last_<iter>.pt when it resumes from ckpt.pt), its TensorBoard curves and its log
+FINE_TUNE_FILES = re.compile(r"finetune\.json|last(_\d+){0,2}\.pt|events\.out\.tfevents\..*|train\.log")
 # the base's copy that train.py set aside as the best of another model (a conversion, a longer
 # block): the base is where it came from, so it goes
 BASE_SET_ASIDE = re.compile(r"ckpt_\d+(_\d+)?\.pt")
@@ -57,9 +57,10 @@ def fine_tune(base_path, folder, args, k, config, hyper, block=None):
     """train.py --init_from=resume from a copy of the base in `folder`, k more iterations with
     args (fine_tune_command); returns the commands that train it again (again_command). Its
     output goes to folder/train.log. What an earlier fine-tune left there goes first: its record
-    (a fine-tune cut short is then never taken for a finished one), its checkpoints and its curves;
-    they are kept aside until this one has run, and put back if it fails at once (a wrong train.py
-    argument, settings that do not combine), so a rerun never loses a finished fine-tune for nothing."""
+    (a fine-tune cut short is then never taken for a finished one), its checkpoints, its curves and
+    its log; they are kept aside until this one has run, and put back if it fails at once (a wrong
+    train.py argument, settings that do not combine), so a rerun never loses a finished fine-tune
+    for nothing; the failed run's output is then in folder/train_failed.log."""
     os.makedirs(folder, exist_ok=True)
     aside = os.path.join(folder, "previous_fine_tune")
     shutil.rmtree(aside, ignore_errors=True)
@@ -82,15 +83,22 @@ def fine_tune(base_path, folder, args, k, config, hyper, block=None):
             with open(os.path.join(folder, "train.log"), errors="replace") as log:
                 said = [line.strip() for line in log if line.startswith("error: ")]
             why = f": {said[-1][len('error: '):]}" if said else ""
-            raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}){why}; see {folder}/train.log")
+            log = "train_failed.log" if os.listdir(aside) and not os.path.exists(os.path.join(folder, "last.pt")) \
+                else "train.log"  # (the earlier fine-tune's log comes back below)
+            raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}){why}; see "
+                            f"{os.path.join(folder, log)}")
     except BaseException:  # (Ctrl-C too)
-        if not os.path.exists(os.path.join(folder, "last.pt")):  # it trained nothing: the earlier one comes back
+        if not os.path.exists(os.path.join(folder, "last.pt")) and os.listdir(aside):  # it trained nothing: the earlier one comes back
+            if os.path.exists(os.path.join(folder, "train.log")):
+                os.replace(os.path.join(folder, "train.log"), os.path.join(folder, "train_failed.log"))
             for name in os.listdir(aside):
                 os.replace(os.path.join(aside, name), os.path.join(folder, name))
         raise
     finally:
         shutil.rmtree(aside, ignore_errors=True)
     print(f"  fine-tuned {k} iterations in {time.time() - t0:.0f}s", file=sys.stderr)
+    if os.path.exists(os.path.join(folder, "train_failed.log")):  # (an earlier attempt's: this one ran)
+        os.remove(os.path.join(folder, "train_failed.log"))
     for name in os.listdir(folder):
         if BASE_SET_ASIDE.fullmatch(name):
             os.remove(os.path.join(folder, name))

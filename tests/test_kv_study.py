@@ -262,14 +262,19 @@ def test_a_failed_fine_tune_says_why(base_ckpt, tmp_path):
     config = read_checkpoint(str(base_ckpt))["config"]
     with pytest.raises(UserError, match=r"the fine-tune in .* failed \(exit 2\): .*n_kv_head.*; see .*train\.log"):
         kv_study.fine_tune(str(base_ckpt), str(tmp_path / "v"), ["--n_kv_head=3"], 1, config)
-    # a finished fine-tune in the folder comes back as it was when the next one fails at once
-    earlier = {"finetune.json": b'{"last_iter": 7}', "last.pt": b"earlier last", "ckpt.pt": b"earlier best"}
+    # a finished fine-tune in the folder comes back as it was when the next one fails at once,
+    # its log too; the failed run's output is kept apart, and the error names it
+    earlier = {"finetune.json": b'{"last_iter": 7}', "last.pt": b"earlier last", "ckpt.pt": b"earlier best",
+               "train.log": b"earlier log"}
     for name, data in earlier.items():
         (tmp_path / "v" / name).write_bytes(data)
-    with pytest.raises(UserError, match="unknown setting --bogus"):
+    with pytest.raises(UserError, match=r"unknown setting --bogus.*; see .*train_failed\.log"):
         kv_study.fine_tune(str(base_ckpt), str(tmp_path / "v"), ["--bogus=1"], 1, config)
     assert {name: (tmp_path / "v" / name).read_bytes() for name in earlier} == earlier
-    assert sorted(os.listdir(tmp_path / "v")) == sorted([*earlier, "train.log"])
+    assert sorted(os.listdir(tmp_path / "v")) == sorted([*earlier, "train_failed.log"])
+    assert "unknown setting --bogus" in (tmp_path / "v" / "train_failed.log").read_text()
+    kv_study.fine_tune(str(base_ckpt), str(tmp_path / "v"), [], 1, config)  # one that runs: no failure left to read
+    assert not (tmp_path / "v" / "train_failed.log").exists() and b"earlier" not in (tmp_path / "v" / "train.log").read_bytes()
 
 
 def test_an_all_linear_base_is_refused(data_dir, tmp_path):
