@@ -185,10 +185,13 @@ def read_checkpoint(path, option="checkpoint_name"):
 
 
 def _another(path, option):
-    """What to do instead of loading the broken checkpoint at path: the others beside it, if any."""
+    """What to do instead of loading the broken checkpoint at path: the others beside it that
+    look whole (a complete zip, as torch.save writes; a truncated one is not), if any."""
+    import zipfile
     folder, name = os.path.split(path)
     try:
-        others = sorted(n for n in os.listdir(folder or ".") if n.endswith(".pt") and n != name)
+        others = sorted(n for n in os.listdir(folder or ".") if n.endswith(".pt") and n != name
+                        and zipfile.is_zipfile(os.path.join(folder or ".", n)))
     except OSError:
         others = []
     if not others:

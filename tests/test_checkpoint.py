@@ -187,8 +187,10 @@ def test_bad_checkpoints_give_one_clear_error(tmp_path):
     with pytest.raises(UserError, match=r"use another checkpoint \(beside it: good.pt, last.pt\) or retrain$"):
         read_checkpoint(str(tmp_path / "trunc.pt"), option=None)  # no setting picks one (download_pretrained)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(UserError, match="junk.pt"):
+    with pytest.raises(UserError, match="junk.pt") as e:
         read_checkpoint(str(tmp_path / "junk.pt"))
+    # the broken neighbour (cut short: no zip's end) is not offered, so no error sends to another
+    assert "(beside it: good.pt, last.pt, e.g. --checkpoint_name=good.pt)" in str(e.value), str(e.value)
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(UserError, match=r"empty.pt is empty \(0 bytes\), not a checkpoint"):
         read_checkpoint(str(tmp_path / "empty.pt"))
