@@ -68,6 +68,8 @@ def _parse(name, text, default):
         value = text  # --global_layers=0 or 0,5 means the text itself, not a number or a tuple
     if isinstance(default, bool) and text in ("true", "false"):
         value = text == "true"
+    if type(default) is float and text.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
+        value = float(text)  # a float all the same: the script's range check says what is allowed
     return _coerce(f"--{name}", value, default)
 
 

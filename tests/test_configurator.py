@@ -38,6 +38,18 @@ def test_int_for_float_and_lowercase_bools():
     assert g["compile"] is True
 
 
+def test_inf_and_nan_are_floats_for_the_range_checks_to_judge():
+    """--learning_rate=inf is a float (the script's range check then names the setting and its
+    bounds), not 'expected float, got str'; an int setting still refuses it."""
+    import math
+    g = settings()
+    for text, check in (("inf", math.isinf), ("-inf", math.isinf), ("nan", math.isnan), ("Infinity", math.isinf)):
+        configure(g, [f"--learning_rate={text}"])
+        assert type(g["learning_rate"]) is float and check(g["learning_rate"]), text
+    with pytest.raises(UserError, match="--max_iters: expected int, got str 'inf'"):
+        configure(g, ["--max_iters=inf"])
+
+
 def test_a_number_past_int64_is_one_error_and_the_largest_passes():
     """torch takes sizes and seeds as int64: a larger number was a TypeError deep in torch."""
     g = settings()

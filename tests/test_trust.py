@@ -164,6 +164,8 @@ BAD_INPUTS = [
     (T + ["--dtype=float16"], "float16 is for GPUs"),
     (T + ["--device=tpu"], "unknown device"),
     (T + ["--learning_rate=fast"], "expected float"),
+    (S + ["--temperature=inf"], "--temperature must be at least 0, got inf"),  # (not "expected float, got str")
+    (S + ["--temperature=nan"], "--temperature must be at least 0, got nan"),
     (T + ["--no_such_setting=1"], "unknown setting --no_such_setting"),
     (T + ["{files}/no_config.py"], "config file"),
     (T + ["--attention=softmaxx"], "unknown attention"),
