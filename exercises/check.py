@@ -175,6 +175,10 @@ PROBES = {
 ALIASES = {"1": ["kv_window"], "2": ["xl_memory"], "3": ["linear_attention"], "4": ["kv_quant", "kv_evict"]}
 
 
+class MissingFunction(Exception):
+    """The module under test imports but lacks a function the checks call."""
+
+
 class Impl:
     """The functions under test: a module's attributes, or the project's references."""
 
@@ -184,7 +188,11 @@ class Impl:
         for name in exercise.functions:
             spec = exercise.reference[name] if reference else f"{module or 'exercises.' + exercise.name}:{name}"
             mod_name, fn_name = spec.split(":")
-            self.functions[name] = getattr(importlib.import_module(mod_name), fn_name)
+            mod = importlib.import_module(mod_name)
+            if not callable(getattr(mod, fn_name, None)):  # (said as such, not as an AttributeError)
+                raise MissingFunction(f"has no function {fn_name}; the checks call "
+                                  f"{' and '.join(exercise.functions)} (see exercises/{exercise.name}.py)")
+            self.functions[name] = getattr(mod, fn_name)
             self.specs[name] = spec
 
     def __getattr__(self, name):
@@ -240,7 +248,9 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
         impl = Impl(exercise, module, reference)
     except (Exception, SystemExit) as e:  # a missing module or function, or the module's own code failed
         name, place = module or "exercises." + exercise.name, where_import_broke(e)
-        if place is None or isinstance(e, SyntaxError):  # (a syntax error names its line)
+        if isinstance(e, MissingFunction):
+            out(f"{exercise.name}: {name} {e}")
+        elif place is None or isinstance(e, SyntaxError):  # (a syntax error names its line)
             hint = (" (--module takes a module name importable from here, e.g. mywork.trim, or a file: "
                     "--module=mywork/trim.py)") if isinstance(e, ModuleNotFoundError) and module else ""
             out(f"{exercise.name}: cannot import {name}: {type(e).__name__}: {e}{hint}")

@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from conftest import REPO_ROOT, run_script
+from conftest import REPO_ROOT, assert_user_error, run_script
 from exercises import check, checks_common
 from kv.policy import KVOptions
 
@@ -108,9 +108,15 @@ def test_a_module_that_fails_at_import_is_one_line_with_its_place(exercise_check
     assert "your module raised " + error.format(tmp_path / "plug.py") in proc.stdout.splitlines()[0]
 
 
-def test_a_missing_function_is_still_named_as_such(exercise_checks):
-    results, printed = exercise_checks("kv_window", "def other():\n    pass\n")
-    assert "has no attribute 'keep_recent'" in printed and "your module raised" not in printed, printed
+def test_a_missing_function_is_still_named_as_such(exercise_checks, tmp_path):
+    """A module without the function the checks call (a name not callable counts): said as
+    such, with the file to copy it from; --module given a folder says it is one."""
+    for source in ("def other():\n    pass\n", "keep_recent = 3\n"):
+        results, printed = exercise_checks("kv_window", source)
+        assert "has no function keep_recent; the checks call keep_recent (see exercises/kv_window.py)" in printed \
+            and "your module raised" not in printed and "AttributeError" not in printed, printed
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path}")
+    assert_user_error(proc, f"--module={tmp_path}: a folder; give a file")
 
 
 # each exercise file's functions, as shipped: stubs that raise NotImplementedError
