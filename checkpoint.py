@@ -100,7 +100,8 @@ def _runs_here(name):
     name is close to it (out-shakespeare-char for out-shakespeare-char-cpu), then the newest."""
     when = {}
     for d in os.listdir("."):
-        times = [os.path.getmtime(os.path.join(d, f)) for f in ("ckpt.pt", "last.pt") if os.path.isfile(os.path.join(d, f))]
+        files = [os.path.join(d, f) for f in ("ckpt.pt", "last.pt")]
+        times = [os.path.getmtime(f) for f in files if os.path.isfile(f)]
         if times:
             when[d] = max(times)
     close = difflib.get_close_matches(os.path.normpath(name), list(when), n=3, cutoff=0.6)

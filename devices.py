@@ -117,7 +117,8 @@ def pick_threads(requested=0):
     plural = "s" if cpus != 1 else ""
     if requested > most:
         raise UserError(f"--threads={requested} is far more than the {cpus} CPU{plural} this process may use: "
-                        f"give at most {most} ({cpus}, one a CPU, is usually the fastest), or 0 to choose automatically")
+                        f"give at most {most} ({cpus}, one a CPU, is usually the fastest), or 0 to choose "
+                        "automatically")
     if requested > 0:  # (more threads than CPUs only wait for each other: said on the device line)
         return requested, f"--threads={requested}" + (f", more than the {cpus} CPU{plural}" if requested > cpus else "")
     env = os.environ.get("OMP_NUM_THREADS", "").strip()

@@ -190,7 +190,8 @@ def check_memory(config, settings, ref_kv, step, dev, dt):
     """One error before any work where the streams cannot fit in memory (kv.evaluate.least_memory)."""
     host, on_dev = least_memory(config, settings, ref_kv, n_streams, stream_len, step, dt)
     free_host = memory_available("cpu")
-    checks = [(host + on_dev, free_host, "cpu")] if dev == "cpu" else [(host, free_host, "cpu"), (on_dev, memory_available(dev), dev)]
+    checks = [(host + on_dev, free_host, "cpu")] if dev == "cpu" else \
+        [(host, free_host, "cpu"), (on_dev, memory_available(dev), dev)]
     for need, free, where in checks:
         if free is not None and need > free:
             raise UserError(f"{n_streams:,} streams of {stream_len:,} bytes need at least {in_bytes(need)} on {where}, "

@@ -36,7 +36,7 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
     (batch_size, block_size); the data position is restored only if they and the dataset are
     the checkpoint's. Returns True when it was: the loader's rows go on where they stopped.
     A state this program cannot restore (a foreign checkpoint's) is one UserError."""
-    broken = (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError)  # what a malformed state raises
+    broken = (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError)  # a malformed state's
     try:
         if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
             # the moments come from the checkpoint, the hyperparameters from this run's config

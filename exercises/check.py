@@ -191,7 +191,7 @@ class Impl:
             mod = importlib.import_module(mod_name)
             if not callable(getattr(mod, fn_name, None)):  # (said as such, not as an AttributeError)
                 raise MissingFunction(f"has no function {fn_name}; the checks call "
-                                  f"{' and '.join(exercise.functions)} (see exercises/{exercise.name}.py)")
+                                      f"{' and '.join(exercise.functions)} (see exercises/{exercise.name}.py)")
             self.functions[name] = getattr(mod, fn_name)
             self.specs[name] = spec
 

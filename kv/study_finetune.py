@@ -70,6 +70,8 @@ def fine_tune(base_path, folder, args, k, config, hyper, block=None):
             os.replace(os.path.join(folder, name), os.path.join(aside, name))
     shutil.copyfile(base_path, os.path.join(folder, "ckpt.pt"))
     cmd = fine_tune_command(folder, args, k, config, hyper, block)
+    # an earlier fine-tune comes back when this one trained nothing
+    put_back = lambda: os.listdir(aside) and not os.path.exists(os.path.join(folder, "last.pt"))  # noqa: E731
     t0 = time.time()
     try:
         with open(os.path.join(folder, "train.log"), "w") as log:
@@ -83,12 +85,11 @@ def fine_tune(base_path, folder, args, k, config, hyper, block=None):
             with open(os.path.join(folder, "train.log"), errors="replace") as log:
                 said = [line.strip() for line in log if line.startswith("error: ")]
             why = f": {said[-1][len('error: '):]}" if said else ""
-            log = "train_failed.log" if os.listdir(aside) and not os.path.exists(os.path.join(folder, "last.pt")) \
-                else "train.log"  # (the earlier fine-tune's log comes back below)
+            log = "train_failed.log" if put_back() else "train.log"  # (put back: the earlier one's log returns)
             raise UserError(f"the fine-tune in {folder} failed (exit {proc.returncode}){why}; see "
                             f"{os.path.join(folder, log)}")
     except BaseException:  # (Ctrl-C too)
-        if not os.path.exists(os.path.join(folder, "last.pt")) and os.listdir(aside):  # it trained nothing: the earlier one comes back
+        if put_back():
             if os.path.exists(os.path.join(folder, "train.log")):
                 os.replace(os.path.join(folder, "train.log"), os.path.join(folder, "train_failed.log"))
             for name in os.listdir(aside):

@@ -274,7 +274,8 @@ def test_a_failed_fine_tune_says_why(base_ckpt, tmp_path):
     assert sorted(os.listdir(tmp_path / "v")) == sorted([*earlier, "train_failed.log"])
     assert "unknown setting --bogus" in (tmp_path / "v" / "train_failed.log").read_text()
     kv_study.fine_tune(str(base_ckpt), str(tmp_path / "v"), [], 1, config)  # one that runs: no failure left to read
-    assert not (tmp_path / "v" / "train_failed.log").exists() and b"earlier" not in (tmp_path / "v" / "train.log").read_bytes()
+    assert not (tmp_path / "v" / "train_failed.log").exists()
+    assert b"earlier" not in (tmp_path / "v" / "train.log").read_bytes()
 
 
 def test_an_all_linear_base_is_refused(data_dir, tmp_path):
