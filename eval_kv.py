@@ -150,14 +150,17 @@ def chunk_note(settings, step):
         groups = any(s.kv_quant != "none" and s.key_group() > 1 for s in settings)
         said.append("a chunk's tokens past the full-precision residual are quantized before the chunk's own queries "
                     "read them" + (" (and per-channel key groups take their scales from later tokens)" if groups else "")
-                    + ", which the decoder does not do: those quantized rows score worse")
+                    + ", which the decoder does not do (those rows usually score worse)")
     if any(s.kv_evict != "none" for s in settings):
-        said.append("eviction runs once per chunk, holding up to a chunk more than its budget meanwhile: those rows "
-                    "score better")
+        said.append("eviction runs once per chunk, holding up to a chunk more than its budget meanwhile (those rows "
+                    "score better)")
+    if any(s.kv_trim for s in settings):
+        said.append("a kv_trim rule runs once per chunk: the chunk's queries read what it kept before the chunk and "
+                    "every token of the chunk within kv_window, not what it would keep at each token")
     if not said:
         return ""
-    return (f"note: at chunk {step} {'; '.join(said)} than the token-by-token decoder whose bits the table gives; "
-            "--chunk=1 scores that decoder (slower)")
+    return (f"note: at chunk {step} {'; '.join(said)}: the rows score otherwise than the token-by-token decoder whose "
+            "bits the table gives; --chunk=1 scores that decoder (slower)")
 
 
 def residual_twins(settings, results):

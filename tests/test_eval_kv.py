@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 import eval_kv
 import kv.evaluate as kv_evaluate
-from checkpoint import save_checkpoint
+from checkpoint import load_model, save_checkpoint
 from conftest import assert_user_error, feed, run_in_process, run_script, tiny
 from kv.policy import KVOptions
 from utils import run_main
@@ -121,6 +121,27 @@ def test_what_a_chunk_scores_like_the_decoder_and_what_not(tiny_data_dir):
                            (dict(kv_quant="int8", kv_quant_residual=0), False), (dict(kv_window=8), False)):
         assert bool(eval_kv.chunk_note([KVOptions(**options).check()], 32)) == noted, options
         assert eval_kv.chunk_note([KVOptions(**options).check()], 1) == ""
+
+
+def test_a_trim_rule_is_scored_by_the_decoder_alone_and_a_chunk_says_so(ckpt_dir, tiny_data_dir, tmp_path):
+    """A kv_trim rule that keeps fewer tokens than its window (the newest half) changes what the
+    decoder reads; a chunk applies it once per chunk, its queries reading every token of the
+    chunk, so chunk 32 scores otherwise than chunk 1 (the decoder), and the chunk note says so;
+    a rule equal to the window scores alike at any chunk, with no note."""
+    (tmp_path / "half.py").write_text(
+        "def keep_half(k, v, pos, kv_window, kv_sink=0):\n"
+        "    keep = pos >= pos[-1] - kv_window // 2 + 1\n"
+        "    return k[:, :, keep], v[:, :, keep], pos[keep]\n")
+    m = load_model(str(ckpt_dir / "ckpt.pt"))[0].eval()  # trained a little: its attention is not uniform
+    x, y = streams(tiny_data_dir)
+    half, window = dict(kv_window=16, kv_trim=f"{tmp_path / 'half.py'}:keep_half"), dict(kv_window=16)
+    (_, w1, h1), (_, w32, h32) = (run(m, x, y, [dict(), window, half], chunk) for chunk in (1, 32))
+    assert abs(w32["bpb"] - w1["bpb"]) < 1e-5  # the window alone: alike
+    assert abs(h1["bpb"] - w1["bpb"]) > 20 * abs(w32["bpb"] - w1["bpb"]) + 1e-4, (h1["bpb"], w1["bpb"])
+    assert abs(h32["bpb"] - h1["bpb"]) > 20 * abs(w32["bpb"] - w1["bpb"]) + 1e-4, (h32["bpb"], h1["bpb"])
+    note = eval_kv.chunk_note([KVOptions(**half).check()], 32)
+    assert "a kv_trim rule runs once per chunk" in note and eval_kv.chunk_note([KVOptions(**half).check()], 1) == ""
+    assert eval_kv.chunk_note([KVOptions(**window).check()], 32) == ""
 
 
 def test_kl_and_bucket_bits_are_those_of_the_logits(tiny_data_dir):
