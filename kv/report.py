@@ -38,7 +38,7 @@ def frontier(results):
 
 def markdown(results, title):
     """The results as markdown: the table with the frontier marked, the baseline, the
-    settings within 1% of it, and bits per byte by position bucket."""
+    settings within 1% of it (and those more than 1% better), and bits per byte by position bucket."""
     front = frontier(results)
     base = results[0]
     lines = [f"### {title}", "",
@@ -54,11 +54,14 @@ def markdown(results, title):
               "decoder holds at once (every layer's keys and values), whatever the chunk; bits/token of text = "
               "peak / tokens of the stream (sample.py's bits per cached token = peak / tokens held); x smaller = the baseline's peak / the row's; KL from this checkpoint's "
               "reference."]
-    # within 1% either way: a setting that lowers bits per byte by more has changed the model
-    # (e.g. cut a history it cannot use), it has not kept it
-    close = [f"`{r['setting']}`" for r in results if abs(r["delta_pct"]) <= 1.0]  # quoted: a setting may be `none`
-    lines += ["", f"Within 1% of the baseline's {base['bpb_base']:.4f} bits per byte: "
-              + (", ".join(close) if close else "no setting") + ".", ""]
+    # within 1% either way; those more than 1% better are named apart (another checkpoint as
+    # the baseline, or a setting that changed what the model reads rather than kept it)
+    name = lambda r: f"`{r['setting']}`"  # quoted: a setting may be `none`  # noqa: E731
+    close = [name(r) for r in results if -1.0 <= r["delta_pct"] <= 1.0]
+    better = [name(r) for r in results if r["delta_pct"] < -1.0]
+    lines += ["", f"Within 1% of the baseline's {base['bpb_base']:.4f} bits per byte (either way): "
+              + (", ".join(close) if close else "no setting") + "."
+              + (f" More than 1% better: {', '.join(better)}." if better else ""), ""]
     cols = [k for k in results[0] if k.startswith("bpb[")]
     lines += ["| setting | " + " | ".join(c[3:] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
     lines += [f"| {r['setting']} | " + " | ".join(f"{r[c]:.4f}" for c in cols) + " |" for r in results]

@@ -71,14 +71,19 @@ def test_sweep_table_marks_the_brute_force_frontier_and_each_rows_own_buckets(ck
 
 
 def test_within_one_percent_is_either_way():
-    """The table's 'Within 1%' list holds the rows within 1% of the baseline either way, not those far below it."""
+    """The table's 'Within 1%' list holds the rows within 1% of the baseline either way, and says so; those far
+    below it are named apart as better (the rows of another checkpoint as the baseline), those far above not at all."""
     def row(name, bpb):
         return {"setting": name, "kv_bits_peak": 100, "kv_bits_per_token": 1.0, "x_smaller": 1.0, "bpb": bpb,
                 "delta_pct": 100 * (bpb / 2.0 - 1), "kl_bits": 0.0, "baseline": "b", "bpb_base": 2.0,
                 "kv_bits_peak_base": 100}
     rows = [row("ref", 2.0), row("close", 2.015), row("far below", 1.8), row("far above", 2.1)]
     line = next(s for s in report.markdown(rows, "t").splitlines() if s.startswith("Within 1%"))
-    assert re.findall(r"`([^`]+)`", line) == ["ref", "close"]
+    within, better = line.split(" More than 1% better: ")
+    assert "(either way)" in within and re.findall(r"`([^`]+)`", within) == ["ref", "close"]
+    assert re.findall(r"`([^`]+)`", better) == ["far below"]
+    line = next(s for s in report.markdown(rows[:2], "t").splitlines() if s.startswith("Within 1%"))
+    assert "better" not in line
 
 
 def test_progress_of_a_run_with_a_baseline_ends_at_its_total(ckpt_dir, monkeypatch):
