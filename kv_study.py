@@ -97,7 +97,7 @@ QUICK = dict(iters=50, n_streams=2, stream_len=1024, variants="base,base_ft,mqa,
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-GRID_VERSION = 3  # raised whenever grid(), exact_grid() or their rows' fields change: older rows are then redone
+GRID_VERSION = 4  # raised whenever grid(), exact_grid() or their rows' fields change: older rows are then redone
 
 
 def grid(block, fast):
@@ -154,14 +154,33 @@ def load_val(config, base_path, n, L):
     return load_streams(val, n, L)
 
 
+def idle_on(kv, c):
+    """Whether part of kv (KVOptions) cannot act on a model (GPTConfig c) whose every softmax
+    layer is local: per-channel keys whose group outgrows the window (nothing is quantized),
+    or an eviction budget the window never reaches (nothing is evicted). Such a row is
+    another row's cache under a label that says otherwise."""
+    softmax = [i for i in range(c.n_layer) if c.kind(i) != "linear"]
+    if not softmax or not all(c.is_local(i) for i in softmax):
+        return False
+    never_quantized = kv.kv_quant != "none" and kv.key_group() > c.window
+    never_evicts = kv.kv_evict != "none" and kv.kv_budget >= c.window
+    return never_quantized or never_evicts
+
+
 def evaluate_variant(path, x, y, settings, step, block, label):
     """kv.evaluate.evaluate of one checkpoint under settings (each sets its own window: the
     study's grid), against its own natural reference."""
     model, ckpt = load_model(path, "cpu", option=None)
     model.eval()
     ref = eval_kv.reference_options(ckpt.get("config") or {}, "natural", say=lambda s: None)
+    idle = [s for s in settings if idle_on(s, model.config)]
+    if idle:
+        w = model.config.window
+        print(f"  note: every softmax layer of {label} attends {w} back, where a per-channel key group of more "
+              f"tokens never fills and an eviction budget of {w} or more never binds: "
+              f"{', '.join(s.describe() for s in idle)} would hold the cache of another row, so they are left out")
     progress = Progress(spans(step, x.size(1))[1], f"  {label}")
-    settings = [ref] + [s for s in settings if s != ref]
+    settings = [ref] + [s for s in settings if s != ref and s not in idle]
     rows = evaluate(model, x, y, settings, step, ref, block, progress, eval_kv.DTYPES[dtype])
     for r, kv in zip(rows, settings):
         r.update(kv.settings())  # the fields, for the command that reproduces the row

@@ -411,6 +411,37 @@ def test_a_variant_of_local_layers_says_its_wider_windows_do_not_bind(tmp_path, 
     assert "note: every softmax layer of loc attends 8 back" in capsys.readouterr().out
 
 
+def test_rows_that_cannot_act_on_local_layers_are_left_out_and_said(tmp_path, capsys):
+    """Every layer attends 8 back: per-channel int4 keys wait for groups of 32 tokens that never
+    fill, and an h2o budget of 8 never binds, so those rows of the grid would hold the plain
+    cache (or the per-token int4 row's) under their own labels: they are left out, said in a
+    note; the per-token int4 row, which does act, stays."""
+    import kv_study
+    from checkpoint import save_checkpoint
+    from kv.evaluate import evaluate
+    from kv.policy import KVOptions
+    from model import GPT, GPTConfig, MODEL_ARG_KEYS
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, bias=False, window=8))
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}, {"block_size": 32}, 1, 5.0)
+    x = torch.randint(0, 256, (1, 64))
+    channel = KVOptions(kv_window=32, kv_quant="int4", kv_quant_group=32, kv_quant_residual=0)
+    h2o = KVOptions(kv_window=32, kv_evict="h2o", kv_budget=8, kv_recent=4, kv_sink=2)
+    token = KVOptions(kv_window=32, kv_quant="int4", kv_quant_group=32, kv_quant_residual=0, kv_quant_keys="token")
+    rows = kv_study.evaluate_variant(path, x, x, [channel, h2o, token], 1, 32, "loc")
+    assert [r["setting"] for r in rows] == ["plain, window 32 (reference)", "int4/g32/r0/token-keys, window 32"]
+    out = capsys.readouterr().out
+    assert "note: every softmax layer of loc attends 8 back" in out and \
+        "int4/g32/r0, h2o 8 (recent 4, sink 2) would hold the cache of another row, so they are left out" in out, out
+    # and they would indeed: scored, each is the plain cache's twin (up to float rounding)
+    model.eval()
+    ref, *idle = evaluate(model, x, x, [channel.__class__(kv_window=32), channel, h2o], 1, KVOptions(kv_window=32), 32)
+    assert all(r["kv_bits_peak"] == ref["kv_bits_peak"] and abs(r["bpb"] - ref["bpb"]) < 1e-5 for r in idle)
+    assert not any(kv_study.idle_on(s, GPTConfig(n_layer=1, n_head=2, n_embd=64, window=8, global_layers="0"))
+                   for s in (channel, h2o))  # a global layer: they act there
+
+
 def test_sigterm_stops_the_study_as_ctrl_c_does(tmp_path):
     """kill (SIGTERM) during the study: the same line and exit as Ctrl-C (a fine-tune running
     is then stopped by its KeyboardInterrupt handler), not a silent death that leaves it running."""
