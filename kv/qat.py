@@ -29,7 +29,7 @@ and the straight-through gradient carries nothing back through it.
 import torch
 
 from kv.cache import Cache, attention_mask
-from kv.quant import make_formats
+from kv.quant import CHANNEL_KEYS, make_formats
 from devices import no_autocast
 from utils import UserError
 
@@ -95,6 +95,12 @@ def check_qat(model, kv_quant, kv_quant_group=32, channel_keys=True):
         raise UserError(f"--kv_quant={kv_quant} in training fake-quantizes the K/V of every layer, and {which} linear "
                         "attention (a state, no K/V cache): --kv_quant=none trains it without")
     make_formats(kv_quant, kv_quant_group, c.head_dim, channel_keys)
+    per_channel = channel_keys and kv_quant in CHANNEL_KEYS
+    if per_channel and any(c.is_local(i) for i in range(c.n_layer)) and kv_quant_group > c.window:
+        raise UserError(f"--kv_quant={kv_quant} groups keys per channel over kv_quant_group={kv_quant_group} tokens, "
+                        f"more than the local window of {c.window}: the inference cache quantizes nothing in the local "
+                        "layers, so training would fake-quantize what decoding never does; pass --kv_quant_keys=token, "
+                        f"or --kv_quant_group={c.window} or less")
 
 
 def qat_caches(model, kv_quant, kv_quant_group=32, channel_keys=True):

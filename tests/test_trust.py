@@ -156,6 +156,8 @@ BAD_INPUTS = [
     (T + ["--last_save_budget=0"], "--last_save_budget must be in (0, 1]"),
     (T + ["--threads=-2"], "--threads must be 0"),
     (T + ["--xl_mem=-1"], "--xl_mem must be 0"),
+    (T + ["--kv_quant=int4", "--kv_quant_group=16", "--window=8"], "over kv_quant_group=16 tokens, more than the "
+     "local window of 8: the inference cache quantizes nothing in the local layers"),  # (QAT would train on it)
     (T + ["--n_head=5"], "not a multiple of n_head=5"),
     (T + ["--n_layer=0"], "must be positive"),
     (T + ["--window=-1"], "window must be >= 0"),
