@@ -428,6 +428,11 @@ def test_another_text_or_reference_is_named_and_keeps_the_own_sweep(ckpt_dir, tm
                    "window": {"eval_kv_quick_kv_window-16"}, "chunk": {"eval_kv_quick_chunk-1"}, "again": set()}
     assert replaced == {"own": False, "text": False, "reference": False, "dtype": False, "window": False,
                         "chunk": False, "again": True}
+    # the title names the reference it got: --reference=unbounded under a kv_window is that window
+    for extra, named in (([], "reference plain, unbounded"), (["--kv_window=16"], "reference plain, window 16")):
+        code, out, err = run_in_process("eval_kv.py", *common, "--reference=unbounded", *extra)
+        title = next(line for line in out.splitlines() if line.startswith("### "))
+        assert code in (0, None) and title.endswith(", " + named), title
 
 
 def test_a_sweep_under_a_window_of_ones_own_fits_its_grid_to_it(ckpt_dir):
