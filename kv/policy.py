@@ -290,7 +290,7 @@ class KVOptions:
         """A short name for the cache setting, e.g. 'int4/g32/r32 + h2o 512 (recent 256, sink 4)'."""
         parts = []
         if self.kv_quant != "none":
-            token_keys = self.kv_quant in CHANNEL_KEYS and not self.channel_keys and self.kv_evict == "none"
+            token_keys = self.kv_quant in CHANNEL_KEYS and not self.channel_keys  # (with eviction always: said)
             parts.append(self.kv_quant + (f"/g{self.kv_quant_group}" if self.kv_quant in GROUPED else "")
                          + f"/r{self.kv_quant_residual}" + ("/token-keys" if token_keys else ""))
         if self.kv_evict != "none":

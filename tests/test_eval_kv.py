@@ -232,7 +232,7 @@ def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
     # read past it, and the grid's 7 settings, budgets scaled to the window
     assert len(rows) == 9 and rows[0]["setting"] == "plain, window 32 (reference)" and float(rows[0]["kl_bits"]) == 0.0
     assert rows[1]["setting"] == "plain, unbounded"
-    assert any(r["setting"] == "int4/g16/r4 + h2o 10 (recent 5, sink 4), window 32" for r in rows)
+    assert any(r["setting"] == "int4/g16/r4/token-keys + h2o 10 (recent 5, sink 4), window 32" for r in rows)
     md = (ckpt_dir / "eval_kv_quick.md").read_text()
     assert "| setting | peak KV bits/stream | bits/token" in md and "Within 1% of the baseline" in md
     import matplotlib.image

@@ -283,3 +283,16 @@ def test_the_cache_is_still_found_where_it_used_to_live():
     assert old_path is QuantKVCache
     with pytest.raises(AttributeError):
         kv_quant.NoSuchThing
+
+
+def test_a_label_tells_per_token_keys_from_per_channel_ones():
+    """int4/int2 keys are grouped per channel without eviction and per token with it: the label
+    says '/token-keys' whenever they are per token, so two caches never share one name."""
+    from kv.policy import KVOptions
+    channel = KVOptions(kv_quant="int4", kv_quant_residual=0)
+    token = KVOptions(kv_quant="int4", kv_quant_residual=0, kv_quant_keys="token")
+    evicting = KVOptions(kv_quant="int4", kv_quant_residual=0, kv_evict="h2o", kv_budget=32, kv_recent=8)
+    assert evicting.key_group() == 1 and not evicting.channel_keys  # (per token, whatever kv_quant_keys says)
+    assert "/token-keys" not in channel.describe()
+    assert token.describe().startswith("int4/g32/r0/token-keys")
+    assert evicting.describe().startswith("int4/g32/r0/token-keys")
