@@ -11,8 +11,9 @@ overrides; a model with random weights is built from them (speed does not depend
     python bench.py config/train_shakespeare_char.py --device=cuda --compile=True
 
 train     ms/iter, tokens/s, MFU (where the device's peak is known) and memory of train.py's own
-          step (steps.train_step), next to the plain eager loop a tutorial writes; rows timed in
-          turn, bench_repeats runs of bench_iters iterations, the fastest run kept.
+          step (steps.train_step), next to the plain eager loop a tutorial writes (at torch's
+          default threads, or at --threads when given); rows timed in turn, bench_repeats runs
+          of bench_iters iterations, the fastest run kept.
 generate  tokens/s for bench_lengths new tokens with the cache unbounded and bounded to
           kv_window (256 when not given), eager and (--compile=True) through the compiled
           static-cache step (generate.StaticDecoder, its compile time printed; "compiled text":
@@ -140,15 +141,17 @@ def train_py_step(model, dev, dt, compiled=False):
 
 
 def bench_train(args, dev, dt):
-    threads = torch.get_num_threads()
-    rows = [("plain eager loop", plain_step, {}, "float32", TORCH_DEFAULT_THREADS)]
-    if bench_ablation and threads != TORCH_DEFAULT_THREADS:
-        rows.append((f"+ --threads={threads}", plain_step, {}, "float32", threads))
+    n = torch.get_num_threads()  # (use_threads chose them: --threads, OMP_NUM_THREADS or the free CPUs)
+    # the plain loop at torch's default threads, unless --threads was given: then every row runs at it
+    plain = n if threads > 0 else TORCH_DEFAULT_THREADS
+    rows = [("plain eager loop", plain_step, {}, "float32", plain)]
+    if bench_ablation and n != plain:
+        rows.append((f"+ {n} threads (auto)", plain_step, {}, "float32", n))
     if bench_ablation and dt != "float32":
-        rows.append(("train.py step, float32", train_py_step, {}, "float32", threads))
-    rows.append(("train.py step", train_py_step, {}, dt, threads))
+        rows.append(("train.py step, float32", train_py_step, {}, "float32", n))
+    rows.append(("train.py step", train_py_step, {}, dt, n))
     if compile:
-        rows.append(("train.py step + compile", train_py_step, {"compiled": True}, dt, threads))
+        rows.append(("train.py step + compile", train_py_step, {"compiled": True}, dt, n))
     sync = synchronizer(dev)
     # build and warm up every row (its memory is measured here), then time them in turn, so
     # that a burst of other work on a shared machine slows every row, not just one
@@ -180,7 +183,7 @@ def bench_train(args, dev, dt):
             float(loss.detach())
             sync()
             run["best"] = min(run["best"], (time.perf_counter() - t0) / bench_iters)
-    torch.set_num_threads(threads)
+    torch.set_num_threads(n)
     cpu = not dev.startswith("cuda")
     print(f"\ntraining: batch {batch_size} x block {block_size}, gradient_accumulation_steps="
           f"{gradient_accumulation_steps}; best of {bench_repeats} x {bench_iters} iterations")

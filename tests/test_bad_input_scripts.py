@@ -237,3 +237,27 @@ def test_bench_names_the_settings_its_chosen_rows_do_not_read(tmp_path):
     assert "--kv_window" not in plain and "--bench_batch" not in plain, plain
     rows = [[line.split("|")[1] for line in text.splitlines() if line.startswith("| ")] for text in (out, plain)]
     assert rows[0] == rows[1] and len(rows[0]) > 1, out
+
+
+def test_bench_train_runs_its_plain_loop_at_the_threads_given(tmp_path, monkeypatch):
+    """--threads=1 is every row's thread count, the plain loop's too: its 'vs plain' ratios then
+    compare loops, not a thread count the user did not ask for. Without --threads the plain loop
+    runs at torch's default and --bench_ablation adds the row of the threads chosen."""
+    import torch
+    monkeypatch.setattr("devices.pick_threads", lambda requested=0: (requested or 1, "stub"))  # auto: 1
+
+    def threads_of(*args):
+        before = torch.get_num_threads()
+        torch.set_num_threads(3)  # torch's default as bench.py starts (run_in_process puts it back)
+        try:
+            code, out, err = run_in_process("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=train",
+                                            "--bench_iters=1", "--bench_repeats=1", *args)
+        finally:
+            torch.set_num_threads(before)
+        assert code in (0, None), err
+        return {c[1].strip(): c[3].strip() for c in (line.split("|") for line in out.splitlines())
+                if len(c) > 4 and c[1].strip() not in ("loop", "---")}
+
+    assert set(threads_of("--threads=1").values()) == {"1"}
+    rows = threads_of("--bench_ablation=True")
+    assert rows["plain eager loop"] == "3" and rows["+ 1 threads (auto)"] == "1" and rows["train.py step"] == "1", rows
