@@ -140,7 +140,8 @@ def check_range(settings, names, low, high=None, high_open=False):
         v = settings[name]
         if not (math.isfinite(v) and v >= low and (high is None or (v < high if high_open else v <= high))):
             where = f"at least {low}" if high is None else f"in [{low}, {high}{')' if high_open else ']'}"
-            raise UserError(f"--{name} must be {where}, got {v}")
+            finite = "a finite number, " if not math.isfinite(v) and high is None else ""
+            raise UserError(f"--{name} must be {finite}{where}, got {v}")
 
 
 def has_module(name, without):

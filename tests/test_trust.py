@@ -135,7 +135,7 @@ G = ["gen_sample_data.py", "--dataset={data}"]
 BAD_INPUTS = [
     # settings whose range is obvious (item 10)
     (T + ["--learning_rate=-1"], "--learning_rate must be at least 0, got -1"),
-    (T + ["--learning_rate=1e999"], "--learning_rate must be at least 0, got inf"),
+    (T + ["--learning_rate=1e999"], "--learning_rate must be a finite number, at least 0, got inf"),
     (T + ["--min_lr=-0.1"], "--min_lr must be at least 0"),
     (T + ["--beta1=1.0"], "--beta1 must be in [0, 1), got 1.0"),
     (T + ["--beta2=-0.5"], "--beta2 must be in [0, 1)"),
@@ -166,8 +166,9 @@ BAD_INPUTS = [
     (T + ["--dtype=float16"], "float16 is for GPUs"),
     (T + ["--device=tpu"], "unknown device"),
     (T + ["--learning_rate=fast"], "expected float"),
-    (S + ["--temperature=inf"], "--temperature must be at least 0, got inf"),  # (not "expected float, got str")
-    (S + ["--temperature=nan"], "--temperature must be at least 0, got nan"),
+    (S + ["--temperature=inf"], "--temperature must be a finite number, at least 0, got inf"),  # (not "expected float")
+    (S + ["--temperature=nan"], "--temperature must be a finite number, at least 0, got nan"),
+    (T + ["--learning_rate=inf"], "--learning_rate must be a finite number, at least 0, got inf"),
     (T + ["--no_such_setting=1"], "unknown setting --no_such_setting"),
     (T + ["{files}/no_config.py"], "config file"),
     (T + ["--attention=softmaxx"], "unknown attention"),
