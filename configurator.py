@@ -73,6 +73,19 @@ def _parse(name, text, default):
     return _coerce(f"--{name}", value, default)
 
 
+def _near_file(path):
+    """'; did you mean X?' for a config file named nearly as one that exists (a lost '.py',
+    a letter off), else ''."""
+    folder = os.path.dirname(path) or "."
+    try:
+        names = [n for n in os.listdir(folder) if n.endswith(".py")]
+    except OSError:
+        return ""
+    name = os.path.basename(path)
+    close = [n for n in names if n in (name + ".py", name + "y")] or difflib.get_close_matches(name, names, n=1)
+    return f"; did you mean {os.path.join(os.path.dirname(path), close[0])}?" if close else ""
+
+
 def _run_config_file(path, g, known):
     """Exec a config file with the current settings visible; return the settings it changed and
     the names it assigns (a setting assigned its default is still given by the file)."""
@@ -85,11 +98,19 @@ def _run_config_file(path, g, known):
         if not os.path.isabs(path) and os.path.isfile(here):  # run from another folder
             raise UserError(f"config file {path} not found in {os.getcwd()} (paths are read from the folder "
                             f"you run in): give {here}, or cd {_HERE}")
-        raise UserError(f"config file {path} not found")
+        raise UserError(f"config file {path} not found" + _near_file(path))
     scope = {k: g[k] for k in known}
     try:
-        with open(path) as f:
-            tree = ast.parse(f.read(), path)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read ({e.strerror})") from None
+    if path.endswith(".pt") or b"\0" in data[:4096]:
+        flag = " (a run's folder is named with --out_dir=FOLDER)" if "out_dir" in known else ""
+        raise UserError(f"config file {path} is not a Python file of settings but a checkpoint or another binary "
+                        f"file{flag}")
+    try:
+        tree = ast.parse(data, path)
         exec(compile(tree, path, "exec"), scope)
     except KeyboardInterrupt:
         raise

@@ -118,6 +118,8 @@ def test_config_file_after_a_flag_overrides_it_and_says_so(tmp_path, capsys):
     (["-max_iters=3"], ["bad argument '-max_iters=3'"]),
     (["max_iters=3"], ["bad argument 'max_iters=3'"]),
     (["no/such/config.py"], ["config file no/such/config.py not found"]),
+    (["config/train_shakespeare_char_cpu.p"], ["not found; did you mean config/train_shakespeare_char_cpu.py?"]),
+    (["config/train_shakespeare_char_cpu"], ["not found; did you mean config/train_shakespeare_char_cpu.py?"]),
 ])
 def test_errors_are_one_line(argv, fragments):
     with pytest.raises(UserError) as info:
@@ -126,6 +128,16 @@ def test_errors_are_one_line(argv, fragments):
     assert "\n" not in message
     for fragment in fragments:
         assert fragment in message
+
+
+def test_a_checkpoint_given_as_a_config_file_is_named_as_such(tmp_path):
+    """A run's checkpoint (or any binary file) where a config file goes: one line saying what it
+    is and how a run's folder is given, not a UnicodeDecodeError."""
+    for name, data in (("ckpt.pt", b"PK\x03\x04 zip"), ("blob", b"\x80\x02\x00binary")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match="is not a Python file of settings but a checkpoint or another binary "
+                                            r"file \(a run's folder is named with --out_dir=FOLDER\)"):
+            configure(settings(), [str(tmp_path / name)])
 
 
 @pytest.mark.parametrize("body, fragments", [
