@@ -82,17 +82,25 @@ def missing_checkpoint(path, option="checkpoint_name"):
         if by_name and os.path.dirname(os.path.normpath(folder)) == "":  # a folder here: any here that hold one?
             held = _runs_here(folder)
             if held:
-                return UserError(f"{folder!r} does not exist; folders here that hold a checkpoint: "
-                                 f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''} (pass e.g. "
-                                 f"{where}={held[0]}); or {make}")
+                return UserError(f"{folder!r} does not exist; {_runs_hint(held, where)}; or {make}")
         return UserError(f"{folder!r} does not exist: {make}, or pass {where}=<the folder train.py wrote>")
     held = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and os.path.isfile(os.path.join(folder, f)))
     if not held:
+        runs = _runs_here(folder) if by_name and os.path.dirname(os.path.normpath(folder)) == "" else []
+        if runs:  # (--out_dir=. or data: a folder here, not a run's)
+            return UserError(f"checkpoint {path} not found, and {folder} holds none; {_runs_hint(runs, where)}; "
+                             f"or {make}")
         return UserError(f"checkpoint {path} not found, and {folder} holds none: {make}")
     if os.path.basename(path) == "ckpt.pt" and "last.pt" in held:  # a run stopped before its first ckpt.pt
         return UserError(f"checkpoint {path} not found, but {os.path.join(folder, 'last.pt')} is there (the latest "
                          f"state of its run): name it with {pick('last.pt')}")
     return UserError(f"checkpoint {path} not found; {folder} holds {', '.join(held)}: name one with {pick(held[0])}")
+
+
+def _runs_hint(runs, where):
+    """'folders here that hold a checkpoint: a, b (pass e.g. --out_dir=a)'."""
+    return (f"folders here that hold a checkpoint: {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''} "
+            f"(pass e.g. {where}={runs[0]})")
 
 
 def _runs_here(name):

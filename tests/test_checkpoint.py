@@ -361,6 +361,21 @@ def test_the_folder_named_first_is_the_likeliest_meant(tmp_path, monkeypatch):
             f"(pass e.g. --out_dir={first})" in str(e.value), str(e.value)
 
 
+def test_a_folder_here_without_a_checkpoint_names_the_runs_here(tmp_path, monkeypatch):
+    """sample.py --out_dir=. (or data, or config) where runs sit in other folders here: the
+    error names them, not only how to train into the folder given."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
+    (tmp_path / "out-run").mkdir()
+    (tmp_path / "out-run" / "last.pt").write_bytes(b"")
+    (tmp_path / "data").mkdir()
+    for folder in (".", "data"):
+        with pytest.raises(UserError) as e:
+            read_checkpoint(os.path.join(folder, "ckpt.pt"))
+        assert f"and {folder} holds none; folders here that hold a checkpoint: out-run (pass e.g. " \
+            "--out_dir=out-run); or train one" in str(e.value), str(e.value)
+
+
 def test_an_attention_override_on_a_hybrid_is_one_clear_error(tmp_path):
     """A model mixing linear and softmax layers, run with --attention=naive (for h2o, say): one
     line naming the mix, not GPTConfig's complaint about linear_layers the user never gave;
