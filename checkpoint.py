@@ -37,6 +37,8 @@ from utils import UserError
 def checkpoint_path(out_dir, name, option="checkpoint_name"):
     """out_dir + name, accepting "ckpt", "ckpt.pt", "last", "last.pt"; a name that is a path
     (the option that gave it: a file name inside --out_dir) is one UserError saying how."""
+    if not name.strip():
+        raise UserError(f"--{option} is empty: give the name of a checkpoint in --out_dir (ckpt or last)")
     if "/" in name or os.sep in name:
         folder, file = os.path.split(name)
         raise UserError(f"--{option}={name} is a path; {option} is the name of a file inside --out_dir: pass "

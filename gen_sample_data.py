@@ -30,8 +30,8 @@ def main():
     use_threads(threads)
     if split not in ("train", "val"):
         raise UserError(f"--split={split}: use train or val")
-    if n_batches < 0:
-        raise UserError(f"--n_batches must be 0 or more, got {n_batches}")
+    if n_batches < 1:
+        raise UserError(f"--n_batches must be at least 1 (the batches to print), got {n_batches}")
     check_range(globals(), "seed", -SEED_MAX, SEED_MAX)
     train_path, val_path = dataset_paths(dataset)
     loader = ByteLoader(train_path if split == "train" else val_path, block_size, batch_size,

@@ -80,6 +80,8 @@ def module_of_file(path, error, flag="--module"):
     sys.path; error(message) when the file is missing or its name is taken by another module."""
     import importlib.util
     if not os.path.isfile(path):
+        if os.path.isfile(path + ".py"):
+            error(f"{flag}={path}: no such file; did you mean {flag}={path}.py?")
         what = "a folder" if os.path.isdir(path) else "no such file"
         error(f"{flag}={path}: {what}; give a file (mywork/trim.py) or a module name (mywork.trim)")
     folder, name = os.path.split(os.path.abspath(path))

@@ -117,6 +117,9 @@ def test_a_missing_function_is_still_named_as_such(exercise_checks, tmp_path):
             and "your module raised" not in printed and "AttributeError" not in printed, printed
     proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path}")
     assert_user_error(proc, f"--module={tmp_path}: a folder; give a file")
+    (tmp_path / "mine.py").write_text("def other():\n    pass\n")  # given without its .py
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'mine'}")
+    assert_user_error(proc, f"no such file; did you mean --module={tmp_path / 'mine'}.py?")
 
 
 # each exercise file's functions, as shipped: stubs that raise NotImplementedError

@@ -194,6 +194,7 @@ BAD_INPUTS = [
     (S + ["--checkpoint_name=out-x/last.pt"], "--checkpoint_name=out-x/last.pt is a path; checkpoint_name is the "
      "name of a file inside --out_dir: pass --out_dir=out-x --checkpoint_name=last"),
     (E + ["--checkpoint_name=/tmp/o/ckpt"], "pass --out_dir=/tmp/o --checkpoint_name=ckpt"),
+    (S + ["--checkpoint_name="], "--checkpoint_name is empty: give the name of a checkpoint in --out_dir"),
     (R + ["--resume_checkpoint_name=o/last.pt"], "pass --out_dir=o --resume_checkpoint_name=last"),
     (SB + ["--checkpoint_name=trunc"], "trunc.pt is corrupt or truncated"),
     (SB + ["--checkpoint_name=junk"], "junk.pt is corrupt or not a checkpoint (Unsupported operand"),
@@ -234,7 +235,8 @@ BAD_INPUTS = [
     (P + ["--input={files}/none.txt"], "no such file"),
     (P + ["--input={files}"], "a folder; give the text file in it"),
     (G + ["--split=test"], "--split=test: use train or val"),
-    (G + ["--n_batches=-1"], "--n_batches must be 0 or more"),
+    (G + ["--n_batches=-1"], "--n_batches must be at least 1"),
+    (G + ["--n_batches=0"], "--n_batches must be at least 1 (the batches to print)"),  # (printed nothing, exit 0)
     (G + ["--block_size=0"], "block_size >= 1"),
     (G + ["--reset_prob=2.0"], "reset_prob <= 1"),
     (["sample.py", "stray=word"], "bad argument 'stray=word'"),
