@@ -1,7 +1,8 @@
 """
 What one iteration of train.py does, apart from the loop around it: an optimizer step over
 the micro-batches (bench.py times this very function), the evaluation of the fixed batches,
-and the dummy step that makes torch.compile compile before the loop.
+the dummy step that makes torch.compile compile before the loop, and the memory they need at
+the least (checked before any work).
 
     loss = train_step(model, optimizer, scaler, loader, ctx, micro_steps, grad_clip=1.0)
     losses = estimate_loss(model, eval_sets, ctx, mem_len=256)   # {"train": .., "val": .., "val_mem": ..}
@@ -58,6 +59,20 @@ def compile_probe(model, dev, ctx, shape):
         logits.float().mean().backward()
     finally:
         model.zero_grad(set_to_none=True)
+
+
+def least_memory(c, batch_size, block_size, eval_iters, training=True):
+    """Bytes a run of a model (GPTConfig c) needs at the least on its device: the fixed eval
+    batches of both splits (x and y int64, a flag a row, and 1 KB for their three tensors'
+    bookkeeping: 1.8 KB measured on a CPU), and for one micro-batch the float32
+    logits and their gradient (training) and, per layer, 14 n_embd values a token at 2 bytes,
+    fewer than autograd keeps for the backward pass (the residual, both LayerNorms, q, k, v,
+    the attention's output, the MLP's 4 n_embd twice). A floor for refusing, not a forecast."""
+    tokens = batch_size * block_size
+    eval_batches = 2 * eval_iters * (batch_size * (2 * block_size * 8 + 1) + 1024)
+    if not training:
+        return eval_batches + tokens * c.vocab_size * 4
+    return eval_batches + tokens * (2 * c.vocab_size * 4 + c.n_layer * 14 * c.n_embd * 2)
 
 
 def not_finite_at_start(losses, iter_num, attention, xl_update, kv_quant):

@@ -54,11 +54,11 @@ from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state,
 from loader import ByteLoader, dataset_paths, fixed_batches, not_text, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
-from steps import compile_probe, estimate_loss, not_finite_at_start, train_step
+from steps import compile_probe, estimate_loss, least_memory, not_finite_at_start, train_step
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, other_val_batches, restore_training_state, resume_schedule, rng_state,
                     stopped_at_once)
-from devices import autocast_ctx, start_device
+from devices import autocast_ctx, in_bytes, memory_available, start_device
 from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, check_range, compile_or_eager, clock, has_module,
                    run_main, stop_on_sigterm)
 
@@ -198,6 +198,11 @@ def train(held):
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
     check_qat(model, kv_quant, kv_quant_group, kv_quant_keys == "channel")  # before the first evaluation
     check_variant(model.config, fresh=init_from == "scratch")
+    need, free = least_memory(model.config, batch_size, block_size, eval_iters, not eval_only), memory_available(dev)
+    if free is not None and need > free:
+        raise UserError(f"batch_size={batch_size} x block_size={block_size} (and eval_iters={eval_iters} fixed batches a "
+                        f"split) need at least {in_bytes(need)} on {dev}, and {in_bytes(free)} is free: lower --batch_size "
+                        "(--gradient_accumulation_steps keeps the tokens per iteration), --block_size or --eval_iters")
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing

@@ -185,6 +185,23 @@ def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_
     assert line.startswith(f"{last_lr(tmp_path / 'o8'):.2e}, not min_lr")
 
 
+def test_a_run_that_cannot_fit_in_memory_is_one_line_before_it_trains(data_dir, tmp_path, monkeypatch, capsys):
+    """The fixed eval batches and one micro-batch's logits and activations, against the memory
+    free (patched): TINY needs about 0.5 MiB, so 256 KiB refuses it in one line naming the
+    settings to lower, before any iteration or file; 4 MiB lets it run."""
+    import devices
+    monkeypatch.setattr(devices, "memory_available", lambda dev: 2 ** 18)
+    with pytest.raises(SystemExit) as e:
+        train(data_dir, tmp_path / "o", "--max_iters=2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and re.fullmatch(
+        r"error: batch_size=4 x block_size=32 \(and eval_iters=2 fixed batches a split\) need at least 0\.\d MiB "
+        r"on cpu, and 0\.2 MiB is free: lower --batch_size .*--block_size or --eval_iters", err[0]), err
+    assert not (tmp_path / "o" / "last.pt").exists()
+    monkeypatch.setattr(devices, "memory_available", lambda dev: 2 ** 22)
+    assert "done: 2 iterations" in train(data_dir, tmp_path / "o", "--max_iters=2")
+
+
 def test_a_run_continued_past_its_decay_says_it_trains_at_min_lr(data_dir, tmp_path):
     """TINY decays over 20 iterations: a finished run of 20 continued to 24 trains every
     iteration at min_lr (as its last.pt's optimizer shows), and the note says so with the
