@@ -116,17 +116,22 @@ def main():
                 say(step.compile_line())
         stamps = [time.time()]  # the start, then each new token's arrival
         shown = bytes(prompt)  # printed with the first new byte: a model or plug-in that fails prints nothing
-        for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                     kv=kv, stats=stats, decoder=step):
-            row = token[:, 0].tolist()  # waits for the token
-            stamps.append(time.time())
-            write(first.decode(shown + bytes(row[:1])))
-            shown = b""
-            for text, b in zip(others, row[1:]):
-                text.append(b)
-    write(first.decode(shown, final=True) + "\n")
-    for text in others:
-        write("---------------\n" + text.decode("utf-8", errors="backslashreplace") + "\n")
+        try:
+            for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                         kv=kv, stats=stats, decoder=step):
+                row = token[:, 0].tolist()  # waits for the token
+                stamps.append(time.time())
+                write(first.decode(shown + bytes(row[:1])))
+                shown = b""
+                for text, b in zip(others, row[1:]):
+                    text.append(b)
+        except KeyboardInterrupt:  # Ctrl-C: the other samples as far as they got, then the usual exit
+            if len(stamps) > 1:
+                print_samples(first, shown, others, write)
+                print(f"stopped after {len(stamps) - 1:,} of {max_new_tokens:,} new bytes"
+                      + (f"; the {len(others)} other samples above stop there too" if others else ""), file=sys.stderr)
+            raise
+    print_samples(first, shown, others, write)
 
     # the speed of the decode steps (each new token after the first), apart from reading the
     # prompt (the first token comes after it), which a long prompt makes long
@@ -147,6 +152,13 @@ def main():
         print(f"note: the peak is the {len(prompt)}-byte prompt, which the cache holds whole after reading it in "
               f"one pass (it evicts at the next step); the decode steps held at most {decode_peak:,} bits per "
               "sample", file=sys.stderr)
+
+
+def print_samples(first, shown, others, write):
+    """The end of the first sample (streamed so far) and the others whole, each after a line."""
+    write(first.decode(shown, final=True) + "\n")
+    for text in others:
+        write("---------------\n" + text.decode("utf-8", errors="backslashreplace") + "\n")
 
 
 def least_memory(model, kv, T):

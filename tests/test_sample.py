@@ -360,3 +360,24 @@ def test_local_layers_that_cannot_quantize_are_noted_as_eval_kv_notes_them(tmp_p
                           "--kv_quant_residual=0", "--max_new_tokens=8")
     assert code in (0, None), err
     assert kv.check().local_residual(model.config)[1] in err
+
+
+def test_ctrl_c_prints_every_sample_as_far_as_it_got(out_dir, monkeypatch):
+    """Ctrl-C after 3 new bytes of 3 samples side by side: the first (streamed) ends there, the
+    other two are printed as far as they got, a line says where it stopped, and the exit is
+    Ctrl-C's (130); the bytes are those the model drew (the same seed without Ctrl-C)."""
+    import generate
+    real = generate.generate_stream
+
+    def interrupted(*args, **kwargs):
+        for i, token in enumerate(real(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield token
+
+    code, whole, _ = sample(f"--out_dir={out_dir}", "--num_samples=3", "--max_new_tokens=3", "--start=ab")
+    assert code in (0, None)
+    monkeypatch.setattr(generate, "generate_stream", interrupted)
+    code, out, err = sample(f"--out_dir={out_dir}", "--num_samples=3", "--max_new_tokens=100", "--start=ab")
+    assert code == 130 and out == whole, (out, whole)
+    assert err.strip().splitlines()[-1] == "stopped after 3 of 100 new bytes; the 2 other samples above stop there too"
