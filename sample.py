@@ -87,6 +87,10 @@ def main():
     notes += [n for n in [kv.local_note(model.config), kv.local_residual(model.config)[1],
                           kv.context_note(model.config, ckpt.get("config") or {}, length)] if n]
     kv.check_trim(model.config)
+    if len(prompt) > LONG_PROMPT and prefill_piece(kv, len(prompt)) == len(prompt):
+        notes.append(f"note: the {len(prompt):,}-byte prompt is read in one pass, each byte attending to every one "
+                     "before it: its time grows with the square of its length (40 kB took 39 s on one thread of a "
+                     "2-core CPU with the CPU recipe's model); --kv_window=N reads it in pieces of N")
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)
     need, free = least_memory(model, kv, len(prompt)), memory_available(dev)
@@ -152,6 +156,9 @@ def main():
         print(f"note: the peak is the {len(prompt)}-byte prompt, which the cache holds whole after reading it in "
               f"one pass (it evicts at the next step); the decode steps held at most {decode_peak:,} bits per "
               "sample", file=sys.stderr)
+
+
+LONG_PROMPT = 16384  # bytes past which a prompt read in one pass gets a note on its time
 
 
 def print_samples(first, shown, others, write):

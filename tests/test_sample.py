@@ -261,6 +261,21 @@ def test_a_long_prompt_under_a_window_counts_the_logits_of_one_piece(out_dir, tm
     assert code == 2 and "or shorten the prompt" in err.strip().splitlines()[-1], err
 
 
+def test_a_long_prompt_read_in_one_pass_says_its_time_grows_with_its_square(out_dir, tmp_path, monkeypatch):
+    """Past LONG_PROMPT bytes a prompt fed whole gets a note pointing to --kv_window; under a
+    window (read in pieces) it does not, nor does one of LONG_PROMPT bytes. (The memory free is
+    patched to nothing: the notes come before that refusal, and no prompt is read.)"""
+    import devices
+    from sample import LONG_PROMPT
+    monkeypatch.setattr(devices, "memory_available", lambda dev: 1)
+    for size, args, noted in ((LONG_PROMPT + 1, [], True), (LONG_PROMPT + 1, ["--kv_window=8"], False),
+                              (LONG_PROMPT, [], False)):
+        prompt = tmp_path / f"p{size}.txt"
+        prompt.write_bytes(b"x" * size)
+        code, _, err = sample(f"--out_dir={out_dir}", f"--start=FILE:{prompt}", "--max_new_tokens=2", *args)
+        assert code == 2 and (f"note: the {size:,}-byte prompt is read in one pass" in err) == noted, err
+
+
 def test_a_window_past_the_trained_context_is_noted(tmp_path):
     """A model trained on 16-byte blocks sampled with --kv_window=32 reads distances it never
     saw: a note says so and which window stays within; --kv_window=16 gets none."""
