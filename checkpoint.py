@@ -31,7 +31,7 @@ import torch
 from loader import DATA_DIR, dataset_paths
 from model import ARCH_KEYS, GPT, MODEL_ARG_KEYS, GPTConfig
 from fileio import atomic_torch_save
-from utils import UserError
+from utils import UserError, project_file
 
 
 def checkpoint_path(out_dir, name, option="checkpoint_name"):
@@ -58,8 +58,9 @@ def _recipe_for(folder):
         with open(os.path.join(config_dir, name)) as f:
             m = re.search(r"^out_dir = [\"']([^\"']+)[\"']", f.read(), re.M)
         if m and m.group(1) == os.path.basename(os.path.normpath(folder)):
-            return f"config/{name}" + ("" if os.path.normpath(folder) == m.group(1) else f" --out_dir={folder}")
-    return f"config/train_shakespeare_char_cpu.py --out_dir={folder}"
+            given = "" if os.path.normpath(folder) == m.group(1) else f" --out_dir={folder}"
+            return project_file(f"config/{name}") + given
+    return f"{project_file('config/train_shakespeare_char_cpu.py')} --out_dir={folder}"
 
 
 def missing_checkpoint(path, option="checkpoint_name"):
@@ -69,8 +70,8 @@ def missing_checkpoint(path, option="checkpoint_name"):
     by_name = option.endswith("checkpoint_name")  # a name in out_dir; else (--baseline, --base) a path
     pick = lambda f: f"--{option}={f[:-3] if by_name else os.path.join(folder, f)}"  # noqa: E731
     where = "--out_dir" if by_name else f"--{option}"
-    make = (f"train one (python train.py {_recipe_for(folder)}) or download the "
-            f"tutorial's (python download_pretrained.py --out_dir={folder})")
+    make = (f"train one (python {project_file('train.py')} {_recipe_for(folder)}) or download the "
+            f"tutorial's (python {project_file('download_pretrained.py')} --out_dir={folder})")
     if os.path.isfile(folder):
         return UserError(f"{folder} is a file, not a folder: pass the folder that holds it ({where}="
                          f"{os.path.dirname(folder) or '.'})" + (f" and --{option}={os.path.basename(folder)}"

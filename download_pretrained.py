@@ -12,7 +12,7 @@ import sys
 from checkpoint import load_model, read_checkpoint
 from configurator import configure
 from outdir import make_folder
-from utils import UserError, run_main
+from utils import UserError, project_file, run_main
 
 out_dir = "out-shakespeare-char"  # where ckpt.pt goes
 drive_id = "14OPzCVBiCo-z9F6liAGAe0cyhPCtXycu"  # the tutorial's checkpoint on Google Drive
@@ -63,7 +63,7 @@ def main():
     except BaseException:  # an error, or Ctrl-C mid-download: leave nothing half-written behind
         clean_up(tmp, made, out_dir)
         raise
-    print(f"saved {target}; try: python sample.py {shlex.quote('--out_dir=' + out_dir)}")
+    print(f"saved {target}; try: python {project_file('sample.py')} {shlex.quote('--out_dir=' + out_dir)}")
 
 
 def outermost_missing(folder):

@@ -17,7 +17,7 @@ import torch
 from checkpoint import _first_line
 from loader import same_dataset
 from devices import mps_available
-from utils import UserError
+from utils import UserError, project_file
 
 
 def rng_state():
@@ -312,4 +312,4 @@ def resume_command(**flags):
     instead of the run's own, e.g. max_iters=70)."""
     drop = ("--init_from=", "--resume_checkpoint_name=", *(f"--{k}=" for k in flags))
     args = [a for a in sys.argv[1:] if not a.startswith(drop)] + [f"--{k}={v}" for k, v in flags.items()]
-    return f"python train.py {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last"
+    return f"python {project_file('train.py')} {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last"

@@ -60,7 +60,7 @@ from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable
                     stopped_at_once)
 from devices import autocast_ctx, in_bytes, memory_available, start_device
 from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, check_range, compile_or_eager, clock, has_module,
-                   run_main, stop_on_sigterm)
+                   project_file, run_main, stop_on_sigterm)
 
 quiet_start.done()
 
@@ -410,7 +410,7 @@ def train(held):
     print(f"done: {done} iteration{'s' if done != 1 else ''} in {clock(time.time() - t_begin)}; best val loss "
           f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in
           (("ckpt.pt", "best val loss"), ("last.pt", "latest")) if os.path.isfile(os.path.join(out_dir, n))))
-    print(f"next: python sample.py {shlex.join(sample_args(unwrap(model).config))}")
+    print(f"next: python {project_file('sample.py')} {shlex.join(sample_args(unwrap(model).config))}")
 
 def resume_run(config, given, defaults, dev, world_size):
     """The model of out_dir's checkpoint on dev, this run's schedule and the text it trains on.

@@ -133,6 +133,15 @@ def settle_output():
 SEED_MAX = 2 ** 62  # a seed torch takes, with room for the rank and iteration train.py adds to it
 
 
+def project_file(name):
+    """A file of the project (e.g. "sample.py", "config/x.py") as a command typed where this
+    process runs should name it: as is in the project folder, else a path to it (relative
+    below the folder run in, absolute elsewhere)."""
+    full = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    rel = os.path.relpath(full)
+    return name if rel == name else full if rel.startswith("..") else rel
+
+
 def check_range(settings, names, low, high=None, high_open=False):
     """One UserError for the first of the space-separated names whose value in settings is
     not a finite number >= low and <= high (< high if high_open; no bound if high is None)."""

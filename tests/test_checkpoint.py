@@ -4,6 +4,7 @@ the means they promise, interrupted saves keep the previous file, and bad or mal
 files are refused with one clear error."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -140,22 +141,28 @@ def test_a_disk_that_fills_under_torchs_own_writer_is_one_user_error(tmp_path, m
 
 def test_a_missing_folder_names_the_recipe_that_writes_there(tmp_path, monkeypatch):
     """Each recipe's own folder gets that recipe (the GPU model's folder is not told to hold the
-    CPU model); any other folder gets the CPU recipe pointed at it."""
-    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+    CPU model); any other folder gets the CPU recipe pointed at it. Run outside the project, the
+    command names its files by their paths (python train.py would not be found there)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config_dir = os.path.join(repo, "config")
     monkeypatch.chdir(tmp_path)  # where no recipe's folder exists
     # nor beside the code (a student who trained the CPU recipe has its folder there)
     monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
+    train_py = re.escape(f"python {repo}/train.py {config_dir}/")
     for name in ("train_shakespeare_char.py", "train_shakespeare_char_cpu.py", "train_svejk_char.py"):
         g = {}
         with open(os.path.join(config_dir, name)) as f:
             exec(f.read(), g)  # the recipe's out_dir
-        with pytest.raises(UserError, match=rf"does not exist: train one \(python train.py config/{name}\) or"):
+        with pytest.raises(UserError, match=rf"does not exist: train one \({train_py}{name}\) or"):
             read_checkpoint(os.path.join(g["out_dir"], "ckpt.pt"))
         elsewhere = tmp_path / "runs" / g["out_dir"]  # the same name in another place: that recipe, told where
-        with pytest.raises(UserError, match=rf"train one \(python train.py config/{name} --out_dir={elsewhere}\)"):
+        with pytest.raises(UserError, match=rf"train one \({train_py}{name} --out_dir={elsewhere}\)"):
             read_checkpoint(str(elsewhere / "ckpt.pt"))
-    with pytest.raises(UserError, match=rf"train one \(python train.py config/train_shakespeare_char_cpu.py "
+    with pytest.raises(UserError, match=rf"train one \({train_py}train_shakespeare_char_cpu.py "
                                         rf"--out_dir={tmp_path / 'mine'}\)"):
+        read_checkpoint(str(tmp_path / "mine" / "ckpt.pt"))
+    monkeypatch.chdir(repo)  # in the project: the names as the README writes them
+    with pytest.raises(UserError, match=r"train one \(python train.py config/train_shakespeare_char_cpu.py "):
         read_checkpoint(str(tmp_path / "mine" / "ckpt.pt"))
 
 

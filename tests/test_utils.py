@@ -3,6 +3,7 @@ setting that keeps freed memory for the next big tensor."""
 
 import contextlib
 import io
+import os
 import subprocess
 import sys
 
@@ -198,3 +199,15 @@ def test_the_compile_probe_leaves_nothing_to_trace_at_the_first_training_step():
         logits, _ = compiled(x)
         model.loss(logits, torch.roll(x, -1, 1)).backward()
     assert traced > 0 and counter.frame_count == traced
+
+
+def test_a_project_file_is_named_as_typed_where_the_process_runs(tmp_path, monkeypatch):
+    """The commands printed (next: python sample.py ..., train one ...) name the project's files
+    as they are typed from the folder run in: bare in the project, a relative path from a
+    folder above it, the absolute path from elsewhere."""
+    monkeypatch.chdir(REPO_ROOT)
+    assert utils.project_file("sample.py") == "sample.py" and utils.project_file("config/x.py") == "config/x.py"
+    monkeypatch.chdir(os.path.dirname(REPO_ROOT))
+    assert utils.project_file("sample.py") == os.path.join(os.path.basename(REPO_ROOT), "sample.py")
+    monkeypatch.chdir(tmp_path)
+    assert utils.project_file("sample.py") == os.path.join(REPO_ROOT, "sample.py")
