@@ -198,11 +198,13 @@ def train(held):
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
     check_qat(model, kv_quant, kv_quant_group, kv_quant_keys == "channel")  # before the first evaluation
     check_variant(model.config, fresh=init_from == "scratch")
-    need, free = least_memory(model.config, batch_size, block_size, eval_iters, not eval_only), memory_available(dev)
+    need = least_memory(model.config, batch_size, block_size, eval_iters, training=not eval_only)
+    free = memory_available(dev)
     if free is not None and need > free:
-        raise UserError(f"batch_size={batch_size} x block_size={block_size} (and eval_iters={eval_iters} fixed batches a "
-                        f"split) need at least {in_bytes(need)} on {dev}, and {in_bytes(free)} is free: lower --batch_size "
-                        "(--gradient_accumulation_steps keeps the tokens per iteration), --block_size or --eval_iters")
+        raise UserError(f"batch_size={batch_size} x block_size={block_size} (and eval_iters={eval_iters} fixed batches "
+                        f"a split) need at least {in_bytes(need)} on {dev}, and {in_bytes(free)} is free: lower "
+                        "--batch_size (--gradient_accumulation_steps keeps the tokens per iteration), --block_size or "
+                        "--eval_iters")
 
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing

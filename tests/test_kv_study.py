@@ -424,7 +424,8 @@ def test_rows_that_cannot_act_on_local_layers_are_left_out_and_said(tmp_path, ca
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, bias=False, window=8))
     path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}, {"block_size": 32}, 1, 5.0)
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    save_checkpoint(path, model, None, args, {"block_size": 32}, 1, 5.0)
     x = torch.randint(0, 256, (1, 64))
     channel = KVOptions(kv_window=32, kv_quant="int4", kv_quant_group=32, kv_quant_residual=0)
     h2o = KVOptions(kv_window=32, kv_evict="h2o", kv_budget=8, kv_recent=4, kv_sink=2)
