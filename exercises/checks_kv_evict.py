@@ -16,12 +16,14 @@ from model import GPT, GPTConfig
 
 def evict_inputs(n=24, seen=60, seed=0):
     """Cached tokens of 2 x 3 heads in shuffled slots: positions 0..3, a sample of the middle
-    and the newest; scores with zeros and ties (check_evict_scores adds a heavy hitter)."""
+    and the newest ranked, seen - 11 .. seen - 2 (the step's own token, at seen - 1, is never
+    among them: the cache does not rank it); scores with zeros and ties (check_evict_scores
+    adds a heavy hitter)."""
     g = torch.Generator().manual_seed(seed)
     pos = []
     for _ in range(6):
-        middle = (torch.randperm(seen - 14, generator=g)[:n - 14] + 4).tolist()
-        p = torch.tensor(list(range(4)) + middle + list(range(seen - 10, seen)))
+        middle = (torch.randperm(seen - 15, generator=g)[:n - 14] + 4).tolist()
+        p = torch.tensor(list(range(4)) + middle + list(range(seen - 11, seen - 1)))
         pos.append(p[torch.randperm(n, generator=g)])
     pos = torch.stack(pos).view(2, 3, n)
     scores = torch.rand(2, 3, n, generator=g) * (seen - pos)  # older tokens have collected more
@@ -177,6 +179,11 @@ def check_evict_scores(impl, ctx):
         heavy = torch.where(free, s, float("-inf")).argmax(-1, keepdim=True)  # the most attended
         s.scatter_(-1, heavy, 1e4)  # a clear heavy hitter (over 100x the others; finite in float16)
         rank = call_priority(impl, s, pos, seen, sink, recent)
+        plain = call_priority(impl, scores, pos, seen, sink, recent)
+        if ranked_below(rank, ~free, free) and not ranked_below(plain, ~free, free):
+            raise Failed(f"kv_sink={sink}, kv_recent={recent}: once one token's score reaches 1e4, a sink or one of "
+                         "the newest is ranked below it: protect them with float('inf'), not a finite mark; "
+                         f"attention sums grow with the text, past any finite number; {see('4b', 2)}")
         skip_if_overprotected(rank, pos, seen, sink, recent, "how the others are ranked by their scores")
         top = rank.gather(-1, heavy)
         unused = free & (s == 0)

@@ -221,6 +221,13 @@ test_recurrent_decode_fast_path_reads_first = rule(
                              "            return num, den\n        nums, dens = [], []\n"),
     "check_recurrent_parallel", "num fed 5 + 1 + 7 tokens")
 
+test_linear_phi_in_place = rule(
+    "Assignment 3 rule 1: phi applied in place (elu with inplace=True, then add_): the caller's q and k change.",
+    "linear_attention", edit(LINEAR_OK, "att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask",
+                             "att = F.elu(q, inplace=True).add_(1) @ F.elu(k, inplace=True).add_(1).transpose(-2, -1)"
+                             " * mask"),
+    "check_linear_shapes", "attention changed q, k, v or mask in place")
+
 # -- assignment 4a: quantize ------------------------------------------------------------------
 
 INT2_PER_ROW = """
@@ -282,6 +289,12 @@ test_quant_rounds_away_from_zero = rule(
     "Assignment 4a rule 4, errors not following x: codes rounded away from 0 (sign times ceil of |x| / scale).",
     "kv_quant", edit(INT8_OK, CODES, "(torch.ceil((x / scale).abs()) * torch.sign(x)).clamp(-127, 127).to(torch.int8)"),
     "check_quant_bias", "values come back pushed away from 0")
+test_quant_dithered_rounding = rule(
+    "Assignment 4a rule 4, to nearest: floor after a fixed random offset per channel. It repeats itself, and its "
+    "errors neither lean nor follow x, but a value often lands on the farther of its two levels.",
+    "kv_quant", edit(INT8_OK, CODES, "torch.floor(x / scale + torch.rand(x.size(-1), generator=torch.Generator()"
+                     ".manual_seed(0))).clamp(-127, 127).to(torch.int8)"),
+    "check_quant_bias", "come back at a level farther from them")
 test_quant_two_bits_with_a_zero_point_per_row = rule(
     "Assignment 4a rule 5, the worst row, not a small one: 2-bit codes with a zero point per row, no groups.",
     "kv_quant", INT2_PER_ROW, "check_quant_error", "does every row get a scale that fits")
@@ -299,10 +312,14 @@ test_evict_protection_as_inf_times_mask = rule(
     "kv_evict", edit(H2O_OK, 'torch.where(keep, float("inf"), scores / (seen - pos))',
                      'scores / (seen - pos) + float("inf") * keep.float()'),
     "check_evict_shapes", "some priorities are nan")
-test_evict_age_counted_from_zero = rule(
-    "Assignment 4b rule 4, nothing else protected: the age seen - pos - 1 divides the newest token's score by 0.",
-    "kv_evict", edit(H2O_OK, "(seen - pos)", "(seen - pos - 1)"), "check_evict_only",
-    "positions [59] are neither sinks nor among the newest")
+test_evict_newest_taken_from_pos = rule(
+    "Assignment 4b rule 3: the newest taken from pos.max(), not seen. The step's own token (seen - 1) is not "
+    "ranked, so pos.max() is seen - 2 and the rule protects one token too many, as it would in the cache.",
+    "kv_evict", edit(H2O_OK, "(pos >= seen - kv_recent)", "(pos > pos.amax(-1, keepdim=True) - kv_recent)"),
+    "check_evict_only", "is protected with the newest, one too many")
+test_evict_protection_by_a_finite_mark = rule(
+    "Assignment 4b rule 2: the protected given a finite 100, which a heavy hitter's score outgrows.",
+    "kv_evict", edit(H2O_OK, 'float("inf")', "100.0"), "check_evict_scores", "not a finite mark")
 
 
 def test_a_wrong_shape_is_not_reported_as_the_answers_crash(exercise_checks):

@@ -142,9 +142,11 @@ def test_everything_protected_is_blamed_on_rule_4(exercise_checks):
     assert "rule 3" not in failed[0][1], printed
 
 
-def test_an_empty_slice_for_kv_recent_0_is_named(exercise_checks):
+def test_an_empty_slice_for_kv_recent_0_is_named(exercise_checks, monkeypatch):
     """x[-kv_recent:] with kv_recent=0 is all of x: everything is protected, which rule 4's
-    check says as such (not that the sinks are wrong)."""
+    check says as such (not that the sinks are wrong). (At kv_recent > 0 the same slice keeps one
+    too many: the step's own token, the newest, is not among those ranked.)"""
+    monkeypatch.setattr(checks_kv_evict, "EVICT_CASES", [(3, 0)])
     source = H2O_OK.replace("keep = (pos < kv_sink) | (pos >= seen - kv_recent)",
                             "keep = pos < kv_sink\n        newest = pos.argsort(-1)[..., -kv_recent:]\n"
                             "        keep = keep.scatter(-1, newest, True)")
