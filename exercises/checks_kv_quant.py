@@ -299,7 +299,27 @@ def check_quant_bias(impl, ctx):
               "or the scale does not match the codes' range (e.g. (max - min) / 16 where 4-bit codes reach 15)"
               if corr < corr_plain else
               "values come back pushed away from 0, where rounding to nearest pushes neither way"))
+    far = off_nearest(impl)
+    expect(far <= 0.02, f"{far:.0%} of the values of a ramp from -1 to 1 come back at a level farther from them "
+           "than another level your codes hold there: rounding that is unbiased on average but not to nearest "
+           "(x / scale + a random or fixed offset, then floor); use torch.round")
     return f"mean error {bias:+.2f} of the RMS error, correlation with x {corr:+.2f}"
+
+
+def off_nearest(impl):
+    """The share of a ramp's values that come back at a level farther from them than another
+    level the round trip holds. On the ramp every row and group has the same range, so every
+    correct format (a scale or zero point per row or group, int or float8) uses one set of
+    levels everywhere, and rounding to nearest puts each value on the nearest of them."""
+    x = ramp_rows()
+    y = round_trip(impl, x)[1].flatten()
+    x = x.flatten()
+    levels = torch.unique(y)
+    if levels.numel() < 2:
+        return 0.0
+    gap = levels.diff().median()
+    nearest = levels[(x[:, None] - levels[None, :]).abs().argmin(-1)]
+    return ((x - y).abs() - (x - nearest).abs() > 0.1 * gap).float().mean().item()
 
 
 def check_quant_error(impl, ctx):
