@@ -42,7 +42,11 @@ NOT_FINITE = ("y holds inf or nan: without a softmax a weight of -inf is not 0, 
 
 
 def call_attention(impl, q, k, v, mask):
-    y = impl.attention(q, k, v, mask, 0.0)
+    given = [t.clone() for t in (q, k, v, mask)]  # (the checker's stay its own: a change in place is told so)
+    y = impl.attention(*given, 0.0)
+    expect(all(torch.equal(a, b) for a, b in zip(given, (q, k, v, mask))),
+           "attention changed q, k, v or mask in place (e.g. F.elu(q, inplace=True), q.add_(1), mask.mul_): the "
+           "model uses them after the call; compute new tensors (phi(q) = F.elu(q) + 1)")
     expect(torch.is_tensor(y), f"attention must return a tensor, got {type(y).__name__}")
     expect(tuple(y.shape) == tuple(q.shape),
            f"y has shape {tuple(y.shape)}, expected q's {tuple(q.shape)} (B, nh, T, hs)")
@@ -269,7 +273,11 @@ def recurrent_inputs(B=2, h=3, T=9, hs=4, seed=0):
 
 
 def call_recurrent(impl, q, k, v, S, z):
-    out = impl.recurrent_step(q, k, v, S, z)
+    given = [t.clone() for t in (q, k, v)]
+    out = impl.recurrent_step(*given, S, z)
+    expect(all(torch.equal(a, b) for a, b in zip(given, (q, k, v))),
+           "recurrent_step changed q, k or v in place: only S and z are updated in place; compute new tensors "
+           "from the others")
     expect(isinstance(out, (tuple, list)) and len(out) == 2, "recurrent_step must return (num, den)")
     num, den = out
     B, h, T, hs = q.shape

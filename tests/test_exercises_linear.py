@@ -241,3 +241,13 @@ def test_a_state_mistake_does_not_hide_a_read_out_mistake(state, exercise_checks
     results, printed = exercise_checks("linear_attention", source)
     failed = {title: msg for title, status, msg in results if status == "FAIL"}
     assert list(failed) == [STATE, PARALLEL] and "read out before token t is added" in failed[PARALLEL], printed
+
+
+def test_a_recurrent_step_mistake_leaves_attentions_model_checks_running(exercise_checks):
+    """The check of both functions steps aside for recurrent_step's failure: attention, which no
+    check failed, still gets its model checks, as it does while recurrent_step is a stub."""
+    source = LINEAR_OK.replace("k[:, :, t, :, None] * v[:, :, t, None, :]", "v[:, :, t, :, None] * k[:, :, t, None, :]")
+    results, printed = exercise_checks("linear_attention", source, slow=True)
+    statuses = {t: status for t, status, _ in results}
+    assert statuses["recurrent_step equals attention on the same text"] == "SKIP", printed
+    assert statuses["tiny model: cached decoding equals the full forward"] == "PASS", printed
