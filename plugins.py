@@ -183,6 +183,20 @@ def unwritten(e):
     return linecache.getline(frame.filename, frame.lineno).lstrip().startswith("raise")
 
 
+def unwritten_message(e):
+    """The one line for NotImplementedError e raised by a `raise` line (see unwritten): an
+    exercise stub's own text and its checker; or, for a method of the project's that a class
+    must define (Cache.size_bits), which method, where, and that a subclass lacks it."""
+    import traceback
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    path = os.path.abspath(frame.filename)
+    exercise = stub_exercise(e)
+    if exercise == "all" and path.startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep):
+        return (f"not implemented: {frame.name} ({os.path.relpath(path)}:{frame.lineno}) raises NotImplementedError"
+                f"{': ' + str(e) if str(e) else ''}; a class built on it must define {frame.name} itself")
+    return f"not implemented yet: {e or frame.name} (python -m exercises.check {exercise} shows what is missing)"
+
+
 def stub_exercise(e):
     """The exercise whose stub raised e (kv_window for exercises/kv_window.py), else "all"."""
     import traceback

@@ -60,10 +60,9 @@ def run_main(fn, before_error=None):
         if isinstance(e, KeyboardInterrupt):  # the user knows they pressed Ctrl-C; no traceback needed
             sys.exit(143 if isinstance(e, Terminated) else 130)  # (128 + the signal, as a shell says)
         if isinstance(e, NotImplementedError):  # (plugins.py imports this module: imported when needed)
-            from plugins import stub_exercise, unwritten
+            from plugins import unwritten, unwritten_message
             if unwritten(e):  # a plugged-in exercise stub the student has not written yet
-                e = UserError(f"not implemented yet: {e} (python -m exercises.check {stub_exercise(e)} shows what "
-                              "is missing)")
+                e = UserError(unwritten_message(e))
         if out_of_memory(e):
             e = UserError(f"out of memory ({' '.join(str(e).split())[:120]}): lower the sizes given (--batch_size, "
                           "--block_size, --num_samples, --max_new_tokens, --n_streams, --stream_len, ...)")

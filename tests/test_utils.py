@@ -211,3 +211,19 @@ def test_a_project_file_is_named_as_typed_where_the_process_runs(tmp_path, monke
     assert utils.project_file("sample.py") == os.path.join(os.path.basename(REPO_ROOT), "sample.py")
     monkeypatch.chdir(tmp_path)
     assert utils.project_file("sample.py") == os.path.join(REPO_ROOT, "sample.py")
+
+
+def test_a_protocol_method_left_undefined_is_named_not_sent_to_the_exercises(capsys):
+    """A cache class built on kv.cache.Cache without size_bits: the base's bare `raise
+    NotImplementedError` names the method and its file, and no exercise checker."""
+    from kv.cache import Cache
+
+    class Partial(Cache):
+        def update(self, k, v):
+            return k, v, None
+
+    with pytest.raises(SystemExit) as exit_:
+        utils.run_main(lambda: Partial().size_bits())
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "size_bits (" in err and "cache.py:" in err and "must define size_bits" in err and "exercises" not in err, err
