@@ -34,7 +34,9 @@ Your own quantizer, --kv_quant=package.module:function:
 Every tensor you return is stored and counted at its dtype's width, so float32 "codes" cost
 32 bits each: store int8/uint8/float8 tensors. Rows are quantized independently (a row's
 slice of each tensor must hold all there is to know about that row), so the cache may
-concatenate rows from several calls, or drop rows, before it calls dequantize.
+concatenate rows from several calls, or drop rows, before it calls dequantize. It calls the
+dequantize of the latest call for all of them, so dequantize may use nothing but its
+arguments (no scale remembered in a closure); a test call at start-up checks it.
 """
 
 import torch
@@ -277,6 +279,10 @@ class UserFormat(TokenFormat):
                     not all(torch.is_tensor(t) and t.shape[:3] == x.shape[:3] for t in payload):
                 raise UserError(contract)
             back = inverse(*payload)
+            # the cache dequantizes the rows of every call with the latest call's dequantize
+            later = self.fn(x.flip(-1) * 100.0)
+            again = later[1](*payload) if isinstance(later, (tuple, list)) and len(later) == 2 \
+                and callable(later[1]) else back
         except Exception as e:
             if isinstance(e, UserError) or unwritten(e):  # (an exercise stub: run_main says "not implemented yet")
                 raise
@@ -290,6 +296,11 @@ class UserFormat(TokenFormat):
         if not torch.is_tensor(back) or back.shape != x.shape:
             raise UserError(f"{what}: dequantize must return a tensor shaped like x {tuple(x.shape)}, "
                             f"got {getattr(back, 'shape', type(back).__name__)}")
+        if not (torch.is_tensor(again) and again.shape == back.shape and
+                torch.allclose(again.float(), back.float(), rtol=1e-3, atol=1e-6, equal_nan=True)):
+            raise UserError(f"{what}: rows of one call come back different through the dequantize of a later call; "
+                            "the cache keeps one dequantize for the rows of every call, so it may use nothing but "
+                            "its arguments: store the scale among the tensors returned, not in a closure")
 
 
 def resolve_quant(name):

@@ -243,6 +243,7 @@ def test_user_quantizer_plugs_in():
     ("int4", 16, "does not divide the head dimension 16"),  # group 32 > 16
     ("int2", 6, "multiple of 4"),
     ("tutorial_user_quantizer:not_a_pair", 16, "must return"),
+    ("tutorial_user_quantizer:scale_in_a_closure", 16, "not in a closure"),
 ])
 def test_model_dependent_errors_come_from_make_caches(name, head_dim, words):
     kv = KVOptions(kv_quant=name, kv_quant_group=32 if head_dim == 16 else 2).check()  # fine on their own

@@ -23,3 +23,10 @@ def fake_quantize(x):
 
 def not_a_pair(x):
     return x
+
+
+def scale_in_a_closure(x):
+    """int8 whose dequantize remembers this call's scale instead of storing it: the cache
+    would read every call's rows with the latest call's scale."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-4) / 127
+    return (torch.round(x / scale).to(torch.int8),), lambda codes: codes.float() * scale
