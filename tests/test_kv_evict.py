@@ -149,3 +149,19 @@ def test_ranking_by_score_refuses_an_attention_it_would_replace():
     KVOptions(kv_evict="h2o", kv_budget=8, kv_recent=2).check_model(tiny(attention="naive").config)
     # a hybrid's linear layers hold no keys: its softmax layers are what h2o ranks
     KVOptions(kv_evict="h2o", kv_budget=8, kv_recent=2).check_model(tiny(attention="linear", linear_layers="0").config)
+
+
+def test_a_rule_that_returns_nan_is_refused_when_it_does():
+    """A rule whose priorities come out nan (here for every other position) is one UserError,
+    not an eviction decided by how topk orders nan."""
+    from utils import UserError
+
+    def per_score(scores, pos, seen, kv_sink, kv_recent):
+        return torch.where(pos % 2 == 0, scores, float("nan"))
+
+    cache = EvictKVCache(per_score, 4, 1, 2, 8)
+    q = torch.randn(1, 2, 1, 8)
+    with pytest.raises(UserError, match="returned nan priorities"):
+        for _ in range(8):
+            k, v = torch.randn(1, 2, 1, 8), torch.zeros(1, 2, 1, 8)
+            cache.attend(None, q, *cache.update(k, v))
