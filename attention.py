@@ -8,7 +8,9 @@ lower-triangular) or bool (..., T, S), True = may attend: kv.cache.attention_mas
     softmax   PyTorch's fused scaled_dot_product_attention: the reference, and the fastest
     naive     softmax(q k^T / sqrt(hs)) v written out (it can hand back the probabilities)
     linear    a layer of its own (attention_linear.LinearAttention), not a function here
-    package.module:function   your own, called with K/V repeated to nh heads and a bool mask
+    package.module:function   your own, called with K/V repeated to nh heads and a bool mask;
+              checked once at the start on a small input (it must use the mask: the last
+              queries alone over all keys must give what they give in a full call)
 
 Keys come in the order the cache holds them, not always the order of their positions (a
 kv_window ring wraps around, eviction refills the slots it freed): only the mask says which
@@ -98,7 +100,33 @@ def resolve_attention(name):
     if ":" not in name:
         raise UserError(f"unknown attention {name!r}: choose one of {KINDS} "
                         "or give your own as package.module:function")
-    return _user_attention(import_function(name, "attention"), name)
+    if name not in _CHECKED:
+        _CHECKED[name] = _check_user_attention(_user_attention(import_function(name, "attention"), name), name)
+    return _CHECKED[name]
+
+
+_CHECKED = {}  # a user's functions, by name, once checked
+
+
+def _check_user_attention(attend, name):
+    """One call on a small input, so that a function that does not use the mask it is given
+    (SDPA's is_causal=True, a triangle of its own) is one line at the start, rather than a
+    model that trains well and then decodes from its cache something else than it learned."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=g) for _ in range(3))  # (B, nh, T, hs)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    y = attend(q, k, v, causal)
+    later_k, later_v = k.clone(), v.clone()
+    later_k[:, :, -1] += 1.0
+    later_v[:, :, -1] += 1.0
+    if not torch.allclose(attend(q, later_k, later_v, causal)[:, :, :-1].float(), y[:, :, :-1].float(), atol=1e-5):
+        raise UserError(f"--attention={name}: an output changed when only a later token's key and value did: use "
+                        "the mask you are given (True = may attend), e.g. attn_mask=mask in SDPA")
+    if not torch.allclose(attend(q[:, :, -2:], k, v, causal[-2:]).float(), y[:, :, -2:].float(), atol=1e-5):
+        raise UserError(f"--attention={name}: the last 2 queries over all 6 keys (T < S, as when decoding from the "
+                        "cache) differ from the same queries in a call over all 6: use the mask you are given; "
+                        "is_causal=True and a triangle of your own are right only when T = S")
+    return attend
 
 
 def _user_attention(fn, name):
@@ -111,5 +139,5 @@ def _user_attention(fn, name):
         if not torch.is_tensor(y) or y.shape != q.shape:  # said here, not as a shape error deep in the model
             raise UserError(f"--attention={name} returned {tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}"
                             f"; it must return a tensor shaped like q, {tuple(q.shape)} (B, nh, T, hs)")
-        return y
+        return y.to(q.dtype)  # (a float64 or float32 result where q is bfloat16 is still an answer)
     return attend

@@ -116,3 +116,18 @@ def test_cpu_autocast_computes_matmuls_in_bf16_and_attention_in_float32(monkeypa
     assert torch.equal(got, sdpa(q.float(), k.float(), v.float(), is_causal=True).bfloat16())
     with devices.autocast_ctx("cpu", "float32"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_user_attention_that_ignores_its_mask_is_refused_at_the_start():
+    """SDPA's is_causal=True instead of the mask trains as well as softmax (T = S) and decodes
+    wrongly from the cache (T < S): one UserError when the function is resolved."""
+    from utils import UserError
+    with pytest.raises(UserError, match="use the mask you are given"):
+        tiny(attention="tutorial_user_attention:causal_by_itself")
+
+
+def test_a_user_attention_in_another_dtype_gives_q_dtype():
+    a, b = tiny(), tiny(attention="tutorial_user_attention:in_float64")
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 256, (2, 12))
+    assert torch.allclose(a(x)[0], b(x)[0], atol=1e-5)
