@@ -119,10 +119,13 @@ def _check_user_attention(attend, name):
     later_k, later_v = k.clone(), v.clone()
     later_k[:, :, -1] += 1.0
     later_v[:, :, -1] += 1.0
-    if not torch.allclose(attend(q, later_k, later_v, causal)[:, :, :-1].float(), y[:, :, :-1].float(), atol=1e-5):
+    def same(a, b):  # (nan or inf: the first evaluation says so, naming the plug-in)
+        finite = bool(torch.isfinite(a).all() and torch.isfinite(b).all())
+        return not finite or torch.allclose(a.float(), b.float(), atol=1e-5)
+    if not same(attend(q, later_k, later_v, causal)[:, :, :-1], y[:, :, :-1]):
         raise UserError(f"--attention={name}: an output changed when only a later token's key and value did: use "
                         "the mask you are given (True = may attend), e.g. attn_mask=mask in SDPA")
-    if not torch.allclose(attend(q[:, :, -2:], k, v, causal[-2:]).float(), y[:, :, -2:].float(), atol=1e-5):
+    if not same(attend(q[:, :, -2:], k, v, causal[-2:]), y[:, :, -2:]):
         raise UserError(f"--attention={name}: the last 2 queries over all 6 keys (T < S, as when decoding from the "
                         "cache) differ from the same queries in a call over all 6: use the mask you are given; "
                         "is_causal=True and a triangle of your own are right only when T = S")
