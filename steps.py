@@ -75,6 +75,15 @@ def least_memory(c, batch_size, block_size, eval_iters, training=True):
     return eval_batches + tokens * (2 * c.vocab_size * 4 + c.n_layer * 14 * c.n_embd * 2)
 
 
+def evaluations_left(it, origin, end_iter, eval_interval):
+    """How many evaluations train.py runs after iteration it: one every eval_interval
+    iterations counted from origin, and one at end_iter (the ETA counts their time too)."""
+    if it >= end_iter:
+        return 0
+    due = (end_iter - origin) // eval_interval - (it - origin) // eval_interval
+    return due + ((end_iter - origin) % eval_interval != 0)
+
+
 def not_finite_at_start(losses, iter_num, attention, xl_update, kv_quant):
     """The error for a loss that is nan or inf before any training step: the model's forward
     pass computes it, most likely a plug-in's code (not the learning rate: nothing was learned)."""

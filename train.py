@@ -54,7 +54,7 @@ from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state,
 from loader import ByteLoader, dataset_paths, fixed_batches, not_text, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
-from steps import compile_probe, estimate_loss, least_memory, not_finite_at_start, train_step
+from steps import compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, train_step
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, other_val_batches, restore_training_state, resume_schedule, rng_state,
                     stopped_at_once)
@@ -347,8 +347,9 @@ def train(held):
         return time.time() - t0
 
     iter_num, best_iter = start_iter, None
+    eval_times = []  # seconds per evaluation, a ckpt.pt write included: the ETA adds those to come
     if eval_only or (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
-        evaluate()
+        eval_times.append(evaluate())
     if not writes:
         return
 
@@ -360,7 +361,7 @@ def train(held):
     # or quantization-aware training: stateless caches that fake-quantize K/V (kv/qat.py)
     memory = memory or make_qat_caches(unwrap(model), kv_quant, kv_quant_group, kv_quant_keys == "channel")
     t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded
-    t_loop = t_mark  # for the ETA, evaluations and checkpoint writes included
+    t_loop = t_mark  # for the ETA: the time of the steps (last.pt writes included, evaluations not)
     save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
     stop = held.enter_context(StopAfterStep(enabled=not ddp))
     while iter_num < end_iter and not stop.asked:
@@ -372,7 +373,8 @@ def train(held):
         steps_since_mark += 1
 
         if (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
-            t_mark += evaluate()
+            eval_times.append(evaluate())
+            t_mark, t_loop = t_mark + eval_times[-1], t_loop + eval_times[-1]
         if iter_num % log_interval == 0:
             if ddp:  # the loss of the whole batch, all ranks' micro-steps
                 dist.all_reduce(batch_loss)
@@ -382,7 +384,8 @@ def train(held):
             elapsed = time.time() - t_mark
             ms_per_iter = 1000 * elapsed / steps_since_mark
             tokens_per_s = tokens_per_iter * steps_since_mark / elapsed
-            eta = (time.time() - t_loop) / (iter_num - start_iter) * (end_iter - iter_num)
+            eta = (time.time() - t_loop) / (iter_num - start_iter) * (end_iter - iter_num) + \
+                sum(eval_times) / max(len(eval_times), 1) * evaluations_left(iter_num, origin, end_iter, eval_interval)
             line = (f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, "
                     f"{ms_per_iter:.1f}ms/iter, {tokens_per_s:,.0f} tokens/s, "
                     f"{100 * (iter_num - origin) / (end_iter - origin):.0f}% done, ETA {clock(eta)}")

@@ -309,3 +309,13 @@ def test_a_setting_recorded_as_none_resumes_as_one_not_recorded(data_dir, run_di
         weights.append(read_checkpoint(str(out / "last.pt"))["model"])
     for k, v in weights[0].items():
         assert torch.equal(v, weights[1][k]), k
+
+
+@pytest.mark.parametrize("origin,end_iter,interval", [(0, 300, 100), (0, 250, 100), (60, 310, 50), (0, 7, 1), (5, 9, 20)])
+def test_evaluations_left_counts_what_the_loop_will_run(origin, end_iter, interval):
+    """The ETA's count of evaluations to come equals the evaluations train.py's loop runs after
+    each iteration (every eval_interval from origin, and one at end_iter)."""
+    from steps import evaluations_left
+    runs = [it for it in range(origin + 1, end_iter + 1) if (it - origin) % interval == 0 or it == end_iter]
+    for it in range(origin, end_iter + 1):
+        assert evaluations_left(it, origin, end_iter, interval) == len([r for r in runs if r > it]), it
