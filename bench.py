@@ -156,6 +156,11 @@ def bench_train(args, dev, dt):
     # build and warm up every row (its memory is measured here), then time them in turn, so
     # that a burst of other work on a shared machine slows every row, not just one
     runs = []
+    if not dev.startswith("cuda"):  # the process's one-time growth (kernels, allocator pools) goes to no row
+        warm_step = plain_step(GPT(GPTConfig(**args)).to(dev), dev, "float32")[0]
+        for _ in range(5):
+            warm_step()
+        del warm_step
     for name, make, kw, row_dt, row_threads in rows:
         torch.set_num_threads(row_threads)
         torch.manual_seed(seed)
