@@ -30,6 +30,7 @@ import torch
 
 from loader import DATA_DIR, dataset_paths
 from model import ARCH_KEYS, GPT, MODEL_ARG_KEYS, GPTConfig
+from attention import PLAIN_SOFTMAX
 from fileio import atomic_torch_save
 from utils import UserError, project_file
 
@@ -338,7 +339,7 @@ def _check_plugins(args, overrides, path):
     """A plug-in name in a checkpoint is data: it is imported only if the user gave the same."""
     for k, v in args.items():
         if isinstance(v, str) and ":" in v and (overrides or {}).get(k) != v:
-            plain = " (or --attention=softmax for the plain attention)" if k == "attention" else ""
+            plain = " (or --attention=softmax to run it with plain softmax instead)" if k == "attention" else ""
             raise UserError(f"{path} names the plug-in {k}={v!r}; code named by a checkpoint is not "
                             f"imported unless you ask: add --{k}={v} if you trust that module{plain}")
 
@@ -436,9 +437,11 @@ def load_model(path, device="cpu", overrides=None, option="checkpoint_name"):
         raise UserError(f"--attention={given}: {path} mixes linear attention (layers {saved['linear_layers']}) with "
                         f"softmax in the others, which --attention={given} would replace in every layer; drop it")
     new = GPTConfig(**args)
-    if "linear" in (old.attention, new.attention) and old.attention != new.attention:
+    if old.attention != new.attention and not {old.attention, new.attention} <= set(PLAIN_SOFTMAX):
+        expect = ("expect noise until it is fine-tuned" if "linear" in (old.attention, new.attention) else
+                  "its text and losses change unless the two compute the same function")
         print(f"note: {path} was trained with attention={old.attention}; run as attention={new.attention}, its "
-              "weights compute something else (expect noise until it is fine-tuned)", file=sys.stderr)
+              f"weights compute something else ({expect})", file=sys.stderr)
     broken = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if broken is not None:
         raise UserError(f"{path} holds weights that are not finite numbers (nan or inf in {broken}): its run diverged; "

@@ -428,3 +428,20 @@ def test_loading_a_checkpoint_does_not_import_the_compiler(tmp_path):
     proc = run_script("-c", probe)
     assert proc.returncode == 0, proc.stderr
     assert "KV cache peak" in proc.stderr and proc.stdout.strip().endswith("compiler not imported"), proc.stdout
+
+
+def test_running_a_checkpoint_with_another_attention_says_so(tmp_path, capsys):
+    """A model trained with a plug-in attention, run as softmax (what the plug-in error offers):
+    a note that its weights compute something else; naive and softmax, the same function, none."""
+    model = tiny(attention="tutorial_user_attention:attend")
+    args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, args, {}, 1, 5.0)
+    capsys.readouterr()
+    load_model(str(tmp_path / "ckpt.pt"), "cpu", {"attention": "softmax"})
+    err = capsys.readouterr().err
+    assert "was trained with attention=tutorial_user_attention:attend; run as attention=softmax" in err, err
+    naive = tiny(attention="naive")
+    save_checkpoint(str(tmp_path / "naive.pt"), naive, None, {k: getattr(naive.config, k) for k in MODEL_ARG_KEYS},
+                    {}, 1, 5.0)
+    load_model(str(tmp_path / "naive.pt"), "cpu", {"attention": "softmax"})
+    assert "note" not in capsys.readouterr().err
