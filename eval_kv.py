@@ -345,15 +345,17 @@ def main():
             "changes nothing its queries read (only their bits differ); --chunk=1 tells them apart")
     bigger = [(opts, r["setting"]) for opts, r in zip(settings, results)
               if opts.kv_quant != "none" and r["kv_bits_peak"] >= r["kv_bits_peak_ref"]]
-    waits = lambda o: o.kv_quant_residual > 0 or o.key_group() > 1  # tokens held back
+    span = lambda o: o.kv_window or ref_kv.kv_window or stream_len  # the tokens a cache holds at most
+    waits = lambda o: 2 * (o.kv_quant_residual + o.key_group() - 1) >= span(o)  # most of them held back
     wider = lambda o: o.kv_window == 0 and ref_kv.kv_window > 0 or o.kv_window > ref_kv.kv_window > 0
     waiting = [name for opts, name in bigger if waits(opts)]
     longer = [name for opts, name in bigger if not waits(opts) and wider(opts)]
     dense = [name for opts, name in bigger if not waits(opts) and not wider(opts)]
     if waiting:
+        grouped = any(opts.key_group() > 1 for opts, name in bigger if name in waiting)
         say(f"note: {', '.join(waiting)} hold at least the reference's bits: the full-precision residual (and a key "
-            "group waiting to be quantized) fill most of the window; --kv_quant_residual=0 --kv_quant_keys=token "
-            "quantizes every token")
+            "group waiting to be quantized) fill most of the window; --kv_quant_residual=0"
+            + (" --kv_quant_keys=token" if grouped else "") + " quantizes every token")
     if longer:
         say(f"note: {', '.join(longer)} hold at least the reference's bits although every token is quantized: they "
             "keep more tokens than the reference's bound (a longer --kv_window, or none)")

@@ -378,6 +378,10 @@ def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir
               if "hold at least the reference's bits" in n]
     assert len(bigger) == 1 and bigger[0].startswith("note: int4/g16/r16, window 32 hold")
     assert not [n for n in notes("--kv_quant=int8", "--kv_quant_residual=8") if "reference's bits" in n]
+    # a format wider than full precision, with a residual of 4 of the 32 tokens: the format is named, not the residual
+    bigger = [n for n in notes("--kv_quant=tutorial_user_quantizer:wide_codes", "--kv_quant_residual=4", "--chunk=1")
+              if "hold at least the reference's bits" in n]
+    assert len(bigger) == 1 and "as many bits per value as full precision" in bigger[0] and "residual" not in bigger[0]
     # every token quantized, yet unbounded against the 32-token window: the note says that, not the residual
     bigger = [n for n in notes("--kv_quant=int8", "--kv_quant_residual=0", "--kv_window=0")
               if "hold at least the reference's bits" in n]
