@@ -117,7 +117,8 @@ def check_config(c):
         raise UserError("linear_layers needs --attention=linear (the other layers then use softmax)")
     if c.linear_norm not in ("layernorm", "denominator", "none"):
         raise UserError(f"unknown linear_norm {c.linear_norm!r}: choose layernorm, denominator or none")
-    resolve_attention(c.attention)
+    if c.attention not in ATTENTION_LAYERS:  # (a layer class's name needs nothing from attention.py)
+        resolve_attention(c.attention)
     for g in range(0, c.n_layer, c.kv_share):
         group = range(g, min(g + c.kv_share, c.n_layer))
         if len({(c.is_local(i), c.kind(i)) for i in group}) > 1:
@@ -147,7 +148,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
         self.window = config.window if config.is_local(layer_idx) else 0
-        self.attend = resolve_attention(config.kind(layer_idx))
+        kind = config.kind(layer_idx)  # (a layer class built on this one starts from softmax's function)
+        self.attend = resolve_attention("softmax" if kind in ATTENTION_LAYERS else kind)
 
     def forward(self, x, pos, rot, cache=None, shared=None):
         """x (B, T, C) at text positions pos (T,), rot their RoPE table (or None); cache: this
@@ -183,6 +185,10 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+# attention kinds that need a layer class of their own; the others are functions in attention.py
+ATTENTION_LAYERS = {"linear": LinearAttention}
+
+
 class Block(nn.Module):
 
     def __init__(self, config, layer_idx):
@@ -198,9 +204,6 @@ class Block(nn.Module):
         x = x + self.mlp(self.ln_2(x))
         return x, kv
 
-
-# attention kinds that need a layer class of their own; the others are functions in attention.py
-ATTENTION_LAYERS = {"linear": LinearAttention}
 
 
 def loss_fn(logits, targets):

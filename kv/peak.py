@@ -68,11 +68,12 @@ def horizon(kv, config, L):
     state it will be in after kv_sink + window + kv_budget + kv_quant_residual + key group
     tokens (its residual and key groups cycle from there): twice that, with a margin, from 0.
     An unbounded one (no window anywhere) only grows, by a key group at a time, so its peak is
-    among the last 2 (kv_quant_residual + key group) + 64 tokens. A mix, or kv_trim: all L."""
+    among the last 2 (kv_quant_residual + key group) + 64 tokens. A mix, kv_trim or an option
+    not yet in kv/policy.py's BUILT_IN (which may bound a cache in ways not known here): all L."""
     windows = [kv.kv_window if kv.kv_window > 0 else (config.window if config.is_local(i) else 0)
                for i in range(config.n_layer) if config.kind(i) != "linear"]
     quant = (kv.kv_quant_residual + kv.key_group()) if kv.kv_quant != "none" else 0
-    if kv.kv_trim:
+    if kv.kv_trim or kv.others():
         return 0, L
     if kv.kv_evict != "none" or all(windows):
         return 0, min(L, 2 * (kv.kv_sink + max(windows, default=0) + kv.kv_budget + quant) + 64)

@@ -133,3 +133,20 @@ def test_nanogpts_model_x_y_call_says_what_to_write_instead():
         model(x, x)
     logits, _ = model(x)
     assert torch.isfinite(model.loss(logits, x)).all()
+
+
+def test_a_layer_class_registered_by_name_builds_and_decodes(monkeypatch):
+    """ARCHITECTURE.md's route for a kind that needs positions or parameters: a layer class in
+    model.ATTENTION_LAYERS, nothing in attention.py. Built on CausalSelfAttention unchanged, it is
+    softmax attention under another name: same logits, and cached decoding equals the full forward."""
+    import model
+
+    class Mine(model.CausalSelfAttention):
+        pass
+
+    monkeypatch.setitem(model.ATTENTION_LAYERS, "mine", Mine)
+    a, b = tiny(), tiny(attention="mine")
+    b.load_state_dict(a.state_dict())
+    idx = text(T=24)
+    torch.testing.assert_close(b(idx)[0], a(idx)[0], **TOL)
+    torch.testing.assert_close(feed(b, idx, 1)[0], b(idx)[0], **TOL)

@@ -256,3 +256,12 @@ def test_a_difference_that_rounds_to_nothing_has_no_minus_sign():
     """A compiled reference a rounding error below the baseline's pass read -0.00% in the table."""
     from kv.report import signed_pct
     assert [signed_pct(x) for x in (-0.001, 0.004, -0.0, -0.006, 1.234)] == ["+0.00%", "+0.00%", "+0.00%", "-0.01%", "+1.23%"]
+
+
+def test_an_option_not_yet_built_in_is_followed_token_by_token(monkeypatch):
+    """A new cache option (KVOptions.others() names it) may bound its cache in a way horizon()
+    does not know: the decoder's peak is then followed over every token, not guessed."""
+    kv = KVOptions(kv_window=0)
+    assert kv_peak.horizon(kv, tiny().config, 130)[0] > 0  # only growing: the early tokens in one chunk
+    monkeypatch.setattr(KVOptions, "others", lambda self: [("kv_new_bound", 16)])
+    assert kv_peak.horizon(kv, tiny().config, 130) == (0, 130)
