@@ -185,6 +185,7 @@ class Impl:
     def __init__(self, exercise, module=None, reference=False):
         self.functions, self.specs = {}, {}
         self.where = "the project's reference" if reference else (module or f"exercises.{exercise.name}")
+        self.whose = "the reference's" if reference else "your"  # (in what a passing check reports)
         for name in exercise.functions:
             spec = exercise.reference[name] if reference else f"{module or 'exercises.' + exercise.name}:{name}"
             mod_name, fn_name = spec.split(":")
@@ -275,9 +276,13 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
     # what one check learns for the next ones (e.g. the normalisation used; the functions whose
     # checks failed, so that a check of two functions can tell which one was already reported)
     ctx = {"reported": {}, "failed": failed}
+    live = out is print and sys.stdout.isatty()  # (a terminal: each check's title shows while it runs)
     for check in exercise.checks:
         if skip_slow and check.slow:
             continue
+        title = check.title.replace("your ", "the reference's ") if reference else check.title
+        if live:
+            print(f"  ....  {title}", end="\r", flush=True)
         t0 = time.time()
         waiting = {todo[f] for f in check.uses if f in todo}
         if check.slow:
@@ -294,7 +299,7 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
             failed.update(check.uses)
         took = time.time() - t0
         timing = f" [{took:.1f}s]" if took >= 0.5 else ""
-        out(f"  {status}  {check.title}" + (f": {msg}" if msg else "") + timing)
+        out(f"  {status}  {title}" + (f": {msg}" if msg else "") + timing)
         results.append((check.title, status, msg))
     return results
 

@@ -306,7 +306,7 @@ def check_evict_recall(impl, ctx):
             logits, _ = feed(model, x, 1, kv)
             losses[name] = F.cross_entropy(logits[asked], y[asked]).item()
     plain, window, yours = losses["plain"], losses["window"], losses["yours"]
-    report = (f"loss at the recalls {yours:.2f} with your rule, {window:.2f} keeping only the newest, "
+    report = (f"loss at the recalls {yours:.2f} with {impl.whose} rule, {window:.2f} keeping only the newest, "
               f"{losses['h2o']:.2f} with the reference (kv.evict.h2o_priority), {plain:.2f} keeping everything")
     expect(yours <= plain + 0.25 * (window - plain), f"budget {budget}: {report}. Every '=' recalls the text's "
            "second byte, so that byte collects attention at every recall: rank by the attention received (a "

@@ -221,6 +221,9 @@ test_recurrent_decode_fast_path_reads_first = rule(
                              "            return num, den\n        nums, dens = [], []\n"),
     "check_recurrent_parallel", "num fed 5 + 1 + 7 tokens")
 
+test_linear_a_large_eps = rule(
+    "Assignment 3 rule 3: the paper's denominator with an eps of 1e-2 instead of 1e-6.",
+    "linear_attention", edit(LINEAR_OK, "+ 1e-6)", "+ 1e-2)"), "check_linear_formula", "a larger eps in the denominator")
 test_linear_phi_in_place = rule(
     "Assignment 3 rule 1: phi applied in place (elu with inplace=True, then add_): the caller's q and k change.",
     "linear_attention", edit(LINEAR_OK, "att = (F.elu(q) + 1) @ (F.elu(k) + 1).transpose(-2, -1) * mask",

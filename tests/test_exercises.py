@@ -7,6 +7,7 @@ wrong and correct solutions of each assignment are in tests/test_exercises_*.py.
 
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ def test_every_check_passes_on_the_reference(exercise):
     printed = []
     results = check.run_exercise(check.EXERCISES[exercise], reference=True, out=printed.append)
     assert {status for _, status, _ in results} == {"PASS"}, "\n".join(printed)
+    assert not any("your" in line for line in printed), "\n".join(printed)  # (the reference is nobody's own)
 
 
 def readme_rules():
@@ -239,3 +241,13 @@ def test_importing_the_checker_leaves_ctrl_c_alone():
     proc = run_script("-c", "import signal, exercises.check; "
                             "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)")
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stdout + proc.stderr
+
+
+def test_on_a_terminal_each_check_is_named_while_it_runs(monkeypatch, capsys):
+    """A check that hangs shows which one it is: on a terminal its title is printed before it
+    runs (then overwritten by its result); in a log or a pipe, only the results."""
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    check.run_exercise(check.EXERCISES["kv_window"], reference=True, skip_slow=True)
+    out = capsys.readouterr().out
+    first = check.EXERCISES["kv_window"].checks[0].title
+    assert f"  ....  {first}\r  PASS  {first}" in out, out
