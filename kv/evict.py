@@ -157,9 +157,11 @@ class EvictKVCache(QuantKVCache):
         """Nothing: the prefill's attention scores are observed after the update, so eviction
         waits for the first decode step (sample.py says so when the prompt is the peak)."""
 
-    def _forget(self, T):
+    def _forget(self, T, now=None):
+        """QuantKVCache._forget's, per head: what no query from self.seen (or now) on can see
+        goes first, then the lowest ranked beyond the budget."""
         if self.window > 0:  # the residual: the same tokens for every head
-            keep_full = self._alive(self.pos_full)
+            keep_full = self._alive(self.pos_full, now)
             if not bool(keep_full.all()):
                 self._keep_full(keep_full)
                 self.score_full = self.score_full[..., keep_full]
@@ -170,7 +172,7 @@ class EvictKVCache(QuantKVCache):
         n_keep = self.budget - 1 - self.pos_full.numel()
         alive = None
         if self.window > 0:
-            alive = self._alive(self.pos_codes)
+            alive = self._alive(self.pos_codes, now)
             n_keep = min(n_keep, int(alive.sum(-1).min()))
         if n_keep >= n_codes:
             return
