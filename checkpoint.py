@@ -437,17 +437,17 @@ def load_model(path, device="cpu", overrides=None, option="checkpoint_name"):
         raise UserError(f"--attention={given}: {path} mixes linear attention (layers {saved['linear_layers']}) with "
                         f"softmax in the others, which --attention={given} would replace in every layer; drop it")
     new = GPTConfig(**args)
-    if old.attention != new.attention and not {old.attention, new.attention} <= set(PLAIN_SOFTMAX):
-        expect = ("expect noise until it is fine-tuned" if "linear" in (old.attention, new.attention) else
-                  "its text and losses change unless the two compute the same function")
-        print(f"note: {path} was trained with attention={old.attention}; run as attention={new.attention}, its "
-              f"weights compute something else ({expect})", file=sys.stderr)
     broken = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if broken is not None:
         raise UserError(f"{path} holds weights that are not finite numbers (nan or inf in {broken}): its run diverged; "
                         "use an earlier checkpoint, or retrain with a lower learning_rate")
     sd, notes = convert_state_dict(sd, old, new)
-    model = GPT(new)
+    model = GPT(new)  # (a plug-in attention is imported and checked here: its errors come before the note)
+    if old.attention != new.attention and not {old.attention, new.attention} <= set(PLAIN_SOFTMAX):
+        expect = ("expect noise until it is fine-tuned" if "linear" in (old.attention, new.attention) else
+                  "its text and losses change unless the two compute the same function")
+        print(f"note: {path} was trained with attention={old.attention}; run as attention={new.attention}, its "
+              f"weights compute something else ({expect})", file=sys.stderr)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
