@@ -14,7 +14,8 @@ train     ms/iter, tokens/s, MFU (where the device's peak is known) and memory o
           step (steps.train_step), next to the plain eager loop a tutorial writes (at torch's
           default threads, or at --threads when given); rows timed in turn, bench_repeats runs
           of bench_iters iterations, the fastest run kept.
-generate  tokens/s for bench_lengths new tokens with the cache unbounded and bounded to
+generate  tokens/s for bench_lengths new tokens (the 4-byte prompt's step included; sample.py
+          counts decode steps only) with the cache unbounded and bounded to
           kv_window (256 when not given), eager and (--compile=True) through the compiled
           static-cache step (generate.StaticDecoder, its compile time printed; "compiled text":
           whether it drew the eager run's bytes from the same seed), the KV bits held, time per
