@@ -169,6 +169,18 @@ def check_evict_only(impl, ctx):
                f"are the positions < kv_sink ({f'0..{sink - 1}' if sink else 'none when kv_sink=0'}); {see('4b', 2)}")
         raise Failed(f"{where}: positions {extra[:8]} are neither sinks nor among the newest, yet ranked as high "
                      "as the protected: the others are ranked by the attention they received")
+    # a quantized cache keeps its kv_quant_residual newest apart, unranked: the ranked tokens
+    # then end before seen - 1, and the newest are still found from seen, not from pos
+    later, sink, recent = seen + 5, 4, 10
+    rank = call_priority(impl, scores, pos, later, sink, recent)
+    protected = (pos < sink) | (pos >= later - recent)
+    low = torch.where(protected, rank, float("inf")).amin(-1, keepdim=True)
+    over = ~protected & (rank >= low)
+    if bool(over.any()):
+        raise Failed(f"kv_sink={sink}, kv_recent={recent}, seen={later}, the newest ranked token at "
+                     f"{int(pos.max())} (a quantized cache keeps its kv_quant_residual newest apart, unranked): "
+                     f"positions {sorted(set(pos[over].tolist()))[:8]} are protected, below seen - kv_recent = "
+                     f"{later - recent}: find the newest from seen, not from pos; {see('4b', 3)}")
 
 
 def check_evict_scores(impl, ctx):

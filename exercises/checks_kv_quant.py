@@ -42,7 +42,9 @@ def ramp_rows(n=64, rows=16):
 
 
 def call_quantize(impl, x):
-    given = x.clone()  # (x stays the checker's: a quantize that writes into its input is told so)
+    # x stays the checker's (a quantize that writes into its input is told so); given as the cache
+    # gives it, a slice of a larger tensor (its residual's oldest tokens): not contiguous
+    given = torch.cat([x, x[..., :1, :]], -2)[..., :x.size(-2), :] if x.dim() > 2 else x.clone()
     out = impl.quantize(given)
     expect(torch.equal(given, x), "quantize changed x in place (e.g. x /= scale): compute new tensors "
            "(x / scale) and leave x as it was; it belongs to the caller")
@@ -350,6 +352,11 @@ def check_quant_error(impl, ctx):
     expect(mean <= bound_mean, f"relative RMS error {mean:.2g} on average ({plain}; allowed {bound_mean:.2g}): "
            "rows range from 0.01 to 100 in size: a scale per row (or group) from its absmax, all levels used, "
            "rounding to nearest")
+    xb = x.bfloat16()  # as a bfloat16 model's cache holds keys and values (eval_kv's default dtype)
+    found = gross_mistake(xb.float(), round_trip(impl, xb)[1], kind, bits)
+    if found is not None:
+        raise Failed(f"with x in bfloat16 (a bfloat16 model's cache): {found[0]}" + (f"; {see(*found[1])}"
+                                                                                    if found[1] else ""))
     return (f"relative RMS error {mean:.2g} on average, {worst:.2g} in the worst row "
             f"({describe(kind, bits, payload)}; allowed {bound_mean:.2g} and {bound_worst:.2g})")
 

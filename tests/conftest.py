@@ -247,7 +247,7 @@ INT8_OK = """
     import torch
     def quantize(x):
         scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
-        return (torch.round(x / scale).to(torch.int8), scale.half().clamp(min=2 ** -24)), dequantize
+        return (torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale.half().clamp(min=2 ** -24)), dequantize
     def dequantize(codes, scale):
         return codes.float() * scale.float()
     """

@@ -244,7 +244,7 @@ INT2_PER_ROW = """
     def dequantize(packed, scale, zero):
         return torch.cat([(packed >> s) & 3 for s in (0, 2, 4, 6)], -1).float() * scale.float() + zero.float()
     """
-CODES = "torch.round(x / scale).to(torch.int8)"
+CODES = "torch.round(x / scale).clamp(-127, 127).to(torch.int8)"
 QRET = f"return ({CODES}, scale.half().clamp(min=2 ** -24)), dequantize"
 DEQ = "    def dequantize(codes, scale):\n        return codes.float() * scale.float()"
 
@@ -298,6 +298,15 @@ test_quant_dithered_rounding = rule(
     "kv_quant", edit(INT8_OK, CODES, "torch.floor(x / scale + torch.rand(x.size(-1), generator=torch.Generator()"
                      ".manual_seed(0))).clamp(-127, 127).to(torch.int8)"),
     "check_quant_bias", "come back at a level farther from them")
+test_quant_rows_by_view = rule(
+    "Assignment 4a rule 1: x.view(-1, n), which fails on the slice of a larger tensor the cache passes.",
+    "kv_quant", edit(INT8_OK, "scale = (x.abs()", "x = x.view(-1, x.size(-1)).view(x.shape)\n        scale = (x.abs()"),
+    "check_quant_contract", "view size is not compatible")
+test_quant_unclamped_in_bfloat16 = rule(
+    "Assignment 4a rule 5: codes computed in x's own dtype, not clamped: right in float32, while in bfloat16 "
+    "x / scale reaches 128 and wraps to -128.",
+    "kv_quant", edit(INT8_OK, CODES, "(x / scale.half().to(x.dtype)).round().to(torch.int8)"),
+    "check_quant_error", "with x in bfloat16")
 test_quant_two_bits_with_a_zero_point_per_row = rule(
     "Assignment 4a rule 5, the worst row, not a small one: 2-bit codes with a zero point per row, no groups.",
     "kv_quant", INT2_PER_ROW, "check_quant_error", "does every row get a scale that fits")
@@ -320,6 +329,11 @@ test_evict_newest_taken_from_pos = rule(
     "ranked, so pos.max() is seen - 2 and the rule protects one token too many, as it would in the cache.",
     "kv_evict", edit(H2O_OK, "(pos >= seen - kv_recent)", "(pos > pos.amax(-1, keepdim=True) - kv_recent)"),
     "check_evict_only", "is protected with the newest, one too many")
+test_evict_newest_one_past_pos = rule(
+    "Assignment 4b rule 3: the newest found as pos.max() + 1, right only while the step's token directly follows "
+    "the ranked ones; a quantized cache keeps its residual's newest apart.",
+    "kv_evict", edit(H2O_OK, "(pos >= seen - kv_recent)", "(pos > pos.amax(-1, keepdim=True) + 1 - kv_recent)"),
+    "check_evict_only", "find the newest from seen, not from pos")
 test_evict_protection_by_a_finite_mark = rule(
     "Assignment 4b rule 2: the protected given a finite 100, which a heavy hitter's score outgrows.",
     "kv_evict", edit(H2O_OK, 'float("inf")', "100.0"), "check_evict_scores", "not a finite mark")

@@ -42,7 +42,7 @@ WRONG.update({
                              "random rounding"),
     "ignores its scale": quant("codes.float() * scale.float()", "codes.float() / 127", BIAS,
                                "times a factor"),
-    "float32 codes": quant("torch.round(x / scale).to(torch.int8)", "torch.round(x / scale)",
+    "float32 codes": quant("torch.round(x / scale).clamp(-127, 127).to(torch.int8)", "torch.round(x / scale)",
                            "bits per value, scales included (at most 9)", "store codes as int8"),
     "one scale for the whole tensor": quant("x.abs().amax(-1, keepdim=True)", "x.abs().amax().expand(*x.shape[:-1], 1)",
                                             ERROR, "its own scale"),
@@ -50,11 +50,12 @@ WRONG.update({
         import torch
         def quantize(x):
             scale = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
-            codes = torch.round(x / scale).to(torch.int8)
+            codes = torch.round(x / scale).clamp(-127, 127).to(torch.int8)
             return (codes, scale.half().clamp(min=2 ** -24)), lambda codes, s: codes.float() * scale
         """, ROWS, "may use nothing but its arguments"),
     "codes floored": quant("torch.round(x / scale)", "torch.floor(x / scale)", BIAS, "too low"),
-    "codes truncated": quant("torch.round(x / scale).to(torch.int8)", "(x / scale).to(torch.int8)", BIAS,
+    "codes truncated": quant("torch.round(x / scale).clamp(-127, 127).to(torch.int8)", "(x / scale).to(torch.int8)",
+                             BIAS,
                              ".to(torch.int8) truncates"),
     "zero point one step off": quant("codes.float() * scale.float() + zero.float()",
                                      "(codes.float() + 1) * scale.float() + zero.float()", BIAS, "zero point",
@@ -73,7 +74,7 @@ WRONG.update({
                                            "torch.cat([packed & 15, packed >> 4], -1)", "packed")),
     "scale clamped far too high": quant("clamp(min=1e-8)", "clamp(min=1e-2)", ERROR, "among the smallest"),
     "codes overflow int8": quant("(x.abs().amax(-1, keepdim=True) / 127)", "(x.abs().amax(-1, keepdim=True) / 128)",
-                                 LEVELS, "wrap around"),
+                                 LEVELS, "wrap around", base=INT8_OK.replace(".clamp(-127, 127)", "")),
     "float8 without a scale": ("kv_quant", """
         import torch
         def quantize(x):
@@ -97,7 +98,7 @@ WRONG.update({
         import torch
         def quantize(x):
             scale = x.abs().amax(-1, keepdim=True) / 127
-            return (torch.round(x / scale).to(torch.int8), scale.half()), dequantize
+            return (torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale.half()), dequantize
         def dequantize(codes, scale):
             return codes.float() * scale.float()
         """, CONTRACT, "stored with a scale of 0"),
@@ -266,7 +267,7 @@ def test_a_dequantize_left_as_the_stub_is_named_and_stops_the_model_check(exerci
 
 def test_float32_codes_are_not_called_integer_codes(exercise_checks):
     """Codes left in float32 fail the bits rule; the checks that pass them say what they are."""
-    source = INT8_OK.replace("torch.round(x / scale).to(torch.int8)", "torch.round(x / scale)")
+    source = INT8_OK.replace("torch.round(x / scale).clamp(-127, 127).to(torch.int8)", "torch.round(x / scale)")
     results, printed = exercise_checks("kv_quant", source)
     statuses = {title: (status, msg) for title, status, msg in results}
     assert statuses["bits per value, scales included (at most 9)"][0] == "FAIL", printed
