@@ -85,7 +85,8 @@ def priorities(rule, scores, pos, seen, kv_sink, kv_recent):
         raise UserError(f"kv_evict rule {getattr(rule, '__name__', rule)} must return float priorities shaped "
                         f"like scores {tuple(pos.shape)}, got {getattr(rank, 'dtype', type(rank).__name__)} "
                         f"{tuple(getattr(rank, 'shape', ()))}")
-    if bool(rank.isnan().any()):  # (topk's order for nan would decide what goes)
+    # a user's rule only (h2o's priorities are finite): the check waits for the device at each eviction
+    if rule is not h2o_priority and bool(rank.isnan().any()):  # (topk's order for nan would decide what goes)
         raise UserError(f"kv_evict rule {getattr(rule, '__name__', rule)} returned nan priorities (0 / 0, or "
                         "inf - inf?); give every cached token a number, float('inf') for those that must stay")
     return rank
