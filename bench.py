@@ -43,6 +43,7 @@ from configurator import PLAIN_TYPES, configure
 from decode_timing import bench_generate, compiled_decoder
 from device_peaks import peak_flops
 from kv.evaluate import evaluate
+from attention import PLAIN_SOFTMAX
 from kv.policy import KVOptions
 from kv.quant import make_formats
 from loader import ByteLoader, dataset_paths
@@ -209,18 +210,25 @@ def bench_train(args, dev, dt):
 # -----------------------------------------------------------------------------
 # eval_kv
 
-def eval_cases(b):
+def eval_cases(b, config):
     """(name, chunk (0 = block_size), cache, decode) rows against eval_kv's natural reference (a
     plain window of block_size): decode None = the reference's one-pass pieces, "eager" = a
     decode step per byte through the eager caches, "compiled" = through the compiled step
-    (eval_kv --chunk=1 --compile=True). int4 keeps the reference's window, as eval_kv does."""
+    (eval_kv --chunk=1 --compile=True). int4 keeps the reference's window, as eval_kv does.
+    No h2o row for a model of an attention kind h2o cannot rank (unscored_kinds)."""
     plain, int4 = KVOptions(kv_window=block_size), KVOptions(kv_window=block_size, kv_quant="int4")
     h2o = KVOptions(kv_window=0, kv_quant="int4", kv_evict="h2o", kv_budget=b, kv_recent=b // 2, kv_sink=4).check()
     rows = [("plain cache", 0, plain, None), ("plain cache", 1, plain, "eager"), ("int4", 1, int4, "eager"),
             ("int4 + h2o (unbounded)", 1, h2o, "eager")]
     if compile:
         rows[3:3] = [("plain cache", 1, plain, "compiled"), ("int4", 1, int4, "compiled")]
-    return rows
+    return [r for r in rows if not r[2].ranks_by_score()] if unscored_kinds(config) else rows
+
+
+def unscored_kinds(config):
+    """The attention kinds of config's cached layers that h2o cannot rank keys by (it computes
+    softmax itself: any other kind would be replaced by softmax in its row)."""
+    return sorted(config.cached_kinds() - set(PLAIN_SOFTMAX))
 
 
 def bench_eval_kv(model):
@@ -238,7 +246,10 @@ def bench_eval_kv(model):
     print("|---|---:|---|---:|---:|---:|---:|")
     compiled = []  # what compiling took, said below the table
     # h2o's budget: a quarter of the stream, and at least the 4 sinks + int4's residual of 32 + the step's token
-    for name, chunk, kv, how in eval_cases(max(40, stream_len // 4)):
+    if unscored_kinds(model.config):
+        print(f"(no int4 + h2o row: h2o ranks keys by softmax scores, which attention={unscored_kinds(model.config)[0]} "
+              "does not give)")
+    for name, chunk, kv, how in eval_cases(max(40, stream_len // 4), model.config):
         step = chunk or block_size
         decode = None
         if how == "eager":
@@ -314,7 +325,7 @@ def check_caches(config, kv):
         if kv.kv_quant != "none":
             make_formats(kv.kv_quant, kv.kv_quant_group, config.head_dim, kv.channel_keys)
     if what in ("eval_kv", "all") and not config.no_kv_cache:
-        for name, _, case, _ in eval_cases(max(40, stream_len // 4)):
+        for name, _, case, _ in eval_cases(max(40, stream_len // 4), config):
             try:
                 if case.kv_quant != "none":
                     make_formats(case.kv_quant, case.kv_quant_group, config.head_dim, case.channel_keys)

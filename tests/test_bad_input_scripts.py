@@ -261,3 +261,17 @@ def test_bench_train_runs_its_plain_loop_at_the_threads_given(tmp_path, monkeypa
     assert set(threads_of("--threads=1").values()) == {"1"}
     rows = threads_of("--bench_ablation=True")
     assert rows["plain eager loop"] == "3" and rows["+ 1 threads (auto)"] == "1" and rows["train.py step"] == "1", rows
+
+
+def test_bench_eval_kv_leaves_out_h2o_for_an_attention_it_cannot_rank(tmp_path):
+    """h2o computes softmax itself: for a model with a plug-in attention, its row would time
+    softmax under the plug-in's name. bench leaves the row out and says why, as eval_kv does."""
+    args = ("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=eval_kv", "--n_streams=1", "--stream_len=16",
+            "--bench_repeats=1")
+    code, out, err = run_in_process(*args, "--attention=tests.tutorial_user_attention:attend")
+    assert code in (0, None), err
+    assert "h2o" not in "".join(line for line in out.splitlines() if line.startswith("|")), out
+    assert "no int4 + h2o row" in out and "tests.tutorial_user_attention:attend" in out, out
+    code, out, err = run_in_process(*args)  # softmax: the row is there
+    assert code in (0, None), err
+    assert any(line.startswith("| int4 + h2o") for line in out.splitlines()), out
