@@ -37,7 +37,7 @@ class KVOptions:
     kv_quant_residual: int = 32  # newest tokens kept in full precision by a quantized cache (the current one included)
     kv_evict: str = "none"  # none, window (recency), h2o (attention score), or package.module:function
     kv_budget: int = 0  # with kv_evict: tokens held per layer and KV head, kv_sink and the current token included
-    kv_recent: int = 0  # with kv_evict=h2o: newest tokens always kept (the current one included)
+    kv_recent: int = 0  # with a kv_evict rule by score (h2o, your own): newest tokens always kept (the current one included)
     # (a new option is a field here: it reaches every script's settings and --help at once; its
     # branch in _cache goes before the plain KVCache's; add it to BUILT_IN only once describe(),
     # compressed, kv.static.static_reason and the checks know it)

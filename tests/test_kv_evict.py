@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import TOL, feed, forward_at, text, tiny
-from kv.evict import EvictKVCache
+from kv.evict import POLICIES, EvictKVCache
 from kv.policy import KVOptions
 from kv.quant import make_formats
 
@@ -78,12 +78,12 @@ COMBOS = [dict(), dict(n_kv_head=2), dict(n_kv_head=1, kv_share=2), dict(window=
 
 
 @pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "mha")
-@pytest.mark.parametrize("policy", ["h2o", "window"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))  # every named rule
 def test_budget_larger_than_the_text_equals_the_plain_cache(kw, policy):
     m = tiny(**kw)
     idx = text(T=30)
     full, _ = m(idx)
-    kv = KVOptions(kv_evict=policy, kv_budget=100, kv_recent=4 if policy == "h2o" else 0, kv_sink=2).check()
+    kv = KVOptions(kv_evict=policy, kv_budget=100, kv_recent=4 if policy != "window" else 0, kv_sink=2).check()
     for step in (1, 7):
         ours, caches = feed(m, idx, step, kv)
         assert isinstance(caches[-1], EvictKVCache)
