@@ -89,16 +89,15 @@ def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False, scale
 
 ATTENTION = {"softmax": softmax_attention, "naive": naive_attention}
 PLAIN_SOFTMAX = ("softmax", "naive")  # exactly softmax(q k^T / sqrt(hs)) v: h2o and the compiled step compute it themselves
-KINDS = sorted(ATTENTION) + ["linear"]
 
 
-def resolve_attention(name):
-    """The attention function for a kind name or a user's "package.module:function"
-    (None for "linear", whose layer is a class of its own)."""
-    if name in ATTENTION or name == "linear":
+def resolve_attention(name, layer_kinds=("linear",)):
+    """The attention function for a kind name or a user's "package.module:function" (None for a
+    name of layer_kinds, model.py's ATTENTION_LAYERS: a layer class of its own, like linear)."""
+    if name in ATTENTION or name in layer_kinds:
         return ATTENTION.get(name)
     if ":" not in name:
-        raise UserError(f"unknown attention {name!r}: choose one of {KINDS} "
+        raise UserError(f"unknown attention {name!r}: choose one of {sorted(ATTENTION) + sorted(layer_kinds)} "
                         "or give your own as package.module:function")
     if name not in _CHECKED:
         _CHECKED[name] = _check_user_attention(_user_attention(import_function(name, "attention"), name), name)

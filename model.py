@@ -117,8 +117,7 @@ def check_config(c):
         raise UserError("linear_layers needs --attention=linear (the other layers then use softmax)")
     if c.linear_norm not in ("layernorm", "denominator", "none"):
         raise UserError(f"unknown linear_norm {c.linear_norm!r}: choose layernorm, denominator or none")
-    if c.attention not in ATTENTION_LAYERS:  # (a layer class's name needs nothing from attention.py)
-        resolve_attention(c.attention)
+    resolve_attention(c.attention, layer_kinds=ATTENTION_LAYERS)  # (an unknown name: the kinds to choose from)
     for g in range(0, c.n_layer, c.kv_share):
         group = range(g, min(g + c.kv_share, c.n_layer))
         if len({(c.is_local(i), c.kind(i)) for i in group}) > 1:

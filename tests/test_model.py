@@ -125,6 +125,15 @@ def test_config_errors_are_clear():
             tiny(**kw)
 
 
+def test_an_unknown_kind_lists_the_layer_classes_registered_too(monkeypatch):
+    """A kind registered as a layer class in model.ATTENTION_LAYERS is offered beside linear."""
+    import model
+    monkeypatch.setitem(model.ATTENTION_LAYERS, "alibi", model.CausalSelfAttention)
+    with pytest.raises(UserError, match=r"'linear'.*'alibi'|'alibi'.*'linear'"):
+        tiny(attention="alibx")
+    assert tiny(attention="alibi")(text(B=1, T=4))[0].shape == (1, 4, 256)
+
+
 def test_nanogpts_model_x_y_call_says_what_to_write_instead():
     """model(x, y) is nanoGPT's way to get the loss; here the second argument is the caches, so
     the call says how the loss is computed instead of failing deep in the cache code."""
