@@ -88,7 +88,10 @@ COMBOS = [
     dict(kv_share=2),
     dict(rope=False),
 ]
-COMBOS += [dict(attention=k) for k in ATTENTION if dict(attention=k) not in COMBOS + [dict(attention="softmax")]]  # a new kind too
+# a kind added to ATTENTION later: alone, and with grouped K/V heads (k and v come with fewer heads
+# than q) and local windows (bool masks, fewer queries than keys)
+COMBOS += [dict(attention=k, **x) for k in ATTENTION if k not in ("softmax", "naive")
+           for x in (dict(), dict(n_kv_head=2, window=3, global_layers="0"))]
 
 
 @pytest.mark.parametrize("kw", COMBOS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "mha")
