@@ -247,8 +247,8 @@ def bench_eval_kv(model):
     compiled = []  # what compiling took, said below the table
     # h2o's budget: a quarter of the stream, and at least the 4 sinks + int4's residual of 32 + the step's token
     if unscored_kinds(model.config):
-        print(f"(no int4 + h2o row: h2o ranks keys by softmax scores, which attention={unscored_kinds(model.config)[0]} "
-              "does not give)")
+        kind = unscored_kinds(model.config)[0]
+        print(f"(no int4 + h2o row: h2o ranks keys by softmax scores, which attention={kind} does not give)")
     for name, chunk, kv, how in eval_cases(max(40, stream_len // 4), model.config):
         step = chunk or block_size
         decode = None

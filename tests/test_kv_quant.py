@@ -43,6 +43,20 @@ def same(a, b):
     return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
+# By hand, per format: bits per code, and its layout: "token" = one float16 scale per token (an
+# integer format's error within half a step of it), "float" = the same for a float format (error
+# relative), "group" = a float16 scale and zero point per group of kv_quant_group values. A format
+# added to kv/quant.py's FORMATS adds its row here.
+HAND = {"int8": (8, "token"), "fp8_e4m3": (8, "float"), "fp8_e5m2": (8, "float"), "int4": (4, "group"),
+        "int2": (2, "group")}
+
+
+def hand(name):
+    """(bits per code, layout) of format `name`, from HAND."""
+    assert name in HAND, f"format {name!r} has no row in HAND (tests/test_kv_quant.py): add its bits and layout"
+    return HAND[name]
+
+
 @pytest.mark.parametrize("far", [False, True], ids=["near0", "far"])
 @pytest.mark.parametrize("name", FORMATS)
 def test_error_within_bounds_and_exactly_reproducible(name, far):
@@ -56,9 +70,9 @@ def test_error_within_bounds_and_exactly_reproducible(name, far):
         payload = fmt.quantize(x)
         y = dequant(fmt, payload, x)
         err = (x - y).abs()
-        if name == "int8":
+        if hand(name)[1] == "token":
             bound = payload[1].float() / 2  # half a step of the row's scale
-        elif name.startswith("fp8"):
+        elif hand(name)[1] == "float":
             rel, sub = (2 ** -4, 2 ** -10) if name == "fp8_e4m3" else (2 ** -3, 2 ** -17)
             bound = rel * x.abs() + sub * payload[1].float()  # half an ulp, or half a subnormal step
         elif isinstance(fmt, ChannelFormat):
@@ -101,18 +115,17 @@ def fill(cache, n, step, seed=0):
     return k, v, out
 
 
-CODE_BITS = {"int8": 8, "fp8_e4m3": 8, "fp8_e5m2": 8, "int4": 4, "int2": 2}  # by hand: a new format adds its own
 
 
 def expected_bits(name, n, residual, group=8):
     """By hand: codes + scales + zero points of the quantized tokens, fp32 for the rest."""
-    per_token = name in ("int8", "fp8_e4m3", "fp8_e5m2")
+    bits, layout = hand(name)
+    per_token = layout != "group"
     nq = max(n - residual, 0) if per_token else max(n - residual, 0) // group * group
     rows = B * H
     if per_token:
-        k_bits = v_bits = nq * rows * (D * 8 + 16)
+        k_bits = v_bits = nq * rows * (D * bits + 16)
     else:
-        bits = CODE_BITS[name]
         v_bits = nq * rows * (D * bits + 2 * 16 * D // group)  # values: groups of 8 channels
         k_bits = nq * rows * D * bits + (nq // group) * rows * D * 2 * 16  # keys: per channel, 8 tokens
     return k_bits + v_bits + 2 * (n - nq) * rows * D * 32
@@ -144,7 +157,7 @@ def test_size_bits_exact_and_really_stored(name, residual):
             codes, scales = payload[0], payload[1:]
             assert codes.dtype == code_dtype.get(name, torch.uint8)
             nq = codes.size(2)
-            assert codes.numel() == B * H * nq * D * CODE_BITS[name] // 8
+            assert codes.numel() == B * H * nq * D * hand(name)[0] // 8
             assert all(s.dtype == torch.float16 for s in scales)
     assert cache.k_full.dtype == torch.float32 and cache.k_full.size(2) == n - (cache.k_codes[0].size(2) if cache.k_codes else 0)
 
