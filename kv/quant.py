@@ -204,7 +204,7 @@ class Fp8Format(TokenFormat):
 
 
 class GroupFormat(TokenFormat):
-    """int4/int2 per token: groups of `group` consecutive channels. Payload: packed codes
+    """int4/int2 (bits dividing 8) per token: groups of `group` consecutive channels. Payload: packed codes
     (B, nkv, S, hs * bits / 8), scale and zero (B, nkv, S, hs / G)."""
 
     def __init__(self, bits, group):
@@ -321,7 +321,10 @@ def make_formats(name, group, head_dim, channel_keys):
     if name == "int8":
         return Int8Format(), Int8Format()
     if name in GROUPED:
-        bits = INT_BITS[name]
+        bits = INT_BITS.get(name)
+        if bits not in (1, 2, 4, 8):  # (a format added to GROUPED, with no bits or bits pack() cannot hold)
+            raise UserError(f"kv_quant={name} is in kv/quant.py's GROUPED: its bits per code go in INT_BITS and must "
+                            f"divide 8 (codes are packed 8 // bits to a byte), got {bits}")
         if not isinstance(group, int) or isinstance(group, bool) or group < 1:
             raise UserError(f"kv_quant_group must be an integer >= 1, got {group!r}")
         if head_dim % group:

@@ -310,3 +310,14 @@ def test_a_label_tells_per_token_keys_from_per_channel_ones():
     assert "/token-keys" not in channel.describe()
     assert token.describe().startswith("int4/g32/r0/token-keys")
     assert evicting.describe().startswith("int4/g32/r0/token-keys")
+
+
+def test_a_grouped_format_needs_bits_that_pack_into_bytes(monkeypatch):
+    """A format added to GROUPED without its bits, or with bits that do not divide 8 (codes are
+    packed 8 // bits to a byte: 3 bits would silently take 4), is refused in one line."""
+    monkeypatch.setattr(kv_quant, "GROUPED", kv_quant.GROUPED + ("int3",))
+    with pytest.raises(UserError, match="INT_BITS"):
+        make_formats("int3", 8, D, channel_keys=False)
+    monkeypatch.setitem(kv_quant.INT_BITS, "int3", 3)
+    with pytest.raises(UserError, match="must divide 8"):
+        make_formats("int3", 8, D, channel_keys=False)
