@@ -4,6 +4,8 @@ Attention kinds: one function each, picked by name from ATTENTION.
 Each takes q (B, nh, T, hs), k and v (B, nkv, S, hs), a mask and the dropout probability,
 and returns y (B, nh, T, hs). The mask is None (every key visible), "causal" (square
 lower-triangular) or bool (..., T, S), True = may attend: kv.cache.attention_mask makes it.
+softmax and naive also take a float mask (..., T, S), added to the scores as SDPA adds it
+(-inf = hidden): how a layer class passes a bias such as ALiBi's.
 
     softmax   PyTorch's fused scaled_dot_product_attention: the reference, and the fastest
     naive     softmax(q k^T / sqrt(hs)) v written out (it can hand back the probabilities)
@@ -66,6 +68,7 @@ def softmax_attention(q, k, v, mask=None, dropout_p=0.0, scale=1.0):
         # the CPU flash-attention kernel's backward is much slower in bfloat16 than in float32
         # (RESULTS.md): under CPU autocast, attend in float32
         with no_autocast("cpu"):
+            mask = mask.float() if torch.is_tensor(mask) and mask.is_floating_point() else mask  # (a bias)
             return softmax_attention(q.float(), k.float(), v.float(), mask, dropout_p, scale).to(q.dtype)
     gqa = k.size(1) != q.size(1)
     s = None if scale == 1.0 else scale / math.sqrt(q.size(-1))  # (None: SDPA's own 1 / sqrt(hs))
@@ -81,7 +84,8 @@ def naive_attention(q, k, v, mask=None, dropout_p=0.0, need_weights=False, scale
     k, v = expand_kv(k, nh), expand_kv(v, nh)
     att = (q @ k.transpose(-2, -1)) * (scale / math.sqrt(q.size(-1)))  # (B, nh, T, S)
     if mask is not None:  # None (the decode step): every key is visible, nothing to fill
-        att = att.masked_fill(~_mask_for_heads(materialize_mask(mask, T, S, q.device), nh), float("-inf"))
+        mask = _mask_for_heads(materialize_mask(mask, T, S, q.device), nh)
+        att = att.float() + mask if mask.is_floating_point() else att.masked_fill(~mask, float("-inf"))  # (a bias)
     att = torch.softmax(att.float(), dim=-1).to(q.dtype)
     y = F.dropout(att, dropout_p) @ v if dropout_p > 0 else att @ v
     return (y, att) if need_weights else y

@@ -25,6 +25,24 @@ def test_naive_equals_softmax_and_gqa_equals_repeated_heads():
         torch.testing.assert_close(naive_attention(q, k[:, :, :7], v[:, :, :7], "causal"), ref_c, **TOL)
 
 
+def test_a_float_mask_is_a_bias_added_to_the_scores():
+    """A layer class's bias by distance (ALiBi) as a float mask, -inf where hidden: softmax and
+    naive give softmax(q k^T / sqrt(hs) + bias) v written out by hand, also under CPU autocast."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 5, 8, generator=g) for _ in range(3))
+    d = (torch.arange(5).view(-1, 1) - torch.arange(5)).float()  # query - key distance
+    bias = (-0.5 * d).masked_fill(d < 0, float("-inf")).expand(4, 5, 5) * torch.tensor([1., 2, 3, 4]).view(4, 1, 1)
+    ref = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + bias, dim=-1) @ v
+    torch.testing.assert_close(softmax_attention(q, k, v, bias), ref, **TOL)
+    torch.testing.assert_close(naive_attention(q, k[:, :2], v[:, :2], bias), naive_attention(
+        q, expand_kv(k[:, :2], 4), expand_kv(v[:, :2], 4), bias), **TOL)  # GQA: the same bias per query head
+    torch.testing.assert_close(naive_attention(q, k, v, bias), ref, **TOL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for fn in (softmax_attention, naive_attention):
+            y = fn(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias.bfloat16())
+            torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+
+
 def test_scale_sharpens_softmax_and_naive_alike():
     """scale=s is softmax(s q k^T / sqrt(hs)): the same as the plain kind fed s q."""
     g = torch.Generator().manual_seed(1)
