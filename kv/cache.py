@@ -11,7 +11,9 @@ the same protocol, `Cache`, so an attention layer never needs to know which one 
 
 `update` returns the keys and values (B, nkv, S, hs) the new queries attend over and a mask
 in the cheapest form the attention functions take: None (every key visible), "causal" (square
-lower-triangular, SDPA's fast path) or bool (..., T, S), True = may attend. `attend` runs the
+lower-triangular, SDPA's fast path) or bool (..., T, S), True = may attend. After it,
+`cache.key_pos` holds those keys' positions in the text: (S,), or (B, nkv, S) where rows and
+heads hold different tokens (eviction), for a layer that needs distances (a bias like ALiBi's). `attend` runs the
 layer's attention function; a cache that needs the attention probabilities (eviction by
 score) overrides it, so the layer never has to ask.
 
@@ -61,6 +63,7 @@ class Cache:
     """The protocol every cache follows (see the module docstring)."""
     seen = 0  # tokens fed so far = the absolute position of the next token
     holds_tokens = True  # False for a fixed-size state (linear attention): "bits per cached token" skips it
+    key_pos = None  # after update: the text positions (S,) or (B, nkv, S) of the keys it returned
 
     def update(self, k, v):
         """Store k, v (B, nkv, T, hs) of the next T tokens; return (keys, values, mask)."""
@@ -101,10 +104,15 @@ class KVCache(Cache):
         self.pos = torch.zeros(cap, dtype=torch.long, device=device)  # absolute position of each slot
         self.n = 0  # slots in use
         self.seen = 0
+        self.overflow_pos = None  # the key positions of an update that returned more keys than slots
 
     @property
     def capacity(self):
         return self.k.size(2)
+
+    @property
+    def key_pos(self):
+        return self.pos[:self.n] if self.overflow_pos is None else self.overflow_pos
 
     def _write(self, k, v, p):
         if self.window == 0:  # unbounded: slot = position, so a slice copy (faster than index_copy_)
@@ -125,6 +133,7 @@ class KVCache(Cache):
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         p0 = self.seen
         self.seen += T
+        self.overflow_pos = None
         if self.n + T > self.capacity and (self.window == 0 or self.capacity < self.ring):
             self._grow(self.n + T)
         if T == 1:
@@ -151,6 +160,7 @@ class KVCache(Cache):
         keep = (qpos < self.sink) | (qpos >= self.seen - self.window)
         self._write(k[:, :, keep], v[:, :, keep], qpos[keep])
         self.n = self.capacity
+        self.overflow_pos = kpos
         return keys, vals, attention_mask(qpos, kpos, self.window, self.sink)
 
     def _grow(self, need):
@@ -207,7 +217,9 @@ class TrimCache(Cache):
         else:
             self.k, self.v, self.pos = keys, vals, kpos
         if T == 1:  # the decode step attends over exactly what is kept
+            self.key_pos = self.pos
             return self.k.to(out), self.v.to(out), None
+        self.key_pos = kpos
         return keys.to(out), vals.to(out), attention_mask(qpos, kpos, self.window, self.sink)
 
     def _trim(self, keys, vals, kpos):

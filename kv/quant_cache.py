@@ -94,6 +94,7 @@ class QuantKVCache(Cache):
             self._store(self.key_fmt.quantize(self.k_full[:, :, :m]), self.val_fmt.quantize(self.v_full[:, :, :m]), m)
             self.k_full, self.v_full, self.pos_full = self.k_full[:, :, m:], self.v_full[:, :, m:], self.pos_full[m:]
         keys, vals, kpos = self._assemble(k.dtype)
+        self.key_pos = kpos
         if T > 1:  # a prefill: keep only what its last query sees, as a decode step's cache holds
             self._after_prefill()
         return keys, vals, attention_mask(qpos, kpos, self.window, self.sink)

@@ -100,6 +100,7 @@ class XLMemory(Cache):
         if shift and self.rope_fn is not None:
             new_k = self.rope_fn(new_k, -shift)
         self.k, self.v = new_k, new_v
+        self.key_pos = pos  # (memory, then the batch: the model's positions start at seen = m)
         return keys, vals, mask
 
     def tokens(self):
