@@ -133,6 +133,12 @@ class LinearState(Cache):
 class LinearAttention(nn.Module):
     """Same projections and names as CausalSelfAttention (c_attn, c_proj, rotary_emb)."""
 
+    @staticmethod
+    def make_state(config, batch_size, dtype, device):
+        """The state this layer keeps instead of a KV cache, for the caches (kv/policy.py) and
+        the XL memory (kv/xl.py): its sums in the model's dtype (float32 by design)."""
+        return LinearState(batch_size, config.kv_heads, config.head_dim, dtype=dtype, device=device)
+
     def __init__(self, config, layer_idx):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim

@@ -159,7 +159,7 @@ def idle_on(kv, c):
     layer is local: per-channel keys whose group outgrows the window (nothing is quantized),
     or an eviction budget the window never reaches (nothing is evicted). Such a row is
     another row's cache under a label that says otherwise."""
-    softmax = [i for i in range(c.n_layer) if c.kind(i) != "linear"]
+    softmax = [i for i in range(c.n_layer) if not c.keeps_state(i)]
     if not softmax or not all(c.is_local(i) for i in softmax):
         return False
     never_quantized = kv.kv_quant != "none" and kv.key_group() > c.window
@@ -185,7 +185,7 @@ def evaluate_variant(path, x, y, settings, step, block, label):
     for r, kv in zip(rows, settings):
         r.update(kv.settings())  # the fields, for the command that reproduces the row
     c = model.config
-    softmax = [i for i in range(c.n_layer) if c.kind(i) != "linear"]
+    softmax = [i for i in range(c.n_layer) if not c.keeps_state(i)]
     if softmax and all(c.is_local(i) for i in softmax):  # (eval_kv's local_note, for the grid as a whole)
         print(f"  note: every softmax layer of {label} attends {c.window} back, so its rows that differ only in a "
               f"kv_window of {c.window} or more hold the same cache (their labels name a bound that does not bind)")

@@ -72,14 +72,19 @@ class GPTConfig:
             return "linear" if self.is_linear(i) else "softmax"
         return self.attention
 
+    def keeps_state(self, i):
+        """Does layer i keep a fixed-size state of its own instead of a KV cache? (Its layer
+        class in ATTENTION_LAYERS has a make_state, as linear attention's has.)"""
+        return hasattr(ATTENTION_LAYERS.get(self.kind(i)), "make_state")
+
     def cached_kinds(self):
         """The attention kinds of the layers that keep a KV cache (all but linear layers)."""
-        return {self.kind(i) for i in range(self.n_layer)} - {"linear"}
+        return {self.kind(i) for i in range(self.n_layer) if not self.keeps_state(i)}
 
     @property
     def no_kv_cache(self):
-        """Linear attention in every layer: fixed-size states, no KV cache to bound or shrink."""
-        return all(self.is_linear(i) for i in range(self.n_layer))
+        """A state in every layer (linear attention): fixed-size, no KV cache to bound or shrink."""
+        return all(self.keeps_state(i) for i in range(self.n_layer))
 
 
 MODEL_ARG_KEYS = tuple(f.name for f in fields(GPTConfig) if f.name != "vocab_size")
@@ -123,7 +128,7 @@ def check_config(c):
         if len({(c.is_local(i), c.kind(i)) for i in group}) > 1:
             raise UserError(f"kv_share={c.kv_share}: layers {group.start}..{group.stop - 1} mix local/global "
                             "or attention kinds; align global_layers/linear_layers with the groups")
-        if c.kind(g) == "linear" and c.kv_share > 1:
+        if c.keeps_state(g) and c.kv_share > 1:
             raise UserError("kv_share applies to softmax K/V caches, not to linear attention layers")
 
 

@@ -482,7 +482,7 @@ def sample_args(c):
     # sample.py's default cache is unbounded: past block_size bytes a global softmax layer sees more
     # history than it was trained on and drifts into noise (XL memory, linear layers and local
     # layers whose window is within block_size do not)
-    drifts = not xl_mem and any(c.kind(i) != "linear" and (not c.is_local(i) or c.window > block_size)
+    drifts = not xl_mem and any(not c.keeps_state(i) and (not c.is_local(i) or c.window > block_size)
                                 for i in range(c.n_layer))
     args = [f"--out_dir={out_dir}"] + ([f"--kv_window={block_size}"] if drifts else [])
     args += [f"--attention={c.attention}"] if ":" in c.attention else []  # sample.py runs a plug-in only if named
@@ -544,7 +544,7 @@ def check_variant(c, fresh):
     if fresh and c.no_kv_cache and c.window:
         raise UserError(f"--window={c.window} bounds softmax layers, and every layer of this model is linear "
                         "attention: it would change nothing; drop --window")
-    if fresh and c.window > block_size and any(c.is_local(i) and c.kind(i) != "linear" for i in range(c.n_layer)):
+    if fresh and c.window > block_size and any(c.is_local(i) and not c.keeps_state(i) for i in range(c.n_layer)):
         print(f"note: --window={c.window} is wider than --block_size={block_size}: the local layers see every byte "
               f"of their rows, as global ones do, and never a distance past {block_size} (the sample command "
               "at the end bounds the cache there)")

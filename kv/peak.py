@@ -9,7 +9,6 @@ eval_kv.py reports for every setting (its peak KV bits per stream and bits per t
 import torch
 
 from attention import naive_attention
-from attention_linear import LinearState
 from kv.cache import Cache
 
 
@@ -22,7 +21,7 @@ def least_cache_bytes(config, kv, L, width=2):
     bound = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
     bound = min(bound, kv.kv_budget + 1) if kv.kv_evict != "none" else bound
     held = sum(min(bound, c.window) if c.is_local(i) else bound  # tokens, over the caches
-               for i in range(0, c.n_layer, c.kv_share) if c.kind(i) != "linear")
+               for i in range(0, c.n_layer, c.kv_share) if not c.keeps_state(i))
     kv_bytes = 2 * c.kv_heads * c.head_dim * held * width
     return kv_bytes // 8 if kv.kv_quant != "none" else kv_bytes
 
@@ -41,8 +40,8 @@ def decoder_peak(model, kv, L, dtype=torch.bfloat16):
     kinds = {}  # (attention kind, local?) -> the caches of those layers (one per kv_share group)
     for i in range(0, c.n_layer, c.kv_share):
         kinds.setdefault((c.kind(i), c.is_local(i)), []).append(caches[i])
-    fixed = sum(len(g) * g[0].size_bits() for g in kinds.values() if isinstance(g[0], LinearState))
-    stand_ins = [(g[0], len(g)) for g in kinds.values() if not isinstance(g[0], LinearState)]
+    fixed = sum(len(g) * g[0].size_bits() for g in kinds.values() if not g[0].holds_tokens)  # states
+    stand_ins = [(g[0], len(g)) for g in kinds.values() if g[0].holds_tokens]
     held = lambda: fixed + sum(n * cache.size_bits() for cache, n in stand_ins)
     # zeros in the storage dtype: nothing to convert when the caches hand them back
     zeros = lambda T: torch.zeros(1, c.kv_heads, T, c.head_dim, dtype=dtype, device=p.device)  # (B, nkv, T, hs)
@@ -71,7 +70,7 @@ def horizon(kv, config, L):
     among the last 2 (kv_quant_residual + key group) + 64 tokens. A mix, kv_trim or an option
     not yet in kv/policy.py's BUILT_IN (which may bound a cache in ways not known here): all L."""
     windows = [kv.kv_window if kv.kv_window > 0 else (config.window if config.is_local(i) else 0)
-               for i in range(config.n_layer) if config.kind(i) != "linear"]
+               for i in range(config.n_layer) if not config.keeps_state(i)]
     quant = (kv.kv_quant_residual + kv.key_group()) if kv.kv_quant != "none" else 0
     if kv.kv_trim or kv.others():
         return 0, L

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from attention import PLAIN_SOFTMAX
-from attention_linear import LinearState
 from kv.cache import KVCache, TrimCache
 from kv.evict import POLICIES, EvictKVCache, check_rule, resolve_evict
 from kv.quant import CHANNEL_KEYS, GROUPED, make_formats, resolve_quant
@@ -230,7 +229,7 @@ class KVOptions:
         length: the most tokens a query of the run sees, which an unbounded cache (kv_window=0)
         all keeps."""
         trained = saved_tokens(saved, "xl_mem") + saved_tokens(saved, "block_size")
-        glob = [i for i in range(config.n_layer) if config.kind(i) != "linear" and not config.is_local(i)]
+        glob = [i for i in range(config.n_layer) if not config.keeps_state(i) and not config.is_local(i)]
         if not glob or trained <= 0:
             return None
         local = any(config.is_local(i) for i in range(config.n_layer))
@@ -264,7 +263,7 @@ class KVOptions:
 
     def _local_note(self, config):
         w = config.window
-        softmax = [i for i in range(config.n_layer) if config.kind(i) != "linear"]
+        softmax = [i for i in range(config.n_layer) if not config.keeps_state(i)]
         if not softmax or not all(config.is_local(i) for i in softmax):
             return None
         evicts = self.kv_evict != "none"
@@ -315,8 +314,8 @@ class KVOptions:
         for i in range(c.n_layer):
             if i % c.kv_share:
                 caches.append(caches[-1])
-            elif c.kind(i) == "linear":  # its sums stay in the model's dtype (float32 by design)
-                caches.append(LinearState(batch_size, c.kv_heads, c.head_dim, dtype=p.dtype, device=p.device))
+            elif c.keeps_state(i):  # linear attention's sums (its layer class makes it)
+                caches.append(model.transformer.h[i].attn.make_state(c, batch_size, p.dtype, p.device))
             else:
                 window, sink, residual = max(self.kv_window, 0), self.kv_sink, self.kv_quant_residual
                 if c.is_local(i) and (window == 0 or window >= c.window):

@@ -88,7 +88,7 @@ def check_qat(model, kv_quant, kv_quant_group=32, channel_keys=True):
     if kv_quant == "none":
         return
     c = model.config
-    linear = [i for i in range(c.n_layer) if c.kind(i) == "linear"]
+    linear = [i for i in range(c.n_layer) if c.keeps_state(i)]
     if linear:
         which = f"layer {linear[0]} of this model is" if len(linear) == 1 else \
             f"layers {','.join(map(str, linear))} of this model are"

@@ -9,7 +9,6 @@ the previous batches of the same loader rows (which continue the same text).
 
 import torch
 
-from attention_linear import LinearState
 from kv.cache import Cache, attention_mask, visible
 from rope import apply_rope, rope_table
 from utils import UserError
@@ -122,8 +121,8 @@ def make_xl_memory(model, batch_size, mem_len, step_fn=None, step_name=None):
     for i, block in enumerate(model.transformer.h):
         if i % c.kv_share:
             memory.append(memory[-1])
-        elif c.kind(i) == "linear":
-            memory.append(LinearState(batch_size, c.kv_heads, c.head_dim, dtype=p.dtype, device=p.device))
+        elif c.keeps_state(i):  # linear attention's sums (its layer class makes it)
+            memory.append(block.attn.make_state(c, batch_size, p.dtype, p.device))
         else:
             memory.append(XLMemory(batch_size, c.kv_heads, c.head_dim, mem_len, window=block.attn.window,
                                    rope_fn=shift if c.rope else None, step_fn=step_fn or xl_step,

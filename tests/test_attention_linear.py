@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attention_linear import linear_chunked, linear_parallel, linear_recurrent, phi
-from conftest import TOL, feed, tiny
+from conftest import TOL, feed, text, tiny
 from kv.policy import KVOptions, held_bits
 from utils import UserError
 
@@ -86,3 +86,26 @@ def test_linear_sums_stay_float32_under_bf16_autocast(monkeypatch):
     assert seen == [(torch.float32,) * 3 + (False,)]
     ref, _ = model(idx)  # float32 throughout
     torch.testing.assert_close(logits.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_a_layer_class_with_a_state_of_its_own_gets_it_from_make_state(monkeypatch):
+    """A new kind registered in ATTENTION_LAYERS whose class has make_state (here built on
+    linear attention) keeps that state, not a KV cache, wherever caches or XL memory are made:
+    fed token by token and in chunks it computes its full forward, and no layer counts as cached."""
+    import model as model_module
+    from attention_linear import LinearAttention, LinearState
+    from kv.xl import make_xl_memory
+
+    class Retention(LinearAttention):
+        pass
+
+    monkeypatch.setitem(model_module.ATTENTION_LAYERS, "retention", Retention)
+    m = tiny(attention="retention")
+    assert m.config.no_kv_cache and not m.config.cached_kinds()
+    idx = text(T=20)
+    full, _ = m(idx)
+    for step in (1, 6):
+        ours, caches = feed(m, idx, step)
+        assert all(isinstance(c, LinearState) for c in caches)
+        torch.testing.assert_close(ours, full, **TOL)
+    assert all(isinstance(c, LinearState) for c in make_xl_memory(m, 2, mem_len=8))
