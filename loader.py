@@ -50,7 +50,7 @@ class ByteLoader:
     jumped row's first 4 bytes are "####" so the model also sees that the text is not continuous.
     """
 
-    def __init__(self, path, block_size, batch_size, reset_prob=0.1, seed=1337, device="cpu"):
+    def __init__(self, path, block_size, batch_size, reset_prob=0.1, seed=1337, device="cpu", mark=True):
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             raise UserError(_unusable(path))
         if block_size < 1 or batch_size < 1 or not 0.0 <= reset_prob <= 1.0:
@@ -62,7 +62,7 @@ class ByteLoader:
             raise UserError(f"block_size={block_size} is longer than {path} "
                             f"({len(self.text)} bytes); use a smaller --block_size")
         self.block_size, self.batch_size, self.reset_prob = block_size, batch_size, reset_prob
-        self.device = device
+        self.device, self.mark = device, mark  # mark=False: a jumped row starts with text, not "####"
         self.gen = torch.Generator().manual_seed(seed)  # own RNG: same batches whatever else runs
         self.pos = torch.full((batch_size,), -1, dtype=torch.long)  # -1: the row has not started
         self.offsets = np.arange(block_size + 1)
@@ -78,7 +78,8 @@ class ByteLoader:
         idx = (self.pos.numpy()[:, None] + self.offsets) % P - len(MARK)  # (B, T+1)
         chunk = self.text[np.maximum(idx, 0)]
         chunk[idx < 0] = MARK[0]
-        chunk[restarted.numpy(), :len(MARK)] = MARK[0]
+        if self.mark:
+            chunk[restarted.numpy(), :len(MARK)] = MARK[0]
         self.pos += T
         chunk = torch.from_numpy(chunk)  # uint8: 8x less to copy to the GPU than int64
         if self.device.startswith("cuda"):
@@ -103,11 +104,25 @@ class ByteLoader:
         self.gen.set_state(state["rng"].cpu())
 
 
-def fixed_batches(path, block_size, batch_size, n_batches, seed, device="cpu"):
-    """The same n_batches batches every call (for the val loss). Each row continues the text from
-    one batch to the next (the first batch restarts, and a row that runs past the end of the
-    text starts it again), so an XL memory can be carried along."""
-    loader = ByteLoader(path, block_size, batch_size, reset_prob=0.0, seed=seed, device=device)
+EVAL_WINDOWS = ("auto", "random", "rows")
+
+
+def eval_layout(eval_windows, xl_mem):
+    """train.py's eval_windows resolved: "auto" is "rows" for a run with XL memory, else "random"."""
+    return ("rows" if xl_mem else "random") if eval_windows == "auto" else eval_windows
+
+
+def fixed_batches(path, block_size, batch_size, n_batches, seed, device="cpu", layout="random"):
+    """The same n_batches batches every call (for the loss estimates). layout "random": each row
+    of each batch is a window of the text at an offset of its own (batch_size x n_batches
+    independent places: the estimate's spread is the smallest); "rows": each row continues the
+    text from one batch to the next (the first batch restarts, and a row that runs past the end
+    of the text starts it again), so an XL memory can be carried along, but the estimate covers
+    only batch_size places."""
+    if layout == "random":  # every row jumps at every batch, with no "####" (it continues nothing)
+        loader = ByteLoader(path, block_size, batch_size, reset_prob=1.0, seed=seed, device=device, mark=False)
+    else:
+        loader = ByteLoader(path, block_size, batch_size, reset_prob=0.0, seed=seed, device=device)
     return [loader.next() for _ in range(n_batches)]
 
 

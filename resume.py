@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from checkpoint import _first_line
-from loader import same_dataset
+from loader import eval_layout, same_dataset
 from devices import mps_available
 from utils import UserError, project_file
 
@@ -119,9 +119,12 @@ def incomparable(ckpt, model_args, block_size, dataset=None):
 
 def other_val_batches(ckpt, eval_set):
     """What makes a run's val loss read other batches than the checkpoint's (eval_set: this run's
-    batch_size, eval_iters and seed, from which train.py draws its fixed val batches), as
-    'name old -> new'; a checkpoint that does not record one is taken as the same."""
-    config = ckpt.get("config") or {}
+    batch_size, eval_iters, seed and eval_windows (resolved), from which train.py draws its fixed
+    val batches), as 'name old -> new'; a checkpoint that does not record one is taken as the
+    same (eval_windows as rows: every run drew those before the setting existed)."""
+    config = dict(ckpt.get("config") or {})
+    if config:  # (runs before eval_windows drew rows that continue the text)
+        config["eval_windows"] = eval_layout(config.get("eval_windows", "rows"), config.get("xl_mem", 0))
     return [f"{k} {config[k]!r} -> {v!r} (other val batches)" for k, v in eval_set.items()
             if config.get(k) is not None and config[k] != v]
 

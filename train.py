@@ -17,7 +17,7 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
       (a fresh schedule fitted to them: warm-up max_iters/10, at most warmup_iters, and the
       cosine down to min_lr at the end, unless --warmup_iters or --lr_decay_iters are given;
       the iteration count continues, and so does the best val loss unless the model,
-      block_size or dataset changed, or batch_size, eval_iters or seed (other val batches)):
+      block_size or dataset changed, or batch_size, eval_iters, seed or eval_windows (other val batches)):
     python train.py config/train_shakespeare_char.py --init_from=resume --block_size=1024 --max_iters=200
   resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b);
   --resume_mode=continue or --resume_mode=finetune forces one.
@@ -51,7 +51,7 @@ from configurator import configure
 from kv.policy import KVOptions
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state, try_step
-from loader import ByteLoader, dataset_paths, fixed_batches, not_text, same_dataset
+from loader import EVAL_WINDOWS, ByteLoader, dataset_paths, eval_layout, fixed_batches, not_text, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
 from steps import compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, train_step
@@ -70,6 +70,7 @@ quiet_start.done()
 out_dir = "out"  # checkpoints (ckpt.pt = best val loss, last.pt = latest) and TensorBoard events
 eval_interval = 250  # evaluate train/val loss every this many iterations
 eval_iters = 200  # batches per loss estimate (a fixed set, so evaluations are comparable)
+eval_windows = "auto"  # those batches: random (a window of its own per row and batch), rows (each row continues the text: what XL memory needs), auto (rows with xl_mem, else random)
 log_interval = 10  # print, log to TensorBoard and write last.pt every this many iterations
 last_save_budget = 0.1  # last.pt is skipped at a log step if writing it would take more than this fraction of the time
 eval_only = False  # evaluate once and exit, writing nothing
@@ -209,7 +210,7 @@ def train(held):
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
     set_aside = later_last(out_dir, ckpt_path, start_iter) if writes and master and ckpt is not None else None
-    eval_set = dict(batch_size=batch_size, eval_iters=eval_iters, seed=seed)  # what the val batches are drawn from
+    eval_set = val_batches()  # what the val batches are drawn from
     best_aside = earlier_best(out_dir, model_args, block_size, dataset, eval_set) if writes and master and ckpt is not None \
         else None
     if writes and master:
@@ -273,7 +274,7 @@ def train(held):
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, forward_sync_buffers=False)
     # the same batches on every rank: a val loss means the same whatever the number of processes
     # (a resume under another world size compares its best with the one recorded)
-    eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed, device=dev)
+    eval_sets = {split: fixed_batches(path, block_size, batch_size, eval_iters, seed, dev, eval_set["eval_windows"])
                  for split, path in (("train", train_path), ("val", val_path))}
     use_tb = writes and tensorboard and master and has_module("tensorboard", "no TensorBoard scalars are written")
     tb = TensorBoard(out_dir if use_tb else None, purge_step=start_iter)
@@ -467,14 +468,22 @@ def resume_run(config, given, defaults, dev, world_size):
     best = f"{best_val_loss:.4f}" if math.isfinite(best_val_loss) else "none yet"
     print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best}")
     changed = incomparable(ckpt, model_args, block_size, dataset)
-    other = other_val_batches(ckpt, dict(batch_size=batch_size, eval_iters=eval_iters, seed=seed))
+    other = other_val_batches(ckpt, val_batches())
     if (changed or other) and not eval_only and end_iter > start_iter:  # another model's val loss, or other batches'
         fresh_best, best_val_loss = True, float("inf")
         print(f"note: {', '.join(changed + other)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
               "will hold the best of this run")
+    elif changed or other:  # an evaluation alone (--eval_only, or --max_iters at the checkpoint's iteration)
+        print(f"note: {', '.join(changed + other)}: this evaluation is not comparable with the checkpoint's best "
+              "val loss")
     return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, model_args=model_args, train_path=train_path,
                            val_path=val_path, mode=mode, start_iter=start_iter, end_iter=end_iter, origin=origin,
                            best_val_loss=best_val_loss, changed=changed, fresh_best=fresh_best)
+
+
+def val_batches():
+    """What this run's fixed loss batches are drawn from (resume.other_val_batches compares it)."""
+    return dict(batch_size=batch_size, eval_iters=eval_iters, seed=seed, eval_windows=eval_layout(eval_windows, xl_mem))
 
 
 def sample_args(c):
@@ -518,6 +527,11 @@ def check_settings(world_size=1):
                         "add --window=N (the local span), or drop --global_layers")
     if xl_mem < 0:
         raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
+    if eval_windows not in EVAL_WINDOWS:
+        raise UserError(f"--eval_windows must be one of {', '.join(EVAL_WINDOWS)}, got {eval_windows!r}")
+    if xl_mem and eval_windows == "random":
+        raise UserError("--eval_windows=random gives every val row a window of its own, and --xl_mem carries memory "
+                        "from a row's batch to its next: use --eval_windows=rows (or auto)")
     if xl_mem and kv_quant != "none":
         raise UserError("--kv_quant (quantization-aware training) does not combine with --xl_mem; drop one")
     KVOptions(kv_quant=kv_quant, kv_quant_group=kv_quant_group, kv_quant_keys=kv_quant_keys).check().check_unused()  # as sample.py

@@ -124,14 +124,36 @@ def test_state_dict_with_more_rows_starts_the_new_ones(tiny_data_dir):
 
 def test_fixed_batches_are_fixed_and_continue_rows(tiny_data_dir):
     path = str(tiny_data_dir / "val.txt")
-    first = fixed_batches(path, 32, 4, 6, seed=5)
-    second = fixed_batches(path, 32, 4, 6, seed=5)
+    first = fixed_batches(path, 32, 4, 6, seed=5, layout="rows")
+    second = fixed_batches(path, 32, 4, 6, seed=5, layout="rows")
     for a, b in zip(first, second):
         assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert first[0][2].all()
     for (_, y_prev, _), (x, _, restarted) in zip(first, first[1:]):
         assert not restarted.any()
         assert torch.equal(x[:, 0], y_prev[:, -1])
+
+
+def test_random_fixed_batches_are_fixed_independent_windows_of_the_text(tiny_data_dir):
+    """layout "random" (train.py's loss estimates without XL memory): every row of every batch is
+    a window of the text as the loader lays it out, with no "####" of its own, at a place of its
+    own; the same batches every call."""
+    path = tiny_data_dir / "val.txt"
+    text = path.read_bytes()
+    layout = b"####" + text + b"####" + text
+    first = fixed_batches(str(path), 32, 4, 6, seed=5)
+    second = fixed_batches(str(path), 32, 4, 6, seed=5)
+    for a, b in zip(first, second):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    starts = set()
+    for x, y, _ in first:
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        for r in range(4):
+            window = bytes(x[r].tolist() + [y[r, -1].item()])
+            assert window in layout and window[:4] != b"####", window
+            starts.add(window)
+    assert len(starts) == 24  # 6 batches x 4 rows, each somewhere else
+    assert any(not torch.equal(x[:, 0], y_prev[:, -1]) for (_, y_prev, _), (x, _, _) in zip(first, first[1:]))
 
 
 def test_bad_inputs_are_user_errors(tmp_path):

@@ -120,6 +120,33 @@ def test_a_resume_on_another_text_starts_its_own_best(run_dir, tmp_path):
     assert "data position not restored (another dataset)" in printed
 
 
+def test_an_evaluation_on_other_val_batches_says_it_is_not_comparable(data_dir, run_dir, tmp_path):
+    """A checkpoint from before eval_windows drew its val batches as continuing rows: evaluating
+    it now (independent windows) prints a val loss that is not its best's, and says so; the
+    same evaluation on the batches it recorded says nothing."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    printed = train(data_dir, out, "--init_from=resume", "--eval_only=True")
+    assert "not comparable" not in printed, printed
+    ckpt = read_checkpoint(str(out / "ckpt.pt"))
+    del ckpt["config"]["eval_windows"]
+    resave(ckpt, out / "ckpt.pt")
+    for args in (["--eval_only=True"], ["--max_iters=0", "--eval_interval=1"]):  # (the tutorial's way)
+        printed = train(data_dir, out, "--init_from=resume", *args)
+        assert "eval_windows 'rows' -> 'random' (other val batches): this evaluation is not comparable" in printed
+    printed = train(data_dir, out, "--init_from=resume", "--eval_only=True", "--eval_windows=rows")
+    assert "not comparable" not in printed, printed
+
+
+def test_eval_windows_random_with_xl_memory_is_refused(data_dir, tmp_path):
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path / 'out'}", "--xl_mem=8",
+                      "--eval_windows=random", "--max_iters=1")
+    assert_user_error(proc, "--eval_windows=random gives every val row a window of its own")
+    proc = run_script("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={tmp_path / 'out'}",
+                      "--eval_windows=shuffled", "--max_iters=1")
+    assert_user_error(proc, "--eval_windows must be one of auto, random, rows")
+
+
 @pytest.mark.parametrize("flag", ["--batch_size=2", "--eval_iters=3", "--seed=5"])
 def test_a_resume_that_evaluates_other_val_batches_starts_its_own_best(data_dir, run_dir, tmp_path, flag):
     """batch_size, eval_iters and seed draw the fixed val batches: a resume with another reads
