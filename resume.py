@@ -177,9 +177,11 @@ def resume_schedule(ckpt, resume_mode, max_iters, eval_only=False):
     if not isinstance(start, int) or isinstance(start, bool) or start < 0:
         raise UserError(f"the checkpoint's iteration {start!r} is not a count of iterations (it was not written by "
                         "train.py); use another checkpoint")
-    mode = pick_resume_mode(start, resume_mode, max_iters, eval_only)
+    mode = pick_resume_mode(start, resume_mode, max_iters, eval_only, (ckpt.get("config") or {}).get("max_iters"))
     if mode == "continue":
         return mode, start, max(max_iters, start), 0
+    if mode == "finished":  # evaluated only, as max_iters=0
+        return "finetune", start, start, start
     return mode, start, start + max_iters, start
 
 
@@ -203,9 +205,11 @@ def changed_settings(ckpt, config):
             f"would have, pass {before}")
 
 
-def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
+def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False, run_max_iters=None):
     """'continue' (the original schedule up to max_iters) or 'finetune' (max_iters more
-    iterations, a fresh schedule) for a checkpoint at iteration ckpt_iter; says why."""
+    iterations, a fresh schedule) for a checkpoint at iteration ckpt_iter; says why. With auto,
+    'finished' where the checkpoint's run reached its own max_iters (run_max_iters) and this
+    one asks for the same: the tutorial's resume command on a finished run only evaluates it."""
     if eval_only:
         print("eval_only: the checkpoint is evaluated once; nothing is trained or written")
         return "finetune"
@@ -224,6 +228,11 @@ def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False):
     elif max_iters == 0:
         print("resume_mode=auto: max_iters=0, so the checkpoint is only evaluated")
         return "finetune"
+    elif max_iters == run_max_iters:
+        print(f"resume_mode=auto: the checkpoint's run is finished (iteration {ckpt_iter}, its max_iters={max_iters}), "
+              f"so it is only evaluated; to train on: --max_iters=K (more than {ckpt_iter}) goes on with its schedule, "
+              f"--resume_mode=finetune --max_iters=K trains K more on a fresh one")
+        return "finished"
     else:
         print(f"resume_mode=auto chose 'finetune': max_iters={max_iters} is not beyond the checkpoint's "
               f"iteration {ckpt_iter}, so {max_iters} more iterations run with a fresh warm-up and LR schedule")

@@ -19,7 +19,8 @@ Resuming from a checkpoint (--init_from=resume) has two intents:
       the iteration count continues, and so does the best val loss unless the model,
       block_size or dataset changed, or batch_size, eval_iters, seed or eval_windows (other val batches)):
     python train.py config/train_shakespeare_char.py --init_from=resume --block_size=1024 --max_iters=200
-  resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b);
+  resume_mode='auto' picks (a) when max_iters is beyond the checkpoint's iteration, else (b),
+  but only evaluates a finished run resumed with its own max_iters (as nanoGPT's loop stops there);
   --resume_mode=continue or --resume_mode=finetune forces one.
 Ctrl-C (or SIGTERM) stops after the current iteration and writes last.pt; the line it prints goes on
   from there: (a) exactly, (b) with a fresh schedule for the iterations left.

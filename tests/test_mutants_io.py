@@ -165,6 +165,14 @@ def test_auto_resume_continues_only_below_max_iters(max_iters, expected):
     assert resume_schedule({"iter_num": 6}, "auto", max_iters) == expected
 
 
+def test_auto_resume_of_a_finished_run_with_its_own_max_iters_only_evaluates():
+    """A checkpoint whose run reached its max_iters, resumed with the same: nothing to train."""
+    ckpt = {"iter_num": 6, "config": {"max_iters": 6}}
+    assert resume_schedule(ckpt, "auto", 6) == ("finetune", 6, 6, 6)
+    assert resume_schedule(ckpt, "auto", 4) == ("finetune", 6, 10, 6)  # another max_iters: that many more
+    assert resume_schedule(ckpt, "finetune", 6) == ("finetune", 6, 12, 6)
+
+
 def test_another_text_or_other_val_batches_make_the_best_val_loss_incomparable(tmp_path):
     """Another dataset, or other val batches, make a resumed val loss incomparable with the checkpoint's best."""
     eval_set = dict(batch_size=4, eval_iters=2, seed=1)

@@ -489,6 +489,21 @@ def test_a_finetune_all_warm_up_says_so(data_dir, base_run, tmp_path):
     assert "end at learning rate" in printed
 
 
+def test_the_tutorials_resume_of_a_finished_run_only_evaluates_it(data_dir, base_run, tmp_path):
+    """nanoGPT's loop stops at max_iters: resuming a run that reached its own max_iters with the
+    same command evaluates it and trains nothing (it started a whole second run at the peak
+    rate); another max_iters still fine-tunes that many more."""
+    out = copy_of(base_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"}
+    printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=ckpt.pt", f"--max_iters={N}")
+    assert "the checkpoint's run is finished" in printed and "--resume_mode=finetune --max_iters=K" in printed
+    assert [line.split(":")[0] for line in printed.splitlines() if "val loss" in line and line.startswith("iter")] \
+        == [f"iter {N}"], printed
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pt"} == before
+    printed = train(data_dir, out, "--init_from=resume", "--max_iters=2")
+    assert "chose 'finetune'" in printed and read_checkpoint(str(out / "last.pt"))["iter_num"] == N + 2
+
+
 def test_resume_finetune_runs_exactly_k_more_iterations(data_dir, base_run, tmp_path):
     out = copy_of(base_run, tmp_path)
     printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last.pt",
