@@ -23,7 +23,7 @@ PLAIN_TYPES = (int, float, bool, str)
 
 
 # nanoGPT's settings that this project does not have, and what to use instead
-_WANDB = "wandb is not supported here: TensorBoard scalars are written (--tensorboard=True, the default)"
+_WANDB = "wandb is not supported here{tensorboard}"
 ELSEWHERE = {"wandb_log": _WANDB, "wandb_project": _WANDB, "wandb_run_name": _WANDB,
              "init_from": "this script reads the checkpoint in --out_dir{named}; GPT-2's weights do not fit this "
                           "byte-level model"}
@@ -31,7 +31,10 @@ ELSEWHERE = {"wandb_log": _WANDB, "wandb_project": _WANDB, "wandb_run_name": _WA
 
 def _suggest(name, known):
     if name in ELSEWHERE:
-        return ELSEWHERE[name].format(named=" (--checkpoint_name names it)" if "checkpoint_name" in known else "")
+        tb = ": TensorBoard scalars are written (--tensorboard=True, the default)" if "tensorboard" in known else \
+            ": this script logs no scalars"  # (train.py, eval_kv.py and kv_study.py write TensorBoard's)
+        named = " (--checkpoint_name names it)" if "checkpoint_name" in known else ""
+        return ELSEWHERE[name].format(named=named, tensorboard=tb)
     if name == "config":
         script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
         return f"a config file is given without a flag, as a path: python {script} config/NAME.py --name=value"
@@ -75,14 +78,20 @@ def _parse(name, text, default):
 
 def _near_file(path):
     """'; did you mean X?' for a config file named nearly as one that exists (a lost '.py',
-    a letter off), else ''."""
+    a letter off, or the config/ folder left out), else ''."""
+    if not os.path.dirname(path) and os.path.isdir("config"):
+        inside = _near_file(os.path.join("config", path))
+        if inside or os.path.isfile(os.path.join("config", path)):
+            return inside or f"; did you mean {os.path.join('config', path)}?"
     folder = os.path.dirname(path) or "."
     try:
         names = [n for n in os.listdir(folder) if n.endswith(".py")]
     except OSError:
         return ""
     name = os.path.basename(path)
-    close = [n for n in names if n in (name + ".py", name + "y")] or difflib.get_close_matches(name, names, n=1)
+    close = [n for n in names if n in (name + ".py", name + "y")]
+    if not close and not os.path.samefile(folder, _HERE):  # (a letter off: not among the project's own scripts)
+        close = difflib.get_close_matches(name, names, n=1)
     return f"; did you mean {os.path.join(os.path.dirname(path), close[0])}?" if close else ""
 
 
@@ -223,6 +232,8 @@ def configure(g, argv=None, echo=None, given=None):
         if given is not None:
             given |= assigned
         for name, value in updates.items():
-            print(f"Overriding: {name} = {value}", file=echo)
+            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+                if isinstance(value, str) else value  # (bytes of the command line that are not UTF-8: \xNN)
+            print(f"Overriding: {name} = {shown}", file=echo)
             g[name] = value
     return {k: g[k] for k in known}

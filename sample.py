@@ -181,7 +181,7 @@ def read_prompt(text):
     """The prompt as bytes: the text itself, or the contents of FILE:path. Bytes of the command
     line that are not UTF-8 (Python holds them as surrogates) are given to the model as they were."""
     if text.startswith("FILE:"):
-        path = text[len("FILE:"):]
+        path = os.path.expanduser(text[len("FILE:"):])  # (~ is not expanded by the shell after FILE:)
         how = "--start=FILE:path reads the prompt from the file at path"
         if os.path.isdir(path):
             raise UserError(f"prompt file {path!r} is a folder; {how}")
@@ -197,6 +197,9 @@ def read_prompt(text):
         return data
     if not text:
         raise UserError("the prompt is empty: pass --start=TEXT (the default '####' starts a new text)")
+    named = text[len("file:"):] if text[:5].lower() == "file:" else text
+    if "\n" not in named and len(named) < 4096 and os.path.isfile(os.path.expanduser(named)):
+        print(f"note: the prompt is the text {text!r} itself; to read the file: --start=FILE:{named}", file=sys.stderr)
     return text.encode("utf-8", "surrogateescape")
 
 

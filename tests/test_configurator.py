@@ -113,7 +113,7 @@ def test_config_file_after_a_flag_overrides_it_and_says_so(tmp_path, capsys):
     (["--config=config/x.py"], ["unknown setting --config", "given without a flag"]),
     (["--max_iters", "3"], ["--max_iters needs its value after '='", "--max_iters=VALUE"]),  # argparse's way
     (["--max_iter"], ["bad argument '--max_iter'", "--name=value", "did you mean --max_iters?"]),
-    (["--wandb_log=True"], ["unknown setting --wandb_log", "TensorBoard"]),  # nanoGPT's settings
+    (["--wandb_log=True"], ["unknown setting --wandb_log", "this script logs no scalars"]),  # nanoGPT's settings
     (["--init_from=gpt2"], ["unknown setting --init_from", "reads the checkpoint in --out_dir;"]),  # (no such flag here)
     (["-max_iters=3"], ["bad argument '-max_iters=3'"]),
     (["max_iters=3"], ["bad argument 'max_iters=3'"]),
@@ -235,3 +235,21 @@ def test_a_training_recipe_given_to_another_script_says_whose_it_is():
     assert_user_error(proc, "config/train_shakespeare_char_cpu.py configures train.py; sample.py takes its own")
     proc = run_script("sample.py", "--init_from=resume")
     assert_user_error(proc, "reads the checkpoint in --out_dir (--checkpoint_name names it)")
+
+
+def test_wandb_points_to_tensorboard_only_where_the_script_writes_it():
+    with pytest.raises(UserError, match=r"TensorBoard scalars are written \(--tensorboard=True"):
+        configure(dict(settings(), tensorboard=True), ["--wandb_log=True"])
+    with pytest.raises(UserError, match="this script logs no scalars"):
+        configure(settings(), ["--wandb_project=x"])
+
+
+def test_a_recipe_named_without_its_folder_is_found_in_config(monkeypatch):
+    """train.py train_shakespeare_char_cpu.py, run in the project's folder: config/ is suggested
+    (a letter off too); the project's own scripts are never suggested as config files."""
+    monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))
+    for given in ("train_shakespeare_char_cpu.py", "train_shakespeare_char_cpu", "train_shakespeare_char_cpx.py"):
+        with pytest.raises(UserError, match="not found; did you mean config/train_shakespeare_char_cpu.py"):
+            configure(settings(), [given])
+    with pytest.raises(UserError, match="not found$"):
+        configure(settings(), ["trian.py"])

@@ -50,6 +50,26 @@ def test_samples_from_a_checkpoint(out_dir, tmp_path):
     assert "4,096 bits per cached token" in proc.stderr
 
 
+def test_a_prompt_that_names_a_file_without_FILE_says_how_to_read_it(out_dir, tmp_path, monkeypatch):
+    """--start=prompt.txt (or file:prompt.txt) is the text itself, which a note says when such a
+    file exists; FILE:~/... reads the file in the home folder; bytes that are not UTF-8 are
+    echoed as \\xNN, as the text shows them."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompt.txt").write_bytes(b"ROMEO:")
+    for given in ("prompt.txt", "file:prompt.txt"):
+        code, out, err = sample(f"--out_dir={out_dir}", f"--start={given}", "--max_new_tokens=2")
+        assert code in (0, None) and out.startswith(given), err
+        assert f"the prompt is the text {given!r} itself; to read the file: --start=FILE:prompt.txt" in err
+    code, out, err = sample(f"--out_dir={out_dir}", "--start=prompt", "--max_new_tokens=2")
+    assert "note: the prompt" not in err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, out, err = sample(f"--out_dir={out_dir}", "--start=FILE:~/prompt.txt", "--max_new_tokens=2")
+    assert code in (0, None) and out.startswith("ROMEO:"), err
+    code, out, err = sample(f"--out_dir={out_dir}", "--start=ab" + b"\xff".decode("utf-8", "surrogateescape"),
+                            "--max_new_tokens=2")
+    assert "Overriding: start = ab\\xff" in err and out.startswith("ab\\xff"), err
+
+
 def test_a_seed_gives_the_same_samples_again_and_another_seed_others(out_dir):
     """As the README says: the same --seed and --num_samples, the same text; another seed,
     other text."""
