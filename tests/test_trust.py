@@ -503,7 +503,8 @@ def test_full_disk_during_a_write_keeps_the_previous_checkpoint(world, tmp_path,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", disk_fills)
-    code, _, err = run(*fill(T, world), f"--out_dir={out}", "--init_from=resume", "--resume_checkpoint_name=last")
+    code, _, err = run(*fill(T, world), f"--out_dir={out}", "--init_from=resume", "--resume_checkpoint_name=last",
+                       "--max_iters=4")  # (the same max_iters would only evaluate the finished run)
     assert code == 2 and "could not write" in err and "No space left on device" in err, err
     assert "is intact" in err and "Traceback" not in err
     assert snapshot(out) == before  # the previous files as they were, no temporary file left
