@@ -50,7 +50,7 @@ class ByteLoader:
     jumped row's first 4 bytes are "####" so the model also sees that the text is not continuous.
     """
 
-    def __init__(self, path, block_size, batch_size, reset_prob=0.1, seed=1337, device="cpu", mark=True):
+    def __init__(self, path, block_size, batch_size, reset_prob=0.1, seed=1337, device="cpu"):
         if not os.path.isfile(path) or os.path.getsize(path) == 0:
             raise UserError(_unusable(path))
         if block_size < 1 or batch_size < 1 or not 0.0 <= reset_prob <= 1.0:
@@ -62,7 +62,7 @@ class ByteLoader:
             raise UserError(f"block_size={block_size} is longer than {path} "
                             f"({len(self.text)} bytes); use a smaller --block_size")
         self.block_size, self.batch_size, self.reset_prob = block_size, batch_size, reset_prob
-        self.device, self.mark = device, mark  # mark=False: a jumped row starts with text, not "####"
+        self.device, self.mark = device, True  # False: a jumped row starts with text, not "####"
         self.gen = torch.Generator().manual_seed(seed)  # own RNG: same batches whatever else runs
         self.pos = torch.full((batch_size,), -1, dtype=torch.long)  # -1: the row has not started
         self.offsets = np.arange(block_size + 1)
@@ -119,10 +119,9 @@ def fixed_batches(path, block_size, batch_size, n_batches, seed, device="cpu", l
     text from one batch to the next (the first batch restarts, and a row that runs past the end
     of the text starts it again), so an XL memory can be carried along, but the estimate covers
     only batch_size places."""
-    if layout == "random":  # every row jumps at every batch, with no "####" (it continues nothing)
-        loader = ByteLoader(path, block_size, batch_size, reset_prob=1.0, seed=seed, device=device, mark=False)
-    else:
-        loader = ByteLoader(path, block_size, batch_size, reset_prob=0.0, seed=seed, device=device)
+    random = layout == "random"  # every row jumps at every batch, with no "####" (it continues nothing)
+    loader = ByteLoader(path, block_size, batch_size, reset_prob=1.0 if random else 0.0, seed=seed, device=device)
+    loader.mark = not random
     return [loader.next() for _ in range(n_batches)]
 
 
