@@ -162,7 +162,8 @@ def read_checkpoint(path, option="checkpoint_name"):
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("model_args"), dict):
         raise UserError(f"{path} is not a checkpoint of this project (expected a dict with 'model' and 'model_args')")
-    if torch.is_tensor(ckpt.get("best_val_loss")) and ckpt["best_val_loss"].numel() == 1:
+    if torch.is_tensor(ckpt.get("best_val_loss")) and ckpt["best_val_loss"].numel() == 1 \
+            and _dense(ckpt["best_val_loss"]):
         ckpt["best_val_loss"] = ckpt["best_val_loss"].item()  # nanoGPT saves it as a tensor
     for key, kinds in (("config", dict), ("optimizer", dict), ("iter_num", int), ("best_val_loss", (int, float)),
                        ("crc32", dict)):
@@ -178,6 +179,13 @@ def read_checkpoint(path, option="checkpoint_name"):
     bad = [k for k, v in ckpt["model"].items() if not (isinstance(k, str) and torch.is_tensor(v))]
     if bad:
         raise UserError(f"{path} is corrupt: model entry {bad[0]!r} is not a named tensor")
+    odd = next(((k, v) for k, v in ckpt["model"].items() if not _dense(v) or v.dtype not in WEIGHT_DTYPES), None)
+    if odd is not None:
+        k, v = odd
+        what = v.dtype if _dense(v) else f"{v.layout} on {v.device.type}".replace("torch.", "")
+        raise UserError(f"{path}: model entry {k!r} is {str(what).replace('torch.', '')}, not a dense tensor of "
+                        "float32, float16, bfloat16 or float64, which is what this project saves and loads; "
+                        f"{_another(path, option)}")
     sums = ckpt.pop("crc32", None)
     if sums is None:
         if path not in _NOTED:  # the tutorial's checkpoints, and ours from before checksums
@@ -297,10 +305,23 @@ class _ParametersOnMeta(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _dense(t):
+    """A tensor with its values in memory (not sparse, not on the meta device)."""
+    return t.layout == torch.strided and t.device.type != "meta"
+
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what a checkpoint's weights may be
+
+
 def _saved_config(saved, sd, path):
     """The GPTConfig of a checkpoint's model_args, checked against its state dict sd before
     anything is allocated: value types, then width and depth (so a 400 KB file cannot ask
     for a 26 GB model), then every tensor shape, read off a model built on the meta device."""
+    missing = [k for k in ARCH_KEYS if k not in saved]
+    if missing:  # (GPTConfig's defaults are GPT-2's: the errors below would quote sizes the file never held)
+        raise UserError(f"{path} is corrupt: its model_args lack {', '.join(missing)} (they hold "
+                        f"{', '.join(sorted(saved)) or 'nothing'}); every checkpoint written by train.py or the "
+                        "tutorial has them")
     kinds = {f.name: type(f.default) for f in fields(GPTConfig)}
     for k, v in saved.items():
         if type(v) is not kinds[k] and not (kinds[k] is float and type(v) is int):

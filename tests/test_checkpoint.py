@@ -445,3 +445,30 @@ def test_running_a_checkpoint_with_another_attention_says_so(tmp_path, capsys):
                     {}, 1, 5.0)
     load_model(str(tmp_path / "naive.pt"), "cpu", {"attention": "softmax"})
     assert "note" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,words", [
+    (lambda t: t.to(torch.float8_e4m3fn), "is float8_e4m3fn, not a dense tensor of float32"),
+    (lambda t: t.to_sparse(), "is sparse_coo on cpu, not a dense tensor"),
+    (lambda t: torch.empty_like(t, device="meta"), "is strided on meta, not a dense tensor"),
+    (lambda t: t.to(torch.int8), "is int8, not a dense tensor of float32"),
+])
+def test_weights_of_another_kind_of_tensor_are_one_line(tmp_path, change, words):
+    """Valid torch files whose weights are float8, sparse, on the meta device or integers:
+    refused by name before anything reads their values (nan checks crashed on them)."""
+    ckpt = torch.load(save_tiny_checkpoint(tmp_path) / "ckpt.pt", weights_only=True)
+    ckpt.pop("crc32", None)
+    ckpt["model"] = {k: change(v) for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match=words):
+        load_model(str(tmp_path / "odd.pt"))
+
+
+@pytest.mark.parametrize("key", ["n_head", "n_layer", "bias"])
+def test_model_args_lacking_a_size_say_which_not_gpt2s_defaults(tmp_path, key):
+    ckpt = torch.load(save_tiny_checkpoint(tmp_path) / "ckpt.pt", weights_only=True)
+    ckpt.pop("crc32", None)
+    del ckpt["model_args"][key]
+    torch.save(ckpt, tmp_path / "lacks.pt")
+    with pytest.raises(UserError, match=f"its model_args lack {key} \\(they hold "):
+        load_model(str(tmp_path / "lacks.pt"))
