@@ -73,7 +73,12 @@ def _parse(name, text, default):
         value = text == "true"
     if type(default) is float and text.strip().lower().lstrip("+-") in ("inf", "infinity", "nan"):
         value = float(text)  # a float all the same: the script's range check says what is allowed
+    if name in PATH_SETTINGS and isinstance(default, str) and isinstance(value, str) and value.startswith("~"):
+        value = os.path.expanduser(value)  # (the shell expands ~ only at a word's start, not after --out_dir=)
     return _coerce(f"--{name}", value, default)
+
+
+PATH_SETTINGS = ("out_dir", "dataset", "base", "out", "baseline", "input")  # the scripts' settings that name a path
 
 
 def _near_file(path):

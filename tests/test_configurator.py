@@ -253,3 +253,11 @@ def test_a_recipe_named_without_its_folder_is_found_in_config(monkeypatch):
             configure(settings(), [given])
     with pytest.raises(UserError, match="not found$"):
         configure(settings(), ["trian.py"])
+
+
+def test_a_path_setting_starting_with_tilde_is_the_home_folder(monkeypatch, tmp_path):
+    """The shell leaves --out_dir=~/run as it is: a folder named '~' would appear where one runs.
+    Path settings expand it; other text (a prompt) keeps its '~'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    g = configure(dict(settings(), start="####", dataset="x"), ["--out_dir=~/run", "--dataset=~", "--start=~/hi"])
+    assert g["out_dir"] == str(tmp_path / "run") and g["dataset"] == str(tmp_path) and g["start"] == "~/hi"
