@@ -51,6 +51,10 @@ def claim(out_dir, fresh, overwrite):
             raise UserError(f"--out_dir={out_dir} already holds {listed(earlier)} of an earlier run, which a "
                             "fresh run (init_from=scratch) would replace: use another --out_dir, --init_from=resume "
                             "to continue that run, or --overwrite=True to replace it")
+        blocked = [n for n in CHECKPOINTS if os.path.isdir(os.path.join(out_dir, n))]
+        if blocked:  # (a run would train, then fail to write it)
+            raise UserError(f"{os.path.join(out_dir, blocked[0])} is a folder, where this run writes its checkpoint "
+                            "file: move it away (or use another --out_dir)")
         left = sorted(n for n in os.listdir(out_dir) if TEMP.fullmatch(n))
         for name in left:
             os.remove(os.path.join(out_dir, name))

@@ -346,3 +346,16 @@ def test_evaluations_left_counts_what_the_loop_will_run(origin, end_iter, interv
     runs = [it for it in range(origin + 1, end_iter + 1) if (it - origin) % interval == 0 or it == end_iter]
     for it in range(origin, end_iter + 1):
         assert evaluations_left(it, origin, end_iter, interval) == len([r for r in runs if r > it]), it
+
+
+def test_a_checkpoint_name_taken_by_a_folder_is_refused_before_training(data_dir, run_dir, tmp_path):
+    """last.pt a folder: the resume would train, then fail to write it (and say the disk is full)."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    (out / "last.pt").unlink()
+    (out / "last.pt").mkdir()
+    before = (out / "ckpt.pt").read_bytes()
+    code, printed, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out}",
+                                        "--init_from=resume", f"--max_iters={N + 2}")
+    assert code == 2 and f"{out / 'last.pt'} is a folder, where this run writes its checkpoint file" in err, err
+    assert "train loss" not in printed and (out / "ckpt.pt").read_bytes() == before
