@@ -39,6 +39,12 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
     broken = (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError)  # a malformed state's
     try:
         if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
+            moments = [t for s in ckpt["optimizer"].get("state", {}).values() for t in s.values()
+                       if torch.is_tensor(t) and t.is_floating_point()]
+            if not all(bool(torch.isfinite(t).all()) for t in moments):  # (the first step would turn the weights nan)
+                raise UserError("the checkpoint's optimizer state holds nan or inf (its weights are finite): "
+                                "--resume_mode=finetune does not help, it restores the same moments; use an "
+                                "earlier checkpoint")
             # the moments come from the checkpoint, the hyperparameters from this run's config
             settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -359,3 +359,18 @@ def test_a_checkpoint_name_taken_by_a_folder_is_refused_before_training(data_dir
                                         "--init_from=resume", f"--max_iters={N + 2}")
     assert code == 2 and f"{out / 'last.pt'} is a folder, where this run writes its checkpoint file" in err, err
     assert "train loss" not in printed and (out / "ckpt.pt").read_bytes() == before
+
+
+def test_nan_in_the_optimizer_state_is_said_at_the_start(data_dir, run_dir, tmp_path):
+    """Finite weights but a nan AdamW moment: the first step would make the weights nan and the
+    divergence message would blame the learning rate; the resume says what is wrong first."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    ckpt = read_checkpoint(str(out / "last.pt"))
+    state = ckpt["optimizer"]["state"]
+    state[next(iter(state))]["exp_avg_sq"].fill_(float("nan"))
+    resave(ckpt, out / "last.pt")
+    code, printed, err = run_in_process("train.py", *TINY, f"--dataset={data_dir}", f"--out_dir={out}",
+                                        "--init_from=resume", "--resume_checkpoint_name=last", f"--max_iters={N + 2}")
+    assert code == 2 and "the checkpoint's optimizer state holds nan or inf" in err, err
+    assert "train loss" not in printed
