@@ -84,8 +84,11 @@ def module_of_file(path, error, flag="--module"):
             error(f"{flag}={path}: no such file; did you mean {flag}={path}.py?")
         what = "a folder" if os.path.isdir(path) else "no such file"
         error(f"{flag}={path}: {what}; give a file (mywork/trim.py) or a module name (mywork.trim)")
+    if not path.endswith(".py"):  # (Python imports a module's file by its .py name only)
+        error(f"{flag}={path}: not a .py file; a plug-in is Python code in a file named like mywork/trim.py "
+              "(or give a module name: mywork.trim)")
     folder, name = os.path.split(os.path.abspath(path))
-    name = name[:-3] if name.endswith(".py") else name
+    name = name[:-3]
     if not name.isidentifier():
         error(f"{flag}={path}: {name!r} cannot be a module name; rename the file (letters, digits, _)")
     found = importlib.util.find_spec(name) if name not in sys.modules else sys.modules[name].__spec__

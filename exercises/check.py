@@ -20,6 +20,7 @@ import importlib.util
 import os
 import re
 import sys
+import sysconfig
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -235,8 +236,10 @@ def not_implemented(names):
 def where_import_broke(exc):
     """file:line where importing the module under test raised: the innermost frame of the
     user's code, not of importlib, the checker or an installed package (None: no such frame)."""
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"]) + os.sep  # (importlib's own frames)
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")
-              and os.path.abspath(f.filename) not in OWN_FILES and "site-packages" not in f.filename]
+              and os.path.abspath(f.filename) not in OWN_FILES and "site-packages" not in f.filename
+              and not os.path.realpath(f.filename).startswith(stdlib)]
     if not frames:
         return None  # raised by the checker's own import (no such module, no such function)
     return f"{shown(frames[-1].filename)}:{frames[-1].lineno}"

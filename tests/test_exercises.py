@@ -180,6 +180,9 @@ def test_module_given_as_a_file_outside_the_project(tmp_path):
     assert proc.returncode == 0 and "kv_window (assignment 1" in proc.stdout and "mytrim" in proc.stdout, proc.stdout
     proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'missing.py'}")
     assert proc.returncode == 2 and "no such file" in proc.stderr
+    (tmp_path / "mytrim").write_text("from kv.cache import keep_recent\n")  # a file without .py
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'mytrim'}")
+    assert proc.returncode == 2 and "not a .py file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_one_crash_is_reported_once(exercise_checks):
