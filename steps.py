@@ -84,6 +84,12 @@ def evaluations_left(it, origin, end_iter, eval_interval):
     return due + ((end_iter - origin) % eval_interval != 0)
 
 
+def percent_done(it, origin, end_iter):
+    """The log line's "% done" after iteration it of a schedule from origin to end_iter, rounded
+    down: 100 only at its end (a long continued run was "100% done" with iterations left)."""
+    return 100 * (it - origin) // max(end_iter - origin, 1)
+
+
 def not_finite_at_start(losses, iter_num, attention, xl_update, kv_quant):
     """The error for a loss that is nan or inf before any training step: the model's forward
     pass computes it, most likely a plug-in's code (not the learning rate: nothing was learned)."""

@@ -55,7 +55,8 @@ from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state,
 from loader import EVAL_WINDOWS, ByteLoader, dataset_paths, eval_layout, fixed_batches, not_text, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
-from steps import compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, train_step
+from steps import (compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, percent_done,
+                   train_step)
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, other_val_batches, restore_training_state, resume_schedule, rng_state,
                     stopped_at_once)
@@ -390,7 +391,7 @@ def train(held):
                 sum(eval_times) / max(len(eval_times), 1) * evaluations_left(iter_num, origin, end_iter, eval_interval)
             line = (f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, "
                     f"{ms_per_iter:.1f}ms/iter, {tokens_per_s:,.0f} tokens/s, "
-                    f"{100 * (iter_num - origin) / (end_iter - origin):.0f}% done, ETA {clock(eta)}")
+                    f"{percent_done(iter_num, origin, end_iter)}% done, ETA {clock(eta)}")
             # last.pt at every log step, unless writing it would take more than
             # last_save_budget of the time (a large model, a slow disk)
             if time.time() - last_save_end >= save_dt * (1 / last_save_budget - 1):

@@ -374,3 +374,9 @@ def test_nan_in_the_optimizer_state_is_said_at_the_start(data_dir, run_dir, tmp_
                                         "--init_from=resume", "--resume_checkpoint_name=last", f"--max_iters={N + 2}")
     assert code == 2 and "the checkpoint's optimizer state holds nan or inf" in err, err
     assert "train loss" not in printed
+
+
+def test_percent_done_reaches_100_only_at_the_end():
+    from steps import percent_done
+    assert percent_done(5010, 0, 5020) == 99 and percent_done(5020, 0, 5020) == 100  # (a continued run's last logs)
+    assert percent_done(5005, 5000, 5020) == 25 and percent_done(0, 0, 3) == 0 and percent_done(2, 0, 3) == 66
