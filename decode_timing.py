@@ -100,18 +100,21 @@ def bench_generate(model, device, kv, lengths, compile=False, baseline=False, ba
     > 1); on CUDA the rows without CUDA graphs and the bandwidth used. Prints markdown tables."""
     window = kv.kv_window if kv.kv_window > 0 else 256
     n = max(lengths)
+    state = model.config.no_kv_cache  # linear attention in every layer: a fixed-size state, no window to bound
+    key = 0 if state else window  # the rows the per-token times, the baseline and the batch read
     # the rows' caches: unbounded (where nothing is dropped a sink means nothing: an evicting
     # cache keeps its sink inside kv_budget), and the window with any sink
     rows = {0: replace(kv, kv_window=0, kv_sink=kv.kv_sink if kv.kv_evict != "none" else 0),
             window: replace(kv, kv_window=window)}
-    names = {0: "unbounded", window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
+    names = {0: "fixed state" if state else "unbounded", window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
     # compiled decoders sized as sample.py sizes them, for the prompt and the new tokens: one per
     # row for the unbounded cache (it attends over all its slots), one for the window's rows
     decs = {}
     if compile:
         decs = {(0, m): compiled_decoder(model, rows[0], 1, 4 + m, f"unbounded, {m} tokens", **SAMPLING) for m in lengths}
-        ring = compiled_decoder(model, rows[window], 1, 4 + n, f"kv_window={names[window]}", **SAMPLING)
-        decs.update({(window, m): ring for m in lengths})
+        if not state:
+            ring = compiled_decoder(model, rows[window], 1, 4 + n, f"kv_window={names[window]}", **SAMPLING)
+            decs.update({(window, m): ring for m in lengths})
     time_generation(model, 16, kv, device)  # a warm-up: the first eager row would pay for it
     print(f"\ngeneration: KV cache {kv.describe() if kv.compressed else 'plain (full precision)'}, batch 1, top_k 200")
     # (no memory column: the KV bits are the cache's; the process's RSS also holds what the
@@ -121,7 +124,7 @@ def bench_generate(model, device, kv, lengths, compile=False, baseline=False, ba
           "KV bits/cached token | compiled text |")
     print("|---|---|---|---|---|---|---|---|")
     runs = {}
-    for w in (0, window):
+    for w in (0,) if state else (0, window):
         for m in lengths:
             drawn, drawn_fast = [], []
             stamps, stats = time_generation(model, m, rows[w], device, drawn=drawn)
@@ -129,21 +132,25 @@ def bench_generate(model, device, kv, lengths, compile=False, baseline=False, ba
             fast, _ = time_generation(model, m, rows[w], device, dec, drawn=drawn_fast) if dec else (None, 0)
             runs[w, m] = stamps, fast
             c = f"{m / fast[-1]:,.0f} | {stamps[-1] / fast[-1]:.2f}x" if fast else "- | -"
+            per_token = "-" if state else f"{stats['kv_bits_per_token']:,.0f}"  # (a state is not per token)
             print(f"| {m} | {names[w]} | {m / stamps[-1]:,.0f} | {c} | {stats['kv_bits_peak']:,} | "
-                  f"{stats['kv_bits_per_token']:,.0f} | {agreement(drawn, drawn_fast) if fast else '-'} |", flush=True)
+                  f"{per_token} | {agreement(drawn, drawn_fast) if fast else '-'} |", flush=True)
     if n >= 2048:
-        for name, st in zip(("eager", "compiled"), runs[window, n]):
+        for name, st in zip(("eager", "compiled"), runs[key, n]):
             if st:
                 first, last = st[1024] - st[0], st[-1] - st[-1025]
-                print(f"\n{name}, kv_window={window}, {n} tokens in {st[-1]:.2f} s: {first / 1.024:.3f} ms/token over "
+                print(f"\n{name}, {'fixed state' if state else f'kv_window={window}'}, {n} tokens in {st[-1]:.2f} s: {first / 1.024:.3f} ms/token over "
                       f"the first 1024, {last / 1.024:.3f} over the last 1024 ({last / first - 1:+.0%})")
-    if baseline:
+    if baseline and state:
+        print("no tutorial-style baseline: it concatenates and re-rotates a KV cache, which linear attention "
+              "does not keep")
+    elif baseline:
         t = time_baseline(model, n, window)
         ours = runs[window, n][0][-1]
         print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={window}: {n} tokens in {t:.2f} s, "
               f"{t / ours:.2f}x the time ours takes eager ({ours:.2f} s)")
     if batch > 1:
-        bench_batched(model, device, replace(kv, kv_window=window), n, decs.get((window, n)), batch)
+        bench_batched(model, device, rows[key], n, decs.get((key, n)), batch)
     bw = peak_bandwidth(device)
     if decs.get((window, n)) and device.startswith("cuda"):
         plain = compiled_decoder(model, replace(kv, kv_window=window), 1, 4 + n, "no CUDA graphs", cuda_graphs=False,

@@ -275,3 +275,14 @@ def test_bench_eval_kv_leaves_out_h2o_for_an_attention_it_cannot_rank(tmp_path):
     code, out, err = run_in_process(*args)  # softmax: the row is there
     assert code in (0, None), err
     assert any(line.startswith("| int4 + h2o") for line in out.splitlines()), out
+
+
+def test_bench_generation_of_a_linear_model_has_one_fixed_state_row(tmp_path):
+    """Linear attention in every layer keeps a fixed-size state: no window row (sample.py refuses
+    --kv_window on such a model), no bits per cached token, no KV-cache baseline."""
+    code, out, err = run_in_process("bench.py", *BENCH, f"--dataset={tmp_path}", "--what=generate", "--attention=linear",
+                                    "--bench_lengths=8", "--bench_batch=1", "--baseline=True")
+    assert code in (0, None), err
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| 8 |")]
+    assert [r[2].strip() for r in rows] == ["fixed state"] and rows[0][7].strip() == "-", out
+    assert "no tutorial-style baseline" in out
