@@ -106,7 +106,8 @@ def bench_generate(model, device, kv, lengths, compile=False, baseline=False, ba
     # cache keeps its sink inside kv_budget), and the window with any sink
     rows = {0: replace(kv, kv_window=0, kv_sink=kv.kv_sink if kv.kv_evict != "none" else 0),
             window: replace(kv, kv_window=window)}
-    names = {0: "fixed state" if state else "unbounded", window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
+    names = {0: "fixed state" if state else "unbounded",
+             window: f"{window}" + (f" + sink {kv.kv_sink}" if kv.kv_sink else "")}
     # compiled decoders sized as sample.py sizes them, for the prompt and the new tokens: one per
     # row for the unbounded cache (it attends over all its slots), one for the window's rows
     decs = {}
@@ -139,8 +140,9 @@ def bench_generate(model, device, kv, lengths, compile=False, baseline=False, ba
         for name, st in zip(("eager", "compiled"), runs[key, n]):
             if st:
                 first, last = st[1024] - st[0], st[-1] - st[-1025]
-                print(f"\n{name}, {'fixed state' if state else f'kv_window={window}'}, {n} tokens in {st[-1]:.2f} s: {first / 1.024:.3f} ms/token over "
-                      f"the first 1024, {last / 1.024:.3f} over the last 1024 ({last / first - 1:+.0%})")
+                where = "fixed state" if state else f"kv_window={window}"
+                print(f"\n{name}, {where}, {n} tokens in {st[-1]:.2f} s: {first / 1.024:.3f} ms/token over the "
+                      f"first 1024, {last / 1.024:.3f} over the last 1024 ({last / first - 1:+.0%})")
     if baseline and state:
         print("no tutorial-style baseline: it concatenates and re-rotates a KV cache, which linear attention "
               "does not keep")
