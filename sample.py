@@ -93,7 +93,7 @@ def main():
                      "2-core CPU with the CPU recipe's model); --kv_window=N reads it in pieces of N")
     print(f"device {dev}, dtype {dt}" + (f", {thread_words}" if dev == "cpu" else "") + f", checkpoint {path}",
           *echoed.getvalue().splitlines(), *notes, sep="\n", file=sys.stderr)
-    need, free = least_memory(model, kv, len(prompt)), memory_available(dev)
+    need, free = least_memory(model, kv, len(prompt), 4 if dt == "float32" else 2), memory_available(dev)
     if free is not None and need > free:
         many = num_samples > 1
         shorter = ", or shorten the prompt" if prefill_piece(kv, len(prompt)) > max_new_tokens else ""
@@ -168,13 +168,14 @@ def print_samples(first, shown, others, write):
         write("---------------\n" + text.decode("utf-8", errors="backslashreplace") + "\n")
 
 
-def least_memory(model, kv, T):
+def least_memory(model, kv, T, width):
     """Bytes that num_samples samples of a T-byte prompt and max_new_tokens new bytes need at
-    the least: their KV caches (kv.peak.least_cache_bytes) and the logits of the prompt's bytes
-    prefill feeds at once, 16 bits a value."""
-    width = 2  # bytes a value
-    kv_bytes = least_cache_bytes(model.config, kv, T + max_new_tokens, width)
-    return num_samples * (kv_bytes + prefill_piece(kv, T) * model.config.vocab_size * width)
+    the least: their KV caches (kv.peak.least_cache_bytes), and for the prompt's bytes prefill
+    feeds at once their float32 logits and, inside a block, the MLP's hidden values and their
+    GELU (2 x 4 n_embd). width: bytes of a value in the compute dtype (the caches' too)."""
+    c = model.config
+    kv_bytes = least_cache_bytes(c, kv, T + max_new_tokens, width)
+    return num_samples * (kv_bytes + prefill_piece(kv, T) * (c.vocab_size * 4 + 8 * c.n_embd * width))
 
 
 def read_prompt(text):

@@ -243,14 +243,14 @@ def test_the_speed_printed_is_the_decode_steps_apart_from_the_prompt(out_dir, tm
 
 
 def test_samples_that_cannot_fit_in_memory_are_one_line_before_any_work(out_dir, tmp_path, monkeypatch):
-    """The KV caches and the prompt's logits that the samples need at the least, against the
-    memory free (patched to 16 MiB): 1,000 samples of 104 bytes on this model (2 layers, K and
-    V of 2 heads x 16 channels, 16 bits) need 27 MiB; under a window of 8 bytes, or as 100
-    samples, they fit and run; so do they on a model of local attention."""
+    """The KV caches, the prompt's logits and the MLP's values that the samples need at the
+    least, against the memory free (patched to 16 MiB): 1,000 samples of 104 bytes on this model
+    (2 layers, K and V of 2 heads x 16 channels, float32 on a CPU) need 57 MiB; under a window of
+    8 bytes, or as 100 samples, they fit and run; so do they on a model of local attention."""
     import devices
     monkeypatch.setattr(devices, "memory_available", lambda dev: 2 ** 24)
     code, out, err = sample(f"--out_dir={out_dir}", "--num_samples=1000", "--max_new_tokens=100")
-    need = 1000 * (2 * 2 * 2 * 16 * 104 * 2 + 4 * 256 * 2)
+    need = 1000 * (2 * 2 * 2 * 16 * 104 * 4 + 4 * (256 * 4 + 8 * 32 * 4))  # caches; prompt: logits, MLP
     assert code == 2 and out == "" and err.strip().splitlines()[-1] == (
         f"error: 1000 samples of 4 + 100 bytes need at least {need / 2**20:,.1f} MiB on cpu, and 16.0 MiB is free: "
         "lower --num_samples or --max_new_tokens, or bound the cache (--kv_window=N)")
