@@ -147,7 +147,7 @@ def test_training_shows_progress_and_a_summary(trained):
                                                               printed.splitlines()].index(True)]
     logs = [l for l in printed.splitlines() if re.match(r"iter \d+: loss", l)]
     assert len(logs) == 6  # every log_interval=2
-    assert "17% done, ETA " in logs[0] and "100% done, ETA 0:00" in logs[-1]
+    assert "16% done, ETA " in logs[0] and "100% done, ETA 0:00" in logs[-1]  # (2 of 12, rounded down)
     summary = printed.splitlines()[-2:]
     best = min((float(m.group(2)), int(m.group(1))) for m in
                re.finditer(r"iter (\d+): train loss \S+, val loss ([\d.]+)", printed))
