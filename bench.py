@@ -16,7 +16,7 @@ train     ms/iter, tokens/s, MFU (where the device's peak is known) and memory o
           of bench_iters iterations, the fastest run kept.
 generate  tokens/s for bench_lengths new tokens (the 4-byte prompt's step included; sample.py
           counts decode steps only) with the cache unbounded and bounded to
-          kv_window (256 when not given), eager and (--compile=True) through the compiled
+          kv_window (256 when not given; one "fixed state" row for linear attention in every layer), eager and (--compile=True) through the compiled
           static-cache step (generate.StaticDecoder, its compile time printed; "compiled text":
           whether it drew the eager run's bytes from the same seed), the KV bits held, time per
           token over the first and the last 1024 of a long sample (a bounded cache must not slow

@@ -84,10 +84,12 @@ PATH_SETTINGS = ("out_dir", "dataset", "base", "out", "baseline", "input")  # th
 def _near_file(path):
     """'; did you mean X?' for a config file named nearly as one that exists (a lost '.py',
     a letter off, or the config/ folder left out), else ''."""
-    if not os.path.dirname(path) and os.path.isdir("config"):
-        inside = _near_file(os.path.join("config", path))
-        if inside or os.path.isfile(os.path.join("config", path)):
-            return inside or f"; did you mean {os.path.join('config', path)}?"
+    if not os.path.dirname(path) and os.path.isdir("config"):  # (a recipe's name, nearly: its stem)
+        stems = [n[:-3] for n in os.listdir("config") if n.endswith(".py")]
+        stem = path[:-3] if path.endswith(".py") else path
+        close = difflib.get_close_matches(stem, stems, n=1, cutoff=0.8)
+        if close:
+            return f"; did you mean {os.path.join('config', close[0] + '.py')}?"
     folder = os.path.dirname(path) or "."
     try:
         names = [n for n in os.listdir(folder) if n.endswith(".py")]

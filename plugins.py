@@ -79,6 +79,7 @@ def module_of_file(path, error, flag="--module"):
     """The module name a plug-in's file (path/to/file.py) imports as, its folder added to
     sys.path; error(message) when the file is missing or its name is taken by another module."""
     import importlib.util
+    path = os.path.expanduser(path)  # (the shell leaves ~ alone after --name=)
     if not os.path.isfile(path):
         if os.path.isfile(path + ".py"):
             error(f"{flag}={path}: no such file; did you mean {flag}={path}.py?")

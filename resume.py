@@ -211,6 +211,21 @@ def changed_settings(ckpt, config):
             f"would have, pass {before}")
 
 
+def only_evaluates(path, resume_mode, max_iters):
+    """Whether resuming the checkpoint at path with these settings trains nothing (auto on a
+    finished run: pick_resume_mode), read before train.py claims out_dir for writing; False
+    where it cannot be read (the resume then says why)."""
+    if resume_mode != "auto" or max_iters <= 0:
+        return False
+    try:
+        ckpt = peek(path)
+        config = ckpt.get("config") or {}
+        it = ckpt.get("iter_num", config.get("max_iters"))
+        return max_iters == config.get("max_iters") == it
+    except Exception:  # a missing, damaged or foreign file
+        return False
+
+
 def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False, run_max_iters=None):
     """'continue' (the original schedule up to max_iters) or 'finetune' (max_iters more
     iterations, a fresh schedule) for a checkpoint at iteration ckpt_iter; says why. With auto,
@@ -234,7 +249,7 @@ def pick_resume_mode(ckpt_iter, resume_mode, max_iters, eval_only=False, run_max
     elif max_iters == 0:
         print("resume_mode=auto: max_iters=0, so the checkpoint is only evaluated")
         return "finetune"
-    elif max_iters == run_max_iters:
+    elif max_iters == run_max_iters == ckpt_iter:  # (a fine-tune's own max_iters counts from its start)
         print(f"resume_mode=auto: the checkpoint's run is finished (iteration {ckpt_iter}, its max_iters={max_iters}), "
               f"so it is only evaluated; to train on: --max_iters=K (more than {ckpt_iter}) goes on with its schedule, "
               f"--resume_mode=finetune --max_iters=K trains K more on a fresh one")

@@ -171,11 +171,11 @@ def print_samples(first, shown, others, write):
 def least_memory(model, kv, T, width):
     """Bytes that num_samples samples of a T-byte prompt and max_new_tokens new bytes need at
     the least: their KV caches (kv.peak.least_cache_bytes), and for the prompt's bytes prefill
-    feeds at once their float32 logits and, inside a block, the MLP's hidden values and their
-    GELU (2 x 4 n_embd). width: bytes of a value in the compute dtype (the caches' too)."""
+    feeds at once their logits and, inside a block, the MLP's hidden values and their GELU
+    (2 x 4 n_embd). width: bytes of a value in the compute dtype (the caches' and logits' too)."""
     c = model.config
     kv_bytes = least_cache_bytes(c, kv, T + max_new_tokens, width)
-    return num_samples * (kv_bytes + prefill_piece(kv, T) * (c.vocab_size * 4 + 8 * c.n_embd * width))
+    return num_samples * (kv_bytes + prefill_piece(kv, T) * (c.vocab_size + 8 * c.n_embd) * width)
 
 
 def read_prompt(text):

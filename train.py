@@ -58,8 +58,8 @@ from plugins import import_function
 from steps import (compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, percent_done,
                    train_step)
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
-                    objective_settings, other_val_batches, restore_training_state, resume_schedule, rng_state,
-                    stopped_at_once)
+                    objective_settings, only_evaluates, other_val_batches, restore_training_state, resume_schedule,
+                    rng_state, stopped_at_once)
 from devices import autocast_ctx, in_bytes, memory_available, start_device
 from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, check_range, compile_or_eager, clock, has_module,
                    project_file, run_main, stop_on_sigterm)
@@ -164,7 +164,9 @@ def train(held):
         # a folder as the checkpoint records it: read from any directory later (sample, eval_kv, a resume)
         globals()["dataset"] = config["dataset"] = os.path.abspath(dataset)
     check_settings(world_size)
-    if master and not eval_only and max_iters > 0:  # a run that trains: out_dir must be usable, and its own
+    evaluates = init_from == "resume" and only_evaluates(  # a finished run, resumed as it was: nothing written
+        checkpoint_path(out_dir, resume_checkpoint_name, "resume_checkpoint_name"), resume_mode, max_iters)
+    if master and not eval_only and max_iters > 0 and not evaluates:  # a run that trains: out_dir must be usable
         held.enter_context(outdir.claim(out_dir, fresh=init_from == "scratch", overwrite=overwrite))
     micro_steps = gradient_accumulation_steps // world_size  # this rank's share
     xl_fn = import_function(xl_update, "xl_update") if xl_update else None

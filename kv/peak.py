@@ -16,14 +16,14 @@ def least_cache_bytes(config, kv, L, width=2):
     """Bytes that one stream's KV caches under kv (KVOptions) hold at the least over L tokens,
     width bytes a value: each layer's (one per kv_share group) at most its bound's tokens, a
     local layer's at most its window, none for linear attention; a quantized cache counted at
-    2 bits of 16, fewer than any format holds. A cheap floor for refusing what cannot fit."""
+    2 bits a value, fewer than any format holds. A cheap floor for refusing what cannot fit."""
     c = config
     bound = min(L, kv.kv_window + kv.kv_sink) if kv.kv_window > 0 else L
     bound = min(bound, kv.kv_budget + 1) if kv.kv_evict != "none" else bound
     held = sum(min(bound, c.window) if c.is_local(i) else bound  # tokens, over the caches
                for i in range(0, c.n_layer, c.kv_share) if not c.keeps_state(i))
-    kv_bytes = 2 * c.kv_heads * c.head_dim * held * width
-    return kv_bytes // 8 if kv.kv_quant != "none" else kv_bytes
+    values = 2 * c.kv_heads * c.head_dim * held
+    return values // 4 if kv.kv_quant != "none" else values * width
 
 
 @torch.no_grad()

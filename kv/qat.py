@@ -44,6 +44,7 @@ class FakeQuantCache(Cache):
     def update(self, k, v):
         T = k.size(2)
         pos = torch.arange(T, device=k.device)
+        self.key_pos = pos  # (a training call: its own T tokens, nothing remembered)
         return self.fake_quant(k, self.key_fmt), self.fake_quant(v, self.val_fmt), attention_mask(pos, pos, self.window)
 
     def fake_quant(self, x, fmt):

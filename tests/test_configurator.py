@@ -251,8 +251,9 @@ def test_a_recipe_named_without_its_folder_is_found_in_config(monkeypatch):
     for given in ("train_shakespeare_char_cpu.py", "train_shakespeare_char_cpu", "train_shakespeare_char_cpx.py"):
         with pytest.raises(UserError, match="not found; did you mean config/train_shakespeare_char_cpu.py"):
             configure(settings(), [given])
-    with pytest.raises(UserError, match="not found$"):
-        configure(settings(), ["trian.py"])
+    for unrelated in ("trian.py", "eval.py", "mine.py", "finetune.py"):  # (not config/xl.py or linear.py)
+        with pytest.raises(UserError, match="not found$"):
+            configure(settings(), [unrelated])
 
 
 def test_a_path_setting_starting_with_tilde_is_the_home_folder(monkeypatch, tmp_path):

@@ -106,3 +106,14 @@ def test_a_layer_class_reading_key_pos_under_xl_memory(monkeypatch):
     for prev, now in zip(batches, batches[1:]):
         logits, _ = m(now, memory)
         torch.testing.assert_close(logits, m(torch.cat([prev, now], dim=1))[0][:, 12:], **TOL)
+
+
+def test_a_layer_class_reading_key_pos_trains_through_quantization_aware_caches(monkeypatch):
+    """--kv_quant in training passes K/V through the cache's quantizer (kv/qat.py): its stand-in
+    cache gives key_pos too, so the layer computes its bias, with the gradient flowing."""
+    from kv.qat import make_qat_caches
+    monkeypatch.setitem(model_module.ATTENTION_LAYERS, "alibi", ALiBi)
+    m = tiny(attention="alibi", rope=False).train()
+    logits, _ = m(text(T=16), make_qat_caches(m, "int8"))
+    logits.sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)

@@ -171,6 +171,8 @@ def test_auto_resume_of_a_finished_run_with_its_own_max_iters_only_evaluates():
     assert resume_schedule(ckpt, "auto", 6) == ("finetune", 6, 6, 6)
     assert resume_schedule(ckpt, "auto", 4) == ("finetune", 6, 10, 6)  # another max_iters: that many more
     assert resume_schedule(ckpt, "finetune", 6) == ("finetune", 6, 12, 6)
+    # a fine-tune of 200 from 5000, cut at 5191: its own max_iters is not its end; it trains on
+    assert resume_schedule({"iter_num": 5191, "config": {"max_iters": 200}}, "auto", 200) == ("finetune", 5191, 5391, 5191)
 
 
 def test_another_text_or_other_val_batches_make_the_best_val_loss_incomparable(tmp_path):

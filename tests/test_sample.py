@@ -416,3 +416,11 @@ def test_ctrl_c_prints_every_sample_as_far_as_it_got(out_dir, monkeypatch):
     code, out, err = sample(f"--out_dir={out_dir}", "--num_samples=3", "--max_new_tokens=100", "--start=ab")
     assert code == 130 and out == whole, (out, whole)
     assert err.strip().splitlines()[-1] == "stopped after 3 of 100 new bytes; the 2 other samples above stop there too"
+
+
+def test_a_plug_in_file_under_the_home_folder_is_found_by_tilde(out_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "hometrim.py").write_text("from kv.cache import keep_recent as keep\n")
+    code, out, err = sample(f"--out_dir={out_dir}", "--kv_trim=~/hometrim.py:keep", "--kv_window=4",
+                            "--max_new_tokens=3")
+    assert code in (0, None), err

@@ -380,3 +380,14 @@ def test_percent_done_reaches_100_only_at_the_end():
     from steps import percent_done
     assert percent_done(5010, 0, 5020) == 99 and percent_done(5020, 0, 5020) == 100  # (a continued run's last logs)
     assert percent_done(5005, 5000, 5020) == 25 and percent_done(0, 0, 3) == 0 and percent_done(2, 0, 3) == 66
+
+
+def test_a_finished_run_resumed_as_it_was_is_evaluated_without_claiming_out_dir(data_dir, run_dir, tmp_path):
+    """The same command again on a finished run only evaluates it: like --max_iters=0 it writes
+    nothing, so what would stop a run that writes (here a folder named last.pt) does not stop it."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    (out / "last.pt").unlink()
+    (out / "last.pt").mkdir()
+    printed = train(data_dir, out, "--init_from=resume", f"--max_iters={N}")
+    assert "the checkpoint's run is finished" in printed and f"iter {N}: train loss" in printed, printed
