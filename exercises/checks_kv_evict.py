@@ -201,7 +201,8 @@ def check_evict_scores(impl, ctx):
         unused = free & (s == 0)
         expect(bool((torch.where(unused, rank, float("-inf")) < top).all()),
                f"kv_sink={sink}, kv_recent={recent}: a token nobody attended to is ranked above the token "
-               "with by far the largest attention: rank by the scores (higher = keep), not by position")
+               "with by far the largest attention: rank by the scores, higher = keep (not by position, nor by minus the "
+               "score)")
 
 
 def check_evict_heads(impl, ctx):

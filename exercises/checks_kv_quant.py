@@ -298,7 +298,7 @@ def check_quant_bias(impl, ctx):
            f"gives about 0{f', or {corr_plain:+.2f} with symmetric 2-bit codes' if abs(corr_plain) > 0.25 else ''}): "
            + ("values come back shrunk toward 0: .to(torch.int8) truncates toward 0 (round to nearest before "
               "converting), "
-              "or the scale does not match the codes' range (e.g. (max - min) / 16 where 4-bit codes reach 15)"
+              "or the scale does not match the codes' range"
               if corr < corr_plain else
               "values come back pushed away from 0, where rounding to nearest pushes neither way"))
     far = off_nearest(impl)
