@@ -81,8 +81,8 @@ def flops_per_token(model, block):
     return 6 * model.get_num_params() + 12 * c.n_layer * c.n_embd * block
 
 
-def rss_mb():
-    """Resident memory of this process now (MB), Linux; 0 elsewhere."""
+def rss_mib():
+    """Resident memory of this process now (MiB), Linux; 0 elsewhere."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -166,7 +166,7 @@ def bench_train(args, dev, dt):
     for name, make, kw, row_dt, row_threads in rows:
         torch.set_num_threads(row_threads)
         torch.manual_seed(seed)
-        before = rss_mb()
+        before = rss_mib()
         if dev.startswith("cuda"):  # (the earlier rows' models and optimizers are still held: not counted)
             torch.cuda.reset_peak_memory_stats(dev)
             held = torch.cuda.memory_allocated(dev)
@@ -178,7 +178,7 @@ def bench_train(args, dev, dt):
         sync()
         if kw.get("compiled"):
             print(f"{name}: compiling and 5 warm-up steps took {time.perf_counter() - t0:.1f} s")
-        mem = (torch.cuda.max_memory_allocated(dev) - held) / 2**20 if dev.startswith("cuda") else rss_mb() - before
+        mem = (torch.cuda.max_memory_allocated(dev) - held) / 2**20 if dev.startswith("cuda") else rss_mib() - before
         runs.append(dict(name=name, dtype=row_dt, threads=row_threads, step=step, best=float("inf"), mem=mem,
                          tokens=rows_per_iter * block_size, fpt=flops_per_token(model, block_size)))
     for _ in range(bench_repeats):
@@ -195,7 +195,7 @@ def bench_train(args, dev, dt):
     print(f"\ntraining: batch {batch_size} x block {block_size}, gradient_accumulation_steps="
           f"{gradient_accumulation_steps}; best of {bench_repeats} x {bench_iters} iterations")
     print(f"\n| loop | dtype |{' threads |' if cpu else ''} ms/iter | tokens/s | vs plain | TFLOP/s | MFU | "
-          f"{'RSS growth MB' if cpu else 'peak CUDA memory MB'} |")
+          f"{'RSS growth MiB' if cpu else 'peak CUDA memory MiB'} |")
     print("|---|---|" + ("---|" if cpu else "") + "---|---|---|---|---|---|")
     base = runs[0]["tokens"] / runs[0]["best"]
     for run in runs:
@@ -242,7 +242,8 @@ def bench_eval_kv(model):
           f"eval_kv prints it) and over the whole evaluation (with the reference pass), the median of "
           f"{bench_repeats} after a first one (shown apart: it includes any compilation; a row whose first one "
           "takes a minute or more shows that one alone)")
-    print("\n| case | chunk | decode | setting bytes/s | whole bytes/s | first evaluation | bytes per CPU-second |")
+    print("\n| case | chunk | decode | setting bytes/s | whole bytes/s | first evaluation bytes/s "
+          "| bytes per CPU-second |")
     print("|---|---:|---|---:|---:|---:|---:|")
     compiled = []  # what compiling took, said below the table
     # h2o's budget: a quarter of the stream, and at least the 4 sinks + int4's residual of 32 + the step's token
