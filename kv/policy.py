@@ -223,11 +223,12 @@ class KVOptions:
         return note
 
     def context_note(self, config, saved, length=0):
-        """A line when kv_window lets a global softmax layer of a model (GPTConfig) read further
+        """A line when the cache lets a global softmax layer of a model (GPTConfig) read further
         back than it read in training: its block, plus any XL memory before it, as its saved
-        training settings (a checkpoint's config) say (None otherwise, or if they do not).
-        length: the most tokens a query of the run sees, which an unbounded cache (kv_window=0)
-        all keeps."""
+        training settings (a checkpoint's config) say (None otherwise, or if they do not). Too
+        long a kv_window, none at all, eviction without one (a rule by score keeps tokens at any
+        distance) and sinks all do. length: the most tokens a query of the run sees, which an
+        unbounded cache (kv_window=0) all keeps."""
         trained = saved_tokens(saved, "xl_mem") + saved_tokens(saved, "block_size")
         glob = [i for i in range(config.n_layer) if not config.keeps_state(i) and not config.is_local(i)]
         if not glob or trained <= 0:
@@ -242,6 +243,17 @@ class KVOptions:
             return (f"note: kv_window={self.kv_window} is longer than the {trained} tokens of history this model was "
                     f"trained with: past them {layers} read distances they never saw (kv_window={trained} "
                     "stays within)")
+        if length <= trained:
+            return None
+        # eviction without a window: a rule by score may keep a token at any distance; recency, its budget
+        reach = (self.kv_budget - self.kv_sink if self.kv_evict == "window" else length) if self.kv_window == 0 else 0
+        if self.kv_evict != "none" and reach > trained:
+            return (f"note: no kv_window: kv_evict={self.kv_evict} can keep tokens further back than the {trained} "
+                    f"tokens of history this model was trained with, at distances {layers} never saw (add "
+                    f"--kv_window={trained} to stay within)")
+        if self.kv_sink:
+            return (f"note: past the {trained} tokens of history this model was trained with, the kv_sink={self.kv_sink} "
+                    f"first tokens sit at distances {layers} never saw (without --kv_sink the window stays within)")
         return None
 
     def unquantized_note(self, config, cached):

@@ -330,6 +330,35 @@ def test_a_window_past_the_trained_context_is_noted(tmp_path):
                 and "(--kv_window=32 stays within)" in err) == noted, err
 
 
+def test_eviction_without_a_window_and_sinks_are_noted_past_the_trained_context(tmp_path):
+    """A 16-byte-block model: h2o without --kv_window may keep any token, and recency with a
+    budget past 16 keeps tokens further back than 16 (noted, with the window that stays within);
+    recency within 16, or h2o under --kv_window=16, is not. Sinks under a window sit 16 back from
+    the query at position 16 (noted); a text that ends before it does not get the note."""
+    from checkpoint import save_checkpoint
+    from model import GPT, GPTConfig, MODEL_ARG_KEYS
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, bias=False))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS},
+                    {"block_size": 16}, 1, 5.0)
+    evict = "note: no kv_window: kv_evict={} can keep tokens further back than the 16 tokens"
+    sink = "the kv_sink=2 first tokens sit at distances its layers never saw"
+    for args, new, note in ((["--kv_evict=h2o", "--kv_budget=8", "--kv_recent=2"], 20, evict.format("h2o")),
+                            (["--kv_evict=window", "--kv_budget=20"], 20, evict.format("window")),
+                            (["--kv_evict=window", "--kv_budget=16"], 20, None),
+                            (["--kv_evict=h2o", "--kv_budget=8", "--kv_recent=2"], 12, None),
+                            (["--kv_window=16", "--kv_evict=h2o", "--kv_budget=8", "--kv_recent=2"], 20, None),
+                            (["--kv_window=8", "--kv_sink=2"], 14, sink),  # the last query: position 16
+                            (["--kv_window=8", "--kv_sink=2"], 13, None)):
+        code, _, err = sample(f"--out_dir={tmp_path}", f"--max_new_tokens={new}", *args)
+        assert code in (0, None), err
+        notes = [line for line in err.splitlines() if "never saw" in line]
+        if note is None:
+            assert notes == [], (args, new, err)
+        else:
+            assert len(notes) == 1 and note in notes[0], (args, new, err)
+            assert "(add --kv_window=16 to stay within)" in notes[0] or "kv_sink" in note, notes
+
+
 def test_memory_that_runs_out_anyway_is_one_line():
     """An allocation that fails (numpy's, the CPU allocator's, a size past counting) is one
     line and exit 2; any other RuntimeError is a bug of ours, with its traceback."""
