@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from kv.policy import KVOptions, held_bits
+from kv.policy import KVOptions, held_bits, state_bits
 from kv.static import static_reason
 from plugins import not_finite
 from utils import compile_or_eager
@@ -374,7 +374,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
     """Prefill the prompt idx (B, T) (prefill), then one decode step per token; yields each
     new token (B, 1). kv: the KVOptions of the caches (default: the decoder's, else plain and
     unbounded). If given, `stats` gets the peak KV bits, the bits per cached token (per
-    sequence) and the peak over the decode steps alone (an eviction cache holds the whole
+    sequence; a linear layer's fixed-size state, which no token accounts for, apart) and the peak over the decode steps alone (an eviction cache holds the whole
     prompt until the first step). decoder: a StaticDecoder for the same kv, B and at least
     T + max_new_tokens tokens, which then runs the decode steps (the prefill stays eager); one
     made to sample (its temperature given) must have this temperature and top_k, and then
@@ -415,8 +415,10 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
             if bits > peak:
                 peak, peak_tokens = bits, held
     if stats is not None:
+        fixed = state_bits(caches)  # linear layers' state: the same at any length, no token's
         stats["kv_bits_peak"] = peak
-        stats["kv_bits_per_token"] = peak / max(B * peak_tokens, 1)
+        stats["kv_bits_per_token"] = (peak - fixed) / max(B * peak_tokens, 1)
+        stats["kv_bits_fixed"] = fixed
         stats["kv_bits_peak_decode"] = decode_peak
 
 

@@ -143,8 +143,10 @@ def main():
     speed = f"{num_samples * (len(stamps) - 2) / seconds:.1f} tokens/s decoding" if seconds > 0 else "no decode steps"
     peak = stats.get("kv_bits_peak", 0) // num_samples  # per sample
     batch = f"{num_samples} samples side by side" if num_samples > 1 else "1 sample"
+    fixed = stats.get("kv_bits_fixed", 0) // num_samples  # linear layers' state, per sample
     held = ("a fixed-size linear-attention state" if model.config.no_kv_cache  # per token means nothing
-            else f"{stats.get('kv_bits_per_token', 0):,g} bits per cached token")
+            else f"{stats.get('kv_bits_per_token', 0):,g} bits per cached token"
+            + (f" in the softmax layers, plus {fixed:,} bits of fixed-size linear-attention state" if fixed else ""))
     reading = f"; the {len(prompt):,}-byte prompt read in {stamps[1] - stamps[0]:.2f} s" if len(stamps) > 1 else ""
     print(f"{speed} ({batch}{reading}); KV cache peak "
           f"{peak:,} bits per sample ({peak / 8 / 2**20:.2f} MiB), {held}", file=sys.stderr)

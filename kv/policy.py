@@ -392,3 +392,9 @@ def held_bits(caches):
     when every layer keeps a fixed-size state)."""
     u = unique(caches)
     return sum(c.size_bits() for c in u), max((c.tokens() for c in u if c.holds_tokens), default=0)
+
+
+def state_bits(caches):
+    """Bits held by the layers that keep a fixed-size state (linear attention), whatever the
+    text's length: a part of held_bits that no cached token accounts for."""
+    return sum(c.size_bits() for c in unique(caches) if not c.holds_tokens)

@@ -103,14 +103,19 @@ def test_generation_under_cpu_autocast_caches_bf16(options):
 
 
 def test_bits_per_cached_token_of_a_hybrid_does_not_grow_with_the_prompt():
-    """A model with a linear layer: its fixed-size state counts in the bits, not in the tokens
-    held, so the figure is the peak over the window's tokens whatever the prompt's length."""
+    """A model with a linear layer: its fixed-size state counts in the peak bits and apart
+    (kv_bits_fixed), not per cached token, which is the softmax layers' bits over the window's
+    tokens whatever the prompt's length."""
+    from kv.policy import state_bits
     m = tiny(attention="linear", linear_layers="0")
     kv = KVOptions(kv_window=16).check()
+    fixed = state_bits(kv.make_caches(m, 2, capacity=8))
+    assert fixed > 0
     for T in (20, 60):
         stats = {}
         list(generate_stream(m, text(B=2, T=T), 5, kv=kv, stats=stats))
-        assert stats["kv_bits_per_token"] == stats["kv_bits_peak"] / (2 * 16)
+        assert stats["kv_bits_fixed"] == fixed
+        assert stats["kv_bits_per_token"] == (stats["kv_bits_peak"] - fixed) / (2 * 16)
 
 
 @pytest.mark.parametrize("arch", [dict(), dict(n_kv_head=1, window=5, global_layers="1"), dict(kv_share=2)])

@@ -86,6 +86,30 @@ def test_sample_window_and_sink_bound_the_peak(tmp_path):
     assert per_token == LAYERS * KV_HEADS * 2 * HS * 32
 
 
+def test_sample_bits_per_cached_token_leave_a_linear_state_apart(tmp_path):
+    """Linear attention in layer 0, softmax in layer 1: a cached token costs layer 1's K and V
+    alone; layer 0's state (S: hs x hs and z: hs per head, float32) is said apart, and the peak
+    is both."""
+    from checkpoint import save_checkpoint
+    from model import GPTConfig, MODEL_ARG_KEYS
+    model = GPT(GPTConfig(n_layer=LAYERS, n_head=KV_HEADS, n_embd=KV_HEADS * HS, bias=False, attention="linear",
+                          linear_layers="0"))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model, None, {k: getattr(model.config, k) for k in MODEL_ARG_KEYS},
+                    {"block_size": 64}, 1, 5.0)
+    for window, held in (("--kv_window=8", 8), ("--kv_window=0", 2 + 20 - 1)):
+        code, _, err = run_in_process("sample.py", f"--out_dir={tmp_path}", "--device=cpu", "--start=ab",
+                                      "--max_new_tokens=20", window)
+        assert code in (0, None), err
+        m = re.search(r"KV cache peak ([\d,]+) bits per sample \(([\d.]+) MiB\), ([\d,.]+) bits per cached token "
+                      r"in the softmax layers, plus ([\d,]+) bits of fixed-size linear-attention state", err)
+        assert m, err
+        token = KV_HEADS * 2 * HS * 32  # one softmax layer's key and value rows
+        state = KV_HEADS * (HS * HS + HS) * 32
+        assert float(m[3].replace(",", "")) == token
+        assert int(m[4].replace(",", "")) == state
+        assert int(m[1].replace(",", "")) == held * token + state
+
+
 def test_eval_kv_bits_per_byte_is_the_loss_of_the_window_it_names(tmp_path, data_dir):
     """The reference row "plain, window 16": -log2 p(next byte) averaged over the n_streams x
     stream_len bytes at load_streams' offsets of val.txt, for a model whose every layer keeps
