@@ -38,7 +38,8 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
     A state this program cannot restore (a foreign checkpoint's) is one UserError."""
     broken = (TypeError, ValueError, RuntimeError, KeyError, IndexError, AttributeError)  # a malformed state's
     try:
-        if ckpt.get("optimizer") and optimizer_state_fits(optimizer, ckpt["optimizer"]):
+        why = optimizer_mismatch(optimizer, ckpt["optimizer"]) if ckpt.get("optimizer") else "the checkpoint holds none"
+        if why is None:
             moments = [t for s in ckpt["optimizer"].get("state", {}).values() for t in s.values()
                        if torch.is_tensor(t) and t.is_floating_point()]
             if not all(bool(torch.isfinite(t).all()) for t in moments):  # (the first step would turn the weights nan)
@@ -51,7 +52,6 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
             for group, s in zip(optimizer.param_groups, settings):
                 group.update(s)
         else:
-            why = "the parameter shapes changed" if ckpt.get("optimizer") else "the checkpoint holds none"
             print(f"note: optimizer state not restored ({why}); starting AdamW afresh")
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -88,22 +88,25 @@ def restore_training_state(ckpt, mode, optimizer, scaler, loader, shape, dataset
     return False
 
 
-def optimizer_state_fits(optimizer, state):
-    """True if a saved AdamW state matches this optimizer's groups and parameter shapes; a
-    TypeError if it is not an optimizer's state at all."""
+def optimizer_mismatch(optimizer, state):
+    """Why a saved AdamW state does not fit this optimizer (its groups, their parameter counts
+    or shapes), as a few words; None when it fits. A TypeError if it is not an optimizer's
+    state at all."""
     if not (isinstance(state, dict) and isinstance(state.get("param_groups"), list)
             and isinstance(state.get("state"), dict)):
         raise TypeError("not an optimizer's state_dict (param_groups and state)")
     groups = optimizer.param_groups
     saved = state.get("param_groups", [])
-    if len(saved) != len(groups) or any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
-        return False
+    if len(saved) != len(groups):
+        return f"the saved one has {len(saved)} parameter groups, this model's optimizer {len(groups)}"
+    if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, groups)):
+        return "the model's parameters changed"
     for s, g in zip(saved, groups):
         for idx, p in zip(s["params"], g["params"]):
             moments = state["state"].get(idx, {})
             if "exp_avg" in moments and moments["exp_avg"].shape != p.shape:
-                return False
-    return True
+                return "the parameter shapes changed"
+    return None
 
 
 def incomparable(ckpt, model_args, block_size, dataset=None):

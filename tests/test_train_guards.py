@@ -203,6 +203,30 @@ def test_a_data_position_not_restored_says_why(run_dir, capsys, case):
     assert f"note: data position not restored ({why})" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("case", ["no groups", "one parameter fewer", "another shape"])
+def test_an_optimizer_state_not_restored_says_why(run_dir, capsys, case):
+    """An optimizer state that does not fit starts AdamW afresh with a note naming what does not
+    fit: the count of groups (a hand-edited state), of parameters, or a parameter's shape."""
+    ckpt = read_checkpoint(str(run_dir / "last.pt"))
+    model, _ = load_model(str(run_dir / "last.pt"))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    state = ckpt["optimizer"]
+    if case == "no groups":
+        state["param_groups"], state["state"] = [], {}
+    elif case == "one parameter fewer":
+        state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
+    else:
+        first = state["param_groups"][0]["params"][0]
+        state["state"][first]["exp_avg"] = state["state"][first]["exp_avg"][:1]
+    restore_training_state(ckpt, "finetune", optimizer, scaler, object(), (4, 32))
+    why = {"no groups": f"the saved one has 0 parameter groups, this model's optimizer {len(optimizer.param_groups)}",
+           "one parameter fewer": "the model's parameters changed",
+           "another shape": "the parameter shapes changed"}[case]
+    assert f"note: optimizer state not restored ({why}); starting AdamW afresh" in capsys.readouterr().out
+    assert all(not s for s in optimizer.state.values())  # nothing restored
+
+
 @pytest.mark.parametrize("iteration", [-10, "5"])
 def test_a_checkpoint_with_an_impossible_iteration_is_one_error(iteration):
     from resume import resume_schedule
