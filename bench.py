@@ -358,15 +358,18 @@ def main():
     try:
         for k in TRAIN_SETTINGS:  # train.check_settings and its helpers read train.py's globals
             setattr(train, k, globals()[k])
-        run_benchmarks(given)
+        run_benchmarks(given, {a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--")})
     finally:  # (train.py's own values back: a test runs bench.py again in the same process)
         for k, v in found.items():
             setattr(train, k, v)
 
 
-def run_benchmarks(given=()):
+def run_benchmarks(given=(), flags=()):
     check_settings()
     unused_settings(given)
+    if "out_dir" in flags:  # (config files set it for train.py: only a flag's is said)
+        print("note: --out_dir is not read: bench.py times a model of the config's shape with random weights "
+              "(speed does not depend on them); sample.py and eval_kv.py read a checkpoint")
     kv = KVOptions.from_settings(globals()).check().check_unused()
     args = {k: globals()[k] for k in MODEL_ARG_KEYS}
     config = GPTConfig(**args)

@@ -239,6 +239,19 @@ def test_bench_names_the_settings_its_chosen_rows_do_not_read(tmp_path):
     assert rows[0] == rows[1] and len(rows[0]) > 1, out
 
 
+def test_bench_says_an_out_dir_flag_is_not_read(tmp_path):
+    """--out_dir (a checkpoint's folder, as sample.py takes it) gets a note that bench.py times
+    random weights; a config file that sets out_dir for train.py gets none."""
+    config = tmp_path / "cfg.py"
+    config.write_text(f"out_dir = {str(tmp_path / 'run')!r}\n")
+    args = (*BENCH, f"--dataset={tmp_path}", "--what=generate", "--bench_lengths=4", "--bench_batch=1")
+    for extra, noted in (([f"--out_dir={tmp_path}"], True), ([str(config)], False), ([], False)):
+        code, out, err = run_in_process("bench.py", *extra, *args)
+        assert code in (0, None), err
+        assert ("note: --out_dir is not read: bench.py times a model of the config's shape with random weights"
+                in out) == noted, out
+
+
 def test_bench_train_runs_its_plain_loop_at_the_threads_given(tmp_path, monkeypatch):
     """--threads=1 is every row's thread count, the plain loop's too: its 'vs plain' ratios then
     compare loops, not a thread count the user did not ask for. Without --threads the plain loop
