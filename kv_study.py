@@ -93,6 +93,10 @@ yardstick = "strict"  # fine-tuned rows against: 'strict' the worse of base and 
 tensorboard = True  # TensorBoard scalars of the frontier (and of each fine-tune)
 # -----------------------------------------------------------------------------
 
+# the settings each --what does not read (a note names those given)
+IGNORED_BY = {"frontier": ("context_iters", "context_streams"),
+              "context": ("quick", "variants", "iters", "kv_quant_group", "n_streams", "stream_len", "chunk",
+                          "evict_chunk", "yardstick")}
 QUICK = dict(iters=50, n_streams=2, stream_len=1024, variants="base,base_ft,mqa,qat_int2,mqa_share_int2")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -464,6 +468,10 @@ def main():
         raise UserError(f"--what={what!r}: choose frontier or context")
     if what == "frontier":
         variant_names()  # an empty list is one line now
+    unused = [k for k in IGNORED_BY[what] if k in given]
+    if unused:
+        print(f"note: {', '.join('--' + k for k in unused)} appl{'ies' if len(unused) == 1 else 'y'} to "
+              f"--what={'context' if what == 'frontier' else 'frontier'} only: ignored here")
     check_range(globals(), "iters n_streams stream_len kv_quant_group context_streams", 1)
     check_range(globals(), "chunk evict_chunk learning_rate min_lr", 0)
     if min_lr > learning_rate:  # (train.py refuses it: say so before any fine-tune starts)

@@ -319,6 +319,21 @@ def kv_study(base_ckpt, out, *args):
     return subprocess.CompletedProcess(["kv_study.py", *argv], code, out, err)
 
 
+def test_settings_the_chosen_what_does_not_read_are_named(base_ckpt, tmp_path):
+    """--what=context reads none of the frontier's settings (--variants, --quick, --iters, ...),
+    the frontier none of context_*: a note names those given (these runs then stop at a
+    start-up check, --min_lr above --learning_rate)."""
+    stop = ["--min_lr=1", "--learning_rate=0.1"]
+    proc = kv_study(base_ckpt, tmp_path / "c", "--what=context", "--variants=mqa", "--quick=True", *stop)
+    assert_user_error(proc, "--min_lr=1 is above --learning_rate=0.1")
+    assert ("note: --quick, --variants, --iters, --kv_quant_group, --n_streams, --stream_len apply to "
+            "--what=frontier only: ignored here") in proc.stdout, proc.stdout
+    proc = kv_study(base_ckpt, tmp_path / "f", *stop)  # SMALL sets --context_streams
+    assert "note: --context_streams applies to --what=context only: ignored here" in proc.stdout, proc.stdout
+    proc = run_in_process("kv_study.py", f"--base={base_ckpt}", f"--out={tmp_path / 'g'}", *stop)
+    assert "ignored here" not in proc[1], proc[1]
+
+
 def test_bad_context_iters_is_one_line_before_any_work(base_ckpt, tmp_path):
     for bad, words in (("a,b", "'a' is not a whole number"), ("5,-1", "'-1' is not a whole number"),
                        (",", "--context_iters is empty")):
