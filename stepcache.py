@@ -20,7 +20,8 @@ again and overwritten. Editing any .py file of the project changes the hash.
 The files are code (pickles of compiled functions): they live in torch's own cache folder
 (TORCHINDUCTOR_CACHE_DIR, by default /tmp/torchinductor_$USER), under decode_steps/, as
 inductor's compiled kernels do; delete that folder to compile afresh. DECODE_STEP_CACHE=FOLDER
-puts them elsewhere, and DECODE_STEP_CACHE= (empty) keeps none on disk. The folder is kept
+puts them elsewhere (one that cannot be written gets a note: every run then compiles afresh),
+and DECODE_STEP_CACHE= (empty) keeps none on disk. The folder is kept
 under MAX_BYTES: a save deletes the steps used least recently (a load counts as a use) past it.
 
     python -c "import stepcache; print(stepcache.folder())"
@@ -39,6 +40,7 @@ from fileio import atomic_write
 SUBDIR = "decode_steps"
 MAX_BYTES = 256 * 2**20  # the folder's size past which a save deletes the least recently used steps
 _HERE = {}  # hash -> a step compiled or loaded in this process
+_UNSAVED = set()  # folders a step could not be saved in (said once each)
 
 
 def folder():
@@ -135,8 +137,12 @@ def keep(k, f):
         os.makedirs(where, exist_ok=True)
         atomic_write(os.path.join(where, k + ".bin"), lambda fh: fh.write(data))
         prune(where, keep=k + ".bin")
-    except Exception:
-        pass
+    except Exception as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+        if where not in _UNSAVED:  # once per folder and process
+            _UNSAVED.add(where)
+            print(f"note: the compiled decode step cannot be saved in {where} ({why}); later runs compile it "
+                  "again (DECODE_STEP_CACHE=FOLDER keeps the steps in a folder you can write)", file=sys.stderr)
 
 
 def prune(where, keep=None):

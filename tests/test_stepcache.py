@@ -104,6 +104,30 @@ def test_the_folder_is_pruned_least_recently_used_first(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
+def test_a_folder_that_cannot_hold_the_steps_is_said_once(tmp_path, monkeypatch, capsys):
+    """DECODE_STEP_CACHE naming a file (no folder can be made there): the step is kept in the
+    process and a note says, once, that later runs compile it again; a writable folder gets the
+    file and no note."""
+    class Step:  # what keep() asks of a compiled function: serialize(f).serialized_data
+        @staticmethod
+        def serialize(f):
+            return type("Saved", (), {"serialized_data": b"step"})()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("DECODE_STEP_CACHE", str(blocker))
+    monkeypatch.setattr(stepcache, "_HERE", {})
+    monkeypatch.setattr(stepcache, "_UNSAVED", set())
+    for k in ("1" * 40, "2" * 40):
+        stepcache.keep(k, Step())
+    err = capsys.readouterr().err
+    assert err.count(f"note: the compiled decode step cannot be saved in {blocker} (") == 1, err
+    assert "later runs compile it again" in err and blocker.read_text() == "x"
+    assert stepcache._HERE["1" * 40] is not None  # kept for this process all the same
+    monkeypatch.setenv("DECODE_STEP_CACHE", str(tmp_path / "steps"))
+    stepcache.keep("3" * 40, Step())
+    assert capsys.readouterr().err == "" and (tmp_path / "steps" / ("3" * 40 + ".bin")).read_bytes() == b"step"
+
+
 def test_nothing_is_written_where_the_cache_is_turned_off(monkeypatch):
     """DECODE_STEP_CACHE= (empty): steps are kept in the process only."""
     monkeypatch.setenv("DECODE_STEP_CACHE", "")
