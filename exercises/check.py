@@ -211,7 +211,8 @@ class Impl:
 def user_frame(exc):
     """The innermost frame in exercises/ or the module under test, if any (else the innermost)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    mine = [f for f in frames if os.path.abspath(f.filename) not in OWN_FILES and "site-packages" not in f.filename]
+    mine = [f for f in frames if os.path.abspath(f.filename) not in OWN_FILES and "site-packages" not in f.filename
+            and not f.filename.startswith("<frozen")]  # (exit() raises in Python's own _sitebuiltins)
     return (mine or frames)[-1]
 
 
@@ -270,7 +271,7 @@ def run_exercise(exercise, module=None, reference=False, out=print, skip_slow=Fa
     for name in exercise.functions:
         try:
             PROBES[name](impl)
-        except Exception as e:  # (the checks will say what else is wrong)
+        except (Exception, SystemExit) as e:  # (the checks will say what else is wrong, a sys.exit() too)
             if unwritten(e):
                 todo[name] = user_frame(e).name
     # unfinished: the same, met by a check although the probe ran (quantize written, dequantize
@@ -316,6 +317,7 @@ def run_check(check, impl, ctx):
     and values aside: each check tries its own shapes) is a SKIP pointing to that check: it
     would only repeat the failure under another rule's name."""
     ctx.pop("case", None)  # a check names the input it is trying in ctx["case"]
+    rule = check.rule  # the README's rule a failure points to
     try:
         detail = check.fn(impl, ctx)
         return "PASS", detail or ""
@@ -324,6 +326,12 @@ def run_check(check, impl, ctx):
     except (Failed, UserError) as e:  # UserError: a plug-in point refused the function
         msg = str(e)
         reason = NUMBER.sub("#", msg)
+    except SystemExit as e:  # sys.exit() or exit() in the code under test: its failure, not the checker's end
+        rule, where = None, where_it_broke(e)  # (no rule is broken: the checks could not run)
+        reason = f"SystemExit at {where}"
+        case = ctx.get("case")
+        msg = (f"{case}: " if case else "") + f"your code called sys.exit() or exit() (code {e.code!r}, at " \
+            f"{where}): a check cannot go on past it; remove the call (print, or raise an exception, to debug)"
     except Exception as e:
         if unwritten(e):  # a stub's raise, not an operation PyTorch lacks for a dtype (a bug to show)
             ctx["unfinished"] = user_frame(e).name  # for the slow checks of the same functions
@@ -341,8 +349,8 @@ def run_check(check, impl, ctx):
     first = ctx["reported"].setdefault(reason, check.title)
     if first != check.title:
         return "SKIP", f'the same failure as "{first}" above'
-    if check.rule and "README.md" not in msg:
-        msg += "; " + see(*check.rule)
+    if rule and "README.md" not in msg:
+        msg += "; " + see(*rule)
     return "FAIL", msg
 
 

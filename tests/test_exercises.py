@@ -174,6 +174,19 @@ def test_ctrl_c_in_a_check_stops_quietly(tmp_path):
     assert proc.stderr.strip() == "interrupted", proc.stderr
 
 
+@pytest.mark.parametrize("call, code", [("sys.exit(0)", "0"), ("exit()", "None"), ("sys.exit(3)", "3")])
+def test_a_sys_exit_in_the_code_under_check_is_a_failure(tmp_path, call, code):
+    """A debugging exit() or sys.exit() in the student's function fails the check it ends (its
+    place named), the rest of the run still prints, and the exit code is 1: not 0 with no
+    summary, as if everything had passed."""
+    (tmp_path / "plug.py").write_text(f"import sys\n\n\ndef keep_recent(*args, **kwargs):\n    {call}\n")
+    proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'plug.py'}", timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    [failed] = [line for line in proc.stdout.splitlines() if line.startswith("  FAIL")]
+    assert f"your code called sys.exit() or exit() (code {code}, at {tmp_path / 'plug.py'}:5)" in failed, failed
+    assert "summary: 0 passed, 1 failed" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_module_given_as_a_file_outside_the_project(tmp_path):
     (tmp_path / "mytrim.py").write_text("from kv.cache import keep_recent  # the reference, as a student's file\n")
     proc = run_script("-m", "exercises.check", "kv_window", f"--module={tmp_path / 'mytrim.py'}", timeout=300)
