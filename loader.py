@@ -229,8 +229,8 @@ def prepare(data_dir, input_path=None, url=None, force=False):
     """Split data_dir/input.txt into train.txt (first 90% of the bytes) and val.txt (the rest).
     input_path is copied to input.txt first; url is downloaded when there is no input.txt.
     Every input is checked before it replaces a file: a bad one leaves data_dir as it was.
-    An input_path that is not text (NUL bytes), or that differs from the input.txt already
-    there, is refused unless force."""
+    An input_path or a download that is not text (NUL bytes), or an input_path that differs
+    from the input.txt already there, is refused unless force."""
     try:
         os.makedirs(data_dir, exist_ok=True)
     except OSError as e:
@@ -263,6 +263,9 @@ def prepare(data_dir, input_path=None, url=None, force=False):
             raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); either fetch it by hand "
                             f"into {os.path.relpath(target)}, or give a local copy: {_prepare_command(data_dir)}"
                             ) from None
+        if b"\0" in data and not force:  # (an --input is refused for it too)
+            raise UserError(f"the download from {url} is not text (it holds NUL bytes, the first at byte "
+                            f"{data.index(0):,}): check --url, or pass --force=True to train on these bytes anyway")
         files["input.txt"] = _corpus(data, f"the download from {url}")
     n = int(len(data) * 0.9)
     files["train.txt"], files["val.txt"] = data[:n], data[n:]

@@ -220,6 +220,18 @@ def test_first_use_downloads_and_splits(fresh_data, monkeypatch):
     assert (fresh_data / "input.txt").read_bytes() == corpus
 
 
+def test_a_download_that_is_not_text_is_refused_unless_forced(fresh_data, monkeypatch, capsys):
+    """Bytes with NUL in them (a wrong --url, a binary file) are refused as an --input of them
+    is: one line, nothing written; --force=True takes them."""
+    blob = b"\x00\x01binary" * 50
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob))
+    with pytest.raises(UserError, match="is not text .*NUL bytes, the first at byte 0.*--force=True"):
+        loader.dataset_paths("shakespeare_char")
+    assert os.listdir(fresh_data) == []
+    loader.prepare(str(fresh_data), url="file:///some/where", force=True)
+    assert (fresh_data / "input.txt").read_bytes() == blob
+
+
 def test_first_use_prefers_the_local_copy(fresh_data, tmp_path, monkeypatch):
     shared = tmp_path / "shared" / "shakespeare_char"
     shared.mkdir(parents=True)
