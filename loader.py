@@ -319,7 +319,9 @@ def dataset_paths(dataset):
         prepare(data_dir, url=SOURCES[dataset])
         return train, val
     if not is_dir_path and not os.path.isdir(data_dir):
-        raise UserError(f"--dataset={dataset}: unknown dataset; known: {', '.join(known_datasets())}")
+        here = (f"; the folder {dataset} here is given with a slash: --dataset=./{dataset}"
+                if os.path.isdir(dataset) else "")  # (a bare name is one under data/)
+        raise UserError(f"--dataset={dataset}: unknown dataset; known: {', '.join(known_datasets())}{here}")
     if is_dir_path and not os.path.isdir(data_dir):
         what = "it is a file, not a folder" if os.path.exists(data_dir) else "there is no such folder"
         raise UserError(f"no train.txt and val.txt in {data_dir}: {what}; give a folder holding the corpus "

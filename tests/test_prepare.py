@@ -69,6 +69,21 @@ def test_dataset_paths_prepares_or_explains(tmp_path):
         dataset_paths("no_such_dataset")
 
 
+def test_a_bare_name_of_a_folder_here_is_pointed_to_its_path(tmp_path, monkeypatch):
+    """--dataset=tinyds names a dataset under data/; when ./tinyds is a folder, the error says
+    how to give it (--dataset=./tinyds), which then reads it."""
+    (tmp_path / "tinyds").mkdir()
+    (tmp_path / "tinyds" / "input.txt").write_bytes(tiny_corpus(1000))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"unknown dataset; known: .*; the folder tinyds here is given with a "
+                                        r"slash: --dataset=\./tinyds$"):
+        dataset_paths("tinyds")
+    with pytest.raises(UserError, match=r"unknown dataset; known: [a-z_, ]+$"):  # no folder: no hint
+        dataset_paths("otherds")
+    train, _ = dataset_paths("./tinyds")
+    assert os.path.getsize(train) == 900
+
+
 @pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="no ../shared/data on this machine")
 def test_real_shakespeare_split(tmp_path):
     prepare(str(tmp_path), input_path=os.path.join(SHARED_DATA, "shakespeare_char", "input.txt"))
