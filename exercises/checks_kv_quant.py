@@ -224,10 +224,13 @@ def check_quant_contract(impl, ctx):
         x[1, 2, 4] = 0.0  # a row of zeros
         ctx["case"] = f"head dimension {n}, x shaped {tuple(x.shape)}"  # named if your code raises
         payload, y = round_trip(impl, x)
-        expect(bool(torch.isfinite(y).all()), f"head dimension {n}: dequantize gives inf or nan"
-               + (f" for a row of zeros: its scale is 0 (0 / 0 is nan); {FLOOR}"
-                  if not bool(torch.isfinite(y[1, 2, 4]).all()) else ""))
         wrong = stored_scale_problem(payload)
+        if not bool(torch.isfinite(y[1, 2, 4]).all()):  # the row of zeros: say what is known of its scale
+            why = (f"its scale is 0 (0 / 0 is nan); {FLOOR}" if wrong and "scale of 0" in wrong else
+                   f"{wrong}; {FLOOR}" if wrong else "its stored scales are finite and not 0, so look at "
+                   "what dequantize computes from them")
+            expect(False, f"head dimension {n}: dequantize gives inf or nan for a row of zeros: {why}")
+        expect(bool(torch.isfinite(y).all()), f"head dimension {n}: dequantize gives inf or nan")
         expect(wrong is None, f"head dimension {n}: {wrong}; {FLOOR}")
 
 
@@ -378,11 +381,12 @@ def check_quant_rows(impl, ctx):
     except Exception as e:
         raise Failed(f"dequantize failed on the rows of two calls joined ({type(e).__name__}: "
                      f"{' '.join(str(e).split())[:100]}): it may use nothing but its arguments") from None
-    expect(torch.allclose(got, torch.cat([y1, y2], 2)[:, :, keep], rtol=1e-3, atol=1e-6),
+    # (equal_nan: a nan that comes back the same is the contract check's to report, not a changed row)
+    expect(torch.allclose(got, torch.cat([y1, y2], 2)[:, :, keep], rtol=1e-3, atol=1e-6, equal_nan=True),
            "rows changed when payloads of two calls were joined and some rows dropped: each row's "
            "codes and scale must stand alone, and dequantize may use nothing but its arguments")
     alone = dequant(*reversed(call_quantize(impl, x1[:, :, 5:6])), x1[:, :, 5:6])
-    expect(torch.allclose(alone, y1[:, :, 5:6], rtol=1e-3, atol=1e-6),
+    expect(torch.allclose(alone, y1[:, :, 5:6], rtol=1e-3, atol=1e-6, equal_nan=True),
            "a row quantized alone comes back different than among others: no statistics over the "
            "whole tensor (the cache quantizes a few tokens at a time)")
 

@@ -222,6 +222,19 @@ def test_the_zero_row_hint_survives_float16(exercise_checks):
     assert failed and "row of zeros" in failed[0] and "2**-24" in failed[0], printed
 
 
+def test_nan_from_a_zero_row_with_a_nonzero_scale_is_not_blamed_on_the_scale(exercise_checks):
+    """The scale is floored (never 0), but dequantize divides by the row's largest code, 0 for
+    a row of zeros: the message says the stored scales are fine and points to dequantize, and
+    the rows-stand-alone check, whose rows come back nan the same way, does not fail too."""
+    source = INT8_OK.replace("return codes.float() * scale.float()",
+                             "return codes.float() * scale.float() * 127 / codes.float().abs().amax(-1, keepdim=True)")
+    results, printed = exercise_checks("kv_quant", source)
+    failed = [msg for _, status, msg in results if status == "FAIL"]
+    assert len(failed) == 1, printed
+    assert "dequantize gives inf or nan for a row of zeros: its stored scales are finite and not 0" in failed[0]
+    assert "scale is 0" not in printed and "rows changed" not in printed, printed
+
+
 @pytest.mark.parametrize("what", ["int4 zero point not added back", "int8 zero point not added back"])
 def test_a_zero_point_left_out_is_not_called_a_wrap_around(what, exercise_checks):
     """Codes clamped to their range, dequantize without the zero point: every value comes back
