@@ -374,7 +374,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
     """Prefill the prompt idx (B, T) (prefill), then one decode step per token; yields each
     new token (B, 1). kv: the KVOptions of the caches (default: the decoder's, else plain and
     unbounded). If given, `stats` gets the peak KV bits, the bits per cached token (per
-    sequence; a linear layer's fixed-size state, which no token accounts for, apart) and the peak over the decode steps alone (an eviction cache holds the whole
+    sequence; a linear layer's fixed-size state, which no token accounts for, apart:
+    kv_bits_fixed) and the peak over the decode steps alone (an eviction cache holds the whole
     prompt until the first step). decoder: a StaticDecoder for the same kv, B and at least
     T + max_new_tokens tokens, which then runs the decode steps (the prefill stays eager); one
     made to sample (its temperature given) must have this temperature and top_k, and then

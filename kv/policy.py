@@ -253,7 +253,8 @@ class KVOptions:
                     f"--kv_window={trained} to stay within)")
         if self.kv_sink:
             return (f"note: past the {trained} tokens of history this model was trained with, the "
-                    f"kv_sink={self.kv_sink} first tokens sit at distances {layers} never saw (without --kv_sink the window stays within)")
+                    f"kv_sink={self.kv_sink} first tokens sit at distances {layers} never saw (the rest of the cache "
+                    "stays within)")
         return None
 
     def unquantized_note(self, config, cached):

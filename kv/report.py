@@ -52,7 +52,7 @@ def markdown(results, title):
     lines += ["", f"Baseline: {base['baseline']}, {base['bpb_base']:.4f} bits per byte, "
               f"{base['kv_bits_peak_base']:,} peak KV bits per stream. Peak KV bits: the most a token-by-token "
               "decoder holds at once (every layer's keys and values), whatever the chunk; bits/token of text = "
-              "peak / tokens of the stream (sample.py's bits per cached token = peak / tokens held); x smaller = the baseline's peak / the row's; KL from this checkpoint's "
+              "peak / tokens of the stream (sample.py's bits per cached token = peak / tokens held, a linear layer's fixed state apart); x smaller = the baseline's peak / the row's; KL from this checkpoint's "
               "reference."]
     # within 1% either way; those more than 1% better are named apart (another checkpoint as
     # the baseline, or a setting that changed what the model reads rather than kept it)
