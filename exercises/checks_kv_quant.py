@@ -134,13 +134,32 @@ def shift(x, y):
     return 0.0
 
 
-def gross_mistake(x, y, kind, bits):
-    """What is plainly wrong with y, the round trip of x: None, or (message, rule), where rule
-    is the rule of exercises/README.md it breaks when that is not whichever check met it (None)."""
+def scales_fine(payload):
+    """Whether the scales stored are beyond blame for an inf or nan: every payload tensor in
+    floats but the codes finite, and in every row one of them (the scale; a zero point may be
+    0) nonzero all along it. False when that cannot be told (no such tensor, odd shapes)."""
+    codes = codes_index(payload)
+    floats = [t.float() for i, t in enumerate(payload) if i != codes and t.is_floating_point()]
+    if not floats or not all(bool(torch.isfinite(t).all()) for t in floats):
+        return False
+    nonzero = [(t != 0).all(-1) for t in floats]  # per row: this tensor is nonzero all along it
+    if any(n.shape != nonzero[0].shape for n in nonzero):
+        return False
+    return bool(torch.stack(nonzero).any(0).all())
+
+
+def gross_mistake(x, y, kind, bits, payload=None):
+    """What is plainly wrong with y, the round trip of x (payload: what quantize stored, if
+    known): None, or (message, rule), where rule is the rule of exercises/README.md it breaks
+    when that is not whichever check met it (None)."""
     if not bool(torch.isfinite(y).all()):
         if kind in FP8:
             return ("dequantize gives inf or nan: float8 overflows past its largest value; divide each row by "
                     "a scale (absmax / the format's max) before the cast, and keep that scale from being 0"), None
+        if payload is not None and scales_fine(payload):  # (then the scales are not what to blame)
+            return ("dequantize gives inf or nan although the scales stored are finite and none is 0: look at "
+                    "what dequantize computes from them (a division by a code, or by something else that can be "
+                    "0?)"), None
         return f"dequantize gives inf or nan: a scale of 0 or one that float16 cannot hold; {FLOOR}", None
     zero_rows = (y == 0).all(-1) & (x != 0).any(-1)
     if bool(zero_rows.any()):
@@ -188,11 +207,11 @@ def gross_mistake(x, y, kind, bits):
     return None
 
 
-def expect_no_gross_mistake(x, y, kind, bits, rule, judged):
+def expect_no_gross_mistake(x, y, kind, bits, rule, judged, payload=None):
     """Failed when y, the round trip of x, is plainly wrong for a reason of this check's rule
     (or of none in particular); Skipped when the reason breaks another rule, whose check judges
     the same rows (it would fail here under the wrong rule's name)."""
-    found = gross_mistake(x, y, kind, bits)
+    found = gross_mistake(x, y, kind, bits, payload)
     if found is None:
         return
     message, broken = found
@@ -226,9 +245,11 @@ def check_quant_contract(impl, ctx):
         payload, y = round_trip(impl, x)
         wrong = stored_scale_problem(payload)
         if not bool(torch.isfinite(y[1, 2, 4]).all()):  # the row of zeros: say what is known of its scale
+            stored = any(t.is_floating_point() for i, t in enumerate(payload) if i != codes_index(payload))
             why = (f"its scale is 0 (0 / 0 is nan); {FLOOR}" if wrong and "scale of 0" in wrong else
                    f"{wrong}; {FLOOR}" if wrong else "its stored scales are finite and not 0, so look at "
-                   "what dequantize computes from them")
+                   "what dequantize computes from them" if stored else "no payload tensor but the codes is in "
+                   "floats (no scale of 0 to blame), so look at what dequantize computes")
             expect(False, f"head dimension {n}: dequantize gives inf or nan for a row of zeros: {why}")
         expect(bool(torch.isfinite(y).all()), f"head dimension {n}: dequantize gives inf or nan")
         expect(wrong is None, f"head dimension {n}: {wrong}; {FLOOR}")
@@ -249,7 +270,8 @@ def check_quant_levels(impl, ctx):
     x = ramp_rows()
     payload, y = round_trip(impl, x)
     kind, bits = code_format(payload, x.size(-1))
-    expect_no_gross_mistake(x, y, kind, bits, ("4a", 3), "how many levels are used")  # (the title names the ramp)
+    expect_no_gross_mistake(x, y, kind, bits, ("4a", 3), "how many levels are used",  # (the title names the ramp)
+                            payload)
     levels = torch.unique(y).numel()
     if kind == "int":
         need, full = math.ceil(0.75 * 2 ** bits), f"{2 ** bits} levels"
@@ -272,7 +294,7 @@ def check_quant_bias(impl, ctx):
     x = quant_rows()
     payload, y = round_trip(impl, x)
     kind, bits = code_format(payload, x.size(-1))
-    expect_no_gross_mistake(x, y, kind, bits, ("4a", 4), "how the codes are rounded")
+    expect_no_gross_mistake(x, y, kind, bits, ("4a", 4), "how the codes are rounded", payload)
     again = round_trip(impl, x)[1]
     if not torch.equal(again, y):
         ctx["random"] = True  # (rule 6's check would meet it again)
@@ -331,7 +353,7 @@ def check_quant_error(impl, ctx):
     x = quant_rows()
     payload, y = round_trip(impl, x)
     kind, bits = code_format(payload, x.size(-1))
-    expect_no_gross_mistake(x, y, kind, bits, ("4a", 5), "the error")
+    expect_no_gross_mistake(x, y, kind, bits, ("4a", 5), "the error", payload)
     rel, ref = row_errors(x, y), row_errors(x, plain_quantizer(kind, bits)(x))
     mean, worst = rel.mean().item(), rel.max().item()
     bound_mean, bound_worst = min(0.9, MARGIN * ref.mean().item()), min(1.0, MARGIN * ref.max().item())
@@ -356,7 +378,8 @@ def check_quant_error(impl, ctx):
            "rows range from 0.01 to 100 in size: a scale per row (or group) from its absmax, all levels used, "
            "rounding to nearest")
     xb = x.bfloat16()  # as a bfloat16 model's cache holds keys and values (eval_kv's default dtype)
-    found = gross_mistake(xb.float(), round_trip(impl, xb)[1], kind, bits)
+    payload_b, yb = round_trip(impl, xb)
+    found = gross_mistake(xb.float(), yb, kind, bits, payload_b)
     if found is not None:
         raise Failed(f"with x in bfloat16 (a bfloat16 model's cache): {found[0]}" + (f"; {see(*found[1])}"
                                                                                     if found[1] else ""))

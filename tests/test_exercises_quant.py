@@ -235,6 +235,22 @@ def test_nan_from_a_zero_row_with_a_nonzero_scale_is_not_blamed_on_the_scale(exe
     assert "scale is 0" not in printed and "rows changed" not in printed, printed
 
 
+def test_nan_wherever_a_code_is_0_is_not_blamed_on_the_scale(exercise_checks):
+    """The scale is floored (never 0), but dequantize multiplies by codes / codes, nan wherever a
+    code is 0 (every row has some): no check blames a scale of 0 or one float16 cannot hold,
+    they point to dequantize; and the rows-stand-alone check, whose rows come back nan in the
+    same places joined or not, does not call them changed (nan != nan)."""
+    source = INT8_OK.replace("return codes.float() * scale.float()",
+                             "return codes.float() * scale.float() * (codes.float() / codes.float())")
+    results, printed = exercise_checks("kv_quant", source)
+    failed = {title: msg for title, status, msg in results if status == "FAIL"}
+    assert "its stored scales are finite and not 0" in failed[CONTRACT], printed
+    assert "although the scales stored are finite and none is 0" in failed[LEVELS], printed
+    for words in ("scale is 0", "scale of 0", "cannot hold", "rows changed"):
+        assert words not in printed, printed
+    assert ROWS not in failed, printed
+
+
 @pytest.mark.parametrize("what", ["int4 zero point not added back", "int8 zero point not added back"])
 def test_a_zero_point_left_out_is_not_called_a_wrap_around(what, exercise_checks):
     """Codes clamped to their range, dequantize without the zero point: every value comes back
