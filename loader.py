@@ -5,6 +5,7 @@ The data: bytes as tokens, the byte loader that training reads, and dataset prep
     python -c "import loader; print(loader.dataset_paths('shakespeare_char'))"
 """
 import errno
+import http.client
 import os
 import urllib.request
 
@@ -180,18 +181,42 @@ def _cannot_write(data_dir, names, e):
     return UserError(f"cannot write {names} into {data_dir} ({e.strerror or e}); {todo}")
 
 
-def _check_input(data, input_path, target, where):
-    """Refuse an --input that is not text, or that would replace a different input.txt."""
+def _check_input(data, target, where, fix, force, same=False):
+    """Refuse an input (an --input, a download) that is not text, or that would replace a
+    different input.txt (same: it is that input.txt). fix: what to give instead; force: how
+    to pass --force=True (a flag of prepare.py, or on first use the prepare.py command)."""
     if b"\0" in data:
-        raise UserError(f"{where} is not text (it holds NUL bytes, the first at byte {data.index(0):,}); give a "
-                        "plain-text copy of the corpus, or pass --force=True to train on these bytes anyway")
-    if os.path.isfile(target) and not os.path.samefile(input_path, target):
+        raise UserError(f"{where} is not text (it holds NUL bytes, the first at byte {data.index(0):,}); {fix}, "
+                        f"or {force} to train on these bytes anyway")
+    if os.path.isfile(target) and not same:
         old_size = os.path.getsize(target)
         if old_size != len(data) or _read(target, os.path.relpath(target)) != data:
             raise UserError(f"{where} differs from the {os.path.relpath(target)} already there ({old_size:,} "
-                            "bytes): checkpoints trained on the old text would be scored on the new one; pass "
-                            "--force=True to replace it, or put the new text as input.txt in a folder of its own and "
+                            f"bytes): checkpoints trained on the old text would be scored on the new one; {force} "
+                            "to replace it, or put the new text as input.txt in a folder of its own and "
                             "train with --dataset=that/folder/")
+
+
+def _force(data_dir, first_use, *flags):
+    """How to pass --force=True: prepare.py's own flag, or on a first use (a training run that
+    prepares the data) the prepare.py command that takes it."""
+    if not first_use:
+        return "pass --force=True"
+    return f"run python {' '.join([os.path.relpath(os.path.join(data_dir, 'prepare.py')), *flags])} --force=True"
+
+
+def _download(url, target, data_dir):
+    """The bytes at url, read whole before anything is written; a failure is one UserError."""
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.read()
+    except http.client.IncompleteRead as e:  # the connection closed early: a partial file
+        reason = f"it ended after {len(e.partial):,} of {len(e.partial) + (e.expected or 0):,} bytes"
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError and timeouts are OSErrors
+        reason = getattr(e, "reason", None) or str(e) or type(e).__name__
+    raise UserError(f"could not download {url} ({reason}); either fetch it by hand into {os.path.relpath(target)}, "
+                    f"or give a local copy: {_prepare_command(data_dir)}")
 
 
 def not_text(path, head=2 ** 20):
@@ -208,12 +233,12 @@ def not_text(path, head=2 ** 20):
             "the model learns its bytes all the same (was --dataset meant to name another folder?)")
 
 
-def _corpus(data, where):
+def _corpus(data, where, fix="give a plain-text copy of the corpus"):
     """data, if it splits into a non-empty train.txt and val.txt; else one UserError."""
     if not data:
-        raise UserError(f"{where} is empty: give a plain-text copy of the corpus")
+        raise UserError(f"{where} is empty: {fix}")
     if int(len(data) * 0.9) in (0, len(data)):
-        raise UserError(f"{where} has {len(data)} bytes, too few to split into train.txt and val.txt")
+        raise UserError(f"{where} has {len(data)} bytes, too few to split into train.txt and val.txt; {fix}")
     return data
 
 
@@ -225,48 +250,49 @@ def _read(path, where):
         raise UserError(f"{where}: cannot read it ({e.strerror or e})") from None
 
 
-def prepare(data_dir, input_path=None, url=None, force=False):
+def prepare(data_dir, input_path=None, url=None, force=False, fetch=False, first_use=False):
     """Split data_dir/input.txt into train.txt (first 90% of the bytes) and val.txt (the rest).
-    input_path is copied to input.txt first; url is downloaded when there is no input.txt.
-    Every input is checked before it replaces a file: a bad one leaves data_dir as it was.
-    An input_path or a download that is not text (NUL bytes), or an input_path that differs
-    from the input.txt already there, is refused unless force."""
+    input_path is copied to input.txt first; url is downloaded when there is no input.txt, or
+    (fetch: a --url given) in any case. Every input is checked before it replaces a file: a bad
+    one leaves data_dir as it was. An input_path or a download that is not text (NUL bytes),
+    or that differs from the input.txt already there, is refused unless force. first_use: a
+    training run prepares the data, so errors name the prepare.py command, not its flags."""
     try:
         os.makedirs(data_dir, exist_ok=True)
     except OSError as e:
         raise _cannot_write(os.path.dirname(os.path.abspath(data_dir)), os.path.basename(data_dir), e) from None
     target = os.path.join(data_dir, "input.txt")
     files = {}  # what is written, all at once at the end
+    if input_path and fetch:
+        raise UserError(f"--input={input_path} and --url={url} both give the text; give one of them")
     if input_path:
-        where = f"--input={input_path}"
+        where = f"the local copy {os.path.relpath(input_path)}" if first_use else f"--input={input_path}"
         if not os.path.isfile(input_path):
             raise UserError(f"{where}: " + ("a folder; give the text file in it (e.g. input.txt)"
                                             if os.path.isdir(input_path) else
                                             "not a regular file (a device or a pipe); give a text file"
                                             if os.path.exists(input_path) else "no such file"))
         data = _corpus(_read(input_path, where), where)
+        same = os.path.exists(target) and os.path.samefile(input_path, target)
         if not force:
-            _check_input(data, input_path, target, where)
-        if not (os.path.exists(target) and os.path.samefile(input_path, target)):
+            _check_input(data, target, where, "give a plain-text copy of the corpus",
+                         _force(data_dir, first_use, f"--input={os.path.relpath(input_path)}"), same)
+        if not same:
             files["input.txt"] = data
-    elif os.path.exists(target):
+    elif os.path.exists(target) and not fetch:
         data = _corpus(_read(target, os.path.relpath(target)), os.path.relpath(target))
     else:
         if not url:
             raise UserError(f"{os.path.relpath(target)} not found and there is no download source;"
                             f" give a plain-text copy of the corpus: {_prepare_command(data_dir)}")
-        print(f"downloading {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                data = response.read()
-        except (OSError, ValueError) as e:  # URLError and timeouts are OSErrors
-            raise UserError(f"could not download {url} ({getattr(e, 'reason', e)}); either fetch it by hand "
-                            f"into {os.path.relpath(target)}, or give a local copy: {_prepare_command(data_dir)}"
-                            ) from None
-        if b"\0" in data and not force:  # (an --input is refused for it too)
-            raise UserError(f"the download from {url} is not text (it holds NUL bytes, the first at byte "
-                            f"{data.index(0):,}): check --url, or pass --force=True to train on these bytes anyway")
-        files["input.txt"] = _corpus(data, f"the download from {url}")
+        data = _download(url, target, data_dir)
+        where = f"the download from {url}"
+        # checked as an --input is: a wrong --url (a binary file, a snippet) leaves nothing behind
+        fix = ("give a plain-text copy of the corpus: " + _prepare_command(data_dir)) if first_use else "check --url"
+        data = _corpus(data, where, fix)
+        if not force:
+            _check_input(data, target, where, fix, _force(data_dir, first_use, *([f"--url={url}"] if fetch else [])))
+        files["input.txt"] = data
     n = int(len(data) * 0.9)
     files["train.txt"], files["val.txt"] = data[:n], data[n:]
     _write_files(data_dir, files)
@@ -312,16 +338,19 @@ def dataset_paths(dataset):
     local = os.path.join(SHARED_DATA, os.path.basename(data_dir), "input.txt")
     if not is_dir_path and os.path.isfile(local):  # an offline machine's local copy of the corpus
         print(f"preparing {dataset} from the local copy {os.path.relpath(local)}")
-        prepare(data_dir, input_path=local)
+        prepare(data_dir, input_path=local, first_use=True)
         return train, val
     if not is_dir_path and dataset in SOURCES:
         print(f"preparing {dataset} (first use)")
-        prepare(data_dir, url=SOURCES[dataset])
+        prepare(data_dir, url=SOURCES[dataset], first_use=True)
         return train, val
     if not is_dir_path and not os.path.isdir(data_dir):
-        here = (f"; the folder {dataset} here is given with a slash: --dataset=./{dataset}"
-                if os.path.isdir(dataset) else "")  # (a bare name is one under data/)
-        raise UserError(f"--dataset={dataset}: unknown dataset; known: {', '.join(known_datasets())}{here}")
+        # a bare name is one under data/ only, wherever the run starts; a folder of that name
+        # here that holds a dataset is pointed to, as a path
+        if any(os.path.isfile(os.path.join(dataset, name)) for name in ("val.txt", "train.txt", "input.txt")):
+            raise UserError(f"--dataset={dataset}: no dataset {dataset} under data/; for the folder {dataset} here, "
+                            f"give its path: --dataset=./{dataset}")
+        raise UserError(f"--dataset={dataset}: unknown dataset; known: {', '.join(known_datasets())}")
     if is_dir_path and not os.path.isdir(data_dir):
         what = "it is a file, not a folder" if os.path.exists(data_dir) else "there is no such folder"
         raise UserError(f"no train.txt and val.txt in {data_dir}: {what}; give a folder holding the corpus "

@@ -8,6 +8,7 @@ no network), progress and the end-of-run summary, and --help of every script.
 import ast
 import contextlib
 import glob
+import http.client
 import importlib.util
 import io
 import os
@@ -230,6 +231,50 @@ def test_a_download_that_is_not_text_is_refused_unless_forced(fresh_data, monkey
     assert os.listdir(fresh_data) == []
     loader.prepare(str(fresh_data), url="file:///some/where", force=True)
     assert (fresh_data / "input.txt").read_bytes() == blob
+
+
+def test_a_refused_first_use_download_names_the_prepare_command(fresh_data, tmp_path, monkeypatch, capsys):
+    """A first training run that downloads text it refuses (NUL bytes, too short to split)
+    says so in one line naming prepare.py's command (train.py has no --force or --url), and
+    writes nothing."""
+    for blob, words in ((b"\x00\x01binary" * 50, "is not text (it holds NUL bytes, the first at byte 0); give a "
+                         "plain-text copy of the corpus: python data/shakespeare_char/prepare.py --input=PATH, or run "
+                         "python data/shakespeare_char/prepare.py --force=True to train on these bytes anyway"),
+                        (b"x", "has 1 bytes, too few to split into train.txt and val.txt; give a plain-text copy of "
+                         "the corpus: python data/shakespeare_char/prepare.py --input=PATH")):
+        monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(blob))
+        with pytest.raises(SystemExit) as info:
+            train("shakespeare_char", tmp_path / "out", "--max_iters=2")
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(lines) == 1 and lines[0].endswith(words), lines
+        assert "check --url" not in lines[0] and os.listdir(fresh_data) == []
+
+
+def test_a_download_cut_short_is_one_line_and_leaves_nothing(fresh_data, monkeypatch):
+    """The connection closes before the Content-Length is read (http.client.IncompleteRead,
+    not an OSError): one line, no traceback and no partial input.txt."""
+    class Cut(io.BytesIO):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"First Citizen:", 986)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Cut())
+    with pytest.raises(UserError, match=r"could not download .* \(it ended after 14 of 1,000 bytes\); either fetch "
+                                        r"it by hand into data/shakespeare_char/input.txt, or give a local copy"):
+        loader.dataset_paths("shakespeare_char")
+    assert os.listdir(fresh_data) == []
+
+
+def test_a_binary_local_copy_names_the_prepare_command(fresh_data, tmp_path, monkeypatch):
+    """The offline copy in ../shared/data is checked as an --input is; the error names that
+    copy (no --input was typed) and the prepare.py command that would take it anyway."""
+    shared = tmp_path / "shared" / "shakespeare_char"
+    shared.mkdir(parents=True)
+    (shared / "input.txt").write_bytes(b"ab\x00cdef" * 10)
+    monkeypatch.setattr(loader, "SHARED_DATA", str(tmp_path / "shared"))
+    with pytest.raises(UserError, match=r"^the local copy shared/shakespeare_char/input.txt is not text .*; give a "
+                                        r"plain-text copy of the corpus, or run python data/shakespeare_char/"
+                                        r"prepare.py --input=shared/shakespeare_char/input.txt --force=True to"):
+        loader.dataset_paths("shakespeare_char")
+    assert os.listdir(fresh_data) == []
 
 
 def test_first_use_prefers_the_local_copy(fresh_data, tmp_path, monkeypatch):

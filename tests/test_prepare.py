@@ -15,8 +15,9 @@ from utils import UserError
 
 
 def copy_scripts(root):
-    """A copy of what the svejk prepare script needs, so tests never write into the repo's data/."""
-    for name in ("utils.py", "fileio.py", "loader.py", "configurator.py", "data/svejk_char/prepare.py"):
+    """A copy of what the prepare scripts need, so tests never write into the repo's data/."""
+    for name in ("utils.py", "fileio.py", "loader.py", "configurator.py", "data/svejk_char/prepare.py",
+                 "data/shakespeare_char/prepare.py"):
         os.makedirs(os.path.dirname(root / name), exist_ok=True)
         shutil.copy(os.path.join(REPO_ROOT, name), root / name)
 
@@ -59,6 +60,37 @@ def test_failed_download_suggests_input(tmp_path):
         prepare(str(tmp_path), url="http://127.0.0.1:9/input.txt")  # nothing listens on port 9
 
 
+def test_prepare_script_checks_a_url_download_as_an_input(tmp_path):
+    """--url gets --input's checks: not text (NUL bytes), too short to split, a text other than
+    the input.txt already there; each refusal is one line that writes nothing, --force=True
+    takes the bytes. A --url given is downloaded even when input.txt is there."""
+    copy_scripts(tmp_path)
+    ds, script = tmp_path / "data/shakespeare_char", "data/shakespeare_char/prepare.py"
+    binary, short, text = tmp_path / "bin.txt", tmp_path / "one.txt", tmp_path / "text.txt"
+    binary.write_bytes(b"ab\x00cdef")
+    short.write_bytes(b"a")
+    text.write_bytes(tiny_corpus(1000))
+    proc = run_script(script, f"--url={binary.as_uri()}", cwd=tmp_path)
+    assert_user_error(proc, f"the download from {binary.as_uri()} is not text (it holds NUL bytes, the first at "
+                            "byte 2); check --url, or pass --force=True to train on these bytes anyway")
+    proc = run_script(script, f"--url={short.as_uri()}", cwd=tmp_path)
+    assert_user_error(proc, "has 1 bytes, too few to split into train.txt and val.txt; check --url")
+    assert sorted(os.listdir(ds)) == ["prepare.py"]
+    proc = run_script(script, f"--url={binary.as_uri()}", "--force=True", cwd=tmp_path)
+    assert proc.returncode == 0 and "train.txt has 6 bytes, val.txt has 1 bytes" in proc.stdout, proc.stderr
+    before = {name: (ds / name).read_bytes() for name in ("input.txt", "train.txt", "val.txt")}
+    proc = run_script(script, f"--url={text.as_uri()}", cwd=tmp_path)  # was: input.txt split, --url ignored
+    assert_user_error(proc, f"the download from {text.as_uri()} differs from the data/shakespeare_char/input.txt "
+                            "already there (7 bytes)", "pass --force=True to replace it")
+    proc = run_script(script, f"--url={text.as_uri()}", f"--input={text}", cwd=tmp_path)
+    assert_user_error(proc, f"--input={text} and --url={text.as_uri()} both give the text; give one of them")
+    assert {name: (ds / name).read_bytes() for name in before} == before
+    proc = run_script(script, f"--url={text.as_uri()}", "--force=True", cwd=tmp_path)
+    assert proc.returncode == 0 and (ds / "val.txt").read_bytes() == tiny_corpus(1000)[900:], proc.stderr
+    proc = run_script(script, f"--url={text.as_uri()}", cwd=tmp_path)  # the same text again: fine
+    assert proc.returncode == 0 and "train.txt has 900 bytes" in proc.stdout, proc.stderr
+
+
 def test_dataset_paths_prepares_or_explains(tmp_path):
     (tmp_path / "input.txt").write_bytes(tiny_corpus(1000))
     train, val = dataset_paths(str(tmp_path))  # only input.txt there: split on demand
@@ -75,11 +107,19 @@ def test_a_bare_name_of_a_folder_here_is_pointed_to_its_path(tmp_path, monkeypat
     (tmp_path / "tinyds").mkdir()
     (tmp_path / "tinyds" / "input.txt").write_bytes(tiny_corpus(1000))
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"unknown dataset; known: .*; the folder tinyds here is given with a "
-                                        r"slash: --dataset=\./tinyds$"):
+    with pytest.raises(UserError, match=r"^--dataset=tinyds: no dataset tinyds under data/; for the folder "
+                                        r"tinyds here, give its path: --dataset=\./tinyds$"):
         dataset_paths("tinyds")
-    with pytest.raises(UserError, match=r"unknown dataset; known: [a-z_, ]+$"):  # no folder: no hint
-        dataset_paths("otherds")
+    (tmp_path / "tinyds" / "input.txt").unlink()
+    (tmp_path / "tinyds" / "val.txt").write_bytes(tiny_corpus(100))  # val.txt alone: what eval_kv.py reads
+    with pytest.raises(UserError, match=r"--dataset=\./tinyds$"):
+        dataset_paths("tinyds")
+    (tmp_path / "tinyds" / "input.txt").write_bytes(tiny_corpus(1000))
+    (tmp_path / "tinyds" / "val.txt").unlink()
+    (tmp_path / "notes").mkdir()  # a folder here that holds no dataset: not pointed to
+    for name in ("otherds", "notes"):
+        with pytest.raises(UserError, match=r"unknown dataset; known: [a-z_, ]+$"):
+            dataset_paths(name)
     train, _ = dataset_paths("./tinyds")
     assert os.path.getsize(train) == 900
 

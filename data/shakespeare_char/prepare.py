@@ -1,9 +1,12 @@
 """
 Tiny-shakespeare as raw bytes: writes train.txt (first 90%) and val.txt (last 10%) next to this
 file. Downloads input.txt from the char-rnn repository unless it is here or --input gives a copy.
+A download (the default one, or --url) is checked as an --input is: bytes that are not text, or
+a text other than the input.txt already here, are refused unless --force=True.
 
     python data/shakespeare_char/prepare.py
     python data/shakespeare_char/prepare.py --input=../shared/data/shakespeare_char/input.txt
+    python data/shakespeare_char/prepare.py --url=https://example.org/other.txt   # downloaded even if input.txt is here
 """
 import os
 import sys
@@ -16,12 +19,16 @@ from utils import run_main
 
 input = ""  # path of a local copy of the text, used instead of downloading it
 url = SOURCES["shakespeare_char"]  # where input.txt is downloaded from (char-rnn's tiny-shakespeare)
-force = False  # replace an input.txt that holds other text, or take an --input that is not text (NUL bytes)
+force = False  # replace an input.txt that holds other text, or take an --input or download that is not text (NUL bytes)
 
 
 def main():
-    configure(globals(), sys.argv[1:])
-    prepare(os.path.dirname(os.path.abspath(__file__)), input_path=input or None, url=url, force=force)
+    given = set()
+    configure(globals(), sys.argv[1:], given=given)
+    # a --url given is downloaded even when an input.txt is here (and checked against it); the
+    # default one only when there is none
+    prepare(os.path.dirname(os.path.abspath(__file__)), input_path=input or None, url=url, force=force,
+            fetch="url" in given)
 
 
 if __name__ == "__main__":
