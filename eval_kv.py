@@ -66,7 +66,7 @@ quiet_start.done()
 # -----------------------------------------------------------------------------
 out_dir = "out"  # the folder train.py wrote; sweep results are written here too
 checkpoint_name = "ckpt"  # 'ckpt' (best val loss) or 'last', with or without '.pt'
-dataset = ""  # '' = the checkpoint's dataset; or a name under data/, or a folder with val.txt
+dataset = ""  # '' = the checkpoint's dataset; or a name under data/, or the path of a folder with val.txt (./mydata)
 n_streams = 4  # contiguous stretches of the val split, evaluated side by side
 stream_len = 4096  # bytes per stream
 chunk = 0  # bytes per forward (0 = the checkpoint's block_size; 1 = exact decode)

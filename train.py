@@ -83,7 +83,7 @@ resume_checkpoint_name = "ckpt"  # 'ckpt', 'ckpt.pt', 'last' or 'last.pt'
 resume_mode = "auto"  # 'continue' | 'finetune' | 'auto' (see the docstring)
 tensorboard = True  # write TensorBoard scalars into out_dir
 # data
-dataset = "shakespeare_char"  # data/<dataset>/train.txt and val.txt, or a folder path holding them
+dataset = "shakespeare_char"  # data/<dataset>/train.txt and val.txt, or the path of a folder holding them (./mydata: a slash)
 gradient_accumulation_steps = 1  # micro-batches per optimizer step, over all DDP ranks together
 batch_size = 64  # rows per micro-batch
 block_size = 256  # bytes per row (the training context length)
