@@ -57,6 +57,7 @@ from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from plugins import import_function
 from steps import (compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, percent_done,
                    train_step)
+from schedule import Schedule
 from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
                     objective_settings, only_evaluates, other_val_batches, restore_training_state, resume_schedule,
                     rng_state, stopped_at_once)
@@ -233,26 +234,9 @@ def train(held):
     rank_seed = seed + rank + (world_size * start_iter if rank > 0 else 0)
     if writes:
         print(f"training iterations {start_iter}..{end_iter - 1}, {tokens_per_iter:,} tokens per iteration")
-        run = end_iter - origin  # the schedule's iterations
-        if decay_lr and (lr_decay_iters > run or warmup_iters >= run) and master:
-            warmup_fix = max(1, run // 10) if warmup_iters >= run else warmup_iters
-            fix = f"--lr_decay_iters={run}" + (f" --warmup_iters={warmup_fix}" if warmup_fix != warmup_iters else "")
-            end, end_fixed = get_lr(run - 1), get_lr(run - 1, warmup_fix, run)
-            span = f"this run's {run} iterations" if start_iter == origin else \
-                f"the schedule's {run} iterations ({origin}..{end_iter - 1}, this run resuming at {start_iter})"
-            fits = end_fixed < end and start_iter == origin  # (a continued run keeps its schedule: no advice)
-            print(f"note: {span} end at learning rate {end:.2e}, not min_lr={min_lr:g} "
-                  f"(warmup_iters={warmup_iters}, lr_decay_iters={lr_decay_iters})"
-                  + (f"; with {fix} it ends at {end_fixed:.2e}" if fits else ""))
-        elif decay_lr and mode == "continue" and start_iter >= lr_decay_iters and master:
-            print(f"note: the schedule reached min_lr={min_lr:g} at iteration {lr_decay_iters}: every iteration of "
-                  f"this continued run trains at it; --resume_mode=finetune --max_iters={end_iter - start_iter} "
-                  "trains as many with a fresh warm-up and decay")
-        elif decay_lr and lr_decay_iters <= warmup_iters and master and start_iter == origin:  # no cosine then
-            # (a continued run keeps its schedule: no advice)
-            print(f"note: lr_decay_iters={lr_decay_iters} ends before warm-up does (warmup_iters={warmup_iters}): the "
-                  f"learning rate drops from {learning_rate:g} to min_lr={min_lr:g} at once after warm-up; "
-                  f"--lr_decay_iters={run} decays it over the run")
+        schedule = Schedule.from_settings(globals())  # (a fine-tune's is fitted to its iterations: resume_run)
+        if master and (note := schedule.run_note(start_iter, end_iter, origin, mode)):
+            print(note)
         optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
         scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
         loader = ByteLoader(train_path, block_size, batch_size, reset_prob=reset_prob, seed=rank_seed, device=dev)
@@ -370,7 +354,7 @@ def train(held):
     save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
     stop = held.enter_context(StopAfterStep(enabled=not ddp))
     while iter_num < end_iter and not stop.asked:
-        lr = get_lr(iter_num - origin)
+        lr = schedule.lr(iter_num - origin)
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch_loss = train_step(model, optimizer, scaler, loader, ctx, micro_steps, grad_clip, memory, ddp)
@@ -465,7 +449,12 @@ def resume_run(config, given, defaults, dev, world_size):
             print(f"note: {k}={model_args[k]!r} from the checkpoint ({said} {config[k]!r})")
     mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
     if mode == "finetune" and end_iter > start_iter and not eval_only:  # (eval_only trains nothing: no schedule)
-        config.update(fit_schedule(max_iters, sys.argv[1:]))
+        flags = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+        fit, note = Schedule.from_settings(globals()).fit(max_iters, flags)
+        if fit:
+            globals().update(fit)
+            config.update(fit)
+            print(note)
     elif mode == "continue" and (note := changed_settings(ckpt, {**config, **model_args})):  # (dropout: the model's)
         print(note)
     best_val_loss = ckpt.get("best_val_loss", float("inf"))
@@ -566,41 +555,6 @@ def check_variant(c, fresh):
         print(f"note: --window={c.window} is wider than --block_size={block_size}: the local layers see every byte "
               f"of their rows, as global ones do, and never a distance past {block_size} (the sample command "
               "at the end bounds the cache there)")
-
-
-
-
-def fit_schedule(iters, argv):
-    """A fine-tune's fresh schedule fits its own iters, unless flags set it: a warm-up of a
-    tenth (at most warmup_iters) and the cosine down to min_lr at its end, not at
-    the config's lr_decay_iters, which were meant for the run from scratch. Returns the
-    settings it changed, after saying so."""
-    flags = {a[2:].partition("=")[0] for a in argv if a.startswith("--")}
-    fit = {"warmup_iters": min(warmup_iters, max(1, iters // 10)), "lr_decay_iters": iters}
-    fit = {k: v for k, v in fit.items() if k not in flags and v != globals()[k]}
-    if fit:
-        globals().update(fit)
-        end = ("cosine to min_lr at its end" if warmup_iters < iters else
-               f"no cosine: the warm-up takes them all, the rate climbing to {get_lr(iters - 1):.2e} "
-               f"(learning_rate={learning_rate:g})")
-        print(f"note: the fine-tune's schedule fits its {iters} iterations: warm-up {warmup_iters}, {end} "
-              f"(--warmup_iters and --lr_decay_iters set them)")
-    return fit
-
-
-def get_lr(it, warmup=None, decay_iters=None):
-    """Learning rate at iteration `it` of the schedule: linear warm-up, then cosine to min_lr
-    (warmup, decay_iters: other warmup_iters and lr_decay_iters than the run's)."""
-    warmup = warmup_iters if warmup is None else warmup
-    decay_iters = lr_decay_iters if decay_iters is None else decay_iters
-    if it < warmup:
-        return learning_rate * (it + 1) / (warmup + 1)
-    if not decay_lr:
-        return learning_rate
-    if it >= decay_iters:
-        return min_lr
-    progress = (it - warmup) / max(1, decay_iters - warmup)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
 if __name__ == "__main__":
