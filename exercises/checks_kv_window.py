@@ -132,6 +132,15 @@ def false_sinks(pos, window, sink, kept):
     return None
 
 
+def newest_gone(pos, window, kept):
+    """A Skipped where some of the kv_window newest tokens went missing: rule 2's failure
+    (reported above), which makes the tokens kept in their place look like false sinks or
+    extra tokens."""
+    if any(p not in kept for p in pos[-window:]):
+        raise Skipped(f"the newest tokens are not all kept (pos={short(pos)}, kv_window={window}, kept "
+                      f"{short(kept)}: see above), so which others are kept by mistake cannot be told")
+
+
 def check_trim_sinks(impl, ctx):
     for pos, window, sink in TRIM_CASES:
         _, out = call_trim(impl, pos, window, sink)
@@ -141,6 +150,8 @@ def check_trim_sinks(impl, ctx):
         expect(not missing, f"{where}: positions < {sink} must stay, {short(missing)} went missing; the sinks "
                "are the tokens at text positions < kv_sink, wherever they sit in the cache")
         wrong = false_sinks(pos, window, sink, kept)
+        if wrong:
+            newest_gone(pos, window, kept)
         expect(wrong is None, f"{where}: {wrong}")
 
 
@@ -152,6 +163,7 @@ def check_trim_budget(impl, ctx):
         where = f"pos={short(pos)}, kv_window={window}, kv_sink={sink}"
         if not extra:
             continue
+        newest_gone(pos, window, kept)
         wrong_sinks = false_sinks(pos, window, sink, kept)  # rule 3's failure, reported above
         edge = window_edge(pos, window)
         if edge in extra and (extra == [edge] or wrong_sinks):  # a mistake of its own besides the sinks

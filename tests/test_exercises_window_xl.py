@@ -222,6 +222,27 @@ def test_one_newest_too_few_is_blamed_on_the_window_rule_alone(exercise_checks):
     assert [t for t, status, _ in results if status == "FAIL"] == ["keeps the kv_window newest tokens"], printed
 
 
+OLDEST_WITH_SINKS = """
+    import torch
+    def keep_recent(k, v, pos, kv_window, kv_sink=0):
+        keep = (torch.arange(pos.numel()) < kv_window) | (pos < kv_sink)
+        return k[:, :, keep], v[:, :, keep], pos[keep]
+    """
+
+
+@pytest.mark.parametrize("source", [WRONG["the window keeps the oldest"][1], OLDEST_WITH_SINKS], ids=["slices", "mask"])
+def test_keeping_the_oldest_fails_the_window_rule_alone(source, exercise_checks):
+    """The oldest tokens kept in place of the newest: the window check (rule 2) fails; the sink
+    and budget checks, which meet the old tokens as extra ones, step aside rather than blame a
+    `<=` among the sinks (rule 3) or too many tokens (rule 4)."""
+    results, printed = exercise_checks("kv_window", source)
+    status = {t: s for t, s, _ in results}
+    assert [t for t, s in status.items() if s == "FAIL"] == ["keeps the kv_window newest tokens"], printed
+    assert status["keeps the kv_sink first tokens of the text"] == "SKIP", printed
+    assert status["drops everything else (at most kv_window + kv_sink tokens)"] == "SKIP", printed
+    assert "not <=" not in printed, printed
+
+
 @pytest.mark.parametrize("what", ["sinks by place in the cache", "sinks up to kv_sink included"])
 def test_false_sinks_fail_the_sink_rule_alone(what, exercise_checks):
     """Tokens kept as sinks that are none: the sink check (rule 3) fails; the budget check, which
