@@ -263,6 +263,8 @@ def main():
         other += [f"chunk={chunk}"] if chunk and chunk != block else []
     # (the title says the dtype already; the file names say it too)
     tags = other + ([f"dtype={dtype}"] if dtype != "bfloat16" else [])
+    if os.path.basename(path) != "ckpt.pt":  # (last.pt's sweep must not replace ckpt.pt's; the title names the file)
+        tags.append(os.path.splitext(os.path.basename(path))[0])
     prefix = os.path.join(out_dir, "_".join([f"eval_kv_{sweep}"] + [re.sub(r"[^\w.-]+", "-", o) for o in tags]))
     if sweep:  # the files the sweep writes at its end: writable now, or one error before the long run
         files = [".csv", ".md", ".png"] if png else [".csv", ".md"]

@@ -408,7 +408,7 @@ def test_rows_a_chunk_cannot_tell_apart_are_said_to_be_alike(tiny_data_dir):
 
 def test_another_text_or_reference_is_named_and_keeps_the_own_sweep(ckpt_dir, tmp_path):
     """--dataset (not the checkpoint's), --reference=unbounded, --dtype=float32, a window of
-    one's own and --chunk=1 each name the sweep's files, so the checkpoint's own sweep stays;
+    one's own, --chunk=1 and --checkpoint_name=last each name the sweep's files, so the checkpoint's own sweep stays;
     a plain rerun says it replaces it."""
     from conftest import tiny_corpus, write_splits
     (tmp_path / "other_text").mkdir()
@@ -419,9 +419,10 @@ def test_another_text_or_reference_is_named_and_keeps_the_own_sweep(ckpt_dir, tm
     assert code in (0, None), err
     assert "was trained on" in err and "other_text's val split" in err and "| int8" in out
     new, replaced = {}, {}
+    shutil.copy(ckpt_dir / "ckpt.pt", ckpt_dir / "last.pt")  # (another file, for --checkpoint_name=last)
     for name, extra in (("own", []), ("text", [f"--dataset={other}"]), ("reference", ["--reference=unbounded"]),
                         ("dtype", ["--dtype=float32"]), ("window", ["--kv_window=16"]), ("chunk", ["--chunk=1"]),
-                        ("again", [])):
+                        ("last", ["--checkpoint_name=last"]), ("again", [])):
         before = set(os.listdir(ckpt_dir))
         code, out, err = run_in_process("eval_kv.py", *common, "--sweep=quick", "--kv_quant_group=8", *extra)
         assert code in (0, None), err
@@ -429,9 +430,10 @@ def test_another_text_or_reference_is_named_and_keeps_the_own_sweep(ckpt_dir, tm
         replaced[name] = "note: this sweep replaces the one in" in err
     assert new == {"own": {"eval_kv_quick"}, "text": {"eval_kv_quick_text-of-other_text"},
                    "reference": {"eval_kv_quick_reference-unbounded"}, "dtype": {"eval_kv_quick_dtype-float32"},
-                   "window": {"eval_kv_quick_kv_window-16"}, "chunk": {"eval_kv_quick_chunk-1"}, "again": set()}
+                   "window": {"eval_kv_quick_kv_window-16"}, "chunk": {"eval_kv_quick_chunk-1"},
+                   "last": {"eval_kv_quick_last"}, "again": set()}
     assert replaced == {"own": False, "text": False, "reference": False, "dtype": False, "window": False,
-                        "chunk": False, "again": True}
+                        "chunk": False, "last": False, "again": True}
     # the title names the reference it got: --reference=unbounded under a kv_window is that window
     for extra, named in (([], "reference plain, unbounded"), (["--kv_window=16"], "reference plain, window 16")):
         code, out, err = run_in_process("eval_kv.py", *common, "--reference=unbounded", *extra)
