@@ -405,6 +405,8 @@ def main(argv=None):
     parser.add_argument("--reference", action="store_true", help="check the project's reference implementation instead")
     parser.add_argument("--module", help="check this module (package.module, or the path of a .py file) instead "
                                          "of exercises.NAME")
+    parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1: the models are "
+                                                               "tiny, and more threads only wait for each other)")
     args = parser.parse_args(argv)
     if args.name == "all":
         names = list(EXERCISES)
@@ -433,7 +435,9 @@ def main(argv=None):
     elif args.module and not module_exists(args.module):
         parser.error(f"--module={args.module}: no such module here; give a module name importable from here "
                      "(mywork.trim) or a file (mywork/trim.py)")
-    torch.set_num_threads(1)  # tiny models: more threads only wait for each other
+    if args.threads < 1:
+        parser.error(f"--threads must be 1 or more, got {args.threads}")
+    torch.set_num_threads(args.threads)
     ok = run(names, args.module, args.reference)
     return 0 if ok else 1
 

@@ -152,7 +152,7 @@ def test_untouched_stubs_report_not_implemented():
 def test_command_line_names_and_errors():
     proc = run_script("-m", "exercises.check", "nope")
     assert proc.returncode == 2 and "unknown exercise" in proc.stderr
-    proc = run_script("-m", "exercises.check", "2")  # an assignment's number
+    proc = run_script("-m", "exercises.check", "2", "--threads=2")  # an assignment's number (and the threads)
     assert "xl_memory" in proc.stdout and "kv_window" not in proc.stdout
     assert proc.returncode == 1 or edited("xl_memory") and proc.returncode == 0, proc.stdout  # (a stub: not passed)
     proc = run_script("-m", "exercises.check", "all", "--module=exercises.kv_window")
@@ -160,7 +160,8 @@ def test_command_line_names_and_errors():
     # each error one line, without argparse's usage block
     for args, words in ((["4", "--module=q.py"], "(4 is kv_quant and kv_evict)"),
                         (["kv_window", "--module=mytrim:keep_recent"], "give the module alone, --module=mytrim "),
-                        (["kv_window", "--bogus=x"], "unrecognized arguments: --bogus=x")):
+                        (["kv_window", "--bogus=x"], "unrecognized arguments: --bogus=x"),
+                        (["kv_window", "--threads=0"], "--threads must be 1 or more, got 0")):
         proc = run_script("-m", "exercises.check", *args)
         assert proc.returncode == 2 and proc.stdout == "", proc.stdout
         assert len(proc.stderr.splitlines()) == 1 and words in proc.stderr, proc.stderr
