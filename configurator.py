@@ -211,7 +211,7 @@ def configure(g, argv=None, echo=None, given=None):
     echo = echo or sys.stdout
     # settings: the plain public globals; a name in capitals is a constant
     known = [k for k, v in g.items() if not k.startswith("_") and not k.isupper() and isinstance(v, PLAIN_TYPES)]
-    flagged = {}  # the settings given as --name=value so far: a later config file may override them
+    flagged = {}  # the settings given as --name=value so far: a later config file may not change them
     for arg in argv:
         if arg in ("-h", "--help"):
             print_help(g, known)
@@ -231,11 +231,13 @@ def configure(g, argv=None, echo=None, given=None):
             raise UserError(f"bad argument '{arg}': expected --name=value or a config file path")
         else:
             updates, assigned = _run_config_file(arg, g, known)
+            undone = [flagged[n] for n in flagged if n in updates]
+            if undone:  # (applying it would silently undo the flag: a run in the wrong --out_dir, say)
+                script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
+                raise UserError(f"config file {arg} comes after {' '.join(undone)} and sets "
+                                f"{', '.join(n.split('=')[0][2:] for n in undone)} too; put config files first "
+                                f"so that the flags win: python {script} {arg} {' '.join(undone)} ...")
             print(f"Overriding config with {arg}:", file=echo)
-            undone = [flagged.pop(n) for n in list(flagged) if n in updates]
-            if undone:
-                print(f"note: {arg} comes after {' '.join(undone)} and overrides it; put config files first "
-                      "so that the --name=value flags win", file=sys.stderr if echo is sys.stdout else echo)
         if given is not None:
             given |= assigned
         for name, value in updates.items():

@@ -92,14 +92,21 @@ def test_given_names_what_flags_and_config_files_set_even_to_a_default(tmp_path)
     assert given == {"out_dir", "compile", "max_iters", "dtype"}
 
 
-def test_config_file_after_a_flag_overrides_it_and_says_so(tmp_path, capsys):
+def test_config_file_after_a_flag_that_it_would_change_is_refused(tmp_path):
+    """A config file given after --max_iters=7 that sets max_iters would undo the flag without a
+    word (a run in another --out_dir, a checkpoint replaced): one line says to put it first."""
     path = tmp_path / "cfg.py"
     path.write_text("max_iters = 50\n")
     g = settings()
-    configure(g, ["--max_iters=7", "--compile=False", str(path)])
-    assert g["max_iters"] == 50 and g["compile"] is False  # in order, as nanoGPT does
-    err = capsys.readouterr().err
-    assert "comes after --max_iters=7 and overrides it" in err and "--compile" not in err
+    with pytest.raises(UserError, match=r"comes after --max_iters=7 and sets max_iters too; put config files first"):
+        configure(g, ["--max_iters=7", "--compile=False", str(path)])
+    assert g["max_iters"] == 7  # nothing of the file was applied
+    g = settings()
+    configure(g, [str(path), "--max_iters=7"])  # the order that is meant
+    assert g["max_iters"] == 7
+    g = settings()
+    configure(g, ["--max_iters=50", "--compile=False", str(path)])  # the file agrees with the flag
+    assert g["max_iters"] == 50 and g["compile"] is False
 
 
 @pytest.mark.parametrize("argv, fragments", [
