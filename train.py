@@ -184,7 +184,7 @@ def train(held):
         model_args = {k: config[k] for k in MODEL_ARG_KEYS}
         model = GPT(GPTConfig(**model_args)).to(dev)
         ckpt, ckpt_path, mode, start_iter, end_iter, origin = None, None, "scratch", 0, max_iters, 0
-        best_val_loss, changed, fresh_best = float("inf"), [], False
+        best_val_loss, changed = float("inf"), []
         if eval_only or max_iters == 0:
             held_here = [n for n in ("ckpt", "last") if os.path.isfile(os.path.join(out_dir, n + ".pt"))]
             how = "--init_from=resume" + (" --resume_checkpoint_name=last" if held_here[:1] == ["last"] else "")
@@ -196,7 +196,7 @@ def train(held):
         model, ckpt, ckpt_path, model_args, train_path, val_path = (
             r.model, r.ckpt, r.ckpt_path, r.model_args, r.train_path, r.val_path)
         mode, start_iter, end_iter, origin = r.mode, r.start_iter, r.end_iter, r.origin
-        best_val_loss, changed, fresh_best = r.best_val_loss, r.changed, r.fresh_best
+        best_val_loss, changed = r.best_val_loss, r.changed
     PROGRESS.update(origin=origin)
     xl_state = None  # the XL memory a resumed run goes on with
     config.update(model_args)  # the checkpoint's config records the model actually trained
@@ -320,10 +320,10 @@ def train(held):
         if "val_mem" in losses:
             line += f", val loss with memory {losses['val_mem']:.4f}"
             tb.add_scalar("val/loss_mem", losses["val_mem"], iter_num)
-        counts = iter_num > start_iter or not fresh_best  # a changed model's best: its trained evaluations
-        improved = counts and losses["val"] < best_val_loss
-        if counts:
-            best_val_loss = min(best_val_loss, losses["val"])
+        # (a changed model's best starts at its first evaluation, the weights resumed: a fine-tune
+        # that only makes them worse leaves ckpt.pt holding those, not its worse end)
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
         best_iter = iter_num if improved else best_iter
         tb.add_scalar("train/loss", losses["train"], iter_num)
         tb.add_scalar("val/loss", losses["val"], iter_num)
@@ -335,6 +335,13 @@ def train(held):
         print(line, flush=True)
         return time.time() - t0
 
+    # XL memory: each layer's detached K/V of the rows' previous batches (see kv/xl.py); built
+    # before the first evaluation, whose ckpt.pt (a resume's) saves it
+    memory = make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn, xl_name) if xl_mem and writes else None
+    if xl_state is not None and memory is not None:
+        load_memory_state(memory, xl_state)
+    # or quantization-aware training: stateless caches that fake-quantize K/V (kv/qat.py)
+    memory = memory or make_qat_caches(unwrap(model), kv_quant, kv_quant_group, kv_quant_keys == "channel")
     iter_num, best_iter = start_iter, None
     eval_times = []  # seconds per evaluation, a ckpt.pt write included: the ETA adds those to come
     if eval_only or (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:
@@ -343,12 +350,6 @@ def train(held):
         return
 
     model.train()
-    # XL memory: each layer's detached K/V of the rows' previous batches (see kv/xl.py)
-    memory = make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn, xl_name) if xl_mem else None
-    if xl_state is not None:
-        load_memory_state(memory, xl_state)
-    # or quantization-aware training: stateless caches that fake-quantize K/V (kv/qat.py)
-    memory = memory or make_qat_caches(unwrap(model), kv_quant, kv_quant_group, kv_quant_keys == "channel")
     t_mark, steps_since_mark = time.time(), 0  # for ms/iter and tokens/s, pauses excluded
     t_loop = t_mark  # for the ETA: the time of the steps (last.pt writes included, evaluations not)
     save_dt, last_save_end, last_saved_iter, throttle_noted = 0.0, time.time(), None, False
@@ -410,7 +411,6 @@ def resume_run(config, given, defaults, dev, world_size):
     """The model of out_dir's checkpoint on dev, this run's schedule and the text it trains on.
     Settings the checkpoint was trained with (XL memory, QAT, its dataset) go on unless given
     (kept in the globals and in config); the fine-tune's schedule is fitted to max_iters."""
-    fresh_best = False  # this run's first trained evaluation starts the best val loss
     if overwrite:  # (it lets a run from scratch replace out_dir's checkpoints)
         print("note: --overwrite=True applies to a run from scratch only; this resume writes ckpt.pt and last.pt "
               "in out_dir as any resume does")
@@ -463,7 +463,7 @@ def resume_run(config, given, defaults, dev, world_size):
     changed = incomparable(ckpt, model_args, block_size, dataset)
     other = other_val_batches(ckpt, val_batches())
     if (changed or other) and not eval_only and end_iter > start_iter:  # another model's val loss, or other batches'
-        fresh_best, best_val_loss = True, float("inf")
+        best_val_loss = float("inf")
         print(f"note: {', '.join(changed + other)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
               "will hold the best of this run")
     elif changed or other:  # an evaluation alone (--eval_only, or --max_iters at the checkpoint's iteration)
@@ -471,7 +471,7 @@ def resume_run(config, given, defaults, dev, world_size):
               "val loss")
     return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, model_args=model_args, train_path=train_path,
                            val_path=val_path, mode=mode, start_iter=start_iter, end_iter=end_iter, origin=origin,
-                           best_val_loss=best_val_loss, changed=changed, fresh_best=fresh_best)
+                           best_val_loss=best_val_loss, changed=changed)
 
 
 def val_batches():

@@ -561,14 +561,14 @@ def test_finetune_of_a_converted_model_writes_its_own_best(data_dir, base_run, t
     assert "n_kv_head 2 -> 1" in printed and "not comparable" in printed
     assert "converted: n_kv_head 2 -> 1" in printed
     best = read_checkpoint(str(out / "ckpt.pt"))
-    assert best["model_args"]["n_kv_head"] == 1 and best["iter_num"] > N
+    assert best["model_args"]["n_kv_head"] == 1 and best["iter_num"] >= N
     # the best from before the change is kept, as it was, beside it
     kept = out / f"ckpt_{before['iter_num']}.pt"
     assert (f"{out / 'ckpt.pt'} (iteration {before['iter_num']}) is the best of another run (n_kv_head 2 -> 1); "
             f"this run keeps it as {kept}") in printed
     assert kept.read_bytes() == (base_run[0] / "ckpt.pt").read_bytes()
     vals = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): train loss [\d.]+, val loss ([\d.]+)", printed)}
-    assert best["best_val_loss"] == pytest.approx(min(v for i, v in vals.items() if i > N), abs=1e-4)
+    assert best["best_val_loss"] == pytest.approx(min(vals.values()), abs=1e-4)  # (the converted start's included)
     # so it is when the converted run was cut short before it wrote a ckpt.pt of its own, and
     # its last.pt (the converted model, nothing changed against it) is resumed
     cut = copy_of(base_run, tmp_path / "cut")

@@ -5,6 +5,7 @@ or nan weights are one clear error.
 
     python -m pytest -q tests/test_train_guards.py
 """
+import re
 import shutil
 import subprocess
 
@@ -161,8 +162,27 @@ def test_a_resume_that_evaluates_other_val_batches_starts_its_own_best(data_dir,
         in printed, printed
     assert f"keeps it as {out / f'ckpt_{N}.pt'}" in printed and (out / f"ckpt_{N}.pt").read_bytes() == old
     losses = [float(line.split("val loss ")[1].split(",")[0]) for line in printed.splitlines()
-              if line.startswith("iter ") and "val loss" in line and not line.startswith(f"iter {N}:")]
+              if line.startswith("iter ") and "val loss" in line]  # (the weights resumed evaluated too)
     assert read_checkpoint(str(out / "ckpt.pt"))["best_val_loss"] == pytest.approx(min(losses), abs=1e-4)
+
+
+def test_a_fine_tune_that_only_gets_worse_leaves_the_weights_it_resumed_in_ckpt_pt(data_dir, run_dir, tmp_path):
+    """Other val batches (--batch_size=2) make the checkpoint's best incomparable, but not the
+    run's evaluation of the weights it resumed: when a rate far too high makes every trained
+    evaluation worse, ckpt.pt holds those weights, not the worse end of the run as its best."""
+    out = tmp_path / "out"
+    shutil.copytree(run_dir, out)
+    resumed = read_checkpoint(str(out / "last.pt"))["model"]
+    printed = train(data_dir, out, "--init_from=resume", "--resume_checkpoint_name=last", "--resume_mode=finetune",
+                    "--max_iters=2", "--eval_interval=1", "--batch_size=2", "--learning_rate=0.5", "--decay_lr=False",
+                    "--warmup_iters=0")
+    vals = {int(m[1]): float(m[2]) for m in re.finditer(r"iter (\d+): train loss [\d.]+, val loss ([\d.]+)", printed)}
+    assert sorted(vals) == [N, N + 1, N + 2] and vals[N] < min(vals[N + 1], vals[N + 2]), printed  # (the premise)
+    best = read_checkpoint(str(out / "ckpt.pt"))
+    assert best["iter_num"] == N and best["best_val_loss"] == pytest.approx(vals[N], abs=1e-4)
+    assert all(torch.equal(best["model"][k], v) for k, v in resumed.items())
+    assert f"best val loss {vals[N]:.4f} at iteration {N};" in printed
+    assert read_checkpoint(str(out / "last.pt"))["iter_num"] == N + 2  # the run's end is still there to go on from
 
 
 @pytest.mark.parametrize("key,value", [
