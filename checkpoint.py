@@ -42,6 +42,11 @@ def checkpoint_path(out_dir, name, option="checkpoint_name"):
         raise UserError(f"--{option} is empty: give the name of a checkpoint in --out_dir (ckpt or last)")
     if "/" in name or os.sep in name:
         folder, file = os.path.split(name)
+        stem = file.removesuffix(".pt")
+        inside = os.path.normpath(os.path.join(out_dir, folder))  # the folder read as inside --out_dir
+        here, there = os.path.join(folder, stem + ".pt"), os.path.join(inside, stem + ".pt")
+        if not os.path.isfile(here) and os.path.isfile(there):
+            folder = inside  # (the path is not there from here, but is from --out_dir)
         raise UserError(f"--{option}={name} is a path; {option} is the name of a file inside --out_dir: pass "
                         f"--out_dir={folder or '/'} --{option}={file.removesuffix('.pt') or 'ckpt'}")
     return os.path.join(out_dir, name if name.endswith(".pt") else name + ".pt")

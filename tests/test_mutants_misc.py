@@ -132,6 +132,21 @@ def test_a_checkpoint_name_may_end_in_pt_or_not():
     assert checkpoint_path("run", "ckpt") == checkpoint_path("run", "ckpt.pt") == os.path.join("run", "ckpt.pt")
 
 
+def test_a_checkpoint_name_that_is_a_path_is_refused_with_the_folder_where_the_file_is(tmp_path, monkeypatch):
+    """--checkpoint_name=../runs/ckpt: the folder suggested is the one from here when the file is
+    there, else the one inside --out_dir when it is there (as out_dir + name would read it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    (tmp_path / "out" / "runs" / "ckpt.pt").write_bytes(b"x")
+    inside = os.path.join("out", "runs")
+    with pytest.raises(UserError, match=re.escape(f"pass --out_dir={inside} --checkpoint_name=ckpt")):
+        checkpoint_path("out", "runs/ckpt")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "ckpt.pt").write_bytes(b"x")  # there from here too: the path as typed
+    with pytest.raises(UserError, match="pass --out_dir=runs --checkpoint_name=ckpt"):
+        checkpoint_path("out", "runs/ckpt")
+
+
 def test_help_lists_each_setting_under_its_header_with_its_own_description(tmp_path, capsys):
     """--help: every setting below a comment header stays in its group; a script's own description
     of a setting beats train.py's (out_dir here)."""
