@@ -332,6 +332,10 @@ def dataset_paths(dataset):
     train, val = os.path.join(data_dir, "train.txt"), os.path.join(data_dir, "val.txt")
     if os.path.isfile(train) and os.path.isfile(val):
         return train, val
+    for path in (train, val):
+        if os.path.exists(path) and not os.path.isfile(path):  # (a folder of that name: nothing to read or write)
+            raise UserError(f"{path} is a folder, not a text file; move it away (train.txt and val.txt are split "
+                            "from the corpus, input.txt, on first use)")
     if os.path.isfile(os.path.join(data_dir, "input.txt")):
         prepare(data_dir)
         return train, val

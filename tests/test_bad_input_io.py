@@ -167,6 +167,19 @@ def test_folder_with_train_but_no_val_says_which_is_missing(tmp_path):
     assert str(info.value).startswith(f"{tmp_path} has train.txt but no val.txt; add val.txt, or put")
 
 
+@pytest.mark.parametrize("name", ["train.txt", "val.txt"])
+@pytest.mark.parametrize("with_input", [False, True])
+def test_a_folder_named_train_or_val_txt_is_named_as_a_folder(tmp_path, name, with_input):
+    """A folder where train.txt or val.txt belongs is what is wrong, with or without a corpus
+    beside it: not 'no train.txt' nor a folder that cannot be written."""
+    (tmp_path / name).mkdir()
+    if with_input:
+        (tmp_path / "input.txt").write_bytes(tiny_corpus(1000))
+    with pytest.raises(UserError, match=f"{tmp_path / name} is a folder, not a text file; move it away"):
+        dataset_paths(str(tmp_path))
+    assert (tmp_path / name).is_dir() and not (tmp_path / ({"train.txt", "val.txt"} - {name}).pop()).exists()
+
+
 def test_empty_val_in_a_folder_says_what_to_do(tmp_path):
     write_splits(tmp_path, tiny_corpus(1000))
     (tmp_path / "val.txt").write_bytes(b"")
