@@ -303,6 +303,8 @@ def main():
     notes = [s.local_residual(model.config)[1] for s in settings]
     notes += [] if sweep else [kv.local_note(model.config, window),  # as given (kv_window=-1: the reference's bound)
                                settings[-1].context_note(model.config, config, stream_len)]
+    if sweep and kv_sink:  # (--kv_sink adds sinks to the grid's rows: the first row with them says where they sit)
+        notes += [next((s.context_note(model.config, config, stream_len) for s in settings if s.kv_sink), None)]
     for note in dict.fromkeys(notes):
         if note:
             say(note)

@@ -250,6 +250,18 @@ def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
     assert ", attention=naive" in (ckpt_dir / "eval_kv_quick_attention-naive.md").read_text().splitlines()[0]
 
 
+def test_a_sweep_with_sinks_says_where_they_sit_as_one_setting_does(ckpt_dir):
+    """--kv_sink adds sinks to a sweep's rows: past the 32 tokens the model was trained with they
+    sit at distances it never saw, which the sweep says as the same setting alone does."""
+    sink = "the kv_sink=2 first tokens sit at distances its layers never saw"
+    common = [f"--out_dir={ckpt_dir}", "--n_streams=1", "--device=cpu", "--kv_sink=2"]
+    for args in (["--sweep=quick", "--kv_quant_group=16"], ["--kv_window=32"]):
+        proc = run_script("eval_kv.py", *common, "--stream_len=96", *args)
+        assert proc.returncode == 0 and sink in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    proc = run_script("eval_kv.py", *common, "--stream_len=32", "--sweep=quick", "--kv_quant_group=16")  # (within it)
+    assert proc.returncode == 0 and sink not in proc.stdout + proc.stderr, proc.stderr
+
+
 def test_tensorboard_scalars_of_a_rerun_replace_the_last_ones(tmp_path):
     """Like the CSV, a rerun's TensorBoard scalars are its own table: one events file, this run's."""
     from kv.report import tensorboard_writer
