@@ -48,7 +48,7 @@ def checkpoint_path(out_dir, name, option="checkpoint_name"):
         if not os.path.isfile(here) and os.path.isfile(there):
             folder = inside  # (the path is not there from here, but is from --out_dir)
         raise UserError(f"--{option}={name} is a path; {option} is the name of a file inside --out_dir: pass "
-                        f"--out_dir={folder or '/'} --{option}={file.removesuffix('.pt') or 'ckpt'}")
+                        f"--out_dir={folder or '/'} --{option}={stem or 'ckpt'}")
     return os.path.join(out_dir, name if name.endswith(".pt") else name + ".pt")
 
 
