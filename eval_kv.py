@@ -50,7 +50,7 @@ from dataclasses import fields, replace
 import torch
 
 from attention import PLAIN_SOFTMAX
-from checkpoint import checkpoint_path, load_model, saved_dataset_paths
+from checkpoint import load_model, saved_dataset_paths
 from configurator import configure
 from generate import static_decoders
 from kv.evaluate import evaluate, label, least_memory, load_streams, rebase, spans
@@ -58,6 +58,7 @@ from kv.policy import KVOptions, saved_tokens
 from kv.quant import CHANNEL_KEYS, FORMATS
 from kv.report import check_writable, frontier, markdown, write_outputs  # noqa: F401 (frontier: part of eval_kv's API)
 from loader import dataset_dir, dataset_paths, same_dataset
+from outdir import checkpoint_path
 from devices import in_bytes, keep_freed_memory, memory_available, pick_device, use_threads
 from utils import Progress, UserError, has_module, run_main
 

@@ -51,7 +51,7 @@ import sys
 import time
 
 import eval_kv
-from checkpoint import checkpoint_path, load_model, saved_dataset_paths
+from checkpoint import load_model, saved_dataset_paths
 from configurator import configure
 from kv.evaluate import buckets, evaluate, load_streams, rebase, spans
 from kv.policy import KVOptions, saved_tokens
@@ -63,7 +63,7 @@ from kv.study_report import write_frontier
 from kv.study_variants import check_train_args, check_variants, variant_args
 from fileio import read_json, write_json
 from loader import dataset_paths
-from outdir import make_folder
+from outdir import checkpoint_path, make_folder
 from resume import saved_iteration
 from devices import keep_freed_memory, use_threads
 from utils import Progress, UserError, check_range, run_main, stop_on_sigterm

@@ -2,10 +2,12 @@
 The out_dir of a training run: checked before any work (a folder we can write, with room
 for the checkpoints), held by one run at a time (out_dir/train.lock), never silently taken
 from an earlier run (--overwrite=True replaces it only when the new run writes its first checkpoint),
-and cleared of the temporary files an interrupted run left.
+and cleared of the temporary files an interrupted run left. And the other way: the file of a
+checkpoint named in an out_dir, or, when it is not there, what the folder holds instead.
 
     python -c "import outdir; lock = outdir.claim('out-test', fresh=True, overwrite=False); lock.release()"
 """
+import difflib
 import errno
 import os
 import re
@@ -13,7 +15,7 @@ import shutil
 import socket
 from contextlib import suppress
 
-from utils import UserError
+from utils import UserError, project_file
 
 try:
     import fcntl
@@ -204,3 +206,92 @@ def _lock(fd):
 def _read(fd):
     os.lseek(fd, 0, os.SEEK_SET)
     return os.read(fd, 200).decode(errors="replace").strip()
+
+
+def checkpoint_path(out_dir, name, option="checkpoint_name"):
+    """out_dir + name, accepting "ckpt", "ckpt.pt", "last", "last.pt"; a name that is a path
+    (the option that gave it: a file name inside --out_dir) is one UserError saying how."""
+    if not name.strip():
+        raise UserError(f"--{option} is empty: give the name of a checkpoint in --out_dir (ckpt or last)")
+    if "/" in name or os.sep in name:
+        folder, file = os.path.split(name)
+        stem = file.removesuffix(".pt")
+        inside = os.path.normpath(os.path.join(out_dir, folder))  # the folder read as inside --out_dir
+        here, there = os.path.join(folder, stem + ".pt"), os.path.join(inside, stem + ".pt")
+        if not os.path.isfile(here) and os.path.isfile(there):
+            folder = inside  # (the path is not there from here, but is from --out_dir)
+        raise UserError(f"--{option}={name} is a path; {option} is the name of a file inside --out_dir: pass "
+                        f"--out_dir={folder or '/'} --{option}={stem or 'ckpt'}")
+    return os.path.join(out_dir, name if name.endswith(".pt") else name + ".pt")
+
+
+PROJECT = os.path.dirname(os.path.abspath(__file__))  # where a relative out_dir run from here would be
+
+
+def _recipe_for(folder):
+    """The train.py arguments that write into folder: the recipe in config/ whose out_dir it
+    is, else the CPU recipe pointed at it."""
+    config_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")  # (not PROJECT: tests move that)
+    for name in sorted(os.listdir(config_dir)):
+        with open(os.path.join(config_dir, name)) as f:
+            m = re.search(r"^out_dir = [\"']([^\"']+)[\"']", f.read(), re.M)
+        if m and m.group(1) == os.path.basename(os.path.normpath(folder)):
+            given = "" if os.path.normpath(folder) == m.group(1) else f" --out_dir={folder}"
+            return project_file(f"config/{name}") + given
+    return f"{project_file('config/train_shakespeare_char_cpu.py')} --out_dir={folder}"
+
+
+def missing_checkpoint(path, option="checkpoint_name"):
+    """The UserError for a checkpoint file that is not at path: the checkpoints its folder
+    holds instead (chosen with --option=NAME), or how to make one."""
+    folder = os.path.dirname(path) or "."
+    by_name = option.endswith("checkpoint_name")  # a name in out_dir; else (--baseline, --base) a path
+    pick = lambda f: f"--{option}={f[:-3] if by_name else os.path.join(folder, f)}"  # noqa: E731
+    where = "--out_dir" if by_name else f"--{option}"
+    make = (f"train one (python {project_file('train.py')} {_recipe_for(folder)}) or download the "
+            f"tutorial's (python {project_file('download_pretrained.py')} --out_dir={folder})")
+    if os.path.isfile(folder):
+        return UserError(f"{folder} is a file, not a folder: pass the folder that holds it ({where}="
+                         f"{os.path.dirname(folder) or '.'})" + (f" and --{option}={os.path.basename(folder)}"
+                                                                 if by_name else ""))
+    if not os.path.isdir(folder):
+        project = os.path.join(PROJECT, folder)
+        if not os.path.isabs(folder) and os.path.isdir(project):  # run from another folder than the run's
+            given = project if by_name else os.path.join(project, os.path.basename(path))  # (--baseline: a file)
+            return UserError(f"{folder!r} does not exist in {os.getcwd()} (paths are read from the folder you run "
+                             f"in), but {project} does: pass {where}={given}, or cd {PROJECT}")
+        if by_name and os.path.dirname(os.path.normpath(folder)) == "":  # a folder here: any here that hold one?
+            held = _runs_here(folder)
+            if held:
+                return UserError(f"{folder!r} does not exist; {_runs_hint(held, where)}; or {make}")
+        return UserError(f"{folder!r} does not exist: {make}, or pass {where}=<the folder train.py wrote>")
+    held = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and os.path.isfile(os.path.join(folder, f)))
+    if not held:
+        runs = _runs_here(folder) if by_name and os.path.dirname(os.path.normpath(folder)) == "" else []
+        if runs:  # (--out_dir=. or data: a folder here, not a run's)
+            return UserError(f"checkpoint {path} not found, and {folder} holds none; {_runs_hint(runs, where)}; "
+                             f"or {make}")
+        return UserError(f"checkpoint {path} not found, and {folder} holds none: {make}")
+    if os.path.basename(path) == "ckpt.pt" and "last.pt" in held:  # a run stopped before its first ckpt.pt
+        return UserError(f"checkpoint {path} not found, but {os.path.join(folder, 'last.pt')} is there (the latest "
+                         f"state of its run): name it with {pick('last.pt')}")
+    return UserError(f"checkpoint {path} not found; {folder} holds {', '.join(held)}: name one with {pick(held[0])}")
+
+
+def _runs_hint(runs, where):
+    """'folders here that hold a checkpoint: a, b (pass e.g. --out_dir=a)'."""
+    return (f"folders here that hold a checkpoint: {', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''} "
+            f"(pass e.g. {where}={runs[0]})")
+
+
+def _runs_here(name):
+    """The folders here that hold a checkpoint, the likeliest meant by name first: those whose
+    name is close to it (out-shakespeare-char for out-shakespeare-char-cpu), then the newest."""
+    when = {}
+    for d in os.listdir("."):
+        files = [os.path.join(d, f) for f in ("ckpt.pt", "last.pt")]
+        times = [os.path.getmtime(f) for f in files if os.path.isfile(f)]
+        if times:
+            when[d] = max(times)
+    close = difflib.get_close_matches(os.path.normpath(name), list(when), n=3, cutoff=0.6)
+    return close + sorted((d for d in when if d not in close), key=lambda d: -when[d])

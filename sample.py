@@ -27,11 +27,12 @@ import time
 
 import torch
 
-from checkpoint import checkpoint_path, load_model, missing_checkpoint
+from checkpoint import load_model
 from configurator import configure
 from generate import generate_stream, prefill_piece, static_decoder
 from kv.peak import least_cache_bytes
 from kv.policy import KVOptions
+from outdir import checkpoint_path, missing_checkpoint
 from devices import autocast_ctx, emulated_note, in_bytes, memory_available, pick_device, pick_dtype, use_threads
 from utils import SEED_MAX, UserError, check_range, run_main
 

@@ -47,13 +47,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
-from checkpoint import checkpoint_path, load_model, save_checkpoint, saved_dataset_paths, unwrap
+from checkpoint import load_model, save_checkpoint, saved_dataset_paths, unwrap
 from configurator import configure
 from kv.policy import KVOptions
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state, try_step
 from loader import EVAL_WINDOWS, ByteLoader, dataset_paths, eval_layout, fixed_batches, not_text, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
+from outdir import checkpoint_path
 from plugins import import_function
 from steps import (compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, percent_done,
                    train_step)

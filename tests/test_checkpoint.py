@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import outdir
 from checkpoint import convert_state_dict, load_model, read_checkpoint, save_checkpoint
 from conftest import TOL, feed, run_script, save_tiny_checkpoint, text, tiny
 from model import GPT, MODEL_ARG_KEYS, GPTConfig
@@ -147,7 +148,7 @@ def test_a_missing_folder_names_the_recipe_that_writes_there(tmp_path, monkeypat
     config_dir = os.path.join(repo, "config")
     monkeypatch.chdir(tmp_path)  # where no recipe's folder exists
     # nor beside the code (a student who trained the CPU recipe has its folder there)
-    monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
+    monkeypatch.setattr(outdir, "PROJECT", str(tmp_path / "project"))
     train_py = re.escape(f"python {repo}/train.py {config_dir}/")
     for name in ("train_shakespeare_char.py", "train_shakespeare_char_cpu.py", "train_svejk_char.py"):
         g = {}
@@ -341,7 +342,7 @@ def test_a_missing_folder_names_the_folders_here_that_hold_a_checkpoint(tmp_path
     """sample.py's default --out_dir=out, run where training wrote another folder: the error
     names it."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
+    monkeypatch.setattr(outdir, "PROJECT", str(tmp_path / "project"))
     (tmp_path / "out-shakespeare-char-cpu").mkdir()
     (tmp_path / "out-shakespeare-char-cpu" / "last.pt").write_bytes(b"")
     (tmp_path / "notes").mkdir()
@@ -356,7 +357,7 @@ def test_the_folder_named_first_is_the_likeliest_meant(tmp_path, monkeypatch):
     """Among many folders that hold a checkpoint, a name close to the one given comes first
     (out-shakespeare-char for out-shakespeare-char-cpu); with none close, the newest run."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
+    monkeypatch.setattr(outdir, "PROJECT", str(tmp_path / "project"))
     for i, name in enumerate(["a-run", "b-run", "c-run", "out-shakespeare-char-cpu", "z-newest"]):
         (tmp_path / name).mkdir()
         (tmp_path / name / "ckpt.pt").write_bytes(b"")
@@ -372,7 +373,7 @@ def test_a_folder_here_without_a_checkpoint_names_the_runs_here(tmp_path, monkey
     """sample.py --out_dir=. (or data, or config) where runs sit in other folders here: the
     error names them, not only how to train into the folder given."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(checkpoint, "PROJECT", str(tmp_path / "project"))
+    monkeypatch.setattr(outdir, "PROJECT", str(tmp_path / "project"))
     (tmp_path / "out-run").mkdir()
     (tmp_path / "out-run" / "last.pt").write_bytes(b"")
     (tmp_path / "data").mkdir()

@@ -17,12 +17,13 @@ import torch
 
 import outdir
 import loader
-from checkpoint import checkpoint_path, checksum, convert_state_dict, load_model
+from checkpoint import checksum, convert_state_dict, load_model
 from conftest import REPO_ROOT, run_in_process, tiny_corpus
 from configurator import configure
 from kv.quant import make_formats
 from loader import dataset_paths, prepare
 from model import GPT, GPTConfig
+from outdir import checkpoint_path
 from utils import UserError
 
 KEY = "transformer.h.{}.attn.c_attn.weight"

@@ -223,7 +223,7 @@ def test_an_out_dir_missing_here_but_in_the_project_says_where_it_is(tmp_path):
     folder it looked in and the project's folder; --baseline, which takes a file, gets a file."""
     proc = run_script(os.path.join(REPO_ROOT, "sample.py"), "--out_dir=config", cwd=tmp_path)
     assert_user_error(proc, f"does not exist in {tmp_path}", f"--out_dir={os.path.join(REPO_ROOT, 'config')},")
-    from checkpoint import missing_checkpoint
+    from outdir import missing_checkpoint
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
