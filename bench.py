@@ -21,7 +21,7 @@ generate  tokens/s for bench_lengths new tokens (the 4-byte prompt's step includ
           whether it drew the eager run's bytes from the same seed), the KV bits held, time per
           token over the first and the last 1024 of a long sample (a bounded cache must not slow
           down); bench_batch samples side by side against one (compiled on a CPU, also the batch
-          step's matrix products alone: the floor of its time); on CUDA also without CUDA
+          step's matrix products alone and reading its caches once: a floor for its time); on CUDA also without CUDA
           graphs, and the fraction of the memory bandwidth used.
           --baseline=True also times the tutorial's way (concatenate, re-rotate every key).
 eval_kv   bytes/s of kv.evaluate.evaluate on n_streams x stream_len random bytes against its natural

@@ -2,7 +2,7 @@
 bench.py's generation benchmark (--what=generate: bench_generate) and how it times decoding:
 the seconds at each new token of generate_stream (one sample or a batch, eager or through a
 compiled StaticDecoder), the tutorial's concatenate-and-re-rotate decoding, the bytes a static
-step reads, and the floor of a batch step on a CPU (its matrix products alone).
+step reads, and a floor for a batch step on a CPU (its matrix products, and reading its caches once).
 
     from decode_timing import time_generation
     stamps, stats = time_generation(model, 256, KVOptions(kv_window=64), "cpu")
@@ -93,6 +93,19 @@ def products_ms(model, B, calls=300):
     return min(runs)
 
 
+def stream_ms(nbytes, calls=300):
+    """ms for one core to read nbytes once: a sum over a float32 tensor of that size (fastest of
+    3 runs), the rate a step reading its caches could at best reach on this machine."""
+    x = torch.ones(max(nbytes // 4, 1))
+    runs = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            x.sum()
+        runs.append((time.perf_counter() - t0) / calls * 1e3)
+    return min(runs)
+
+
 def bench_generate(model, device, kv, lengths, compile=False, baseline=False, batch=8):
     """bench.py --what=generate: tokens/s eager and (compile) compiled for each count of new tokens
     in lengths, unbounded and in kv's window (256 if none); the time per token over the first and
@@ -180,5 +193,11 @@ def bench_batched(model, device, kv, n, dec1, B):
         print(f"| {name} | {one:.2f} | {many:.2f} | {many / one:.2f}x |", flush=True)
     if decB is not None and device == "cpu":
         ms = products_ms(model, B)
+        per_token = one * 1e3 / n  # ms per token of one compiled sample, all of it
+        cache_bytes = sum(t.numel() * t.element_size() for t in decB.buffers())
+        read = stream_ms(cache_bytes)
         print(f"\nthe matrix products alone of a batch-{B} step (each Linear once on {B} rows, compiled as the "
-              f"step is): {ms:.3f} ms, {ms * n / 1e3 / one:.2f}x one compiled sample's whole time per token")
+              f"step is): {ms:.3f} ms, {ms / per_token:.2f}x one compiled sample's whole time per token; "
+              f"reading its caches once ({cache_bytes / 2**20:.1f} MiB, at the rate one core sums a tensor that "
+              f"large): {read:.3f} ms, {read / per_token:.2f}x; the two together, a floor for the ratio: "
+              f"{(ms + read) / per_token:.2f}x")
