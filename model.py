@@ -96,13 +96,20 @@ def check_config(c):
     if min(c.n_layer, c.n_head, c.n_embd) < 1:
         raise UserError(f"n_layer, n_head and n_embd must be positive (got {c.n_layer}, {c.n_head}, {c.n_embd})")
     if c.n_embd % c.n_head:
-        raise UserError(f"n_embd={c.n_embd} is not a multiple of n_head={c.n_head}")
+        fits = [d for d in range(1, c.n_embd + 1) if c.n_embd % d == 0 and not (c.rope and c.n_embd // d % 2)]
+        near = sorted(sorted(fits, key=lambda d: abs(d - c.n_head))[:2])  # (none: n_embd odd, with RoPE)
+        heads = f"--n_head={' or '.join(map(str, near))}, or " if near else ""
+        raise UserError(f"n_embd={c.n_embd} is not a multiple of n_head={c.n_head}: choose {heads}an "
+                        f"{'even ' if c.rope else ''}n_embd that n_head divides")
     if c.rope and c.head_dim % 2:
         raise UserError(f"RoPE needs an even head dimension, n_embd/n_head = {c.head_dim}; change n_head or set --rope=False")
     if c.n_kv_head < 0:
         raise UserError(f"n_kv_head must be >= 0 (0 = n_head, 1 = MQA), got {c.n_kv_head}")
     if c.n_head % c.kv_heads:
-        raise UserError(f"n_head={c.n_head} must be a multiple of n_kv_head={c.n_kv_head} (1 = MQA, 0 = n_head)")
+        fits = [d for d in range(1, c.n_head + 1) if c.n_head % d == 0]
+        raise UserError(f"n_head={c.n_head} must be a multiple of n_kv_head={c.n_kv_head}: choose --n_kv_head="
+                        f"{', '.join(map(str, fits[:-1])) + ' or ' if fits[:-1] else ''}{fits[-1]} (1 = MQA; 0, the "
+                        "default, = n_head)")
     if not 0.0 <= c.dropout <= 1.0:  # (a nan too)
         raise UserError(f"dropout must be between 0 and 1, got {c.dropout}")
     if c.window < 0:

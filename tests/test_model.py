@@ -2,6 +2,8 @@
 combination fed token by token and in chunks through caches), layers fed the same K/V by
 hand, rotary_embedding_torch's RoPE, and one clear error for every impossible config."""
 
+import re
+
 import pytest
 import torch
 from rotary_embedding_torch import RotaryEmbedding
@@ -126,6 +128,22 @@ def test_config_errors_are_clear():
                       (dict(n_layer=4, window=4, global_layers="1", kv_share=2), "mix")]:
         with pytest.raises(UserError, match=words):
             tiny(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(n_embd=384, n_head=5), dict(n_embd=96, n_head=7), dict(n_embd=40, n_head=3),
+                                dict(n_embd=21, n_head=2, rope=False), dict(n_embd=48, n_head=6, n_kv_head=4),
+                                dict(n_embd=32, n_head=1, n_kv_head=2)])
+def test_a_head_count_that_does_not_divide_is_answered_with_ones_that_build(kw):
+    """The n_head (or n_kv_head) values the error offers are ones the model builds with."""
+    from model import GPTConfig, check_config
+    with pytest.raises(UserError) as e:
+        check_config(GPTConfig(**kw))
+    flag = "n_kv_head" if "n_kv_head" in kw else "n_head"
+    offered = str(e.value).split(f"--{flag}=")[1].split(", or an")[0].split("(")[0]  # "4 or 6", "1, 2, 3 or 6"
+    values = [int(v) for v in re.findall(r"\d+", offered)]
+    assert values and kw[flag] not in values, str(e.value)
+    for v in values:
+        check_config(GPTConfig(**{**kw, flag: v}))
 
 
 def test_an_unknown_kind_lists_the_layer_classes_registered_too(monkeypatch):
