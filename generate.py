@@ -40,10 +40,15 @@ def sampling_probs(logits, temperature, top_k=None):
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
-    """Pick the next byte from logits (B, V): greedy when temperature == 0."""
+    """Pick the next byte from logits (B, V): greedy when temperature == 0. generator: one for
+    the batch, or a list of B, row b drawing from the b-th alone (what it draws on its own)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    return torch.multinomial(sampling_probs(logits, temperature, top_k), num_samples=1, generator=generator)
+    probs = sampling_probs(logits, temperature, top_k)
+    if isinstance(generator, (list, tuple)):
+        rows = zip(probs, generator, strict=True)
+        return torch.cat([torch.multinomial(p[None], num_samples=1, generator=g) for p, g in rows])
+    return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 def pick_next(logits, temperature, top_k, noise):
@@ -58,7 +63,12 @@ def pick_next(logits, temperature, top_k, noise):
 
 
 def draw_noise(noise, generator=None):
-    """Fill noise (B, V) with the Exp(1) draws torch.multinomial would take from generator."""
+    """Fill noise (B, V) with the Exp(1) draws torch.multinomial would take from generator (or
+    from a list of B generators, one per row, as sample_next takes them)."""
+    if isinstance(generator, (list, tuple)):
+        for row, g in zip(noise, generator, strict=True):
+            row.exponential_(1.0, generator=g)
+        return noise
     return noise.exponential_(1.0, generator=generator)
 
 
@@ -379,8 +389,11 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, kv=
     prompt until the first step). decoder: a StaticDecoder for the same kv, B and at least
     T + max_new_tokens tokens, which then runs the decode steps (the prefill stays eager); one
     made to sample (its temperature given) must have this temperature and top_k, and then
-    picks the bytes inside its step: the same bytes from the same generator."""
+    picks the bytes inside its step: the same bytes from the same generator. generator: one
+    for the batch, or a list of B (row b then draws what it draws alone from the b-th)."""
     B, T = idx.size()
+    if isinstance(generator, (list, tuple)) and len(generator) != B:
+        raise ValueError(f"{len(generator)} generators for a batch of {B} rows: give one, or one per row")
     kv = kv or (decoder.kv if decoder is not None else KVOptions(kv_window=0))
     if decoder is not None and (decoder.kv != kv or decoder.batch_size != B or decoder.capacity < T + max_new_tokens):
         raise ValueError("the decoder was made for other KV options, another batch size or a shorter text")

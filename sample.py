@@ -10,8 +10,9 @@ Sample text from a trained model, streaming it as it is generated.
     python sample.py --out_dir=out-shakespeare-char --num_samples=8 --max_new_tokens=20000 --kv_window=256 --compile=True
 
 The samples run as one batch: the first streams as it is generated, the others are printed
-when the batch is done. A seed gives the same text for the same --num_samples (the batch
-draws its bytes together: the first of 3 samples is not the one sample of --num_samples=1).
+when the batch is done. Each sample draws its bytes from a generator of its own: sample k
+(from 0) is the one --seed=SEED+k draws alone, so the first of 3 samples is the one sample of
+--num_samples=1 and more samples only add others.
 --compile=True compiles the decode step (generate.StaticDecoder; the compile time is
 printed; on a CPU a later run loads it: stepcache.py); it picks the bytes inside the step, the
 same text as without it for the same seed.
@@ -46,7 +47,7 @@ num_samples = 1  # samples to draw
 max_new_tokens = 500  # bytes generated per sample
 temperature = 0.8  # 1.0 = the model's distribution, < 1.0 more conservative, 0 = greedy
 top_k = 200  # sample among the k most likely bytes only (0 = all)
-seed = 1337  # random seed
+seed = 1337  # random seed: sample k of --num_samples draws from seed + k, as one sample would
 device = ""  # 'cpu', 'cuda', 'mps'; '' or 'auto' = the best available
 dtype = ""  # 'float32', 'bfloat16', 'float16'; '' = automatic
 attention = ""  # '' = the checkpoint's attention; or another kind; a plug-in a checkpoint names runs only if given here too
@@ -106,6 +107,8 @@ def main():
     # the samples run side by side, one batch of num_samples rows: at the defaults 8 take about
     # as long as 1 (RESULTS.md). The first streams as it is generated, the others print when done.
     idx = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=dev)  # (num_samples, T)
+    # a generator per row, seeded seed + row: sample k is the one --seed=seed+k draws alone
+    rows = [torch.Generator(device=dev).manual_seed(seed + k) for k in range(num_samples)]
     # an incremental decoder holds back the bytes of an incomplete UTF-8
     # character until it is complete; invalid bytes come out as \xNN
     first = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
@@ -123,7 +126,7 @@ def main():
         shown = bytes(prompt)  # printed with the first new byte: a model or plug-in that fails prints nothing
         try:
             for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                         kv=kv, stats=stats, decoder=step):
+                                         kv=kv, stats=stats, generator=rows, decoder=step):
                 row = token[:, 0].tolist()  # waits for the token
                 stamps.append(time.time())
                 write(first.decode(shown + bytes(row[:1])))

@@ -154,6 +154,26 @@ def test_batched_rows_equal_single_rows():
         assert torch.equal(generate(model, prompts[b:b + 1], 30, temperature=0, decoder=one), alone)  # kv: the decoder's
 
 
+def test_sampled_rows_each_with_its_generator_draw_what_they_draw_alone():
+    """A batch given a generator per row (sample.py's num_samples) samples in row b what row b's
+    prompt samples alone from the b-th generator, eager and through a sampling static step (its
+    noise drawn row by row); one prompt three times, three seeds: three texts."""
+    model = tiny(n_kv_head=2)
+    kv = KVOptions(kv_window=8).check()
+    prompts = text(B=1, T=5).expand(3, -1)
+    seeded = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]
+    sampled = dict(temperature=1.0, top_k=20, kv=kv)
+    together = generate(model, prompts, 30, **sampled, generator=seeded(5, 6, 7))
+    dec = StaticDecoder(model, kv, 3, 35, compile=False, temperature=1.0, top_k=20)
+    assert torch.equal(generate(model, prompts, 30, **sampled, generator=seeded(5, 6, 7), decoder=dec), together)
+    for b in range(3):
+        alone = generate(model, prompts[b:b + 1], 30, **sampled, generator=seeded(5 + b)[0])
+        assert torch.equal(together[b:b + 1], alone)
+    assert len({tuple(row.tolist()) for row in together}) == 3
+    with pytest.raises(ValueError, match="2 generators for a batch of 3 rows"):
+        generate(model, prompts, 4, **sampled, generator=seeded(5, 6))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_traced_step_gives_eager_tokens(kind):
     """The step as torch.compile traces it (dynamo and AOT autograd, run without inductor)

@@ -78,6 +78,15 @@ def test_a_seed_gives_the_same_samples_again_and_another_seed_others(out_dir):
     assert runs[0] == runs[1] and runs[0] != runs[2] and runs[0].count("---------------") == 2
 
 
+def test_sample_k_of_several_is_the_one_its_seed_plus_k_draws_alone(out_dir):
+    """--num_samples=3 --seed=5: the samples --seed=5, 6 and 7 give alone (more samples only add
+    others, as nanoGPT's loop of samples does)."""
+    split = lambda out: out.split("---------------\n")
+    three = split(sample(f"--out_dir={out_dir}", "--num_samples=3", "--max_new_tokens=40", "--seed=5")[1])
+    alone = [split(sample(f"--out_dir={out_dir}", "--max_new_tokens=40", f"--seed={5 + k}")[1])[0] for k in range(3)]
+    assert three == alone and len(set(three)) == 3
+
+
 @pytest.mark.parametrize("quant", [["--kv_quant=int8"], ["--kv_quant=int4", "--kv_quant_group=8"]], ids=["int8", "int4"])
 def test_a_quantized_cache_too_short_to_quantize_says_it_saves_nothing(out_dir, quant):
     """20 new bytes, and a residual of 32 full-precision tokens: the quantized cache holds as
