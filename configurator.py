@@ -25,16 +25,26 @@ PLAIN_TYPES = (int, float, bool, str)
 # nanoGPT's settings that this project does not have, and what to use instead
 _WANDB = "wandb is not supported here{tensorboard}"
 ELSEWHERE = {"wandb_log": _WANDB, "wandb_project": _WANDB, "wandb_run_name": _WANDB,
-             "init_from": "this script reads the checkpoint in --out_dir{named}; GPT-2's weights do not fit this "
-                          "byte-level model"}
+             "init_from": "{reads}; GPT-2's weights do not fit this byte-level model"}
+# ...and the values of them that ask for what the script does anyway: accepted, and said to be
+# ignored (nanoGPT's `python sample.py --init_from=resume --out_dir=...` works as it did there)
+SAME_HERE = {"wandb_log": lambda text, known: text.strip().lower() in ("false", "0"),
+             "init_from": lambda text, known: text.strip() == "resume" and "checkpoint_name" in known}
+
+
+def _reads(known):
+    if "checkpoint_name" in known:
+        return "this script reads the checkpoint in --out_dir (--checkpoint_name names it)"
+    if "base" in known:
+        return "this script reads its base checkpoint from --base"
+    return "this script starts from no checkpoint"
 
 
 def _suggest(name, known):
     if name in ELSEWHERE:
         tb = ": TensorBoard scalars are written (--tensorboard=True, the default)" if "tensorboard" in known else \
             ": this script logs no scalars"  # (train.py, eval_kv.py and kv_study.py write TensorBoard's)
-        named = " (--checkpoint_name names it)" if "checkpoint_name" in known else ""
-        return ELSEWHERE[name].format(named=named, tensorboard=tb)
+        return ELSEWHERE[name].format(reads=_reads(known), tensorboard=tb)
     if name == "config":
         script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
         return f"a config file is given without a flag, as a path: python {script} config/NAME.py --name=value"
@@ -218,6 +228,9 @@ def configure(g, argv=None, echo=None, given=None):
             sys.exit(0)
         name, eq, text = arg[2:].partition("=")  # first "=" only: values may hold "="
         if arg.startswith("--") and eq and name:
+            if name not in known and name in SAME_HERE and SAME_HERE[name](text, known):
+                print(f"Ignoring: {name} = {text} (nanoGPT's setting: what this script does anyway)", file=echo)
+                continue
             if name not in known:
                 raise UserError(f"unknown setting --{name}; {_suggest(name, known)}")
             updates = {name: _parse(name, text, g[name])}

@@ -3,6 +3,7 @@ configurator: typed overrides, config files, and one-line errors for every mista
 
     python -m pytest -q tests/test_configurator.py
 """
+import io
 import os
 
 import pytest
@@ -121,7 +122,7 @@ def test_config_file_after_a_flag_that_it_would_change_is_refused(tmp_path):
     (["--max_iters", "3"], ["--max_iters needs its value after '='", "--max_iters=VALUE"]),  # argparse's way
     (["--max_iter"], ["bad argument '--max_iter'", "--name=value", "did you mean --max_iters?"]),
     (["--wandb_log=True"], ["unknown setting --wandb_log", "this script logs no scalars"]),  # nanoGPT's settings
-    (["--init_from=gpt2"], ["unknown setting --init_from", "reads the checkpoint in --out_dir;"]),  # (no such flag here)
+    (["--init_from=gpt2"], ["unknown setting --init_from", "GPT-2's weights do not fit"]),  # (no such flag here)
     (["-max_iters=3"], ["bad argument '-max_iters=3'"]),
     (["max_iters=3"], ["bad argument 'max_iters=3'"]),
     (["no/such/config.py"], ["config file no/such/config.py not found"]),
@@ -240,8 +241,30 @@ def test_a_training_recipe_given_to_another_script_says_whose_it_is():
     named, and so is the script the recipe is for."""
     proc = run_script("sample.py", "config/train_shakespeare_char_cpu.py")
     assert_user_error(proc, "config/train_shakespeare_char_cpu.py configures train.py; sample.py takes its own")
-    proc = run_script("sample.py", "--init_from=resume")
-    assert_user_error(proc, "reads the checkpoint in --out_dir (--checkpoint_name names it)")
+    proc = run_script("sample.py", "--init_from=gpt2-xl")
+    assert_user_error(proc, "reads the checkpoint in --out_dir (--checkpoint_name names it); GPT-2's weights")
+
+
+@pytest.mark.parametrize("script, reads", [("kv_study.py", "reads its base checkpoint from --base"),
+                                           ("gen_sample_data.py", "starts from no checkpoint")])
+def test_init_from_says_where_each_script_starts(script, reads):
+    assert_user_error(run_script(script, "--init_from=resume"), f"unknown setting --init_from; this script {reads}")
+
+
+def test_nanogpts_settings_at_what_a_script_does_anyway_are_ignored_and_said_to_be():
+    """--init_from=resume where the script reads a checkpoint, --wandb_log=False anywhere: the
+    settings are the ones given without them, and a line says each was ignored; any other value
+    is refused as before."""
+    echo = io.StringIO()
+    g = dict(out_dir="out", checkpoint_name="ckpt.pt", seed=1)
+    assert configure(g, ["--init_from=resume", "--wandb_log=False", "--seed=2"], echo=echo) == {
+        "out_dir": "out", "checkpoint_name": "ckpt.pt", "seed": 2}
+    assert "Ignoring: init_from = resume" in echo.getvalue() and "Ignoring: wandb_log = False" in echo.getvalue()
+    for argv in (["--init_from=gpt2"], ["--wandb_log=True"]):
+        with pytest.raises(UserError, match="unknown setting"):
+            configure(dict(g), argv, echo=io.StringIO())
+    with pytest.raises(UserError, match="reads no checkpoint|starts from no checkpoint"):
+        configure(dict(seed=1), ["--init_from=resume"], echo=io.StringIO())
 
 
 def test_wandb_points_to_tensorboard_only_where_the_script_writes_it():
