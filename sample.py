@@ -108,7 +108,7 @@ def main():
     # as long as 1 (RESULTS.md). The first streams as it is generated, the others print when done.
     idx = torch.tensor([list(prompt)] * num_samples, dtype=torch.long, device=dev)  # (num_samples, T)
     # a generator per row, seeded seed + row: sample k is the one --seed=seed+k draws alone
-    rows = [torch.Generator(device=dev).manual_seed(seed + k) for k in range(num_samples)]
+    generators = [torch.Generator(device=dev).manual_seed(seed + k) for k in range(num_samples)]
     # an incremental decoder holds back the bytes of an incomplete UTF-8
     # character until it is complete; invalid bytes come out as \xNN
     first = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
@@ -126,7 +126,7 @@ def main():
         shown = bytes(prompt)  # printed with the first new byte: a model or plug-in that fails prints nothing
         try:
             for token in generate_stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                         kv=kv, stats=stats, generator=rows, decoder=step):
+                                         kv=kv, stats=stats, generator=generators, decoder=step):
                 row = token[:, 0].tolist()  # waits for the token
                 stamps.append(time.time())
                 write(first.decode(shown + bytes(row[:1])))
