@@ -263,7 +263,7 @@ def test_nanogpts_settings_at_what_a_script_does_anyway_are_ignored_and_said_to_
     for argv in (["--init_from=gpt2"], ["--wandb_log=True"]):
         with pytest.raises(UserError, match="unknown setting"):
             configure(dict(g), argv, echo=io.StringIO())
-    with pytest.raises(UserError, match="reads no checkpoint|starts from no checkpoint"):
+    with pytest.raises(UserError, match="starts from no checkpoint"):
         configure(dict(seed=1), ["--init_from=resume"], echo=io.StringIO())
 
 
