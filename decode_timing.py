@@ -23,11 +23,12 @@ SAMPLING = dict(temperature=1.0, top_k=200)  # how the rows sample (sample.py's 
 
 def time_generation(model, n_new, kv, device, decoder=None, batch=1, drawn=None):
     """Seconds since the start at each new token, and the KV stats (a decoder made with SAMPLING);
-    the new tokens go to the list drawn, if given. Every run draws from a generator seeded 0."""
+    the new tokens go to the list drawn, if given. Row k of every run draws from a generator
+    seeded k, as sample.py's sample k draws from --seed + k."""
     prompt = torch.full((batch, 4), ord("#"), dtype=torch.long, device=device)
     stats, stamps = {}, []
     sync = synchronizer(device)
-    g = torch.Generator(device=device).manual_seed(0)
+    g = [torch.Generator(device=device).manual_seed(k) for k in range(batch)]
     sync()
     t0 = time.perf_counter()
     for token in generate_stream(model, prompt, n_new, **SAMPLING, kv=kv, stats=stats,
