@@ -350,7 +350,8 @@ def main():
             "changes nothing its queries read (only their bits differ); --chunk=1 tells them apart")
     bigger = [(opts, r["setting"]) for opts, r in zip(settings, results)
               if opts.kv_quant != "none" and r["kv_bits_peak"] >= r["kv_bits_peak_ref"]]
-    span = lambda o: o.kv_window or ref_kv.kv_window or stream_len  # the tokens a cache holds at most
+    # the tokens a cache holds at most: its window (an unbounded one, the stream), or its eviction budget
+    span = lambda o: min(o.kv_window or stream_len, o.kv_budget if o.kv_evict != "none" else stream_len)
     waits = lambda o: 2 * (o.kv_quant_residual + o.key_group() - 1) >= span(o)  # most of them held back
     wider = lambda o: o.kv_window == 0 and ref_kv.kv_window > 0 or o.kv_window > ref_kv.kv_window > 0
     waiting = [name for opts, name in bigger if waits(opts)]

@@ -398,6 +398,11 @@ def test_notes_on_chunked_compression_and_a_baseline_of_another_dataset(ckpt_dir
     bigger = [n for n in notes("--kv_quant=int8", "--kv_quant_residual=0", "--kv_window=0")
               if "hold at least the reference's bits" in n]
     assert len(bigger) == 1 and "more tokens than the reference's bound" in bigger[0] and "residual" not in bigger[0]
+    # unbounded with a residual of 16, over 256 bytes: the residual fills half the reference's window but a
+    # sliver of what the row keeps; the tokens kept are the reason
+    bigger = [n for n in notes("--kv_quant=int8", "--kv_quant_residual=16", "--kv_window=0", "--stream_len=256")
+              if "hold at least the reference's bits" in n]
+    assert len(bigger) == 1 and "more tokens than the reference's bound" in bigger[0] and "residual" not in bigger[0]
     for args in (["--kv_quant=int8", "--kv_quant_residual=8", "--chunk=1"],  # the decoder itself
                  ["--kv_window=16"],  # nothing approximate at chunk 32
                  [f"--baseline={ckpt_dir / 'same.pt'}"]):
