@@ -374,7 +374,8 @@ def main():
              f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}"
              + "".join(", " + o for o in named))
     if sweep:
-        write_outputs(results, prefix, title, use_tb, png, show=print)  # the table first: a failed write loses nothing
+        # the table first: a failed write loses nothing; the chunk's caveat goes into the .md with it
+        write_outputs(results, prefix, title, use_tb, png, show=print, notes=[note] if note else [])
         print(f"wrote {prefix}.csv, {prefix}.md" + (f", {prefix}.png" if png else "")
               + (f" and TensorBoard scalars in {prefix}/" if use_tb else ""))
     else:

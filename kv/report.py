@@ -110,15 +110,17 @@ def plot(results, path, title):
     plt.close(fig)
 
 
-def write_outputs(results, prefix, title, use_tb, png=True, show=None):
+def write_outputs(results, prefix, title, use_tb, png=True, show=None, notes=()):
     """prefix.csv, prefix.md, prefix.png (with png) and TensorBoard scalars in the folder prefix/,
     each file atomically; returns the markdown. show(markdown), if given, comes first, so a
-    file that cannot be written (a UserError naming it: write_file) loses no results."""
+    file that cannot be written (a UserError naming it: write_file) loses no results. notes:
+    lines that qualify the table (said on the terminal already), kept above it in prefix.md."""
     md = markdown(results, title)
     if show is not None:
         show(md)
     write_csv(prefix + ".csv", results, list(results[0]))
-    write_text(prefix + ".md", md)
+    title_line, rest = md.split("\n", 1)  # (the notes go under the title, above the table)
+    write_text(prefix + ".md", title_line + "\n" + "".join(f"\n{n}\n" for n in notes) + rest)
     if png:
         plot(results, prefix + ".png", title)
     if use_tb:

@@ -235,6 +235,10 @@ def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
     assert any(r["setting"] == "int4/g16/r4/token-keys + h2o 10 (recent 5, sink 4), window 32" for r in rows)
     md = (ckpt_dir / "eval_kv_quick.md").read_text()
     assert "| setting | peak KV bits/stream | bits/token" in md and "Within 1% of the baseline" in md
+    # the chunk's caveat (its quantized and evicting rows score otherwise than their bits' decoder)
+    # is kept in the file, above the table, as said on the terminal
+    [caveat] = [line for line in proc.stderr.splitlines() if line.startswith("note: at chunk 32")]
+    assert caveat in md and md.index(caveat) < md.index("| setting")
     import matplotlib.image
     img = matplotlib.image.imread(f"{prefix}.png")
     assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
@@ -248,6 +252,12 @@ def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
     assert proc.returncode == 0, proc.stderr
     assert (ckpt_dir / "eval_kv_quick.csv").read_text() == before
     assert ", attention=naive" in (ckpt_dir / "eval_kv_quick_attention-naive.md").read_text().splitlines()[0]
+    # scored by the decoder itself (chunk 1): no caveat, in the file or on the terminal
+    proc = run_script("eval_kv.py", f"--out_dir={ckpt_dir}", "--sweep=quick", "--n_streams=1", "--stream_len=64",
+                      "--kv_quant_group=16", "--device=cpu", "--chunk=1")
+    assert proc.returncode == 0 and "note: at chunk" not in proc.stderr, proc.stderr
+    [written] = [w for w in proc.stdout.split("wrote ")[1].split(", ") if w.endswith(".md")]
+    assert "chunk" in written and "note: at chunk" not in open(written).read()
 
 
 def test_a_sweep_with_sinks_says_where_they_sit_as_one_setting_does(ckpt_dir):
