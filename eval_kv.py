@@ -369,7 +369,8 @@ def main():
         say(f"note: {', '.join(dense)} hold at least the reference's bits although every token is quantized and "
             "no more tokens are kept: the format stores as many bits per value as full precision, or more")
     # (the title names the reference as it came out: --reference=unbounded under a kv_window is a window)
-    named = [f"reference {label(ref_kv)}" if o == f"reference={reference}" else o for o in other]
+    named = [f"reference {label(ref_kv)}" if o == f"reference={reference}" else o for o in other
+             if not o.startswith("chunk=")]  # (the title says the chunk already)
     title = (f"{os.path.basename(os.path.normpath(out_dir))}/{os.path.basename(path)}: "
              f"{n_streams} x {stream_len} bytes, chunk {step}, full precision at {dtype}"
              + "".join(", " + o for o in named))

@@ -258,6 +258,7 @@ def test_quick_sweep_writes_csv_markdown_and_png(ckpt_dir):
     assert proc.returncode == 0 and "note: at chunk" not in proc.stderr, proc.stderr
     [written] = [w for w in proc.stdout.split("wrote ")[1].split(", ") if w.endswith(".md")]
     assert "chunk" in written and "note: at chunk" not in open(written).read()
+    assert open(written).readline().count("chunk") == 1  # the title says the chunk once
 
 
 def test_a_sweep_with_sinks_says_where_they_sit_as_one_setting_does(ckpt_dir):
