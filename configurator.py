@@ -25,11 +25,21 @@ PLAIN_TYPES = (int, float, bool, str)
 # nanoGPT's settings that this project does not have, and what to use instead
 _WANDB = "wandb is not supported here{tensorboard}"
 ELSEWHERE = {"wandb_log": _WANDB, "wandb_project": _WANDB, "wandb_run_name": _WANDB,
-             "init_from": "{reads}; GPT-2's weights do not fit this byte-level model"}
+             "init_from": "{reads}; GPT-2's weights do not fit this byte-level model",
+             "real_data": "nanoGPT's bench.py setting: this bench.py always times batches of --dataset's text",
+             "profile": "nanoGPT's bench.py setting: no profiler is built in (run the script under perf record "
+                        "or python -m cProfile)"}
 # ...and the values of them that ask for what the script does anyway: accepted, and said to be
-# ignored (nanoGPT's `python sample.py --init_from=resume --out_dir=...` works as it did there)
+# ignored (nanoGPT's `python sample.py --init_from=resume --out_dir=...` and the wandb lines of
+# its config files work as they did there; wandb_project and wandb_run_name do nothing without
+# wandb_log=True, which is refused)
 SAME_HERE = {"wandb_log": lambda text, known: text.strip().lower() in ("false", "0"),
-             "init_from": lambda text, known: text.strip() == "resume" and "checkpoint_name" in known}
+             "wandb_project": lambda text, known: True, "wandb_run_name": lambda text, known: True,
+             "init_from": lambda text, known: text.strip() == "resume" and "checkpoint_name" in known,
+             "real_data": lambda text, known: text.strip().lower() in ("true", "1") and "bench_iters" in known}
+WANDB_OFF = "nanoGPT's setting: wandb is off here, as with wandb_log=False"
+IGNORED = {"init_from": "nanoGPT's setting: what this script does anyway",
+           "real_data": "nanoGPT's setting: what this script does anyway"}  # the wandb ones: wandb is off here
 
 
 def _reads(known):
@@ -147,10 +157,13 @@ def _run_config_file(path, g, known):
         detail = " ".join(str(e).split())
         raise UserError(f"config file {path}: {type(e).__name__}: {detail}") from None
     assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
-    updates = {}
+    updates, ignored = {}, {}
     for name, value in scope.items():
         if name.startswith("_") or isinstance(value, types.ModuleType):
             continue  # builtins, private helpers, imports
+        if name not in known and name in SAME_HERE and SAME_HERE[name](str(value), known):
+            ignored[name] = value
+            continue
         if name not in known:
             suggestion = _suggest(name, known)
             helper = " (a name of your own, e.g. a loop variable, starts with _ and is left alone)" \
@@ -162,7 +175,7 @@ def _run_config_file(path, g, known):
         value = _coerce(f"config file {path}: {name}", value, g[name])
         if value != g[name]:
             updates[name] = value
-    return updates, assigned & set(known)
+    return updates, assigned & set(known), ignored
 
 
 _SETTING = re.compile(r"^\s*(\w+)\s*(?::\s*\w+\s*)?=\s*.+?\s+#\s*(.+)$")
@@ -229,11 +242,14 @@ def configure(g, argv=None, echo=None, given=None):
         name, eq, text = arg[2:].partition("=")  # first "=" only: values may hold "="
         if arg.startswith("--") and eq and name:
             if name not in known and name in SAME_HERE and SAME_HERE[name](text, known):
-                print(f"Ignoring: {name} = {text} (nanoGPT's setting: what this script does anyway)", file=echo)
+                print(f"Ignoring: {name} = {text} ({IGNORED.get(name, WANDB_OFF)})", file=echo)
                 continue
+            if name == "init_from" and "checkpoint_name" in known:  # (known here, as resume alone)
+                raise UserError(f"--init_from={text}: only resume, which is what this script does: "
+                                f"{_suggest(name, known)}")
             if name not in known:
                 raise UserError(f"unknown setting --{name}; {_suggest(name, known)}")
-            updates = {name: _parse(name, text, g[name])}
+            updates, ignored = {name: _parse(name, text, g[name])}, {}
             flagged[name] = arg
             assigned = {name}
         elif arg.startswith("--") and arg[2:] in known:  # --name value, as argparse takes it
@@ -243,7 +259,7 @@ def configure(g, argv=None, echo=None, given=None):
         elif arg.startswith("-") or ("=" in arg and not os.path.exists(arg)):
             raise UserError(f"bad argument '{arg}': expected --name=value or a config file path")
         else:
-            updates, assigned = _run_config_file(arg, g, known)
+            updates, assigned, ignored = _run_config_file(arg, g, known)
             undone = [flagged[n] for n in flagged if n in updates]
             if undone:  # (applying it would silently undo the flag: a run in the wrong --out_dir, say)
                 script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "train.py"
@@ -251,6 +267,8 @@ def configure(g, argv=None, echo=None, given=None):
                                 f"{', '.join(n.split('=')[0][2:] for n in undone)} too; put config files first "
                                 f"so that the flags win: python {script} {arg} {' '.join(undone)} ...")
             print(f"Overriding config with {arg}:", file=echo)
+            for name, value in ignored.items():
+                print(f"Ignoring: {name} = {value!r} ({IGNORED.get(name, WANDB_OFF)})", file=echo)
         if given is not None:
             given |= assigned
         for name, value in updates.items():

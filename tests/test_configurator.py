@@ -150,7 +150,7 @@ def test_a_checkpoint_given_as_a_config_file_is_named_as_such(tmp_path):
 
 @pytest.mark.parametrize("body, fragments", [
     ("lerning_rate = 0.1\n", ["unknown setting 'lerning_rate'", "--learning_rate"]),
-    ("wandb_log = False\n", ["unknown setting 'wandb_log'", "wandb is not supported"]),  # a nanoGPT config
+    ("wandb_log = True\n", ["unknown setting 'wandb_log'", "wandb is not supported"]),  # nanoGPT's, turned on
     ("max_iters = 'many'\n", ["max_iters: expected int, got str 'many'"]),
     ("max_iters = = 3\n", ["SyntaxError"]),
     ("max_iters = undefined_name\n", ["NameError"]),
@@ -261,17 +261,46 @@ def test_nanogpts_settings_at_what_a_script_does_anyway_are_ignored_and_said_to_
         "out_dir": "out", "checkpoint_name": "ckpt.pt", "seed": 2}
     assert "Ignoring: init_from = resume" in echo.getvalue() and "Ignoring: wandb_log = False" in echo.getvalue()
     for argv in (["--init_from=gpt2"], ["--wandb_log=True"]):
-        with pytest.raises(UserError, match="unknown setting"):
+        with pytest.raises(UserError, match="only resume|unknown setting --wandb_log"):
             configure(dict(g), argv, echo=io.StringIO())
     with pytest.raises(UserError, match="starts from no checkpoint"):
         configure(dict(seed=1), ["--init_from=resume"], echo=io.StringIO())
+    with pytest.raises(UserError, match=r"--init_from=gpt2: only resume, .*GPT-2's weights do not fit"):
+        configure(dict(g), ["--init_from=gpt2"], echo=io.StringIO())
+
+
+def test_a_nanogpt_config_file_with_its_wandb_lines_is_read_and_the_lines_ignored(tmp_path):
+    """nanoGPT's config/train_shakespeare_char.py sets wandb_log = False, wandb_project and
+    wandb_run_name: the file configures the rest, a line says each wandb one was ignored; with
+    wandb_log = True it is refused (wandb is not supported here)."""
+    path = tmp_path / "nanogpt.py"
+    path.write_text("max_iters = 7\nwandb_log = False # override via command line if you like\n"
+                    "wandb_project = 'shakespeare-char'\nwandb_run_name = 'mini-gpt'\n")
+    echo, g = io.StringIO(), settings()
+    configure(g, [str(path)], echo=echo)
+    assert g["max_iters"] == 7 and "wandb_log" not in g
+    assert all(f"Ignoring: {n}" in echo.getvalue() for n in ("wandb_log", "wandb_project", "wandb_run_name"))
+    path.write_text("max_iters = 7\nwandb_log = True\n")
+    with pytest.raises(UserError, match="unknown setting 'wandb_log'; wandb is not supported here"):
+        configure(settings(), [str(path)], echo=io.StringIO())
+
+
+def test_nanogpts_bench_flags_are_answered():
+    """--real_data=True is what bench.py does (ignored, said); False, and --profile, are refused saying why."""
+    echo = io.StringIO()
+    configure(dict(bench_iters=3), ["--real_data=True"], echo=echo)
+    assert "Ignoring: real_data = True" in echo.getvalue()
+    with pytest.raises(UserError, match="always times batches of --dataset's text"):
+        configure(dict(bench_iters=3), ["--real_data=False"], echo=io.StringIO())
+    with pytest.raises(UserError, match="no profiler is built in"):
+        configure(dict(bench_iters=3), ["--profile=True"], echo=io.StringIO())
 
 
 def test_wandb_points_to_tensorboard_only_where_the_script_writes_it():
     with pytest.raises(UserError, match=r"TensorBoard scalars are written \(--tensorboard=True"):
         configure(dict(settings(), tensorboard=True), ["--wandb_log=True"])
     with pytest.raises(UserError, match="this script logs no scalars"):
-        configure(settings(), ["--wandb_project=x"])
+        configure(settings(), ["--wandb_log=1"])
 
 
 def test_a_recipe_named_without_its_folder_is_found_in_config(monkeypatch):
