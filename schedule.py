@@ -64,10 +64,11 @@ class Schedule:
                                                else "")
             end = self.lr(run - 1)
             end_fixed = replace(self, warmup_iters=warmup_fix, lr_decay_iters=run).lr(run - 1)
-            span = f"this run's {run} iterations" if start_iter == origin else \
-                f"the schedule's {run} iterations ({origin}..{end_iter - 1}, this run resuming at {start_iter})"
+            its = f"{run} iteration{'s' if run != 1 else ''}"
+            span = f"this run's {its}" if start_iter == origin else \
+                f"the schedule's {its} ({origin + 1}..{end_iter}, this run resuming after {start_iter})"
             fits = end_fixed < end and start_iter == origin  # (a continued run keeps its schedule: no advice)
-            return (f"note: {span} end at learning rate {end:.2e}, not min_lr={self.min_lr:g} "
+            return (f"note: {span} end{'s' if run == 1 else ''} at learning rate {end:.2e}, not min_lr={self.min_lr:g} "
                     f"(warmup_iters={self.warmup_iters}, lr_decay_iters={self.lr_decay_iters})"
                     + (f"; with {fix} it ends at {end_fixed:.2e}" if fits else ""))
         if mode == "continue" and start_iter >= self.lr_decay_iters:

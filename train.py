@@ -234,7 +234,8 @@ def train(held):
     # loader); the other ranks start new rows, seeded by the iteration so none replays its first batches
     rank_seed = seed + rank + (world_size * start_iter if rank > 0 else 0)
     if writes:
-        print(f"training iterations {start_iter}..{end_iter - 1}, {tokens_per_iter:,} tokens per iteration")
+        # numbered as the log lines count them: "iter N" once N iterations are done
+        print(f"training iterations {start_iter + 1}..{end_iter}, {tokens_per_iter:,} tokens per iteration")
         schedule = Schedule.from_settings(globals())  # (a fine-tune's is fitted to its iterations: resume_run)
         if master and (note := schedule.run_note(start_iter, end_iter, origin, mode)):
             print(note)

@@ -48,5 +48,6 @@ def test_the_run_note_proposes_flags_that_end_lower():
     proposed = Schedule(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=100)
     assert note.endswith(f"; with --lr_decay_iters=100 it ends at {proposed.lr(99):.2e}")
     assert proposed.lr(99) < s.lr(99) and math.isclose(proposed.lr(100), s.min_lr)
+    assert s.run_note(0, 1, 0, "scratch").startswith("note: this run's 1 iteration ends at learning rate")
     # a run resumed part-way keeps its schedule: the note says where it ends, and proposes nothing
     assert "; with " not in s.run_note(50, 100, 0, "continue")

@@ -56,6 +56,9 @@ def test_fresh_run_writes_checkpoints_and_tensorboard(base_run):
     assert all(s["step"] == N for s in last["optimizer"]["state"].values())
     evals = [line.split(":")[0] for line in printed.splitlines() if "train loss" in line]
     assert evals == ["iter 0", "iter 4", "iter 6"]
+    # the header numbers the iterations as the log lines count them: the last is "iter N"
+    logged = [int(line.split(":")[0][5:]) for line in printed.splitlines() if line.startswith("iter ") and "lr " in line]
+    assert f"training iterations 1..{N}," in printed and logged[-1] == N
     assert ckpt["best_val_loss"] == last["best_val_loss"] < 6.0
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -181,7 +184,7 @@ def test_a_decay_past_the_run_is_said_with_the_last_learning_rate(data_dir, tmp_
     # a run continued from iteration 8 to 12 still follows one schedule from iteration 0:
     # the note speaks of the schedule's 12 iterations, not of "this run's"
     printed = train(data_dir, tmp_path / "o8", "--max_iters=12", "--init_from=resume")
-    line = printed.split("note: the schedule's 12 iterations (0..11, this run resuming at 8) end at learning rate ")[1]
+    line = printed.split("note: the schedule's 12 iterations (1..12, this run resuming after 8) end at learning rate ")[1]
     assert line.startswith(f"{last_lr(tmp_path / 'o8'):.2e}, not min_lr")
 
 
