@@ -445,9 +445,10 @@ def resume_run(config, given, defaults, dev, world_size):
     for note in ckpt["conversions"]:
         print(f"converted: {note}")
     model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    flagged = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}
     for k in ARCH_KEYS:
         if config[k] != model_args[k]:
-            said = "the config says" if k in given else "train.py's default is"
+            said = f"--{k} says" if k in flagged else "the config says" if k in given else "train.py's default is"
             print(f"note: {k}={model_args[k]!r} from the checkpoint ({said} {config[k]!r})")
     mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
     if mode == "finetune" and end_iter > start_iter and not eval_only:  # (eval_only trains nothing: no schedule)

@@ -692,11 +692,15 @@ def test_a_relative_dataset_folder_is_recorded_for_any_directory(data_dir, tmp_p
 
 def test_the_architecture_note_says_whether_a_flag_or_the_default_disagrees(data_dir, base_run, tmp_path):
     """A resume takes n_layer, n_head, n_embd from the checkpoint: the note names what it
-    overrules, a setting given ("the config says") or train.py's default, never given."""
+    overrules: a flag ("--n_layer says"), a config file ("the config says") or train.py's default."""
     out = copy_of(base_run, tmp_path)
     bare = [a for a in TINY if not a.startswith(("--n_layer=", "--n_head=", "--n_embd="))]
     code, printed, err = run_in_process("train.py", *bare, f"--dataset={data_dir}", f"--out_dir={out}", "--n_layer=3",
                                         "--init_from=resume", "--eval_only=True")
     assert code in (0, None), err
-    assert "note: n_layer=2 from the checkpoint (the config says 3)" in printed
+    assert "note: n_layer=2 from the checkpoint (--n_layer says 3)" in printed
     assert "note: n_head=2 from the checkpoint (train.py's default is 6)" in printed, printed
+    (tmp_path / "deeper.py").write_text("n_layer = 3\n")
+    code, printed, err = run_in_process("train.py", str(tmp_path / "deeper.py"), *bare, f"--dataset={data_dir}",
+                                        f"--out_dir={out}", "--init_from=resume", "--eval_only=True")
+    assert code in (0, None) and "note: n_layer=2 from the checkpoint (the config says 3)" in printed, err
