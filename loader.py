@@ -265,6 +265,10 @@ def prepare(data_dir, input_path=None, url=None, force=False, fetch=False, first
     files = {}  # what is written, all at once at the end
     if input_path and fetch:
         raise UserError(f"--input={input_path} and --url={url} both give the text; give one of them")
+    local = os.path.join(SHARED_DATA, os.path.basename(data_dir), "input.txt")
+    if not input_path and not fetch and not os.path.exists(target) and os.path.isfile(local):
+        print(f"using the local copy {os.path.relpath(local)}" + (" (--url=URL downloads instead)" if url else ""))
+        input_path, first_use = local, True  # (errors then name the copy, as a training run's first use does)
     if input_path:
         where = f"the local copy {os.path.relpath(input_path)}" if first_use else f"--input={input_path}"
         if not os.path.isfile(input_path):

@@ -55,6 +55,22 @@ def test_svejk_without_input_is_a_clear_error(tmp_path):
     assert_user_error(proc, "missing.txt: no such file")
 
 
+@pytest.mark.parametrize("corpus", ["shakespeare_char", "svejk_char"])
+def test_prepare_script_alone_takes_the_offline_copy_a_training_run_would(tmp_path, corpus):
+    """python data/NAME/prepare.py with no flags, no input.txt and ../shared/data/NAME/input.txt
+    beside the project (an offline machine): the copy is split, as train.py's first use does,
+    and nothing is downloaded."""
+    repo = tmp_path / "project"
+    copy_scripts(repo)
+    shared = tmp_path / "shared" / "data" / corpus
+    shared.mkdir(parents=True)
+    (shared / "input.txt").write_bytes(tiny_corpus(1000))
+    proc = run_script(f"data/{corpus}/prepare.py", cwd=repo)
+    assert proc.returncode == 0 and "using the local copy" in proc.stdout and "downloading" not in proc.stdout, \
+        proc.stdout + proc.stderr
+    assert (repo / f"data/{corpus}/val.txt").read_bytes() == tiny_corpus(1000)[900:]
+
+
 def test_failed_download_suggests_input(tmp_path):
     with pytest.raises(UserError, match="could not download .* --input="):
         prepare(str(tmp_path), url="http://127.0.0.1:9/input.txt")  # nothing listens on port 9

@@ -1,6 +1,7 @@
 """
 Tiny-shakespeare as raw bytes: writes train.txt (first 90%) and val.txt (last 10%) next to this
-file. Downloads input.txt from the char-rnn repository unless it is here or --input gives a copy.
+file. Downloads input.txt from the char-rnn repository unless it is here, --input gives a copy,
+or an offline copy lies in ../shared/data/shakespeare_char/ beside the project (as train.py finds it).
 A download (the default one, or --url) is checked as an --input is: bytes that are not text, or
 a text other than the input.txt already here, are refused unless --force=True.
 

@@ -1,9 +1,10 @@
 """
 The Good Soldier Svejk as raw bytes: writes train.txt (first 90%) and val.txt (last 10%) next to
-this file. There is no download source, so give a plain-text copy of the novel once with --input.
+this file. There is no download source, so give a plain-text copy of the novel once with --input
+(one in ../shared/data/svejk_char/, beside the project, is taken without it).
 
     python data/svejk_char/prepare.py --input=../shared/data/svejk_char/input.txt
-    python data/svejk_char/prepare.py          # re-split an input.txt already copied here
+    python data/svejk_char/prepare.py          # re-split an input.txt already copied here (or take ../shared's)
 """
 import os
 import sys
