@@ -33,13 +33,19 @@ ELSEWHERE = {"wandb_log": _WANDB, "wandb_project": _WANDB, "wandb_run_name": _WA
 # ignored (nanoGPT's `python sample.py --init_from=resume --out_dir=...` and the wandb lines of
 # its config files work as they did there; wandb_project and wandb_run_name do nothing without
 # wandb_log=True, which is refused)
-SAME_HERE = {"wandb_log": lambda text, known: text.strip().lower() in ("false", "0"),
-             "wandb_project": lambda text, known: True, "wandb_run_name": lambda text, known: True,
-             "init_from": lambda text, known: text.strip() == "resume" and "checkpoint_name" in known,
-             "real_data": lambda text, known: text.strip().lower() in ("true", "1") and "bench_iters" in known}
-WANDB_OFF = "nanoGPT's setting: wandb is off here, as with wandb_log=False"
-IGNORED = {"init_from": "nanoGPT's setting: what this script does anyway",
-           "real_data": "nanoGPT's setting: what this script does anyway"}  # the wandb ones: wandb is off here
+_OFF, _ANYWAY = "nanoGPT's setting: wandb is off here, as with wandb_log=False", \
+    "nanoGPT's setting: what this script does anyway"
+SAME_HERE = {"wandb_log": (lambda text, known: text.strip().lower() in ("false", "0"), _OFF),
+             "wandb_project": (lambda text, known: True, _OFF), "wandb_run_name": (lambda text, known: True, _OFF),
+             "init_from": (lambda text, known: text.strip() == "resume" and "checkpoint_name" in known, _ANYWAY),
+             "real_data": (lambda text, known: text.strip().lower() in ("true", "1") and "bench_iters" in known,
+                           _ANYWAY)}
+
+
+def _same_here(name, value, known):
+    """Why the setting name=value (not one of this script's) changes nothing here, or None."""
+    accepts, why = SAME_HERE.get(name, (None, None))
+    return why if name not in known and accepts and accepts(str(value), known) else None
 
 
 def _reads(known):
@@ -161,7 +167,7 @@ def _run_config_file(path, g, known):
     for name, value in scope.items():
         if name.startswith("_") or isinstance(value, types.ModuleType):
             continue  # builtins, private helpers, imports
-        if name not in known and name in SAME_HERE and SAME_HERE[name](str(value), known):
+        if _same_here(name, value, known):
             ignored[name] = value
             continue
         if name not in known:
@@ -241,15 +247,15 @@ def configure(g, argv=None, echo=None, given=None):
             sys.exit(0)
         name, eq, text = arg[2:].partition("=")  # first "=" only: values may hold "="
         if arg.startswith("--") and eq and name:
-            if name not in known and name in SAME_HERE and SAME_HERE[name](text, known):
-                print(f"Ignoring: {name} = {text} ({IGNORED.get(name, WANDB_OFF)})", file=echo)
+            if why := _same_here(name, text, known):
+                print(f"Ignoring: {name} = {text} ({why})", file=echo)
                 continue
             if name == "init_from" and "checkpoint_name" in known:  # (known here, as resume alone)
                 raise UserError(f"--init_from={text}: only resume, which is what this script does: "
                                 f"{_suggest(name, known)}")
             if name not in known:
                 raise UserError(f"unknown setting --{name}; {_suggest(name, known)}")
-            updates, ignored = {name: _parse(name, text, g[name])}, {}
+            updates = {name: _parse(name, text, g[name])}
             flagged[name] = arg
             assigned = {name}
         elif arg.startswith("--") and arg[2:] in known:  # --name value, as argparse takes it
@@ -268,7 +274,7 @@ def configure(g, argv=None, echo=None, given=None):
                                 f"so that the flags win: python {script} {arg} {' '.join(undone)} ...")
             print(f"Overriding config with {arg}:", file=echo)
             for name, value in ignored.items():
-                print(f"Ignoring: {name} = {value!r} ({IGNORED.get(name, WANDB_OFF)})", file=echo)
+                print(f"Ignoring: {name} = {value!r} ({_same_here(name, value, known)})", file=echo)
         if given is not None:
             given |= assigned
         for name, value in updates.items():

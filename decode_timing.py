@@ -85,24 +85,23 @@ def products_ms(model, B, calls=300):
     products = lambda xs: [m(x) for m, x in zip(lins, xs)]
     with torch.no_grad():
         f = compile_or_eager(products, lambda f: f(xs), fixed_args=(xs,), fullgraph=True, options={"cpp_wrapper": True})
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                f(xs)
-            runs.append((time.perf_counter() - t0) / calls * 1e3)
-    return min(runs)
+        return fastest_ms(lambda: f(xs), calls)
 
 
 def stream_ms(nbytes, calls=300):
     """ms for one core to read nbytes once: a sum over a float32 tensor of that size (fastest of
     3 runs), the rate a step reading its caches could at best reach on this machine."""
     x = torch.ones(max(nbytes // 4, 1))
+    return fastest_ms(x.sum, calls)
+
+
+def fastest_ms(fn, calls):
+    """ms per call of fn(), the fastest of 3 runs of calls calls."""
     runs = []
     for _ in range(3):
         t0 = time.perf_counter()
         for _ in range(calls):
-            x.sum()
+            fn()
         runs.append((time.perf_counter() - t0) / calls * 1e3)
     return min(runs)
 

@@ -44,11 +44,10 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
     the batch, or a list of B, row b drawing from the b-th alone (what it draws on its own)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = sampling_probs(logits, temperature, top_k)
     if isinstance(generator, (list, tuple)):  # multinomial's own rule, its noise drawn row by row
-        noise = draw_noise(torch.empty(probs.shape, device=probs.device), generator)  # (a third of B calls' time)
-        return (probs / noise).argmax(dim=-1, keepdim=True)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+        noise = draw_noise(torch.empty(logits.shape, device=logits.device), generator)  # (a third of B calls' time)
+        return pick_next(logits, temperature, top_k, noise)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k), num_samples=1, generator=generator)
 
 
 def pick_next(logits, temperature, top_k, noise):

@@ -452,8 +452,7 @@ def resume_run(config, given, defaults, dev, world_size):
             print(f"note: {k}={model_args[k]!r} from the checkpoint ({said} {config[k]!r})")
     mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
     if mode == "finetune" and end_iter > start_iter and not eval_only:  # (eval_only trains nothing: no schedule)
-        flags = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}
-        fit, note = Schedule.from_settings(globals()).fit(max_iters, flags)
+        fit, note = Schedule.from_settings(globals()).fit(max_iters, flagged)
         if fit:
             globals().update(fit)
             config.update(fit)
