@@ -39,6 +39,7 @@ import time
 import torch
 
 import train
+import train_checks
 from configurator import PLAIN_TYPES, configure
 from decode_timing import bench_generate, compiled_decoder
 from device_peaks import peak_flops
@@ -312,7 +313,7 @@ def check_settings():
         raise UserError(f"{' and '.join(ignored)}: bench.py times models of the given shape with random weights "
                         "(their speed does not depend on the weights) and writes no checkpoint: drop "
                         + ("it" if len(ignored) == 1 else "them"))
-    train.check_settings()  # batch_size, block_size, learning_rate, ... as train.py checks them
+    train_checks.check_settings(globals())  # batch_size, block_size, learning_rate, ... as train.py checks them
 
 
 def check_caches(config, kv):
@@ -354,14 +355,7 @@ def unused_settings(given):
 def main():
     given = set()
     configure(globals(), sys.argv[1:], given=given)
-    found = {k: getattr(train, k) for k in TRAIN_SETTINGS}
-    try:
-        for k in TRAIN_SETTINGS:  # train.check_settings and its helpers read train.py's globals
-            setattr(train, k, globals()[k])
-        run_benchmarks(given, {a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--")})
-    finally:  # (train.py's own values back: a test runs bench.py again in the same process)
-        for k, v in found.items():
-            setattr(train, k, v)
+    run_benchmarks(given, {a[2:].split("=")[0] for a in sys.argv[1:] if a.startswith("--")})
 
 
 def run_benchmarks(given=(), flags=()):

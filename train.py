@@ -49,13 +49,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import outdir
 from checkpoint import load_model, save_checkpoint, saved_dataset_paths, unwrap
 from configurator import configure
-from kv.policy import KVOptions
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state, try_step
-from loader import EVAL_WINDOWS, ByteLoader, dataset_paths, eval_layout, fixed_batches, not_text, same_dataset
+from loader import ByteLoader, dataset_paths, eval_layout, fixed_batches, not_text, same_dataset
 from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
 from outdir import checkpoint_path
 from plugins import import_function
+from train_checks import check_settings, check_variant
 from steps import (compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, percent_done,
                    train_step)
 from schedule import Schedule
@@ -63,8 +63,8 @@ from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable
                     objective_settings, only_evaluates, other_val_batches, restore_training_state, resume_schedule,
                     rng_state, stopped_at_once)
 from devices import autocast_ctx, in_bytes, memory_available, start_device
-from utils import (SEED_MAX, StopAfterStep, TensorBoard, UserError, check_range, compile_or_eager, clock, has_module,
-                   project_file, run_main, stop_on_sigterm)
+from utils import (StopAfterStep, TensorBoard, UserError, compile_or_eager, clock, has_module, project_file,
+                   run_main, stop_on_sigterm)
 
 quiet_start.done()
 
@@ -165,7 +165,7 @@ def train(held):
     if isinstance(dataset, str) and ("/" in dataset or os.sep in dataset):
         # a folder as the checkpoint records it: read from any directory later (sample, eval_kv, a resume)
         globals()["dataset"] = config["dataset"] = os.path.abspath(dataset)
-    check_settings(world_size)
+    check_settings(globals(), world_size)
     evaluates = init_from == "resume" and only_evaluates(  # a finished run, resumed as it was: nothing written
         checkpoint_path(out_dir, resume_checkpoint_name, "resume_checkpoint_name"), resume_mode, max_iters)
     if master and not eval_only and max_iters > 0 and not evaluates:  # a run that trains: out_dir must be usable
@@ -204,7 +204,7 @@ def train(held):
     n_params = model.get_num_params()
     print(f"model: {n_params / 1e6:.2f}M parameters, {model_args}")
     check_qat(model, kv_quant, kv_quant_group, kv_quant_keys == "channel")  # before the first evaluation
-    check_variant(model.config, fresh=init_from == "scratch")
+    check_variant(model.config, init_from == "scratch", xl_mem, block_size)
     need = least_memory(model.config, batch_size, block_size, eval_iters, training=not eval_only)
     free = memory_available(dev)
     if free is not None and need > free:
@@ -438,7 +438,7 @@ def resume_run(config, given, defaults, dev, world_size):
         train_path, val_path = dataset_paths(dataset)
     if kept:
         try:
-            check_settings(world_size)  # the checkpoint's settings with this run's
+            check_settings(globals(), world_size)  # the checkpoint's settings with this run's
         except UserError as e:
             off = " ".join(f"--{k}={defaults[k]}" for k in kept)
             raise UserError(f"{e} ({', '.join(kept)} from the checkpoint: {off} goes on without)") from None
@@ -495,68 +495,6 @@ def sample_args(c):
         args += [f"--kv_quant_group={kv_quant_group}"] if kv_quant_group != 32 else []
         args += [f"--kv_quant_keys={kv_quant_keys}"] if kv_quant_keys != "channel" else []
     return args
-
-
-
-def check_settings(world_size=1):
-    """Reject values that would fail later with a less clear message."""
-    if init_from not in ("scratch", "resume"):
-        gpt2 = " (GPT-2's weights do not fit this byte-level model)" if init_from.startswith("gpt2") else ""
-        raise UserError(f"--init_from must be 'scratch' or 'resume', got {init_from!r}{gpt2}")
-    if resume_mode not in ("auto", "continue", "finetune"):
-        raise UserError(f"--resume_mode must be 'auto', 'continue' or 'finetune', got {resume_mode!r}")
-    for name in ("eval_interval", "eval_iters", "log_interval", "batch_size", "block_size",
-                 "gradient_accumulation_steps"):
-        if globals()[name] < 1:
-            raise UserError(f"--{name} must be at least 1, got {globals()[name]}")
-    if gradient_accumulation_steps % world_size:
-        raise UserError(f"--gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
-                        f"{world_size} DDP processes, which share the micro-steps equally (e.g. "
-                        f"--gradient_accumulation_steps={world_size * gradient_accumulation_steps})")
-    if backend not in ("", "nccl", "gloo", "mpi", "ucc"):
-        raise UserError(f"--backend={backend}: use nccl (GPUs), gloo (CPUs) or '' (picks one)")
-    if threads < 0:
-        raise UserError(f"--threads must be 0 (chosen automatically) or a number of threads, got {threads}")
-    if init_from == "scratch" and global_layers and not window:  # (a resume takes window from the checkpoint)
-        raise UserError(f"--global_layers={global_layers} picks the layers that stay global among local ones: "
-                        "add --window=N (the local span), or drop --global_layers")
-    if xl_mem < 0:
-        raise UserError(f"--xl_mem must be 0 (off) or a number of tokens, got {xl_mem}")
-    if eval_windows not in EVAL_WINDOWS:
-        raise UserError(f"--eval_windows must be one of {', '.join(EVAL_WINDOWS)}, got {eval_windows!r}")
-    if xl_mem and eval_windows == "random":
-        raise UserError("--eval_windows=random gives every val row a window of its own, and --xl_mem carries memory "
-                        "from a row's batch to its next: use --eval_windows=rows (or auto)")
-    if xl_mem and kv_quant != "none":
-        raise UserError("--kv_quant (quantization-aware training) does not combine with --xl_mem; drop one")
-    KVOptions(kv_quant=kv_quant, kv_quant_group=kv_quant_group, kv_quant_keys=kv_quant_keys).check().check_unused()  # as sample.py
-    if max_iters < 0:
-        raise UserError(f"--max_iters must be 0 or more, got {max_iters}")
-    if not 0.0 < last_save_budget <= 1.0:
-        raise UserError(f"--last_save_budget must be in (0, 1], got {last_save_budget}")
-    check_range(globals(), "learning_rate min_lr weight_decay grad_clip warmup_iters lr_decay_iters", 0)
-    if decay_lr and min_lr > learning_rate:
-        raise UserError(f"--min_lr={min_lr:g} is above --learning_rate={learning_rate:g}: the rate would rise "
-                        "where it should decay; lower --min_lr (learning_rate / 10 is usual), or --decay_lr=False")
-    check_range(globals(), "beta1 beta2 dropout", 0, 1, high_open=True)
-    check_range(globals(), "reset_prob", 0, 1)
-    check_range(globals(), "seed", -SEED_MAX, SEED_MAX)
-
-
-def check_variant(c, fresh):
-    """One UserError for settings this model (GPTConfig c) would silently ignore or misuse; a
-    note where a new model's local window is wider than the rows it trains on."""
-    if c.no_kv_cache and xl_mem:  # (a resume's xl_mem may be the checkpoint's: --xl_mem=0 goes on without)
-        raise UserError(f"xl_mem={xl_mem}: every layer of this model is linear attention, whose state (not a "
-                        "memory of xl_mem tokens) would carry across batches, at positions growing without bound; "
-                        "train it with --xl_mem=0")
-    if fresh and c.no_kv_cache and c.window:
-        raise UserError(f"--window={c.window} bounds softmax layers, and every layer of this model is linear "
-                        "attention: it would change nothing; drop --window")
-    if fresh and c.window > block_size and any(c.is_local(i) and not c.keeps_state(i) for i in range(c.n_layer)):
-        print(f"note: --window={c.window} is wider than --block_size={block_size}: the local layers see every byte "
-              f"of their rows, as global ones do, and never a distance past {block_size} (the sample command "
-              "at the end bounds the cache there)")
 
 
 if __name__ == "__main__":
