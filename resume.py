@@ -1,22 +1,29 @@
 """
-Resuming a training run from a checkpoint (train.py --init_from=resume): which schedule it goes
-on with, what of the optimizer, RNG and data position it restores, which settings it keeps from
-the checkpoint, what makes its val loss incomparable, and what a Ctrl-C says. Reading and
-writing checkpoints is checkpoint.py's.
+Resuming a training run from a checkpoint (train.py --init_from=resume: resume_run, on train.py's
+settings): which schedule it goes on with, what of the optimizer, RNG and data position it
+restores, which settings it keeps from the checkpoint, what makes its val loss incomparable, and
+what a Ctrl-C says. Reading and writing checkpoints is checkpoint.py's.
 
+    r = resume_run(globals(), config, given, defaults, dev, world_size)   # in train.py
     mode, start, end, origin = resume_schedule(ckpt, "auto", max_iters)
     rows_kept = restore_training_state(ckpt, mode, optimizer, scaler, loader, (batch_size, block_size))
 """
+import math
 import os
 import shlex
 import sys
 import warnings
+from types import SimpleNamespace
 
 import torch
 
-from checkpoint import _first_line
-from loader import eval_layout, same_dataset
+from checkpoint import _first_line, load_model, saved_dataset_paths
+from loader import dataset_paths, eval_layout, same_dataset
 from devices import mps_available
+from model import ARCH_KEYS, MODEL_ARG_KEYS
+from outdir import checkpoint_path
+from schedule import Schedule
+from train_checks import check_settings
 from utils import UserError, project_file
 
 
@@ -349,3 +356,79 @@ def resume_command(**flags):
     drop = ("--init_from=", "--resume_checkpoint_name=", *(f"--{k}=" for k in flags))
     args = [a for a in sys.argv[1:] if not a.startswith(drop)] + [f"--{k}={v}" for k, v in flags.items()]
     return f"python {project_file('train.py')} {shlex.join(args)} --init_from=resume --resume_checkpoint_name=last"
+
+
+def resume_run(g, config, given, defaults, dev, world_size):
+    """The model of out_dir's checkpoint on dev, this run's schedule and the text it trains on,
+    for train.py's settings g (its globals). Settings the checkpoint was trained with (XL memory,
+    QAT, its dataset) go on unless given (kept in g and in config); the fine-tune's schedule is
+    fitted to max_iters (in g and config too)."""
+    if g["overwrite"]:  # (it lets a run from scratch replace out_dir's checkpoints)
+        print("note: --overwrite=True applies to a run from scratch only; this resume writes ckpt.pt and last.pt "
+              "in out_dir as any resume does")
+    ckpt_path = checkpoint_path(g["out_dir"], g["resume_checkpoint_name"], "resume_checkpoint_name")
+    # the non-architecture model keys given on the command line or in a config file
+    # (their defaults too: --attention=softmax turns a naive-attention checkpoint back to softmax)
+    overrides = {k: config[k] for k in MODEL_ARG_KEYS if k not in ARCH_KEYS and k in given}
+    model, ckpt = load_model(ckpt_path, dev, overrides, option="resume_checkpoint_name")
+    kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
+    g.update(kept)
+    config.update(kept)
+    # and on the text it was trained on (a folder it names is only read: saved_dataset_paths)
+    saved_data = (ckpt.get("config") or {}).get("dataset")
+    if "dataset" not in given and isinstance(saved_data, str) and saved_data \
+            and not same_dataset(saved_data, g["dataset"]):
+        print(f"note: dataset={saved_data!r} from the checkpoint, as it was trained (--dataset=... changes it)")
+        # (a folder an older checkpoint named relative to where it ran: recorded from here on as
+        # the folder read now)
+        named = os.path.abspath(saved_data) if "/" in saved_data or os.sep in saved_data else saved_data
+        g["dataset"] = config["dataset"] = named
+        train_path, val_path = saved_dataset_paths(saved_data, ckpt_path)
+    else:
+        train_path, val_path = dataset_paths(g["dataset"])
+    if kept:
+        try:
+            check_settings(g, world_size)  # the checkpoint's settings with this run's
+        except UserError as e:
+            off = " ".join(f"--{k}={defaults[k]}" for k in kept)
+            raise UserError(f"{e} ({', '.join(kept)} from the checkpoint: {off} goes on without)") from None
+    for note in ckpt["conversions"]:
+        print(f"converted: {note}")
+    model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
+    flagged = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+    for k in ARCH_KEYS:
+        if config[k] != model_args[k]:
+            said = f"--{k} says" if k in flagged else "the config says" if k in given else "train.py's default is"
+            print(f"note: {k}={model_args[k]!r} from the checkpoint ({said} {config[k]!r})")
+    eval_only, max_iters = g["eval_only"], g["max_iters"]
+    mode, start_iter, end_iter, origin = resume_schedule(ckpt, g["resume_mode"], max_iters, eval_only)
+    if mode == "finetune" and end_iter > start_iter and not eval_only:  # (eval_only trains nothing: no schedule)
+        fit, note = Schedule.from_settings(g).fit(max_iters, flagged)
+        if fit:
+            g.update(fit)
+            config.update(fit)
+            print(note)
+    elif mode == "continue" and (note := changed_settings(ckpt, {**config, **model_args})):  # (dropout: the model's)
+        print(note)
+    best_val_loss = ckpt.get("best_val_loss", float("inf"))
+    best = f"{best_val_loss:.4f}" if math.isfinite(best_val_loss) else "none yet"
+    print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best}")
+    changed = incomparable(ckpt, model_args, g["block_size"], g["dataset"])
+    other = other_val_batches(ckpt, val_batches(g))
+    if (changed or other) and not eval_only and end_iter > start_iter:  # another model's val loss, or other batches'
+        best_val_loss = float("inf")
+        print(f"note: {', '.join(changed + other)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
+              "will hold the best of this run")
+    elif changed or other:  # an evaluation alone (--eval_only, or --max_iters at the checkpoint's iteration)
+        print(f"note: {', '.join(changed + other)}: this evaluation is not comparable with the checkpoint's best "
+              "val loss")
+    return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, model_args=model_args, train_path=train_path,
+                           val_path=val_path, mode=mode, start_iter=start_iter, end_iter=end_iter, origin=origin,
+                           best_val_loss=best_val_loss, changed=changed)
+
+
+def val_batches(g):
+    """What the fixed loss batches of a run of train.py's settings g are drawn from
+    (other_val_batches compares it with a checkpoint's)."""
+    return dict(batch_size=g["batch_size"], eval_iters=g["eval_iters"], seed=g["seed"],
+                eval_windows=eval_layout(g["eval_windows"], g["xl_mem"]))

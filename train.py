@@ -40,28 +40,26 @@ import shlex
 import sys
 import time
 from contextlib import ExitStack
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import outdir
-from checkpoint import load_model, save_checkpoint, saved_dataset_paths, unwrap
+from checkpoint import save_checkpoint, unwrap
 from configurator import configure
 from kv.qat import check_qat, make_qat_caches
 from kv.xl import load_memory_state, make_xl_memory, memory_bytes, memory_state, try_step
-from loader import ByteLoader, dataset_paths, eval_layout, fixed_batches, not_text, same_dataset
-from model import ARCH_KEYS, GPT, GPTConfig, MODEL_ARG_KEYS
+from loader import ByteLoader, dataset_paths, fixed_batches, not_text
+from model import GPT, GPTConfig, MODEL_ARG_KEYS
 from outdir import checkpoint_path
 from plugins import import_function
 from train_checks import check_settings, check_variant
 from steps import (compile_probe, estimate_loss, evaluations_left, least_memory, not_finite_at_start, percent_done,
                    train_step)
 from schedule import Schedule
-from resume import (OBJECTIVE_KEYS, changed_settings, earlier_best, incomparable, interrupted, later_last,
-                    objective_settings, only_evaluates, other_val_batches, restore_training_state, resume_schedule,
-                    rng_state, stopped_at_once)
+from resume import (OBJECTIVE_KEYS, earlier_best, interrupted, later_last, only_evaluates, restore_training_state,
+                    resume_run, rng_state, stopped_at_once, val_batches)
 from devices import autocast_ctx, in_bytes, memory_available, start_device
 from utils import (StopAfterStep, TensorBoard, UserError, compile_or_eager, clock, has_module, project_file,
                    run_main, stop_on_sigterm)
@@ -193,7 +191,7 @@ def train(held):
                   "nothing is trained or written" + (f" (to evaluate {os.path.join(out_dir, held_here[0])}.pt instead: "
                                                      f"{how})" if held_here else ""))
     else:
-        r = resume_run(config, given, defaults, dev, world_size)
+        r = resume_run(globals(), config, given, defaults, dev, world_size)
         model, ckpt, ckpt_path, model_args, train_path, val_path = (
             r.model, r.ckpt, r.ckpt_path, r.model_args, r.train_path, r.val_path)
         mode, start_iter, end_iter, origin = r.mode, r.start_iter, r.end_iter, r.origin
@@ -216,7 +214,7 @@ def train(held):
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
     writes = not eval_only and end_iter > start_iter  # an evaluation alone writes nothing
     set_aside = later_last(out_dir, ckpt_path, start_iter) if writes and master and ckpt is not None else None
-    eval_set = val_batches()  # what the val batches are drawn from
+    eval_set = val_batches(globals())  # what the val batches are drawn from
     best_aside = earlier_best(out_dir, model_args, block_size, dataset, eval_set) if writes and master and ckpt is not None \
         else None
     if writes and master:
@@ -408,78 +406,6 @@ def train(held):
           f"{best_val_loss:.4f} {best}; checkpoints: " + ", ".join(f"{os.path.join(out_dir, n)} ({what})" for n, what in
           (("ckpt.pt", "best val loss"), ("last.pt", "latest")) if os.path.isfile(os.path.join(out_dir, n))))
     print(f"next: python {project_file('sample.py')} {shlex.join(sample_args(unwrap(model).config))}")
-
-def resume_run(config, given, defaults, dev, world_size):
-    """The model of out_dir's checkpoint on dev, this run's schedule and the text it trains on.
-    Settings the checkpoint was trained with (XL memory, QAT, its dataset) go on unless given
-    (kept in the globals and in config); the fine-tune's schedule is fitted to max_iters."""
-    if overwrite:  # (it lets a run from scratch replace out_dir's checkpoints)
-        print("note: --overwrite=True applies to a run from scratch only; this resume writes ckpt.pt and last.pt "
-              "in out_dir as any resume does")
-    ckpt_path = checkpoint_path(out_dir, resume_checkpoint_name, "resume_checkpoint_name")
-    # the non-architecture model keys given on the command line or in a config file
-    # (their defaults too: --attention=softmax turns a naive-attention checkpoint back to softmax)
-    overrides = {k: config[k] for k in MODEL_ARG_KEYS if k not in ARCH_KEYS and k in given}
-    model, ckpt = load_model(ckpt_path, dev, overrides, option="resume_checkpoint_name")
-    kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
-    globals().update(kept)
-    config.update(kept)
-    # and on the text it was trained on (a folder it names is only read: saved_dataset_paths)
-    saved_data = (ckpt.get("config") or {}).get("dataset")
-    if "dataset" not in given and isinstance(saved_data, str) and saved_data \
-            and not same_dataset(saved_data, dataset):
-        print(f"note: dataset={saved_data!r} from the checkpoint, as it was trained (--dataset=... changes it)")
-        # (a folder an older checkpoint named relative to where it ran: recorded from here on as
-        # the folder read now)
-        named = os.path.abspath(saved_data) if "/" in saved_data or os.sep in saved_data else saved_data
-        globals()["dataset"] = config["dataset"] = named
-        train_path, val_path = saved_dataset_paths(saved_data, ckpt_path)
-    else:
-        train_path, val_path = dataset_paths(dataset)
-    if kept:
-        try:
-            check_settings(globals(), world_size)  # the checkpoint's settings with this run's
-        except UserError as e:
-            off = " ".join(f"--{k}={defaults[k]}" for k in kept)
-            raise UserError(f"{e} ({', '.join(kept)} from the checkpoint: {off} goes on without)") from None
-    for note in ckpt["conversions"]:
-        print(f"converted: {note}")
-    model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
-    flagged = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}
-    for k in ARCH_KEYS:
-        if config[k] != model_args[k]:
-            said = f"--{k} says" if k in flagged else "the config says" if k in given else "train.py's default is"
-            print(f"note: {k}={model_args[k]!r} from the checkpoint ({said} {config[k]!r})")
-    mode, start_iter, end_iter, origin = resume_schedule(ckpt, resume_mode, max_iters, eval_only)
-    if mode == "finetune" and end_iter > start_iter and not eval_only:  # (eval_only trains nothing: no schedule)
-        fit, note = Schedule.from_settings(globals()).fit(max_iters, flagged)
-        if fit:
-            globals().update(fit)
-            config.update(fit)
-            print(note)
-    elif mode == "continue" and (note := changed_settings(ckpt, {**config, **model_args})):  # (dropout: the model's)
-        print(note)
-    best_val_loss = ckpt.get("best_val_loss", float("inf"))
-    best = f"{best_val_loss:.4f}" if math.isfinite(best_val_loss) else "none yet"
-    print(f"resumed {ckpt_path} at iteration {start_iter}, best val loss {best}")
-    changed = incomparable(ckpt, model_args, block_size, dataset)
-    other = other_val_batches(ckpt, val_batches())
-    if (changed or other) and not eval_only and end_iter > start_iter:  # another model's val loss, or other batches'
-        best_val_loss = float("inf")
-        print(f"note: {', '.join(changed + other)}: the checkpoint's best val loss is not comparable, so ckpt.pt "
-              "will hold the best of this run")
-    elif changed or other:  # an evaluation alone (--eval_only, or --max_iters at the checkpoint's iteration)
-        print(f"note: {', '.join(changed + other)}: this evaluation is not comparable with the checkpoint's best "
-              "val loss")
-    return SimpleNamespace(model=model, ckpt=ckpt, ckpt_path=ckpt_path, model_args=model_args, train_path=train_path,
-                           val_path=val_path, mode=mode, start_iter=start_iter, end_iter=end_iter, origin=origin,
-                           best_val_loss=best_val_loss, changed=changed)
-
-
-def val_batches():
-    """What this run's fixed loss batches are drawn from (resume.other_val_batches compares it)."""
-    return dict(batch_size=batch_size, eval_iters=eval_iters, seed=seed, eval_windows=eval_layout(eval_windows, xl_mem))
-
 
 def sample_args(c):
     """sample.py's flags for this run's model (GPTConfig c)."""
