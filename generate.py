@@ -166,7 +166,7 @@ class StaticDecoder:
         self.traced, self.weight = None, p  # what a step called without guards was traced for (mode())
         self.flushes = [static_flush] * len(self.flushing)  # one per list of self.flushing
         if compile:
-            # (imported here: torch._dynamo takes 1.4 s to import, a third of an eager sample.py run)
+            # (imported here: importing torch._dynamo is a large part of an eager sample.py run)
             import torch._dynamo.config as dynamo_config
             import torch._inductor.config as inductor_config
             options, fixed = dict(fullgraph=True, dynamic=False), False
@@ -176,16 +176,17 @@ class StaticDecoder:
                 options["mode"] = "reduce-overhead"
             elif p.device.type == "cpu":
                 # batch 1: each (1, C) x (C, N) product becomes a fused multiply-and-sum, not a
-                # BLAS call (MKL's matrix-vector product was a third of the step: RESULTS.md);
-                # cpp_wrapper: the step's kernels are called from C++, not from Python (per-call
-                # overhead: -8% per step at batch 1, -19% at batch 8 here)
-                # memory_planning: the step's intermediate tensors in one pool allocated per call,
-                # not 60 allocations (-5% per step at batch 1 here; no change at batch 8)
+                # BLAS call, whose per-call cost dominates so small a product;
+                # cpp_wrapper: the step's kernels are called from C++, not from Python (less
+                # overhead per call); memory_planning: the step's intermediate tensors in one pool
+                # allocated per call, not one allocation each (RESULTS.md, "What each compile
+                # option of the CPU step buys")
                 options["options"] = {"post_grad_fusion_options": {"decompose_mm_pass": {}}, "cpp_wrapper": True,
                                       "memory_planning": True}
                 # every call passes the same model, buffers and caches: compiled ahead for them
-                # and called without dynamo's guard check (-25 to -30% per step at batch 1, and
-                # at batch 8 more than inductor's freezing gained, which aot_compile refuses)
+                # and called without dynamo's guard check, which walks every parameter and cache
+                # buffer per call (it cost more than inductor's freezing, which aot_compile
+                # refuses, saved at batch 8: RESULTS.md, "Without dynamo's guard check")
                 fixed = True
             # (guarded steps: CUDA, MPS, a backend given) one compiled entry per decoder of another
             # cache kind or shape: more than dynamo's default of 8 in a sweep (its guards pick the
