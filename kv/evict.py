@@ -38,8 +38,12 @@ Your own rule, --kv_evict=package.module:function (h2o_priority below is H2O's):
         # that token, at seen - 1, is not among those ranked and always stays; kv_sink,
         # kv_recent: the options (positions < kv_sink and >= seen - kv_recent stay)
         return priority             # (B, nkv, n) floats: each head keeps its highest, up to the budget
+    function.needs_scores = False   # optional: a rule that ranks by position alone says so
 The cache still drops tokens no later query can see (a --kv_window bound) first, and never
 drops the full-precision residual of a quantized cache; everything else is the rule's choice.
+A rule that reads scores makes its cache compute the layer's attention itself, written out
+(softmax and naive models only); one marked needs_scores = False is handed zeros for scores,
+and its cache attends with the model's own attention, of any kind, at that kind's speed.
 """
 
 import torch
@@ -60,9 +64,16 @@ def h2o_priority(scores, pos, seen, kv_sink, kv_recent):
 
 
 # the named rules: name -> the function ranking cached tokens (None: recency alone, no scores).
-# A function here ranks by attention score: its cache computes softmax attention itself (naive,
-# with the probabilities), so models of other attention kinds refuse it (KVOptions.check_model)
+# A function here ranks by attention score unless marked needs_scores = False (reads_scores):
+# its cache computes softmax attention itself (naive, with the probabilities), so models of
+# other attention kinds refuse it (KVOptions.check_model)
 POLICIES = {"window": None, "h2o": h2o_priority}
+
+
+def reads_scores(rule):
+    """Does rule (None: recency alone) read the attention scores, so that its cache must
+    compute them?"""
+    return rule is not None and getattr(rule, "needs_scores", True) is not False
 
 
 def resolve_evict(name):
@@ -132,6 +143,7 @@ class EvictKVCache(QuantKVCache):
         self.score_codes = torch.zeros(batch_size, n_kv_head, 0, device=device)  # attention received
         self.score_full = self.score_codes.clone()
         self.holes = None  # (B, nkv, e): slots evicted, to be refilled in this update
+        self.scored = reads_scores(self.rule)  # attend() observes the attention probabilities
 
     def _appended(self, T):
         B, H, _ = self.score_full.shape
@@ -139,7 +151,7 @@ class EvictKVCache(QuantKVCache):
 
     def attend(self, fn, q, k, v, mask, dropout_p=0.0):
         """With a rule that ranks by score: attention written out, its probabilities observed."""
-        if self.rule is None:
+        if not self.scored:  # (the scores stay zeros)
             return fn(q, k, v, mask, dropout_p)
         y, att = naive_attention(q, k, v, mask, dropout_p, need_weights=True)
         with no_autocast(q.device.type):

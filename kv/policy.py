@@ -17,7 +17,7 @@ import torch
 
 from attention import PLAIN_SOFTMAX
 from kv.cache import KVCache, TrimCache
-from kv.evict import POLICIES, EvictKVCache, check_rule, resolve_evict
+from kv.evict import EvictKVCache, check_rule, reads_scores, resolve_evict
 from kv.quant import CHANNEL_KEYS, GROUPED, make_formats, resolve_quant
 from kv.quant_cache import QuantKVCache
 from kv.static import Clock, StaticKVCache, StaticQuantCache
@@ -138,10 +138,9 @@ class KVOptions:
 
     def ranks_by_score(self):
         """Does the eviction rank keys by the softmax attention they receive (h2o, a plug-in
-        rule)? Such a cache attends itself, written out (kv.evict.EvictKVCache.attend)."""
-        if self.kv_evict == "none":
-            return False
-        return self.kv_evict not in POLICIES or POLICIES[self.kv_evict] is not None  # (a plug-in ranks)
+        rule not marked needs_scores = False)? Such a cache attends itself, written out
+        (kv.evict.EvictKVCache.attend)."""
+        return self.kv_evict != "none" and reads_scores(resolve_evict(self.kv_evict))
 
     def check_model(self, config):
         """One UserError when a model (GPTConfig) has no KV cache for these options to act on
@@ -158,7 +157,9 @@ class KVOptions:
         if self.ranks_by_score() and other:
             raise UserError(f"--kv_evict={self.kv_evict} ranks keys by the softmax attention they receive, and "
                             f"computes it itself: this model's attention={other[0]} would be replaced by "
-                            f"softmax; use --kv_evict=window, or a model with {' or '.join(PLAIN_SOFTMAX)} attention")
+                            f"softmax; use --kv_evict=window, or a model with {' or '.join(PLAIN_SOFTMAX)} attention"
+                            + ("; a rule that ranks by position alone says so: function.needs_scores = False "
+                               "(kv/evict.py)" if ":" in self.kv_evict else ""))
         return self
 
     def check_trim(self, config):

@@ -335,6 +335,9 @@ def make_formats(name, group, head_dim, channel_keys):
                             f"must be a multiple of {8 // bits}")
         keys = ChannelFormat(bits, group) if channel_keys and name in CHANNEL_KEYS else GroupFormat(bits, group)
         return keys, GroupFormat(bits, group)
+    if name in FORMATS:  # (a name added to FORMATS, with no line above that builds it)
+        raise UserError(f"kv_quant={name} is in kv/quant.py's FORMATS but make_formats builds nothing for it: "
+                        "add a line there that returns its (key format, value format)")
     fmt = UserFormat(name, resolve_quant(name))
     fmt.check(head_dim)
     return fmt, fmt

@@ -92,12 +92,14 @@ def test_budget_larger_than_the_text_equals_the_plain_cache(kw, policy):
         assert caches[0].tokens() <= 5 + 6  # a local layer never holds more than its window
 
 
-def test_kept_keys_keep_their_distances():
+@pytest.mark.parametrize("policy", sorted(POLICIES) + ["tutorial_user_evict:newest"])  # every named rule
+def test_kept_keys_keep_their_distances(policy):
     # one layer, one KV head, one row: one kept set, so the last query must see exactly what
     # a stateless forward over the kept tokens, at their own positions, computes
     m = tiny(n_layer=1, n_kv_head=1)
     idx = text(B=1, T=50)
-    caches = KVOptions(kv_evict="h2o", kv_budget=12, kv_recent=3, kv_sink=2).check().make_caches(m, 1)
+    recent = 3 if policy != "window" else 0
+    caches = KVOptions(kv_evict=policy, kv_budget=12, kv_recent=recent, kv_sink=2).check().make_caches(m, 1)
     for t in range(50):
         logits, caches = m(idx[:, t:t + 1], caches)
         c = caches[0]
@@ -105,7 +107,8 @@ def test_kept_keys_keep_their_distances():
         ref = forward_at(m, idx[:, keep], torch.tensor(keep))
         torch.testing.assert_close(logits[:, -1], ref[:, -1], **TOL)
     assert len(keep) == 12 and keep[:2] == [0, 1] and keep[-3:] == [47, 48, 49]  # budget 12, the newest included
-    assert keep != [0, 1] + list(range(40, 50))  # not merely a window
+    if policy == "h2o":
+        assert keep != [0, 1] + list(range(40, 50))  # not merely a window
 
 
 @pytest.mark.parametrize("sink", [0, 3])
@@ -142,10 +145,11 @@ def test_ranking_by_score_refuses_an_attention_it_would_replace():
     rather than silently swapping that attention for softmax; recency eviction works as usual."""
     from utils import UserError
     config = tiny(attention="tutorial_user_attention:attend").config
-    for rule in ("h2o", "tutorial_user_evict:priority"):
+    for rule in ("h2o", "tutorial_user_evict:by_score"):
         with pytest.raises(UserError, match="ranks keys by the softmax attention"):
             KVOptions(kv_evict=rule, kv_budget=8).check_model(config)
     KVOptions(kv_evict="window", kv_budget=8).check_model(config)
+    KVOptions(kv_evict="tutorial_user_evict:newest", kv_budget=8).check_model(config)  # marked: no scores
     KVOptions(kv_evict="h2o", kv_budget=8, kv_recent=2).check_model(tiny(attention="naive").config)
     # a hybrid's linear layers hold no keys: its softmax layers are what h2o ranks
     KVOptions(kv_evict="h2o", kv_budget=8, kv_recent=2).check_model(tiny(attention="linear", linear_layers="0").config)
@@ -165,3 +169,26 @@ def test_a_rule_that_returns_nan_is_refused_when_it_does():
         for _ in range(8):
             k, v = torch.randn(1, 2, 1, 8), torch.zeros(1, 2, 1, 8)
             cache.attend(None, q, *cache.update(k, v))
+
+
+@pytest.mark.parametrize("attention", ["softmax", "tutorial_user_attention:attend"])
+def test_a_rule_marked_needs_scores_false_attends_with_the_models_own_attention(attention):
+    """A plug-in rule ranking by position alone (needs_scores = False) runs on any attention
+    kind, through that kind's own function (no scores computed: they stay zeros), and keeps
+    what the same rule as the named window keeps: the same logits as --kv_evict=window."""
+    import attention as attention_module
+
+    m = tiny(n_kv_head=2, attention=attention)
+    idx = text(T=40)
+    rule = KVOptions(kv_evict="tutorial_user_evict:newest", kv_budget=10, kv_sink=2).check()
+    assert not rule.ranks_by_score()
+    rule.check_model(m.config)
+    calls = []
+    naive = attention_module.naive_attention
+    with pytest.MonkeyPatch.context() as mp:  # the cache must not write the attention out itself
+        mp.setattr("kv.evict.naive_attention", lambda *a, **kw: calls.append(1) or naive(*a, **kw))
+        ours, caches = feed(m, idx, 1, rule)
+    assert not calls and isinstance(caches[0], EvictKVCache) and caches[0].tokens() == 10
+    assert not caches[0].score_codes.any()
+    window, _ = feed(m, idx, 1, KVOptions(kv_evict="window", kv_budget=10, kv_sink=2).check())
+    torch.testing.assert_close(ours, window, **TOL)

@@ -396,3 +396,31 @@ def test_help_describes_every_setting(script, capsys):
         headers = [l.strip() for l in out.splitlines() if l.startswith("  ") and l.strip().endswith(":")
                    and not l.startswith("  --")]
         assert headers[:2] == ["I/O:", "data:"] and headers[-1] == "system:"
+
+
+def test_help_and_readme_name_every_kind_in_the_tables(capsys):
+    """The lists a user reads (--help, the README) are written by hand: a kind added to one of
+    the name tables (ATTENTION, ATTENTION_LAYERS, kv/quant.py's FORMATS, kv/evict.py's POLICIES)
+    must be added there too, or nobody learns it exists."""
+    from attention import ATTENTION
+    from kv.evict import POLICIES
+    from kv.quant import FORMATS
+    from model import ATTENTION_LAYERS
+
+    def help_line(script, name):
+        g = runpy.run_path(os.path.join(REPO_ROOT, script), run_name="help_check")
+        with pytest.raises(SystemExit):
+            configure(g, ["--help"])
+        return next(l for l in capsys.readouterr().out.splitlines() if l.startswith(f"  --{name}="))
+
+    readme = open(os.path.join(REPO_ROOT, "README.md")).read()
+    row = lambda name: next(l for l in readme.splitlines() if l.startswith(f"| `{name}`"))
+    attention_line = next(l for l in readme.splitlines() if "`--attention=" in l)
+    kinds = {"attention": (list(ATTENTION) + list(ATTENTION_LAYERS), help_line("train.py", "attention"),
+                           attention_line),
+             "kv_quant": (FORMATS, help_line("sample.py", "kv_quant"), row("kv_quant")),
+             "kv_evict": (list(POLICIES), help_line("eval_kv.py", "kv_evict"), row("kv_evict"))}
+    for setting, (names, helped, readme_line) in kinds.items():
+        for name in names:
+            assert re.search(rf"\b{name}\b", helped), f"--help of {setting} does not name {name}: {helped}"
+            assert re.search(rf"\b{name}\b", readme_line), f"README's {setting} line does not name {name}"
