@@ -47,15 +47,17 @@ def agreement(eager, compiled):
     return "same" if parted.numel() == 0 else f"parts at byte {int(parted[0]) + 1}"
 
 
-def time_baseline(model, n_new, window):
+def time_baseline(model, device, n_new, window):
     """The tutorial's decoding: cut history by concatenation, re-rotate all keys each step."""
     from tests.tutorial_reference import TutorialReference
     c = model.config
     ref = TutorialReference(model.state_dict(), c.n_layer, c.n_head, kv_window=window)
+    sync = synchronizer(device)  # (the reference's tensors are on its weights' device)
     t0 = time.perf_counter()
-    logits = ref(torch.full((1, 4), ord("#"), dtype=torch.long))
+    logits = ref(torch.full((1, 4), ord("#"), dtype=torch.long, device=device))
     for _ in range(n_new - 1):
         logits = ref(torch.multinomial(torch.softmax(logits[:, -1], dim=-1), 1))
+    sync()
     return time.perf_counter() - t0
 
 
@@ -160,7 +162,7 @@ def bench_generate(model, device, kv, lengths, compile=False, baseline=False, ba
         print("no tutorial-style baseline: it concatenates and re-rotates a KV cache, which linear attention "
               "does not keep")
     elif baseline:
-        t = time_baseline(model, n, window)
+        t = time_baseline(model, device, n, window)
         ours = runs[window, n][0][-1]
         print(f"tutorial-style baseline (concatenate + re-rotate), kv_window={window}: {n} tokens in {t:.2f} s, "
               f"{t / ours:.2f}x the time ours takes eager ({ours:.2f} s)")

@@ -200,6 +200,9 @@ def start_device(device, dtype, threads, backend, ddp, local_rank, world_size, m
         if dev.startswith("cuda"):
             dev = f"cuda:{local_rank}"  # the GPU of this process
             torch.cuda.set_device(dev)
+        if dev == "mps":  # (gloo, the one backend off CUDA, holds CPU and CUDA tensors only)
+            raise UserError("DDP runs on CUDA GPUs or CPUs, and this run's device is mps: add --device=cpu under "
+                            "torchrun, or train on mps in one process (python train.py ...)")
         if backend == "nccl" and not dev.startswith("cuda"):
             raise UserError(f"--backend=nccl runs on CUDA GPUs, and this run's device is {dev}: use --backend=gloo "
                             "on CPUs (or leave --backend empty: it picks one)")

@@ -10,6 +10,7 @@ the least (checked before any work).
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -44,9 +45,10 @@ def train_step(model, optimizer, scaler, loader, ctx, micro_steps, grad_clip=1.0
     return batch_loss
 
 
-def compile_probe(model, dev, ctx, shape):
+def compile_probe(model, dev, ctx, shape, memory=None):
     """One forward and backward of a dummy batch of shape (batch_size, block_size), so that
-    torch.compile compiles (or fails) now."""
+    torch.compile compiles (or fails) now. memory: a throwaway XL memory or QAT caches, as
+    training will pass its own (the path a training step takes, fake quantization included)."""
     inner = getattr(model, "_orig_mod", model)
     if getattr(getattr(inner, "config", None), "rope", False):
         # the RoPE table the trace will find at every later call: traced without it, the first
@@ -54,8 +56,11 @@ def compile_probe(model, dev, ctx, shape):
         # in the first interval's ms/iter
         inner._rope(0, shape[1])
     try:
-        with ctx:
-            logits, _ = model(torch.zeros(*shape, dtype=torch.long, device=dev))
+        with ctx, warnings.catch_warnings():
+            # (inductor's C++ code generator warns of QAT's bfloat16 values beside float16 scales in
+            # one loop: both are read as stored)
+            warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")
+            logits, _ = model(torch.zeros(*shape, dtype=torch.long, device=dev), memory)
         logits.float().mean().backward()
     finally:
         model.zero_grad(set_to_none=True)

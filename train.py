@@ -251,10 +251,19 @@ def train(held):
             if not master:
                 torch.manual_seed(rank_seed)
     del ckpt  # free its memory before training
+
+    def new_memory():
+        """What a training step passes beside the batch: the XL memory (each layer's detached K/V
+        of the rows' previous batches, kv/xl.py), or for quantization-aware training stateless
+        caches that fake-quantize K/V (kv/qat.py), or None."""
+        if xl_mem and writes:
+            return make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn, xl_name)
+        return make_qat_caches(unwrap(model), kv_quant, kv_quant_group, kv_quant_keys == "channel")
+
     if compile:
         print("compiling the model (the first call of each kind of step takes a while)...")
         t0, eager = time.time(), model
-        model = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx, (batch_size, block_size)))
+        model = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx, (batch_size, block_size), new_memory()))
         if model is not eager:
             print(f"compiled the training step in {time.time() - t0:.1f} s (evaluation compiles at its first call)")
     if ddp:
@@ -335,13 +344,10 @@ def train(held):
         print(line, flush=True)
         return time.time() - t0
 
-    # XL memory: each layer's detached K/V of the rows' previous batches (see kv/xl.py); built
-    # before the first evaluation, whose ckpt.pt (a resume's) saves it
-    memory = make_xl_memory(unwrap(model), batch_size, xl_mem, xl_fn, xl_name) if xl_mem and writes else None
+    # built before the first evaluation, whose ckpt.pt (a resume's) saves the XL memory
+    memory = new_memory()
     if xl_state is not None and memory is not None:
         load_memory_state(memory, xl_state)
-    # or quantization-aware training: stateless caches that fake-quantize K/V (kv/qat.py)
-    memory = memory or make_qat_caches(unwrap(model), kv_quant, kv_quant_group, kv_quant_keys == "channel")
     iter_num, best_iter = start_iter, None
     eval_times = []  # seconds per evaluation, a ckpt.pt write included: the ETA adds those to come
     if eval_only or (iter_num - origin) % eval_interval == 0 or iter_num == end_iter:

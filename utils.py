@@ -204,8 +204,8 @@ def compile_or_eager(fn, probe, fixed_args=None, describe=None, **options):
             compiled = unguarded(compiled, fixed_args, name)
         probe(compiled)
     except Exception as e:  # any failure inside the compiler stack means: run eager
-        import torch._dynamo as dynamo
-        dynamo.reset()  # forget what was half-compiled
+        # (no dynamo.reset(): it would throw away every other function's compiled code, which
+        # would then compile again at its next call, outside its own probe and its options)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         print(f"warning: torch.compile failed, running eager (and so from here on; {type(e).__name__}: {first})",
               file=sys.stderr, flush=True)

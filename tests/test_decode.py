@@ -212,6 +212,29 @@ def test_one_compilation_over_300_tokens(kind, samples):
     assert counter.frame_count == 1 + bool(dec.flushing)
 
 
+def test_a_failed_compile_leaves_other_compiled_steps_alone(monkeypatch, capsys):
+    """One decoder whose compile fails (a backend refusing a dtype on some GPU) runs eager with
+    one warning; a decoder compiled before it keeps its step (guarded, as on CUDA and MPS): it
+    is not thrown away and compiled again at its next call, outside its probe and options."""
+    import utils
+    monkeypatch.setattr(utils, "_COMPILE_FAILED", {})
+    model = tiny(n_layer=1)
+    counter = torch._dynamo.testing.CompileCounter()
+    first = StaticDecoder(model, KVOptions().check(), 1, 16, compile=counter)
+    token = text(B=1, T=1)
+    first(token)
+    assert first.compiled and counter.frame_count == 1
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("this backend has no kernel for that dtype here")
+    second = StaticDecoder(model, KVOptions(kv_window=4).check(), 1, 16, compile=broken)
+    assert not second.compiled and "torch.compile failed" in capsys.readouterr().err
+    torch.testing.assert_close(second(token), first(token), **TOL)  # eager, and the first still right
+    first.start()
+    first(token)
+    assert counter.frame_count == 1  # nothing compiled again
+
+
 @pytest.mark.parametrize("kind", ["unbounded", "window+sink", "int4 window+sink", "int2"])
 @pytest.mark.parametrize("how", [False, "aot_eager"])
 def test_a_sampling_decoder_draws_the_eager_text(kind, how):

@@ -96,6 +96,30 @@ def test_train_py_with_qat(data_dir, tmp_path):
     assert "iter 6" in printed
 
 
+def test_a_compiler_that_fails_on_the_fake_quantization_falls_back_before_training(data_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """--compile=True tries the path training takes, the QAT caches included: a compiler that
+    fails there only (Triton has no float8_e4m3 before compute capability 8.9) means an eager
+    run with one warning, not a crash at the first training step."""
+    import utils
+
+    class Compiled(torch.nn.Module):  # a compiled model whose compiler refuses the caches' path
+        def __init__(self, model, **kw):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, idx, caches=None):
+            if caches is not None:
+                raise RuntimeError("backend: float8_e4m3fn is not supported on this GPU")
+            return self._orig_mod(idx, caches)
+
+    monkeypatch.setattr(torch, "compile", Compiled)
+    monkeypatch.setattr(utils, "_COMPILE_FAILED", {})
+    printed = train(data_dir, tmp_path / "out", "--max_iters=2", "--kv_quant=int8", "--compile=True")
+    assert "iter 2" in printed, printed
+    assert "warning: torch.compile failed, running eager" in capsys.readouterr().err
+
+
 def test_qat_with_xl_mem_is_one_error(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train(data_dir, tmp_path, "--max_iters=1", "--xl_mem=16", "--kv_quant=int4")

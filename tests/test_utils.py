@@ -53,6 +53,16 @@ def test_emulated_bfloat16_on_the_cpu_is_said(monkeypatch, tmp_path):
     assert printed.getvalue().splitlines()[1].startswith("note: this CPU has no native bfloat16"), printed.getvalue()
 
 
+def test_ddp_on_mps_is_refused_before_a_process_group_starts(monkeypatch):
+    """torchrun on a Mac picks mps, and gloo (the backend off CUDA) takes no MPS tensors: one
+    line saying to add --device=cpu, before any process group starts."""
+    from utils import UserError
+    monkeypatch.setattr(devices, "pick_device", lambda device: "mps")
+    monkeypatch.setattr(devices.dist, "init_process_group", lambda **kw: pytest.fail("a process group started"))
+    with pytest.raises(UserError, match="add --device=cpu under torchrun"):
+        devices.start_device("", "", 1, "", True, 0, 2, 1)
+
+
 def test_pick_dtype_on_gpus_by_what_they_compute_in(monkeypatch):
     """bfloat16 on the GPU asked for where it computes in it (Ampere, 8.0, and later), float16
     with loss scaling before: is_bf16_supported() says yes where bfloat16 is only emulated,
@@ -79,6 +89,21 @@ def test_each_listed_gpu_gets_its_own_peaks(name, monkeypatch):
     if name in bandwidth:
         assert device_peaks.peak_bandwidth("cuda") == bandwidth[name]
     assert device_peaks.peak_flops("cpu", "float32") is None and device_peaks.peak_bandwidth("mps") is None
+
+
+@pytest.mark.parametrize("name,listed", [("NVIDIA RTX A1000 6GB Laptop GPU", None), ("NVIDIA RTX A1000", None),
+                                         ("NVIDIA GeForce RTX 4090 Laptop GPU", None),
+                                         ("NVIDIA A100-SXM4-40GB", "A100"), ("NVIDIA A100-PCIE-40GB", "A100"),
+                                         ("NVIDIA A100-SXM4-80GB", "A100-SXM4-80GB"), ("NVIDIA H200 NVL", "H200 NVL"),
+                                         ("NVIDIA GeForce RTX 4090", "RTX 4090")])
+def test_a_gpu_gets_the_row_of_its_own_name_only(name, listed, monkeypatch):
+    """Names are matched as words: "A100" is not in "RTX A1000", and a laptop part is not the
+    desktop part of its number; a name with no row of its own gets no figures."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+    expected = dict(device_peaks.PEAK_BANDWIDTH).get(listed)
+    assert device_peaks.peak_bandwidth("cuda") == expected
+    flops = {n: half for n, half, _ in device_peaks.PEAK_FLOPS}
+    assert device_peaks.peak_flops("cuda", "bfloat16") == flops.get(listed if listed != "A100-SXM4-80GB" else "A100")
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, capsys):

@@ -16,7 +16,7 @@ class TutorialReference:
     def __init__(self, sd, n_layer, n_head, kv_window=0):
         self.sd, self.n_layer, self.n_head, self.kv_window = sd, n_layer, n_head, kv_window
         self.C = sd["transformer.wte.weight"].size(1)
-        self.rot = RotaryEmbedding(dim=self.C // n_head)
+        self.rot = RotaryEmbedding(dim=self.C // n_head).to(sd["transformer.wte.weight"].device)
         self.caches = [None] * n_layer
 
     def _ln(self, x, name):
@@ -43,7 +43,7 @@ class TutorialReference:
             self.caches[i] = (k, v)
             qr, kr = self.rot.rotate_queries_with_cached_keys(q, k)
             S = kr.size(2)
-            mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
             y = F.scaled_dot_product_attention(qr, kr, v, attn_mask=mask)
             x = x + self._lin(y.transpose(1, 2).reshape(B, T, C), p + "attn.c_proj")
             x = x + self._lin(F.gelu(self._lin(self._ln(x, p + "ln_2"), p + "mlp.c_fc")), p + "mlp.c_proj")
