@@ -360,9 +360,9 @@ def resume_command(**flags):
 
 def resume_run(g, config, given, defaults, dev, world_size):
     """The model of out_dir's checkpoint on dev, this run's schedule and the text it trains on,
-    for train.py's settings g (its globals). Settings the checkpoint was trained with (XL memory,
-    QAT, its dataset) go on unless given (kept in g and in config); the fine-tune's schedule is
-    fitted to max_iters (in g and config too)."""
+    for train.py's settings g (its globals). Settings the checkpoint was trained with (XL memory
+    and QAT unless given, its dataset unless given as a flag) go on (kept in g and in config);
+    the fine-tune's schedule is fitted to max_iters (in g and config too)."""
     if g["overwrite"]:  # (it lets a run from scratch replace out_dir's checkpoints)
         print("note: --overwrite=True applies to a run from scratch only; this resume writes ckpt.pt and last.pt "
               "in out_dir as any resume does")
@@ -374,11 +374,15 @@ def resume_run(g, config, given, defaults, dev, world_size):
     kept = objective_settings(ckpt, config, given)  # a resumed XL or QAT run goes on as it was trained
     g.update(kept)
     config.update(kept)
-    # and on the text it was trained on (a folder it names is only read: saved_dataset_paths)
+    # and on the text it was trained on (a folder it names is only read: saved_dataset_paths),
+    # unless a flag names another: a recipe's config file names a dataset too (the CPU recipe
+    # resuming a Czech run must not go on in English)
+    flagged = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}
     saved_data = (ckpt.get("config") or {}).get("dataset")
-    if "dataset" not in given and isinstance(saved_data, str) and saved_data \
+    if "dataset" not in flagged and isinstance(saved_data, str) and saved_data \
             and not same_dataset(saved_data, g["dataset"]):
-        print(f"note: dataset={saved_data!r} from the checkpoint, as it was trained (--dataset=... changes it)")
+        said = f"the config file says {g['dataset']!r}: " if "dataset" in given else ""
+        print(f"note: dataset={saved_data!r} from the checkpoint, as it was trained ({said}--dataset=... changes it)")
         # (a folder an older checkpoint named relative to where it ran: recorded from here on as
         # the folder read now)
         named = os.path.abspath(saved_data) if "/" in saved_data or os.sep in saved_data else saved_data
@@ -395,7 +399,6 @@ def resume_run(g, config, given, defaults, dev, world_size):
     for note in ckpt["conversions"]:
         print(f"converted: {note}")
     model_args = {k: getattr(model.config, k) for k in MODEL_ARG_KEYS}
-    flagged = {a[2:].partition("=")[0] for a in sys.argv[1:] if a.startswith("--")}
     for k in ARCH_KEYS:
         if config[k] != model_args[k]:
             said = f"--{k} says" if k in flagged else "the config says" if k in given else "train.py's default is"

@@ -11,7 +11,8 @@ Every global below can be overridden with --name=value, after the config files:
 Resuming from a checkpoint (--init_from=resume) has two intents:
   (a) continue an interrupted run on its original schedule, up to max_iters in all
       (iteration count, LR schedule, best val loss, optimizer, scaler, RNG, data position
-      and XL memory are restored; xl_mem and kv_quant too, unless given; no second warm-up):
+      and XL memory are restored; xl_mem and kv_quant too, unless given, and the dataset unless
+      given as a flag, --dataset=NAME: a recipe's config file names one too; no second warm-up):
     python train.py config/train_shakespeare_char.py --init_from=resume --resume_checkpoint_name=last
   (b) train a checkpoint for max_iters MORE iterations, e.g. with a longer context
       (a fresh schedule fitted to them: warm-up max_iters/10, at most warmup_iters, and the

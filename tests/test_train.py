@@ -704,3 +704,29 @@ def test_the_architecture_note_says_whether_a_flag_or_the_default_disagrees(data
     code, printed, err = run_in_process("train.py", str(tmp_path / "deeper.py"), *bare, f"--dataset={data_dir}",
                                         f"--out_dir={out}", "--init_from=resume", "--eval_only=True")
     assert code in (0, None) and "note: n_layer=2 from the checkpoint (the config says 3)" in printed, err
+
+
+def test_a_resume_goes_on_with_its_dataset_whatever_a_recipe_file_names(data_dir, tmp_path):
+    """A recipe's config file names a dataset (the CPU recipe: shakespeare_char). Resuming a
+    run trained on another text with it (the README's Czech command, then its resume command)
+    goes on with the checkpoint's text, and says so; only --dataset switches."""
+    from conftest import tiny_corpus, write_splits
+    from loader import same_dataset
+    other = tmp_path / "other"
+    other.mkdir()
+    write_splits(other, tiny_corpus(seed=5))
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(f"dataset = {str(other)!r}\n")
+    out = tmp_path / "out"
+    base = [str(recipe), *TINY, f"--out_dir={out}", "--threads=1", "--tensorboard=False"]
+    dataset = lambda: read_checkpoint(str(out / "last.pt"))["config"]["dataset"]
+    code, _, err = run_in_process("train.py", *base, f"--dataset={data_dir}", f"--max_iters={N}")
+    assert code in (0, None) and same_dataset(dataset(), str(data_dir)), err
+    resume = ["--init_from=resume", "--resume_checkpoint_name=last"]
+    code, printed, err = run_in_process("train.py", *base, f"--max_iters={N + 2}", *resume)
+    assert code in (0, None), err
+    assert f"from the checkpoint, as it was trained (the config file says {str(other)!r}" in printed, printed
+    assert same_dataset(dataset(), str(data_dir))
+    code, printed, err = run_in_process("train.py", *base, f"--max_iters={N + 4}", f"--dataset={other}", *resume)
+    assert code in (0, None), err
+    assert "as it was trained" not in printed and same_dataset(dataset(), str(other))
