@@ -1,6 +1,7 @@
 """
 Small helpers shared by the scripts: errors for bad user input (a user's plug-in: plugins.py),
-the compile fallback and Ctrl-C at a clean step (StopAfterStep). The device, dtype and threads
+the compile fallback, Ctrl-C at a clean step (StopAfterStep) or at once even inside one long
+operation (SignalWatch). The device, dtype and threads
 are in devices.py, atomic writes in fileio.py.
 
     python -c "import utils; print(utils.clock(3725), utils.has_module('numpy', 'nothing'))"
@@ -31,7 +32,8 @@ def run_main(fn, before_error=None):
     ends the script quietly. before_error(): called first (sample.py ends its line of text there)."""
     try:
         try:
-            result = fn()
+            with SignalWatch(enabled=int(os.environ.get("RANK", -1)) == -1):  # (torchrun stops its own)
+                result = fn()
         except SystemExit as e:  # --help, or a script's own exit: what it printed still has to get out
             sys.stdout.flush()
             from plugins import plugin_error
@@ -253,6 +255,7 @@ class Terminated(KeyboardInterrupt):
 def stop_on_sigterm(enabled=True):
     """Inside it SIGTERM raises Terminated (if enabled, in the main thread, unless started ignored)."""
     def handler(signum, frame):
+        handled()
         raise Terminated
     if not enabled or threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
@@ -281,20 +284,109 @@ class StopAfterStep:
                         if enabled and main and signal.getsignal(s) is not signal.SIG_IGN]
 
     def __enter__(self):
+        global _STOPPER
         self.previous = {s: signal.signal(s, self._handler) for s in self.signals}
+        self.outer, _STOPPER = _STOPPER, self
         return self
 
     def __exit__(self, *exc):
+        global _STOPPER
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        _STOPPER = self.outer
 
     def _handler(self, signum, frame):
+        handled()
         if self.asked:  # a second signal: at once (exit 143 for SIGTERM, 130 for Ctrl-C)
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.asked = signum
         what, again = ("Ctrl-C", "Ctrl-C again") if signum == signal.SIGINT else ("SIGTERM", "a second signal")
         print(f"\n{what}: stopping after this iteration and writing last.pt ({again} to stop at once)",
               file=sys.stderr, flush=True)
+
+
+_STOPPER = None  # the StopAfterStep in force, if any: its first signal waits for the step's end
+_HANDLED = [0]  # signals the main thread's handlers (ours) have run for: SignalWatch's sign of life
+
+
+def handled():
+    """Count a signal the main thread acts on (every handler of ours calls this first)."""
+    _HANDLED[0] += 1
+
+
+class SignalWatch:
+    """A Ctrl-C or SIGTERM that stops a script at once does so even while the main thread is
+    inside one long operation (a forward over a huge block_size), where Python cannot run its
+    handler until the operation ends, minutes later: a thread sees each signal arrive
+    (signal.set_wakeup_fd) and ends the process (exit 130 or 143) if, `grace` seconds on, the
+    handlers have not run for it and the main thread is still inside the very call it was in. Not the first
+    signal under StopAfterStep: that one asks for a clean stop at the end of the step, and
+    waits for it. Writes are atomic (fileio.py): none is left half-done."""
+
+    def __init__(self, grace=5.0, enabled=True):
+        self.grace, self.enabled, self.thread, self.done = grace, enabled, None, False
+
+    def __enter__(self):
+        if not self.enabled or threading.current_thread() is not threading.main_thread():
+            return self
+        import socket
+        try:
+            self.r, self.w = socket.socketpair()
+            self.w.setblocking(False)
+            self.previous_fd = signal.set_wakeup_fd(self.w.fileno(), warn_on_full_buffer=False)
+        except (OSError, ValueError):  # (no socket pair, or a platform without wakeup fds)
+            return self
+        self.arrived, self.base = 0, _HANDLED[0]  # signals seen here; handled before this watch
+        self.previous = signal.getsignal(signal.SIGINT)
+        if self.previous is signal.default_int_handler:  # Python's own, which counts nothing
+            signal.signal(signal.SIGINT, self._interrupt)
+        self.thread = threading.Thread(target=self._watch, name="signal watch", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.thread is not None:
+            self.done = True
+            if signal.getsignal(signal.SIGINT) == self._interrupt:
+                signal.signal(signal.SIGINT, self.previous)
+            signal.set_wakeup_fd(self.previous_fd)
+            self.w.close()  # the thread reads the end of the stream and ends
+
+    @staticmethod
+    def _interrupt(signum, frame):
+        handled()
+        raise KeyboardInterrupt
+
+    def _watch(self):
+        seen = {}  # id(StopAfterStep) -> its signals so far
+        with self.r:
+            while data := self.r.recv(64):
+                for signum in data:
+                    if signum not in (signal.SIGINT, signal.SIGTERM):
+                        continue
+                    self.arrived += 1
+                    stopper = _STOPPER
+                    if stopper is not None and signum in stopper.signals:
+                        seen[id(stopper)] = seen.get(id(stopper), 0) + 1
+                        if seen[id(stopper)] == 1:  # a clean stop after the step, however long it takes
+                            continue
+                    where = self._main_at()
+                    while True:  # (a run of C calls: no handler runs between them, but the place moves)
+                        time.sleep(self.grace)
+                        if self.done or _HANDLED[0] - self.base >= self.arrived:  # handled: in the main thread's hands
+                            break
+                        if self._main_at() == where:
+                            what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+                            os.write(2, f"\n{what}: stopped at once, inside an operation too long to wait for "
+                                        "(no file is left half-written: writes are atomic)\n".encode())
+                            os._exit(130 if signum == signal.SIGINT else 143)
+                        where = self._main_at()
+
+    @staticmethod
+    def _main_at():
+        """Where the main thread is: its innermost Python frame and instruction."""
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        return (id(frame), frame.f_lasti) if frame is not None else None
 
 
 class TensorBoard:

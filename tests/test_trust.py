@@ -671,3 +671,50 @@ def test_sample_error_after_the_prompt_starts_a_new_line(world):
     _, first, _ = run(*fill(S, world), "--start=To be", "--max_new_tokens=1")
     assert code == 2 and out in (first.rstrip("\n") + "\n", "To be\n"), (out, first)
     assert plugin_failure(err, name)[0].startswith(f"error: --attention={name}:attend failed: ArithmeticError")
+
+
+STUCK = """
+import ctypes, sys
+sys.path.insert(0, {root!r})
+import utils
+utils.SignalWatch.__init__.__defaults__ = (0.5, True)  # grace 0.5 s (5 s in the scripts)
+libc = ctypes.CDLL(None)
+def main():
+    with utils.stop_on_sigterm():
+        {body}
+utils.run_main(main)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libc's system() as the long operation")
+@pytest.mark.parametrize("case", ["at once", "clean stop", "handled, then a long wait"])
+def test_a_signal_stops_a_script_stuck_in_one_long_operation(case, tmp_path):
+    """Python runs a signal's handler only between operations, so a script inside one long
+    call (a forward over a huge block_size; here libc's system(), which the signal does not
+    end) would stop minutes later. utils.SignalWatch ends it (exit 143 for SIGTERM) when no
+    handler has run and the call goes on; never the first signal under StopAfterStep (a clean
+    stop after the step), nor one the script has handled (its clean-up may wait long)."""
+    import signal
+    body = {"at once": 'libc.system(b"echo ready; exec sleep 8 >/dev/null 2>&1")',
+            "clean stop": 'with utils.StopAfterStep() as stop:\n'
+                          '            libc.system(b"echo ready; sleep 2")\n'
+                          '            print("asked", stop.asked, flush=True)',
+            "handled, then a long wait": 'try:\n            print("ready", flush=True)\n'
+                                         '            libc.sleep(8)\n'  # (interrupted: the handler runs)
+                                         '        except utils.Terminated:\n'
+                                         '            libc.system(b"sleep 2")\n            print("cleaned up")'}[case]
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK.format(root=REPO_ROOT, body=body))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    if case == "at once":
+        assert proc.returncode == 143 and "SIGTERM: stopped at once, inside an operation" in err, (out, err)
+    elif case == "clean stop":
+        assert proc.returncode == 0 and f"asked {int(signal.SIGTERM)}" in out, (out, err)
+    else:
+        assert proc.returncode == 0 and "cleaned up" in out and "stopped at once" not in err, (out, err)
