@@ -31,8 +31,12 @@ def see(assignment, rule):
 
 
 def short(xs, n=12):
-    """A list for a message: the first and last n/2 items of a long one."""
-    xs = list(xs)
+    """A list for a message: the first and last n/2 items of a long one (a single value, which
+    a wrong answer may be, as itself)."""
+    try:
+        xs = list(xs)
+    except TypeError:  # (an int, or a 0-d tensor's .tolist(): the student's answer, not a crash here)
+        return repr(xs)
     return str(xs) if len(xs) <= n else str(xs[:n // 2])[:-1] + ", ..., " + str(xs[-n // 2:])[1:]
 
 
