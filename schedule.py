@@ -68,8 +68,9 @@ class Schedule:
             span = f"this run's {its}" if start_iter == origin else \
                 f"the schedule's {its} ({origin + 1}..{end_iter}, this run resuming after {start_iter})"
             fits = end_fixed < end and start_iter == origin  # (a continued run keeps its schedule: no advice)
+            where = "still warming up: " if self.warmup_iters >= run else ""  # (a run shorter than its warm-up)
             return (f"note: {span} end{'s' if run == 1 else ''} at learning rate {end:.2e}, not min_lr={self.min_lr:g} "
-                    f"(warmup_iters={self.warmup_iters}, lr_decay_iters={self.lr_decay_iters})"
+                    f"({where}warmup_iters={self.warmup_iters}, lr_decay_iters={self.lr_decay_iters})"
                     + (f"; with {fix} it ends at {end_fixed:.2e}" if fits else ""))
         if mode == "continue" and start_iter >= self.lr_decay_iters:
             return (f"note: the schedule reached min_lr={self.min_lr:g} at iteration {self.lr_decay_iters}: every "

@@ -41,6 +41,15 @@ def test_a_fine_tune_fits_its_iterations_unless_a_flag_is_given():
     assert s.fit(200, flags={"warmup_iters", "lr_decay_iters"}) == ({}, None)
 
 
+def test_a_run_shorter_than_its_warm_up_says_it_ends_warming_up():
+    """5 iterations under warmup_iters=100 end at 5/101 of the peak rate, which may read close
+    to min_lr: the note says the run ends inside its warm-up."""
+    s = Schedule(learning_rate=2e-3, min_lr=1e-4, warmup_iters=100, lr_decay_iters=5000)
+    assert "(still warming up: warmup_iters=100" in s.run_note(0, 5, 0, "scratch")
+    assert "still warming up" not in Schedule(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10,
+                                              lr_decay_iters=1000).run_note(0, 100, 0, "scratch")
+
+
 def test_the_run_note_proposes_flags_that_end_lower():
     s = Schedule(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=1000)
     note = s.run_note(0, 100, 0, "scratch")
