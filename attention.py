@@ -22,7 +22,8 @@ see positions: a relative-position bias such as ALiBi needs a layer class, like 
 Adding a kind: write the function, add it to ATTENTION (and to the lines naming the kinds:
 train.py's `attention` setting, model.py's GPTConfig.attention comment and CausalSelfAttention
 docstring, README's --attention line: tests/test_newcomer.py checks --help and the README name
-it); tests/test_model.py runs every kind in ATTENTION through its forward and cache checks. A variant of softmax with another scale is one line:
+it); tests/test_model.py runs every kind in ATTENTION through its forward and cache checks.
+A variant of softmax with another scale is one line (import functools):
     ATTENTION["sharp"] = functools.partial(softmax_attention, scale=2.0)  # 2 / sqrt(hs)
 PLAIN_SOFTMAX lists the kinds that compute exactly softmax(q k^T / sqrt(hs)) v: h2o (and a
 plug-in eviction rule) and the compiled decode step (kv/static.py) compute the attention of
