@@ -268,6 +268,10 @@ def missing_checkpoint(path, option="checkpoint_name"):
     held = sorted(f for f in os.listdir(folder) if f.endswith(".pt") and os.path.isfile(os.path.join(folder, f)))
     if not held:
         runs = _runs_here(folder) if by_name and os.path.dirname(os.path.normpath(folder)) == "" else []
+        if by_name and _holds_data(folder):  # (not a folder to train into)
+            return UserError(f"checkpoint {path} not found: {folder} holds text to train on, not a run; "
+                             + (_runs_hint(runs, where) if runs else f"pass {where}=<the folder train.py wrote> "
+                                "(its config's out_dir, e.g. out-shakespeare-char-cpu)"))
         if runs:  # (--out_dir=. or data: a folder here, not a run's)
             return UserError(f"checkpoint {path} not found, and {folder} holds none; {_runs_hint(runs, where)}; "
                              f"or {make}")
@@ -276,6 +280,13 @@ def missing_checkpoint(path, option="checkpoint_name"):
         return UserError(f"checkpoint {path} not found, but {os.path.join(folder, 'last.pt')} is there (the latest "
                          f"state of its run): name it with {pick('last.pt')}")
     return UserError(f"checkpoint {path} not found; {folder} holds {', '.join(held)}: name one with {pick(held[0])}")
+
+
+def _holds_data(folder):
+    """Whether folder is a dataset's (what --dataset names: its prepare.py, or its two splits) or
+    the project's data/ (datasets in its subfolders)."""
+    has = lambda *names: all(os.path.isfile(os.path.join(folder, *n.split("/"))) for n in names)  # noqa: E731
+    return has("prepare.py") or has("train.txt", "val.txt") or any(has(f"{d}/prepare.py") for d in os.listdir(folder))
 
 
 def _runs_hint(runs, where):

@@ -384,6 +384,28 @@ def test_a_folder_here_without_a_checkpoint_names_the_runs_here(tmp_path, monkey
             "--out_dir=out-run); or train one" in str(e.value), str(e.value)
 
 
+def test_a_dataset_folder_given_as_out_dir_is_named_so_not_offered_to_train_into(tmp_path, monkeypatch):
+    """sample.py --out_dir=data (the datasets) or data/NAME (one of them): the error says it holds
+    text, not a run, and never proposes training into it; with a run here, it names that run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(outdir, "PROJECT", str(tmp_path / "project"))
+    (tmp_path / "data" / "tiny").mkdir(parents=True)
+    (tmp_path / "data" / "tiny" / "prepare.py").write_text("")
+    (tmp_path / "split").mkdir()
+    for f in ("train.txt", "val.txt"):
+        (tmp_path / "split" / f).write_text("text")
+    for folder in ("data", os.path.join("data", "tiny"), "split"):
+        with pytest.raises(UserError) as e:
+            read_checkpoint(os.path.join(folder, "ckpt.pt"))
+        assert f"{folder} holds text to train on, not a run; pass --out_dir=<the folder train.py wrote>" \
+            in str(e.value) and "train one" not in str(e.value), str(e.value)
+    (tmp_path / "out-run").mkdir()
+    (tmp_path / "out-run" / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="holds text to train on, not a run; folders here that hold a checkpoint: "
+                                        "out-run"):
+        read_checkpoint(os.path.join("data", "ckpt.pt"))
+
+
 def test_an_attention_override_on_a_hybrid_is_one_clear_error(tmp_path):
     """A model mixing linear and softmax layers, run with --attention=naive (for h2o, say): one
     line naming the mix, not GPTConfig's complaint about linear_layers the user never gave;
