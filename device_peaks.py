@@ -41,9 +41,9 @@ def find(name, table):
 # torch.cuda.get_device_name(): the ceiling of a decode step, which reads every weight and
 # the whole KV cache once per step. None: sold with two memories (GH200: HBM3 or HBM3e)
 PEAK_BANDWIDTH = [("GH200", None), ("H200 NVL", 4.8e12), ("H200", 4.8e12), ("H100 PCIe", 2.0e12),
-                  ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12), ("A100", 1.56e12), ("L40S", 0.864e12),
-                  ("L40", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12), ("V100", 0.9e12), ("RTX 4090", 1.01e12),
-                  ("RTX 3090", 0.936e12)]
+                  ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("A100-SXM4-80GB", 2.04e12), ("A100 80GB PCIe", 1.94e12),
+                  ("A100", 1.56e12), ("L40S", 0.864e12), ("L40", 0.864e12), ("L4", 0.3e12), ("A10", 0.6e12),
+                  ("V100", 0.9e12), ("RTX 4090", 1.01e12), ("RTX 3090", 0.936e12)]
 
 
 def peak_bandwidth(device):

@@ -1,8 +1,8 @@
 """
 Small helpers shared by the scripts: errors for bad user input (a user's plug-in: plugins.py),
 the compile fallback, Ctrl-C at a clean step (StopAfterStep) or at once even inside one long
-operation (SignalWatch). The device, dtype and threads
-are in devices.py, atomic writes in fileio.py.
+operation (SignalWatch). The device, dtype and threads are in devices.py, atomic writes in
+fileio.py.
 
     python -c "import utils; print(utils.clock(3725), utils.has_module('numpy', 'nothing'))"
 """
@@ -319,9 +319,9 @@ class SignalWatch:
     inside one long operation (a forward over a huge block_size), where Python cannot run its
     handler until the operation ends, minutes later: a thread sees each signal arrive
     (signal.set_wakeup_fd) and ends the process (exit 130 or 143) if, `grace` seconds on, the
-    handlers have not run for it and the main thread is still inside the very call it was in. Not the first
-    signal under StopAfterStep: that one asks for a clean stop at the end of the step, and
-    waits for it. Writes are atomic (fileio.py): none is left half-done."""
+    handlers have not run for it and the main thread is still inside the very call it was in.
+    Not the first signal under StopAfterStep: that one asks for a clean stop at the end of the
+    step, and waits for it. Writes are atomic (fileio.py): none is left half-done."""
 
     def __init__(self, grace=5.0, enabled=True):
         self.grace, self.enabled, self.thread, self.done = grace, enabled, None, False
@@ -373,7 +373,7 @@ class SignalWatch:
                     where = self._main_at()
                     while True:  # (a run of C calls: no handler runs between them, but the place moves)
                         time.sleep(self.grace)
-                        if self.done or _HANDLED[0] - self.base >= self.arrived:  # handled: in the main thread's hands
+                        if self.done or _HANDLED[0] - self.base >= self.arrived:  # the main thread has it
                             break
                         if self._main_at() == where:
                             what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
