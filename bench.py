@@ -138,7 +138,8 @@ def train_py_step(model, dev, dt, compiled=False):
     scaler = torch.amp.GradScaler("cuda", enabled=(device_type == "cuda" and dt == "float16"))
     ctx = autocast_ctx(dev, dt)
     memory = make_xl_memory(model, batch_size, xl_mem) if xl_mem else None
-    fast = compile_or_eager(model, lambda m: compile_probe(m, dev, ctx, (batch_size, block_size))) if compiled else model
+    probe = lambda m: compile_probe(m, dev, ctx, (batch_size, block_size), memory)  # (the path the step takes)
+    fast = compile_or_eager(model, probe) if compiled else model
     step = lambda: train_step(fast, optimizer, scaler, loader, ctx, gradient_accumulation_steps, grad_clip, memory)
     return step, gradient_accumulation_steps * batch_size
 
@@ -171,6 +172,8 @@ def bench_train(args, dev, dt):
         if dev.startswith("cuda"):  # (the earlier rows' models and optimizers are still held: not counted)
             torch.cuda.reset_peak_memory_stats(dev)
             held = torch.cuda.memory_allocated(dev)
+        elif dev == "mps":  # (Metal's memory is not in the process's RSS)
+            held = torch.mps.current_allocated_memory()
         model = GPT(GPTConfig(**args)).to(dev)
         t0 = time.perf_counter()
         step, rows_per_iter = make(model, dev, row_dt, **kw)
@@ -179,7 +182,8 @@ def bench_train(args, dev, dt):
         sync()
         if kw.get("compiled"):
             print(f"{name}: compiling and 5 warm-up steps took {time.perf_counter() - t0:.1f} s")
-        mem = (torch.cuda.max_memory_allocated(dev) - held) / 2**20 if dev.startswith("cuda") else rss_mib() - before
+        mem = (torch.cuda.max_memory_allocated(dev) - held) / 2**20 if dev.startswith("cuda") else \
+            (torch.mps.current_allocated_memory() - held) / 2**20 if dev == "mps" else rss_mib() - before
         runs.append(dict(name=name, dtype=row_dt, threads=row_threads, step=step, best=float("inf"), mem=mem,
                          tokens=rows_per_iter * block_size, fpt=flops_per_token(model, block_size)))
     for _ in range(bench_repeats):
@@ -195,8 +199,9 @@ def bench_train(args, dev, dt):
     cpu = not dev.startswith("cuda")
     print(f"\ntraining: batch {batch_size} x block {block_size}, gradient_accumulation_steps="
           f"{gradient_accumulation_steps}; best of {bench_repeats} x {bench_iters} iterations")
+    memory = "peak CUDA memory" if dev.startswith("cuda") else "MPS memory growth" if dev == "mps" else "RSS growth"
     print(f"\n| loop | dtype |{' threads |' if cpu else ''} ms/iter | tokens/s | vs plain | TFLOP/s | MFU | "
-          f"{'RSS growth MiB' if cpu else 'peak CUDA memory MiB'} |")
+          f"{memory} MiB |")
     print("|---|---|" + ("---|" if cpu else "") + "---|---|---|---|---|---|")
     base = runs[0]["tokens"] / runs[0]["best"]
     for run in runs:
