@@ -42,7 +42,7 @@ rows (exact_grid()) run only at --evict_chunk (1 = exact decode, slow; 0 = none 
 trained at `block`, after 0, 25, 50, ... iterations of fine-tuning at 4 x block (an unbounded
 cache), next to the base reading the same bytes with a sliding window of its block. Writes
 the table into kv_study_context/context.md beside the base (--out: another folder), and each
-fine-tune into a folder of its own there.
+fine-tune into a folder of its own there (kv/study_context.py).
 """
 import quiet_start  # first: Ctrl-C during the slow imports below exits quietly
 import os
@@ -51,18 +51,19 @@ import sys
 import time
 
 import eval_kv
-from checkpoint import load_model, saved_dataset_paths
+from checkpoint import load_model
 from configurator import configure
-from kv.evaluate import buckets, evaluate, load_streams, rebase, spans
-from kv.policy import KVOptions, saved_tokens
+from kv.evaluate import evaluate, rebase, spans
+from kv.policy import KVOptions
 from kv.quant import CHANNEL_KEYS, GROUPED, make_formats
-from kv.report import check_writable, write_text
+from kv.report import check_writable
 from kv import study_finetune
-from kv.study_finetune import again_command, fine_tune_command, fine_tune_state
+from kv.study_context import context, iteration_counts
+from kv.study_finetune import (again_command, base_block, base_identity, base_streams, changes, fine_tune_command,
+                               fine_tune_state, hyper)
 from kv.study_report import write_frontier
 from kv.study_variants import check_train_args, check_variants, variant_args
 from fileio import read_json, write_json
-from loader import dataset_paths
 from outdir import checkpoint_path, make_folder
 from resume import saved_iteration
 from devices import keep_freed_memory, use_threads
@@ -133,15 +134,9 @@ def exact_grid(block, fast):
 
 # -- fine-tunes (kv/study_finetune.py), with this study's settings --------------------------
 
-def hyper():
-    """The fine-tunes' settings from the study's: learning rates, threads, curves, train_args."""
-    return dict(learning_rate=learning_rate, min_lr=min_lr, threads=threads, tensorboard=tensorboard,
-                train_args=train_args)
-
-
 def fine_tune(base_path, folder, args, k, config, block=None):
     """study_finetune.fine_tune with this study's settings."""
-    return study_finetune.fine_tune(base_path, folder, args, k, config, hyper(), block)
+    return study_finetune.fine_tune(base_path, folder, args, k, config, hyper(globals()), block)
 
 
 def here(text):
@@ -151,12 +146,6 @@ def here(text):
 
 
 # -- evaluation ------------------------------------------------------------------------------
-
-def load_val(config, base_path, n, L):
-    name = config.get("dataset", "")
-    _, val = saved_dataset_paths(name, base_path) if name else dataset_paths("shakespeare_char")
-    return load_streams(val, n, L)
-
 
 def idle_on(kv, c):
     """Whether part of kv (KVOptions) cannot act on a model (GPTConfig c) whose every softmax
@@ -196,14 +185,6 @@ def evaluate_variant(path, x, y, settings, step, block, label):
     return rows
 
 
-def base_block(config, path):
-    """The block_size the base was trained at (its saved config), or one UserError."""
-    block = saved_tokens(config, "block_size")
-    if not block:
-        raise UserError(f"{path} does not record the block_size it was trained at: study a checkpoint train.py wrote")
-    return block
-
-
 def study():
     base_path = os.path.abspath(base if base.endswith(".pt") else checkpoint_path(base, "ckpt"))
     folder = os.path.abspath(out or os.path.join(os.path.dirname(base_path), "kv_study_quick" if quick else "kv_study"))
@@ -217,7 +198,7 @@ def study():
     make_formats(GROUPED[0], kv_quant_group, c.n_embd // c.n_head, True)  # every grouped row's (not a variant's) error
     todo = [(v, variant_args(v, block, n_layer, kv_quant_group)) for v in variant_names()]
     check_variants(todo, base_model, config, base)
-    x, y = load_val(config, base_path, n_streams, stream_len)
+    x, y = base_streams(config, base_path, n_streams, stream_len)
     step = chunk or block
     settings = grid(block, quick)
     # every row on 2 bytes of the base: a setting no variant can hold (a kv_quant_group that
@@ -245,7 +226,7 @@ def study():
         # another directory, or of a moved study, reuses the rows but not their old paths)
         ckpt_path = os.path.join(vdir, "last.pt") if args is not None else base_path
         train_cmd = "" if args is None else again_command(base_path, vdir, fine_tune_command(
-            vdir, args, iters, config, hyper()))
+            vdir, args, iters, config, hyper(globals())))
         if trained and isinstance(record, dict) and record.get("settings") == wanted:
             print(f"[{n + 1}/{len(todo)}] {name}: finished before, skipped", file=sys.stderr)
             rows += [dict(r, checkpoint=ckpt_path, train_command=train_cmd) for r in record["rows"]]
@@ -303,22 +284,6 @@ def variant_names(say=None):
     return ["base"] + [v for v in names if v != "base"]
 
 
-def iteration_counts(text):
-    """--context_iters as a list of whole numbers of iterations, or one UserError."""
-    counts = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if not part.isdigit():
-            raise UserError(f"--context_iters={text}: {part!r} is not a whole number of iterations; "
-                            "give numbers >= 0 separated by commas, e.g. --context_iters=0,25,50")
-        counts.append(int(part))
-    if not counts:
-        raise UserError("--context_iters is empty: give numbers >= 0 separated by commas, e.g. --context_iters=0,25,50")
-    return counts
-
-
 def run_settings(ckpt, base_path, step):
     """What a variant's results depend on, as recorded beside them: (fine-tune, evaluation).
     A rerun with other settings redoes what they change instead of reusing stale rows."""
@@ -328,18 +293,6 @@ def run_settings(ckpt, base_path, step):
     measured = dict(base_id, n_streams=n_streams, stream_len=stream_len, chunk=step, evict_chunk=evict_chunk,
                     dtype=dtype, kv_quant_group=kv_quant_group, quick=quick, grid=GRID_VERSION)
     return tuned, measured
-
-
-def base_identity(ckpt, base_path):
-    """The base checkpoint, as recorded beside results: its path, iteration and best val loss."""
-    return dict(base=os.path.abspath(base_path), base_iter=ckpt.get("iter_num"), base_best=ckpt.get("best_val_loss"))
-
-
-def changes(old, new):
-    """'name old -> new' for each setting that differs ('not recorded' when old is empty)."""
-    if not old:
-        return ["not recorded"]
-    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
 
 
 def eta(todo, spent):
@@ -393,69 +346,6 @@ def eval_command(r, common):
             f"{shlex.quote('--checkpoint_name=' + os.path.basename(r['checkpoint']))} {flags} --chunk={r['chunk']} {common}")
 
 
-# -- assignment 1: how many steps does a model need to use a longer context? -------------------
-
-def context():
-    base_path = base if base.endswith(".pt") else checkpoint_path(base, "ckpt")
-    folder = out or os.path.join(os.path.dirname(base_path), "kv_study_context")
-    _, ckpt = load_model(base_path, "cpu", option="base")
-    config = ckpt.get("config") or {}
-    block = base_block(config, base_path)
-    L = 4 * block
-    make_folder(folder, "out")
-    check_writable(os.path.join(folder, "context"), [".md"], False, "--out")
-    x, y = load_val(config, base_path, context_streams, L)
-    far = [(lo, hi) for lo, hi in buckets(block, L) if lo >= block]
-
-    def measure(path, kv, name):
-        """Bits per byte of the checkpoint at path with caches kv: near [0, block), far [block, L), all."""
-        model, _ = load_model(path, "cpu", option=None)
-        model.eval()
-        [r] = evaluate(model, x, y, [kv], L, kv, block, None, eval_kv.DTYPES[dtype])
-        return dict(iters=name, bpb_near=r[f"bpb[0,{block})"], bpb_all=r["bpb"],
-                    bpb_far=sum((hi - lo) * r[f"bpb[{lo},{hi})"] for lo, hi in far) / (L - block))
-
-    # the comparison: the base reading the same bytes at its natural context (a sliding window)
-    rows = [measure(base_path, KVOptions(kv_window=block), f"0, window {block}")]
-    # a row depends on its fine-tune's settings (tuned) and the evaluation's: a rerun redoes
-    # what they change, a fine-tune only when its own settings do
-    tuned = dict(base_identity(ckpt, base_path), learning_rate=learning_rate, min_lr=min_lr, train_args=train_args)
-    wanted = {"context_streams": context_streams, "dtype": dtype, "fine-tune": tuned}
-    for k in iteration_counts(context_iters):
-        vdir = os.path.join(folder, f"iters_{k}")
-        done = os.path.join(vdir, "results.json")
-        record = read_json(done)  # the settings its row came from
-        if isinstance(record, dict) and record.get("settings") == wanted:
-            print(f"{k} iterations at block {L}: done before, skipped", file=sys.stderr)
-            rows.append(record["row"])
-            continue
-        ft, _, trained = fine_tune_state(vdir, [] if k else None, tuned)
-        if record is not None:
-            old = record.get("settings", {}) if isinstance(record, dict) else {}
-            flat = lambda st: {**{n: v for n, v in st.items() if n != "fine-tune"}, **(st.get("fine-tune") or {})}
-            print(f"{k} iterations at block {L}: done before with other settings "
-                  f"({', '.join(changes(flat(old), flat(wanted)))}), " + ("evaluated again" if trained else "redone"),
-                  file=sys.stderr)
-        print(f"{k} iterations at block {L}" + (": fine-tuning" if not trained else ""), file=sys.stderr)
-        path = base_path
-        if k:
-            if not trained:
-                ft = {"settings": tuned, "command": fine_tune(base_path, vdir, [], k, config, block=L)}
-                ft["last_iter"] = saved_iteration(os.path.join(vdir, "last.pt"))
-                write_json(os.path.join(vdir, "finetune.json"), ft)
-            path = os.path.join(vdir, "last.pt")
-        record = {"settings": wanted, "row": measure(path, KVOptions(kv_window=0), k)}
-        write_json(done, record)
-        rows.append(record["row"])
-    lines = [f"### Fine-tuning at {L} bytes from {base_path} (block {block}): {context_streams} val streams of {L} bytes",
-             "", f"| iterations at block {L} | bits/byte [0, {block}) | bits/byte [{block}, {L}) | all |", "|---:|---:|---:|---:|"]
-    lines += [f"| {r['iters']} | {r['bpb_near']:.4f} | {r['bpb_far']:.4f} | {r['bpb_all']:.4f} |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    print(md)  # before the file: a failed write loses nothing
-    write_text(os.path.join(folder, "context.md"), md)
-    print(f"wrote {os.path.join(folder, 'context.md')}")
-
-
 def main():
     given = set()  # the settings a flag or a config file sets
     configure(globals(), sys.argv[1:], given=given)
@@ -487,7 +377,7 @@ def main():
     use_threads(threads)
     try:
         with stop_on_sigterm():  # as Ctrl-C: a fine-tune running is stopped, what finished is kept
-            study() if what == "frontier" else context()
+            study() if what == "frontier" else context(globals(), eval_kv.DTYPES[dtype])
     except KeyboardInterrupt:
         print("\ninterrupted: the same command goes on from here (what finished is kept, what was cut short is "
               "done again)", file=sys.stderr)

@@ -1,7 +1,9 @@
 """
 The KV study's fine-tunes (kv_study.py): each is train.py --init_from=resume run in a folder of
 its own from a copy of the base, its output in train.log, its settings and last iteration in
-finetune.json, so that a rerun knows a finished fine-tune from one cut short.
+finetune.json, so that a rerun knows a finished fine-tune from one cut short. Also what the
+study reads of its base (its block_size, its val text, its identity in the records) and how
+a record's settings changed.
 
     from kv.study_finetune import fine_tune, fine_tune_state
     hyper = dict(learning_rate=1e-3, min_lr=1e-4, threads=1, tensorboard=False, train_args="")
@@ -15,8 +17,12 @@ import subprocess
 import sys
 import time
 
-from resume import saved_iteration
+from checkpoint import saved_dataset_paths
 from fileio import read_json
+from kv.evaluate import load_streams
+from kv.policy import saved_tokens
+from loader import dataset_paths
+from resume import saved_iteration
 from utils import UserError
 
 TRAIN_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
@@ -27,6 +33,14 @@ FINE_TUNE_FILES = re.compile(r"finetune\.json|last(_\d+){0,2}\.pt|events\.out\.t
 # the base's copy that train.py set aside as the best of another model (a conversion, a longer
 # block): the base is where it came from, so it goes
 BASE_SET_ASIDE = re.compile(r"ckpt_\d+(_\d+)?\.pt")
+
+
+HYPER = ("learning_rate", "min_lr", "threads", "tensorboard", "train_args")  # the study's settings of every fine-tune
+
+
+def hyper(settings):
+    """The fine-tunes' settings (HYPER) from the study's (kv_study.py's globals)."""
+    return {k: settings[k] for k in HYPER}
 
 
 def fine_tune_command(folder, args, k, config, hyper, block=None):
@@ -129,3 +143,32 @@ def fine_tune_state(vdir, args, tuned):
     ended = saved_iteration(os.path.join(vdir, "last.pt"))  # (another when a later fine-tune was cut short)
     trained = args is None or (ft.get("settings") == tuned and ended is not None and ended == ft.get("last_iter"))
     return ft, ended, trained
+
+
+# -- the base ---------------------------------------------------------------------------------
+
+def base_block(config, path):
+    """The block_size the base was trained at (its saved config), or one UserError."""
+    block = saved_tokens(config, "block_size")
+    if not block:
+        raise UserError(f"{path} does not record the block_size it was trained at: study a checkpoint train.py wrote")
+    return block
+
+
+def base_streams(config, base_path, n, L):
+    """n val streams of L bytes (x, y) of the text the base was trained on."""
+    name = config.get("dataset", "")
+    _, val = saved_dataset_paths(name, base_path) if name else dataset_paths("shakespeare_char")
+    return load_streams(val, n, L)
+
+
+def base_identity(ckpt, base_path):
+    """The base checkpoint, as recorded beside results: its path, iteration and best val loss."""
+    return dict(base=os.path.abspath(base_path), base_iter=ckpt.get("iter_num"), base_best=ckpt.get("best_val_loss"))
+
+
+def changes(old, new):
+    """'name old -> new' for each setting that differs ('not recorded' when old is empty)."""
+    if not old:
+        return ["not recorded"]
+    return [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
